@@ -1,0 +1,48 @@
+"""
+Tiny Shakespeare at character level (nanoGPT's shakespeare_char): 90/10 split by characters,
+1,003,854 train / 111,540 val characters, a vocabulary of 65.
+
+    python data/shakespeare_char/prepare.py                 # download (or $DIFFLM_DATA copy)
+    python data/shakespeare_char/prepare.py --input FILE    # a local copy of input.txt
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+import common  # noqa: E402
+
+URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+
+
+def load_text(input_path):
+    """The corpus text: --input, else $DIFFLM_DATA/tinyshakespeare.txt, else the public URL."""
+    if input_path:
+        if not os.path.isfile(input_path):
+            common.die(f"--input {input_path} does not exist")
+        return open(input_path, encoding="utf-8").read()
+    data, source = common.find_local_copy("tinyshakespeare.txt", URL, SHA256)
+    if data is None:
+        common.die(f"no copy of tiny Shakespeare: {source}; pass --input=path/to/input.txt "
+                   f"or set {common.SHARED_DATA_ENV} to a folder holding tinyshakespeare.txt")
+    print(f"read {source}")
+    return data.decode("utf-8")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--input", default="")
+    ap.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(__file__)))
+    args = ap.parse_args()
+    text = load_text(args.input)
+    chars = sorted(set(text))
+    stoi = {c: i for i, c in enumerate(chars)}
+    n = int(0.9 * len(text))
+    meta = common.write_split(args.out_dir, [stoi[c] for c in text[:n]], [stoi[c] for c in text[n:]],
+                              {"tokenizer": "char", "chars": chars, "vocab_size": len(chars)})
+    print(f"{args.out_dir}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val characters, vocab {len(chars)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,304 @@
+"""
+MDLM: masked (absorbing-state) diffusion language model.
+Sahoo et al., "Simple and Effective Masked Diffusion Language Models", NeurIPS 2024.
+
+Forward process: each token is independently replaced by [MASK] with probability 1 - alpha_t,
+t in [0, 1]. The model sees x_t and predicts x_0 at the masked positions (SUBS
+parameterisation); the loss is a masked-LM cross-entropy weighted by -alpha'_t / (1 - alpha_t),
+which is exactly the continuous-time NELBO. Sampling starts from all [MASK] and unmasks tokens
+step by step.
+
+    python mdlm.py --train                  # tiny Shakespeare, char level, ~10 min on 2 CPU cores
+    python mdlm.py --sample                 # print samples from out/mdlm/ckpt.pt
+    python mdlm.py --sample --prefix="ROMEO:" --steps=256 --show
+    python mdlm.py --eval                   # validation NELBO (nats, bits per token, perplexity)
+"""
+
+import dataclasses
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+# ----------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclasses.dataclass
+class Config(common.BaseConfig):
+    schedule: str = "loglinear"  # loglinear | cosine
+    eps: float = 1e-3  # kappa: alpha_1 = eps, so a token survives to t=1 with probability eps
+    t_min: float = 1e-3  # lowest training / evaluation time
+    time_cond: bool = False  # the paper's default: p(x_0 | x_t) does not depend on t
+    # sampling
+    sampler: str = "ddpm_cache"  # ddpm | ddpm_cache
+    steps: int = 256
+    t_end: float = 1e-5  # last sampling time before the final noise-removal step
+    seq_len: int = 0  # 0: block_size; longer: semi-autoregressive blocks
+    stride: int = 0  # new tokens per semi-autoregressive round; 0: block_size // 2
+    # evaluation
+    eval_t_samples: int = 4  # time samples per validation sequence in --eval
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward process: alpha_t, its weight, and q(x_t | x_0)
+
+
+def alpha(t, schedule="loglinear", eps=1e-3):
+    """Keep probability alpha_t (paper eq. 2 family); alpha_0 = 1, alpha_1 = eps."""
+    if schedule == "loglinear":  # sigma_bar(t) = -log(1 - (1 - eps) t)
+        return 1 - (1 - eps) * t
+    if schedule == "cosine":
+        return eps + (1 - eps) * torch.cos(math.pi / 2 * t)
+    common.die(f"unknown --schedule={schedule!r}; use loglinear or cosine")
+
+
+def nelbo_weight(t, schedule="loglinear", eps=1e-3):
+    """-alpha'_t / (1 - alpha_t), the weight of the masked cross-entropy (paper eq. 10)."""
+    if schedule == "loglinear":
+        return 1.0 / t  # (1 - eps) cancels exactly
+    if schedule == "cosine":
+        return (math.pi / 2) / torch.tan(math.pi / 4 * t)  # (pi/2) cot(pi t / 4)
+    common.die(f"unknown --schedule={schedule!r}; use loglinear or cosine")
+
+
+def q_sample(x0, t, mask_id, schedule="loglinear", eps=1e-3):
+    """x0 (B, L), t (B,) -> x_t (B, L): each token masked independently with prob 1 - alpha_t."""
+    move = torch.rand(x0.shape, device=x0.device) < (1 - alpha(t, schedule, eps))[:, None]
+    return torch.where(move, mask_id, x0)
+
+
+def sample_times(batch_size, t_min, device):
+    """Low-discrepancy ("antithetic") times: one per stratum of [0, 1), then moved to [t_min, 1]."""
+    u = (torch.rand(batch_size, device=device) + torch.arange(batch_size, device=device)) / batch_size
+    return (1 - t_min) * u + t_min
+
+
+# ----------------------------------------------------------------------------------------------
+# Model: common's Transformer and a head over the N = V + 1 states ([MASK] is the last id)
+
+
+class MDLM(nn.Module):
+    def __init__(self, cfg, vocab_size):
+        super().__init__()
+        self.vocab_size, self.mask_id = vocab_size, vocab_size
+        self.time_cond = cfg.time_cond
+        self.backbone = common.Transformer(vocab_size + 1, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size,
+                                           cfg.dropout, causal=False, cond_dim=128 if cfg.time_cond else 0)
+        self.head = nn.Linear(cfg.n_embd, vocab_size + 1, bias=False)
+        nn.init.zeros_(self.head.weight)  # an untrained model predicts the uniform distribution
+
+    def forward(self, xt, sigma=None):
+        # xt (B, L), sigma (B,) or None -> logits (B, L, V + 1)
+        return self.head(self.backbone(xt, sigma if self.time_cond else None))
+
+
+def subs_log_probs(logits, xt, mask_id):
+    """SUBS parameterisation (paper sec. 3.2): log p_theta(x_0 | x_t), (B, L, N) fp32.
+
+    Zero masking: [MASK] gets no mass. Carry-over unmasking: an unmasked position is one-hot on
+    its own token.
+    """
+    logits = logits.float()
+    logits[..., mask_id] = -float("inf")
+    logp = logits.log_softmax(-1)
+    unmasked = (xt != mask_id)[..., None]
+    onehot = torch.full_like(logp, -float("inf")).scatter_(-1, xt.unsqueeze(-1), 0.0)
+    return torch.where(unmasked, onehot, logp)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss: the continuous-time NELBO (paper eq. 10-11)
+
+
+def nelbo_terms(model, x0, t, cfg, mask_id):
+    """Per-position NELBO terms (B, L): w(t) * -log p_theta(x_0 | x_t) at masked positions, else 0.
+
+    model may be wrapped (DDP, torch.compile), so mask_id comes separately.
+    """
+    xt = q_sample(x0, t, mask_id, cfg.schedule, cfg.eps)
+    sigma = -torch.log(alpha(t, cfg.schedule, cfg.eps))  # sigma_bar(t), the time input when conditioned
+    logits = model(xt, sigma).float()  # (B, L, N), upcast before the softmax
+    logits[..., mask_id] = -float("inf")  # zero masking; carry-over: unmasked terms are dropped
+    nll = F.cross_entropy(logits.transpose(1, 2), x0, reduction="none")  # (B, L)
+    return torch.where(xt == mask_id, nll, 0.0) * nelbo_weight(t, cfg.schedule, cfg.eps)[:, None]
+
+
+def loss_fn(model, x0, cfg, mask_id):
+    t = sample_times(x0.shape[0], cfg.t_min, x0.device)
+    return nelbo_terms(model, x0, t, cfg, mask_id).mean()  # nats per token
+
+
+# ----------------------------------------------------------------------------------------------
+# Samplers
+
+
+def sigma_bar(t, cfg):
+    """-log alpha_t for a python float t (the network's time input when it is conditioned)."""
+    return -math.log(float(alpha(torch.tensor(t, dtype=torch.float64), cfg.schedule, cfg.eps)))
+
+
+def time_grid(steps, t_end):
+    return torch.linspace(1.0, t_end, steps + 1, dtype=torch.float64)  # t_0 = 1 > ... > t_S = t_end
+
+
+def ancestral_step(log_p, xt, t, s, mask_id, u, cfg):
+    """One reverse step t -> s (paper eq. 7), two-stage so it is exact in any precision.
+
+    log_p (B, L, N) SUBS log-probs; u (B, L, 2) float64 uniforms: u[..., 0] decides "unmask or
+    stay masked" with probability (alpha_s - alpha_t) / (1 - alpha_t), u[..., 1] draws the token
+    from p_theta(x_0 | x_t) by inverse CDF.
+    """
+    a_t = alpha(torch.tensor(t, dtype=torch.float64), cfg.schedule, cfg.eps)
+    a_s = alpha(torch.tensor(s, dtype=torch.float64), cfg.schedule, cfg.eps)
+    p_unmask = float((a_s - a_t) / (1 - a_t))
+    masked = xt == mask_id
+    unmask = masked & (u[..., 0] < p_unmask)
+    token = common.sample_categorical(log_p.exp(), u[..., 1])
+    return torch.where(unmask, token, xt)
+
+
+@torch.no_grad()
+def sample_chain(model, x, cfg, show=None):
+    """Run one reverse chain from x (B, L) (masks at the free positions) and return x_0 (B, L).
+
+    With sampler=ddpm_cache the network output is reused while the sequence does not change:
+    without time conditioning p_theta(x_0 | x_t) is then the same function of the same input.
+    """
+    if cfg.sampler not in ("ddpm", "ddpm_cache"):
+        common.die(f"unknown --sampler={cfg.sampler!r}; use ddpm or ddpm_cache")
+    if cfg.sampler == "ddpm_cache" and model.time_cond:
+        common.die("--sampler=ddpm_cache needs a model without time conditioning; use --sampler=ddpm")
+    mask_id, calls, log_p = model.mask_id, 0, None
+    grid = time_grid(cfg.steps, cfg.t_end).tolist()
+    device = x.device
+    for i in range(cfg.steps):
+        t, s = grid[i], grid[i + 1]
+        if log_p is None or cfg.sampler == "ddpm":
+            sigma = torch.full((x.shape[0],), sigma_bar(t, cfg), device=device)
+            with common.autocast(device):
+                log_p = subs_log_probs(model(x, sigma), x, mask_id)
+            calls += 1
+        u = torch.rand(*x.shape, 2, dtype=torch.float64, device=device)
+        x_new = ancestral_step(log_p, x, t, s, mask_id, u, cfg)
+        if not torch.equal(x_new, x):
+            log_p = None  # the sequence changed: the cached output is stale
+        x = x_new
+        if show:
+            show(i, x)
+    # final noise removal: one call at t_end, argmax at positions still masked
+    if (x == mask_id).any():
+        sigma = torch.full((x.shape[0],), sigma_bar(cfg.t_end, cfg), device=device)
+        if log_p is None or cfg.sampler == "ddpm":
+            with common.autocast(device):
+                log_p = subs_log_probs(model(x, sigma), x, mask_id)
+            calls += 1
+        x = torch.where(x == mask_id, log_p.argmax(-1), x)
+    return x, calls
+
+
+@torch.no_grad()
+def generate(model, cfg, fixed, num_samples, show=None):
+    """fixed (T,) token ids or -1 at free positions -> samples (num_samples, T), network calls.
+
+    T <= block_size: one chain. T > block_size: semi-autoregressive rounds; each round keeps the
+    last block_size - stride tokens as a clean prefix and generates stride new ones.
+    """
+    L, T = model.backbone.block_size, fixed.shape[0]
+    device = next(model.parameters()).device
+    fixed = fixed.to(device)
+    mask_id = model.mask_id
+    stride = cfg.stride or L // 2
+    canvas = torch.where(fixed >= 0, fixed, mask_id).expand(num_samples, T).clone()
+    first = min(T, L)
+    out, calls = sample_chain(model, canvas[:, :first], cfg, show)
+    pieces, done = [out], first
+    while done < T:
+        new = min(stride, T - done)
+        context = torch.cat(pieces, 1)[:, -(L - new):]
+        x = torch.cat([context, canvas[:, done:done + new]], 1)
+        out, c = sample_chain(model, x, cfg, show)
+        pieces.append(out[:, -new:])
+        done, calls = done + new, calls + c
+    return torch.cat(pieces, 1), calls
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation: the validation NELBO
+
+
+@torch.no_grad()
+def evaluate(model, batches, cfg, full=False):
+    """NELBO in nats per token: every validation window with eval_t_samples antithetic times each
+    (full=True, --eval), or eval_iters random batches (during training)."""
+    model.eval()
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    if full:
+        data, k = batches.sequential("val", cfg.batch_size), cfg.eval_t_samples
+    else:
+        gen = torch.Generator().manual_seed(cfg.seed)  # the same windows at every eval
+        data, k = (batches.get("val", cfg.batch_size, gen) for _ in range(cfg.eval_iters)), 1
+    for x0 in data:
+        x0 = x0.to(device)
+        xs = x0.repeat(k, 1)
+        t = sample_times(xs.shape[0], cfg.t_min, device)
+        total += float(nelbo_terms(model, xs, t, cfg, model.mask_id).sum()) / k
+        count += x0.numel()
+    nats = total / count
+    return {"val_nelbo": nats, "val_bits": nats / math.log(2), "val_ppl": math.exp(nats)}
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+
+
+def build_model(cfg, meta):
+    return MDLM(cfg, meta["vocab_size"])
+
+
+def main(argv=None):
+    verbs, cfg, overrides = common.parse_args(Config, argv)
+    if "train" in verbs:
+        meta = common.prepare_data(cfg)
+        model = build_model(cfg, meta)
+        common.train(cfg, "mdlm", model, lambda m, x0: loss_fn(m, x0, cfg, model.mask_id),
+                     lambda m, b: evaluate(m, b, cfg), meta)
+        if "RANK" in os.environ and int(os.environ["RANK"]) != 0:
+            return
+    if "sample" in verbs:
+        cfg, model, tok, meta, _ = common.load_for_inference(Config, overrides, "mdlm", build_model)
+        length = cfg.seq_len or cfg.block_size
+        fixed = common.conditioning(tok, cfg, length)
+        show = None
+        if cfg.show:
+            every = max(1, cfg.steps // 8)
+
+            def show(i, x):
+                if i % every == 0 or i == cfg.steps - 1:
+                    print(f"--- step {i + 1}/{cfg.steps}\n{tok.decode(x[0].tolist())}")
+        t0 = time.time()
+        samples, calls = generate(model, cfg, fixed, cfg.num_samples, show)
+        for i, s in enumerate(samples.tolist()):
+            print(f"=== sample {i}\n{tok.decode(s)}")
+        print(f"({cfg.num_samples} samples of {length} tokens, {cfg.steps} steps, {calls} network calls, {time.time() - t0:.1f}s)")
+    if "eval" in verbs:
+        cfg, model, tok, meta, ckpt = common.load_for_inference(Config, overrides, "mdlm", build_model)
+        cfg = dataclasses.replace(cfg, data_dir=cfg.data_dir or common.data_path(cfg))
+        common.prepare_data(cfg)
+        with common.autocast(next(model.parameters()).device):
+            stats = evaluate(model, common.Batches(cfg, meta, cfg.seed), cfg, full=True)
+        print(f"val NELBO {stats['val_nelbo']:.4f} nats/token | {stats['val_bits']:.4f} bits/token | "
+              f"perplexity <= {stats['val_ppl']:.3f} ({cfg.eval_t_samples} time samples per sequence)")
+        common.log_json(os.path.join(common.out_dir(cfg, "mdlm"), "log.jsonl"),
+                        {"eval_full": stats, "iter": ckpt["iter"], "t_samples": cfg.eval_t_samples})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""
+difflm: reference implementations of diffusion language models.
+
+    pip install -e .            # the modules and their dependencies
+    pip install -e ".[test]"    # + pytest and hypothesis
+    DIFFLM_BUILD_EXT=1 pip install -e .   # also compile csrc/ ahead of time (else JIT on first use)
+
+torch is required as "torch>=2.1": an installed torch (CPU or CUDA build) satisfies it, so pip
+never replaces it with a download.
+"""
+import glob
+import os
+
+from setuptools import setup
+
+here = os.path.dirname(os.path.abspath(__file__))
+kwargs = {}
+if os.environ.get("DIFFLM_BUILD_EXT") == "1" and glob.glob(os.path.join(here, "csrc", "*.cpp")):
+    import torch
+    from torch.utils import cpp_extension
+    sources = sorted(glob.glob("csrc/*.cpp"))
+    ext_cls = cpp_extension.CppExtension
+    if torch.cuda.is_available() or os.environ.get("DIFFLM_BUILD_CUDA") == "1":
+        sources += sorted(glob.glob("csrc/*.cu"))
+        ext_cls = cpp_extension.CUDAExtension
+    kwargs = dict(
+        ext_modules=[ext_cls("difflm_kernels", sources, extra_compile_args={"cxx": ["-O3", "-fopenmp"], "nvcc": ["-O3"]},
+                             extra_link_args=["-fopenmp"])],
+        cmdclass={"build_ext": cpp_extension.BuildExtension},
+    )
+
+setup(
+    name="difflm",
+    version="0.1.0",
+    description="Readable reference implementations of diffusion language models, with fused kernels",
+    py_modules=["common", "mdlm", "sedd", "ddpm", "diffusion_lm", "diffuser", "ar", "bench"],
+    python_requires=">=3.9",
+    install_requires=["torch>=2.1", "numpy", "tiktoken", "ninja", "pybind11", "tqdm"],
+    extras_require={"test": ["pytest", "hypothesis"], "plot": ["matplotlib"]},
+    **kwargs,
+)

@@ -1,0 +1,46 @@
+"""Shared test helpers: the project root on sys.path, the offline data folder, small configs."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def shared_data():
+    """../shared/data (or wherever $DIFFLM_DATA points); a test that needs it fails if absent."""
+    path = os.environ.get("DIFFLM_DATA") or os.path.join(ROOT, "..", "shared", "data")
+    if not os.path.isfile(os.path.join(path, "tinyshakespeare.txt")):
+        pytest.fail(f"real data not found: set DIFFLM_DATA to the folder with tinyshakespeare.txt (tried {path})")
+    return os.path.abspath(path)
+
+
+def run_cli(args, cwd=None, env=None, check=True, timeout=600):
+    """Run `python <args>` from the project root; return the CompletedProcess."""
+    e = {**os.environ, "DIFFLM_DATA": shared_data(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    e.update(env or {})
+    r = subprocess.run([sys.executable] + args, cwd=cwd or ROOT, env=e, capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+@pytest.fixture(scope="session")
+def char_data(tmp_path_factory):
+    """tiny Shakespeare at char level, prepared once per test session into a temp folder."""
+    out = tmp_path_factory.mktemp("shakespeare_char")
+    run_cli(["data/shakespeare_char/prepare.py", f"--out_dir={out}"])
+    return str(out)
+
+
+def write_toy_dataset(path, sequences, chars):
+    """A dataset folder from lists of token ids (the toy languages of the learning tests)."""
+    import numpy as np
+    import common
+    flat = [i for s in sequences for i in s]
+    n = int(0.9 * len(flat))
+    common.write_split(str(path), np.array(flat[:n]), np.array(flat[n:]),
+                       {"tokenizer": "char", "chars": list(chars), "vocab_size": len(chars)})
+    return str(path)
