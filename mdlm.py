@@ -148,20 +148,24 @@ def time_grid(steps, t_end):
     return torch.linspace(1.0, t_end, steps + 1, dtype=torch.float64)  # t_0 = 1 > ... > t_S = t_end
 
 
-def ancestral_step(log_p, xt, t, s, mask_id, u, cfg):
-    """One reverse step t -> s (paper eq. 7), two-stage so it is exact in any precision.
+def unmask_probability(t, s, cfg):
+    """P(a masked token is revealed between t and s) = (alpha_s - alpha_t) / (1 - alpha_t); (t-s)/t under log-linear."""
+    a_t, a_s = (alpha(torch.tensor(v, dtype=torch.float64), cfg.schedule, cfg.eps) for v in (t, s))
+    return float((a_s - a_t) / (1 - a_t))
 
-    log_p (B, L, N) SUBS log-probs; u (B, L, 2) float64 uniforms: u[..., 0] decides "unmask or
-    stay masked" with probability (alpha_s - alpha_t) / (1 - alpha_t), u[..., 1] draws the token
-    from p_theta(x_0 | x_t) by inverse CDF.
+
+def ancestral_step(logits, xt, p_unmask, u, mask_id):
+    """One reverse step t -> s (paper eq. 7), in two stages so it is exact in any precision.
+
+    logits (B, L, N) network output; xt (B, L); p_unmask (B,) float64; u (B, L, 2) float64.
+    A masked position is revealed when u[..., 0] < p_unmask, and then takes a token drawn from
+    the SUBS distribution softmax(logits without [MASK]) by inverse CDF with u[..., 1].
+    Unmasked positions are carried over. The fused kernel computes the same function.
     """
-    a_t = alpha(torch.tensor(t, dtype=torch.float64), cfg.schedule, cfg.eps)
-    a_s = alpha(torch.tensor(s, dtype=torch.float64), cfg.schedule, cfg.eps)
-    p_unmask = float((a_s - a_t) / (1 - a_t))
-    masked = xt == mask_id
-    unmask = masked & (u[..., 0] < p_unmask)
-    token = common.sample_categorical(log_p.exp(), u[..., 1])
-    return torch.where(unmask, token, xt)
+    probs = torch.softmax(logits.float().index_fill(-1, torch.tensor([mask_id], device=logits.device), -float("inf")), -1)
+    token = common.sample_categorical(probs, u[..., 1])
+    reveal = (xt == mask_id) & (u[..., 0] < p_unmask[:, None])
+    return torch.where(reveal, token, xt)
 
 
 @torch.no_grad()
@@ -175,31 +179,32 @@ def sample_chain(model, x, cfg, show=None):
         common.die(f"unknown --sampler={cfg.sampler!r}; use ddpm or ddpm_cache")
     if cfg.sampler == "ddpm_cache" and model.time_cond:
         common.die("--sampler=ddpm_cache needs a model without time conditioning; use --sampler=ddpm")
-    mask_id, calls, log_p = model.mask_id, 0, None
+    mask_id, calls, logits = model.mask_id, 0, None
     grid = time_grid(cfg.steps, cfg.t_end).tolist()
-    device = x.device
+    B, device = x.shape[0], x.device
+
+    def network(t):
+        with common.autocast(device):
+            return model(x, torch.full((B,), sigma_bar(t, cfg), device=device)).float()  # (B, L, N)
+
     for i in range(cfg.steps):
         t, s = grid[i], grid[i + 1]
-        if log_p is None or cfg.sampler == "ddpm":
-            sigma = torch.full((x.shape[0],), sigma_bar(t, cfg), device=device)
-            with common.autocast(device):
-                log_p = subs_log_probs(model(x, sigma), x, mask_id)
-            calls += 1
-        u = torch.rand(*x.shape, 2, dtype=torch.float64, device=device)
-        x_new = ancestral_step(log_p, x, t, s, mask_id, u, cfg)
+        if logits is None or cfg.sampler == "ddpm":
+            logits, calls = network(t), calls + 1
+        u = torch.rand(B, x.shape[1], 2, dtype=torch.float64, device=device)
+        p_unmask = torch.full((B,), unmask_probability(t, s, cfg), dtype=torch.float64, device=device)
+        x_new = ancestral_step(logits, x, p_unmask, u, mask_id)
         if not torch.equal(x_new, x):
-            log_p = None  # the sequence changed: the cached output is stale
+            logits = None  # the sequence changed: the cached output is stale
         x = x_new
         if show:
             show(i, x)
-    # final noise removal: one call at t_end, argmax at positions still masked
+    # final noise removal (MDLM reference): argmax of p_theta at t_end where still masked
     if (x == mask_id).any():
-        sigma = torch.full((x.shape[0],), sigma_bar(cfg.t_end, cfg), device=device)
-        if log_p is None or cfg.sampler == "ddpm":
-            with common.autocast(device):
-                log_p = subs_log_probs(model(x, sigma), x, mask_id)
-            calls += 1
-        x = torch.where(x == mask_id, log_p.argmax(-1), x)
+        if logits is None or cfg.sampler == "ddpm":
+            logits, calls = network(cfg.t_end), calls + 1
+        logits[..., mask_id] = -float("inf")
+        x = torch.where(x == mask_id, logits.argmax(-1), x)
     return x, calls
 
 
