@@ -401,11 +401,12 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=False)
         self.proj = nn.Linear(n_embd, n_embd, bias=False)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, mask=None):
+        # mask: None, or (B, 1, 1, L) bool, True where a key may be attended (padding is False)
         B, L, C = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (B, H, L, hd)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal and mask is None,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(B, L, C))
 
@@ -421,12 +422,12 @@ class Block(nn.Module):
         # adaLN-Zero (DiT): shift, scale and gate of both sublayers from the time embedding
         self.ada = nn.Linear(cond_dim, 6 * n_embd) if cond_dim else None
 
-    def forward(self, x, cos, sin, c=None):
+    def forward(self, x, cos, sin, c=None, mask=None):
         if self.ada is None:
-            x = x + self.attn(self.ln1(x), cos, sin)
+            x = x + self.attn(self.ln1(x), cos, sin, mask)
             return x + self.mlp(self.ln2(x))
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c)[:, None].chunk(6, dim=-1)
-        x = x + gate1 * self.attn(self.ln1(x) * (1 + scale1) + shift1, cos, sin)
+        x = x + gate1 * self.attn(self.ln1(x) * (1 + scale1) + shift1, cos, sin, mask)
         return x + gate2 * self.mlp(self.ln2(x) * (1 + scale2) + shift2)
 
 
@@ -470,15 +471,22 @@ class Transformer(nn.Module):
             else:
                 nn.init.normal_(p, std=0.02)
 
-    def forward(self, idx, t=None):
+    def forward(self, idx, t=None, pad_mask=None):
+        # pad_mask: None, or (B, L) bool, True at real tokens; padded keys are then never attended
+        # (bidirectional models only: variable-length batches whose outputs do not see the padding)
         B, L = idx.shape
         if L > self.block_size:
             die(f"sequence of {L} tokens is longer than the model's context block_size={self.block_size}")
         cos, sin = self.cos[:L], self.sin[:L]
         x = self.drop(self.wte(idx))
         c = self.time_mlp(timestep_embedding(t)) if self.cond_dim else None
+        mask = None
+        if pad_mask is not None:
+            if self.blocks and self.blocks[0].attn.causal:
+                die("pad_mask is for bidirectional Transformers; a causal model pads on the right and ignores it")
+            mask = pad_mask[:, None, None, :]
         for block in self.blocks:
-            x = block(x, cos, sin, c)
+            x = block(x, cos, sin, c, mask)
         if self.cond_dim:
             shift, scale = self.ada_f(c)[:, None].chunk(2, dim=-1)
             return self.ln_f(x) * (1 + scale) + shift
