@@ -1,0 +1,93 @@
+"""
+E2E NLG restaurant data (Novikova, Dusek and Rieser 2017; CC BY-SA 4.0) in Diffusion-LM's split
+files src1_{train,valid,test}.txt, one `MR||text` per line. Word level (common.WordTokenizer),
+words seen at least --min_count times in the training texts and MRs; the rest become <unk>.
+
+Writes, into --out_dir (default data/e2e):
+  train.bin, val.bin, meta.json   every text as <s> w ... </s>, packed end to end (the language
+                                  modelling view: Diffusion-LM cuts it into 64-token blocks)
+  {train,valid,test}.jsonl        one example per line for sequence-to-sequence and control:
+                                  {"mr": {field: value}, "src": ids of the MR, "text": ids,
+                                   "ref": the text as space-separated words}
+
+    python data/e2e/prepare.py                       # $DIFFLM_DATA/e2e, else download
+    python data/e2e/prepare.py --input_dir DIR       # a folder holding src1_*.txt
+"""
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+import common  # noqa: E402
+
+URL = "https://raw.githubusercontent.com/XiangLi1999/Diffusion-LM/759889d58ef38e2eed41a8c34db8032e072826f4/datasets/e2e_data/{}"
+SPLITS = ("train", "valid", "test")
+
+
+def read_split(input_dir, split):
+    """The lines of src1_<split>.txt: --input_dir, else $DIFFLM_DATA/e2e, else Diffusion-LM's copy."""
+    name = f"src1_{split}.txt"
+    if input_dir:
+        path = os.path.join(input_dir, name)
+        if not os.path.isfile(path):
+            common.die(f"--input_dir {input_dir} has no {name}; point it at a folder with src1_train/valid/test.txt")
+        return open(path, encoding="utf-8").read().splitlines()
+    data, source = common.find_local_copy(os.path.join("e2e", name), URL.format(name))
+    if data is None:
+        common.die(f"no copy of the E2E data: {source}; pass --input_dir=DIR (a folder with src1_*.txt) "
+                   f"or set {common.SHARED_DATA_ENV} to a folder holding e2e/{name}")
+    print(f"read {source}")
+    return data.decode("utf-8").splitlines()
+
+
+def parse_line(line, where):
+    """`k : v | k : v||text` -> ({k: v}, MR string, text)."""
+    mr_text, sep, text = line.partition("||")
+    if not sep:
+        common.die(f"{where}: a line without '||' ({line[:60]!r}); expected Diffusion-LM's `MR||text` format")
+    fields = {}
+    for field in mr_text.split(" | "):
+        key, colon, value = field.partition(" : ")
+        if not colon:
+            common.die(f"{where}: MR field {field!r} is not `key : value`")
+        fields[key.strip()] = value.strip()
+    return fields, mr_text.strip(), text.strip()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--input_dir", default="")
+    ap.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(__file__)))
+    ap.add_argument("--min_count", type=int, default=10)
+    args = ap.parse_args()
+    if args.min_count < 1:
+        common.die("--min_count must be at least 1")
+    rows = {s: [parse_line(l, f"src1_{s}.txt line {i + 1}") for i, l in enumerate(read_split(args.input_dir, s)) if l.strip()]
+            for s in SPLITS}
+    # MR words join the vocabulary so a source can be fed to the model (DiffusER's source bootstrap)
+    tok = common.WordTokenizer.build([t for _, _, t in rows["train"]] + [m for _, m, _ in rows["train"]], args.min_count)
+    os.makedirs(args.out_dir, exist_ok=True)
+    streams = {}
+    for split in SPLITS:
+        stream = []
+        tmp = os.path.join(args.out_dir, f"{split}.jsonl.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            for fields, mr, text in rows[split]:
+                ids = tok.encode(text)
+                stream += [tok.START] + ids + [tok.END]
+                f.write(json.dumps({"mr": fields, "src": tok.encode(mr), "text": ids,
+                                    "ref": " ".join(tok.split(text))}, ensure_ascii=False) + "\n")
+        os.replace(tmp, os.path.join(args.out_dir, f"{split}.jsonl"))
+        streams[split] = stream
+    meta = common.write_split(args.out_dir, streams["train"], streams["valid"],
+                              {"tokenizer": "word", "words": tok.words, "vocab_size": tok.vocab_size,
+                               "min_count": args.min_count, "seq2seq": True,
+                               "examples": {s: len(rows[s]) for s in SPLITS}})
+    unk = sum(i == tok.UNK for i in streams["train"]) / len(streams["train"])
+    print(f"{args.out_dir}: {len(rows['train']):,} / {len(rows['valid']):,} / {len(rows['test']):,} examples, "
+          f"{meta['train_tokens']:,} train tokens, vocab {tok.vocab_size} (<unk> {unk:.2%} of train)")
+
+
+if __name__ == "__main__":
+    main()
