@@ -1,0 +1,511 @@
+"""
+SEDD: score entropy discrete diffusion.
+Lou, Meng, Ermon, "Discrete Diffusion Modeling by Estimating the Ratios of the Data
+Distribution", ICML 2024.
+
+Forward process: a continuous-time Markov chain with rate sigma(t) * Q on every position
+independently, for two graphs: absorbing (every token jumps to [MASK]) and uniform (every token
+jumps to a uniformly random one). The network estimates the "concrete score", the ratios
+s_y = p_t(x_t with this position set to y) / p_t(x_t), and is trained with the denoising score
+entropy (DWDSE), whose integral over t bounds the negative log-likelihood. Sampling runs the
+reverse chain with Euler tau-leaping or the analytic (Tweedie) step, then one denoising step.
+
+    python sedd.py --train                      # absorbing graph, tiny Shakespeare char, ~10 min on 2 CPU cores
+    python sedd.py --train --graph=uniform      # uniform graph (geometric noise by default)
+    python sedd.py --sample                     # print samples from out/sedd/ckpt.pt (analytic sampler)
+    python sedd.py --sample --sampler=euler --prefix="ROMEO:" --steps=256 --show
+    python sedd.py --eval                       # validation ELBO (nats, bits per token, perplexity)
+
+Notation follows METHODS.md section 4: Q is N x N in column convention (Q[j, i] is the rate
+i -> j), sigma_bar(t) the total noise, sigma(t) its rate, N = V + 1 states with MASK = N - 1 for
+the absorbing graph and N = V for the uniform one.
+"""
+
+import dataclasses
+import math
+import os
+import time
+
+import torch
+import torch.nn as nn
+
+import common
+
+GRAPHS = ("absorb", "uniform")
+NOISES = ("loglinear", "geometric")
+SAMPLERS = ("analytic", "euler")
+
+# ----------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclasses.dataclass
+class Config(common.BaseConfig):
+    graph: str = "absorb"  # absorb | uniform
+    noise: str = ""  # loglinear | geometric; "": loglinear with absorb, geometric with uniform
+    eps: float = 1e-3  # log-linear: sigma_bar(1) = -log(eps), a token survives to t=1 with prob eps
+    sigma_min: float = 1e-4  # geometric: sigma_bar(t) = sigma_min^(1-t) sigma_max^t
+    sigma_max: float = 20.0
+    t_min: float = 1e-3  # lowest training / evaluation time
+    # The loss sums over the block_size positions (paper; METHODS sec. 4), about block_size times
+    # MDLM's per-token mean; Adam does not see the scale, the clip does: 128 = 1.0 per token at
+    # block_size=128, the same clipping as mdlm.py. Scale it with --block_size.
+    grad_clip: float = 128.0
+    # sampling
+    sampler: str = "analytic"  # analytic (Tweedie tau-leaping) | euler (tau-leaping)
+    steps: int = 128
+    t_end: float = 1e-5  # last predictor time before the denoising step
+    seq_len: int = 0  # 0: block_size (one chain covers the sequence; at most block_size)
+    # evaluation
+    eval_t_samples: int = 4  # time samples per validation sequence in --eval
+
+
+def check_config(cfg):
+    """Bad names -> one line that says what to use."""
+    if cfg.graph not in GRAPHS:
+        common.die(f"unknown --graph={cfg.graph!r}; use absorb or uniform")
+    if cfg.noise not in NOISES + ("",):
+        common.die(f"unknown --noise={cfg.noise!r}; use loglinear or geometric")
+    if cfg.sampler not in SAMPLERS:
+        common.die(f"unknown --sampler={cfg.sampler!r}; use analytic or euler")
+    if cfg.steps < 1:
+        common.die(f"--steps={cfg.steps} must be at least 1")
+
+
+# ----------------------------------------------------------------------------------------------
+# Noise schedules: total noise sigma_bar(t) and its rate sigma(t) = d sigma_bar / dt
+
+
+def noise_kind(cfg):
+    return cfg.noise or ("loglinear" if cfg.graph == "absorb" else "geometric")
+
+
+def schedule(t, cfg):
+    """t (any shape, tensor) -> (sigma_bar(t), sigma(t)), same shape and dtype."""
+    kind = noise_kind(cfg)
+    if kind == "loglinear":  # 1 - e^{-sigma_bar} = (1 - eps) t: MDLM's log-linear alpha_t
+        return -torch.log1p(-(1 - cfg.eps) * t), (1 - cfg.eps) / (1 - (1 - cfg.eps) * t)
+    if kind == "geometric":
+        log_min, log_max = math.log(cfg.sigma_min), math.log(cfg.sigma_max)
+        sigma_bar = torch.exp((1 - t) * log_min + t * log_max)
+        return sigma_bar, sigma_bar * (log_max - log_min)
+    common.die(f"unknown --noise={kind!r}; use loglinear or geometric")
+
+
+def log_expm1(x):
+    """log(e^x - 1) without overflow or cancellation, for x > 0 (x ~ 1e-5 at t_end)."""
+    return x + torch.log(-torch.expm1(-x))
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward process: the two graphs in closed form (identity plus rank one; never a dense N x N)
+#
+# Every function takes token ids x (...) and returns one row (..., N) per id; sigma broadcasts
+# against x (a float, or (B, 1) for per-sequence noise).
+
+
+def num_states(vocab_size, graph):
+    return vocab_size + 1 if graph == "absorb" else vocab_size
+
+
+def _onehot(x, N, dtype):
+    return torch.zeros(*x.shape, N, dtype=dtype, device=x.device).scatter_(-1, x.unsqueeze(-1), 1.0)
+
+
+def rates_from(x, N, graph, dtype=torch.float32):
+    """Q[:, x]: the rate of x -> y for every y (..., N); the diagonal is -1 (absorb: 0 at MASK), rows sum to 0."""
+    target = _onehot(torch.full_like(x, N - 1), N, dtype) if graph == "absorb" else torch.full((*x.shape, N), 1.0 / N, dtype=dtype, device=x.device)
+    return target - _onehot(x, N, dtype)
+
+
+def rates_into(x, N, graph, dtype=torch.float32):
+    """Q[x, :]: the rate of y -> x for every y (..., N). The loss and the Euler step weigh by it."""
+    if graph == "absorb":  # only MASK is entered: Q[M, y] = 1 for y != M
+        into = (x == N - 1).to(dtype)[..., None].expand(*x.shape, N)
+    else:
+        into = torch.full((*x.shape, N), 1.0 / N, dtype=dtype, device=x.device)
+    return into - _onehot(x, N, dtype)
+
+
+def transition(x, sigma, N, graph):
+    """exp(sigma Q)[:, x] = p(x_t = y | x_0 = x) after total noise sigma (..., N); a distribution.
+
+    exp(sigma Q) = e^{-sigma} I + (1 - e^{-sigma}) e_M 1^T (absorb) or ... 1 1^T / N (uniform).
+    Negative sigma gives exp(-|sigma| Q), the inverse (not a distribution).
+    """
+    sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device)
+    stay, leave = torch.exp(-sigma)[..., None], -torch.expm1(-sigma)[..., None]
+    limit = _onehot(torch.full_like(x, N - 1), N, torch.float64) if graph == "absorb" else torch.full((*x.shape, N), 1.0 / N, dtype=torch.float64, device=x.device)
+    return stay * _onehot(x, N, torch.float64) + leave * limit
+
+
+def transition_into(x, sigma, N, graph):
+    """exp(sigma Q)[x, :] = p(x_t = x | x_0 = y) for every y (..., N): the Tweedie step's weights."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device)
+    stay, leave = torch.exp(-sigma)[..., None], -torch.expm1(-sigma)[..., None]
+    into = (x == N - 1).double()[..., None].expand(*x.shape, N) if graph == "absorb" else torch.full((*x.shape, N), 1.0 / N, dtype=torch.float64, device=x.device)
+    return stay * _onehot(x, N, torch.float64) + leave * into
+
+
+def sample_transition(x0, sigma, N, graph):
+    """x_t ~ exp(sigma Q)[:, x_0], per position independently; x0 (B, L), sigma broadcasts -> (B, L)."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x0.device)
+    move = torch.rand(x0.shape, device=x0.device) < -torch.expm1(-sigma)  # left its state at least once
+    if graph == "absorb":
+        return torch.where(move, N - 1, x0)
+    return torch.where(move, torch.randint_like(x0, N), x0)  # a jump lands uniformly, itself included
+
+
+def limit(shape, N, graph, device="cpu"):
+    """A sample of the limit distribution (t = 1): all MASK, or uniform tokens."""
+    if graph == "absorb":
+        return torch.full(shape, N - 1, dtype=torch.long, device=device)
+    return torch.randint(N, shape, device=device)
+
+
+def limit_distribution(N, graph):
+    return _onehot(torch.tensor(N - 1), N, torch.float64) if graph == "absorb" else torch.full((N,), 1.0 / N, dtype=torch.float64)
+
+
+def staggered_score(score, dsigma, graph):
+    """exp(-dsigma Q) s (..., N) for scores s (..., N) and dsigma broadcasting against s[..., 0].
+
+    Absorb: e^{dsigma} s_y for y != M, and s_M gets e^{dsigma} s_M + (1 - e^{dsigma}) sum_z s_z.
+    Uniform: e^{dsigma} s_y + (1 - e^{dsigma}) sum_z s_z / N. Negative dsigma applies exp(|dsigma| Q).
+    """
+    dsigma = torch.as_tensor(dsigma, dtype=score.dtype, device=score.device)[..., None]
+    total = score.sum(-1, keepdim=True)
+    grow = torch.expm1(dsigma)  # e^{dsigma} - 1
+    if graph == "absorb":
+        out = score * (1 + grow)
+        out[..., -1:] -= grow * total
+        return out
+    return score + grow * (score - total / score.shape[-1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Model: common's Transformer conditioned on sigma_bar, and a log-score head over the N states
+
+
+class SEDD(nn.Module):
+    def __init__(self, cfg, vocab_size):
+        super().__init__()
+        self.graph, self.vocab_size = cfg.graph, vocab_size
+        self.num_states = num_states(vocab_size, cfg.graph)
+        self.mask_id = self.num_states - 1 if cfg.graph == "absorb" else None
+        self.backbone = common.Transformer(self.num_states, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size,
+                                           cfg.dropout, causal=False, cond_dim=128)
+        self.head = nn.Linear(cfg.n_embd, self.num_states, bias=False)
+        nn.init.zeros_(self.head.weight)  # h = 0: the offset below alone gives the right total mass
+
+    def forward(self, xt, sigma_bar):
+        """xt (B, L), sigma_bar (B,) -> log-scores log s_theta (B, L, N), fp32.
+
+        Absorbing "scale by sigma": log s_y = h_y - log expm1(sigma_bar) - log(N - 1), so with
+        h = 0 the scores of a masked position sum to 1 / expm1(sigma_bar), the true total, and
+        h plays the part of an unnormalised log p(x_0 | x_t). The current token's score is its
+        ratio to itself, 1.
+        """
+        h = self.head(self.backbone(xt, sigma_bar)).float()  # fp32 before the offset (up to ~12 at t_end)
+        if self.graph == "absorb":
+            h = h - (log_expm1(sigma_bar.float()) + math.log(self.num_states - 1))[:, None, None]
+        return h.scatter(-1, xt.unsqueeze(-1), 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss: denoising score entropy (paper eq. 8 / 10 with the diffusion-weighted form, Thm 3.6)
+
+
+def K(a):
+    """K(a) = a (log a - 1), the constant that makes each score-entropy term >= 0 (K(0) = 0)."""
+    return torch.where(a > 0, a * (torch.log(a) - 1), torch.zeros_like(a))
+
+
+def score_entropy(log_score, xt, x0, sigma_bar, graph):
+    """Per-position DWDSE D^l (B, L) fp32, NOT weighted by sigma(t).
+
+    log_score (B, L, N) bf16 or fp32: log s_theta after the absorbing offset; the entry at xt is
+    read as log 1 = 0 whatever it holds. xt, x0 (B, L) int64; sigma_bar (B,) fp32.
+        D = sum_{y != x} Q[x, y] [s_y - rho_y log s_y + K(rho_y)],  rho_y = p(y | x_0) / p(x | x_0)
+    with x = x_t. Its gradient w.r.t. log s_y is Q[x, y] (s_y - rho_y), 0 at y = x.
+    """
+    ls = log_score.float()  # fp32 before exp: the terms cancel at O(r log r) (METHODS sec. 6.2)
+    N = ls.shape[-1]
+    out = torch.zeros(xt.shape, dtype=torch.float32, device=ls.device)
+    if graph == "absorb":
+        # only x = MASK is entered (Q[M, y] = 1, y != M); rho_y = r delta_{y, x0}, r = 1/expm1(sigma_bar):
+        # D = sum_{y != M} s_y - r log s_{x0} + K(r) = (S' - r) - r (log s_{x0} - log r)
+        masked = xt == N - 1
+        b = masked.nonzero(as_tuple=True)[0]  # row copies of the masked positions only
+        ls_m = ls[masked][:, :N - 1]  # (n, V): the MASK column is x itself, ignored
+        log_r = -log_expm1(sigma_bar.float())[b]
+        r = torch.exp(log_r)
+        s_sum = ls_m.exp().sum(-1)
+        ls_x0 = ls_m.gather(-1, x0[masked].unsqueeze(-1)).squeeze(-1)
+        return out.index_put((masked,), (s_sum - r) - r * (ls_x0 - log_r))
+    if graph == "uniform":
+        # every position: Q[x, y] = 1/N for y != x; e = expm1(sigma_bar), r = e / (e + N)
+        e = torch.expm1(sigma_bar.float())[:, None]  # (B, 1)
+        r = e / (e + N)
+        ls = ls.scatter(-1, xt.unsqueeze(-1), 0.0)  # log s_x = 0: drops out of both sums below
+        s_plus = (ls.exp().sum(-1) - 1) / N  # (1/N) sum_{y != x} s_y
+        lam = ls.sum(-1) / N  # (1/N) sum_{y != x} log s_y
+        same = s_plus - r * lam + (N - 1) / N * K(r)  # x = x0: all rho_y = r
+        ls_x0 = ls.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
+        # x != x0: rho_{x0} = 1/r, other rho_y = 1, and (1/r - 1)/N = 1/e
+        moved = s_plus - lam - ls_x0 / e + (K(1 / r) - (N - 2)) / N
+        return torch.where(xt == x0, same, moved)
+    common.die(f"unknown graph {graph!r}; use absorb or uniform")
+
+
+def sample_times(batch_size, t_min, device):
+    """Stratified times, one per stratum of [0, 1), moved to [t_min, 1] (as mdlm.py; lower variance than i.i.d.)."""
+    u = (torch.rand(batch_size, device=device) + torch.arange(batch_size, device=device)) / batch_size
+    return (1 - t_min) * u + t_min
+
+
+def elbo_terms(model, x0, t, cfg, N):
+    """Per-position ELBO integrand sigma(t) D^l (B, L) at times t (B,), with x_t drawn from x_0.
+
+    model is any callable (xt, sigma_bar) -> log-scores (B, L, N), possibly wrapped (DDP,
+    torch.compile), so the number of states N comes separately.
+    """
+    sigma_bar, sigma = schedule(t, cfg)
+    xt = sample_transition(x0, sigma_bar[:, None], N, cfg.graph)
+    log_score = model(xt, sigma_bar)  # (B, L, N)
+    return sigma[:, None] * score_entropy(log_score, xt, x0, sigma_bar, cfg.graph)
+
+
+def loss_fn(model, x0, cfg, N):
+    t = sample_times(x0.shape[0], cfg.t_min, x0.device)
+    return elbo_terms(model, x0, t, cfg, N).sum(1).mean()  # summed over positions, mean over the batch
+
+
+# ----------------------------------------------------------------------------------------------
+# Samplers: one step t -> s of the reverse chain, per position ("tau-leaping"), then a denoiser
+
+
+def _two_stage(w, w_stay, xt, u):
+    """Draw the next token of every row from move weights w (B, L, N), 0 at y = x, and a stay weight (B, L).
+
+    Exact in any precision (METHODS sec. 6.1): the row moves iff u[..., 0] < M / (M + w_stay),
+    M = sum_y w_y, and then takes y by inverse CDF over w with u[..., 1] (float64). This is the
+    race of METHODS sec. 0 with negative weights clamped: a negative weight never wins.
+    """
+    w, w_stay = w.clamp(min=0), w_stay.clamp(min=0)
+    total = w.sum(-1)
+    move = u[..., 0] < total / (total + w_stay)  # 0 / 0 (nothing to move to, nothing to stay) stays
+    return torch.where(move, common.sample_categorical(w, u[..., 1]), xt)
+
+
+def _split_stay(w, xt):
+    # (B, L, N) weights over all y -> (move weights with w_x = 0, stay weight w_x)
+    w_stay = w.gather(-1, xt.unsqueeze(-1)).squeeze(-1)
+    return w.scatter(-1, xt.unsqueeze(-1), 0.0), w_stay
+
+
+def euler_weights(log_score, xt, rate_dt, graph):
+    """Euler (tau-leaping) weights: w_y = sigma(t) dt Q[x, y] s_y (y != x), w_x = 1 - sum_{y != x} w_y.
+
+    log_score (B, L, N); xt (B, L); rate_dt (B,) float64 = sigma(t) dt. Returns (w (B, L, N) with
+    w_x = 0, w_stay (B, L)), float64 and unclamped. Absorbing rows with x != MASK are never
+    entered by anything (Q[x, y] = 0), so they stay.
+    """
+    N = log_score.shape[-1]
+    s = log_score.double().exp().scatter(-1, xt.unsqueeze(-1), 1.0)
+    w = rate_dt.double()[:, None, None] * rates_into(xt, N, graph, torch.float64) * s
+    w, _ = _split_stay(w, xt)
+    return w, 1 - w.sum(-1)
+
+
+def euler_step(log_score, xt, rate_dt, u, graph):
+    """One Euler tau-leaping step t -> t - dt (B, L) int64; u (B, L, 2) float64 uniforms."""
+    w, w_stay = euler_weights(log_score, xt, rate_dt, graph)
+    return _two_stage(w, w_stay, xt, u)
+
+
+def tweedie_weights(log_score, xt, dsigma, graph, final=False):
+    """Analytic (Tweedie) weights: w_y = [exp(-dsigma Q) s]_y exp(dsigma Q)[x, y], the staggered
+    score times the transition into x (paper eq. 19); dsigma (B,) float64 = sigma_bar(t) - sigma_bar(s).
+
+    Absorbing, x = M: w_y = (e^{dsigma} - 1) s_y and w_M = 1 - (e^{dsigma} - 1) sum_{y != M} s_y;
+    rows with x != M keep all their weight on x. final: the denoiser, MASK dropped (w_M = 0) so
+    every masked row resolves. Returns (w with w_x = 0, w_stay), float64, unclamped.
+    """
+    N = log_score.shape[-1]
+    s = log_score.double().exp().scatter(-1, xt.unsqueeze(-1), 1.0)
+    dsigma = dsigma.double()[:, None]  # (B, 1)
+    w = staggered_score(s, dsigma, graph) * transition_into(xt, dsigma, N, graph)
+    w, w_stay = _split_stay(w, xt)
+    if final and graph == "absorb":
+        w_stay = torch.where(xt == N - 1, 0.0, w_stay)
+    return w, w_stay
+
+
+def tweedie_step(log_score, xt, dsigma, u, graph, final=False):
+    """One analytic tau-leaping step t -> s (B, L) int64; final=True is the denoising step."""
+    w, w_stay = tweedie_weights(log_score, xt, dsigma, graph, final)
+    return _two_stage(w, w_stay, xt, u)
+
+
+def time_grid(steps, t_end):
+    return torch.linspace(1.0, t_end, steps + 1, dtype=torch.float64)  # t_0 = 1 > ... > t_S = t_end
+
+
+@torch.no_grad()
+def sample_chain(model, x, cfg, fixed=None, show=None):
+    """Run the reverse chain from x (B, L) (a limit sample) and return (x_0 (B, L), network calls).
+
+    model: callable (xt, sigma_bar (B,)) -> log-scores (B, L, N). fixed (L,): token ids, -1 at free
+    positions; they are projected back before every step and on the output (no conditional
+    training needed). Every step draws u (B, L, 2) float64 once.
+    """
+    B, device = x.shape[0], x.device
+    grid = time_grid(cfg.steps, cfg.t_end).to(device)
+    sigma_bars, sigmas = schedule(grid, cfg)  # float64
+    keep = fixed is not None and bool((fixed >= 0).any())
+
+    def project(x):
+        return torch.where(fixed >= 0, fixed, x) if keep else x
+
+    def network(i):
+        with common.autocast(device):
+            return model(x, sigma_bars[i].float().expand(B)).float()  # (B, L, N)
+
+    for i in range(cfg.steps):
+        x = project(x)
+        log_score = network(i)
+        u = torch.rand(B, x.shape[1], 2, dtype=torch.float64, device=device)
+        if cfg.sampler == "euler":
+            rate_dt = (sigmas[i] * (grid[i] - grid[i + 1])).expand(B)
+            x = euler_step(log_score, x, rate_dt, u, cfg.graph)
+        else:
+            x = tweedie_step(log_score, x, (sigma_bars[i] - sigma_bars[i + 1]).expand(B), u, cfg.graph)
+        if show:
+            show(i, x)
+    # the denoiser: one Tweedie step from t_end to sigma_bar = 0, MASK dropped
+    x = project(x)
+    log_score = network(cfg.steps)
+    u = torch.rand(B, x.shape[1], 2, dtype=torch.float64, device=device)
+    x = tweedie_step(log_score, x, sigma_bars[cfg.steps].expand(B), u, cfg.graph, final=True)
+    return project(x), cfg.steps + 1
+
+
+@torch.no_grad()
+def generate(model, cfg, fixed, num_samples, show=None):
+    """fixed (L,) token ids or -1 at free positions -> samples (num_samples, L), network calls."""
+    L = fixed.shape[0]
+    if L > model.backbone.block_size:
+        common.die(f"--seq_len={L} is longer than the model's block_size={model.backbone.block_size}; "
+                   "SEDD samples one block, lower --seq_len")
+    device = next(model.parameters()).device
+    fixed = fixed.to(device)
+    x = limit((num_samples, L), model.num_states, cfg.graph, device)
+    return sample_chain(model, x, cfg, fixed, show)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation: the ELBO on the validation split
+
+
+def prior_kl(cfg, N):
+    """KL(p_{1|0}(. | x_0) || limit) per token (the same for every x_0).
+
+    Uniform: finite and tiny at sigma_bar(1) = 20. Absorbing: with eps > 0 a token survives to
+    t = 1 with probability eps, which the all-MASK start gives probability 0: the KL is infinite,
+    and, as in mdlm.py, the term is dropped (0 is returned).
+    """
+    if cfg.graph == "absorb":
+        return 0.0
+    sigma_bar_1, _ = schedule(torch.tensor(1.0, dtype=torch.float64), cfg)
+    p = transition(torch.tensor(0), sigma_bar_1, N, cfg.graph)  # (N,)
+    return float((p * torch.log(p * N)).sum())
+
+
+@torch.no_grad()
+def evaluate(model, batches, cfg, full=False):
+    """ELBO in nats per token: every validation window with eval_t_samples stratified times each
+    (full=True, --eval), or eval_iters random batches (during training). The integral runs over
+    [t_min, 1] as in mdlm.py, plus the prior term."""
+    model.eval()
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    if full:
+        data, k = batches.sequential("val", cfg.batch_size), cfg.eval_t_samples
+    else:
+        gen = torch.Generator().manual_seed(cfg.seed)  # the same windows at every eval
+        data, k = (batches.get("val", cfg.batch_size, gen) for _ in range(cfg.eval_iters)), 1
+    for x0 in data:
+        x0 = x0.to(device)
+        xs = x0.repeat(k, 1)
+        t = sample_times(xs.shape[0], cfg.t_min, device)
+        total += float(elbo_terms(model, xs, t, cfg, model.num_states).sum()) / k
+        count += x0.numel()
+    nats = total / count + prior_kl(cfg, model.num_states)
+    return {"val_elbo": nats, "val_bits": nats / math.log(2), "val_ppl": math.exp(nats)}
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+
+
+def build_model(cfg, meta):
+    return SEDD(cfg, meta["vocab_size"])
+
+
+def load(overrides):
+    """load_for_inference, after checking that --graph matches the checkpoint's."""
+    cfg = Config(**overrides)
+    check_config(cfg)
+    path = os.path.join(common.out_dir(cfg, "sedd"), "ckpt.pt")
+    saved = common.load_checkpoint(path, "sedd").get("config", {})
+    if "graph" in overrides and saved.get("graph", overrides["graph"]) != overrides["graph"]:
+        common.die(f"{path} was trained with --graph={saved['graph']}, not {overrides['graph']}; "
+                   f"drop --graph or train a new model")
+    cfg, model, tok, meta, ckpt = common.load_for_inference(Config, overrides, "sedd", build_model)
+    check_config(cfg)
+    return cfg, model, tok, meta, ckpt
+
+
+def main(argv=None):
+    verbs, cfg, overrides = common.parse_args(Config, argv)
+    check_config(cfg)
+    if "train" in verbs:
+        meta = common.prepare_data(cfg)
+        model = build_model(cfg, meta)
+        common.train(cfg, "sedd", model, lambda m, x0: loss_fn(m, x0, cfg, model.num_states),
+                     lambda m, b: evaluate(m, b, cfg), meta)
+        if "RANK" in os.environ and int(os.environ["RANK"]) != 0:
+            return
+    if "sample" in verbs:
+        cfg, model, tok, meta, _ = load(overrides)
+        length = cfg.seq_len or cfg.block_size
+        fixed = common.conditioning(tok, cfg, length)
+        show = None
+        if cfg.show:
+            every = max(1, cfg.steps // 8)
+
+            def show(i, x):
+                if i % every == 0 or i == cfg.steps - 1:
+                    print(f"--- step {i + 1}/{cfg.steps}\n{tok.decode(x[0].tolist())}")
+        t0 = time.time()
+        samples, calls = generate(model, cfg, fixed, cfg.num_samples, show)
+        for i, s in enumerate(samples.tolist()):
+            print(f"=== sample {i}\n{tok.decode(s)}")
+        print(f"({cfg.num_samples} samples of {length} tokens, {cfg.sampler} sampler, {cfg.steps} steps, "
+              f"{calls} network calls, {time.time() - t0:.1f}s)")
+    if "eval" in verbs:
+        cfg, model, tok, meta, ckpt = load(overrides)
+        cfg = dataclasses.replace(cfg, data_dir=cfg.data_dir or common.data_path(cfg))
+        common.prepare_data(cfg)
+        with common.autocast(next(model.parameters()).device):
+            stats = evaluate(model, common.Batches(cfg, meta, cfg.seed), cfg, full=True)
+        print(f"val ELBO {stats['val_elbo']:.4f} nats/token | {stats['val_bits']:.4f} bits/token | "
+              f"perplexity <= {stats['val_ppl']:.3f} ({cfg.graph} graph, {noise_kind(cfg)} noise, "
+              f"{cfg.eval_t_samples} time samples per sequence)")
+        common.log_json(os.path.join(common.out_dir(cfg, "sedd"), "log.jsonl"),
+                        {"eval_full": stats, "iter": ckpt["iter"], "t_samples": cfg.eval_t_samples})
+
+
+if __name__ == "__main__":
+    main()
