@@ -269,6 +269,8 @@ class GPT2Tokenizer:
 
 
 def get_tokenizer(meta):
+    if "tokenizer" not in meta:
+        return None  # continuous data (ddpm.py) has no tokenizer
     kind = meta["tokenizer"]
     if kind == "char":
         return CharTokenizer(meta["chars"])
@@ -773,15 +775,55 @@ def load_kernels(src_dir=None):
                 build = os.path.join(os.environ.get("DIFFLM_BUILD", os.path.expanduser("~/.cache/difflm")),
                                      "cuda" if torch.cuda.is_available() else "cpu")
                 os.makedirs(build, exist_ok=True)
-                flags = ["-O3", "-fopenmp"]
+                flags = ["-O3", "-fopenmp"] + (["-DDIFFLM_CUDA"] if torch.cuda.is_available() else [])
                 module = cpp_extension.load(
                     name="difflm_kernels", sources=sources, build_directory=build, is_python_module=False,
                     extra_cflags=flags, extra_ldflags=["-fopenmp"],
                     extra_cuda_cflags=["-O3"], verbose=False)
                 module = torch.ops.difflm
+                _register_kernel_python()
             except Exception as e:
                 warnings.warn(f"difflm kernels failed to build ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                               "using the PyTorch path (set DIFFLM_KERNELS=0 to skip the build)")
                 module = None
     _KERNELS[src_dir] = module
     return module
+
+
+_REGISTERED = []
+
+
+def _register_kernel_python():
+    """Fake (shape-only) implementations for torch.compile, and the autograd of score_entropy.
+
+    The forward already wrote the per-row gradient dD/dlog_score; backward scales it in place by
+    the incoming gradient of the (B, L) loss, so the op never holds more than one B x L x N tensor.
+    """
+    if _REGISTERED:
+        return
+    _REGISTERED.append(True)
+    lib = "difflm::"
+    torch.library.register_fake(lib + "score_entropy", lambda log_score, xt, x0, sigma_bar, graph: (
+        log_score.new_empty(log_score.shape[:2], dtype=torch.float32), torch.empty_like(log_score)))
+    torch.library.register_fake(lib + "score_entropy_scale_", lambda grad, grad_loss, xt, graph: None)
+    for name in ("sedd_euler_step", "sedd_tweedie_step", "mdlm_ancestral_step"):
+        torch.library.register_fake(lib + name, lambda scores, xt, *args, **kwargs: torch.empty_like(xt))
+
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(output[1])  # the gradient buffer is scratch for backward
+        ctx.save_for_backward(output[1], inputs[1])
+        ctx.graph = inputs[4]
+
+    def backward(ctx, grad_loss, _):
+        grad, xt = ctx.saved_tensors
+        torch.ops.difflm.score_entropy_scale_(grad, grad_loss.float().contiguous(), xt, ctx.graph)
+        return grad, None, None, None, None
+
+    torch.library.register_autograd(lib + "score_entropy", backward, setup_context=setup_context)
+
+
+def kernel_ready(k, t):
+    """True when the compiled ops k (from load_kernels) take tensor t: a built device, fp32 or bf16."""
+    if k is None or t.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    return t.device.type == "cpu" or (t.device.type == "cuda" and k.cuda_built())
