@@ -1,0 +1,235 @@
+// The torch binding of the difflm kernels: op schemas (TORCH_LIBRARY namespace difflm), input
+// checks with messages that name the argument, and dispatch to the CPU functions or the CUDA
+// launchers. Autograd and fake (meta) implementations are registered from Python (common.py).
+//
+//   score_entropy(log_score, xt, x0, sigma_bar, graph) -> (loss (B, L) fp32, grad (B, L, N))
+//   score_entropy_scale_(grad, grad_loss, xt, graph)   grad *= grad_loss[..., None], in place
+//   sedd_euler_step(log_score, xt, rate_dt, u, graph) -> x_s (B, L)
+//   sedd_tweedie_step(log_score, xt, dsigma, u, graph, final) -> x_s (B, L)
+//   mdlm_ancestral_step(logits, xt, p_unmask, u, mask_id) -> x_s (B, L)
+//   cuda_built() -> bool
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "kernels.h"
+
+#ifdef DIFFLM_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
+namespace {
+
+using at::Tensor;
+
+int graph_id(c10::string_view graph) {
+  if (graph == "absorb") return difflm::ABSORB;
+  if (graph == "uniform") return difflm::UNIFORM;
+  TORCH_CHECK(false, "difflm: graph must be 'absorb' or 'uniform', got '", std::string(graph), "'");
+}
+
+// scores / logits: (B, L, N), float32 or bfloat16, contiguous
+int check_scores(const Tensor& t, const char* name, int64_t min_n) {
+  TORCH_CHECK(t.dim() == 3, "difflm: ", name, " must have shape (B, L, N), got ", t.dim(), " dimensions ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, "difflm: ", name,
+              " must be float32 or bfloat16, got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), "difflm: ", name, " must be contiguous (call .contiguous() first)");
+  TORCH_CHECK(t.size(2) >= min_n, "difflm: ", name, " needs at least ", min_n, " states in its last dimension, got ",
+              t.size(2));
+  TORCH_CHECK(t.device().is_cpu() || t.device().is_cuda(), "difflm: ", name, " must be on cpu or cuda, got ",
+              t.device());
+#ifndef DIFFLM_CUDA
+  TORCH_CHECK(t.device().is_cpu(), "difflm: ", name, " is on ", t.device(),
+              " but the kernels were built without CUDA; use the PyTorch path (DIFFLM_KERNELS=0)");
+#endif
+  return t.scalar_type() == at::kBFloat16 ? difflm::BF16 : difflm::F32;
+}
+
+void check_like(const Tensor& t, const char* name, const Tensor& ref, at::IntArrayRef shape, at::ScalarType dtype,
+                const char* shape_text) {
+  TORCH_CHECK(t.device() == ref.device(), "difflm: ", name, " must be on ", ref.device(), " like the scores, got ",
+              t.device());
+  TORCH_CHECK(t.sizes() == shape, "difflm: ", name, " must have shape ", shape_text, " = ", shape, ", got ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, "difflm: ", name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), "difflm: ", name, " must be contiguous (call .contiguous() first)");
+}
+
+void check_ids(const Tensor& ids, const char* name, int64_t hi, const char* what) {
+  if (ids.numel() == 0) return;
+  auto mm = at::aminmax(ids);
+  const int64_t lo_v = std::get<0>(mm).item<int64_t>(), hi_v = std::get<1>(mm).item<int64_t>();
+  TORCH_CHECK(lo_v >= 0 && hi_v < hi, "difflm: ", name, " holds token ids in [", lo_v, ", ", hi_v,
+              "] but must lie in [0, ", hi - 1, "] (", what, ")");
+}
+
+#ifdef DIFFLM_CUDA
+void cuda_ok(int err, const char* op) {
+  TORCH_CHECK(err == 0, "difflm: CUDA kernel ", op, " failed: ", cudaGetErrorString((cudaError_t)err));
+}
+#define DIFFLM_STREAM(t)                          \
+  const c10::cuda::CUDAGuard guard((t).device()); \
+  void* stream = (void*)at::cuda::getCurrentCUDAStream().stream()
+#endif
+
+std::tuple<Tensor, Tensor> score_entropy(const Tensor& log_score, const Tensor& xt, const Tensor& x0,
+                                         const Tensor& sigma_bar, c10::string_view graph) {
+  const int g = graph_id(graph);
+  const int dtype = check_scores(log_score, "log_score", g == difflm::ABSORB ? 2 : 1);
+  const int64_t B = log_score.size(0), L = log_score.size(1), N = log_score.size(2);
+  check_like(xt, "xt", log_score, {B, L}, at::kLong, "(B, L)");
+  check_like(x0, "x0", log_score, {B, L}, at::kLong, "(B, L)");
+  TORCH_CHECK(sigma_bar.device() == log_score.device(), "difflm: sigma_bar must be on ", log_score.device(),
+              " like the scores, got ", sigma_bar.device());
+  TORCH_CHECK(sigma_bar.dim() == 1 && sigma_bar.size(0) == B, "difflm: sigma_bar must have shape (B,) = (", B,
+              "), got ", sigma_bar.sizes());
+  TORCH_CHECK(sigma_bar.scalar_type() == at::kFloat || sigma_bar.scalar_type() == at::kDouble,
+              "difflm: sigma_bar must be float32 or float64, got ", sigma_bar.scalar_type());
+  check_ids(xt, "xt", N, "the states of log_score's last dimension");
+  check_ids(x0, "x0", g == difflm::ABSORB ? N - 1 : N,
+            g == difflm::ABSORB ? "clean tokens: MASK = N - 1 is not one" : "the states of log_score's last dimension");
+  const Tensor sb = sigma_bar.to(at::kDouble).contiguous();
+  Tensor loss = at::empty({B, L}, log_score.options().dtype(at::kFloat));
+  Tensor grad = at::empty_like(log_score);
+  if (B * L == 0) return {loss, grad};
+  if (log_score.is_cpu()) {
+    difflm::cpu_score_entropy(log_score.data_ptr(), dtype, xt.data_ptr<int64_t>(), x0.data_ptr<int64_t>(),
+                              sb.data_ptr<double>(), g, B, L, N, loss.data_ptr<float>(), grad.data_ptr(),
+                              at::get_num_threads());
+  } else {
+#ifdef DIFFLM_CUDA
+    DIFFLM_STREAM(log_score);
+    cuda_ok(difflm_launch_score_entropy(log_score.data_ptr(), dtype, xt.data_ptr<int64_t>(), x0.data_ptr<int64_t>(),
+                                        sb.data_ptr<double>(), g, B, L, N, loss.data_ptr<float>(), grad.data_ptr(),
+                                        stream),
+            "score_entropy");
+#endif
+  }
+  return {loss, grad};
+}
+
+void score_entropy_scale_(const Tensor& grad, const Tensor& grad_loss, const Tensor& xt, c10::string_view graph) {
+  const int g = graph_id(graph);
+  const int dtype = check_scores(grad, "grad", 1);
+  const int64_t B = grad.size(0), L = grad.size(1), N = grad.size(2);
+  check_like(grad_loss, "grad_loss", grad, {B, L}, at::kFloat, "(B, L)");
+  check_like(xt, "xt", grad, {B, L}, at::kLong, "(B, L)");
+  if (B * L == 0) return;
+  if (grad.is_cpu()) {
+    difflm::cpu_score_entropy_scale(grad.data_ptr(), dtype, grad_loss.data_ptr<float>(), xt.data_ptr<int64_t>(), g,
+                                    B * L, N, at::get_num_threads());
+  } else {
+#ifdef DIFFLM_CUDA
+    DIFFLM_STREAM(grad);
+    cuda_ok(difflm_launch_score_entropy_scale(grad.data_ptr(), dtype, grad_loss.data_ptr<float>(),
+                                              xt.data_ptr<int64_t>(), g, B * L, N, stream),
+            "score_entropy_scale_");
+#endif
+  }
+}
+
+// shared checks of the sampling steps; returns the dtype code
+int check_step(const Tensor& scores, const char* sname, const Tensor& xt, const Tensor& t, const char* tname,
+               const Tensor& u, int64_t min_n) {
+  const int dtype = check_scores(scores, sname, min_n);
+  const int64_t B = scores.size(0), L = scores.size(1), N = scores.size(2);
+  check_like(xt, "xt", scores, {B, L}, at::kLong, "(B, L)");
+  check_like(t, tname, scores, {B}, at::kDouble, "(B,)");
+  check_like(u, "u", scores, {B, L, 2}, at::kDouble, "(B, L, 2)");
+  check_ids(xt, "xt", N, "the states of the scores' last dimension");
+  return dtype;
+}
+
+Tensor sedd_step(const Tensor& log_score, const Tensor& xt, const Tensor& t, const char* tname, const Tensor& u,
+                 c10::string_view graph, int step, bool final_step) {
+  const int g = graph_id(graph);
+  const int dtype = check_step(log_score, "log_score", xt, t, tname, u, g == difflm::ABSORB ? 2 : 1);
+  const int64_t B = log_score.size(0), L = log_score.size(1), N = log_score.size(2);
+  Tensor out = at::empty({B, L}, xt.options());
+  if (B * L == 0) return out;
+  if (log_score.is_cpu()) {
+    difflm::cpu_sedd_step(log_score.data_ptr(), dtype, xt.data_ptr<int64_t>(), t.data_ptr<double>(),
+                          u.data_ptr<double>(), step, g, final_step, B, L, N, out.data_ptr<int64_t>(),
+                          at::get_num_threads());
+  } else {
+#ifdef DIFFLM_CUDA
+    DIFFLM_STREAM(log_score);
+    cuda_ok(difflm_launch_sedd_step(log_score.data_ptr(), dtype, xt.data_ptr<int64_t>(), t.data_ptr<double>(),
+                                    u.data_ptr<double>(), step, g, final_step ? 1 : 0, B, L, N,
+                                    out.data_ptr<int64_t>(), stream),
+            "sedd_step");
+#endif
+  }
+  return out;
+}
+
+Tensor sedd_euler_step(const Tensor& log_score, const Tensor& xt, const Tensor& rate_dt, const Tensor& u,
+                       c10::string_view graph) {
+  return sedd_step(log_score, xt, rate_dt, "rate_dt", u, graph, difflm::EULER, false);
+}
+
+Tensor sedd_tweedie_step(const Tensor& log_score, const Tensor& xt, const Tensor& dsigma, const Tensor& u,
+                         c10::string_view graph, bool final_step) {
+  return sedd_step(log_score, xt, dsigma, "dsigma", u, graph, difflm::TWEEDIE, final_step);
+}
+
+Tensor mdlm_ancestral_step(const Tensor& logits, const Tensor& xt, const Tensor& p_unmask, const Tensor& u,
+                           int64_t mask_id) {
+  const int dtype = check_step(logits, "logits", xt, p_unmask, "p_unmask", u, 1);
+  const int64_t B = logits.size(0), L = logits.size(1), N = logits.size(2);
+  TORCH_CHECK(mask_id >= 0 && mask_id < N, "difflm: mask_id must lie in [0, ", N - 1, "] (a column of logits), got ",
+              mask_id);
+  Tensor out = at::empty({B, L}, xt.options());
+  if (B * L == 0) return out;
+  if (logits.is_cpu()) {
+    difflm::cpu_mdlm_step(logits.data_ptr(), dtype, xt.data_ptr<int64_t>(), p_unmask.data_ptr<double>(),
+                          u.data_ptr<double>(), mask_id, B, L, N, out.data_ptr<int64_t>(), at::get_num_threads());
+  } else {
+#ifdef DIFFLM_CUDA
+    DIFFLM_STREAM(logits);
+    cuda_ok(difflm_launch_mdlm_step(logits.data_ptr(), dtype, xt.data_ptr<int64_t>(), p_unmask.data_ptr<double>(),
+                                    u.data_ptr<double>(), mask_id, B, L, N, out.data_ptr<int64_t>(), stream),
+            "mdlm_ancestral_step");
+#endif
+  }
+  return out;
+}
+
+bool cuda_built() {
+#ifdef DIFFLM_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY(difflm, m) {
+  m.def("score_entropy(Tensor log_score, Tensor xt, Tensor x0, Tensor sigma_bar, str graph) -> (Tensor, Tensor)");
+  m.def("score_entropy_scale_(Tensor(a!) grad, Tensor grad_loss, Tensor xt, str graph) -> ()");
+  m.def("sedd_euler_step(Tensor log_score, Tensor xt, Tensor rate_dt, Tensor u, str graph) -> Tensor");
+  m.def("sedd_tweedie_step(Tensor log_score, Tensor xt, Tensor dsigma, Tensor u, str graph, bool final=False) -> Tensor");
+  m.def("mdlm_ancestral_step(Tensor logits, Tensor xt, Tensor p_unmask, Tensor u, int mask_id) -> Tensor");
+  m.def("cuda_built() -> bool", &cuda_built);
+}
+
+TORCH_LIBRARY_IMPL(difflm, CPU, m) {
+  m.impl("score_entropy", &score_entropy);
+  m.impl("score_entropy_scale_", &score_entropy_scale_);
+  m.impl("sedd_euler_step", &sedd_euler_step);
+  m.impl("sedd_tweedie_step", &sedd_tweedie_step);
+  m.impl("mdlm_ancestral_step", &mdlm_ancestral_step);
+}
+
+#ifdef DIFFLM_CUDA
+TORCH_LIBRARY_IMPL(difflm, CUDA, m) {
+  m.impl("score_entropy", &score_entropy);
+  m.impl("score_entropy_scale_", &score_entropy_scale_);
+  m.impl("sedd_euler_step", &sedd_euler_step);
+  m.impl("sedd_tweedie_step", &sedd_tweedie_step);
+  m.impl("mdlm_ancestral_step", &mdlm_ancestral_step);
+}
+#endif

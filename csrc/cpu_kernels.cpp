@@ -1,0 +1,341 @@
+// CPU implementations of the difflm ops: plain C++ with OpenMP, one row (position) per iteration.
+//
+// Every row is streamed once for its sums and written once; a sampling step keeps the row's scores
+// in a per-thread scratch buffer (fits in L2 up to N ~ 250k) for its early-exit inverse-CDF scan.
+// The row functions are compiled for AVX-512, AVX2 and plain x86-64 (target_clones) and the loader
+// picks the best one for the CPU, so the build needs no -march flag.
+#include <math.h>
+#include <string.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "kernels.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define DIFFLM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define DIFFLM_CLONES
+#endif
+#define DIFFLM_INLINE inline __attribute__((always_inline))
+
+namespace difflm {
+namespace {
+
+DIFFLM_INLINE float from_bits(uint32_t b) { float f; memcpy(&f, &b, 4); return f; }
+DIFFLM_INLINE uint32_t to_bits(float f) { uint32_t b; memcpy(&b, &f, 4); return b; }
+
+DIFFLM_INLINE float load(const float* p, int64_t i) { return p[i]; }
+DIFFLM_INLINE float load(const uint16_t* p, int64_t i) { return from_bits((uint32_t)p[i] << 16); }
+DIFFLM_INLINE void store(float* p, int64_t i, float v) { p[i] = v; }
+DIFFLM_INLINE void store(uint16_t* p, int64_t i, float v) {
+  // round to nearest even, NaN stays NaN (as c10::BFloat16)
+  uint32_t b = to_bits(v);
+  uint16_t r = (uint16_t)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+  p[i] = v != v ? (uint16_t)0x7FC0 : r;
+}
+
+// exp in fp32 within ~1 ulp (Cephes polynomial), branch-free so loops vectorise; denormals, +-inf
+// and NaN as libm. 2^n is applied in two halves so neither factor leaves the normal range.
+DIFFLM_INLINE float exp_f32(float x) {
+  float xc = x < -104.0f ? -104.0f : x;
+  xc = xc > 89.0f ? 89.0f : xc;
+  const float n = floorf(xc * 1.44269504088896341f + 0.5f);
+  float r = fmaf(n, -0.693359375f, xc);
+  r = fmaf(n, 2.12194440e-4f, r);
+  float p = 1.9875691500E-4f;
+  p = fmaf(p, r, 1.3981999507E-3f);
+  p = fmaf(p, r, 8.3334519073E-3f);
+  p = fmaf(p, r, 4.1665795894E-2f);
+  p = fmaf(p, r, 1.6666665459E-1f);
+  p = fmaf(p, r, 5.0000001201E-1f);
+  float y = fmaf(p * r, r, r) + 1.0f;
+  const int ni = (int)n;
+  const int n1 = ni >> 1, n2 = ni - n1;
+  y = y * from_bits((uint32_t)(n1 + 127) << 23) * from_bits((uint32_t)(n2 + 127) << 23);
+  return x != x ? x : y;
+}
+
+// ------------------------------------------------------------------------------------------------
+// score entropy: loss and gradient of one row in one pass
+
+// uniform graph over [lo, hi): sums of s and log s, gradient (s - rho) / N
+template <class T>
+DIFFLM_INLINE void se_uniform_range(const T* h, T* g, int64_t lo, int64_t hi, float rho, float inv_n,
+                                    double& S, double& H) {
+  double s_acc = 0.0, h_acc = 0.0;
+#pragma omp simd reduction(+ : s_acc, h_acc)
+  for (int64_t y = lo; y < hi; ++y) {
+    const float hy = load(h, y);
+    const float s = exp_f32(hy);
+    s_acc += (double)s;
+    h_acc += (double)hy;
+    store(g, y, (s - rho) * inv_n);
+  }
+  S += s_acc;
+  H += h_acc;
+}
+
+template <class T>
+DIFFLM_INLINE float se_row(const T* h, T* g, int64_t N, int64_t x, int64_t x0, int graph, const SEConsts& c) {
+  if (graph == ABSORB) {
+    const int64_t M = N - 1;
+    if (x != M) {  // an unmasked position: zero loss, zero gradient, no reads
+      memset(g, 0, N * sizeof(T));
+      return 0.0f;
+    }
+    double S = 0.0;
+#pragma omp simd reduction(+ : S)
+    for (int64_t y = 0; y < M; ++y) {
+      const float s = exp_f32(load(h, y));
+      S += (double)s;
+      store(g, y, s);
+    }
+    store(g, M, 0.0f);
+    const float h0 = load(h, x0);
+    store(g, x0, (float)((double)exp_f32(h0) - c.r));
+    return (float)(S - c.r * (double)h0 + c.k_same);  // sum_{y != M} s_y - r log s_{x0} + K(r)
+  }
+  const bool same = x == x0;
+  const float rho = same ? (float)c.r : 1.0f, inv_n = 1.0f / (float)N;
+  double S = 0.0, H = 0.0;  // sums over y != x of s_y and log s_y
+  se_uniform_range(h, g, 0, x, rho, inv_n, S, H);
+  se_uniform_range(h, g, x + 1, N, rho, inv_n, S, H);
+  store(g, x, 0.0f);
+  const double n = (double)N;
+  if (same) return (float)(S / n - c.r * H / n + c.k_same);
+  const float h0 = load(h, x0);
+  store(g, x0, (float)(((double)exp_f32(h0) - 1.0 / c.r) / n));
+  return (float)(S / n - H / n - (double)h0 / c.e + c.k_diff);
+}
+
+DIFFLM_CLONES float se_row_f32(const float* h, float* g, int64_t N, int64_t x, int64_t x0, int graph,
+                               const SEConsts& c) {
+  return se_row(h, g, N, x, x0, graph, c);
+}
+DIFFLM_CLONES float se_row_bf16(const uint16_t* h, uint16_t* g, int64_t N, int64_t x, int64_t x0, int graph,
+                                const SEConsts& c) {
+  return se_row(h, g, N, x, x0, graph, c);
+}
+
+template <class T>
+DIFFLM_INLINE void scale_row(T* g, int64_t N, float w) {
+#pragma omp simd
+  for (int64_t y = 0; y < N; ++y) store(g, y, load(g, y) * w);
+}
+DIFFLM_CLONES void scale_row_f32(float* g, int64_t N, float w) { scale_row(g, N, w); }
+DIFFLM_CLONES void scale_row_bf16(uint16_t* g, int64_t N, float w) { scale_row(g, N, w); }
+
+// ------------------------------------------------------------------------------------------------
+// sampling: inverse CDF over nonnegative weights w(y), y in [0, n), with fp64 accumulation.
+// Returns the first y whose running sum exceeds target (searchsorted right=True); when rounding
+// leaves the total just short of target, the last y with positive weight; n_total - 1 when none.
+// Blocks of 256 are summed with vector code and only the block holding the answer is walked.
+
+template <class W>
+DIFFLM_INLINE int64_t inverse_cdf(const W& w, int64_t n, double target, int64_t n_total) {
+  constexpr int64_t BLK = 256;
+  double acc = 0.0;
+  int64_t last_pos = -1;
+  for (int64_t lo = 0; lo < n; lo += BLK) {
+    const int64_t hi = std::min(n, lo + BLK);
+    double bs = 0.0;
+#pragma omp simd reduction(+ : bs)
+    for (int64_t y = lo; y < hi; ++y) bs += w(y);
+    if (acc + bs > target) {
+      for (int64_t y = lo; y < hi; ++y) {
+        const double wy = w(y);
+        acc += wy;
+        if (acc > target) return y;
+        if (wy > 0.0) last_pos = y;
+      }
+      // rounding: the block sum said yes, the walk said no; keep walking from here
+      continue;
+    }
+    if (bs > 0.0) {
+      for (int64_t y = hi - 1; y >= lo; --y)
+        if (w(y) > 0.0) { last_pos = y; break; }
+    }
+    acc += bs;
+  }
+  return last_pos >= 0 ? last_pos : n_total - 1;
+}
+
+// exp of [lo, hi) into scratch, returns the fp64 sum
+template <class T>
+DIFFLM_INLINE double exp_range(const T* h, float* s, int64_t lo, int64_t hi) {
+  double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t y = lo; y < hi; ++y) {
+    const float e = exp_f32(load(h, y));
+    s[y] = e;
+    acc += (double)e;
+  }
+  return acc;
+}
+
+// Two-stage SEDD step of one row (Euler or Tweedie, METHODS.md sec. 4 and 6): move with probability
+// M / (M + w_x), M the sum of the clamped move weights; then the target by inverse CDF.
+template <class T>
+DIFFLM_INLINE int64_t sedd_row(const T* h, int64_t N, int64_t x, double u0, double u1, int step, int graph,
+                               bool final_step, const StepConsts& c, float* s) {
+  if (graph == ABSORB) {
+    const int64_t M = N - 1;
+    if (x != M) return x;  // its transition row is a multiple of onehot(x)
+    const double S = exp_range(h, s, 0, M);
+    // w_y = a s_y for y != M (Euler: sigma dt s_y; Tweedie: (e^ds - 1) s_y)
+    const double Mv = c.a * S;
+    double wx = final_step ? 0.0 : 1.0 - Mv;  // the denoiser drops the MASK column
+    wx = wx > 0.0 ? wx : 0.0;
+    if (!(u0 < Mv / (Mv + wx))) return x;
+    return inverse_cdf([&](int64_t y) { return (double)s[y]; }, M, u1 * S, N);
+  }
+  s[x] = 0.0f;
+  double S = exp_range(h, s, 0, x) + exp_range(h, s, x + 1, N);  // over y != x
+  double Mv, wx;
+  if (step == EULER) {  // w_y = sigma dt s_y / N
+    Mv = c.a * c.q * S;
+    wx = 1.0 - Mv;
+    wx = wx > 0.0 ? wx : 0.0;
+    if (!(u0 < Mv / (Mv + wx))) return x;
+    return inverse_cdf([&](int64_t y) { return (double)s[y]; }, N, u1 * S, N);
+  }
+  // Tweedie: w_y = max(0, (e^ds s_y + (1 - e^ds) S_all / N) (1 - e^-ds) / N), S_all includes s_x = 1
+  const double b = c.bS * (S + 1.0), a = c.a, q = c.q;
+  auto w = [&](int64_t y) {
+    const double v = (a * (double)s[y] + b) * q;
+    return (v > 0.0 && y != x) ? v : 0.0;
+  };
+  Mv = 0.0;
+#pragma omp simd reduction(+ : Mv)
+  for (int64_t y = 0; y < N; ++y) Mv += w(y);
+  wx = (a + b) * c.qx;
+  wx = wx > 0.0 ? wx : 0.0;
+  if (!(u0 < Mv / (Mv + wx))) return x;
+  return inverse_cdf(w, N, u1 * Mv, N);
+}
+
+DIFFLM_CLONES int64_t sedd_row_f32(const float* h, int64_t N, int64_t x, double u0, double u1, int step,
+                                   int graph, bool final_step, const StepConsts& c, float* s) {
+  return sedd_row(h, N, x, u0, u1, step, graph, final_step, c, s);
+}
+DIFFLM_CLONES int64_t sedd_row_bf16(const uint16_t* h, int64_t N, int64_t x, double u0, double u1, int step,
+                                    int graph, bool final_step, const StepConsts& c, float* s) {
+  return sedd_row(h, N, x, u0, u1, step, graph, final_step, c, s);
+}
+
+// MDLM ancestral step of one row: reveal iff u0 < p_unmask, then a token from softmax(logits) with
+// the MASK column removed, probabilities rounded to fp32 as the PyTorch softmax does.
+template <class T>
+DIFFLM_INLINE int64_t mdlm_row(const T* h, int64_t N, int64_t x, int64_t mask, double u0, double u1, double p,
+                               float* s) {
+  if (x != mask || !(u0 < p)) return x;
+  float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+  for (int64_t y = 0; y < N; ++y) {
+    const float v = load(h, y);
+    m = (y != mask && v > m) ? v : m;
+  }
+  double Z = 0.0;
+#pragma omp simd reduction(+ : Z)
+  for (int64_t y = 0; y < N; ++y) {
+    const float e = y == mask ? 0.0f : exp_f32(load(h, y) - m);
+    s[y] = e;
+    Z += (double)e;
+  }
+  const float zf = (float)Z;
+  double total = 0.0;
+#pragma omp simd reduction(+ : total)
+  for (int64_t y = 0; y < N; ++y) {
+    const float pr = s[y] / zf;
+    s[y] = pr;
+    total += (double)pr;
+  }
+  return inverse_cdf([&](int64_t y) { return (double)s[y]; }, N, u1 * total, N);
+}
+
+DIFFLM_CLONES int64_t mdlm_row_f32(const float* h, int64_t N, int64_t x, int64_t mask, double u0, double u1,
+                                   double p, float* s) {
+  return mdlm_row(h, N, x, mask, u0, u1, p, s);
+}
+DIFFLM_CLONES int64_t mdlm_row_bf16(const uint16_t* h, int64_t N, int64_t x, int64_t mask, double u0, double u1,
+                                    double p, float* s) {
+  return mdlm_row(h, N, x, mask, u0, u1, p, s);
+}
+
+// small problems run on one thread: the fork costs more than the work
+int threads_for(int64_t rows, int64_t N, int nthreads) {
+  return rows * N < (1 << 15) ? 1 : std::max(1, nthreads);
+}
+
+int64_t chunk_for(int64_t N) { return std::max<int64_t>(1, std::min<int64_t>(256, 16384 / std::max<int64_t>(N, 1))); }
+
+}  // namespace
+
+void cpu_score_entropy(const void* log_score, int dtype, const int64_t* xt, const int64_t* x0,
+                       const double* sigma_bar, int graph, int64_t B, int64_t L, int64_t N, float* loss,
+                       void* grad, int nthreads) {
+  const int64_t rows = B * L, chunk = chunk_for(N);
+#pragma omp parallel for schedule(dynamic, chunk) num_threads(threads_for(rows, N, nthreads))
+  for (int64_t i = 0; i < rows; ++i) {
+    const SEConsts c = se_consts(sigma_bar[i / L], graph, N);
+    if (dtype == BF16)
+      loss[i] = se_row_bf16((const uint16_t*)log_score + i * N, (uint16_t*)grad + i * N, N, xt[i], x0[i], graph, c);
+    else
+      loss[i] = se_row_f32((const float*)log_score + i * N, (float*)grad + i * N, N, xt[i], x0[i], graph, c);
+  }
+}
+
+void cpu_score_entropy_scale(void* grad, int dtype, const float* grad_loss, const int64_t* xt, int graph,
+                             int64_t rows, int64_t N, int nthreads) {
+  const int64_t chunk = chunk_for(N);
+#pragma omp parallel for schedule(dynamic, chunk) num_threads(threads_for(rows, N, nthreads))
+  for (int64_t i = 0; i < rows; ++i) {
+    if (graph == ABSORB && xt[i] != N - 1) continue;  // the row is zero
+    if (dtype == BF16)
+      scale_row_bf16((uint16_t*)grad + i * N, N, grad_loss[i]);
+    else
+      scale_row_f32((float*)grad + i * N, N, grad_loss[i]);
+  }
+}
+
+void cpu_sedd_step(const void* log_score, int dtype, const int64_t* xt, const double* t, const double* u,
+                   int step, int graph, bool final_step, int64_t B, int64_t L, int64_t N, int64_t* out,
+                   int nthreads) {
+  const int64_t rows = B * L, chunk = chunk_for(N);
+#pragma omp parallel num_threads(threads_for(rows, N, nthreads))
+  {
+    std::vector<float> scratch(N);
+#pragma omp for schedule(dynamic, chunk)
+    for (int64_t i = 0; i < rows; ++i) {
+      const StepConsts c = step_consts(t[i / L], step, graph, N);
+      if (dtype == BF16)
+        out[i] = sedd_row_bf16((const uint16_t*)log_score + i * N, N, xt[i], u[2 * i], u[2 * i + 1], step, graph,
+                               final_step, c, scratch.data());
+      else
+        out[i] = sedd_row_f32((const float*)log_score + i * N, N, xt[i], u[2 * i], u[2 * i + 1], step, graph,
+                              final_step, c, scratch.data());
+    }
+  }
+}
+
+void cpu_mdlm_step(const void* logits, int dtype, const int64_t* xt, const double* p_unmask, const double* u,
+                   int64_t mask_id, int64_t B, int64_t L, int64_t N, int64_t* out, int nthreads) {
+  const int64_t rows = B * L, chunk = chunk_for(N);
+#pragma omp parallel num_threads(threads_for(rows, N, nthreads))
+  {
+    std::vector<float> scratch(N);
+#pragma omp for schedule(dynamic, chunk)
+    for (int64_t i = 0; i < rows; ++i) {
+      const double p = p_unmask[i / L];
+      if (dtype == BF16)
+        out[i] = mdlm_row_bf16((const uint16_t*)logits + i * N, N, xt[i], mask_id, u[2 * i], u[2 * i + 1], p,
+                               scratch.data());
+      else
+        out[i] = mdlm_row_f32((const float*)logits + i * N, N, xt[i], mask_id, u[2 * i], u[2 * i + 1], p,
+                              scratch.data());
+    }
+  }
+}
+
+}  // namespace difflm

@@ -1,0 +1,432 @@
+// CUDA implementations of the difflm ops. Plain CUDA: no torch headers, so `nvcc -c` checks this
+// file on a machine without torch or a GPU; binding.cpp calls the difflm_launch_* functions.
+//
+// A group of G threads (one warp, or a whole block) owns one row (position). Every thread of a
+// group computes bitwise the same row totals (butterfly reductions, then a fixed-order sum over
+// warps), so row decisions (masked? move?) never diverge inside a group.
+//
+// Score entropy streams the row once with 16-byte loads and stores. A sampling step sums the row
+// per warp segment in one pass, decides "move or stay", and only if it moves walks the one
+// segment holding the inverse-CDF target (warp scans in fp64).
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "kernels.h"
+
+namespace {
+
+using namespace difflm;
+constexpr unsigned FULL = 0xffffffffu;
+
+__device__ __forceinline__ float bf16_to_f32(uint32_t b) { return __uint_as_float(b << 16); }
+__device__ __forceinline__ uint32_t f32_to_bf16(float v) {
+  const uint32_t b = __float_as_uint(v);
+  return v != v ? 0x7FC0u : ((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+}
+
+__device__ __forceinline__ float ld(const float* p, int64_t i) { return p[i]; }
+__device__ __forceinline__ float ld(const uint16_t* p, int64_t i) { return bf16_to_f32(p[i]); }
+__device__ __forceinline__ void st(float* p, int64_t i, float v) { p[i] = v; }
+__device__ __forceinline__ void st(uint16_t* p, int64_t i, float v) { p[i] = (uint16_t)f32_to_bf16(v); }
+
+template <class T>
+struct Vec {
+  static constexpr int N = 16 / sizeof(T);
+};
+
+__device__ __forceinline__ void unpack(uint4 q, float* v, const float*) {
+  v[0] = __uint_as_float(q.x), v[1] = __uint_as_float(q.y), v[2] = __uint_as_float(q.z), v[3] = __uint_as_float(q.w);
+}
+__device__ __forceinline__ void unpack(uint4 q, float* v, const uint16_t*) {
+  const uint32_t w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) v[2 * j] = bf16_to_f32(w[j] & 0xffffu), v[2 * j + 1] = bf16_to_f32(w[j] >> 16);
+}
+__device__ __forceinline__ uint4 pack(const float* v, const float*) {
+  return make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]), __float_as_uint(v[3]));
+}
+__device__ __forceinline__ uint4 pack(const float* v, const uint16_t*) {
+  uint32_t w[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) w[j] = f32_to_bf16(v[2 * j]) | (f32_to_bf16(v[2 * j + 1]) << 16);
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// Visit y in [0, n) of a row, group-strided, with 16-byte loads (and stores when WRITE) where the
+// row is aligned; f(y, value) returns the value to store.
+template <class T, int G, bool WRITE, class F>
+__device__ __forceinline__ void visit(const T* in, T* out, int64_t n, int tid, F&& f) {
+  constexpr int V = Vec<T>::N;
+  const uintptr_t mis = (uintptr_t)in & 15;
+  int64_t head = (int64_t)(((16 - mis) & 15) / sizeof(T));
+  if (WRITE && (((uintptr_t)out & 15) != mis)) head = n;  // mismatched alignment: scalar path
+  if (head > n) head = n;
+  for (int64_t y = tid; y < head; y += G) {
+    const float r = f(y, ld(in, y));
+    if (WRITE) st(out, y, r);
+  }
+  const int64_t nv = (n - head) / V;
+  const uint4* vin = reinterpret_cast<const uint4*>(in + head);
+  uint4* vout = reinterpret_cast<uint4*>(out + head);
+  for (int64_t k = tid; k < nv; k += G) {
+    float v[V];
+    unpack(vin[k], v, in);
+#pragma unroll
+    for (int j = 0; j < V; ++j) v[j] = f(head + k * V + j, v[j]);
+    if (WRITE) vout[k] = pack(v, in);
+  }
+  for (int64_t y = head + nv * V + tid; y < n; y += G) {
+    const float r = f(y, ld(in, y));
+    if (WRITE) st(out, y, r);
+  }
+}
+
+template <class V>
+__device__ __forceinline__ V warp_sum(V v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL, v, o));
+  return v;
+}
+
+// group-wide sum, identical in every thread; sm holds G/32 doubles (unused when G == 32)
+template <int G>
+__device__ __forceinline__ double group_sum(double v, double* sm) {
+  v = warp_sum(v);
+  if (G == 32) return v;
+  const int tid = threadIdx.x % G;
+  __syncthreads();
+  if ((tid & 31) == 0) sm[tid >> 5] = v;
+  __syncthreads();
+  double t = 0.0;
+#pragma unroll
+  for (int k = 0; k < G / 32; ++k) t += sm[k];
+  return t;
+}
+
+template <int G>
+__device__ __forceinline__ float group_max(float v, double* sm) {
+  v = warp_max(v);
+  if (G == 32) return v;
+  const int tid = threadIdx.x % G;
+  __syncthreads();
+  if ((tid & 31) == 0) sm[tid >> 5] = (double)v;
+  __syncthreads();
+  float t = -INFINITY;
+#pragma unroll
+  for (int k = 0; k < G / 32; ++k) t = fmaxf(t, (float)sm[k]);
+  return t;
+}
+
+// ---- score entropy
+
+template <class T, int G, int R>
+__global__ void se_kernel(const T* __restrict__ h_all, const int64_t* __restrict__ xt, const int64_t* __restrict__ x0,
+                          const double* __restrict__ sigma_bar, int graph, int64_t rows, int64_t L, int64_t N,
+                          float* __restrict__ loss, T* __restrict__ g_all) {
+  __shared__ double sm[R][G / 32];
+  const int sub = threadIdx.x / G, tid = threadIdx.x % G;
+  const int64_t row = (int64_t)blockIdx.x * R + sub;
+  if (row >= rows) return;  // whole groups only
+  const T* h = h_all + row * N;
+  T* g = g_all + row * N;
+  const int64_t x = xt[row], y0 = x0[row];
+  const SEConsts c = se_consts(sigma_bar[row / L], graph, N);
+  if (graph == ABSORB) {
+    const int64_t M = N - 1;
+    if (x != M) {
+      visit<T, G, true>(g, g, N, tid, [](int64_t, float) { return 0.0f; });
+      if (tid == 0) loss[row] = 0.0f;
+      return;
+    }
+    double S = 0.0;
+    visit<T, G, true>(h, g, M, tid, [&](int64_t, float v) {
+      const float s = expf(v);
+      S += (double)s;
+      return s;
+    });
+    S = group_sum<G>(S, sm[sub]);
+    __syncwarp();
+    if (tid == 0) {
+      const float h0 = ld(h, y0);
+      st(g, M, 0.0f);
+      st(g, y0, (float)((double)expf(h0) - c.r));
+      loss[row] = (float)(S - c.r * (double)h0 + c.k_same);
+    }
+    return;
+  }
+  const bool same = x == y0;
+  const float rho = same ? (float)c.r : 1.0f, inv_n = 1.0f / (float)N;
+  double S = 0.0, H = 0.0;
+  auto f = [&](int64_t, float v) {
+    const float s = expf(v);
+    S += (double)s;
+    H += (double)v;
+    return (s - rho) * inv_n;
+  };
+  visit<T, G, true>(h, g, x, tid, f);
+  visit<T, G, true>(h + x + 1, g + x + 1, N - x - 1, tid, f);
+  S = group_sum<G>(S, sm[sub]);
+  H = group_sum<G>(H, sm[sub]);
+  __syncwarp();
+  if (tid == 0) {
+    const double n = (double)N;
+    st(g, x, 0.0f);
+    if (same) {
+      loss[row] = (float)(S / n - c.r * H / n + c.k_same);
+    } else {
+      const float h0 = ld(h, y0);
+      st(g, y0, (float)(((double)expf(h0) - 1.0 / c.r) / n));
+      loss[row] = (float)(S / n - H / n - (double)h0 / c.e + c.k_diff);
+    }
+  }
+}
+
+template <class T, int G, int R>
+__global__ void scale_kernel(T* __restrict__ g_all, const float* __restrict__ w, const int64_t* __restrict__ xt,
+                             int graph, int64_t rows, int64_t N) {
+  const int sub = threadIdx.x / G, tid = threadIdx.x % G;
+  const int64_t row = (int64_t)blockIdx.x * R + sub;
+  if (row >= rows) return;
+  if (graph == ABSORB && xt[row] != N - 1) return;  // a zero row
+  const float wr = w[row];
+  T* g = g_all + row * N;
+  visit<T, G, true>(g, g, N, tid, [&](int64_t, float v) { return v * wr; });
+}
+
+// ---- inverse CDF per group: segment sums, then a walk of one segment
+
+template <int G>
+struct Segments {
+  static constexpr int NW = G / 32;
+  int64_t lo, hi;  // this warp's segment
+  __device__ Segments(int64_t n, int wid) {
+    const int64_t seg = ((n + NW - 1) / NW + 31) / 32 * 32;
+    lo = wid * seg < n ? wid * seg : n;
+    hi = lo + seg < n ? lo + seg : n;
+  }
+};
+
+// sum of w over this warp's segment into sm[wid]; returns the row total (same in every thread)
+template <int G, class W>
+__device__ __forceinline__ double segment_sums(const W& w, int64_t n, int tid, double* sm) {
+  const int lane = tid & 31, wid = tid >> 5;
+  const Segments<G> s(n, wid);
+  double part = 0.0;
+  for (int64_t y = s.lo + lane; y < s.hi; y += 32) part += w(y);
+  part = warp_sum(part);
+  if (G > 32) __syncthreads();
+  if (lane == 0) sm[wid] = part;
+  if (G > 32) __syncthreads(); else __syncwarp();
+  double t = 0.0;
+  for (int k = 0; k < G / 32; ++k) t += sm[k];
+  return t;
+}
+
+// the first y with running sum > target (searchsorted right=True), given segment_sums' sm;
+// rounding that leaves the total short of target gives the last positive y; none: n_total - 1
+template <int G, class W>
+__device__ __forceinline__ int64_t walk(const W& w, int64_t n, double target, int64_t n_total, int tid, double* sm,
+                                        long long* res) {
+  constexpr int NW = G / 32;
+  const int lane = tid & 31, wid = tid >> 5;
+  int chosen = -1, last_pos = -1;
+  double acc = 0.0, before = 0.0, before_last = 0.0;
+  for (int k = 0; k < NW; ++k) {
+    const double p = sm[k];
+    if (chosen < 0 && acc + p > target) chosen = k, before = acc;
+    if (p > 0.0) last_pos = k, before_last = acc;
+    acc += p;
+  }
+  if (chosen < 0) chosen = last_pos, before = before_last;
+  if (chosen < 0) return n_total - 1;
+  if (wid == chosen) {
+    const Segments<G> s(n, wid);
+    double a = before;
+    int64_t found = -1, lastp = -1;
+    for (int64_t base = s.lo; base < s.hi; base += 32) {
+      const int64_t y = base + lane;
+      const double v = y < s.hi ? w(y) : 0.0;
+      double inc = v;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const double t = __shfl_up_sync(FULL, inc, o);
+        if (lane >= o) inc += t;
+      }
+      const unsigned hit = __ballot_sync(FULL, a + inc > target);
+      if (hit) {
+        found = base + __ffs(hit) - 1;
+        break;
+      }
+      const unsigned pos = __ballot_sync(FULL, v > 0.0);
+      if (pos) lastp = base + 31 - __clz(pos);
+      a += __shfl_sync(FULL, inc, 31);
+    }
+    if (lane == 0) *res = found >= 0 ? found : (lastp >= 0 ? lastp : n_total - 1);
+  }
+  if (G > 32) __syncthreads(); else __syncwarp();
+  return *res;
+}
+
+// ---- SEDD Euler / Tweedie step (two-stage: move with probability M / (M + w_x), then inverse CDF)
+
+template <class T, int G, int R>
+__global__ void sedd_kernel(const T* __restrict__ h_all, const int64_t* __restrict__ xt, const double* __restrict__ tt,
+                            const double* __restrict__ u, int step, int graph, int final_step, int64_t rows, int64_t L,
+                            int64_t N, int64_t* __restrict__ out) {
+  __shared__ double sm[R][G / 32];
+  __shared__ long long res[R];
+  const int sub = threadIdx.x / G, tid = threadIdx.x % G;
+  const int64_t row = (int64_t)blockIdx.x * R + sub;
+  if (row >= rows) return;
+  const T* h = h_all + row * N;
+  const int64_t x = xt[row];
+  const double u0 = u[2 * row], u1 = u[2 * row + 1];
+  const StepConsts c = step_consts(tt[row / L], step, graph, N);
+  int64_t y = x;
+  if (graph == ABSORB) {
+    if (x == N - 1) {
+      auto w = [&](int64_t k) { return (double)expf(ld(h, k)); };
+      const double S = segment_sums<G>(w, N - 1, tid, sm[sub]);
+      const double Mv = c.a * S;
+      double wx = final_step ? 0.0 : 1.0 - Mv;
+      wx = wx > 0.0 ? wx : 0.0;
+      if (u0 < Mv / (Mv + wx)) y = walk<G>(w, N - 1, u1 * S, N, tid, sm[sub], &res[sub]);
+    }
+  } else if (step == EULER) {
+    auto w = [&](int64_t k) { return k == x ? 0.0 : (double)expf(ld(h, k)); };
+    const double S = segment_sums<G>(w, N, tid, sm[sub]);
+    const double Mv = c.a * c.q * S;
+    double wx = 1.0 - Mv;
+    wx = wx > 0.0 ? wx : 0.0;
+    if (u0 < Mv / (Mv + wx)) y = walk<G>(w, N, u1 * S, N, tid, sm[sub], &res[sub]);
+  } else {
+    auto s = [&](int64_t k) { return k == x ? 0.0 : (double)expf(ld(h, k)); };
+    const double S = segment_sums<G>(s, N, tid, sm[sub]);
+    const double b = c.bS * (S + 1.0), a = c.a, q = c.q;
+    auto w = [&](int64_t k) {
+      const double v = (a * (double)expf(ld(h, k)) + b) * q;
+      return (v > 0.0 && k != x) ? v : 0.0;
+    };
+    const double Mv = segment_sums<G>(w, N, tid, sm[sub]);
+    double wx = (a + b) * c.qx;
+    wx = wx > 0.0 ? wx : 0.0;
+    if (u0 < Mv / (Mv + wx)) y = walk<G>(w, N, u1 * Mv, N, tid, sm[sub], &res[sub]);
+  }
+  if (tid == 0) out[row] = y;
+}
+
+// ---- MDLM ancestral step: reveal iff u0 < p_unmask, token from softmax without the MASK column
+
+template <class T, int G, int R>
+__global__ void mdlm_kernel(const T* __restrict__ h_all, const int64_t* __restrict__ xt, const double* __restrict__ p,
+                            const double* __restrict__ u, int64_t mask, int64_t rows, int64_t L, int64_t N,
+                            int64_t* __restrict__ out) {
+  __shared__ double sm[R][G / 32];
+  __shared__ long long res[R];
+  const int sub = threadIdx.x / G, tid = threadIdx.x % G;
+  const int64_t row = (int64_t)blockIdx.x * R + sub;
+  if (row >= rows) return;
+  const int64_t x = xt[row];
+  const double u0 = u[2 * row], u1 = u[2 * row + 1];
+  int64_t y = x;
+  if (x == mask && u0 < p[row / L]) {
+    const T* h = h_all + row * N;
+    float m = -INFINITY;
+    for (int64_t k = tid; k < N; k += G) m = k == mask ? m : fmaxf(m, ld(h, k));
+    m = group_max<G>(m, sm[sub]);
+    double Z = 0.0;
+    for (int64_t k = tid; k < N; k += G) Z += k == mask ? 0.0 : (double)expf(ld(h, k) - m);
+    const float zf = (float)group_sum<G>(Z, sm[sub]);
+    auto w = [&](int64_t k) { return k == mask ? 0.0 : (double)(expf(ld(h, k) - m) / zf); };
+    const double total = segment_sums<G>(w, N, tid, sm[sub]);
+    y = walk<G>(w, N, u1 * total, N, tid, sm[sub], &res[sub]);
+  }
+  if (tid == 0) out[row] = y;
+}
+
+// threads per row: a warp for short rows, a block for long ones; the body sees constexpr G and R
+#define DIFFLM_BY_WIDTH(N, ...)                  \
+  if ((N) <= 2048) {                             \
+    constexpr int G = 32, R = 8;                 \
+    __VA_ARGS__;                                  \
+  } else if ((N) <= 16384) {                     \
+    constexpr int G = 256, R = 1;                \
+    __VA_ARGS__;                                  \
+  } else {                                       \
+    constexpr int G = 512, R = 1;                \
+    __VA_ARGS__;                                  \
+  }
+
+unsigned blocks_for(int64_t rows, int R) { return (unsigned)((rows + R - 1) / R); }
+
+}  // namespace
+
+extern "C" {
+
+int difflm_launch_score_entropy(const void* log_score, int dtype, const int64_t* xt, const int64_t* x0,
+                                const double* sigma_bar, int graph, int64_t B, int64_t L, int64_t N, float* loss,
+                                void* grad, void* stream) {
+  const int64_t rows = B * L;
+  cudaStream_t st = (cudaStream_t)stream;
+  DIFFLM_BY_WIDTH(N, {
+    if (dtype == BF16)
+      se_kernel<uint16_t, G, R><<<blocks_for(rows, R), G * R, 0, st>>>(
+          (const uint16_t*)log_score, xt, x0, sigma_bar, graph, rows, L, N, loss, (uint16_t*)grad);
+    else
+      se_kernel<float, G, R><<<blocks_for(rows, R), G * R, 0, st>>>((const float*)log_score, xt, x0, sigma_bar,
+                                                                     graph, rows, L, N, loss, (float*)grad);
+  });
+  return (int)cudaGetLastError();
+}
+
+int difflm_launch_score_entropy_scale(void* grad, int dtype, const float* grad_loss, const int64_t* xt, int graph,
+                                      int64_t rows, int64_t N, void* stream) {
+  cudaStream_t st = (cudaStream_t)stream;
+  DIFFLM_BY_WIDTH(N, {
+    if (dtype == BF16)
+      scale_kernel<uint16_t, G, R><<<blocks_for(rows, R), G * R, 0, st>>>((uint16_t*)grad, grad_loss, xt, graph,
+                                                                           rows, N);
+    else
+      scale_kernel<float, G, R><<<blocks_for(rows, R), G * R, 0, st>>>((float*)grad, grad_loss, xt, graph, rows, N);
+  });
+  return (int)cudaGetLastError();
+}
+
+int difflm_launch_sedd_step(const void* log_score, int dtype, const int64_t* xt, const double* t, const double* u,
+                            int step, int graph, int final_step, int64_t B, int64_t L, int64_t N, int64_t* out,
+                            void* stream) {
+  const int64_t rows = B * L;
+  cudaStream_t st = (cudaStream_t)stream;
+  DIFFLM_BY_WIDTH(N, {
+    if (dtype == BF16)
+      sedd_kernel<uint16_t, G, R><<<blocks_for(rows, R), G * R, 0, st>>>(
+          (const uint16_t*)log_score, xt, t, u, step, graph, final_step, rows, L, N, out);
+    else
+      sedd_kernel<float, G, R><<<blocks_for(rows, R), G * R, 0, st>>>((const float*)log_score, xt, t, u, step, graph,
+                                                                       final_step, rows, L, N, out);
+  });
+  return (int)cudaGetLastError();
+}
+
+int difflm_launch_mdlm_step(const void* logits, int dtype, const int64_t* xt, const double* p_unmask,
+                            const double* u, int64_t mask_id, int64_t B, int64_t L, int64_t N, int64_t* out,
+                            void* stream) {
+  const int64_t rows = B * L;
+  cudaStream_t st = (cudaStream_t)stream;
+  DIFFLM_BY_WIDTH(N, {
+    if (dtype == BF16)
+      mdlm_kernel<uint16_t, G, R><<<blocks_for(rows, R), G * R, 0, st>>>((const uint16_t*)logits, xt, p_unmask, u,
+                                                                          mask_id, rows, L, N, out);
+    else
+      mdlm_kernel<float, G, R><<<blocks_for(rows, R), G * R, 0, st>>>((const float*)logits, xt, p_unmask, u, mask_id,
+                                                                       rows, L, N, out);
+  });
+  return (int)cudaGetLastError();
+}
+
+}  // extern "C"

@@ -1,0 +1,106 @@
+// difflm fused kernels: plain C/C++ declarations shared by the CPU code (cpu_kernels.cpp), the CUDA
+// code (cuda_kernels.cu) and the torch binding (binding.cpp). No torch headers here, so nvcc -c
+// compiles the .cu file on a machine without torch or a GPU.
+//
+// Conventions: one "row" is one position (b, l) of a (B, L, N) score tensor, rows are contiguous;
+// bf16 travels as raw uint16_t bits; token ids are int64; uniforms and per-sequence times float64.
+#pragma once
+#include <math.h>
+#include <stdint.h>
+
+#if defined(__CUDACC__)
+#define DIFFLM_HD __host__ __device__ __forceinline__
+#else
+#define DIFFLM_HD inline
+#endif
+
+namespace difflm {
+
+enum Graph { ABSORB = 0, UNIFORM = 1 };
+enum Dtype { F32 = 0, BF16 = 1 };
+enum Step { EULER = 0, TWEEDIE = 1 };
+
+// K(a) = a (log a - 1) with K(0) = 0 (METHODS.md sec. 0)
+DIFFLM_HD double K(double a) { return a > 0.0 ? a * (log(a) - 1.0) : 0.0; }
+
+// Per-sequence constants of the score-entropy loss (METHODS.md sec. 4), from sigma_bar in fp64.
+struct SEConsts {
+  double r;       // absorbing: 1/expm1(sigma_bar); uniform: e/(e+N)
+  double e;       // expm1(sigma_bar)
+  double k_same;  // constant term of D when x = x0 (uniform) or x = MASK (absorbing)
+  double k_diff;  // uniform, x != x0
+};
+
+DIFFLM_HD SEConsts se_consts(double sigma_bar, int graph, int64_t N) {
+  SEConsts c;
+  c.e = expm1(sigma_bar);
+  if (graph == ABSORB) {
+    c.r = 1.0 / c.e;
+    c.k_same = K(c.r);
+    c.k_diff = 0.0;
+  } else {
+    double n = (double)N;
+    c.r = c.e / (c.e + n);
+    c.k_same = (n - 1.0) / n * K(c.r);
+    c.k_diff = (K(1.0 / c.r) - (n - 2.0)) / n;
+  }
+  return c;
+}
+
+// The linear map of a sampling step, per sequence: a move weight is w_y = clamp0(a s_y + b) * q for
+// y != x, with b depending on the row sum S (uniform Tweedie only). See cpu_kernels.cpp.
+struct StepConsts {
+  double a, q;   // w_y = max(0, (a s_y + bS) q)
+  double bS;     // coefficient of S in b = bS * S
+  double qx;     // uniform Tweedie: transition into x, (1 - e^-ds)/N + e^-ds
+};
+
+DIFFLM_HD StepConsts step_consts(double t, int step, int graph, int64_t N) {
+  // t: rate_dt = sigma(t) dt for Euler, dsigma for Tweedie
+  StepConsts c;
+  c.bS = 0.0;
+  c.qx = 0.0;
+  if (step == EULER) {
+    c.a = t;
+    c.q = graph == ABSORB ? 1.0 : 1.0 / (double)N;
+  } else if (graph == ABSORB) {
+    c.a = expm1(t);  // (e^ds - 1) s_y
+    c.q = 1.0;
+  } else {
+    double n = (double)N;
+    c.a = exp(t);          // staggered score: e^ds s_y + (1 - e^ds) S / N
+    c.bS = -expm1(t) / n;
+    c.q = -expm1(-t) / n;  // transition y -> x: (1 - e^-ds) / N
+    c.qx = c.q + exp(-t);
+  }
+  return c;
+}
+
+// ---- CPU (cpu_kernels.cpp); nthreads: OpenMP threads (torch's intra-op count)
+void cpu_score_entropy(const void* log_score, int dtype, const int64_t* xt, const int64_t* x0,
+                       const double* sigma_bar, int graph, int64_t B, int64_t L, int64_t N,
+                       float* loss, void* grad, int nthreads);
+void cpu_score_entropy_scale(void* grad, int dtype, const float* grad_loss, const int64_t* xt, int graph,
+                             int64_t rows, int64_t N, int nthreads);
+void cpu_sedd_step(const void* log_score, int dtype, const int64_t* xt, const double* t, const double* u,
+                   int step, int graph, bool final_step, int64_t B, int64_t L, int64_t N, int64_t* out,
+                   int nthreads);
+void cpu_mdlm_step(const void* logits, int dtype, const int64_t* xt, const double* p_unmask, const double* u,
+                   int64_t mask_id, int64_t B, int64_t L, int64_t N, int64_t* out, int nthreads);
+
+}  // namespace difflm
+
+// ---- CUDA launchers (cuda_kernels.cu); stream is a cudaStream_t; return a cudaError_t as int
+extern "C" {
+int difflm_launch_score_entropy(const void* log_score, int dtype, const int64_t* xt, const int64_t* x0,
+                                const double* sigma_bar, int graph, int64_t B, int64_t L, int64_t N,
+                                float* loss, void* grad, void* stream);
+int difflm_launch_score_entropy_scale(void* grad, int dtype, const float* grad_loss, const int64_t* xt,
+                                      int graph, int64_t rows, int64_t N, void* stream);
+int difflm_launch_sedd_step(const void* log_score, int dtype, const int64_t* xt, const double* t,
+                            const double* u, int step, int graph, int final_step, int64_t B, int64_t L,
+                            int64_t N, int64_t* out, void* stream);
+int difflm_launch_mdlm_step(const void* logits, int dtype, const int64_t* xt, const double* p_unmask,
+                            const double* u, int64_t mask_id, int64_t B, int64_t L, int64_t N, int64_t* out,
+                            void* stream);
+}
