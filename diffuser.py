@@ -1,0 +1,760 @@
+"""
+DiffusER: discrete diffusion by edit-based reconstruction.
+Reid, Hellendoorn and Neubig, "DiffusER: Discrete Diffusion via Edit-based Reconstruction", ICLR 2023.
+
+Forward process: T steps (12) of Levenshtein edits. At each step a cursor walks the sequence and
+draws an edit type (keep 60%, replace 20%, insert 10%, delete 10%) and a Poisson(3) span length;
+replaced and inserted tokens come from the corpus unigram distribution. Every step records its
+edits, so the reverse edits that take x_t back to x_{t-1} are known exactly: per token of x_t a
+tag KEEP / DELETE / REPLACE, per gap an insertion count, and the tokens that fill the slots.
+A tagger predicts the edits, a generator fills the slots; one reverse step is tag -> delete ->
+fill. Decoding starts from a bootstrap (source text, empty, random tokens) and applies T
+revisions, greedily, by sampling, by beam search, or by the paper's 2D beam search.
+
+The authors released no code; METHODS.md sec. 5 marks where this file chooses for them. Two such
+choices: the generator fills all slots at once (bidirectional) instead of autoregressively, and a
+bootstrap (e.g. the E2E meaning representation) gets one extra trained revision, t = T + 1, whose
+target is x_0 (the alignment of the bootstrap against the text).
+
+    python diffuser.py --train                          # E2E MR -> text, source bootstrap, ~15 min on 2 CPU cores
+    python diffuser.py --sample --show                  # realise validation MRs, each revision with its edits marked
+    python diffuser.py --sample --source="name : The Eagle | Type : pub | area : riverside"
+    python diffuser.py --eval --decode=beam2d           # BLEU on E2E validation (pip install sacrebleu)
+    python diffuser.py --train --dataset=shakespeare_word --bootstrap=random --out_dir=out/diffuser_shk
+"""
+
+import dataclasses
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+KEEP, DELETE, REPLACE = 0, 1, 2  # reverse-edit tags of the tokens of x_t; insertions live in the gaps
+TAG_MARK = ("keep", "delete", "replace")
+BOOTSTRAPS = ("source", "null", "random", "autoregressive")
+DECODERS = ("greedy", "sample", "beam", "beam2d")
+
+# ----------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclasses.dataclass
+class Config(common.BaseConfig):
+    dataset: str = "e2e"
+    block_size: int = 96  # source (<= 43 words on E2E) + separator + BOS + x_t (<= max_len)
+    n_embd: int = 128
+    n_head: int = 4
+    n_layer: int = 4
+    batch_size: int = 32
+    max_iters: int = 800
+    lr: float = 2e-3
+    warmup_iters: int = 50
+    eval_interval: int = 200
+    eval_iters: int = 5
+    # forward process (paper sec. 3: T = 12, edit types 60/20/10/10, Poisson(3) spans)
+    T: int = 12
+    p_keep: float = 0.6
+    p_replace: float = 0.2
+    p_insert: float = 0.1
+    p_delete: float = 0.1
+    span_lambda: float = 3.0
+    noise: str = "unigram"  # unigram | uniform: where replaced and inserted tokens come from
+    max_len: int = 48  # longest x_t; longer training texts are skipped, insertions are capped
+    max_ins: int = 48  # insertion-count classes 0..max_ins per gap
+    seq_len: int = 24  # window length on unconditional data; length of a random bootstrap
+    # bootstrap: the starting sequence x_{T+1}, trained as one extra revision with probability boot_prob
+    bootstrap: str = "source"  # source | null | random | autoregressive (waits for ar.py)
+    boot_prob: float = 0.3
+    # decoding
+    decode: str = "greedy"  # greedy | sample | beam | beam2d
+    beam_b: int = 5  # beam inside a revision (over edit and token choices)
+    beam_r: int = 3  # hypotheses kept across revisions (2D beam)
+    temperature: float = 1.0
+    top_p: float = 1.0  # nucleus; the paper's nucleus decoding uses 0.6
+    steps: int = 0  # revisions after the bootstrap revision; 0: T
+    source: str = ""  # --sample: an E2E meaning representation to realise (else validation MRs)
+    eval_mrs: int = 0  # --eval: distinct validation MRs to decode for BLEU; 0: all
+    decode_batch: int = 256  # sequences per network call while decoding
+
+
+def check_config(cfg):
+    if cfg.bootstrap not in BOOTSTRAPS:
+        common.die(f"unknown --bootstrap={cfg.bootstrap!r}; use one of {', '.join(BOOTSTRAPS)}")
+    if cfg.bootstrap == "autoregressive":
+        common.die("--bootstrap=autoregressive starts from a draft of the autoregressive baseline, ar.py (issue 8), "
+                   "which does not exist yet; use source, null or random")
+    if cfg.decode not in DECODERS:
+        common.die(f"unknown --decode={cfg.decode!r}; use one of {', '.join(DECODERS)}")
+    if cfg.beam_b < 1 or cfg.beam_r < 1:
+        common.die(f"beam sizes must be at least 1 (got --beam_b={cfg.beam_b}, --beam_r={cfg.beam_r})")
+    if cfg.noise not in ("unigram", "uniform"):
+        common.die(f"unknown --noise={cfg.noise!r}; use unigram or uniform")
+    probs = (cfg.p_keep, cfg.p_replace, cfg.p_insert, cfg.p_delete)
+    if min(probs) < 0 or abs(sum(probs) - 1) > 1e-6:
+        common.die(f"--p_keep/--p_replace/--p_insert/--p_delete must be >= 0 and sum to 1 (got {probs})")
+    if cfg.T < 1 or cfg.span_lambda < 0 or not 0 <= cfg.boot_prob <= 1:
+        common.die("need --T >= 1, --span_lambda >= 0 and 0 <= --boot_prob <= 1")
+    if not cfg.temperature > 0 or not 0 < cfg.top_p <= 1:
+        common.die(f"need --temperature > 0 and 0 < --top_p <= 1 (got {cfg.temperature}, {cfg.top_p})")
+    if cfg.max_ins < cfg.max_len or cfg.max_len < 1:
+        common.die(f"--max_ins ({cfg.max_ins}) must be at least --max_len ({cfg.max_len}) >= 1, so any insertion fits")
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward process: one corruption step with its edit log, and the reverse edits it implies
+#
+# An edit is (kind, old, new): the tokens it consumes from x_{t-1} and the tokens it writes to x_t.
+#   ("keep", w, w)   ("replace", w, v) with len(v) == len(w)   ("insert", (), v)   ("delete", w, ())
+
+
+class NoiseTokens:
+    """Where replaced and inserted tokens come from: the unigram distribution of the corpus, or
+    uniform; never <s>, </s> or <pad>. Draws by inverse CDF in float64."""
+
+    def __init__(self, counts, kind="unigram"):
+        w = np.asarray(counts, dtype=np.float64).copy() if kind == "unigram" else np.ones(len(counts))
+        w[[common.WordTokenizer.START, common.WordTokenizer.END, common.WordTokenizer.PAD]] = 0.0
+        if w.sum() <= 0:
+            common.die("the noise distribution is empty: the vocabulary has no ordinary words")
+        self.probs = w / w.sum()
+        self.cdf = np.cumsum(self.probs)
+
+    def draw(self, rng, k):
+        idx = np.searchsorted(self.cdf, rng.random(k) * self.cdf[-1], side="right")
+        return tuple(int(i) for i in np.minimum(idx, len(self.cdf) - 1))
+
+
+def corrupt_step(x, rng, noise, probs=(0.6, 0.2, 0.1, 0.1), lam=3.0, max_len=10**9):
+    """One forward step q(x_t | x_{t-1}) (paper sec. 3.1): returns (x_t, edits).
+
+    A cursor walks x; at each position it draws an edit type from probs (keep, replace, insert,
+    delete) and a span length k ~ Poisson(lam); k = 0 keeps one token. At the end of x only an
+    insertion can apply. Insertions are shortened so x_t never grows past max_len.
+    """
+    x, n, i = tuple(x), len(x), 0
+    out, edits = [], []
+    while True:
+        kind = ("keep", "replace", "insert", "delete")[int(rng.choice(4, p=probs))]
+        k = int(rng.poisson(lam))
+        if i == n:  # past the last token: only an insertion can happen
+            k = min(k, max_len - len(out)) if kind == "insert" else 0
+            if k > 0:
+                new = noise.draw(rng, k)
+                out += new
+                edits.append(("insert", (), new))
+            break
+        if k == 0:
+            kind, k = "keep", 1
+        if kind == "insert":
+            k = min(k, max_len - len(out) - (n - i))
+            if k > 0:
+                new = noise.draw(rng, k)
+                out += new
+                edits.append(("insert", (), new))
+            continue
+        old = x[i:i + k]
+        i += len(old)
+        if kind == "keep":
+            out += old
+            edits.append(("keep", old, old))
+        elif kind == "replace":
+            new = noise.draw(rng, len(old))
+            out += new
+            edits.append(("replace", old, new))
+        else:
+            edits.append(("delete", old, ()))
+    return out, edits
+
+
+def apply_edits(x, edits):
+    """Replay an edit log on x_{t-1}; every consumed span must match. Returns x_t."""
+    x, i, out = list(x), 0, []
+    for kind, old, new in edits:
+        if list(x[i:i + len(old)]) != list(old):
+            raise ValueError(f"edit {kind} expects {list(old)} at position {i}, found {x[i:i + len(old)]}")
+        i += len(old)
+        out += list(new)
+    if i != len(x):
+        raise ValueError(f"the edits consume {i} of {len(x)} tokens")
+    return out
+
+
+def reverse_edits(edits):
+    """Forward edits x_{t-1} -> x_t  =>  the reverse edits that take x_t back to x_{t-1}.
+
+    Returns tags (len x_t,) of KEEP/DELETE/REPLACE, counts (len x_t + 1,) where counts[j] is how
+    many tokens go in the gap before token j of x_t (counts[0]: at the front), and fills: the
+    generator's targets in slot order (slots are read left to right: gap, token, gap, ...).
+    """
+    tags, counts, fills = [], [0], []
+    for kind, old, new in edits:
+        if kind == "keep":
+            for _ in old:
+                tags.append(KEEP), counts.append(0)
+        elif kind == "replace":  # x_t holds noise: replace it by the original tokens
+            for w in old:
+                tags.append(REPLACE), counts.append(0), fills.append(w)
+        elif kind == "insert":  # x_t holds inserted noise: delete it
+            for _ in new:
+                tags.append(DELETE), counts.append(0)
+        else:  # deleted tokens come back as insertions in the current gap
+            counts[-1] += len(old)
+            fills += list(old)
+    return tags, counts, fills
+
+
+def apply_reverse(xt, tags, counts, fills):
+    """x_t and its reverse edits -> x_{t-1}: the tagger's edits, then the generator's tokens in slot order."""
+    canvas, slots = build_canvas(xt, tags, counts, vocab_size=0)
+    if len(slots) != len(fills):
+        raise ValueError(f"{len(slots)} slots but {len(fills)} fill tokens")
+    out = list(canvas)
+    for pos, w in zip(slots, fills):
+        out[pos] = w
+    return out
+
+
+def build_canvas(xt, tags, counts, vocab_size, limit=None):
+    """The generator's input: x_t with deletions applied and a placeholder at every slot.
+
+    A kept token stays; a replaced token w becomes V + w (the generator sees what it replaces);
+    an inserted slot becomes 2V. Returns (canvas ids, slot positions), cut to `limit` entries.
+    """
+    V = vocab_size
+    canvas, slots = [], []
+
+    def put(tok, slot):
+        if limit is None or len(canvas) < limit:
+            if slot:
+                slots.append(len(canvas))
+            canvas.append(tok)
+
+    for _ in range(counts[0]):
+        put(2 * V, True)
+    for j, w in enumerate(xt):
+        if tags[j] == KEEP:
+            put(w, False)
+        elif tags[j] == REPLACE:
+            put(V + w, True)
+        for _ in range(counts[j + 1]):
+            put(2 * V, True)
+    return canvas, slots
+
+
+def levenshtein_edits(a, b):
+    """Minimum-cost edits taking a to b (unit costs), by dynamic programming with a backtrace.
+
+    Ties are broken the same way every time: at each backtrace cell prefer the diagonal (match or
+    substitution), then deleting a's token, then inserting b's token. Returns (cost, edits)
+    with one-token edits in the format of corrupt_step.
+    """
+    n, m = len(a), len(b)
+    D = np.zeros((n + 1, m + 1), dtype=np.int64)
+    D[:, 0], D[0, :] = np.arange(n + 1), np.arange(m + 1)
+    for i in range(1, n + 1):
+        ai = a[i - 1]
+        for j in range(1, m + 1):
+            D[i, j] = min(D[i - 1, j - 1] + (ai != b[j - 1]), D[i - 1, j] + 1, D[i, j - 1] + 1)
+    edits, i, j = [], n, m
+    while i > 0 or j > 0:
+        if i > 0 and j > 0 and D[i, j] == D[i - 1, j - 1] + (a[i - 1] != b[j - 1]):
+            kind = "keep" if a[i - 1] == b[j - 1] else "replace"
+            edits.append((kind, (a[i - 1],), (b[j - 1],)))
+            i, j = i - 1, j - 1
+        elif i > 0 and D[i, j] == D[i - 1, j] + 1:
+            edits.append(("delete", (a[i - 1],), ()))
+            i -= 1
+        else:
+            edits.append(("insert", (), (b[j - 1],)))
+            j -= 1
+    return int(D[n, m]), edits[::-1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Training data: (x_t, reverse edits) pairs from the corruption chain, collated for both networks
+
+
+@dataclasses.dataclass
+class EditBatch:
+    """Inputs and targets of one training batch; -100 marks positions without a target."""
+    tag_in: torch.Tensor  # (B, Lt) [source, </s>,] <s>, x_t
+    tag_mask: torch.Tensor  # (B, Lt) True at real tokens
+    tag_y: torch.Tensor  # (B, Lt) KEEP/DELETE/REPLACE at the tokens of x_t
+    ins_y: torch.Tensor  # (B, Lt) insertion count at <s> and every token of x_t (the gap after it)
+    gen_in: torch.Tensor  # (B, Lg) [source, </s>,] <s>, canvas
+    gen_mask: torch.Tensor  # (B, Lg)
+    gen_y: torch.Tensor  # (B, Lg) the fill token at every slot
+    t: torch.Tensor  # (B,) float time step, 1..T (T + 1: the bootstrap revision)
+
+    def to(self, device, non_blocking=False):
+        return EditBatch(*(v.to(device, non_blocking=non_blocking) for v in dataclasses.astuple(self)))
+
+
+def prefix(src):
+    """Conditioning tokens in front of every input: the source and a separator (none without a source)."""
+    return [] if src is None else list(src) + [common.WordTokenizer.END]
+
+
+def pad(rows, value):
+    L = max(len(r) for r in rows)
+    ids = torch.full((len(rows), L), value, dtype=torch.long)
+    mask = torch.zeros((len(rows), L), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = True
+    return ids, mask
+
+
+def collate(examples, vocab_size):
+    """examples: (src or None, x_t, tags, counts, fills, t) -> EditBatch."""
+    PAD, START = common.WordTokenizer.PAD, common.WordTokenizer.START
+    tag_rows, gen_rows, tag_t, ins_t, gen_t, ts = [], [], [], [], [], []
+    for src, xt, tags, counts, fills, t in examples:
+        pre = prefix(src)
+        o = len(pre)
+        tag_rows.append(pre + [START] + list(xt))
+        tag_t.append([-100] * (o + 1) + list(tags))
+        ins_t.append([-100] * o + list(counts))
+        canvas, slots = build_canvas(xt, tags, counts, vocab_size)
+        gen_rows.append(pre + [START] + canvas)
+        y = [-100] * (o + 1 + len(canvas))
+        for pos, w in zip(slots, fills):
+            y[o + 1 + pos] = w
+        gen_t.append(y)
+        ts.append(float(t))
+    tag_in, tag_mask = pad(tag_rows, PAD)
+    gen_in, gen_mask = pad(gen_rows, PAD)
+    tag_y, ins_y, gen_y = pad(tag_t, -100)[0], pad(ins_t, -100)[0], pad(gen_t, -100)[0]
+    return EditBatch(tag_in, tag_mask, tag_y, ins_y, gen_in, gen_mask, gen_y, torch.tensor(ts))
+
+
+class EditBatches:
+    """Training pairs for common.train: .get(split, batch_size, gen) -> EditBatch, .gen for resume.
+
+    Sequence-to-sequence data (data/e2e: <split>.jsonl with "src" and "text") gives one example
+    per line; other word-level data gives random windows of seq_len words from <split>.bin.
+    """
+
+    def __init__(self, cfg, meta, seed):
+        if meta.get("tokenizer") != "word":
+            common.die(f"DiffusER edits words: --dataset={cfg.dataset} has a {meta.get('tokenizer')} tokenizer; "
+                       "use --dataset=e2e or --dataset=shakespeare_word")
+        self.cfg, self.V, path = cfg, meta["vocab_size"], common.data_path(cfg)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.seq2seq = os.path.isfile(os.path.join(path, "train.jsonl"))
+        if cfg.bootstrap == "source" and not self.seq2seq:
+            common.die(f"--bootstrap=source needs sequence-to-sequence data (--dataset=e2e); {path} has none: use null or random")
+        self.examples, self.streams = {}, {}
+        counts = np.zeros(self.V, dtype=np.int64)
+        for split, name in (("train", "train"), ("val", "valid")):
+            if self.seq2seq:
+                exs = load_jsonl(os.path.join(path, f"{name}.jsonl"))
+                exs = [(e["src"], e["text"]) for e in exs if len(e["text"]) <= cfg.max_len]
+                if not exs:
+                    common.die(f"no {split} example fits --max_len={cfg.max_len}; raise it")
+                longest = max(len(s) for s, _ in exs) + 2 + cfg.max_len
+                if longest > cfg.block_size:
+                    common.die(f"a source plus --max_len={cfg.max_len} needs {longest} positions, more than "
+                               f"--block_size={cfg.block_size}; raise --block_size or lower --max_len")
+                self.examples[split] = exs
+                if split == "train":
+                    for _, x in exs:
+                        np.add.at(counts, x, 1)
+            else:
+                data = np.memmap(os.path.join(path, f"{split}.bin"), dtype=np.dtype(meta["dtype"]), mode="r")
+                if len(data) <= cfg.seq_len or cfg.seq_len > cfg.max_len or cfg.max_len + 2 > cfg.block_size:
+                    common.die(f"need --seq_len ({cfg.seq_len}) <= --max_len ({cfg.max_len}) <= --block_size - 2 "
+                               f"({cfg.block_size - 2}) and a {split} split longer than --seq_len ({len(data)} words)")
+                self.streams[split] = np.asarray(data, dtype=np.int64)
+                if split == "train":
+                    counts += np.bincount(self.streams[split], minlength=self.V)[:self.V]
+        self.unigram = counts.tolist()
+        self.noise = NoiseTokens(counts, cfg.noise)
+
+    def draw_x0(self, split, rng):
+        if self.seq2seq:
+            ex = self.examples[split]
+            src, x = ex[int(rng.integers(len(ex)))]
+            return list(src), list(x)
+        s = self.streams[split]
+        i = int(rng.integers(len(s) - self.cfg.seq_len))
+        return None, s[i:i + self.cfg.seq_len].tolist()
+
+    def get(self, split, batch_size, gen=None):
+        rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=gen or self.gen)))
+        examples = [make_example(*self.draw_x0(split, rng), rng, self.noise, self.cfg) for _ in range(batch_size)]
+        return collate(examples, self.V)
+
+
+def load_jsonl(path):
+    if not os.path.isfile(path):
+        common.die(f"missing {path}; run data/e2e/prepare.py (or delete meta.json next to it to re-prepare)")
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def bootstrap_sequence(kind, src, length, noise, rng):
+    """x_{T+1}: the source text, the empty sequence, or random tokens."""
+    if kind == "source":
+        return list(src)
+    if kind == "null":
+        return []
+    return list(noise.draw(rng, length))
+
+
+def make_example(src, x0, rng, noise, cfg):
+    """One training pair: t ~ U{1..T} and the last corruption step's reverse edits, or with
+    probability boot_prob the bootstrap revision t = T + 1 (bootstrap -> x_0, by alignment)."""
+    probs = (cfg.p_keep, cfg.p_replace, cfg.p_insert, cfg.p_delete)
+    if cfg.boot_prob > 0 and rng.random() < cfg.boot_prob:
+        xb = bootstrap_sequence(cfg.bootstrap, src, len(x0) or 1, noise, rng)[:cfg.max_len]
+        _, edits = levenshtein_edits(x0, xb)  # as if one forward step had turned x_0 into the bootstrap
+        return (src, xb, *reverse_edits(edits), cfg.T + 1)
+    t = int(rng.integers(1, cfg.T + 1))
+    x = x0
+    for _ in range(t):
+        x, edits = corrupt_step(x, rng, noise, probs, cfg.span_lambda, cfg.max_len)
+    return (src, x, *reverse_edits(edits), t)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model: a tagger and a generator, each common's bidirectional Transformer, time-conditioned
+
+
+class DiffusER(nn.Module):
+    def __init__(self, cfg, vocab_size):
+        super().__init__()
+        V, C = vocab_size, cfg.n_embd
+        self.vocab_size, self.max_len, self.T = V, cfg.max_len, cfg.T
+
+        def backbone(n_in):
+            return common.Transformer(n_in, cfg.n_layer, cfg.n_head, C, cfg.block_size, cfg.dropout, cond_dim=128)
+
+        self.tagger = backbone(V)
+        self.tag_head = nn.Linear(C, 3)  # KEEP / DELETE / REPLACE per token of x_t
+        self.ins_head = nn.Linear(C, cfg.max_ins + 1)  # tokens to insert in the gap after each position
+        self.generator = backbone(2 * V + 1)  # words, "replace word w" (V + w), insertion slot (2V)
+        self.gen_head = nn.Linear(C, V)
+
+    def tag(self, ids, mask, t):
+        # ids, mask (B, L), t (B,) -> tag logits (B, L, 3), insertion logits (B, L, max_ins + 1)
+        h = self.tagger(ids, t, mask)
+        return self.tag_head(h), self.ins_head(h)
+
+    def fill(self, ids, mask, t):
+        # ids, mask (B, L), t (B,) -> token logits (B, L, V)
+        return self.gen_head(self.generator(ids, t, mask))
+
+    def forward(self, batch):
+        return (*self.tag(batch.tag_in, batch.tag_mask, batch.t), self.fill(batch.gen_in, batch.gen_mask, batch.t))
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss: cross-entropy of the tagger (tags and insertion counts) and of the generator (slot tokens)
+
+
+def loss_terms(model, batch):
+    """The three cross-entropies, each a mean over its targets (log p_tag + log p_gen, paper eq. 3)."""
+    tag_logits, ins_logits, gen_logits = model(batch)
+    tag = F.cross_entropy(tag_logits.float().flatten(0, 1), batch.tag_y.flatten(), ignore_index=-100)
+    ins = F.cross_entropy(ins_logits.float().flatten(0, 1), batch.ins_y.flatten(), ignore_index=-100)
+    if (batch.gen_y >= 0).any():
+        gen = F.cross_entropy(gen_logits.float().flatten(0, 1), batch.gen_y.flatten(), ignore_index=-100)
+    else:  # a batch without slots (possible with tiny batches): keep the graph, add nothing
+        gen = gen_logits.float().sum() * 0.0
+    return tag, ins, gen
+
+
+def loss_fn(model, batch):
+    tag, ins, gen = loss_terms(model, batch)
+    return tag + ins + gen
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding: revisions from a bootstrap; greedy, sampling, beam, 2D beam
+
+
+@dataclasses.dataclass
+class Hyp:
+    x: list  # the current sequence
+    score: float  # cumulative log-likelihood of the revisions so far
+    history: list  # (t, x_t, tags, counts, fills) per revision, for --show
+
+
+def network_logprobs(model, rows, t, which, chunk):
+    """Float64 log-probabilities of a list of variable-length inputs, in chunks of `chunk` rows."""
+    device = next(model.parameters()).device
+    out = []
+    for c in range(0, len(rows), chunk):
+        ids, mask = pad(rows[c:c + chunk], common.WordTokenizer.PAD)
+        ids, mask = ids.to(device), mask.to(device)
+        tt = torch.full((ids.shape[0],), float(t), device=device)
+        with common.autocast(device):
+            logits = model.tag(ids, mask, tt) if which == "tag" else (model.fill(ids, mask, tt),)
+        lps = [lg.double().log_softmax(-1).cpu().numpy() for lg in logits]
+        for i in range(ids.shape[0]):
+            out.append(tuple(lp[i] for lp in lps))
+    return out
+
+
+def kbest(logps, b):
+    """The b best joint choices of independent categoricals, exactly: scores (k,), choices (k, n).
+
+    logps: n float64 arrays. A beam over the positions keeping b partial sums is exact here,
+    because the terms are independent; each position only needs its own b best choices. Ties
+    go to the earlier (lower-index) choice, as argmax does.
+    """
+    scores, choices = np.zeros(1), np.zeros((1, 0), dtype=np.int64)
+    for lp in logps:
+        top = np.argsort(-lp, kind="stable")[:b]
+        cand = (scores[:, None] + lp[top][None, :]).ravel()
+        order = np.argsort(-cand, kind="stable")[:b]
+        bi, ci = np.divmod(order, len(top))
+        scores, choices = cand[order], np.concatenate([choices[bi], top[ci][:, None]], 1)
+    return scores, choices
+
+
+def sample_choice(lp, temperature, top_p):
+    """One draw per row of lp (n, C) float64, tempered and nucleus-truncated; inverse CDF in float64."""
+    lp = torch.from_numpy(lp)
+    probs = torch.softmax(lp / temperature, -1)
+    if top_p < 1:
+        p, idx = probs.sort(-1, descending=True, stable=True)
+        keep = p.cumsum(-1) - p < top_p  # the smallest prefix whose mass reaches top_p
+        probs = torch.zeros_like(probs).scatter_(-1, idx, p * keep)
+    u = torch.rand(lp.shape[0], dtype=torch.float64)
+    return common.sample_categorical(probs, u).numpy()
+
+
+def choose(logps, strategy, b, cfg):
+    """Candidate choices for independent categoricals (n arrays) -> list of (score, choice array)."""
+    if not logps:
+        return [(0.0, np.zeros(0, dtype=np.int64))]
+    if strategy == "greedy":
+        c = np.array([int(np.argmax(lp)) for lp in logps], dtype=np.int64)
+        return [(float(sum(lp[k] for lp, k in zip(logps, c))), c)]
+    if strategy == "sample":
+        width = max(len(lp) for lp in logps)
+        mat = np.full((len(logps), width), -np.inf)
+        for i, lp in enumerate(logps):
+            mat[i, :len(lp)] = lp
+        c = sample_choice(mat, cfg.temperature, cfg.top_p)
+        return [(float(sum(lp[k] for lp, k in zip(logps, c))), c)]
+    scores, choices = kbest(logps, b)
+    return [(float(s), c) for s, c in zip(scores, choices)]
+
+
+@torch.no_grad()
+def decode(model, starts, srcs, cfg, times, strategy="greedy", b=1, r=1):
+    """Revise each start sequence at the given time steps; returns the best Hyp per start.
+
+    strategy greedy: argmax of every choice; sample: temperature / nucleus draws; beam: the b best
+    joint (edits, tokens) of each revision and the top r hypotheses by cumulative log-likelihood
+    across revisions (r = 1: beam inside a revision, greedy across; r > 1: the 2D beam).
+    An empty sequence must insert (the null bootstrap's first revision is forced to INSERT).
+    """
+    V, START, chunk = model.vocab_size, common.WordTokenizer.START, cfg.decode_batch
+    specials = [common.WordTokenizer.START, common.WordTokenizer.END, common.WordTokenizer.PAD]
+    beams = [[Hyp(list(x)[:model.max_len], 0.0, [])] for x in starts]
+    for t in times:
+        flat = [(i, h) for i, beam in enumerate(beams) for h in beam]
+        tag_out = network_logprobs(model, [prefix(srcs[i]) + [START] + h.x for i, h in flat], t, "tag", chunk)
+        edits = []  # (flat index, edit score, tags, counts)
+        for j, (i, h) in enumerate(flat):
+            tag_lp, ins_lp = tag_out[j]
+            o, n = len(prefix(srcs[i])), len(h.x)
+            ins_lp = ins_lp[o:o + n + 1].copy()
+            if n == 0:
+                ins_lp[0, 0] = -np.inf
+            logps = list(tag_lp[o + 1:o + 1 + n]) + list(ins_lp)
+            for score, c in choose(logps, strategy, b, cfg):
+                edits.append((j, score, c[:n].tolist(), c[n:].tolist()))
+        canv = [build_canvas(flat[j][1].x, tags, counts, V, limit=model.max_len) for j, _, tags, counts in edits]
+        gen_out = network_logprobs(model, [prefix(srcs[flat[j][0]]) + [START] + cv
+                                           for (j, *_), (cv, _) in zip(edits, canv)], t, "fill", chunk)
+        pools = [[] for _ in beams]
+        for (j, escore, tags, counts), (cv, slots), (fill_lp,) in zip(edits, canv, gen_out):
+            i, h = flat[j]
+            o = len(prefix(srcs[i])) + 1
+            logps = []
+            for pos in slots:
+                lp = fill_lp[o + pos].copy()
+                lp[specials] = -np.inf  # slots hold words, never <s>, </s> or <pad>
+                logps.append(lp)
+            for fscore, fills in choose(logps, strategy, b, cfg):
+                x = list(cv)
+                for pos, w in zip(slots, fills.tolist()):
+                    x[pos] = w
+                pools[i].append(Hyp(x, h.score + escore + fscore, h.history + [(t, h.x, tags, counts, fills.tolist())]))
+        beams = [sorted(pool, key=lambda hh: -hh.score)[:r] for pool in pools]  # stable: ties keep order
+    return [beam[0] for beam in beams]
+
+
+def decode_times(cfg, trained_boot):
+    """The bootstrap revision (t = T + 1) when the model was trained for it, then steps..1."""
+    steps = cfg.steps or cfg.T
+    if steps > cfg.T:
+        common.die(f"--steps={steps} exceeds the trained --T={cfg.T}")
+    return ([cfg.T + 1] if trained_boot else []) + list(range(steps, 0, -1))
+
+
+def strategy_of(cfg):
+    """--decode -> (strategy, b, r) for decode()."""
+    return {"greedy": ("greedy", 1, 1), "sample": ("sample", 1, 1),
+            "beam": ("beam", cfg.beam_b, 1), "beam2d": ("beam", cfg.beam_b, cfg.beam_r)}[cfg.decode]
+
+
+def mark_revision(tok, xt, tags, counts, fills):
+    """One revision as text: kept words plain, [-deleted-], [old->new], [+inserted+]."""
+    f = iter(fills)
+    out = [f"[+{tok.words[next(f)]}+]" for _ in range(counts[0])]
+    for j, w in enumerate(xt):
+        if tags[j] == KEEP:
+            out.append(tok.words[w])
+        elif tags[j] == DELETE:
+            out.append(f"[-{tok.words[w]}-]")
+        else:
+            out.append(f"[{tok.words[w]}->{tok.words[next(f)]}]")
+        out += [f"[+{tok.words[next(f)]}+]" for _ in range(counts[j + 1])]
+    return " ".join(out)
+
+
+def words(tok, ids):
+    return " ".join(tok.words[i] for i in ids if i not in (tok.START, tok.END, tok.PAD))
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation: cross-entropies on held-out corruptions; BLEU on E2E validation
+
+
+@torch.no_grad()
+def evaluate(model, batches, cfg):
+    """Tagger and generator cross-entropy (nats) on eval_iters validation batches, the same every time."""
+    model.eval()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    device = next(model.parameters()).device
+    sums = np.zeros(3)
+    for _ in range(cfg.eval_iters):
+        batch = batches.get("val", cfg.batch_size, gen).to(device)
+        sums += [float(v) for v in loss_terms(model, batch)]
+    tag, ins, gen_ce = sums / cfg.eval_iters
+    return {"val_loss": tag + ins + gen_ce, "val_tag_ce": tag, "val_ins_ce": ins, "val_gen_ce": gen_ce}
+
+
+def validation_mrs(cfg, limit=0):
+    """Distinct validation MRs in file order: [(src ids, [reference strings])]."""
+    groups = {}
+    for e in load_jsonl(os.path.join(common.data_path(cfg), "valid.jsonl")):
+        groups.setdefault(tuple(e["src"]), []).append(e["ref"])
+    items = list(groups.items())
+    return items[:limit] if limit else items
+
+
+def bleu(hyps, refs):
+    """Corpus BLEU (sacrebleu) of hypothesis strings against lists of references."""
+    try:
+        import sacrebleu
+    except ImportError:
+        common.die("BLEU needs sacrebleu, an optional extra: pip install 'difflm[bleu]' (or pip install sacrebleu)")
+    k = max(len(r) for r in refs)
+    streams = [[r[i] if i < len(r) else None for r in refs] for i in range(k)]
+    return sacrebleu.corpus_bleu(hyps, streams).score
+
+
+def starts_for(cfg, srcs, noise, trained_boot):
+    """x at the first revision: the bootstrap for each problem."""
+    rng = np.random.default_rng(cfg.seed)
+    kind = cfg.bootstrap
+    if not trained_boot and kind == "source":
+        common.die("this model was trained without a bootstrap revision (--boot_prob=0); decode with --bootstrap=random or null")
+    return [bootstrap_sequence(kind, s, cfg.seq_len, noise, rng) for s in srcs]
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+
+
+def build_model(cfg, meta):
+    return DiffusER(cfg, meta["vocab_size"])
+
+
+def load(overrides):
+    cfg, model, tok, meta, ckpt = common.load_for_inference(Config, overrides, "diffuser", build_model)
+    check_config(cfg)
+    return cfg, model, tok, meta, ckpt
+
+
+def run_decode(model, cfg, meta, srcs, show=None):
+    trained_boot = meta["boot_trained"]
+    if cfg.bootstrap == "source" and any(s is None for s in srcs):
+        common.die("--bootstrap=source needs a source; this model is unconditional: use --bootstrap=null or random")
+    for s in srcs:
+        if s is not None and len(s) + 2 + model.max_len > model.tagger.block_size:
+            common.die(f"the source has {len(s)} words; with --max_len={model.max_len} it does not fit the model's "
+                       f"context block_size={model.tagger.block_size}; shorten it")
+    noise = NoiseTokens(meta["unigram"], cfg.noise)
+    starts = starts_for(cfg, srcs, noise, trained_boot)
+    strategy, b, r = strategy_of(cfg)
+    return decode(model, starts, srcs, cfg, decode_times(cfg, trained_boot), strategy, b, r)
+
+
+def main(argv=None):
+    verbs, cfg, overrides = common.parse_args(Config, argv)
+    check_config(cfg)
+    if "train" in verbs:
+        meta = common.prepare_data(cfg)
+        batches = EditBatches(cfg, meta, cfg.seed)
+        meta = {**meta, "unigram": batches.unigram, "seq2seq": batches.seq2seq, "boot_trained": cfg.boot_prob > 0}
+        model = build_model(cfg, meta)
+        common.train(cfg, "diffuser", model, loss_fn, lambda m, b: evaluate(m, b, cfg), meta, batches=batches)
+        if "RANK" in os.environ and int(os.environ["RANK"]) != 0:
+            return
+    if "sample" in verbs:
+        cfg, model, tok, meta, _ = load(overrides)
+        if meta["seq2seq"]:
+            if cfg.source:
+                srcs = [tok.encode(cfg.source, "--source")]
+            else:
+                srcs = [list(s) for s, _ in validation_mrs(cfg, cfg.num_samples)]
+        else:
+            if cfg.source:
+                common.die("--source is for sequence-to-sequence models (E2E); this model is unconditional")
+            srcs = [None] * cfg.num_samples
+        t0 = time.time()
+        best = run_decode(model, cfg, meta, srcs)
+        for i, (s, h) in enumerate(zip(srcs, best)):
+            print(f"=== sample {i}" + (f"\nMR: {words(tok, s)}" if s is not None else ""))
+            if cfg.show:
+                for t, xt, tags, counts, fills in h.history:
+                    print(f"  t={t:2d} | {mark_revision(tok, xt, tags, counts, fills)}")
+            print(words(tok, h.x))
+        print(f"({len(srcs)} samples, {cfg.decode} decoding from the {cfg.bootstrap} bootstrap, "
+              f"{len(best[0].history)} revisions, {time.time() - t0:.1f}s)")
+    if "eval" in verbs:
+        cfg, model, tok, meta, ckpt = load(overrides)
+        common.prepare_data(cfg)
+        stats = evaluate(model, EditBatches(cfg, meta, cfg.seed), cfg)
+        print("held-out corruptions: " + " | ".join(f"{k} {v:.4f}" for k, v in stats.items()))
+        if meta["seq2seq"]:
+            items = validation_mrs(cfg, cfg.eval_mrs)
+            t0 = time.time()
+            best = run_decode(model, cfg, meta, [list(s) for s, _ in items])
+            hyps = [words(tok, h.x) for h in best]
+            stats["bleu"] = bleu(hyps, [refs for _, refs in items])
+            print(f"E2E validation BLEU {stats['bleu']:.2f} ({cfg.decode}, b={strategy_of(cfg)[1]}, r={strategy_of(cfg)[2]}, "
+                  f"{len(items)} MRs, {time.time() - t0:.0f}s)")
+        else:
+            print("(the NLL of samples under the autoregressive baseline needs ar.py, issue 8)")
+        common.log_json(os.path.join(common.out_dir(cfg, "diffuser"), "log.jsonl"),
+                        {"eval_full": stats, "iter": ckpt["iter"], "decode": cfg.decode})
+
+
+if __name__ == "__main__":
+    main()
