@@ -1,0 +1,363 @@
+"""MDLM: forward-process properties, exactness on an enumerable toy, learning, samplers, CLI."""
+import dataclasses
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import common
+import mdlm
+from conftest import ROOT, run_cli, shared_data, write_toy_dataset
+
+SCHEDULES = ["loglinear", "cosine"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward process
+
+
+@settings(max_examples=25, deadline=None)
+@given(t=st.floats(0.02, 0.98), schedule=st.sampled_from(SCHEDULES), seed=st.integers(0, 2**31 - 1))
+def test_masked_fraction_matches_one_minus_alpha(t, schedule, seed):
+    g = torch.manual_seed(seed)
+    x0 = torch.randint(0, 10, (64, 256), generator=g)
+    xt = mdlm.q_sample(x0, torch.full((64,), t), 10, schedule)
+    n = x0.numel()
+    p = 1 - float(mdlm.alpha(torch.tensor(t), schedule))
+    frac = (xt == 10).float().mean().item()
+    assert abs(frac - p) < 5 * math.sqrt(p * (1 - p) / n) + 1e-9  # 5 sigma of the binomial
+    kept = xt != 10
+    assert torch.equal(xt[kept], x0[kept])  # unmasked tokens are unchanged
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_schedule_monotone_with_endpoints(schedule):
+    eps = 1e-3
+    t = torch.linspace(0, 1, 1001, dtype=torch.float64)
+    a = mdlm.alpha(t, schedule, eps)
+    assert torch.all(a[1:] < a[:-1])
+    assert a[0].item() == pytest.approx(1.0, abs=1e-12)
+    assert a[-1].item() == pytest.approx(eps, abs=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(t=st.floats(1e-3, 1.0), schedule=st.sampled_from(SCHEDULES))
+def test_nelbo_weight_is_minus_alpha_prime_over_one_minus_alpha(t, schedule):
+    tt = torch.tensor(t, dtype=torch.float64, requires_grad=True)
+    a = mdlm.alpha(tt, schedule)
+    (da,) = torch.autograd.grad(a, tt)
+    expected = (-da / (1 - a)).detach()
+    w = mdlm.nelbo_weight(torch.tensor(t, dtype=torch.float64), schedule)
+    assert float(w) == pytest.approx(expected.item(), rel=1e-9)
+    if schedule == "loglinear":
+        assert float(w) == pytest.approx(1 / t, rel=1e-12)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), V=st.integers(2, 9))
+def test_subs_zero_mask_mass_and_carry_over(seed, V):
+    g = torch.manual_seed(seed)
+    logits = torch.randn(3, 7, V + 1, generator=g) * 3
+    xt = torch.randint(0, V + 1, (3, 7), generator=g)
+    p = mdlm.subs_log_probs(logits, xt, V).exp()
+    assert torch.all(p[..., V] == 0)  # zero masking
+    assert torch.allclose(p.sum(-1), torch.ones(3, 7), atol=1e-6)
+    unmasked = xt != V
+    onehot = torch.nn.functional.one_hot(xt, V + 1).float()
+    assert torch.equal(p[unmasked], onehot[unmasked])  # carry-over unmasking
+
+
+# ----------------------------------------------------------------------------------------------
+# Exactness on an enumerable toy: vocabulary 3, length 3
+
+
+class ExactDenoiser(torch.nn.Module):
+    """p(x_0^l | x_t) computed by enumeration from a known data distribution over V^L sequences."""
+
+    def __init__(self, probs, V, L):
+        super().__init__()
+        self.mask_id, self.time_cond, self.V = V, False, V
+        self.seqs = torch.tensor(list(itertools.product(range(V), repeat=L)))  # (K, L)
+        self.probs = probs  # (K,)
+        self.calls = 0
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, xt, sigma=None):
+        self.calls += 1
+        consistent = ((xt[:, None, :] == self.mask_id) | (xt[:, None, :] == self.seqs[None])).all(-1)  # (B, K)
+        w = consistent.double() * self.probs[None]
+        onehot = torch.nn.functional.one_hot(self.seqs, self.V).double()  # (K, L, V)
+        marg = torch.einsum("bk,klv->blv", w, onehot)
+        marg = marg / marg.sum(-1, keepdim=True)
+        logits = torch.cat([marg.log(), torch.zeros(*marg.shape[:2], 1, dtype=marg.dtype)], -1)
+        return logits.float().clamp_min(-1e4)
+
+
+def toy_distribution(seed, V=3, L=3):
+    g = torch.Generator().manual_seed(seed)
+    p = torch.rand(V ** L, generator=g, dtype=torch.float64) ** 3  # skewed, no zeros
+    return p / p.sum()
+
+
+def test_sampler_with_exact_denoiser_reproduces_data():
+    torch.manual_seed(0)
+    V, L, n = 3, 3, 20000
+    probs = toy_distribution(1)
+    model = ExactDenoiser(probs, V, L)
+    cfg = mdlm.Config(steps=400, sampler="ddpm")
+    x = torch.full((n, L), V)
+    samples, _ = mdlm.sample_chain(model, x, cfg)
+    idx = (samples * torch.tensor([V * V, V, 1])).sum(-1)
+    emp = torch.bincount(idx, minlength=V ** L).double() / n
+    tv = 0.5 * (emp - probs).abs().sum().item()
+    # sampling noise alone gives E[TV] ~ 0.5 * sum_k sqrt(2 p_k / (pi n)) ~ 0.013 here; the 400-step
+    # grid adds the rare case of two positions revealed in one step (drawn independently): < 1%.
+    noise = 0.5 * torch.sqrt(2 * probs / (math.pi * n)).sum().item()
+    assert tv < 2 * noise + 0.01, (tv, noise)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_nelbo_is_not_below_true_nll(schedule):
+    """With the exact denoiser the continuous-time bound is tight (every unmasking order is an
+    exact chain rule), so its Monte Carlo estimate matches the NLL within noise; with a wrong
+    denoiser it lies above."""
+    torch.manual_seed(0)
+    V, L = 3, 3
+    probs = toy_distribution(2)
+    exact = ExactDenoiser(probs, V, L)
+    cfg = mdlm.Config(schedule=schedule, eps=0.0, t_min=1e-6)
+    x0 = exact.seqs[torch.multinomial(probs, 40000, replacement=True)]
+    true_nll = -(probs * probs.log()).sum().item()  # nats per sequence
+    t = mdlm.sample_times(x0.shape[0], cfg.t_min, "cpu")
+    terms = mdlm.nelbo_terms(exact, x0, t, cfg, V).sum(-1).double()  # nats per sequence
+    mean, se = terms.mean().item(), terms.std().item() / math.sqrt(len(terms))
+    assert mean > true_nll - 4 * se
+    assert abs(mean - true_nll) < 4 * se + 1e-3
+
+    class Wrong(ExactDenoiser):  # a denoiser that ignores the data: uniform over tokens
+        def forward(self, xt, sigma=None):
+            return torch.zeros(*xt.shape, V + 1)
+    terms = mdlm.nelbo_terms(Wrong(probs, V, L), x0, t, cfg, V).sum(-1).double()
+    assert terms.mean().item() > true_nll + 0.1
+
+
+# ----------------------------------------------------------------------------------------------
+# Samplers
+
+
+def random_model(cfg, V=11):
+    torch.manual_seed(0)
+    model = mdlm.build_model(cfg, {"vocab_size": V}).eval()
+    torch.nn.init.normal_(model.head.weight, std=0.5)
+    return model
+
+
+def test_cached_sampler_matches_uncached_with_fewer_calls():
+    cfg = mdlm.Config(n_layer=1, n_embd=32, n_head=2, block_size=24, steps=100)
+    model = random_model(cfg)
+    fixed = torch.full((24,), -1)
+    for batch in (1, 4):
+        out = {}
+        for sampler in ("ddpm", "ddpm_cache"):
+            torch.manual_seed(123)
+            out[sampler] = mdlm.generate(model, dataclasses.replace(cfg, sampler=sampler), fixed, batch)
+        assert torch.equal(out["ddpm"][0], out["ddpm_cache"][0])
+        # a call is needed only after a step that changed some sequence of the batch
+        assert out["ddpm"][1] == 100 and out["ddpm_cache"][1] <= min(100, batch * 24 + 1)
+        if batch == 1:
+            assert out["ddpm_cache"][1] <= 25
+
+
+def test_cache_refused_with_time_conditioning():
+    cfg = mdlm.Config(n_layer=1, n_embd=32, n_head=2, block_size=8, time_cond=True, sampler="ddpm_cache")
+    model = random_model(cfg)
+    with pytest.raises(SystemExit, match="ddpm_cache"):
+        mdlm.generate(model, cfg, torch.full((8,), -1), 1)
+
+
+def test_conditioning_and_semi_autoregressive():
+    cfg = mdlm.Config(n_layer=1, n_embd=32, n_head=2, block_size=16, steps=20, stride=6)
+    model = random_model(cfg)
+    fixed = torch.full((40,), -1)
+    fixed[:3] = torch.tensor([1, 2, 3])
+    fixed[20] = 7  # an infill position in a later round
+    fixed[-2:] = torch.tensor([4, 5])
+    samples, calls = mdlm.generate(model, cfg, fixed, 3)
+    assert samples.shape == (3, 40) and (samples < 11).all()  # no [MASK] left
+    keep = fixed >= 0
+    assert torch.equal(samples[:, keep], fixed[keep].expand(3, -1))
+
+
+def test_ancestral_step_unmask_probability():
+    """The two-stage step reveals a masked token with probability (alpha_s - alpha_t)/(1 - alpha_t)."""
+    torch.manual_seed(0)
+    cfg = mdlm.Config()
+    t, s = 0.5, 0.45
+    p = mdlm.unmask_probability(t, s, cfg)
+    assert p == pytest.approx((t - s) / t, rel=1e-12)  # log-linear
+    n = 200000
+    xt = torch.full((1, n), 5)
+    u = torch.rand(1, n, 2, dtype=torch.float64)
+    x = mdlm.ancestral_step(torch.zeros(1, n, 6), xt, torch.tensor([p], dtype=torch.float64), u, 5)
+    frac = (x != 5).double().mean().item()
+    assert abs(frac - p) < 5 * math.sqrt(p * (1 - p) / n)
+
+
+# ----------------------------------------------------------------------------------------------
+# Learning: a toy language whose validity is checkable
+
+WORDS = ["cat", "dog", "owl", "emu", "yak", "bee"]  # fixed length: the structure is learnable in a minute
+TOY_CHARS = sorted(set(" " + "".join(WORDS)))
+
+
+def toy_corpus(n_words, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    words = [WORDS[i] for i in torch.randint(len(WORDS), (n_words,), generator=g).tolist()]
+    text = " ".join(words)
+    stoi = {c: i for i, c in enumerate(TOY_CHARS)}
+    return [stoi[c] for c in text]
+
+
+def valid_fraction(text):
+    """Share of the complete words (strictly inside the window) that are in the dictionary."""
+    words = text.split(" ")[1:-1]
+    return sum(w in WORDS for w in words) / max(1, len(words))
+
+
+def test_learns_toy_language(tmp_path):
+    data = write_toy_dataset(tmp_path / "toy", [toy_corpus(40000)], TOY_CHARS)
+    out = tmp_path / "out"
+    args = ["mdlm.py", "--train", "--sample", f"--data_dir={data}", f"--out_dir={out}", "--n_layer=2", "--n_embd=128",
+            "--n_head=4", "--block_size=32", "--batch_size=32", "--max_iters=600", "--lr=2e-3", "--warmup_iters=20",
+            "--eval_interval=600", "--log_interval=300", "--num_samples=16", "--steps=128"]
+    r = run_cli(args)
+    texts = r.stdout.split("=== sample ")[1:]
+    texts = [t.split("\n", 1)[1].split("\n(")[0].rstrip("\n") for t in texts]
+    assert len(texts) == 16
+    score = sum(valid_fraction(t) for t in texts) / len(texts)
+    # chance: random characters almost never spell one of five words
+    rand = torch.randint(len(TOY_CHARS), (16, 32), generator=torch.Generator().manual_seed(0))
+    chance = sum(valid_fraction("".join(TOY_CHARS[i] for i in row)) for row in rand.tolist()) / 16
+    # about a minute of training on 2 cores: measured 0.64 of the words valid; chance is ~0.003
+    assert score > 0.4 and chance < 0.02, (score, chance, texts[:3])
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI, bad inputs, checkpoints
+
+TINY = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=32", "--batch_size=4", "--log_interval=1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, char_data):
+    out = tmp_path_factory.mktemp("mdlm_tiny")
+    run_cli(["mdlm.py", "--train", f"--data_dir={char_data}", f"--out_dir={out}", "--max_iters=6",
+             "--eval_interval=3", "--eval_iters=2"] + TINY)
+    return str(out), char_data
+
+
+def test_cli_train_sample_eval(tiny_run):
+    out, data = tiny_run
+    r = run_cli(["mdlm.py", "--sample", f"--out_dir={out}", "--prefix=ROMEO:", "--suffix=end.", "--steps=16",
+                 "--num_samples=2"])
+    samples = [s.split("\n", 1)[1] for s in r.stdout.split("=== sample ")[1:]]
+    assert len(samples) == 2
+    assert all(s.startswith("ROMEO:") for s in samples)
+    assert all(s.split("\n(")[0].rstrip("\n").endswith("end.") for s in samples)
+    r = run_cli(["mdlm.py", "--sample", f"--out_dir={out}", "--seq_len=80", "--steps=8", "--num_samples=1"])
+    assert len(r.stdout.split("=== sample 0\n")[1].split("\n(")[0]) == 80  # semi-autoregressive, 65 chars + no masks
+    r = run_cli(["mdlm.py", "--eval", f"--out_dir={out}", f"--data_dir={data}", "--eval_t_samples=1"])
+    assert "nats/token" in r.stdout
+    nats = float(r.stdout.split("val NELBO ")[1].split()[0])
+    assert 0 < nats < 6
+    with open(os.path.join(out, "log.jsonl")) as f:
+        assert any("eval_full" in json.loads(line) for line in f)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--train", "--lerning_rate=1"], "unknown config key --lerning_rate"),
+    (["--train", "--lr=abc"], "takes a float"),
+    (["--train", "--dataset=nosuch"], "no data/nosuch/prepare.py"),
+    (["--sample", "--out_dir=/nonexistent/x"], "python mdlm.py --train"),
+    (["--eval", "--out_dir=/nonexistent/x"], "no checkpoint"),
+    (["--sample", "--sampler=nosuch"], "unknown --sampler"),
+])
+def test_bad_inputs(args, message, tiny_run):
+    out, _ = tiny_run
+    if "--sampler=nosuch" in args:
+        args = args + [f"--out_dir={out}"]
+    r = run_cli(["mdlm.py"] + args, check=False)
+    assert r.returncode != 0
+    assert message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_bad_conditioning(tiny_run):
+    out, _ = tiny_run
+    r = run_cli(["mdlm.py", "--sample", f"--out_dir={out}", "--prefix=caf\u00e9"], check=False)
+    assert r.returncode != 0 and "outside the model's 65-character vocabulary" in r.stderr
+    r = run_cli(["mdlm.py", "--sample", f"--out_dir={out}", "--prefix=" + "a" * 20, "--suffix=" + "b" * 20], check=False)
+    assert r.returncode != 0 and "more than the 32-token sequence" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_corrupt_checkpoint_is_reported(tiny_run, tmp_path):
+    out, _ = tiny_run
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    data = open(os.path.join(out, "ckpt.pt"), "rb").read()
+    (bad / "ckpt.pt").write_bytes(data[: len(data) // 2])
+    r = run_cli(["mdlm.py", "--sample", f"--out_dir={bad}"], check=False)
+    assert r.returncode != 0 and "corrupt or truncated" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_run, tmp_path):
+    out, data = tiny_run
+    run_dir = tmp_path / "nan"
+    run_dir.mkdir()
+    (run_dir / "ckpt.pt").write_bytes(open(os.path.join(out, "ckpt.pt"), "rb").read())
+    before = (run_dir / "ckpt.pt").read_bytes()
+    r = run_cli(["mdlm.py", "--train", "--resume", f"--data_dir={data}", f"--out_dir={run_dir}", "--max_iters=40",
+                 "--eval_interval=100", "--lr=1e30", "--warmup_iters=0", "--grad_clip=0"] + TINY, check=False)
+    assert r.returncode != 0 and "at iteration" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert (run_dir / "ckpt.pt").read_bytes() == before  # the last good checkpoint is intact
+    torch.load(run_dir / "ckpt.pt", weights_only=True)
+
+
+def losses(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return {r["iter"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path, char_data):
+    common_args = ["mdlm.py", "--train", f"--data_dir={char_data}", "--lr_decay_iters=10", "--eval_interval=5",
+                   "--eval_iters=1", "--dropout=0.1"] + TINY
+    run_cli(common_args + [f"--out_dir={tmp_path / 'full'}", "--max_iters=10"])
+    run_cli(common_args + [f"--out_dir={tmp_path / 'part'}", "--max_iters=5"])
+    run_cli(common_args + [f"--out_dir={tmp_path / 'part'}", "--max_iters=10", "--resume"])
+    full, part = losses(tmp_path / "full"), losses(tmp_path / "part")
+    assert sorted(part) == list(range(10))
+    assert all(full[i] == part[i] for i in range(10)), (full, part)
+    a = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "part" / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path, char_data):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "DIFFLM_DATA": shared_data(), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(ROOT, "tests", "ddp_worker.py"), str(out), char_data],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    w0 = torch.load(out / "rank0.pt", weights_only=True)
+    w1 = torch.load(out / "rank1.pt", weights_only=True)
+    assert all(torch.equal(w0["model"][k], w1["model"][k]) for k in w0["model"])
+    assert not torch.equal(w0["first_batch"], w1["first_batch"])  # each rank has its own data stream
+    assert os.path.isfile(out / "ckpt.pt")
