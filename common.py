@@ -132,6 +132,7 @@ def parse_args(config_cls, argv=None):
     if not verbs:
         die("say what to do: --train, --sample or --eval (plus --key=value overrides)")
     cfg = config_cls(**overrides)
+    seed_all(cfg.seed)  # before main() builds its model, so initial weights are reproducible
     return verbs, cfg, overrides
 
 
