@@ -17,7 +17,7 @@ step by step.
 import dataclasses
 import math
 import os
-import sys
+import re
 import time
 
 import torch
@@ -165,6 +165,9 @@ def ancestral_step(logits, xt, p_unmask, u, mask_id):
     the SUBS distribution softmax(logits without [MASK]) by inverse CDF with u[..., 1].
     Unmasked positions are carried over. The fused kernel computes the same function.
     """
+    k = common.load_kernels()
+    if common.kernel_ready(k, logits):
+        return k.mdlm_ancestral_step(logits.contiguous(), xt.contiguous(), p_unmask.double().contiguous(), u.contiguous(), mask_id)
     probs = torch.softmax(logits.float().index_fill(-1, torch.tensor([mask_id], device=logits.device), -float("inf")), -1)
     token = common.sample_categorical(probs, u[..., 1])
     reveal = (xt == mask_id) & (u[..., 0] < p_unmask[:, None])
@@ -263,6 +266,14 @@ def evaluate(model, batches, cfg, full=False):
     return {"val_nelbo": nats, "val_bits": nats / math.log(2), "val_ppl": math.exp(nats)}
 
 
+def word_overlap(texts, train_text):
+    """Share of the words in texts that also occur in the training text: a cheap check that
+    samples are made of real words (a character-level model must learn to spell them)."""
+    known = set(re.findall(r"[A-Za-z']+", train_text))
+    words = [w for t in texts for w in re.findall(r"[A-Za-z']+", t)]
+    return sum(w in known for w in words) / max(1, len(words)), len(words)
+
+
 # ----------------------------------------------------------------------------------------------
 # main
 
@@ -304,6 +315,13 @@ def main(argv=None):
             stats = evaluate(model, common.Batches(cfg, meta, cfg.seed), cfg, full=True)
         print(f"val NELBO {stats['val_nelbo']:.4f} nats/token | {stats['val_bits']:.4f} bits/token | "
               f"perplexity <= {stats['val_ppl']:.3f} ({cfg.eval_t_samples} time samples per sequence)")
+        if meta["tokenizer"] != "gpt2":  # BPE samples are made of vocabulary pieces by construction
+            samples, _ = generate(model, cfg, torch.full((cfg.block_size,), -1), cfg.num_samples)
+            train_text = tok.decode(common.Batches(cfg, meta, cfg.seed).data("train").tolist())
+            share, n = word_overlap([tok.decode(x) for x in samples.tolist()], train_text)
+            stats["sample_words_in_train"] = share
+            print(f"samples: {100 * share:.1f}% of {n} generated words occur in the training text "
+                  f"({cfg.num_samples} samples, {cfg.steps} steps)")
         common.log_json(os.path.join(common.out_dir(cfg, "mdlm"), "log.jsonl"),
                         {"eval_full": stats, "iter": ckpt["iter"], "t_samples": cfg.eval_t_samples})
 
