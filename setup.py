@@ -34,7 +34,8 @@ setup(
     name="difflm",
     version="0.1.0",
     description="Readable reference implementations of diffusion language models, with fused kernels",
-    py_modules=["common", "mdlm", "sedd", "ddpm", "diffusion_lm", "diffuser", "ar", "bench"],
+    py_modules=[m for m in ("common", "mdlm", "sedd", "ddpm", "diffusion_lm", "diffuser", "ar", "bench")
+                if os.path.isfile(os.path.join(here, m + ".py"))],
     python_requires=">=3.9",
     install_requires=["torch>=2.1", "numpy", "tiktoken", "ninja", "pybind11", "tqdm"],
     extras_require={"test": ["pytest", "hypothesis"], "plot": ["matplotlib"]},
