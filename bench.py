@@ -124,10 +124,50 @@ def bench_throughput(argv):
 
 
 # ----------------------------------------------------------------------------------------------
+# SEDD: analytic (Tweedie) vs Euler tau-leaping
+
+
+def bench_sedd(argv):
+    import sedd
+    ap = argparse.ArgumentParser(prog="bench.py sedd")
+    ap.add_argument("--ckpt_dir", default="out/sedd", help="out dir of a trained sedd.py model")
+    ap.add_argument("--steps", default="16,64,256", help="comma-separated step counts")
+    ap.add_argument("--num_samples", type=int, default=16)
+    ap.add_argument("--t_samples", type=int, default=32, help="time samples per generated sequence for its ELBO")
+    ap.add_argument("--repeat", type=int, default=1)
+    a = ap.parse_args(argv)
+    cfg, model, _, _, _ = sedd.load({"out_dir": a.ckpt_dir})
+    device = next(model.parameters()).device
+    fixed = torch.full((cfg.block_size,), -1, dtype=torch.long)
+    rows = []
+    for steps in [int(s) for s in a.steps.split(",")]:
+        for sampler in sedd.SAMPLERS:
+            c = dataclasses.replace(cfg, sampler=sampler, steps=steps)
+            torch.manual_seed(0)
+            out = {}
+            t = timeit(lambda: out.update(x=sedd.generate(model, c, fixed, a.num_samples)[0]), repeat=a.repeat, warmup=0)
+            x = out["x"]
+            # the samples' NLL under the model's own ELBO (nats per token), with many times per sequence
+            torch.manual_seed(1)
+            xs = x.repeat(a.t_samples, 1)
+            with torch.no_grad(), common.autocast(device):
+                ts = sedd.sample_times(xs.shape[0], cfg.t_min, device)
+                nll = float(sedd.elbo_terms(model, xs, ts, cfg, model.num_states).sum()) / xs.numel() \
+                    + sedd.prior_kl(cfg, model.num_states)
+            counts = torch.bincount(x.flatten(), minlength=model.num_states).double()
+            p = counts[counts > 0] / counts.sum()
+            rows.append((sampler, steps, f"{t:.2f}", f"{nll:.3f}", f"{float(-(p * p.log()).sum()):.3f}"))
+    table(rows, ("sampler", "steps", "time s", "ELBO nats/tok", "unigram entropy"))
+    print(f"{a.num_samples} samples of {cfg.block_size} tokens, {cfg.graph} graph, {sedd.noise_kind(cfg)} noise, "
+          f"on {device}; ELBO with {a.t_samples} time samples per sequence (lower is better)")
+
+
+# ----------------------------------------------------------------------------------------------
 
 BENCHES = {
     "mdlm_sampler": bench_mdlm_sampler,
     "throughput": bench_throughput,
+    "sedd": bench_sedd,
 }
 
 
