@@ -41,8 +41,7 @@ SAMPLERS = ("analytic", "euler")
 
 @dataclasses.dataclass
 class Config(common.BaseConfig):
-    lr: float = 2e-3  # the same CPU budget as mdlm.py (backbone, batch, iterations from common.BaseConfig)
-    max_iters: int = 2400
+    max_iters: int = 2400  # the same CPU budget as mdlm.py (backbone, batch, lr from common.BaseConfig)
     graph: str = "absorb"  # absorb | uniform
     noise: str = ""  # loglinear | geometric; "": loglinear with absorb, geometric with uniform
     eps: float = 1e-3  # log-linear: sigma_bar(1) = -log(eps), a token survives to t=1 with prob eps
