@@ -53,7 +53,7 @@ class Config(common.BaseConfig):
     n_head: int = 4
     n_layer: int = 4
     batch_size: int = 32
-    max_iters: int = 800
+    max_iters: int = 1500
     lr: float = 2e-3
     warmup_iters: int = 50
     eval_interval: int = 200
@@ -71,7 +71,7 @@ class Config(common.BaseConfig):
     seq_len: int = 24  # window length on unconditional data; length of a random bootstrap
     # bootstrap: the starting sequence x_{T+1}, trained as one extra revision with probability boot_prob
     bootstrap: str = "source"  # source | null | random | autoregressive (waits for ar.py)
-    boot_prob: float = 0.3
+    boot_prob: float = 0.5
     # decoding
     decode: str = "greedy"  # greedy | sample | beam | beam2d
     beam_b: int = 5  # beam inside a revision (over edit and token choices)
@@ -526,7 +526,7 @@ def sample_choice(lp, temperature, top_p):
     lp = torch.from_numpy(lp)
     probs = torch.softmax(lp / temperature, -1)
     if top_p < 1:
-        p, idx = probs.sort(-1, descending=True, stable=True)
+        p, idx = probs.sort(dim=-1, descending=True, stable=True)
         keep = p.cumsum(-1) - p < top_p  # the smallest prefix whose mass reaches top_p
         probs = torch.zeros_like(probs).scatter_(-1, idx, p * keep)
     u = torch.rand(lp.shape[0], dtype=torch.float64)
@@ -612,17 +612,25 @@ def strategy_of(cfg):
 
 
 def mark_revision(tok, xt, tags, counts, fills):
-    """One revision as text: kept words plain, [-deleted-], [old->new], [+inserted+]."""
+    """One revision as text: kept words plain, [-deleted-], [old->new], [+inserted+].
+
+    Slots past max_len were cut from the canvas and have no fill; they show as ... .
+    """
     f = iter(fills)
-    out = [f"[+{tok.words[next(f)]}+]" for _ in range(counts[0])]
+
+    def fill():
+        w = next(f, None)
+        return "..." if w is None else tok.words[w]
+
+    out = [f"[+{fill()}+]" for _ in range(counts[0])]
     for j, w in enumerate(xt):
         if tags[j] == KEEP:
             out.append(tok.words[w])
         elif tags[j] == DELETE:
             out.append(f"[-{tok.words[w]}-]")
         else:
-            out.append(f"[{tok.words[w]}->{tok.words[next(f)]}]")
-        out += [f"[+{tok.words[next(f)]}+]" for _ in range(counts[j + 1])]
+            out.append(f"[{tok.words[w]}->{fill()}]")
+        out += [f"[+{fill()}+]" for _ in range(counts[j + 1])]
     return " ".join(out)
 
 
@@ -644,7 +652,7 @@ def evaluate(model, batches, cfg):
     for _ in range(cfg.eval_iters):
         batch = batches.get("val", cfg.batch_size, gen).to(device)
         sums += [float(v) for v in loss_terms(model, batch)]
-    tag, ins, gen_ce = sums / cfg.eval_iters
+    tag, ins, gen_ce = (float(v) for v in sums / cfg.eval_iters)  # plain floats: the checkpoint loads weights_only
     return {"val_loss": tag + ins + gen_ce, "val_tag_ce": tag, "val_ins_ce": ins, "val_gen_ce": gen_ce}
 
 

@@ -1,0 +1,364 @@
+"""DiffusER: the edit machinery (property tests), decoding (greedy / beam / 2D beam), learning, CLI."""
+import itertools
+import json
+import math
+import os
+import re
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import ROOT, run_cli, shared_data
+
+import common
+import diffuser as D
+
+SPECIALS = common.WordTokenizer.SPECIALS
+
+# ----------------------------------------------------------------------------------------------
+# Edit machinery
+
+
+def seqs(max_vocab=12, max_len=25):
+    return st.integers(5, max_vocab).flatmap(
+        lambda v: st.tuples(st.just(v), st.lists(st.integers(4, v - 1), max_size=max_len)))
+
+
+edit_probs = st.lists(st.floats(0, 1), min_size=4, max_size=4).filter(lambda p: sum(p) > 1e-3).map(
+    lambda p: tuple(x / sum(p) for x in p))
+
+
+def reference_levenshtein(a, b):
+    """An independent Levenshtein distance: two rows, no backtrace."""
+    prev = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        cur = [i]
+        for j, y in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
+        prev = cur
+    return prev[-1]
+
+
+@settings(max_examples=300, deadline=None)
+@given(seqs(), edit_probs, st.floats(0, 6), st.integers(0, 40), st.integers(0, 2**32 - 1))
+def test_corruption_log_replays_and_reverses(vx, probs, lam, max_len, seed):
+    V, x = vx
+    rng = np.random.default_rng(seed)
+    noise = D.NoiseTokens([0] * 4 + [1] * (V - 4), "unigram")
+    xt, edits = D.corrupt_step(x, rng, noise, probs, lam, max_len)
+    assert D.apply_edits(x, edits) == xt  # the log takes x_{t-1} to x_t
+    assert len(xt) <= max(max_len, len(x))  # insertions never grow past max_len
+    assert all(4 <= w < V for w in xt)
+    tags, counts, fills = D.reverse_edits(edits)
+    assert len(tags) == len(xt) and len(counts) == len(xt) + 1
+    assert D.apply_reverse(xt, tags, counts, fills) == list(x)  # the reverse edits take x_t back exactly
+
+
+@settings(max_examples=100, deadline=None)
+@given(seqs(), st.integers(0, 2**32 - 1))
+def test_all_delete_step_reverses_to_insertions(vx, seed):
+    V, x = vx
+    noise = D.NoiseTokens([0] * 4 + [1] * (V - 4))
+    xt, edits = D.corrupt_step(x, np.random.default_rng(seed), noise, (0, 0, 0, 1), 50.0)
+    assert D.apply_edits(x, edits) == xt
+    tags, counts, fills = D.reverse_edits(edits)
+    if x:
+        assert len(xt) < len(x) and sum(counts) == len(x) - len(xt)
+    assert D.apply_reverse(xt, tags, counts, fills) == list(x)
+
+
+def test_empty_sequences():
+    noise = D.NoiseTokens([0, 0, 0, 0, 1, 1])
+    rng = np.random.default_rng(0)
+    grown = 0
+    for _ in range(200):
+        xt, edits = D.corrupt_step([], rng, noise, (0.6, 0.2, 0.1, 0.1), 3.0, 10)
+        assert D.apply_edits([], edits) == xt and D.apply_reverse(xt, *D.reverse_edits(edits)) == []
+        grown += bool(xt)
+    assert 5 < grown < 40  # only an insertion (10%, Poisson length > 0) can grow an empty sequence
+    assert D.levenshtein_edits([], []) == (0, [])
+    assert D.apply_reverse([], *D.reverse_edits(D.levenshtein_edits([4, 5], [])[1])) == [4, 5]
+
+
+@settings(max_examples=300, deadline=None)
+@given(seqs(8, 14), seqs(8, 14))
+def test_alignment_is_optimal_and_reverses(va, vb):
+    a, b = va[1], vb[1]
+    cost, edits = D.levenshtein_edits(a, b)
+    assert cost == reference_levenshtein(a, b)
+    assert cost == sum(kind != "keep" for kind, _, _ in edits)
+    assert D.apply_edits(a, edits) == list(b)
+    assert D.apply_reverse(b, *D.reverse_edits(edits)) == list(a)
+    assert D.levenshtein_edits(list(a), list(b)) == (cost, edits)  # deterministic
+
+
+def test_alignment_tie_breaking():
+    # "4 5" -> "5 4" costs 2 three ways; the backtrace prefers the diagonal, then deletion
+    assert D.levenshtein_edits([4, 5], [5, 4])[1] == [("replace", (4,), (5,)), ("replace", (5,), (4,))]
+    assert D.levenshtein_edits([4, 5, 6], [5, 6, 7])[1] == [
+        ("delete", (4,), ()), ("keep", (5,), (5,)), ("keep", (6,), (6,)), ("insert", (), (7,))]
+
+
+def test_corruption_statistics_match_the_edit_distribution():
+    lam, probs = 3.0, (0.6, 0.2, 0.1, 0.1)
+    rng = np.random.default_rng(1)
+    noise = D.NoiseTokens([0] * 4 + [1] * 50)
+    x = list(rng.integers(4, 54, 30000))
+    _, edits = D.corrupt_step(x, rng, noise, probs, lam)
+    kinds = [k for k, _, _ in edits]
+    n = len(kinds)
+    z = math.exp(-lam)  # a length-0 draw keeps one token
+    expect = {"keep": probs[0] + (1 - probs[0]) * z, "replace": probs[1] * (1 - z),
+              "insert": probs[2] * (1 - z), "delete": probs[3] * (1 - z)}
+    for kind, p in expect.items():
+        assert abs(kinds.count(kind) / n - p) < 4 * math.sqrt(p * (1 - p) / n) + 1e-3, kind
+    for kind in ("replace", "insert", "delete"):  # zero-truncated Poisson mean
+        lengths = [len(old) or len(new) for k, old, new in edits if k == kind]
+        assert abs(np.mean(lengths) - lam / (1 - z)) < 0.15, kind
+
+
+def test_noise_distributions():
+    counts = [100, 100, 5, 100, 10, 30, 60]  # <s> </s> <unk> <pad> a b c
+    rng = np.random.default_rng(0)
+    draws = np.array(D.NoiseTokens(counts, "unigram").draw(rng, 20000))
+    assert not np.isin(draws, [0, 1, 3]).any()  # never <s>, </s>, <pad>
+    freq = np.bincount(draws, minlength=7) / len(draws)
+    np.testing.assert_allclose(freq[[2, 4, 5, 6]], np.array([5, 10, 30, 60]) / 105, atol=0.01)
+    freq = np.bincount(np.array(D.NoiseTokens(counts, "uniform").draw(rng, 20000)), minlength=7) / 20000
+    np.testing.assert_allclose(freq[[2, 4, 5, 6]], 0.25, atol=0.015)
+
+
+def test_training_pairs_reverse_exactly():
+    cfg = D.Config(T=5, boot_prob=0.3, max_len=30)
+    rng = np.random.default_rng(3)
+    noise = D.NoiseTokens([0] * 4 + [1] * 20)
+    for _ in range(300):
+        src = list(rng.integers(4, 24, rng.integers(1, 10)))
+        x0 = list(rng.integers(4, 24, rng.integers(0, 20)))
+        s, xt, tags, counts, fills, t = D.make_example(src, x0, rng, noise, cfg)
+        assert 1 <= t <= cfg.T + 1
+        x_prev = D.apply_reverse(xt, tags, counts, fills)
+        if t == cfg.T + 1:
+            assert xt == src and x_prev == x0  # the bootstrap revision goes straight to x_0
+        batch = D.collate([(s, xt, tags, counts, fills, t)], 24)
+        assert int((batch.tag_y >= 0).sum()) == len(xt) and int((batch.ins_y >= 0).sum()) == len(xt) + 1
+        assert int((batch.gen_y >= 0).sum()) == len(fills)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 4), min_size=0, max_size=4), st.integers(1, 7), st.integers(0, 2**32 - 1))
+def test_kbest_is_exact(sizes, b, seed):
+    rng = np.random.default_rng(seed)
+    logps = [np.log(rng.dirichlet(np.ones(c))) for c in sizes]
+    scores, choices = D.kbest(logps, b)
+    brute = sorted((sum(lp[k] for lp, k in zip(logps, c)) for c in itertools.product(*[range(len(lp)) for lp in logps])),
+                   reverse=True)[:b]
+    np.testing.assert_allclose(scores, brute, rtol=1e-12, atol=1e-12)
+    for s, c in zip(scores, choices):
+        assert math.isclose(s, sum(lp[k] for lp, k in zip(logps, c)), abs_tol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding on a random model
+
+
+def tiny_model(seed, T=3, V=12):
+    torch.manual_seed(seed)
+    cfg = D.Config(T=T, n_layer=1, n_head=2, n_embd=32, block_size=40, max_len=12, max_ins=12, seq_len=5)
+    model = D.DiffusER(cfg, V).eval()
+    with torch.no_grad():  # sharpen the heads so choices differ and ties are unlikely
+        for head in (model.tag_head, model.ins_head, model.gen_head):
+            head.weight.normal_(0, 1.0)
+            head.bias.normal_(0, 1.0)
+    return cfg, model
+
+
+def random_problems(seed, n, V=12):
+    g = np.random.default_rng(seed)
+    srcs = [list(g.integers(4, V, g.integers(1, 6))) for _ in range(n)]
+    starts = [list(g.integers(4, V, g.integers(0, 6))) for _ in range(n)]
+    return srcs, starts
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_2d_beam_with_r1_b1_equals_greedy(seed):
+    cfg, model = tiny_model(seed)
+    srcs, starts = random_problems(seed, 6)
+    times = [4, 3, 2, 1]
+    greedy = D.decode(model, starts, srcs, cfg, times, "greedy")
+    beam = D.decode(model, starts, srcs, cfg, times, "beam", b=1, r=1)
+    for g, h in zip(greedy, beam):
+        assert g.x == h.x
+        assert math.isclose(g.score, h.score, rel_tol=1e-9, abs_tol=1e-9)
+        assert [e[2:] for e in g.history] == [e[2:] for e in h.history]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_larger_beams_never_score_lower(seed):
+    cfg, model = tiny_model(seed)
+    srcs, starts = random_problems(100 + seed, 6)
+    # one revision: the best of a b-beam is monotone in b (the b best edit sets and fills are nested)
+    prev = None
+    for b in (1, 2, 4, 8):
+        best = [h.score for h in D.decode(model, starts, srcs, cfg, [2], "beam", b=b, r=1)]
+        if prev is not None:
+            assert all(s >= p - 1e-9 for s, p in zip(best, prev)), (b, best, prev)
+        prev = best
+    # two revisions: keeping more hypotheses across revisions (r) never loses the best
+    for b in (1, 3):
+        prev = None
+        for r in (1, 2, 4):
+            best = [h.score for h in D.decode(model, starts, srcs, cfg, [2, 1], "beam", b=b, r=r)]
+            if prev is not None:
+                assert all(s >= p - 1e-9 for s, p in zip(best, prev)), (b, r, best, prev)
+            prev = best
+
+
+def test_sampling_and_null_bootstrap():
+    cfg, model = tiny_model(0)
+    torch.manual_seed(0)
+    srcs = [None] * 8
+    out = D.decode(model, [[] for _ in srcs], srcs, cfg, [3, 2, 1], "sample")
+    for h in out:
+        assert len(h.history[0][1]) == 0 and sum(h.history[0][3]) >= 1  # an empty start is forced to insert
+        assert all(w not in (0, 1, 3) for w in h.x) and len(h.x) <= cfg.max_len
+    cfg.top_p, cfg.temperature = 1e-9, 1.0  # a vanishing nucleus is greedy
+    a = D.decode(model, [[5, 6]] * 3, [None] * 3, cfg, [2, 1], "sample")
+    g = D.decode(model, [[5, 6]] * 3, [None] * 3, cfg, [2, 1], "greedy")
+    assert [h.x for h in a] == [h.x for h in g]
+
+
+# ----------------------------------------------------------------------------------------------
+# Learning: restore a corrupted sorted sequence (end to end: --train, then decode)
+
+LETTERS = [chr(ord("a") + i) for i in range(10)]
+
+
+def sorted_task(rng, n):
+    rows = []
+    for _ in range(n):
+        x = sorted(rng.choice(10, int(rng.integers(5, 9)), replace=False).tolist())
+        src = list(x)
+        i = int(rng.integers(len(x) - 1))
+        src[i], src[i + 1] = src[i + 1], src[i]  # one adjacent transposition
+        rows.append(([4 + w for w in src], [4 + w for w in x]))
+    return rows
+
+
+def write_seq2seq(path, rows_by_split):
+    os.makedirs(path, exist_ok=True)
+    for split, rows in rows_by_split.items():
+        with open(os.path.join(path, f"{split}.jsonl"), "w") as f:
+            for src, text in rows:
+                f.write(json.dumps({"mr": {}, "src": src, "text": text,
+                                    "ref": " ".join(LETTERS[w - 4] for w in text)}) + "\n")
+    flat = [w for s, t in rows_by_split["train"] for w in t]
+    common.write_split(path, flat, flat[:100], {"tokenizer": "word", "words": list(SPECIALS) + LETTERS,
+                                               "vocab_size": 4 + len(LETTERS), "seq2seq": True})
+    return path
+
+
+def test_learns_to_repair_sorted_sequences(tmp_path):
+    rng = np.random.default_rng(0)
+    data = write_seq2seq(str(tmp_path / "sorted"), {"train": sorted_task(rng, 3000), "valid": sorted_task(rng, 100),
+                                                    "test": sorted_task(rng, 10)})
+    out = str(tmp_path / "out")
+    args = [f"--data_dir={data}", f"--out_dir={out}", "--T=3", "--n_layer=2", "--n_embd=64", "--n_head=4",
+            "--block_size=32", "--max_len=12", "--max_ins=12", "--batch_size=32", "--lr=3e-3", "--warmup_iters=20",
+            "--eval_interval=500", "--log_interval=100", "--boot_prob=0.5", "--ema=0.99", "--max_iters=500"]
+    run_cli(["diffuser.py", "--train"] + args, timeout=400)
+    cfg, model, tok, meta, _ = D.load({"data_dir": data, "out_dir": out})
+    rows = sorted_task(np.random.default_rng(7), 100)
+    srcs = [s for s, _ in rows]
+    starts = D.starts_for(cfg, srcs, D.NoiseTokens(meta["unigram"]), meta["boot_trained"])
+    best = D.decode(model, starts, srcs, cfg, D.decode_times(cfg, True), "greedy")
+    repaired = np.mean([h.x == x for h, (_, x) in zip(best, rows)])
+    # chance: every source is unsorted, so copying it repairs 0%; a random edit almost never does
+    assert repaired >= 0.6, repaired
+
+
+# ----------------------------------------------------------------------------------------------
+# Data and CLI on the real E2E data
+
+
+@pytest.fixture(scope="session")
+def e2e_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("e2e")
+    run_cli(["data/e2e/prepare.py", f"--out_dir={out}"])
+    return str(out)
+
+
+def test_e2e_prepare(e2e_data):
+    meta = json.load(open(os.path.join(e2e_data, "meta.json")))
+    assert meta["tokenizer"] == "word" and meta["words"][:4] == list(SPECIALS)
+    assert meta["examples"] == {"train": 42061, "valid": 4672, "test": 4693}
+    tok = common.WordTokenizer(meta["words"])
+    first = json.loads(open(os.path.join(e2e_data, "train.jsonl")).readline())
+    assert first["mr"] == {"name": "The Vaults", "Type": "pub", "price": "more than £ 30",
+                           "customer rating": "5 out of 5", "near": "Café Adriatic"}
+    assert tok.decode(first["text"]).startswith("The Vaults pub near Café Adriatic")
+    data = np.fromfile(os.path.join(e2e_data, "train.bin"), dtype=meta["dtype"])
+    assert data[0] == tok.START and data[len(first["text"]) + 1] == tok.END
+
+
+def test_e2e_prepare_fails_clearly(tmp_path):
+    r = run_cli(["data/e2e/prepare.py", f"--input_dir={tmp_path}", f"--out_dir={tmp_path}/o"], check=False)
+    assert r.returncode != 0 and "has no src1_train.txt" in r.stderr
+    env = {"DIFFLM_DATA": str(tmp_path), "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
+    e = {**os.environ, **env}
+    import subprocess
+    r = subprocess.run([sys.executable, "data/e2e/prepare.py", f"--out_dir={tmp_path}/o"], cwd=ROOT, env=e,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and r.stderr.strip().startswith("error: no copy of the E2E data")
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_cli_train_sample_eval_and_bad_inputs(e2e_data, tmp_path, monkeypatch):
+    out = str(tmp_path / "out")
+    small = [f"--data_dir={e2e_data}", f"--out_dir={out}", "--n_layer=1", "--n_embd=32", "--n_head=2",
+             "--batch_size=8", "--eval_iters=1"]
+    r = run_cli(["diffuser.py", "--train", "--max_iters=6", "--eval_interval=6", "--log_interval=3"] + small)
+    assert "eval      5 | val_loss" in r.stdout
+    r = run_cli(["diffuser.py", "--sample", "--show", "--num_samples=2", "--steps=3"] + small[:2])
+    assert r.stdout.count("=== sample") == 2 and "MR: name :" in r.stdout and "t=13 |" in r.stdout
+    r = run_cli(["diffuser.py", "--sample", "--decode=beam2d", "--beam_b=2", "--beam_r=2", "--steps=2",
+                 "--source=name : The Eagle | Type : pub"] + small[:2])
+    assert "MR: name : The Eagle | Type : pub" in r.stdout
+    r = run_cli(["diffuser.py", "--eval", "--eval_mrs=4", "--steps=1"] + small[:2])
+    assert re.search(r"E2E validation BLEU \d+\.\d\d \(greedy", r.stdout) and "val_tag_ce" in r.stdout
+
+    def fails(args, message):  # in-process: bad input must stop with one line, before any work
+        with pytest.raises(SystemExit) as e:
+            D.main(args + small[:2])
+        assert message in str(e.value), (args, str(e.value))
+
+    fails(["--sample", "--bootstrap=zeros"], "unknown --bootstrap='zeros'")
+    fails(["--sample", "--bootstrap=autoregressive"], "ar.py (issue 8)")
+    fails(["--sample", "--beam_b=0", "--decode=beam"], "beam sizes must be at least 1")
+    fails(["--sample", "--beam_r=-1", "--decode=beam2d"], "beam sizes must be at least 1")
+    fails(["--sample", "--decode=viterbi"], "unknown --decode='viterbi'")
+    fails(["--sample", "--source=" + " ".join(["name : The Eagle"] * 20)], "does not fit the model's context")
+    fails(["--sample", "--top_p=0"], "0 < --top_p <= 1")
+    fails(["--sample", "--steps=50"], "exceeds the trained --T=12")
+    monkeypatch.setitem(sys.modules, "sacrebleu", None)  # import sacrebleu now raises ImportError
+    fails(["--eval", "--eval_mrs=2", "--steps=1"], "BLEU needs sacrebleu")
+
+
+def test_unconditional_word_shakespeare(tmp_path):
+    data = str(tmp_path / "shk")
+    run_cli(["data/shakespeare_word/prepare.py", f"--out_dir={data}"])
+    out = str(tmp_path / "out")
+    small = [f"--data_dir={data}", f"--out_dir={out}", "--dataset=shakespeare_word", "--n_layer=1", "--n_embd=32",
+             "--n_head=2", "--batch_size=8", "--eval_iters=1", "--seq_len=12", "--max_len=24", "--max_ins=24",
+             "--block_size=32"]
+    r = run_cli(["diffuser.py", "--train", "--sample", "--bootstrap=null", "--max_iters=4", "--eval_interval=4",
+                 "--num_samples=2", "--T=3"] + small)
+    assert r.stdout.count("=== sample") == 2 and "from the null bootstrap" in r.stdout
+    r = run_cli(["diffuser.py", "--sample", "--bootstrap=random", "--decode=sample", "--top_p=0.6"] + small[:2])
+    assert "from the random bootstrap" in r.stdout
+    with pytest.raises(SystemExit, match="--bootstrap=source needs sequence-to-sequence data"):
+        D.main(["--train", "--max_iters=2", "--bootstrap=source"] + small)
