@@ -4,6 +4,7 @@ absolute claims from another machine.
 
     python bench.py mdlm_sampler      # cached vs uncached MDLM sampler: time and network calls
     python bench.py throughput        # MDLM vs the same backbone trained autoregressively
+    python bench.py kernels           # fused kernels vs eager and torch.compile'd PyTorch oracles
     python bench.py <name> --help     # the options of one benchmark
 
 Timings are medians of repeated runs after a warm-up.
@@ -11,6 +12,7 @@ Timings are medians of repeated runs after a warm-up.
 
 import argparse
 import dataclasses
+import math
 import statistics
 import sys
 import time
@@ -163,10 +165,183 @@ def bench_sedd(argv):
 
 
 # ----------------------------------------------------------------------------------------------
+# Fused kernels (csrc/) against their PyTorch oracles in sedd.py and mdlm.py
+
+
+def _peak_extra_bytes(fn, device):
+    """Peak bytes allocated by fn() above what was live before it (its output included).
+
+    CUDA: the caching allocator's peak counter. CPU: torch's profiler records every allocation and
+    free with its size ([memory] events); replaying them in time order gives the peak of live
+    bytes. Only torch tensors are counted (the kernels' per-thread scratch rows, <= 8 N bytes per
+    thread, are not), which is the memory this benchmark is about.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        del out
+        return peak
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+        del out
+    events = sorted((e for e in prof.events() if e.name == "[memory]"), key=lambda e: e.time_range.start)
+    live = peak = 0
+    for e in events:
+        live += e.cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
+def _copy_bandwidth(device, nbytes=1 << 30):
+    """Measured device-to-same-device copy bandwidth in bytes/s (read + write counted)."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    t = timeit(lambda: dst.copy_(src), repeat=10, warmup=2)
+    return 2 * nbytes / t
+
+
+def bench_kernels(argv):
+    import mdlm
+    import sedd
+    ap = argparse.ArgumentParser(prog="bench.py kernels")
+    ap.add_argument("--sizes", default="", help="B,L,V;B,L,V... (default CPU: 32,256,66;4,256,50258; "
+                                                 "GPU: 32,256,66;4,256,50258;64,1024,50258)")
+    ap.add_argument("--dtype", default="", help="float32 | bfloat16 (default: float32 on CPU, bfloat16 on GPU)")
+    ap.add_argument("--ops", default="score_entropy,euler,tweedie,mdlm")
+    ap.add_argument("--graphs", default="absorb,uniform")
+    ap.add_argument("--no_compile", action="store_true", help="skip torch.compile(oracle)")
+    ap.add_argument("--no_eager", action="store_true", help="skip the eager oracle (e.g. where it runs out of memory)")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--device", default="auto")
+    a = ap.parse_args(argv)
+    device = torch.device(a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    k = common.load_kernels()
+    if not common.kernel_ready(k, torch.empty(0, device=device)):
+        common.die(f"the difflm kernels are not available on {device} (build failed, or DIFFLM_KERNELS=0)")
+    common.load_kernels = lambda *args, **kw: None  # sedd/mdlm now run their PyTorch bodies: the oracles
+    dtype = {"": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16}.get(a.dtype)
+    if dtype is None:
+        common.die(f"--dtype={a.dtype!r}: use float32 or bfloat16")
+    default = "32,256,66;4,256,50258" + (";64,1024,50258" if device.type == "cuda" else "")
+    try:
+        sizes = [tuple(int(v) for v in s.split(",")) for s in (a.sizes or default).split(";")]
+        assert all(len(s) == 3 for s in sizes)
+    except (ValueError, AssertionError):
+        common.die(f"--sizes={a.sizes!r}: use B,L,V;B,L,V")
+    bw = _copy_bandwidth(device) if device.type == "cuda" else None
+    gen = torch.Generator(device=device).manual_seed(0)
+    rows = []
+
+    def measure(name, graph, size, make, oracle, kernel, floor_bytes):
+        """make() -> args; oracle(*args), kernel(*args) each return a tensor."""
+        B, L, V = size
+        args = make()
+        t_k = timeit(lambda: kernel(*args), repeat=a.repeat)
+        m_k = _peak_extra_bytes(lambda: kernel(*args), device)
+        t_e = m_e = t_c = None
+        if not a.no_eager:
+            t_e = timeit(lambda: oracle(*args), repeat=a.repeat)
+            m_e = _peak_extra_bytes(lambda: oracle(*args), device)
+        if not a.no_compile:
+            try:
+                compiled = torch.compile(oracle, dynamic=False)
+                t_c = timeit(lambda: compiled(*args), repeat=a.repeat, warmup=2)
+            except Exception as e:  # a compiler failure is a result too; say so and go on
+                print(f"  torch.compile({name}, {graph}) failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+        grad_bytes = B * L * args[0].shape[-1] * args[0].element_size()
+        fmt = lambda t: f"{t * 1e3:.2f}" if t else "-"  # noqa: E731
+        ratio = lambda t: f"{t / t_k:.1f}x" if t else "-"  # noqa: E731
+        mem = lambda m: f"{m / grad_bytes:.2f}" if m is not None else "-"  # noqa: E731
+        row = [name, graph, f"{B},{L},{V}", fmt(t_e), fmt(t_c), fmt(t_k), ratio(t_e), ratio(t_c), mem(m_e), mem(m_k)]
+        if bw:
+            row += [f"{floor_bytes / t_k / 1e9:.0f}", f"{100 * floor_bytes / bw / t_k:.0f}%"]
+        rows.append(row)
+        print("  " + "  ".join(row), flush=True)
+        del args
+
+    for size in sizes:
+        B, L, V = size
+        for graph in a.graphs.split(","):
+            N = V + 1 if graph == "absorb" else V
+            elt = torch.finfo(dtype).bits // 8
+
+            def states():
+                if graph == "absorb":  # half the positions masked
+                    x0 = torch.randint(V, (B, L), generator=gen, device=device)
+                    return torch.where(torch.rand(B, L, generator=gen, device=device) < 0.5, N - 1, x0), x0
+                xt = torch.randint(N, (B, L), generator=gen, device=device)
+                return xt, torch.where(torch.rand(B, L, generator=gen, device=device) < 0.5, xt,
+                                       torch.randint(N, (B, L), generator=gen, device=device))
+
+            def scores(calibrated):
+                h = torch.randn(B, L, N, generator=gen, device=device)
+                if calibrated:  # sum_y s_y ~ 1 (t ~ 0.5): realistic move probabilities
+                    h -= math.log(N) + 0.5
+                return h.to(dtype)
+
+            if "score_entropy" in a.ops:
+                def make_se():
+                    xt, x0 = states()
+                    ls = scores(False).requires_grad_()
+                    sb = torch.rand(B, generator=gen, device=device) * 3 + 0.05
+                    w = torch.rand(B, generator=gen, device=device)[:, None]  # sigma(t) / B per sequence
+                    return ls, xt, x0, sb, w
+
+                def fwd_bwd(fn):
+                    def run(ls, xt, x0, sb, w):
+                        return torch.autograd.grad((fn(ls, xt, x0, sb, graph) * w).sum(), ls)[0]
+                    return run
+                measure("score_entropy fwd+bwd", graph, size, make_se, fwd_bwd(sedd.score_entropy),
+                        fwd_bwd(lambda *x: k.score_entropy(*x)[0]), 2 * B * L * N * elt)
+
+            def make_step(p):
+                def make():
+                    xt, _ = states()
+                    return (scores(True), xt, torch.full((B,), p, dtype=torch.float64, device=device),
+                            torch.rand(B, L, 2, generator=gen, dtype=torch.float64, device=device))
+                return make
+            with torch.no_grad():
+                if "euler" in a.ops:
+                    measure("euler step", graph, size, make_step(0.015),
+                            lambda ls, xt, t, u: sedd.euler_step(ls, xt, t, u, graph),
+                            lambda ls, xt, t, u: k.sedd_euler_step(ls, xt, t, u, graph), B * L * N * elt)
+                if "tweedie" in a.ops:
+                    measure("tweedie step", graph, size, make_step(0.015),
+                            lambda ls, xt, t, u: sedd.tweedie_step(ls, xt, t, u, graph),
+                            lambda ls, xt, t, u: k.sedd_tweedie_step(ls, xt, t, u, graph, False), B * L * N * elt)
+                if "mdlm" in a.ops and graph == "absorb":
+                    measure("mdlm ancestral step", graph, size, make_step(0.0156),
+                            lambda lg, xt, p, u: mdlm.ancestral_step(lg, xt, p, u, N - 1),
+                            lambda lg, xt, p, u: k.mdlm_ancestral_step(lg, xt, p, u, N - 1), B * L * N * elt)
+
+    header = ["op", "graph", "B,L,V", "eager ms", "compile ms", "kernel ms", "eager/kernel", "compile/kernel",
+              "peak eager", "peak kernel"]
+    if bw:
+        header += ["kernel GB/s", "of floor"]
+    print()
+    table(rows, header)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    print(f"{dtype} on {where}; medians of {a.repeat} runs; peak = extra memory in units of one B x L x N "
+          f"tensor of the input dtype (the gradient), output included")
+    print("steps: half the absorbing positions masked, scores calibrated to sum ~1 (t ~ 0.5), sigma dt = "
+          "dsigma = 0.015, MDLM p_unmask = 0.0156 (a 128-step chain at t ~ 0.5)")
+    if bw:
+        print(f"copy bandwidth {bw / 1e9:.0f} GB/s; floor = one read of the scores (+ one write of the gradient "
+              f"for score_entropy) at that bandwidth")
+
+
+# ----------------------------------------------------------------------------------------------
 
 BENCHES = {
     "mdlm_sampler": bench_mdlm_sampler,
     "throughput": bench_throughput,
+    "kernels": bench_kernels,
     "sedd": bench_sedd,
 }
 

@@ -812,11 +812,15 @@ def _register_kernel_python():
 
     def setup_context(ctx, inputs, output):
         ctx.mark_non_differentiable(output[1])  # the gradient buffer is scratch for backward
-        ctx.save_for_backward(output[1], inputs[1])
-        ctx.graph = inputs[4]
+        ctx.save_for_backward(inputs[1])
+        ctx.grad, ctx.graph = output[1], inputs[4]  # held here, not saved: backward hands it on
 
     def backward(ctx, grad_loss, _):
-        grad, xt = ctx.saved_tensors
+        grad, ctx.grad = ctx.grad, None
+        if grad is None:
+            raise RuntimeError("difflm.score_entropy: backward runs once per forward (its gradient buffer is "
+                               "scaled in place); recompute the loss instead of retain_graph=True")
+        xt, = ctx.saved_tensors
         torch.ops.difflm.score_entropy_scale_(grad, grad_loss.float().contiguous(), xt, ctx.graph)
         return grad, None, None, None, None
 

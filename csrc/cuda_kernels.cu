@@ -7,7 +7,8 @@
 //
 // Score entropy streams the row once with 16-byte loads and stores. A sampling step sums the row
 // per warp segment in one pass, decides "move or stay", and only if it moves walks the one
-// segment holding the inverse-CDF target (warp scans in fp64).
+// segment holding the inverse-CDF target (warp scans in fp64). SEDD steps exponentiate in fp64,
+// as the PyTorch oracle does.
 #include <cuda_runtime.h>
 #include <stdint.h>
 
@@ -290,7 +291,7 @@ __global__ void sedd_kernel(const T* __restrict__ h_all, const int64_t* __restri
   int64_t y = x;
   if (graph == ABSORB) {
     if (x == N - 1) {
-      auto w = [&](int64_t k) { return (double)expf(ld(h, k)); };
+      auto w = [&](int64_t k) { return exp((double)ld(h, k)); };
       const double S = segment_sums<G>(w, N - 1, tid, sm[sub]);
       const double Mv = c.a * S;
       double wx = final_step ? 0.0 : 1.0 - Mv;
@@ -298,18 +299,18 @@ __global__ void sedd_kernel(const T* __restrict__ h_all, const int64_t* __restri
       if (u0 < Mv / (Mv + wx)) y = walk<G>(w, N - 1, u1 * S, N, tid, sm[sub], &res[sub]);
     }
   } else if (step == EULER) {
-    auto w = [&](int64_t k) { return k == x ? 0.0 : (double)expf(ld(h, k)); };
+    auto w = [&](int64_t k) { return k == x ? 0.0 : exp((double)ld(h, k)); };
     const double S = segment_sums<G>(w, N, tid, sm[sub]);
     const double Mv = c.a * c.q * S;
     double wx = 1.0 - Mv;
     wx = wx > 0.0 ? wx : 0.0;
     if (u0 < Mv / (Mv + wx)) y = walk<G>(w, N, u1 * S, N, tid, sm[sub], &res[sub]);
   } else {
-    auto s = [&](int64_t k) { return k == x ? 0.0 : (double)expf(ld(h, k)); };
+    auto s = [&](int64_t k) { return k == x ? 0.0 : exp((double)ld(h, k)); };
     const double S = segment_sums<G>(s, N, tid, sm[sub]);
     const double b = c.bS * (S + 1.0), a = c.a, q = c.q;
     auto w = [&](int64_t k) {
-      const double v = (a * (double)expf(ld(h, k)) + b) * q;
+      const double v = (a * exp((double)ld(h, k)) + b) * q;
       return (v > 0.0 && k != x) ? v : 0.0;
     };
     const double Mv = segment_sums<G>(w, N, tid, sm[sub]);

@@ -1,0 +1,91 @@
+"""Fused kernels on CUDA: the same parity checks as tests/test_kernels.py, on the GPU, against the
+oracles run on the GPU, plus the three thread layouts of the CUDA code (a warp per row up to
+N = 2048, 256 threads up to 16384, 512 beyond) and unaligned rows for its 16-byte vector path."""
+import pytest
+import torch
+
+import common
+import mdlm
+import sedd
+from test_kernels import fresh_gen, pytorch_path
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; this torch sees none")]
+
+GRAPHS = ("absorb", "uniform")
+DTYPES = (torch.float32, torch.bfloat16)
+# V = 1; odd N so rows start unaligned; each thread layout; the GPT-2 vocabulary
+SHAPES = [(2, 3, 1), (3, 5, 6), (4, 33, 67), (2, 9, 3001), (2, 5, 20011), (2, 4, 50257)]
+
+
+@pytest.fixture(scope="module")
+def k():
+    ops = common.load_kernels()
+    assert ops is not None and ops.cuda_built(), "the kernels were not built with CUDA"
+    return ops
+
+
+def inputs(graph, B, L, V, dtype, gen, masked=0.5, scale=2.0):
+    N = V + 1 if graph == "absorb" else V
+    ls = (torch.randn(B, L, N, generator=gen) * scale).to(dtype)
+    if graph == "absorb":
+        x0 = torch.randint(V, (B, L), generator=gen)
+        xt = torch.where(torch.rand(B, L, generator=gen) < masked, N - 1, x0)
+    else:
+        xt = torch.randint(N, (B, L), generator=gen)
+        x0 = torch.where(torch.rand(B, L, generator=gen) < 0.5, xt, torch.randint(N, (B, L), generator=gen))
+    sb = torch.rand(B, generator=gen) * 4 + 1e-3
+    return [t.cuda() for t in (ls, xt, x0, sb)]
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_cuda_score_entropy_matches_oracle(k, graph, dtype, shape):
+    gen, seed = fresh_gen()
+    ls, xt, x0, sb = inputs(graph, *shape, dtype, gen)
+    w = torch.rand(shape[:2], generator=gen).cuda() + 0.5
+    ref_ls = ls.clone().requires_grad_()
+    with pytorch_path():
+        ref = sedd.score_entropy(ref_ls, xt, x0, sb, graph)
+    (ref * w).sum().backward()
+    got_ls = ls.clone().requires_grad_()
+    loss, _ = k.score_entropy(got_ls, xt, x0, sb, graph)
+    (loss * w).sum().backward()
+    torch.testing.assert_close(loss, ref, rtol=2e-5, atol=2e-5, msg=lambda m: f"seed {seed}: {m}")
+    tol = dict(rtol=2e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-3)
+    torch.testing.assert_close(got_ls.grad.float(), ref_ls.grad.float(), **tol, msg=lambda m: f"seed {seed}: {m}")
+    # the CPU kernel computes the same function
+    cpu_loss, cpu_grad = k.score_entropy(ls.cpu(), xt.cpu(), x0.cpu(), sb.cpu(), graph)
+    torch.testing.assert_close(loss.cpu(), cpu_loss, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_cuda_steps_return_the_oracles_tokens(k, graph, dtype, shape):
+    gen, seed = fresh_gen()
+    B, L, V = shape
+    for masked, t_scale in ((0.5, 0.3), (1.0, 3.0)):
+        ls, xt, _, _ = inputs(graph, *shape, dtype, gen, masked=masked)
+        t = (torch.rand(B, dtype=torch.float64, generator=gen) * t_scale).cuda()
+        u = torch.rand(B, L, 2, dtype=torch.float64, generator=gen).cuda()
+        N = ls.shape[-1]
+        with pytorch_path():
+            pairs = [("euler", k.sedd_euler_step(ls, xt, t, u, graph), sedd.euler_step(ls, xt, t, u, graph)),
+                     ("tweedie", k.sedd_tweedie_step(ls, xt, t, u, graph, False), sedd.tweedie_step(ls, xt, t, u, graph)),
+                     ("denoiser", k.sedd_tweedie_step(ls, xt, t, u, graph, True),
+                      sedd.tweedie_step(ls, xt, t, u, graph, final=True))]
+            if graph == "absorb":
+                p = t.clamp(max=1.0)
+                pairs.append(("mdlm", k.mdlm_ancestral_step(ls, xt, p, u, N - 1), mdlm.ancestral_step(ls, xt, p, u, N - 1)))
+        for name, got, ref in pairs:
+            assert torch.equal(got, ref), f"seed {seed}: {name} differs at {(got != ref).nonzero()[:5].tolist()}"
+
+
+def test_cuda_bad_device_mix_is_an_error(k):
+    ls = torch.randn(2, 3, 6, device="cuda")
+    xt = torch.full((2, 3), 5)
+    with pytest.raises(RuntimeError, match="xt must be on cuda"):
+        k.sedd_euler_step(ls, xt, torch.ones(2, dtype=torch.float64, device="cuda"),
+                          torch.rand(2, 3, 2, dtype=torch.float64, device="cuda"), "absorb")
