@@ -53,7 +53,7 @@ class Config(common.BaseConfig):
     n_head: int = 4
     n_layer: int = 4
     batch_size: int = 32
-    max_iters: int = 1500
+    max_iters: int = 700
     lr: float = 2e-3
     warmup_iters: int = 50
     eval_interval: int = 200
