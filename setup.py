@@ -38,6 +38,6 @@ setup(
                 if os.path.isfile(os.path.join(here, m + ".py"))],
     python_requires=">=3.9",
     install_requires=["torch>=2.1", "numpy", "tiktoken", "ninja", "pybind11", "tqdm"],
-    extras_require={"test": ["pytest", "hypothesis"], "plot": ["matplotlib"]},
+    extras_require={"test": ["pytest", "hypothesis"], "plot": ["matplotlib"], "bleu": ["sacrebleu"]},
     **kwargs,
 )
