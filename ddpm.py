@@ -73,13 +73,13 @@ class Config(common.BaseConfig):
 
 
 def eight_gaussians(n, gen):
-    """Eight Gaussians of std 0.1 on a circle of radius 2 (modes 1.53 apart: 15 std)."""
+    """Eight Gaussians of std 0.2 on a circle of radius 2: modes 1.53 apart (7.7 std), so the 3-std discs are disjoint."""
     k = torch.randint(8, (n,), generator=gen)
     centers = EIGHT_CENTERS[k]
     return centers + EIGHT_STD * torch.randn(n, 2, generator=gen, dtype=torch.float64)
 
 
-EIGHT_STD = 0.1
+EIGHT_STD = 0.2
 EIGHT_CENTERS = 2.0 * torch.stack([torch.cos(torch.arange(8) * math.pi / 4),
                                    torch.sin(torch.arange(8) * math.pi / 4)], 1).double()  # (8, 2)
 
@@ -319,8 +319,8 @@ def loss_fn(model, x0, alpha_bar, pred):
     """E_{t, eps} || target - net(x_t, t) ||^2, mean over dimensions.
 
     For eps it is eq. 14. The x0 and v losses are the same regression on their own targets; per
-    example they equal the eps loss times 1/SNR_t and 1/(1 + SNR_t)... (METHODS.md sec. 1), i.e.
-    they weight the noisy steps more.
+    example they equal the eps loss times 1/SNR_t and (1 + SNR_t)/SNR_t (METHODS.md sec. 1), so
+    they weight the noisy steps more than eq. 14 does.
     """
     B = x0.shape[0]
     k = torch.randint(len(alpha_bar), (B,), device=x0.device)

@@ -1,0 +1,322 @@
+"""DDPM: closed forms (hypothesis), exactness with the optimal Gaussian denoiser, learning on eight
+Gaussians end to end through the CLI, and bad inputs."""
+import math
+import os
+import re
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import run_cli
+
+import ddpm
+
+SCHEDULES = st.sampled_from(["linear", "cosine"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward process
+
+
+@settings(max_examples=60, deadline=None)
+@given(SCHEDULES, st.integers(30, 1000), st.floats(0, 1), st.floats(-5, 5))
+def test_closed_form_q_equals_composed_one_step_kernels(schedule, T, frac, x0):
+    betas = ddpm.betas_for(schedule, T)
+    t = 1 + int(frac * (T - 1))
+    # compose q(x_u | x_{u-1}) = N(sqrt(1 - beta_u) x_{u-1}, beta_u): mean and variance propagate affinely
+    mean, var = x0, 0.0
+    for u in range(t):
+        mean, var = math.sqrt(1 - betas[u]) * mean, (1 - betas[u]) * var + betas[u]
+    m, v = ddpm.q_mean_var(torch.tensor(x0, dtype=torch.float64), ddpm.alpha_bars(betas)[t - 1])
+    assert abs(float(m) - mean) < 1e-9 * (1 + abs(x0))
+    assert abs(float(v) - float(var)) < 1e-9
+
+
+# The threshold: at alpha_bar_T < 1e-3 the signal left in x_T has std sqrt(1e-3) ~ 0.03 of a
+# standardised coordinate, so starting the reverse chain from N(0, I) is off by a 3% mean shift
+# at most, and the prior term of the bound is below ~1e-3 nats per dimension.
+ALPHA_BAR_T_MAX = 1e-3
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_alpha_bar_decreasing_and_ends_near_zero_at_T_1000(schedule):
+    ab = ddpm.alpha_bars(ddpm.betas_for(schedule, 1000))
+    assert (ab[1:] < ab[:-1]).all() and float(ab[0]) < 1
+    assert float(ab[-1]) < ALPHA_BAR_T_MAX
+    expected = {"linear": 4.0e-5, "cosine": 2.4e-9}[schedule]  # METHODS.md sec. 1
+    assert abs(math.log(float(ab[-1]) / expected)) < 0.1
+
+
+@settings(max_examples=30, deadline=None)
+@given(SCHEDULES, st.integers(25, 4000))
+def test_alpha_bar_decreasing_for_any_T(schedule, T):
+    ab = ddpm.alpha_bars(ddpm.betas_for(schedule, T))
+    assert (ab[1:] < ab[:-1]).all() and float(ab[-1]) < ALPHA_BAR_T_MAX
+
+
+@settings(max_examples=60, deadline=None)
+@given(SCHEDULES, st.integers(30, 1000), st.floats(0, 1), st.floats(-3, 3), st.floats(-3, 3))
+def test_posterior_agrees_with_bayes_rule_in_1d(schedule, T, frac, x0, z):
+    betas = ddpm.betas_for(schedule, T)
+    ab = ddpm.alpha_bars(betas)
+    t = 2 + int(frac * (T - 2))  # paper step t >= 2 (beta_tilde_1 = 0 is a point mass)
+    ab_t, ab_s, beta = ab[t - 1], ab[t - 2], float(betas[t - 1])
+    xt = math.sqrt(ab_t) * x0 + math.sqrt(1 - ab_t) * z
+    # Bayes: q(x_{t-1} | x_t, x_0) is proportional to q(x_t | x_{t-1}) q(x_{t-1} | x_0), on a grid
+    prior_m, prior_sd = math.sqrt(ab_s) * x0, math.sqrt(1 - ab_s)
+    lik_m, lik_sd = xt / math.sqrt(1 - beta), math.sqrt(beta / (1 - beta))
+    lo = min(prior_m - 12 * prior_sd, lik_m - 12 * lik_sd)
+    hi = max(prior_m + 12 * prior_sd, lik_m + 12 * lik_sd)
+    grid = torch.linspace(lo, hi, 200001, dtype=torch.float64)
+    logp = -(xt - math.sqrt(1 - beta) * grid) ** 2 / (2 * beta) - (grid - prior_m) ** 2 / (2 * prior_sd**2)
+    w = torch.exp(logp - logp.max())
+    w = w / w.sum()
+    num_mean = float((w * grid).sum())
+    num_var = float((w * (grid - num_mean) ** 2).sum())
+    mean, var = ddpm.posterior(torch.tensor(x0, dtype=torch.float64), torch.tensor(xt, dtype=torch.float64), ab_t, ab_s)
+    assert abs(float(mean) - num_mean) < 1e-6 * (1 + abs(num_mean))
+    assert abs(float(var) / num_var - 1) < 1e-4
+    # and the one-step formulas of METHODS.md with beta_t = 1 - alpha_bar_t / alpha_bar_{t-1}
+    assert abs(float(var) - beta * (1 - ab_s) / (1 - ab_t)) < 1e-12
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.sampled_from(["eps", "x0", "v"]), st.floats(1e-4, 0.9999), st.integers(0, 2**31 - 1))
+def test_eps_x0_v_conversions_round_trip(kind, ab, seed):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(16, 3, generator=g, dtype=torch.float64)
+    eps = torch.randn(16, 3, generator=g, dtype=torch.float64)
+    ab = torch.tensor(ab, dtype=torch.float64)
+    xt = ddpm.q_sample(x0, ab, eps)
+    out = ddpm.target(x0, eps, ab, kind)
+    x0_hat, eps_hat = ddpm.to_x0_eps(out, xt, ab, kind)
+    tol = 1e-9 / math.sqrt(float(ab))  # x0 from eps divides by sqrt(alpha_bar)
+    assert torch.allclose(x0_hat, x0, atol=tol) and torch.allclose(eps_hat, eps, atol=1e-9 / math.sqrt(1 - float(ab)))
+    # v is the same from either side
+    assert torch.allclose(ddpm.target(x0_hat, eps_hat, ab, "v"), ddpm.target(x0, eps, ab, "v"), atol=tol)
+
+
+@settings(max_examples=8, deadline=None)
+@given(st.integers(1, 40), st.integers(0, 1000), st.sampled_from(["eps", "x0", "v"]))
+def test_ddim_eta0_is_deterministic_given_xT(steps, seed, pred):
+    torch.manual_seed(seed)
+    model = ddpm.Denoiser(2, 32, 2, 100, pred)
+    for p in model.parameters():  # a random but non-trivial network (the output layer starts at 0)
+        torch.nn.init.normal_(p, std=0.3)
+    betas = ddpm.betas_for("linear", 100)
+    ab = ddpm.alpha_bars(betas)
+    seq = ddpm.step_sequence(100, steps)
+    xT = torch.randn(64, 2)
+    runs = []
+    for eta, rng in ((0.0, 1), (0.0, 2), (1.0, 3)):
+        torch.manual_seed(rng)  # a different global RNG state each time
+        runs.append(ddpm.sample(model, xT, ab, seq, pred, "ddim", eta=eta))
+    assert torch.equal(runs[0], runs[1])
+    if len(seq) > 1:  # eta = 1 draws noise, so the same x_T gives other samples
+        assert not torch.allclose(runs[0], runs[2])
+
+
+def test_step_sequence():
+    assert ddpm.step_sequence(1000) == list(range(999, -1, -1))
+    seq = ddpm.step_sequence(1000, 10)
+    assert len(seq) == 10 and seq[0] == 999 and seq[-1] == 0 and seq == sorted(seq, reverse=True)
+    assert ddpm.step_sequence(1000, 0, "1, 10,100,1000") == [999, 99, 9, 0]
+    with pytest.raises(SystemExit, match="1..1000"):
+        ddpm.step_sequence(1000, 0, "0,5")
+    with pytest.raises(SystemExit, match="between 1 and T"):
+        ddpm.step_sequence(1000, 2000)
+
+
+# ----------------------------------------------------------------------------------------------
+# Exactness: Gaussian data, where E[x_0 | x_t] is linear in x_t and known in closed form
+
+MEAN = torch.tensor([0.5, -1.0], dtype=torch.float64)
+COV = torch.tensor([[1.0, 0.6], [0.6, 0.5]], dtype=torch.float64)
+
+
+def gaussian_denoiser(alpha_bar, pred):
+    """The optimal network for N(MEAN, COV): E[x_0 | x_t] = m + a C (a^2 C + b^2 I)^{-1} (x_t - a m)."""
+    lam, U = torch.linalg.eigh(COV)
+
+    def model(xt, k):
+        ab = alpha_bar[k][:, None]  # (B, 1)
+        a, b2 = ab.sqrt(), 1 - ab
+        y = (xt.double() - a * MEAN) @ U  # eigen-coordinates
+        x0 = MEAN + (y * a * lam / (ab * lam + b2)) @ U.T
+        eps = (xt.double() - a * x0) / b2.sqrt()
+        return ddpm.target(x0, eps, ab, pred)
+    return model
+
+
+@pytest.mark.parametrize("sampler,var,pred", [("ancestral", "beta", "eps"), ("ancestral", "posterior", "v"),
+                                              ("ddim", "beta", "x0")])
+def test_sampler_with_optimal_denoiser_reproduces_gaussian(sampler, var, pred):
+    """All 1000 steps: ancestral with either variance, and DDIM at eta=0 (the probability-flow ODE)."""
+    betas = ddpm.betas_for("linear", 1000)
+    ab = ddpm.alpha_bars(betas)
+    torch.manual_seed(0)
+    n = 20000
+    x = ddpm.sample(gaussian_denoiser(ab, pred), torch.randn(n, 2, dtype=torch.float64), ab,
+                    ddpm.step_sequence(1000), pred, sampler, var).double()
+    se = math.sqrt(float(COV.diagonal().max()) / n)
+    assert (x.mean(0) - MEAN).abs().max() < 5 * se
+    assert (torch.cov(x.T) - COV).abs().max() < 0.03
+
+
+@pytest.mark.parametrize("steps", [50, 10])
+def test_ddim_few_steps_is_the_exact_affine_map(steps):
+    """With few steps DDIM is not exact: for Gaussian data each step is an affine map that shrinks the
+    variance (Cauchy-Schwarz). The sampler must compute exactly that map, eigen-direction by direction."""
+    betas = ddpm.betas_for("linear", 1000)
+    ab = ddpm.alpha_bars(betas)
+    seq = ddpm.step_sequence(1000, steps)
+    lam, U = torch.linalg.eigh(COV)
+    m = MEAN @ U
+    gain, offset = torch.ones(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)  # x = gain x_T + offset
+    for i, k in enumerate(seq):
+        a, b = ab[k].sqrt(), (1 - ab[k]).sqrt()
+        a_s, b_s = (ab[seq[i + 1]].sqrt(), (1 - ab[seq[i + 1]]).sqrt()) if i + 1 < len(seq) else (1.0, 0.0)
+        c = a * lam / (a**2 * lam + b**2)  # x0_hat = m + c (x_t - a m) in eigen-coordinates
+        slope = a_s * c + b_s * (1 - a * c) / b
+        shift = (a_s - b_s * a / b) * (m - c * a * m)
+        gain, offset = slope * gain, slope * offset + shift
+    xT = torch.randn(256, 2, dtype=torch.float64)
+    x = ddpm.sample(gaussian_denoiser(ab, "eps"), xT, ab, seq, "eps", "ddim", eta=0.0).double()
+    expected = ((xT @ U) * gain + offset) @ U.T
+    assert torch.allclose(x, expected, atol=1e-5)
+    assert (gain**2 < lam).all()  # the shrink is real at these step counts
+
+
+@pytest.mark.parametrize("schedule,var,max_gap", [("linear", "beta", 0.1), ("cosine", "beta", 0.1), ("linear", "posterior", 1.5)])
+def test_bound_with_optimal_denoiser_is_not_below_true_nll(schedule, var, max_gap):
+    """The bound of the optimal model is above the true NLL (up to Monte Carlo noise) and close to it.
+    sigma_t^2 = beta_t is the better choice here (it is exact for N(0, I) data); the posterior variance
+    is too narrow for spread-out data and costs about 1.2 nats (0.6 per dimension)."""
+    betas = ddpm.betas_for(schedule, 1000)
+    torch.manual_seed(1)
+    x0 = MEAN + torch.randn(4000, 2, dtype=torch.float64) @ torch.linalg.cholesky(COV).T
+    prior, kl, decoder = ddpm.vlb(gaussian_denoiser(ddpm.alpha_bars(betas), "eps"), x0, betas, "eps", var)
+    bound = prior + kl + decoder  # (B,) nats
+    nll = -torch.distributions.MultivariateNormal(MEAN, COV).log_prob(x0)
+    gap = bound - nll
+    se = float(gap.std()) / math.sqrt(len(gap))
+    assert float(gap.mean()) > -3 * se, (float(gap.mean()), se)
+    assert float(gap.mean()) < max_gap
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+
+def test_toys_and_standardisation():
+    for name in ddpm.TOYS:
+        data = ddpm.PointBatches(name)
+        x = data.get("train", 5000)
+        assert x.shape == (5000, 2) and x.dtype == torch.float32
+        assert x.mean(0).abs().max() < 0.1 and (x.std(0) - 1).abs().max() < 0.1
+        assert torch.allclose(data.standardise(data.unstandardise(x)), x, atol=1e-5)
+    with pytest.raises(SystemExit, match="unknown toy"):
+        ddpm.PointBatches("nine_gaussians")
+
+
+def test_eight_gaussian_log_density_integrates_to_one():
+    g = torch.linspace(-3, 3, 1201, dtype=torch.float64)
+    xy = torch.stack(torch.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)
+    mass = float(ddpm.mixture_log_density(xy, "eight_gaussians").exp().sum()) * float(g[1] - g[0]) ** 2
+    assert abs(mass - 1) < 1e-3
+
+
+def test_no_matplotlib_gives_a_message(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    x = torch.randn(10, 2, dtype=torch.float64)
+    assert ddpm.save_png(str(tmp_path / "s.png"), x, x, "samples") is False
+    assert "matplotlib is not installed" in capsys.readouterr().out
+    assert not (tmp_path / "s.png").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end: the default run on eight Gaussians, then --sample and --eval
+
+
+def test_train_sample_eval_eight_gaussians(tmp_path):
+    out = str(tmp_path / "ddpm")
+    r = run_cli(["ddpm.py", "--train", f"--out_dir={out}"])  # the default: about a minute
+    assert "done: 6000 iterations" in r.stdout
+    r = run_cli(["ddpm.py", "--sample", f"--out_dir={out}", "--num_samples=1000", "--show"])
+    assert "energy distance to held-out" in r.stdout
+    raw = torch.from_numpy(np.load(os.path.join(out, "samples.npy")))
+    assert raw.shape == (1000, 2)
+    frac, counts = ddpm.mode_stats(raw)
+    assert frac >= 0.9, f"only {100 * frac:.1f}% of samples within 3 std of a mode"
+    assert (counts > 0).all(), f"a mode got no samples: {counts.tolist()}"
+    try:
+        import matplotlib  # noqa: F401
+        assert os.path.getsize(os.path.join(out, "samples.png")) > 1000
+    except ImportError:
+        assert "matplotlib is not installed" in r.stdout
+    r = run_cli(["ddpm.py", "--eval", f"--out_dir={out}", "--eval_points=300", "--sampler=ddim", "--steps=20"])
+    line = next(l for l in r.stdout.splitlines() if l.startswith("bound on"))
+    bound = float(line.split(": ")[1].split(" nats/dim")[0])
+    floor = float(next(l for l in r.stdout.splitlines() if l.startswith("exact")).split()[3])
+    assert floor - 0.05 < bound < floor + 1.0  # above the true NLL (up to sampling noise), and not far
+    assert "bits/dim" in line and "energy distance" in r.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# .npy data and bad inputs
+
+
+def test_npy_train_sample_eval_and_stats_in_checkpoint(tmp_path):
+    rng = np.random.default_rng(0)
+    arr = rng.normal(size=(300, 3)) * np.array([5.0, 0.1, 1.0]) + np.array([10.0, -2.0, 0.0])
+    path = tmp_path / "x.npy"
+    np.save(path, arr)
+    out = str(tmp_path / "run")
+    common = ["--T=100", f"--out_dir={out}"]
+    run_cli(["ddpm.py", "--train", f"--dataset={path}", "--max_iters=30", "--eval_interval=30", "--log_interval=10"] + common)
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    train_rows = np.random.default_rng(0).permutation(300)[30:]  # the 90/10 split
+    assert np.allclose(ckpt["meta"]["mean"], arr[train_rows].mean(0))
+    assert np.allclose(ckpt["meta"]["std"], arr[train_rows].std(0))
+    assert ckpt["meta"]["dim"] == 3 and ckpt["meta"]["data"] == str(path)
+    r = run_cli(["ddpm.py", "--sample", "--eval", "--num_samples=50", "--eval_points=30", "--sampler=ddim", "--steps=5"] + common)
+    assert np.load(os.path.join(out, "samples.npy")).shape == (50, 3)
+    assert "bits/dim" in r.stdout
+    with pytest.raises(SystemExit, match="--T is fixed by the checkpoint"):
+        ddpm.main(["--sample", "--T=200", f"--out_dir={out}"])
+
+
+# bad inputs go through main(argv), the CLI's own entry point, in-process (no interpreter start-up)
+
+
+@pytest.mark.parametrize("case", ["3d", "nan", "missing", "text"])
+def test_bad_npy(tmp_path, case):
+    path = tmp_path / "bad.npy"
+    if case == "3d":
+        np.save(path, np.zeros((40, 2, 2)))
+    elif case == "nan":
+        arr = np.zeros((40, 2))
+        arr[3, 1] = np.nan
+        np.save(path, arr)
+    elif case == "text":
+        path.write_text("1,2\n3,4\n")
+    expected = {"3d": "expected a numeric array of shape (N, D)", "nan": "NaN or infinite values in 1 rows",
+                "missing": "no file", "text": "not a readable .npy array"}[case]
+    with pytest.raises(SystemExit, match=re.escape(expected)):
+        ddpm.main(["--train", f"--dataset={path}", f"--out_dir={tmp_path}"])
+    assert not (tmp_path / "ckpt.pt").exists()
+
+
+def test_unknown_toy_and_missing_checkpoint(tmp_path):
+    with pytest.raises(SystemExit, match="unknown toy 'nine_gaussians'; use one of eight_gaussians"):
+        ddpm.main(["--train", "--dataset=nine_gaussians", f"--out_dir={tmp_path}"])
+    with pytest.raises(SystemExit, match="no checkpoint at .*ddpm.py --train"):
+        ddpm.main(["--sample", f"--out_dir={tmp_path / 'nothing'}"])
+    with pytest.raises(SystemExit, match="unknown --schedule='quadratic'"):
+        ddpm.main(["--train", "--schedule=quadratic", f"--out_dir={tmp_path}"])
+    with pytest.raises(SystemExit, match="unknown --pred='score'"):
+        ddpm.main(["--train", "--pred=score", f"--out_dir={tmp_path}"])
