@@ -53,10 +53,10 @@ class Config(common.BaseConfig):
     n_head: int = 4
     n_layer: int = 4
     batch_size: int = 32
-    max_iters: int = 700
+    max_iters: int = 2400
     lr: float = 2e-3
     warmup_iters: int = 50
-    eval_interval: int = 200
+    eval_interval: int = 600
     eval_iters: int = 5
     # forward process (paper sec. 3: T = 12, edit types 60/20/10/10, Poisson(3) spans)
     T: int = 12
