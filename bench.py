@@ -171,10 +171,11 @@ def bench_sedd(argv):
 def _peak_extra_bytes(fn, device):
     """Peak bytes allocated by fn() above what was live before it (its output included).
 
-    CUDA: the caching allocator's peak counter. CPU: torch's profiler records every allocation and
-    free with its size ([memory] events); replaying them in time order gives the peak of live
-    bytes. Only torch tensors are counted (the kernels' per-thread scratch rows, <= 8 N bytes per
-    thread, are not), which is the memory this benchmark is about.
+    CUDA: the caching allocator's peak counter. CPU: torch's profiler (profile_memory=True) records
+    the bytes each op allocates net of its own frees, and frees outside ops as [memory] events;
+    replaying them in time order (an op's bytes at its start) gives the peak of live bytes. Only
+    torch tensors are counted (the kernels' per-thread scratch rows, <= 8 N bytes per thread, are
+    not), which is the memory this benchmark is about.
     """
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -189,10 +190,10 @@ def _peak_extra_bytes(fn, device):
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = fn()
         del out
-    events = sorted((e for e in prof.events() if e.name == "[memory]"), key=lambda e: e.time_range.start)
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
     live = peak = 0
     for e in events:
-        live += e.cpu_memory_usage
+        live += e.self_cpu_memory_usage
         peak = max(peak, live)
     return peak
 
@@ -298,7 +299,7 @@ def bench_kernels(argv):
                         return torch.autograd.grad((fn(ls, xt, x0, sb, graph) * w).sum(), ls)[0]
                     return run
                 measure("score_entropy fwd+bwd", graph, size, make_se, fwd_bwd(sedd.score_entropy),
-                        fwd_bwd(lambda *x: k.score_entropy(*x)[0]), 2 * B * L * N * elt)
+                        fwd_bwd(k.score_entropy), 2 * B * L * N * elt)
 
             def make_step(p):
                 def make():

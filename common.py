@@ -797,31 +797,28 @@ _REGISTERED = []
 def _register_kernel_python():
     """Fake (shape-only) implementations for torch.compile, and the autograd of score_entropy.
 
-    The forward already wrote the per-row gradient dD/dlog_score; backward scales it in place by
-    the incoming gradient of the (B, L) loss, so the op never holds more than one B x L x N tensor.
+    The forward only reads the scores; backward streams them once more and writes the gradient,
+    already scaled by the incoming gradient of the (B, L) loss: the only B x L x N tensor it makes.
     """
     if _REGISTERED:
         return
     _REGISTERED.append(True)
     lib = "difflm::"
-    torch.library.register_fake(lib + "score_entropy", lambda log_score, xt, x0, sigma_bar, graph: (
-        log_score.new_empty(log_score.shape[:2], dtype=torch.float32), torch.empty_like(log_score)))
-    torch.library.register_fake(lib + "score_entropy_scale_", lambda grad, grad_loss, xt, graph: None)
+    torch.library.register_fake(lib + "score_entropy", lambda log_score, xt, x0, sigma_bar, graph:
+                                log_score.new_empty(log_score.shape[:2], dtype=torch.float32))
+    torch.library.register_fake(lib + "score_entropy_backward", lambda grad_loss, log_score, *args:
+                                torch.empty_like(log_score))
     for name in ("sedd_euler_step", "sedd_tweedie_step", "mdlm_ancestral_step"):
         torch.library.register_fake(lib + name, lambda scores, xt, *args, **kwargs: torch.empty_like(xt))
 
     def setup_context(ctx, inputs, output):
-        ctx.mark_non_differentiable(output[1])  # the gradient buffer is scratch for backward
-        ctx.save_for_backward(inputs[1])
-        ctx.grad, ctx.graph = output[1], inputs[4]  # held here, not saved: backward hands it on
+        ctx.save_for_backward(*inputs[:4])
+        ctx.graph = inputs[4]
 
-    def backward(ctx, grad_loss, _):
-        grad, ctx.grad = ctx.grad, None
-        if grad is None:
-            raise RuntimeError("difflm.score_entropy: backward runs once per forward (its gradient buffer is "
-                               "scaled in place); recompute the loss instead of retain_graph=True")
-        xt, = ctx.saved_tensors
-        torch.ops.difflm.score_entropy_scale_(grad, grad_loss.float().contiguous(), xt, ctx.graph)
+    def backward(ctx, grad_loss):
+        log_score, xt, x0, sigma_bar = ctx.saved_tensors
+        grad = torch.ops.difflm.score_entropy_backward(grad_loss.float().contiguous(), log_score, xt, x0, sigma_bar,
+                                                       ctx.graph)
         return grad, None, None, None, None
 
     torch.library.register_autograd(lib + "score_entropy", backward, setup_context=setup_context)

@@ -2,8 +2,8 @@
 // checks with messages that name the argument, and dispatch to the CPU functions or the CUDA
 // launchers. Autograd and fake (meta) implementations are registered from Python (common.py).
 //
-//   score_entropy(log_score, xt, x0, sigma_bar, graph) -> (loss (B, L) fp32, grad (B, L, N))
-//   score_entropy_scale_(grad, grad_loss, xt, graph)   grad *= grad_loss[..., None], in place
+//   score_entropy(log_score, xt, x0, sigma_bar, graph) -> loss (B, L) fp32
+//   score_entropy_backward(grad_loss, log_score, xt, x0, sigma_bar, graph) -> grad (B, L, N), input dtype
 //   sedd_euler_step(log_score, xt, rate_dt, u, graph) -> x_s (B, L)
 //   sedd_tweedie_step(log_score, xt, dsigma, u, graph, final) -> x_s (B, L)
 //   mdlm_ancestral_step(logits, xt, p_unmask, u, mask_id) -> x_s (B, L)
@@ -94,9 +94,8 @@ void cuda_ok(int err, const char* op) {
   void* stream = (void*)at::cuda::getCurrentCUDAStream().stream()
 #endif
 
-std::tuple<Tensor, Tensor> score_entropy(const Tensor& log_score, const Tensor& xt, const Tensor& x0,
-                                         const Tensor& sigma_bar, c10::string_view graph) {
-  const int g = graph_id(graph);
+// checks shared by the forward and the backward; returns the dtype code
+int check_score_entropy(const Tensor& log_score, const Tensor& xt, const Tensor& x0, const Tensor& sigma_bar, int g) {
   const int dtype = check_scores(log_score, "log_score", g == difflm::ABSORB ? 2 : 1);
   const int64_t B = log_score.size(0), L = log_score.size(1), N = log_score.size(2);
   check_like(xt, "xt", log_score, {B, L}, at::kLong, "(B, L)");
@@ -110,44 +109,46 @@ std::tuple<Tensor, Tensor> score_entropy(const Tensor& log_score, const Tensor& 
   check_ids(xt, "xt", N, "the states of log_score's last dimension");
   check_ids(x0, "x0", g == difflm::ABSORB ? N - 1 : N,
             g == difflm::ABSORB ? "clean tokens: MASK = N - 1 is not one" : "the states of log_score's last dimension");
+  return dtype;
+}
+
+// grad_loss undefined: the loss (B, L) fp32; defined: the gradient (B, L, N) scaled by it
+Tensor score_entropy_impl(const Tensor& log_score, const Tensor& xt, const Tensor& x0, const Tensor& sigma_bar,
+                          c10::string_view graph, const Tensor& grad_loss) {
+  const int g = graph_id(graph);
+  const int dtype = check_score_entropy(log_score, xt, x0, sigma_bar, g);
+  const int64_t B = log_score.size(0), L = log_score.size(1), N = log_score.size(2);
+  const bool bwd = grad_loss.defined();
+  if (bwd) check_like(grad_loss, "grad_loss", log_score, {B, L}, at::kFloat, "(B, L)");
   const Tensor sb = sigma_bar.to(at::kDouble).contiguous();
-  Tensor loss = at::empty({B, L}, log_score.options().dtype(at::kFloat));
-  Tensor grad = empty_grad_like(log_score);
-  if (B * L == 0) return {loss, grad};
+  Tensor out = bwd ? empty_grad_like(log_score) : at::empty({B, L}, log_score.options().dtype(at::kFloat));
+  if (B * L == 0) return out;
+  float* loss = bwd ? nullptr : out.data_ptr<float>();
+  const float* gl = bwd ? grad_loss.data_ptr<float>() : nullptr;
+  void* grad = bwd ? out.data_ptr() : nullptr;
   if (log_score.is_cpu()) {
     difflm::cpu_score_entropy(log_score.data_ptr(), dtype, xt.data_ptr<int64_t>(), x0.data_ptr<int64_t>(),
-                              sb.data_ptr<double>(), g, B, L, N, loss.data_ptr<float>(), grad.data_ptr(),
-                              at::get_num_threads());
+                              sb.data_ptr<double>(), g, B, L, N, loss, gl, grad, at::get_num_threads());
   } else {
 #ifdef DIFFLM_CUDA
     DIFFLM_STREAM(log_score);
     cuda_ok(difflm_launch_score_entropy(log_score.data_ptr(), dtype, xt.data_ptr<int64_t>(), x0.data_ptr<int64_t>(),
-                                        sb.data_ptr<double>(), g, B, L, N, loss.data_ptr<float>(), grad.data_ptr(),
-                                        stream),
+                                        sb.data_ptr<double>(), g, B, L, N, loss, gl, grad, stream),
             "score_entropy");
 #endif
   }
-  return {loss, grad};
+  return out;
 }
 
-void score_entropy_scale_(const Tensor& grad, const Tensor& grad_loss, const Tensor& xt, c10::string_view graph) {
-  const int g = graph_id(graph);
-  const int dtype = check_scores(grad, "grad", 1);
-  const int64_t B = grad.size(0), L = grad.size(1), N = grad.size(2);
-  check_like(grad_loss, "grad_loss", grad, {B, L}, at::kFloat, "(B, L)");
-  check_like(xt, "xt", grad, {B, L}, at::kLong, "(B, L)");
-  if (B * L == 0) return;
-  if (grad.is_cpu()) {
-    difflm::cpu_score_entropy_scale(grad.data_ptr(), dtype, grad_loss.data_ptr<float>(), xt.data_ptr<int64_t>(), g,
-                                    B * L, N, at::get_num_threads());
-  } else {
-#ifdef DIFFLM_CUDA
-    DIFFLM_STREAM(grad);
-    cuda_ok(difflm_launch_score_entropy_scale(grad.data_ptr(), dtype, grad_loss.data_ptr<float>(),
-                                              xt.data_ptr<int64_t>(), g, B * L, N, stream),
-            "score_entropy_scale_");
-#endif
-  }
+Tensor score_entropy(const Tensor& log_score, const Tensor& xt, const Tensor& x0, const Tensor& sigma_bar,
+                     c10::string_view graph) {
+  return score_entropy_impl(log_score, xt, x0, sigma_bar, graph, Tensor());
+}
+
+Tensor score_entropy_backward(const Tensor& grad_loss, const Tensor& log_score, const Tensor& xt, const Tensor& x0,
+                              const Tensor& sigma_bar, c10::string_view graph) {
+  TORCH_CHECK(grad_loss.defined(), "difflm: grad_loss must be a (B, L) float32 tensor");
+  return score_entropy_impl(log_score, xt, x0, sigma_bar, graph, grad_loss);
 }
 
 // shared checks of the sampling steps; returns the dtype code
@@ -228,8 +229,9 @@ bool cuda_built() {
 }  // namespace
 
 TORCH_LIBRARY(difflm, m) {
-  m.def("score_entropy(Tensor log_score, Tensor xt, Tensor x0, Tensor sigma_bar, str graph) -> (Tensor, Tensor)");
-  m.def("score_entropy_scale_(Tensor(a!) grad, Tensor grad_loss, Tensor xt, str graph) -> ()");
+  m.def("score_entropy(Tensor log_score, Tensor xt, Tensor x0, Tensor sigma_bar, str graph) -> Tensor");
+  m.def("score_entropy_backward(Tensor grad_loss, Tensor log_score, Tensor xt, Tensor x0, Tensor sigma_bar, "
+        "str graph) -> Tensor");
   m.def("sedd_euler_step(Tensor log_score, Tensor xt, Tensor rate_dt, Tensor u, str graph) -> Tensor");
   m.def("sedd_tweedie_step(Tensor log_score, Tensor xt, Tensor dsigma, Tensor u, str graph, bool final=False) -> Tensor");
   m.def("mdlm_ancestral_step(Tensor logits, Tensor xt, Tensor p_unmask, Tensor u, int mask_id) -> Tensor");
@@ -238,7 +240,7 @@ TORCH_LIBRARY(difflm, m) {
 
 TORCH_LIBRARY_IMPL(difflm, CPU, m) {
   m.impl("score_entropy", &score_entropy);
-  m.impl("score_entropy_scale_", &score_entropy_scale_);
+  m.impl("score_entropy_backward", &score_entropy_backward);
   m.impl("sedd_euler_step", &sedd_euler_step);
   m.impl("sedd_tweedie_step", &sedd_tweedie_step);
   m.impl("mdlm_ancestral_step", &mdlm_ancestral_step);
@@ -247,7 +249,7 @@ TORCH_LIBRARY_IMPL(difflm, CPU, m) {
 #ifdef DIFFLM_CUDA
 TORCH_LIBRARY_IMPL(difflm, CUDA, m) {
   m.impl("score_entropy", &score_entropy);
-  m.impl("score_entropy_scale_", &score_entropy_scale_);
+  m.impl("score_entropy_backward", &score_entropy_backward);
   m.impl("sedd_euler_step", &sedd_euler_step);
   m.impl("sedd_tweedie_step", &sedd_tweedie_step);
   m.impl("mdlm_ancestral_step", &mdlm_ancestral_step);

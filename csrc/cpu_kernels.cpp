@@ -1,6 +1,6 @@
 // CPU implementations of the difflm ops: plain C++ with OpenMP, one row (position) per iteration.
 //
-// Every row is streamed once for its sums and written once; a sampling step keeps the row's scores
+// Every row is streamed once for its sums (forward) or once for its gradient (backward); a sampling step keeps the row's scores
 // in a per-thread scratch buffer (fits in L2 up to N ~ 250k) for its early-exit inverse-CDF scan.
 // The row functions are compiled for AVX-512, AVX2 and plain x86-64 (target_clones) and the loader
 // picks the best one for the CPU, so the build needs no -march flag.
@@ -93,74 +93,78 @@ DIFFLM_INLINE double exp_f64(double x) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// score entropy: loss and gradient of one row in one pass
+// score entropy, one streaming pass per row: the loss (forward, reads only) or the gradient scaled
+// by the upstream gradient w (backward, reads the row and writes its gradient once)
 
-// uniform graph over [lo, hi): sums of s and log s, gradient (s - rho) / N
-template <class T>
-DIFFLM_INLINE void se_uniform_range(const T* h, T* g, int64_t lo, int64_t hi, float rho, float inv_n,
-                                    double& S, double& H) {
+// uniform graph over [lo, hi): sums of s and log s; backward writes (s - rho) w / N
+template <bool BWD, class T>
+DIFFLM_INLINE void se_uniform_range(const T* h, T* g, int64_t lo, int64_t hi, float rho, float coef, double& S,
+                                    double& H) {
   double s_acc = 0.0, h_acc = 0.0;
 #pragma omp simd reduction(+ : s_acc, h_acc)
   for (int64_t y = lo; y < hi; ++y) {
     const float hy = load(h, y);
     const float s = exp_f32(hy);
-    s_acc += (double)s;
-    h_acc += (double)hy;
-    store(g, y, (s - rho) * inv_n);
+    if (BWD) {
+      store(g, y, (s - rho) * coef);
+    } else {
+      s_acc += (double)s;
+      h_acc += (double)hy;
+    }
   }
   S += s_acc;
   H += h_acc;
 }
 
-template <class T>
-DIFFLM_INLINE float se_row(const T* h, T* g, int64_t N, int64_t x, int64_t x0, int graph, const SEConsts& c) {
+template <bool BWD, class T>
+DIFFLM_INLINE float se_row(const T* h, T* g, int64_t N, int64_t x, int64_t x0, int graph, const SEConsts& c, float w) {
   if (graph == ABSORB) {
     const int64_t M = N - 1;
     if (x != M) {  // an unmasked position: zero loss, zero gradient, no reads
-      memset(g, 0, N * sizeof(T));
+      if (BWD) memset(g, 0, N * sizeof(T));
       return 0.0f;
     }
     double S = 0.0;
 #pragma omp simd reduction(+ : S)
     for (int64_t y = 0; y < M; ++y) {
       const float s = exp_f32(load(h, y));
-      S += (double)s;
-      store(g, y, s);
+      if (BWD)
+        store(g, y, s * w);
+      else
+        S += (double)s;
     }
-    store(g, M, 0.0f);
     const float h0 = load(h, x0);
-    store(g, x0, (float)((double)exp_f32(h0) - c.r));
+    if (BWD) {
+      store(g, M, 0.0f);
+      store(g, x0, (float)(((double)exp_f32(h0) - c.r) * (double)w));
+      return 0.0f;
+    }
     return (float)(S - c.r * (double)h0 + c.k_same);  // sum_{y != M} s_y - r log s_{x0} + K(r)
   }
   const bool same = x == x0;
-  const float rho = same ? (float)c.r : 1.0f, inv_n = 1.0f / (float)N;
+  const float rho = same ? (float)c.r : 1.0f, coef = w / (float)N;
   double S = 0.0, H = 0.0;  // sums over y != x of s_y and log s_y
-  se_uniform_range(h, g, 0, x, rho, inv_n, S, H);
-  se_uniform_range(h, g, x + 1, N, rho, inv_n, S, H);
-  store(g, x, 0.0f);
+  se_uniform_range<BWD>(h, g, 0, x, rho, coef, S, H);
+  se_uniform_range<BWD>(h, g, x + 1, N, rho, coef, S, H);
   const double n = (double)N;
-  if (same) return (float)(S / n - c.r * H / n + c.k_same);
   const float h0 = load(h, x0);
-  store(g, x0, (float)(((double)exp_f32(h0) - 1.0 / c.r) / n));
+  if (BWD) {
+    store(g, x, 0.0f);
+    if (!same) store(g, x0, (float)(((double)exp_f32(h0) - 1.0 / c.r) / n * (double)w));
+    return 0.0f;
+  }
+  if (same) return (float)(S / n - c.r * H / n + c.k_same);
   return (float)(S / n - H / n - (double)h0 / c.e + c.k_diff);
 }
 
 DIFFLM_CLONES float se_row_f32(const float* h, float* g, int64_t N, int64_t x, int64_t x0, int graph,
-                               const SEConsts& c) {
-  return se_row(h, g, N, x, x0, graph, c);
+                               const SEConsts& c, float w) {
+  return g ? se_row<true>(h, g, N, x, x0, graph, c, w) : se_row<false>(h, g, N, x, x0, graph, c, w);
 }
 DIFFLM_CLONES float se_row_bf16(const uint16_t* h, uint16_t* g, int64_t N, int64_t x, int64_t x0, int graph,
-                                const SEConsts& c) {
-  return se_row(h, g, N, x, x0, graph, c);
+                                const SEConsts& c, float w) {
+  return g ? se_row<true>(h, g, N, x, x0, graph, c, w) : se_row<false>(h, g, N, x, x0, graph, c, w);
 }
-
-template <class T>
-DIFFLM_INLINE void scale_row(T* g, int64_t N, float w) {
-#pragma omp simd
-  for (int64_t y = 0; y < N; ++y) store(g, y, load(g, y) * w);
-}
-DIFFLM_CLONES void scale_row_f32(float* g, int64_t N, float w) { scale_row(g, N, w); }
-DIFFLM_CLONES void scale_row_bf16(uint16_t* g, int64_t N, float w) { scale_row(g, N, w); }
 
 // ------------------------------------------------------------------------------------------------
 // sampling: inverse CDF over nonnegative weights w(y), y in [0, n), with fp64 accumulation.
@@ -310,28 +314,22 @@ int64_t chunk_for(int64_t N) { return std::max<int64_t>(1, std::min<int64_t>(256
 
 void cpu_score_entropy(const void* log_score, int dtype, const int64_t* xt, const int64_t* x0,
                        const double* sigma_bar, int graph, int64_t B, int64_t L, int64_t N, float* loss,
-                       void* grad, int nthreads) {
+                       const float* grad_loss, void* grad, int nthreads) {
   const int64_t rows = B * L, chunk = chunk_for(N);
+  std::vector<SEConsts> consts(B);
+  for (int64_t b = 0; b < B; ++b) consts[b] = se_consts(sigma_bar[b], graph, N);
 #pragma omp parallel for schedule(dynamic, chunk) num_threads(threads_for(rows, N, nthreads))
   for (int64_t i = 0; i < rows; ++i) {
-    const SEConsts c = se_consts(sigma_bar[i / L], graph, N);
+    const SEConsts& c = consts[i / L];
+    const float w = grad ? grad_loss[i] : 1.0f;
+    float d;
     if (dtype == BF16)
-      loss[i] = se_row_bf16((const uint16_t*)log_score + i * N, (uint16_t*)grad + i * N, N, xt[i], x0[i], graph, c);
+      d = se_row_bf16((const uint16_t*)log_score + i * N, grad ? (uint16_t*)grad + i * N : nullptr, N, xt[i], x0[i],
+                      graph, c, w);
     else
-      loss[i] = se_row_f32((const float*)log_score + i * N, (float*)grad + i * N, N, xt[i], x0[i], graph, c);
-  }
-}
-
-void cpu_score_entropy_scale(void* grad, int dtype, const float* grad_loss, const int64_t* xt, int graph,
-                             int64_t rows, int64_t N, int nthreads) {
-  const int64_t chunk = chunk_for(N);
-#pragma omp parallel for schedule(dynamic, chunk) num_threads(threads_for(rows, N, nthreads))
-  for (int64_t i = 0; i < rows; ++i) {
-    if (graph == ABSORB && xt[i] != N - 1) continue;  // the row is zero
-    if (dtype == BF16)
-      scale_row_bf16((uint16_t*)grad + i * N, N, grad_loss[i]);
-    else
-      scale_row_f32((float*)grad + i * N, N, grad_loss[i]);
+      d = se_row_f32((const float*)log_score + i * N, grad ? (float*)grad + i * N : nullptr, N, xt[i], x0[i], graph,
+                     c, w);
+    if (!grad) loss[i] = d;
   }
 }
 

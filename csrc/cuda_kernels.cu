@@ -5,7 +5,7 @@
 // group computes bitwise the same row totals (butterfly reductions, then a fixed-order sum over
 // warps), so row decisions (masked? move?) never diverge inside a group.
 //
-// Score entropy streams the row once with 16-byte loads and stores. A sampling step sums the row
+// Score entropy streams the row once with 16-byte loads (and stores, in the backward). A sampling step sums the row
 // per warp segment in one pass, decides "move or stay", and only if it moves walks the one
 // segment holding the inverse-CDF target (warp scans in fp64). SEDD steps exponentiate in fp64,
 // as the PyTorch oracle does.
@@ -123,80 +123,72 @@ __device__ __forceinline__ float group_max(float v, double* sm) {
   return t;
 }
 
-// ---- score entropy
+// ---- score entropy: the loss (forward, BWD = false, reads only) or the gradient scaled by the
+// upstream gradient w (backward: one read of the row, one write of its gradient)
 
-template <class T, int G, int R>
+template <class T, int G, int R, bool BWD>
 __global__ void se_kernel(const T* __restrict__ h_all, const int64_t* __restrict__ xt, const int64_t* __restrict__ x0,
                           const double* __restrict__ sigma_bar, int graph, int64_t rows, int64_t L, int64_t N,
-                          float* __restrict__ loss, T* __restrict__ g_all) {
+                          float* __restrict__ loss, const float* __restrict__ grad_loss, T* __restrict__ g_all) {
   __shared__ double sm[R][G / 32];
   const int sub = threadIdx.x / G, tid = threadIdx.x % G;
   const int64_t row = (int64_t)blockIdx.x * R + sub;
   if (row >= rows) return;  // whole groups only
   const T* h = h_all + row * N;
-  T* g = g_all + row * N;
+  T* g = BWD ? g_all + row * N : nullptr;
+  const float w = BWD ? grad_loss[row] : 1.0f;
   const int64_t x = xt[row], y0 = x0[row];
   const SEConsts c = se_consts(sigma_bar[row / L], graph, N);
   if (graph == ABSORB) {
     const int64_t M = N - 1;
     if (x != M) {
-      visit<T, G, true>(g, g, N, tid, [](int64_t, float) { return 0.0f; });
-      if (tid == 0) loss[row] = 0.0f;
+      if (BWD) visit<T, G, true>(g, g, N, tid, [](int64_t, float) { return 0.0f; });
+      else if (tid == 0) loss[row] = 0.0f;
       return;
     }
     double S = 0.0;
-    visit<T, G, true>(h, g, M, tid, [&](int64_t, float v) {
+    visit<T, G, BWD>(h, g, M, tid, [&](int64_t, float v) {
       const float s = expf(v);
-      S += (double)s;
-      return s;
+      if (!BWD) S += (double)s;
+      return s * w;
     });
-    S = group_sum<G>(S, sm[sub]);
-    __syncwarp();
-    if (tid == 0) {
-      const float h0 = ld(h, y0);
-      st(g, M, 0.0f);
-      st(g, y0, (float)((double)expf(h0) - c.r));
-      loss[row] = (float)(S - c.r * (double)h0 + c.k_same);
+    if (BWD) {
+      if (G > 32) __syncthreads(); else __syncwarp();  // the row is written before the two fix-ups
+      if (tid == 0) {
+        st(g, M, 0.0f);
+        st(g, y0, (float)(((double)expf(ld(h, y0)) - c.r) * (double)w));
+      }
+      return;
     }
+    S = group_sum<G>(S, sm[sub]);
+    if (tid == 0) loss[row] = (float)(S - c.r * (double)ld(h, y0) + c.k_same);
     return;
   }
   const bool same = x == y0;
-  const float rho = same ? (float)c.r : 1.0f, inv_n = 1.0f / (float)N;
+  const float rho = same ? (float)c.r : 1.0f, coef = w / (float)N;
   double S = 0.0, H = 0.0;
   auto f = [&](int64_t, float v) {
     const float s = expf(v);
-    S += (double)s;
-    H += (double)v;
-    return (s - rho) * inv_n;
+    if (!BWD) S += (double)s, H += (double)v;
+    return (s - rho) * coef;
   };
-  visit<T, G, true>(h, g, x, tid, f);
-  visit<T, G, true>(h + x + 1, g + x + 1, N - x - 1, tid, f);
+  visit<T, G, BWD>(h, g, x, tid, f);
+  visit<T, G, BWD>(h + x + 1, BWD ? g + x + 1 : nullptr, N - x - 1, tid, f);
+  const double n = (double)N;
+  if (BWD) {
+    if (G > 32) __syncthreads(); else __syncwarp();
+    if (tid == 0) {
+      st(g, x, 0.0f);
+      if (!same) st(g, y0, (float)(((double)expf(ld(h, y0)) - 1.0 / c.r) / n * (double)w));
+    }
+    return;
+  }
   S = group_sum<G>(S, sm[sub]);
   H = group_sum<G>(H, sm[sub]);
-  __syncwarp();
   if (tid == 0) {
-    const double n = (double)N;
-    st(g, x, 0.0f);
-    if (same) {
-      loss[row] = (float)(S / n - c.r * H / n + c.k_same);
-    } else {
-      const float h0 = ld(h, y0);
-      st(g, y0, (float)(((double)expf(h0) - 1.0 / c.r) / n));
-      loss[row] = (float)(S / n - H / n - (double)h0 / c.e + c.k_diff);
-    }
+    const float h0 = ld(h, y0);
+    loss[row] = (float)(same ? S / n - c.r * H / n + c.k_same : S / n - H / n - (double)h0 / c.e + c.k_diff);
   }
-}
-
-template <class T, int G, int R>
-__global__ void scale_kernel(T* __restrict__ g_all, const float* __restrict__ w, const int64_t* __restrict__ xt,
-                             int graph, int64_t rows, int64_t N) {
-  const int sub = threadIdx.x / G, tid = threadIdx.x % G;
-  const int64_t row = (int64_t)blockIdx.x * R + sub;
-  if (row >= rows) return;
-  if (graph == ABSORB && xt[row] != N - 1) return;  // a zero row
-  const float wr = w[row];
-  T* g = g_all + row * N;
-  visit<T, G, true>(g, g, N, tid, [&](int64_t, float v) { return v * wr; });
 }
 
 // ---- inverse CDF per group: segment sums, then a walk of one segment
@@ -371,29 +363,28 @@ extern "C" {
 
 int difflm_launch_score_entropy(const void* log_score, int dtype, const int64_t* xt, const int64_t* x0,
                                 const double* sigma_bar, int graph, int64_t B, int64_t L, int64_t N, float* loss,
-                                void* grad, void* stream) {
+                                const float* grad_loss, void* grad, void* stream) {
   const int64_t rows = B * L;
   cudaStream_t st = (cudaStream_t)stream;
   DIFFLM_BY_WIDTH(N, {
-    if (dtype == BF16)
-      se_kernel<uint16_t, G, R><<<blocks_for(rows, R), G * R, 0, st>>>(
-          (const uint16_t*)log_score, xt, x0, sigma_bar, graph, rows, L, N, loss, (uint16_t*)grad);
-    else
-      se_kernel<float, G, R><<<blocks_for(rows, R), G * R, 0, st>>>((const float*)log_score, xt, x0, sigma_bar,
-                                                                     graph, rows, L, N, loss, (float*)grad);
-  });
-  return (int)cudaGetLastError();
-}
-
-int difflm_launch_score_entropy_scale(void* grad, int dtype, const float* grad_loss, const int64_t* xt, int graph,
-                                      int64_t rows, int64_t N, void* stream) {
-  cudaStream_t st = (cudaStream_t)stream;
-  DIFFLM_BY_WIDTH(N, {
-    if (dtype == BF16)
-      scale_kernel<uint16_t, G, R><<<blocks_for(rows, R), G * R, 0, st>>>((uint16_t*)grad, grad_loss, xt, graph,
-                                                                           rows, N);
-    else
-      scale_kernel<float, G, R><<<blocks_for(rows, R), G * R, 0, st>>>((float*)grad, grad_loss, xt, graph, rows, N);
+    const unsigned blocks = blocks_for(rows, R);
+    if (dtype == BF16) {
+      const uint16_t* h = (const uint16_t*)log_score;
+      if (grad)
+        se_kernel<uint16_t, G, R, true><<<blocks, G * R, 0, st>>>(h, xt, x0, sigma_bar, graph, rows, L, N, loss,
+                                                                   grad_loss, (uint16_t*)grad);
+      else
+        se_kernel<uint16_t, G, R, false><<<blocks, G * R, 0, st>>>(h, xt, x0, sigma_bar, graph, rows, L, N, loss,
+                                                                    grad_loss, nullptr);
+    } else {
+      const float* h = (const float*)log_score;
+      if (grad)
+        se_kernel<float, G, R, true><<<blocks, G * R, 0, st>>>(h, xt, x0, sigma_bar, graph, rows, L, N, loss,
+                                                                grad_loss, (float*)grad);
+      else
+        se_kernel<float, G, R, false><<<blocks, G * R, 0, st>>>(h, xt, x0, sigma_bar, graph, rows, L, N, loss,
+                                                                 grad_loss, nullptr);
+    }
   });
   return (int)cudaGetLastError();
 }

@@ -77,11 +77,10 @@ DIFFLM_HD StepConsts step_consts(double t, int step, int graph, int64_t N) {
 }
 
 // ---- CPU (cpu_kernels.cpp); nthreads: OpenMP threads (torch's intra-op count)
+// score entropy: grad == nullptr: the loss (B, L); else the gradient scaled by grad_loss (B, L)
 void cpu_score_entropy(const void* log_score, int dtype, const int64_t* xt, const int64_t* x0,
                        const double* sigma_bar, int graph, int64_t B, int64_t L, int64_t N,
-                       float* loss, void* grad, int nthreads);
-void cpu_score_entropy_scale(void* grad, int dtype, const float* grad_loss, const int64_t* xt, int graph,
-                             int64_t rows, int64_t N, int nthreads);
+                       float* loss, const float* grad_loss, void* grad, int nthreads);
 void cpu_sedd_step(const void* log_score, int dtype, const int64_t* xt, const double* t, const double* u,
                    int step, int graph, bool final_step, int64_t B, int64_t L, int64_t N, int64_t* out,
                    int nthreads);
@@ -94,9 +93,7 @@ void cpu_mdlm_step(const void* logits, int dtype, const int64_t* xt, const doubl
 extern "C" {
 int difflm_launch_score_entropy(const void* log_score, int dtype, const int64_t* xt, const int64_t* x0,
                                 const double* sigma_bar, int graph, int64_t B, int64_t L, int64_t N,
-                                float* loss, void* grad, void* stream);
-int difflm_launch_score_entropy_scale(void* grad, int dtype, const float* grad_loss, const int64_t* xt,
-                                      int graph, int64_t rows, int64_t N, void* stream);
+                                float* loss, const float* grad_loss, void* grad, void* stream);
 int difflm_launch_sedd_step(const void* log_score, int dtype, const int64_t* xt, const double* t,
                             const double* u, int step, int graph, int final_step, int64_t B, int64_t L,
                             int64_t N, int64_t* out, void* stream);

@@ -80,7 +80,7 @@ def test_score_entropy_matches_oracle_and_autograd(k, graph, masked, dtype, shap
         ref = sedd.score_entropy(ref_ls, xt, x0, sb, graph)
     (ref * w).sum().backward()
     got_ls = ls.clone().requires_grad_()
-    loss, _ = k.score_entropy(got_ls, xt, x0, sb, graph)
+    loss = k.score_entropy(got_ls, xt, x0, sb, graph)
     (loss * w).sum().backward()
 
     assert loss.dtype == torch.float32 and loss.shape == shape[:2]
@@ -94,15 +94,15 @@ def test_score_entropy_matches_oracle_and_autograd(k, graph, masked, dtype, shap
         assert (got_ls.grad[xt != ls.shape[-1] - 1] == 0).all() and (got_ls.grad[..., -1] == 0).all()
 
 
-def test_score_entropy_is_what_sedd_uses_and_backward_runs_once(k):
+def test_score_entropy_is_what_sedd_uses_and_backward_can_run_twice(k):
     gen, _ = fresh_gen()
     ls, xt, x0, sb = inputs("absorb", 2, 9, 13, torch.float32, gen, masked=1.0)
     a = ls.clone().requires_grad_()
     loss = sedd.score_entropy(a, xt, x0, sb, "absorb")  # dispatches to the kernel
-    torch.testing.assert_close(loss, k.score_entropy(ls, xt, x0, sb, "absorb")[0], rtol=0, atol=0)
-    loss.sum().backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="backward runs once"):
-        loss.sum().backward()
+    torch.testing.assert_close(loss, k.score_entropy(ls, xt, x0, sb, "absorb"), rtol=0, atol=0)
+    g1, = torch.autograd.grad(loss.sum(), a, retain_graph=True)
+    g2, = torch.autograd.grad(loss.sum(), a)
+    assert torch.equal(g1, g2)
 
 
 def test_opcheck_fake_and_autograd_registration(k):
@@ -113,6 +113,8 @@ def test_opcheck_fake_and_autograd_registration(k):
     utils = ("test_schema", "test_faketensor", "test_autograd_registration")
     torch.library.opcheck(k.score_entropy.default, (ls.requires_grad_(), xt, x0, sb, "uniform"), test_utils=utils)
     ls = ls.detach()
+    torch.library.opcheck(k.score_entropy_backward.default, (torch.rand(2, 3), ls, xt, x0, sb, "uniform"),
+                          test_utils=utils[:2])
     torch.library.opcheck(k.sedd_euler_step.default, (ls, xt, t, u, "uniform"), test_utils=utils)
     torch.library.opcheck(k.sedd_tweedie_step.default, (ls, xt, t, u, "uniform", True), test_utils=utils)
     torch.library.opcheck(k.mdlm_ancestral_step.default, (ls, xt, t, u, 6), test_utils=utils)
@@ -240,8 +242,10 @@ def test_bad_inputs_name_the_argument(k):
         (lambda: k.score_entropy(ls, xt, x0, sb, "masked"), "graph must be 'absorb' or 'uniform'"),
         (lambda: k.score_entropy(ls[..., :1].contiguous(), torch.zeros_like(xt), x0, sb, "absorb"),
          "needs at least 2 states"),
-        (lambda: k.score_entropy_scale_(ls, sb.double()[:, None].expand(B, L).contiguous(), xt, "absorb"),
+        (lambda: k.score_entropy_backward(torch.ones(B, L, dtype=torch.float64), ls, xt, x0, sb, "absorb"),
          "grad_loss must be Float"),
+        (lambda: k.score_entropy_backward(torch.ones(B, 1), ls, xt, x0, sb, "absorb"),
+         r"grad_loss must have shape \(B, L\)"),
         (lambda: k.sedd_euler_step(ls, xt, t.float(), u, "absorb"), "rate_dt must be Double"),
         (lambda: k.sedd_euler_step(ls, xt, t, u.float(), "absorb"), "u must be Double"),
         (lambda: k.sedd_euler_step(ls, xt, t, u[..., :1].contiguous(), "absorb"), r"u must have shape \(B, L, 2\)"),
@@ -355,16 +359,17 @@ def test_mdlm_sampling_same_with_and_without_kernels(k, sampler):
 def test_sedd_learns_a_toy_language_on_the_kernels(k, tmp_path):
     """End to end on the fused path: train (score-entropy kernel), sample (Tweedie kernels), and the
     samples follow the toy grammar far above chance (1/3 of adjacent pairs)."""
-    data = write_toy_dataset(tmp_path / "data", [toy_language(30_000)], CHARS)
-    cfg = sedd.Config(graph="absorb", data_dir=data, out_dir=str(tmp_path / "out"), n_layer=1, n_head=2, n_embd=48,
-                      block_size=16, batch_size=32, max_iters=300, lr=2e-3, warmup_iters=20, eval_interval=300,
-                      eval_iters=1, log_interval=1000, grad_clip=16.0, ema=0.9, steps=24)
+    data = write_toy_dataset(tmp_path / "data", [toy_language(60_000)], CHARS)
+    cfg = sedd.Config(graph="absorb", data_dir=data, out_dir=str(tmp_path / "out"), n_layer=2, n_head=2, n_embd=64,
+                      block_size=24, batch_size=32, max_iters=800, lr=1e-3, warmup_iters=20, eval_interval=800,
+                      eval_iters=2, log_interval=1000, grad_clip=24.0, ema=0.9, steps=48)
     meta = common.prepare_data(cfg)
+    torch.manual_seed(0)  # the initial weights do not depend on which tests ran before (as in test_sedd.py)
     model = sedd.build_model(cfg, meta)
-    torch.manual_seed(0)
     ema = common.train(cfg, "sedd", model, lambda m, x0: sedd.loss_fn(m, x0, cfg, model.num_states),
                        lambda m, b: sedd.evaluate(m, b, cfg), meta)
     torch.manual_seed(1)
-    samples, _ = sedd.generate(ema, cfg, torch.full((16,), -1), 64)
+    samples, _ = sedd.generate(ema, cfg, torch.full((24,), -1), 64)
     frac = legal_fraction(samples)
-    assert frac > 0.5, f"{frac:.3f} of adjacent pairs legal (chance 0.333)"
+    # test_sedd.py's configuration at 800 iterations: 0.84 measured on the kernels, 0.82 on the PyTorch path
+    assert frac > 0.55, f"{frac:.3f} of adjacent pairs legal (chance 0.333)"
