@@ -96,60 +96,59 @@ DIFFLM_INLINE double exp_f64(double x) {
 // score entropy, one streaming pass per row: the loss (forward, reads only) or the gradient scaled
 // by the upstream gradient w (backward, reads the row and writes its gradient once)
 
-// uniform graph over [lo, hi): sums of s and log s; backward writes (s - rho) w / N
+// Row sums in fp32 vector lanes within blocks of SE_BLOCK (the oracle sums in fp32 too), blocks
+// added in fp64 so long rows (N ~ 50k) lose nothing; the skipped entry y = skip (x_t, or MASK) is
+// read as log s = -inf (absorbing: no term) or 0 (uniform: log 1) by a select, so the loop has no
+// split and vectorises over the whole row. Backward writes (s - rho) * coef, and 0 at y = skip.
+constexpr int64_t SE_BLOCK = 1024;
+
 template <bool BWD, class T>
-DIFFLM_INLINE void se_uniform_range(const T* h, T* g, int64_t lo, int64_t hi, float rho, float coef, double& S,
-                                    double& H) {
-  double s_acc = 0.0, h_acc = 0.0;
+DIFFLM_INLINE void se_sums(const T* h, T* g, int64_t N, int64_t skip, float rho, float coef, double& S, double& H) {
+  S = 0.0;
+  H = 0.0;
+  for (int64_t lo = 0; lo < N; lo += SE_BLOCK) {
+    const int64_t hi = std::min(N, lo + SE_BLOCK);
+    float s_acc = 0.0f, h_acc = 0.0f;
 #pragma omp simd reduction(+ : s_acc, h_acc)
-  for (int64_t y = lo; y < hi; ++y) {
-    const float hy = load(h, y);
-    const float s = exp_f32(hy);
-    if (BWD) {
-      store(g, y, (s - rho) * coef);
-    } else {
-      s_acc += (double)s;
-      h_acc += (double)hy;
+    for (int64_t y = lo; y < hi; ++y) {
+      const float hy = y == skip ? 0.0f : load(h, y);
+      const float s = exp_f32(hy);
+      if (BWD) {
+        store(g, y, y == skip ? 0.0f : (s - rho) * coef);
+      } else {
+        s_acc += s;
+        h_acc += hy;
+      }
     }
+    S += (double)s_acc;
+    H += (double)h_acc;
   }
-  S += s_acc;
-  H += h_acc;
+  if (!BWD) S -= 1.0;  // the skipped entry counted exp(0) = 1
 }
 
 template <bool BWD, class T>
 DIFFLM_INLINE float se_row(const T* h, T* g, int64_t N, int64_t x, int64_t x0, int graph, const SEConsts& c, float w) {
+  double S, H;  // sums over y != skip of s_y and log s_y
   if (graph == ABSORB) {
     const int64_t M = N - 1;
     if (x != M) {  // an unmasked position: zero loss, zero gradient, no reads
       if (BWD) memset(g, 0, N * sizeof(T));
       return 0.0f;
     }
-    double S = 0.0;
-#pragma omp simd reduction(+ : S)
-    for (int64_t y = 0; y < M; ++y) {
-      const float s = exp_f32(load(h, y));
-      if (BWD)
-        store(g, y, s * w);
-      else
-        S += (double)s;
-    }
+    se_sums<BWD>(h, g, N, M, 0.0f, w, S, H);  // d/dlog s_y = s_y for y != x0
     const float h0 = load(h, x0);
     if (BWD) {
-      store(g, M, 0.0f);
       store(g, x0, (float)(((double)exp_f32(h0) - c.r) * (double)w));
       return 0.0f;
     }
     return (float)(S - c.r * (double)h0 + c.k_same);  // sum_{y != M} s_y - r log s_{x0} + K(r)
   }
   const bool same = x == x0;
-  const float rho = same ? (float)c.r : 1.0f, coef = w / (float)N;
-  double S = 0.0, H = 0.0;  // sums over y != x of s_y and log s_y
-  se_uniform_range<BWD>(h, g, 0, x, rho, coef, S, H);
-  se_uniform_range<BWD>(h, g, x + 1, N, rho, coef, S, H);
+  const float rho = same ? (float)c.r : 1.0f;
+  se_sums<BWD>(h, g, N, x, rho, w / (float)N, S, H);
   const double n = (double)N;
   const float h0 = load(h, x0);
   if (BWD) {
-    store(g, x, 0.0f);
     if (!same) store(g, x0, (float)(((double)exp_f32(h0) - 1.0 / c.r) / n * (double)w));
     return 0.0f;
   }
