@@ -810,6 +810,8 @@ def _register_kernel_python():
                                 torch.empty_like(log_score))
     for name in ("sedd_euler_step", "sedd_tweedie_step", "mdlm_ancestral_step"):
         torch.library.register_fake(lib + name, lambda scores, xt, *args, **kwargs: torch.empty_like(xt))
+    torch.library.register_fake(lib + "nearest_embedding", lambda x, E, metric:  # Diffusion-LM's clamp
+                                x.new_empty(x.shape[:1], dtype=torch.long))
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs[:4])

@@ -7,6 +7,7 @@
 //   sedd_euler_step(log_score, xt, rate_dt, u, graph) -> x_s (B, L)
 //   sedd_tweedie_step(log_score, xt, dsigma, u, graph, final) -> x_s (B, L)
 //   mdlm_ancestral_step(logits, xt, p_unmask, u, mask_id) -> x_s (B, L)
+//   nearest_embedding(x, E, metric) -> ids (N,): nearest row of E by 'cos' or 'l2' (Diffusion-LM's clamp)
 //   cuda_built() -> bool
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -218,6 +219,50 @@ Tensor mdlm_ancestral_step(const Tensor& logits, const Tensor& xt, const Tensor&
   return out;
 }
 
+// ---- nearest_embedding(x (N, d), E (V, d), metric) -> (N,) int64: Diffusion-LM's clamp (cos | l2), no N x V
+// scores; the normalised table and its bias are tensors (counted by torch's memory profiler), O(V d)
+Tensor nearest_embedding(const Tensor& x, const Tensor& E, c10::string_view metric) {
+  TORCH_CHECK(metric == "cos" || metric == "l2", "difflm: metric must be 'cos' or 'l2', got '", std::string(metric),
+              "'");
+  const int m = metric == "cos" ? difflm::NEAREST_COS : difflm::NEAREST_L2;
+  TORCH_CHECK(x.dim() == 2, "difflm: x must have shape (N, d), got ", x.dim(), " dimensions ", x.sizes());
+  TORCH_CHECK(E.dim() == 2, "difflm: E must have shape (V, d), got ", E.dim(), " dimensions ", E.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "difflm: x must be float32, got ", x.scalar_type());
+  TORCH_CHECK(E.scalar_type() == at::kFloat, "difflm: E must be float32, got ", E.scalar_type());
+  TORCH_CHECK(x.is_contiguous(), "difflm: x must be contiguous (call .contiguous() first)");
+  TORCH_CHECK(E.is_contiguous(), "difflm: E must be contiguous (call .contiguous() first)");
+  TORCH_CHECK(E.device() == x.device(), "difflm: E must be on ", x.device(), " like x, got ", E.device());
+  TORCH_CHECK(x.device().is_cpu() || x.device().is_cuda(), "difflm: x must be on cpu or cuda, got ", x.device());
+#ifndef DIFFLM_CUDA
+  TORCH_CHECK(x.device().is_cpu(), "difflm: x is on ", x.device(),
+              " but the kernels were built without CUDA; use the PyTorch path (DIFFLM_KERNELS=0)");
+#endif
+  const int64_t N = x.size(0), d = x.size(1), V = E.size(0);
+  TORCH_CHECK(E.size(1) == d, "difflm: E must have d = ", d, " columns like x, got shape ", E.sizes());
+  TORCH_CHECK(V >= 1, "difflm: E must have at least one row (V >= 1)");
+  TORCH_CHECK(d >= 1, "difflm: x and E need at least one dimension (d >= 1)");
+  TORCH_CHECK(V < (int64_t(1) << 31) - 16, "difflm: E has ", V, " rows; at most 2^31 - 17 are supported");
+  Tensor out = at::empty({N}, x.options().dtype(at::kLong));
+  if (N == 0) return out;
+  const int64_t P = (V + 15) / 16;
+  if (x.is_cpu()) {
+    Tensor packed = at::empty({P, d, 16}, x.options()), bias = at::empty({P * 16}, x.options());
+    difflm::cpu_nearest_pack(E.data_ptr<float>(), V, d, m, packed.data_ptr<float>(), bias.data_ptr<float>());
+    difflm::cpu_nearest_embedding(x.data_ptr<float>(), N, d, packed.data_ptr<float>(), bias.data_ptr<float>(), V,
+                                  out.data_ptr<int64_t>(), at::get_num_threads());
+  } else {
+#ifdef DIFFLM_CUDA
+    DIFFLM_STREAM(x);
+    Tensor table = at::empty({V, d}, x.options()), bias = at::empty({V}, x.options());
+    cuda_ok(difflm_launch_nearest_embedding(x.data_ptr<float>(), N, d, E.data_ptr<float>(), V, m,
+                                            table.data_ptr<float>(), bias.data_ptr<float>(), out.data_ptr<int64_t>(),
+                                            stream),
+            "nearest_embedding");
+#endif
+  }
+  return out;
+}
+
 bool cuda_built() {
 #ifdef DIFFLM_CUDA
   return true;
@@ -235,6 +280,7 @@ TORCH_LIBRARY(difflm, m) {
   m.def("sedd_euler_step(Tensor log_score, Tensor xt, Tensor rate_dt, Tensor u, str graph) -> Tensor");
   m.def("sedd_tweedie_step(Tensor log_score, Tensor xt, Tensor dsigma, Tensor u, str graph, bool final=False) -> Tensor");
   m.def("mdlm_ancestral_step(Tensor logits, Tensor xt, Tensor p_unmask, Tensor u, int mask_id) -> Tensor");
+  m.def("nearest_embedding(Tensor x, Tensor E, str metric) -> Tensor");
   m.def("cuda_built() -> bool", &cuda_built);
 }
 
@@ -244,6 +290,7 @@ TORCH_LIBRARY_IMPL(difflm, CPU, m) {
   m.impl("sedd_euler_step", &sedd_euler_step);
   m.impl("sedd_tweedie_step", &sedd_tweedie_step);
   m.impl("mdlm_ancestral_step", &mdlm_ancestral_step);
+  m.impl("nearest_embedding", &nearest_embedding);
 }
 
 #ifdef DIFFLM_CUDA
@@ -253,5 +300,17 @@ TORCH_LIBRARY_IMPL(difflm, CUDA, m) {
   m.impl("sedd_euler_step", &sedd_euler_step);
   m.impl("sedd_tweedie_step", &sedd_tweedie_step);
   m.impl("mdlm_ancestral_step", &mdlm_ancestral_step);
+  m.impl("nearest_embedding", &nearest_embedding);
+}
+#endif
+
+#ifdef DIFFLM_PYMODULE
+// `DIFFLM_BUILD_EXT=1 pip install -e .` builds this file into an importable module; importing it
+// runs the registrations above, which is all common.load_kernels needs (the ops live in torch.ops).
+#include <Python.h>
+PyMODINIT_FUNC PyInit_difflm_kernels(void) {
+  static PyModuleDef def = {PyModuleDef_HEAD_INIT, "difflm_kernels", "difflm's fused ops (torch.ops.difflm)", -1,
+                            nullptr};
+  return PyModule_Create(&def);
 }
 #endif

@@ -372,3 +372,123 @@ void cpu_mdlm_step(const void* logits, int dtype, const int64_t* xt, const doubl
 }
 
 }  // namespace difflm
+
+// ------------------------------------------------------------------------------------------------
+// nearest_embedding (Diffusion-LM's clamp): for each query row the index of the best table row by
+// score = x . Ehat_v + c_v, without an N x V score matrix.
+//   cosine: Ehat_v = E_v / max(|E_v|, 1e-12), c_v = 0  (normalising x does not change the argmax)
+//   L2:     Ehat_v = E_v, c_v = -|E_v|^2 / 2           (argmax of -|x - E_v|^2 / 2 + |x|^2 / 2)
+// The table is packed once into panels of 16 rows, [panel][k][16] (padding rows: c = -inf), so a
+// 6 x 16 register tile (12 accumulators of 8 floats) streams one panel per k with two loads and six
+// broadcasts: a GEMM micro-kernel whose epilogue keeps, per query row and lane, the best score and
+// its index. Rows are processed in chunks of NE_ROWS (per-thread state, in L1), panels in chunks
+// that fit in L2. Ties: strict > in increasing index order within a lane, lowest index across lanes.
+namespace difflm {
+namespace {
+
+typedef float nef8 __attribute__((vector_size(32)));
+typedef int32_t nei8 __attribute__((vector_size(32)));
+constexpr int64_t NE_LANES = 16, NE_TILE = 6, NE_ROWS = 96;
+
+DIFFLM_INLINE nef8 ne_load(const float* p) { nef8 v; memcpy(&v, p, sizeof v); return v; }
+DIFFLM_INLINE nei8 ne_loadi(const int32_t* p) { nei8 v; memcpy(&v, p, sizeof v); return v; }
+DIFFLM_INLINE void ne_store(float* p, nef8 v) { memcpy(p, &v, sizeof v); }
+DIFFLM_INLINE void ne_storei(int32_t* p, nei8 v) { memcpy(p, &v, sizeof v); }
+
+// R (<= 6) query rows x (stride d) against panels [p0, p1); state best/arg: R x 16 lanes each
+template <int R>
+DIFFLM_INLINE void ne_tile(const float* x, int64_t d, const float* packed, const float* bias, int64_t p0,
+                           int64_t p1, float* best, int32_t* arg) {
+  const nei8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
+  for (int64_t p = p0; p < p1; ++p) {
+    const float* panel = packed + p * d * NE_LANES;
+    nef8 acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = nef8{};
+    for (int64_t k = 0; k < d; ++k) {
+      const nef8 e0 = ne_load(panel + k * NE_LANES), e1 = ne_load(panel + k * NE_LANES + 8);
+      for (int r = 0; r < R; ++r) {
+        const float xv = x[r * d + k];
+        acc[r][0] += xv * e0;
+        acc[r][1] += xv * e1;
+      }
+    }
+    const nef8 c0 = ne_load(bias + p * NE_LANES), c1 = ne_load(bias + p * NE_LANES + 8);
+    const nei8 i0 = lane + (int32_t)(p * NE_LANES), i1 = i0 + 8;
+    for (int r = 0; r < R; ++r) {
+      float* b = best + r * NE_LANES;
+      int32_t* a = arg + r * NE_LANES;
+      const nef8 s0 = acc[r][0] + c0, s1 = acc[r][1] + c1;
+      const nef8 b0 = ne_load(b), b1 = ne_load(b + 8);
+      const nei8 m0 = s0 > b0, m1 = s1 > b1;
+      ne_store(b, m0 ? s0 : b0);
+      ne_store(b + 8, m1 ? s1 : b1);
+      ne_storei(a, m0 ? i0 : ne_loadi(a));
+      ne_storei(a + 8, m1 ? i1 : ne_loadi(a + 8));
+    }
+  }
+}
+
+DIFFLM_CLONES void ne_rows(const float* x, int64_t rows, int64_t d, const float* packed, const float* bias, int64_t P,
+             int64_t panels_per_chunk, float* best, int32_t* arg, int64_t* out) {
+  for (int64_t i = 0; i < rows * NE_LANES; ++i) best[i] = -INFINITY, arg[i] = 0;
+  for (int64_t p0 = 0; p0 < P; p0 += panels_per_chunk) {
+    const int64_t p1 = std::min(P, p0 + panels_per_chunk);
+    for (int64_t r0 = 0; r0 < rows; r0 += NE_TILE) {
+      const float* xr = x + r0 * d;
+      float* b = best + r0 * NE_LANES;
+      int32_t* a = arg + r0 * NE_LANES;
+      switch (std::min(NE_TILE, rows - r0)) {
+        case 6: ne_tile<6>(xr, d, packed, bias, p0, p1, b, a); break;
+        case 5: ne_tile<5>(xr, d, packed, bias, p0, p1, b, a); break;
+        case 4: ne_tile<4>(xr, d, packed, bias, p0, p1, b, a); break;
+        case 3: ne_tile<3>(xr, d, packed, bias, p0, p1, b, a); break;
+        case 2: ne_tile<2>(xr, d, packed, bias, p0, p1, b, a); break;
+        default: ne_tile<1>(xr, d, packed, bias, p0, p1, b, a); break;
+      }
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {  // lanes -> row: the best score, the lowest index among equals
+    float bv = best[r * NE_LANES];
+    int32_t ba = arg[r * NE_LANES];
+    for (int64_t l = 1; l < NE_LANES; ++l) {
+      const float v = best[r * NE_LANES + l];
+      const int32_t a = arg[r * NE_LANES + l];
+      if (v > bv || (v == bv && a < ba)) bv = v, ba = a;
+    }
+    out[r] = ba;
+  }
+}
+
+}  // namespace
+
+void cpu_nearest_pack(const float* E, int64_t V, int64_t d, int metric, float* packed, float* bias) {
+  const int64_t P = (V + NE_LANES - 1) / NE_LANES;
+  for (int64_t v = 0; v < P * NE_LANES; ++v) {
+    const int64_t p = v / NE_LANES, l = v % NE_LANES;
+    double sq = 0.0;
+    if (v < V)
+      for (int64_t k = 0; k < d; ++k) sq += (double)E[v * d + k] * E[v * d + k];
+    const float scale = metric == NEAREST_COS ? (float)(1.0 / std::max(sqrt(sq), 1e-12)) : 1.0f;
+    for (int64_t k = 0; k < d; ++k) packed[(p * d + k) * NE_LANES + l] = v < V ? E[v * d + k] * scale : 0.0f;
+    bias[v] = v >= V ? -INFINITY : metric == NEAREST_COS ? 0.0f : (float)(-0.5 * sq);
+  }
+}
+
+void cpu_nearest_embedding(const float* x, int64_t N, int64_t d, const float* packed, const float* bias, int64_t V,
+                           int64_t* out, int nthreads) {
+  const int64_t P = (V + NE_LANES - 1) / NE_LANES;
+  const int64_t ppc = std::max<int64_t>(1, (int64_t)(256 * 1024) / (NE_LANES * d * 4));  // ~256 KiB of table
+  const int64_t chunks = (N + NE_ROWS - 1) / NE_ROWS;
+#pragma omp parallel num_threads((int)std::max<int64_t>(1, std::min<int64_t>(nthreads, chunks)))
+  {
+    std::vector<float> best(NE_ROWS * NE_LANES);
+    std::vector<int32_t> arg(NE_ROWS * NE_LANES);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t r0 = c * NE_ROWS, rows = std::min(NE_ROWS, N - r0);
+      ne_rows(x + r0 * d, rows, d, packed, bias, P, ppc, best.data(), arg.data(), out + r0);
+    }
+  }
+}
+
+}  // namespace difflm

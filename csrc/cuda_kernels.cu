@@ -422,3 +422,95 @@ int difflm_launch_mdlm_step(const void* logits, int dtype, const int64_t* xt, co
 }
 
 }  // extern "C"
+
+// ------------------------------------------------------------------------------------------------
+// nearest_embedding (Diffusion-LM's clamp): score = x . Ehat_v + c_v as in cpu_kernels.cpp (cosine:
+// Ehat = E / max(|E|, 1e-12), c = 0; L2: Ehat = E, c = -|E|^2 / 2). A block owns 64 query rows and
+// walks the table in 64-row tiles through shared memory, 16 dimensions at a time (a plain SGEMM
+// tiling, 4 x 4 outputs per thread); the epilogue keeps each thread's best score and index per row,
+// and 16-lane shuffles reduce them at the end. Ties: the lowest index, as the CPU kernel and argmax.
+namespace {
+
+constexpr int NE_BM = 64, NE_BN = 64, NE_BK = 16, NE_THREADS = 256;
+
+__global__ void ne_pack_kernel(const float* __restrict__ E, int64_t V, int64_t d, int metric, float* __restrict__ table,
+                               float* __restrict__ bias) {
+  const int64_t v = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (v >= V) return;
+  double sq = 0.0;
+  for (int64_t k = lane; k < d; k += 32) sq += (double)E[v * d + k] * E[v * d + k];
+  for (int o = 16; o > 0; o >>= 1) sq += __shfl_xor_sync(FULL, sq, o);
+  const float scale = metric == NEAREST_COS ? (float)(1.0 / fmax(sqrt(sq), 1e-12)) : 1.0f;
+  for (int64_t k = lane; k < d; k += 32) table[v * d + k] = E[v * d + k] * scale;
+  if (lane == 0) bias[v] = metric == NEAREST_COS ? 0.0f : (float)(-0.5 * sq);
+}
+
+__global__ void __launch_bounds__(NE_THREADS) ne_search_kernel(const float* __restrict__ x, int64_t N, int64_t d,
+                                                               const float* __restrict__ table,
+                                                               const float* __restrict__ bias, int64_t V,
+                                                               int64_t* __restrict__ out) {
+  __shared__ float xs[NE_BK][NE_BM];
+  __shared__ float es[NE_BK][NE_BN + 1];
+  const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+  const int64_t m0 = (int64_t)blockIdx.x * NE_BM;
+  float best[4];
+  int64_t arg[4];
+  for (int i = 0; i < 4; ++i) best[i] = -INFINITY, arg[i] = 0;
+  for (int64_t n0 = 0; n0 < V; n0 += NE_BN) {
+    float acc[4][4] = {};
+    for (int64_t k0 = 0; k0 < d; k0 += NE_BK) {
+      for (int e = tid; e < NE_BM * NE_BK; e += NE_THREADS) {
+        const int r = e / NE_BK, k = e % NE_BK;
+        const int64_t row = m0 + r, col = k0 + k, v = n0 + r;
+        xs[k][r] = row < N && col < d ? x[row * d + col] : 0.0f;
+        es[k][r] = v < V && col < d ? table[v * d + col] : 0.0f;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int k = 0; k < NE_BK; ++k) {
+        float a[4], b[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) a[i] = xs[k][ty * 4 + i], b[i] = es[k][tx + 16 * i];
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+      }
+      __syncthreads();
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {  // increasing index within the thread: strict > keeps the lowest
+      const int64_t v = n0 + tx + 16 * j;
+      if (v >= V) continue;
+      const float c = bias[v];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float s = acc[i][j] + c;
+        if (s > best[i]) best[i] = s, arg[i] = v;
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float bv = best[i];
+    int64_t ba = arg[i];
+    for (int o = 8; o > 0; o >>= 1) {  // within the 16 lanes that share these rows
+      const float ov = __shfl_xor_sync(FULL, bv, o);
+      const int64_t oa = __shfl_xor_sync(FULL, ba, o);
+      if (ov > bv || (ov == bv && oa < ba)) bv = ov, ba = oa;
+    }
+    const int64_t row = m0 + ty * 4 + i;
+    if (tx == 0 && row < N) out[row] = ba;
+  }
+}
+
+}  // namespace
+
+extern "C" int difflm_launch_nearest_embedding(const float* x, int64_t N, int64_t d, const float* E, int64_t V,
+                                               int metric, float* table, float* bias, int64_t* out, void* stream) {
+  cudaStream_t st = (cudaStream_t)stream;
+  ne_pack_kernel<<<(unsigned)((V + 7) / 8), 256, 0, st>>>(E, V, d, metric, table, bias);
+  ne_search_kernel<<<(unsigned)((N + NE_BM - 1) / NE_BM), NE_THREADS, 0, st>>>(x, N, d, table, bias, V, out);
+  return (int)cudaGetLastError();
+}

@@ -87,6 +87,14 @@ void cpu_sedd_step(const void* log_score, int dtype, const int64_t* xt, const do
 void cpu_mdlm_step(const void* logits, int dtype, const int64_t* xt, const double* p_unmask, const double* u,
                    int64_t mask_id, int64_t B, int64_t L, int64_t N, int64_t* out, int nthreads);
 
+
+// ---- nearest_embedding (Diffusion-LM's clamp): the table packed once (cpu_nearest_pack: P = ceil(V / 16)
+// panels of 16 rows, [P][d][16] floats, and a bias of P * 16 floats), then the argmax per query row
+enum Nearest { NEAREST_COS = 0, NEAREST_L2 = 1 };
+void cpu_nearest_pack(const float* E, int64_t V, int64_t d, int metric, float* packed, float* bias);
+void cpu_nearest_embedding(const float* x, int64_t N, int64_t d, const float* packed, const float* bias, int64_t V,
+                           int64_t* out, int nthreads);
+
 }  // namespace difflm
 
 // ---- CUDA launchers (cuda_kernels.cu); stream is a cudaStream_t; return a cudaError_t as int
@@ -100,4 +108,7 @@ int difflm_launch_sedd_step(const void* log_score, int dtype, const int64_t* xt,
 int difflm_launch_mdlm_step(const void* logits, int dtype, const int64_t* xt, const double* p_unmask,
                             const double* u, int64_t mask_id, int64_t B, int64_t L, int64_t N, int64_t* out,
                             void* stream);
+// nearest_embedding: normalised table (V, d) + bias (V,) into table/bias (work buffers), then the search
+int difflm_launch_nearest_embedding(const float* x, int64_t N, int64_t d, const float* E, int64_t V, int metric,
+                                    float* table, float* bias, int64_t* out, void* stream);
 }

@@ -1,0 +1,116 @@
+"""The fused nearest-embedding kernel (Diffusion-LM's clamp) on CPU: parity with the PyTorch oracle
+(up to float rounding on near-ties), exact ties to the lowest index, bad inputs, the fake (meta)
+implementation, and the dispatch in diffusion_lm.nearest_embedding."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+import diffusion_lm
+from test_kernels import fresh_gen, pytorch_path
+
+METRICS = ("cos", "l2")
+# one row and one column; odd sizes (partial 6-row tiles, partial 16-row panels); E2E; wide d
+SHAPES = [(1, 1, 1), (5, 3, 7), (7, 16, 17), (97, 16, 853), (200, 33, 1000), (13, 128, 5003)]
+
+
+@pytest.fixture(scope="module")
+def k():
+    ops = common.load_kernels()
+    assert ops is not None, "the difflm kernels did not build"
+    return ops
+
+
+def scores64(x, E, metric):
+    """fp64 scores whose argmax is the answer (N, V)."""
+    x, E = x.double(), E.double()
+    if metric == "cos":
+        return F.normalize(x, dim=-1) @ F.normalize(E, dim=-1).T
+    return -torch.cdist(x, E)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_oracle(k, metric, shape):
+    gen, seed = fresh_gen()
+    N, d, V = shape
+    x = torch.randn(N, d, generator=gen) * 2
+    E = torch.randn(V, d, generator=gen) * torch.rand(V, 1, generator=gen) * 3  # norms differ: cos != l2
+    got = k.nearest_embedding(x, E, metric)
+    ref = diffusion_lm.nearest_embedding_torch(x, E, metric)
+    assert got.dtype == torch.long and got.shape == (N,)
+    s = scores64(x, E, metric)
+    best = s.max(-1).values
+    picked = s.gather(1, got[:, None]).squeeze(1)
+    # the kernel's choice is optimal up to fp32 rounding, and equals the oracle's where the best is clear
+    tol = 1e-5 * (1 + best.abs())
+    assert (picked >= best - tol).all(), f"seed {seed}: a non-nearest row was picked"
+    top2 = s.topk(min(2, V), -1).values
+    clear = (top2[:, 0] - top2[:, -1] > 1e-4) if V > 1 else torch.ones(N, dtype=torch.bool)
+    assert torch.equal(got[clear], ref[clear]), f"seed {seed}: differs from the oracle on clear rows"
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_ties_go_to_the_lowest_index(k, metric):
+    gen, seed = fresh_gen()
+    E = torch.randn(40, 16, generator=gen)
+    E[33] = E[5]  # an exact duplicate later in the table, in another 16-row panel
+    E[21] = E[5]
+    x = E[[5, 21, 33, 7]] + 0.01 * torch.randn(4, 16, generator=gen)
+    x[0] = E[5]
+    got = k.nearest_embedding(x, E, metric)
+    assert got[0] == 5 and got[1] == 5 and got[2] == 5, f"seed {seed}: {got.tolist()}"
+    assert torch.equal(got, diffusion_lm.nearest_embedding_torch(x, E, metric))
+    # all rows equal: every query ties everywhere
+    same = torch.ones(37, 8)
+    assert (k.nearest_embedding(torch.randn(9, 8, generator=gen), same, metric) == 0).all()
+
+
+def test_zero_query_and_zero_rows_cosine(k):
+    E = torch.randn(20, 4)
+    E[0] = 0.0  # F.normalize maps a zero row to zero: score 0
+    x = torch.zeros(3, 4)
+    assert k.nearest_embedding(x, E, "cos").tolist() == [0, 0, 0]
+    assert torch.equal(k.nearest_embedding(x, E, "cos"), diffusion_lm.nearest_embedding_torch(x, E, "cos"))
+
+
+def test_cosine_and_l2_differ_as_they_should(k):
+    E = torch.tensor([[1.0, 0.0], [10.0, 1.0]])
+    x = torch.tensor([[1.0, 0.05]])
+    assert k.nearest_embedding(x, E, "l2").item() == 0  # close in distance
+    assert k.nearest_embedding(x, E, "cos").item() == 1  # close in angle (0.05 vs 0.1 rad)
+
+
+def test_empty_queries(k):
+    assert k.nearest_embedding(torch.zeros(0, 5), torch.randn(3, 5), "cos").shape == (0,)
+
+
+@pytest.mark.parametrize("args,msg", [
+    ((torch.randn(3, 4, 2), torch.randn(5, 4), "cos"), "x must have shape"),
+    ((torch.randn(3, 4), torch.randn(5), "cos"), "E must have shape"),
+    ((torch.randn(3, 4), torch.randn(5, 3), "cos"), "columns like x"),
+    ((torch.randn(3, 4).double(), torch.randn(5, 4), "cos"), "x must be float32"),
+    ((torch.randn(3, 4), torch.randn(5, 4).half(), "l2"), "E must be float32"),
+    ((torch.randn(4, 3).T, torch.randn(5, 4), "cos"), "x must be contiguous"),
+    ((torch.randn(3, 4), torch.randn(0, 4), "cos"), "at least one row"),
+    ((torch.randn(3, 4), torch.randn(5, 4), "dot"), "metric must be 'cos' or 'l2'"),
+])
+def test_bad_inputs(k, args, msg):
+    with pytest.raises(RuntimeError, match=msg):
+        k.nearest_embedding(*args)
+
+
+def test_fake_implementation(k):
+    """Shapes under torch.compile / FakeTensor come from the fake registered in common.py."""
+    torch.library.opcheck(torch.ops.difflm.nearest_embedding.default, (torch.randn(6, 5), torch.randn(9, 5), "cos"),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_dispatch_matches_pytorch_path(k):
+    gen, seed = fresh_gen()
+    x, E = torch.randn(3, 11, 16, generator=gen), torch.randn(100, 16, generator=gen)
+    for metric in METRICS:
+        got = diffusion_lm.nearest_embedding(x, E, metric)
+        with pytorch_path():
+            ref = diffusion_lm.nearest_embedding(x, E, metric)
+        assert got.shape == (3, 11) and torch.equal(got, ref), f"seed {seed}"
