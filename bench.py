@@ -5,6 +5,8 @@ absolute claims from another machine.
     python bench.py mdlm_sampler      # cached vs uncached MDLM sampler: time and network calls
     python bench.py throughput        # MDLM vs the same backbone trained autoregressively
     python bench.py kernels           # fused kernels vs eager and torch.compile'd PyTorch oracles
+    python bench.py nearest           # Diffusion-LM's clamp kernel vs the PyTorch expression (time, memory)
+    python bench.py methods --plot=docs/methods.png   # every text method vs the AR baseline (~45 min on 2 cores)
     python bench.py <name> --help     # the options of one benchmark
 
 Timings are medians of repeated runs after a warm-up.
@@ -12,8 +14,12 @@ Timings are medians of repeated runs after a warm-up.
 
 import argparse
 import dataclasses
+import importlib
+import json
 import math
+import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -338,12 +344,252 @@ def bench_kernels(argv):
 
 
 # ----------------------------------------------------------------------------------------------
+# Every text method against the autoregressive baseline: bound, generative quality, sampling cost
+
+# name -> (method file, its --train overrides); each trains at its own default CPU budget
+METHODS = {
+    "ar": ("ar", []),
+    "mdlm": ("mdlm", []),
+    "sedd": ("sedd", []),  # absorbing graph
+    "sedd_uniform": ("sedd", ["--graph=uniform"]),
+    "diffuser": ("diffuser", []),  # E2E, word level: no likelihood bound and no judge on its data
+}
+BOUND_KEYS = ("val_nll", "val_nelbo", "val_elbo")
+
+
+def train_log(out):
+    """(median training tokens/s, training seconds) from a run's log.jsonl."""
+    recs = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    tps = [r["tok_per_s"] for r in recs if "tok_per_s" in r and r["iter"] > 0]
+    times = [r["time"] for r in recs if "time" in r and "eval_full" not in r]
+    return (statistics.median(tps) if tps else None), (max(times) if times else None)
+
+
+def methods_table(rows):
+    """rows: dicts with method, tok_s, bits (None: no likelihood bound), steps, gen_nll, entropy,
+    sec; a missing figure prints as a dash. Returns the table's text."""
+    fmt = {"tok_s": lambda v: f"{v / 1e3:.1f}k", "bits": lambda v: f"{v:.3f}", "steps": str,
+           "gen_nll": lambda v: f"{v:.3f}", "entropy": lambda v: f"{v:.3f}", "sec": lambda v: f"{v:.3f}"}
+    header = ("method", "train tok/s", "val bound bits/char", "steps", "gen NLL nats/tok", "unigram H nats", "s/sample")
+    out = [[r["method"]] + [fmt[k](r[k]) if r.get(k) is not None else "-" for k in fmt] for r in rows]
+    widths = [max(len(str(x[i])) for x in out + [list(header)]) for i in range(len(header))]
+    return "\n".join("  ".join(str(v).rjust(w) for v, w in zip(x, widths)) for x in [list(header)] + out)
+
+
+def break_even(points, t_ar):
+    """points: [(steps, s/sample)] of one diffusion sampler -> the step count where it costs as much as
+    the cached AR sampler, linearly interpolated; ("<", s0) / (">", s1) outside the measured range."""
+    points = sorted(points)
+    if points[0][1] >= t_ar:
+        return ("<", points[0][0])
+    for (s0, t0), (s1, t1) in zip(points, points[1:]):
+        if t0 < t_ar <= t1:
+            return ("=", s0 + (s1 - s0) * (t_ar - t0) / (t1 - t0))
+    return (">", points[-1][0])
+
+
+def bench_methods(argv):
+    ap = argparse.ArgumentParser(prog="bench.py methods", description="train (or reuse) every text method at its "
+                                 "default CPU budget, then one table: train tok/s, validation bound, generative NLL "
+                                 "under the AR judge and unigram entropy at several step counts, time per sample")
+    ap.add_argument("--methods", default="ar,mdlm,sedd,sedd_uniform", help=f"comma-separated, from {','.join(METHODS)}")
+    ap.add_argument("--out_root", default="out", help="checkpoints go to OUT_ROOT/<name>")
+    ap.add_argument("--reuse", action="store_true", help="reuse OUT_ROOT/<name>/ckpt.pt where it exists")
+    ap.add_argument("--steps", default="16,32,64,128,256", help="sampling step counts of the diffusion samplers")
+    ap.add_argument("--num_samples", type=int, default=16)
+    ap.add_argument("--judge", default="", help="default OUT_ROOT/ar/ckpt.pt")
+    ap.add_argument("--train_args", default="", help="extra --key=value overrides for every training run (tests)")
+    ap.add_argument("--plot", default="", help="write quality and cost vs steps to this PNG")
+    a = ap.parse_args(argv)
+    names = [n for n in a.methods.split(",") if n]
+    bad = [n for n in names if n not in METHODS]
+    if bad:
+        common.die(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(METHODS)}")
+    if "ar" in names:
+        names.remove("ar")
+        names.insert(0, "ar")  # the judge first
+    judge = a.judge or os.path.join(a.out_root, "ar", "ckpt.pt")
+    steps_list = [int(s) for s in a.steps.split(",")]
+    rows, curves, t0_all = [], {}, time.time()
+    for name in names:
+        module, extra = METHODS[name]
+        out = os.path.join(a.out_root, name)
+        if not (a.reuse and os.path.isfile(os.path.join(out, "ckpt.pt"))):
+            print(f"[{name}] training: python {module}.py --train --out_dir={out} {' '.join(extra)} {a.train_args}", flush=True)
+            os.makedirs(out, exist_ok=True)
+            if os.path.isfile(os.path.join(out, "log.jsonl")):
+                os.remove(os.path.join(out, "log.jsonl"))  # tok/s from this run only
+            with open(os.path.join(out, "train.out"), "w") as f:
+                r = subprocess.run([sys.executable, os.path.join(common.ROOT, module + ".py"), "--train",
+                                    f"--out_dir={out}"] + extra + a.train_args.split(), stdout=f, stderr=subprocess.STDOUT)
+            if r.returncode != 0:
+                common.die(f"training {name} failed; see {out}/train.out")
+        tok_s, train_s = train_log(out)
+        print(f"[{name}] trained: {tok_s or 0:.0f} tok/s, {train_s or 0:.0f} s of training", flush=True)
+        if module == "diffuser":  # no bound; its data (E2E) has no autoregressive judge here
+            rows.append({"method": name, "tok_s": tok_s})
+            continue
+        mod = importlib.import_module(module)
+        cfg, model, tok, meta, _ = common.load_for_inference(mod.Config, {"out_dir": out}, module, mod.build_model)
+        cfg = dataclasses.replace(cfg, data_dir=cfg.data_dir or common.data_path(cfg))
+        with torch.no_grad(), common.autocast(next(model.parameters()).device):
+            torch.manual_seed(cfg.seed)
+            stats = mod.evaluate(model, common.Batches(cfg, meta, cfg.seed), cfg, full=True)
+        bits = stats["val_bits"] if any(k in stats for k in BOUND_KEYS) else None
+        L = cfg.block_size
+        if module == "ar":
+            torch.manual_seed(0)
+            g = common.generative_eval(judge, lambda n: mod.generate(model, cfg, torch.zeros(0, dtype=torch.long), n, L)[0],
+                                       a.num_samples, meta, "ar, cached sampler")
+            rows.append({"method": name, "tok_s": tok_s, "bits": bits, "steps": L, "gen_nll": g["gen_nll"],
+                         "entropy": g["gen_entropy"], "sec": g["sec_per_sample"]})
+            curves[name] = [(L, g["gen_nll"], g["sec_per_sample"])]
+            # the reference: the judge on real validation windows
+            data = next(common.Batches(cfg, meta, cfg.seed).sequential("val", a.num_samples))
+            j, _ = common.load_judge(judge, meta)
+            rows.append({"method": "data (val)", "steps": None, "gen_nll": common.judge_nll(j, data),
+                         "entropy": common.unigram_entropy(data)})
+            continue
+        free = torch.full((L,), -1, dtype=torch.long)
+        curves[name] = []
+        for i, s in enumerate(steps_list):
+            c = dataclasses.replace(cfg, steps=s)
+            torch.manual_seed(0)
+            g = common.generative_eval(judge, lambda n: mod.generate(model, c, free, n)[0], a.num_samples, meta,
+                                       f"{name}, {s} steps")
+            rows.append({"method": name, "tok_s": tok_s if i == 0 else None, "bits": bits if i == 0 else None,
+                         "steps": s, "gen_nll": g["gen_nll"], "entropy": g["gen_entropy"], "sec": g["sec_per_sample"]})
+            curves[name].append((s, g["gen_nll"], g["sec_per_sample"]))
+    print()
+    print(methods_table(rows))
+    print(f"{a.num_samples} samples per row, one block each; bound: exact NLL for ar, the NELBO/ELBO for the "
+          f"diffusion methods (bits per token = bits per char here); gen NLL under the judge {judge}; "
+          f"wall time per sample from a batch of {a.num_samples}; total {fmt_s(time.time() - t0_all)}")
+    if "ar" in curves:
+        t_ar = curves["ar"][0][2]
+        be_rows = []
+        for name, pts in curves.items():
+            if name == "ar":
+                continue
+            kind, s = break_even([(p[0], p[2]) for p in pts], t_ar)
+            near = min(pts, key=lambda p: abs(p[0] - s))
+            be_rows.append((name, f"{t_ar:.3f}", {"<": f"< {s}", ">": f"> {s}", "=": f"{s:.0f}"}[kind],
+                            f"{near[1]:.3f} @ {near[0]}"))
+        if be_rows:
+            print("\nbreak-even: below this many steps the diffusion sampler is faster per sample than the cached AR sampler")
+            table(be_rows, ("method", "ar s/sample", "break-even steps", "gen NLL at the nearest measured steps"))
+    json_path = os.path.join(a.out_root, "methods.json")
+    with open(json_path, "w") as f:
+        json.dump({"rows": rows, "curves": curves, "judge": judge, "num_samples": a.num_samples}, f, indent=1)
+    print(f"results: {json_path}")
+    if a.plot:
+        plot_methods(curves, rows, a.plot)
+
+
+def fmt_s(s):
+    return f"{int(s) // 60}m{int(s) % 60:02d}s"
+
+
+def plot_methods(curves, rows, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        common.die("--plot needs matplotlib: pip install matplotlib (or pip install -e '.[plot]')")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, pts in curves.items():
+        s, nll, sec = zip(*pts)
+        if name == "ar":
+            ax1.axhline(nll[0], color="k", ls="--", label=f"ar (cached, {s[0]} tokens)")
+            ax2.axhline(sec[0], color="k", ls="--", label="ar (cached)")
+        else:
+            ax1.plot(s, nll, "o-", label=name)
+            ax2.plot(s, sec, "o-", label=name)
+    ref = [r for r in rows if r["method"] == "data (val)"]
+    if ref:
+        ax1.axhline(ref[0]["gen_nll"], color="gray", ls=":", label="validation text")
+    for ax in (ax1, ax2):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sampling steps")
+        ax.legend(fontsize=8)
+    ax1.set_ylabel("NLL of samples under the AR judge (nats/token)")
+    ax2.set_ylabel("wall time per sample (s)")
+    ax2.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Diffusion-LM's clamp: the fused nearest-embedding kernel against the PyTorch expression
+
+
+def bench_nearest(argv):
+    import diffusion_lm
+    ap = argparse.ArgumentParser(prog="bench.py nearest")
+    ap.add_argument("--sizes", default="", help="N,d,V;N,d,V... (default: 8192,16,821;8192,128,50257, "
+                                                 "plus 8192,256,50257 on GPU)")
+    ap.add_argument("--metrics", default="cos,l2")
+    ap.add_argument("--no_compile", action="store_true", help="skip torch.compile(expression)")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--device", default="auto")
+    a = ap.parse_args(argv)
+    device = torch.device(a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    k = common.load_kernels()
+    if not common.kernel_ready(k, torch.empty(0, device=device)):
+        common.die(f"the difflm kernels are not available on {device} (build failed, or DIFFLM_KERNELS=0)")
+    default = "8192,16,821;8192,128,50257" + (";8192,256,50257" if device.type == "cuda" else "")
+    try:
+        sizes = [tuple(int(v) for v in s.split(",")) for s in (a.sizes or default).split(";")]
+        assert all(len(s) == 3 for s in sizes)
+    except (ValueError, AssertionError):
+        common.die(f"--sizes={a.sizes!r}: use N,d,V;N,d,V")
+    gen = torch.Generator(device=device).manual_seed(0)
+    rows = []
+    for N, d, V in sizes:
+        x = torch.randn(N, d, generator=gen, device=device)
+        E = torch.randn(V, d, generator=gen, device=device)
+        for metric in a.metrics.split(","):
+            expr = lambda x, E: diffusion_lm.nearest_embedding_torch(x, E, metric)  # noqa: E731
+            kern = lambda x, E: k.nearest_embedding(x, E, metric)  # noqa: E731
+            ref, got = expr(x, E), kern(x, E)
+            agree = float((ref == got).float().mean())  # check before timing (near-ties may differ)
+            t_e = timeit(lambda: expr(x, E), repeat=a.repeat)
+            t_k = timeit(lambda: kern(x, E), repeat=a.repeat)
+            m_e = _peak_extra_bytes(lambda: expr(x, E), device)
+            m_k = _peak_extra_bytes(lambda: kern(x, E), device)
+            t_c = None
+            if not a.no_compile:
+                try:
+                    compiled = torch.compile(expr, dynamic=False)
+                    t_c = timeit(lambda: compiled(x, E), repeat=a.repeat, warmup=2)
+                except Exception as e:
+                    print(f"  torch.compile failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+            mib = lambda b: f"{b / 2**20:.1f}"  # noqa: E731
+            row = [metric, f"{N},{d},{V}", f"{t_e * 1e3:.2f}", f"{t_c * 1e3:.2f}" if t_c else "-", f"{t_k * 1e3:.2f}",
+                   f"{t_e / t_k:.1f}x", f"{t_c / t_k:.1f}x" if t_c else "-", mib(m_e), mib(m_k),
+                   mib(N * 8 + (V * d + V) * 4), f"{100 * agree:.2f}%"]
+            rows.append(row)
+            print("  " + "  ".join(row), flush=True)
+    print()
+    table(rows, ["metric", "N,d,V", "eager ms", "compile ms", "kernel ms", "eager/kernel", "compile/kernel",
+                 "peak eager MiB", "peak kernel MiB", "N+Vd MiB", "same ids"])
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    print(f"float32 on {where}; medians of {a.repeat} runs; eager = argmax(normalize(x) @ normalize(E).T) "
+          "(l2: argmax(x @ E.T - |E|^2 / 2)); peak = extra memory allocated during the call, output included; "
+          "N+Vd = ids (int64) + one table copy + its bias; same ids: agreement with eager (fp32 near-ties may differ)")
+
+
+# ----------------------------------------------------------------------------------------------
 
 BENCHES = {
+    "methods": bench_methods,
     "mdlm_sampler": bench_mdlm_sampler,
     "throughput": bench_throughput,
     "kernels": bench_kernels,
     "sedd": bench_sedd,
+    "nearest": bench_nearest,
 }
 
 

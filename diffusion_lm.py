@@ -1,0 +1,656 @@
+"""
+Diffusion-LM: Gaussian diffusion on learned word embeddings, with rounding, clamping and
+gradient-based control.
+Li, Thickstun, Gulrajani, Liang, Hashimoto, "Diffusion-LM Improves Controllable Text Generation",
+NeurIPS 2022.
+
+Words w are embedded (E, learned jointly, d = 16 for E2E) and a continuous DDPM runs on the
+embedding sequence with the "sqrt" noise schedule. The network predicts x_0 (the clean
+embeddings); a rounding head tied to E maps x_0 back to words. Training minimises the paper's
+end-to-end objective (x_0 MSE + prior + rounding cross-entropy). Sampling is ancestral on a
+respaced schedule (200 of 2000 steps) and snaps the predicted x_0 to its nearest word embedding
+after every step (the clamping trick). Control: a classifier on noisy latents steers sampling by a
+few gradient steps per denoising step (semantic content, length); infilling holds known words.
+
+    python diffusion_lm.py --train                     # E2E restaurant texts, ~10 min on 2 CPU cores
+    python diffusion_lm.py --sample                    # restaurant descriptions from out/diffusion_lm
+    python diffusion_lm.py --sample --show --steps=200 --clamp=l2
+    python diffusion_lm.py --train_classifier          # the noisy-latent classifier for control
+    python diffusion_lm.py --sample --control="food=Italian"
+    python diffusion_lm.py --sample --length=12        # END at position 12
+    python diffusion_lm.py --sample --infill="The Eagle is a _ _ _ near the river ."
+    python diffusion_lm.py --eval                      # NLL bound (nats/token), control success
+"""
+
+import dataclasses
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+METHOD = "diffusion_lm"
+
+# ----------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclasses.dataclass
+class Config(common.BaseConfig):
+    dataset: str = "e2e"
+    block_size: int = 64  # n = 64 positions (paper)
+    rows: bool = True  # one text per row, padded with PAD (needs <split>.jsonl); false: packed windows
+    batch_size: int = 64
+    max_iters: int = 2400
+    lr: float = 1e-3
+    warmup_iters: int = 100
+    eval_interval: int = 800
+    eval_iters: int = 8
+    log_interval: int = 100
+    # Diffusion-LM
+    embed_dim: int = 16  # d: 16 for E2E, 128 for ROCStories (paper)
+    T: int = 2000
+    # sampling
+    steps: int = 200  # respaced decode: step k of the 200-step chain is step 10k of T = 2000
+    clamp: str = "cos"  # cos (the lecture's nearest by cosine) | l2 (the reference code) | none
+    num_samples: int = 8
+    # control
+    control: str = ""  # field=value[,field=value]: semantic content (needs --train_classifier)
+    length: int = 0  # > 0: END at this position (0-based, counting <s>), PAD after it
+    infill: str = ""  # words with _ at free positions, e.g. "The Eagle is _ _ _ ."
+    guide_steps: int = 3  # Adagrad steps per denoising step (paper: 3)
+    guide_lr: float = 0.1  # paper Table 6: semantic content and length 0.1
+    guide_lambda: float = 0.01  # fluency weight lambda (paper Table 6: 0.01)
+    # the classifier on noisy latents (--train_classifier)
+    classifier_iters: int = 1200
+    classifier_layers: int = 2
+    # evaluation
+    eval_t_samples: int = 4  # time samples per validation sequence for the diffusion sum of the bound
+    eval_batches: int = 20  # validation batches in --eval (0: all)
+    control_targets: str = "food=Italian,food=Chinese,name=The Golden Curry,near=Café Rouge"
+    control_samples: int = 32
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward process: the sqrt schedule, q(x_t | x_0) and the posterior q(x_{t-1} | x_t, x_0)
+
+
+def sqrt_alpha_bar(tau, s=1e-4):
+    """The paper's continuous schedule alpha_bar(tau) = 1 - sqrt(tau + s), tau in [0, 1] (App. A)."""
+    return 1.0 - math.sqrt(tau + s)
+
+
+class Schedule:
+    """float64 tables over code steps k = 0..S-1 (paper step k + 1), from alpha_bar at those steps.
+
+    betas are clipped at 0.999: alpha_bar(1) < 0, so the last one always is (METHODS sec. 2).
+    times holds each step's index on the full T-step schedule (the network's time input).
+    """
+
+    def __init__(self, alpha_bar, times, T):
+        ab = alpha_bar.double()
+        ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
+        self.T, self.times = T, times
+        self.alpha_bar, self.alpha_bar_prev = ab, ab_prev
+        self.betas = 1 - ab / ab_prev
+        # posterior q(x_{t-1} | x_t, x_0) = N(coef_x0 x_0 + coef_xt x_t, post_var) (DDPM eq. 6-7)
+        self.coef_x0 = self.betas * ab_prev.sqrt() / (1 - ab)
+        self.coef_xt = (1 - ab_prev) * (1 - self.betas).sqrt() / (1 - ab)
+        self.post_var = self.betas * (1 - ab_prev) / (1 - ab)
+
+
+def sqrt_schedule(T):
+    """The full T-step schedule: beta_t = min(1 - alpha_bar(t/T) / alpha_bar((t-1)/T), 0.999)."""
+    betas = torch.tensor([min(1 - sqrt_alpha_bar((k + 1) / T) / sqrt_alpha_bar(k / T), 0.999) for k in range(T)],
+                         dtype=torch.float64)
+    return Schedule(torch.cumprod(1 - betas, 0), torch.arange(T), T)
+
+
+def respace(full, steps):
+    """The S-step decode schedule: code step k of it is code step (k + 1) T / S - 1 of the full one."""
+    if steps < 1 or full.T % steps:
+        common.die(f"--steps={steps} must divide T={full.T} (e.g. 200 or 2000)")
+    times = torch.arange(1, steps + 1) * (full.T // steps) - 1
+    return Schedule(full.alpha_bar[times], times, full.T)
+
+
+def q_sample(x0, ab_t, noise):
+    """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps (DDPM eq. 4); x0 (B, L, d), ab_t (B,)."""
+    ab_t = ab_t.to(x0.dtype)[:, None, None]
+    return ab_t.sqrt() * x0 + (1 - ab_t).sqrt() * noise
+
+
+# ----------------------------------------------------------------------------------------------
+# Clamping: the nearest word embedding (the fused kernel computes the same function)
+
+
+def nearest_embedding_torch(x, E, metric="cos"):
+    """x (N, d), E (V, d) -> (N,) ids: argmax of cosine, or argmin of L2; ties go to the lowest id.
+
+    L2 uses x.E - |E|^2 / 2, which has the same argmax as -|x - E|^2.
+    """
+    if metric == "cos":
+        scores = F.normalize(x.float(), dim=-1) @ F.normalize(E.float(), dim=-1).T  # (N, V)
+    elif metric == "l2":
+        scores = x.float() @ E.float().T - 0.5 * E.float().pow(2).sum(-1)
+    else:
+        common.die(f"unknown clamp metric {metric!r}; use cos or l2")
+    return scores.argmax(-1)  # torch.argmax returns the first maximum
+
+
+def nearest_embedding(x, E, metric="cos"):
+    """x (..., d), E (V, d) -> (...) ids; the fused kernel when built (no N x V scores), else PyTorch."""
+    if metric not in ("cos", "l2"):
+        common.die(f"unknown --clamp={metric!r}; use cos, l2 or none")
+    shape, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
+    k = common.load_kernels()
+    if common.kernel_ready(k, x2) and hasattr(k, "nearest_embedding"):
+        ids = k.nearest_embedding(x2.float().contiguous(), E.float().contiguous(), metric)
+    else:
+        ids = nearest_embedding_torch(x2, E, metric)
+    return ids.view(shape)
+
+
+def clamp(x0, E, metric):
+    """Replace each predicted x_0 vector by its nearest embedding row (paper sec. 4.2)."""
+    return E[nearest_embedding(x0, E, metric)].to(x0.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model: embeddings + rounding head, and an x_0 denoiser on common's Transformer
+
+
+class LatentTransformer(nn.Module):
+    """(B, L, d) latents + code step (B,) -> (B, L, out): d -> C (Linear, tanh, Linear) plus learned
+    positions, the time-conditioned (adaLN) Transformer, then a head. The time input is t * 1000 / T, so the
+    respaced schedules reuse the network (METHODS sec. 2)."""
+
+    def __init__(self, cfg, d, out, n_layer, T):
+        super().__init__()
+        C, self.T = cfg.n_embd, T
+        self.inp = nn.Sequential(nn.Linear(d, C), nn.Tanh(), nn.Linear(C, C))
+        # learned absolute positions (paper App. E) beside the backbone's rotary ones: length
+        # control and position-dependent classifiers need to know where a position is
+        self.pos = nn.Parameter(torch.randn(cfg.block_size, C) * 0.02)
+        self.backbone = common.Transformer(1, n_layer, cfg.n_head, C, cfg.block_size, cfg.dropout, cond_dim=128)
+        self.backbone.wte = None  # inputs are latents, not token ids
+        self.head = nn.Sequential(nn.Linear(C, C), nn.Tanh(), nn.Linear(C, out))
+
+    def forward(self, xt, t):
+        bb, L = self.backbone, xt.shape[1]
+        if L > bb.block_size:
+            common.die(f"sequence of {L} positions is longer than block_size={bb.block_size}")
+        h = bb.drop(self.inp(xt) + self.pos[:L])
+        c = bb.time_mlp(common.timestep_embedding(t.float() * 1000.0 / self.T))
+        for block in bb.blocks:
+            h = block(h, bb.cos[:L], bb.sin[:L], c)
+        shift, scale = bb.ada_f(c)[:, None].chunk(2, dim=-1)
+        return self.head(bb.ln_f(h) * (1 + scale) + shift)  # (B, L, out)
+
+
+class DiffusionLM(nn.Module):
+    def __init__(self, cfg, vocab_size):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, cfg.embed_dim)  # N(0, 1) init, as the reference
+        self.round_bias = nn.Parameter(torch.zeros(vocab_size))  # tied rounding head, untied bias
+        self.net = LatentTransformer(cfg, cfg.embed_dim, cfg.embed_dim, cfg.n_layer, cfg.T)
+        sched = sqrt_schedule(cfg.T)
+        self.T = cfg.T
+        self.register_buffer("ab", sched.alpha_bar.float(), persistent=False)
+        self.register_buffer("coef_x0", sched.coef_x0.float(), persistent=False)
+        self.register_buffer("post_var", sched.post_var.float(), persistent=False)
+        self.register_buffer("beta0", sched.betas[:1].float(), persistent=False)
+
+    def denoise(self, xt, t):
+        """x_0 parameterisation: f_theta(x_t, t) predicts the clean embeddings. (B, L, d), (B,)."""
+        return self.net(xt, t)
+
+    def round_logits(self, x):
+        """log p(w | x) up to a constant: x E^T + b (paper sec. 4.1). (B, L, d) -> (B, L, V)."""
+        return x @ self.embed.weight.T + self.round_bias
+
+    def forward(self, w, t=None):
+        """The end-to-end objective's terms per sequence (paper eq. 2 and App. E), w (B, L) -> dict of (B,).
+
+        mse       x_0 MSE, against E[w] at the first step (the embedding term) and x_0 after it
+        prior     mean (sqrt(alpha_bar_T) x_0)^2: keeps the embedding norms in check
+        rounding  -log p(w | x_0) on the sampled x_0, per position
+        sq_err, l_T, t   sums over positions and dimensions, for the NLL bound
+        """
+        B = w.shape[0]
+        emb = self.embed(w)  # (B, L, d)
+        x0 = emb + self.beta0.sqrt() * torch.randn_like(emb)  # q_phi(x_0 | w) = N(E[w], (1 - alpha_bar_1) I)
+        if t is None:
+            t = torch.randint(self.T, (B,), device=w.device)
+        xt = q_sample(x0, self.ab[t], torch.randn_like(x0))
+        pred = self.denoise(xt, t)
+        target = torch.where((t == 0)[:, None, None], emb, x0)
+        err = (target - pred.float()).pow(2)
+        ab_T = self.ab[-1]
+        l_T = 0.5 * (-1 - torch.log1p(-ab_T) + (1 - ab_T) + ab_T * x0.pow(2)).sum((1, 2))  # KL(q(x_T|x_0) || N(0, I))
+        rounding = F.cross_entropy(self.round_logits(x0).float().transpose(1, 2), w, reduction="none")  # (B, L)
+        return {"mse": err.mean((1, 2)), "prior": (ab_T * x0.pow(2)).mean((1, 2)), "rounding": rounding.mean(1),
+                "sq_err": err.sum((1, 2)), "l_T": l_T, "rounding_sum": rounding.sum(1), "t": t}
+
+
+def loss_fn(model, w):
+    terms = model(w)
+    return (terms["mse"] + terms["prior"] + terms["rounding"]).mean()  # unweighted sum (paper App. E)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: one text per row (padded with PAD) from <split>.jsonl, or packed windows
+
+
+class Rows:
+    """E2E texts as <s> w ... </s> PAD ..., one per row (cut at block_size); .get like common.Batches."""
+
+    def __init__(self, cfg):
+        path = common.data_path(cfg)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.rows, self.mrs = {}, {}
+        for split, name in (("train", "train"), ("val", "valid")):
+            exs = load_jsonl(os.path.join(path, f"{name}.jsonl"))
+            self.rows[split] = pad_rows([e["text"] for e in exs], cfg.block_size)
+            self.mrs[split] = [e["mr"] for e in exs]
+
+    def get(self, split, batch_size, gen=None):
+        ix = torch.randint(len(self.rows[split]), (batch_size,), generator=gen or self.gen)
+        return self.rows[split][ix]  # (B, L)
+
+    def sequential(self, split, batch_size):
+        for i in range(0, len(self.rows[split]), batch_size):
+            yield self.rows[split][i:i + batch_size]
+
+
+def load_jsonl(path):
+    import json
+    if not os.path.isfile(path):
+        common.die(f"missing {path}; run data/e2e/prepare.py (or use --rows=false for packed windows)")
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def pad_rows(texts, L):
+    tok = common.WordTokenizer
+    out = torch.full((len(texts), L), tok.PAD, dtype=torch.long)
+    for i, ids in enumerate(texts):
+        row = ([tok.START] + list(ids))[:L - 1] + [tok.END]
+        out[i, :len(row)] = torch.tensor(row)
+    return out
+
+
+def make_batches(cfg, meta):
+    if cfg.rows and os.path.isfile(os.path.join(common.data_path(cfg), "train.jsonl")):
+        return Rows(cfg)
+    if cfg.rows and cfg.dataset == "e2e":
+        common.die(f"{common.data_path(cfg)} has no train.jsonl; rerun data/e2e/prepare.py")
+    return common.Batches(cfg, meta, cfg.seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# The classifier on noisy latents p_phi(field = value | x_t, t), for semantic-content control
+
+
+class Classifier(nn.Module):
+    """Noisy latents (B, L, d) at code step t -> one categorical per E2E field ("absent" is value 0)."""
+
+    def __init__(self, cfg, fields):
+        super().__init__()
+        self.fields = fields  # [(field, [values...])], values[0] == "" (absent)
+        self.net = LatentTransformer(cfg, cfg.embed_dim, cfg.n_embd, cfg.classifier_layers, cfg.T)
+        self.offsets = [0]
+        for _, values in fields:
+            self.offsets.append(self.offsets[-1] + len(values))
+        self.head = nn.Linear(cfg.n_embd, self.offsets[-1])
+
+    def forward(self, xt, t):
+        return self.head(self.net(xt, t).mean(1)).float()  # (B, sum of value counts), mean-pooled
+
+    def log_probs(self, xt, t, targets):
+        """targets [(field index, value index)] -> sum of log p(field = value | x_t) (B,)."""
+        logits = self(xt, t)
+        out = 0.0
+        for f, v in targets:
+            out = out + logits[:, self.offsets[f]:self.offsets[f + 1]].log_softmax(-1)[:, v]
+        return out
+
+    def parse_targets(self, spec, what="--control"):
+        """'food=Italian,area=riverside' -> [(field index, value index)]; unknown ones die."""
+        names = [f for f, _ in self.fields]
+        out = []
+        for item in [s.strip() for s in spec.split(",") if s.strip()]:
+            field, eq, value = item.partition("=")
+            field, value = field.strip(), value.strip()
+            if not eq or field not in names:
+                common.die(f"{what}: unknown field {field!r} in {item!r}; use field=value with a field from: {', '.join(names)}")
+            values = self.fields[names.index(field)][1]
+            if value not in values[1:]:
+                common.die(f"{what}: {field} has no value {value!r}; known: {', '.join(values[1:])}")
+            out.append((names.index(field), values.index(value)))
+        return out
+
+
+def classifier_fields(mrs):
+    fields = {}
+    for mr in mrs:
+        for k, v in mr.items():
+            fields.setdefault(k, set()).add(v)
+    return [(k, [""] + sorted(vs)) for k, vs in sorted(fields.items())]
+
+
+def classifier_labels(mrs, fields):
+    y = torch.zeros(len(mrs), len(fields), dtype=torch.long)
+    for i, mr in enumerate(mrs):
+        for j, (k, values) in enumerate(fields):
+            if k in mr:
+                y[i, j] = values.index(mr[k])
+    return y  # (N, fields), 0 = absent
+
+
+def classifier_loss(clf, embed, w, y, T, ab):
+    """Cross-entropy of every field at a random step: x_t from q(x_t | x_0 = E[w]) (paper sec. 5.2)."""
+    t = torch.randint(T, (w.shape[0],), device=w.device)
+    with torch.no_grad():
+        xt = q_sample(embed(w), ab[t], torch.randn(*w.shape, embed.weight.shape[1], device=w.device))
+    logits = clf(xt, t)
+    loss = 0.0
+    for j in range(len(clf.fields)):
+        loss = loss + F.cross_entropy(logits[:, clf.offsets[j]:clf.offsets[j + 1]], y[:, j])
+    return loss / len(clf.fields)
+
+
+def train_classifier(cfg, model, meta):
+    """Train p_phi(c | x_t, t) on E2E's MR fields with the language model's (frozen) embeddings."""
+    path = common.data_path(cfg)
+    if not os.path.isfile(os.path.join(path, "train.jsonl")):
+        common.die(f"--train_classifier needs E2E's meaning representations ({path}/train.jsonl); use --dataset=e2e")
+    device = next(model.parameters()).device
+    exs = load_jsonl(os.path.join(path, "train.jsonl"))
+    fields = classifier_fields([e["mr"] for e in exs])
+    rows = pad_rows([e["text"] for e in exs], cfg.block_size)
+    y = classifier_labels([e["mr"] for e in exs], fields)
+    clf = Classifier(cfg, fields).to(device)
+    opt = torch.optim.AdamW(clf.parameters(), lr=cfg.lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    t0 = time.time()
+    for it in range(cfg.classifier_iters):
+        for g in opt.param_groups:
+            g["lr"] = common.lr_at(dataclasses.replace(cfg, max_iters=cfg.classifier_iters), it)
+        ix = torch.randint(len(rows), (cfg.batch_size,), generator=gen)
+        loss = classifier_loss(clf, model.embed, rows[ix].to(device), y[ix].to(device), cfg.T, model.ab)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(clf.parameters(), 1.0)
+        opt.step()
+        if it % cfg.log_interval == 0 or it == cfg.classifier_iters - 1:
+            print(f"classifier iter {it:5d}/{cfg.classifier_iters} | loss {loss.item():.4f} | {common.fmt_time(time.time() - t0)}", flush=True)
+    path = os.path.join(common.out_dir(cfg, METHOD), "classifier.pt")
+    common.save_checkpoint(path, {"model": clf.state_dict(), "fields": fields, "config": dataclasses.asdict(cfg)})
+    print(f"classifier saved to {path}")
+    return clf.eval()
+
+
+def load_classifier(cfg, device):
+    path = os.path.join(common.out_dir(cfg, METHOD), "classifier.pt")
+    if not os.path.isfile(path):
+        common.die(f"no classifier at {path}; train one with `python diffusion_lm.py --train_classifier`")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ccfg = dataclasses.replace(cfg, **{k: ckpt["config"][k] for k in ("n_embd", "n_head", "classifier_layers", "embed_dim")})
+    clf = Classifier(ccfg, [(f, list(v)) for f, v in ckpt["fields"]])
+    clf.load_state_dict(ckpt["model"])
+    return clf.to(device).eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Samplers: ancestral with clamping on a respaced schedule, guidance, infilling
+
+
+def guided(x, mean, var, t_prev, objective, cfg):
+    """A few Adagrad steps on x_{t-1} (paper sec. 5.2): lambda |x - mu|^2 / (2 sigma^2) - log p(c | x_{t-1}).
+
+    A fresh optimiser per denoising step, as the reference; objective(x, t) -> (B,) to minimise.
+    """
+    x = x.detach().requires_grad_(True)
+    opt = torch.optim.Adagrad([x], lr=cfg.guide_lr)
+    t = torch.full((x.shape[0],), int(t_prev), device=x.device)
+    for _ in range(cfg.guide_steps):
+        with torch.enable_grad():
+            loss = cfg.guide_lambda * (x - mean).pow(2).sum() / (2 * var) + objective(x, t).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        opt.step()
+    return x.detach()
+
+
+@torch.no_grad()
+def sample(model, cfg, n, fixed=None, objective=None, show=None):
+    """n sequences (n, L) of word ids from x_T ~ N(0, I).
+
+    fixed (L,) ids or -1 at free positions: known positions of x_t are set to their clean
+    embeddings at every step (infilling). objective(x, t) -> (B,) turns on guidance.
+    Each step: x0_hat = f(x_t, t), clamp it to the nearest embeddings, then
+    x_{t-1} = mu_tilde(x_t, x0_hat) + sqrt(beta_tilde) z (the reference's posterior form).
+    The last x0_hat is rounded by the head, argmax(x0_hat E^T + b) (METHODS sec. 2).
+    """
+    sched = respace(sqrt_schedule(model.T), cfg.steps)
+    if cfg.clamp not in ("cos", "l2", "none"):
+        common.die(f"unknown --clamp={cfg.clamp!r}; use cos, l2 or none")
+    L, device = cfg.block_size, model.embed.weight.device
+    E = model.embed.weight
+    x = torch.randn(n, L, E.shape[1], device=device)
+    known = torch.zeros(L, dtype=torch.bool, device=device)
+    if fixed is not None:
+        fixed = fixed.to(device)
+        known = fixed >= 0
+        clean = E[fixed.clamp(min=0)][None].expand_as(x)
+    for i in range(cfg.steps - 1, -1, -1):
+        if fixed is not None:
+            x = torch.where(known[None, :, None], clean, x)
+        t = torch.full((n,), int(sched.times[i]), device=device)
+        with common.autocast(device):
+            raw = model.denoise(x, t).float()
+        x0 = clamp(raw, E, cfg.clamp) if cfg.clamp != "none" else raw
+        if show:
+            show(cfg.steps - 1 - i, model.round_logits(raw).argmax(-1))
+        if i == 0:
+            break
+        mean = float(sched.coef_x0[i]) * x0 + float(sched.coef_xt[i]) * x
+        var = float(sched.post_var[i])
+        x = mean + math.sqrt(var) * torch.randn_like(x)
+        if objective is not None:
+            x = guided(x, mean, var, sched.times[i - 1], objective, cfg)
+    w = model.round_logits(raw).argmax(-1)  # (n, L)
+    return torch.where(known, fixed, w) if fixed is not None else w
+
+
+def infill_template(tok, cfg):
+    """--infill words with _ at free positions -> (L,) ids (START first, -1 where free); None if empty."""
+    fixed = common.conditioning(tok, cfg, cfg.block_size) if (cfg.prefix or cfg.suffix) else None
+    if not cfg.infill:
+        return fixed
+    words = tok.split(cfg.infill)
+    ids = [tok.START] + [-1 if w == "_" else tok.stoi.get(w, tok.UNK) for w in words]
+    if len(ids) > cfg.block_size:
+        common.die(f"--infill takes {len(ids)} positions with <s>, more than the {cfg.block_size}-position sequence; shorten it")
+    unknown = [w for w in words if w != "_" and w not in tok.stoi]
+    if unknown:
+        common.die(f"--infill has words outside the vocabulary: {' '.join(unknown)}")
+    out = torch.full((cfg.block_size,), -1, dtype=torch.long) if fixed is None else fixed
+    out[:len(ids)] = torch.where(torch.tensor(ids) >= 0, torch.tensor(ids), out[:len(ids)])
+    return out
+
+
+def length_objective(model, length):
+    """Length control: END at position `length`, PAD after it; the "classifier" is the MSE of
+    f_theta(x_{t-1}) against those embeddings at the fixed positions (METHODS sec. 2)."""
+    E = model.embed.weight.detach()
+
+    def objective(x, t):
+        tgt = torch.full((x.shape[1] - length,), common.WordTokenizer.PAD, device=x.device)
+        tgt[0] = common.WordTokenizer.END
+        return (model.denoise(x, t)[:, length:] - E[tgt]).pow(2).sum((1, 2))
+    return objective
+
+
+def build_objective(model, cfg, clf=None, targets=None):
+    """Sum of the control terms asked for (composing controls sums log-probabilities)."""
+    terms = []
+    if targets:
+        terms.append(lambda x, t: -clf.log_probs(x, t, targets))
+    if cfg.length:
+        if not 0 < cfg.length < cfg.block_size:
+            common.die(f"--length={cfg.length} must lie in 1..{cfg.block_size - 1} (the END position)")
+        terms.append(length_objective(model, cfg.length))
+    if not terms:
+        return None
+    return lambda x, t: sum(f(x, t) for f in terms)
+
+
+def decode(tok, ids):
+    """ids (L,) -> the text between <s> and the first </s>."""
+    words = []
+    for i in ids:
+        if i == tok.END:
+            break
+        if i not in (tok.START, tok.PAD):
+            words.append(tok.words[i])
+    return " ".join(words)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation: the NLL bound, control success, fluency
+
+
+@torch.no_grad()
+def evaluate(model, batches, cfg, full=False):
+    """Validation loss terms and the NLL bound in nats per position (METHODS sec. 2, [ref]):
+    L_T + sum_{t>=2} L_{t-1} (Monte Carlo over t, eval_t_samples per sequence) +
+    KL(q_phi(x_0|w) || p(x_0|x_1)) + -log p(w|x_0). Reverse variances: beta_tilde_t for t >= 2
+    (the posterior's, so L_{t-1} is the mean term alone) and beta_1 at t = 1 (q_phi's variance)."""
+    model.eval()
+    device = model.embed.weight.device
+    if full:
+        data = batches.sequential("val", cfg.batch_size)
+        if cfg.eval_batches:
+            data = (b for i, b in zip(range(cfg.eval_batches), data))
+        k = cfg.eval_t_samples
+    else:
+        gen = torch.Generator().manual_seed(cfg.seed)
+        data, k = (batches.get("val", cfg.batch_size, gen) for _ in range(cfg.eval_iters)), 1
+    sums, count, positions = {}, 0, 0
+    for w in data:
+        w = w.to(device)
+        B = w.shape[0]
+        first = model(w, torch.zeros(B, dtype=torch.long, device=device))
+        bound = first["l_T"] + first["sq_err"] / (2 * model.beta0) + first["rounding_sum"]
+        for _ in range(k):
+            terms = model(w)
+            t = 1 + torch.randint(model.T - 1, (B,), device=device)
+            mc = model(w, t)
+            bound = bound + (model.T - 1) * model.coef_x0[t] ** 2 * mc["sq_err"] / (2 * model.post_var[t]) / k
+            for name in ("mse", "prior", "rounding"):
+                sums[name] = sums.get(name, 0.0) + float(terms[name].sum()) / k
+        sums["nll_bound"] = sums.get("nll_bound", 0.0) + float(bound.sum())
+        count += B
+        positions += w.numel()
+    out = {f"val_{n}": v / count for n, v in sums.items() if n != "nll_bound"}
+    out["val_loss"] = out["val_mse"] + out["val_prior"] + out["val_rounding"]
+    out["val_nll_bound"] = sums["nll_bound"] / positions  # nats per position
+    return out
+
+
+def contains(text_words, value):
+    """Exact field matching: the value's words occur contiguously in the sample."""
+    v = common.WordTokenizer.split(value)
+    return any(text_words[i:i + len(v)] == v for i in range(len(text_words) - len(v) + 1))
+
+
+def control_eval(model, clf, tok, cfg):
+    """Control success by exact field matching for each target: guided vs unguided samples."""
+    torch.manual_seed(cfg.seed + 7)
+    plain = [decode(tok, s).split() for s in sample(model, cfg, cfg.control_samples).tolist()]
+    out = {}
+    for spec in [s.strip() for s in cfg.control_targets.split(",") if s.strip()]:
+        targets = clf.parse_targets(spec, "--control_targets")
+        value = spec.partition("=")[2].strip()
+        torch.manual_seed(cfg.seed + 7)
+        got = [decode(tok, s).split() for s in
+               sample(model, cfg, cfg.control_samples, objective=build_objective(model, cfg, clf, targets)).tolist()]
+        g = sum(contains(s, value) for s in got) / len(got)
+        u = sum(contains(s, value) for s in plain) / len(plain)
+        out[spec] = (g, u)
+        print(f"control {spec:32s} guided {100 * g:5.1f}% | unguided {100 * u:5.1f}% | "
+              f"ratio {(f'{g / u:.1f}x') if u else 'n/a (unguided 0)'}  ({len(got)} samples each, exact word match)", flush=True)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+
+
+def build_model(cfg, meta):
+    if meta.get("tokenizer") != "word":
+        common.die(f"Diffusion-LM works on words; --dataset={cfg.dataset} has a {meta.get('tokenizer')} tokenizer "
+                   "(use --dataset=e2e or --dataset=shakespeare_word)")
+    return DiffusionLM(cfg, meta["vocab_size"])
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    want_clf = "--train_classifier" in argv  # a verb of this method only
+    rest = [a for a in argv if a != "--train_classifier"]
+    has_verb = any(a in ("--train", "--sample", "--eval") for a in rest)
+    verbs, cfg, overrides = common.parse_args(Config, rest + ([] if has_verb or not want_clf else ["--sample"]))
+    verbs = verbs if has_verb else []
+    if cfg.clamp not in ("cos", "l2", "none"):
+        common.die(f"unknown --clamp={cfg.clamp!r}; use cos, l2 or none")
+    if "train" in verbs:
+        meta = common.prepare_data(cfg)
+        model = build_model(cfg, meta)
+        common.train(cfg, METHOD, model, loss_fn, lambda m, b: evaluate(m, b, cfg), meta, make_batches(cfg, meta))
+        if "RANK" in os.environ and int(os.environ["RANK"]) != 0:
+            return
+    if want_clf:
+        cfg, model, tok, meta, _ = common.load_for_inference(Config, overrides, METHOD, build_model)
+        train_classifier(cfg, model.requires_grad_(False), meta)
+    if "sample" in verbs:
+        cfg, model, tok, meta, _ = common.load_for_inference(Config, overrides, METHOD, build_model)
+        fixed = infill_template(tok, cfg)
+        clf = load_classifier(cfg, model.embed.weight.device) if cfg.control else None
+        targets = clf.parse_targets(cfg.control) if clf else None
+        show = None
+        if cfg.show:
+            every = max(1, cfg.steps // 8)
+
+            def show(i, w):
+                if i % every == 0 or i == cfg.steps - 1:
+                    print(f"--- step {i + 1}/{cfg.steps}: {tok.decode(w[0].tolist())}")
+        t0 = time.time()
+        out = sample(model, cfg, cfg.num_samples, fixed, build_objective(model, cfg, clf, targets), show)
+        for i, s in enumerate(out.tolist()):
+            print(f"=== sample {i}\n{decode(tok, s)}")
+        print(f"({cfg.num_samples} samples, {cfg.steps} steps, clamp={cfg.clamp}, {time.time() - t0:.1f}s)")
+    if "eval" in verbs:
+        cfg, model, tok, meta, ckpt = common.load_for_inference(Config, overrides, METHOD, build_model)
+        stats = evaluate(model, make_batches(cfg, meta), cfg, full=True)
+        print(f"val NLL bound {stats['val_nll_bound']:.4f} nats/position (PAD positions included) | "
+              f"mse {stats['val_mse']:.4f} | prior {stats['val_prior']:.2e} | rounding {stats['val_rounding']:.4f} "
+              f"({cfg.eval_t_samples} time samples per sequence)")
+        if os.path.isfile(os.path.join(common.out_dir(cfg, METHOD), "classifier.pt")):
+            clf = load_classifier(cfg, model.embed.weight.device)
+            for spec, (g, u) in control_eval(model, clf, tok, cfg).items():
+                stats[f"control {spec}"] = g
+                stats[f"unguided {spec}"] = u
+        else:
+            print("control: no classifier yet; run `python diffusion_lm.py --train_classifier` to measure it")
+        common.log_json(os.path.join(common.out_dir(cfg, METHOD), "log.jsonl"), {"eval_full": stats, "iter": ckpt["iter"]})
+
+
+if __name__ == "__main__":
+    main()
