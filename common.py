@@ -751,6 +751,77 @@ def conditioning(tokenizer, cfg, length):
 
 
 # ----------------------------------------------------------------------------------------------
+# Generative evaluation: samples scored by the autoregressive baseline (ar.py) as a fixed judge
+
+
+def load_judge(path, meta=None, device=None):
+    """An ar.py checkpoint -> (judge model in eval mode, its meta). Rebuilds ar.py's layout
+    (causal backbone over V + 1 ids with [BOS] = V, V-way head) without importing ar.py.
+    With meta, dies unless the judge was trained on the same tokenizer and vocabulary."""
+    if not os.path.isfile(path):
+        die(f"no judge checkpoint at {path}; train the autoregressive baseline on the same data first "
+            f"(`python ar.py --train --dataset=...`) or pass --judge=PATH")
+    ckpt = load_checkpoint(path, "ar")
+    if ckpt.get("method") != "ar":
+        die(f"the judge {path} was trained by {ckpt.get('method')}.py; it must be an ar.py checkpoint")
+    jm, c = ckpt["meta"], ckpt["config"]
+    if meta is not None and any(meta.get(k) != jm.get(k) for k in ("tokenizer", "vocab_size", "chars", "words")):
+        die(f"the judge {path} was trained on another tokenizer/vocabulary ({jm.get('tokenizer')}, {jm.get('vocab_size')} ids) "
+            f"than these samples ({meta.get('tokenizer')}, {meta.get('vocab_size')}); train ar.py on the same dataset")
+    V = jm["vocab_size"]
+    judge = nn.ModuleDict({"backbone": Transformer(V + 1, c["n_layer"], c["n_head"], c["n_embd"], c["block_size"], causal=True),
+                           "head": nn.Linear(c["n_embd"], V, bias=False)})
+    judge.load_state_dict(ckpt["ema"] if c.get("ema", 0) > 0 else ckpt["model"])
+    return judge.to(device or "cpu").eval(), jm
+
+
+@torch.no_grad()
+def judge_nll(judge, samples, batch_size=32):
+    """Mean -log p_judge per token (nats) of samples (N, T). Each block_size chunk of a sample is
+    scored from [BOS], as the judge scores its validation windows."""
+    V, L = judge["head"].out_features, judge["backbone"].block_size
+    device = judge["head"].weight.device
+    total, count = 0.0, 0
+    for s in range(0, samples.shape[1], L):
+        chunk = samples[:, s:s + L].long()
+        if int(chunk.max()) >= V or int(chunk.min()) < 0:
+            die(f"samples hold ids outside the judge's vocabulary of {V} (e.g. a [MASK] left unrevealed)")
+        for b in range(0, chunk.shape[0], batch_size):
+            x = chunk[b:b + batch_size].to(device)
+            inp = torch.cat([torch.full_like(x[:, :1], V), x[:, :-1]], 1)  # [BOS] shifted in
+            with autocast(device):
+                logits = judge["head"](judge["backbone"](inp)).float()  # (b, T, V)
+            total += float(F.cross_entropy(logits.transpose(1, 2), x, reduction="sum"))
+            count += x.numel()
+    return total / count
+
+
+def unigram_entropy(samples):
+    """Entropy (nats) of the token frequencies over all samples (N, T): low values expose collapse."""
+    counts = torch.bincount(samples.flatten().long().cpu()).double()
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * p.log()).sum())
+
+
+def generative_eval(judge_path, sample_fn, num_samples, meta, what=""):
+    """Draw num_samples sequences with sample_fn(n) -> (n, T), time them, score them with the judge.
+
+    Returns {"gen_nll" (nats/token under the judge), "gen_ppl", "gen_entropy" (nats), "sec_per_sample"}
+    and prints one line.
+    """
+    t0 = time.time()
+    samples = sample_fn(num_samples)
+    sec = (time.time() - t0) / num_samples
+    judge, _ = load_judge(judge_path, meta, samples.device)
+    nll = judge_nll(judge, samples)
+    stats = {"gen_nll": nll, "gen_ppl": math.exp(nll), "gen_entropy": unigram_entropy(samples), "sec_per_sample": sec}
+    print(f"gen: NLL {nll:.4f} nats/token under the judge {judge_path} (perplexity {stats['gen_ppl']:.3f}) | "
+          f"unigram entropy {stats['gen_entropy']:.4f} nats | {sec:.3f} s/sample "
+          f"({num_samples} samples of {samples.shape[1]} tokens{', ' + what if what else ''})")
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------
 # Kernels: csrc/ built as a torch extension on first use, or nothing
 
 _KERNELS = {}

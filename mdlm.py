@@ -46,6 +46,8 @@ class Config(common.BaseConfig):
     stride: int = 0  # new tokens per semi-autoregressive round; 0: block_size // 2
     # evaluation
     eval_t_samples: int = 4  # time samples per validation sequence in --eval
+    gen: bool = False  # --eval --gen: score num_samples samples with the autoregressive judge (ar.py)
+    judge: str = "out/ar/ckpt.pt"  # the judge: an ar.py checkpoint trained on the same data
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,6 +323,10 @@ def main(argv=None):
             stats["sample_words_in_train"] = share
             print(f"samples: {100 * share:.1f}% of {n} generated words occur in the training text "
                   f"({cfg.num_samples} samples, {cfg.steps} steps)")
+        if cfg.gen:
+            free = torch.full((cfg.seq_len or cfg.block_size,), -1)
+            stats.update(common.generative_eval(cfg.judge, lambda n: generate(model, cfg, free, n)[0], cfg.num_samples,
+                                                meta, f"{cfg.sampler}, {cfg.steps} steps"))
         common.log_json(os.path.join(common.out_dir(cfg, "mdlm"), "log.jsonl"),
                         {"eval_full": stats, "iter": ckpt["iter"], "t_samples": cfg.eval_t_samples})
 

@@ -59,6 +59,8 @@ class Config(common.BaseConfig):
     seq_len: int = 0  # 0: block_size (one chain covers the sequence; at most block_size)
     # evaluation
     eval_t_samples: int = 4  # time samples per validation sequence in --eval
+    gen: bool = False  # --eval --gen: score num_samples samples with the autoregressive judge (ar.py)
+    judge: str = "out/ar/ckpt.pt"  # the judge: an ar.py checkpoint trained on the same data
 
 
 def check_config(cfg):
@@ -513,6 +515,10 @@ def main(argv=None):
         print(f"val ELBO {stats['val_elbo']:.4f} nats/token | {stats['val_bits']:.4f} bits/token | "
               f"perplexity <= {stats['val_ppl']:.3f} ({cfg.graph} graph, {noise_kind(cfg)} noise, "
               f"{cfg.eval_t_samples} time samples per sequence)")
+        if cfg.gen:
+            free = torch.full((cfg.seq_len or cfg.block_size,), -1)
+            stats.update(common.generative_eval(cfg.judge, lambda n: generate(model, cfg, free, n)[0], cfg.num_samples,
+                                                meta, f"{cfg.sampler} sampler, {cfg.steps} steps"))
         common.log_json(os.path.join(common.out_dir(cfg, "sedd"), "log.jsonl"),
                         {"eval_full": stats, "iter": ckpt["iter"], "t_samples": cfg.eval_t_samples})
 

@@ -1,0 +1,205 @@
+"""ar.py (the autoregressive baseline), common's generative evaluation (the AR judge) and
+bench.py's methods table: cache parity, exact NLL, toy-language learning, --eval --gen end to end
+for every method, bad inputs."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import ar
+import bench
+import common
+from conftest import run_cli, write_toy_dataset
+from test_sedd import CHARS, legal_fraction, toy_language
+
+
+def tiny_cfg(**kw):
+    base = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, dropout=0.0)
+    return ar.Config(**{**base, **kw})
+
+
+def random_model(V=7, **kw):
+    torch.manual_seed(0)
+    model = ar.build_model(tiny_cfg(**kw), {"vocab_size": V}).eval()
+    torch.nn.init.normal_(model.head.weight, std=0.5)  # not the zero init: a peaked, position-dependent output
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# The key/value cache computes the same function as the full causal forward
+
+
+@pytest.mark.parametrize("B,P", [(1, 1), (3, 5), (2, 16)])
+def test_cached_forward_matches_the_full_forward(B, P):
+    model = random_model()
+    L = model.backbone.block_size
+    x = torch.randint(7, (B, L), generator=torch.Generator().manual_seed(P))
+    inp = ar.shift_in_bos(x, model.bos_id)
+    with torch.no_grad():
+        full = model(inp)  # (B, L, V)
+        cache = ar.KVCache(model.backbone)
+        pieces = [model.head(ar.cached_forward(model.backbone, inp[:, :P], cache))]  # prefill P positions
+        for i in range(P, L):  # then one token at a time
+            pieces.append(model.head(ar.cached_forward(model.backbone, inp[:, i:i + 1], cache)))
+    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-4)
+    assert cache.pos == L
+
+
+def test_sampler_draws_from_the_chain_rule_distribution():
+    """Samples of length 2 from a fixed random model: empirical joint vs p(x1) p(x2 | x1) (chi-square)."""
+    model = random_model(V=4)
+    cfg = tiny_cfg(temperature=1.0)
+    n = 20_000
+    torch.manual_seed(1)
+    x, calls = ar.generate(model, cfg, torch.zeros(0, dtype=torch.long), n, 2)
+    assert calls == 2  # the prefill ([BOS]) and one cached step
+    counts = torch.bincount(x[:, 0] * 4 + x[:, 1], minlength=16).double()
+    grid = torch.stack(torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij"), -1).reshape(16, 2)
+    with torch.no_grad():
+        p = torch.exp(-ar.nll_terms(model, grid, model.bos_id).sum(1).double())  # exact joint of each pair
+    assert abs(float(p.sum()) - 1) < 1e-5
+    chi2 = float(((counts - n * p) ** 2 / (n * p)).sum())
+    assert chi2 < 37.7, f"chi-square {chi2:.1f} on 15 degrees of freedom (p = 0.001 at 37.7)"
+
+
+def test_prefix_is_kept_and_long_samples_slide_the_cache():
+    model = random_model()
+    prefix = torch.tensor([1, 2, 3])
+    x, calls = ar.generate(model, tiny_cfg(), prefix, 3, 40)  # 40 > block_size 16: the cache is refilled
+    assert x.shape == (3, 40) and (x[:, :3] == prefix).all() and int(x.max()) < 7
+    assert calls == 40 - 3
+
+
+def test_untrained_model_scores_log_v_and_evaluate_is_the_mean_nll(tmp_path):
+    data = write_toy_dataset(tmp_path / "d", [toy_language(3000)], CHARS)
+    cfg = tiny_cfg(data_dir=data, batch_size=8)
+    meta = common.prepare_data(cfg)
+    model = ar.build_model(cfg, meta).eval()  # zero head: uniform predictions
+    stats = ar.evaluate(model, common.Batches(cfg, meta, 0), cfg, full=True)
+    assert abs(stats["val_nll"] - math.log(len(CHARS))) < 1e-5
+    assert abs(stats["val_bits"] - math.log2(len(CHARS))) < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------
+# Learning, and the judge agreeing with ar.py's own evaluation
+
+
+def test_learns_a_toy_language_and_judges_like_its_own_eval(tmp_path):
+    data = write_toy_dataset(tmp_path / "data", [toy_language(40_000)], CHARS)
+    cfg = ar.Config(data_dir=data, out_dir=str(tmp_path / "out"), n_layer=2, n_head=2, n_embd=64, block_size=24,
+                    batch_size=32, max_iters=300, warmup_iters=20, eval_interval=300, eval_iters=4, log_interval=1000,
+                    ema=0.9)
+    meta = common.prepare_data(cfg)
+    torch.manual_seed(0)
+    model = ar.build_model(cfg, meta)
+    ema = common.train(cfg, "ar", model, lambda m, x0: ar.loss_fn(m, x0, model.bos_id),
+                       lambda m, b: ar.evaluate(m, b, cfg), meta)
+    torch.manual_seed(1)
+    samples, _ = ar.generate(ema, cfg, torch.zeros(0, dtype=torch.long), 64, 24)
+    frac = legal_fraction(samples)
+    print(f"ar: {frac:.3f} of adjacent pairs legal")
+    assert frac > 0.9, f"{frac:.3f} of adjacent pairs legal (chance 0.333)"
+    # the entropy rate of the language is log 2 per token (two equally likely successors)
+    stats = ar.evaluate(ema, common.Batches(cfg, meta, 0), cfg, full=True)
+    assert stats["val_nll"] < math.log(2) + 0.15, stats
+    # common's judge rebuilds the same model from the checkpoint and gives the same NLL on the same windows
+    judge, _ = common.load_judge(os.path.join(cfg.out_dir, "ckpt.pt"), meta)
+    windows = torch.cat(list(common.Batches(cfg, meta, 0).sequential("val", 64)))
+    with torch.no_grad():
+        own = float(ar.nll_terms(ema, windows, ema.bos_id).mean())
+    assert abs(common.judge_nll(judge, windows) - own) < 1e-5
+    # its own samples are scored near the entropy rate, far below a uniform draw's log 6
+    assert common.judge_nll(judge, samples) < math.log(2) + 0.3
+    assert common.judge_nll(judge, torch.randint(6, (64, 24))) > math.log(2) + 0.5
+
+
+def test_unigram_entropy():
+    assert common.unigram_entropy(torch.zeros(4, 8, dtype=torch.long)) == 0.0
+    assert abs(common.unigram_entropy(torch.arange(8).repeat(3, 1)) - math.log(8)) < 1e-12
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI: train, sample, --eval --gen for every method on tiny checkpoints, bad inputs
+
+TINY = ["--max_iters=12", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8",
+        "--eval_interval=12", "--eval_iters=2", "--log_interval=6", "--warmup_iters=2"]
+
+
+def finite_gen_line(stdout):
+    line = [x for x in stdout.splitlines() if x.startswith("gen: NLL")]
+    assert line, stdout[-2000:]
+    nums = [float(w) for w in line[0].replace("(", " ").replace(")", " ").split() if w.replace(".", "").isdigit()]
+    assert nums and all(math.isfinite(v) for v in nums), line[0]
+    return line[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_ar(char_data, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("ar"))
+    run_cli(["ar.py", "--train", f"--data_dir={char_data}", f"--out_dir={out}"] + TINY)
+    return out
+
+
+def test_cli_train_sample_eval_gen(tiny_ar, char_data):
+    r = run_cli(["ar.py", "--sample", f"--out_dir={tiny_ar}", "--prefix=ROMEO:", "--num_samples=2", "--seq_len=50"])
+    assert r.stdout.count("=== sample") == 2 and "ROMEO:" in r.stdout and "key/value cache" in r.stdout
+    r = run_cli(["ar.py", "--eval", "--gen", f"--out_dir={tiny_ar}", f"--judge={tiny_ar}/ckpt.pt", "--num_samples=3"])
+    assert "val NLL" in r.stdout and "(exact)" in r.stdout
+    finite_gen_line(r.stdout)
+    log = [json.loads(x) for x in open(os.path.join(tiny_ar, "log.jsonl"))]
+    assert "gen_nll" in log[-1]["eval_full"]
+
+
+@pytest.mark.parametrize("method,extra", [("mdlm", []), ("sedd", []), ("sedd", ["--graph=uniform"])])
+def test_eval_gen_end_to_end(method, extra, tiny_ar, char_data, tmp_path):
+    run_cli([f"{method}.py", "--train", f"--data_dir={char_data}", f"--out_dir={tmp_path}"] + TINY + extra)
+    r = run_cli([f"{method}.py", "--eval", "--gen", f"--out_dir={tmp_path}", f"--judge={tiny_ar}/ckpt.pt",
+                 "--steps=6", "--num_samples=3", "--eval_t_samples=1"])
+    assert "6 steps" in finite_gen_line(r.stdout)
+
+
+def test_cli_bad_inputs(tiny_ar, tmp_path):
+    def fails(args, *words):
+        r = run_cli(args, check=False)
+        assert r.returncode != 0 and all(w in r.stderr for w in words), r.stderr[-1500:]
+    fails(["ar.py", "--sample", f"--out_dir={tiny_ar}", "--suffix=abc"], "--suffix", "--prefix")
+    fails(["ar.py", "--sample", f"--out_dir={tiny_ar}", "--temperature=0"], "--temperature")
+    fails(["ar.py", "--sample", f"--out_dir={tiny_ar}", "--prefix=" + "a" * 40], "--prefix", "--seq_len")
+    fails(["ar.py", "--eval", "--gen", f"--out_dir={tiny_ar}", f"--judge={tmp_path}/none.pt"], "no judge checkpoint")
+    fails(["ar.py", "--sample", f"--out_dir={tmp_path}"], "no checkpoint", "ar.py --train")
+
+
+def test_judge_refuses_another_vocabulary_or_method(tiny_ar, tmp_path):
+    meta = common.load_checkpoint(os.path.join(tiny_ar, "ckpt.pt"), "ar")["meta"]
+    with pytest.raises(SystemExit, match="another tokenizer"):
+        common.load_judge(os.path.join(tiny_ar, "ckpt.pt"), {**meta, "vocab_size": 10, "chars": list("abcdefghij")})
+    judge, _ = common.load_judge(os.path.join(tiny_ar, "ckpt.pt"), meta)
+    with pytest.raises(SystemExit, match="outside the judge"):
+        common.judge_nll(judge, torch.full((2, 8), meta["vocab_size"]))  # a [MASK] id left in a sample
+    fake = common.load_checkpoint(os.path.join(tiny_ar, "ckpt.pt"), "ar")
+    common.save_checkpoint(str(tmp_path / "ckpt.pt"), {**fake, "method": "mdlm"})
+    with pytest.raises(SystemExit, match="must be an ar.py checkpoint"):
+        common.load_judge(str(tmp_path / "ckpt.pt"))
+
+
+# ----------------------------------------------------------------------------------------------
+# bench.py methods: the table writer and the break-even step count
+
+
+def test_methods_table_prints_a_dash_for_a_method_without_a_bound():
+    rows = [{"method": "ar", "tok_s": 20000.0, "bits": 2.3, "steps": 128, "gen_nll": 1.6, "entropy": 3.1, "sec": 0.02},
+            {"method": "diffuser", "tok_s": 9000.0}]
+    text = bench.methods_table(rows).splitlines()
+    assert len(text) == 3 and "val bound bits/char" in text[0]
+    ar_cells, diffuser_cells = text[1].split(), text[2].split()
+    assert ar_cells == ["ar", "20.0k", "2.300", "128", "1.600", "3.100", "0.020"]
+    assert diffuser_cells == ["diffuser", "9.0k", "-", "-", "-", "-", "-"]
+
+
+def test_break_even():
+    pts = [(16, 0.1), (32, 0.2), (64, 0.4)]
+    assert bench.break_even(pts, 0.3) == ("=", 48.0)
+    assert bench.break_even(pts, 0.05) == ("<", 16)
+    assert bench.break_even(pts, 1.0) == (">", 64)
