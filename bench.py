@@ -454,6 +454,7 @@ def bench_methods(argv):
             j, _ = common.load_judge(judge, meta)
             rows.append({"method": "data (val)", "steps": None, "gen_nll": common.judge_nll(j, data),
                          "entropy": common.unigram_entropy(data)})
+            print(methods_table(rows), flush=True)
             continue
         free = torch.full((L,), -1, dtype=torch.long)
         curves[name] = []
@@ -465,6 +466,7 @@ def bench_methods(argv):
             rows.append({"method": name, "tok_s": tok_s if i == 0 else None, "bits": bits if i == 0 else None,
                          "steps": s, "gen_nll": g["gen_nll"], "entropy": g["gen_entropy"], "sec": g["sec_per_sample"]})
             curves[name].append((s, g["gen_nll"], g["sec_per_sample"]))
+        print(methods_table(rows), flush=True)  # the table so far, in case a later method is interrupted
     print()
     print(methods_table(rows))
     print(f"{a.num_samples} samples per row, one block each; bound: exact NLL for ar, the NELBO/ELBO for the "
