@@ -74,6 +74,8 @@ class Config(common.BaseConfig):
     eval_batches: int = 20  # validation batches in --eval (0: all)
     control_targets: str = "food=Italian,food=Chinese,name=The Golden Curry,near=Café Rouge"
     control_samples: int = 32
+    gen: bool = False  # --eval --gen: fluency, the NLL of num_samples samples under the autoregressive judge
+    judge: str = "out/ar/ckpt.pt"  # an ar.py checkpoint trained on the same data (e.g. --dataset=e2e)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -565,6 +567,16 @@ def evaluate(model, batches, cfg, full=False):
     return out
 
 
+def as_stream(samples, tok):
+    """Rows <s> w ... </s> PAD ... (n, L) -> (1, total): each text up to its </s>, packed end to end
+    as the judge's training stream (data/e2e's train.bin), so PAD is never scored."""
+    out = []
+    for s in samples.tolist():
+        end = s.index(tok.END) + 1 if tok.END in s else len(s)
+        out += [i for i in s[:end] if i != tok.PAD]
+    return torch.tensor([out])
+
+
 def contains(text_words, value):
     """Exact field matching: the value's words occur contiguously in the sample."""
     v = common.WordTokenizer.split(value)
@@ -649,6 +661,9 @@ def main(argv=None):
                 stats[f"unguided {spec}"] = u
         else:
             print("control: no classifier yet; run `python diffusion_lm.py --train_classifier` to measure it")
+        if cfg.gen:
+            stats.update(common.generative_eval(cfg.judge, lambda n: as_stream(sample(model, cfg, n), tok), cfg.num_samples,
+                                                meta, f"{cfg.steps} steps, clamp={cfg.clamp}, texts packed as the judge's stream"))
         common.log_json(os.path.join(common.out_dir(cfg, METHOD), "log.jsonl"), {"eval_full": stats, "iter": ckpt["iter"]})
 
 

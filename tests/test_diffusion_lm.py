@@ -258,3 +258,9 @@ def test_cli_without_classifier_or_checkpoint(tmp_path):
     assert r.returncode != 0 and "no checkpoint" in r.stderr
     r = run_cli(["diffusion_lm.py", "--train", "--dataset=shakespeare_char", f"--out_dir={tmp_path}"], check=False)
     assert r.returncode != 0 and "Diffusion-LM works on words" in r.stderr
+
+
+def test_samples_packed_for_the_judge():
+    tok = common.WordTokenizer(list(common.WordTokenizer.SPECIALS) + ["a", "b"])
+    rows = torch.tensor([[0, 4, 5, 1, 3, 3], [0, 5, 3, 4, 4, 4]])  # PAD inside a text that never ends
+    assert D.as_stream(rows, tok).tolist() == [[0, 4, 5, 1, 0, 5, 4, 4, 4]]
