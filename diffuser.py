@@ -11,10 +11,15 @@ A tagger predicts the edits, a generator fills the slots; one reverse step is ta
 fill. Decoding starts from a bootstrap (source text, empty, random tokens) and applies T
 revisions, greedily, by sampling, by beam search, or by the paper's 2D beam search.
 
-The authors released no code; METHODS.md sec. 5 marks where this file chooses for them. Two such
-choices: the generator fills all slots at once (bidirectional) instead of autoregressively, and a
-bootstrap (e.g. the E2E meaning representation) gets one extra trained revision, t = T + 1, whose
-target is x_0 (the alignment of the bootstrap against the text).
+The authors released no code; METHODS.md sec. 5 marks where this file chooses for them. Three
+such choices. (1) The generator is a bidirectional Transformer that fills the slots left to right,
+one per call, each given the words chosen before it (trained with a random prefix of the slots
+already filled), instead of a separate causal decoder. (2) A bootstrap (e.g. the E2E meaning
+representation) gets one extra trained revision, t = T + 1, whose target is x_0 (the alignment of
+the bootstrap against the text). (3) By default (--target=x0) a revision at step t is trained to
+make every edit back to x_0 (alignment of x_t against x_0), not only the last step's
+(--target=prev, the paper): the last step's edits hide among the earlier steps' noise, so the
+tagger never puts more than ~0.4 on any edit and greedy decoding would keep everything.
 
     python diffuser.py --train                          # E2E MR -> text, source bootstrap, ~15 min on 2 CPU cores
     python diffuser.py --sample --show                  # realise validation MRs, each revision with its edits marked
@@ -72,6 +77,9 @@ class Config(common.BaseConfig):
     # bootstrap: the starting sequence x_{T+1}, trained as one extra revision with probability boot_prob
     bootstrap: str = "source"  # source | null | random | autoregressive (waits for ar.py)
     boot_prob: float = 0.5
+    # what a revision at step t is trained to reach: x0 (every edit that leads back to the text, by
+    # alignment of x_t against x_0) or prev (the paper: only the last step's edits, x_t -> x_{t-1})
+    target: str = "x0"
     # decoding
     decode: str = "greedy"  # greedy | sample | beam | beam2d
     beam_b: int = 5  # beam inside a revision (over edit and token choices)
@@ -82,6 +90,7 @@ class Config(common.BaseConfig):
     source: str = ""  # --sample: an E2E meaning representation to realise (else validation MRs)
     eval_mrs: int = 0  # --eval: distinct validation MRs to decode for BLEU; 0: all
     decode_batch: int = 256  # sequences per network call while decoding
+    fill: str = "l2r"  # l2r: the generator fills slots left to right, one call each; parallel: all in one call
 
 
 def check_config(cfg):
@@ -94,6 +103,10 @@ def check_config(cfg):
         common.die(f"unknown --decode={cfg.decode!r}; use one of {', '.join(DECODERS)}")
     if cfg.beam_b < 1 or cfg.beam_r < 1:
         common.die(f"beam sizes must be at least 1 (got --beam_b={cfg.beam_b}, --beam_r={cfg.beam_r})")
+    if cfg.fill not in ("l2r", "parallel"):
+        common.die(f"unknown --fill={cfg.fill!r}; use l2r or parallel")
+    if cfg.target not in ("x0", "prev"):
+        common.die(f"unknown --target={cfg.target!r}; use x0 or prev")
     if cfg.noise not in ("unigram", "uniform"):
         common.die(f"unknown --noise={cfg.noise!r}; use unigram or uniform")
     probs = (cfg.p_keep, cfg.p_replace, cfg.p_insert, cfg.p_delete)
@@ -257,11 +270,13 @@ def levenshtein_edits(a, b):
     """
     n, m = len(a), len(b)
     D = np.zeros((n + 1, m + 1), dtype=np.int64)
-    D[:, 0], D[0, :] = np.arange(n + 1), np.arange(m + 1)
-    for i in range(1, n + 1):
-        ai = a[i - 1]
-        for j in range(1, m + 1):
-            D[i, j] = min(D[i - 1, j - 1] + (ai != b[j - 1]), D[i - 1, j] + 1, D[i, j - 1] + 1)
+    ar, bb = np.arange(m + 1), np.asarray(b, dtype=np.int64)
+    D[0] = ar
+    for i in range(1, n + 1):  # one row at a time: diagonal and vertical moves, then the horizontal
+        e = np.empty(m + 1, dtype=np.int64)  # run as a running minimum (D[i, j] = min_k e[k] + j - k)
+        e[0] = i
+        e[1:] = np.minimum(D[i - 1, :-1] + (bb != a[i - 1]), D[i - 1, 1:] + 1)
+        D[i] = np.minimum.accumulate(e - ar) + ar
     edits, i, j = [], n, m
     while i > 0 or j > 0:
         if i > 0 and j > 0 and D[i, j] == D[i - 1, j - 1] + (a[i - 1] != b[j - 1]):
@@ -312,8 +327,14 @@ def pad(rows, value):
     return ids, mask
 
 
-def collate(examples, vocab_size):
-    """examples: (src or None, x_t, tags, counts, fills, t) -> EditBatch."""
+def collate(examples, vocab_size, rng=None):
+    """examples: (src or None, x_t, tags, counts, fills, t) -> EditBatch.
+
+    With rng, each canvas shows the true words of a random subset of its slots (each slot with
+    probability u ~ U(0, 1), at least one slot left open) and only the open slots are targets, as
+    in a conditional masked LM: the generator learns to fill a slot given words already chosen
+    around it, which is how decode() runs it (left to right), and with u near 0 to fill all at once.
+    """
     PAD, START = common.WordTokenizer.PAD, common.WordTokenizer.START
     tag_rows, gen_rows, tag_t, ins_t, gen_t, ts = [], [], [], [], [], []
     for src, xt, tags, counts, fills, t in examples:
@@ -323,10 +344,18 @@ def collate(examples, vocab_size):
         tag_t.append([-100] * (o + 1) + list(tags))
         ins_t.append([-100] * o + list(counts))
         canvas, slots = build_canvas(xt, tags, counts, vocab_size)
+        shown = np.zeros(len(slots), dtype=bool)
+        if rng is not None and slots:
+            shown = rng.random(len(slots)) < rng.random()
+            if shown.all():
+                shown[int(rng.integers(len(slots)))] = False
         gen_rows.append(pre + [START] + canvas)
         y = [-100] * (o + 1 + len(canvas))
-        for pos, w in zip(slots, fills):
-            y[o + 1 + pos] = w
+        for pos, w, s in zip(slots, fills, shown):
+            if s:  # already filled: a plain word, no target
+                gen_rows[-1][o + 1 + pos] = w
+            else:
+                y[o + 1 + pos] = w
         gen_t.append(y)
         ts.append(float(t))
     tag_in, tag_mask = pad(tag_rows, PAD)
@@ -390,7 +419,7 @@ class EditBatches:
     def get(self, split, batch_size, gen=None):
         rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=gen or self.gen)))
         examples = [make_example(*self.draw_x0(split, rng), rng, self.noise, self.cfg) for _ in range(batch_size)]
-        return collate(examples, self.V)
+        return collate(examples, self.V, rng)
 
 
 def load_jsonl(path):
@@ -421,6 +450,8 @@ def make_example(src, x0, rng, noise, cfg):
     x = x0
     for _ in range(t):
         x, edits = corrupt_step(x, rng, noise, probs, cfg.span_lambda, cfg.max_len)
+    if cfg.target == "x0":  # every edit back to the text, not only the last step's
+        _, edits = levenshtein_edits(x0, x)
     return (src, x, *reverse_edits(edits), t)
 
 
@@ -488,8 +519,9 @@ class Hyp:
     history: list  # (t, x_t, tags, counts, fills) per revision, for --show
 
 
-def network_logprobs(model, rows, t, which, chunk):
-    """Float64 log-probabilities of a list of variable-length inputs, in chunks of `chunk` rows."""
+def network_logprobs(model, rows, t, which, chunk, at=None):
+    """Float64 log-probabilities of a list of variable-length inputs, in chunks of `chunk` rows;
+    with `at` (one position per row) only the rows' distributions at those positions."""
     device = next(model.parameters()).device
     out = []
     for c in range(0, len(rows), chunk):
@@ -498,6 +530,9 @@ def network_logprobs(model, rows, t, which, chunk):
         tt = torch.full((ids.shape[0],), float(t), device=device)
         with common.autocast(device):
             logits = model.tag(ids, mask, tt) if which == "tag" else (model.fill(ids, mask, tt),)
+        if at is not None:
+            idx = torch.tensor(at[c:c + chunk], device=device)
+            logits = [lg[torch.arange(len(idx), device=device), idx] for lg in logits]
         lps = [lg.double().log_softmax(-1).cpu().numpy() for lg in logits]
         for i in range(ids.shape[0]):
             out.append(tuple(lp[i] for lp in lps))
@@ -552,16 +587,50 @@ def choose(logps, strategy, b, cfg):
 
 
 @torch.no_grad()
+def fill_slots(model, jobs, t, strategy, cfg):
+    """The generator's words for each canvas, left to right, one slot per network call (the paper's
+    generator is autoregressive over the slots): when slot k is filled, slots < k hold their chosen
+    words and slots > k their placeholders. jobs: (conditioning ids, canvas, slot positions).
+    strategy greedy: argmax; sample: temperature / nucleus. Returns (log p, sequence, fills) per job.
+    """
+    specials = [common.WordTokenizer.START, common.WordTokenizer.END, common.WordTokenizer.PAD]
+    xs, scores, fills = [list(cv) for _, cv, _ in jobs], [0.0] * len(jobs), [[] for _ in jobs]
+    if cfg.fill == "parallel":  # every slot from one call, independently (Mask-Predict's first pass)
+        out = network_logprobs(model, [c + x for (c, _, _), x in zip(jobs, xs)], t, "fill", cfg.decode_batch)
+        for i, ((c, _, slots), (lp,)) in enumerate(zip(jobs, out)):
+            for pos in slots:
+                row = lp[len(c) + pos].copy()
+                row[specials] = -np.inf
+                w = int(row.argmax()) if strategy == "greedy" else int(sample_choice(row[None], cfg.temperature, cfg.top_p)[0])
+                xs[i][pos] = w
+                scores[i] += float(row[w])
+                fills[i].append(w)
+        return list(zip(scores, xs, fills))
+    for k in range(max((len(s) for _, _, s in jobs), default=0)):
+        active = [i for i, (_, _, s) in enumerate(jobs) if len(s) > k]
+        out = network_logprobs(model, [jobs[i][0] + xs[i] for i in active], t, "fill", cfg.decode_batch,
+                               at=[len(jobs[i][0]) + jobs[i][2][k] for i in active])
+        lp = np.stack([o[0] for o in out])  # (active, V)
+        lp[:, specials] = -np.inf  # slots hold words, never <s>, </s> or <pad>
+        ws = lp.argmax(1) if strategy == "greedy" else sample_choice(lp, cfg.temperature, cfg.top_p)
+        for i, row, w in zip(active, lp, ws.tolist()):
+            xs[i][jobs[i][2][k]] = w
+            scores[i] += float(row[w])
+            fills[i].append(w)
+    return list(zip(scores, xs, fills))
+
+
+@torch.no_grad()
 def decode(model, starts, srcs, cfg, times, strategy="greedy", b=1, r=1):
     """Revise each start sequence at the given time steps; returns the best Hyp per start.
 
     strategy greedy: argmax of every choice; sample: temperature / nucleus draws; beam: the b best
-    joint (edits, tokens) of each revision and the top r hypotheses by cumulative log-likelihood
-    across revisions (r = 1: beam inside a revision, greedy across; r > 1: the 2D beam).
-    An empty sequence must insert (the null bootstrap's first revision is forced to INSERT).
+    edit sets of each revision, each filled greedily left to right, and the top r hypotheses by
+    cumulative log-likelihood across revisions (r = 1: beam inside a revision, greedy across;
+    r > 1: the 2D beam). An empty sequence must insert (the null bootstrap's first revision is
+    forced to INSERT).
     """
     V, START, chunk = model.vocab_size, common.WordTokenizer.START, cfg.decode_batch
-    specials = [common.WordTokenizer.START, common.WordTokenizer.END, common.WordTokenizer.PAD]
     beams = [[Hyp(list(x)[:model.max_len], 0.0, [])] for x in starts]
     for t in times:
         flat = [(i, h) for i, beam in enumerate(beams) for h in beam]
@@ -576,23 +645,13 @@ def decode(model, starts, srcs, cfg, times, strategy="greedy", b=1, r=1):
             logps = list(tag_lp[o + 1:o + 1 + n]) + list(ins_lp)
             for score, c in choose(logps, strategy, b, cfg):
                 edits.append((j, score, c[:n].tolist(), c[n:].tolist()))
-        canv = [build_canvas(flat[j][1].x, tags, counts, V, limit=model.max_len) for j, _, tags, counts in edits]
-        gen_out = network_logprobs(model, [prefix(srcs[flat[j][0]]) + [START] + cv
-                                           for (j, *_), (cv, _) in zip(edits, canv)], t, "fill", chunk)
+        jobs = [(prefix(srcs[flat[j][0]]) + [START], *build_canvas(flat[j][1].x, tags, counts, V, limit=model.max_len))
+                for j, _, tags, counts in edits]
+        filled = fill_slots(model, jobs, t, "sample" if strategy == "sample" else "greedy", cfg)
         pools = [[] for _ in beams]
-        for (j, escore, tags, counts), (cv, slots), (fill_lp,) in zip(edits, canv, gen_out):
+        for (j, escore, tags, counts), (fscore, x, fills) in zip(edits, filled):
             i, h = flat[j]
-            o = len(prefix(srcs[i])) + 1
-            logps = []
-            for pos in slots:
-                lp = fill_lp[o + pos].copy()
-                lp[specials] = -np.inf  # slots hold words, never <s>, </s> or <pad>
-                logps.append(lp)
-            for fscore, fills in choose(logps, strategy, b, cfg):
-                x = list(cv)
-                for pos, w in zip(slots, fills.tolist()):
-                    x[pos] = w
-                pools[i].append(Hyp(x, h.score + escore + fscore, h.history + [(t, h.x, tags, counts, fills.tolist())]))
+            pools[i].append(Hyp(x, h.score + escore + fscore, h.history + [(t, h.x, tags, counts, fills)]))
         beams = [sorted(pool, key=lambda hh: -hh.score)[:r] for pool in pools]  # stable: ties keep order
     return [beam[0] for beam in beams]
 

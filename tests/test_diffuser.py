@@ -132,10 +132,12 @@ def test_noise_distributions():
     np.testing.assert_allclose(freq[[2, 4, 5, 6]], 0.25, atol=0.015)
 
 
-def test_training_pairs_reverse_exactly():
-    cfg = D.Config(T=5, boot_prob=0.3, max_len=30)
+@pytest.mark.parametrize("target", ["x0", "prev"])
+def test_training_pairs_reverse_exactly(target):
+    cfg = D.Config(T=5, boot_prob=0.3, max_len=30, target=target)
     rng = np.random.default_rng(3)
     noise = D.NoiseTokens([0] * 4 + [1] * 20)
+    changed = 0
     for _ in range(300):
         src = list(rng.integers(4, 24, rng.integers(1, 10)))
         x0 = list(rng.integers(4, 24, rng.integers(0, 20)))
@@ -144,9 +146,47 @@ def test_training_pairs_reverse_exactly():
         x_prev = D.apply_reverse(xt, tags, counts, fills)
         if t == cfg.T + 1:
             assert xt == src and x_prev == x0  # the bootstrap revision goes straight to x_0
+        elif target == "x0":
+            assert x_prev == x0  # every revision is trained to reach the text
+            assert sum(tg != D.KEEP for tg in tags) + sum(counts) == D.levenshtein_edits(x0, xt)[0]
+        else:
+            changed += x_prev != x0  # the paper's target: one step back, usually not yet x_0
         batch = D.collate([(s, xt, tags, counts, fills, t)], 24)
         assert int((batch.tag_y >= 0).sum()) == len(xt) and int((batch.ins_y >= 0).sum()) == len(xt) + 1
         assert int((batch.gen_y >= 0).sum()) == len(fills)
+    assert target == "x0" or changed > 50
+
+
+def test_generator_batches_show_a_random_subset_of_the_slots():
+    cfg = D.Config(T=4, boot_prob=0.2, max_len=30, bootstrap="null")
+    rng = np.random.default_rng(5)
+    noise = D.NoiseTokens([0] * 4 + [1] * 20)
+    shown_frac = []
+    for _ in range(400):
+        ex = D.make_example(None, list(rng.integers(4, 24, rng.integers(1, 20))), rng, noise, cfg)
+        _, xt, tags, counts, fills, _ = ex
+        batch = D.collate([ex], 24, rng)
+        canvas, slots = D.build_canvas(xt, tags, counts, 24)
+        row, y = batch.gen_in[0, 1:1 + len(canvas)].tolist(), batch.gen_y[0, 1:1 + len(canvas)].tolist()
+        assert [row[p] for p in range(len(canvas)) if p not in slots] == [c for p, c in enumerate(canvas) if p not in slots]
+        open_ = [y[p] >= 0 for p in slots]
+        for p, w, o in zip(slots, fills, open_):
+            assert (row[p], y[p]) == ((canvas[p], w) if o else (w, -100))  # open: placeholder + target; else the word
+        assert not slots or any(open_)  # at least one target
+        if len(slots) >= 4:
+            shown_frac.append(1 - np.mean(open_))
+    assert 0.3 < np.mean(shown_frac) < 0.55  # u ~ U(0, 1), one slot kept open
+
+
+def test_revision_history_replays():
+    cfg, model = tiny_model(1)
+    srcs, starts = random_problems(9, 8)
+    for strategy, b, r in (("greedy", 1, 1), ("beam", 3, 2)):
+        for h in D.decode(model, starts, srcs, cfg, [3, 2, 1], strategy, b, r):
+            xs = [e[1] for e in h.history] + [h.x]
+            for (t, xt, tags, counts, fills), nxt in zip(h.history, xs[1:]):
+                if len(fills) == sum(counts) + sum(tg == D.REPLACE for tg in tags):  # not cut at max_len
+                    assert D.apply_reverse(xt, tags, counts, fills) == nxt
 
 
 @settings(max_examples=200, deadline=None)
@@ -341,6 +381,7 @@ def test_cli_train_sample_eval_and_bad_inputs(e2e_data, tmp_path, monkeypatch):
     fails(["--sample", "--beam_b=0", "--decode=beam"], "beam sizes must be at least 1")
     fails(["--sample", "--beam_r=-1", "--decode=beam2d"], "beam sizes must be at least 1")
     fails(["--sample", "--decode=viterbi"], "unknown --decode='viterbi'")
+    fails(["--train", "--target=x1"], "unknown --target='x1'")
     fails(["--sample", "--source=" + " ".join(["name : The Eagle"] * 20)], "does not fit the model's context")
     fails(["--sample", "--top_p=0"], "0 < --top_p <= 1")
     fails(["--sample", "--steps=50"], "exceeds the trained --T=12")
