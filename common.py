@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import difflib
 import glob
+import importlib.util
 import json
 import math
 import os
@@ -114,6 +115,11 @@ def parse_args(config_cls, argv=None):
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
     types = {name: type(f.default) for name, f in fields.items()}
     verbs, overrides = [], {}
+    if "-h" in argv or "--help" in argv:
+        print((sys.modules[config_cls.__module__].__doc__ or "").strip() + "\n\nconfig keys (--key=value):")
+        for name, f in fields.items():
+            print(f"  --{name}={f.default!r}")
+        sys.exit(0)
     for arg in argv:
         if not arg.startswith("--"):
             die(f"unexpected argument {arg!r}; use --train, --sample, --eval or --key=value")
@@ -830,8 +836,9 @@ _KERNELS = {}
 def load_kernels(src_dir=None):
     """The compiled extension (ops under torch.ops.difflm), or None.
 
-    None when DIFFLM_KERNELS=0, when csrc/ has no sources, or when the build fails (one warning;
-    the readable PyTorch path runs instead).
+    The module built by `DIFFLM_BUILD_EXT=1 pip install -e .` when there is one (rebuild it after
+    editing csrc/), else a JIT build of csrc/ with ninja, cached. None when DIFFLM_KERNELS=0, when
+    csrc/ has no sources, or when the build fails (one warning; the readable PyTorch path runs).
     """
     src_dir = src_dir or os.path.join(ROOT, "csrc")
     if src_dir in _KERNELS:
@@ -841,6 +848,10 @@ def load_kernels(src_dir=None):
         sources = sorted(glob.glob(os.path.join(src_dir, "*.cpp")))
         if torch.cuda.is_available():
             sources += sorted(glob.glob(os.path.join(src_dir, "*.cu")))
+        if src_dir == os.path.join(ROOT, "csrc") and importlib.util.find_spec("difflm_kernels"):
+            import difflm_kernels  # noqa: F401  (importing it registers torch.ops.difflm)
+            sources, module = [], torch.ops.difflm
+            _register_kernel_python()
         if sources:
             try:
                 from torch.utils import cpp_extension

@@ -23,7 +23,7 @@ if os.environ.get("DIFFLM_BUILD_EXT") == "1" and glob.glob(os.path.join(here, "c
     if torch.cuda.is_available() or os.environ.get("DIFFLM_BUILD_CUDA") == "1":
         sources += sorted(glob.glob("csrc/*.cu"))
         ext_cls = cpp_extension.CUDAExtension
-    cxx_flags = ["-O3", "-fopenmp"] + (["-DDIFFLM_CUDA"] if ext_cls is cpp_extension.CUDAExtension else [])
+    cxx_flags = ["-O3", "-fopenmp", "-DDIFFLM_PYMODULE"] + (["-DDIFFLM_CUDA"] if ext_cls is cpp_extension.CUDAExtension else [])
     kwargs = dict(
         ext_modules=[ext_cls("difflm_kernels", sources, extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
                              extra_link_args=["-fopenmp"])],

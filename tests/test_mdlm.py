@@ -298,6 +298,11 @@ def test_bad_inputs(args, message, tiny_run):
     assert "Traceback" not in r.stderr
 
 
+def test_help_lists_verbs_and_keys():
+    r = run_cli(["mdlm.py", "--help"])
+    assert "--train" in r.stdout and "--lr=" in r.stdout and "--sampler='ddpm_cache'" in r.stdout
+
+
 def test_bad_conditioning(tiny_run):
     out, _ = tiny_run
     r = run_cli(["mdlm.py", "--sample", f"--out_dir={out}", "--prefix=caf\u00e9"], check=False)
