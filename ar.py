@@ -123,8 +123,8 @@ def cached_forward(backbone, idx, cache):
         cache.kv[i, 1, :, :, p0:p0 + T] = v
         keys, values = cache.kv[i, 0, :, :, :p0 + T], cache.kv[i, 1, :, :, :p0 + T]
         y = F.scaled_dot_product_attention(q, keys, values, is_causal=T > 1)
-        x = x + a.proj(y.transpose(1, 2).reshape(B, T, C))
-        x = x + blk.mlp(blk.ln2(x))
+        x = x + blk.gate1 * a.proj(y.transpose(1, 2).reshape(B, T, C))
+        x = x + blk.gate2 * blk.mlp(blk.ln2(x))
     cache.pos = p0 + T
     return backbone.ln_f(x)
 
