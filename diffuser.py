@@ -8,8 +8,9 @@ replaced and inserted tokens come from the corpus unigram distribution. Every st
 edits, so the reverse edits that take x_t back to x_{t-1} are known exactly: per token of x_t a
 tag KEEP / DELETE / REPLACE, per gap an insertion count, and the tokens that fill the slots.
 A tagger predicts the edits, a generator fills the slots; one reverse step is tag -> delete ->
-fill. Decoding starts from a bootstrap (source text, empty, random tokens) and applies T
-revisions, greedily, by sampling, by beam search, or by the paper's 2D beam search.
+fill. Decoding starts from a bootstrap (source text, empty, random tokens, or a draft sampled from
+the autoregressive baseline ar.py) and applies T revisions, greedily, by sampling, by beam search,
+or by the paper's 2D beam search.
 
 The authors released no code; METHODS.md sec. 5 marks where this file chooses for them. Three
 such choices. (1) The generator is a bidirectional Transformer that fills the slots left to right,
@@ -26,6 +27,9 @@ tagger never puts more than ~0.4 on any edit and greedy decoding would keep ever
     python diffuser.py --sample --source="name : The Eagle | Type : pub | area : riverside"
     python diffuser.py --eval --decode=beam2d           # BLEU on E2E validation (pip install sacrebleu)
     python diffuser.py --train --dataset=shakespeare_word --bootstrap=random --out_dir=out/diffuser_shk
+    python ar.py --train --dataset=shakespeare_word --out_dir=out/ar_shk    # the drafter / judge on the same words
+    python diffuser.py --sample --out_dir=out/diffuser_shk --bootstrap=autoregressive --ar_ckpt=out/ar_shk/ckpt.pt
+    python diffuser.py --eval --gen --out_dir=out/diffuser_shk --judge=out/ar_shk/ckpt.pt   # NLL of samples under ar.py
 """
 
 import dataclasses
@@ -75,8 +79,12 @@ class Config(common.BaseConfig):
     max_ins: int = 48  # insertion-count classes 0..max_ins per gap
     seq_len: int = 24  # window length on unconditional data; length of a random bootstrap
     # bootstrap: the starting sequence x_{T+1}, trained as one extra revision with probability boot_prob
-    bootstrap: str = "source"  # source | null | random | autoregressive (waits for ar.py)
+    bootstrap: str = "source"  # source | null | random | autoregressive (decoding only: a draft of ar_ckpt)
     boot_prob: float = 0.5
+    # unconditional data only: ar.py checkpoints trained on the same data and vocabulary
+    ar_ckpt: str = "out/ar/ckpt.pt"  # --bootstrap=autoregressive: decoding revises a draft of seq_len words sampled from it
+    gen: bool = False  # --eval --gen: score num_samples samples with the autoregressive judge
+    judge: str = "out/ar/ckpt.pt"  # the judge of --eval --gen (the same file as ar_ckpt flatters AR-drafted samples)
     # what a revision at step t is trained to reach: x0 (every edit that leads back to the text, by
     # alignment of x_t against x_0) or prev (the paper: only the last step's edits, x_t -> x_{t-1})
     target: str = "x0"
@@ -96,9 +104,6 @@ class Config(common.BaseConfig):
 def check_config(cfg):
     if cfg.bootstrap not in BOOTSTRAPS:
         common.die(f"unknown --bootstrap={cfg.bootstrap!r}; use one of {', '.join(BOOTSTRAPS)}")
-    if cfg.bootstrap == "autoregressive":
-        common.die("--bootstrap=autoregressive starts from a draft of the autoregressive baseline, ar.py (issue 8), "
-                   "which does not exist yet; use source, null or random")
     if cfg.decode not in DECODERS:
         common.die(f"unknown --decode={cfg.decode!r}; use one of {', '.join(DECODERS)}")
     if cfg.beam_b < 1 or cfg.beam_r < 1:
@@ -435,7 +440,9 @@ def bootstrap_sequence(kind, src, length, noise, rng):
         return list(src)
     if kind == "null":
         return []
-    return list(noise.draw(rng, length))
+    if kind == "random":
+        return list(noise.draw(rng, length))
+    common.die(f"--bootstrap={kind} is a decoding option (a draft of ar.py); train with --bootstrap=null or random")
 
 
 def make_example(src, x0, rng, noise, cfg):
@@ -736,6 +743,26 @@ def bleu(hyps, refs):
     return sacrebleu.corpus_bleu(hyps, streams, force=True).score
 
 
+@torch.no_grad()
+def ar_drafts(path, meta, n, length, device):
+    """n drafts of `length` words from the ar.py checkpoint at path: plain ancestral sampling at
+    temperature 1, one full causal forward per word over [BOS] (id V) + the last block_size - 1
+    words, float64 inverse-CDF draws. <s>, </s> and <pad> are never drawn: DiffusER's words never
+    hold them. Returns n lists of word ids."""
+    judge, _ = common.load_judge(path, meta, device)  # dies on a missing file or another vocabulary
+    V, L = judge["head"].out_features, judge["backbone"].block_size
+    x = torch.zeros((n, 0), dtype=torch.long, device=device)  # (n, words so far)
+    for _ in range(length):
+        inp = torch.cat([torch.full((n, 1), V, device=device), x[:, max(0, x.shape[1] - (L - 1)):]], 1)
+        with common.autocast(device):
+            logits = judge["head"](judge["backbone"](inp)[:, -1])  # (n, V)
+        probs = torch.softmax(logits.double(), -1)
+        probs[:, [common.WordTokenizer.START, common.WordTokenizer.END, common.WordTokenizer.PAD]] = 0.0
+        nxt = common.sample_categorical(probs, torch.rand(n, dtype=torch.float64, device=device))
+        x = torch.cat([x, nxt[:, None]], 1)
+    return x.cpu().tolist()
+
+
 def starts_for(cfg, srcs, noise, trained_boot):
     """x at the first revision: the bootstrap for each problem."""
     rng = np.random.default_rng(cfg.seed)
@@ -756,6 +783,9 @@ def build_model(cfg, meta):
 def load(overrides):
     cfg, model, tok, meta, ckpt = common.load_for_inference(Config, overrides, "diffuser", build_model)
     check_config(cfg)
+    if cfg.bootstrap == "autoregressive" and meta["seq2seq"]:
+        common.die("--bootstrap=autoregressive drafts from the unconditional ar.py, which would ignore the meaning "
+                   "representation; on E2E use --bootstrap=source (the autoregressive draft is for unconditional data)")
     return cfg, model, tok, meta, ckpt
 
 
@@ -767,15 +797,34 @@ def run_decode(model, cfg, meta, srcs, show=None):
         if s is not None and len(s) + 2 + model.max_len > model.tagger.block_size:
             common.die(f"the source has {len(s)} words; with --max_len={model.max_len} it does not fit the model's "
                        f"context block_size={model.tagger.block_size}; shorten it")
+    strategy, b, r = strategy_of(cfg)
+    if cfg.bootstrap == "autoregressive":
+        if not 1 <= cfg.seq_len <= model.max_len:
+            common.die(f"the draft has --seq_len={cfg.seq_len} words; it must be between 1 and --max_len={model.max_len}")
+        starts = ar_drafts(cfg.ar_ckpt, meta, len(srcs), cfg.seq_len, next(model.parameters()).device)
+        # the draft already reads like text, i.e. like a lightly corrupted x_t, not like the bootstrap the
+        # t = T + 1 revision was trained on (empty or random): skip that revision, run steps..1
+        return decode(model, starts, srcs, cfg, decode_times(cfg, False), strategy, b, r)
     noise = NoiseTokens(meta["unigram"], cfg.noise)
     starts = starts_for(cfg, srcs, noise, trained_boot)
-    strategy, b, r = strategy_of(cfg)
     return decode(model, starts, srcs, cfg, decode_times(cfg, trained_boot), strategy, b, r)
+
+
+def as_stream(hyps):
+    """Decoded sequences -> (1, total words): packed end to end like the judge's training stream, so
+    sequences of any length are scored (a word after a junction is scored with the previous text in view)."""
+    stream = [w for h in hyps for w in h.x]
+    if not stream:
+        common.die("every sample is empty; nothing to score (train longer, or raise --num_samples)")
+    return torch.tensor([stream])
 
 
 def main(argv=None):
     verbs, cfg, overrides = common.parse_args(Config, argv)
     check_config(cfg)
+    if "train" in verbs and cfg.bootstrap == "autoregressive":
+        common.die("--bootstrap=autoregressive is a decoding option (it revises a draft of ar.py with the ordinary "
+                   "revisions); train with --bootstrap=null or random, then --sample --bootstrap=autoregressive")
     if "train" in verbs:
         meta = common.prepare_data(cfg)
         batches = EditBatches(cfg, meta, cfg.seed)
@@ -807,8 +856,11 @@ def main(argv=None):
               f"{len(best[0].history)} revisions, {time.time() - t0:.1f}s)")
     if "eval" in verbs:
         cfg, model, tok, meta, ckpt = load(overrides)
+        if cfg.gen and meta["seq2seq"]:
+            common.die("--gen scores unconditional samples under an ar.py judge; an E2E model is scored by BLEU (drop --gen)")
         common.prepare_data(cfg)
-        stats = evaluate(model, EditBatches(cfg, meta, cfg.seed), cfg)
+        trained = dataclasses.replace(cfg, bootstrap=ckpt["config"].get("bootstrap", cfg.bootstrap))  # held-out corruptions as trained
+        stats = evaluate(model, EditBatches(trained, meta, cfg.seed), cfg)
         print("held-out corruptions: " + " | ".join(f"{k} {v:.4f}" for k, v in stats.items()))
         if meta["seq2seq"]:
             items = validation_mrs(cfg, cfg.eval_mrs)
@@ -818,8 +870,15 @@ def main(argv=None):
             stats["bleu"] = bleu(hyps, [refs for _, refs in items])
             print(f"E2E validation BLEU {stats['bleu']:.2f} ({cfg.decode}, b={strategy_of(cfg)[1]}, r={strategy_of(cfg)[2]}, "
                   f"{len(items)} MRs, {time.time() - t0:.0f}s)")
+        elif cfg.gen:
+            what = f"{cfg.decode} decoding from the {cfg.bootstrap} bootstrap, texts packed as the judge's stream"
+            if cfg.bootstrap == "autoregressive" and os.path.abspath(cfg.ar_ckpt) == os.path.abspath(cfg.judge):
+                what += "; the drafts come from the judge itself, which flatters them"
+            device = next(model.parameters()).device
+            stats.update(common.generative_eval(cfg.judge, lambda n: as_stream(run_decode(model, cfg, meta, [None] * n)).to(device),
+                                                cfg.num_samples, meta, what))
         else:
-            print("(the NLL of samples under the autoregressive baseline needs ar.py, issue 8)")
+            print("(--gen adds the NLL of num_samples samples under the autoregressive judge, --judge=an ar.py checkpoint on the same data)")
         common.log_json(os.path.join(common.out_dir(cfg, "diffuser"), "log.jsonl"),
                         {"eval_full": stats, "iter": ckpt["iter"], "decode": cfg.decode})
 

@@ -377,7 +377,8 @@ def test_cli_train_sample_eval_and_bad_inputs(e2e_data, tmp_path, monkeypatch):
         assert message in str(e.value), (args, str(e.value))
 
     fails(["--sample", "--bootstrap=zeros"], "unknown --bootstrap='zeros'")
-    fails(["--sample", "--bootstrap=autoregressive"], "ar.py (issue 8)")
+    fails(["--sample", "--bootstrap=autoregressive"], "on E2E use --bootstrap=source")
+    fails(["--eval", "--gen"], "an E2E model is scored by BLEU")
     fails(["--sample", "--beam_b=0", "--decode=beam"], "beam sizes must be at least 1")
     fails(["--sample", "--beam_r=-1", "--decode=beam2d"], "beam sizes must be at least 1")
     fails(["--sample", "--decode=viterbi"], "unknown --decode='viterbi'")
@@ -403,3 +404,105 @@ def test_unconditional_word_shakespeare(tmp_path):
     assert "from the random bootstrap" in r.stdout
     with pytest.raises(SystemExit, match="--bootstrap=source needs sequence-to-sequence data"):
         D.main(["--train", "--max_iters=2", "--bootstrap=source"] + small)
+
+
+# ----------------------------------------------------------------------------------------------
+# The autoregressive bootstrap and --eval --gen: ar.py drafts and judges on the same words
+
+CYCLE = ["one", "two", "three", "four", "five", "six"]
+
+
+def write_word_stream(path, words, n=6000, seed=0):
+    """A word-level dataset: the words in a cycle (w_i -> w_{i+1}), jumping to a random word ~1 time in 8."""
+    rng = np.random.default_rng(seed)
+    stream, i = [], 0
+    for _ in range(n):
+        if rng.random() < 0.125:
+            i = int(rng.integers(len(words)))
+        stream.append(4 + i % len(words))
+        i += 1
+    common.write_split(path, stream[:9 * n // 10], stream[9 * n // 10:],
+                       {"tokenizer": "word", "words": list(SPECIALS) + list(words), "vocab_size": 4 + len(words)})
+    return path
+
+
+def cycle_share(seqs):
+    """Share of consecutive word pairs that follow the cycle (chance: 1/6)."""
+    pairs = [(a, b) for s in seqs for a, b in zip(s, s[1:])]
+    return np.mean([b - 4 == (a - 4 + 1) % len(CYCLE) for a, b in pairs])
+
+
+AR_SMALL = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=16", "--batch_size=16", "--eval_iters=1",
+            "--log_interval=50", "--warmup_iters=10", "--lr=3e-3"]
+
+
+@pytest.fixture(scope="module")
+def word_models(tmp_path_factory):
+    """A toy word dataset, an ar.py checkpoint on it (through its CLI) and a tiny DiffusER on it."""
+    root = tmp_path_factory.mktemp("words")
+    data = write_word_stream(str(root / "data"), CYCLE)
+    ar_ckpt = str(root / "ar")
+    run_cli(["ar.py", "--train", f"--data_dir={data}", f"--out_dir={ar_ckpt}", "--max_iters=150",
+             "--eval_interval=150"] + AR_SMALL)
+    out = str(root / "diffuser")
+    small = [f"--data_dir={data}", f"--out_dir={out}"]
+    run_cli(["diffuser.py", "--train", "--bootstrap=null", "--T=3", "--n_layer=1", "--n_embd=32", "--n_head=2",
+             "--batch_size=8", "--seq_len=8", "--max_len=16", "--max_ins=16", "--block_size=20", "--max_iters=20",
+             "--eval_interval=20", "--eval_iters=1", "--log_interval=10"] + small)
+    return {"root": root, "data": data, "out": out, "ar": os.path.join(ar_ckpt, "ckpt.pt"), "small": small}
+
+
+def test_ar_drafts_follow_the_drafter(word_models):
+    _, model, _, meta, _ = D.load({"data_dir": word_models["data"], "out_dir": word_models["out"]})
+    torch.manual_seed(0)
+    drafts = D.ar_drafts(word_models["ar"], meta, 64, 12, torch.device("cpu"))
+    assert len(drafts) == 64 and all(len(d) == 12 for d in drafts)
+    assert all(w not in (0, 1, 3) and w < 4 + len(CYCLE) for d in drafts for w in d)  # never <s> </s> <pad>
+    share = cycle_share(drafts)
+    assert share > 0.6, share  # the drafter learned the cycle (chance 1/6, data ~0.88)
+
+
+def test_cli_autoregressive_bootstrap_and_eval_gen(word_models):
+    small, ar_ckpt = word_models["small"], word_models["ar"]
+    r = run_cli(["diffuser.py", "--sample", "--show", "--bootstrap=autoregressive", f"--ar_ckpt={ar_ckpt}",
+                 "--steps=2", "--num_samples=3"] + small)
+    assert r.stdout.count("=== sample") == 3 and "from the autoregressive bootstrap, 2 revisions" in r.stdout
+    assert "t= 4 |" not in r.stdout  # no bootstrap revision (t = T + 1): the draft gets the ordinary t = 2, 1
+    drafts = [line.split("|", 1)[1].split() for line in r.stdout.splitlines() if line.startswith("  t= 2 |")]
+    assert len(drafts) == 3 and all(sum(not w.startswith("[+") for w in d) == 8 for d in drafts)  # seq_len words
+    samples = [line.split() for line in r.stdout.splitlines()
+               if line and not line.startswith(("===", "  t=", "("))]
+    assert len(samples) == 3 and all(set(s) <= set(CYCLE) | {"<unk>"} for s in samples)
+
+    for boot in ("null", "autoregressive"):
+        r = run_cli(["diffuser.py", "--eval", "--gen", f"--bootstrap={boot}", f"--judge={ar_ckpt}",
+                     f"--ar_ckpt={ar_ckpt}", "--num_samples=4", "--steps=2"] + small)
+        m = re.search(r"gen: NLL (\S+) nats/token under the judge", r.stdout)
+        assert m and math.isfinite(float(m.group(1))) and float(m.group(1)) >= 0, r.stdout
+        assert ("flatters" in r.stdout) == (boot == "autoregressive")
+        log = [json.loads(line) for line in open(os.path.join(word_models["out"], "log.jsonl"))]
+        assert math.isclose(log[-1]["eval_full"]["gen_nll"], float(m.group(1)), abs_tol=1e-4)
+
+
+def test_autoregressive_bootstrap_bad_inputs(word_models):
+    small, root = word_models["small"], word_models["root"]
+    other = write_word_stream(str(root / "other"), ["red", "green", "blue"], n=600)
+    run_cli(["ar.py", "--train", f"--data_dir={other}", f"--out_dir={root / 'ar_other'}", "--max_iters=2",
+             "--eval_interval=2"] + AR_SMALL)
+    wrong = str(root / "ar_other" / "ckpt.pt")
+    r = run_cli(["diffuser.py", "--sample", "--bootstrap=autoregressive", f"--ar_ckpt={wrong}"] + small, check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "trained on another tokenizer/vocabulary" in r.stderr
+
+    def fails(args, message):
+        with pytest.raises(SystemExit) as e:
+            D.main(args + small)
+        assert message in str(e.value) and "\n" not in str(e.value), (args, str(e.value))
+
+    missing = str(root / "nowhere.pt")
+    fails(["--sample", "--bootstrap=autoregressive", f"--ar_ckpt={missing}"], "no judge checkpoint at")
+    fails(["--eval", "--gen", f"--judge={missing}", "--num_samples=1", "--steps=1"], "no judge checkpoint at")
+    fails(["--eval", "--gen", f"--judge={wrong}", "--num_samples=1", "--steps=1"], "another tokenizer/vocabulary")
+    fails(["--sample", "--bootstrap=autoregressive", f"--ar_ckpt={word_models['ar']}", "--seq_len=40"],
+          "must be between 1 and --max_len=16")
+    fails(["--train", "--bootstrap=autoregressive", "--max_iters=1"], "is a decoding option")
