@@ -882,8 +882,10 @@ _REGISTERED = []
 def _register_kernel_python():
     """Fake (shape-only) implementations for torch.compile, and the autograd of score_entropy.
 
-    The forward only reads the scores; backward streams them once more and writes the gradient,
-    already scaled by the incoming gradient of the (B, L) loss: the only B x L x N tensor it makes.
+    score_entropy only reads the scores; its backward streams them once more and writes the
+    gradient, already scaled by the incoming gradient of the (B, L) loss. score_entropy_with_grad
+    (CPU) writes the gradient of loss.sum() in the loss's own pass; its backward scales it in place.
+    Either way the gradient is the only B x L x N tensor made.
     """
     if _REGISTERED:
         return
@@ -893,22 +895,51 @@ def _register_kernel_python():
                                 log_score.new_empty(log_score.shape[:2], dtype=torch.float32))
     torch.library.register_fake(lib + "score_entropy_backward", lambda grad_loss, log_score, *args:
                                 torch.empty_like(log_score))
+    torch.library.register_fake(lib + "score_entropy_with_grad", lambda log_score, *args: (
+                                log_score.new_empty(log_score.shape[:2], dtype=torch.float32), torch.empty_like(log_score)))
     for name in ("sedd_euler_step", "sedd_tweedie_step", "mdlm_ancestral_step"):
         torch.library.register_fake(lib + name, lambda scores, xt, *args, **kwargs: torch.empty_like(xt))
     torch.library.register_fake(lib + "nearest_embedding", lambda x, E, metric:  # Diffusion-LM's clamp
                                 x.new_empty(x.shape[:1], dtype=torch.long))
+
+    def recompute(ctx, grad_loss):
+        log_score, xt, x0, sigma_bar = ctx.saved_tensors
+        return torch.ops.difflm.score_entropy_backward(grad_loss.float().contiguous(), log_score, xt, x0, sigma_bar,
+                                                       ctx.graph)
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs[:4])
         ctx.graph = inputs[4]
 
     def backward(ctx, grad_loss):
-        log_score, xt, x0, sigma_bar = ctx.saved_tensors
-        grad = torch.ops.difflm.score_entropy_backward(grad_loss.float().contiguous(), log_score, xt, x0, sigma_bar,
-                                                       ctx.graph)
-        return grad, None, None, None, None
+        return recompute(ctx, grad_loss), None, None, None, None
 
     torch.library.register_autograd(lib + "score_entropy", backward, setup_context=setup_context)
+
+    def setup_context_with_grad(ctx, inputs, output):
+        setup_context(ctx, inputs, output)
+        ctx.grad = output[1]  # not saved_tensors: backward scales it in place
+        ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)  # else backward gets a B x L x N zero tensor for output[1]
+
+    def backward_with_grad(ctx, grad_loss, _):
+        if ctx.grad is None:  # a retained graph's second backward: the first one consumed it
+            return recompute(ctx, grad_loss), None, None, None, None
+        grad, ctx.grad = ctx.grad, None
+        return grad.mul_(grad_loss.unsqueeze(-1)), None, None, None, None
+
+    torch.library.register_autograd(lib + "score_entropy_with_grad", backward_with_grad,
+                                    setup_context=setup_context_with_grad)
+
+
+def score_entropy_kernel(k, log_score, xt, x0, sigma_bar, graph):
+    """The fused score entropy (B, L) of sedd.py. On the CPU, when a gradient will be asked for,
+    the loss's pass writes the gradient too: there the exps cost more than the bytes. On a GPU
+    (and under torch.compile) the forward only reads and the backward recomputes."""
+    if (log_score.device.type == "cpu" and log_score.requires_grad and torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()):
+        return k.score_entropy_with_grad(log_score, xt, x0, sigma_bar, graph)[0]
+    return k.score_entropy(log_score, xt, x0, sigma_bar, graph)
 
 
 def kernel_ready(k, t):

@@ -234,7 +234,8 @@ def score_entropy(log_score, xt, x0, sigma_bar, graph):
     """
     k = common.load_kernels()  # the fused kernel (csrc/) computes the same function; this body is its oracle
     if common.kernel_ready(k, log_score) and graph in ("absorb", "uniform"):
-        return k.score_entropy(log_score.contiguous(), xt.contiguous(), x0.contiguous(), sigma_bar, graph)
+        return common.score_entropy_kernel(k, log_score.contiguous(), xt.contiguous(), x0.contiguous(), sigma_bar,
+                                           graph)
     ls = log_score.float()  # fp32 before exp: the terms cancel at O(r log r) (METHODS sec. 6.2)
     N = ls.shape[-1]
     out = torch.zeros(xt.shape, dtype=torch.float32, device=ls.device)

@@ -4,6 +4,9 @@
 //
 //   score_entropy(log_score, xt, x0, sigma_bar, graph) -> loss (B, L) fp32
 //   score_entropy_backward(grad_loss, log_score, xt, x0, sigma_bar, graph) -> grad (B, L, N), input dtype
+//   score_entropy_with_grad(log_score, xt, x0, sigma_bar, graph) -> (loss, grad of loss.sum()), CPU only:
+//     one pass that reads the scores once for both (the CPU training path; on a GPU the bytes cost
+//     more than the exps, so the forward only reads and the backward recomputes)
 //   sedd_euler_step(log_score, xt, rate_dt, u, graph) -> x_s (B, L)
 //   sedd_tweedie_step(log_score, xt, dsigma, u, graph, final) -> x_s (B, L)
 //   mdlm_ancestral_step(logits, xt, p_unmask, u, mask_id) -> x_s (B, L)
@@ -113,43 +116,49 @@ int check_score_entropy(const Tensor& log_score, const Tensor& xt, const Tensor&
   return dtype;
 }
 
-// grad_loss undefined: the loss (B, L) fp32; defined: the gradient (B, L, N) scaled by it
-Tensor score_entropy_impl(const Tensor& log_score, const Tensor& xt, const Tensor& x0, const Tensor& sigma_bar,
-                          c10::string_view graph, const Tensor& grad_loss) {
+// want_loss: the loss (B, L) fp32; want_grad: the gradient (B, L, N) scaled by grad_loss (by 1 when undefined)
+std::tuple<Tensor, Tensor> score_entropy_impl(const Tensor& log_score, const Tensor& xt, const Tensor& x0,
+                                              const Tensor& sigma_bar, c10::string_view graph,
+                                              const Tensor& grad_loss, bool want_loss, bool want_grad) {
   const int g = graph_id(graph);
   const int dtype = check_score_entropy(log_score, xt, x0, sigma_bar, g);
   const int64_t B = log_score.size(0), L = log_score.size(1), N = log_score.size(2);
-  const bool bwd = grad_loss.defined();
-  if (bwd) check_like(grad_loss, "grad_loss", log_score, {B, L}, at::kFloat, "(B, L)");
+  if (grad_loss.defined()) check_like(grad_loss, "grad_loss", log_score, {B, L}, at::kFloat, "(B, L)");
   const Tensor sb = sigma_bar.to(at::kDouble).contiguous();
-  Tensor out = bwd ? empty_grad_like(log_score) : at::empty({B, L}, log_score.options().dtype(at::kFloat));
-  if (B * L == 0) return out;
-  float* loss = bwd ? nullptr : out.data_ptr<float>();
-  const float* gl = bwd ? grad_loss.data_ptr<float>() : nullptr;
-  void* grad = bwd ? out.data_ptr() : nullptr;
+  Tensor loss = want_loss ? at::empty({B, L}, log_score.options().dtype(at::kFloat)) : Tensor();
+  Tensor grad = want_grad ? empty_grad_like(log_score) : Tensor();
+  if (B * L == 0) return {loss, grad};
+  float* lp = want_loss ? loss.data_ptr<float>() : nullptr;
+  const float* gl = grad_loss.defined() ? grad_loss.data_ptr<float>() : nullptr;
+  void* gp = want_grad ? grad.data_ptr() : nullptr;
   if (log_score.is_cpu()) {
     difflm::cpu_score_entropy(log_score.data_ptr(), dtype, xt.data_ptr<int64_t>(), x0.data_ptr<int64_t>(),
-                              sb.data_ptr<double>(), g, B, L, N, loss, gl, grad, at::get_num_threads());
+                              sb.data_ptr<double>(), g, B, L, N, lp, gl, gp, at::get_num_threads());
   } else {
 #ifdef DIFFLM_CUDA
     DIFFLM_STREAM(log_score);
     cuda_ok(difflm_launch_score_entropy(log_score.data_ptr(), dtype, xt.data_ptr<int64_t>(), x0.data_ptr<int64_t>(),
-                                        sb.data_ptr<double>(), g, B, L, N, loss, gl, grad, stream),
+                                        sb.data_ptr<double>(), g, B, L, N, lp, gl, gp, stream),
             "score_entropy");
 #endif
   }
-  return out;
+  return {loss, grad};
 }
 
 Tensor score_entropy(const Tensor& log_score, const Tensor& xt, const Tensor& x0, const Tensor& sigma_bar,
                      c10::string_view graph) {
-  return score_entropy_impl(log_score, xt, x0, sigma_bar, graph, Tensor());
+  return std::get<0>(score_entropy_impl(log_score, xt, x0, sigma_bar, graph, Tensor(), true, false));
 }
 
 Tensor score_entropy_backward(const Tensor& grad_loss, const Tensor& log_score, const Tensor& xt, const Tensor& x0,
                               const Tensor& sigma_bar, c10::string_view graph) {
   TORCH_CHECK(grad_loss.defined(), "difflm: grad_loss must be a (B, L) float32 tensor");
-  return score_entropy_impl(log_score, xt, x0, sigma_bar, graph, grad_loss);
+  return std::get<1>(score_entropy_impl(log_score, xt, x0, sigma_bar, graph, grad_loss, false, true));
+}
+
+std::tuple<Tensor, Tensor> score_entropy_with_grad(const Tensor& log_score, const Tensor& xt, const Tensor& x0,
+                                                   const Tensor& sigma_bar, c10::string_view graph) {
+  return score_entropy_impl(log_score, xt, x0, sigma_bar, graph, Tensor(), true, true);
 }
 
 // shared checks of the sampling steps; returns the dtype code
@@ -277,6 +286,8 @@ TORCH_LIBRARY(difflm, m) {
   m.def("score_entropy(Tensor log_score, Tensor xt, Tensor x0, Tensor sigma_bar, str graph) -> Tensor");
   m.def("score_entropy_backward(Tensor grad_loss, Tensor log_score, Tensor xt, Tensor x0, Tensor sigma_bar, "
         "str graph) -> Tensor");
+  m.def("score_entropy_with_grad(Tensor log_score, Tensor xt, Tensor x0, Tensor sigma_bar, str graph) "
+        "-> (Tensor, Tensor)");
   m.def("sedd_euler_step(Tensor log_score, Tensor xt, Tensor rate_dt, Tensor u, str graph) -> Tensor");
   m.def("sedd_tweedie_step(Tensor log_score, Tensor xt, Tensor dsigma, Tensor u, str graph, bool final=False) -> Tensor");
   m.def("mdlm_ancestral_step(Tensor logits, Tensor xt, Tensor p_unmask, Tensor u, int mask_id) -> Tensor");
@@ -287,6 +298,7 @@ TORCH_LIBRARY(difflm, m) {
 TORCH_LIBRARY_IMPL(difflm, CPU, m) {
   m.impl("score_entropy", &score_entropy);
   m.impl("score_entropy_backward", &score_entropy_backward);
+  m.impl("score_entropy_with_grad", &score_entropy_with_grad);
   m.impl("sedd_euler_step", &sedd_euler_step);
   m.impl("sedd_tweedie_step", &sedd_tweedie_step);
   m.impl("mdlm_ancestral_step", &mdlm_ancestral_step);

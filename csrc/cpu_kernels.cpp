@@ -55,7 +55,7 @@ DIFFLM_INLINE float exp_f32(float x) {
   float y = fmaf(p * r, r, r) + 1.0f;
   const int n1 = ni >> 1, n2 = ni - n1;
   y = y * from_bits((uint32_t)(n1 + 127) << 23) * from_bits((uint32_t)(n2 + 127) << 23);
-  return x != x ? x : y;
+  return y;  // a NaN x stays NaN through the arithmetic
 }
 
 DIFFLM_INLINE double from_bits64(uint64_t b) { double f; memcpy(&f, &b, 8); return f; }
@@ -93,76 +93,86 @@ DIFFLM_INLINE double exp_f64(double x) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// score entropy, one streaming pass per row: the loss (forward, reads only) or the gradient scaled
-// by the upstream gradient w (backward, reads the row and writes its gradient once)
+// score entropy, one streaming pass per row: the loss (reads only), the gradient scaled by the
+// upstream gradient w (backward: reads the row, writes its gradient once), or both at once with
+// w = 1 (training on the CPU, where the exps cost more than the bytes: see score_entropy_with_grad)
 
-// Row sums in fp32 vector lanes within blocks of SE_BLOCK (the oracle sums in fp32 too), blocks
-// added in fp64 so long rows (N ~ 50k) lose nothing; the skipped entry y = skip (x_t, or MASK) is
-// read as log s = -inf (absorbing: no term) or 0 (uniform: log 1) by a select, so the loop has no
-// split and vectorises over the whole row. Backward writes (s - rho) * coef, and 0 at y = skip.
-constexpr int64_t SE_BLOCK = 1024;
+// Row sums in SE_LANES fp32 lanes within blocks of SE_BLOCK (the oracle sums in fp32 too), the lanes
+// added as a tree and the blocks in fp64 so long rows (N ~ 50k) lose nothing; the skipped entry
+// y = skip (x_t, or MASK) is read as log s = 0 by a select and its exp(0) = 1 taken off after, so the
+// loop has no split and vectorises over the whole row. The gradient is (s - rho) * coef, 0 at y = skip.
+constexpr int64_t SE_BLOCK = 1024, SE_LANES = 16;
 
-template <bool BWD, class T>
+template <bool LOSS, bool GRAD, class T>
 DIFFLM_INLINE void se_sums(const T* h, T* g, int64_t N, int64_t skip, float rho, float coef, double& S, double& H) {
   S = 0.0;
   H = 0.0;
+  auto lane = [&](int64_t y, float& s_acc, float& h_acc) __attribute__((always_inline)) {
+    const float hy = y == skip ? 0.0f : load(h, y);
+    const float s = exp_f32(hy);
+    if (GRAD) store(g, y, y == skip ? 0.0f : (s - rho) * coef);
+    if (LOSS) s_acc += s, h_acc += hy;
+  };
   for (int64_t lo = 0; lo < N; lo += SE_BLOCK) {
     const int64_t hi = std::min(N, lo + SE_BLOCK);
-    float s_acc = 0.0f, h_acc = 0.0f;
-#pragma omp simd reduction(+ : s_acc, h_acc)
-    for (int64_t y = lo; y < hi; ++y) {
-      const float hy = y == skip ? 0.0f : load(h, y);
-      const float s = exp_f32(hy);
-      if (BWD) {
-        store(g, y, y == skip ? 0.0f : (s - rho) * coef);
-      } else {
-        s_acc += s;
-        h_acc += hy;
-      }
+    float s_acc[SE_LANES] = {}, h_acc[SE_LANES] = {};  // one vector register each (AVX-512)
+    int64_t y = lo;
+    for (; y + SE_LANES <= hi; y += SE_LANES) {
+#pragma omp simd
+      for (int64_t j = 0; j < SE_LANES; ++j) lane(y + j, s_acc[j], h_acc[j]);
     }
-    S += (double)s_acc;
-    H += (double)h_acc;
+#pragma omp simd
+    for (int64_t j = 0; j < hi - y; ++j) lane(y + j, s_acc[j], h_acc[j]);
+    if (LOSS) {
+      for (int64_t w = SE_LANES / 2; w > 0; w /= 2)
+        for (int64_t j = 0; j < w; ++j) s_acc[j] += s_acc[j + w], h_acc[j] += h_acc[j + w];
+      S += (double)s_acc[0];
+      H += (double)h_acc[0];
+    }
   }
-  if (!BWD) S -= 1.0;  // the skipped entry counted exp(0) = 1
+  S -= 1.0;  // the skipped entry counted exp(0) = 1
 }
 
-template <bool BWD, class T>
+template <bool LOSS, bool GRAD, class T>
 DIFFLM_INLINE float se_row(const T* h, T* g, int64_t N, int64_t x, int64_t x0, int graph, const SEConsts& c, float w) {
   double S, H;  // sums over y != skip of s_y and log s_y
   if (graph == ABSORB) {
     const int64_t M = N - 1;
     if (x != M) {  // an unmasked position: zero loss, zero gradient, no reads
-      if (BWD) memset(g, 0, N * sizeof(T));
+      if (GRAD) memset(g, 0, N * sizeof(T));
       return 0.0f;
     }
-    se_sums<BWD>(h, g, N, M, 0.0f, w, S, H);  // d/dlog s_y = s_y for y != x0
+    se_sums<LOSS, GRAD>(h, g, N, M, 0.0f, w, S, H);  // d/dlog s_y = s_y for y != x0
     const float h0 = load(h, x0);
-    if (BWD) {
-      store(g, x0, (float)(((double)exp_f32(h0) - c.r) * (double)w));
-      return 0.0f;
-    }
-    return (float)(S - c.r * (double)h0 + c.k_same);  // sum_{y != M} s_y - r log s_{x0} + K(r)
+    if (GRAD) store(g, x0, (float)(((double)exp_f32(h0) - c.r) * (double)w));
+    return LOSS ? (float)(S - c.r * (double)h0 + c.k_same) : 0.0f;  // sum_{y != M} s_y - r log s_{x0} + K(r)
   }
   const bool same = x == x0;
   const float rho = same ? (float)c.r : 1.0f;
-  se_sums<BWD>(h, g, N, x, rho, w / (float)N, S, H);
+  se_sums<LOSS, GRAD>(h, g, N, x, rho, w / (float)N, S, H);
   const double n = (double)N;
   const float h0 = load(h, x0);
-  if (BWD) {
-    if (!same) store(g, x0, (float)(((double)exp_f32(h0) - 1.0 / c.r) / n * (double)w));
-    return 0.0f;
-  }
+  if (GRAD && !same) store(g, x0, (float)(((double)exp_f32(h0) - 1.0 / c.r) / n * (double)w));
+  if (!LOSS) return 0.0f;
   if (same) return (float)(S / n - c.r * H / n + c.k_same);
   return (float)(S / n - H / n - (double)h0 / c.e + c.k_diff);
 }
 
-DIFFLM_CLONES float se_row_f32(const float* h, float* g, int64_t N, int64_t x, int64_t x0, int graph,
-                               const SEConsts& c, float w) {
-  return g ? se_row<true>(h, g, N, x, x0, graph, c, w) : se_row<false>(h, g, N, x, x0, graph, c, w);
-}
-DIFFLM_CLONES float se_row_bf16(const uint16_t* h, uint16_t* g, int64_t N, int64_t x, int64_t x0, int graph,
+// mode: 1 the loss, 2 the gradient, 3 both
+template <class T>
+DIFFLM_INLINE float se_row_mode(int mode, const T* h, T* g, int64_t N, int64_t x, int64_t x0, int graph,
                                 const SEConsts& c, float w) {
-  return g ? se_row<true>(h, g, N, x, x0, graph, c, w) : se_row<false>(h, g, N, x, x0, graph, c, w);
+  if (mode == 1) return se_row<true, false>(h, g, N, x, x0, graph, c, w);
+  if (mode == 2) return se_row<false, true>(h, g, N, x, x0, graph, c, w);
+  return se_row<true, true>(h, g, N, x, x0, graph, c, w);
+}
+DIFFLM_CLONES float se_row_f32(int mode, const float* h, float* g, int64_t N, int64_t x, int64_t x0, int graph,
+                               const SEConsts& c, float w) {
+  return se_row_mode(mode, h, g, N, x, x0, graph, c, w);
+}
+DIFFLM_CLONES float se_row_bf16(int mode, const uint16_t* h, uint16_t* g, int64_t N, int64_t x, int64_t x0, int graph,
+                                const SEConsts& c, float w) {
+  return se_row_mode(mode, h, g, N, x, x0, graph, c, w);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -315,20 +325,21 @@ void cpu_score_entropy(const void* log_score, int dtype, const int64_t* xt, cons
                        const double* sigma_bar, int graph, int64_t B, int64_t L, int64_t N, float* loss,
                        const float* grad_loss, void* grad, int nthreads) {
   const int64_t rows = B * L, chunk = chunk_for(N);
+  const int mode = (loss ? 1 : 0) + (grad ? 2 : 0);
   std::vector<SEConsts> consts(B);
   for (int64_t b = 0; b < B; ++b) consts[b] = se_consts(sigma_bar[b], graph, N);
 #pragma omp parallel for schedule(dynamic, chunk) num_threads(threads_for(rows, N, nthreads))
   for (int64_t i = 0; i < rows; ++i) {
     const SEConsts& c = consts[i / L];
-    const float w = grad ? grad_loss[i] : 1.0f;
+    const float w = grad_loss ? grad_loss[i] : 1.0f;
     float d;
     if (dtype == BF16)
-      d = se_row_bf16((const uint16_t*)log_score + i * N, grad ? (uint16_t*)grad + i * N : nullptr, N, xt[i], x0[i],
-                      graph, c, w);
+      d = se_row_bf16(mode, (const uint16_t*)log_score + i * N, grad ? (uint16_t*)grad + i * N : nullptr, N, xt[i],
+                      x0[i], graph, c, w);
     else
-      d = se_row_f32((const float*)log_score + i * N, grad ? (float*)grad + i * N : nullptr, N, xt[i], x0[i], graph,
-                     c, w);
-    if (!grad) loss[i] = d;
+      d = se_row_f32(mode, (const float*)log_score + i * N, grad ? (float*)grad + i * N : nullptr, N, xt[i], x0[i],
+                     graph, c, w);
+    if (loss) loss[i] = d;
   }
 }
 

@@ -77,7 +77,8 @@ DIFFLM_HD StepConsts step_consts(double t, int step, int graph, int64_t N) {
 }
 
 // ---- CPU (cpu_kernels.cpp); nthreads: OpenMP threads (torch's intra-op count)
-// score entropy: grad == nullptr: the loss (B, L); else the gradient scaled by grad_loss (B, L)
+// score entropy: the loss (B, L) into loss when given; the gradient into grad when given, scaled by
+// grad_loss (B, L) when given (else by 1: both in one pass, as score_entropy_with_grad)
 void cpu_score_entropy(const void* log_score, int dtype, const int64_t* xt, const int64_t* x0,
                        const double* sigma_bar, int graph, int64_t B, int64_t L, int64_t N,
                        float* loss, const float* grad_loss, void* grad, int nthreads);

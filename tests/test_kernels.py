@@ -70,7 +70,10 @@ def fresh_gen():
 @pytest.mark.parametrize("graph,masked", [("absorb", 0.5), ("absorb", 0.0), ("absorb", 1.0), ("uniform", 0.5)])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_score_entropy_matches_oracle_and_autograd(k, graph, masked, dtype, shape):
+@pytest.mark.parametrize("path", ["two_pass", "fused"])
+def test_score_entropy_matches_oracle_and_autograd(k, graph, masked, dtype, shape, path):
+    """two_pass: score_entropy reads, its backward recomputes; fused: score_entropy_with_grad writes
+    the gradient in the loss's pass and backward scales it (what sedd.py uses on the CPU)."""
     gen, seed = fresh_gen()
     ls, xt, x0, sb = inputs(graph, *shape, dtype, gen, masked=masked)
     w = torch.rand(shape[:2], generator=gen) + 0.5  # an upstream gradient that is not all ones
@@ -80,7 +83,8 @@ def test_score_entropy_matches_oracle_and_autograd(k, graph, masked, dtype, shap
         ref = sedd.score_entropy(ref_ls, xt, x0, sb, graph)
     (ref * w).sum().backward()
     got_ls = ls.clone().requires_grad_()
-    loss = k.score_entropy(got_ls, xt, x0, sb, graph)
+    fn = k.score_entropy if path == "two_pass" else lambda *a: k.score_entropy_with_grad(*a)[0]
+    loss = fn(got_ls, xt, x0, sb, graph)
     (loss * w).sum().backward()
 
     assert loss.dtype == torch.float32 and loss.shape == shape[:2]
@@ -92,6 +96,19 @@ def test_score_entropy_matches_oracle_and_autograd(k, graph, masked, dtype, shap
     if graph == "absorb":  # unmasked rows and the MASK column cost nothing and get nothing
         assert (loss[xt != ls.shape[-1] - 1] == 0).all()
         assert (got_ls.grad[xt != ls.shape[-1] - 1] == 0).all() and (got_ls.grad[..., -1] == 0).all()
+
+
+def test_score_entropy_with_grad_is_the_loss_and_the_gradient_of_its_sum(k):
+    gen, _ = fresh_gen()
+    for graph in GRAPHS:
+        ls, xt, x0, sb = inputs(graph, 3, 5, 11, torch.float32, gen)
+        loss, grad = k.score_entropy_with_grad(ls, xt, x0, sb, graph)
+        assert torch.equal(loss, k.score_entropy(ls, xt, x0, sb, graph))
+        torch.testing.assert_close(grad, k.score_entropy_backward(torch.ones(3, 5), ls, xt, x0, sb, graph),
+                                   rtol=0, atol=0)
+        # no gradient wanted (eval, no_grad): the wrapper takes the read-only op
+        with torch.no_grad():
+            assert torch.equal(common.score_entropy_kernel(k, ls.requires_grad_(), xt, x0, sb, graph), loss)
 
 
 def test_score_entropy_is_what_sedd_uses_and_backward_can_run_twice(k):
@@ -115,6 +132,9 @@ def test_opcheck_fake_and_autograd_registration(k):
     ls = ls.detach()
     torch.library.opcheck(k.score_entropy_backward.default, (torch.rand(2, 3), ls, xt, x0, sb, "uniform"),
                           test_utils=utils[:2])
+    torch.library.opcheck(k.score_entropy_with_grad.default, (ls.requires_grad_(), xt, x0, sb, "uniform"),
+                          test_utils=utils)
+    ls = ls.detach()
     torch.library.opcheck(k.sedd_euler_step.default, (ls, xt, t, u, "uniform"), test_utils=utils)
     torch.library.opcheck(k.sedd_tweedie_step.default, (ls, xt, t, u, "uniform", True), test_utils=utils)
     torch.library.opcheck(k.mdlm_ancestral_step.default, (ls, xt, t, u, 6), test_utils=utils)
