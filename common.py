@@ -714,11 +714,12 @@ def train(cfg, method, model, loss_fn, evaluate, meta, batches=None):
 
 def load_for_inference(config_cls, overrides, method, build_model):
     """Checkpoint -> (cfg, EMA model in eval mode on the device, tokenizer, meta)."""
-    cfg = config_cls(**overrides)
-    ckpt = load_checkpoint(os.path.join(out_dir(cfg, method), "ckpt.pt"), method)
+    where = out_dir(config_cls(**overrides), method)
+    ckpt = load_checkpoint(os.path.join(where, "ckpt.pt"), method)
     if ckpt.get("method", method) != method:
-        die(f"{out_dir(cfg, method)}/ckpt.pt was trained by {ckpt['method']}.py, not {method}.py")
-    cfg = config_from_checkpoint(config_cls, ckpt, overrides)
+        die(f"{where}/ckpt.pt was trained by {ckpt['method']}.py, not {method}.py")
+    # logs go beside the checkpoint that was read, wherever it was trained
+    cfg = dataclasses.replace(config_from_checkpoint(config_cls, ckpt, overrides), out_dir=where)
     meta = ckpt["meta"]
     model = build_model(cfg, meta)
     try:
