@@ -224,8 +224,9 @@ DIFFLM_INLINE double exp_row(const T* h, double* s, int64_t n, int64_t skip) {
   return acc;
 }
 
-// fp32 exp of the row into scratch, 0 at y = skip; returns the sum (fp32 lanes per block, blocks in fp64)
-template <class T>
+// fp32 exp of the row (into scratch when STORE), 0 at y = skip; returns the sum (fp32 lanes per block,
+// blocks in fp64)
+template <bool STORE, class T>
 DIFFLM_INLINE double exp_row_f32(const T* h, float* s, int64_t N, int64_t skip) {
   double acc = 0.0;
   for (int64_t b = 0; b < N; b += SE_BLOCK) {
@@ -234,7 +235,7 @@ DIFFLM_INLINE double exp_row_f32(const T* h, float* s, int64_t N, int64_t skip) 
 #pragma omp simd reduction(+ : blk)
     for (int64_t y = b; y < e; ++y) {
       const float v = y == skip ? 0.0f : exp_f32(load(h, y));
-      s[y] = v;
+      if (STORE) s[y] = v;
       blk += v;
     }
     acc += (double)blk;
@@ -250,12 +251,13 @@ constexpr double SCREEN = 1e-4;
 
 template <class T>
 DIFFLM_INLINE bool screen_stays(const T* h, int64_t N, int64_t x, double u0, int step, const StepConsts& c, float* s) {
-  const double S = exp_row_f32(h, s, N, x);  // over y != x
   double Mhi, wlo;  // the largest move mass and the smallest stay weight the rounding allows
   if (step == EULER) {  // M = a q S, w_x = 1 - M
+    const double S = exp_row_f32<false>(h, s, N, x);  // over y != x
     Mhi = c.a * c.q * S * (1.0 + SCREEN);
     wlo = 1.0 - Mhi;
   } else {  // Tweedie: M = sum_{y != x} max(0, (a s_y + b) q), b = bS (S + 1); max(0, .) is 1-Lipschitz
+    const double S = exp_row_f32<true>(h, s, N, x);
     const double b = c.bS * (S + 1.0), a = c.a, q = c.q;
     double M = 0.0;
 #pragma omp simd reduction(+ : M)
