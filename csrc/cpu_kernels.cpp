@@ -58,6 +58,26 @@ DIFFLM_INLINE float exp_f32(float x) {
   return y;  // a NaN x stays NaN through the arithmetic
 }
 
+// exp in fp32 within ~3e-6 relative (degree-5 Taylor on |r| <= ln2/2): enough for a screen that only
+// needs its sums to 1e-4, and two FMAs cheaper than exp_f32
+DIFFLM_INLINE float exp_f32_screen(float x) {
+  float xc = x < -104.0f ? -104.0f : x;
+  xc = xc > 89.0f ? 89.0f : xc;
+  const float shift = 12582912.0f;
+  float kd = fmaf(xc, 1.44269504088896341f, shift);
+  const int ni = (int)(to_bits(kd) - to_bits(shift));
+  const float n = kd - shift;
+  float r = fmaf(n, -0.693359375f, xc);
+  r = fmaf(n, 2.12194440e-4f, r);
+  float p = 1.0f / 120.0f;
+  p = fmaf(p, r, 1.0f / 24.0f);
+  p = fmaf(p, r, 1.0f / 6.0f);
+  p = fmaf(p, r, 0.5f);
+  float y = fmaf(p * r, r, r) + 1.0f;
+  const int n1 = ni >> 1, n2 = ni - n1;
+  return y * from_bits((uint32_t)(n1 + 127) << 23) * from_bits((uint32_t)(n2 + 127) << 23);
+}
+
 DIFFLM_INLINE double from_bits64(uint64_t b) { double f; memcpy(&f, &b, 8); return f; }
 DIFFLM_INLINE uint64_t to_bits64(double f) { uint64_t b; memcpy(&b, &f, 8); return b; }
 
@@ -234,7 +254,7 @@ DIFFLM_INLINE double exp_row_f32(const T* h, float* s, int64_t N, int64_t skip) 
     float blk = 0.0f;
 #pragma omp simd reduction(+ : blk)
     for (int64_t y = b; y < e; ++y) {
-      const float v = y == skip ? 0.0f : exp_f32(load(h, y));
+      const float v = y == skip ? 0.0f : exp_f32_screen(load(h, y));
       if (STORE) s[y] = v;
       blk += v;
     }
@@ -244,7 +264,7 @@ DIFFLM_INLINE double exp_row_f32(const T* h, float* s, int64_t N, int64_t skip) 
 }
 
 // A uniform row usually stays, and proving that needs no fp64: with every s_y and sum in fp32 (relative
-// error far below SCREEN, ~1e-6), the stay/move threshold p = M / (M + w_x) is bracketed, and a u0 above
+// error far below SCREEN, ~1e-5), the stay/move threshold p = M / (M + w_x) is bracketed, and a u0 above
 // the bracket stays exactly as the fp64 oracle would. Rows the screen cannot settle (moves, and the
 // ~1e-4-wide band around the threshold) take the exact fp64 path. About 3x fewer flops per row.
 constexpr double SCREEN = 1e-4;
