@@ -37,6 +37,9 @@ DIFFLM_INLINE void store(uint16_t* p, int64_t i, float v) {
 
 // exp in fp32 within ~1 ulp (Cephes polynomial), branch-free so loops vectorise; denormals, +-inf
 // and NaN as libm. 2^n is applied in two halves so neither factor leaves the normal range.
+// FAST: a degree-5 Taylor polynomial instead, within 3e-6 relative and two FMAs cheaper: enough for
+// the uniform steps' fp32 screen, which only needs its sums to 1e-4.
+template <bool FAST = false>
 DIFFLM_INLINE float exp_f32(float x) {
   float xc = x < -104.0f ? -104.0f : x;
   xc = xc > 89.0f ? 89.0f : xc;
@@ -46,36 +49,22 @@ DIFFLM_INLINE float exp_f32(float x) {
   const float n = kd - shift;
   float r = fmaf(n, -0.693359375f, xc);
   r = fmaf(n, 2.12194440e-4f, r);
-  float p = 1.9875691500E-4f;
-  p = fmaf(p, r, 1.3981999507E-3f);
-  p = fmaf(p, r, 8.3334519073E-3f);
-  p = fmaf(p, r, 4.1665795894E-2f);
-  p = fmaf(p, r, 1.6666665459E-1f);
-  p = fmaf(p, r, 5.0000001201E-1f);
+  float p;
+  if (FAST) {
+    p = fmaf(1.0f / 120.0f, r, 1.0f / 24.0f);
+    p = fmaf(p, r, 1.0f / 6.0f);
+    p = fmaf(p, r, 0.5f);
+  } else {
+    p = fmaf(1.9875691500E-4f, r, 1.3981999507E-3f);
+    p = fmaf(p, r, 8.3334519073E-3f);
+    p = fmaf(p, r, 4.1665795894E-2f);
+    p = fmaf(p, r, 1.6666665459E-1f);
+    p = fmaf(p, r, 5.0000001201E-1f);
+  }
   float y = fmaf(p * r, r, r) + 1.0f;
   const int n1 = ni >> 1, n2 = ni - n1;
   y = y * from_bits((uint32_t)(n1 + 127) << 23) * from_bits((uint32_t)(n2 + 127) << 23);
   return y;  // a NaN x stays NaN through the arithmetic
-}
-
-// exp in fp32 within ~3e-6 relative (degree-5 Taylor on |r| <= ln2/2): enough for a screen that only
-// needs its sums to 1e-4, and two FMAs cheaper than exp_f32
-DIFFLM_INLINE float exp_f32_screen(float x) {
-  float xc = x < -104.0f ? -104.0f : x;
-  xc = xc > 89.0f ? 89.0f : xc;
-  const float shift = 12582912.0f;
-  float kd = fmaf(xc, 1.44269504088896341f, shift);
-  const int ni = (int)(to_bits(kd) - to_bits(shift));
-  const float n = kd - shift;
-  float r = fmaf(n, -0.693359375f, xc);
-  r = fmaf(n, 2.12194440e-4f, r);
-  float p = 1.0f / 120.0f;
-  p = fmaf(p, r, 1.0f / 24.0f);
-  p = fmaf(p, r, 1.0f / 6.0f);
-  p = fmaf(p, r, 0.5f);
-  float y = fmaf(p * r, r, r) + 1.0f;
-  const int n1 = ni >> 1, n2 = ni - n1;
-  return y * from_bits((uint32_t)(n1 + 127) << 23) * from_bits((uint32_t)(n2 + 127) << 23);
 }
 
 DIFFLM_INLINE double from_bits64(uint64_t b) { double f; memcpy(&f, &b, 8); return f; }
@@ -117,38 +106,28 @@ DIFFLM_INLINE double exp_f64(double x) {
 // upstream gradient w (backward: reads the row, writes its gradient once), or both at once with
 // w = 1 (training on the CPU, where the exps cost more than the bytes: see score_entropy_with_grad)
 
-// Row sums in SE_LANES fp32 lanes within blocks of SE_BLOCK (the oracle sums in fp32 too), the lanes
-// added as a tree and the blocks in fp64 so long rows (N ~ 50k) lose nothing; the skipped entry
-// y = skip (x_t, or MASK) is read as log s = 0 by a select and its exp(0) = 1 taken off after, so the
-// loop has no split and vectorises over the whole row. The gradient is (s - rho) * coef, 0 at y = skip.
-constexpr int64_t SE_BLOCK = 1024, SE_LANES = 16;
+// Row sums in fp32 vector lanes within blocks of SE_BLOCK (the oracle sums in fp32 too), blocks
+// added in fp64 so long rows (N ~ 50k) lose nothing; the skipped entry y = skip (x_t, or MASK) is
+// read as log s = 0 by a select and its exp(0) = 1 taken off after, so the loop has no split and
+// vectorises over the whole row. The gradient is (s - rho) * coef, 0 at y = skip.
+constexpr int64_t SE_BLOCK = 1024;
 
 template <bool LOSS, bool GRAD, class T>
 DIFFLM_INLINE void se_sums(const T* h, T* g, int64_t N, int64_t skip, float rho, float coef, double& S, double& H) {
   S = 0.0;
   H = 0.0;
-  auto lane = [&](int64_t y, float& s_acc, float& h_acc) __attribute__((always_inline)) {
-    const float hy = y == skip ? 0.0f : load(h, y);
-    const float s = exp_f32(hy);
-    if (GRAD) store(g, y, y == skip ? 0.0f : (s - rho) * coef);
-    if (LOSS) s_acc += s, h_acc += hy;
-  };
   for (int64_t lo = 0; lo < N; lo += SE_BLOCK) {
     const int64_t hi = std::min(N, lo + SE_BLOCK);
-    float s_acc[SE_LANES] = {}, h_acc[SE_LANES] = {};  // one vector register each (AVX-512)
-    int64_t y = lo;
-    for (; y + SE_LANES <= hi; y += SE_LANES) {
-#pragma omp simd
-      for (int64_t j = 0; j < SE_LANES; ++j) lane(y + j, s_acc[j], h_acc[j]);
+    float s_acc = 0.0f, h_acc = 0.0f;
+#pragma omp simd reduction(+ : s_acc, h_acc)
+    for (int64_t y = lo; y < hi; ++y) {
+      const float hy = y == skip ? 0.0f : load(h, y);
+      const float s = exp_f32(hy);
+      if (GRAD) store(g, y, y == skip ? 0.0f : (s - rho) * coef);
+      if (LOSS) s_acc += s, h_acc += hy;
     }
-#pragma omp simd
-    for (int64_t j = 0; j < hi - y; ++j) lane(y + j, s_acc[j], h_acc[j]);
-    if (LOSS) {
-      for (int64_t w = SE_LANES / 2; w > 0; w /= 2)
-        for (int64_t j = 0; j < w; ++j) s_acc[j] += s_acc[j + w], h_acc[j] += h_acc[j + w];
-      S += (double)s_acc[0];
-      H += (double)h_acc[0];
-    }
+    S += (double)s_acc;
+    H += (double)h_acc;
   }
   S -= 1.0;  // the skipped entry counted exp(0) = 1
 }
@@ -254,7 +233,7 @@ DIFFLM_INLINE double exp_row_f32(const T* h, float* s, int64_t N, int64_t skip) 
     float blk = 0.0f;
 #pragma omp simd reduction(+ : blk)
     for (int64_t y = b; y < e; ++y) {
-      const float v = y == skip ? 0.0f : exp_f32_screen(load(h, y));
+      const float v = y == skip ? 0.0f : exp_f32<true>(load(h, y));
       if (STORE) s[y] = v;
       blk += v;
     }
