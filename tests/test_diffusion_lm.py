@@ -214,6 +214,46 @@ def test_guidance_raises_the_target_rate(toy_model):
     assert g > max(0.6, 2.5 * u), f"guided {g:.2f} vs unguided {u:.2f}"
 
 
+
+def test_bleu_by_hand():
+    a = "the cat sat on".split()
+    assert D.bleu(a, a) == pytest.approx(1.0)
+    assert D.bleu(a, "dogs run".split()) == 0.0 and D.bleu([], a) == 0.0
+    # clipped precisions 3/4, then add-one smoothed (1+1)/(3+1), (0+1)/(2+1), (0+1)/(1+1); no brevity penalty
+    want = math.exp((math.log(3 / 4) + math.log(2 / 4) + math.log(1 / 3) + math.log(1 / 2)) / 4)
+    assert D.bleu(a, "the cat is on".split()) == pytest.approx(want)
+    # a hypothesis shorter than its reference pays exp(1 - |ref| / |hyp|)
+    assert D.bleu("a b c d".split(), "a b c d e f".split()) == pytest.approx(math.exp(1 - 6 / 4))
+    assert D.bleu("a a a a".split(), "a b".split()) < D.bleu("a b".split(), "a b".split())  # clipped counts
+
+
+def test_mbr_picks_the_consensus():
+    cands = ["x y z w".split(), "a b c d e".split(), "a b c d f".split(), "a b c d e".split(), "q a b r".split()]
+    assert D.mbr_pick(cands) == 1  # ties between the two copies go to the first
+    assert D.mbr_pick([["a"]]) == 0
+
+
+def test_sample_mbr_picks_per_group(monkeypatch):
+    """n * mbr chains in one batch, group i = rows i*mbr .. (i+1)*mbr - 1, each group's consensus returned."""
+    tok = common.WordTokenizer(list(common.WordTokenizer.SPECIALS) + ["a", "b", "c", "d"])
+    S, E, P = tok.START, tok.END, tok.PAD
+    a, b, c, d = 4, 5, 6, 7
+    rows = torch.tensor([[S, a, b, c, E, P], [S, d, d, d, E, P], [S, a, b, c, d, E],  # group 0: row 0 or 2
+                         [S, c, c, E, P, P], [S, a, b, E, P, P], [S, a, b, a, E, P]])  # group 1: row 4 or 5
+    seen = {}
+
+    def fake_sample(model, cfg, n, fixed=None, objective=None, show=None):
+        seen["n"] = n
+        return rows
+    monkeypatch.setattr(D, "sample", fake_sample)
+    got = D.sample_mbr(None, D.Config(mbr=3), tok, 2)
+    assert seen["n"] == 6
+    want0 = D.mbr_pick([D.decode(tok, r).split() for r in rows[:3].tolist()])
+    want1 = D.mbr_pick([D.decode(tok, r).split() for r in rows[3:].tolist()])
+    assert want0 in (0, 2) and want1 in (1, 2)
+    assert torch.equal(got, torch.stack([rows[want0], rows[3 + want1]]))
+
+
 # ----------------------------------------------------------------------------------------------
 # CLI and bad inputs
 
@@ -232,7 +272,7 @@ def cli_out(tmp_path_factory):
 def test_cli_train_sample_eval(cli_out):
     r = run_cli(["diffusion_lm.py", "--sample", f"--out_dir={cli_out}", "--num_samples=2", "--steps=10", "--show",
                  "--infill=The _ _ is"])
-    assert r.stdout.count("=== sample") == 2 and "--- step 10/10" in r.stdout
+    assert r.stdout.count("=== sample") == 2 and "--- step 10/10" in r.stdout and "MBR choice of 10" in r.stdout
     r = run_cli(["diffusion_lm.py", "--sample", f"--out_dir={cli_out}", "--num_samples=2", "--steps=10",
                  "--control=food=Italian", "--length=10"])
     assert r.stdout.count("=== sample") == 2
