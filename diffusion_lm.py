@@ -45,11 +45,12 @@ METHOD = "diffusion_lm"
 @dataclasses.dataclass
 class Config(common.BaseConfig):
     dataset: str = "e2e"
+    n_head: int = 8  # heads of 16; with lr 4e-3, AR-judge NLL of samples 3.04 against 4.09 (4 heads, lr 1e-3)
     block_size: int = 64  # n = 64 positions (paper)
     rows: bool = True  # one text per row, padded with PAD (needs <split>.jsonl); false: packed windows
     batch_size: int = 64
     max_iters: int = 2400
-    lr: float = 1e-3
+    lr: float = 4e-3  # val loss 0.147; 0.152 at 2e-3 (8 heads); 0.167 at 1e-3 (4 heads)
     warmup_iters: int = 100
     eval_interval: int = 800
     eval_iters: int = 8
