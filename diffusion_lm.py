@@ -480,7 +480,7 @@ def sample(model, cfg, n, fixed=None, objective=None, show=None):
 def bleu(hyp, ref, n=4):
     """Sentence BLEU-n of word list hyp against ref: the geometric mean of the clipped n-gram precisions
     (add-one smoothing for n > 1, Lin and Och 2004, so one missing 4-gram does not zero it) times the
-    brevity penalty."""
+    brevity penalty. Written here, not sacrebleu (diffuser.py's corpus BLEU), so --sample needs no extra."""
     if not hyp:
         return 0.0
     log_p = min(0.0, 1 - len(ref) / len(hyp))  # brevity penalty
