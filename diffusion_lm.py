@@ -503,7 +503,7 @@ def mbr_pick(cands):
 
 def sample_mbr(model, cfg, tok, n, fixed=None, objective=None, show=None):
     """n sequences (n, L), each the MBR choice among cfg.mbr samples (one batch of n * mbr chains)."""
-    k = max(1, cfg.mbr)
+    k = cfg.mbr
     out = sample(model, cfg, n * k, fixed, objective, show)  # (n * k, L)
     if k == 1:
         return out
@@ -662,6 +662,8 @@ def main(argv=None):
     verbs = verbs if has_verb else []
     if cfg.clamp not in ("cos", "l2", "none"):
         common.die(f"unknown --clamp={cfg.clamp!r}; use cos, l2 or none")
+    if cfg.mbr < 1:
+        common.die(f"--mbr={cfg.mbr}: the number of samples per MBR choice; use 1 (MBR off) or more")
     if "train" in verbs:
         meta = common.prepare_data(cfg)
         model = build_model(cfg, meta)
@@ -687,7 +689,7 @@ def main(argv=None):
         out = sample_mbr(model, cfg, tok, cfg.num_samples, fixed, build_objective(model, cfg, clf, targets), show)
         for i, s in enumerate(out.tolist()):
             print(f"=== sample {i}\n{decode(tok, s)}")
-        print(f"({cfg.num_samples} samples, each the MBR choice of {max(1, cfg.mbr)}, {cfg.steps} steps, "
+        print(f"({cfg.num_samples} samples, each the MBR choice of {cfg.mbr}, {cfg.steps} steps, "
               f"clamp={cfg.clamp}, {time.time() - t0:.1f}s)")
     if "eval" in verbs:
         cfg, model, tok, meta, ckpt = common.load_for_inference(Config, overrides, METHOD, build_model)
@@ -703,9 +705,9 @@ def main(argv=None):
         else:
             print("control: no classifier yet; run `python diffusion_lm.py --train_classifier` to measure it")
         if cfg.gen:
-            stats.update(common.generative_eval(cfg.judge, lambda n: as_stream(sample_mbr(model, cfg, tok, n), tok), cfg.num_samples, meta,
-                                                f"{cfg.steps} steps, clamp={cfg.clamp}, MBR of {max(1, cfg.mbr)}, "
-                                                "texts packed as the judge's stream"))
+            stats.update(common.generative_eval(cfg.judge, lambda n: as_stream(sample_mbr(model, cfg, tok, n), tok),
+                                                cfg.num_samples, meta, f"{cfg.steps} steps, clamp={cfg.clamp}, "
+                                                f"MBR of {cfg.mbr}, texts packed as the judge's stream"))
         common.log_json(os.path.join(common.out_dir(cfg, METHOD), "log.jsonl"), {"eval_full": stats, "iter": ckpt["iter"]})
 
 

@@ -214,7 +214,6 @@ def test_guidance_raises_the_target_rate(toy_model):
     assert g > max(0.6, 2.5 * u), f"guided {g:.2f} vs unguided {u:.2f}"
 
 
-
 def test_bleu_by_hand():
     a = "the cat sat on".split()
     assert D.bleu(a, a) == pytest.approx(1.0)
@@ -286,6 +285,7 @@ def test_cli_train_sample_eval(cli_out):
     (["--control=food=Klingon"], "food has no value 'Klingon'"),
     (["--infill=" + " ".join(["the"] * 70)], "more than the 64-position sequence"),
     (["--clamp=dot"], "unknown --clamp='dot'"),
+    (["--mbr=0"], "--mbr=0: the number of samples per MBR choice"),
     (["--length=80"], "must lie in 1..63"),
 ])
 def test_cli_bad_inputs(cli_out, args, msg):
