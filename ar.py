@@ -183,12 +183,7 @@ def evaluate(model, batches, cfg, full=False):
     model.eval()
     total, count = 0.0, 0
     device = next(model.parameters()).device
-    if full:
-        data = batches.sequential("val", cfg.batch_size)
-    else:
-        gen = torch.Generator().manual_seed(cfg.seed)  # the same windows at every eval
-        data = (batches.get("val", cfg.batch_size, gen) for _ in range(cfg.eval_iters))
-    for x0 in data:
+    for x0 in common.val_batches(batches, cfg, full):
         x0 = x0.to(device)
         total += float(nll_terms(model, x0, model.bos_id).sum())
         count += x0.numel()

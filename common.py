@@ -387,6 +387,15 @@ class Batches:
             yield torch.from_numpy(np.stack([data[s:s + self.block].astype(np.int64) for s in starts]))
 
 
+def val_batches(batches, cfg, full=False):
+    """The validation batches of an evaluate(): every window once, in order (full, for --eval), else
+    the same eval_iters random batches at every call, so evaluations during training compare."""
+    if full:
+        return batches.sequential("val", cfg.batch_size)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    return (batches.get("val", cfg.batch_size, gen) for _ in range(cfg.eval_iters))
+
+
 # ----------------------------------------------------------------------------------------------
 # The backbone: a Transformer with rotary positions and optional adaLN time conditioning
 

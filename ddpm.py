@@ -506,10 +506,8 @@ def quality_line(stats):
 def evaluate_loss(model, batches, cfg, alpha_bar):
     """During training: the simple loss on eval_iters held-out batches."""
     model.eval()
-    gen = torch.Generator().manual_seed(cfg.seed)
     device = next(model.parameters()).device
-    losses = [float(loss_fn(model, batches.get("val", cfg.batch_size, gen).to(device), alpha_bar, cfg.pred))
-              for _ in range(cfg.eval_iters)]
+    losses = [float(loss_fn(model, x0.to(device), alpha_bar, cfg.pred)) for x0 in common.val_batches(batches, cfg)]
     return {"val_loss": sum(losses) / len(losses)}
 
 

@@ -712,12 +712,10 @@ def words(tok, ids):
 def evaluate(model, batches, cfg):
     """Tagger and generator cross-entropy (nats) on eval_iters validation batches, the same every time."""
     model.eval()
-    gen = torch.Generator().manual_seed(cfg.seed)
     device = next(model.parameters()).device
     sums = np.zeros(3)
-    for _ in range(cfg.eval_iters):
-        batch = batches.get("val", cfg.batch_size, gen).to(device)
-        sums += [float(v) for v in loss_terms(model, batch)]
+    for batch in common.val_batches(batches, cfg):
+        sums += [float(v) for v in loss_terms(model, batch.to(device))]
     tag, ins, gen_ce = (float(v) for v in sums / cfg.eval_iters)  # plain floats: the checkpoint loads weights_only
     return {"val_loss": tag + ins + gen_ce, "val_tag_ce": tag, "val_ins_ce": ins, "val_gen_ce": gen_ce}
 

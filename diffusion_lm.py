@@ -577,14 +577,9 @@ def evaluate(model, batches, cfg, full=False):
     (the posterior's, so L_{t-1} is the mean term alone) and beta_1 at t = 1 (q_phi's variance)."""
     model.eval()
     device = model.embed.weight.device
-    if full:
-        data = batches.sequential("val", cfg.batch_size)
-        if cfg.eval_batches:
-            data = (b for i, b in zip(range(cfg.eval_batches), data))
-        k = cfg.eval_t_samples
-    else:
-        gen = torch.Generator().manual_seed(cfg.seed)
-        data, k = (batches.get("val", cfg.batch_size, gen) for _ in range(cfg.eval_iters)), 1
+    data, k = common.val_batches(batches, cfg, full), cfg.eval_t_samples if full else 1
+    if full and cfg.eval_batches:
+        data = (b for i, b in zip(range(cfg.eval_batches), data))
     sums, count, positions = {}, 0, 0
     for w in data:
         w = w.to(device)

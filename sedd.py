@@ -443,12 +443,8 @@ def evaluate(model, batches, cfg, full=False):
     model.eval()
     total, count = 0.0, 0
     device = next(model.parameters()).device
-    if full:
-        data, k = batches.sequential("val", cfg.batch_size), cfg.eval_t_samples
-    else:
-        gen = torch.Generator().manual_seed(cfg.seed)  # the same windows at every eval
-        data, k = (batches.get("val", cfg.batch_size, gen) for _ in range(cfg.eval_iters)), 1
-    for x0 in data:
+    k = cfg.eval_t_samples if full else 1
+    for x0 in common.val_batches(batches, cfg, full):
         x0 = x0.to(device)
         xs = x0.repeat(k, 1)
         t = sample_times(xs.shape[0], cfg.t_min, device)
