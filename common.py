@@ -769,6 +769,19 @@ def conditioning(tokenizer, cfg, length):
     return fixed
 
 
+def show_steps(tokenizer, cfg):
+    """--show: the sampler's callback show(i, x) after step i (0-based) of cfg.steps, printing the
+    first sequence of x (B, L) at eight evenly spaced steps and the last; None without --show."""
+    if not cfg.show:
+        return None
+    every = max(1, cfg.steps // 8)
+
+    def show(i, x):
+        if i % every == 0 or i == cfg.steps - 1:
+            print(f"--- step {i + 1}/{cfg.steps}\n{tokenizer.decode(x[0].tolist())}")
+    return show
+
+
 # ----------------------------------------------------------------------------------------------
 # Generative evaluation: samples scored by the autoregressive baseline (ar.py) as a fixed judge
 

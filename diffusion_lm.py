@@ -673,15 +673,9 @@ def main(argv=None):
         fixed = infill_template(tok, cfg)
         clf = load_classifier(cfg, model.embed.weight.device) if cfg.control else None
         targets = clf.parse_targets(cfg.control) if clf else None
-        show = None
-        if cfg.show:
-            every = max(1, cfg.steps // 8)
-
-            def show(i, w):
-                if i % every == 0 or i == cfg.steps - 1:
-                    print(f"--- step {i + 1}/{cfg.steps}: {tok.decode(w[0].tolist())}")
         t0 = time.time()
-        out = sample_mbr(model, cfg, tok, cfg.num_samples, fixed, build_objective(model, cfg, clf, targets), show)
+        out = sample_mbr(model, cfg, tok, cfg.num_samples, fixed, build_objective(model, cfg, clf, targets),
+                         common.show_steps(tok, cfg))
         for i, s in enumerate(out.tolist()):
             print(f"=== sample {i}\n{decode(tok, s)}")
         print(f"({cfg.num_samples} samples, each the MBR choice of {cfg.mbr}, {cfg.steps} steps, "

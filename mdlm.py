@@ -294,15 +294,8 @@ def main(argv=None):
         cfg, model, tok, meta, _ = common.load_for_inference(Config, overrides, "mdlm", build_model)
         length = cfg.seq_len or cfg.block_size
         fixed = common.conditioning(tok, cfg, length)
-        show = None
-        if cfg.show:
-            every = max(1, cfg.steps // 8)
-
-            def show(i, x):
-                if i % every == 0 or i == cfg.steps - 1:
-                    print(f"--- step {i + 1}/{cfg.steps}\n{tok.decode(x[0].tolist())}")
         t0 = time.time()
-        samples, calls = generate(model, cfg, fixed, cfg.num_samples, show)
+        samples, calls = generate(model, cfg, fixed, cfg.num_samples, common.show_steps(tok, cfg))
         for i, s in enumerate(samples.tolist()):
             print(f"=== sample {i}\n{tok.decode(s)}")
         print(f"({cfg.num_samples} samples of {length} tokens, {cfg.steps} steps, {calls} network calls, {time.time() - t0:.1f}s)")
