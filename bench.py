@@ -177,6 +177,25 @@ def bench_sedd(argv):
 # Fused kernels (csrc/) against their PyTorch oracles in sedd.py and mdlm.py
 
 
+def _kernels_on(name):
+    """--device (auto: cuda when there is one) -> (device, the compiled ops), or a one-line exit."""
+    device = torch.device(name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    k = common.load_kernels()
+    if not common.kernel_ready(k, torch.empty(0, device=device)):
+        common.die(f"the difflm kernels are not available on {device} (build failed, or DIFFLM_KERNELS=0)")
+    return device, k
+
+
+def _sizes(text, form):
+    """--sizes "a,b,c;a,b,c" -> [(a, b, c), ...], or a one-line exit naming the form."""
+    try:
+        sizes = [tuple(int(v) for v in s.split(",")) for s in text.split(";")]
+        assert all(len(s) == 3 for s in sizes)
+    except (ValueError, AssertionError):
+        common.die(f"--sizes={text!r}: use {form};{form}")
+    return sizes
+
+
 def _peak_extra_bytes(fn, device):
     """Peak bytes allocated by fn() above what was live before it (its output included).
 
@@ -229,21 +248,13 @@ def bench_kernels(argv):
     ap.add_argument("--repeat", type=int, default=0, help="runs per median (0: as many as fit in ~0.5 s, 5-100)")
     ap.add_argument("--device", default="auto")
     a = ap.parse_args(argv)
-    device = torch.device(a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    k = common.load_kernels()
-    if not common.kernel_ready(k, torch.empty(0, device=device)):
-        common.die(f"the difflm kernels are not available on {device} (build failed, or DIFFLM_KERNELS=0)")
+    device, k = _kernels_on(a.device)
     common.load_kernels = lambda *args, **kw: None  # sedd/mdlm now run their PyTorch bodies: the oracles
     dtype = {"": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16}.get(a.dtype)
     if dtype is None:
         common.die(f"--dtype={a.dtype!r}: use float32 or bfloat16")
-    default = "32,256,66;4,256,50258" + (";64,1024,50258" if device.type == "cuda" else "")
-    try:
-        sizes = [tuple(int(v) for v in s.split(",")) for s in (a.sizes or default).split(";")]
-        assert all(len(s) == 3 for s in sizes)
-    except (ValueError, AssertionError):
-        common.die(f"--sizes={a.sizes!r}: use B,L,V;B,L,V")
+    sizes = _sizes(a.sizes or "32,256,66;4,256,50258" + (";64,1024,50258" if device.type == "cuda" else ""), "B,L,V")
     bw = _copy_bandwidth(device) if device.type == "cuda" else None
     gen = torch.Generator(device=device).manual_seed(0)
     rows = []
@@ -546,16 +557,9 @@ def bench_nearest(argv):
     ap.add_argument("--repeat", type=int, default=0, help="runs per median (0: as many as fit in ~0.5 s, 5-100)")
     ap.add_argument("--device", default="auto")
     a = ap.parse_args(argv)
-    device = torch.device(a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    k = common.load_kernels()
-    if not common.kernel_ready(k, torch.empty(0, device=device)):
-        common.die(f"the difflm kernels are not available on {device} (build failed, or DIFFLM_KERNELS=0)")
-    default = "8192,16,821;8192,128,50257" + (";8192,256,50257" if device.type == "cuda" else "")
-    try:
-        sizes = [tuple(int(v) for v in s.split(",")) for s in (a.sizes or default).split(";")]
-        assert all(len(s) == 3 for s in sizes)
-    except (ValueError, AssertionError):
-        common.die(f"--sizes={a.sizes!r}: use N,d,V;N,d,V")
+    device, k = _kernels_on(a.device)
+    sizes = _sizes(a.sizes or "8192,16,821;8192,128,50257" + (";8192,256,50257" if device.type == "cuda" else ""),
+                   "N,d,V")
     gen = torch.Generator(device=device).manual_seed(0)
     rows = []
     for N, d, V in sizes:
