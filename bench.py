@@ -13,15 +13,18 @@ Timings are medians of repeated runs after a warm-up.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import json
+import logging
 import math
 import os
 import statistics
 import subprocess
 import sys
 import time
+import warnings
 
 import torch
 
@@ -177,6 +180,20 @@ def bench_sedd(argv):
 # Fused kernels (csrc/) against their PyTorch oracles in sedd.py and mdlm.py
 
 
+@contextlib.contextmanager
+def _quiet_graph_breaks():
+    """torch.compile reports each graph break (a warning and a traceback); the absorbing oracle has one
+    by design, said once under the table instead of pages of log in the middle of it."""
+    level = logging.getLogger("torch._dynamo").level
+    torch._logging.set_logs(dynamo=logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            yield
+    finally:
+        torch._logging.set_logs(dynamo=level or logging.WARNING)
+
+
 def _kernels_on(name):
     """--device (auto: cuda when there is one) -> (device, the compiled ops), or a one-line exit."""
     device = torch.device(name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -272,7 +289,8 @@ def bench_kernels(argv):
         if not a.no_compile:
             try:
                 compiled = torch.compile(oracle, dynamic=False)
-                t_c = timeit(lambda: compiled(*args), repeat=a.repeat, warmup=2)
+                with _quiet_graph_breaks():
+                    t_c = timeit(lambda: compiled(*args), repeat=a.repeat, warmup=2)
             except Exception as e:  # a compiler failure is a result too; say so and go on
                 print(f"  torch.compile({name}, {graph}) failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
         grad_bytes = B * L * args[0].shape[-1] * args[0].element_size()
@@ -353,6 +371,9 @@ def bench_kernels(argv):
           f"tensor of the input dtype (the gradient), output included")
     print("steps: half the absorbing positions masked, scores calibrated to sum ~1 (t ~ 0.5), sigma dt = "
           "dsigma = 0.015, MDLM p_unmask = 0.0156 (a 128-step chain at t ~ 0.5)")
+    if not a.no_compile and "score_entropy" in a.ops and "absorb" in a.graphs:
+        print("compile: the absorbing score_entropy oracle copies out its masked rows (a data-dependent shape), "
+              "so torch.compile runs it in pieces with a graph break there")
     if bw:
         print(f"copy bandwidth {bw / 1e9:.0f} GB/s; floor = one read of the scores (+ one write of the gradient "
               f"for score_entropy) at that bandwidth")
