@@ -258,15 +258,22 @@ DIFFLM_INLINE bool screen_stays(const T* h, int64_t N, int64_t x, double u0, int
   } else {  // Tweedie: M = sum_{y != x} max(0, (a s_y + b) q), b = bS (S + 1); max(0, .) is 1-Lipschitz
     const double S = exp_row_f32<true>(h, s, N, x);
     const double b = c.bS * (S + 1.0), a = c.a, q = c.q;
+    const double db = fabs(c.bS) * (S + 1.0) * SCREEN;  // bound on the error of b
+    wlo = (a + b - db) * c.qx;
+    wlo = wlo > 0.0 ? wlo : 0.0;
+    // b <= 0 (always, for ds >= 0): max(0, a s_y + b) <= a s_y, so q a S bounds M from above with no
+    // second pass. It is within about ds (S + 1) of M, so only rows close to the threshold go on.
+    if (b <= 0.0) {
+      const double Mcheap = q * a * S * (1.0 + 2.0 * SCREEN);
+      if (u0 >= Mcheap / (Mcheap + wlo)) return true;
+    }
     double M = 0.0;
 #pragma omp simd reduction(+ : M)
     for (int64_t y = 0; y < N; ++y) {
       const double v = (a * (double)s[y] + b) * q;
       M += (v > 0.0 && y != x) ? v : 0.0;  // s[x] = 0 but b may be > 0
     }
-    const double db = fabs(c.bS) * (S + 1.0) * SCREEN;  // bound on the error of b
     Mhi = M + q * (a * S * SCREEN + (double)N * db) + M * SCREEN;
-    wlo = (a + b - db) * c.qx;
   }
   wlo = wlo > 0.0 ? wlo : 0.0;
   return u0 >= Mhi / (Mhi + wlo);  // NaN (0 / 0, or NaN scores) is not settled here
