@@ -242,10 +242,11 @@ DIFFLM_INLINE double exp_row_f32(const T* h, float* s, int64_t N, int64_t skip) 
   return acc;
 }
 
-// A uniform row usually stays, and proving that needs no fp64: with every s_y and sum in fp32 (relative
-// error far below SCREEN, ~1e-5), the stay/move threshold p = M / (M + w_x) is bracketed, and a u0 above
-// the bracket stays exactly as the fp64 oracle would. Rows the screen cannot settle (moves, and the
+// A row usually stays, and proving that needs no fp64: with every s_y and sum in fp32 (relative error
+// far below SCREEN, ~1e-5), the stay/move threshold p = M / (M + w_x) is bracketed, and a u0 above the
+// bracket stays exactly as the fp64 oracle would. Rows the screen cannot settle (moves, and the
 // ~1e-4-wide band around the threshold) take the exact fp64 path. About 3x fewer flops per row.
+// step == EULER is the form M = a q S, w_x = 1 - M, which a masked absorbing row has for both steps.
 constexpr double SCREEN = 1e-4;
 
 template <class T>
@@ -287,6 +288,7 @@ DIFFLM_INLINE int64_t sedd_row(const T* h, int64_t N, int64_t x, double u0, doub
   if (graph == ABSORB) {
     const int64_t M = N - 1;
     if (x != M) return x;  // its transition row is a multiple of onehot(x)
+    if (!final_step && screen_stays(h, N, x, u0, EULER, c, s32)) return x;  // q = 1 for both steps
     const double S = exp_row(h, s, M, M);
     // w_y = a s_y for y != M (Euler: sigma dt s_y; Tweedie: (e^ds - 1) s_y)
     const double Mv = c.a * S;
@@ -403,13 +405,15 @@ void cpu_sedd_step(const void* log_score, int dtype, const int64_t* xt, const do
                    int step, int graph, bool final_step, int64_t B, int64_t L, int64_t N, int64_t* out,
                    int nthreads) {
   const int64_t rows = B * L, chunk = chunk_for(N);
+  std::vector<StepConsts> consts(B);  // per sequence: up to four exp/expm1, once rather than per row
+  for (int64_t b = 0; b < B; ++b) consts[b] = step_consts(t[b], step, graph, N);
 #pragma omp parallel num_threads(threads_for(rows, N, nthreads))
   {
     std::vector<double> scratch(N);
     std::vector<float> scratch32(N);
 #pragma omp for schedule(dynamic, chunk)
     for (int64_t i = 0; i < rows; ++i) {
-      const StepConsts c = step_consts(t[i / L], step, graph, N);
+      const StepConsts& c = consts[i / L];
       if (dtype == BF16)
         out[i] = sedd_row_bf16((const uint16_t*)log_score + i * N, N, xt[i], u[2 * i], u[2 * i + 1], step, graph,
                                final_step, c, scratch.data(), scratch32.data());
