@@ -4,6 +4,7 @@
 // in a per-thread scratch buffer (fits in L2 up to N ~ 250k) for its early-exit inverse-CDF scan.
 // The row functions are compiled for AVX-512, AVX2 and plain x86-64 (target_clones) and the loader
 // picks the best one for the CPU, so the build needs no -march flag.
+#include <float.h>
 #include <math.h>
 #include <string.h>
 
@@ -20,8 +21,10 @@
 #define DIFFLM_INLINE inline __attribute__((always_inline))
 #if defined(__GNUC__) && !defined(__clang__)
 #define DIFFLM_REASSOC __attribute__((optimize("associative-math", "no-signed-zeros", "no-trapping-math")))
+#define DIFFLM_FINITE __attribute__((optimize("finite-math-only", "no-signed-zeros")))
 #else
 #define DIFFLM_REASSOC
+#define DIFFLM_FINITE
 #endif
 
 namespace difflm {
@@ -255,33 +258,53 @@ DIFFLM_INLINE double exp_row_f32(const T* h, float* s, int64_t N, int64_t skip) 
 // step == EULER is the form M = a q S, w_x = 1 - M, which a masked absorbing row has for both steps.
 constexpr double SCREEN = 1e-4;
 
+// The largest entry of a row in vector lanes (GCC vectorises a max only when told there are no NaNs;
+// a NaN entry is then skipped or propagates, and a row holding one stays on every path, as in the
+// oracle, so either is fine).
+DIFFLM_FINITE DIFFLM_CLONES float max_f32(const float* h, int64_t n) {
+  float m = -FLT_MAX;  // not -inf: the function is compiled as if there were none
+  for (int64_t i = 0; i < n; ++i) m = h[i] > m ? h[i] : m;
+  return m;
+}
+DIFFLM_FINITE DIFFLM_CLONES float max_f32(const uint16_t* h, int64_t n) {
+  float m = -FLT_MAX;  // not -inf: the function is compiled as if there were none
+  for (int64_t i = 0; i < n; ++i) m = load(h, i) > m ? load(h, i) : m;
+  return m;
+}
+
+// Two bounds settle a row before any exact work. The move probability p = M / (M + w_x) grows with
+// S = sum_{y != x} s_y (M = a q S and w_x = 1 - M in the Euler form; for Tweedie b = bS (S + 1) <= 0,
+// so M <= q a S and w_x = (a + b) qx shrinks as S grows), so an upper bound Sb on S gives an upper
+// bound on p, and a u0 above it stays. First Sb = (N - 1) e^{max h}, from a max pass with no exp
+// (h_x may count: it only raises the bound), which settles most rows of a small step when no score
+// dominates; then the fp32 sum.
 template <class T>
 DIFFLM_INLINE bool screen_stays(const T* h, int64_t N, int64_t x, double u0, int step, const StepConsts& c, float* s) {
-  double Mhi, wlo;  // the largest move mass and the smallest stay weight the rounding allows
-  if (step == EULER) {  // M = a q S, w_x = 1 - M
-    const double S = exp_row_f32(h, s, N, x);  // over y != x
-    Mhi = c.a * c.q * S * (1.0 + SCREEN);
-    wlo = 1.0 - Mhi;
-  } else {  // Tweedie: M = sum_{y != x} max(0, (a s_y + b) q), b = bS (S + 1); max(0, .) is 1-Lipschitz
-    const double S = exp_row_f32(h, s, N, x);
-    const double b = c.bS * (S + 1.0), a = c.a, q = c.q;
-    const double db = fabs(c.bS) * (S + 1.0) * SCREEN;  // bound on the error of b
-    wlo = (a + b - db) * c.qx;
+  const double a = c.a, q = c.q;
+  const bool bounded = step == EULER || c.bS <= 0.0;  // bS <= 0 always, for ds >= 0
+  auto clear = [&](double Sb) {
+    const double Mhi = a * q * Sb;
+    double wlo = step == EULER ? 1.0 - Mhi : (a + c.bS * (Sb + 1.0)) * c.qx;
     wlo = wlo > 0.0 ? wlo : 0.0;
-    // b <= 0 (always, for ds >= 0): max(0, a s_y + b) <= a s_y, so q a S bounds M from above with no
-    // second pass. It is within about ds (S + 1) of M, so only rows close to the threshold go on.
-    if (b <= 0.0) {
-      const double Mcheap = q * a * S * (1.0 + 2.0 * SCREEN);
-      if (u0 >= Mcheap / (Mcheap + wlo)) return true;
-    }
-    double M = 0.0;
+    return u0 >= Mhi / (Mhi + wlo);
+  };
+  if (bounded && clear((double)(N - 1) * (double)exp_f32(max_f32(h, x == N - 1 ? N - 1 : N)) * (1.0 + SCREEN)))
+    return true;
+  const double S = exp_row_f32(h, s, N, x);  // over y != x, relative error far below SCREEN
+  if (bounded && clear(S * (1.0 + SCREEN))) return true;
+  if (step == EULER) return false;  // that bound was M itself
+  // Tweedie: M = sum_{y != x} max(0, (a s_y + b) q) exactly, a second pass over the scratch row; the
+  // bound q a S was within about ds (S + 1) of it. max(0, .) is 1-Lipschitz.
+  const double b = c.bS * (S + 1.0);
+  const double db = fabs(c.bS) * (S + 1.0) * SCREEN;  // bound on the error of b
+  double M = 0.0;
 #pragma omp simd reduction(+ : M)
-    for (int64_t y = 0; y < N; ++y) {
-      const double v = (a * (double)s[y] + b) * q;
-      M += (v > 0.0 && y != x) ? v : 0.0;  // s[x] = 0 but b may be > 0
-    }
-    Mhi = M + q * (a * S * SCREEN + (double)N * db) + M * SCREEN;
+  for (int64_t y = 0; y < N; ++y) {
+    const double v = (a * (double)s[y] + b) * q;
+    M += (v > 0.0 && y != x) ? v : 0.0;  // s[x] = 0 but b may be > 0
   }
+  const double Mhi = M + q * (a * S * SCREEN + (double)N * db) + M * SCREEN;
+  double wlo = (a + b - db) * c.qx;
   wlo = wlo > 0.0 ? wlo : 0.0;
   return u0 >= Mhi / (Mhi + wlo);  // NaN (0 / 0, or NaN scores) is not settled here
 }
