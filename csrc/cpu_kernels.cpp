@@ -288,8 +288,9 @@ DIFFLM_INLINE bool screen_stays(const T* h, int64_t N, int64_t x, double u0, int
     wlo = wlo > 0.0 ? wlo : 0.0;
     return u0 >= Mhi / (Mhi + wlo);
   };
-  if (bounded && clear((double)(N - 1) * (double)exp_f32(max_f32(h, x == N - 1 ? N - 1 : N)) * (1.0 + SCREEN)))
-    return true;
+  // (an fp32 exp overflows to inf above 88.7, and then neither bound settles anything)
+  const double Smax = (double)(N - 1) * (double)exp_f32(max_f32(h, x == N - 1 ? N - 1 : N));
+  if (bounded && clear(Smax * (1.0 + SCREEN))) return true;
   const double S = exp_row_f32(h, s, N, x);  // over y != x, relative error far below SCREEN
   if (bounded && clear(S * (1.0 + SCREEN))) return true;
   if (step == EULER) return false;  // that bound was M itself
@@ -306,7 +307,7 @@ DIFFLM_INLINE bool screen_stays(const T* h, int64_t N, int64_t x, double u0, int
   const double Mhi = M + q * (a * S * SCREEN + (double)N * db) + M * SCREEN;
   double wlo = (a + b - db) * c.qx;
   wlo = wlo > 0.0 ? wlo : 0.0;
-  return u0 >= Mhi / (Mhi + wlo);  // NaN (0 / 0, or NaN scores) is not settled here
+  return u0 >= Mhi / (Mhi + wlo);  // NaN (0 / 0) is not settled here
 }
 
 // Two-stage SEDD step of one row (Euler or Tweedie, METHODS.md sec. 4 and 6): move with probability

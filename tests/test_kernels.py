@@ -208,6 +208,23 @@ def test_steps_at_the_stay_move_threshold(k, graph, dtype):
             assert sel.any() and (moved.all() if d < 0 else not moved.any()), f"seed {seed}: {name} at d={d}"
 
 
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_steps_with_log_scores_beyond_an_fp32_exp(k, graph):
+    """e^95 overflows fp32 (the oracle's fp64 holds it): rows with such a score must skip the fp32
+    screens and give the oracle's tokens, with rates small enough that p = M / (M + w_x) is moderate."""
+    gen, seed = fresh_gen()
+    B, L, V = 2, 64, 66
+    ls, xt, _, _ = inputs(graph, B, L, V, torch.float32, gen)
+    ls[..., 3] = 95.0
+    t = torch.full((B,), 2e-42 if graph == "absorb" else 1e-40, dtype=torch.float64)  # M = O(0.1-1)
+    u = torch.rand(B, L, 2, dtype=torch.float64, generator=gen)
+    for name, step in (("euler", k.sedd_euler_step), ("tweedie", lambda *a: k.sedd_tweedie_step(*a, False))):
+        with pytorch_path():
+            ref = (sedd.euler_step if name == "euler" else sedd.tweedie_step)(ls, xt, t, u, graph)
+        assert torch.equal(step(ls, xt, t, u, graph), ref), f"seed {seed}: {name}"
+        assert (ref != xt).any() and (ref == xt).any(), f"seed {seed}: {name} tested only one outcome"
+
+
 def test_steps_are_reproducible_under_manual_seed(k):
     gen, _ = fresh_gen()
     ls, xt, _, _ = inputs("uniform", 4, 50, 37, torch.float32, gen)
