@@ -13,7 +13,6 @@ Timings are medians of repeated runs after a warm-up.
 """
 
 import argparse
-import contextlib
 import dataclasses
 import importlib
 import json
@@ -180,20 +179,6 @@ def bench_sedd(argv):
 # Fused kernels (csrc/) against their PyTorch oracles in sedd.py and mdlm.py
 
 
-@contextlib.contextmanager
-def _quiet_graph_breaks():
-    """torch.compile reports each graph break (a warning and a traceback); the absorbing oracle has one
-    by design, said once under the table instead of pages of log in the middle of it."""
-    level = logging.getLogger("torch._dynamo").level
-    torch._logging.set_logs(dynamo=logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            yield
-    finally:
-        torch._logging.set_logs(dynamo=level or logging.WARNING)
-
-
 def _kernels_on(name):
     """--device (auto: cuda when there is one) -> (device, the compiled ops), or a one-line exit."""
     device = torch.device(name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -267,6 +252,10 @@ def bench_kernels(argv):
     a = ap.parse_args(argv)
     device, k = _kernels_on(a.device)
     common.load_kernels = lambda *args, **kw: None  # sedd/mdlm now run their PyTorch bodies: the oracles
+    # torch.compile reports each graph break with a warning and a traceback; the absorbing oracle has one
+    # by design, said once under the table instead of pages of log in the middle of it
+    torch._logging.set_logs(dynamo=logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning)
     dtype = {"": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16}.get(a.dtype)
     if dtype is None:
@@ -289,8 +278,7 @@ def bench_kernels(argv):
         if not a.no_compile:
             try:
                 compiled = torch.compile(oracle, dynamic=False)
-                with _quiet_graph_breaks():
-                    t_c = timeit(lambda: compiled(*args), repeat=a.repeat, warmup=2)
+                t_c = timeit(lambda: compiled(*args), repeat=a.repeat, warmup=2)
             except Exception as e:  # a compiler failure is a result too; say so and go on
                 print(f"  torch.compile({name}, {graph}) failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
         grad_bytes = B * L * args[0].shape[-1] * args[0].element_size()

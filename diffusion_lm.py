@@ -25,6 +25,7 @@ per denoising step (semantic content, length); infilling holds known words.
 
 import collections
 import dataclasses
+import itertools
 import math
 import os
 import sys
@@ -579,7 +580,7 @@ def evaluate(model, batches, cfg, full=False):
     device = model.embed.weight.device
     data, k = common.val_batches(batches, cfg, full), cfg.eval_t_samples if full else 1
     if full and cfg.eval_batches:
-        data = (b for i, b in zip(range(cfg.eval_batches), data))
+        data = itertools.islice(data, cfg.eval_batches)
     sums, count, positions = {}, 0, 0
     for w in data:
         w = w.to(device)

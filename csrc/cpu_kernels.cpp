@@ -251,11 +251,7 @@ DIFFLM_INLINE double exp_row_f32(const T* h, float* s, int64_t N, int64_t skip) 
   return acc;
 }
 
-// A row usually stays, and proving that needs no fp64: with every s_y and sum in fp32 (relative error
-// far below SCREEN, ~1e-5), the stay/move threshold p = M / (M + w_x) is bracketed, and a u0 above the
-// bracket stays exactly as the fp64 oracle would. Rows the screen cannot settle (moves, and the
-// ~1e-4-wide band around the threshold) take the exact fp64 path. About 3x fewer flops per row.
-// step == EULER is the form M = a q S, w_x = 1 - M, which a masked absorbing row has for both steps.
+// relative margin of the fp32 bounds below: far above their rounding (~1e-5)
 constexpr double SCREEN = 1e-4;
 
 // The largest entry of a row in vector lanes (GCC vectorises a max only when told there are no NaNs;
@@ -272,16 +268,18 @@ DIFFLM_FINITE DIFFLM_CLONES float max_f32(const uint16_t* h, int64_t n) {
   return m;
 }
 
-// Two bounds settle a row before any exact work. The move probability p = M / (M + w_x) grows with
-// S = sum_{y != x} s_y (M = a q S and w_x = 1 - M in the Euler form; for Tweedie b = bS (S + 1) <= 0,
-// so M <= q a S and w_x = (a + b) qx shrinks as S grows), so an upper bound Sb on S gives an upper
-// bound on p, and a u0 above it stays. First Sb = (N - 1) e^{max h}, from a max pass with no exp
-// (h_x may count: it only raises the bound), which settles most rows of a small step when no score
-// dominates; then the fp32 sum.
+// A row usually stays, and proving that needs no fp64: a u0 above an upper bound of the stay/move
+// threshold p = M / (M + w_x) stays exactly as the fp64 oracle would; only rows no bound settles
+// (moves, and a thin band around p) take the exact fp64 path. p grows with S = sum_{y != x} s_y: in
+// the Euler form (step == EULER, which a masked absorbing row has for both steps) M = a q S and
+// w_x = 1 - M; for uniform Tweedie b = bS (S + 1) <= 0, so M <= q a S and w_x = (a + b) qx shrinks as
+// S grows. So an upper bound Sb on S bounds p: first Sb = (N - 1) e^{max h}, from a max pass with no
+// exp (h_x may count: it only raises the bound), which settles most rows of a small step when no
+// score dominates; then the fp32 sum; then, for Tweedie, the exact clamped M.
 template <class T>
 DIFFLM_INLINE bool screen_stays(const T* h, int64_t N, int64_t x, double u0, int step, const StepConsts& c, float* s) {
   const double a = c.a, q = c.q;
-  const bool bounded = step == EULER || c.bS <= 0.0;  // bS <= 0 always, for ds >= 0
+  const bool bounded = c.bS <= 0.0;  // always, for ds >= 0 (Euler: bS = 0)
   auto clear = [&](double Sb) {
     const double Mhi = a * q * Sb;
     double wlo = step == EULER ? 1.0 - Mhi : (a + c.bS * (Sb + 1.0)) * c.qx;
@@ -294,8 +292,8 @@ DIFFLM_INLINE bool screen_stays(const T* h, int64_t N, int64_t x, double u0, int
   const double S = exp_row_f32(h, s, N, x);  // over y != x, relative error far below SCREEN
   if (bounded && clear(S * (1.0 + SCREEN))) return true;
   if (step == EULER) return false;  // that bound was M itself
-  // Tweedie: M = sum_{y != x} max(0, (a s_y + b) q) exactly, a second pass over the scratch row; the
-  // bound q a S was within about ds (S + 1) of it. max(0, .) is 1-Lipschitz.
+  // Tweedie: M = sum_{y != x} max(0, (a s_y + b) q), a second pass over the scratch row (q a S was
+  // within about ds (S + 1) of it); max(0, .) is 1-Lipschitz, so the fp32 errors carry over.
   const double b = c.bS * (S + 1.0);
   const double db = fabs(c.bS) * (S + 1.0) * SCREEN;  // bound on the error of b
   double M = 0.0;
