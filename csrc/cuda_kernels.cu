@@ -127,9 +127,10 @@ __device__ __forceinline__ float group_max(float v, double* sm) {
 // upstream gradient w (backward: one read of the row, one write of its gradient)
 
 template <class T, int G, int R, bool BWD>
-__global__ void se_kernel(const T* __restrict__ h_all, const int64_t* __restrict__ xt, const int64_t* __restrict__ x0,
-                          const double* __restrict__ sigma_bar, int graph, int64_t rows, int64_t L, int64_t N,
-                          float* __restrict__ loss, const float* __restrict__ grad_loss, T* __restrict__ g_all) {
+__global__ void __launch_bounds__(G * R)
+se_kernel(const T* __restrict__ h_all, const int64_t* __restrict__ xt, const int64_t* __restrict__ x0,
+          const double* __restrict__ sigma_bar, int graph, int64_t rows, int64_t L, int64_t N,
+          float* __restrict__ loss, const float* __restrict__ grad_loss, T* __restrict__ g_all) {
   __shared__ double sm[R][G / 32];
   const int sub = threadIdx.x / G, tid = threadIdx.x % G;
   const int64_t row = (int64_t)blockIdx.x * R + sub;
@@ -212,7 +213,7 @@ __device__ __forceinline__ double segment_sums(const W& w, int64_t n, int tid, d
   double part = 0.0;
   for (int64_t y = s.lo + lane; y < s.hi; y += 32) part += w(y);
   part = warp_sum(part);
-  if (G > 32) __syncthreads();
+  if (G > 32) __syncthreads(); else __syncwarp();  // every reader of the last call's sm is done
   if (lane == 0) sm[wid] = part;
   if (G > 32) __syncthreads(); else __syncwarp();
   double t = 0.0;
@@ -268,9 +269,10 @@ __device__ __forceinline__ int64_t walk(const W& w, int64_t n, double target, in
 // ---- SEDD Euler / Tweedie step (two-stage: move with probability M / (M + w_x), then inverse CDF)
 
 template <class T, int G, int R>
-__global__ void sedd_kernel(const T* __restrict__ h_all, const int64_t* __restrict__ xt, const double* __restrict__ tt,
-                            const double* __restrict__ u, int step, int graph, int final_step, int64_t rows, int64_t L,
-                            int64_t N, int64_t* __restrict__ out) {
+__global__ void __launch_bounds__(G * R)
+sedd_kernel(const T* __restrict__ h_all, const int64_t* __restrict__ xt, const double* __restrict__ tt,
+            const double* __restrict__ u, int step, int graph, int final_step, int64_t rows, int64_t L,
+            int64_t N, int64_t* __restrict__ out) {
   __shared__ double sm[R][G / 32];
   __shared__ long long res[R];
   const int sub = threadIdx.x / G, tid = threadIdx.x % G;
@@ -316,9 +318,10 @@ __global__ void sedd_kernel(const T* __restrict__ h_all, const int64_t* __restri
 // ---- MDLM ancestral step: reveal iff u0 < p_unmask, token from softmax without the MASK column
 
 template <class T, int G, int R>
-__global__ void mdlm_kernel(const T* __restrict__ h_all, const int64_t* __restrict__ xt, const double* __restrict__ p,
-                            const double* __restrict__ u, int64_t mask, int64_t rows, int64_t L, int64_t N,
-                            int64_t* __restrict__ out) {
+__global__ void __launch_bounds__(G * R)
+mdlm_kernel(const T* __restrict__ h_all, const int64_t* __restrict__ xt, const double* __restrict__ p,
+            const double* __restrict__ u, int64_t mask, int64_t rows, int64_t L, int64_t N,
+            int64_t* __restrict__ out) {
   __shared__ double sm[R][G / 32];
   __shared__ long long res[R];
   const int sub = threadIdx.x / G, tid = threadIdx.x % G;

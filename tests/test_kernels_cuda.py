@@ -60,6 +60,25 @@ def test_cuda_score_entropy_matches_oracle(k, graph, dtype, shape):
     torch.testing.assert_close(loss.cpu(), cpu_loss, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_score_entropy_scores_and_gradient_aligned_differently(k, dtype):
+    """Scores at a storage offset of one element: the gradient (a fresh buffer) and the scores
+    no longer share their 16-byte alignment, so the backward takes its scalar path."""
+    gen, seed = fresh_gen()
+    B, L, V = 3, 7, 2049  # the 256-thread layout
+    ls, xt, x0, sb = inputs("uniform", B, L, V, dtype, gen)
+    shifted = torch.empty(ls.numel() + 1, dtype=dtype, device="cuda")[1:].view_as(ls).copy_(ls)
+    assert shifted.is_contiguous() and shifted.storage_offset() == 1
+    w = torch.rand(B, L, generator=gen).cuda() + 0.5
+    ref_ls = ls.clone().requires_grad_()
+    with pytorch_path():
+        (sedd.score_entropy(ref_ls, xt, x0, sb, "uniform") * w).sum().backward()
+    got_ls = shifted.requires_grad_()
+    (k.score_entropy(got_ls, xt, x0, sb, "uniform") * w).sum().backward()
+    tol = dict(rtol=2e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-3)
+    torch.testing.assert_close(got_ls.grad.float(), ref_ls.grad.float(), **tol, msg=lambda m: f"seed {seed}: {m}")
+
+
 @pytest.mark.parametrize("graph", GRAPHS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
