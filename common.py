@@ -629,6 +629,8 @@ def train(cfg, method, model, loss_fn, evaluate, meta, batches=None):
         ema_model.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        if device.type == "cuda" and ckpt.get("cuda_rng"):  # the GPU draws the training noise there
+            torch.cuda.set_rng_state(ckpt["cuda_rng"][min(rank, len(ckpt["cuda_rng"]) - 1)], device)
         batches.gen.set_state(ckpt["data_rng"][rank] if rank < len(ckpt["data_rng"]) else ckpt["data_rng"][0])
         start = ckpt["iter"] + 1
         if master:
@@ -655,11 +657,12 @@ def train(cfg, method, model, loss_fn, evaluate, meta, batches=None):
 
     def checkpoint(it, val):
         rngs, data_rngs = gather_states(torch.get_rng_state()), gather_states(batches.gen.get_state())
+        cuda_rngs = gather_states(torch.cuda.get_rng_state(device)) if device.type == "cuda" else None
         if master:
             save_checkpoint(ckpt_path, {
                 "model": model.state_dict(), "ema": ema_model.state_dict(), "optimizer": opt.state_dict(),
-                "rng": rngs, "data_rng": data_rngs, "iter": it, "config": dataclasses.asdict(cfg),
-                "meta": meta, "method": method, "val": val})
+                "rng": rngs, "data_rng": data_rngs, "cuda_rng": cuda_rngs, "iter": it,
+                "config": dataclasses.asdict(cfg), "meta": meta, "method": method, "val": val})
 
     def run_eval():
         # a fixed seed: every eval sees the same batches and noise, and training RNG is untouched

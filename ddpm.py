@@ -432,6 +432,7 @@ def vlb(model, x0, betas, pred="eps", var="beta", rows_per_call=65536):
     B, D = x0.shape
     T = len(betas)
     device = x0.device
+    betas = betas.to(device)
     ab = alpha_bars(betas)
     sig2 = reverse_variances(betas, var)
     m_T, v_T = q_mean_var(x0.double(), ab[-1])
@@ -443,13 +444,13 @@ def vlb(model, x0, betas, pred="eps", var="beta", rows_per_call=65536):
         n = len(ks)
         k = ks.repeat_interleave(B)  # (n B,)
         x0r = x0.repeat(n, 1).double()
-        ab_t = ab.to(device)[k][:, None]
-        ab_s = torch.where(k > 0, ab.to(device)[(k - 1).clamp(min=0)], 1.0)[:, None]
+        ab_t = ab[k][:, None]
+        ab_s = torch.where(k > 0, ab[(k - 1).clamp(min=0)], 1.0)[:, None]
         xt = q_sample(x0r, ab_t, torch.randn_like(x0r))
         out = model(xt.float(), k).double()
         x0_hat, _ = to_x0_eps(out, xt, ab_t, pred)
         mu_theta, _ = posterior(x0_hat, xt, ab_t, ab_s)
-        var_p = sig2.to(device)[k][:, None].expand_as(xt)
+        var_p = sig2[k][:, None].expand_as(xt)
         is_first = k == 0
         if (~is_first).any():
             mu_q, var_q = posterior(x0r, xt, ab_t, ab_s)
