@@ -11,7 +11,7 @@ import mdlm  # noqa: E402
 
 out, data = sys.argv[1], sys.argv[2]
 cfg = mdlm.Config(out_dir=out, data_dir=data, n_layer=1, n_embd=32, n_head=2, block_size=32, batch_size=4,
-                  max_iters=4, eval_interval=4, eval_iters=1, log_interval=1, dropout=0.1)
+                  max_iters=4, eval_interval=4, eval_iters=1, log_interval=1, dropout=0.1, device="cpu")
 meta = common.prepare_data(cfg)
 model = mdlm.build_model(cfg, meta)
 common.train(cfg, "mdlm", model, lambda m, x0: mdlm.loss_fn(m, x0, cfg, model.mask_id), lambda m, b: mdlm.evaluate(m, b, cfg), meta)

@@ -90,7 +90,7 @@ def test_learns_a_toy_language_and_judges_like_its_own_eval(tmp_path):
     data = write_toy_dataset(tmp_path / "data", [toy_language(40_000)], CHARS)
     cfg = ar.Config(data_dir=data, out_dir=str(tmp_path / "out"), n_layer=2, n_head=2, n_embd=64, block_size=24,
                     batch_size=32, max_iters=300, warmup_iters=20, eval_interval=300, eval_iters=4, log_interval=1000,
-                    ema=0.9)
+                    ema=0.9, device="cpu")  # the judge below compares fp32 on the CPU
     meta = common.prepare_data(cfg)
     torch.manual_seed(0)
     model = ar.build_model(cfg, meta)

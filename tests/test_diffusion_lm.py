@@ -169,7 +169,7 @@ def toy_model(tmp_path_factory):
     data = write_toy_dataset(tmp / "data", [toy_language(60_000)], CHARS)
     cfg = D.Config(data_dir=data, out_dir=str(tmp / "out"), rows=False, n_layer=2, n_head=2, n_embd=64,
                    block_size=16, embed_dim=8, batch_size=32, max_iters=1500, lr=2e-3, warmup_iters=50,
-                   eval_interval=1500, eval_iters=1, log_interval=500, ema=0.99, steps=50)
+                   eval_interval=1500, eval_iters=1, log_interval=500, ema=0.99, steps=50, device="cpu")
     meta = common.prepare_data(cfg)
     torch.manual_seed(0)
     model = D.DiffusionLM(cfg, meta["vocab_size"])
