@@ -862,6 +862,35 @@ def generative_eval(judge_path, sample_fn, num_samples, meta, what=""):
 _KERNELS = {}
 
 
+def _build_kernels(sources):
+    """JIT-build sources (ninja, cached per device kind) -> torch.ops.difflm, or None with one warning.
+    A failed CUDA build (nvcc missing, or not the CUDA torch was built with) falls back to the C++ ops
+    alone, so the CPU keeps its kernels and the GPU runs the PyTorch path."""
+    from torch.utils import cpp_extension
+    cuda = any(f.endswith(".cu") for f in sources)
+    failure = None
+    for kind in (("cuda", "cpu") if cuda else ("cpu",)):
+        try:
+            build = os.path.join(os.environ.get("DIFFLM_BUILD", os.path.expanduser("~/.cache/difflm")), kind)
+            os.makedirs(build, exist_ok=True)
+            cpp_extension.load(
+                name="difflm_kernels", is_python_module=False, build_directory=build, verbose=False,
+                sources=[f for f in sources if kind == "cuda" or f.endswith(".cpp")],
+                extra_cflags=["-O3", "-fopenmp"] + (["-DDIFFLM_CUDA"] if kind == "cuda" else []),
+                extra_ldflags=["-fopenmp"], extra_cuda_cflags=["-O3"])
+        except Exception as e:
+            failure = failure or f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            continue
+        if kind == "cpu" and cuda:
+            warnings.warn(f"difflm CUDA kernels failed to build ({failure}); the C++ kernels are built, "
+                          "tensors on the GPU take the PyTorch path")
+        _register_kernel_python()
+        return torch.ops.difflm
+    warnings.warn(f"difflm kernels failed to build ({failure}); using the PyTorch path "
+                  "(set DIFFLM_KERNELS=0 to skip the build)")
+    return None
+
+
 def load_kernels(src_dir=None):
     """The compiled extension (ops under torch.ops.difflm), or None.
 
@@ -882,22 +911,7 @@ def load_kernels(src_dir=None):
             sources, module = [], torch.ops.difflm
             _register_kernel_python()
         if sources:
-            try:
-                from torch.utils import cpp_extension
-                build = os.path.join(os.environ.get("DIFFLM_BUILD", os.path.expanduser("~/.cache/difflm")),
-                                     "cuda" if torch.cuda.is_available() else "cpu")
-                os.makedirs(build, exist_ok=True)
-                flags = ["-O3", "-fopenmp"] + (["-DDIFFLM_CUDA"] if torch.cuda.is_available() else [])
-                module = cpp_extension.load(
-                    name="difflm_kernels", sources=sources, build_directory=build, is_python_module=False,
-                    extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                    extra_cuda_cflags=["-O3"], verbose=False)
-                module = torch.ops.difflm
-                _register_kernel_python()
-            except Exception as e:
-                warnings.warn(f"difflm kernels failed to build ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                              "using the PyTorch path (set DIFFLM_KERNELS=0 to skip the build)")
-                module = None
+            module = _build_kernels(sources)
     _KERNELS[src_dir] = module
     return module
 

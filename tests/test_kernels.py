@@ -6,6 +6,7 @@ The first test to ask for the kernels JIT-builds them (~30-60 s on 2 cores, then
 import contextlib
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -363,6 +364,34 @@ def test_failed_build_warns_once_and_falls_back(tmp_path):
             assert common.load_kernels({str(src)!r}) is None
         msgs = [str(w.message) for w in caught]
         assert len(msgs) == 1 and "difflm kernels failed to build" in msgs[0], msgs
+    """, {"DIFFLM_BUILD": str(tmp_path / "build")})
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_failed_cuda_build_keeps_the_cpu_kernels(tmp_path):
+    """With a GPU in sight but a CUDA source that does not compile (here a broken .cu; on a CPU torch
+    any .cu fails), one warning, and the C++ ops are still built: only GPU tensors take PyTorch."""
+    src = tmp_path / "csrc"
+    shutil.copytree(os.path.join(ROOT, "csrc"), src, ignore=shutil.ignore_patterns("*.cu"))
+    (src / "broken.cu").write_text("this is not CUDA;\n")
+    torch.manual_seed(0)
+    ls, xt, x0 = torch.randn(2, 3, 6), torch.tensor([[5, 1, 5], [5, 5, 2]]), torch.tensor([[0, 1, 4], [3, 2, 2]])
+    with pytorch_path():
+        ref = sedd.score_entropy(ls, xt, x0, torch.ones(2), "absorb").tolist()
+    r = run_py(f"""
+        import warnings, torch
+        torch.cuda.is_available = lambda: True  # load_kernels now adds the .cu sources
+        import common
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            k = common.load_kernels({str(src)!r})
+        msgs = [str(w.message) for w in caught]
+        assert len(msgs) == 1 and "CUDA kernels failed to build" in msgs[0], msgs
+        assert k is not None and not k.cuda_built()
+        torch.manual_seed(0)
+        ls, xt, x0 = torch.randn(2, 3, 6), torch.tensor({xt.tolist()}), torch.tensor({x0.tolist()})
+        got = k.score_entropy(ls, xt, x0, torch.ones(2), "absorb")
+        assert torch.allclose(got, torch.tensor({ref}), atol=1e-5), got
     """, {"DIFFLM_BUILD": str(tmp_path / "build")})
     assert r.returncode == 0, r.stderr[-2000:]
 
