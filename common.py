@@ -862,6 +862,25 @@ def generative_eval(judge_path, sample_fn, num_samples, meta, what=""):
 _KERNELS = {}
 
 
+@contextlib.contextmanager
+def _build_lock(build):
+    """Hold an OS lock on the build folder while torch builds or loads into it. torch's own marker
+    file (build/lock) outlives a killed build, and every later load would then wait on it forever,
+    silently; under the OS lock (freed when its holder dies) a marker left there is stale."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: torch's marker alone
+        yield
+        return
+    with open(os.path.join(build, "difflm.lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        stale = os.path.join(build, "lock")
+        if os.path.exists(stale):
+            warnings.warn(f"removing {stale}, left by a kernel build that was killed")
+            os.remove(stale)
+        yield
+
+
 def _build_kernels(sources):
     """JIT-build sources (ninja, cached per device kind) -> torch.ops.difflm, or None with one warning.
     A failed CUDA build (nvcc missing, or not the CUDA torch was built with) falls back to the C++ ops
@@ -873,11 +892,12 @@ def _build_kernels(sources):
         try:
             build = os.path.join(os.environ.get("DIFFLM_BUILD", os.path.expanduser("~/.cache/difflm")), kind)
             os.makedirs(build, exist_ok=True)
-            cpp_extension.load(
-                name="difflm_kernels", is_python_module=False, build_directory=build, verbose=False,
-                sources=[f for f in sources if kind == "cuda" or f.endswith(".cpp")],
-                extra_cflags=["-O3", "-fopenmp"] + (["-DDIFFLM_CUDA"] if kind == "cuda" else []),
-                extra_ldflags=["-fopenmp"], extra_cuda_cflags=["-O3"])
+            with _build_lock(build):
+                cpp_extension.load(
+                    name="difflm_kernels", is_python_module=False, build_directory=build, verbose=False,
+                    sources=[f for f in sources if kind == "cuda" or f.endswith(".cpp")],
+                    extra_cflags=["-O3", "-fopenmp"] + (["-DDIFFLM_CUDA"] if kind == "cuda" else []),
+                    extra_ldflags=["-fopenmp"], extra_cuda_cflags=["-O3"])
         except Exception as e:
             failure = failure or f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             continue

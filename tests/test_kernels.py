@@ -368,6 +368,26 @@ def test_failed_build_warns_once_and_falls_back(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
 
 
+def test_a_killed_build_does_not_hang_the_next(tmp_path):
+    """A build killed mid-way leaves torch's marker file behind, on which every later torch build
+    would wait forever; load_kernels removes it (with a warning) and goes on."""
+    src = tmp_path / "csrc"
+    src.mkdir()
+    (src / "broken.cpp").write_text("this is not C++;\n")
+    (tmp_path / "build" / "cpu").mkdir(parents=True)
+    (tmp_path / "build" / "cpu" / "lock").write_text("")
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        import warnings, common
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert common.load_kernels({str(src)!r}) is None
+        msgs = [str(w.message) for w in caught]
+        assert len(msgs) == 2 and "killed" in msgs[0] and "failed to build" in msgs[1], msgs
+    """)], cwd=ROOT, env={**os.environ, "DIFFLM_BUILD": str(tmp_path / "build")}, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
 def test_failed_cuda_build_keeps_the_cpu_kernels(tmp_path):
     """With a GPU in sight but a CUDA source that does not compile (here a broken .cu; on a CPU torch
     any .cu fails), one warning, and the C++ ops are still built: only GPU tensors take PyTorch."""
