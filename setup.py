@@ -5,8 +5,9 @@ difflm: reference implementations of diffusion language models.
     pip install -e ".[test]"    # + pytest and hypothesis
     DIFFLM_BUILD_EXT=1 pip install -e .   # also compile csrc/ ahead of time (else JIT on first use)
 
-torch is required as "torch>=2.1": an installed torch (CPU or CUDA build) satisfies it, so pip
-never replaces it with a download.
+torch is required as "torch>=2.4" (the kernels register through torch.library.register_fake and
+register_autograd, new in 2.4; tested on 2.13): an installed torch (CPU or CUDA build) satisfies it,
+so pip never replaces it with a download.
 """
 import glob
 import os
@@ -37,7 +38,7 @@ setup(
     py_modules=[m for m in ("common", "mdlm", "sedd", "ddpm", "diffusion_lm", "diffuser", "ar", "bench")
                 if os.path.isfile(os.path.join(here, m + ".py"))],
     python_requires=">=3.9",
-    install_requires=["torch>=2.1", "numpy", "tiktoken", "ninja", "pybind11", "tqdm"],
+    install_requires=["torch>=2.4", "numpy", "tiktoken", "ninja", "pybind11", "tqdm"],
     extras_require={"test": ["pytest", "hypothesis"], "plot": ["matplotlib"], "bleu": ["sacrebleu"]},
     **kwargs,
 )
