@@ -628,10 +628,11 @@ def train(cfg, method, model, loss_fn, evaluate, meta, batches=None):
         model.load_state_dict(ckpt["model"])
         ema_model.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        own = lambda states: states[rank] if rank < len(states) else states[0]  # noqa: E731  (per-rank states)
+        torch.set_rng_state(own(ckpt["rng"]))
         if device.type == "cuda" and ckpt.get("cuda_rng"):  # the GPU draws the training noise there
-            torch.cuda.set_rng_state(ckpt["cuda_rng"][min(rank, len(ckpt["cuda_rng"]) - 1)], device)
-        batches.gen.set_state(ckpt["data_rng"][rank] if rank < len(ckpt["data_rng"]) else ckpt["data_rng"][0])
+            torch.cuda.set_rng_state(own(ckpt["cuda_rng"]), device)
+        batches.gen.set_state(own(ckpt["data_rng"]))
         start = ckpt["iter"] + 1
         if master:
             print(f"resuming from {ckpt_path} at iteration {start}")
