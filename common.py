@@ -49,21 +49,14 @@ def die(msg):
 
 @dataclasses.dataclass
 class BaseConfig:
-    """Knobs every method shares. A method's Config subclasses this and adds its own."""
+    """Knobs every method takes. A method's Config adds the blocks below that it uses, then its own."""
 
     # I/O
     out_dir: str = ""  # default out/<method>
     dataset: str = "shakespeare_char"
-    data_dir: str = ""  # default data/<dataset>
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     compile: bool = False  # torch.compile the model for training
-    # backbone
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    block_size: int = 128
-    dropout: float = 0.0
     # optimisation
     batch_size: int = 32
     grad_accum: int = 1
@@ -81,14 +74,34 @@ class BaseConfig:
     eval_iters: int = 20
     log_interval: int = 50
     resume: bool = False
-    # sampling and evaluation
+    # sampling
     num_samples: int = 4
-    prefix: str = ""
-    suffix: str = ""
     show: bool = False
 
 
+@dataclasses.dataclass
+class TextConfig:
+    """Token data (data/<dataset>/) and the Transformer backbone over it: every method but ddpm.py."""
+
+    data_dir: str = ""  # default data/<dataset>
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 128
+    dropout: float = 0.0
+
+
+@dataclasses.dataclass
+class PromptConfig:
+    """Text that conditions sampling: held fixed at the start and at the end of every sample."""
+
+    prefix: str = ""
+    suffix: str = ""
+    allow_unk: bool = False  # let words outside the vocabulary become <unk> instead of stopping
+
+
 VERBS = ("train", "sample", "eval")
+SHARED_KEYS = {f.name for c in (BaseConfig, TextConfig, PromptConfig) for f in dataclasses.fields(c)}
 
 
 def _convert(name, value, typ):
@@ -128,6 +141,8 @@ def parse_args(config_cls, argv=None):
         if key in VERBS and not eq:
             verbs.append(key)
             continue
+        if key not in fields and key in SHARED_KEYS:
+            die(f"--{key} is not used by {os.path.basename(sys.modules[config_cls.__module__].__file__)}; drop it")
         if key not in fields:
             close = difflib.get_close_matches(key, list(fields) + list(VERBS), n=3, cutoff=0.6)
             hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else "; see the Config class for the keys"
@@ -140,6 +155,48 @@ def parse_args(config_cls, argv=None):
     cfg = config_cls(**overrides)
     seed_all(cfg.seed)  # before main() builds its model, so initial weights are reproducible
     return verbs, cfg, overrides
+
+
+def check_common(cfg):
+    """The shared keys' values -> one line naming the flag, before any data or model is touched.
+
+    Each method's check_config calls this first, then checks its own keys.
+    """
+    at_least_one = ["batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval", "num_samples"]
+    if isinstance(cfg, TextConfig):
+        at_least_one += ["n_layer", "n_head", "n_embd", "block_size"]
+    for k in at_least_one:
+        if getattr(cfg, k) < 1:
+            die(f"--{k}={getattr(cfg, k)} must be at least 1")
+    for k in ("lr_decay_iters", "warmup_iters"):
+        if getattr(cfg, k) < 0:
+            die(f"--{k}={getattr(cfg, k)} must be 0 or more")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        die(f"--lr={cfg.lr} must be a finite number above 0")
+    for k in ("min_lr", "weight_decay", "grad_clip"):
+        if not (math.isfinite(getattr(cfg, k)) and getattr(cfg, k) >= 0):
+            die(f"--{k}={getattr(cfg, k)} must be a finite number, 0 or more")
+    for k in ("beta1", "beta2", "ema") + (("dropout",) if isinstance(cfg, TextConfig) else ()):
+        if not 0 <= getattr(cfg, k) < 1:  # NaN fails this too
+            die(f"--{k}={getattr(cfg, k)} must be in [0, 1)")
+    if isinstance(cfg, TextConfig) and (cfg.n_embd % cfg.n_head or cfg.n_embd // cfg.n_head % 2):
+        die(f"--n_embd={cfg.n_embd} must be --n_head={cfg.n_head} times an even head size (rotary positions turn pairs)")
+    get_device(cfg)
+
+
+def check_memory(cfg):
+    """Refuse a training config whose activations alone would not fit the device (a lower bound:
+    about a dozen (batch, block, n_embd) fp32 tensors per layer are kept for the backward pass)."""
+    device = get_device(cfg)
+    need = 4 * 12 * cfg.batch_size * cfg.block_size * cfg.n_embd * cfg.n_layer
+    if device.type == "cuda":
+        have = torch.cuda.get_device_properties(device).total_memory
+    else:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        die(f"--batch_size={cfg.batch_size} x --block_size={cfg.block_size} x --n_embd={cfg.n_embd} x --n_layer={cfg.n_layer} "
+            f"needs at least {need / 2**30:.0f} GiB for training, more than the {have / 2**30:.0f} GiB of {device}; "
+            "lower --batch_size (raise --grad_accum) or --block_size")
 
 
 def config_from_checkpoint(config_cls, ckpt, overrides):
@@ -161,10 +218,15 @@ def print_config(cfg):
 
 
 def get_device(cfg):
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
+        die(f"unknown --device={cfg.device}; use auto, cpu, cuda or cuda:N")
     if cfg.device != "auto":
         if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-            die("--device=cuda but this torch sees no GPU; use --device=cpu")
-        return torch.device(cfg.device)
+            die(f"--device={cfg.device} but this torch sees no GPU; use --device=cpu")
+        device = torch.device(cfg.device)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            die(f"--device={cfg.device} but this machine has {torch.cuda.device_count()} GPU(s); use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+        return device
     if "LOCAL_RANK" in os.environ and torch.cuda.is_available():
         return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -646,7 +708,9 @@ def train(cfg, method, model, loss_fn, evaluate, meta, batches=None):
     if cfg.compile:
         train_model = torch.compile(train_model)
     ctx = autocast(device)
-    tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.grad_accum * world
+    # sequences count tokens; ddpm.py's points (no block_size) count samples
+    per_example, unit = (cfg.block_size, "tok") if isinstance(cfg, TextConfig) else (1, "samples")
+    tokens_per_iter = cfg.batch_size * per_example * cfg.grad_accum * world
 
     def gather_states(state):
         # every rank's RNG state, so a resumed DDP run continues each stream exactly
@@ -707,8 +771,8 @@ def train(cfg, method, model, loss_fn, evaluate, meta, batches=None):
             now = time.time()
             tps = tok_since / max(now - t_last, 1e-9)
             eta = (now - t0) / (it - start + 1) * (cfg.max_iters - it - 1)
-            print(f"iter {it:5d}/{cfg.max_iters} | loss {loss_val:.4f} | lr {lr:.2e} | {tps / 1e3:.1f}k tok/s | eta {fmt_time(eta)}", flush=True)
-            log_json(log_path, {"iter": it, "loss": loss_val, "lr": lr, "tok_per_s": tps, "time": now - t0})
+            print(f"iter {it:5d}/{cfg.max_iters} | loss {loss_val:.4f} | lr {lr:.2e} | {tps / 1e3:.1f}k {unit}/s | eta {fmt_time(eta)}", flush=True)
+            log_json(log_path, {"iter": it, "loss": loss_val, "lr": lr, f"{unit}_per_s": tps, "time": now - t0})
             t_last, tok_since = now, 0
         if (it + 1) % cfg.eval_interval == 0 or last:
             val = run_eval()
@@ -748,6 +812,14 @@ def load_for_inference(config_cls, overrides, method, build_model):
 # Sampling helpers shared by the discrete methods
 
 
+def sample_times(batch_size, t_min, device):
+    """Low-discrepancy (stratified) times (batch_size,): one uniform draw in each of the batch_size
+    equal strata of [0, 1), moved to [t_min, 1]. The batch then covers every noise level, which
+    lowers the variance of the time integral against i.i.d. times (MDLM, SEDD)."""
+    u = (torch.rand(batch_size, device=device) + torch.arange(batch_size, device=device)) / batch_size
+    return (1 - t_min) * u + t_min
+
+
 def sample_categorical(probs, u):
     """Inverse-CDF draw from unnormalised probs (..., V) with uniforms u (...,) in float64.
 
@@ -760,10 +832,19 @@ def sample_categorical(probs, u):
     return idx.clamp_(max=probs.shape[-1] - 1)
 
 
+def encode_prompt(tokenizer, text, flag, allow_unk=False):
+    """Text given on the command line -> ids. A word outside a word vocabulary would silently become
+    <unk>, so it stops the run unless --allow_unk (a character outside a char vocabulary always does)."""
+    unknown = [w for w in tokenizer.split(text) if w not in tokenizer.stoi] if isinstance(tokenizer, WordTokenizer) else []
+    if unknown and not allow_unk:
+        die(f"{flag} has words outside the model's vocabulary: {' '.join(unknown[:5])}; use known words or --allow_unk")
+    return tokenizer.encode(text, flag)
+
+
 def conditioning(tokenizer, cfg, length):
     """--prefix and --suffix -> (token ids or -1 at free positions) (length,)."""
-    pre = tokenizer.encode(cfg.prefix, "--prefix") if cfg.prefix else []
-    suf = tokenizer.encode(cfg.suffix, "--suffix") if cfg.suffix else []
+    pre = encode_prompt(tokenizer, cfg.prefix, "--prefix", cfg.allow_unk) if cfg.prefix else []
+    suf = encode_prompt(tokenizer, cfg.suffix, "--suffix", cfg.allow_unk) if cfg.suffix else []
     if len(pre) + len(suf) > length:
         die(f"--prefix and --suffix take {len(pre) + len(suf)} tokens, more than the {length}-token sequence; shorten them or raise --seq_len")
     fixed = torch.full((length,), -1, dtype=torch.long)

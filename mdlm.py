@@ -22,7 +22,6 @@ import time
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import common
 
@@ -31,12 +30,12 @@ import common
 
 
 @dataclasses.dataclass
-class Config(common.BaseConfig):
-    # the CPU budget: 4 x 128 rotary backbone, context 128, 32 x 128 tokens a step, ~9-10 min on 2 cores
-    n_head: int = 8  # heads of 16: val NELBO 2.070 against 2.114 with 4 heads of 32 (64 times), no slower
+class Config(common.PromptConfig, common.TextConfig, common.BaseConfig):
+    # sized to train in about ten minutes on two CPU cores (docs/mdlm.md)
+    n_head: int = 8  # heads of 16 give a lower bound than 4 of 32 at the same cost
     max_iters: int = 2400
     lr: float = 2e-3  # zero-init residual gates in the backbone keep this stable
-    schedule: str = "loglinear"  # loglinear | cosine
+    schedule: str = "loglinear"  # loglinear | cosine: alpha_t, the probability a token is still unmasked
     eps: float = 1e-3  # kappa: alpha_1 = eps, so a token survives to t=1 with probability eps
     t_min: float = 1e-3  # lowest training / evaluation time
     time_cond: bool = False  # the paper's default: p(x_0 | x_t) does not depend on t
@@ -52,38 +51,53 @@ class Config(common.BaseConfig):
     judge: str = "out/ar/ckpt.pt"  # the judge: an ar.py checkpoint trained on the same data
 
 
+SCHEDULES = ("loglinear", "cosine")
+SAMPLERS = ("ddpm", "ddpm_cache")
+
+
+def check_config(cfg):
+    """Every value at the command-line boundary -> one line naming the flag; the math below trusts cfg."""
+    common.check_common(cfg)
+    if cfg.schedule not in SCHEDULES:
+        common.die(f"unknown --schedule={cfg.schedule!r}; use loglinear or cosine")
+    if cfg.sampler not in SAMPLERS:
+        common.die(f"unknown --sampler={cfg.sampler!r}; use ddpm or ddpm_cache")
+    if cfg.sampler == "ddpm_cache" and cfg.time_cond:
+        common.die("--sampler=ddpm_cache needs a model without time conditioning; use --sampler=ddpm")
+    for k in ("eps", "t_min", "t_end"):
+        if not 0 < getattr(cfg, k) < 1:
+            common.die(f"--{k}={getattr(cfg, k)} must be in (0, 1)")
+    for k in ("steps", "eval_t_samples"):
+        if getattr(cfg, k) < 1:
+            common.die(f"--{k}={getattr(cfg, k)} must be at least 1")
+    if cfg.seq_len < 0:
+        common.die(f"--seq_len={cfg.seq_len} must be 0 (block_size) or more")
+    if not 0 <= cfg.stride < cfg.block_size:
+        common.die(f"--stride={cfg.stride} must be in 0..{cfg.block_size - 1} (0: block_size // 2)")
+
+
 # ----------------------------------------------------------------------------------------------
-# Forward process: alpha_t, its weight, and q(x_t | x_0)
+# Forward process: the schedule alpha_t, its weight, and q(x_t | x_0)
 
 
-def alpha(t, schedule="loglinear", eps=1e-3):
+def schedule(t, cfg):
     """Keep probability alpha_t (paper eq. 2 family); alpha_0 = 1, alpha_1 = eps."""
-    if schedule == "loglinear":  # sigma_bar(t) = -log(1 - (1 - eps) t)
-        return 1 - (1 - eps) * t
-    if schedule == "cosine":
-        return eps + (1 - eps) * torch.cos(math.pi / 2 * t)
-    common.die(f"unknown --schedule={schedule!r}; use loglinear or cosine")
+    if cfg.schedule == "loglinear":  # sigma_bar(t) = -log(1 - (1 - eps) t)
+        return 1 - (1 - cfg.eps) * t
+    return cfg.eps + (1 - cfg.eps) * torch.cos(math.pi / 2 * t)  # cosine
 
 
-def nelbo_weight(t, schedule="loglinear", eps=1e-3):
+def nelbo_weight(t, cfg):
     """-alpha'_t / (1 - alpha_t), the weight of the masked cross-entropy (paper eq. 10)."""
-    if schedule == "loglinear":
+    if cfg.schedule == "loglinear":
         return 1.0 / t  # (1 - eps) cancels exactly
-    if schedule == "cosine":
-        return (math.pi / 2) / torch.tan(math.pi / 4 * t)  # (pi/2) cot(pi t / 4)
-    common.die(f"unknown --schedule={schedule!r}; use loglinear or cosine")
+    return (math.pi / 2) / torch.tan(math.pi / 4 * t)  # cosine: (pi/2) cot(pi t / 4)
 
 
-def q_sample(x0, t, mask_id, schedule="loglinear", eps=1e-3):
+def q_sample(x0, t, mask_id, cfg):
     """x0 (B, L), t (B,) -> x_t (B, L): each token masked independently with prob 1 - alpha_t."""
-    move = torch.rand(x0.shape, device=x0.device) < (1 - alpha(t, schedule, eps))[:, None]
+    move = torch.rand(x0.shape, device=x0.device) < (1 - schedule(t, cfg))[:, None]
     return torch.where(move, mask_id, x0)
-
-
-def sample_times(batch_size, t_min, device):
-    """Low-discrepancy ("antithetic") times: one per stratum of [0, 1), then moved to [t_min, 1]."""
-    u = (torch.rand(batch_size, device=device) + torch.arange(batch_size, device=device)) / batch_size
-    return (1 - t_min) * u + t_min
 
 
 # ----------------------------------------------------------------------------------------------
@@ -128,16 +142,15 @@ def nelbo_terms(model, x0, t, cfg, mask_id):
 
     model may be wrapped (DDP, torch.compile), so mask_id comes separately.
     """
-    xt = q_sample(x0, t, mask_id, cfg.schedule, cfg.eps)
-    sigma = -torch.log(alpha(t, cfg.schedule, cfg.eps))  # sigma_bar(t), the time input when conditioned
-    logits = model(xt, sigma).float()  # (B, L, N), upcast before the softmax
-    logits[..., mask_id] = -float("inf")  # zero masking; carry-over: unmasked terms are dropped
-    nll = F.cross_entropy(logits.transpose(1, 2), x0, reduction="none")  # (B, L)
-    return torch.where(xt == mask_id, nll, 0.0) * nelbo_weight(t, cfg.schedule, cfg.eps)[:, None]
+    xt = q_sample(x0, t, mask_id, cfg)
+    sigma = -torch.log(schedule(t, cfg))  # sigma_bar(t), the time input when conditioned
+    logp = subs_log_probs(model(xt, sigma), xt, mask_id)  # (B, L, N) fp32
+    nll = -logp.gather(-1, x0.unsqueeze(-1)).squeeze(-1)  # (B, L); carry-over makes it 0 where unmasked
+    return nll * nelbo_weight(t, cfg)[:, None]
 
 
 def loss_fn(model, x0, cfg, mask_id):
-    t = sample_times(x0.shape[0], cfg.t_min, x0.device)
+    t = common.sample_times(x0.shape[0], cfg.t_min, x0.device)
     return nelbo_terms(model, x0, t, cfg, mask_id).mean()  # nats per token
 
 
@@ -147,7 +160,7 @@ def loss_fn(model, x0, cfg, mask_id):
 
 def sigma_bar(t, cfg):
     """-log alpha_t for a python float t (the network's time input when it is conditioned)."""
-    return -math.log(float(alpha(torch.tensor(t, dtype=torch.float64), cfg.schedule, cfg.eps)))
+    return -math.log(float(schedule(torch.tensor(t, dtype=torch.float64), cfg)))
 
 
 def time_grid(steps, t_end):
@@ -156,7 +169,7 @@ def time_grid(steps, t_end):
 
 def unmask_probability(t, s, cfg):
     """P(a masked token is revealed between t and s) = (alpha_s - alpha_t) / (1 - alpha_t); (t-s)/t under log-linear."""
-    a_t, a_s = (alpha(torch.tensor(v, dtype=torch.float64), cfg.schedule, cfg.eps) for v in (t, s))
+    a_t, a_s = (schedule(torch.tensor(v, dtype=torch.float64), cfg) for v in (t, s))
     return float((a_s - a_t) / (1 - a_t))
 
 
@@ -184,10 +197,6 @@ def sample_chain(model, x, cfg, show=None):
     With sampler=ddpm_cache the network output is reused while the sequence does not change:
     without time conditioning p_theta(x_0 | x_t) is then the same function of the same input.
     """
-    if cfg.sampler not in ("ddpm", "ddpm_cache"):
-        common.die(f"unknown --sampler={cfg.sampler!r}; use ddpm or ddpm_cache")
-    if cfg.sampler == "ddpm_cache" and model.time_cond:
-        common.die("--sampler=ddpm_cache needs a model without time conditioning; use --sampler=ddpm")
     mask_id, calls, logits = model.mask_id, 0, None
     grid = time_grid(cfg.steps, cfg.t_end).tolist()
     B, device = x.shape[0], x.device
@@ -208,12 +217,11 @@ def sample_chain(model, x, cfg, show=None):
         x = x_new
         if show:
             show(i, x)
-    # final noise removal (MDLM reference): argmax of p_theta at t_end where still masked
+    # final noise removal (MDLM reference): the most likely x_0 under SUBS where still masked
     if (x == mask_id).any():
         if logits is None or cfg.sampler == "ddpm":
             logits, calls = network(cfg.t_end), calls + 1
-        logits[..., mask_id] = -float("inf")
-        x = torch.where(x == mask_id, logits.argmax(-1), x)
+        x = subs_log_probs(logits, x, mask_id).argmax(-1)
     return x, calls
 
 
@@ -249,7 +257,7 @@ def generate(model, cfg, fixed, num_samples, show=None):
 
 @torch.no_grad()
 def evaluate(model, batches, cfg, full=False):
-    """NELBO in nats per token: every validation window with eval_t_samples antithetic times each
+    """NELBO in nats per token: every validation window with eval_t_samples stratified times each
     (full=True, --eval), or eval_iters random batches (during training)."""
     model.eval()
     total, count = 0.0, 0
@@ -258,7 +266,7 @@ def evaluate(model, batches, cfg, full=False):
     for x0 in common.val_batches(batches, cfg, full):
         x0 = x0.to(device)
         xs = x0.repeat(k, 1)
-        t = sample_times(xs.shape[0], cfg.t_min, device)
+        t = common.sample_times(xs.shape[0], cfg.t_min, device)
         total += float(nelbo_terms(model, xs, t, cfg, model.mask_id).sum()) / k
         count += x0.numel()
     nats = total / count
@@ -281,9 +289,18 @@ def build_model(cfg, meta):
     return MDLM(cfg, meta["vocab_size"])
 
 
+def load(overrides):
+    """load_for_inference, then the checks again on the checkpoint's config under the overrides."""
+    cfg, model, tok, meta, ckpt = common.load_for_inference(Config, overrides, "mdlm", build_model)
+    check_config(cfg)
+    return cfg, model, tok, meta, ckpt
+
+
 def main(argv=None):
     verbs, cfg, overrides = common.parse_args(Config, argv)
+    check_config(cfg)
     if "train" in verbs:
+        common.check_memory(cfg)
         meta = common.prepare_data(cfg)
         model = build_model(cfg, meta)
         common.train(cfg, "mdlm", model, lambda m, x0: loss_fn(m, x0, cfg, model.mask_id),
@@ -291,7 +308,7 @@ def main(argv=None):
         if "RANK" in os.environ and int(os.environ["RANK"]) != 0:
             return
     if "sample" in verbs:
-        cfg, model, tok, meta, _ = common.load_for_inference(Config, overrides, "mdlm", build_model)
+        cfg, model, tok, meta, _ = load(overrides)
         length = cfg.seq_len or cfg.block_size
         fixed = common.conditioning(tok, cfg, length)
         t0 = time.time()
@@ -300,7 +317,7 @@ def main(argv=None):
             print(f"=== sample {i}\n{tok.decode(s)}")
         print(f"({cfg.num_samples} samples of {length} tokens, {cfg.steps} steps, {calls} network calls, {time.time() - t0:.1f}s)")
     if "eval" in verbs:
-        cfg, model, tok, meta, ckpt = common.load_for_inference(Config, overrides, "mdlm", build_model)
+        cfg, model, tok, meta, ckpt = load(overrides)
         cfg = dataclasses.replace(cfg, data_dir=cfg.data_dir or common.data_path(cfg))
         common.prepare_data(cfg)
         with common.autocast(next(model.parameters()).device):
