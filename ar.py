@@ -35,15 +35,26 @@ import common
 
 
 @dataclasses.dataclass
-class Config(common.BaseConfig):
-    # the CPU budget: the mdlm.py backbone and batch; a causal step is a little cheaper, 2000 fit ~8 min
+class Config(common.TextConfig, common.BaseConfig):
+    # the mdlm.py backbone and batch; a causal step is a little cheaper, so fewer iterations fit the same time
     max_iters: int = 2000
-    # sampling
+    # sampling: a prefix only (no suffix: the model reads left to right)
+    prefix: str = ""
+    allow_unk: bool = False  # let words outside the vocabulary become <unk> instead of stopping
     temperature: float = 1.0  # 1.0 samples the model's own distribution (what the judge numbers assume)
     seq_len: int = 0  # 0: block_size; longer: the cache slides (re-filled from the last block_size // 2 tokens)
     # evaluation
     gen: bool = False  # --eval --gen: sample num_samples sequences and score them with the judge
     judge: str = "out/ar/ckpt.pt"
+
+
+def check_config(cfg):
+    """Every value at the command-line boundary -> one line naming the flag."""
+    common.check_common(cfg)
+    if not (math.isfinite(cfg.temperature) and cfg.temperature > 0):
+        common.die(f"--temperature={cfg.temperature} must be a finite number above 0")
+    if cfg.seq_len < 0:
+        common.die(f"--seq_len={cfg.seq_len} must be 0 (block_size) or more")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,8 +148,6 @@ def generate(model, cfg, prefix, num_samples, length, show=None):
     Longer than block_size: when the cache is full it is refilled from [BOS] + the last
     block_size // 2 tokens (the model was trained on windows that start anywhere after [BOS]).
     """
-    if cfg.temperature <= 0:
-        common.die(f"--temperature must be > 0 (got {cfg.temperature})")
     device = next(model.parameters()).device
     backbone, L = model.backbone, model.backbone.block_size
     out = prefix.to(device).long().expand(num_samples, -1).clone()  # (B, P)
@@ -201,7 +210,9 @@ def build_model(cfg, meta):
 
 def main(argv=None):
     verbs, cfg, overrides = common.parse_args(Config, argv)
+    check_config(cfg)
     if "train" in verbs:
+        common.check_memory(cfg)
         meta = common.prepare_data(cfg)
         model = build_model(cfg, meta)
         common.train(cfg, "ar", model, lambda m, x0: loss_fn(m, x0, model.bos_id),
@@ -210,10 +221,8 @@ def main(argv=None):
             return
     if "sample" in verbs:
         cfg, model, tok, meta, _ = common.load_for_inference(Config, overrides, "ar", build_model)
-        if cfg.suffix:
-            common.die("--suffix needs a bidirectional model; the autoregressive baseline takes only --prefix")
         length = cfg.seq_len or cfg.block_size
-        prefix = torch.tensor(tok.encode(cfg.prefix, "--prefix") if cfg.prefix else [], dtype=torch.long)
+        prefix = torch.tensor(common.encode_prompt(tok, cfg.prefix, "--prefix", cfg.allow_unk) if cfg.prefix else [], dtype=torch.long)
         if len(prefix) > length:
             common.die(f"--prefix takes {len(prefix)} tokens, more than the {length}-token sequence; shorten it or raise --seq_len")
         show = None

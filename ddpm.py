@@ -41,7 +41,6 @@ class Config(common.BaseConfig):
     # the denoiser: an MLP, n_layer residual blocks of width n_embd
     n_layer: int = 3
     n_embd: int = 128
-    block_size: int = 1  # one point per example: the training log's "tok/s" reads as samples/s
     # diffusion
     T: int = 1000
     schedule: str = "linear"  # linear (beta 1e-4..0.02 at T=1000) | cosine (s=0.008)
@@ -212,16 +211,12 @@ def betas_for(schedule, T):
     """beta_1..beta_T (T,) float64."""
     if schedule == "linear":
         scale = 1000.0 / T  # keeps alpha_bar_T ~ 4e-5 for any T (METHODS.md sec. 1)
-        if 0.02 * scale >= 1:
-            common.die(f"--T={T} is too small for the linear schedule (beta_T = {0.02 * scale:.2f} >= 1); use T > 20")
         return torch.linspace(1e-4 * scale, 0.02 * scale, T, dtype=torch.float64)
-    if schedule == "cosine":  # Nichol & Dhariwal 2021, eq. 17
-        s = 0.008
-        u = torch.arange(T + 1, dtype=torch.float64) / T
-        f = torch.cos((u + s) / (1 + s) * math.pi / 2) ** 2
-        alpha_bar = f / f[0]
-        return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
-    common.die(f"unknown --schedule={schedule!r}; use linear or cosine")
+    s = 0.008  # cosine: Nichol & Dhariwal 2021, eq. 17
+    u = torch.arange(T + 1, dtype=torch.float64) / T
+    f = torch.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+    alpha_bar = f / f[0]
+    return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
 
 
 def alpha_bars(betas):
@@ -258,9 +253,7 @@ def to_x0_eps(out, xt, ab, kind):
         return (xt - b * out) / a, out
     if kind == "x0":
         return out, (xt - a * out) / b
-    if kind == "v":  # v = a eps - b x0 (Salimans & Ho 2022)
-        return a * xt - b * out, b * xt + a * out
-    common.die(f"unknown --pred={kind!r}; use eps, x0 or v")
+    return a * xt - b * out, b * xt + a * out  # v = a eps - b x0 (Salimans & Ho 2022)
 
 
 def target(x0, eps, ab, kind):
@@ -269,9 +262,7 @@ def target(x0, eps, ab, kind):
         return eps
     if kind == "x0":
         return x0
-    if kind == "v":
-        return ab.sqrt() * eps - (1 - ab).sqrt() * x0
-    common.die(f"unknown --pred={kind!r}; use eps, x0 or v")
+    return ab.sqrt() * eps - (1 - ab).sqrt() * x0  # v
 
 
 # ----------------------------------------------------------------------------------------------
@@ -366,12 +357,6 @@ def sample(model, xT, alpha_bar, seq, pred="eps", sampler="ancestral", var="beta
       sigma = eta sqrt((1 - ab_s) / (1 - ab_t)) sqrt(1 - ab_t / ab_s).
     The last step (to s = 0, ab = 1) returns x0_hat in both.
     """
-    if sampler not in ("ancestral", "ddim"):
-        common.die(f"unknown --sampler={sampler!r}; use ancestral or ddim")
-    if var not in ("beta", "posterior"):
-        common.die(f"unknown --var={var!r}; use beta or posterior")
-    if not 0.0 <= eta <= 1.0:
-        common.die(f"--eta={eta} must be in [0, 1]")
     x, B, device = xT, xT.shape[0], xT.device
     one = torch.ones((), dtype=torch.float64)
     for i, k in enumerate(seq):
@@ -411,11 +396,9 @@ def reverse_variances(betas, var):
     beta_tilde_2 at t = 1 (the references' clipped log-variance); the beta choice uses beta_1."""
     if var == "beta":
         return betas.clone()
-    if var == "posterior":
-        ab = alpha_bars(betas)
-        post = betas[1:] * (1 - ab[:-1]) / (1 - ab[1:])
-        return torch.cat([post[:1], post])
-    common.die(f"unknown --var={var!r}; use beta or posterior")
+    ab = alpha_bars(betas)  # posterior
+    post = betas[1:] * (1 - ab[:-1]) / (1 - ab[1:])
+    return torch.cat([post[:1], post])
 
 
 @torch.no_grad()
@@ -559,15 +542,22 @@ def build_model(cfg, meta):
 
 
 def check_config(cfg):
-    if cfg.pred not in ("eps", "x0", "v"):
-        common.die(f"unknown --pred={cfg.pred!r}; use eps, x0 or v")
-    if cfg.var not in ("beta", "posterior"):
-        common.die(f"unknown --var={cfg.var!r}; use beta or posterior")
-    if cfg.sampler not in ("ancestral", "ddim"):
-        common.die(f"unknown --sampler={cfg.sampler!r}; use ancestral or ddim")
+    """Every value at the command-line boundary -> one line naming the flag; the math above trusts cfg."""
+    common.check_common(cfg)
+    for key, known in (("schedule", ("linear", "cosine")), ("pred", ("eps", "x0", "v")), ("var", ("beta", "posterior")),
+                       ("sampler", ("ancestral", "ddim"))):
+        if getattr(cfg, key) not in known:
+            common.die(f"unknown --{key}={getattr(cfg, key)!r}; use {', '.join(known)}")
     if cfg.T < 2:
         common.die(f"--T={cfg.T} must be at least 2")
-    return betas_for(cfg.schedule, cfg.T)
+    if cfg.schedule == "linear" and cfg.T <= 20:
+        common.die(f"--T={cfg.T} is too small for the linear schedule (beta_T = {20 / cfg.T:.2f} >= 1); use T > 20")
+    if not 0.0 <= cfg.eta <= 1.0:
+        common.die(f"--eta={cfg.eta} must be in [0, 1]")
+    if cfg.steps < 0:
+        common.die(f"--steps={cfg.steps} must be 0 (all T) or more")
+    if cfg.eval_points < 2:
+        common.die(f"--eval_points={cfg.eval_points} must be at least 2")
 
 
 def load(overrides):
@@ -576,8 +566,10 @@ def load(overrides):
     for k in ("T", "schedule", "pred"):
         if k in overrides and overrides[k] != ckpt["config"][k]:
             common.die(f"--{k} is fixed by the checkpoint ({ckpt['config'][k]}); drop it or train a new model")
+    check_config(cfg)
+    step_sequence(cfg.T, cfg.steps, cfg.timesteps)  # --steps and --timesteps against the model's T
     data = PointBatches(meta["data"], meta=meta)  # the held-out split of the checkpoint's own data
-    return cfg, model, data, check_config(cfg), ckpt
+    return cfg, model, data, betas_for(cfg.schedule, cfg.T), ckpt
 
 
 def draw_samples(model, cfg, betas, n, show=None):
@@ -594,8 +586,9 @@ def sampler_name(cfg, n_steps):
 
 def main(argv=None):
     verbs, cfg, overrides = common.parse_args(Config, argv)
+    check_config(cfg)
     if "train" in verbs:
-        betas = check_config(cfg)
+        betas = betas_for(cfg.schedule, cfg.T)
         data = PointBatches(cfg.dataset)
         model = build_model(cfg, data.meta)
         ab = alpha_bars(betas)

@@ -55,7 +55,7 @@ DECODERS = ("greedy", "sample", "beam", "beam2d")
 
 
 @dataclasses.dataclass
-class Config(common.BaseConfig):
+class Config(common.TextConfig, common.BaseConfig):
     dataset: str = "e2e"
     block_size: int = 96  # source (<= 43 words on E2E) + separator + BOS + x_t (<= max_len)
     n_embd: int = 128
@@ -96,12 +96,21 @@ class Config(common.BaseConfig):
     top_p: float = 1.0  # nucleus; the paper's nucleus decoding uses 0.6
     steps: int = 0  # revisions after the bootstrap revision; 0: T
     source: str = ""  # --sample: an E2E meaning representation to realise (else validation MRs)
+    allow_unk: bool = False  # let --source words outside the vocabulary become <unk> instead of stopping
     eval_mrs: int = 0  # --eval: distinct validation MRs to decode for BLEU; 0: all
     decode_batch: int = 256  # sequences per network call while decoding
     fill: str = "l2r"  # l2r: the generator fills slots left to right, one call each; parallel: all in one call
 
 
 def check_config(cfg):
+    """Every value at the command-line boundary -> one line naming the flag."""
+    common.check_common(cfg)
+    for k in ("seq_len", "decode_batch"):
+        if getattr(cfg, k) < 1:
+            common.die(f"--{k}={getattr(cfg, k)} must be at least 1")
+    for k in ("steps", "eval_mrs"):
+        if getattr(cfg, k) < 0:
+            common.die(f"--{k}={getattr(cfg, k)} must be 0 or more")
     if cfg.bootstrap not in BOOTSTRAPS:
         common.die(f"unknown --bootstrap={cfg.bootstrap!r}; use one of {', '.join(BOOTSTRAPS)}")
     if cfg.decode not in DECODERS:
@@ -115,9 +124,9 @@ def check_config(cfg):
     if cfg.noise not in ("unigram", "uniform"):
         common.die(f"unknown --noise={cfg.noise!r}; use unigram or uniform")
     probs = (cfg.p_keep, cfg.p_replace, cfg.p_insert, cfg.p_delete)
-    if min(probs) < 0 or abs(sum(probs) - 1) > 1e-6:
+    if not all(math.isfinite(p) and p >= 0 for p in probs) or abs(sum(probs) - 1) > 1e-6:
         common.die(f"--p_keep/--p_replace/--p_insert/--p_delete must be >= 0 and sum to 1 (got {probs})")
-    if cfg.T < 1 or cfg.span_lambda < 0 or not 0 <= cfg.boot_prob <= 1:
+    if cfg.T < 1 or not 0 <= cfg.span_lambda < math.inf or not 0 <= cfg.boot_prob <= 1:
         common.die("need --T >= 1, --span_lambda >= 0 and 0 <= --boot_prob <= 1")
     if not cfg.temperature > 0 or not 0 < cfg.top_p <= 1:
         common.die(f"need --temperature > 0 and 0 < --top_p <= 1 (got {cfg.temperature}, {cfg.top_p})")
@@ -824,6 +833,7 @@ def main(argv=None):
         common.die("--bootstrap=autoregressive is a decoding option (it revises a draft of ar.py with the ordinary "
                    "revisions); train with --bootstrap=null or random, then --sample --bootstrap=autoregressive")
     if "train" in verbs:
+        common.check_memory(cfg)
         meta = common.prepare_data(cfg)
         batches = EditBatches(cfg, meta, cfg.seed)
         meta = {**meta, "unigram": batches.unigram, "seq2seq": batches.seq2seq, "boot_trained": cfg.boot_prob > 0}
@@ -835,7 +845,7 @@ def main(argv=None):
         cfg, model, tok, meta, _ = load(overrides)
         if meta["seq2seq"]:
             if cfg.source:
-                srcs = [tok.encode(cfg.source, "--source")]
+                srcs = [common.encode_prompt(tok, cfg.source, "--source", cfg.allow_unk)]
             else:
                 srcs = [list(s) for s, _ in validation_mrs(cfg, cfg.num_samples)]
         else:

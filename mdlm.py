@@ -62,8 +62,6 @@ def check_config(cfg):
         common.die(f"unknown --schedule={cfg.schedule!r}; use loglinear or cosine")
     if cfg.sampler not in SAMPLERS:
         common.die(f"unknown --sampler={cfg.sampler!r}; use ddpm or ddpm_cache")
-    if cfg.sampler == "ddpm_cache" and cfg.time_cond:
-        common.die("--sampler=ddpm_cache needs a model without time conditioning; use --sampler=ddpm")
     for k in ("eps", "t_min", "t_end"):
         if not 0 < getattr(cfg, k) < 1:
             common.die(f"--{k}={getattr(cfg, k)} must be in (0, 1)")
@@ -72,8 +70,8 @@ def check_config(cfg):
             common.die(f"--{k}={getattr(cfg, k)} must be at least 1")
     if cfg.seq_len < 0:
         common.die(f"--seq_len={cfg.seq_len} must be 0 (block_size) or more")
-    if not 0 <= cfg.stride < cfg.block_size:
-        common.die(f"--stride={cfg.stride} must be in 0..{cfg.block_size - 1} (0: block_size // 2)")
+    if cfg.stride < 0:
+        common.die(f"--stride={cfg.stride} must be 0 (block_size // 2) or more")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,9 +288,14 @@ def build_model(cfg, meta):
 
 
 def load(overrides):
-    """load_for_inference, then the checks again on the checkpoint's config under the overrides."""
+    """load_for_inference, then the checks again on the checkpoint's config under the overrides,
+    and those that need the trained model's own settings."""
     cfg, model, tok, meta, ckpt = common.load_for_inference(Config, overrides, "mdlm", build_model)
     check_config(cfg)
+    if cfg.sampler == "ddpm_cache" and cfg.time_cond:
+        common.die("--sampler=ddpm_cache needs a model without time conditioning; use --sampler=ddpm")
+    if cfg.stride >= cfg.block_size:
+        common.die(f"--stride={cfg.stride} must be below the model's block_size={cfg.block_size} (0: block_size // 2)")
     return cfg, model, tok, meta, ckpt
 
 

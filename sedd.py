@@ -11,10 +11,10 @@ entropy (DWDSE), whose integral over t bounds the negative log-likelihood. Sampl
 reverse chain with Euler tau-leaping or the analytic (Tweedie) step, then one denoising step.
 
     python sedd.py --train                      # absorbing graph, tiny Shakespeare char, ~10 min on 2 CPU cores
-    python sedd.py --train --graph=uniform      # uniform graph (geometric noise by default)
+    python sedd.py --train --graph=uniform      # uniform graph (geometric schedule by default)
     python sedd.py --sample                     # print samples from out/sedd/ckpt.pt (analytic sampler)
     python sedd.py --sample --sampler=euler --prefix="ROMEO:" --steps=256 --show
-    python sedd.py --eval                       # validation ELBO (nats, bits per token, perplexity)
+    python sedd.py --eval                       # validation NELBO (nats, bits per token, perplexity)
 
 Notation follows METHODS.md section 4: Q is N x N in column convention (Q[j, i] is the rate
 i -> j), sigma_bar(t) the total noise, sigma(t) its rate, N = V + 1 states with MASK = N - 1 for
@@ -32,7 +32,7 @@ import torch.nn as nn
 import common
 
 GRAPHS = ("absorb", "uniform")
-NOISES = ("loglinear", "geometric")
+SCHEDULES = ("loglinear", "geometric")
 SAMPLERS = ("analytic", "euler")
 
 # ----------------------------------------------------------------------------------------------
@@ -40,10 +40,10 @@ SAMPLERS = ("analytic", "euler")
 
 
 @dataclasses.dataclass
-class Config(common.BaseConfig):
-    max_iters: int = 2400  # the same CPU budget as mdlm.py (backbone, batch, lr from common.BaseConfig)
+class Config(common.PromptConfig, common.TextConfig, common.BaseConfig):
+    max_iters: int = 2400  # the same CPU budget as mdlm.py (backbone, batch, lr from the common blocks)
     graph: str = "absorb"  # absorb | uniform
-    noise: str = ""  # loglinear | geometric; "": loglinear with absorb, geometric with uniform
+    schedule: str = ""  # loglinear | geometric; "": loglinear with absorb, geometric with uniform
     eps: float = 1e-3  # log-linear: sigma_bar(1) = -log(eps), a token survives to t=1 with prob eps
     sigma_min: float = 1e-4  # geometric: sigma_bar(t) = sigma_min^(1-t) sigma_max^t
     sigma_max: float = 20.0
@@ -64,35 +64,41 @@ class Config(common.BaseConfig):
 
 
 def check_config(cfg):
-    """Bad names -> one line that says what to use."""
+    """Every value at the command-line boundary -> one line naming the flag; the math below trusts cfg."""
+    common.check_common(cfg)
     if cfg.graph not in GRAPHS:
         common.die(f"unknown --graph={cfg.graph!r}; use absorb or uniform")
-    if cfg.noise not in NOISES + ("",):
-        common.die(f"unknown --noise={cfg.noise!r}; use loglinear or geometric")
+    if cfg.schedule not in SCHEDULES + ("",):
+        common.die(f"unknown --schedule={cfg.schedule!r}; use loglinear or geometric")
     if cfg.sampler not in SAMPLERS:
         common.die(f"unknown --sampler={cfg.sampler!r}; use analytic or euler")
-    if cfg.steps < 1:
-        common.die(f"--steps={cfg.steps} must be at least 1")
+    for k in ("steps", "eval_t_samples"):
+        if getattr(cfg, k) < 1:
+            common.die(f"--{k}={getattr(cfg, k)} must be at least 1")
+    for k in ("eps", "t_min", "t_end"):
+        if not 0 < getattr(cfg, k) < 1:
+            common.die(f"--{k}={getattr(cfg, k)} must be in (0, 1)")
+    if not 0 < cfg.sigma_min < cfg.sigma_max < math.inf:
+        common.die(f"need 0 < --sigma_min ({cfg.sigma_min}) < --sigma_max ({cfg.sigma_max}), both finite")
+    if cfg.seq_len < 0:
+        common.die(f"--seq_len={cfg.seq_len} must be 0 (block_size) or more")
 
 
 # ----------------------------------------------------------------------------------------------
 # Noise schedules: total noise sigma_bar(t) and its rate sigma(t) = d sigma_bar / dt
 
 
-def noise_kind(cfg):
-    return cfg.noise or ("loglinear" if cfg.graph == "absorb" else "geometric")
+def schedule_kind(cfg):
+    return cfg.schedule or ("loglinear" if cfg.graph == "absorb" else "geometric")
 
 
 def schedule(t, cfg):
     """t (any shape, tensor) -> (sigma_bar(t), sigma(t)), same shape and dtype."""
-    kind = noise_kind(cfg)
-    if kind == "loglinear":  # 1 - e^{-sigma_bar} = (1 - eps) t: MDLM's log-linear alpha_t
+    if schedule_kind(cfg) == "loglinear":  # 1 - e^{-sigma_bar} = (1 - eps) t: MDLM's log-linear alpha_t
         return -torch.log1p(-(1 - cfg.eps) * t), (1 - cfg.eps) / (1 - (1 - cfg.eps) * t)
-    if kind == "geometric":
-        log_min, log_max = math.log(cfg.sigma_min), math.log(cfg.sigma_max)
-        sigma_bar = torch.exp((1 - t) * log_min + t * log_max)
-        return sigma_bar, sigma_bar * (log_max - log_min)
-    common.die(f"unknown --noise={kind!r}; use loglinear or geometric")
+    log_min, log_max = math.log(cfg.sigma_min), math.log(cfg.sigma_max)  # geometric
+    sigma_bar = torch.exp((1 - t) * log_min + t * log_max)
+    return sigma_bar, sigma_bar * (log_max - log_min)
 
 
 def log_expm1(x):
@@ -265,14 +271,8 @@ def score_entropy(log_score, xt, x0, sigma_bar, graph):
     common.die(f"unknown graph {graph!r}; use absorb or uniform")
 
 
-def sample_times(batch_size, t_min, device):
-    """Stratified times, one per stratum of [0, 1), moved to [t_min, 1] (as mdlm.py; lower variance than i.i.d.)."""
-    u = (torch.rand(batch_size, device=device) + torch.arange(batch_size, device=device)) / batch_size
-    return (1 - t_min) * u + t_min
-
-
-def elbo_terms(model, x0, t, cfg, N):
-    """Per-position ELBO integrand sigma(t) D^l (B, L) at times t (B,), with x_t drawn from x_0.
+def nelbo_terms(model, x0, t, cfg, N):
+    """Per-position NELBO integrand sigma(t) D^l (B, L) at times t (B,), with x_t drawn from x_0.
 
     model is any callable (xt, sigma_bar) -> log-scores (B, L, N), possibly wrapped (DDP,
     torch.compile), so the number of states N comes separately.
@@ -284,8 +284,8 @@ def elbo_terms(model, x0, t, cfg, N):
 
 
 def loss_fn(model, x0, cfg, N):
-    t = sample_times(x0.shape[0], cfg.t_min, x0.device)
-    return elbo_terms(model, x0, t, cfg, N).sum(1).mean()  # summed over positions, mean over the batch
+    t = common.sample_times(x0.shape[0], cfg.t_min, x0.device)
+    return nelbo_terms(model, x0, t, cfg, N).sum(1).mean()  # summed over positions, mean over the batch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -408,9 +408,6 @@ def sample_chain(model, x, cfg, fixed=None, show=None):
 def generate(model, cfg, fixed, num_samples, show=None):
     """fixed (L,) token ids or -1 at free positions -> samples (num_samples, L), network calls."""
     L = fixed.shape[0]
-    if L > model.backbone.block_size:
-        common.die(f"--seq_len={L} is longer than the model's block_size={model.backbone.block_size}; "
-                   "SEDD samples one block, lower --seq_len")
     device = next(model.parameters()).device
     fixed = fixed.to(device)
     x = limit((num_samples, L), model.num_states, cfg.graph, device)
@@ -418,7 +415,7 @@ def generate(model, cfg, fixed, num_samples, show=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation: the ELBO on the validation split
+# Evaluation: the NELBO on the validation split
 
 
 def prior_kl(cfg, N):
@@ -437,7 +434,7 @@ def prior_kl(cfg, N):
 
 @torch.no_grad()
 def evaluate(model, batches, cfg, full=False):
-    """ELBO in nats per token: every validation window with eval_t_samples stratified times each
+    """NELBO in nats per token: every validation window with eval_t_samples stratified times each
     (full=True, --eval), or eval_iters random batches (during training). The integral runs over
     [t_min, 1] as in mdlm.py, plus the prior term."""
     model.eval()
@@ -447,11 +444,11 @@ def evaluate(model, batches, cfg, full=False):
     for x0 in common.val_batches(batches, cfg, full):
         x0 = x0.to(device)
         xs = x0.repeat(k, 1)
-        t = sample_times(xs.shape[0], cfg.t_min, device)
-        total += float(elbo_terms(model, xs, t, cfg, model.num_states).sum()) / k
+        t = common.sample_times(xs.shape[0], cfg.t_min, device)
+        total += float(nelbo_terms(model, xs, t, cfg, model.num_states).sum()) / k
         count += x0.numel()
     nats = total / count + prior_kl(cfg, model.num_states)
-    return {"val_elbo": nats, "val_bits": nats / math.log(2), "val_ppl": math.exp(nats)}
+    return {"val_nelbo": nats, "val_bits": nats / math.log(2), "val_ppl": math.exp(nats)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -463,16 +460,18 @@ def build_model(cfg, meta):
 
 
 def load(overrides):
-    """load_for_inference, after checking that --graph matches the checkpoint's."""
-    cfg = Config(**overrides)
-    check_config(cfg)
-    path = os.path.join(common.out_dir(cfg, "sedd"), "ckpt.pt")
+    """load_for_inference, after checking that --graph matches the checkpoint's; then the checks
+    again on the checkpoint's config under the overrides."""
+    path = os.path.join(common.out_dir(Config(**overrides), "sedd"), "ckpt.pt")
     saved = common.load_checkpoint(path, "sedd").get("config", {})
     if "graph" in overrides and saved.get("graph", overrides["graph"]) != overrides["graph"]:
         common.die(f"{path} was trained with --graph={saved['graph']}, not {overrides['graph']}; "
                    f"drop --graph or train a new model")
     cfg, model, tok, meta, ckpt = common.load_for_inference(Config, overrides, "sedd", build_model)
     check_config(cfg)
+    if cfg.seq_len > cfg.block_size:
+        common.die(f"--seq_len={cfg.seq_len} is longer than the model's block_size={cfg.block_size}; "
+                   "SEDD samples one block, lower --seq_len")
     return cfg, model, tok, meta, ckpt
 
 
@@ -480,6 +479,7 @@ def main(argv=None):
     verbs, cfg, overrides = common.parse_args(Config, argv)
     check_config(cfg)
     if "train" in verbs:
+        common.check_memory(cfg)
         meta = common.prepare_data(cfg)
         model = build_model(cfg, meta)
         common.train(cfg, "sedd", model, lambda m, x0: loss_fn(m, x0, cfg, model.num_states),
@@ -502,8 +502,8 @@ def main(argv=None):
         common.prepare_data(cfg)
         with common.autocast(next(model.parameters()).device):
             stats = evaluate(model, common.Batches(cfg, meta, cfg.seed), cfg, full=True)
-        print(f"val ELBO {stats['val_elbo']:.4f} nats/token | {stats['val_bits']:.4f} bits/token | "
-              f"perplexity <= {stats['val_ppl']:.3f} ({cfg.graph} graph, {noise_kind(cfg)} noise, "
+        print(f"val NELBO {stats['val_nelbo']:.4f} nats/token | {stats['val_bits']:.4f} bits/token | "
+              f"perplexity <= {stats['val_ppl']:.3f} ({cfg.graph} graph, {schedule_kind(cfg)} schedule, "
               f"{cfg.eval_t_samples} time samples per sequence)")
         if cfg.gen:
             free = torch.full((cfg.seq_len or cfg.block_size,), -1)

@@ -164,7 +164,7 @@ def test_cli_bad_inputs(tiny_ar, tmp_path):
     def fails(args, *words):
         r = run_cli(args, check=False)
         assert r.returncode != 0 and all(w in r.stderr for w in words), r.stderr[-1500:]
-    fails(["ar.py", "--sample", f"--out_dir={tiny_ar}", "--suffix=abc"], "--suffix", "--prefix")
+    fails(["ar.py", "--sample", f"--out_dir={tiny_ar}", "--suffix=abc"], "--suffix is not used by ar.py")
     fails(["ar.py", "--sample", f"--out_dir={tiny_ar}", "--temperature=0"], "--temperature")
     fails(["ar.py", "--sample", f"--out_dir={tiny_ar}", "--prefix=" + "a" * 40], "--prefix", "--seq_len")
     fails(["ar.py", "--eval", "--gen", f"--out_dir={tiny_ar}", f"--judge={tmp_path}/none.pt"], "no judge checkpoint")

@@ -41,7 +41,7 @@ def test_sqrt_schedule_values_and_respacing():
     assert torch.allclose(sub.alpha_bar[:-1], D.sqrt_schedule(200).alpha_bar[:-1], rtol=1e-9)
     assert abs(sub.alpha_bar[0] - 0.93797) < 1e-5
     with pytest.raises(SystemExit, match="must divide"):
-        D.respace(full, 300)
+        D.check_config(D.Config(steps=300))
 
 
 @settings(max_examples=15, deadline=None)
@@ -285,7 +285,7 @@ def test_cli_train_sample_eval(cli_out):
     (["--control=food=Klingon"], "food has no value 'Klingon'"),
     (["--infill=" + " ".join(["the"] * 70)], "more than the 64-position sequence"),
     (["--clamp=dot"], "unknown --clamp='dot'"),
-    (["--mbr=0"], "--mbr=0: the number of samples per MBR choice"),
+    (["--mbr=0"], "--mbr=0 must be at least 1"),
     (["--length=80"], "must lie in 1..63"),
 ])
 def test_cli_bad_inputs(cli_out, args, msg):

@@ -27,9 +27,10 @@ SCHEDULES = ["loglinear", "cosine"]
 def test_masked_fraction_matches_one_minus_alpha(t, schedule, seed):
     g = torch.manual_seed(seed)
     x0 = torch.randint(0, 10, (64, 256), generator=g)
-    xt = mdlm.q_sample(x0, torch.full((64,), t), 10, schedule)
+    cfg = mdlm.Config(schedule=schedule)
+    xt = mdlm.q_sample(x0, torch.full((64,), t), 10, cfg)
     n = x0.numel()
-    p = 1 - float(mdlm.alpha(torch.tensor(t), schedule))
+    p = 1 - float(mdlm.schedule(torch.tensor(t), cfg))
     frac = (xt == 10).float().mean().item()
     assert abs(frac - p) < 5 * math.sqrt(p * (1 - p) / n) + 1e-9  # 5 sigma of the binomial
     kept = xt != 10
@@ -40,7 +41,7 @@ def test_masked_fraction_matches_one_minus_alpha(t, schedule, seed):
 def test_schedule_monotone_with_endpoints(schedule):
     eps = 1e-3
     t = torch.linspace(0, 1, 1001, dtype=torch.float64)
-    a = mdlm.alpha(t, schedule, eps)
+    a = mdlm.schedule(t, mdlm.Config(schedule=schedule, eps=eps))
     assert torch.all(a[1:] < a[:-1])
     assert a[0].item() == pytest.approx(1.0, abs=1e-12)
     assert a[-1].item() == pytest.approx(eps, abs=1e-12)
@@ -50,10 +51,11 @@ def test_schedule_monotone_with_endpoints(schedule):
 @given(t=st.floats(1e-3, 1.0), schedule=st.sampled_from(SCHEDULES))
 def test_nelbo_weight_is_minus_alpha_prime_over_one_minus_alpha(t, schedule):
     tt = torch.tensor(t, dtype=torch.float64, requires_grad=True)
-    a = mdlm.alpha(tt, schedule)
+    cfg = mdlm.Config(schedule=schedule)
+    a = mdlm.schedule(tt, cfg)
     (da,) = torch.autograd.grad(a, tt)
     expected = (-da / (1 - a)).detach()
-    w = mdlm.nelbo_weight(torch.tensor(t, dtype=torch.float64), schedule)
+    w = mdlm.nelbo_weight(torch.tensor(t, dtype=torch.float64), cfg)
     assert float(w) == pytest.approx(expected.item(), rel=1e-9)
     if schedule == "loglinear":
         assert float(w) == pytest.approx(1 / t, rel=1e-12)
@@ -134,7 +136,7 @@ def test_nelbo_is_not_below_true_nll(schedule):
     cfg = mdlm.Config(schedule=schedule, eps=0.0, t_min=1e-6)
     x0 = exact.seqs[torch.multinomial(probs, 40000, replacement=True)]
     true_nll = -(probs * probs.log()).sum().item()  # nats per sequence
-    t = mdlm.sample_times(x0.shape[0], cfg.t_min, "cpu")
+    t = common.sample_times(x0.shape[0], cfg.t_min, "cpu")
     terms = mdlm.nelbo_terms(exact, x0, t, cfg, V).sum(-1).double()  # nats per sequence
     mean, se = terms.mean().item(), terms.std().item() / math.sqrt(len(terms))
     assert mean > true_nll - 4 * se
@@ -172,13 +174,6 @@ def test_cached_sampler_matches_uncached_with_fewer_calls():
         assert out["ddpm"][1] == 100 and out["ddpm_cache"][1] <= min(100, batch * 24 + 1)
         if batch == 1:
             assert out["ddpm_cache"][1] <= 25
-
-
-def test_cache_refused_with_time_conditioning():
-    cfg = mdlm.Config(n_layer=1, n_embd=32, n_head=2, block_size=8, time_cond=True, sampler="ddpm_cache")
-    model = random_model(cfg)
-    with pytest.raises(SystemExit, match="ddpm_cache"):
-        mdlm.generate(model, cfg, torch.full((8,), -1), 1)
 
 
 def test_conditioning_and_semi_autoregressive():

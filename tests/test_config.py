@@ -1,0 +1,126 @@
+"""The command-line boundary: each method takes only the keys it uses, and every bad value stops
+with one line (exit status 1) before any data is prepared or any model is built."""
+import dataclasses
+
+import pytest
+
+import ar
+import common
+import ddpm
+import diffuser
+import diffusion_lm
+import mdlm
+import sedd
+from conftest import run_cli
+
+METHODS = {"ar": ar, "ddpm": ddpm, "diffusion_lm": diffusion_lm, "diffuser": diffuser, "mdlm": mdlm, "sedd": sedd}
+
+# a shared key each method has no use for
+UNUSED = [("ar", "--suffix=abc"), ("ddpm", "--prefix=abc"), ("ddpm", "--suffix=abc"), ("ddpm", "--n_head=2"),
+          ("ddpm", "--dropout=0.1"), ("ddpm", "--block_size=4"), ("ddpm", "--data_dir=x"), ("diffuser", "--prefix=abc"),
+          ("diffuser", "--suffix=abc")]
+
+
+def refused(method, argv):
+    """main(argv) must stop with one 'error: ...' line; returns the line."""
+    with pytest.raises(SystemExit) as e:
+        METHODS[method].main(argv)
+    msg = str(e.value)
+    assert msg.startswith("error: ") and "\n" not in msg, msg
+    return msg
+
+
+@pytest.mark.parametrize("method, arg", UNUSED)
+def test_unused_key_is_refused_by_name(method, arg, tmp_path):
+    key = arg[2:].split("=")[0]
+    msg = refused(method, ["--train", arg, f"--out_dir={tmp_path}"])
+    assert f"--{key} is not used by {method}.py" in msg
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_each_config_holds_only_its_blocks():
+    keys = {m: {f.name for f in dataclasses.fields(mod.Config)} for m, mod in METHODS.items()}
+    assert not keys["ddpm"] & {"prefix", "suffix", "n_head", "dropout", "block_size", "data_dir"}
+    assert "suffix" not in keys["ar"] and "prefix" in keys["ar"]
+    assert not keys["diffuser"] & {"prefix", "suffix"}
+    for m in ("mdlm", "sedd", "diffusion_lm"):
+        assert {"prefix", "suffix", "n_head", "block_size"} <= keys[m]
+
+
+COMMON_BAD = [("--batch_size=0", "--batch_size=0 must be at least 1"), ("--grad_accum=0", "--grad_accum"),
+              ("--max_iters=-5", "--max_iters=-5"), ("--eval_iters=0", "--eval_iters"), ("--eval_interval=0", "--eval_interval"),
+              ("--log_interval=0", "--log_interval"), ("--num_samples=0", "--num_samples"), ("--lr=nan", "--lr=nan"),
+              ("--lr=inf", "--lr=inf"), ("--lr=0", "--lr=0"), ("--min_lr=-1", "--min_lr"), ("--beta1=2", "--beta1=2.0 must be in [0, 1)"),
+              ("--beta2=nan", "--beta2"), ("--ema=1.5", "--ema"), ("--weight_decay=-1", "--weight_decay"),
+              ("--grad_clip=nan", "--grad_clip"), ("--warmup_iters=-1", "--warmup_iters"), ("--device=mps", "unknown --device=mps"),
+              ("--device=cuda:x", "unknown --device"), ("--device=gpu", "unknown --device")]
+TEXT_BAD = [("--block_size=0", "--block_size=0"), ("--n_embd=0", "--n_embd=0"), ("--n_layer=0", "--n_layer"),
+            ("--n_head=0", "--n_head"), ("--n_head=3", "--n_head=3"), ("--dropout=1.5", "--dropout=1.5"), ("--dropout=nan", "--dropout")]
+OWN_BAD = {
+    "ar": [("--temperature=0", "--temperature"), ("--temperature=nan", "--temperature"), ("--seq_len=-1", "--seq_len")],
+    "ddpm": [("--T=1", "--T=1"), ("--T=10", "too small for the linear schedule"), ("--schedule=foo", "unknown --schedule"),
+             ("--pred=score", "unknown --pred='score'"), ("--var=foo", "unknown --var"), ("--sampler=foo", "unknown --sampler"),
+             ("--eta=2", "--eta=2.0"), ("--steps=-1", "--steps"), ("--eval_points=0", "--eval_points")],
+    "diffusion_lm": [("--steps=0", "--steps=0"), ("--steps=300", "must divide"), ("--mbr=0", "--mbr=0"), ("--clamp=dot", "unknown --clamp"),
+                     ("--eval_t_samples=0", "--eval_t_samples"), ("--embed_dim=0", "--embed_dim"), ("--T=0", "--T=0"),
+                     ("--length=-1", "--length"), ("--guide_lr=nan", "--guide_lr")],
+    "diffuser": [("--T=0", "--T"), ("--p_keep=2", "--p_keep"), ("--p_keep=nan", "--p_keep"), ("--beam_b=0", "beam sizes"),
+                 ("--top_p=0", "--top_p"), ("--temperature=0", "--temperature"), ("--decode=foo", "unknown --decode"),
+                 ("--seq_len=0", "--seq_len"), ("--decode_batch=0", "--decode_batch")],
+    "mdlm": [("--steps=0", "--steps=0"), ("--eval_t_samples=0", "--eval_t_samples"), ("--t_min=2", "--t_min"), ("--t_min=0", "--t_min"),
+             ("--eps=0", "--eps"), ("--t_end=1", "--t_end"), ("--schedule=foo", "unknown --schedule"), ("--sampler=foo", "unknown --sampler"),
+             ("--seq_len=-1", "--seq_len"), ("--stride=-1", "--stride")],
+    "sedd": [("--steps=0", "--steps=0"), ("--eval_t_samples=0", "--eval_t_samples"), ("--t_min=2", "--t_min"), ("--eps=0", "--eps"),
+             ("--graph=foo", "unknown --graph"), ("--schedule=cosine", "unknown --schedule"), ("--sampler=foo", "unknown --sampler"),
+             ("--sigma_min=0", "--sigma_min"), ("--sigma_max=inf", "--sigma_max"), ("--seq_len=-1", "--seq_len")],
+}
+BAD = [(m, arg, msg) for m in METHODS for arg, msg in COMMON_BAD + (TEXT_BAD if m != "ddpm" else []) + OWN_BAD[m]]
+
+
+@pytest.mark.parametrize("method, arg, message", BAD)
+@pytest.mark.parametrize("verb", ["--train", "--sample"])
+def test_bad_value_stops_at_the_boundary(method, arg, message, verb, tmp_path):
+    # no checkpoint and no data here: a refusal that came later would name those instead
+    msg = refused(method, [verb, arg, f"--out_dir={tmp_path / 'run'}", f"--data_dir={tmp_path / 'data'}"]
+                  if method != "ddpm" else [verb, arg, f"--out_dir={tmp_path / 'run'}"])
+    assert message in msg, msg
+    assert not list(tmp_path.iterdir())
+
+
+def test_training_memory_is_estimated_before_data(tmp_path):
+    msg = refused("diffusion_lm", ["--train", "--block_size=200000", f"--out_dir={tmp_path}", f"--data_dir={tmp_path / 'd'}"])
+    assert "GiB" in msg and "--block_size" in msg
+    assert not list(tmp_path.iterdir())
+
+
+def test_good_defaults_pass_the_checks():
+    for m, mod in METHODS.items():
+        mod.check_config(mod.Config())
+
+
+def test_unknown_words_in_prompts():
+    tok = common.WordTokenizer(list(common.WordTokenizer.SPECIALS) + ["the", "eagle", "is", "."])
+    assert common.encode_prompt(tok, "the eagle is .", "--prefix") == [4, 5, 6, 7]
+    with pytest.raises(SystemExit, match=r"--source has words outside the model's vocabulary: Eagle pubb; .*--allow_unk"):
+        common.encode_prompt(tok, "the Eagle is pubb", "--source")
+    assert common.encode_prompt(tok, "the Eagle", "--prefix", allow_unk=True) == [4, tok.UNK]
+    char = common.CharTokenizer("abc")
+    with pytest.raises(SystemExit, match="outside the model's 3-character vocabulary"):
+        common.encode_prompt(char, "abd", "--prefix", allow_unk=True)
+
+
+@pytest.mark.parametrize("method, arg", [("ar", "--suffix=x"), ("ddpm", "--n_head=2"), ("mdlm", "--steps=0"),
+                                         ("sedd", "--device=mps"), ("diffusion_lm", "--eval_t_samples=0"),
+                                         ("diffuser", "--num_samples=0")])
+def test_cli_one_line_and_exit_status_1(method, arg, tmp_path):
+    r = run_cli([f"{method}.py", "--sample", arg, f"--out_dir={tmp_path}"], check=False)
+    assert r.returncode == 1 and r.stdout == "", r.stdout[-500:]
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: "), r.stderr[-1500:]
+
+
+def test_mdlm_cache_needs_an_unconditioned_model(tmp_path, char_data):
+    out = str(tmp_path / "run")
+    mdlm.main(["--train", "--time_cond=true", "--sampler=ddpm", "--n_layer=1", "--n_embd=16", "--n_head=2", "--block_size=16",
+               "--batch_size=2", "--max_iters=1", "--eval_iters=1", "--eval_interval=1", f"--data_dir={char_data}", f"--out_dir={out}"])
+    msg = refused("mdlm", ["--sample", "--sampler=ddpm_cache", f"--out_dir={out}"])
+    assert "--sampler=ddpm_cache needs a model without time conditioning" in msg
