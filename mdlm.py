@@ -31,7 +31,7 @@ import common
 
 @dataclasses.dataclass
 class Config(common.PromptConfig, common.TextConfig, common.BaseConfig):
-    # sized to train in about ten minutes on two CPU cores (docs/mdlm.md)
+    # sized for a short training run on a laptop CPU
     n_head: int = 8  # heads of 16 give a lower bound than 4 of 32 at the same cost
     max_iters: int = 2400
     lr: float = 2e-3  # zero-init residual gates in the backbone keep this stable

@@ -464,6 +464,8 @@ def load(overrides):
     again on the checkpoint's config under the overrides."""
     path = os.path.join(common.out_dir(Config(**overrides), "sedd"), "ckpt.pt")
     saved = common.load_checkpoint(path, "sedd").get("config", {})
+    if saved.get("noise") and "schedule" not in overrides:  # a checkpoint that names its schedule "noise"
+        overrides = {**overrides, "schedule": saved["noise"]}
     if "graph" in overrides and saved.get("graph", overrides["graph"]) != overrides["graph"]:
         common.die(f"{path} was trained with --graph={saved['graph']}, not {overrides['graph']}; "
                    f"drop --graph or train a new model")
