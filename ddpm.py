@@ -548,8 +548,9 @@ def check_config(cfg):
                        ("sampler", ("ancestral", "ddim"))):
         if getattr(cfg, key) not in known:
             common.die(f"unknown --{key}={getattr(cfg, key)!r}; use {', '.join(known)}")
-    if cfg.T < 2:
-        common.die(f"--T={cfg.T} must be at least 2")
+    for k in ("n_layer", "n_embd", "T"):
+        if getattr(cfg, k) < (2 if k == "T" else 1):
+            common.die(f"--{k}={getattr(cfg, k)} must be at least {2 if k == 'T' else 1}")
     if cfg.schedule == "linear" and cfg.T <= 20:
         common.die(f"--T={cfg.T} is too small for the linear schedule (beta_T = {20 / cfg.T:.2f} >= 1); use T > 20")
     if not 0.0 <= cfg.eta <= 1.0:

@@ -58,7 +58,8 @@ TEXT_BAD = [("--block_size=0", "--block_size=0"), ("--n_embd=0", "--n_embd=0"), 
             ("--n_head=0", "--n_head"), ("--n_head=3", "--n_head=3"), ("--dropout=1.5", "--dropout=1.5"), ("--dropout=nan", "--dropout")]
 OWN_BAD = {
     "ar": [("--temperature=0", "--temperature"), ("--temperature=nan", "--temperature"), ("--seq_len=-1", "--seq_len")],
-    "ddpm": [("--T=1", "--T=1"), ("--T=10", "too small for the linear schedule"), ("--schedule=foo", "unknown --schedule"),
+    "ddpm": [("--T=1", "--T=1"), ("--n_embd=0", "--n_embd=0"), ("--n_layer=0", "--n_layer=0"),
+             ("--T=10", "too small for the linear schedule"), ("--schedule=foo", "unknown --schedule"),
              ("--pred=score", "unknown --pred='score'"), ("--var=foo", "unknown --var"), ("--sampler=foo", "unknown --sampler"),
              ("--eta=2", "--eta=2.0"), ("--steps=-1", "--steps"), ("--eval_points=0", "--eval_points")],
     "diffusion_lm": [("--steps=0", "--steps=0"), ("--steps=300", "must divide"), ("--mbr=0", "--mbr=0"), ("--clamp=dot", "unknown --clamp"),
