@@ -24,6 +24,12 @@ oracle runs instead.
 The extension is a prebuilt `difflm_kernels` (DIFFLM_BUILD_EXT=1 pip install -e .) or a JIT build
 of csrc/ with ninja, cached in $DIFFLM_BUILD (default ~/.cache/difflm); a failed build is one
 warning and the oracles run.
+
+  load()              torch.ops.difflm, or None;  available(device): the ops run there
+  fused(name)         the decorator above; FUSED maps each op name to its marked function
+  oracles_only()      a context in which every marked function runs its oracle
+  replace(name, op)   a context in which op stands in for a built op, checked like one (how the
+                      tests inject a wrong op)
 """
 
 import contextlib
@@ -44,6 +50,7 @@ _LOADED = {}  # src_dir -> torch.ops.difflm, or None
 FUSED = {}  # op name -> the Fused wrapper of its oracle (every marked function)
 _HOOKS_RUN = set()  # op names whose on_load hook has run (once per process)
 _PASSED = {}  # (op name, device) -> True (the op runs) / False (switched off)
+_CHECK_SECONDS = {}  # (op name, device) -> seconds its first-use check took
 _STANDINS = {}  # op name -> a callable used in place of the built op (replace())
 _ORACLES_ONLY = []  # non-empty inside oracles_only()
 
@@ -222,9 +229,10 @@ class Fused:
 
     def self_check(self, device):
         """Run the op and its oracle on the spec's small inputs; False (with one warning) when they disagree."""
-        t0 = time.perf_counter()
-        try:
-            worst, what = self.spec.check(self, torch.device(device))
+        t0, device = time.perf_counter(), torch.device(device)
+        try:  # the check is about the op, not the caller's modes: no autocast, autograd available
+            with torch.inference_mode(False), torch.autocast(device.type, enabled=False):
+                worst, what = self.spec.check(self, device)
         except Exception as e:
             worst, what = math.inf, f"it raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         _CHECK_SECONDS[self.name, str(device)] = time.perf_counter() - t0
@@ -234,8 +242,6 @@ class Fused:
                       "it is switched off for this process and the oracle runs instead")
         return False
 
-
-_CHECK_SECONDS = {}  # (op name, device) -> seconds its first-use check took
 
 
 def fused(name, on_load=None):

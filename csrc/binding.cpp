@@ -339,7 +339,7 @@ TORCH_LIBRARY_IMPL(difflm, CUDA, m) {
 
 #ifdef DIFFLM_PYMODULE
 // `DIFFLM_BUILD_EXT=1 pip install -e .` builds this file into an importable module; importing it
-// runs the registrations above, which is all common.load_kernels needs (the ops live in torch.ops).
+// runs the registrations above, which is all kernels.load needs (the ops live in torch.ops).
 #include <Python.h>
 PyMODINIT_FUNC PyInit_difflm_kernels(void) {
   static PyModuleDef def = {PyModuleDef_HEAD_INIT, "difflm_kernels", "difflm's fused ops (torch.ops.difflm)", -1,

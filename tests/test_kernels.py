@@ -426,6 +426,9 @@ def test_self_check_passes_for_every_cpu_op(k):
         warnings.simplefilter("error")
         for name, f in kernels.FUSED.items():
             assert f.self_check("cpu"), name
+            # the first use may come inside an eval or a bf16 region: the check is the same there
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+                assert f.self_check("cpu"), f"{name} under inference_mode and autocast"
 
 
 def wrong_ops():
