@@ -28,6 +28,7 @@ import warnings
 import torch
 
 import common
+import kernels
 
 
 def timeit(fn, repeat=5, warmup=1):
@@ -182,8 +183,8 @@ def bench_sedd(argv):
 def _kernels_on(name):
     """--device (auto: cuda when there is one) -> (device, the compiled ops), or a one-line exit."""
     device = torch.device(name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    k = common.load_kernels()
-    if not common.kernel_ready(k, torch.empty(0, device=device)):
+    k = kernels.load()
+    if not kernels.available(device):
         common.die(f"the difflm kernels are not available on {device} (build failed, or DIFFLM_KERNELS=0)")
     return device, k
 
@@ -251,7 +252,6 @@ def bench_kernels(argv):
     ap.add_argument("--device", default="auto")
     a = ap.parse_args(argv)
     device, k = _kernels_on(a.device)
-    common.load_kernels = lambda *args, **kw: None  # sedd/mdlm now run their PyTorch bodies: the oracles
     # torch.compile reports each graph break with a warning and a traceback; the absorbing oracle has one
     # by design, said once under the table instead of pages of log in the middle of it
     torch._logging.set_logs(dynamo=logging.ERROR)
@@ -324,9 +324,8 @@ def bench_kernels(argv):
                     def run(ls, xt, x0, sb, w):
                         return torch.autograd.grad((fn(ls, xt, x0, sb, graph) * w).sum(), ls)[0]
                     return run
-                kernel = lambda *args: common.score_entropy_kernel(k, *args)  # noqa: E731  (as sedd.py calls it)
-                measure("score_entropy fwd+bwd", graph, size, make_se, fwd_bwd(sedd.score_entropy),
-                        fwd_bwd(kernel), 2 * B * L * N * elt)
+                measure("score_entropy fwd+bwd", graph, size, make_se, fwd_bwd(sedd.score_entropy.oracle),
+                        fwd_bwd(sedd.score_entropy.kernel), 2 * B * L * N * elt)
 
             def make_step(p):
                 def make():
@@ -337,15 +336,15 @@ def bench_kernels(argv):
             with torch.no_grad():
                 if "euler" in a.ops:
                     measure("euler step", graph, size, make_step(0.015),
-                            lambda ls, xt, t, u: sedd.euler_step(ls, xt, t, u, graph),
+                            lambda ls, xt, t, u: sedd.euler_step.oracle(ls, xt, t, u, graph),
                             lambda ls, xt, t, u: k.sedd_euler_step(ls, xt, t, u, graph), B * L * N * elt)
                 if "tweedie" in a.ops:
                     measure("tweedie step", graph, size, make_step(0.015),
-                            lambda ls, xt, t, u: sedd.tweedie_step(ls, xt, t, u, graph),
+                            lambda ls, xt, t, u: sedd.tweedie_step.oracle(ls, xt, t, u, graph),
                             lambda ls, xt, t, u: k.sedd_tweedie_step(ls, xt, t, u, graph, False), B * L * N * elt)
                 if "mdlm" in a.ops and graph == "absorb":
                     measure("mdlm ancestral step", graph, size, make_step(0.0156),
-                            lambda lg, xt, p, u: mdlm.ancestral_step(lg, xt, p, u, N - 1),
+                            lambda lg, xt, p, u: mdlm.ancestral_step.oracle(lg, xt, p, u, N - 1),
                             lambda lg, xt, p, u: k.mdlm_ancestral_step(lg, xt, p, u, N - 1), B * L * N * elt)
 
     header = ["op", "graph", "B,L,V", "eager ms", "compile ms", "kernel ms", "eager/kernel", "compile/kernel",
@@ -575,7 +574,7 @@ def bench_nearest(argv):
         x = torch.randn(N, d, generator=gen, device=device)
         E = torch.randn(V, d, generator=gen, device=device)
         for metric in a.metrics.split(","):
-            expr = lambda x, E: diffusion_lm.nearest_embedding_torch(x, E, metric)  # noqa: E731
+            expr = lambda x, E: diffusion_lm.nearest_embedding.oracle(x, E, metric)  # noqa: E731
             kern = lambda x, E: k.nearest_embedding(x, E, metric)  # noqa: E731
             ref, got = expr(x, E), kern(x, E)
             agree = float((ref == got).float().mean())  # check before timing (near-ties may differ)

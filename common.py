@@ -9,7 +9,6 @@ common.py: only what two or more method files share.
                       adds its own head
   the training loop   AdamW, warmup + cosine, clipping, accumulation, EMA, periodic eval, logs,
                       atomic checkpoints with exact --resume, DDP under torchrun
-  kernels             loads csrc/ as a torch extension, or nothing (DIFFLM_KERNELS=0)
 
 Method files import this module; it never imports them.
 """
@@ -19,7 +18,6 @@ import copy
 import dataclasses
 import difflib
 import glob
-import importlib.util
 import json
 import math
 import os
@@ -27,7 +25,6 @@ import re
 import subprocess
 import sys
 import time
-import warnings
 
 import numpy as np
 import torch
@@ -936,156 +933,3 @@ def generative_eval(judge_path, sample_fn, num_samples, meta, what=""):
           f"unigram entropy {stats['gen_entropy']:.4f} nats | {sec:.3f} s/sample "
           f"({num_samples} samples of {samples.shape[1]} tokens{', ' + what if what else ''})")
     return stats
-
-
-# ----------------------------------------------------------------------------------------------
-# Kernels: csrc/ built as a torch extension on first use, or nothing
-
-_KERNELS = {}
-
-
-@contextlib.contextmanager
-def _build_lock(build):
-    """Hold an OS lock on the build folder while torch builds or loads into it. torch's own marker
-    file (build/lock) outlives a killed build, and every later load would then wait on it forever,
-    silently; under the OS lock (freed when its holder dies) a marker left there is stale."""
-    try:
-        import fcntl
-    except ImportError:  # not a POSIX system: torch's marker alone
-        yield
-        return
-    with open(os.path.join(build, "difflm.lock"), "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        stale = os.path.join(build, "lock")
-        if os.path.exists(stale):
-            warnings.warn(f"removing {stale}, left by a kernel build that was killed")
-            os.remove(stale)
-        yield
-
-
-def _build_kernels(sources):
-    """JIT-build sources (ninja, cached per device kind) -> torch.ops.difflm, or None with one warning.
-    A failed CUDA build (nvcc missing, or not the CUDA torch was built with) falls back to the C++ ops
-    alone, so the CPU keeps its kernels and the GPU runs the PyTorch path."""
-    from torch.utils import cpp_extension
-    cuda = any(f.endswith(".cu") for f in sources)
-    failure = None
-    for kind in (("cuda", "cpu") if cuda else ("cpu",)):
-        try:
-            build = os.path.join(os.environ.get("DIFFLM_BUILD", os.path.expanduser("~/.cache/difflm")), kind)
-            os.makedirs(build, exist_ok=True)
-            with _build_lock(build):
-                cpp_extension.load(
-                    name="difflm_kernels", is_python_module=False, build_directory=build, verbose=False,
-                    sources=[f for f in sources if kind == "cuda" or f.endswith(".cpp")],
-                    extra_cflags=["-O3", "-fopenmp"] + (["-DDIFFLM_CUDA"] if kind == "cuda" else []),
-                    extra_ldflags=["-fopenmp"], extra_cuda_cflags=["-O3"])
-        except Exception as e:
-            failure = failure or f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            continue
-        if kind == "cpu" and cuda:
-            warnings.warn(f"difflm CUDA kernels failed to build ({failure}); the C++ kernels are built, "
-                          "tensors on the GPU take the PyTorch path")
-        _register_kernel_python()
-        return torch.ops.difflm
-    warnings.warn(f"difflm kernels failed to build ({failure}); using the PyTorch path "
-                  "(set DIFFLM_KERNELS=0 to skip the build)")
-    return None
-
-
-def load_kernels(src_dir=None):
-    """The compiled extension (ops under torch.ops.difflm), or None.
-
-    The module built by `DIFFLM_BUILD_EXT=1 pip install -e .` when there is one (rebuild it after
-    editing csrc/), else a JIT build of csrc/ with ninja, cached. None when DIFFLM_KERNELS=0, when
-    csrc/ has no sources, or when the build fails (one warning; the readable PyTorch path runs).
-    """
-    src_dir = src_dir or os.path.join(ROOT, "csrc")
-    if src_dir in _KERNELS:
-        return _KERNELS[src_dir]
-    module = None
-    if os.environ.get("DIFFLM_KERNELS", "1") != "0":
-        sources = sorted(glob.glob(os.path.join(src_dir, "*.cpp")))
-        if torch.cuda.is_available():
-            sources += sorted(glob.glob(os.path.join(src_dir, "*.cu")))
-        if src_dir == os.path.join(ROOT, "csrc") and importlib.util.find_spec("difflm_kernels"):
-            import difflm_kernels  # noqa: F401  (importing it registers torch.ops.difflm)
-            sources, module = [], torch.ops.difflm
-            _register_kernel_python()
-        if sources:
-            module = _build_kernels(sources)
-    _KERNELS[src_dir] = module
-    return module
-
-
-_REGISTERED = []
-
-
-def _register_kernel_python():
-    """Fake (shape-only) implementations for torch.compile, and the autograd of score_entropy.
-
-    score_entropy only reads the scores; its backward streams them once more and writes the
-    gradient, already scaled by the incoming gradient of the (B, L) loss. score_entropy_with_grad
-    (CPU) writes the gradient of loss.sum() in the loss's own pass; its backward scales it in place.
-    Either way the gradient is the only B x L x N tensor made.
-    """
-    if _REGISTERED:
-        return
-    _REGISTERED.append(True)
-    lib = "difflm::"
-    torch.library.register_fake(lib + "score_entropy", lambda log_score, xt, x0, sigma_bar, graph:
-                                log_score.new_empty(log_score.shape[:2], dtype=torch.float32))
-    torch.library.register_fake(lib + "score_entropy_backward", lambda grad_loss, log_score, *args:
-                                torch.empty_like(log_score))
-    torch.library.register_fake(lib + "score_entropy_with_grad", lambda log_score, *args: (
-                                log_score.new_empty(log_score.shape[:2], dtype=torch.float32), torch.empty_like(log_score)))
-    for name in ("sedd_euler_step", "sedd_tweedie_step", "mdlm_ancestral_step"):
-        torch.library.register_fake(lib + name, lambda scores, xt, *args, **kwargs: torch.empty_like(xt))
-    torch.library.register_fake(lib + "nearest_embedding", lambda x, E, metric:  # Diffusion-LM's clamp
-                                x.new_empty(x.shape[:1], dtype=torch.long))
-
-    def recompute(ctx, grad_loss):
-        log_score, xt, x0, sigma_bar = ctx.saved_tensors
-        return torch.ops.difflm.score_entropy_backward(grad_loss.float().contiguous(), log_score, xt, x0, sigma_bar,
-                                                       ctx.graph)
-
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs[:4])
-        ctx.graph = inputs[4]
-
-    def backward(ctx, grad_loss):
-        return recompute(ctx, grad_loss), None, None, None, None
-
-    torch.library.register_autograd(lib + "score_entropy", backward, setup_context=setup_context)
-
-    def setup_context_with_grad(ctx, inputs, output):
-        setup_context(ctx, inputs, output)
-        ctx.grad = output[1]  # not saved_tensors: backward scales it in place
-        ctx.mark_non_differentiable(output[1])
-        ctx.set_materialize_grads(False)  # else backward gets a B x L x N zero tensor for output[1]
-
-    def backward_with_grad(ctx, grad_loss, _):
-        if ctx.grad is None:  # a retained graph's second backward: the first one consumed it
-            return recompute(ctx, grad_loss), None, None, None, None
-        grad, ctx.grad = ctx.grad, None
-        return grad.mul_(grad_loss.unsqueeze(-1)), None, None, None, None
-
-    torch.library.register_autograd(lib + "score_entropy_with_grad", backward_with_grad,
-                                    setup_context=setup_context_with_grad)
-
-
-def score_entropy_kernel(k, log_score, xt, x0, sigma_bar, graph):
-    """The fused score entropy (B, L) of sedd.py. On the CPU, when a gradient will be asked for,
-    the loss's pass writes the gradient too: there the exps cost more than the bytes. On a GPU
-    (and under torch.compile) the forward only reads and the backward recomputes."""
-    if (log_score.device.type == "cpu" and log_score.requires_grad and torch.is_grad_enabled()
-            and not torch.compiler.is_compiling()):
-        return k.score_entropy_with_grad(log_score, xt, x0, sigma_bar, graph)[0]
-    return k.score_entropy(log_score, xt, x0, sigma_bar, graph)
-
-
-def kernel_ready(k, t):
-    """True when the compiled ops k (from load_kernels) take tensor t: a built device, fp32 or bf16."""
-    if k is None or t.dtype not in (torch.float32, torch.bfloat16):
-        return False
-    return t.device.type == "cpu" or (t.device.type == "cuda" and k.cuda_built())

@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import kernels
 
 METHOD = "diffusion_lm"
 
@@ -131,34 +132,23 @@ def q_sample(x0, ab_t, noise):
 
 
 # ----------------------------------------------------------------------------------------------
-# Clamping: the nearest word embedding (the fused kernel computes the same function)
+# Clamping: the nearest word embedding (a fused kernel may compute it without the N x V scores)
 
 
-def nearest_embedding_torch(x, E, metric="cos"):
-    """x (N, d), E (V, d) -> (N,) ids: argmax of cosine, or argmin of L2; ties go to the lowest id.
+@kernels.fused("nearest_embedding")
+def nearest_embedding(x, E, metric="cos"):
+    """x (..., d), E (V, d) -> (...) ids: argmax of cosine, or argmin of L2; ties go to the lowest id.
 
     L2 uses x.E - |E|^2 / 2, which has the same argmax as -|x - E|^2.
     """
+    x2 = x.reshape(-1, x.shape[-1]).float()  # (N, d)
     if metric == "cos":
-        scores = F.normalize(x.float(), dim=-1) @ F.normalize(E.float(), dim=-1).T  # (N, V)
+        scores = F.normalize(x2, dim=-1) @ F.normalize(E.float(), dim=-1).T  # (N, V)
     elif metric == "l2":
-        scores = x.float() @ E.float().T - 0.5 * E.float().pow(2).sum(-1)
+        scores = x2 @ E.float().T - 0.5 * E.float().pow(2).sum(-1)
     else:
-        common.die(f"unknown clamp metric {metric!r}; use cos or l2")
-    return scores.argmax(-1)  # torch.argmax returns the first maximum
-
-
-def nearest_embedding(x, E, metric="cos"):
-    """x (..., d), E (V, d) -> (...) ids; the fused kernel when built (no N x V scores), else PyTorch."""
-    if metric not in ("cos", "l2"):
         common.die(f"unknown --clamp={metric!r}; use cos, l2 or none")
-    shape, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
-    k = common.load_kernels()
-    if common.kernel_ready(k, x2) and hasattr(k, "nearest_embedding"):
-        ids = k.nearest_embedding(x2.float().contiguous(), E.float().contiguous(), metric)
-    else:
-        ids = nearest_embedding_torch(x2, E, metric)
-    return ids.view(shape)
+    return scores.argmax(-1).view(x.shape[:-1])  # torch.argmax returns the first maximum
 
 
 def clamp(x0, E, metric):

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 import common
+import kernels
 
 # ----------------------------------------------------------------------------------------------
 # Config
@@ -171,17 +172,15 @@ def unmask_probability(t, s, cfg):
     return float((a_s - a_t) / (1 - a_t))
 
 
+@kernels.fused("mdlm_ancestral_step")
 def ancestral_step(logits, xt, p_unmask, u, mask_id):
     """One reverse step t -> s (paper eq. 7), in two stages so it is exact in any precision.
 
     logits (B, L, N) network output; xt (B, L); p_unmask (B,) float64; u (B, L, 2) float64.
     A masked position is revealed when u[..., 0] < p_unmask, and then takes a token drawn from
     the SUBS distribution softmax(logits without [MASK]) by inverse CDF with u[..., 1].
-    Unmasked positions are carried over. The fused kernel computes the same function.
+    Unmasked positions are carried over.
     """
-    k = common.load_kernels()
-    if common.kernel_ready(k, logits):
-        return k.mdlm_ancestral_step(logits.contiguous(), xt.contiguous(), p_unmask.double().contiguous(), u.contiguous(), mask_id)
     probs = torch.softmax(logits.float().index_fill(-1, torch.tensor([mask_id], device=logits.device), -float("inf")), -1)
     token = common.sample_categorical(probs, u[..., 1])
     reveal = (xt == mask_id) & (u[..., 0] < p_unmask[:, None])

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 import common
+import kernels
 
 GRAPHS = ("absorb", "uniform")
 SCHEDULES = ("loglinear", "geometric")
@@ -230,6 +231,44 @@ def K(a):
     return torch.where(a > 0, a * (torch.log(a) - 1), torch.zeros_like(a))
 
 
+def register_score_entropy_autograd(ops):
+    """The autograd of the fused score entropy (run by kernels.py once the extension is loaded).
+
+    score_entropy only reads the scores; its backward streams them once more and writes the
+    gradient, already scaled by the incoming gradient of the (B, L) loss. score_entropy_with_grad
+    (CPU) writes the gradient of loss.sum() in the loss's own pass; its backward scales it in place.
+    Either way the gradient is the only B x L x N tensor made.
+    """
+    def recompute(ctx, grad_loss):
+        log_score, xt, x0, sigma_bar = ctx.saved_tensors
+        return ops.score_entropy_backward(grad_loss.float().contiguous(), log_score, xt, x0, sigma_bar, ctx.graph)
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:4])
+        ctx.graph = inputs[4]
+
+    def backward(ctx, grad_loss):
+        return recompute(ctx, grad_loss), None, None, None, None
+
+    torch.library.register_autograd("difflm::score_entropy", backward, setup_context=setup_context)
+
+    def setup_context_with_grad(ctx, inputs, output):
+        setup_context(ctx, inputs, output)
+        ctx.grad = output[1]  # not saved_tensors: backward scales it in place
+        ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)  # else backward gets a B x L x N zero tensor for output[1]
+
+    def backward_with_grad(ctx, grad_loss, _):
+        if ctx.grad is None:  # a retained graph's second backward: the first one consumed it
+            return recompute(ctx, grad_loss), None, None, None, None
+        grad, ctx.grad = ctx.grad, None
+        return grad.mul_(grad_loss.unsqueeze(-1)), None, None, None, None
+
+    torch.library.register_autograd("difflm::score_entropy_with_grad", backward_with_grad,
+                                    setup_context=setup_context_with_grad)
+
+
+@kernels.fused("score_entropy", on_load=register_score_entropy_autograd)
 def score_entropy(log_score, xt, x0, sigma_bar, graph):
     """Per-position DWDSE D^l (B, L) fp32, NOT weighted by sigma(t).
 
@@ -238,10 +277,6 @@ def score_entropy(log_score, xt, x0, sigma_bar, graph):
         D = sum_{y != x} Q[x, y] [s_y - rho_y log s_y + K(rho_y)],  rho_y = p(y | x_0) / p(x | x_0)
     with x = x_t. Its gradient w.r.t. log s_y is Q[x, y] (s_y - rho_y), 0 at y = x.
     """
-    k = common.load_kernels()  # the fused kernel (csrc/) computes the same function; this body is its oracle
-    if common.kernel_ready(k, log_score) and graph in ("absorb", "uniform"):
-        return common.score_entropy_kernel(k, log_score.contiguous(), xt.contiguous(), x0.contiguous(), sigma_bar,
-                                           graph)
     ls = log_score.float()  # fp32 before exp: the terms cancel at O(r log r) (METHODS sec. 6.2)
     N = ls.shape[-1]
     out = torch.zeros(xt.shape, dtype=torch.float32, device=ls.device)
@@ -325,11 +360,9 @@ def euler_weights(log_score, xt, rate_dt, graph):
     return w, 1 - w.sum(-1)
 
 
+@kernels.fused("sedd_euler_step")
 def euler_step(log_score, xt, rate_dt, u, graph):
     """One Euler tau-leaping step t -> t - dt (B, L) int64; u (B, L, 2) float64 uniforms."""
-    k = common.load_kernels()
-    if common.kernel_ready(k, log_score) and graph in ("absorb", "uniform"):
-        return k.sedd_euler_step(log_score.contiguous(), xt.contiguous(), rate_dt.double().contiguous(), u.contiguous(), graph)
     w, w_stay = euler_weights(log_score, xt, rate_dt, graph)
     return _two_stage(w, w_stay, xt, u)
 
@@ -352,11 +385,9 @@ def tweedie_weights(log_score, xt, dsigma, graph, final=False):
     return w, w_stay
 
 
+@kernels.fused("sedd_tweedie_step")
 def tweedie_step(log_score, xt, dsigma, u, graph, final=False):
     """One analytic tau-leaping step t -> s (B, L) int64; final=True is the denoising step."""
-    k = common.load_kernels()
-    if common.kernel_ready(k, log_score) and graph in ("absorb", "uniform"):
-        return k.sedd_tweedie_step(log_score.contiguous(), xt.contiguous(), dsigma.double().contiguous(), u.contiguous(), graph, final)
     w, w_stay = tweedie_weights(log_score, xt, dsigma, graph, final)
     return _two_stage(w, w_stay, xt, u)
 

@@ -1,6 +1,7 @@
 // The torch binding of the difflm kernels: op schemas (TORCH_LIBRARY namespace difflm), input
 // checks with messages that name the argument, and dispatch to the CPU functions or the CUDA
-// launchers. Autograd and fake (meta) implementations are registered from Python (common.py).
+// launchers. Fake (meta) implementations are registered from Python (kernels.py), the autograd of
+// score_entropy by sedd.py through it.
 //
 //   score_entropy(log_score, xt, x0, sigma_bar, graph) -> loss (B, L) fp32
 //   score_entropy_backward(grad_loss, log_score, xt, x0, sigma_bar, graph) -> grad (B, L, N), input dtype
@@ -13,6 +14,7 @@
 //   nearest_embedding(x, E, metric) -> ids (N,): nearest row of E by 'cos' or 'l2' (Diffusion-LM's clamp)
 //   cuda_built() -> bool
 #include <ATen/ATen.h>
+#include <cmath>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -110,6 +112,12 @@ int check_score_entropy(const Tensor& log_score, const Tensor& xt, const Tensor&
               "), got ", sigma_bar.sizes());
   TORCH_CHECK(sigma_bar.scalar_type() == at::kFloat || sigma_bar.scalar_type() == at::kDouble,
               "difflm: sigma_bar must be float32 or float64, got ", sigma_bar.scalar_type());
+  if (g == difflm::ABSORB && B > 0) {  // r = 1 / expm1(sigma_bar) is a rate only for 0 < sigma_bar < inf
+    auto mm = at::aminmax(sigma_bar);
+    const double lo = std::get<0>(mm).item<double>(), hi = std::get<1>(mm).item<double>();
+    TORCH_CHECK(lo > 0 && hi < INFINITY, "difflm: sigma_bar must be positive and finite for the absorbing graph, got "
+                "values in [", lo, ", ", hi, "]");
+  }
   check_ids(xt, "xt", N, "the states of log_score's last dimension");
   check_ids(x0, "x0", g == difflm::ABSORB ? N - 1 : N,
             g == difflm::ABSORB ? "clean tokens: MASK = N - 1 is not one" : "the states of log_score's last dimension");
@@ -170,6 +178,17 @@ int check_step(const Tensor& scores, const char* sname, const Tensor& xt, const 
   check_like(t, tname, scores, {B}, at::kDouble, "(B,)");
   check_like(u, "u", scores, {B, L, 2}, at::kDouble, "(B, L, 2)");
   check_ids(xt, "xt", N, "the states of the scores' last dimension");
+  if (B > 0) {  // a rate or a probability: a NaN fails both comparisons
+    auto mm = at::aminmax(t);
+    const double lo = std::get<0>(mm).item<double>(), hi = std::get<1>(mm).item<double>();
+    TORCH_CHECK(lo >= 0 && hi < INFINITY, "difflm: ", tname, " must be finite and >= 0, got values in [", lo, ", ",
+                hi, "]");
+  }
+  if (u.numel() > 0) {
+    auto mm = at::aminmax(u);
+    const double lo = std::get<0>(mm).item<double>(), hi = std::get<1>(mm).item<double>();
+    TORCH_CHECK(lo >= 0 && hi < 1, "difflm: u must lie in [0, 1) (uniforms), got values in [", lo, ", ", hi, "]");
+  }
   return dtype;
 }
 
@@ -247,6 +266,8 @@ Tensor nearest_embedding(const Tensor& x, const Tensor& E, c10::string_view metr
               " but the kernels were built without CUDA; use the PyTorch path (DIFFLM_KERNELS=0)");
 #endif
   const int64_t N = x.size(0), d = x.size(1), V = E.size(0);
+  TORCH_CHECK(at::isfinite(x).all().item<bool>(), "difflm: x must be finite (it holds a NaN or an infinity)");
+  TORCH_CHECK(at::isfinite(E).all().item<bool>(), "difflm: E must be finite (it holds a NaN or an infinity)");
   TORCH_CHECK(E.size(1) == d, "difflm: E must have d = ", d, " columns like x, got shape ", E.sizes());
   TORCH_CHECK(V >= 1, "difflm: E must have at least one row (V >= 1)");
   TORCH_CHECK(d >= 1, "difflm: x and E need at least one dimension (d >= 1)");
@@ -318,7 +339,7 @@ TORCH_LIBRARY_IMPL(difflm, CUDA, m) {
 
 #ifdef DIFFLM_PYMODULE
 // `DIFFLM_BUILD_EXT=1 pip install -e .` builds this file into an importable module; importing it
-// runs the registrations above, which is all common.load_kernels needs (the ops live in torch.ops).
+// runs the registrations above, which is all kernels.load needs (the ops live in torch.ops).
 #include <Python.h>
 PyMODINIT_FUNC PyInit_difflm_kernels(void) {
   static PyModuleDef def = {PyModuleDef_HEAD_INIT, "difflm_kernels", "difflm's fused ops (torch.ops.difflm)", -1,

@@ -1,13 +1,15 @@
 """The fused nearest-embedding kernel (Diffusion-LM's clamp) on CPU: parity with the PyTorch oracle
 (up to float rounding on near-ties), exact ties to the lowest index, bad inputs, the fake (meta)
 implementation, and the dispatch in diffusion_lm.nearest_embedding."""
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-import common
+import kernels
 import diffusion_lm
-from test_kernels import fresh_gen, pytorch_path
+from test_kernels import fresh_gen
 
 METRICS = ("cos", "l2")
 # one row and one column; odd sizes (partial 6-row tiles, partial 16-row panels); E2E; wide d
@@ -16,7 +18,7 @@ SHAPES = [(1, 1, 1), (5, 3, 7), (7, 16, 17), (97, 16, 853), (200, 33, 1000), (13
 
 @pytest.fixture(scope="module")
 def k():
-    ops = common.load_kernels()
+    ops = kernels.load()
     assert ops is not None, "the difflm kernels did not build"
     return ops
 
@@ -37,7 +39,7 @@ def test_matches_oracle(k, metric, shape):
     x = torch.randn(N, d, generator=gen) * 2
     E = torch.randn(V, d, generator=gen) * torch.rand(V, 1, generator=gen) * 3  # norms differ: cos != l2
     got = k.nearest_embedding(x, E, metric)
-    ref = diffusion_lm.nearest_embedding_torch(x, E, metric)
+    ref = diffusion_lm.nearest_embedding.oracle(x, E, metric)
     assert got.dtype == torch.long and got.shape == (N,)
     s = scores64(x, E, metric)
     best = s.max(-1).values
@@ -60,7 +62,7 @@ def test_ties_go_to_the_lowest_index(k, metric):
     x[0] = E[5]
     got = k.nearest_embedding(x, E, metric)
     assert got[0] == 5 and got[1] == 5 and got[2] == 5, f"seed {seed}: {got.tolist()}"
-    assert torch.equal(got, diffusion_lm.nearest_embedding_torch(x, E, metric))
+    assert torch.equal(got, diffusion_lm.nearest_embedding.oracle(x, E, metric))
     # all rows equal: every query ties everywhere
     same = torch.ones(37, 8)
     assert (k.nearest_embedding(torch.randn(9, 8, generator=gen), same, metric) == 0).all()
@@ -71,7 +73,7 @@ def test_zero_query_and_zero_rows_cosine(k):
     E[0] = 0.0  # F.normalize maps a zero row to zero: score 0
     x = torch.zeros(3, 4)
     assert k.nearest_embedding(x, E, "cos").tolist() == [0, 0, 0]
-    assert torch.equal(k.nearest_embedding(x, E, "cos"), diffusion_lm.nearest_embedding_torch(x, E, "cos"))
+    assert torch.equal(k.nearest_embedding(x, E, "cos"), diffusion_lm.nearest_embedding.oracle(x, E, "cos"))
 
 
 def test_cosine_and_l2_differ_as_they_should(k):
@@ -94,6 +96,8 @@ def test_empty_queries(k):
     ((torch.randn(4, 3).T, torch.randn(5, 4), "cos"), "x must be contiguous"),
     ((torch.randn(3, 4), torch.randn(0, 4), "cos"), "at least one row"),
     ((torch.randn(3, 4), torch.randn(5, 4), "dot"), "metric must be 'cos' or 'l2'"),
+    ((torch.randn(3, 4), torch.randn(5, 4).index_fill(0, torch.tensor([2]), float("nan")), "cos"), "E must be finite"),
+    ((torch.randn(3, 4).index_fill(1, torch.tensor([0]), float("inf")), torch.randn(5, 4), "l2"), "x must be finite"),
 ])
 def test_bad_inputs(k, args, msg):
     with pytest.raises(RuntimeError, match=msg):
@@ -101,7 +105,7 @@ def test_bad_inputs(k, args, msg):
 
 
 def test_fake_implementation(k):
-    """Shapes under torch.compile / FakeTensor come from the fake registered in common.py."""
+    """Shapes under torch.compile / FakeTensor come from the fake registered in kernels.py."""
     torch.library.opcheck(torch.ops.difflm.nearest_embedding.default, (torch.randn(6, 5), torch.randn(9, 5), "cos"),
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -111,6 +115,21 @@ def test_dispatch_matches_pytorch_path(k):
     x, E = torch.randn(3, 11, 16, generator=gen), torch.randn(100, 16, generator=gen)
     for metric in METRICS:
         got = diffusion_lm.nearest_embedding(x, E, metric)
-        with pytorch_path():
+        with kernels.oracles_only():
             ref = diffusion_lm.nearest_embedding(x, E, metric)
+        assert torch.equal(ref, diffusion_lm.nearest_embedding.oracle(x, E, metric))
         assert got.shape == (3, 11) and torch.equal(got, ref), f"seed {seed}"
+
+
+@pytest.mark.parametrize("where", ["x", "E"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_inputs_are_refused_on_both_paths(k, where, value):
+    """A NaN or infinite vector has no nearest row (the oracle's argmax would pick the NaN's column):
+    the dispatch refuses it whichever path would run, and the op refuses it when called directly."""
+    x, E = torch.randn(4, 3), torch.randn(6, 3)
+    (x if where == "x" else E)[1, 2] = value
+    for ctx in (kernels.oracles_only, contextlib.nullcontext):
+        with ctx(), pytest.raises(ValueError, match=f"{where} must be finite"):
+            diffusion_lm.nearest_embedding(x, E, "cos")
+    with pytest.raises(RuntimeError, match=f"{where} must be finite"):
+        k.nearest_embedding(x, E, "l2")

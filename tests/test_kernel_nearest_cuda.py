@@ -3,7 +3,7 @@ kernel, exact ties to the lowest index, and the partial 64-row tiles of the CUDA
 import pytest
 import torch
 
-import common
+import kernels
 import diffusion_lm
 from test_kernel_nearest import scores64
 from test_kernels import fresh_gen
@@ -21,14 +21,14 @@ def oracle_fp32(x, E, metric):
     flag = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        return diffusion_lm.nearest_embedding_torch(x.cuda(), E.cuda(), metric).cpu()
+        return diffusion_lm.nearest_embedding.oracle(x.cuda(), E.cuda(), metric).cpu()
     finally:
         torch.backends.cuda.matmul.allow_tf32 = flag
 
 
 @pytest.fixture(scope="module")
 def k():
-    ops = common.load_kernels()
+    ops = kernels.load()
     assert ops is not None and ops.cuda_built(), "the kernels were not built with CUDA"
     return ops
 

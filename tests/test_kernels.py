@@ -1,6 +1,7 @@
-"""Fused kernels (csrc/, CPU): parity with the PyTorch oracles in sedd.py and mdlm.py, gradients,
-exact samples for the same uniforms, sampled distributions, input checks, the DIFFLM_KERNELS=0 and
-failed-build fallbacks, and training/sampling that agree with and without the kernels.
+"""Fused kernels (csrc/, CPU): parity with the PyTorch oracles in sedd.py and mdlm.py (each marked
+function's .oracle), gradients, exact samples for the same uniforms, sampled distributions, input
+checks, the first-use self-check, the DIFFLM_KERNELS=0 and failed-build fallbacks, and training and
+sampling that agree with and without the kernels.
 
 The first test to ask for the kernels JIT-builds them (~10 s on 2 cores, then cached)."""
 import contextlib
@@ -10,11 +11,13 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
 
 import common
+import kernels
 import mdlm
 import sedd
 from conftest import ROOT, write_toy_dataset
@@ -28,20 +31,9 @@ SHAPES = [(1, 1, 1), (2, 3, 1), (3, 5, 6), (2, 7, 65), (3, 4, 1031), (1, 3, 5003
 
 @pytest.fixture(scope="module")
 def k():
-    ops = common.load_kernels()
+    ops = kernels.load()
     assert ops is not None, "the kernels did not build (see the warning above); the fused path is untested"
     return ops
-
-
-@contextlib.contextmanager
-def pytorch_path():
-    """Run sedd/mdlm on their readable PyTorch bodies (the oracles), as with DIFFLM_KERNELS=0."""
-    saved = common.load_kernels
-    common.load_kernels = lambda *a, **kw: None
-    try:
-        yield
-    finally:
-        common.load_kernels = saved
 
 
 def inputs(graph, B, L, V, dtype, gen, masked=0.5, scale=2.0):
@@ -81,8 +73,7 @@ def test_score_entropy_matches_oracle_and_autograd(k, graph, masked, dtype, shap
     w = torch.rand(shape[:2], generator=gen) + 0.5  # an upstream gradient that is not all ones
 
     ref_ls = ls.clone().requires_grad_()
-    with pytorch_path():
-        ref = sedd.score_entropy(ref_ls, xt, x0, sb, graph)
+    ref = sedd.score_entropy.oracle(ref_ls, xt, x0, sb, graph)
     (ref * w).sum().backward()
     got_ls = ls.clone().requires_grad_()
     fn = k.score_entropy if path == "two_pass" else lambda *a: k.score_entropy_with_grad(*a)[0]
@@ -110,7 +101,7 @@ def test_score_entropy_with_grad_is_the_loss_and_the_gradient_of_its_sum(k):
                                    rtol=0, atol=0)
         # no gradient wanted (eval, no_grad): the wrapper takes the read-only op
         with torch.no_grad():
-            assert torch.equal(common.score_entropy_kernel(k, ls.requires_grad_(), xt, x0, sb, graph), loss)
+            assert torch.equal(sedd.score_entropy.kernel(ls.requires_grad_(), xt, x0, sb, graph), loss)
 
 
 def test_score_entropy_is_what_sedd_uses_and_backward_can_run_twice(k):
@@ -148,15 +139,15 @@ def test_opcheck_fake_and_autograd_registration(k):
 
 def step_pairs(k, graph, ls, xt, t, u):
     """(name, kernel output, oracle output) for every step of this graph."""
-    with pytorch_path():
-        out = [("euler", k.sedd_euler_step(ls, xt, t, u, graph), sedd.euler_step(ls, xt, t, u, graph)),
-               ("tweedie", k.sedd_tweedie_step(ls, xt, t, u, graph, False), sedd.tweedie_step(ls, xt, t, u, graph)),
-               ("denoiser", k.sedd_tweedie_step(ls, xt, t, u, graph, True),
-                sedd.tweedie_step(ls, xt, t, u, graph, final=True))]
-        if graph == "absorb":
-            N = ls.shape[-1]
-            p = torch.rand(t.shape, dtype=torch.float64)
-            out.append(("mdlm", k.mdlm_ancestral_step(ls, xt, p, u, N - 1), mdlm.ancestral_step(ls, xt, p, u, N - 1)))
+    out = [("euler", k.sedd_euler_step(ls, xt, t, u, graph), sedd.euler_step.oracle(ls, xt, t, u, graph)),
+           ("tweedie", k.sedd_tweedie_step(ls, xt, t, u, graph, False), sedd.tweedie_step.oracle(ls, xt, t, u, graph)),
+           ("denoiser", k.sedd_tweedie_step(ls, xt, t, u, graph, True),
+            sedd.tweedie_step.oracle(ls, xt, t, u, graph, final=True))]
+    if graph == "absorb":
+        N = ls.shape[-1]
+        p = torch.rand(t.shape, dtype=torch.float64)
+        out.append(("mdlm", k.mdlm_ancestral_step(ls, xt, p, u, N - 1),
+                    mdlm.ancestral_step.oracle(ls, xt, p, u, N - 1)))
     return out
 
 
@@ -193,15 +184,13 @@ def test_steps_at_the_stay_move_threshold(k, graph, dtype):
     t = torch.rand(B, dtype=torch.float64, generator=gen) * 0.3 + 0.01
     for name, weights, step in (("euler", sedd.euler_weights, k.sedd_euler_step),
                                 ("tweedie", sedd.tweedie_weights, lambda *a: k.sedd_tweedie_step(*a, False))):
-        with pytorch_path():
-            w, w_stay = weights(ls, xt, t, graph)
+        w, w_stay = weights(ls, xt, t, graph)
         total = w.clamp(min=0).sum(-1)
         p = total / (total + w_stay.clamp(min=0))  # (B, L)
         for d in (-0.3, -0.05, -1e-2, -1e-3, -2e-4, -1e-4, -5e-5, -1e-6, 1e-6, 5e-5, 1e-4, 2e-4, 1e-3, 1e-2, 0.05, 0.3):
             u = torch.rand(B, L, 2, dtype=torch.float64, generator=gen)
             u[..., 0] = (p * (1 + d)).clamp(0, 1 - 1e-12)
-            with pytorch_path():
-                ref = (sedd.euler_step if name == "euler" else sedd.tweedie_step)(ls, xt, t, u, graph)
+            ref = (sedd.euler_step if name == "euler" else sedd.tweedie_step).oracle(ls, xt, t, u, graph)
             got = step(ls, xt, t, u, graph)
             assert torch.equal(got, ref), f"seed {seed}: {name} at u0 = p (1 + {d}) differs"
             sel = (p > 0) & (p < 0.9)  # rows that can go either way (p = 1: w_x clamped to 0, always moves)
@@ -220,8 +209,7 @@ def test_steps_with_log_scores_beyond_an_fp32_exp(k, graph):
     t = torch.full((B,), 2e-42 if graph == "absorb" else 1e-40, dtype=torch.float64)  # M = O(0.1-1)
     u = torch.rand(B, L, 2, dtype=torch.float64, generator=gen)
     for name, step in (("euler", k.sedd_euler_step), ("tweedie", lambda *a: k.sedd_tweedie_step(*a, False))):
-        with pytorch_path():
-            ref = (sedd.euler_step if name == "euler" else sedd.tweedie_step)(ls, xt, t, u, graph)
+        ref = (sedd.euler_step if name == "euler" else sedd.tweedie_step).oracle(ls, xt, t, u, graph)
         assert torch.equal(step(ls, xt, t, u, graph), ref), f"seed {seed}: {name}"
         assert (ref != xt).any() and (ref == xt).any(), f"seed {seed}: {name} tested only one outcome"
 
@@ -263,18 +251,17 @@ def test_sampled_distribution_chi_square(k, case):
     xt = torch.full((1, L), x)
     t = torch.tensor([0.08], dtype=torch.float64)
     u = torch.rand(1, L, 2, dtype=torch.float64)
-    with pytorch_path():
-        if case == "mdlm":
-            w = torch.softmax(row.index_fill(0, torch.tensor([N - 1]), -float("inf")), 0).double() * 0.6
-            w_stay = torch.tensor(0.4, dtype=torch.float64)
-            got = k.mdlm_ancestral_step(ls, xt, torch.tensor([0.6], dtype=torch.float64), u, N - 1)
-        elif case == "euler-absorb":
-            w, w_stay = sedd.euler_weights(ls[:, :1], xt[:, :1], t, graph)
-            got = k.sedd_euler_step(ls, xt, t, u, graph)
-        else:
-            final = case == "denoiser-absorb"
-            w, w_stay = sedd.tweedie_weights(ls[:, :1], xt[:, :1], t, graph, final)
-            got = k.sedd_tweedie_step(ls, xt, t, u, graph, final)
+    if case == "mdlm":
+        w = torch.softmax(row.index_fill(0, torch.tensor([N - 1]), -float("inf")), 0).double() * 0.6
+        w_stay = torch.tensor(0.4, dtype=torch.float64)
+        got = k.mdlm_ancestral_step(ls, xt, torch.tensor([0.6], dtype=torch.float64), u, N - 1)
+    elif case == "euler-absorb":
+        w, w_stay = sedd.euler_weights(ls[:, :1], xt[:, :1], t, graph)
+        got = k.sedd_euler_step(ls, xt, t, u, graph)
+    else:
+        final = case == "denoiser-absorb"
+        w, w_stay = sedd.tweedie_weights(ls[:, :1], xt[:, :1], t, graph, final)
+        got = k.sedd_tweedie_step(ls, xt, t, u, graph, final)
     w, w_stay = w.reshape(-1).clamp(min=0), w_stay.reshape(()).clamp(min=0)
     probs = w.clone()
     probs[x] = w_stay
@@ -329,6 +316,191 @@ def test_bad_inputs_name_the_argument(k):
             fn()
 
 
+def test_meta_and_mixed_devices_are_refused_naming_the_argument(k):
+    """A meta tensor among CPU ones reaches the fake implementation, not the binding: it must refuse
+    too rather than return uninitialised memory. All-meta inputs are shape inference and give meta."""
+    ls, xt, x0, sb = inputs("absorb", 2, 3, 5, torch.float32, torch.Generator().manual_seed(0))
+    u, t = torch.rand(2, 3, 2, dtype=torch.float64), torch.full((2,), 0.1, dtype=torch.float64)
+    meta = lambda x: x.to("meta")  # noqa: E731
+    cases = [(lambda: k.score_entropy(ls, meta(xt), x0, sb, "absorb"), "xt must be on cpu"),
+             (lambda: k.score_entropy(ls, xt, x0, meta(sb), "absorb"), "sigma_bar must be on cpu"),
+             (lambda: k.score_entropy_backward(meta(torch.ones(2, 3)), ls, xt, x0, sb, "absorb"), "log_score must be on meta"),
+             (lambda: k.sedd_euler_step(ls, xt, t, meta(u), "absorb"), "u must be on cpu"),
+             (lambda: k.sedd_tweedie_step(ls, xt, meta(t), u, "absorb", False), "dsigma must be on cpu"),
+             (lambda: k.mdlm_ancestral_step(meta(ls), xt, t, u, 5), "xt must be on meta"),
+             (lambda: k.nearest_embedding(torch.randn(3, 4), meta(torch.randn(5, 4)), "cos"), "E must be on cpu")]
+    for fn, pattern in cases:
+        with pytest.raises(RuntimeError, match=pattern):
+            fn()
+    out = k.score_entropy(meta(ls), meta(xt), meta(x0), meta(sb), "absorb")
+    assert out.device.type == "meta" and out.shape == (2, 3)
+    # through the dispatch point a meta call runs the oracle (shape inference in PyTorch)
+    assert sedd.euler_step(meta(ls), meta(xt), meta(t), meta(u), "absorb").device.type == "meta"
+
+
+@pytest.mark.parametrize("value", [1.0, 1.5, -0.25, float("nan"), float("inf")])
+@pytest.mark.parametrize("which", [0, 1])
+def test_uniforms_outside_0_1_are_refused_by_op_and_dispatch(k, value, which):
+    """u >= 1 (or NaN) made the absorbing steps pick the last token where the oracle kept MASK: the
+    uniforms lie in [0, 1), and both paths refuse anything else."""
+    ls, xt, _, _ = inputs("absorb", 2, 3, 5, torch.float32, torch.Generator().manual_seed(1), masked=1.0)
+    t = torch.full((2,), 0.3, dtype=torch.float64)
+    u = torch.rand(2, 3, 2, dtype=torch.float64)
+    u[1, 2, which] = value
+    steps = [(sedd.euler_step, k.sedd_euler_step, (ls, xt, t, u, "absorb")),
+             (sedd.tweedie_step, lambda *a: k.sedd_tweedie_step(*a, False), (ls, xt, t, u, "absorb")),
+             (mdlm.ancestral_step, k.mdlm_ancestral_step, (ls, xt, t, u, 5))]
+    for fn, op, args in steps:
+        with pytest.raises(RuntimeError, match=r"u must lie in \[0, 1\)"):
+            op(*args)
+        for ctx in (contextlib.nullcontext, kernels.oracles_only):
+            with ctx(), pytest.raises(ValueError, match=r"u must lie in \[0, 1\)"):
+                fn(*args)
+
+
+@pytest.mark.parametrize("value", [0.0, -0.5, float("inf"), float("nan")])
+def test_absorbing_sigma_bar_outside_0_inf_is_refused_by_op_and_dispatch(k, value):
+    """The absorbing rate 1 / expm1(sigma_bar) exists only for 0 < sigma_bar < inf: the oracle gave
+    NaN and the op finite numbers. Both refuse; the uniform graph is defined there and agrees."""
+    ls, xt, x0, sb = inputs("absorb", 2, 3, 5, torch.float32, torch.Generator().manual_seed(2), masked=1.0)
+    sb[0] = value
+    with pytest.raises(RuntimeError, match="sigma_bar must be positive and finite"):
+        k.score_entropy(ls, xt, x0, sb, "absorb")
+    for ctx in (contextlib.nullcontext, kernels.oracles_only):
+        with ctx(), pytest.raises(ValueError, match="sigma_bar must be positive and finite"):
+            sedd.score_entropy(ls, xt, x0, sb, "absorb")
+    ls, xt, x0, sb = inputs("uniform", 2, 3, 5, torch.float32, torch.Generator().manual_seed(2))
+    sb[0] = value
+    torch.testing.assert_close(k.score_entropy(ls, xt, x0, sb, "uniform"),
+                               sedd.score_entropy.oracle(ls, xt, x0, sb, "uniform"), equal_nan=True)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_non_finite_scores_behave_as_the_oracle(k, graph, value):
+    """A NaN or infinite score goes through both paths alike: the same loss (NaN where the oracle's
+    is NaN) and the same tokens."""
+    gen = torch.Generator().manual_seed(3)
+    ls, xt, x0, sb = inputs(graph, 2, 5, 6, torch.float32, gen, masked=0.8)
+    ls[0, 1, 2] = value
+    ls[1, 3, -1] = value
+    torch.testing.assert_close(k.score_entropy(ls, xt, x0, sb, graph),
+                               sedd.score_entropy.oracle(ls, xt, x0, sb, graph), equal_nan=True)
+    u = torch.rand(2, 5, 2, dtype=torch.float64, generator=gen)
+    t = torch.tensor([0.3, 0.2], dtype=torch.float64)
+    assert torch.equal(k.sedd_euler_step(ls, xt, t, u, graph), sedd.euler_step.oracle(ls, xt, t, u, graph))
+    for final in (False, True):
+        assert torch.equal(k.sedd_tweedie_step(ls, xt, t, u, graph, final),
+                           sedd.tweedie_step.oracle(ls, xt, t, u, graph, final))
+    if graph == "absorb":
+        assert torch.equal(k.mdlm_ancestral_step(ls, xt, t, u, 6), mdlm.ancestral_step.oracle(ls, xt, t, u, 6))
+
+
+@pytest.mark.parametrize("value", [-0.1, float("nan"), float("inf"), -float("inf")])
+def test_step_rates_outside_0_inf_are_refused_by_op_and_dispatch(k, value):
+    """A rate, a sigma_bar difference or an unmasking probability is finite and >= 0 (at -inf the
+    absorbing denoiser revealed where the oracle kept MASK): both paths refuse anything else."""
+    ls, xt, _, _ = inputs("absorb", 2, 3, 5, torch.float32, torch.Generator().manual_seed(5), masked=1.0)
+    t = torch.tensor([0.3, value], dtype=torch.float64)
+    u = torch.rand(2, 3, 2, dtype=torch.float64)
+    steps = [(sedd.euler_step, k.sedd_euler_step, (ls, xt, t, u, "absorb"), "rate_dt"),
+             (sedd.tweedie_step, lambda *a: k.sedd_tweedie_step(*a, True), (ls, xt, t, u, "absorb"), "dsigma"),
+             (mdlm.ancestral_step, k.mdlm_ancestral_step, (ls, xt, t, u, 5), "p_unmask")]
+    for fn, op, args, name in steps:
+        with pytest.raises(RuntimeError, match=f"{name} must be finite and >= 0"):
+            op(*args)
+        for ctx in (contextlib.nullcontext, kernels.oracles_only):
+            with ctx(), pytest.raises(ValueError, match=f"{name} must be finite and >= 0"):
+                fn(*args)
+
+
+# ----------------------------------------------------------------------------------------------
+# the first-use self-check (kernels.py): every op against its oracle, once per device
+
+
+def test_self_check_passes_for_every_cpu_op(k):
+    import diffusion_lm  # noqa: F401  (marks nearest_embedding)
+    assert set(kernels.FUSED) == {"score_entropy", "sedd_euler_step", "sedd_tweedie_step", "mdlm_ancestral_step",
+                                  "nearest_embedding"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for name, f in kernels.FUSED.items():
+            assert f.self_check("cpu"), name
+            # the first use may come inside an eval or a bf16 region: the check is the same there
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+                assert f.self_check("cpu"), f"{name} under inference_mode and autocast"
+
+
+def wrong_ops():
+    """(op name, a wrong stand-in built on the real op, the oracle's arguments, what the warning names)."""
+    gen = torch.Generator().manual_seed(4)
+    ls, xt, x0, sb = inputs("absorb", 2, 5, 6, torch.float32, gen, masked=1.0)
+    t = torch.full((2,), 0.4, dtype=torch.float64)
+    u = torch.rand(2, 5, 2, dtype=torch.float64, generator=gen)
+    k = torch.ops.difflm
+
+    def shifted_tokens(*a):  # every moved token one higher: the law of a different step
+        out = k.sedd_euler_step(*a)
+        return torch.where(out != a[1], (out + 1) % a[0].shape[-1], out)
+
+    def nan_loss(*a):  # a NaN where the oracle has a number
+        return k.score_entropy(*a).index_fill(1, torch.tensor([0]), float("nan"))
+
+    class ScaledGrad(torch.autograd.Function):  # the right loss, a gradient 1% too large
+        @staticmethod
+        def forward(ctx, ls, *a):
+            ctx.save_for_backward(ls, *a[:3])
+            ctx.graph = a[3]
+            return k.score_entropy(ls, *a)
+
+        @staticmethod
+        def backward(ctx, g):
+            ls, xt, x0, sb = ctx.saved_tensors
+            return 1.01 * k.score_entropy_backward(g.contiguous(), ls, xt, x0, sb, ctx.graph), None, None, None, None
+
+    def raises(*a):
+        raise RuntimeError("illegal memory access")
+
+    return [("sedd_euler_step", shifted_tokens, (sedd.euler_step, ls, xt, t, u, "absorb"), "tokens differ"),
+            ("score_entropy", nan_loss, (sedd.score_entropy, ls, xt, x0, sb, "absorb"), "largest difference inf"),
+            ("score_entropy", lambda ls, *a: ScaledGrad.apply(ls.contiguous(), *a),
+             (sedd.score_entropy, ls.clone().requires_grad_(), xt, x0, sb, "absorb"), "gradient"),
+            ("mdlm_ancestral_step", raises, (mdlm.ancestral_step, ls, xt, t, u, 5), "illegal memory access")]
+
+
+@pytest.mark.parametrize("case", range(4), ids=["wrong tokens", "NaN loss", "wrong gradient", "raises"])
+def test_a_wrong_op_is_switched_off_with_one_warning(k, case):
+    name, wrong, (fn, *args), phrase = wrong_ops()[case]
+    with kernels.replace(name, wrong), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outs = [fn(*args) for _ in range(3)]
+    msgs = [str(w.message) for w in caught]
+    assert len(msgs) == 1 and f"difflm kernel {name} on cpu disagrees" in msgs[0] and phrase in msgs[0], msgs
+    ref = fn.oracle(*args)
+    for out in outs:  # after the warning, every call is the oracle's
+        assert torch.equal(out, ref)
+    with warnings.catch_warnings():  # the real op is checked afresh once the stand-in is gone, and passes
+        warnings.simplefilter("error")
+        fn(*args)
+
+
+def test_trust_skips_the_check_and_zero_turns_the_ops_off():
+    code = """
+        import warnings, torch, kernels, sedd
+        warnings.simplefilter("error")
+        ls, xt = torch.randn(2, 3, 6), torch.full((2, 3), 5)
+        t, u = torch.full((2,), 0.5, dtype=torch.float64), torch.rand(2, 3, 2, dtype=torch.float64)
+        marker = torch.full((2, 3), 4)
+        with kernels.replace("sedd_euler_step", lambda *a: marker):
+            out = sedd.euler_step(ls, xt, t, u, "absorb")
+            print(torch.equal(out, marker), len(kernels._PASSED), len(kernels._CHECK_SECONDS))
+    """
+    r = run_py(code, {"DIFFLM_KERNELS": "trust"})
+    assert r.returncode == 0 and r.stdout.split() == ["True", "1", "0"], r.stdout + r.stderr[-2000:]
+    r = run_py(code, {"DIFFLM_KERNELS": "0"})  # no ops at all: not even a stand-in runs
+    assert r.returncode == 0 and r.stdout.split() == ["False", "0", "0"], r.stdout + r.stderr[-2000:]
+
+
 # ----------------------------------------------------------------------------------------------
 # fallbacks: DIFFLM_KERNELS=0 and a failed build
 
@@ -341,9 +513,9 @@ def run_py(code, env):
 
 def test_disabled_kernels_fall_back_to_pytorch():
     r = run_py("""
-        import warnings, torch, common, sedd, mdlm
+        import warnings, torch, kernels, sedd, mdlm
         warnings.simplefilter("error")
-        assert common.load_kernels() is None
+        assert kernels.load() is None
         ls = torch.randn(2, 3, 6); xt = torch.full((2, 3), 5); u = torch.rand(2, 3, 2, dtype=torch.float64)
         t = torch.full((2,), 0.5, dtype=torch.float64)
         print(sedd.euler_step(ls, xt, t, u, "absorb").tolist(), mdlm.ancestral_step(ls, xt, t, u, 5).tolist())
@@ -357,11 +529,11 @@ def test_failed_build_warns_once_and_falls_back(tmp_path):
     src.mkdir()
     (src / "broken.cpp").write_text("this is not C++;\n")
     r = run_py(f"""
-        import warnings, common
+        import warnings, kernels
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            assert common.load_kernels({str(src)!r}) is None
-            assert common.load_kernels({str(src)!r}) is None
+            assert kernels.load({str(src)!r}) is None
+            assert kernels.load({str(src)!r}) is None
         msgs = [str(w.message) for w in caught]
         assert len(msgs) == 1 and "difflm kernels failed to build" in msgs[0], msgs
     """, {"DIFFLM_BUILD": str(tmp_path / "build")})
@@ -370,17 +542,17 @@ def test_failed_build_warns_once_and_falls_back(tmp_path):
 
 def test_a_killed_build_does_not_hang_the_next(tmp_path):
     """A build killed mid-way leaves torch's marker file behind, on which every later torch build
-    would wait forever; load_kernels removes it (with a warning) and goes on."""
+    would wait forever; kernels.load removes it (with a warning) and goes on."""
     src = tmp_path / "csrc"
     src.mkdir()
     (src / "broken.cpp").write_text("this is not C++;\n")
     (tmp_path / "build" / "cpu").mkdir(parents=True)
     (tmp_path / "build" / "cpu" / "lock").write_text("")
     r = run_py(f"""
-        import warnings, common
+        import warnings, kernels
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            assert common.load_kernels({str(src)!r}) is None
+            assert kernels.load({str(src)!r}) is None
         msgs = [str(w.message) for w in caught]
         assert len(msgs) == 2 and "killed" in msgs[0] and "failed to build" in msgs[1], msgs
     """, {"DIFFLM_BUILD": str(tmp_path / "build")})
@@ -395,15 +567,14 @@ def test_failed_cuda_build_keeps_the_cpu_kernels(tmp_path):
     (src / "broken.cu").write_text("this is not CUDA;\n")
     torch.manual_seed(0)
     ls, xt, x0 = torch.randn(2, 3, 6), torch.tensor([[5, 1, 5], [5, 5, 2]]), torch.tensor([[0, 1, 4], [3, 2, 2]])
-    with pytorch_path():
-        ref = sedd.score_entropy(ls, xt, x0, torch.ones(2), "absorb").tolist()
+    ref = sedd.score_entropy.oracle(ls, xt, x0, torch.ones(2), "absorb").tolist()
     r = run_py(f"""
         import warnings, torch
-        torch.cuda.is_available = lambda: True  # load_kernels now adds the .cu sources
-        import common
+        torch.cuda.is_available = lambda: True  # kernels.load now adds the .cu sources
+        import kernels
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            k = common.load_kernels({str(src)!r})
+            k = kernels.load({str(src)!r})
         msgs = [str(w.message) for w in caught]
         assert len(msgs) == 1 and "CUDA kernels failed to build" in msgs[0], msgs
         assert k is not None and not k.cuda_built()
@@ -434,7 +605,7 @@ def test_sedd_training_step_same_with_and_without_kernels(k, graph):
     cfg, model = tiny_sedd(graph)
     x0 = torch.randint(11, (8, 16))
     grads = []
-    for path in (contextlib.nullcontext, pytorch_path):
+    for path in (contextlib.nullcontext, kernels.oracles_only):
         model.zero_grad()
         torch.manual_seed(5)
         with path():
@@ -452,7 +623,7 @@ def test_sedd_sampling_same_with_and_without_kernels(k, graph, sampler):
     cfg, model = tiny_sedd(graph)
     cfg.sampler = sampler
     outs = []
-    for path in (contextlib.nullcontext, pytorch_path):
+    for path in (contextlib.nullcontext, kernels.oracles_only):
         torch.manual_seed(7)
         with path():
             outs.append(sedd.generate(model, cfg, torch.full((16,), -1), 6)[0])
@@ -466,7 +637,7 @@ def test_mdlm_sampling_same_with_and_without_kernels(k, sampler):
     model = mdlm.build_model(cfg, {"vocab_size": 9}).eval()
     torch.nn.init.normal_(model.head.weight, std=0.5)
     outs = []
-    for path in (contextlib.nullcontext, pytorch_path):
+    for path in (contextlib.nullcontext, kernels.oracles_only):
         torch.manual_seed(3)
         with path():
             outs.append(mdlm.generate(model, cfg, torch.full((16,), -1), 5)[0])

@@ -4,10 +4,10 @@ N = 2048, 256 threads up to 16384, 512 beyond) and unaligned rows for its 16-byt
 import pytest
 import torch
 
-import common
+import kernels
 import mdlm
 import sedd
-from test_kernels import fresh_gen, pytorch_path
+from test_kernels import fresh_gen
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; this torch sees none")]
@@ -20,7 +20,7 @@ SHAPES = [(2, 3, 1), (3, 5, 6), (4, 33, 67), (2, 9, 3001), (2, 5, 20011), (2, 4,
 
 @pytest.fixture(scope="module")
 def k():
-    ops = common.load_kernels()
+    ops = kernels.load()
     assert ops is not None and ops.cuda_built(), "the kernels were not built with CUDA"
     return ops
 
@@ -46,8 +46,7 @@ def test_cuda_score_entropy_matches_oracle(k, graph, dtype, shape):
     ls, xt, x0, sb = inputs(graph, *shape, dtype, gen)
     w = torch.rand(shape[:2], generator=gen).cuda() + 0.5
     ref_ls = ls.clone().requires_grad_()
-    with pytorch_path():
-        ref = sedd.score_entropy(ref_ls, xt, x0, sb, graph)
+    ref = sedd.score_entropy.oracle(ref_ls, xt, x0, sb, graph)
     (ref * w).sum().backward()
     got_ls = ls.clone().requires_grad_()
     loss = k.score_entropy(got_ls, xt, x0, sb, graph)
@@ -71,8 +70,7 @@ def test_cuda_score_entropy_scores_and_gradient_aligned_differently(k, dtype):
     assert shifted.is_contiguous() and shifted.storage_offset() == 1
     w = torch.rand(B, L, generator=gen).cuda() + 0.5
     ref_ls = ls.clone().requires_grad_()
-    with pytorch_path():
-        (sedd.score_entropy(ref_ls, xt, x0, sb, "uniform") * w).sum().backward()
+    (sedd.score_entropy.oracle(ref_ls, xt, x0, sb, "uniform") * w).sum().backward()
     got_ls = shifted.requires_grad_()
     (k.score_entropy(got_ls, xt, x0, sb, "uniform") * w).sum().backward()
     tol = dict(rtol=2e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-3)
@@ -90,14 +88,15 @@ def test_cuda_steps_return_the_oracles_tokens(k, graph, dtype, shape):
         t = (torch.rand(B, dtype=torch.float64, generator=gen) * t_scale).cuda()
         u = torch.rand(B, L, 2, dtype=torch.float64, generator=gen).cuda()
         N = ls.shape[-1]
-        with pytorch_path():
-            pairs = [("euler", k.sedd_euler_step(ls, xt, t, u, graph), sedd.euler_step(ls, xt, t, u, graph)),
-                     ("tweedie", k.sedd_tweedie_step(ls, xt, t, u, graph, False), sedd.tweedie_step(ls, xt, t, u, graph)),
-                     ("denoiser", k.sedd_tweedie_step(ls, xt, t, u, graph, True),
-                      sedd.tweedie_step(ls, xt, t, u, graph, final=True))]
-            if graph == "absorb":
-                p = t.clamp(max=1.0)
-                pairs.append(("mdlm", k.mdlm_ancestral_step(ls, xt, p, u, N - 1), mdlm.ancestral_step(ls, xt, p, u, N - 1)))
+        pairs = [("euler", k.sedd_euler_step(ls, xt, t, u, graph), sedd.euler_step.oracle(ls, xt, t, u, graph)),
+                 ("tweedie", k.sedd_tweedie_step(ls, xt, t, u, graph, False),
+                  sedd.tweedie_step.oracle(ls, xt, t, u, graph)),
+                 ("denoiser", k.sedd_tweedie_step(ls, xt, t, u, graph, True),
+                  sedd.tweedie_step.oracle(ls, xt, t, u, graph, final=True))]
+        if graph == "absorb":
+            p = t.clamp(max=1.0)
+            pairs.append(("mdlm", k.mdlm_ancestral_step(ls, xt, p, u, N - 1),
+                          mdlm.ancestral_step.oracle(ls, xt, p, u, N - 1)))
         for name, got, ref in pairs:
             assert torch.equal(got, ref), f"seed {seed}: {name} differs at {(got != ref).nonzero()[:5].tolist()}"
 
@@ -108,3 +107,19 @@ def test_cuda_bad_device_mix_is_an_error(k):
     with pytest.raises(RuntimeError, match="xt must be on cuda"):
         k.sedd_euler_step(ls, xt, torch.ones(2, dtype=torch.float64, device="cuda"),
                           torch.rand(2, 3, 2, dtype=torch.float64, device="cuda"), "absorb")
+
+
+def test_cuda_self_check_passes_for_every_op(k):
+    """The first-use check (kernels.py) on the GPU: every op agrees with its oracle there."""
+    import diffusion_lm  # noqa: F401  (marks nearest_embedding)
+    for name, f in kernels.FUSED.items():
+        assert f.self_check("cuda"), f"{name} failed its self-check on the GPU (see the warning)"
+
+
+def test_cuda_meta_and_mixed_devices_are_refused(k):
+    ls = torch.randn(2, 3, 6, device="cuda")
+    xt, sb = torch.full((2, 3), 5, device="cuda"), torch.ones(2, device="cuda")
+    with pytest.raises(RuntimeError, match="xt must be on cuda"):
+        k.score_entropy(ls, xt.to("meta"), xt, sb, "absorb")
+    with pytest.raises(RuntimeError, match="sigma_bar must be on cuda"):
+        k.score_entropy(ls, xt, xt, sb.cpu(), "absorb")

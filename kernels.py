@@ -1,0 +1,486 @@
+"""
+kernels.py: the fused ops of csrc/, and the one place that decides when an op replaces the
+readable PyTorch function (its oracle) in a method file.
+
+A method file marks a function that a fused op computes too, and writes only the math in it:
+
+    @kernels.fused("sedd_euler_step")
+    def euler_step(log_score, xt, rate_dt, u, graph):
+        ...
+
+euler_step(...) runs the op when the extension is built for the inputs' device and the op takes
+them (fp32/bf16 scores, a graph it knows), else the body. euler_step.oracle is the body (tests
+call it directly); euler_step.kernel is the op alone, with no check and no fallback.
+
+The first use of an op on a device in a process checks it against its oracle on small random
+inputs (odd sizes, both dtypes, masked and unmasked rows, score_entropy's backward, the sampling
+steps on the oracle's uniforms). An op that disagrees, raises, or gives a NaN the oracle does not
+is switched off for the process with one warning naming it and the largest difference; its
+oracle runs instead.
+
+    DIFFLM_KERNELS=0       no ops: every marked function runs its oracle, nothing is built
+    DIFFLM_KERNELS=trust   the ops run without the first-use check
+
+The extension is a prebuilt `difflm_kernels` (DIFFLM_BUILD_EXT=1 pip install -e .) or a JIT build
+of csrc/ with ninja, cached in $DIFFLM_BUILD (default ~/.cache/difflm); a failed build is one
+warning and the oracles run.
+
+  load()              torch.ops.difflm, or None;  available(device): the ops run there
+  fused(name)         the decorator above; FUSED maps each op name to its marked function
+  oracles_only()      a context in which every marked function runs its oracle
+  replace(name, op)   a context in which op stands in for a built op, checked like one (how the
+                      tests inject a wrong op)
+"""
+
+import contextlib
+import functools
+import glob
+import importlib.util
+import inspect
+import math
+import os
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+_LOADED = {}  # src_dir -> torch.ops.difflm, or None
+FUSED = {}  # op name -> the Fused wrapper of its oracle (every marked function)
+_HOOKS_RUN = set()  # op names whose on_load hook has run (once per process)
+_PASSED = {}  # (op name, device) -> True (the op runs) / False (switched off)
+_CHECK_SECONDS = {}  # (op name, device) -> seconds its first-use check took
+_STANDINS = {}  # op name -> a callable used in place of the built op (replace())
+_ORACLES_ONLY = []  # non-empty inside oracles_only()
+
+
+# ----------------------------------------------------------------------------------------------
+# Building and loading csrc/
+
+
+@contextlib.contextmanager
+def _build_lock(build):
+    """Hold an OS lock on the build folder while torch builds or loads into it. torch's own marker
+    file (build/lock) outlives a killed build, and every later load would then wait on it forever,
+    silently; under the OS lock (freed when its holder dies) a marker left there is stale."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: torch's marker alone
+        yield
+        return
+    with open(os.path.join(build, "difflm.lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        stale = os.path.join(build, "lock")
+        if os.path.exists(stale):
+            warnings.warn(f"removing {stale}, left by a kernel build that was killed")
+            os.remove(stale)
+        yield
+
+
+def _build(sources):
+    """JIT-build sources (ninja, cached per device kind) -> torch.ops.difflm, or None with one warning.
+    A failed CUDA build (nvcc missing, or not the CUDA torch was built with) falls back to the C++ ops
+    alone, so the CPU keeps its kernels and the GPU runs the PyTorch path."""
+    from torch.utils import cpp_extension
+    cuda = any(f.endswith(".cu") for f in sources)
+    failure = None
+    for kind in (("cuda", "cpu") if cuda else ("cpu",)):
+        try:
+            build = os.path.join(os.environ.get("DIFFLM_BUILD", os.path.expanduser("~/.cache/difflm")), kind)
+            os.makedirs(build, exist_ok=True)
+            with _build_lock(build):
+                cpp_extension.load(
+                    name="difflm_kernels", is_python_module=False, build_directory=build, verbose=False,
+                    sources=[f for f in sources if kind == "cuda" or f.endswith(".cpp")],
+                    extra_cflags=["-O3", "-fopenmp"] + (["-DDIFFLM_CUDA"] if kind == "cuda" else []),
+                    extra_ldflags=["-fopenmp"], extra_cuda_cflags=["-O3"])
+        except Exception as e:
+            failure = failure or f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            continue
+        if kind == "cpu" and cuda:
+            warnings.warn(f"difflm CUDA kernels failed to build ({failure}); the C++ kernels are built, "
+                          "tensors on the GPU take the PyTorch path")
+        return torch.ops.difflm
+    warnings.warn(f"difflm kernels failed to build ({failure}); using the PyTorch path "
+                  "(set DIFFLM_KERNELS=0 to skip the build)")
+    return None
+
+
+def load(src_dir=None):
+    """The compiled extension (ops under torch.ops.difflm), or None.
+
+    The module built by `DIFFLM_BUILD_EXT=1 pip install -e .` when there is one (rebuild it after
+    editing csrc/), else a JIT build of csrc/ with ninja, cached. None when DIFFLM_KERNELS=0, when
+    csrc/ has no sources, or when the build fails (one warning; the readable PyTorch path runs).
+    """
+    src_dir = src_dir or os.path.join(ROOT, "csrc")
+    if src_dir in _LOADED:
+        return _LOADED[src_dir]
+    module = None
+    if os.environ.get("DIFFLM_KERNELS", "1") != "0":
+        sources = sorted(glob.glob(os.path.join(src_dir, "*.cpp")))
+        if torch.cuda.is_available():
+            sources += sorted(glob.glob(os.path.join(src_dir, "*.cu")))
+        if src_dir == os.path.join(ROOT, "csrc") and importlib.util.find_spec("difflm_kernels"):
+            import difflm_kernels  # noqa: F401  (importing it registers torch.ops.difflm)
+            sources, module = [], torch.ops.difflm
+        if sources:
+            module = _build(sources)
+    _LOADED[src_dir] = module
+    if module is not None:
+        _register_fakes()
+        for f in list(FUSED.values()):
+            _run_hook(f)
+    return module
+
+
+def available(device):
+    """True when the built ops run on this device (cpu, or cuda with the CUDA part built)."""
+    k = load()
+    device = torch.device(device)
+    return k is not None and (device.type == "cpu" or (device.type == "cuda" and k.cuda_built()))
+
+
+def _register_fakes():
+    """Shape-only implementations, so that torch.compile can trace through the ops (once per process).
+    They also serve meta tensors, so they refuse a mix of devices (a meta xt beside CPU scores would
+    otherwise return a CPU tensor of uninitialised memory), naming the argument as the binding does."""
+    if "fakes" in _HOOKS_RUN:
+        return
+    _HOOKS_RUN.add("fakes")
+
+    def fake(name, shape_of):
+        schema = getattr(torch.ops.difflm, name).default._schema
+        names = [arg.name for arg in schema.arguments]
+
+        def impl(*args, **kwargs):
+            tensors = [(n, t) for n, t in zip(names, args) if isinstance(t, torch.Tensor)]
+            first, ref = tensors[0]
+            for n, t in tensors[1:]:
+                if t.device != ref.device:
+                    raise RuntimeError(f"difflm: {n} must be on {ref.device} like {first}, got {t.device}")
+            return shape_of(*args)
+        torch.library.register_fake("difflm::" + name, impl)
+
+    fake("score_entropy", lambda log_score, *a: log_score.new_empty(log_score.shape[:2], dtype=torch.float32))
+    fake("score_entropy_backward", lambda grad_loss, log_score, *a: torch.empty_like(log_score))
+    fake("score_entropy_with_grad", lambda log_score, *a: (
+        log_score.new_empty(log_score.shape[:2], dtype=torch.float32), torch.empty_like(log_score)))
+    for name in ("sedd_euler_step", "sedd_tweedie_step", "mdlm_ancestral_step"):
+        fake(name, lambda scores, xt, *a: torch.empty_like(xt))
+    fake("nearest_embedding", lambda x, E, metric: x.new_empty(x.shape[:1], dtype=torch.long))
+
+
+def _run_hook(f):
+    if f.on_load is not None and f.name not in _HOOKS_RUN:
+        _HOOKS_RUN.add(f.name)
+        f.on_load(torch.ops.difflm)
+
+
+# ----------------------------------------------------------------------------------------------
+# The dispatch point
+
+
+def _trust():
+    return os.environ.get("DIFFLM_KERNELS", "1") == "trust"
+
+
+class Fused:
+    """A readable oracle that a fused op may replace; see the module docstring."""
+
+    def __init__(self, name, oracle, on_load):
+        self.name, self.oracle, self.on_load = name, oracle, on_load
+        self.spec = SPECS[name]
+        self._signature = inspect.signature(oracle)
+        functools.update_wrapper(self, oracle)
+
+    def _args(self, args, kwargs):
+        a = self._signature.bind(*args, **kwargs)
+        a.apply_defaults()
+        return a.args  # positional, defaults filled in
+
+    def __call__(self, *args, **kwargs):
+        a = self._args(args, kwargs)
+        if self.spec.device(a).type != "meta" and not torch.compiler.is_compiling():
+            self.spec.refuse(a)  # inputs on which op and oracle would differ: an error on both paths
+        return self.kernel(*a) if self._use_kernel(a) else self.oracle(*a)
+
+    def kernel(self, *args, **kwargs):
+        """The fused op on the oracle's arguments (adapted to what the binding takes); no fallback."""
+        op = _STANDINS.get(self.name) or self.spec.call
+        return op(*self._args(args, kwargs))
+
+    def _use_kernel(self, a):
+        if _ORACLES_ONLY:
+            return False
+        device = self.spec.device(a)
+        if not available(device) or not self.spec.takes(a):
+            return False
+        key = (self.name, str(device))
+        if key not in _PASSED:
+            if _trust():
+                _PASSED[key] = True
+            elif torch.compiler.is_compiling():
+                return False  # the first-use check cannot run while tracing: the oracle is traced
+            else:
+                _PASSED[key] = self.self_check(device)
+        return _PASSED[key]
+
+    def self_check(self, device):
+        """Run the op and its oracle on the spec's small inputs; False (with one warning) when they disagree."""
+        t0, device = time.perf_counter(), torch.device(device)
+        try:  # the check is about the op, not the caller's modes: no autocast, autograd available
+            with torch.inference_mode(False), torch.autocast(device.type, enabled=False):
+                worst, what = self.spec.check(self, device)
+        except Exception as e:
+            worst, what = math.inf, f"it raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        _CHECK_SECONDS[self.name, str(device)] = time.perf_counter() - t0
+        if worst <= 1:
+            return True
+        warnings.warn(f"difflm kernel {self.name} on {device} disagrees with its PyTorch oracle ({what}); "
+                      "it is switched off for this process and the oracle runs instead")
+        return False
+
+
+
+def fused(name, on_load=None):
+    """Decorator: the function is the oracle of op `name`; on_load(torch.ops.difflm) runs once after
+    the extension loads (SEDD registers its autograd through it)."""
+    def wrap(oracle):
+        f = Fused(name, oracle, on_load)
+        FUSED[name] = f
+        if any(m is not None for m in _LOADED.values()):
+            _run_hook(f)
+        return f
+    return wrap
+
+
+@contextlib.contextmanager
+def oracles_only():
+    """Inside: every marked function runs its oracle (as with DIFFLM_KERNELS=0), e.g. to compare a
+    whole training step or sampler with and without the ops."""
+    _ORACLES_ONLY.append(True)
+    try:
+        yield
+    finally:
+        _ORACLES_ONLY.pop()
+
+
+@contextlib.contextmanager
+def replace(name, op):
+    """Inside: op(*oracle's arguments) stands in for the built op `name`, and is checked afresh on
+    first use like a built op. The hook through which tests inject a wrong op."""
+    forget = lambda: [_PASSED.pop(k) for k in list(_PASSED) if k[0] == name]  # noqa: E731
+    _STANDINS[name] = op
+    forget()
+    try:
+        yield
+    finally:
+        del _STANDINS[name]
+        forget()
+
+
+# ----------------------------------------------------------------------------------------------
+# The ops: which inputs each takes, how its arguments are adapted to the binding, and its check
+
+
+def _float_scores(t):
+    return t.dtype in (torch.float32, torch.bfloat16)
+
+
+def _same_device(a):
+    """Every tensor argument on one device: a mixed call runs the oracle (and fails there as PyTorch does)."""
+    devices = {x.device for x in a if isinstance(x, torch.Tensor)}
+    return len(devices) == 1
+
+
+def _score_entropy(log_score, xt, x0, sigma_bar, graph):
+    """On the CPU, when a gradient will be asked for, the loss's pass writes the gradient too: there
+    the exps cost more than the bytes. On a GPU (and under torch.compile) the forward only reads and
+    the backward recomputes."""
+    k = torch.ops.difflm
+    args = (log_score.contiguous(), xt.contiguous(), x0.contiguous(), sigma_bar, graph)
+    if (log_score.device.type == "cpu" and log_score.requires_grad and torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()):
+        return k.score_entropy_with_grad(*args)[0]
+    return k.score_entropy(*args)
+
+
+def _sedd_euler_step(log_score, xt, rate_dt, u, graph):
+    return torch.ops.difflm.sedd_euler_step(log_score.contiguous(), xt.contiguous(), rate_dt.double().contiguous(),
+                                            u.contiguous(), graph)
+
+
+def _sedd_tweedie_step(log_score, xt, dsigma, u, graph, final):
+    return torch.ops.difflm.sedd_tweedie_step(log_score.contiguous(), xt.contiguous(), dsigma.double().contiguous(),
+                                              u.contiguous(), graph, final)
+
+
+def _mdlm_ancestral_step(logits, xt, p_unmask, u, mask_id):
+    return torch.ops.difflm.mdlm_ancestral_step(logits.contiguous(), xt.contiguous(), p_unmask.double().contiguous(),
+                                                u.contiguous(), mask_id)
+
+
+def _nearest_embedding(x, E, metric):
+    shape, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])  # (..., d) -> (N, d)
+    return torch.ops.difflm.nearest_embedding(x2.float().contiguous(), E.float().contiguous(), metric).view(shape)
+
+
+# -- small random inputs for the first-use checks (a private generator: the global RNG is untouched)
+
+def _states(graph, B, L, N, gen, masked=0.5):
+    """xt, x0 (B, L): absorbing rows at MASK = N - 1 with probability `masked` (the last sequence has
+    none masked); uniform rows with x = x0 about half the time."""
+    if graph == "absorb":
+        x0 = torch.randint(N - 1, (B, L), generator=gen)
+        mask = torch.rand(B, L, generator=gen) < masked
+        mask[-1] = False
+        return torch.where(mask, N - 1, x0), x0
+    xt = torch.randint(N, (B, L), generator=gen)
+    return xt, torch.where(torch.rand(B, L, generator=gen) < 0.5, xt, torch.randint(N, (B, L), generator=gen))
+
+
+def _cases(gen, device):
+    """(graph, dtype, log_score (B, L, N), xt, x0) on device for both graphs and dtypes, odd sizes."""
+    B, L, V = 3, 7, 37
+    for graph in ("absorb", "uniform"):
+        N = V + 1 if graph == "absorb" else V
+        for dtype in (torch.float32, torch.bfloat16):
+            ls = (torch.randn(B, L, N, generator=gen) * 2).to(dtype)
+            xt, x0 = _states(graph, B, L, N, gen)
+            yield graph, dtype, ls.to(device), xt.to(device), x0.to(device)
+
+
+def _gap(got, ref, atol, rtol):
+    """(largest |got - ref| in units of the tolerance, a phrase naming the largest difference).
+    A NaN or inf where the oracle has a finite value counts as an infinite difference."""
+    got, ref = got.double(), ref.double()
+    bad = ~torch.isfinite(got) & torch.isfinite(ref)
+    diff = torch.where(bad, math.inf, (got - ref).abs().nan_to_num(0.0))
+    ratio = diff / (atol + rtol * ref.abs().nan_to_num(0.0))
+    if ratio.numel() == 0:
+        return 0.0, "no elements"
+    i = int(ratio.reshape(-1).argmax())
+    return float(ratio.reshape(-1)[i]), f"largest difference {float(diff.reshape(-1)[i]):.3g}"
+
+
+def _tokens_gap(got, ref):
+    """Sampled tokens must equal the oracle's for the same uniforms: any differing token fails."""
+    n = int((got != ref).sum())
+    return (math.inf if n else 0.0), f"{n} of {ref.numel()} tokens differ"
+
+
+def _worst(results):
+    """The (ratio, phrase) with the largest ratio, the phrase prefixed by where it was found."""
+    return max(results, key=lambda r: r[0]) if results else (0.0, "nothing checked")
+
+
+def _check_score_entropy(f, device):
+    gen, out = torch.Generator().manual_seed(0), []
+    for graph, dtype, ls, xt, x0 in _cases(gen, device):
+        sb = (torch.rand(ls.shape[0], generator=gen) * 4 + 1e-3).to(device)
+        w = (torch.rand(xt.shape, generator=gen) + 0.5).to(device)  # an upstream gradient that is not all ones
+        where = f"{graph}, {str(dtype)[6:]}"
+        with torch.no_grad():
+            r, msg = _gap(f.kernel(ls, xt, x0, sb, graph), f.oracle(ls, xt, x0, sb, graph), 1e-4, 1e-4)
+            out.append((r, f"loss {where}: {msg}"))
+        got = []  # (loss, gradient) of the op (on the CPU its loss-and-gradient pass), then of the oracle
+        for fn in (f.kernel, f.oracle):
+            leaf = ls.detach().clone().requires_grad_()
+            with torch.enable_grad():
+                loss = fn(leaf, xt, x0, sb, graph)
+                got.append((loss.detach(), torch.autograd.grad((loss * w).sum(), leaf)[0]))
+        r, msg = _gap(got[0][0], got[1][0], 1e-4, 1e-4)
+        out.append((r, f"loss with gradient {where}: {msg}"))
+        tol = (1e-5, 1e-4) if dtype == torch.float32 else (2e-3, 2e-2)  # bf16: the gradient is rounded once more
+        r, msg = _gap(got[0][1], got[1][1], *tol)
+        out.append((r, f"gradient {where}: {msg}"))
+    return _worst(out)
+
+
+def _check_steps(f, device):
+    gen, out = torch.Generator().manual_seed(0), []
+    for graph, dtype, ls, xt, _ in _cases(gen, device):
+        B, L, N = ls.shape
+        t = (torch.rand(B, generator=gen, dtype=torch.float64) * 0.5 + 0.05).to(device)  # some rows move
+        u = torch.rand(B, L, 2, generator=gen, dtype=torch.float64).to(device)
+        calls = {"sedd_euler_step": [(ls, xt, t, u, graph)],
+                 "sedd_tweedie_step": [(ls, xt, t, u, graph, False), (ls, xt, t, u, graph, True)],
+                 "mdlm_ancestral_step": [(ls, xt, t, u, N - 1)] if graph == "absorb" else []}[f.name]
+        with torch.no_grad():
+            for a in calls:
+                r, msg = _tokens_gap(f.kernel(*a), f.oracle(*a))
+                out.append((r, f"{graph}, {str(dtype)[6:]}{', final' if a[-1] is True else ''}: {msg}"))
+    return _worst(out)
+
+
+def _check_nearest(f, device):
+    gen, out = torch.Generator().manual_seed(0), []
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(3, 7, 5, generator=gen).to(dtype).to(device)
+        E = torch.randn(13, 5, generator=gen).to(device)
+        for metric in ("cos", "l2"):
+            got, ref = f.kernel(x, E, metric), f.oracle(x, E, metric)
+            # near-ties may pick another row on another device: compare the picked rows' scores
+            xd, Ed = x.double().reshape(-1, 5), E.double()
+            if metric == "cos":
+                scores = F.normalize(xd, dim=-1) @ F.normalize(Ed, dim=-1).T
+            else:
+                scores = xd @ Ed.T - 0.5 * Ed.pow(2).sum(-1)
+            pick = lambda ids: scores.gather(1, ids.reshape(-1, 1).long().clamp(0, E.shape[0] - 1))  # noqa: E731
+            bad = (got < 0) | (got >= E.shape[0])
+            # one-sided: the op's pick may score higher than the oracle's (a TF32 oracle on a GPU), not lower
+            got_score = torch.where(bad.reshape(-1, 1), math.nan, torch.minimum(pick(got), pick(ref)))
+            r, msg = _gap(got_score, pick(ref), 1e-4, 1e-4)
+            out.append((r, f"{metric}, {str(dtype)[6:]}: score of the picked row, {msg}"))
+    return _worst(out)
+
+
+def _refuse_sigma_bar(a):
+    """Absorbing score entropy: r = 1 / expm1(sigma_bar) is a rate only for 0 < sigma_bar < inf."""
+    sigma_bar = a[3]
+    if a[4] == "absorb" and sigma_bar.numel() and not bool(((sigma_bar > 0) & (sigma_bar < math.inf)).all()):
+        raise ValueError("difflm: sigma_bar must be positive and finite for the absorbing graph")
+
+
+def _refuse_step(tname):
+    """A step's rate (or probability) `tname` is finite and >= 0 and its uniforms lie in [0, 1);
+    outside (or NaN) the op and the oracle pick differently."""
+    def refuse(a):
+        t, u = a[2], a[3]
+        if t.numel() and not bool(((t >= 0) & (t < math.inf)).all()):
+            raise ValueError(f"difflm: {tname} must be finite and >= 0")
+        if u.numel() and not bool(((u >= 0) & (u < 1)).all()):
+            raise ValueError("difflm: u must lie in [0, 1) (uniforms)")
+    return refuse
+
+
+def _refuse_non_finite(a):
+    """A NaN or infinite vector has no nearest row (argmax over NaN scores is arbitrary)."""
+    for name, t in (("x", a[0]), ("E", a[1])):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"difflm: {name} must be finite (it holds a NaN or an infinity)")
+
+
+class _Spec:
+    def __init__(self, call, takes, check, refuse):
+        self.call, self.takes, self.check, self.refuse = call, takes, check, refuse
+
+    def device(self, a):
+        return a[0].device
+
+
+_GRAPHS = ("absorb", "uniform")
+SPECS = {
+    "score_entropy": _Spec(_score_entropy, lambda a: _float_scores(a[0]) and a[4] in _GRAPHS and _same_device(a),
+                           _check_score_entropy, _refuse_sigma_bar),
+    "sedd_euler_step": _Spec(_sedd_euler_step, lambda a: _float_scores(a[0]) and a[4] in _GRAPHS
+                             and a[3].dtype == torch.float64 and _same_device(a), _check_steps, _refuse_step("rate_dt")),
+    "sedd_tweedie_step": _Spec(_sedd_tweedie_step, lambda a: _float_scores(a[0]) and a[4] in _GRAPHS
+                               and a[3].dtype == torch.float64 and _same_device(a), _check_steps, _refuse_step("dsigma")),
+    "mdlm_ancestral_step": _Spec(_mdlm_ancestral_step, lambda a: _float_scores(a[0]) and a[3].dtype == torch.float64
+                                 and _same_device(a), _check_steps, _refuse_step("p_unmask")),
+    "nearest_embedding": _Spec(_nearest_embedding, lambda a: _float_scores(a[0]) and a[2] in ("cos", "l2")
+                               and _same_device(a), _check_nearest, _refuse_non_finite),
+}
