@@ -96,48 +96,7 @@ def loss_fn(model, x0, bos_id):
 
 
 # ----------------------------------------------------------------------------------------------
-# Sampler: a key/value cache over common.Transformer's own modules (same weights, same math)
-
-
-class KVCache:
-    """Keys and values of every layer for positions 0..pos-1: (n_layer, 2, B, H, block_size, hd),
-    allocated at the first write in the dtype the keys come in (bf16 under CUDA autocast)."""
-
-    def __init__(self, backbone):
-        self.n_layer, self.block_size, self.kv, self.pos = len(backbone.blocks), backbone.block_size, None, 0
-
-
-def cached_forward(backbone, idx, cache):
-    """idx (B, T) tokens at positions cache.pos .. cache.pos + T - 1 -> hidden states (B, T, C).
-
-    The same computation as backbone(idx) over the whole prefix, position by position: each new
-    query attends to the cached keys (already rotated at their own positions) and to itself. T > 1
-    only from an empty cache (the prefill), where the causal mask does the same job.
-    """
-    B, T = idx.shape
-    p0 = cache.pos
-    if p0 + T > backbone.block_size:
-        common.die(f"the cache holds {backbone.block_size} positions; {p0 + T} asked")
-    if T > 1 and p0 > 0:
-        common.die("prefill only into an empty cache")
-    cos, sin = backbone.cos[p0:p0 + T], backbone.sin[p0:p0 + T]
-    x = backbone.wte(idx)
-    for i, blk in enumerate(backbone.blocks):
-        a = blk.attn
-        h = blk.ln1(x)
-        C = h.shape[-1]
-        q, k, v = a.qkv(h).view(B, T, 3, a.n_head, C // a.n_head).permute(2, 0, 3, 1, 4)  # (B, H, T, hd)
-        q, k = common.apply_rotary(q, cos, sin), common.apply_rotary(k, cos, sin)
-        if cache.kv is None:
-            cache.kv = k.new_zeros(cache.n_layer, 2, *k.shape[:2], cache.block_size, k.shape[-1])
-        cache.kv[i, 0, :, :, p0:p0 + T] = k
-        cache.kv[i, 1, :, :, p0:p0 + T] = v
-        keys, values = cache.kv[i, 0, :, :, :p0 + T], cache.kv[i, 1, :, :, :p0 + T]
-        y = F.scaled_dot_product_attention(q, keys, values, is_causal=T > 1)
-        x = x + blk.gate1 * a.proj(y.transpose(1, 2).reshape(B, T, C))
-        x = x + blk.gate2 * blk.mlp(blk.ln2(x))
-    cache.pos = p0 + T
-    return backbone.ln_f(x)
+# Sampler: ancestral, one token at a time through the backbone's key/value cache
 
 
 @torch.no_grad()
@@ -157,10 +116,10 @@ def generate(model, cfg, prefix, num_samples, length, show=None):
     def refill():
         nonlocal cache
         keep = out[:, -(L // 2):] if out.shape[1] >= L else out
-        cache = KVCache(backbone)
+        cache = backbone.new_cache()
         inp = torch.cat([torch.full((num_samples, 1), model.bos_id, device=device), keep], 1)
         with common.autocast(device):
-            return model.head(cached_forward(backbone, inp, cache)[:, -1]).float()  # (B, V)
+            return model.head(backbone(inp, cache=cache)[:, -1]).float()  # (B, V)
 
     logits = refill()
     calls += 1
@@ -176,7 +135,7 @@ def generate(model, cfg, prefix, num_samples, length, show=None):
             logits = refill()
         else:
             with common.autocast(device):
-                logits = model.head(cached_forward(backbone, nxt[:, None], cache)[:, -1]).float()
+                logits = model.head(backbone(nxt[:, None], cache=cache)[:, -1]).float()
         calls += 1
     return out[:, :length], calls
 

@@ -471,6 +471,26 @@ def apply_rotary(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
 
+class KVCache:
+    """Keys and values of every layer for positions 0..pos-1 of an incremental causal decode: a
+    prefill into the empty cache, then one token at a time. Keys are stored already rotated at their
+    own positions, so a new query attends to them as they are. Each layer's (2, B, H, block_size, hd)
+    is allocated at its first write, in the dtype the keys come in (bf16 under CUDA autocast)."""
+
+    def __init__(self, n_layer, block_size):
+        self.block_size, self.pos, self.kv = block_size, 0, [None] * n_layer
+
+    def extend(self, layer, k, v):
+        """Store k, v (B, H, T, hd) of positions pos..pos+T-1 -> keys, values (B, H, pos+T, hd) so far.
+        The Transformer advances pos once every layer has stored its own."""
+        p0, T = self.pos, k.shape[2]
+        if self.kv[layer] is None:
+            self.kv[layer] = k.new_zeros(2, *k.shape[:2], self.block_size, k.shape[-1])
+        kv = self.kv[layer]
+        kv[0, :, :, p0:p0 + T], kv[1, :, :, p0:p0 + T] = k, v
+        return kv[0, :, :, :p0 + T], kv[1, :, :, :p0 + T]
+
+
 class Attention(nn.Module):
     def __init__(self, n_embd, n_head, dropout, causal):
         super().__init__()
@@ -478,36 +498,42 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=False)
         self.proj = nn.Linear(n_embd, n_embd, bias=False)
 
-    def forward(self, x, cos, sin, mask=None):
+    def forward(self, x, cos, sin, mask=None, cache=None, layer=0):
         # mask: None, or (B, 1, 1, L) bool, True where a key may be attended (padding is False)
+        # cache: None, or a KVCache whose keys/values of the earlier positions this layer joins
         B, L, C = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (B, H, L, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal and mask is None,
+        if cache is not None:
+            k, v = cache.extend(layer, k, v)  # (B, H, pos + L, hd)
+        # L > 1 queries are the whole sequence so far (a prefill starts from an empty cache), where
+        # the causal mask applies as is; one cached query may see every key
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal and mask is None and L > 1,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(B, L, C))
 
 
 class Block(nn.Module):
-    def __init__(self, n_embd, n_head, dropout, causal, cond_dim):
+    def __init__(self, n_embd, n_head, dropout, causal, cond_dim, norm_weight=False, mlp_bias=False):
         super().__init__()
-        self.ln1 = nn.LayerNorm(n_embd, bias=False, elementwise_affine=cond_dim == 0)
+        affine = cond_dim == 0 or norm_weight  # adaLN's scale takes the norm weight's place unless asked for both
+        self.ln1 = nn.LayerNorm(n_embd, bias=False, elementwise_affine=affine)
         self.attn = Attention(n_embd, n_head, dropout, causal)
-        self.ln2 = nn.LayerNorm(n_embd, bias=False, elementwise_affine=cond_dim == 0)
-        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd, bias=False), nn.GELU(approximate="tanh"),
-                                 nn.Linear(4 * n_embd, n_embd, bias=False), nn.Dropout(dropout))
+        self.ln2 = nn.LayerNorm(n_embd, bias=False, elementwise_affine=affine)
+        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd, bias=mlp_bias), nn.GELU(approximate="tanh"),
+                                 nn.Linear(4 * n_embd, n_embd, bias=mlp_bias), nn.Dropout(dropout))
         # adaLN-Zero (DiT): shift, scale and gate of both sublayers from the time embedding
         self.ada = nn.Linear(cond_dim, 6 * n_embd) if cond_dim else None
         if not cond_dim:  # the same zero-init gates, learned per channel (LayerScale / ReZero):
-            self.gate1 = nn.Parameter(torch.zeros(n_embd))  # every block starts as the identity,
-            self.gate2 = nn.Parameter(torch.zeros(n_embd))  # worth ~0.13 nats/char to MDLM at 1000 iters
+            self.gate1 = nn.Parameter(torch.zeros(n_embd))  # every block starts as the identity
+            self.gate2 = nn.Parameter(torch.zeros(n_embd))
 
-    def forward(self, x, cos, sin, c=None, mask=None):
+    def forward(self, x, cos, sin, c=None, mask=None, cache=None, layer=0):
         if self.ada is None:
-            x = x + self.gate1 * self.attn(self.ln1(x), cos, sin, mask)
+            x = x + self.gate1 * self.attn(self.ln1(x), cos, sin, mask, cache, layer)
             return x + self.gate2 * self.mlp(self.ln2(x))
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c)[:, None].chunk(6, dim=-1)
-        x = x + gate1 * self.attn(self.ln1(x) * (1 + scale1) + shift1, cos, sin, mask)
+        x = x + gate1 * self.attn(self.ln1(x) * (1 + scale1) + shift1, cos, sin, mask, cache, layer)
         return x + gate2 * self.mlp(self.ln2(x) * (1 + scale2) + shift2)
 
 
@@ -520,21 +546,27 @@ def timestep_embedding(t, dim=256, max_period=10000.0):
 
 
 class Transformer(nn.Module):
-    """Token ids (B, L) [+ time (B,)] -> hidden states (B, L, n_embd).
+    """Token ids (B, L) or embeddings (B, L, n_embd) [+ time (B,)] -> hidden states (B, L, n_embd).
 
-    vocab_size counts every input id the method uses (MDLM adds [MASK]). cond_dim > 0 turns on
-    adaLN time conditioning; the method decides what "time" is (t, sigma_bar, ...).
+    vocab_size counts every input id the method uses (MDLM adds [MASK]); 0 builds no token table,
+    for a method that brings its own inputs as embeddings. cond_dim > 0 turns on adaLN time
+    conditioning; the method decides what "time" is (t, sigma_bar, ...). A causal model decodes
+    incrementally through a KVCache. norm_weight and mlp_bias give the DiT-style layout of the
+    published SEDD/MDLM checkpoints ("DDiT"): every LayerNorm keeps its weight beside adaLN, and
+    the MLP's Linear layers carry biases.
     """
 
-    def __init__(self, vocab_size, n_layer, n_head, n_embd, block_size, dropout=0.0, causal=False, cond_dim=0):
+    def __init__(self, vocab_size, n_layer, n_head, n_embd, block_size, dropout=0.0, causal=False, cond_dim=0,
+                 norm_weight=False, mlp_bias=False):
         super().__init__()
         if n_embd % n_head or (n_embd // n_head) % 2:
             die(f"n_embd={n_embd} must split into n_head={n_head} heads of even size")
-        self.block_size, self.cond_dim = block_size, cond_dim
-        self.wte = nn.Embedding(vocab_size, n_embd)
+        self.block_size, self.cond_dim, self.causal = block_size, cond_dim, causal
+        self.wte = nn.Embedding(vocab_size, n_embd) if vocab_size else None
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(n_embd, n_head, dropout, causal, cond_dim) for _ in range(n_layer))
-        self.ln_f = nn.LayerNorm(n_embd, bias=False, elementwise_affine=cond_dim == 0)
+        self.blocks = nn.ModuleList(Block(n_embd, n_head, dropout, causal, cond_dim, norm_weight, mlp_bias)
+                                    for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(n_embd, bias=False, elementwise_affine=cond_dim == 0 or norm_weight)
         if cond_dim:
             self.time_mlp = nn.Sequential(nn.Linear(256, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim), nn.SiLU())
             self.ada_f = nn.Linear(cond_dim, 2 * n_embd)
@@ -551,22 +583,43 @@ class Transformer(nn.Module):
             else:
                 nn.init.normal_(p, std=0.02)
 
-    def forward(self, idx, t=None, pad_mask=None):
-        # pad_mask: None, or (B, L) bool, True at real tokens; padded keys are then never attended
-        # (bidirectional models only: variable-length batches whose outputs do not see the padding)
-        B, L = idx.shape
-        if L > self.block_size:
-            die(f"sequence of {L} tokens is longer than the model's context block_size={self.block_size}")
-        cos, sin = self.cos[:L], self.sin[:L]
-        x = self.drop(self.wte(idx))
+    def new_cache(self):
+        """An empty KVCache for this model's incremental causal decoding."""
+        if not self.causal:
+            die("a key/value cache is for causal Transformers (causal=True)")
+        return KVCache(len(self.blocks), self.block_size)
+
+    def forward(self, x, t=None, pad_mask=None, cache=None):
+        """x: token ids (B, L) or input embeddings (B, L, n_embd). t (B,): the time input (cond_dim > 0).
+
+        pad_mask: None, or (B, L) bool, True at real tokens; padded keys are then never attended
+        (bidirectional models only: variable-length batches whose outputs do not see the padding).
+        cache: None, or a KVCache (from new_cache) holding positions 0..cache.pos-1; x then holds the
+        next positions (several only into an empty cache), attends to the cached ones, and is added.
+        The outputs equal those of one forward over the whole sequence so far.
+        """
+        L, p0 = x.shape[1], cache.pos if cache is not None else 0
+        if p0 + L > self.block_size:
+            die(f"sequence of {p0 + L} tokens is longer than the model's context block_size={self.block_size}"
+                + ("; refill the cache from a shorter context" if cache is not None else ""))
+        if cache is not None and L > 1 and p0 > 0:
+            die("several positions go only into an empty cache (the prefill); then one at a time")
+        if x.dim() == 2:
+            if self.wte is None:
+                die("this Transformer has no token table (vocab_size=0); pass embeddings (B, L, n_embd)")
+            x = self.wte(x)
+        x = self.drop(x)
+        cos, sin = self.cos[p0:p0 + L], self.sin[p0:p0 + L]  # positions continue after the cached ones
         c = self.time_mlp(timestep_embedding(t)) if self.cond_dim else None
         mask = None
         if pad_mask is not None:
-            if self.blocks and self.blocks[0].attn.causal:
+            if self.causal:
                 die("pad_mask is for bidirectional Transformers; a causal model pads on the right and ignores it")
             mask = pad_mask[:, None, None, :]
-        for block in self.blocks:
-            x = block(x, cos, sin, c, mask)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, c, mask, cache, i)
+        if cache is not None:
+            cache.pos = p0 + L
         if self.cond_dim:
             shift, scale = self.ada_f(c)[:, None].chunk(2, dim=-1)
             return self.ln_f(x) * (1 + scale) + shift

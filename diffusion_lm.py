@@ -162,8 +162,8 @@ def clamp(x0, E, metric):
 
 class LatentTransformer(nn.Module):
     """(B, L, d) latents + code step (B,) -> (B, L, out): d -> C (Linear, tanh, Linear) plus learned
-    positions, the time-conditioned (adaLN) Transformer, then a head. The time input is t * 1000 / T, so the
-    respaced schedules reuse the network (METHODS sec. 2)."""
+    positions, common's time-conditioned (adaLN) Transformer on those embeddings, then a head. The time
+    input is t * 1000 / T, so the respaced schedules reuse the network (METHODS sec. 2)."""
 
     def __init__(self, cfg, d, out, n_layer, T):
         super().__init__()
@@ -172,20 +172,16 @@ class LatentTransformer(nn.Module):
         # learned absolute positions (paper App. E) beside the backbone's rotary ones: length
         # control and position-dependent classifiers need to know where a position is
         self.pos = nn.Parameter(torch.randn(cfg.block_size, C) * 0.02)
-        self.backbone = common.Transformer(1, n_layer, cfg.n_head, C, cfg.block_size, cfg.dropout, cond_dim=128)
-        self.backbone.wte = None  # inputs are latents, not token ids
+        # vocab_size 0: no token table, the inputs are the latents' embeddings
+        self.backbone = common.Transformer(0, n_layer, cfg.n_head, C, cfg.block_size, cfg.dropout, cond_dim=128)
         self.head = nn.Sequential(nn.Linear(C, C), nn.Tanh(), nn.Linear(C, out))
 
     def forward(self, xt, t):
-        bb, L = self.backbone, xt.shape[1]
-        if L > bb.block_size:
-            common.die(f"sequence of {L} positions is longer than block_size={bb.block_size}")
-        h = bb.drop(self.inp(xt) + self.pos[:L])
-        c = bb.time_mlp(common.timestep_embedding(t.float() * 1000.0 / self.T))
-        for block in bb.blocks:
-            h = block(h, bb.cos[:L], bb.sin[:L], c)
-        shift, scale = bb.ada_f(c)[:, None].chunk(2, dim=-1)
-        return self.head(bb.ln_f(h) * (1 + scale) + shift)  # (B, L, out)
+        L = xt.shape[1]
+        if L > self.pos.shape[0]:
+            common.die(f"sequence of {L} positions is longer than block_size={self.pos.shape[0]}")
+        h = self.backbone(self.inp(xt) + self.pos[:L], t.float() * 1000.0 / self.T)  # (B, L, C)
+        return self.head(h)  # (B, L, out)
 
 
 class DiffusionLM(nn.Module):

@@ -1,0 +1,215 @@
+"""common.Transformer, the one backbone forward: the key/value cache computes the full causal
+forward position by position (a refill included), embeddings in equal token ids in, and every
+layout (plain, adaLN, the published DDiT options, Diffusion-LM's latent model) matches the block
+equations restated here from scratch."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+import diffusion_lm
+
+
+def randomized(model, seed=0):
+    """Every parameter random (norm weights near 1, matrices of unit gain), so zero-init gates and
+    adaLN hide no term."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("ln1.weight", "ln2.weight", "ln_f.weight")):
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            elif p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
+            else:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def tiny(vocab_size=11, block_size=16, **kw):
+    torch.manual_seed(0)
+    return randomized(common.Transformer(vocab_size, 2, 2, 32, block_size, **kw))
+
+
+# ----------------------------------------------------------------------------------------------
+# The block equations, restated in float64 from the parameters' names
+
+
+def layer_norm(x, weight=None):
+    y = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    return y if weight is None else y * weight
+
+
+def rotate(x):
+    """x (B, H, L, hd): the pair (i, i + hd/2) at position p turned by p / 10000^(2i/hd)."""
+    hd, L = x.shape[-1], x.shape[2]
+    angle = torch.arange(L).double()[:, None] / 10000.0 ** (torch.arange(0, hd, 2).double() / hd)
+    x1, x2 = x[..., :hd // 2], x[..., hd // 2:]
+    return torch.cat([x1 * angle.cos() - x2 * angle.sin(), x2 * angle.cos() + x1 * angle.sin()], -1)
+
+
+def gelu_tanh(x):
+    return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def linear(p, name, x):
+    return x @ p[name + ".weight"].T + (p[name + ".bias"] if name + ".bias" in p else 0)
+
+
+def reference(model, x, t=None, n_head=2, causal=False):
+    """x: ids (B, L) or embeddings (B, L, C) -> hidden states (B, L, C), float64."""
+    p = {k: v.double() for k, v in model.state_dict().items()}
+    h = p["wte.weight"][x] if x.dim() == 2 else x.double()
+    B, L, C = h.shape
+    c = None
+    if t is not None:
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(128).double() / 128)
+        # the angles in float32 as the model takes them: their rounding is not what is under test
+        args = (t.float()[:, None] * freqs.float()).double()
+        emb = torch.cat([torch.cos(args), torch.sin(args)], -1)
+        c = F.silu(linear(p, "time_mlp.2", F.silu(linear(p, "time_mlp.0", emb))))  # (B, cond_dim)
+    for i in range(len(model.blocks)):
+        b = f"blocks.{i}."
+        if c is None:
+            mod = [0, 0, p[b + "gate1"], 0, 0, p[b + "gate2"]]
+        else:
+            mod = linear(p, b + "ada", c)[:, None].chunk(6, -1)
+        a = layer_norm(h, p.get(b + "ln1.weight")) * (1 + mod[1]) + mod[0]
+        q, k, v = linear(p, b + "attn.qkv", a).view(B, L, 3, n_head, C // n_head).permute(2, 0, 3, 1, 4)
+        scores = rotate(q) @ rotate(k).transpose(-1, -2) / math.sqrt(C // n_head)  # (B, H, L, L)
+        if causal:
+            scores = scores.masked_fill(~torch.ones(L, L, dtype=torch.bool).tril(), float("-inf"))
+        y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, L, C)
+        h = h + mod[2] * linear(p, b + "attn.proj", y)
+        m = layer_norm(h, p.get(b + "ln2.weight")) * (1 + mod[4]) + mod[3]
+        h = h + mod[5] * linear(p, b + "mlp.2", gelu_tanh(linear(p, b + "mlp.0", m)))
+    if c is None:
+        return layer_norm(h, p["ln_f.weight"])
+    shift, scale = linear(p, "ada_f", c)[:, None].chunk(2, -1)
+    return layer_norm(h, p.get("ln_f.weight")) * (1 + scale) + shift
+
+
+LAYOUTS = {
+    "plain": dict(),
+    "causal": dict(causal=True),
+    "adaLN": dict(cond_dim=16),
+    "DDiT": dict(cond_dim=16, norm_weight=True, mlp_bias=True),
+    "DDiT causal": dict(cond_dim=16, norm_weight=True, mlp_bias=True, causal=True),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_forward_matches_the_restated_equations(layout):
+    kw = LAYOUTS[layout]
+    model = tiny(**kw)
+    x = torch.randint(11, (3, 13), generator=torch.Generator().manual_seed(1))
+    t = torch.rand(3, generator=torch.Generator().manual_seed(2)) * 100 if kw.get("cond_dim") else None
+    with torch.no_grad():
+        out = model(x, t)
+    want = reference(model, x, t, causal=kw.get("causal", False))
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_ddit_options_build_the_published_parameter_shapes():
+    C, cond = 32, 16
+    ddit = {k: tuple(v.shape) for k, v in common.Transformer(11, 2, 2, C, 16, cond_dim=cond, norm_weight=True,
+                                                               mlp_bias=True).state_dict().items()}
+    for name in ("blocks.1.ln1.weight", "blocks.1.ln2.weight", "ln_f.weight", "blocks.1.mlp.2.bias"):
+        assert ddit[name] == (C,), name
+    assert ddit["blocks.1.mlp.0.bias"] == (4 * C,)
+    assert ddit["blocks.1.ada.weight"] == (6 * C, cond) and ddit["blocks.1.ada.bias"] == (6 * C,)
+    assert ddit["ada_f.weight"] == (2 * C, cond) and ddit["ada_f.bias"] == (2 * C,)
+    assert ddit["blocks.1.attn.qkv.weight"] == (3 * C, C) and "blocks.1.attn.qkv.bias" not in ddit
+    assert not any("gate" in k or k.endswith("ln1.bias") for k in ddit)
+    # the defaults keep today's layout: adaLN models have no norm weights and no MLP biases
+    ada = common.Transformer(11, 2, 2, C, 16, cond_dim=cond).state_dict()
+    assert set(ddit) - set(ada) == {"blocks.0.ln1.weight", "blocks.0.ln2.weight", "blocks.1.ln1.weight",
+                                    "blocks.1.ln2.weight", "ln_f.weight", "blocks.0.mlp.0.bias",
+                                    "blocks.0.mlp.2.bias", "blocks.1.mlp.0.bias", "blocks.1.mlp.2.bias"}
+    assert set(ada) <= set(ddit)
+
+
+# ----------------------------------------------------------------------------------------------
+# Token ids or embeddings
+
+
+@pytest.mark.parametrize("layout", ["plain", "causal", "adaLN"])
+def test_embeddings_in_equal_ids_in(layout):
+    model = tiny(**LAYOUTS[layout])
+    x = torch.randint(11, (2, 16), generator=torch.Generator().manual_seed(3))
+    t = torch.tensor([3.0, 700.0]) if LAYOUTS[layout].get("cond_dim") else None
+    with torch.no_grad():
+        assert torch.equal(model(model.wte(x), t), model(x, t))
+
+
+def test_a_model_without_a_token_table_takes_embeddings_only():
+    model = tiny(vocab_size=0, cond_dim=16)
+    assert model.wte is None and not any(k.startswith("wte") for k in model.state_dict())
+    e = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(4))
+    t = torch.tensor([5.0, 50.0])
+    with torch.no_grad():
+        torch.testing.assert_close(model(e, t).double(), reference(model, e, t), atol=1e-5, rtol=1e-5)
+    with pytest.raises(SystemExit):
+        model(torch.zeros(2, 9, dtype=torch.long), t)
+
+
+def test_diffusion_lm_latent_model_is_input_layer_backbone_head():
+    """Diffusion-LM's denoiser: d -> C, learned positions, the adaLN backbone at time t * 1000 / T, head."""
+    cfg = diffusion_lm.Config(n_layer=2, n_head=2, n_embd=32, block_size=12, embed_dim=8, T=200)
+    torch.manual_seed(0)
+    net = randomized(diffusion_lm.LatentTransformer(cfg, 8, 8, 2, cfg.T))
+    xt = torch.randn(3, 10, 8, generator=torch.Generator().manual_seed(5))
+    t = torch.tensor([0, 77, 199])
+    with torch.no_grad():
+        out = net(xt, t)
+        e = net.inp(xt) + net.pos[:10]
+        want = net.head(reference(net.backbone, e, t * 1000.0 / cfg.T).float())
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    assert not any(k.startswith("backbone.wte") for k in net.state_dict())
+
+
+# ----------------------------------------------------------------------------------------------
+# Incremental causal decoding through the key/value cache
+
+
+def decode(model, x, prefill, t=None):
+    """Hidden states of x (B, L) from a fresh cache: a prefill of `prefill` positions, then one at a time."""
+    cache = model.new_cache()
+    with torch.no_grad():
+        pieces = [model(x[:, :prefill], t, cache=cache)]
+        for i in range(prefill, x.shape[1]):
+            pieces.append(model(x[:, i:i + 1], t, cache=cache))
+    assert cache.pos == x.shape[1]
+    return torch.cat(pieces, 1), cache
+
+
+@pytest.mark.parametrize("layout", ["causal", "DDiT causal"])
+@pytest.mark.parametrize("prefill", [1, 5, 16])
+def test_cached_decode_equals_the_full_causal_forward(layout, prefill):
+    model = tiny(**LAYOUTS[layout])
+    seq = torch.randint(11, (3, 40), generator=torch.Generator().manual_seed(prefill))
+    t = torch.tensor([1.0, 20.0, 300.0]) if LAYOUTS[layout].get("cond_dim") else None
+    got, cache = decode(model, seq[:, :16], prefill, t)
+    with torch.no_grad():
+        full = model(seq[:, :16], t)
+    torch.testing.assert_close(got, full, atol=1e-5, rtol=1e-5)  # position by position
+    with pytest.raises(SystemExit):  # a full cache takes no more: the caller refills it
+        model(seq[:, 16:17], t, cache=cache)
+    # the refill: a fresh cache over a later window (positions start again at 0), as ar.py slides
+    got, _ = decode(model, seq[:, 24:40], min(prefill, 8), t)
+    with torch.no_grad():
+        full = model(seq[:, 24:40], t)
+    torch.testing.assert_close(got, full, atol=1e-5, rtol=1e-5)
+
+
+def test_cache_refuses_misuse():
+    causal = tiny(causal=True)
+    cache = causal.new_cache()
+    x = torch.zeros(1, 4, dtype=torch.long)
+    with torch.no_grad():
+        causal(x, cache=cache)
+        with pytest.raises(SystemExit):  # several positions only into an empty cache
+            causal(x, cache=cache)
+    with pytest.raises(SystemExit):  # a bidirectional model has no incremental decode
+        tiny().new_cache()
