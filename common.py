@@ -432,11 +432,11 @@ def check_data(cfg, meta):
             if json.load(f) == files:
                 return
     for name in SPLIT_FILES:
-        data, h, top = np.memmap(os.path.join(path, name), dtype=dtype, mode="r"), hashlib.sha256(), 0
-        for i in range(0, len(data), CHECK_CHUNK):
-            chunk = np.asarray(data[i:i + CHECK_CHUNK])
-            h.update(chunk.tobytes())
-            top = max(top, int(chunk.max()))
+        h, top = hashlib.sha256(), 0
+        with open(os.path.join(path, name), "rb") as f:  # read, not mapped: mapped pages would stay in RSS
+            while chunk := f.read(CHECK_CHUNK * dtype.itemsize):
+                h.update(chunk)
+                top = max(top, int(np.frombuffer(chunk, dtype=dtype).max()))
         if h.hexdigest() != meta["files"][name]["sha256"]:
             die(f"{os.path.join(path, name)} does not match the sha256 in meta.json (another prepare's file "
                 f"or a damaged one); re-prepare: {reprepare_command(cfg, meta)}")

@@ -162,7 +162,7 @@ def test_prepared_data_loads_and_is_verified_once(tmp_path, monkeypatch):
     assert common.prepare_data(cfg_for(tmp_path)) == meta
     stamp = json.load(open(tmp_path / "verified.json"))
     assert stamp["train.bin"][2] == meta["files"]["train.bin"]["sha256"]
-    monkeypatch.setattr(np, "memmap", None)  # the stamp matches, so nothing is scanned again
+    monkeypatch.setattr(np, "frombuffer", None)  # the stamp matches, so nothing is scanned again
     assert common.prepare_data(cfg_for(tmp_path)) == meta
 
 
