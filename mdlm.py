@@ -328,7 +328,8 @@ def main(argv=None):
               f"perplexity <= {stats['val_ppl']:.3f} ({cfg.eval_t_samples} time samples per sequence)")
         if meta["tokenizer"] != "gpt2":  # BPE samples are made of vocabulary pieces by construction
             samples, _ = generate(model, cfg, torch.full((cfg.block_size,), -1), cfg.num_samples)
-            train_text = tok.decode(common.Batches(cfg, meta, cfg.seed).data("train").tolist())
+            # a bounded slice of the training text: the statistic must not cost a pass over a large corpus
+            train_text = "\n".join(map(tok.decode, common.Batches(cfg, meta, cfg.seed).slices("train", 1 << 20)))
             share, n = word_overlap([tok.decode(x) for x in samples.tolist()], train_text)
             stats["sample_words_in_train"] = share
             print(f"samples: {100 * share:.1f}% of {n} generated words occur in the training text "

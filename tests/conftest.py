@@ -10,16 +10,20 @@ sys.path.insert(0, ROOT)
 
 
 def shared_data():
-    """../shared/data (or wherever $DIFFLM_DATA points); a test that needs it fails if absent."""
+    """../shared/data (or wherever $DIFFLM_DATA points): the GPT-2 BPE files and unshipped corpora.
+    Tiny Shakespeare and E2E ship in data/ and need no copy; a test that needs one fails if absent."""
     path = os.environ.get("DIFFLM_DATA") or os.path.join(ROOT, "..", "shared", "data")
-    if not os.path.isfile(os.path.join(path, "tinyshakespeare.txt")):
-        pytest.fail(f"real data not found: set DIFFLM_DATA to the folder with tinyshakespeare.txt (tried {path})")
+    if not os.path.isfile(os.path.join(path, "gpt2", "vocab.bpe")):
+        pytest.fail(f"shared data not found: set DIFFLM_DATA to the folder with gpt2/vocab.bpe (tried {path})")
     return os.path.abspath(path)
+
+
+OFFLINE = {"DIFFLM_DATA": "", "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
 
 
 def run_cli(args, cwd=None, env=None, check=True, timeout=600):
     """Run `python <args>` from the project root; return the CompletedProcess."""
-    e = {**os.environ, "DIFFLM_DATA": shared_data(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    e = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     e.update(env or {})
     r = subprocess.run([sys.executable] + args, cwd=cwd or ROOT, env=e, capture_output=True, text=True, timeout=timeout)
     if check and r.returncode != 0:
@@ -29,9 +33,10 @@ def run_cli(args, cwd=None, env=None, check=True, timeout=600):
 
 @pytest.fixture(scope="session")
 def char_data(tmp_path_factory):
-    """tiny Shakespeare at char level, prepared once per test session into a temp folder."""
+    """tiny Shakespeare at char level, prepared once per test session into a temp folder from the
+    copy shipped in data/ (no $DIFFLM_DATA, no network)."""
     out = tmp_path_factory.mktemp("shakespeare_char")
-    run_cli(["data/shakespeare_char/prepare.py", f"--out_dir={out}"])
+    run_cli(["data/shakespeare_char/prepare.py", f"--out_dir={out}"], env=OFFLINE)
     return str(out)
 
 

@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 
 import common
 import mdlm
-from conftest import ROOT, run_cli, shared_data, write_toy_dataset
+from conftest import ROOT, run_cli, write_toy_dataset
 
 SCHEDULES = ["loglinear", "cosine"]
 
@@ -353,7 +353,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, char_data):
 
 def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path, char_data):
     out = tmp_path / "ddp"
-    env = {**os.environ, "DIFFLM_DATA": shared_data(), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         os.path.join(ROOT, "tests", "ddp_worker.py"), str(out), char_data],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -10,8 +10,11 @@ Writes, into --out_dir (default data/e2e):
                                   {"mr": {field: value}, "src": ids of the MR, "text": ids,
                                    "ref": the text as space-separated words}
 
-    python data/e2e/prepare.py                       # $DIFFLM_DATA/e2e, else download
+    python data/e2e/prepare.py                       # from the src1_*.txt.gz shipped beside it
     python data/e2e/prepare.py --input_dir DIR       # a folder holding src1_*.txt
+
+The shipped src1_*.txt.gz are the three split files themselves (CC BY-SA 4.0; source, licence and
+checksums in README.md here), so this works offline.
 """
 import argparse
 import json
@@ -23,17 +26,23 @@ import common  # noqa: E402
 
 URL = "https://raw.githubusercontent.com/XiangLi1999/Diffusion-LM/759889d58ef38e2eed41a8c34db8032e072826f4/datasets/e2e_data/{}"
 SPLITS = ("train", "valid", "test")
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHA256 = {"train": "eae319082237310913d9f37f6a891d48fb3f821f29d86870d2cb4f92ddd72c5a",
+          "valid": "ba963113c8401d3d26216c0dc0a6dae1ea6ea927de3bf830e32c41f65401c80d",
+          "test": "81b1bcd40c4f12845ec4eb61a77bf43765d112483cd9b2f91ef10bfc1b3d8f13"}
 
 
 def read_split(input_dir, split):
-    """The lines of src1_<split>.txt: --input_dir, else $DIFFLM_DATA/e2e, else Diffusion-LM's copy."""
+    """The lines of src1_<split>.txt: --input_dir, else the shipped .gz, else $DIFFLM_DATA/e2e, else
+    Diffusion-LM's copy."""
     name = f"src1_{split}.txt"
     if input_dir:
         path = os.path.join(input_dir, name)
         if not os.path.isfile(path):
             common.die(f"--input_dir {input_dir} has no {name}; point it at a folder with src1_train/valid/test.txt")
         return open(path, encoding="utf-8").read().splitlines()
-    data, source = common.find_local_copy(os.path.join("e2e", name), URL.format(name))
+    data, source = common.find_local_copy(os.path.join("e2e", name), URL.format(name), SHA256[split],
+                                          shipped=os.path.join(HERE, name + ".gz"))
     if data is None:
         common.die(f"no copy of the E2E data: {source}; pass --input_dir=DIR (a folder with src1_*.txt) "
                    f"or set {common.SHARED_DATA_ENV} to a folder holding e2e/{name}")
@@ -58,7 +67,7 @@ def parse_line(line, where):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input_dir", default="")
-    ap.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(__file__)))
+    ap.add_argument("--out_dir", default=HERE)
     ap.add_argument("--min_count", type=int, default=10)
     args = ap.parse_args()
     if args.min_count < 1:
@@ -68,10 +77,11 @@ def main():
     # MR words join the vocabulary so a source can be fed to the model (DiffusER's source bootstrap)
     tok = common.WordTokenizer.build([t for _, _, t in rows["train"]] + [m for _, m, _ in rows["train"]], args.min_count)
     os.makedirs(args.out_dir, exist_ok=True)
+    common.mark_unprepared(args.out_dir)  # a kill from here leaves no meta.json, not new .jsonl under an old one
     streams = {}
     for split in SPLITS:
         stream = []
-        tmp = os.path.join(args.out_dir, f"{split}.jsonl.tmp")
+        tmp = os.path.join(args.out_dir, f"{split}.jsonl.{os.getpid()}.tmp")
         with open(tmp, "w", encoding="utf-8") as f:
             for fields, mr, text in rows[split]:
                 ids = tok.encode(text)

@@ -1,7 +1,8 @@
 """
 Tiny Shakespeare with the GPT-2 BPE (tiktoken, `encode_ordinary`): 90/10 split by characters,
-301,966 train / 36,059 val tokens. Works offline when $DIFFLM_DATA has gpt2/vocab.bpe and
-gpt2/encoder.json (and tinyshakespeare.txt, unless --input is given).
+301,966 train / 36,059 val tokens. The text is shipped (data/shakespeare_char/input.txt.gz); the
+BPE files are not: tiktoken downloads them, or offline $DIFFLM_DATA/gpt2/ must hold vocab.bpe and
+encoder.json.
 
     python data/shakespeare/prepare.py [--input FILE]
 """
@@ -12,7 +13,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shakespeare_char"))
 import common  # noqa: E402
-from prepare import load_text  # noqa: E402  (the shared downloader of the char dataset)
+from prepare import load_text  # noqa: E402  (reads the shipped corpus)
 
 
 def main():

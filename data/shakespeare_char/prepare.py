@@ -2,8 +2,11 @@
 Tiny Shakespeare at character level (nanoGPT's shakespeare_char): 90/10 split by characters,
 1,003,854 train / 111,540 val characters, a vocabulary of 65.
 
-    python data/shakespeare_char/prepare.py                 # download (or $DIFFLM_DATA copy)
-    python data/shakespeare_char/prepare.py --input FILE    # a local copy of input.txt
+    python data/shakespeare_char/prepare.py                 # from input.txt.gz, shipped beside it
+    python data/shakespeare_char/prepare.py --input FILE    # another copy of input.txt
+
+input.txt.gz is the corpus itself (public domain; source and checksum in README.md here), so this
+works offline; shakespeare/ and shakespeare_word/ read it through load_text too.
 """
 import argparse
 import os
@@ -12,17 +15,18 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import common  # noqa: E402
 
-URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "input.txt.gz")
+URL = "https://raw.githubusercontent.com/karpathy/char-rnn/6f9487a6fe5b420b7ca9afb0d7c078e37c1d1b4e/data/tinyshakespeare/input.txt"
 SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 
 
 def load_text(input_path):
-    """The corpus text: --input, else $DIFFLM_DATA/tinyshakespeare.txt, else the public URL."""
+    """The corpus text: --input, else the shipped input.txt.gz, else $DIFFLM_DATA, else the public URL."""
     if input_path:
         if not os.path.isfile(input_path):
             common.die(f"--input {input_path} does not exist")
         return open(input_path, encoding="utf-8").read()
-    data, source = common.find_local_copy("tinyshakespeare.txt", URL, SHA256)
+    data, source = common.find_local_copy("tinyshakespeare.txt", URL, SHA256, shipped=SHIPPED)
     if data is None:
         common.die(f"no copy of tiny Shakespeare: {source}; pass --input=path/to/input.txt "
                    f"or set {common.SHARED_DATA_ENV} to a folder holding tinyshakespeare.txt")

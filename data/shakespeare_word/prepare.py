@@ -12,7 +12,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shakespeare_char"))
 import common  # noqa: E402
-from prepare import load_text  # noqa: E402  (the shared downloader of the char dataset)
+from prepare import load_text  # noqa: E402  (reads the shipped corpus)
 
 
 def main():

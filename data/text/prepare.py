@@ -1,0 +1,100 @@
+"""
+Your own text as a dataset: one or more UTF-8 files -> data/NAME/ (train.bin, val.bin, meta.json),
+after which every text method takes --dataset=NAME.
+
+    python data/text/prepare.py --input=FILE [--input=FILE2 ...] --name=NAME
+                                [--tokenizer=char|word|gpt2] [--val_fraction=0.1] [--force]
+
+Each file is split on its own: its first 1 - val_fraction characters go to train, the rest to val,
+so every file is represented in both. Tokenizers:
+  char  every character that occurs in the files (as shakespeare_char)
+  word  words and punctuation seen at least --min_count times in train; the rest become <unk>
+  gpt2  GPT-2 BPE (tiktoken); an end-of-text token separates the files
+An existing dataset folder is replaced only with --force. The whole text is held in memory (as
+Python ints while encoding), which suits texts up to about 100 MB; larger corpora want a streaming
+prepare.py of their own (see data/openwebtext).
+"""
+import argparse
+import os
+import re
+import shlex
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", ".."))
+import common  # noqa: E402
+
+DATA = os.path.dirname(HERE)
+
+
+def read_utf8(path):
+    """The text of one file; a byte sequence that is not UTF-8 stops with the file and byte offset."""
+    if not os.path.isfile(path):
+        common.die(f"--input {path} does not exist")
+    raw = open(path, "rb").read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        common.die(f"{path} is not UTF-8: byte {e.start:,} (0x{raw[e.start]:02x}) {e.reason}; "
+                   "convert it first, e.g. iconv -f latin1 -t utf-8")
+    text = text.removeprefix("\ufeff")  # a byte-order mark is not part of the text
+    if not text.strip():
+        common.die(f"{path} holds no text")
+    return text
+
+
+def out_dir_for(args):
+    """data/NAME (or --out_dir), refused when it would overwrite a dataset without --force."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", args.name):
+        common.die(f"--name={args.name!r}: use letters, digits, '_', '.' and '-' (it becomes data/NAME and --dataset=NAME)")
+    if os.path.isfile(os.path.join(DATA, args.name, "prepare.py")):
+        common.die(f"--name={args.name} is a built-in dataset (data/{args.name}/prepare.py); choose another name")
+    out = args.out_dir or os.path.join(DATA, args.name)
+    taken = [f for f in ("meta.json", "train.bin", "val.bin") if os.path.exists(os.path.join(out, f))]
+    if taken and not args.force:
+        common.die(f"{out} already holds a dataset ({', '.join(taken)}); pass --force to replace it or pick another --name")
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--input", action="append", required=True, help="a UTF-8 text file (repeat for several)")
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--tokenizer", choices=("char", "word", "gpt2"), default="char")
+    ap.add_argument("--val_fraction", type=float, default=0.1)
+    ap.add_argument("--min_count", type=int, default=1, help="word tokenizer: keep words seen this often")
+    ap.add_argument("--out_dir", default="", help="default data/NAME")
+    ap.add_argument("--force", action="store_true")
+    args = ap.parse_args()
+    if not 0 < args.val_fraction < 1:
+        common.die(f"--val_fraction={args.val_fraction} must be between 0 and 1")
+    if args.min_count < 1:
+        common.die("--min_count must be at least 1")
+    out = out_dir_for(args)
+    texts = [read_utf8(p) for p in args.input]
+    cuts = [int((1 - args.val_fraction) * len(t)) for t in texts]
+    train, val = [t[:n] for t, n in zip(texts, cuts)], [t[n:] for t, n in zip(texts, cuts)]
+    if args.tokenizer == "char":
+        tok = common.CharTokenizer(sorted(set("".join(texts))))
+        meta = {"tokenizer": "char", "chars": tok.chars}
+        encode = lambda parts: [i for p in parts for i in tok.encode(p)]  # noqa: E731
+    elif args.tokenizer == "word":
+        tok = common.WordTokenizer.build(train, args.min_count)
+        meta = {"tokenizer": "word", "words": tok.words, "min_count": args.min_count}
+        encode = lambda parts: [i for p in parts for i in tok.encode(p)]  # noqa: E731
+    else:
+        tok = common.GPT2Tokenizer()
+        meta = {"tokenizer": "gpt2", "eot": tok.enc.eot_token}
+        encode = lambda parts: [i for k, p in enumerate(parts) for i in [tok.enc.eot_token] * (k > 0) + tok.encode(p)]  # noqa: E731
+    inputs = [os.path.abspath(p) for p in args.input]
+    again = [os.path.abspath(__file__)] + [f"--input={p}" for p in inputs] + [
+        f"--name={args.name}", f"--tokenizer={args.tokenizer}", f"--val_fraction={args.val_fraction}",
+        f"--min_count={args.min_count}", f"--out_dir={os.path.abspath(out)}", "--force"]
+    meta.update(vocab_size=tok.vocab_size, inputs=inputs, command="python " + shlex.join(again))
+    meta = common.write_split(out, encode(train), encode(val), meta)
+    print(f"{out}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens, {args.tokenizer} vocabulary "
+          f"of {tok.vocab_size:,}; train with --dataset={args.name}" + (f" --data_dir={out}" if args.out_dir else ""))
+
+
+if __name__ == "__main__":
+    main()

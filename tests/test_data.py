@@ -1,0 +1,308 @@
+"""Data: the shipped corpora, your own text (data/text/prepare.py), meta.json against the token
+files, preparing from many processes at once, and bounded reads of a split."""
+import gzip
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import OFFLINE, ROOT, run_cli
+
+import common
+
+TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_iters=1",
+        "--device=cpu"]
+SHIPPED = {  # the uncompressed sha256 of each shipped file (data/*/README.md)
+    "shakespeare_char/input.txt.gz": "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+    "e2e/src1_train.txt.gz": "eae319082237310913d9f37f6a891d48fb3f821f29d86870d2cb4f92ddd72c5a",
+    "e2e/src1_valid.txt.gz": "ba963113c8401d3d26216c0dc0a6dae1ea6ea927de3bf830e32c41f65401c80d",
+    "e2e/src1_test.txt.gz": "81b1bcd40c4f12845ec4eb61a77bf43765d112483cd9b2f91ef10bfc1b3d8f13",
+}
+
+
+def cfg_for(path, **kw):
+    return common.BaseConfig(data_dir=str(path), **kw)
+
+
+def fails(fn, *needles):
+    """fn() must stop through common.die: one line, saying each needle."""
+    with pytest.raises(SystemExit) as e:
+        fn()
+    msg = str(e.value)
+    assert msg.startswith("error: ") and "\n" not in msg, msg
+    for n in needles:
+        assert n in msg, (n, msg)
+    return msg
+
+
+# ----------------------------------------------------------------------------------------------
+# Shipped corpora
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_file_is_small_and_exact(name):
+    path = os.path.join(ROOT, "data", name)
+    assert os.path.getsize(path) < 1_500_000
+    with gzip.open(path) as f:
+        assert hashlib.sha256(f.read()).hexdigest() == SHIPPED[name]
+    assert "Licen" in open(os.path.join(os.path.dirname(path), "README.md")).read()
+
+
+def test_shipped_files_are_tracked_and_prepared_files_ignored():
+    def ignored(p):
+        return subprocess.run(["git", "check-ignore", "-q", p], cwd=ROOT).returncode == 0
+    if subprocess.run(["git", "rev-parse"], cwd=ROOT, capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout (an unpacked archive): nothing to ask git")
+    assert not any(ignored(os.path.join("data", n)) for n in SHIPPED)
+    assert all(ignored(f"data/e2e/{n}") for n in ("train.bin", "meta.json", "train.jsonl", "train.bin.7.tmp",
+                                                   "prepare.lock", "verified.json"))
+
+
+def test_char_data_prepared_offline(char_data):
+    meta = json.load(open(os.path.join(char_data, "meta.json")))
+    assert (meta["train_tokens"], meta["val_tokens"], meta["vocab_size"]) == (1_003_854, 111_540, 65)
+    assert meta["files"]["train.bin"]["bytes"] == 2 * 1_003_854
+    assert "data/shakespeare_char/prepare.py" in meta["command"]
+
+
+def test_first_command_offline_prepares_on_its_own(tmp_path):
+    """--train on a fresh folder with no $DIFFLM_DATA and no network prepares from the shipped copy."""
+    data, out = tmp_path / "fresh", tmp_path / "out"
+    r = run_cli(["mdlm.py", "--train", f"--data_dir={data}", f"--out_dir={out}", "--max_iters=2",
+                 "--eval_interval=2"] + TINY, env=OFFLINE)
+    assert "preparing shakespeare_char" in r.stdout and "input.txt.gz" in r.stdout
+    r = run_cli(["mdlm.py", "--sample", f"--out_dir={out}", "--num_samples=1", "--steps=4"], env=OFFLINE)
+    assert "=== sample 0" in r.stdout
+
+
+def test_no_copy_anywhere_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFLM_DATA", str(tmp_path))
+    data, why = common.find_local_copy("x.txt", "http://127.0.0.1:9/x.txt", shipped=str(tmp_path / "none.gz"))
+    assert data is None and "could not download" in why
+    (tmp_path / "bad.gz").write_bytes(b"not gzip")
+    data, why = common.find_local_copy("x.txt", "http://127.0.0.1:9/x.txt", shipped=str(tmp_path / "bad.gz"))
+    assert data is None and "is damaged" in why
+
+
+# ----------------------------------------------------------------------------------------------
+# Your own text
+
+
+def text_prepare(args, monkeypatch):
+    """data/text/prepare.py's main() in this process (a subprocess would spend seconds importing torch)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("text_prepare", os.path.join(ROOT, "data", "text", "prepare.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(sys, "argv", ["data/text/prepare.py"] + args)
+    mod.main()
+
+
+def test_own_text_char_and_word(tmp_path, monkeypatch, capsys):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("the quick brown fox jumps over the lazy dog. " * 200, encoding="utf-8")
+    b.write_text("\ufeff" + "café au lait, s'il vous plaît! " * 100, encoding="utf-8")
+    out = tmp_path / "mine"
+    text_prepare([f"--input={a}", f"--input={b}", "--name=mine", f"--out_dir={out}", "--val_fraction=0.2"], monkeypatch)
+    assert "--dataset=mine" in capsys.readouterr().out
+    meta = json.load(open(out / "meta.json"))
+    tok = common.CharTokenizer(meta["chars"])
+    assert "é" in meta["chars"] and "\ufeff" not in meta["chars"]
+    n_a, n_b = len(a.read_text()), len(b.read_text()) - 1
+    assert meta["train_tokens"] == int(0.8 * n_a) + int(0.8 * n_b)
+    train = np.fromfile(out / "train.bin", dtype=meta["dtype"])
+    assert tok.decode(train[:10].tolist()) == "the quick "
+    assert tok.decode(train[-5:].tolist()) == b.read_text()[1:][int(0.8 * n_b) - 5:int(0.8 * n_b)]
+    # refuses to overwrite; --force replaces; the recorded command re-prepares it
+    fails(lambda: text_prepare([f"--input={a}", "--name=mine", f"--out_dir={out}"], monkeypatch),
+          "already holds a dataset", "--force")
+    text_prepare([f"--input={a}", "--name=mine", f"--out_dir={out}", "--tokenizer=word", "--force"], monkeypatch)
+    meta = json.load(open(out / "meta.json"))
+    assert meta["tokenizer"] == "word" and "fox" in meta["words"] and meta["command"].endswith("--force")
+    # the text methods take it by name
+    small = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4", "--eval_iters=1"]
+    run_cli(["ar.py", "--train", "--dataset=mine", f"--data_dir={out}", f"--out_dir={tmp_path}", "--max_iters=2",
+             "--eval_interval=2"] + small)
+    assert "=== sample 0" in run_cli(["ar.py", "--sample", f"--out_dir={tmp_path}", "--num_samples=1"]).stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--name=x"], "is not UTF-8: byte 5 (0xff)"),
+    (["--name=shakespeare_char"], "is a built-in dataset"),
+    (["--name=../x"], "--name='../x'"),
+    (["--name=x", "--val_fraction=1"], "--val_fraction=1.0 must be between 0 and 1"),
+])
+def test_own_text_bad_input_is_one_line(tmp_path, monkeypatch, args, message):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"hello\xff world")
+    good = tmp_path / "good.txt"
+    good.write_text("hello world\n" * 50)
+    src = bad if "UTF-8" in message else good
+    msg = fails(lambda: text_prepare([f"--input={good}", f"--input={src}", f"--out_dir={tmp_path / 'o'}"] + args,
+                                     monkeypatch), message)
+    assert str(bad) in msg or "UTF-8" not in message
+
+
+# ----------------------------------------------------------------------------------------------
+# meta.json against the token files
+
+
+def toy(path, vocab=10, n=2000, seed=0):
+    ids = np.random.default_rng(seed).integers(0, vocab, n)
+    return common.write_split(str(path), ids[:n * 9 // 10], ids[n * 9 // 10:],
+                              {"tokenizer": "char", "chars": [chr(97 + i) for i in range(vocab)], "vocab_size": vocab})
+
+
+def test_prepared_data_loads_and_is_verified_once(tmp_path, monkeypatch):
+    meta = toy(tmp_path)
+    assert common.prepare_data(cfg_for(tmp_path)) == meta
+    stamp = json.load(open(tmp_path / "verified.json"))
+    assert stamp["train.bin"][2] == meta["files"]["train.bin"]["sha256"]
+    monkeypatch.setattr(np, "frombuffer", None)  # the stamp matches, so nothing is scanned again
+    assert common.prepare_data(cfg_for(tmp_path)) == meta
+
+
+def corrupt_bad_json(p):
+    (p / "meta.json").write_text('{"vocab_size": 10, ')
+
+
+def corrupt_old_meta(p):
+    meta = json.load(open(p / "meta.json"))
+    del meta["files"]
+    (p / "meta.json").write_text(json.dumps(meta))
+
+
+def corrupt_empty(p):
+    open(p / "train.bin", "wb").close()
+
+
+def corrupt_odd_size(p):
+    with open(p / "val.bin", "ab") as f:
+        f.write(b"\0")
+
+
+def corrupt_truncated(p):
+    data = (p / "train.bin").read_bytes()
+    (p / "train.bin").write_bytes(data[:len(data) - 200])
+
+
+def corrupt_flipped(p):
+    data = bytearray((p / "train.bin").read_bytes())
+    data[100] ^= 1
+    (p / "train.bin").write_bytes(bytes(data))
+
+
+def corrupt_reprepare_killed(p):
+    """A re-prepare (here of other text of the same length) that replaced train.bin and was killed
+    before it replaced meta.json: the new train.bin under the old meta.json."""
+    old = (p / "meta.json").read_bytes()
+    toy(p, seed=1)
+    (p / "meta.json").write_bytes(old)
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (corrupt_bad_json, "is not valid JSON"),
+    (corrupt_old_meta, "lacks files"),
+    (corrupt_empty, "has 0 bytes"),
+    (corrupt_odd_size, "val.bin has 401 bytes"),
+    (corrupt_truncated, "train.bin has 3,400 bytes but meta.json says 1,800 uint16 tokens"),
+    (corrupt_flipped, "does not match the sha256"),
+    (corrupt_reprepare_killed, "does not match the sha256"),
+])
+def test_each_corruption_is_one_line_naming_the_fix(tmp_path, corrupt, message):
+    toy(tmp_path)
+    common.prepare_data(cfg_for(tmp_path))  # verified once, so a later corruption meets the stamp
+    corrupt(tmp_path)
+    msg = fails(lambda: common.prepare_data(cfg_for(tmp_path)), message, "re-prepare: python ")
+    assert f"--out_dir={tmp_path}" in msg
+
+
+def test_ids_outside_the_vocabulary(tmp_path):
+    ids = np.arange(300) % 12
+    common.write_split(str(tmp_path), ids, ids, {"tokenizer": "char", "chars": list("abcdefghij"), "vocab_size": 10})
+    fails(lambda: common.prepare_data(cfg_for(tmp_path)), "holds token id 11, not below the vocabulary of 10")
+
+
+def test_corruption_through_the_command_line(tmp_path):
+    toy(tmp_path, n=4000)
+    corrupt_truncated(tmp_path)
+    r = run_cli(["mdlm.py", "--train", f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'o'}"] + TINY, check=False)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "re-prepare" in r.stderr, r.stderr
+    assert not os.path.exists(tmp_path / "o" / "ckpt.pt")
+
+
+def test_killed_prepare_leaves_the_folder_unprepared(tmp_path, monkeypatch):
+    toy(tmp_path)
+    real = os.replace
+
+    def killed(src, dst):  # dies at the second rename (after train.bin, before val.bin and meta.json)
+        if dst.endswith("val.bin"):
+            raise KeyboardInterrupt
+        real(src, dst)
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        toy(tmp_path, seed=1)
+    assert not os.path.exists(tmp_path / "meta.json")
+
+
+def test_model_and_data_tokenizers_must_agree(tmp_path):
+    meta = toy(tmp_path)
+    cfg = cfg_for(tmp_path, block_size=8)
+    common.Batches(cfg, meta, 0)
+    words = {**meta, "tokenizer": "word", "words": ["<s>"] * 853, "vocab_size": 853}
+    fails(lambda: common.Batches(cfg, words, 0), "has a char tokenizer with 10 tokens",
+          "model was trained on a word tokenizer with 853 tokens")
+    other = {**meta, "chars": list("zyxwvutsrq")}
+    fails(lambda: common.Batches(cfg, other, 0), "the same size, other symbols")
+
+
+def test_slices_are_bounded(tmp_path):
+    meta = toy(tmp_path, n=100_000)
+    b = common.Batches(cfg_for(tmp_path, block_size=8), meta, 0)
+    whole = b.slices("train", 1 << 20)
+    assert len(whole) == 1 and len(whole[0]) == 90_000
+    parts = b.slices("train", 6400, pieces=64)
+    assert len(parts) == 64 and sum(map(len, parts)) == 6400
+    train = np.fromfile(tmp_path / "train.bin", dtype=meta["dtype"])
+    assert parts[0] == train[:100].tolist() and parts[-1] == train[-100:].tolist()
+
+
+# ----------------------------------------------------------------------------------------------
+# Many processes preparing one folder (torchrun's ranks)
+
+
+WORKER = """
+import sys; sys.path.insert(0, sys.argv[1])
+import common
+meta = common.prepare_data(common.BaseConfig(dataset=sys.argv[2], data_dir=sys.argv[3]))
+print("tokens", meta["train_tokens"])
+"""
+
+
+def test_processes_prepare_one_fresh_folder_at_once(tmp_path):
+    data = tmp_path / "char"
+    env = {**os.environ, **OFFLINE}
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, ROOT, "shakespeare_char", str(data)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert all("tokens 1003854" in o for o, _ in outs)
+    assert sum("preparing shakespeare_char" in o for o, _ in outs) == 1  # one prepared, the others waited
+    assert sorted(os.listdir(data)) == ["meta.json", "prepare.lock", "train.bin", "val.bin", "verified.json"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dataset, method", [("shakespeare_char", "mdlm"), ("e2e", "diffusion_lm")])
+def test_torchrun_on_a_fresh_data_folder(tmp_path, dataset, method):
+    data, out = tmp_path / dataset, tmp_path / "out"
+    env = {**os.environ, **OFFLINE, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        f"{method}.py", "--train", f"--dataset={dataset}", f"--data_dir={data}", f"--out_dir={out}",
+                        "--max_iters=2", "--eval_interval=2"] + TINY, cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert os.path.isfile(out / "ckpt.pt")
