@@ -18,10 +18,12 @@ import copy
 import dataclasses
 import difflib
 import glob
+import hashlib
 import json
 import math
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -71,6 +73,7 @@ class BaseConfig:
     eval_iters: int = 20
     log_interval: int = 50
     resume: bool = False
+    overwrite: bool = False  # --train into an out_dir that holds a checkpoint: start over
     # sampling
     num_samples: int = 4
     show: bool = False
@@ -770,26 +773,88 @@ class Transformer(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints: written to a temporary file and renamed, loaded with weights_only=True
+# Checkpoints: one file holds everything a run needs to resume, sample and evaluate. Written to a
+# temporary name of this process and renamed, so a crash or a full disk never leaves a broken
+# ckpt.pt; it carries a SHA-256 of its contents, checked on load, because torch's zip reader does
+# not check its own CRCs (a flipped bit in a weight would load silently); loaded with weights_only.
+
+
+def _digest(obj, h):
+    """Feed every leaf of a checkpoint (nested dicts and lists of tensors and plain values) to h."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous().reshape(-1)
+        h.update(f"T{t.dtype}{tuple(obj.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, dict):
+        h.update(b"D%d" % len(obj))
+        for k, v in obj.items():
+            _digest(k, h)
+            _digest(v, h)
+    elif isinstance(obj, (list, tuple)):  # a tuple may come back as either; the same content counts the same
+        h.update(b"L%d" % len(obj))
+        for v in obj:
+            _digest(v, h)
+    else:
+        h.update(f"{type(obj).__name__}:{obj!r}".encode())
+
+
+def checksum(obj):
+    h = hashlib.sha256()
+    _digest({k: v for k, v in obj.items() if k != "checksum"}, h)
+    return h.hexdigest()
 
 
 def save_checkpoint(path, obj):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write obj (a dict) to path atomically, with its checksum; a write error is one line."""
+    obj = {**obj, "checksum": checksum(obj)}
+    tmp = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"  # two processes never share a tmp file
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        kept = "the previous checkpoint is kept" if os.path.isfile(path) else "no checkpoint was written"
+        die(f"cannot write {path}: {e.strerror or e}; {kept}; free disk space or choose another --out_dir")
 
 
 def load_checkpoint(path, method):
+    """path -> the checkpoint dict, its checksum verified and its floating tensors finite."""
     if not os.path.isfile(path):
         die(f"no checkpoint at {path}; train one first with `python {method}.py --train` (or pass --out_dir=...)")
+    retrain = f"retrain with `python {method}.py --train --overwrite` or restore a copy"
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        die(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}); retrain with `python {method}.py --train`")
+        die(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}); {retrain}")
+    if not isinstance(ckpt, dict):
+        die(f"{path} is not a difflm checkpoint (a {type(ckpt).__name__}, not a dict); {retrain}")
+    stored = ckpt.pop("checksum", None)
+    if stored is None:
+        print(f"warning: {path} carries no checksum (written by an older difflm); its contents are not verified",
+              file=sys.stderr)
+    elif stored != checksum(ckpt):
+        die(f"checkpoint {path} is corrupt: its contents do not match its checksum; {retrain}")
+    for name, t in _tensors(ckpt):
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            die(f"checkpoint {path} holds NaN or inf values ({name}); {retrain}")
+    return ckpt
+
+
+def _tensors(obj, name=""):
+    """(dotted name, tensor) for every tensor in a nested dict/list."""
+    if isinstance(obj, torch.Tensor):
+        yield name, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{name}.{k}" if name else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{name}[{i}]")
 
 
 def out_dir(cfg, method):
@@ -839,8 +904,108 @@ def fmt_time(s):
 
 
 def log_json(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        die(f"cannot write {path}: {e.strerror or e}; free disk space or choose another --out_dir")
+
+
+def truncate_log(path, last_iter):
+    """Keep the log records of iterations up to last_iter, the ones a resumed checkpoint holds: the
+    run logs the later ones again. A line cut short by a kill goes too."""
+    if not os.path.isfile(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and rec.get("iter", -1) <= last_iter:
+                keep.append(line if line.endswith("\n") else line + "\n")
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        die(f"cannot write {path}: {e.strerror or e}; free disk space or choose another --out_dir")
+
+
+@contextlib.contextmanager
+def own_out_dir(odir):
+    """Hold odir/run.lock for the run, so a second run into the same folder stops at once with a
+    line naming the first. The lock is the kernel's (flock): a killed run releases it by dying."""
+    import fcntl  # POSIX; imported here so that the rest of the module loads anywhere
+    path = os.path.join(odir, "run.lock")
+    try:
+        os.makedirs(odir, exist_ok=True)
+        f = open(path, "a+")
+    except OSError as e:
+        die(f"cannot write to {odir}: {e.strerror or e}; choose another --out_dir")
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "a process that is starting"
+            die(f"{odir} is in use by another run ({holder}); wait for it, stop it, or choose another --out_dir")
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
+        f.flush()
+        for tmp in glob.glob(os.path.join(odir, "ckpt.pt.*.tmp")):  # left by a killed run; no one else writes here
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+        yield
+
+
+RESUME_KEYS = ("model", "ema", "optimizer", "rng", "data_rng", "iter", "config", "meta")
+RUN_KEYS = {"out_dir", "data_dir", "device", "compile", "max_iters", "lr_decay_iters", "eval_interval", "eval_iters",
+            "log_interval", "resume", "overwrite", "num_samples", "show", "prefix", "suffix"}  # not part of a model
+
+
+def fit_state(module, state, path, saved_cfg, cfg, what="model"):
+    """module.load_state_dict(state), or one line naming the settings that differ from the checkpoint's."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError) as e:
+        now = dataclasses.asdict(cfg)
+        differ = [f"{k}={saved_cfg[k]!r} (here {now[k]!r})" for k in now
+                  if k in saved_cfg and k not in RUN_KEYS and saved_cfg[k] != now[k]]
+        hint = f"it was trained with {', '.join(differ[:4])}" if differ else "it was trained with other settings"
+        die(f"{path} does not fit this {what} ({str(e).strip().splitlines()[0][:160]}); {hint}")
+
+
+def resume_from(path, method, cfg, meta, model, ema_model, opt, batches, rank, device):
+    """Load a run's state for --resume, checked as --sample checks it; -> the next iteration."""
+    ckpt = load_checkpoint(path, method)
+    if ckpt.get("method", method) != method:
+        die(f"{path} was trained by {ckpt['method']}.py, not {method}.py; resume it with {ckpt['method']}.py")
+    missing = [k for k in RESUME_KEYS if k not in ckpt]
+    if missing:
+        die(f"{path} lacks {', '.join(missing)}, so it cannot be resumed; sample from it, or start over with --overwrite")
+    for k in ("tokenizer", "vocab_size"):
+        if ckpt["meta"].get(k) != meta.get(k):
+            die(f"{path} was trained on data with {k}={ckpt['meta'].get(k)!r}, this run's has {meta.get(k)!r}; "
+                f"resume with the checkpoint's --dataset ({ckpt['config'].get('dataset')})")
+    saved = ckpt["config"]
+    fit_state(model, ckpt["model"], path, saved, cfg)
+    fit_state(ema_model, ckpt["ema"], path, saved, cfg, "model's EMA")
+    fit_state(opt, ckpt["optimizer"], path, saved, cfg, "optimizer")
+    own = lambda states: states[rank] if rank < len(states) else states[0]  # noqa: E731  (per-rank states)
+    torch.set_rng_state(own(ckpt["rng"]))
+    if device.type == "cuda" and ckpt.get("cuda_rng"):  # the GPU draws the training noise there
+        torch.cuda.set_rng_state(own(ckpt["cuda_rng"]), device)
+    batches.gen.set_state(own(ckpt["data_rng"]))
+    start = ckpt["iter"] + 1
+    if start > cfg.max_iters:
+        die(f"{path} is at iteration {ckpt['iter']}, past --max_iters={cfg.max_iters}; raise --max_iters to train on")
+    return start
 
 
 def train(cfg, method, model, loss_fn, evaluate, meta, batches=None):
@@ -852,15 +1017,32 @@ def train(cfg, method, model, loss_fn, evaluate, meta, batches=None):
     batches  default: random token windows (Batches); a method with other data passes an object
              with .get(split, batch_size, gen=None) and a torch.Generator .gen
     Returns the EMA model.
+
+    A run owns its out_dir: it holds the folder's lock while it runs, and it starts over an
+    earlier run's checkpoint only with --overwrite (--resume continues it).
     """
     device = get_device(cfg)
     rank, world = init_distributed(device)
+    odir = out_dir(cfg, method)
+    ckpt_path = os.path.join(odir, "ckpt.pt")
+    if cfg.resume and cfg.overwrite:
+        die("--resume continues the run in out_dir and --overwrite starts it over; pass one of them")
+    with own_out_dir(odir) if rank == 0 else contextlib.nullcontext():
+        if not cfg.resume and os.path.isfile(ckpt_path):
+            if not cfg.overwrite:
+                die(f"{odir} holds a checkpoint of an earlier run; continue it with --resume, start over with "
+                    f"--overwrite, or choose another --out_dir")
+            if rank == 0:
+                os.remove(ckpt_path)
+        return _train_loop(cfg, method, model, loss_fn, evaluate, meta, batches, device, rank, world)
+
+
+def _train_loop(cfg, method, model, loss_fn, evaluate, meta, batches, device, rank, world):
     master = rank == 0
     odir = out_dir(cfg, method)
     ckpt_path = os.path.join(odir, "ckpt.pt")
     log_path = os.path.join(odir, "log.jsonl")
     if master:
-        os.makedirs(odir, exist_ok=True)
         print_config(cfg)
 
     seed_all(cfg.seed + rank)
@@ -879,18 +1061,11 @@ def train(cfg, method, model, loss_fn, evaluate, meta, batches=None):
         batches.gen.manual_seed(cfg.seed + 1000 * rank)
     start = 0
     if cfg.resume:
-        ckpt = load_checkpoint(ckpt_path, method)
-        model.load_state_dict(ckpt["model"])
-        ema_model.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
-        own = lambda states: states[rank] if rank < len(states) else states[0]  # noqa: E731  (per-rank states)
-        torch.set_rng_state(own(ckpt["rng"]))
-        if device.type == "cuda" and ckpt.get("cuda_rng"):  # the GPU draws the training noise there
-            torch.cuda.set_rng_state(own(ckpt["cuda_rng"]), device)
-        batches.gen.set_state(own(ckpt["data_rng"]))
-        start = ckpt["iter"] + 1
+        start = resume_from(ckpt_path, method, cfg, meta, model, ema_model, opt, batches, rank, device)
         if master:
             print(f"resuming from {ckpt_path} at iteration {start}")
+    if master:
+        truncate_log(log_path, start - 1)  # each iteration is logged once, however often the run was resumed
     n_params = sum(p.numel() for p in model.parameters())
     if master:
         print(f"{method}: {n_params / 1e6:.2f}M parameters, {device}, {world} process(es)")
@@ -929,7 +1104,7 @@ def train(cfg, method, model, loss_fn, evaluate, meta, batches=None):
             stats = evaluate(ema_model if cfg.ema > 0 else model, batches)
         return stats
 
-    last_good = None
+    last_good = start - 1 if start > 0 else None
     t0 = time.time()
     t_last, tok_since = t0, 0
     it = start
@@ -988,14 +1163,16 @@ def load_for_inference(config_cls, overrides, method, build_model):
     ckpt = load_checkpoint(os.path.join(where, "ckpt.pt"), method)
     if ckpt.get("method", method) != method:
         die(f"{where}/ckpt.pt was trained by {ckpt['method']}.py, not {method}.py")
+    missing = [k for k in ("model", "config", "meta") + (("ema",) if ckpt.get("config", {}).get("ema", 0) > 0 else ())
+               if k not in ckpt]
+    if missing:
+        die(f"{where}/ckpt.pt lacks {', '.join(missing)}; it is not a complete {method}.py checkpoint: retrain with "
+            f"`python {method}.py --train --overwrite`")
     # logs go beside the checkpoint that was read, wherever it was trained
     cfg = dataclasses.replace(config_from_checkpoint(config_cls, ckpt, overrides), out_dir=where)
     meta = ckpt["meta"]
     model = build_model(cfg, meta)
-    try:
-        model.load_state_dict(ckpt["ema"] if cfg.ema > 0 else ckpt["model"])
-    except RuntimeError as e:
-        die(f"the checkpoint does not fit this model ({str(e).splitlines()[0]}); it was trained with other settings")
+    fit_state(model, ckpt["ema"] if cfg.ema > 0 else ckpt["model"], f"{where}/ckpt.pt", ckpt["config"], cfg)
     device = get_device(cfg)
     seed_all(cfg.seed)
     return cfg, model.to(device).eval(), get_tokenizer(meta), meta, ckpt

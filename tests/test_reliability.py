@@ -1,0 +1,248 @@
+"""A run owns its out_dir, checkpoints are verified, disk errors are one line, resume is exact.
+
+The default tests train tiny models for a few iterations; the kill -9 test is slow (pytest -m slow).
+"""
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+
+import pytest
+import torch
+
+from conftest import ROOT, run_cli, shared_data
+
+import common
+
+TINY = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=32", "--batch_size=4", "--log_interval=1",
+        "--eval_iters=1", "--device=cpu"]
+
+
+def one_line_error(r, *needles):
+    assert r.returncode == 1, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+    assert "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    for n in needles:
+        assert n in r.stderr, r.stderr
+
+
+def mdlm(out, char_data, *extra):
+    return ["mdlm.py", "--train", f"--data_dir={char_data}", f"--out_dir={out}", "--eval_interval=3"] + TINY + list(extra)
+
+
+@pytest.fixture(scope="module")
+def run6(tmp_path_factory, char_data):
+    """An mdlm run of 6 iterations, checkpointed at iterations 2 and 5."""
+    out = tmp_path_factory.mktemp("run6")
+    run_cli(mdlm(out, char_data, "--max_iters=6"))
+    return str(out), char_data
+
+
+def copy_run(src, dst):
+    os.makedirs(dst, exist_ok=True)
+    for name in ("ckpt.pt", "log.jsonl"):
+        with open(os.path.join(src, name), "rb") as f, open(os.path.join(dst, name), "wb") as g:
+            g.write(f.read())
+    return str(dst)
+
+
+def log_records(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_train_over_a_checkpoint_needs_resume_or_overwrite(run6, tmp_path):
+    src, data = run6
+    out = copy_run(src, tmp_path / "run")
+    before = open(os.path.join(out, "ckpt.pt"), "rb").read()
+    r = run_cli(mdlm(out, data, "--max_iters=3"), check=False)
+    one_line_error(r, "holds a checkpoint", "--resume", "--overwrite")
+    assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before
+    one_line_error(run_cli(mdlm(out, data, "--max_iters=3", "--resume", "--overwrite"), check=False), "pass one of them")
+    run_cli(mdlm(out, data, "--max_iters=3", "--overwrite"))
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["iter"] == 2
+    assert [r["iter"] for r in log_records(out) if "loss" in r] == [0, 1, 2]  # the old run's log went with it
+
+
+def test_second_run_into_the_same_folder_stops_at_once(tmp_path, char_data):
+    out = tmp_path / "busy"
+    with common.own_out_dir(str(out)):  # this test process is "the first run"
+        r = run_cli(mdlm(out, char_data, "--max_iters=3"), check=False)
+        one_line_error(r, "in use by another run", f"pid {os.getpid()}")
+        assert not os.path.exists(out / "ckpt.pt")
+    # released: the next run goes ahead
+    run_cli(mdlm(out, char_data, "--max_iters=3"))
+    assert os.path.isfile(out / "ckpt.pt")
+
+
+def test_resume_logs_each_iteration_once(run6, tmp_path):
+    src, data = run6
+    out = copy_run(src, tmp_path / "killed")
+    # what a run killed after iteration 7 leaves: records past the checkpoint (5) and a cut line
+    with open(os.path.join(out, "log.jsonl"), "a") as f:
+        for it in (6, 7):
+            f.write(json.dumps({"iter": it, "loss": 9.0}) + "\n")
+        f.write('{"iter": 8, "lo')
+    run_cli(mdlm(out, data, "--max_iters=9", "--resume"))
+    recs = log_records(out)
+    assert [r["iter"] for r in recs if "loss" in r] == list(range(9))
+    assert [r["iter"] for r in recs if "eval" in r] == [2, 5, 8]
+    assert all(r["loss"] != 9.0 for r in recs if "loss" in r)
+
+
+def test_resume_checks_method_shape_and_keys(run6, tmp_path):
+    src, data = run6
+    ckpt = common.load_checkpoint(os.path.join(src, "ckpt.pt"), "mdlm")
+    other = tmp_path / "other"
+    common.save_checkpoint(str(other / "ckpt.pt"), {**ckpt, "method": "sedd"})
+    one_line_error(run_cli(mdlm(other, data, "--max_iters=9", "--resume"), check=False), "trained by sedd.py")
+    one_line_error(run_cli(mdlm(copy_run(src, tmp_path / "shape"), data, "--max_iters=9", "--resume", "--n_embd=64"),
+                           check=False), "does not fit", "n_embd=32 (here 64)")
+    for key in ("optimizer", "data_rng"):
+        lacking = tmp_path / f"no_{key}"
+        common.save_checkpoint(str(lacking / "ckpt.pt"), {k: v for k, v in ckpt.items() if k != key})
+        one_line_error(run_cli(mdlm(lacking, data, "--max_iters=9", "--resume"), check=False), f"lacks {key}")
+    one_line_error(run_cli(mdlm(copy_run(src, tmp_path / "past"), data, "--max_iters=3", "--resume"), check=False),
+                   "past --max_iters=3")
+
+
+def tensor_data_span(path):
+    """(offset, length) of the largest tensor record inside a torch zip checkpoint."""
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        head = f.read(30)
+    name_len, extra_len = int.from_bytes(head[26:28], "little"), int.from_bytes(head[28:30], "little")
+    return info.header_offset + 30 + name_len + extra_len, info.file_size
+
+
+def test_flipped_bytes_in_a_checkpoint_do_not_load(run6, tmp_path):
+    src, _ = run6
+    data = bytearray(open(os.path.join(src, "ckpt.pt"), "rb").read())
+    start, n = tensor_data_span(os.path.join(src, "ckpt.pt"))
+    bad = tmp_path / "flipped"
+    bad.mkdir()
+    data[start + n // 2] ^= 0x10  # one bit of one weight
+    (bad / "ckpt.pt").write_bytes(bytes(data))
+    r = run_cli(["mdlm.py", "--sample", f"--out_dir={bad}", "--num_samples=1", "--steps=2"], check=False)
+    one_line_error(r, "do not match its checksum")
+    # a bit flipped anywhere either stops with one line or changes nothing that the checkpoint holds
+    want = common.checksum(common.load_checkpoint(os.path.join(src, "ckpt.pt"), "mdlm"))
+    gen = torch.Generator().manual_seed(int(time.time()))
+    for pos in torch.randint(len(data), (40,), generator=gen).tolist():
+        flipped = bytearray(open(os.path.join(src, "ckpt.pt"), "rb").read())
+        flipped[pos] ^= 1 << int(torch.randint(8, (1,), generator=gen))
+        (bad / "ckpt.pt").write_bytes(bytes(flipped))
+        try:
+            got = common.load_checkpoint(str(bad / "ckpt.pt"), "mdlm")
+        except SystemExit as e:
+            assert str(e).startswith("error: ") and "\n" not in str(e)
+            continue
+        assert common.checksum(got) == want, pos
+
+
+def test_nan_weights_are_refused(run6, tmp_path):
+    src, _ = run6
+    ckpt = common.load_checkpoint(os.path.join(src, "ckpt.pt"), "mdlm")
+    name = next(k for k, v in ckpt["ema"].items() if v.is_floating_point())
+    ckpt["ema"][name] = ckpt["ema"][name].clone()
+    ckpt["ema"][name].view(-1)[0] = float("nan")
+    common.save_checkpoint(str(tmp_path / "nan" / "ckpt.pt"), ckpt)  # a valid checksum over a NaN
+    r = run_cli(["mdlm.py", "--sample", f"--out_dir={tmp_path / 'nan'}", "--num_samples=1", "--steps=2"], check=False)
+    one_line_error(r, "NaN or inf", name)
+
+
+def test_full_disk_is_one_line_and_leaves_no_tmp(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    common.save_checkpoint(path, {"model": {"w": torch.ones(3)}, "iter": 1})
+    before = open(path, "rb").read()
+
+    def full_disk(obj, f):
+        f.write(b"x" * 1000)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(SystemExit) as e:
+        common.save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "iter": 2})
+    assert "No space left on device" in str(e.value) and "previous checkpoint is kept" in str(e.value)
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # the tmp file went
+    assert open(path, "rb").read() == before
+
+
+def test_unwritable_out_dir_is_one_line(tmp_path, char_data, monkeypatch):
+    (tmp_path / "file").write_text("not a folder")
+    r = run_cli(mdlm(tmp_path / "file" / "run", char_data, "--max_iters=3"), check=False)
+    one_line_error(r, "cannot write to")
+    # a read-only folder (root ignores permission bits, so the refusal is injected where it would come)
+    real_open = open
+
+    def read_only(path, *a, **k):
+        if str(path).startswith(str(tmp_path / "ro")):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr("builtins.open", read_only)
+    for write in (lambda: common.save_checkpoint(str(tmp_path / "ro" / "ckpt.pt"), {"iter": 0}),
+                  lambda: common.log_json(str(tmp_path / "ro" / "log.jsonl"), {"iter": 0}),
+                  lambda: common.own_out_dir(str(tmp_path / "ro")).__enter__()):
+        with pytest.raises(SystemExit) as e:
+            write()
+        assert "Read-only file system" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_tmp_names_are_unique_per_process(tmp_path, monkeypatch):
+    seen = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (seen.append(a), real_replace(a, b)))
+    common.save_checkpoint(str(tmp_path / "ckpt.pt"), {"iter": 0})
+    assert seen and str(os.getpid()) in os.path.basename(seen[0]) and seen[0] != str(tmp_path / "ckpt.pt.tmp")
+
+
+def losses(out):
+    return {r["iter"]: r["loss"] for r in log_records(out) if "loss" in r}
+
+
+def test_diffuser_resume_reproduces_uninterrupted_run(tmp_path):
+    """DiffusER's batches change shape every step; its resume is exact on two threads too."""
+    args = ["diffuser.py", "--train", "--n_layer=1", "--n_embd=32", "--n_head=2", "--batch_size=8", "--log_interval=1",
+            "--eval_iters=1", "--eval_interval=3", "--device=cpu", "--lr_decay_iters=8", "--warmup_iters=2"]
+    env = {"OMP_NUM_THREADS": "2"}
+    run_cli(args + [f"--out_dir={tmp_path / 'full'}", "--max_iters=8"], env=env)
+    run_cli(args + [f"--out_dir={tmp_path / 'part'}", "--max_iters=3"], env=env)
+    run_cli(args + [f"--out_dir={tmp_path / 'part'}", "--max_iters=8", "--resume"], env=env)
+    full, part = losses(tmp_path / "full"), losses(tmp_path / "part")
+    assert sorted(part) == list(range(8)) and full == part
+    a = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "part" / "ckpt.pt", weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["mdlm", "diffuser"])
+def test_kill_9_then_resume_is_bitwise(tmp_path, char_data, method):
+    """One kill -9 in the middle of training, then --resume: the same weights and log as without it."""
+    args = [f"{method}.py", "--train", "--n_layer=1", "--n_embd=32", "--n_head=2", "--log_interval=1", "--eval_iters=1",
+            "--eval_interval=2", "--device=cpu", "--max_iters=12", "--warmup_iters=2"]
+    args += [f"--data_dir={char_data}", "--block_size=32", "--batch_size=4"] if method == "mdlm" else ["--batch_size=8"]
+    env = {**os.environ, "DIFFLM_DATA": shared_data(), "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
+    run_cli(args + [f"--out_dir={tmp_path / 'full'}"], env=env)
+    out = tmp_path / "killed"
+    p = subprocess.Popen([sys.executable] + args + [f"--out_dir={out}"], cwd=ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in p.stdout:  # kill once the second checkpoint is written and training has moved on
+        if line.startswith("iter     5/"):
+            break
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] < 11
+    run_cli(args + [f"--out_dir={out}", "--resume"], env=env)
+    assert losses(out) == losses(tmp_path / "full") and sorted(losses(out)) == list(range(12))
+    a = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=True)
+    b = torch.load(out / "ckpt.pt", weights_only=True)
+    for k in ("model", "ema"):
+        assert all(torch.equal(a[k][n], b[k][n]) for n in a[k])
