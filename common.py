@@ -55,8 +55,8 @@ class BaseConfig:
     out_dir: str = ""  # default out/<method>
     dataset: str = "shakespeare_char"
     data_dir: str = ""  # default data/<dataset>
-    eval_split: str = "val"  # val | test
     seed: int = 1337
+    eval_split: str = "val"  # val | test
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     compile: bool = False  # torch.compile the model for training
     # backbone

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import common
+import mdlm
 from conftest import ROOT, run_cli, shared_data
 
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--max_iters=3",
@@ -140,7 +141,7 @@ def test_text8_eval_split_test_reads_the_test_windows_as_the_papers_chunk_them(t
     meta = json.load(open(os.path.join(text8_data, "meta.json")))
     test_ids = np.fromfile(os.path.join(text8_data, "test.bin"), dtype=meta["dtype"])
     for split, expected in (("test", test_ids), ("val", np.fromfile(os.path.join(text8_data, "val.bin"), dtype=meta["dtype"]))):
-        cfg = common.BaseConfig(dataset="text8", data_dir=text8_data, block_size=256, batch_size=7, eval_split=split)
+        cfg = mdlm.Config(dataset="text8", data_dir=text8_data, block_size=256, batch_size=7, eval_split=split)
         windows = torch.cat(list(common.val_batches(common.Batches(cfg, meta, 0), cfg, full=True)))
         n = (len(expected) - 1) // 256
         assert windows.shape == (n, 256)
@@ -225,7 +226,7 @@ def test_text8_bad_input_exit_status_and_stderr(tmp_path):
 
 def test_eval_split_test_on_a_dataset_without_one(char_data, tmp_path):
     meta = json.load(open(os.path.join(char_data, "meta.json")))
-    cfg = common.BaseConfig(data_dir=char_data, eval_split="test")
+    cfg = mdlm.Config(data_dir=char_data, eval_split="test")
     with pytest.raises(SystemExit, match="no test split.*--eval_split=val"):
         next(iter(common.val_batches(common.Batches(cfg, meta, 0), cfg, full=True)))
     with pytest.raises(SystemExit, match="unknown --eval_split='train'"):

@@ -98,14 +98,14 @@ def jsonl_source(path):
     return count, batches
 
 
-def hub_source(name):
+def hub_source(name, num_proc):
     try:
         import datasets
     except ImportError:
         common.die("downloading OpenWebText needs the datasets package: pip install datasets "
                    "(or pass --input= local parquet/jsonl files)")
     try:
-        ds = datasets.load_dataset(name, split="train")
+        ds = datasets.load_dataset(name, split="train", num_proc=num_proc)
     except Exception as e:
         first = str(e).splitlines()[0] if str(e) else ""
         common.die(f"could not load {name} through datasets ({type(e).__name__}: {first}); "
@@ -245,7 +245,7 @@ def main():
         sources = [parquet_source(f) if f.endswith(".parquet") else jsonl_source(f) for f in files]
         what = f"{len(files)} local file(s)"
     else:
-        sources, what = [hub_source(args.hf_dataset)], args.hf_dataset
+        sources, what = [hub_source(args.hf_dataset, args.num_proc)], args.hf_dataset
     common.gpt2_encoding()  # fail here, once, rather than in every worker
     os.makedirs(args.out_dir, exist_ok=True)
     if os.path.exists(os.path.join(args.out_dir, "meta.json")):
