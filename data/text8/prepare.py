@@ -3,7 +3,8 @@ text8 (Mahoney 2006): the first 100,000,000 characters of a cleaned English Wiki
 symbols (a-z and space). The split of the D3PM, SEDD and MDLM papers: the first 90M characters
 train, the next 5M validation, the last 5M test, written as train.bin / val.bin / test.bin.
 
-    python data/text8/prepare.py                     # download http://mattmahoney.net/dc/text8.zip
+    python data/text8/prepare.py                     # $DIFFLM_DATA/text8.zip, else download it from
+                                                     # http://mattmahoney.net/dc/text8.zip
     python data/text8/prepare.py --input=text8.zip   # offline: the zip, or the extracted text8 file
 
 Evaluation as in those papers: --block_size=256 and --eval, which reads the split as consecutive
