@@ -54,6 +54,7 @@ class BaseConfig:
     out_dir: str = ""  # default out/<method>
     dataset: str = "shakespeare_char"
     seed: int = 1337
+    eval_split: str = "val"  # val | test
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     compile: bool = False  # torch.compile the model for training
     # optimisation
@@ -576,8 +577,12 @@ class Batches:
 
     def sequential(self, split, batch_size):
         """Every non-overlapping window of the split once, in order (for --eval)."""
+        if not os.path.isfile(os.path.join(self.path, f"{split}.bin")):
+            die(f"{self.path} has no {split} split ({split}.bin); use --eval_split=val")
         data = self.data(split)
         n = (len(data) - 1) // self.block
+        if n == 0:
+            die(f"the {split} split has {len(data)} tokens, not more than block_size={self.block}; lower --block_size")
         for b in range(0, n, batch_size):
             starts = range(b * self.block, min(n, b + batch_size) * self.block, self.block)
             yield torch.from_numpy(np.stack([data[s:s + self.block].astype(np.int64) for s in starts]))
@@ -593,10 +598,15 @@ class Batches:
 
 
 def val_batches(batches, cfg, full=False):
-    """The validation batches of an evaluate(): every window once, in order (full, for --eval), else
-    the same eval_iters random batches at every call, so evaluations during training compare."""
+    """The validation batches of an evaluate(): every window of the --eval_split split once, in order
+    (full, for --eval), else the same eval_iters random val batches at every call, so evaluations
+    during training compare (and never see the test split)."""
     if full:
-        return batches.sequential("val", cfg.batch_size)
+        if cfg.eval_split not in ("val", "test"):
+            die(f"unknown --eval_split={cfg.eval_split!r}; use val or test")
+        if cfg.eval_split != "val":
+            print(f"evaluating on the {cfg.eval_split} split")
+        return batches.sequential(cfg.eval_split, cfg.batch_size)
     gen = torch.Generator().manual_seed(cfg.seed)
     return (batches.get("val", cfg.batch_size, gen) for _ in range(cfg.eval_iters))
 
