@@ -184,6 +184,15 @@ def seed_all(seed):
     np.random.seed(seed % 2**32)
 
 
+def progress(iterable, desc, total=None):
+    """iterable, with a tqdm progress bar on stderr when stderr is a terminal (never in logs, pipes or
+    tests); for long loops other than the training log: full evaluation, sampling, benchmarks."""
+    if not sys.stderr.isatty():
+        return iterable
+    from tqdm import tqdm
+    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
+
+
 # ----------------------------------------------------------------------------------------------
 # Tokenizers (stored as JSON in meta.json, never pickled)
 
@@ -391,7 +400,7 @@ def val_batches(batches, cfg, full=False):
     """The validation batches of an evaluate(): every window once, in order (full, for --eval), else
     the same eval_iters random batches at every call, so evaluations during training compare."""
     if full:
-        return batches.sequential("val", cfg.batch_size)
+        return progress(batches.sequential("val", cfg.batch_size), "eval")
     gen = torch.Generator().manual_seed(cfg.seed)
     return (batches.get("val", cfg.batch_size, gen) for _ in range(cfg.eval_iters))
 
