@@ -7,7 +7,7 @@ absolute claims from another machine.
     python bench.py kernels           # fused kernels vs eager and torch.compile'd PyTorch oracles
     python bench.py nearest           # Diffusion-LM's clamp kernel vs the PyTorch expression (time, memory)
     python bench.py methods --plot=docs/methods.png   # every text method vs the AR baseline (~45 min on 2 cores)
-    python bench.py gpu --out=gpu_report   # validate a GPU: build, CUDA tests, kernels, each method, DDP (dry run on CPU)
+    python bench.py gpu --out=gpu_report   # validate a GPU in one call (on a CPU: a dry run of what can run)
     python bench.py <name> --help     # the options of one benchmark
 
 Timings are medians of repeated runs after a warm-up.
@@ -165,7 +165,7 @@ def bench_sedd(argv):
             c = dataclasses.replace(cfg, sampler=sampler, steps=steps)
             torch.manual_seed(0)
             out = {}
-            t = measure(lambda: out.update(x=sedd.generate(model, c, fixed, a.num_samples)[0]), repeat=a.repeat, warmup=0)[0]
+            t = measure(lambda: out.update(x=sedd.generate(model, c, fixed, a.num_samples)[0]), a.repeat, warmup=0)[0]
             x = out["x"]
             # the samples' NLL under the model's own ELBO (nats per token), with many times per sequence
             torch.manual_seed(1)
@@ -351,7 +351,8 @@ def kernel_rows(device, ops, sizes, dtype, names, graphs, repeat=0, eager=True, 
                 run("euler step", lambda: step_args(0.015), lambda ls, xt, t, u: sedd.euler_step(ls, xt, t, u, graph),
                     lambda ls, xt, t, u: ops["euler_step"](ls, xt, t, u, graph), B * L * N * elt)
             if "tweedie" in names:
-                run("tweedie step", lambda: step_args(0.015), lambda ls, xt, t, u: sedd.tweedie_step(ls, xt, t, u, graph),
+                run("tweedie step", lambda: step_args(0.015),
+                    lambda ls, xt, t, u: sedd.tweedie_step(ls, xt, t, u, graph),
                     lambda ls, xt, t, u: ops["tweedie_step"](ls, xt, t, u, graph), B * L * N * elt)
             if "mdlm" in names and graph == "absorb":
                 run("mdlm ancestral step", lambda: step_args(0.0156),
@@ -609,7 +610,8 @@ def nearest_rows(device, ops, sizes, metrics, repeat=0, compile=True):
             expr = lambda x, E: diffusion_lm.nearest_embedding_torch(x, E, metric)  # noqa: E731
             kern = lambda x, E: ops["nearest_embedding"](x, E, metric)  # noqa: E731
             agree = float((expr(x, E) == kern(x, E)).float().mean())  # checked before timing (near-ties may differ)
-            row = {"metric": metric, "N,d,V": f"{N},{d},{V}", **versus(expr, kern, (x, E), device, repeat, True, compile),
+            row = {"metric": metric, "N,d,V": f"{N},{d},{V}", **versus(expr, kern, (x, E), device, repeat, True,
+                                                                        compile),
                    "floor_bytes": N * 8 + (V * d + V) * 4, "same_ids": agree}
             rows.append(row)
             print("  " + "  ".join(_nearest_cells(row)), flush=True)
@@ -799,7 +801,8 @@ def bench_gpu(argv):
     methods = [m for m in a.methods.split(",") if m]
     if any(m not in GPU_METHODS for m in methods):
         common.die(f"--methods={a.methods}: choose from {','.join(GPU_METHODS)}")
-    report = Report(a.out, {"device": torch.cuda.get_device_name(0) if cuda else f"cpu ({os.cpu_count()} cores), dry run",
+    where = torch.cuda.get_device_name(0) if cuda else f"cpu ({os.cpu_count()} cores), dry run"
+    report = Report(a.out, {"device": where,
                             "torch": torch.__version__, "cuda": torch.version.cuda, "gpus": n_gpu,
                             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "dry_run": dry})
     ops = {}
@@ -810,7 +813,7 @@ def bench_gpu(argv):
         secs = time.time() - t0
         if ops["ops"] is None:
             off = os.environ.get("DIFFLM_KERNELS") == "0"
-            return ("skipped" if off else "failed"), ("DIFFLM_KERNELS=0" if off else "no kernels (see the warning)"), None
+            return ("skipped", "DIFFLM_KERNELS=0", None) if off else ("failed", "no kernels (see the warning)", None)
         return "ok", f"kernels on {device} built or loaded in {secs:.1f} s", {"build_s": round(secs, 1)}
 
     def cuda_tests():
@@ -835,12 +838,16 @@ def bench_gpu(argv):
         sizes = [(8192, 256, 50257)] if cuda else [(64, 16, 101)]
         rows = nearest_rows(device, ops["ops"], sizes, ["cos", "l2"], repeat=0 if cuda else 1,
                             compile=cuda and not a.no_compile)
-        return "ok", f"clamp at (N, d, V) = {sizes[0]}; ids agree with eager on {min(r['same_ids'] for r in rows):.2%}", rows
+        agree = min(r["same_ids"] for r in rows)
+        return "ok", f"clamp at (N, d, V) = {sizes[0]}; ids agree with eager on {agree:.2%}", rows
 
     def train():
-        rows = train_and_sample(os.path.join(a.out, "runs"), methods, dry, a.train_iters or (2 if dry else 600), a.timeout)
+        iters = a.train_iters or (2 if dry else 600)
+        rows = train_and_sample(os.path.join(a.out, "runs"), methods, dry, iters, a.timeout)
         bad = [r["method"] for r in rows if r["train"] != "ok" or r.get("sample") != "ok"]
-        return ("failed" if bad else "ok"), (f"failed: {', '.join(bad)}" if bad else f"{len(rows)} methods trained and sampled"), rows
+        if bad:
+            return "failed", f"failed: {', '.join(bad)}", rows
+        return "ok", f"{len(rows)} methods trained ({iters} iterations) and sampled", rows
 
     def ddp():
         if n_gpu < 2:
@@ -853,7 +860,8 @@ def bench_gpu(argv):
     for name, fn in (("build", build), ("cuda tests", cuda_tests), ("kernels", kernels), ("nearest", nearest),
                      ("train and sample", train), ("ddp", ddp)):
         report.part(name, fn)
-    print(f"report: {os.path.join(a.out, 'report.md')} and report.json; total {common.fmt_time(time.time() - report.t0)}")
+    total = common.fmt_time(time.time() - report.t0)
+    print(f"report: {os.path.join(a.out, 'report.md')} and report.json; total {total}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,11 +1,13 @@
 """bench.py: the one measuring helper, and `bench.py gpu` run on the CPU (its dry run), which must
-leave a report of every part in DIR/report.md and DIR/report.json."""
+leave a report of every part in DIR/report.md and DIR/report.json; common.progress, its progress bars."""
 import json
 import os
+import sys
 
 import torch
 
 import bench
+import common
 from conftest import run_cli
 
 PARTS = ["build", "cuda tests", "kernels", "nearest", "train and sample", "ddp"]
@@ -50,3 +52,12 @@ def test_gpu_command_dry_run_on_cpu(tmp_path):
 def test_gpu_command_bad_input(tmp_path):
     r = run_cli(["bench.py", "gpu", f"--out={tmp_path}", "--methods=mdlm,nope"], check=False)
     assert r.returncode == 1 and "choose from" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_progress_bar_only_on_a_terminal(monkeypatch):
+    items = [1, 2, 3]
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    assert common.progress(items, "quiet") is items  # logs, pipes and tests get the plain iterable
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    bar = common.progress(iter(items), "shown", total=3)
+    assert list(bar) == items and type(bar).__name__ == "tqdm"

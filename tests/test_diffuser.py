@@ -226,6 +226,14 @@ def test_kbest_is_exact(sizes, b, seed):
 # Decoding on a random model
 
 
+def test_insertion_counts_follow_max_len():
+    # a gap takes at most max_len insertions (x_t never grows past max_len), so the head has max_len + 1 classes
+    model = D.DiffusER(D.Config(max_len=7, n_layer=1, n_head=2, n_embd=16, block_size=20), 12)
+    assert model.ins_head.out_features == 8
+    with pytest.raises(SystemExit, match="unknown config key --max_ins"):
+        D.main(["--train", "--max_ins=8"])
+
+
 def tiny_model(seed, T=3, V=12):
     torch.manual_seed(seed)
     cfg = D.Config(T=T, n_layer=1, n_head=2, n_embd=32, block_size=40, max_len=12, seq_len=5)
