@@ -629,7 +629,8 @@ def bleu(hyps, refs):
 def ar_drafts(path, meta, n, length, device):
     """n drafts of `length` words (lists of ids) from the ar.py checkpoint at path: ancestral sampling at
     temperature 1, one causal forward per word over [BOS] (id V) + the last block_size - 1 words, float64
-    inverse-CDF draws, never <s>, </s> or <pad>."""
+    inverse-CDF draws, never <s>, </s> or <pad>. Not ar.py's cached sampler: method files never import
+    each other, and common's backbone has no key/value cache (yet)."""
     judge, _ = common.load_judge(path, meta, device)  # dies on a missing file or another vocabulary
     V, L = judge["head"].out_features, judge["backbone"].block_size
     x = torch.zeros((n, 0), dtype=torch.long, device=device)  # (n, words so far)
