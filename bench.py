@@ -7,14 +7,17 @@ absolute claims from another machine.
     python bench.py kernels           # fused kernels vs eager and torch.compile'd PyTorch oracles
     python bench.py nearest           # Diffusion-LM's clamp kernel vs the PyTorch expression (time, memory)
     python bench.py methods --plot=docs/methods.png   # every text method vs the AR baseline (~45 min on 2 cores)
+    python bench.py gpu --out=gpu_report   # validate a GPU in one call (on a CPU: a dry run of what can run)
     python bench.py <name> --help     # the options of one benchmark
 
 Timings are medians of repeated runs after a warm-up.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
+import io
 import json
 import logging
 import math
@@ -28,12 +31,15 @@ import warnings
 import torch
 
 import common
-import kernels
 
 
-def timeit(fn, repeat=5, warmup=1):
-    """Median wall time of fn() in seconds (CUDA-synchronised when a GPU is in use).
-    repeat=0: as many runs as fit in about half a second, between 5 and 100 (small ops are noisy)."""
+def measure(fn, repeat=5, warmup=1, memory_on=None):
+    """fn() measured: (median wall time in seconds, peak bytes or None). Every benchmark times through here.
+
+    Time: `warmup` calls, then `repeat` timed calls (CUDA-synchronised when a GPU is in use); repeat=0:
+    as many as fit in about half a second, between 5 and 100 (small ops are noisy). Memory, with
+    memory_on=device: the bytes one more call allocates above what was live before it, output included.
+    """
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for _ in range(warmup):
         fn()
@@ -46,7 +52,7 @@ def timeit(fn, repeat=5, warmup=1):
         times.append(time.perf_counter() - t0)
         if not repeat and len(times) >= 5 and sum(times) > 0.5:
             break
-    return statistics.median(times)
+    return statistics.median(times), (_peak_extra_bytes(fn, memory_on) if memory_on is not None else None)
 
 
 def table(rows, header):
@@ -87,7 +93,7 @@ def bench_mdlm_sampler(argv):
         def run():
             torch.manual_seed(0)
             calls.append(mdlm.generate(model, c, fixed, a.num_samples)[1])
-        times[sampler] = timeit(run, repeat=a.repeat, warmup=0)
+        times[sampler] = measure(run, repeat=a.repeat, warmup=0)[0]
         rows.append((sampler, a.steps, a.seq_len, calls[-1], f"{times[sampler]:.2f}s"))
     table(rows, ("sampler", "steps", "seq_len", "network calls", "time"))
     print(f"speedup of ddpm_cache over ddpm: {times['ddpm'] / times['ddpm_cache']:.2f}x")
@@ -129,8 +135,8 @@ def bench_throughput(argv):
         return run
 
     tokens = a.iters * cfg.batch_size * cfg.block_size
-    t_mdlm = timeit(steps(diff, lambda x: mdlm.loss_fn(diff, x, cfg, diff.mask_id)), repeat=a.repeat)
-    t_ar = timeit(steps(ar, ar_loss), repeat=a.repeat)
+    t_mdlm = measure(steps(diff, lambda x: mdlm.loss_fn(diff, x, cfg, diff.mask_id)), repeat=a.repeat)[0]
+    t_ar = measure(steps(ar, ar_loss), repeat=a.repeat)[0]
     table([("mdlm", f"{tokens / t_mdlm / 1e3:.1f}k"), ("ar (causal)", f"{tokens / t_ar / 1e3:.1f}k")],
           ("model", "train tok/s"))
     print(f"n_layer={cfg.n_layer} n_embd={cfg.n_embd} block_size={cfg.block_size} batch_size={cfg.batch_size} on {device}")
@@ -154,39 +160,57 @@ def bench_sedd(argv):
     device = next(model.parameters()).device
     fixed = torch.full((cfg.block_size,), -1, dtype=torch.long)
     rows = []
-    for steps in [int(s) for s in a.steps.split(",")]:
+    for steps in common.progress([int(s) for s in a.steps.split(",")], "step counts"):
         for sampler in sedd.SAMPLERS:
             c = dataclasses.replace(cfg, sampler=sampler, steps=steps)
             torch.manual_seed(0)
             out = {}
-            t = timeit(lambda: out.update(x=sedd.generate(model, c, fixed, a.num_samples)[0]), repeat=a.repeat, warmup=0)
+            t = measure(lambda: out.update(x=sedd.generate(model, c, fixed, a.num_samples)[0]), a.repeat, warmup=0)[0]
             x = out["x"]
-            # the samples' NLL under the model's own ELBO (nats per token), with many times per sequence
+            # the samples' NLL under the model's own NELBO (nats per token), with many times per sequence
             torch.manual_seed(1)
             xs = x.repeat(a.t_samples, 1)
             with torch.no_grad(), common.autocast(device):
                 ts = common.sample_times(xs.shape[0], cfg.t_min, device)
                 nll = float(sedd.nelbo_terms(model, xs, ts, cfg, model.num_states).sum()) / xs.numel() \
                     + sedd.prior_kl(cfg, model.num_states)
-            counts = torch.bincount(x.flatten(), minlength=model.num_states).double()
-            p = counts[counts > 0] / counts.sum()
-            rows.append((sampler, steps, f"{t:.2f}", f"{nll:.3f}", f"{float(-(p * p.log()).sum()):.3f}"))
-    table(rows, ("sampler", "steps", "time s", "ELBO nats/tok", "unigram entropy"))
+            rows.append((sampler, steps, f"{t:.2f}", f"{nll:.3f}", f"{common.unigram_entropy(x):.3f}"))
+    table(rows, ("sampler", "steps", "time s", "NELBO nats/tok", "unigram entropy"))
     print(f"{a.num_samples} samples of {cfg.block_size} tokens, {cfg.graph} graph, {sedd.schedule_kind(cfg)} schedule, "
-          f"on {device}; ELBO with {a.t_samples} time samples per sequence (lower is better)")
+          f"on {device}; NELBO with {a.t_samples} time samples per sequence (lower is better)")
 
 
 # ----------------------------------------------------------------------------------------------
-# Fused kernels (csrc/) against their PyTorch oracles in sedd.py and mdlm.py
+# Fused kernels (csrc/) against their PyTorch oracles in sedd.py, mdlm.py and diffusion_lm.py
 
 
-def _kernels_on(name):
-    """--device (auto: cuda when there is one) -> (device, the compiled ops), or a one-line exit."""
-    device = torch.device(name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    k = kernels.load()
+def kernel_ops(device):
+    """The fused ops usable on device, by name, each called like its oracle; None when there are none
+    (the build failed, or DIFFLM_KERNELS=0). The one place bench.py reaches the kernel module; the
+    oracles are the marked functions' .oracle, the ops their .kernel."""
+    import diffusion_lm
+    import kernels
+    import mdlm
+    import sedd
+    kernels.load()
     if not kernels.available(device):
+        return None
+    return {"score_entropy": sedd.score_entropy.kernel,
+            "euler_step": sedd.euler_step.kernel,
+            "tweedie_step": lambda ls, xt, t, u, graph: sedd.tweedie_step.kernel(ls, xt, t, u, graph, False),
+            "ancestral_step": mdlm.ancestral_step.kernel,
+            "nearest_embedding": diffusion_lm.nearest_embedding.kernel}
+
+
+def _device(name):
+    return torch.device(name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _ops_or_die(device):
+    ops = kernel_ops(device)
+    if ops is None:
         common.die(f"the difflm kernels are not available on {device} (build failed, or DIFFLM_KERNELS=0)")
-    return device, k
+    return ops
 
 
 def _sizes(text, form):
@@ -229,72 +253,51 @@ def _peak_extra_bytes(fn, device):
     return peak
 
 
-def _copy_bandwidth(device, nbytes=1 << 30):
+def copy_bandwidth(device, nbytes=1 << 30):
     """Measured device-to-same-device copy bandwidth in bytes/s (read + write counted)."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)
-    t = timeit(lambda: dst.copy_(src), repeat=10, warmup=2)
-    return 2 * nbytes / t
+    return 2 * nbytes / measure(lambda: dst.copy_(src), repeat=10, warmup=2)[0]
 
 
-def bench_kernels(argv):
+def versus(oracle, kernel, args, device, repeat=0, eager=True, compile=True):
+    """The kernel against its eager and torch.compile'd oracle on the same args: seconds and peak bytes,
+    {"kernel_s", "kernel_peak", "eager_s", "eager_peak", "compile_s"} (None where not run)."""
+    res = dict.fromkeys(("eager_s", "eager_peak", "compile_s"))
+    res["kernel_s"], res["kernel_peak"] = measure(lambda: kernel(*args), repeat, memory_on=device)
+    if eager:
+        res["eager_s"], res["eager_peak"] = measure(lambda: oracle(*args), repeat, memory_on=device)
+    if compile:
+        try:
+            compiled = torch.compile(oracle, dynamic=False)
+            res["compile_s"] = measure(lambda: compiled(*args), repeat, warmup=2)[0]
+        except Exception as e:  # a compiler failure is a result too; say so and go on
+            print(f"  torch.compile failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}")
+    return res
+
+
+def _ms(t):
+    return f"{t * 1e3:.2f}" if t else "-"
+
+
+def _ratio(t, t_k):
+    return f"{t / t_k:.1f}x" if t else "-"
+
+
+def kernel_rows(device, ops, sizes, dtype, names, graphs, repeat=0, eager=True, compile=True, bw=None):
+    """Each fused SEDD/MDLM op in names, for each size (B, L, V) and graph, against its oracle ->
+    rows (dicts: the versus() figures, peaks in units of one B x L x N tensor of dtype, GB/s and the
+    share of the bandwidth floor when bw is given); each row is printed as it is measured."""
     import mdlm
     import sedd
-    ap = argparse.ArgumentParser(prog="bench.py kernels")
-    ap.add_argument("--sizes", default="", help="B,L,V;B,L,V... (default CPU: 32,256,66;4,256,50258; "
-                                                 "GPU: 32,256,66;4,256,50258;64,1024,50258)")
-    ap.add_argument("--dtype", default="", help="float32 | bfloat16 (default: float32 on CPU, bfloat16 on GPU)")
-    ap.add_argument("--ops", default="score_entropy,euler,tweedie,mdlm")
-    ap.add_argument("--graphs", default="absorb,uniform")
-    ap.add_argument("--no_compile", action="store_true", help="skip torch.compile(oracle)")
-    ap.add_argument("--no_eager", action="store_true", help="skip the eager oracle (e.g. where it runs out of memory)")
-    ap.add_argument("--repeat", type=int, default=0, help="runs per median (0: as many as fit in ~0.5 s, 5-100)")
-    ap.add_argument("--device", default="auto")
-    a = ap.parse_args(argv)
-    device, k = _kernels_on(a.device)
     # torch.compile reports each graph break with a warning and a traceback; the absorbing oracle has one
     # by design, said once under the table instead of pages of log in the middle of it
     torch._logging.set_logs(dynamo=logging.ERROR)
     warnings.filterwarnings("ignore", category=UserWarning)
-    dtype = {"": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16}.get(a.dtype)
-    if dtype is None:
-        common.die(f"--dtype={a.dtype!r}: use float32 or bfloat16")
-    sizes = _sizes(a.sizes or "32,256,66;4,256,50258" + (";64,1024,50258" if device.type == "cuda" else ""), "B,L,V")
-    bw = _copy_bandwidth(device) if device.type == "cuda" else None
     gen = torch.Generator(device=device).manual_seed(0)
     rows = []
-
-    def measure(name, graph, size, make, oracle, kernel, floor_bytes):
-        """make() -> args; oracle(*args), kernel(*args) each return a tensor."""
-        B, L, V = size
-        args = make()
-        t_k = timeit(lambda: kernel(*args), repeat=a.repeat)
-        m_k = _peak_extra_bytes(lambda: kernel(*args), device)
-        t_e = m_e = t_c = None
-        if not a.no_eager:
-            t_e = timeit(lambda: oracle(*args), repeat=a.repeat)
-            m_e = _peak_extra_bytes(lambda: oracle(*args), device)
-        if not a.no_compile:
-            try:
-                compiled = torch.compile(oracle, dynamic=False)
-                t_c = timeit(lambda: compiled(*args), repeat=a.repeat, warmup=2)
-            except Exception as e:  # a compiler failure is a result too; say so and go on
-                print(f"  torch.compile({name}, {graph}) failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
-        grad_bytes = B * L * args[0].shape[-1] * args[0].element_size()
-        fmt = lambda t: f"{t * 1e3:.2f}" if t else "-"  # noqa: E731
-        ratio = lambda t: f"{t / t_k:.1f}x" if t else "-"  # noqa: E731
-        mem = lambda m: f"{m / grad_bytes:.2f}" if m is not None else "-"  # noqa: E731
-        row = [name, graph, f"{B},{L},{V}", fmt(t_e), fmt(t_c), fmt(t_k), ratio(t_e), ratio(t_c), mem(m_e), mem(m_k)]
-        if bw:
-            row += [f"{floor_bytes / t_k / 1e9:.0f}", f"{100 * floor_bytes / bw / t_k:.0f}%"]
-        rows.append(row)
-        print("  " + "  ".join(row), flush=True)
-        del args
-
-    for size in sizes:
-        B, L, V = size
-        for graph in a.graphs.split(","):
+    for B, L, V in common.progress(sizes, "sizes"):
+        for graph in graphs:
             N = V + 1 if graph == "absorb" else V
             elt = torch.finfo(dtype).bits // 8
 
@@ -312,47 +315,92 @@ def bench_kernels(argv):
                     h -= math.log(N) + 0.5
                 return h.to(dtype)
 
-            if "score_entropy" in a.ops:
+            def step_args(p):
+                xt, _ = states()
+                return (scores(True), xt, torch.full((B,), p, dtype=torch.float64, device=device),
+                        torch.rand(B, L, 2, generator=gen, dtype=torch.float64, device=device))
+
+            def fwd_bwd(fn):
+                def run(ls, xt, x0, sb, w):
+                    return torch.autograd.grad((fn(ls, xt, x0, sb, graph) * w).sum(), ls)[0]
+                return run
+
+            def run(name, make, oracle, kernel, floor_bytes, grad=False):
+                args = make()
+                with torch.set_grad_enabled(grad):
+                    res = versus(oracle, kernel, args, device, repeat, eager, compile)
+                del args
+                unit = B * L * N * elt
+                row = {"op": name, "graph": graph, "B,L,V": f"{B},{L},{V}", **res,
+                       "eager_peak_units": res["eager_peak"] / unit if res["eager_peak"] is not None else None,
+                       "kernel_peak_units": res["kernel_peak"] / unit}
+                if bw:
+                    row["kernel_GBps"] = floor_bytes / res["kernel_s"] / 1e9
+                    row["of_floor"] = floor_bytes / bw / res["kernel_s"]
+                rows.append(row)
+                print("  " + "  ".join(_kernel_cells(row, bw)), flush=True)
+
+            if "score_entropy" in names:
                 def make_se():
                     xt, x0 = states()
                     ls = scores(False).requires_grad_()
                     sb = torch.rand(B, generator=gen, device=device) * 3 + 0.05
                     w = torch.rand(B, generator=gen, device=device)[:, None]  # sigma(t) / B per sequence
                     return ls, xt, x0, sb, w
+                run("score_entropy fwd+bwd", make_se, fwd_bwd(sedd.score_entropy.oracle), fwd_bwd(ops["score_entropy"]),
+                    2 * B * L * N * elt, grad=True)
+            if "euler" in names:
+                run("euler step", lambda: step_args(0.015), lambda ls, xt, t, u: sedd.euler_step.oracle(ls, xt, t, u, graph),
+                    lambda ls, xt, t, u: ops["euler_step"](ls, xt, t, u, graph), B * L * N * elt)
+            if "tweedie" in names:
+                run("tweedie step", lambda: step_args(0.015),
+                    lambda ls, xt, t, u: sedd.tweedie_step.oracle(ls, xt, t, u, graph),
+                    lambda ls, xt, t, u: ops["tweedie_step"](ls, xt, t, u, graph), B * L * N * elt)
+            if "mdlm" in names and graph == "absorb":
+                run("mdlm ancestral step", lambda: step_args(0.0156),
+                    lambda lg, xt, p, u: mdlm.ancestral_step.oracle(lg, xt, p, u, N - 1),
+                    lambda lg, xt, p, u: ops["ancestral_step"](lg, xt, p, u, N - 1), B * L * N * elt)
+    return rows
 
-                def fwd_bwd(fn):
-                    def run(ls, xt, x0, sb, w):
-                        return torch.autograd.grad((fn(ls, xt, x0, sb, graph) * w).sum(), ls)[0]
-                    return run
-                measure("score_entropy fwd+bwd", graph, size, make_se, fwd_bwd(sedd.score_entropy.oracle),
-                        fwd_bwd(sedd.score_entropy.kernel), 2 * B * L * N * elt)
 
-            def make_step(p):
-                def make():
-                    xt, _ = states()
-                    return (scores(True), xt, torch.full((B,), p, dtype=torch.float64, device=device),
-                            torch.rand(B, L, 2, generator=gen, dtype=torch.float64, device=device))
-                return make
-            with torch.no_grad():
-                if "euler" in a.ops:
-                    measure("euler step", graph, size, make_step(0.015),
-                            lambda ls, xt, t, u: sedd.euler_step.oracle(ls, xt, t, u, graph),
-                            lambda ls, xt, t, u: k.sedd_euler_step(ls, xt, t, u, graph), B * L * N * elt)
-                if "tweedie" in a.ops:
-                    measure("tweedie step", graph, size, make_step(0.015),
-                            lambda ls, xt, t, u: sedd.tweedie_step.oracle(ls, xt, t, u, graph),
-                            lambda ls, xt, t, u: k.sedd_tweedie_step(ls, xt, t, u, graph, False), B * L * N * elt)
-                if "mdlm" in a.ops and graph == "absorb":
-                    measure("mdlm ancestral step", graph, size, make_step(0.0156),
-                            lambda lg, xt, p, u: mdlm.ancestral_step.oracle(lg, xt, p, u, N - 1),
-                            lambda lg, xt, p, u: k.mdlm_ancestral_step(lg, xt, p, u, N - 1), B * L * N * elt)
+KERNEL_HEADER = ["op", "graph", "B,L,V", "eager ms", "compile ms", "kernel ms", "eager/kernel", "compile/kernel",
+                 "peak eager", "peak kernel"]
 
-    header = ["op", "graph", "B,L,V", "eager ms", "compile ms", "kernel ms", "eager/kernel", "compile/kernel",
-              "peak eager", "peak kernel"]
+
+def _kernel_cells(row, bw):
+    units = lambda m: f"{m:.2f}" if m is not None else "-"  # noqa: E731
+    cells = [row["op"], row["graph"], row["B,L,V"], _ms(row["eager_s"]), _ms(row["compile_s"]), _ms(row["kernel_s"]),
+             _ratio(row["eager_s"], row["kernel_s"]), _ratio(row["compile_s"], row["kernel_s"]),
+             units(row["eager_peak_units"]), units(row["kernel_peak_units"])]
     if bw:
-        header += ["kernel GB/s", "of floor"]
+        cells += [f"{row['kernel_GBps']:.0f}", f"{100 * row['of_floor']:.0f}%"]
+    return cells
+
+
+def bench_kernels(argv):
+    ap = argparse.ArgumentParser(prog="bench.py kernels")
+    ap.add_argument("--sizes", default="", help="B,L,V;B,L,V... (default CPU: 32,256,66;4,256,50258; "
+                                                 "GPU: 32,256,66;4,256,50258;64,1024,50258)")
+    ap.add_argument("--dtype", default="", help="float32 | bfloat16 (default: float32 on CPU, bfloat16 on GPU)")
+    ap.add_argument("--ops", default="score_entropy,euler,tweedie,mdlm")
+    ap.add_argument("--graphs", default="absorb,uniform")
+    ap.add_argument("--no_compile", action="store_true", help="skip torch.compile(oracle)")
+    ap.add_argument("--no_eager", action="store_true", help="skip the eager oracle (e.g. where it runs out of memory)")
+    ap.add_argument("--repeat", type=int, default=0, help="runs per median (0: as many as fit in ~0.5 s, 5-100)")
+    ap.add_argument("--device", default="auto")
+    a = ap.parse_args(argv)
+    device = _device(a.device)
+    ops = _ops_or_die(device)
+    dtype = {"": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16}.get(a.dtype)
+    if dtype is None:
+        common.die(f"--dtype={a.dtype!r}: use float32 or bfloat16")
+    sizes = _sizes(a.sizes or "32,256,66;4,256,50258" + (";64,1024,50258" if device.type == "cuda" else ""), "B,L,V")
+    bw = copy_bandwidth(device) if device.type == "cuda" else None
+    rows = kernel_rows(device, ops, sizes, dtype, a.ops.split(","), a.graphs.split(","), a.repeat,
+                       not a.no_eager, not a.no_compile, bw)
     print()
-    table(rows, header)
+    table([_kernel_cells(r, bw) for r in rows], KERNEL_HEADER + (["kernel GB/s", "of floor"] if bw else []))
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"{dtype} on {where}; medians of {a.repeat or '5-100'} runs; peak = extra memory in units of one B x L x N "
           f"tensor of the input dtype (the gradient), output included")
@@ -434,7 +482,7 @@ def bench_methods(argv):
     judge = a.judge or os.path.join(a.out_root, "ar", "ckpt.pt")
     steps_list = [int(s) for s in a.steps.split(",")]
     rows, curves, t0_all = [], {}, time.time()
-    for name in names:
+    for name in common.progress(names, "methods"):
         module, extra = METHODS[name]
         out = os.path.join(a.out_root, name)
         if not (a.reuse and os.path.isfile(os.path.join(out, "ckpt.pt"))):
@@ -494,7 +542,7 @@ def bench_methods(argv):
     print(methods_table(rows))
     print(f"{a.num_samples} samples per row, one block each; bound: exact NLL for ar, the NELBO/ELBO for the "
           f"diffusion methods (bits per token = bits per char here); gen NLL under the judge {judge}; "
-          f"wall time per sample from a batch of {a.num_samples}; total {fmt_s(time.time() - t0_all)}")
+          f"wall time per sample from a batch of {a.num_samples}; total {common.fmt_time(time.time() - t0_all)}")
     if "ar" in curves:
         t_ar = curves["ar"][0][2]
         be_rows = []
@@ -514,10 +562,6 @@ def bench_methods(argv):
     print(f"results: {json_path}")
     if a.plot:
         plot_methods(curves, rows, a.plot)
-
-
-def fmt_s(s):
-    return f"{int(s) // 60}m{int(s) % 60:02d}s"
 
 
 def plot_methods(curves, rows, path):
@@ -555,8 +599,39 @@ def plot_methods(curves, rows, path):
 # Diffusion-LM's clamp: the fused nearest-embedding kernel against the PyTorch expression
 
 
-def bench_nearest(argv):
+def nearest_rows(device, ops, sizes, metrics, repeat=0, compile=True):
+    """The clamp kernel against diffusion_lm's PyTorch expression for each size (N, d, V) and metric ->
+    rows (dicts: the versus() figures and the share of ids that agree); printed as measured."""
     import diffusion_lm
+    gen = torch.Generator(device=device).manual_seed(0)
+    rows = []
+    for N, d, V in common.progress(sizes, "sizes"):
+        x = torch.randn(N, d, generator=gen, device=device)
+        E = torch.randn(V, d, generator=gen, device=device)
+        for metric in metrics:
+            expr = lambda x, E: diffusion_lm.nearest_embedding.oracle(x, E, metric)  # noqa: E731
+            kern = lambda x, E: ops["nearest_embedding"](x, E, metric)  # noqa: E731
+            agree = float((expr(x, E) == kern(x, E)).float().mean())  # checked before timing (near-ties may differ)
+            row = {"metric": metric, "N,d,V": f"{N},{d},{V}", **versus(expr, kern, (x, E), device, repeat, True,
+                                                                        compile),
+                   "floor_bytes": N * 8 + (V * d + V) * 4, "same_ids": agree}
+            rows.append(row)
+            print("  " + "  ".join(_nearest_cells(row)), flush=True)
+    return rows
+
+
+NEAREST_HEADER = ["metric", "N,d,V", "eager ms", "compile ms", "kernel ms", "eager/kernel", "compile/kernel",
+                  "peak eager MiB", "peak kernel MiB", "N+Vd MiB", "same ids"]
+
+
+def _nearest_cells(row):
+    mib = lambda b: f"{b / 2**20:.1f}"  # noqa: E731
+    return [row["metric"], row["N,d,V"], _ms(row["eager_s"]), _ms(row["compile_s"]), _ms(row["kernel_s"]),
+            _ratio(row["eager_s"], row["kernel_s"]), _ratio(row["compile_s"], row["kernel_s"]), mib(row["eager_peak"]),
+            mib(row["kernel_peak"]), mib(row["floor_bytes"]), f"{100 * row['same_ids']:.2f}%"]
+
+
+def bench_nearest(argv):
     ap = argparse.ArgumentParser(prog="bench.py nearest")
     ap.add_argument("--sizes", default="", help="N,d,V;N,d,V... (default: 8192,16,821;8192,128,50257, "
                                                  "plus 8192,256,50257 on GPU)")
@@ -565,43 +640,230 @@ def bench_nearest(argv):
     ap.add_argument("--repeat", type=int, default=0, help="runs per median (0: as many as fit in ~0.5 s, 5-100)")
     ap.add_argument("--device", default="auto")
     a = ap.parse_args(argv)
-    device, k = _kernels_on(a.device)
+    device = _device(a.device)
+    ops = _ops_or_die(device)
     sizes = _sizes(a.sizes or "8192,16,821;8192,128,50257" + (";8192,256,50257" if device.type == "cuda" else ""),
                    "N,d,V")
-    gen = torch.Generator(device=device).manual_seed(0)
-    rows = []
-    for N, d, V in sizes:
-        x = torch.randn(N, d, generator=gen, device=device)
-        E = torch.randn(V, d, generator=gen, device=device)
-        for metric in a.metrics.split(","):
-            expr = lambda x, E: diffusion_lm.nearest_embedding.oracle(x, E, metric)  # noqa: E731
-            kern = lambda x, E: k.nearest_embedding(x, E, metric)  # noqa: E731
-            ref, got = expr(x, E), kern(x, E)
-            agree = float((ref == got).float().mean())  # check before timing (near-ties may differ)
-            t_e = timeit(lambda: expr(x, E), repeat=a.repeat)
-            t_k = timeit(lambda: kern(x, E), repeat=a.repeat)
-            m_e = _peak_extra_bytes(lambda: expr(x, E), device)
-            m_k = _peak_extra_bytes(lambda: kern(x, E), device)
-            t_c = None
-            if not a.no_compile:
-                try:
-                    compiled = torch.compile(expr, dynamic=False)
-                    t_c = timeit(lambda: compiled(x, E), repeat=a.repeat, warmup=2)
-                except Exception as e:
-                    print(f"  torch.compile failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
-            mib = lambda b: f"{b / 2**20:.1f}"  # noqa: E731
-            row = [metric, f"{N},{d},{V}", f"{t_e * 1e3:.2f}", f"{t_c * 1e3:.2f}" if t_c else "-", f"{t_k * 1e3:.2f}",
-                   f"{t_e / t_k:.1f}x", f"{t_c / t_k:.1f}x" if t_c else "-", mib(m_e), mib(m_k),
-                   mib(N * 8 + (V * d + V) * 4), f"{100 * agree:.2f}%"]
-            rows.append(row)
-            print("  " + "  ".join(row), flush=True)
+    rows = nearest_rows(device, ops, sizes, a.metrics.split(","), a.repeat, not a.no_compile)
     print()
-    table(rows, ["metric", "N,d,V", "eager ms", "compile ms", "kernel ms", "eager/kernel", "compile/kernel",
-                 "peak eager MiB", "peak kernel MiB", "N+Vd MiB", "same ids"])
+    table([_nearest_cells(r) for r in rows], NEAREST_HEADER)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"float32 on {where}; medians of {a.repeat or '5-100'} runs; eager = argmax(normalize(x) @ normalize(E).T) "
           "(l2: argmax(x @ E.T - |E|^2 / 2)); peak = extra memory allocated during the call, output included; "
           "N+Vd = ids (int64) + one table copy + its bias; same ids: agreement with eager (fp32 near-ties may differ)")
+
+
+# ----------------------------------------------------------------------------------------------
+# One command that validates a GPU: build, CUDA tests, kernel timings, every method trained and sampled, DDP
+
+GPU_METHODS = ("ddpm", "diffusion_lm", "mdlm", "sedd", "diffuser", "ar")
+# --sample overrides: the dry run's few steps (each method's own kind of step count); a GPU samples at defaults
+DRY_SAMPLE = {"ddpm": ["--steps=4", "--num_samples=64"], "diffusion_lm": ["--steps=4", "--num_samples=2"],
+              "mdlm": ["--steps=4", "--num_samples=2"], "sedd": ["--steps=4", "--num_samples=2"],
+              "diffuser": ["--steps=1", "--num_samples=2"], "ar": ["--num_samples=2", "--seq_len=16"]}
+CUDA_TESTS = ("tests/test_kernels_cuda.py", "tests/test_kernel_nearest_cuda.py")
+
+
+class Report:
+    """The parts of a validation run, each with its status (ok | failed | skipped), seconds, a summary line
+    and its figures; rewritten to DIR/report.md and DIR/report.json after every part, so a run cut short
+    still leaves what it found."""
+
+    def __init__(self, out, header):
+        self.out, self.header, self.parts, self.t0 = out, header, [], time.time()
+        os.makedirs(out, exist_ok=True)
+
+    def part(self, name, fn):
+        """fn() -> (status, summary, figures); an exception or a die() fails this part, not the run."""
+        print(f"== {name} ...", flush=True)
+        t0 = time.time()
+        try:
+            status, summary, figures = fn()
+        except (Exception, SystemExit) as e:
+            status, summary, figures = "failed", f"{type(e).__name__}: {str(e).strip()[:300]}", None
+        secs = time.time() - t0
+        self.parts.append({"name": name, "status": status, "seconds": round(secs, 1), "summary": summary,
+                           "figures": figures})
+        print(f"== {name}: {status} in {secs:.1f} s: {summary}", flush=True)
+        self.write()
+        return figures
+
+    def write(self):
+        doc = {**self.header, "total_seconds": round(time.time() - self.t0, 1), "parts": self.parts}
+        md = [f"# difflm GPU validation: {self.header['device']}", "",
+              " | ".join(f"{k} {v}" for k, v in self.header.items() if k != "device"), "",
+              "| part | status | seconds | summary |", "|---|---|---|---|"]
+        md += [f"| {p['name']} | {p['status']} | {p['seconds']} | {p['summary']} |" for p in self.parts]
+        md += ["", f"total {doc['total_seconds']} s"]
+        for p in self.parts:
+            rows = p["figures"] if isinstance(p["figures"], list) else []
+            if rows:
+                keys = list(rows[0])
+                md += ["", f"## {p['name']}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+                md += ["| " + " | ".join(_cell(r.get(k)) for k in keys) + " |" for r in rows]
+        for name, text in (("report.json", json.dumps(doc, indent=1)), ("report.md", "\n".join(md) + "\n")):
+            tmp = os.path.join(self.out, name + ".tmp")
+            with open(tmp, "w") as f:
+                f.write(text)
+            os.replace(tmp, os.path.join(self.out, name))  # a reader never sees half a report
+
+
+def _cell(v):
+    return f"{v:.4g}" if isinstance(v, float) else str(v).replace("|", "/").replace("\n", " ")
+
+
+def _run(args, timeout, env=None):
+    """python args... from the project root -> (return code, the output's last 4000 characters)."""
+    try:
+        r = subprocess.run([sys.executable] + args, cwd=common.ROOT, capture_output=True, text=True, timeout=timeout,
+                           env={**os.environ, **(env or {})})
+        return r.returncode, (r.stdout + r.stderr)[-4000:]
+    except subprocess.TimeoutExpired as e:
+        return 124, f"timed out after {timeout} s: {str(e.stdout or '')[-2000:]}"
+
+
+def _last_line(text, prefix):
+    lines = [line for line in text.splitlines() if line.startswith(prefix)]
+    return lines[-1].strip() if lines else ""
+
+
+def _in_process(module, args):
+    """module.main(args) in this process -> (return code, the output's last 4000 characters); the dry
+    run's way, with no interpreter start per run."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            importlib.import_module(module).main(args)
+            rc = 0
+        except SystemExit as e:  # common.die: its line is the finding
+            rc = e.code if isinstance(e.code, int) else 1
+            print(e.code if isinstance(e.code, str) else "")
+        except Exception as e:  # a crash is a finding too
+            rc = 1
+            print(f"{type(e).__name__}: {e}")
+    return rc, out.getvalue()[-4000:]
+
+
+def train_and_sample(out, methods, dry, iters, timeout):
+    """Every method trained, then sampled; one row each. GPU: bf16 autocast (common's default there) and
+    --compile, the runs concurrent (small models leave a GPU mostly idle). Dry run: a few iterations of
+    small batches, in this process, one after another."""
+    train = {m: ["--train", f"--out_dir={os.path.join(out, m)}", f"--max_iters={iters}", f"--eval_interval={iters}"]
+             + (["--eval_iters=1", "--log_interval=1", "--batch_size=4"] if dry else ["--compile=true"])
+             for m in methods}
+    for m in methods:  # prepare each corpus once, here, not in several runs at the same time
+        if m != "ddpm":  # ddpm's toy data is made in code
+            common.prepare_data(importlib.import_module(m).Config())
+    t0, done = time.time(), {}
+    if dry:
+        for m in common.progress(methods, "training"):
+            done[m] = (*_in_process(m, train[m]), round(time.time() - t0, 1))
+    else:
+        procs = {m: subprocess.Popen([sys.executable, f"{m}.py"] + a, cwd=common.ROOT, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True) for m, a in train.items()}
+        for m in common.progress(methods, "training"):
+            try:
+                text = procs[m].communicate(timeout=max(1, timeout - (time.time() - t0)))[0]
+            except subprocess.TimeoutExpired:
+                procs[m].kill()
+                text = f"timed out after {timeout} s"
+            done[m] = (procs[m].returncode, text, round(time.time() - t0, 1))
+    rows = []
+    for m in common.progress(methods, "sampling"):
+        rc, text, secs = done[m]
+        row = {"method": m, "train": "ok" if rc == 0 else f"failed ({rc})", "train_s": secs,
+               "last log": _last_line(text, "iter"), "last eval": _last_line(text, "eval") or _tail(text)}
+        if rc == 0:
+            t1 = time.time()
+            args = ["--sample", f"--out_dir={os.path.join(out, m)}"] + (DRY_SAMPLE[m] if dry else [])
+            rc, text = _in_process(m, args) if dry else _run([f"{m}.py"] + args, timeout)
+            row.update(sample="ok" if rc == 0 else f"failed ({rc})", sample_s=round(time.time() - t1, 1),
+                       output=" / ".join(text.strip().splitlines()[-3:])[:300])
+        rows.append(row)
+    return rows
+
+
+def _tail(text):
+    return (text.strip().splitlines() or [""])[-1][:300]
+
+
+def bench_gpu(argv):
+    ap = argparse.ArgumentParser(prog="bench.py gpu", description="validate a GPU in one call: build the kernels, run "
+                                 "the CUDA tests, time every kernel, train and sample every method, a DDP step; "
+                                 "writes DIR/report.md and DIR/report.json. Without CUDA: a dry run of what can run.")
+    ap.add_argument("--out", required=True, help="folder for the report and the runs' checkpoints")
+    ap.add_argument("--methods", default=",".join(GPU_METHODS))
+    ap.add_argument("--train_iters", type=int, default=0, help="iterations per method (default: 600 on a GPU, 2 dry)")
+    ap.add_argument("--no_compile", action="store_true", help="skip torch.compile in the kernel timings")
+    ap.add_argument("--timeout", type=int, default=300, help="seconds any one part may take")
+    a = ap.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    dry, n_gpu = not cuda, torch.cuda.device_count()
+    methods = [m for m in a.methods.split(",") if m]
+    if any(m not in GPU_METHODS for m in methods):
+        common.die(f"--methods={a.methods}: choose from {','.join(GPU_METHODS)}")
+    where = torch.cuda.get_device_name(0) if cuda else f"cpu ({os.cpu_count()} cores), dry run"
+    report = Report(a.out, {"device": where,
+                            "torch": torch.__version__, "cuda": torch.version.cuda, "gpus": n_gpu,
+                            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "dry_run": dry})
+    ops = {}
+
+    def build():
+        t0 = time.time()
+        ops["ops"] = kernel_ops(device)  # JIT-builds csrc/ on first use, then loads from the cache
+        secs = time.time() - t0
+        if ops["ops"] is None:
+            off = os.environ.get("DIFFLM_KERNELS") == "0"
+            return ("skipped", "DIFFLM_KERNELS=0", None) if off else ("failed", "no kernels (see the warning)", None)
+        return "ok", f"kernels on {device} built or loaded in {secs:.1f} s", {"build_s": round(secs, 1)}
+
+    def cuda_tests():
+        if not cuda:
+            return "skipped", "no CUDA device", None
+        rc, text = _run(["-m", "pytest", "-q", "-p", "no:cacheprovider"] + list(CUDA_TESTS), a.timeout)
+        return ("ok" if rc == 0 else "failed"), _tail(text), text[-2000:]
+
+    def kernels():
+        if ops.get("ops") is None:
+            return "skipped", "no kernels", None
+        bw = copy_bandwidth(device) if cuda else None
+        sizes, dtype = ([(64, 1024, 50258)], torch.bfloat16) if cuda else ([(2, 5, 66)], torch.float32)
+        rows = kernel_rows(device, ops["ops"], sizes, dtype, ["score_entropy", "euler", "tweedie", "mdlm"],
+                           ["absorb", "uniform"], repeat=0 if cuda else 1, compile=cuda and not a.no_compile, bw=bw)
+        where = f"copy bandwidth {bw / 1e9:.0f} GB/s" if bw else "float32, small sizes, no compile"
+        return "ok", f"{len(rows)} ops at {sizes[0]} {dtype}; {where}", rows
+
+    def nearest():
+        if ops.get("ops") is None:
+            return "skipped", "no kernels", None
+        sizes = [(8192, 256, 50257)] if cuda else [(64, 16, 101)]
+        rows = nearest_rows(device, ops["ops"], sizes, ["cos", "l2"], repeat=0 if cuda else 1,
+                            compile=cuda and not a.no_compile)
+        agree = min(r["same_ids"] for r in rows)
+        return "ok", f"clamp at (N, d, V) = {sizes[0]}; ids agree with eager on {agree:.2%}", rows
+
+    def train():
+        iters = a.train_iters or (2 if dry else 600)
+        rows = train_and_sample(os.path.join(a.out, "runs"), methods, dry, iters, a.timeout)
+        bad = [r["method"] for r in rows if r["train"] != "ok" or r.get("sample") != "ok"]
+        if bad:
+            return "failed", f"failed: {', '.join(bad)}", rows
+        return "ok", f"{len(rows)} methods trained ({iters} iterations) and sampled", rows
+
+    def ddp():
+        if n_gpu < 2:
+            return "skipped", f"{n_gpu} GPU(s); a DDP step needs two", None
+        rc, text = _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "mdlm.py", "--train",
+                         f"--out_dir={os.path.join(a.out, 'runs', 'ddp')}", "--max_iters=20", "--eval_interval=20"],
+                        a.timeout)
+        return ("ok" if rc == 0 else "failed"), _last_line(text, "done:") or _tail(text), None
+
+    for name, fn in (("build", build), ("cuda tests", cuda_tests), ("kernels", kernels), ("nearest", nearest),
+                     ("train and sample", train), ("ddp", ddp)):
+        report.part(name, fn)
+    total = common.fmt_time(time.time() - report.t0)
+    print(f"report: {os.path.join(a.out, 'report.md')} and report.json; total {total}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -613,6 +875,7 @@ BENCHES = {
     "kernels": bench_kernels,
     "sedd": bench_sedd,
     "nearest": bench_nearest,
+    "gpu": bench_gpu,
 }
 
 

@@ -247,6 +247,15 @@ def seed_all(seed):
     np.random.seed(seed % 2**32)
 
 
+def progress(iterable, desc, total=None):
+    """iterable, with a tqdm progress bar on stderr when stderr is a terminal (never in logs, pipes or
+    tests); for long loops other than the training log: full evaluation, sampling, benchmarks."""
+    if not sys.stderr.isatty():
+        return iterable
+    from tqdm import tqdm
+    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
+
+
 # ----------------------------------------------------------------------------------------------
 # Tokenizers (stored as JSON in meta.json, never pickled)
 
@@ -606,7 +615,7 @@ def val_batches(batches, cfg, full=False):
             die(f"unknown --eval_split={cfg.eval_split!r}; use val or test")
         if cfg.eval_split != "val":
             print(f"evaluating on the {cfg.eval_split} split")
-        return batches.sequential(cfg.eval_split, cfg.batch_size)
+        return progress(batches.sequential(cfg.eval_split, cfg.batch_size), "eval")
     gen = torch.Generator().manual_seed(cfg.seed)
     return (batches.get("val", cfg.batch_size, gen) for _ in range(cfg.eval_iters))
 

@@ -2,25 +2,18 @@
 DiffusER: discrete diffusion by edit-based reconstruction.
 Reid, Hellendoorn and Neubig, "DiffusER: Discrete Diffusion via Edit-based Reconstruction", ICLR 2023.
 
-Forward process: T steps (12) of Levenshtein edits. At each step a cursor walks the sequence and
-draws an edit type (keep 60%, replace 20%, insert 10%, delete 10%) and a Poisson(3) span length;
-replaced and inserted tokens come from the corpus unigram distribution. Every step records its
-edits, so the reverse edits that take x_t back to x_{t-1} are known exactly: per token of x_t a
-tag KEEP / DELETE / REPLACE, per gap an insertion count, and the tokens that fill the slots.
-A tagger predicts the edits, a generator fills the slots; one reverse step is tag -> delete ->
-fill. Decoding starts from a bootstrap (source text, empty, random tokens, or a draft sampled from
-the autoregressive baseline ar.py) and applies T revisions, greedily, by sampling, by beam search,
-or by the paper's 2D beam search.
+Forward process: T (12) steps of Levenshtein edits (keep 60%, replace 20%, insert 10%, delete 10%,
+Poisson(3) spans; new tokens from the corpus unigram distribution), each logged, so the reverse edits
+x_t -> x_{t-1} are known exactly: a tag KEEP / DELETE / REPLACE per token of x_t, an insertion count
+per gap, and the tokens that fill the slots. A tagger predicts the edits, a generator fills the
+slots. Decoding revises a bootstrap (source text, empty, random tokens, or a draft of the
+autoregressive baseline ar.py) T times: greedy, sampled, beam, or the paper's 2D beam.
 
-The authors released no code; METHODS.md sec. 5 marks where this file chooses for them. Three
-such choices. (1) The generator is a bidirectional Transformer that fills the slots left to right,
-one per call, each given the words chosen before it (trained with a random prefix of the slots
-already filled), instead of a separate causal decoder. (2) A bootstrap (e.g. the E2E meaning
-representation) gets one extra trained revision, t = T + 1, whose target is x_0 (the alignment of
-the bootstrap against the text). (3) By default (--target=x0) a revision at step t is trained to
-make every edit back to x_0 (alignment of x_t against x_0), not only the last step's
-(--target=prev, the paper): the last step's edits hide among the earlier steps' noise, so the
-tagger never puts more than ~0.4 on any edit and greedy decoding would keep everything.
+The authors released no code; where this file chooses for them (METHODS.md sec. 5): the generator is
+the bidirectional backbone filling the slots left to right, one per call, not a separate causal
+decoder; a bootstrap gets one extra trained revision, t = T + 1, towards x_0; by default
+(--target=x0) a revision is trained on every edit back to x_0 (by alignment), not only on the last
+step's (--target=prev, the paper), which hide among the earlier steps' noise.
 
     python diffuser.py --train                          # E2E MR -> text, source bootstrap, ~15 min on 2 CPU cores
     python diffuser.py --sample --show                  # realise validation MRs, each revision with its edits marked
@@ -32,9 +25,9 @@ tagger never puts more than ~0.4 on any edit and greedy decoding would keep ever
     python diffuser.py --eval --gen --out_dir=out/diffuser_shk --judge=out/ar_shk/ckpt.pt   # NLL of samples under ar.py
 """
 
+import collections
 import dataclasses
 import json
-import math
 import os
 import time
 
@@ -46,7 +39,8 @@ import torch.nn.functional as F
 import common
 
 KEEP, DELETE, REPLACE = 0, 1, 2  # reverse-edit tags of the tokens of x_t; insertions live in the gaps
-TAG_MARK = ("keep", "delete", "replace")
+INSERT = 3  # an insertion slot in walk() (never a tag)
+SPECIALS = [common.WordTokenizer.START, common.WordTokenizer.END, common.WordTokenizer.PAD]  # never in a sequence
 BOOTSTRAPS = ("source", "null", "random", "autoregressive")
 DECODERS = ("greedy", "sample", "beam", "beam2d")
 
@@ -75,8 +69,7 @@ class Config(common.TextConfig, common.BaseConfig):
     p_delete: float = 0.1
     span_lambda: float = 3.0
     noise: str = "unigram"  # unigram | uniform: where replaced and inserted tokens come from
-    max_len: int = 48  # longest x_t; longer training texts are skipped, insertions are capped
-    max_ins: int = 48  # insertion-count classes 0..max_ins per gap
+    max_len: int = 48  # longest x_t; longer training texts are skipped, insertions are capped (0..max_len a gap)
     seq_len: int = 24  # window length on unconditional data; length of a random bootstrap
     # bootstrap: the starting sequence x_{T+1}, trained as one extra revision with probability boot_prob
     bootstrap: str = "source"  # source | null | random | autoregressive (decoding only: a draft of ar_ckpt)
@@ -130,8 +123,8 @@ def check_config(cfg):
         common.die("need --T >= 1, --span_lambda >= 0 and 0 <= --boot_prob <= 1")
     if not cfg.temperature > 0 or not 0 < cfg.top_p <= 1:
         common.die(f"need --temperature > 0 and 0 < --top_p <= 1 (got {cfg.temperature}, {cfg.top_p})")
-    if cfg.max_ins < cfg.max_len or cfg.max_len < 1:
-        common.die(f"--max_ins ({cfg.max_ins}) must be at least --max_len ({cfg.max_len}) >= 1, so any insertion fits")
+    if cfg.max_len < 1:
+        common.die(f"need --max_len >= 1 (got {cfg.max_len})")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,7 +140,7 @@ class NoiseTokens:
 
     def __init__(self, counts, kind="unigram"):
         w = np.asarray(counts, dtype=np.float64).copy() if kind == "unigram" else np.ones(len(counts))
-        w[[common.WordTokenizer.START, common.WordTokenizer.END, common.WordTokenizer.PAD]] = 0.0
+        w[SPECIALS] = 0.0
         if w.sum() <= 0:
             common.die("the noise distribution is empty: the vocabulary has no ordinary words")
         self.probs = w / w.sum()
@@ -159,129 +152,75 @@ class NoiseTokens:
 
 
 def corrupt_step(x, rng, noise, probs=(0.6, 0.2, 0.1, 0.1), lam=3.0, max_len=10**9):
-    """One forward step q(x_t | x_{t-1}) (paper sec. 3.1): returns (x_t, edits).
-
-    A cursor walks x; at each position it draws an edit type from probs (keep, replace, insert,
-    delete) and a span length k ~ Poisson(lam); k = 0 keeps one token. At the end of x only an
-    insertion can apply. Insertions are shortened so x_t never grows past max_len.
-    """
+    """One forward step q(x_t | x_{t-1}) (paper sec. 3.1): returns (x_t, edits). At each position an
+    edit type from probs (keep, replace, insert, delete) and a span k ~ Poisson(lam); k = 0 keeps one
+    token. Insertions are shortened so that x_t never grows past max_len."""
     x, n, i = tuple(x), len(x), 0
     out, edits = [], []
     while True:
         kind = ("keep", "replace", "insert", "delete")[int(rng.choice(4, p=probs))]
         k = int(rng.poisson(lam))
-        if i == n:  # past the last token: only an insertion can happen
-            k = min(k, max_len - len(out)) if kind == "insert" else 0
+        if i == n or (kind == "insert" and k > 0):  # past the last token only an insertion can happen
+            k = min(k, max_len - len(out) - (n - i)) if kind == "insert" else 0
             if k > 0:
                 new = noise.draw(rng, k)
                 out += new
                 edits.append(("insert", (), new))
-            break
+            if i == n:
+                return out, edits
+            continue
         if k == 0:
             kind, k = "keep", 1
-        if kind == "insert":
-            k = min(k, max_len - len(out) - (n - i))
-            if k > 0:
-                new = noise.draw(rng, k)
-                out += new
-                edits.append(("insert", (), new))
-            continue
         old = x[i:i + k]
         i += len(old)
-        if kind == "keep":
-            out += old
-            edits.append(("keep", old, old))
-        elif kind == "replace":
-            new = noise.draw(rng, len(old))
-            out += new
-            edits.append(("replace", old, new))
-        else:
-            edits.append(("delete", old, ()))
-    return out, edits
-
-
-def apply_edits(x, edits):
-    """Replay an edit log on x_{t-1}; every consumed span must match. Returns x_t."""
-    x, i, out = list(x), 0, []
-    for kind, old, new in edits:
-        if list(x[i:i + len(old)]) != list(old):
-            raise ValueError(f"edit {kind} expects {list(old)} at position {i}, found {x[i:i + len(old)]}")
-        i += len(old)
-        out += list(new)
-    if i != len(x):
-        raise ValueError(f"the edits consume {i} of {len(x)} tokens")
-    return out
+        new = old if kind == "keep" else noise.draw(rng, len(old)) if kind == "replace" else ()
+        out += new
+        edits.append((kind, old, new))
 
 
 def reverse_edits(edits):
-    """Forward edits x_{t-1} -> x_t  =>  the reverse edits that take x_t back to x_{t-1}.
-
-    Returns tags (len x_t,) of KEEP/DELETE/REPLACE, counts (len x_t + 1,) where counts[j] is how
-    many tokens go in the gap before token j of x_t (counts[0]: at the front), and fills: the
-    generator's targets in slot order (slots are read left to right: gap, token, gap, ...).
-    """
+    """Forward edits x_{t-1} -> x_t  =>  reverse edits x_t -> x_{t-1}: tags (len x_t,) KEEP/DELETE/REPLACE,
+    counts (len x_t + 1,) tokens to insert in the gap before token j (counts[0]: at the front), and
+    fills: the generator's targets in slot order (gap, token, gap, ... left to right)."""
     tags, counts, fills = [], [0], []
     for kind, old, new in edits:
-        if kind == "keep":
-            for _ in old:
-                tags.append(KEEP), counts.append(0)
-        elif kind == "replace":  # x_t holds noise: replace it by the original tokens
-            for w in old:
-                tags.append(REPLACE), counts.append(0), fills.append(w)
-        elif kind == "insert":  # x_t holds inserted noise: delete it
-            for _ in new:
-                tags.append(DELETE), counts.append(0)
-        else:  # deleted tokens come back as insertions in the current gap
+        if kind == "delete":  # deleted tokens come back as insertions in the current gap
             counts[-1] += len(old)
-            fills += list(old)
+            fills += old
+            continue
+        # x_t holds the kept tokens, noise that replaced words (put them back), inserted noise (delete it)
+        tags += [{"keep": KEEP, "replace": REPLACE, "insert": DELETE}[kind]] * len(new)
+        counts += [0] * len(new)
+        if kind == "replace":
+            fills += old
     return tags, counts, fills
 
 
-def apply_reverse(xt, tags, counts, fills):
-    """x_t and its reverse edits -> x_{t-1}: the tagger's edits, then the generator's tokens in slot order."""
-    canvas, slots = build_canvas(xt, tags, counts, vocab_size=0)
-    if len(slots) != len(fills):
-        raise ValueError(f"{len(slots)} slots but {len(fills)} fill tokens")
-    out = list(canvas)
-    for pos, w in zip(slots, fills):
-        out[pos] = w
-    return out
+def walk(xt, tags, counts):
+    """x_t with its reverse edits in slot order: (tag, token of x_t) or (INSERT, None) per insertion."""
+    yield from [(INSERT, None)] * counts[0]
+    for j, w in enumerate(xt):
+        yield tags[j], w
+        yield from [(INSERT, None)] * counts[j + 1]
 
 
 def build_canvas(xt, tags, counts, vocab_size, limit=None):
-    """The generator's input: x_t with deletions applied and a placeholder at every slot.
-
-    A kept token stays; a replaced token w becomes V + w (the generator sees what it replaces);
-    an inserted slot becomes 2V. Returns (canvas ids, slot positions), cut to `limit` entries.
-    """
-    V = vocab_size
-    canvas, slots = [], []
-
-    def put(tok, slot):
-        if limit is None or len(canvas) < limit:
-            if slot:
-                slots.append(len(canvas))
-            canvas.append(tok)
-
-    for _ in range(counts[0]):
-        put(2 * V, True)
-    for j, w in enumerate(xt):
-        if tags[j] == KEEP:
-            put(w, False)
-        elif tags[j] == REPLACE:
-            put(V + w, True)
-        for _ in range(counts[j + 1]):
-            put(2 * V, True)
+    """The generator's input: x_t with deletions applied; a kept token stays, a replaced token w becomes
+    V + w (the generator sees what it replaces), an insertion slot 2V. Returns (canvas, slot positions),
+    cut to `limit` entries."""
+    V, canvas, slots = vocab_size, [], []
+    for tag, w in walk(xt, tags, counts):
+        if tag == DELETE or (limit is not None and len(canvas) >= limit):
+            continue
+        if tag != KEEP:
+            slots.append(len(canvas))
+        canvas.append(w if tag == KEEP else V + w if tag == REPLACE else 2 * V)
     return canvas, slots
 
 
 def levenshtein_edits(a, b):
-    """Minimum-cost edits taking a to b (unit costs), by dynamic programming with a backtrace.
-
-    Ties are broken the same way every time: at each backtrace cell prefer the diagonal (match or
-    substitution), then deleting a's token, then inserting b's token. Returns (cost, edits)
-    with one-token edits in the format of corrupt_step.
-    """
+    """Minimum-cost edits taking a to b (unit costs) -> (cost, one-token edits as corrupt_step's). The
+    backtrace breaks ties the same way every time: the diagonal, then deleting a's token, then inserting."""
     n, m = len(a), len(b)
     D = np.zeros((n + 1, m + 1), dtype=np.int64)
     ar, bb = np.arange(m + 1), np.asarray(b, dtype=np.int64)
@@ -294,8 +233,7 @@ def levenshtein_edits(a, b):
     edits, i, j = [], n, m
     while i > 0 or j > 0:
         if i > 0 and j > 0 and D[i, j] == D[i - 1, j - 1] + (a[i - 1] != b[j - 1]):
-            kind = "keep" if a[i - 1] == b[j - 1] else "replace"
-            edits.append((kind, (a[i - 1],), (b[j - 1],)))
+            edits.append(("keep" if a[i - 1] == b[j - 1] else "replace", (a[i - 1],), (b[j - 1],)))
             i, j = i - 1, j - 1
         elif i > 0 and D[i, j] == D[i - 1, j] + 1:
             edits.append(("delete", (a[i - 1],), ()))
@@ -332,25 +270,19 @@ def prefix(src):
 
 
 def pad(rows, value):
+    """Lists of ids -> (ids, mask) (len(rows), longest), padded with value."""
     L = max(len(r) for r in rows)
-    ids = torch.full((len(rows), L), value, dtype=torch.long)
-    mask = torch.zeros((len(rows), L), dtype=torch.bool)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, :len(r)] = True
-    return ids, mask
+    ids = torch.tensor([list(r) + [value] * (L - len(r)) for r in rows], dtype=torch.long).reshape(len(rows), L)
+    return ids, torch.arange(L)[None] < torch.tensor([len(r) for r in rows])[:, None]
 
 
 def collate(examples, vocab_size, rng=None):
-    """examples: (src or None, x_t, tags, counts, fills, t) -> EditBatch.
-
-    With rng, each canvas shows the true words of a random subset of its slots (each slot with
-    probability u ~ U(0, 1), at least one slot left open) and only the open slots are targets, as
-    in a conditional masked LM: the generator learns to fill a slot given words already chosen
-    around it, which is how decode() runs it (left to right), and with u near 0 to fill all at once.
-    """
-    PAD, START = common.WordTokenizer.PAD, common.WordTokenizer.START
-    tag_rows, gen_rows, tag_t, ins_t, gen_t, ts = [], [], [], [], [], []
+    """examples: (src or None, x_t, tags, counts, fills, t) -> EditBatch. With rng, each canvas shows the
+    words of a random subset of its slots (each with probability u ~ U(0, 1), one slot kept open) and only
+    the open slots are targets: the generator learns to fill a slot given words already chosen around
+    it, as decode() runs it (left to right), and with u near 0 to fill all at once."""
+    START = common.WordTokenizer.START
+    tag_rows, gen_rows, tag_t, ins_t, gen_t = [], [], [], [], []
     for src, xt, tags, counts, fills, t in examples:
         pre = prefix(src)
         o = len(pre)
@@ -364,26 +296,18 @@ def collate(examples, vocab_size, rng=None):
             if shown.all():
                 shown[int(rng.integers(len(slots)))] = False
         gen_rows.append(pre + [START] + canvas)
-        y = [-100] * (o + 1 + len(canvas))
-        for pos, w, s in zip(slots, fills, shown):
-            if s:  # already filled: a plain word, no target
-                gen_rows[-1][o + 1 + pos] = w
-            else:
-                y[o + 1 + pos] = w
-        gen_t.append(y)
-        ts.append(float(t))
-    tag_in, tag_mask = pad(tag_rows, PAD)
-    gen_in, gen_mask = pad(gen_rows, PAD)
-    tag_y, ins_y, gen_y = pad(tag_t, -100)[0], pad(ins_t, -100)[0], pad(gen_t, -100)[0]
-    return EditBatch(tag_in, tag_mask, tag_y, ins_y, gen_in, gen_mask, gen_y, torch.tensor(ts))
+        gen_t.append([-100] * (o + 1 + len(canvas)))
+        for pos, w, s in zip(slots, fills, shown):  # a shown slot holds its word and has no target
+            (gen_rows[-1] if s else gen_t[-1])[o + 1 + pos] = w
+    PAD, ts = common.WordTokenizer.PAD, torch.tensor([float(e[5]) for e in examples])
+    return EditBatch(*pad(tag_rows, PAD), pad(tag_t, -100)[0], pad(ins_t, -100)[0],
+                     *pad(gen_rows, PAD), pad(gen_t, -100)[0], ts)
 
 
 class EditBatches:
-    """Training pairs for common.train: .get(split, batch_size, gen) -> EditBatch, .gen for resume.
-
-    Sequence-to-sequence data (data/e2e: <split>.jsonl with "src" and "text") gives one example
-    per line; other word-level data gives random windows of seq_len words from <split>.bin.
-    """
+    """Training pairs for common.train: .get(split, batch_size, gen) -> EditBatch, .gen for resume. One
+    example per line of sequence-to-sequence data (data/e2e: <split>.jsonl with "src" and "text"), else
+    random windows of seq_len words from <split>.bin."""
 
     def __init__(self, cfg, meta, seed):
         if meta.get("tokenizer") != "word":
@@ -395,11 +319,10 @@ class EditBatches:
         if cfg.bootstrap == "source" and not self.seq2seq:
             common.die(f"--bootstrap=source needs sequence-to-sequence data (--dataset=e2e); {path} has none: use null or random")
         self.examples, self.streams = {}, {}
-        counts = np.zeros(self.V, dtype=np.int64)
         for split, name in (("train", "train"), ("val", "valid")):
             if self.seq2seq:
-                exs = load_jsonl(os.path.join(path, f"{name}.jsonl"))
-                exs = [(e["src"], e["text"]) for e in exs if len(e["text"]) <= cfg.max_len]
+                exs = [(e["src"], e["text"]) for e in load_jsonl(os.path.join(path, f"{name}.jsonl"))
+                       if len(e["text"]) <= cfg.max_len]
                 if not exs:
                     common.die(f"no {split} example fits --max_len={cfg.max_len}; raise it")
                 longest = max(len(s) for s, _ in exs) + 2 + cfg.max_len
@@ -407,17 +330,15 @@ class EditBatches:
                     common.die(f"a source plus --max_len={cfg.max_len} needs {longest} positions, more than "
                                f"--block_size={cfg.block_size}; raise --block_size or lower --max_len")
                 self.examples[split] = exs
-                if split == "train":
-                    for _, x in exs:
-                        np.add.at(counts, x, 1)
-            else:
-                data = np.memmap(os.path.join(path, f"{split}.bin"), dtype=np.dtype(meta["dtype"]), mode="r")
-                if len(data) <= cfg.seq_len or cfg.seq_len > cfg.max_len or cfg.max_len + 2 > cfg.block_size:
-                    common.die(f"need --seq_len ({cfg.seq_len}) <= --max_len ({cfg.max_len}) <= --block_size - 2 "
-                               f"({cfg.block_size - 2}) and a {split} split longer than --seq_len ({len(data)} words)")
-                self.streams[split] = np.asarray(data, dtype=np.int64)
-                if split == "train":
-                    counts += np.bincount(self.streams[split], minlength=self.V)[:self.V]
+                continue
+            data = np.memmap(os.path.join(path, f"{split}.bin"), dtype=np.dtype(meta["dtype"]), mode="r")
+            if len(data) <= cfg.seq_len or cfg.seq_len > cfg.max_len or cfg.max_len + 2 > cfg.block_size:
+                common.die(f"need --seq_len ({cfg.seq_len}) <= --max_len ({cfg.max_len}) <= --block_size - 2 "
+                           f"({cfg.block_size - 2}) and a {split} split longer than --seq_len ({len(data)} words)")
+            self.streams[split] = np.asarray(data, dtype=np.int64)
+        train = (np.array([w for _, x in self.examples["train"] for w in x], dtype=np.int64) if self.seq2seq
+                 else self.streams["train"])
+        counts = np.bincount(train, minlength=self.V)[:self.V]  # (V,) the training split's word counts
         self.unigram = counts.tolist()
         self.noise = NoiseTokens(counts, cfg.noise)
 
@@ -486,12 +407,12 @@ class DiffusER(nn.Module):
 
         self.tagger = backbone(V)
         self.tag_head = nn.Linear(C, 3)  # KEEP / DELETE / REPLACE per token of x_t
-        self.ins_head = nn.Linear(C, cfg.max_ins + 1)  # tokens to insert in the gap after each position
+        self.ins_head = nn.Linear(C, cfg.max_len + 1)  # tokens to insert in the gap after each position (x_t <= max_len)
         self.generator = backbone(2 * V + 1)  # words, "replace word w" (V + w), insertion slot (2V)
         self.gen_head = nn.Linear(C, V)
 
     def tag(self, ids, mask, t):
-        # ids, mask (B, L), t (B,) -> tag logits (B, L, 3), insertion logits (B, L, max_ins + 1)
+        # ids, mask (B, L), t (B,) -> tag logits (B, L, 3), insertion logits (B, L, max_len + 1)
         h = self.tagger(ids, t, mask)
         return self.tag_head(h), self.ins_head(h)
 
@@ -527,12 +448,8 @@ def loss_fn(model, batch):
 # ----------------------------------------------------------------------------------------------
 # Decoding: revisions from a bootstrap; greedy, sampling, beam, 2D beam
 
-
-@dataclasses.dataclass
-class Hyp:
-    x: list  # the current sequence
-    score: float  # cumulative log-likelihood of the revisions so far
-    history: list  # (t, x_t, tags, counts, fills) per revision, for --show
+# the sequence, the cumulative log-likelihood of its revisions, and (t, x_t, tags, counts, fills) per revision
+Hyp = collections.namedtuple("Hyp", "x score history")
 
 
 def network_logprobs(model, rows, t, which, chunk, at=None):
@@ -541,8 +458,7 @@ def network_logprobs(model, rows, t, which, chunk, at=None):
     device = next(model.parameters()).device
     out = []
     for c in range(0, len(rows), chunk):
-        ids, mask = pad(rows[c:c + chunk], common.WordTokenizer.PAD)
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = (v.to(device) for v in pad(rows[c:c + chunk], common.WordTokenizer.PAD))
         tt = torch.full((ids.shape[0],), float(t), device=device)
         with common.autocast(device):
             logits = model.tag(ids, mask, tt) if which == "tag" else (model.fill(ids, mask, tt),)
@@ -550,18 +466,13 @@ def network_logprobs(model, rows, t, which, chunk, at=None):
             idx = torch.tensor(at[c:c + chunk], device=device)
             logits = [lg[torch.arange(len(idx), device=device), idx] for lg in logits]
         lps = [lg.double().log_softmax(-1).cpu().numpy() for lg in logits]
-        for i in range(ids.shape[0]):
-            out.append(tuple(lp[i] for lp in lps))
+        out += [tuple(lp[i] for lp in lps) for i in range(ids.shape[0])]
     return out
 
 
 def kbest(logps, b):
-    """The b best joint choices of independent categoricals, exactly: scores (k,), choices (k, n).
-
-    logps: n float64 arrays. A beam over the positions keeping b partial sums is exact here,
-    because the terms are independent; each position only needs its own b best choices. Ties
-    go to the earlier (lower-index) choice, as argmax does.
-    """
+    """The b best joint choices of n independent categoricals (float64 arrays): scores (k,), choices (k, n).
+    A beam of b partial sums is exact, as the terms are independent; ties go to the lower index, as argmax."""
     scores, choices = np.zeros(1), np.zeros((1, 0), dtype=np.int64)
     for lp in logps:
         top = np.argsort(-lp, kind="stable")[:b]
@@ -585,49 +496,36 @@ def sample_choice(lp, temperature, top_p):
 
 
 def choose(logps, strategy, b, cfg):
-    """Candidate choices for independent categoricals (n arrays) -> list of (score, choice array)."""
-    if not logps:
-        return [(0.0, np.zeros(0, dtype=np.int64))]
-    if strategy == "greedy":
-        c = np.array([int(np.argmax(lp)) for lp in logps], dtype=np.int64)
-        return [(float(sum(lp[k] for lp, k in zip(logps, c))), c)]
-    if strategy == "sample":
-        width = max(len(lp) for lp in logps)
-        mat = np.full((len(logps), width), -np.inf)
+    """Candidate choices for independent categoricals (n arrays) -> list of (score, choice array).
+    greedy is the 1-best, which kbest finds exactly; sample draws each choice."""
+    if strategy == "sample" and logps:
+        mat = np.full((len(logps), max(len(lp) for lp in logps)), -np.inf)
         for i, lp in enumerate(logps):
             mat[i, :len(lp)] = lp
         c = sample_choice(mat, cfg.temperature, cfg.top_p)
         return [(float(sum(lp[k] for lp, k in zip(logps, c))), c)]
-    scores, choices = kbest(logps, b)
+    scores, choices = kbest(logps, b if strategy == "beam" else 1)
     return [(float(s), c) for s, c in zip(scores, choices)]
 
 
 @torch.no_grad()
 def fill_slots(model, jobs, t, strategy, cfg):
-    """The generator's words for each canvas, left to right, one slot per network call (the paper's
-    generator is autoregressive over the slots): when slot k is filled, slots < k hold their chosen
-    words and slots > k their placeholders. jobs: (conditioning ids, canvas, slot positions).
-    strategy greedy: argmax; sample: temperature / nucleus. Returns (log p, sequence, fills) per job.
-    """
-    specials = [common.WordTokenizer.START, common.WordTokenizer.END, common.WordTokenizer.PAD]
+    """The generator's words for each job (conditioning ids, canvas, slot positions), left to right, one
+    slot per network call (the paper's generator is autoregressive over the slots): slot k sees the words
+    chosen for slots < k (--fill=parallel: none). greedy: argmax; sample: temperature / nucleus.
+    Returns (log p, sequence, fills) per job."""
     xs, scores, fills = [list(cv) for _, cv, _ in jobs], [0.0] * len(jobs), [[] for _ in jobs]
-    if cfg.fill == "parallel":  # every slot from one call, independently (Mask-Predict's first pass)
-        out = network_logprobs(model, [c + x for (c, _, _), x in zip(jobs, xs)], t, "fill", cfg.decode_batch)
-        for i, ((c, _, slots), (lp,)) in enumerate(zip(jobs, out)):
-            for pos in slots:
-                row = lp[len(c) + pos].copy()
-                row[specials] = -np.inf
-                w = int(row.argmax()) if strategy == "greedy" else int(sample_choice(row[None], cfg.temperature, cfg.top_p)[0])
-                xs[i][pos] = w
-                scores[i] += float(row[w])
-                fills[i].append(w)
-        return list(zip(scores, xs, fills))
+    if cfg.fill == "parallel":  # every slot from one call on the bare canvas, independently (Mask-Predict's first pass)
+        once = network_logprobs(model, [c + x for (c, _, _), x in zip(jobs, xs)], t, "fill", cfg.decode_batch)
     for k in range(max((len(s) for _, _, s in jobs), default=0)):
         active = [i for i, (_, _, s) in enumerate(jobs) if len(s) > k]
-        out = network_logprobs(model, [jobs[i][0] + xs[i] for i in active], t, "fill", cfg.decode_batch,
-                               at=[len(jobs[i][0]) + jobs[i][2][k] for i in active])
-        lp = np.stack([o[0] for o in out])  # (active, V)
-        lp[:, specials] = -np.inf  # slots hold words, never <s>, </s> or <pad>
+        at = [len(jobs[i][0]) + jobs[i][2][k] for i in active]
+        if cfg.fill == "parallel":
+            lp = np.stack([once[i][0][a] for i, a in zip(active, at)])  # (active, V)
+        else:
+            lp = np.stack([o[0] for o in network_logprobs(model, [jobs[i][0] + xs[i] for i in active], t, "fill",
+                                                          cfg.decode_batch, at=at)])
+        lp[:, SPECIALS] = -np.inf  # slots hold words, never <s>, </s> or <pad>
         ws = lp.argmax(1) if strategy == "greedy" else sample_choice(lp, cfg.temperature, cfg.top_p)
         for i, row, w in zip(active, lp, ws.tolist()):
             xs[i][jobs[i][2][k]] = w
@@ -638,17 +536,13 @@ def fill_slots(model, jobs, t, strategy, cfg):
 
 @torch.no_grad()
 def decode(model, starts, srcs, cfg, times, strategy="greedy", b=1, r=1):
-    """Revise each start sequence at the given time steps; returns the best Hyp per start.
-
-    strategy greedy: argmax of every choice; sample: temperature / nucleus draws; beam: the b best
-    edit sets of each revision, each filled greedily left to right, and the top r hypotheses by
-    cumulative log-likelihood across revisions (r = 1: beam inside a revision, greedy across;
-    r > 1: the 2D beam). An empty sequence must insert (the null bootstrap's first revision is
-    forced to INSERT).
-    """
+    """Revise each start sequence at the given time steps -> the best Hyp per start. greedy: argmax of
+    every choice; sample: temperature / nucleus draws; beam: the b best edit sets of each revision, each
+    filled greedily, and the top r hypotheses across revisions (r > 1: the 2D beam). An empty sequence
+    must insert."""
     V, START, chunk = model.vocab_size, common.WordTokenizer.START, cfg.decode_batch
     beams = [[Hyp(list(x)[:model.max_len], 0.0, [])] for x in starts]
-    for t in times:
+    for t in common.progress(times, "revisions"):
         flat = [(i, h) for i, beam in enumerate(beams) for h in beam]
         tag_out = network_logprobs(model, [prefix(srcs[i]) + [START] + h.x for i, h in flat], t, "tag", chunk)
         edits = []  # (flat index, edit score, tags, counts)
@@ -687,26 +581,17 @@ def strategy_of(cfg):
 
 
 def mark_revision(tok, xt, tags, counts, fills):
-    """One revision as text: kept words plain, [-deleted-], [old->new], [+inserted+].
-
-    Slots past max_len were cut from the canvas and have no fill; they show as ... .
-    """
+    """One revision as text: kept words plain, [-deleted-], [old->new], [+inserted+]; a slot cut
+    from the canvas at max_len has no fill and shows as ... ."""
     f = iter(fills)
 
-    def fill():
+    def new():
         w = next(f, None)
         return "..." if w is None else tok.words[w]
 
-    out = [f"[+{fill()}+]" for _ in range(counts[0])]
-    for j, w in enumerate(xt):
-        if tags[j] == KEEP:
-            out.append(tok.words[w])
-        elif tags[j] == DELETE:
-            out.append(f"[-{tok.words[w]}-]")
-        else:
-            out.append(f"[{tok.words[w]}->{fill()}]")
-        out += [f"[+{fill()}+]" for _ in range(counts[j + 1])]
-    return " ".join(out)
+    show = {KEEP: lambda w: tok.words[w], DELETE: lambda w: f"[-{tok.words[w]}-]",
+            REPLACE: lambda w: f"[{tok.words[w]}->{new()}]", INSERT: lambda w: f"[+{new()}+]"}
+    return " ".join(show[tag](w) for tag, w in walk(xt, tags, counts))
 
 
 def words(tok, ids):
@@ -744,18 +629,17 @@ def bleu(hyps, refs):
         import sacrebleu
     except ImportError:
         common.die("BLEU needs sacrebleu, an optional extra: pip install 'difflm[bleu]' (or pip install sacrebleu)")
-    k = max(len(r) for r in refs)
-    streams = [[r[i] if i < len(r) else None for r in refs] for i in range(k)]
+    streams = [[r[i] if i < len(r) else None for r in refs] for i in range(max(len(r) for r in refs))]
     # both sides are word-tokenized the same way (WordTokenizer), on purpose: force skips the warning
     return sacrebleu.corpus_bleu(hyps, streams, force=True).score
 
 
 @torch.no_grad()
 def ar_drafts(path, meta, n, length, device):
-    """n drafts of `length` words from the ar.py checkpoint at path: plain ancestral sampling at
-    temperature 1, one full causal forward per word over [BOS] (id V) + the last block_size - 1
-    words, float64 inverse-CDF draws. <s>, </s> and <pad> are never drawn: DiffusER's words never
-    hold them. Returns n lists of word ids."""
+    """n drafts of `length` words (lists of ids) from the ar.py checkpoint at path: ancestral sampling at
+    temperature 1, one causal forward per word over [BOS] (id V) + the last block_size - 1 words, float64
+    inverse-CDF draws, never <s>, </s> or <pad>. Not ar.py's cached sampler: method files never import
+    each other, and common's backbone has no key/value cache (yet)."""
     judge, _ = common.load_judge(path, meta, device)  # dies on a missing file or another vocabulary
     V, L = judge["head"].out_features, judge["backbone"].block_size
     x = torch.zeros((n, 0), dtype=torch.long, device=device)  # (n, words so far)
@@ -764,19 +648,10 @@ def ar_drafts(path, meta, n, length, device):
         with common.autocast(device):
             logits = judge["head"](judge["backbone"](inp)[:, -1])  # (n, V)
         probs = torch.softmax(logits.double(), -1)
-        probs[:, [common.WordTokenizer.START, common.WordTokenizer.END, common.WordTokenizer.PAD]] = 0.0
+        probs[:, SPECIALS] = 0.0
         nxt = common.sample_categorical(probs, torch.rand(n, dtype=torch.float64, device=device))
         x = torch.cat([x, nxt[:, None]], 1)
     return x.cpu().tolist()
-
-
-def starts_for(cfg, srcs, noise, trained_boot):
-    """x at the first revision: the bootstrap for each problem."""
-    rng = np.random.default_rng(cfg.seed)
-    kind = cfg.bootstrap
-    if not trained_boot and kind == "source":
-        common.die("this model was trained without a bootstrap revision (--boot_prob=0); decode with --bootstrap=random or null")
-    return [bootstrap_sequence(kind, s, cfg.seq_len, noise, rng) for s in srcs]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -796,25 +671,27 @@ def load(overrides):
     return cfg, model, tok, meta, ckpt
 
 
-def run_decode(model, cfg, meta, srcs, show=None):
-    trained_boot = meta["boot_trained"]
-    if cfg.bootstrap == "source" and any(s is None for s in srcs):
-        common.die("--bootstrap=source needs a source; this model is unconditional: use --bootstrap=null or random")
+def run_decode(model, cfg, meta, srcs):
+    """One decoded sequence per source (None: unconditional), from --bootstrap: the best Hyp of each."""
+    boot_revision = meta["boot_trained"]
+    if cfg.bootstrap == "source" and (any(s is None for s in srcs) or not boot_revision):
+        common.die("--bootstrap=source needs a source and a model trained with a bootstrap revision (--boot_prob > 0); "
+                   "decode with --bootstrap=null or random")
     for s in srcs:
         if s is not None and len(s) + 2 + model.max_len > model.tagger.block_size:
             common.die(f"the source has {len(s)} words; with --max_len={model.max_len} it does not fit the model's "
                        f"context block_size={model.tagger.block_size}; shorten it")
-    strategy, b, r = strategy_of(cfg)
     if cfg.bootstrap == "autoregressive":
         if not 1 <= cfg.seq_len <= model.max_len:
             common.die(f"the draft has --seq_len={cfg.seq_len} words; it must be between 1 and --max_len={model.max_len}")
         starts = ar_drafts(cfg.ar_ckpt, meta, len(srcs), cfg.seq_len, next(model.parameters()).device)
-        # the draft already reads like text, i.e. like a lightly corrupted x_t, not like the bootstrap the
-        # t = T + 1 revision was trained on (empty or random): skip that revision, run steps..1
-        return decode(model, starts, srcs, cfg, decode_times(cfg, False), strategy, b, r)
-    noise = NoiseTokens(meta["unigram"], cfg.noise)
-    starts = starts_for(cfg, srcs, noise, trained_boot)
-    return decode(model, starts, srcs, cfg, decode_times(cfg, trained_boot), strategy, b, r)
+        # the draft already reads like text (a lightly corrupted x_t), not like the empty or random bootstrap
+        # the t = T + 1 revision was trained on: skip that revision, run steps..1
+        boot_revision = False
+    else:
+        rng, noise = np.random.default_rng(cfg.seed), NoiseTokens(meta["unigram"], cfg.noise)
+        starts = [bootstrap_sequence(cfg.bootstrap, s, cfg.seq_len, noise, rng) for s in srcs]
+    return decode(model, starts, srcs, cfg, decode_times(cfg, boot_revision), *strategy_of(cfg))
 
 
 def as_stream(hyps):

@@ -440,7 +440,7 @@ def sample(model, cfg, n, fixed=None, objective=None, show=None):
         fixed = fixed.to(device)
         known = fixed >= 0
         clean = E[fixed.clamp(min=0)][None].expand_as(x)
-    for i in range(cfg.steps - 1, -1, -1):
+    for i in common.progress(range(cfg.steps - 1, -1, -1), "sampling"):
         if fixed is not None:
             x = torch.where(known[None, :, None], clean, x)
         t = torch.full((n,), int(sched.times[i]), device=device)

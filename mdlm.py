@@ -202,7 +202,7 @@ def sample_chain(model, x, cfg, show=None):
         with common.autocast(device):
             return model(x, torch.full((B,), sigma_bar(t, cfg), device=device)).float()  # (B, L, N)
 
-    for i in range(cfg.steps):
+    for i in common.progress(range(cfg.steps), "sampling"):
         t, s = grid[i], grid[i + 1]
         if logits is None or cfg.sampler == "ddpm":
             logits, calls = network(t), calls + 1

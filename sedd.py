@@ -416,7 +416,7 @@ def sample_chain(model, x, cfg, fixed=None, show=None):
         with common.autocast(device):
             return model(x, sigma_bars[i].float().expand(B)).float()  # (B, L, N)
 
-    for i in range(cfg.steps):
+    for i in common.progress(range(cfg.steps), "sampling"):
         x = project(x)
         log_score = network(i)
         u = torch.rand(B, x.shape[1], 2, dtype=torch.float64, device=device)

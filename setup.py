@@ -38,7 +38,7 @@ setup(
     py_modules=[m for m in ("common", "kernels", "mdlm", "sedd", "ddpm", "diffusion_lm", "diffuser", "ar", "bench")
                 if os.path.isfile(os.path.join(here, m + ".py"))],
     python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy", "tiktoken", "ninja", "pybind11", "tqdm"],
+    install_requires=["torch>=2.4", "numpy", "tiktoken", "ninja", "tqdm"],  # ninja: the JIT build of csrc/; tqdm: common.progress
     extras_require={"test": ["pytest", "hypothesis"], "plot": ["matplotlib"], "bleu": ["sacrebleu"]},
     **kwargs,
 )

@@ -28,6 +28,26 @@ def seqs(max_vocab=12, max_len=25):
         lambda v: st.tuples(st.just(v), st.lists(st.integers(4, v - 1), max_size=max_len)))
 
 
+def apply_edits(x, edits):
+    """Replay an edit log on x_{t-1}; every consumed span must match. Returns x_t."""
+    x, i, out = list(x), 0, []
+    for kind, old, new in edits:
+        assert list(x[i:i + len(old)]) == list(old), f"edit {kind} expects {list(old)} at {i}, found {x[i:i + len(old)]}"
+        i += len(old)
+        out += list(new)
+    assert i == len(x), f"the edits consume {i} of {len(x)} tokens"
+    return out
+
+
+def apply_reverse(xt, tags, counts, fills):
+    """x_t and its reverse edits -> x_{t-1}: the tagger's edits, then the generator's tokens in slot order."""
+    canvas, slots = D.build_canvas(xt, tags, counts, vocab_size=0)
+    assert len(slots) == len(fills), f"{len(slots)} slots but {len(fills)} fill tokens"
+    for pos, w in zip(slots, fills):
+        canvas[pos] = w
+    return canvas
+
+
 edit_probs = st.lists(st.floats(0, 1), min_size=4, max_size=4).filter(lambda p: sum(p) > 1e-3).map(
     lambda p: tuple(x / sum(p) for x in p))
 
@@ -50,12 +70,12 @@ def test_corruption_log_replays_and_reverses(vx, probs, lam, max_len, seed):
     rng = np.random.default_rng(seed)
     noise = D.NoiseTokens([0] * 4 + [1] * (V - 4), "unigram")
     xt, edits = D.corrupt_step(x, rng, noise, probs, lam, max_len)
-    assert D.apply_edits(x, edits) == xt  # the log takes x_{t-1} to x_t
+    assert apply_edits(x, edits) == xt  # the log takes x_{t-1} to x_t
     assert len(xt) <= max(max_len, len(x))  # insertions never grow past max_len
     assert all(4 <= w < V for w in xt)
     tags, counts, fills = D.reverse_edits(edits)
     assert len(tags) == len(xt) and len(counts) == len(xt) + 1
-    assert D.apply_reverse(xt, tags, counts, fills) == list(x)  # the reverse edits take x_t back exactly
+    assert apply_reverse(xt, tags, counts, fills) == list(x)  # the reverse edits take x_t back exactly
 
 
 @settings(max_examples=100, deadline=None)
@@ -64,11 +84,11 @@ def test_all_delete_step_reverses_to_insertions(vx, seed):
     V, x = vx
     noise = D.NoiseTokens([0] * 4 + [1] * (V - 4))
     xt, edits = D.corrupt_step(x, np.random.default_rng(seed), noise, (0, 0, 0, 1), 50.0)
-    assert D.apply_edits(x, edits) == xt
+    assert apply_edits(x, edits) == xt
     tags, counts, fills = D.reverse_edits(edits)
     if x:
         assert len(xt) < len(x) and sum(counts) == len(x) - len(xt)
-    assert D.apply_reverse(xt, tags, counts, fills) == list(x)
+    assert apply_reverse(xt, tags, counts, fills) == list(x)
 
 
 def test_empty_sequences():
@@ -77,11 +97,11 @@ def test_empty_sequences():
     grown = 0
     for _ in range(200):
         xt, edits = D.corrupt_step([], rng, noise, (0.6, 0.2, 0.1, 0.1), 3.0, 10)
-        assert D.apply_edits([], edits) == xt and D.apply_reverse(xt, *D.reverse_edits(edits)) == []
+        assert apply_edits([], edits) == xt and apply_reverse(xt, *D.reverse_edits(edits)) == []
         grown += bool(xt)
     assert 5 < grown < 40  # only an insertion (10%, Poisson length > 0) can grow an empty sequence
     assert D.levenshtein_edits([], []) == (0, [])
-    assert D.apply_reverse([], *D.reverse_edits(D.levenshtein_edits([4, 5], [])[1])) == [4, 5]
+    assert apply_reverse([], *D.reverse_edits(D.levenshtein_edits([4, 5], [])[1])) == [4, 5]
 
 
 @settings(max_examples=300, deadline=None)
@@ -91,8 +111,8 @@ def test_alignment_is_optimal_and_reverses(va, vb):
     cost, edits = D.levenshtein_edits(a, b)
     assert cost == reference_levenshtein(a, b)
     assert cost == sum(kind != "keep" for kind, _, _ in edits)
-    assert D.apply_edits(a, edits) == list(b)
-    assert D.apply_reverse(b, *D.reverse_edits(edits)) == list(a)
+    assert apply_edits(a, edits) == list(b)
+    assert apply_reverse(b, *D.reverse_edits(edits)) == list(a)
     assert D.levenshtein_edits(list(a), list(b)) == (cost, edits)  # deterministic
 
 
@@ -143,7 +163,7 @@ def test_training_pairs_reverse_exactly(target):
         x0 = list(rng.integers(4, 24, rng.integers(0, 20)))
         s, xt, tags, counts, fills, t = D.make_example(src, x0, rng, noise, cfg)
         assert 1 <= t <= cfg.T + 1
-        x_prev = D.apply_reverse(xt, tags, counts, fills)
+        x_prev = apply_reverse(xt, tags, counts, fills)
         if t == cfg.T + 1:
             assert xt == src and x_prev == x0  # the bootstrap revision goes straight to x_0
         elif target == "x0":
@@ -186,7 +206,7 @@ def test_revision_history_replays():
             xs = [e[1] for e in h.history] + [h.x]
             for (t, xt, tags, counts, fills), nxt in zip(h.history, xs[1:]):
                 if len(fills) == sum(counts) + sum(tg == D.REPLACE for tg in tags):  # not cut at max_len
-                    assert D.apply_reverse(xt, tags, counts, fills) == nxt
+                    assert apply_reverse(xt, tags, counts, fills) == nxt
 
 
 @settings(max_examples=200, deadline=None)
@@ -206,9 +226,17 @@ def test_kbest_is_exact(sizes, b, seed):
 # Decoding on a random model
 
 
+def test_insertion_counts_follow_max_len():
+    # a gap takes at most max_len insertions (x_t never grows past max_len), so the head has max_len + 1 classes
+    model = D.DiffusER(D.Config(max_len=7, n_layer=1, n_head=2, n_embd=16, block_size=20), 12)
+    assert model.ins_head.out_features == 8
+    with pytest.raises(SystemExit, match="unknown config key --max_ins"):
+        D.main(["--train", "--max_ins=8"])
+
+
 def tiny_model(seed, T=3, V=12):
     torch.manual_seed(seed)
-    cfg = D.Config(T=T, n_layer=1, n_head=2, n_embd=32, block_size=40, max_len=12, max_ins=12, seq_len=5)
+    cfg = D.Config(T=T, n_layer=1, n_head=2, n_embd=32, block_size=40, max_len=12, seq_len=5)
     model = D.DiffusER(cfg, V).eval()
     with torch.no_grad():  # sharpen the heads so choices differ and ties are unlikely
         for head in (model.tag_head, model.ins_head, model.gen_head):
@@ -308,14 +336,13 @@ def test_learns_to_repair_sorted_sequences(tmp_path):
                                                     "test": sorted_task(rng, 10)})
     out = str(tmp_path / "out")
     args = [f"--data_dir={data}", f"--out_dir={out}", "--T=3", "--n_layer=2", "--n_embd=64", "--n_head=4",
-            "--block_size=32", "--max_len=12", "--max_ins=12", "--batch_size=32", "--lr=3e-3", "--warmup_iters=20",
+            "--block_size=32", "--max_len=12", "--batch_size=32", "--lr=3e-3", "--warmup_iters=20",
             "--eval_interval=500", "--log_interval=100", "--boot_prob=0.5", "--ema=0.99", "--max_iters=500"]
     run_cli(["diffuser.py", "--train"] + args, timeout=400)
     cfg, model, tok, meta, _ = D.load({"data_dir": data, "out_dir": out})
     rows = sorted_task(np.random.default_rng(7), 100)
     srcs = [s for s, _ in rows]
-    starts = D.starts_for(cfg, srcs, D.NoiseTokens(meta["unigram"]), meta["boot_trained"])
-    best = D.decode(model, starts, srcs, cfg, D.decode_times(cfg, True), "greedy")
+    best = D.run_decode(model, cfg, meta, srcs)  # the source bootstrap, its revision t = T + 1, then T..1, greedy
     repaired = np.mean([h.x == x for h, (_, x) in zip(best, rows)])
     # chance: every source is unsorted, so copying it repairs 0%; a random edit almost never does
     assert repaired >= 0.6, repaired
@@ -388,7 +415,7 @@ def test_unconditional_word_shakespeare(tmp_path):
     run_cli(["data/shakespeare_word/prepare.py", f"--out_dir={data}"])
     out = str(tmp_path / "out")
     small = [f"--data_dir={data}", f"--out_dir={out}", "--dataset=shakespeare_word", "--n_layer=1", "--n_embd=32",
-             "--n_head=2", "--batch_size=8", "--eval_iters=1", "--seq_len=12", "--max_len=24", "--max_ins=24",
+             "--n_head=2", "--batch_size=8", "--eval_iters=1", "--seq_len=12", "--max_len=24",
              "--block_size=32"]
     r = run_cli(["diffuser.py", "--train", "--sample", "--bootstrap=null", "--max_iters=4", "--eval_interval=4",
                  "--num_samples=2", "--T=3"] + small)
@@ -440,7 +467,7 @@ def word_models(tmp_path_factory):
     out = str(root / "diffuser")
     small = [f"--data_dir={data}", f"--out_dir={out}"]
     run_cli(["diffuser.py", "--train", "--bootstrap=null", "--T=3", "--n_layer=1", "--n_embd=32", "--n_head=2",
-             "--batch_size=8", "--seq_len=8", "--max_len=16", "--max_ins=16", "--block_size=20", "--max_iters=20",
+             "--batch_size=8", "--seq_len=8", "--max_len=16", "--block_size=20", "--max_iters=20",
              "--eval_interval=20", "--eval_iters=1", "--log_interval=10"] + small)
     return {"root": root, "data": data, "out": out, "ar": os.path.join(ar_ckpt, "ckpt.pt"), "small": small}
 
