@@ -262,7 +262,7 @@ def check_doc(text, doc, flags_of=accepted_flags):
             for name in re.findall(r"--(\w+)", first):
                 if not any(name in (flags_of(m + ".py", "") or ()) for m in pool):
                     problems.append(f"{doc}: flags table names --{name}, which {' or '.join(m + '.py' for m in pool)} does not take")
-    return problems
+    return list(dict.fromkeys(problems))  # each problem once, in the order met
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,6 +284,14 @@ def test_docs_hold_one_page_per_method_on_the_template():
         assert sections == TEMPLATE, f"docs/{m}.md has sections {sections}; the template is {TEMPLATE}"
     for page in ("kernels", "results"):
         assert os.path.isfile(os.path.join(ROOT, "docs", page + ".md")), f"docs/{page}.md is missing"
+
+
+def test_readme_test_command_is_what_ci_runs():
+    command = 'pip install -e ".[test]" && python -m pytest -q'
+    _, blocks = split_markdown(open(os.path.join(ROOT, "README.md"), encoding="utf-8").read())
+    assert command in [b.strip() for b in blocks], f"the README's quick start lacks the block: {command}"
+    ci = open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8").read().splitlines()
+    assert command in [line.strip() for line in ci], f".ci/run does not run the README's test command: {command}"
 
 
 @pytest.mark.parametrize("name", sorted(BUDGET))
