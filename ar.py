@@ -29,6 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import corpus
+import trainer
 
 # ----------------------------------------------------------------------------------------------
 # Config
@@ -151,7 +153,7 @@ def evaluate(model, batches, cfg, full=False):
     model.eval()
     total, count = 0.0, 0
     device = next(model.parameters()).device
-    for x0 in common.val_batches(batches, cfg, full):
+    for x0 in corpus.val_batches(batches, cfg, full):
         x0 = x0.to(device)
         total += float(nll_terms(model, x0, model.bos_id).sum())
         count += x0.numel()
@@ -172,16 +174,16 @@ def main(argv=None):
     check_config(cfg)
     if "train" in verbs:
         common.check_memory(cfg)
-        meta = common.prepare_data(cfg)
+        meta = corpus.prepare_data(cfg)
         model = build_model(cfg, meta)
-        common.train(cfg, "ar", model, lambda m, x0: loss_fn(m, x0, model.bos_id),
+        trainer.train(cfg, "ar", model, lambda m, x0: loss_fn(m, x0, model.bos_id),
                      lambda m, b: evaluate(m, b, cfg), meta)
         if "RANK" in os.environ and int(os.environ["RANK"]) != 0:
             return
     if "sample" in verbs:
-        cfg, model, tok, meta, _ = common.load_for_inference(Config, overrides, "ar", build_model)
+        cfg, model, tok, meta, _ = trainer.load_for_inference(Config, overrides, "ar", build_model)
         length = cfg.seq_len or cfg.block_size
-        prefix = torch.tensor(common.encode_prompt(tok, cfg.prefix, "--prefix", cfg.allow_unk) if cfg.prefix else [], dtype=torch.long)
+        prefix = torch.tensor(corpus.encode_prompt(tok, cfg.prefix, "--prefix", cfg.allow_unk) if cfg.prefix else [], dtype=torch.long)
         if len(prefix) > length:
             common.die(f"--prefix takes {len(prefix)} tokens, more than the {length}-token sequence; shorten it or raise --seq_len")
         show = None
@@ -198,11 +200,11 @@ def main(argv=None):
         print(f"({cfg.num_samples} samples of {length} tokens, key/value cache, {calls} network calls, "
               f"{time.time() - t0:.1f}s)")
     if "eval" in verbs:
-        cfg, model, tok, meta, ckpt = common.load_for_inference(Config, overrides, "ar", build_model)
-        cfg = dataclasses.replace(cfg, data_dir=cfg.data_dir or common.data_path(cfg))
-        common.prepare_data(cfg)
+        cfg, model, tok, meta, ckpt = trainer.load_for_inference(Config, overrides, "ar", build_model)
+        cfg = dataclasses.replace(cfg, data_dir=cfg.data_dir or corpus.data_path(cfg))
+        corpus.prepare_data(cfg)
         with common.autocast(next(model.parameters()).device):
-            stats = evaluate(model, common.Batches(cfg, meta, cfg.seed), cfg, full=True)
+            stats = evaluate(model, corpus.Batches(cfg, meta, cfg.seed), cfg, full=True)
         print(f"val NLL {stats['val_nll']:.4f} nats/token | {stats['val_bits']:.4f} bits/token | "
               f"perplexity {stats['val_ppl']:.3f} (exact)")
         if cfg.gen:
@@ -211,7 +213,7 @@ def main(argv=None):
             stats.update(common.generative_eval(
                 cfg.judge, lambda n: generate(model, cfg, empty, n, length)[0], cfg.num_samples, meta,
                 f"cached sampler, temperature {cfg.temperature}"))
-        common.log_json(os.path.join(common.out_dir(cfg, "ar"), "log.jsonl"), {"eval_full": stats, "iter": ckpt["iter"]})
+        trainer.log_json(os.path.join(common.out_dir(cfg, "ar"), "log.jsonl"), {"eval_full": stats, "iter": ckpt["iter"]})
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ import warnings
 import torch
 
 import common
+import corpus
+import trainer
 
 
 def measure(fn, repeat=5, warmup=1, memory_on=None):
@@ -77,7 +79,7 @@ def bench_mdlm_sampler(argv):
     ap.add_argument("--repeat", type=int, default=3)
     a = ap.parse_args(argv)
     if a.ckpt_dir:
-        cfg, model, _, _, _ = common.load_for_inference(mdlm.Config, {"out_dir": a.ckpt_dir}, "mdlm", mdlm.build_model)
+        cfg, model, _, _, _ = trainer.load_for_inference(mdlm.Config, {"out_dir": a.ckpt_dir}, "mdlm", mdlm.build_model)
     else:
         cfg = mdlm.Config(block_size=a.seq_len)
         model = mdlm.build_model(cfg, {"vocab_size": 65}).eval()
@@ -501,11 +503,11 @@ def bench_methods(argv):
             rows.append({"method": name, "tok_s": tok_s})
             continue
         mod = importlib.import_module(module)
-        cfg, model, tok, meta, _ = common.load_for_inference(mod.Config, {"out_dir": out}, module, mod.build_model)
-        cfg = dataclasses.replace(cfg, data_dir=cfg.data_dir or common.data_path(cfg))
+        cfg, model, tok, meta, _ = trainer.load_for_inference(mod.Config, {"out_dir": out}, module, mod.build_model)
+        cfg = dataclasses.replace(cfg, data_dir=cfg.data_dir or corpus.data_path(cfg))
         with torch.no_grad(), common.autocast(next(model.parameters()).device):
             torch.manual_seed(cfg.seed)
-            stats = mod.evaluate(model, common.Batches(cfg, meta, cfg.seed), cfg, full=True)
+            stats = mod.evaluate(model, corpus.Batches(cfg, meta, cfg.seed), cfg, full=True)
         bits = stats["val_bits"] if any(k in stats for k in BOUND_KEYS) else None
         L = cfg.block_size
         with torch.no_grad():  # warm-up: kernel loading and first-call allocations stay out of the timings
@@ -521,7 +523,7 @@ def bench_methods(argv):
                          "entropy": g["gen_entropy"], "sec": g["sec_per_sample"]})
             curves[name] = [(L, g["gen_nll"], g["sec_per_sample"])]
             # the reference: the judge on real validation windows
-            data = next(common.Batches(cfg, meta, cfg.seed).sequential("val", a.num_samples))
+            data = next(corpus.Batches(cfg, meta, cfg.seed).sequential("val", a.num_samples))
             j, _ = common.load_judge(judge, meta)
             rows.append({"method": "data (val)", "steps": None, "gen_nll": common.judge_nll(j, data),
                          "entropy": common.unigram_entropy(data)})
@@ -542,7 +544,7 @@ def bench_methods(argv):
     print(methods_table(rows))
     print(f"{a.num_samples} samples per row, one block each; bound: exact NLL for ar, the NELBO/ELBO for the "
           f"diffusion methods (bits per token = bits per char here); gen NLL under the judge {judge}; "
-          f"wall time per sample from a batch of {a.num_samples}; total {common.fmt_time(time.time() - t0_all)}")
+          f"wall time per sample from a batch of {a.num_samples}; total {trainer.fmt_time(time.time() - t0_all)}")
     if "ar" in curves:
         t_ar = curves["ar"][0][2]
         be_rows = []
@@ -753,7 +755,7 @@ def train_and_sample(out, methods, dry, iters, timeout):
              for m in methods}
     for m in methods:  # prepare each corpus once, here, not in several runs at the same time
         if m != "ddpm":  # ddpm's toy data is made in code
-            common.prepare_data(importlib.import_module(m).Config())
+            corpus.prepare_data(importlib.import_module(m).Config())
     t0, done = time.time(), {}
     if dry:
         for m in common.progress(methods, "training"):
@@ -862,7 +864,7 @@ def bench_gpu(argv):
     for name, fn in (("build", build), ("cuda tests", cuda_tests), ("kernels", kernels), ("nearest", nearest),
                      ("train and sample", train), ("ddp", ddp)):
         report.part(name, fn)
-    total = common.fmt_time(time.time() - report.t0)
+    total = trainer.fmt_time(time.time() - report.t0)
     print(f"report: {os.path.join(a.out, 'report.md')} and report.json; total {total}")
 
 

@@ -30,6 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import corpus
+import trainer
 
 # ----------------------------------------------------------------------------------------------
 # Config
@@ -158,7 +160,7 @@ def describe_data(dataset):
 
 
 class PointBatches:
-    """Standardised batches of points for common.train: .get(split, batch_size, gen) -> (B, D) float32.
+    """Standardised batches of points for trainer.train: .get(split, batch_size, gen) -> (B, D) float32.
 
     A toy's train split is an endless stream from .gen; its held-out split is a fixed sample drawn
     with another seed. A .npy file is split 90/10 once. mean/std come from the training data.
@@ -491,7 +493,7 @@ def evaluate_loss(model, batches, cfg, alpha_bar):
     """During training: the simple loss on eval_iters held-out batches."""
     model.eval()
     device = next(model.parameters()).device
-    losses = [float(loss_fn(model, x0.to(device), alpha_bar, cfg.pred)) for x0 in common.val_batches(batches, cfg)]
+    losses = [float(loss_fn(model, x0.to(device), alpha_bar, cfg.pred)) for x0 in corpus.val_batches(batches, cfg)]
     return {"val_loss": sum(losses) / len(losses)}
 
 
@@ -563,7 +565,7 @@ def check_config(cfg):
 
 def load(overrides):
     """Checkpoint -> (cfg, model, data, betas); T, schedule and pred are fixed by the checkpoint."""
-    cfg, model, _, meta, ckpt = common.load_for_inference(Config, overrides, "ddpm", build_model)
+    cfg, model, _, meta, ckpt = trainer.load_for_inference(Config, overrides, "ddpm", build_model)
     for k in ("T", "schedule", "pred"):
         if k in overrides and overrides[k] != ckpt["config"][k]:
             common.die(f"--{k} is fixed by the checkpoint ({ckpt['config'][k]}); drop it or train a new model")
@@ -593,7 +595,7 @@ def main(argv=None):
         data = PointBatches(cfg.dataset)
         model = build_model(cfg, data.meta)
         ab = alpha_bars(betas)
-        common.train(cfg, "ddpm", model, lambda m, x0: loss_fn(m, x0, ab, cfg.pred),
+        trainer.train(cfg, "ddpm", model, lambda m, x0: loss_fn(m, x0, ab, cfg.pred),
                      lambda m, b: evaluate_loss(m, b, cfg, ab), data.meta, batches=data)
         if "RANK" in os.environ and int(os.environ["RANK"]) != 0:
             return
@@ -643,7 +645,7 @@ def main(argv=None):
         x, n_steps = draw_samples(model, cfg, betas, cfg.eval_points)
         stats = quality(x, data, meta_name(data))
         print(f"samples ({sampler_name(cfg, n_steps)}, {time.time() - t0:.1f}s): {quality_line(stats)}")
-        common.log_json(os.path.join(common.out_dir(cfg, "ddpm"), "log.jsonl"),
+        trainer.log_json(os.path.join(common.out_dir(cfg, "ddpm"), "log.jsonl"),
                         {"eval_full": {"bound_nats_per_dim": nats_data, "bound_bits_per_dim": nats_data / math.log(2), **stats},
                          "iter": ckpt["iter"], "sampler": sampler_name(cfg, n_steps)})
 

@@ -28,6 +28,7 @@ step's (--target=prev, the paper), which hide among the earlier steps' noise.
 import collections
 import dataclasses
 import json
+import math
 import os
 import time
 
@@ -37,10 +38,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import corpus
+import trainer
 
 KEEP, DELETE, REPLACE = 0, 1, 2  # reverse-edit tags of the tokens of x_t; insertions live in the gaps
 INSERT = 3  # an insertion slot in walk() (never a tag)
-SPECIALS = [common.WordTokenizer.START, common.WordTokenizer.END, common.WordTokenizer.PAD]  # never in a sequence
+SPECIALS = [corpus.WordTokenizer.START, corpus.WordTokenizer.END, corpus.WordTokenizer.PAD]  # never in a sequence
 BOOTSTRAPS = ("source", "null", "random", "autoregressive")
 DECODERS = ("greedy", "sample", "beam", "beam2d")
 
@@ -266,7 +269,7 @@ class EditBatch:
 
 def prefix(src):
     """Conditioning tokens in front of every input: the source and a separator (none without a source)."""
-    return [] if src is None else list(src) + [common.WordTokenizer.END]
+    return [] if src is None else list(src) + [corpus.WordTokenizer.END]
 
 
 def pad(rows, value):
@@ -281,7 +284,7 @@ def collate(examples, vocab_size, rng=None):
     words of a random subset of its slots (each with probability u ~ U(0, 1), one slot kept open) and only
     the open slots are targets: the generator learns to fill a slot given words already chosen around
     it, as decode() runs it (left to right), and with u near 0 to fill all at once."""
-    START = common.WordTokenizer.START
+    START = corpus.WordTokenizer.START
     tag_rows, gen_rows, tag_t, ins_t, gen_t = [], [], [], [], []
     for src, xt, tags, counts, fills, t in examples:
         pre = prefix(src)
@@ -299,13 +302,13 @@ def collate(examples, vocab_size, rng=None):
         gen_t.append([-100] * (o + 1 + len(canvas)))
         for pos, w, s in zip(slots, fills, shown):  # a shown slot holds its word and has no target
             (gen_rows[-1] if s else gen_t[-1])[o + 1 + pos] = w
-    PAD, ts = common.WordTokenizer.PAD, torch.tensor([float(e[5]) for e in examples])
+    PAD, ts = corpus.WordTokenizer.PAD, torch.tensor([float(e[5]) for e in examples])
     return EditBatch(*pad(tag_rows, PAD), pad(tag_t, -100)[0], pad(ins_t, -100)[0],
                      *pad(gen_rows, PAD), pad(gen_t, -100)[0], ts)
 
 
 class EditBatches:
-    """Training pairs for common.train: .get(split, batch_size, gen) -> EditBatch, .gen for resume. One
+    """Training pairs for trainer.train: .get(split, batch_size, gen) -> EditBatch, .gen for resume. One
     example per line of sequence-to-sequence data (data/e2e: <split>.jsonl with "src" and "text"), else
     random windows of seq_len words from <split>.bin."""
 
@@ -313,7 +316,7 @@ class EditBatches:
         if meta.get("tokenizer") != "word":
             common.die(f"DiffusER edits words: --dataset={cfg.dataset} has a {meta.get('tokenizer')} tokenizer; "
                        "use --dataset=e2e or --dataset=shakespeare_word")
-        self.cfg, self.V, path = cfg, meta["vocab_size"], common.data_path(cfg)
+        self.cfg, self.V, path = cfg, meta["vocab_size"], corpus.data_path(cfg)
         self.gen = torch.Generator().manual_seed(seed)
         self.seq2seq = os.path.isfile(os.path.join(path, "train.jsonl"))
         if cfg.bootstrap == "source" and not self.seq2seq:
@@ -458,7 +461,7 @@ def network_logprobs(model, rows, t, which, chunk, at=None):
     device = next(model.parameters()).device
     out = []
     for c in range(0, len(rows), chunk):
-        ids, mask = (v.to(device) for v in pad(rows[c:c + chunk], common.WordTokenizer.PAD))
+        ids, mask = (v.to(device) for v in pad(rows[c:c + chunk], corpus.WordTokenizer.PAD))
         tt = torch.full((ids.shape[0],), float(t), device=device)
         with common.autocast(device):
             logits = model.tag(ids, mask, tt) if which == "tag" else (model.fill(ids, mask, tt),)
@@ -540,7 +543,7 @@ def decode(model, starts, srcs, cfg, times, strategy="greedy", b=1, r=1):
     every choice; sample: temperature / nucleus draws; beam: the b best edit sets of each revision, each
     filled greedily, and the top r hypotheses across revisions (r > 1: the 2D beam). An empty sequence
     must insert."""
-    V, START, chunk = model.vocab_size, common.WordTokenizer.START, cfg.decode_batch
+    V, START, chunk = model.vocab_size, corpus.WordTokenizer.START, cfg.decode_batch
     beams = [[Hyp(list(x)[:model.max_len], 0.0, [])] for x in starts]
     for t in common.progress(times, "revisions"):
         flat = [(i, h) for i, beam in enumerate(beams) for h in beam]
@@ -608,7 +611,7 @@ def evaluate(model, batches, cfg):
     model.eval()
     device = next(model.parameters()).device
     sums = np.zeros(3)
-    for batch in common.val_batches(batches, cfg):
+    for batch in corpus.val_batches(batches, cfg):
         sums += [float(v) for v in loss_terms(model, batch.to(device))]
     tag, ins, gen_ce = (float(v) for v in sums / cfg.eval_iters)  # plain floats: the checkpoint loads weights_only
     return {"val_loss": tag + ins + gen_ce, "val_tag_ce": tag, "val_ins_ce": ins, "val_gen_ce": gen_ce}
@@ -617,7 +620,7 @@ def evaluate(model, batches, cfg):
 def validation_mrs(cfg, limit=0):
     """Distinct validation MRs in file order: [(src ids, [reference strings])]."""
     groups = {}
-    for e in load_jsonl(os.path.join(common.data_path(cfg), "valid.jsonl")):
+    for e in load_jsonl(os.path.join(corpus.data_path(cfg), "valid.jsonl")):
         groups.setdefault(tuple(e["src"]), []).append(e["ref"])
     items = list(groups.items())
     return items[:limit] if limit else items
@@ -663,7 +666,7 @@ def build_model(cfg, meta):
 
 
 def load(overrides):
-    cfg, model, tok, meta, ckpt = common.load_for_inference(Config, overrides, "diffuser", build_model)
+    cfg, model, tok, meta, ckpt = trainer.load_for_inference(Config, overrides, "diffuser", build_model)
     check_config(cfg)
     if cfg.bootstrap == "autoregressive" and meta["seq2seq"]:
         common.die("--bootstrap=autoregressive drafts from the unconditional ar.py, which would ignore the meaning "
@@ -711,18 +714,18 @@ def main(argv=None):
                    "revisions); train with --bootstrap=null or random, then --sample --bootstrap=autoregressive")
     if "train" in verbs:
         common.check_memory(cfg)
-        meta = common.prepare_data(cfg)
+        meta = corpus.prepare_data(cfg)
         batches = EditBatches(cfg, meta, cfg.seed)
         meta = {**meta, "unigram": batches.unigram, "seq2seq": batches.seq2seq, "boot_trained": cfg.boot_prob > 0}
         model = build_model(cfg, meta)
-        common.train(cfg, "diffuser", model, loss_fn, lambda m, b: evaluate(m, b, cfg), meta, batches=batches)
+        trainer.train(cfg, "diffuser", model, loss_fn, lambda m, b: evaluate(m, b, cfg), meta, batches=batches)
         if "RANK" in os.environ and int(os.environ["RANK"]) != 0:
             return
     if "sample" in verbs:
         cfg, model, tok, meta, _ = load(overrides)
         if meta["seq2seq"]:
             if cfg.source:
-                srcs = [common.encode_prompt(tok, cfg.source, "--source", cfg.allow_unk)]
+                srcs = [corpus.encode_prompt(tok, cfg.source, "--source", cfg.allow_unk)]
             else:
                 srcs = [list(s) for s, _ in validation_mrs(cfg, cfg.num_samples)]
         else:
@@ -743,7 +746,7 @@ def main(argv=None):
         cfg, model, tok, meta, ckpt = load(overrides)
         if cfg.gen and meta["seq2seq"]:
             common.die("--gen scores unconditional samples under an ar.py judge; an E2E model is scored by BLEU (drop --gen)")
-        common.prepare_data(cfg)
+        corpus.prepare_data(cfg)
         trained = dataclasses.replace(cfg, bootstrap=ckpt["config"].get("bootstrap", cfg.bootstrap))  # held-out corruptions as trained
         stats = evaluate(model, EditBatches(trained, meta, cfg.seed), cfg)
         print("held-out corruptions: " + " | ".join(f"{k} {v:.4f}" for k, v in stats.items()))
@@ -764,7 +767,7 @@ def main(argv=None):
                                                 cfg.num_samples, meta, what))
         else:
             print("(--gen adds the NLL of num_samples samples under the autoregressive judge, --judge=an ar.py checkpoint on the same data)")
-        common.log_json(os.path.join(common.out_dir(cfg, "diffuser"), "log.jsonl"),
+        trainer.log_json(os.path.join(common.out_dir(cfg, "diffuser"), "log.jsonl"),
                         {"eval_full": stats, "iter": ckpt["iter"], "decode": cfg.decode})
 
 

@@ -36,6 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import corpus
+import trainer
 import kernels
 
 METHOD = "diffusion_lm"
@@ -239,10 +241,10 @@ def loss_fn(model, w):
 
 
 class Rows:
-    """E2E texts as <s> w ... </s> PAD ..., one per row (cut at block_size); .get like common.Batches."""
+    """E2E texts as <s> w ... </s> PAD ..., one per row (cut at block_size); .get like corpus.Batches."""
 
     def __init__(self, cfg):
-        path = common.data_path(cfg)
+        path = corpus.data_path(cfg)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.rows, self.mrs = {}, {}
         for split, name in (("train", "train"), ("val", "valid")):
@@ -268,7 +270,7 @@ def load_jsonl(path):
 
 
 def pad_rows(texts, L):
-    tok = common.WordTokenizer
+    tok = corpus.WordTokenizer
     out = torch.full((len(texts), L), tok.PAD, dtype=torch.long)
     for i, ids in enumerate(texts):
         row = ([tok.START] + list(ids))[:L - 1] + [tok.END]
@@ -277,11 +279,11 @@ def pad_rows(texts, L):
 
 
 def make_batches(cfg, meta):
-    if cfg.rows and os.path.isfile(os.path.join(common.data_path(cfg), "train.jsonl")):
+    if cfg.rows and os.path.isfile(os.path.join(corpus.data_path(cfg), "train.jsonl")):
         return Rows(cfg)
     if cfg.rows and cfg.dataset == "e2e":
-        common.die(f"{common.data_path(cfg)} has no train.jsonl; rerun data/e2e/prepare.py")
-    return common.Batches(cfg, meta, cfg.seed)
+        common.die(f"{corpus.data_path(cfg)} has no train.jsonl; rerun data/e2e/prepare.py")
+    return corpus.Batches(cfg, meta, cfg.seed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -360,7 +362,7 @@ def classifier_loss(clf, embed, w, y, T, ab):
 
 def train_classifier(cfg, model, meta):
     """Train p_phi(c | x_t, t) on E2E's MR fields with the language model's (frozen) embeddings."""
-    path = common.data_path(cfg)
+    path = corpus.data_path(cfg)
     if not os.path.isfile(os.path.join(path, "train.jsonl")):
         common.die(f"--train_classifier needs E2E's meaning representations ({path}/train.jsonl); use --dataset=e2e")
     device = next(model.parameters()).device
@@ -374,7 +376,7 @@ def train_classifier(cfg, model, meta):
     t0 = time.time()
     for it in range(cfg.classifier_iters):
         for g in opt.param_groups:
-            g["lr"] = common.lr_at(dataclasses.replace(cfg, max_iters=cfg.classifier_iters), it)
+            g["lr"] = trainer.lr_at(dataclasses.replace(cfg, max_iters=cfg.classifier_iters), it)
         ix = torch.randint(len(rows), (cfg.batch_size,), generator=gen)
         loss = classifier_loss(clf, model.embed, rows[ix].to(device), y[ix].to(device), cfg.T, model.ab)
         opt.zero_grad(set_to_none=True)
@@ -382,7 +384,7 @@ def train_classifier(cfg, model, meta):
         torch.nn.utils.clip_grad_norm_(clf.parameters(), 1.0)
         opt.step()
         if it % cfg.log_interval == 0 or it == cfg.classifier_iters - 1:
-            print(f"classifier iter {it:5d}/{cfg.classifier_iters} | loss {loss.item():.4f} | {common.fmt_time(time.time() - t0)}", flush=True)
+            print(f"classifier iter {it:5d}/{cfg.classifier_iters} | loss {loss.item():.4f} | {trainer.fmt_time(time.time() - t0)}", flush=True)
     path = os.path.join(common.out_dir(cfg, METHOD), "classifier.pt")
     common.save_checkpoint(path, {"model": clf.state_dict(), "fields": fields, "config": dataclasses.asdict(cfg)})
     print(f"classifier saved to {path}")
@@ -496,7 +498,7 @@ def sample_mbr(model, cfg, tok, n, fixed=None, objective=None, show=None):
 
 def infill_template(tok, cfg):
     """--infill words with _ at free positions -> (L,) ids (START first, -1 where free); None if empty."""
-    fixed = common.conditioning(tok, cfg, cfg.block_size) if (cfg.prefix or cfg.suffix) else None
+    fixed = corpus.conditioning(tok, cfg, cfg.block_size) if (cfg.prefix or cfg.suffix) else None
     if not cfg.infill:
         return fixed
     words = tok.split(cfg.infill)
@@ -517,8 +519,8 @@ def length_objective(model, length):
     E = model.embed.weight.detach()
 
     def objective(x, t):
-        tgt = torch.full((x.shape[1] - length,), common.WordTokenizer.PAD, device=x.device)
-        tgt[0] = common.WordTokenizer.END
+        tgt = torch.full((x.shape[1] - length,), corpus.WordTokenizer.PAD, device=x.device)
+        tgt[0] = corpus.WordTokenizer.END
         return (model.denoise(x, t)[:, length:] - E[tgt]).pow(2).sum((1, 2))
     return objective
 
@@ -558,7 +560,7 @@ def evaluate(model, batches, cfg, full=False):
     (the posterior's, so L_{t-1} is the mean term alone) and beta_1 at t = 1 (q_phi's variance)."""
     model.eval()
     device = model.embed.weight.device
-    data, k = common.val_batches(batches, cfg, full), cfg.eval_t_samples if full else 1
+    data, k = corpus.val_batches(batches, cfg, full), cfg.eval_t_samples if full else 1
     if full and cfg.eval_batches:
         data = itertools.islice(data, cfg.eval_batches)
     sums, count, positions = {}, 0, 0
@@ -595,7 +597,7 @@ def as_stream(samples, tok):
 
 def contains(text_words, value):
     """Exact field matching: the value's words occur contiguously in the sample."""
-    v = common.WordTokenizer.split(value)
+    v = corpus.WordTokenizer.split(value)
     return any(text_words[i:i + len(v)] == v for i in range(len(text_words) - len(v) + 1))
 
 
@@ -650,7 +652,7 @@ def check_config(cfg):
 def load(overrides):
     """load_for_inference, then the checks again on the checkpoint's config under the overrides,
     and those that need the trained model's own settings."""
-    cfg, model, tok, meta, ckpt = common.load_for_inference(Config, overrides, METHOD, build_model)
+    cfg, model, tok, meta, ckpt = trainer.load_for_inference(Config, overrides, METHOD, build_model)
     check_config(cfg)
     if cfg.length >= cfg.block_size:
         common.die(f"--length={cfg.length} must lie in 1..{cfg.block_size - 1} (the END position)")
@@ -667,9 +669,9 @@ def main(argv=None):
     check_config(cfg)
     if "train" in verbs:
         common.check_memory(cfg)
-        meta = common.prepare_data(cfg)
+        meta = corpus.prepare_data(cfg)
         model = build_model(cfg, meta)
-        common.train(cfg, METHOD, model, loss_fn, lambda m, b: evaluate(m, b, cfg), meta, make_batches(cfg, meta))
+        trainer.train(cfg, METHOD, model, loss_fn, lambda m, b: evaluate(m, b, cfg), meta, make_batches(cfg, meta))
         if "RANK" in os.environ and int(os.environ["RANK"]) != 0:
             return
     if want_clf:
@@ -704,7 +706,7 @@ def main(argv=None):
             stats.update(common.generative_eval(cfg.judge, lambda n: as_stream(sample_mbr(model, cfg, tok, n), tok),
                                                 cfg.num_samples, meta, f"{cfg.steps} steps, clamp={cfg.clamp}, "
                                                 f"MBR of {cfg.mbr}, texts packed as the judge's stream"))
-        common.log_json(os.path.join(common.out_dir(cfg, METHOD), "log.jsonl"), {"eval_full": stats, "iter": ckpt["iter"]})
+        trainer.log_json(os.path.join(common.out_dir(cfg, METHOD), "log.jsonl"), {"eval_full": stats, "iter": ckpt["iter"]})
 
 
 if __name__ == "__main__":

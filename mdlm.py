@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 
 import common
+import corpus
+import trainer
 import kernels
 
 # ----------------------------------------------------------------------------------------------
@@ -260,7 +262,7 @@ def evaluate(model, batches, cfg, full=False):
     total, count = 0.0, 0
     device = next(model.parameters()).device
     k = cfg.eval_t_samples if full else 1
-    for x0 in common.val_batches(batches, cfg, full):
+    for x0 in corpus.val_batches(batches, cfg, full):
         x0 = x0.to(device)
         xs = x0.repeat(k, 1)
         t = common.sample_times(xs.shape[0], cfg.t_min, device)
@@ -289,7 +291,7 @@ def build_model(cfg, meta):
 def load(overrides):
     """load_for_inference, then the checks again on the checkpoint's config under the overrides,
     and those that need the trained model's own settings."""
-    cfg, model, tok, meta, ckpt = common.load_for_inference(Config, overrides, "mdlm", build_model)
+    cfg, model, tok, meta, ckpt = trainer.load_for_inference(Config, overrides, "mdlm", build_model)
     check_config(cfg)
     if cfg.sampler == "ddpm_cache" and cfg.time_cond:
         common.die("--sampler=ddpm_cache needs a model without time conditioning; use --sampler=ddpm")
@@ -303,16 +305,16 @@ def main(argv=None):
     check_config(cfg)
     if "train" in verbs:
         common.check_memory(cfg)
-        meta = common.prepare_data(cfg)
+        meta = corpus.prepare_data(cfg)
         model = build_model(cfg, meta)
-        common.train(cfg, "mdlm", model, lambda m, x0: loss_fn(m, x0, cfg, model.mask_id),
+        trainer.train(cfg, "mdlm", model, lambda m, x0: loss_fn(m, x0, cfg, model.mask_id),
                      lambda m, b: evaluate(m, b, cfg), meta)
         if "RANK" in os.environ and int(os.environ["RANK"]) != 0:
             return
     if "sample" in verbs:
         cfg, model, tok, meta, _ = load(overrides)
         length = cfg.seq_len or cfg.block_size
-        fixed = common.conditioning(tok, cfg, length)
+        fixed = corpus.conditioning(tok, cfg, length)
         t0 = time.time()
         samples, calls = generate(model, cfg, fixed, cfg.num_samples, common.show_steps(tok, cfg))
         for i, s in enumerate(samples.tolist()):
@@ -320,16 +322,16 @@ def main(argv=None):
         print(f"({cfg.num_samples} samples of {length} tokens, {cfg.steps} steps, {calls} network calls, {time.time() - t0:.1f}s)")
     if "eval" in verbs:
         cfg, model, tok, meta, ckpt = load(overrides)
-        cfg = dataclasses.replace(cfg, data_dir=cfg.data_dir or common.data_path(cfg))
-        common.prepare_data(cfg)
+        cfg = dataclasses.replace(cfg, data_dir=cfg.data_dir or corpus.data_path(cfg))
+        corpus.prepare_data(cfg)
         with common.autocast(next(model.parameters()).device):
-            stats = evaluate(model, common.Batches(cfg, meta, cfg.seed), cfg, full=True)
+            stats = evaluate(model, corpus.Batches(cfg, meta, cfg.seed), cfg, full=True)
         print(f"val NELBO {stats['val_nelbo']:.4f} nats/token | {stats['val_bits']:.4f} bits/token | "
               f"perplexity <= {stats['val_ppl']:.3f} ({cfg.eval_t_samples} time samples per sequence)")
         if meta["tokenizer"] != "gpt2":  # BPE samples are made of vocabulary pieces by construction
             samples, _ = generate(model, cfg, torch.full((cfg.block_size,), -1), cfg.num_samples)
             # a bounded slice of the training text: the statistic must not cost a pass over a large corpus
-            train_text = "\n".join(map(tok.decode, common.Batches(cfg, meta, cfg.seed).slices("train", 1 << 20)))
+            train_text = "\n".join(map(tok.decode, corpus.Batches(cfg, meta, cfg.seed).slices("train", 1 << 20)))
             share, n = word_overlap([tok.decode(x) for x in samples.tolist()], train_text)
             stats["sample_words_in_train"] = share
             print(f"samples: {100 * share:.1f}% of {n} generated words occur in the training text "
@@ -338,7 +340,7 @@ def main(argv=None):
             free = torch.full((cfg.seq_len or cfg.block_size,), -1)
             stats.update(common.generative_eval(cfg.judge, lambda n: generate(model, cfg, free, n)[0], cfg.num_samples,
                                                 meta, f"{cfg.sampler}, {cfg.steps} steps"))
-        common.log_json(os.path.join(common.out_dir(cfg, "mdlm"), "log.jsonl"),
+        trainer.log_json(os.path.join(common.out_dir(cfg, "mdlm"), "log.jsonl"),
                         {"eval_full": stats, "iter": ckpt["iter"], "t_samples": cfg.eval_t_samples})
 
 

@@ -30,6 +30,8 @@ import torch
 import torch.nn as nn
 
 import common
+import corpus
+import trainer
 import kernels
 
 GRAPHS = ("absorb", "uniform")
@@ -472,7 +474,7 @@ def evaluate(model, batches, cfg, full=False):
     total, count = 0.0, 0
     device = next(model.parameters()).device
     k = cfg.eval_t_samples if full else 1
-    for x0 in common.val_batches(batches, cfg, full):
+    for x0 in corpus.val_batches(batches, cfg, full):
         x0 = x0.to(device)
         xs = x0.repeat(k, 1)
         t = common.sample_times(xs.shape[0], cfg.t_min, device)
@@ -500,7 +502,7 @@ def load(overrides):
     if "graph" in overrides and saved.get("graph", overrides["graph"]) != overrides["graph"]:
         common.die(f"{path} was trained with --graph={saved['graph']}, not {overrides['graph']}; "
                    f"drop --graph or train a new model")
-    cfg, model, tok, meta, ckpt = common.load_for_inference(Config, overrides, "sedd", build_model)
+    cfg, model, tok, meta, ckpt = trainer.load_for_inference(Config, overrides, "sedd", build_model)
     check_config(cfg)
     if cfg.seq_len > cfg.block_size:
         common.die(f"--seq_len={cfg.seq_len} is longer than the model's block_size={cfg.block_size}; "
@@ -513,16 +515,16 @@ def main(argv=None):
     check_config(cfg)
     if "train" in verbs:
         common.check_memory(cfg)
-        meta = common.prepare_data(cfg)
+        meta = corpus.prepare_data(cfg)
         model = build_model(cfg, meta)
-        common.train(cfg, "sedd", model, lambda m, x0: loss_fn(m, x0, cfg, model.num_states),
+        trainer.train(cfg, "sedd", model, lambda m, x0: loss_fn(m, x0, cfg, model.num_states),
                      lambda m, b: evaluate(m, b, cfg), meta)
         if "RANK" in os.environ and int(os.environ["RANK"]) != 0:
             return
     if "sample" in verbs:
         cfg, model, tok, meta, _ = load(overrides)
         length = cfg.seq_len or cfg.block_size
-        fixed = common.conditioning(tok, cfg, length)
+        fixed = corpus.conditioning(tok, cfg, length)
         t0 = time.time()
         samples, calls = generate(model, cfg, fixed, cfg.num_samples, common.show_steps(tok, cfg))
         for i, s in enumerate(samples.tolist()):
@@ -531,10 +533,10 @@ def main(argv=None):
               f"{calls} network calls, {time.time() - t0:.1f}s)")
     if "eval" in verbs:
         cfg, model, tok, meta, ckpt = load(overrides)
-        cfg = dataclasses.replace(cfg, data_dir=cfg.data_dir or common.data_path(cfg))
-        common.prepare_data(cfg)
+        cfg = dataclasses.replace(cfg, data_dir=cfg.data_dir or corpus.data_path(cfg))
+        corpus.prepare_data(cfg)
         with common.autocast(next(model.parameters()).device):
-            stats = evaluate(model, common.Batches(cfg, meta, cfg.seed), cfg, full=True)
+            stats = evaluate(model, corpus.Batches(cfg, meta, cfg.seed), cfg, full=True)
         print(f"val NELBO {stats['val_nelbo']:.4f} nats/token | {stats['val_bits']:.4f} bits/token | "
               f"perplexity <= {stats['val_ppl']:.3f} ({cfg.graph} graph, {schedule_kind(cfg)} schedule, "
               f"{cfg.eval_t_samples} time samples per sequence)")
@@ -542,7 +544,7 @@ def main(argv=None):
             free = torch.full((cfg.seq_len or cfg.block_size,), -1)
             stats.update(common.generative_eval(cfg.judge, lambda n: generate(model, cfg, free, n)[0], cfg.num_samples,
                                                 meta, f"{cfg.sampler} sampler, {cfg.steps} steps"))
-        common.log_json(os.path.join(common.out_dir(cfg, "sedd"), "log.jsonl"),
+        trainer.log_json(os.path.join(common.out_dir(cfg, "sedd"), "log.jsonl"),
                         {"eval_full": stats, "iter": ckpt["iter"], "t_samples": cfg.eval_t_samples})
 
 

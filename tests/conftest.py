@@ -43,9 +43,9 @@ def char_data(tmp_path_factory):
 def write_toy_dataset(path, sequences, chars):
     """A dataset folder from lists of token ids (the toy languages of the learning tests)."""
     import numpy as np
-    import common
+    import corpus
     flat = [i for s in sequences for i in s]
     n = int(0.9 * len(flat))
-    common.write_split(str(path), np.array(flat[:n]), np.array(flat[n:]),
+    corpus.write_split(str(path), np.array(flat[:n]), np.array(flat[n:]),
                        {"tokenizer": "char", "chars": list(chars), "vocab_size": len(chars)})
     return str(path)

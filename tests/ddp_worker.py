@@ -6,16 +6,17 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import common  # noqa: E402
+import corpus  # noqa: E402
+import trainer  # noqa: E402
 import mdlm  # noqa: E402
 
 out, data = sys.argv[1], sys.argv[2]
 cfg = mdlm.Config(out_dir=out, data_dir=data, n_layer=1, n_embd=32, n_head=2, block_size=32, batch_size=4,
                   max_iters=4, eval_interval=4, eval_iters=1, log_interval=1, dropout=0.1, device="cpu")
-meta = common.prepare_data(cfg)
+meta = corpus.prepare_data(cfg)
 model = mdlm.build_model(cfg, meta)
-common.train(cfg, "mdlm", model, lambda m, x0: mdlm.loss_fn(m, x0, cfg, model.mask_id), lambda m, b: mdlm.evaluate(m, b, cfg), meta)
+trainer.train(cfg, "mdlm", model, lambda m, x0: mdlm.loss_fn(m, x0, cfg, model.mask_id), lambda m, b: mdlm.evaluate(m, b, cfg), meta)
 rank = torch.distributed.get_rank()
-first = common.Batches(cfg, meta, seed=cfg.seed + 1000 * rank).get("train", cfg.batch_size)
+first = corpus.Batches(cfg, meta, seed=cfg.seed + 1000 * rank).get("train", cfg.batch_size)
 torch.save({"model": model.state_dict(), "first_batch": first}, os.path.join(out, f"rank{rank}.pt"))
 torch.distributed.destroy_process_group()

@@ -11,6 +11,8 @@ import torch
 import ar
 import bench
 import common
+import corpus
+import trainer
 from conftest import run_cli, write_toy_dataset
 from test_sedd import CHARS, legal_fraction, toy_language
 
@@ -85,9 +87,9 @@ def test_prefix_is_kept_and_long_samples_slide_the_cache():
 def test_untrained_model_scores_log_v_and_evaluate_is_the_mean_nll(tmp_path):
     data = write_toy_dataset(tmp_path / "d", [toy_language(3000)], CHARS)
     cfg = tiny_cfg(data_dir=data, batch_size=8)
-    meta = common.prepare_data(cfg)
+    meta = corpus.prepare_data(cfg)
     model = ar.build_model(cfg, meta).eval()  # zero head: uniform predictions
-    stats = ar.evaluate(model, common.Batches(cfg, meta, 0), cfg, full=True)
+    stats = ar.evaluate(model, corpus.Batches(cfg, meta, 0), cfg, full=True)
     assert abs(stats["val_nll"] - math.log(len(CHARS))) < 1e-5
     assert abs(stats["val_bits"] - math.log2(len(CHARS))) < 1e-5
 
@@ -101,10 +103,10 @@ def test_learns_a_toy_language_and_judges_like_its_own_eval(tmp_path):
     cfg = ar.Config(data_dir=data, out_dir=str(tmp_path / "out"), n_layer=2, n_head=2, n_embd=64, block_size=24,
                     batch_size=32, max_iters=300, warmup_iters=20, eval_interval=300, eval_iters=4, log_interval=1000,
                     ema=0.9, device="cpu")  # the judge below compares fp32 on the CPU
-    meta = common.prepare_data(cfg)
+    meta = corpus.prepare_data(cfg)
     torch.manual_seed(0)
     model = ar.build_model(cfg, meta)
-    ema = common.train(cfg, "ar", model, lambda m, x0: ar.loss_fn(m, x0, model.bos_id),
+    ema = trainer.train(cfg, "ar", model, lambda m, x0: ar.loss_fn(m, x0, model.bos_id),
                        lambda m, b: ar.evaluate(m, b, cfg), meta)
     torch.manual_seed(1)
     samples, _ = ar.generate(ema, cfg, torch.zeros(0, dtype=torch.long), 64, 24)
@@ -112,11 +114,11 @@ def test_learns_a_toy_language_and_judges_like_its_own_eval(tmp_path):
     print(f"ar: {frac:.3f} of adjacent pairs legal")
     assert frac > 0.9, f"{frac:.3f} of adjacent pairs legal (chance 0.333)"
     # the entropy rate of the language is log 2 per token (two equally likely successors)
-    stats = ar.evaluate(ema, common.Batches(cfg, meta, 0), cfg, full=True)
+    stats = ar.evaluate(ema, corpus.Batches(cfg, meta, 0), cfg, full=True)
     assert stats["val_nll"] < math.log(2) + 0.15, stats
     # common's judge rebuilds the same model from the checkpoint and gives the same NLL on the same windows
     judge, _ = common.load_judge(os.path.join(cfg.out_dir, "ckpt.pt"), meta)
-    windows = torch.cat(list(common.Batches(cfg, meta, 0).sequential("val", 64)))
+    windows = torch.cat(list(corpus.Batches(cfg, meta, 0).sequential("val", 64)))
     with torch.no_grad():
         own = float(ar.nll_terms(ema, windows, ema.bos_id).mean())
     assert abs(common.judge_nll(judge, windows) - own) < 1e-5

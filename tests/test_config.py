@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 import ar
-import common
+import corpus
 import ddpm
 import diffuser
 import diffusion_lm
@@ -100,14 +100,14 @@ def test_good_defaults_pass_the_checks():
 
 
 def test_unknown_words_in_prompts():
-    tok = common.WordTokenizer(list(common.WordTokenizer.SPECIALS) + ["the", "eagle", "is", "."])
-    assert common.encode_prompt(tok, "the eagle is .", "--prefix") == [4, 5, 6, 7]
+    tok = corpus.WordTokenizer(list(corpus.WordTokenizer.SPECIALS) + ["the", "eagle", "is", "."])
+    assert corpus.encode_prompt(tok, "the eagle is .", "--prefix") == [4, 5, 6, 7]
     with pytest.raises(SystemExit, match=r"--source has words outside the model's vocabulary: Eagle pubb; .*--allow_unk"):
-        common.encode_prompt(tok, "the Eagle is pubb", "--source")
-    assert common.encode_prompt(tok, "the Eagle", "--prefix", allow_unk=True) == [4, tok.UNK]
-    char = common.CharTokenizer("abc")
+        corpus.encode_prompt(tok, "the Eagle is pubb", "--source")
+    assert corpus.encode_prompt(tok, "the Eagle", "--prefix", allow_unk=True) == [4, tok.UNK]
+    char = corpus.CharTokenizer("abc")
     with pytest.raises(SystemExit, match="outside the model's 3-character vocabulary"):
-        common.encode_prompt(char, "abd", "--prefix", allow_unk=True)
+        corpus.encode_prompt(char, "abd", "--prefix", allow_unk=True)
 
 
 @pytest.mark.parametrize("method, arg", [("ar", "--suffix=x"), ("ddpm", "--n_head=2"), ("mdlm", "--steps=0"),

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import common
+import corpus
 import mdlm
 from conftest import ROOT, run_cli, shared_data
 
@@ -117,7 +118,7 @@ def test_text8_splits_have_the_stated_sizes_and_exact_contents(text8_file, text8
     _, text, sha = text8_file
     meta = json.load(open(os.path.join(text8_data, "meta.json")))
     assert meta["vocab_size"] == 27 and meta["tokenizer"] == "char" and meta["source_sha256"] == sha
-    tok = common.get_tokenizer(meta)
+    tok = corpus.get_tokenizer(meta)
     start = 0
     for split, n in zip(("train", "val", "test"), SPLIT):
         ids = np.fromfile(os.path.join(text8_data, f"{split}.bin"), dtype=meta["dtype"])
@@ -142,7 +143,7 @@ def test_text8_eval_split_test_reads_the_test_windows_as_the_papers_chunk_them(t
     test_ids = np.fromfile(os.path.join(text8_data, "test.bin"), dtype=meta["dtype"])
     for split, expected in (("test", test_ids), ("val", np.fromfile(os.path.join(text8_data, "val.bin"), dtype=meta["dtype"]))):
         cfg = mdlm.Config(dataset="text8", data_dir=text8_data, block_size=256, batch_size=7, eval_split=split)
-        windows = torch.cat(list(common.val_batches(common.Batches(cfg, meta, 0), cfg, full=True)))
+        windows = torch.cat(list(corpus.val_batches(corpus.Batches(cfg, meta, 0), cfg, full=True)))
         n = (len(expected) - 1) // 256
         assert windows.shape == (n, 256)
         assert torch.equal(windows.flatten(), torch.from_numpy(expected[:n * 256].astype(np.int64)))
@@ -228,9 +229,9 @@ def test_eval_split_test_on_a_dataset_without_one(char_data, tmp_path):
     meta = json.load(open(os.path.join(char_data, "meta.json")))
     cfg = mdlm.Config(data_dir=char_data, eval_split="test")
     with pytest.raises(SystemExit, match="no test split.*--eval_split=val"):
-        next(iter(common.val_batches(common.Batches(cfg, meta, 0), cfg, full=True)))
+        next(iter(corpus.val_batches(corpus.Batches(cfg, meta, 0), cfg, full=True)))
     with pytest.raises(SystemExit, match="unknown --eval_split='train'"):
-        common.val_batches(None, common.BaseConfig(eval_split="train"), full=True)
+        corpus.val_batches(None, common.BaseConfig(eval_split="train"), full=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,7 +246,7 @@ def documents():
 
 
 def expected_ids(docs):
-    enc = common.gpt2_encoding()
+    enc = corpus.gpt2_encoding()
     return np.array([i for d in docs for i in enc.encode_ordinary(d) + [enc.eot_token]], dtype=np.uint16)
 
 

@@ -13,6 +13,7 @@ import pytest
 from conftest import OFFLINE, ROOT, run_cli
 
 import common
+import corpus
 
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_iters=1",
         "--device=cpu"]
@@ -81,10 +82,10 @@ def test_first_command_offline_prepares_on_its_own(tmp_path):
 
 def test_no_copy_anywhere_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("DIFFLM_DATA", str(tmp_path))
-    data, why = common.find_local_copy("x.txt", "http://127.0.0.1:9/x.txt", shipped=str(tmp_path / "none.gz"))
+    data, why = corpus.find_local_copy("x.txt", "http://127.0.0.1:9/x.txt", shipped=str(tmp_path / "none.gz"))
     assert data is None and "could not download" in why
     (tmp_path / "bad.gz").write_bytes(b"not gzip")
-    data, why = common.find_local_copy("x.txt", "http://127.0.0.1:9/x.txt", shipped=str(tmp_path / "bad.gz"))
+    data, why = corpus.find_local_copy("x.txt", "http://127.0.0.1:9/x.txt", shipped=str(tmp_path / "bad.gz"))
     assert data is None and "is damaged" in why
 
 
@@ -110,7 +111,7 @@ def test_own_text_char_and_word(tmp_path, monkeypatch, capsys):
     text_prepare([f"--input={a}", f"--input={b}", "--name=mine", f"--out_dir={out}", "--val_fraction=0.2"], monkeypatch)
     assert "--dataset=mine" in capsys.readouterr().out
     meta = json.load(open(out / "meta.json"))
-    tok = common.CharTokenizer(meta["chars"])
+    tok = corpus.CharTokenizer(meta["chars"])
     assert "é" in meta["chars"] and "\ufeff" not in meta["chars"]
     n_a, n_b = len(a.read_text()), len(b.read_text()) - 1
     assert meta["train_tokens"] == int(0.8 * n_a) + int(0.8 * n_b)
@@ -153,17 +154,17 @@ def test_own_text_bad_input_is_one_line(tmp_path, monkeypatch, args, message):
 
 def toy(path, vocab=10, n=2000, seed=0):
     ids = np.random.default_rng(seed).integers(0, vocab, n)
-    return common.write_split(str(path), ids[:n * 9 // 10], ids[n * 9 // 10:],
+    return corpus.write_split(str(path), ids[:n * 9 // 10], ids[n * 9 // 10:],
                               {"tokenizer": "char", "chars": [chr(97 + i) for i in range(vocab)], "vocab_size": vocab})
 
 
 def test_prepared_data_loads_and_is_verified_once(tmp_path, monkeypatch):
     meta = toy(tmp_path)
-    assert common.prepare_data(cfg_for(tmp_path)) == meta
+    assert corpus.prepare_data(cfg_for(tmp_path)) == meta
     stamp = json.load(open(tmp_path / "verified.json"))
     assert stamp["train.bin"][2] == meta["files"]["train.bin"]["sha256"]
     monkeypatch.setattr(np, "frombuffer", None)  # the stamp matches, so nothing is scanned again
-    assert common.prepare_data(cfg_for(tmp_path)) == meta
+    assert corpus.prepare_data(cfg_for(tmp_path)) == meta
 
 
 def corrupt_bad_json(p):
@@ -215,16 +216,16 @@ def corrupt_reprepare_killed(p):
 ])
 def test_each_corruption_is_one_line_naming_the_fix(tmp_path, corrupt, message):
     toy(tmp_path)
-    common.prepare_data(cfg_for(tmp_path))  # verified once, so a later corruption meets the stamp
+    corpus.prepare_data(cfg_for(tmp_path))  # verified once, so a later corruption meets the stamp
     corrupt(tmp_path)
-    msg = fails(lambda: common.prepare_data(cfg_for(tmp_path)), message, "re-prepare: python ")
+    msg = fails(lambda: corpus.prepare_data(cfg_for(tmp_path)), message, "re-prepare: python ")
     assert f"--out_dir={tmp_path}" in msg
 
 
 def test_ids_outside_the_vocabulary(tmp_path):
     ids = np.arange(300) % 12
-    common.write_split(str(tmp_path), ids, ids, {"tokenizer": "char", "chars": list("abcdefghij"), "vocab_size": 10})
-    fails(lambda: common.prepare_data(cfg_for(tmp_path)), "holds token id 11, not below the vocabulary of 10")
+    corpus.write_split(str(tmp_path), ids, ids, {"tokenizer": "char", "chars": list("abcdefghij"), "vocab_size": 10})
+    fails(lambda: corpus.prepare_data(cfg_for(tmp_path)), "holds token id 11, not below the vocabulary of 10")
 
 
 def test_corruption_through_the_command_line(tmp_path):
@@ -252,17 +253,17 @@ def test_killed_prepare_leaves_the_folder_unprepared(tmp_path, monkeypatch):
 def test_model_and_data_tokenizers_must_agree(tmp_path):
     meta = toy(tmp_path)
     cfg = cfg_for(tmp_path, block_size=8)
-    common.Batches(cfg, meta, 0)
+    corpus.Batches(cfg, meta, 0)
     words = {**meta, "tokenizer": "word", "words": ["<s>"] * 853, "vocab_size": 853}
-    fails(lambda: common.Batches(cfg, words, 0), "has a char tokenizer with 10 tokens",
+    fails(lambda: corpus.Batches(cfg, words, 0), "has a char tokenizer with 10 tokens",
           "model was trained on a word tokenizer with 853 tokens")
     other = {**meta, "chars": list("zyxwvutsrq")}
-    fails(lambda: common.Batches(cfg, other, 0), "the same size, other symbols")
+    fails(lambda: corpus.Batches(cfg, other, 0), "the same size, other symbols")
 
 
 def test_slices_are_bounded(tmp_path):
     meta = toy(tmp_path, n=100_000)
-    b = common.Batches(cfg_for(tmp_path, block_size=8), meta, 0)
+    b = corpus.Batches(cfg_for(tmp_path, block_size=8), meta, 0)
     whole = b.slices("train", 1 << 20)
     assert len(whole) == 1 and len(whole[0]) == 90_000
     parts = b.slices("train", 6400, pieces=64)
@@ -278,7 +279,7 @@ def test_slices_are_bounded(tmp_path):
 WORKER = """
 import sys; sys.path.insert(0, sys.argv[1])
 import common
-meta = common.prepare_data(common.BaseConfig(dataset=sys.argv[2], data_dir=sys.argv[3]))
+meta = corpus.prepare_data(common.BaseConfig(dataset=sys.argv[2], data_dir=sys.argv[3]))
 print("tokens", meta["train_tokens"])
 """
 

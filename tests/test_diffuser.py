@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 
 from conftest import run_cli
 
-import common
+import corpus
 import diffuser as D
 
-SPECIALS = common.WordTokenizer.SPECIALS
+SPECIALS = corpus.WordTokenizer.SPECIALS
 
 # ----------------------------------------------------------------------------------------------
 # Edit machinery
@@ -325,7 +325,7 @@ def write_seq2seq(path, rows_by_split):
                 f.write(json.dumps({"mr": {}, "src": src, "text": text,
                                     "ref": " ".join(LETTERS[w - 4] for w in text)}) + "\n")
     flat = [w for s, t in rows_by_split["train"] for w in t]
-    common.write_split(path, flat, flat[:100], {"tokenizer": "word", "words": list(SPECIALS) + LETTERS,
+    corpus.write_split(path, flat, flat[:100], {"tokenizer": "word", "words": list(SPECIALS) + LETTERS,
                                                "vocab_size": 4 + len(LETTERS), "seq2seq": True})
     return path
 
@@ -363,7 +363,7 @@ def test_e2e_prepare(e2e_data):
     meta = json.load(open(os.path.join(e2e_data, "meta.json")))
     assert meta["tokenizer"] == "word" and meta["words"][:4] == list(SPECIALS)
     assert meta["examples"] == {"train": 42061, "valid": 4672, "test": 4693}
-    tok = common.WordTokenizer(meta["words"])
+    tok = corpus.WordTokenizer(meta["words"])
     first = json.loads(open(os.path.join(e2e_data, "train.jsonl")).readline())
     assert first["mr"] == {"name": "The Vaults", "Type": "pub", "price": "more than £ 30",
                            "customer rating": "5 out of 5", "near": "Café Adriatic"}
@@ -441,7 +441,7 @@ def write_word_stream(path, words, n=6000, seed=0):
             i = int(rng.integers(len(words)))
         stream.append(4 + i % len(words))
         i += 1
-    common.write_split(path, stream[:9 * n // 10], stream[9 * n // 10:],
+    corpus.write_split(path, stream[:9 * n // 10], stream[9 * n // 10:],
                        {"tokenizer": "word", "words": list(SPECIALS) + list(words), "vocab_size": 4 + len(words)})
     return path
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-import common
+import corpus
+import trainer
 import diffusion_lm as D
 from conftest import run_cli, write_toy_dataset
 from test_sedd import CHARS, legal_fraction, toy_language
@@ -137,7 +138,7 @@ def test_infilled_positions_come_back_as_given():
 
 
 def test_infill_template_parsing():
-    tok = common.WordTokenizer(list(common.WordTokenizer.SPECIALS) + ["The", "Eagle", "is", "."])
+    tok = corpus.WordTokenizer(list(corpus.WordTokenizer.SPECIALS) + ["The", "Eagle", "is", "."])
     cfg = tiny_cfg(infill="The _ is _ .")
     t = D.infill_template(tok, cfg)
     assert t[:6].tolist() == [0, 4, -1, 6, -1, 7] and (t[6:] == -1).all()
@@ -170,11 +171,11 @@ def toy_model(tmp_path_factory):
     cfg = D.Config(data_dir=data, out_dir=str(tmp / "out"), rows=False, n_layer=2, n_head=2, n_embd=64,
                    block_size=16, embed_dim=8, batch_size=32, max_iters=1500, lr=2e-3, warmup_iters=50,
                    eval_interval=1500, eval_iters=1, log_interval=500, ema=0.99, steps=50, device="cpu")
-    meta = common.prepare_data(cfg)
+    meta = corpus.prepare_data(cfg)
     torch.manual_seed(0)
     model = D.DiffusionLM(cfg, meta["vocab_size"])
-    ema = common.train(cfg, "diffusion_lm", model, D.loss_fn, lambda m, b: D.evaluate(m, b, cfg), meta,
-                       common.Batches(cfg, meta, cfg.seed))
+    ema = trainer.train(cfg, "diffusion_lm", model, D.loss_fn, lambda m, b: D.evaluate(m, b, cfg), meta,
+                       corpus.Batches(cfg, meta, cfg.seed))
     return cfg, ema.requires_grad_(False), meta
 
 
@@ -192,7 +193,7 @@ def test_guidance_raises_the_target_rate(toy_model):
     far more often than unguided ones (chance 1/6)."""
     cfg, model, meta = toy_model
     torch.manual_seed(0)
-    batches = common.Batches(cfg, meta, cfg.seed)
+    batches = corpus.Batches(cfg, meta, cfg.seed)
     clf = D.Classifier(cfg, [("first", [""] + list(CHARS))])
     opt = torch.optim.AdamW(clf.parameters(), lr=2e-3)
     for _ in range(400):  # ~loss 1.0 at 300, accuracy ~1.0 at t = 0 by 400
@@ -234,7 +235,7 @@ def test_mbr_picks_the_consensus():
 
 def test_sample_mbr_picks_per_group(monkeypatch):
     """n * mbr chains in one batch, group i = rows i*mbr .. (i+1)*mbr - 1, each group's consensus returned."""
-    tok = common.WordTokenizer(list(common.WordTokenizer.SPECIALS) + ["a", "b", "c", "d"])
+    tok = corpus.WordTokenizer(list(corpus.WordTokenizer.SPECIALS) + ["a", "b", "c", "d"])
     S, E, P = tok.START, tok.END, tok.PAD
     a, b, c, d = 4, 5, 6, 7
     rows = torch.tensor([[S, a, b, c, E, P], [S, d, d, d, E, P], [S, a, b, c, d, E],  # group 0: row 0 or 2
@@ -301,6 +302,6 @@ def test_cli_without_classifier_or_checkpoint(tmp_path):
 
 
 def test_samples_packed_for_the_judge():
-    tok = common.WordTokenizer(list(common.WordTokenizer.SPECIALS) + ["a", "b"])
+    tok = corpus.WordTokenizer(list(corpus.WordTokenizer.SPECIALS) + ["a", "b"])
     rows = torch.tensor([[0, 4, 5, 1, 3, 3], [0, 5, 3, 4, 4, 4]])  # PAD inside a text that never ends
     assert D.as_stream(rows, tok).tolist() == [[0, 4, 5, 1, 0, 5, 4, 4, 4]]

@@ -16,7 +16,8 @@ import warnings
 import pytest
 import torch
 
-import common
+import corpus
+import trainer
 import kernels
 import mdlm
 import sedd
@@ -651,10 +652,10 @@ def test_sedd_learns_a_toy_language_on_the_kernels(k, tmp_path):
     cfg = sedd.Config(graph="absorb", data_dir=data, out_dir=str(tmp_path / "out"), n_layer=2, n_head=2, n_embd=64,
                       block_size=24, batch_size=32, max_iters=800, lr=1e-3, warmup_iters=20, eval_interval=800,
                       eval_iters=2, log_interval=1000, grad_clip=24.0, ema=0.9, steps=48)
-    meta = common.prepare_data(cfg)
+    meta = corpus.prepare_data(cfg)
     torch.manual_seed(0)  # the initial weights do not depend on which tests ran before (as in test_sedd.py)
     model = sedd.build_model(cfg, meta)
-    ema = common.train(cfg, "sedd", model, lambda m, x0: sedd.loss_fn(m, x0, cfg, model.num_states),
+    ema = trainer.train(cfg, "sedd", model, lambda m, x0: sedd.loss_fn(m, x0, cfg, model.num_states),
                        lambda m, b: sedd.evaluate(m, b, cfg), meta)
     torch.manual_seed(1)
     samples, _ = sedd.generate(ema, cfg, torch.full((24,), -1), 64)

@@ -17,6 +17,7 @@ import torch
 from conftest import ROOT, run_cli, shared_data
 
 import common
+import trainer
 
 TINY = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=32", "--batch_size=4", "--log_interval=1",
         "--eval_iters=1", "--device=cpu"]
@@ -70,7 +71,7 @@ def test_train_over_a_checkpoint_needs_resume_or_overwrite(run6, tmp_path):
 
 def test_second_run_into_the_same_folder_stops_at_once(tmp_path, char_data):
     out = tmp_path / "busy"
-    with common.own_out_dir(str(out)):  # this test process is "the first run"
+    with trainer.own_out_dir(str(out)):  # this test process is "the first run"
         r = run_cli(mdlm(out, char_data, "--max_iters=3"), check=False)
         one_line_error(r, "in use by another run", f"pid {os.getpid()}")
         assert not os.path.exists(out / "ckpt.pt")
@@ -188,8 +189,8 @@ def test_unwritable_out_dir_is_one_line(tmp_path, char_data, monkeypatch):
 
     monkeypatch.setattr("builtins.open", read_only)
     for write in (lambda: common.save_checkpoint(str(tmp_path / "ro" / "ckpt.pt"), {"iter": 0}),
-                  lambda: common.log_json(str(tmp_path / "ro" / "log.jsonl"), {"iter": 0}),
-                  lambda: common.own_out_dir(str(tmp_path / "ro")).__enter__()):
+                  lambda: trainer.log_json(str(tmp_path / "ro" / "log.jsonl"), {"iter": 0}),
+                  lambda: trainer.own_out_dir(str(tmp_path / "ro")).__enter__()):
         with pytest.raises(SystemExit) as e:
             write()
         assert "Read-only file system" in str(e.value) and "\n" not in str(e.value)

@@ -12,6 +12,8 @@ from hypothesis import given, settings, strategies as st
 from scipy import stats
 
 import common
+import corpus
+import trainer
 import mdlm
 import sedd
 from conftest import run_cli, write_toy_dataset
@@ -400,10 +402,10 @@ def test_learns_a_toy_language(graph, tmp_path):
     cfg = sedd.Config(graph=graph, data_dir=data, out_dir=str(tmp_path / "out"), n_layer=2, n_head=2, n_embd=64,
                       block_size=24, batch_size=32, max_iters=2000, lr=1e-3, warmup_iters=20, eval_interval=2000,
                       eval_iters=2, log_interval=1000, grad_clip=24.0, ema=0.9, steps=48)
-    meta = common.prepare_data(cfg)
+    meta = corpus.prepare_data(cfg)
     torch.manual_seed(0)  # the initial weights do not depend on which tests ran before
     model = sedd.build_model(cfg, meta)
-    ema = common.train(cfg, "sedd", model, lambda m, x0: sedd.loss_fn(m, x0, cfg, model.num_states),
+    ema = trainer.train(cfg, "sedd", model, lambda m, x0: sedd.loss_fn(m, x0, cfg, model.num_states),
                        lambda m, b: sedd.evaluate(m, b, cfg), meta)
     torch.manual_seed(1)
     samples, _ = sedd.generate(ema, cfg, torch.full((24,), -1), 64)

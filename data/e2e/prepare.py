@@ -1,6 +1,6 @@
 """
 E2E NLG restaurant data (Novikova, Dusek and Rieser 2017; CC BY-SA 4.0) in Diffusion-LM's split
-files src1_{train,valid,test}.txt, one `MR||text` per line. Word level (common.WordTokenizer),
+files src1_{train,valid,test}.txt, one `MR||text` per line. Word level (corpus.WordTokenizer),
 words seen at least --min_count times in the training texts and MRs; the rest become <unk>.
 
 Writes, into --out_dir (default data/e2e):
@@ -23,6 +23,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import common  # noqa: E402
+import corpus  # noqa: E402
 
 URL = "https://raw.githubusercontent.com/XiangLi1999/Diffusion-LM/759889d58ef38e2eed41a8c34db8032e072826f4/datasets/e2e_data/{}"
 SPLITS = ("train", "valid", "test")
@@ -41,7 +42,7 @@ def read_split(input_dir, split):
         if not os.path.isfile(path):
             common.die(f"--input_dir {input_dir} has no {name}; point it at a folder with src1_train/valid/test.txt")
         return open(path, encoding="utf-8").read().splitlines()
-    data, source = common.find_local_copy(os.path.join("e2e", name), URL.format(name), SHA256[split],
+    data, source = corpus.find_local_copy(os.path.join("e2e", name), URL.format(name), SHA256[split],
                                           shipped=os.path.join(HERE, name + ".gz"))
     if data is None:
         common.die(f"no copy of the E2E data: {source}; pass --input_dir=DIR (a folder with src1_*.txt) "
@@ -75,9 +76,9 @@ def main():
     rows = {s: [parse_line(l, f"src1_{s}.txt line {i + 1}") for i, l in enumerate(read_split(args.input_dir, s)) if l.strip()]
             for s in SPLITS}
     # MR words join the vocabulary so a source can be fed to the model (DiffusER's source bootstrap)
-    tok = common.WordTokenizer.build([t for _, _, t in rows["train"]] + [m for _, m, _ in rows["train"]], args.min_count)
+    tok = corpus.WordTokenizer.build([t for _, _, t in rows["train"]] + [m for _, m, _ in rows["train"]], args.min_count)
     os.makedirs(args.out_dir, exist_ok=True)
-    common.mark_unprepared(args.out_dir)  # a kill from here leaves no meta.json, not new .jsonl under an old one
+    corpus.mark_unprepared(args.out_dir)  # a kill from here leaves no meta.json, not new .jsonl under an old one
     streams = {}
     for split in SPLITS:
         stream = []
@@ -90,7 +91,7 @@ def main():
                                     "ref": " ".join(tok.split(text))}, ensure_ascii=False) + "\n")
         os.replace(tmp, os.path.join(args.out_dir, f"{split}.jsonl"))
         streams[split] = stream
-    meta = common.write_split(args.out_dir, streams["train"], streams["valid"],
+    meta = corpus.write_split(args.out_dir, streams["train"], streams["valid"],
                               {"tokenizer": "word", "words": tok.words, "vocab_size": tok.vocab_size,
                                "min_count": args.min_count, "seq2seq": True,
                                "examples": {s: len(rows[s]) for s in SPLITS}})

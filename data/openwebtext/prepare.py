@@ -30,6 +30,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import common  # noqa: E402
+import corpus  # noqa: E402
 
 HF_DATASET = "Skylion007/openwebtext"
 VAL_DOCS = 100_000  # MDLM: load_dataset('openwebtext', split='train[-100000:]') is validation
@@ -166,7 +167,7 @@ _ENC = []
 def tokenize(texts):
     """Texts -> their GPT-2 ids, each document followed by <|endoftext|>, as one uint16 array."""
     if not _ENC:
-        _ENC.append(common.gpt2_encoding())
+        _ENC.append(corpus.gpt2_encoding())
     ids = _ENC[0].encode_ordinary_batch(texts, num_threads=1)
     return np.fromiter((i for doc in ids for i in (*doc, EOT)), dtype=np.uint16, count=sum(map(len, ids)) + len(ids))
 
@@ -246,7 +247,7 @@ def main():
         what = f"{len(files)} local file(s)"
     else:
         sources, what = [hub_source(args.hf_dataset, args.num_proc)], args.hf_dataset
-    common.gpt2_encoding()  # fail here, once, rather than in every worker
+    corpus.gpt2_encoding()  # fail here, once, rather than in every worker
     os.makedirs(args.out_dir, exist_ok=True)
     if os.path.exists(os.path.join(args.out_dir, "meta.json")):
         os.remove(os.path.join(args.out_dir, "meta.json"))  # until the new one lands the folder reads as incomplete

@@ -12,7 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shakespeare_char"))
-import common  # noqa: E402
+import corpus  # noqa: E402
 from prepare import load_text  # noqa: E402  (reads the shipped corpus)
 
 
@@ -22,9 +22,9 @@ def main():
     ap.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(__file__)))
     args = ap.parse_args()
     text = load_text(args.input)
-    enc = common.gpt2_encoding()
+    enc = corpus.gpt2_encoding()
     n = int(0.9 * len(text))
-    meta = common.write_split(args.out_dir, enc.encode_ordinary(text[:n]), enc.encode_ordinary(text[n:]),
+    meta = corpus.write_split(args.out_dir, enc.encode_ordinary(text[:n]), enc.encode_ordinary(text[n:]),
                               {"tokenizer": "gpt2", "vocab_size": enc.n_vocab, "eot": enc.eot_token})
     print(f"{args.out_dir}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens, vocab {enc.n_vocab}")
 

@@ -14,6 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import common  # noqa: E402
+import corpus  # noqa: E402
 
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "input.txt.gz")
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/6f9487a6fe5b420b7ca9afb0d7c078e37c1d1b4e/data/tinyshakespeare/input.txt"
@@ -26,7 +27,7 @@ def load_text(input_path):
         if not os.path.isfile(input_path):
             common.die(f"--input {input_path} does not exist")
         return open(input_path, encoding="utf-8").read()
-    data, source = common.find_local_copy("tinyshakespeare.txt", URL, SHA256, shipped=SHIPPED)
+    data, source = corpus.find_local_copy("tinyshakespeare.txt", URL, SHA256, shipped=SHIPPED)
     if data is None:
         common.die(f"no copy of tiny Shakespeare: {source}; pass --input=path/to/input.txt "
                    f"or set {common.SHARED_DATA_ENV} to a folder holding tinyshakespeare.txt")
@@ -43,7 +44,7 @@ def main():
     chars = sorted(set(text))
     stoi = {c: i for i, c in enumerate(chars)}
     n = int(0.9 * len(text))
-    meta = common.write_split(args.out_dir, [stoi[c] for c in text[:n]], [stoi[c] for c in text[n:]],
+    meta = corpus.write_split(args.out_dir, [stoi[c] for c in text[:n]], [stoi[c] for c in text[n:]],
                               {"tokenizer": "char", "chars": chars, "vocab_size": len(chars)})
     print(f"{args.out_dir}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val characters, vocab {len(chars)}")
 

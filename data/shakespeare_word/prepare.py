@@ -1,5 +1,5 @@
 """
-Tiny Shakespeare at word level (common.WordTokenizer: words and punctuation), for the methods
+Tiny Shakespeare at word level (corpus.WordTokenizer: words and punctuation), for the methods
 that work on words (DiffusER's unconditional generation). 90/10 split by characters as in
 shakespeare_char; the vocabulary is the words seen at least --min_count times in train.
 
@@ -12,6 +12,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shakespeare_char"))
 import common  # noqa: E402
+import corpus  # noqa: E402
 from prepare import load_text  # noqa: E402  (reads the shipped corpus)
 
 
@@ -25,9 +26,9 @@ def main():
         common.die("--min_count must be at least 1")
     text = load_text(args.input)
     n = int(0.9 * len(text))
-    tok = common.WordTokenizer.build([text[:n]], args.min_count)
+    tok = corpus.WordTokenizer.build([text[:n]], args.min_count)
     train, val = tok.encode(text[:n]), tok.encode(text[n:])
-    meta = common.write_split(args.out_dir, train, val, {"tokenizer": "word", "words": tok.words,
+    meta = corpus.write_split(args.out_dir, train, val, {"tokenizer": "word", "words": tok.words,
                                                          "vocab_size": tok.vocab_size, "min_count": args.min_count})
     unk = sum(i == tok.UNK for i in train) / len(train)
     print(f"{args.out_dir}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val words, vocab {tok.vocab_size} (<unk> {unk:.2%})")

@@ -23,6 +23,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", ".."))
 import common  # noqa: E402
+import corpus  # noqa: E402
 
 DATA = os.path.dirname(HERE)
 
@@ -75,15 +76,15 @@ def main():
     cuts = [int((1 - args.val_fraction) * len(t)) for t in texts]
     train, val = [t[:n] for t, n in zip(texts, cuts)], [t[n:] for t, n in zip(texts, cuts)]
     if args.tokenizer == "char":
-        tok = common.CharTokenizer(sorted(set("".join(texts))))
+        tok = corpus.CharTokenizer(sorted(set("".join(texts))))
         meta = {"tokenizer": "char", "chars": tok.chars}
         encode = lambda parts: [i for p in parts for i in tok.encode(p)]  # noqa: E731
     elif args.tokenizer == "word":
-        tok = common.WordTokenizer.build(train, args.min_count)
+        tok = corpus.WordTokenizer.build(train, args.min_count)
         meta = {"tokenizer": "word", "words": tok.words, "min_count": args.min_count}
         encode = lambda parts: [i for p in parts for i in tok.encode(p)]  # noqa: E731
     else:
-        tok = common.GPT2Tokenizer()
+        tok = corpus.GPT2Tokenizer()
         meta = {"tokenizer": "gpt2", "eot": tok.enc.eot_token}
         encode = lambda parts: [i for k, p in enumerate(parts) for i in [tok.enc.eot_token] * (k > 0) + tok.encode(p)]  # noqa: E731
     inputs = [os.path.abspath(p) for p in args.input]
@@ -91,7 +92,7 @@ def main():
         f"--name={args.name}", f"--tokenizer={args.tokenizer}", f"--val_fraction={args.val_fraction}",
         f"--min_count={args.min_count}", f"--out_dir={os.path.abspath(out)}", "--force"]
     meta.update(vocab_size=tok.vocab_size, inputs=inputs, command="python " + shlex.join(again))
-    meta = common.write_split(out, encode(train), encode(val), meta)
+    meta = corpus.write_split(out, encode(train), encode(val), meta)
     print(f"{out}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens, {args.tokenizer} vocabulary "
           f"of {tok.vocab_size:,}; train with --dataset={args.name}" + (f" --data_dir={out}" if args.out_dir else ""))
 

@@ -24,6 +24,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import common  # noqa: E402
+import corpus  # noqa: E402
 
 URL = "http://mattmahoney.net/dc/text8.zip"
 SHA256 = "6e890197040d37d85beb962ae1f041ff1d9a9ca8d20c7d99c85027eebf51dca7"  # of the extracted 100M bytes
@@ -34,7 +35,7 @@ CHARS = " abcdefghijklmnopqrstuvwxyz"  # id = position: space 0, a 1, ..., z 26
 def read_input(path):
     """The raw text8 bytes from --input (a zip holding `text8`, or the file itself), else downloaded."""
     if not path:
-        data, source = common.find_local_copy("text8.zip", URL)
+        data, source = corpus.find_local_copy("text8.zip", URL)
         if data is None:
             common.die(f"no copy of text8: {source}; download {URL} elsewhere and pass --input=path/to/text8.zip")
         print(f"read {source}")
@@ -102,11 +103,11 @@ def main():
     if os.path.exists(meta_path):
         os.remove(meta_path)  # from here until the new one is written, the folder reads as incomplete
     os.makedirs(args.out_dir, exist_ok=True)
-    # the test split first: common.write_split writes train.bin, val.bin and meta.json last
+    # the test split first: corpus.write_split writes train.bin, val.bin and meta.json last
     tmp = os.path.join(args.out_dir, "test.bin.tmp")
     ids[n_train + n_val:].astype(np.uint16).tofile(tmp)
     os.replace(tmp, os.path.join(args.out_dir, "test.bin"))
-    meta = common.write_split(args.out_dir, ids[:n_train], ids[n_train:n_train + n_val],
+    meta = corpus.write_split(args.out_dir, ids[:n_train], ids[n_train:n_train + n_val],
                               {"tokenizer": "char", "chars": list(CHARS), "vocab_size": len(CHARS),
                                "test_tokens": n_test, "source_sha256": digest})
     print(f"{args.out_dir}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val / {n_test:,} test characters, "

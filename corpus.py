@@ -1,0 +1,410 @@
+"""
+corpus.py: token data shared by the text methods.
+
+  tokenizers   char, word and GPT-2 BPE, stored as JSON in meta.json (never pickled)
+  token files  data/<name>/prepare.py -> train.bin / val.bin (uint16 or uint32) + meta.json, written
+               atomically under a file lock (any number of torchrun ranks may prepare at once), with
+               the byte size and sha256 of each file in meta.json, checked when a split is read
+  batches      random windows of block_size tokens from a memmap, as in nanoGPT, and the
+               validation windows of every evaluate()
+
+Method files and data/*/prepare.py import this module; it imports only common.py.
+"""
+
+import contextlib
+import glob
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+from common import ROOT, SHARED_DATA_ENV, die, progress
+
+
+
+class CharTokenizer:
+    def __init__(self, chars):
+        self.chars = list(chars)
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+        self.vocab_size = len(self.chars)
+
+    def encode(self, text, what="text"):
+        bad = sorted({c for c in text if c not in self.stoi})
+        if bad:
+            die(f"{what} has characters outside the model's {self.vocab_size}-character vocabulary: "
+                f"{''.join(bad)!r}; use only characters seen in training")
+        return [self.stoi[c] for c in text]
+
+    def decode(self, ids, mask_char="_"):
+        return "".join(self.chars[i] if i < self.vocab_size else mask_char for i in ids)
+
+
+class WordTokenizer:
+    """Words and punctuation, the frequent ones kept; specials first (START, END, UNK, PAD)."""
+
+    SPECIALS = ("<s>", "</s>", "<unk>", "<pad>")
+    START, END, UNK, PAD = 0, 1, 2, 3
+    PATTERN = re.compile(r"\w+|[^\w\s]")
+
+    def __init__(self, words):
+        self.words = list(words)
+        self.stoi = {w: i for i, w in enumerate(self.words)}
+        self.vocab_size = len(self.words)
+
+    @classmethod
+    def split(cls, text):
+        return cls.PATTERN.findall(text)
+
+    @classmethod
+    def build(cls, texts, min_count):
+        counts = {}
+        for text in texts:
+            for w in cls.split(text):
+                counts[w] = counts.get(w, 0) + 1
+        kept = sorted((w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w))
+        return cls(list(cls.SPECIALS) + kept)
+
+    def encode(self, text, what="text"):
+        return [self.stoi.get(w, self.UNK) for w in self.split(text)]
+
+    def decode(self, ids, mask_char="_"):
+        out = [self.words[i] if i < self.vocab_size else mask_char for i in ids]
+        return " ".join(w for w in out if w not in ("<pad>",))
+
+
+def gpt2_encoding():
+    """tiktoken's GPT-2 BPE, from local files under $DIFFLM_DATA/gpt2 when present (offline)."""
+    import tiktoken
+    local = os.path.join(os.environ.get(SHARED_DATA_ENV, ""), "gpt2")
+    if os.path.isfile(os.path.join(local, "vocab.bpe")) and os.path.isfile(os.path.join(local, "encoder.json")):
+        from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+        from tiktoken_ext.openai_public import r50k_pat_str
+        ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=os.path.join(local, "vocab.bpe"),
+                                                encoder_json_file=os.path.join(local, "encoder.json"))
+        return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                                 special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # offline with no local files
+        die(f"cannot load the GPT-2 BPE ({type(e).__name__}); set {SHARED_DATA_ENV} to a folder with gpt2/vocab.bpe and gpt2/encoder.json")
+
+
+class GPT2Tokenizer:
+    def __init__(self):
+        self.enc = gpt2_encoding()
+        self.vocab_size = self.enc.n_vocab
+
+    def encode(self, text, what="text"):
+        return self.enc.encode_ordinary(text)
+
+    def decode(self, ids, mask_char="_"):
+        # masked ids (>= vocab) are shown as a marker between the decoded runs
+        out, run = [], []
+        for i in ids:
+            if i < self.vocab_size:
+                run.append(i)
+            else:
+                out.append(self.enc.decode(run)), run.clear(), out.append(mask_char)
+        out.append(self.enc.decode(run))
+        return "".join(out)
+
+
+def get_tokenizer(meta):
+    if "tokenizer" not in meta:
+        return None  # continuous data (ddpm.py) has no tokenizer
+    kind = meta["tokenizer"]
+    if kind == "char":
+        return CharTokenizer(meta["chars"])
+    if kind == "word":
+        return WordTokenizer(meta["words"])
+    if kind == "gpt2":
+        return GPT2Tokenizer()
+    die(f"unknown tokenizer {kind!r} in meta.json")
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: data/<name>/prepare.py writes train.bin, val.bin (uint16/uint32) and meta.json
+
+
+SPLIT_FILES = ("train.bin", "val.bin")
+CHECK_CHUNK = 1 << 24  # tokens per read when scanning a token file, so memory stays bounded
+
+
+def data_path(cfg):
+    return cfg.data_dir or os.path.join(ROOT, "data", cfg.dataset)
+
+
+def mark_unprepared(out_dir):
+    """Remove meta.json before replacing any file it describes: a prepare killed midway then
+    leaves a folder that reads as unprepared rather than new files under an old meta.json."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(out_dir, "meta.json"))
+
+
+def write_split(out_dir, train_ids, val_ids, meta):
+    """Used by every prepare.py: the two token files and meta.json, each written atomically.
+
+    meta.json records each token file's size and sha256 (check_data compares them) and, when run
+    from a prepare.py, the command that re-prepares the folder. Temporary names carry the pid, so
+    processes preparing one folder at once never write to the same file.
+    """
+    import shlex
+    os.makedirs(out_dir, exist_ok=True)
+    dtype = np.uint16 if meta["vocab_size"] < 2**16 else np.uint32
+    arrays = dict(zip(SPLIT_FILES, (np.asarray(ids, dtype=dtype) for ids in (train_ids, val_ids))))
+    for name, a in arrays.items():
+        if a.size == 0:
+            die(f"the {name[:-4]} split of {out_dir} would be empty; give more text")
+    if "command" not in meta and sys.argv and sys.argv[0].endswith("prepare.py"):
+        meta = {**meta, "command": "python " + " ".join(map(shlex.quote, sys.argv))}
+    meta = {**meta, "dtype": np.dtype(dtype).name, "train_tokens": arrays["train.bin"].size,
+            "val_tokens": arrays["val.bin"].size,
+            "files": {name: {"bytes": a.nbytes, "sha256": hashlib.sha256(a.tobytes()).hexdigest()}
+                      for name, a in arrays.items()}}
+    tmp = f".{os.getpid()}.tmp"
+    for name, a in arrays.items():
+        a.tofile(os.path.join(out_dir, name + tmp))
+    with open(os.path.join(out_dir, "meta.json" + tmp), "w") as f:
+        json.dump(meta, f)
+    mark_unprepared(out_dir)
+    for name in SPLIT_FILES + ("meta.json",):
+        os.replace(os.path.join(out_dir, name + tmp), os.path.join(out_dir, name))
+    return meta
+
+
+def find_local_copy(name, url, sha256=None, shipped=None):
+    """A corpus file's bytes and where they came from: the gzip copy shipped in the repository
+    (shipped, a path), else $DIFFLM_DATA/name, else a download from url; (None, why) if none works."""
+    import gzip
+    import urllib.request
+    local = os.path.join(os.environ.get(SHARED_DATA_ENV, ""), name)
+    if shipped and os.path.isfile(shipped):
+        try:
+            with gzip.open(shipped) as f:
+                data = f.read()
+        except (OSError, EOFError) as e:
+            return None, f"{shipped} is damaged ({e}); restore it with git checkout -- {shipped}"
+        source = shipped
+    elif os.environ.get(SHARED_DATA_ENV) and os.path.isfile(local):
+        data = open(local, "rb").read()
+        source = local
+    else:
+        try:
+            with urllib.request.urlopen(url, timeout=15) as r:
+                data = r.read()
+            source = url
+        except Exception as e:
+            return None, f"could not download {url} ({type(e).__name__})"
+    if sha256 and hashlib.sha256(data).hexdigest() != sha256:
+        return None, f"{source} does not have the expected sha256 {sha256}"
+    return data, source
+
+
+@contextlib.contextmanager
+def data_lock(path):
+    """Hold an exclusive lock on path/prepare.lock: torchrun's ranks all call prepare_data, and
+    one prepares while the others wait, then find the folder prepared."""
+    try:
+        import fcntl
+        os.makedirs(path, exist_ok=True)
+        f = open(os.path.join(path, "prepare.lock"), "a")
+    except (ImportError, OSError):  # no flock (Windows) or a read-only folder that nobody can prepare
+        yield
+        return
+    with f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def reprepare_command(cfg, meta=None):
+    """The command that rebuilds cfg's data folder, for error messages."""
+    path = data_path(cfg)
+    if meta and meta.get("command"):
+        return meta["command"]
+    if os.path.isfile(os.path.join(ROOT, "data", cfg.dataset, "prepare.py")):
+        return f"python data/{cfg.dataset}/prepare.py" + (f" --out_dir={path}" if cfg.data_dir else "")
+    return f"python data/text/prepare.py --input=FILE --name={cfg.dataset} --force"
+
+
+def load_meta(cfg):
+    """meta.json of cfg's data folder, with the keys every loader relies on."""
+    path = os.path.join(data_path(cfg), "meta.json")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except ValueError as e:
+        die(f"{path} is not valid JSON ({e}); re-prepare: {reprepare_command(cfg)}")
+    need = ("vocab_size", "dtype", "train_tokens", "val_tokens", "files")
+    missing = [k for k in need if k not in meta] if isinstance(meta, dict) else list(need)
+    if missing or meta["dtype"] not in ("uint16", "uint32") or set(meta["files"]) != set(SPLIT_FILES):
+        die(f"{path} lacks {', '.join(missing) or 'a valid dtype or files entry'} (written by an older "
+            f"difflm or by hand); re-prepare: {reprepare_command(cfg, meta if isinstance(meta, dict) else None)}")
+    return meta
+
+
+def check_data(cfg, meta):
+    """The token files against meta.json: their sizes every time (cheap); on the first use after a
+    prepare also their sha256 and that every id is below vocab_size, recorded in verified.json so
+    the scan is not repeated while the files stay the same."""
+    path, dtype = data_path(cfg), np.dtype(meta["dtype"])
+    stamp, files = os.path.join(path, "verified.json"), {}
+    for name in SPLIT_FILES:
+        f = os.path.join(path, name)
+        if not os.path.isfile(f):
+            die(f"{f} is missing; re-prepare: {reprepare_command(cfg, meta)}")
+        st, want = os.stat(f), meta["files"][name]["bytes"]
+        tokens = meta[name[:-4] + "_tokens"]
+        if st.st_size != want or want != tokens * dtype.itemsize or st.st_size == 0:
+            die(f"{f} has {st.st_size:,} bytes but meta.json says {tokens:,} {dtype.name} tokens "
+                f"({want:,} bytes): truncated, empty or from another prepare; re-prepare: {reprepare_command(cfg, meta)}")
+        files[name] = [st.st_size, st.st_mtime_ns, meta["files"][name]["sha256"]]
+    with contextlib.suppress(OSError, ValueError):
+        with open(stamp) as f:
+            if json.load(f) == files:
+                return
+    for name in SPLIT_FILES:
+        h, top = hashlib.sha256(), 0
+        with open(os.path.join(path, name), "rb") as f:  # read, not mapped: mapped pages would stay in RSS
+            while chunk := f.read(CHECK_CHUNK * dtype.itemsize):
+                h.update(chunk)
+                top = max(top, int(np.frombuffer(chunk, dtype=dtype).max()))
+        if h.hexdigest() != meta["files"][name]["sha256"]:
+            die(f"{os.path.join(path, name)} does not match the sha256 in meta.json (another prepare's file "
+                f"or a damaged one); re-prepare: {reprepare_command(cfg, meta)}")
+        if top >= meta["vocab_size"]:
+            die(f"{os.path.join(path, name)} holds token id {top}, not below the vocabulary of "
+                f"{meta['vocab_size']} in meta.json; re-prepare: {reprepare_command(cfg, meta)}")
+    with contextlib.suppress(OSError):  # a read-only folder is checked again next time
+        tmp = f"{stamp}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(files, f)
+        os.replace(tmp, stamp)
+
+
+def prepare_data(cfg):
+    """Run data/<dataset>/prepare.py if the folder is not prepared, check its token files against
+    meta.json and return the meta dict. Any number of processes may call it at once (data_lock)."""
+    path = data_path(cfg)
+    script = os.path.join(ROOT, "data", cfg.dataset, "prepare.py")
+    if not os.path.isfile(os.path.join(path, "meta.json")) and (cfg.dataset == "text" or not os.path.isfile(script)):
+        known = sorted(os.path.basename(os.path.dirname(p)) for p in glob.glob(os.path.join(ROOT, "data", "*", "prepare.py"))
+                       if os.path.basename(os.path.dirname(p)) != "text")
+        die(f"unknown dataset {cfg.dataset!r}: {path} is not prepared and there is no data/{cfg.dataset}/prepare.py "
+            f"(known: {', '.join(known)}; for your own text: python data/text/prepare.py --input=FILE --name={cfg.dataset})")
+    with data_lock(path):
+        if not os.path.isfile(os.path.join(path, "meta.json")):
+            print(f"preparing {cfg.dataset} into {path} ...")
+            r = subprocess.run([sys.executable, script, f"--out_dir={path}"], capture_output=True, text=True)
+            if r.returncode != 0:
+                lines = (r.stderr or r.stdout).strip().splitlines()
+                raise SystemExit(lines[-1] if lines else f"error: {script} failed")
+            print(r.stdout.strip())
+        meta = load_meta(cfg)
+        check_data(cfg, meta)
+    return meta
+
+
+def tokenizer_name(meta):
+    return f"{meta.get('tokenizer', 'no')} tokenizer with {meta.get('vocab_size', '?')} tokens"
+
+
+class Batches:
+    """Random windows of block_size tokens from a memmapped split, as in nanoGPT.
+
+    Each rank draws from its own generator, so data streams differ across ranks and the
+    generator's state goes into the checkpoint for an exact resume. meta is the model's (from
+    prepare_data, or the checkpoint's for --eval); the folder's own meta.json must agree with it.
+    """
+
+    def __init__(self, cfg, meta, seed):
+        self.path, self.block = data_path(cfg), cfg.block_size
+        here = meta
+        if os.path.isfile(os.path.join(self.path, "meta.json")):
+            with open(os.path.join(self.path, "meta.json")) as f:
+                here = json.load(f)
+        if any(here.get(k) != meta.get(k) for k in ("tokenizer", "vocab_size", "chars", "words")):
+            same = " (the same size, other symbols)" if tokenizer_name(here) == tokenizer_name(meta) else ""
+            die(f"{self.path} has a {tokenizer_name(here)} but the model was trained on a {tokenizer_name(meta)}{same}; "
+                f"use the dataset it was trained on")
+        self.dtype = np.dtype(here["dtype"])
+        self.gen = torch.Generator().manual_seed(seed)
+        for split in ("train", "val"):
+            n = here[f"{split}_tokens"]
+            if n <= self.block:
+                die(f"the {split} split has {n} tokens, fewer than block_size={self.block}; lower --block_size")
+
+    def data(self, split):
+        # a fresh memmap per call avoids holding the file open (nanoGPT's leak workaround)
+        return np.memmap(os.path.join(self.path, f"{split}.bin"), dtype=self.dtype, mode="r")
+
+    def get(self, split, batch_size, gen=None):
+        data = self.data(split)
+        ix = torch.randint(len(data) - self.block, (batch_size,), generator=gen or self.gen)
+        x = np.stack([data[i:i + self.block].astype(np.int64) for i in ix.tolist()])
+        return torch.from_numpy(x)  # (B, L)
+
+    def sequential(self, split, batch_size):
+        """Every non-overlapping window of the split once, in order (for --eval)."""
+        if not os.path.isfile(os.path.join(self.path, f"{split}.bin")):
+            die(f"{self.path} has no {split} split ({split}.bin); use --eval_split=val")
+        data = self.data(split)
+        n = (len(data) - 1) // self.block
+        if n == 0:
+            die(f"the {split} split has {len(data)} tokens, not more than block_size={self.block}; lower --block_size")
+        for b in range(0, n, batch_size):
+            starts = range(b * self.block, min(n, b + batch_size) * self.block, self.block)
+            yield torch.from_numpy(np.stack([data[s:s + self.block].astype(np.int64) for s in starts]))
+
+    def slices(self, split, max_tokens, pieces=64):
+        """At most max_tokens of a split as lists of ids: all of it when it fits, else `pieces` evenly
+        spaced runs, so a statistic over the training text costs the same at any corpus size."""
+        data = self.data(split)
+        if len(data) <= max_tokens:
+            return [data.tolist()]
+        run = max_tokens // pieces
+        return [data[s:s + run].tolist() for s in np.linspace(0, len(data) - run, pieces).astype(np.int64)]
+
+
+def val_batches(batches, cfg, full=False):
+    """The validation batches of an evaluate(): every window of the --eval_split split once, in order
+    (full, for --eval), else the same eval_iters random val batches at every call, so evaluations
+    during training compare (and never see the test split)."""
+    if full:
+        if cfg.eval_split not in ("val", "test"):
+            die(f"unknown --eval_split={cfg.eval_split!r}; use val or test")
+        if cfg.eval_split != "val":
+            print(f"evaluating on the {cfg.eval_split} split")
+        return progress(batches.sequential(cfg.eval_split, cfg.batch_size), "eval")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    return (batches.get("val", cfg.batch_size, gen) for _ in range(cfg.eval_iters))
+
+
+# ----------------------------------------------------------------------------------------------
+# Text given on the command line
+
+
+def encode_prompt(tokenizer, text, flag, allow_unk=False):
+    """Text given on the command line -> ids. A word outside a word vocabulary would silently become
+    <unk>, so it stops the run unless --allow_unk (a character outside a char vocabulary always does)."""
+    unknown = [w for w in tokenizer.split(text) if w not in tokenizer.stoi] if isinstance(tokenizer, WordTokenizer) else []
+    if unknown and not allow_unk:
+        die(f"{flag} has words outside the model's vocabulary: {' '.join(unknown[:5])}; use known words or --allow_unk")
+    return tokenizer.encode(text, flag)
+
+
+def conditioning(tokenizer, cfg, length):
+    """--prefix and --suffix -> (token ids or -1 at free positions) (length,)."""
+    pre = encode_prompt(tokenizer, cfg.prefix, "--prefix", cfg.allow_unk) if cfg.prefix else []
+    suf = encode_prompt(tokenizer, cfg.suffix, "--suffix", cfg.allow_unk) if cfg.suffix else []
+    if len(pre) + len(suf) > length:
+        die(f"--prefix and --suffix take {len(pre) + len(suf)} tokens, more than the {length}-token sequence; shorten them or raise --seq_len")
+    fixed = torch.full((length,), -1, dtype=torch.long)
+    fixed[:len(pre)] = torch.tensor(pre, dtype=torch.long)
+    if suf:
+        fixed[length - len(suf):] = torch.tensor(suf, dtype=torch.long)
+    return fixed

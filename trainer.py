@@ -1,0 +1,344 @@
+"""
+trainer.py: the training loop every method shares, and loading a trained model back.
+
+  torchrun     one process per device (gloo on CPU, nccl on GPU); unchanged single-process
+  the loop     AdamW, warmup + cosine, clipping, accumulation, EMA weights for eval and sampling,
+               periodic eval, a log line and log.jsonl, torch.compile when asked
+  a run        owns its out_dir (a lock; refuses to overwrite a checkpoint unless told), writes
+               atomic checkpoints, resumes exactly (--resume) after checking the checkpoint fits
+  inference    load_for_inference: checkpoint -> config, EMA model, tokenizer, meta
+
+Method files import this module; it imports common.py and corpus.py.
+"""
+
+import contextlib
+import copy
+import dataclasses
+import glob
+import json
+import math
+import os
+import socket
+import time
+
+import torch
+import torch.nn as nn
+
+from common import (TextConfig, autocast, config_from_checkpoint, die, get_device, load_checkpoint, out_dir,
+                    print_config, save_checkpoint, seed_all)
+from corpus import Batches, get_tokenizer
+
+
+
+def init_distributed(device):
+    if "RANK" not in os.environ:
+        return 0, 1
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend=backend)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+# ----------------------------------------------------------------------------------------------
+# The training loop
+
+
+def lr_at(cfg, it):
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    if it < cfg.warmup_iters:
+        return cfg.lr * (it + 1) / cfg.warmup_iters
+    if it >= decay_iters:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - cfg.min_lr)
+
+
+@torch.no_grad()
+def ema_update(ema_model, model, decay, step):
+    # warm-up ramp so early EMA weights are not dominated by the random init
+    d = min(decay, (1 + step) / (10 + step))
+    ema_p = list(ema_model.parameters())
+    torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1.0 - d)
+
+
+def fmt_time(s):
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def log_json(path, record):
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        die(f"cannot write {path}: {e.strerror or e}; free disk space or choose another --out_dir")
+
+
+def truncate_log(path, last_iter):
+    """Keep the log records of iterations up to last_iter, the ones a resumed checkpoint holds: the
+    run logs the later ones again. A line cut short by a kill goes too."""
+    if not os.path.isfile(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and rec.get("iter", -1) <= last_iter:
+                keep.append(line if line.endswith("\n") else line + "\n")
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        die(f"cannot write {path}: {e.strerror or e}; free disk space or choose another --out_dir")
+
+
+@contextlib.contextmanager
+def own_out_dir(odir):
+    """Hold odir/run.lock for the run, so a second run into the same folder stops at once with a
+    line naming the first. The lock is the kernel's (flock): a killed run releases it by dying."""
+    import fcntl  # POSIX; imported here so that the rest of the module loads anywhere
+    path = os.path.join(odir, "run.lock")
+    try:
+        os.makedirs(odir, exist_ok=True)
+        f = open(path, "a+")
+    except OSError as e:
+        die(f"cannot write to {odir}: {e.strerror or e}; choose another --out_dir")
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "a process that is starting"
+            die(f"{odir} is in use by another run ({holder}); wait for it, stop it, or choose another --out_dir")
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
+        f.flush()
+        for tmp in glob.glob(os.path.join(odir, "ckpt.pt.*.tmp")):  # left by a killed run; no one else writes here
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+        yield
+
+
+RESUME_KEYS = ("model", "ema", "optimizer", "rng", "data_rng", "iter", "config", "meta")
+RUN_KEYS = {"out_dir", "data_dir", "device", "compile", "max_iters", "lr_decay_iters", "eval_interval", "eval_iters",
+            "log_interval", "resume", "overwrite", "num_samples", "show", "prefix", "suffix"}  # not part of a model
+
+
+def fit_state(module, state, path, saved_cfg, cfg, what="model"):
+    """module.load_state_dict(state), or one line naming the settings that differ from the checkpoint's."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError) as e:
+        now = dataclasses.asdict(cfg)
+        differ = [f"{k}={saved_cfg[k]!r} (here {now[k]!r})" for k in now
+                  if k in saved_cfg and k not in RUN_KEYS and saved_cfg[k] != now[k]]
+        hint = f"it was trained with {', '.join(differ[:4])}" if differ else "it was trained with other settings"
+        die(f"{path} does not fit this {what} ({str(e).strip().splitlines()[0][:160]}); {hint}")
+
+
+def resume_from(path, method, cfg, meta, model, ema_model, opt, batches, rank, device):
+    """Load a run's state for --resume, checked as --sample checks it; -> the next iteration."""
+    ckpt = load_checkpoint(path, method)
+    if ckpt.get("method", method) != method:
+        die(f"{path} was trained by {ckpt['method']}.py, not {method}.py; resume it with {ckpt['method']}.py")
+    missing = [k for k in RESUME_KEYS if k not in ckpt]
+    if missing:
+        die(f"{path} lacks {', '.join(missing)}, so it cannot be resumed; sample from it, or start over with --overwrite")
+    for k in ("tokenizer", "vocab_size"):
+        if ckpt["meta"].get(k) != meta.get(k):
+            die(f"{path} was trained on data with {k}={ckpt['meta'].get(k)!r}, this run's has {meta.get(k)!r}; "
+                f"resume with the checkpoint's --dataset ({ckpt['config'].get('dataset')})")
+    saved = ckpt["config"]
+    fit_state(model, ckpt["model"], path, saved, cfg)
+    fit_state(ema_model, ckpt["ema"], path, saved, cfg, "model's EMA")
+    fit_state(opt, ckpt["optimizer"], path, saved, cfg, "optimizer")
+    own = lambda states: states[rank] if rank < len(states) else states[0]  # noqa: E731  (per-rank states)
+    torch.set_rng_state(own(ckpt["rng"]))
+    if device.type == "cuda" and ckpt.get("cuda_rng"):  # the GPU draws the training noise there
+        torch.cuda.set_rng_state(own(ckpt["cuda_rng"]), device)
+    batches.gen.set_state(own(ckpt["data_rng"]))
+    start = ckpt["iter"] + 1
+    if start > cfg.max_iters:
+        die(f"{path} is at iteration {ckpt['iter']}, past --max_iters={cfg.max_iters}; raise --max_iters to train on")
+    return start
+
+
+def train(cfg, method, model, loss_fn, evaluate, meta, batches=None):
+    """The shared loop.
+
+    model    the method's nn.Module (backbone + head); raw, unwrapped
+    loss_fn  loss_fn(model, x0) -> scalar loss for a batch x0 (B, L); may draw its own noise
+    evaluate evaluate(model, batches) -> dict of floats on the validation split (EMA weights)
+    batches  default: random token windows (Batches); a method with other data passes an object
+             with .get(split, batch_size, gen=None) and a torch.Generator .gen
+    Returns the EMA model.
+
+    A run owns its out_dir: it holds the folder's lock while it runs, and it starts over an
+    earlier run's checkpoint only with --overwrite (--resume continues it).
+    """
+    device = get_device(cfg)
+    rank, world = init_distributed(device)
+    odir = out_dir(cfg, method)
+    ckpt_path = os.path.join(odir, "ckpt.pt")
+    if cfg.resume and cfg.overwrite:
+        die("--resume continues the run in out_dir and --overwrite starts it over; pass one of them")
+    with own_out_dir(odir) if rank == 0 else contextlib.nullcontext():
+        if not cfg.resume and os.path.isfile(ckpt_path):
+            if not cfg.overwrite:
+                die(f"{odir} holds a checkpoint of an earlier run; continue it with --resume, start over with "
+                    f"--overwrite, or choose another --out_dir")
+            if rank == 0:
+                os.remove(ckpt_path)
+        return _train_loop(cfg, method, model, loss_fn, evaluate, meta, batches, device, rank, world)
+
+
+def _train_loop(cfg, method, model, loss_fn, evaluate, meta, batches, device, rank, world):
+    master = rank == 0
+    odir = out_dir(cfg, method)
+    ckpt_path = os.path.join(odir, "ckpt.pt")
+    log_path = os.path.join(odir, "log.jsonl")
+    if master:
+        print_config(cfg)
+
+    seed_all(cfg.seed + rank)
+    model.to(device)
+    ema_model = copy.deepcopy(model).requires_grad_(False)
+    ema_model.eval()
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+    if batches is None:
+        batches = Batches(cfg, meta, seed=cfg.seed + 1000 * rank)
+    else:
+        batches.gen.manual_seed(cfg.seed + 1000 * rank)
+    start = 0
+    if cfg.resume:
+        start = resume_from(ckpt_path, method, cfg, meta, model, ema_model, opt, batches, rank, device)
+        if master:
+            print(f"resuming from {ckpt_path} at iteration {start}")
+    if master:
+        truncate_log(log_path, start - 1)  # each iteration is logged once, however often the run was resumed
+    n_params = sum(p.numel() for p in model.parameters())
+    if master:
+        print(f"{method}: {n_params / 1e6:.2f}M parameters, {device}, {world} process(es)")
+
+    train_model = model
+    if world > 1:
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+    ctx = autocast(device)
+    # sequences count tokens; ddpm.py's points (no block_size) count samples
+    per_example, unit = (cfg.block_size, "tok") if isinstance(cfg, TextConfig) else (1, "samples")
+    tokens_per_iter = cfg.batch_size * per_example * cfg.grad_accum * world
+
+    def gather_states(state):
+        # every rank's RNG state, so a resumed DDP run continues each stream exactly
+        if world == 1:
+            return [state]
+        out = [None] * world
+        torch.distributed.all_gather_object(out, state)
+        return out
+
+    def checkpoint(it, val):
+        rngs, data_rngs = gather_states(torch.get_rng_state()), gather_states(batches.gen.get_state())
+        cuda_rngs = gather_states(torch.cuda.get_rng_state(device)) if device.type == "cuda" else None
+        if master:
+            save_checkpoint(ckpt_path, {
+                "model": model.state_dict(), "ema": ema_model.state_dict(), "optimizer": opt.state_dict(),
+                "rng": rngs, "data_rng": data_rngs, "cuda_rng": cuda_rngs, "iter": it,
+                "config": dataclasses.asdict(cfg), "meta": meta, "method": method, "val": val})
+
+    def run_eval():
+        # a fixed seed: every eval sees the same batches and noise, and training RNG is untouched
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), ctx:
+            torch.manual_seed(cfg.seed + 12345)
+            stats = evaluate(ema_model if cfg.ema > 0 else model, batches)
+        return stats
+
+    last_good = start - 1 if start > 0 else None
+    t0 = time.time()
+    t_last, tok_since = t0, 0
+    it = start
+    for it in range(start, cfg.max_iters):
+        lr = lr_at(cfg, it)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        model.train()
+        loss_sum = 0.0
+        for micro in range(cfg.grad_accum):
+            x0 = batches.get("train", cfg.batch_size).to(device, non_blocking=True)
+            sync = micro == cfg.grad_accum - 1 or world == 1
+            with (contextlib.nullcontext() if sync else train_model.no_sync()), ctx:
+                loss = loss_fn(train_model, x0) / cfg.grad_accum
+            loss.backward()
+            loss_sum += loss.detach()
+        loss_val = float(loss_sum)
+        if not math.isfinite(loss_val):
+            where = f"the last good checkpoint {ckpt_path} (iteration {last_good}) is kept" if last_good is not None \
+                else "no checkpoint was written"
+            die(f"loss became {loss_val} at iteration {it}; {where}; lower --lr or raise --warmup_iters")
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cfg.ema > 0:
+            ema_update(ema_model, model, cfg.ema, it)
+        tok_since += tokens_per_iter
+
+        last = it == cfg.max_iters - 1
+        if master and (it % cfg.log_interval == 0 or last):
+            now = time.time()
+            tps = tok_since / max(now - t_last, 1e-9)
+            eta = (now - t0) / (it - start + 1) * (cfg.max_iters - it - 1)
+            print(f"iter {it:5d}/{cfg.max_iters} | loss {loss_val:.4f} | lr {lr:.2e} | {tps / 1e3:.1f}k {unit}/s | eta {fmt_time(eta)}", flush=True)
+            log_json(log_path, {"iter": it, "loss": loss_val, "lr": lr, f"{unit}_per_s": tps, "time": now - t0})
+            t_last, tok_since = now, 0
+        if (it + 1) % cfg.eval_interval == 0 or last:
+            val = run_eval()
+            if master:
+                print(f"eval  {it:5d} | " + " | ".join(f"{k} {v:.4f}" for k, v in val.items()), flush=True)
+                log_json(log_path, {"iter": it, "eval": val, "time": time.time() - t0})
+            checkpoint(it, val)
+            last_good = it
+            t_last, tok_since = time.time(), 0
+    if master:
+        print(f"done: {cfg.max_iters - start} iterations in {fmt_time(time.time() - t0)}; checkpoint {ckpt_path}")
+    if world > 1:
+        torch.distributed.barrier()
+    return ema_model
+
+
+def load_for_inference(config_cls, overrides, method, build_model):
+    """Checkpoint -> (cfg, EMA model in eval mode on the device, tokenizer, meta)."""
+    where = out_dir(config_cls(**overrides), method)
+    ckpt = load_checkpoint(os.path.join(where, "ckpt.pt"), method)
+    if ckpt.get("method", method) != method:
+        die(f"{where}/ckpt.pt was trained by {ckpt['method']}.py, not {method}.py")
+    missing = [k for k in ("model", "config", "meta") + (("ema",) if ckpt.get("config", {}).get("ema", 0) > 0 else ())
+               if k not in ckpt]
+    if missing:
+        die(f"{where}/ckpt.pt lacks {', '.join(missing)}; it is not a complete {method}.py checkpoint: retrain with "
+            f"`python {method}.py --train --overwrite`")
+    # logs go beside the checkpoint that was read, wherever it was trained
+    cfg = dataclasses.replace(config_from_checkpoint(config_cls, ckpt, overrides), out_dir=where)
+    meta = ckpt["meta"]
+    model = build_model(cfg, meta)
+    fit_state(model, ckpt["ema"] if cfg.ema > 0 else ckpt["model"], f"{where}/ckpt.pt", ckpt["config"], cfg)
+    device = get_device(cfg)
+    seed_all(cfg.seed)
+    return cfg, model.to(device).eval(), get_tokenizer(meta), meta, ckpt
+
