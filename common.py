@@ -156,29 +156,44 @@ def parse_args(config_cls, argv=None):
     return verbs, cfg, overrides
 
 
+def check_choice(cfg, key, known):
+    """--key must name one of known -> else one line listing them."""
+    if getattr(cfg, key) not in known:
+        die(f"unknown --{key}={getattr(cfg, key)!r}; use {' or '.join(k or '(empty)' for k in known)}")
+
+
+def check_at_least(cfg, keys, low):
+    """Each --key must be a number >= low (NaN is not) -> else one line naming it."""
+    for k in keys:
+        if not getattr(cfg, k) >= low:
+            die(f"--{k}={getattr(cfg, k)} must be at least {low}")
+
+
+def check_between(cfg, keys, low, high):
+    """Each --key must lie strictly between low and high -> else one line naming it."""
+    for k in keys:
+        if not low < getattr(cfg, k) < high:
+            die(f"--{k}={getattr(cfg, k)} must be in ({low}, {high})")
+
+
 def check_common(cfg):
     """The shared keys' values -> one line naming the flag, before any data or model is touched.
 
     Each method's check_config calls this first, then checks its own keys.
     """
-    at_least_one = ["batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval", "num_samples"]
-    if isinstance(cfg, TextConfig):
-        at_least_one += ["n_layer", "n_head", "n_embd", "block_size"]
-    for k in at_least_one:
-        if getattr(cfg, k) < 1:
-            die(f"--{k}={getattr(cfg, k)} must be at least 1")
-    for k in ("lr_decay_iters", "warmup_iters"):
-        if getattr(cfg, k) < 0:
-            die(f"--{k}={getattr(cfg, k)} must be 0 or more")
+    text = isinstance(cfg, TextConfig)
+    check_at_least(cfg, ["batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval",
+                         "num_samples"] + (["n_layer", "n_head", "n_embd", "block_size"] if text else []), 1)
+    check_at_least(cfg, ("lr_decay_iters", "warmup_iters", "min_lr", "weight_decay", "grad_clip"), 0)
     if not (math.isfinite(cfg.lr) and cfg.lr > 0):
         die(f"--lr={cfg.lr} must be a finite number above 0")
     for k in ("min_lr", "weight_decay", "grad_clip"):
-        if not (math.isfinite(getattr(cfg, k)) and getattr(cfg, k) >= 0):
+        if not math.isfinite(getattr(cfg, k)):
             die(f"--{k}={getattr(cfg, k)} must be a finite number, 0 or more")
-    for k in ("beta1", "beta2", "ema") + (("dropout",) if isinstance(cfg, TextConfig) else ()):
+    for k in ("beta1", "beta2", "ema") + (("dropout",) if text else ()):
         if not 0 <= getattr(cfg, k) < 1:  # NaN fails this too
             die(f"--{k}={getattr(cfg, k)} must be in [0, 1)")
-    if isinstance(cfg, TextConfig) and (cfg.n_embd % cfg.n_head or cfg.n_embd // cfg.n_head % 2):
+    if text and (cfg.n_embd % cfg.n_head or cfg.n_embd // cfg.n_head % 2):
         die(f"--n_embd={cfg.n_embd} must be --n_head={cfg.n_head} times an even head size (rotary positions turn pairs)")
     get_device(cfg)
 

@@ -286,6 +286,14 @@ def check_data(cfg, meta):
         os.replace(tmp, stamp)
 
 
+def load_jsonl(path):
+    """One JSON record per line (the E2E examples data/e2e/prepare.py writes beside the token files)."""
+    if not os.path.isfile(path):
+        die(f"missing {path}; re-prepare the dataset (python data/e2e/prepare.py, or delete meta.json beside it)")
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def prepare_data(cfg):
     """Run data/<dataset>/prepare.py if the folder is not prepared, check its token files against
     meta.json and return the meta dict. Any number of processes may call it at once (data_lock)."""

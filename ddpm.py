@@ -548,11 +548,9 @@ def check_config(cfg):
     common.check_common(cfg)
     for key, known in (("schedule", ("linear", "cosine")), ("pred", ("eps", "x0", "v")), ("var", ("beta", "posterior")),
                        ("sampler", ("ancestral", "ddim"))):
-        if getattr(cfg, key) not in known:
-            common.die(f"unknown --{key}={getattr(cfg, key)!r}; use {', '.join(known)}")
-    for k in ("n_layer", "n_embd", "T"):
-        if getattr(cfg, k) < (2 if k == "T" else 1):
-            common.die(f"--{k}={getattr(cfg, k)} must be at least {2 if k == 'T' else 1}")
+        common.check_choice(cfg, key, known)
+    common.check_at_least(cfg, ("n_layer", "n_embd"), 1)
+    common.check_at_least(cfg, ("T",), 2)
     if cfg.schedule == "linear" and cfg.T <= 20:
         common.die(f"--T={cfg.T} is too small for the linear schedule (beta_T = {20 / cfg.T:.2f} >= 1); use T > 20")
     if not 0.0 <= cfg.eta <= 1.0:

@@ -27,7 +27,6 @@ step's (--target=prev, the paper), which hide among the earlier steps' noise.
 
 import collections
 import dataclasses
-import json
 import math
 import os
 import time
@@ -101,33 +100,20 @@ class Config(common.TextConfig, common.BaseConfig):
 def check_config(cfg):
     """Every value at the command-line boundary -> one line naming the flag."""
     common.check_common(cfg)
-    for k in ("seq_len", "decode_batch"):
-        if getattr(cfg, k) < 1:
-            common.die(f"--{k}={getattr(cfg, k)} must be at least 1")
-    for k in ("steps", "eval_mrs"):
-        if getattr(cfg, k) < 0:
-            common.die(f"--{k}={getattr(cfg, k)} must be 0 or more")
-    if cfg.bootstrap not in BOOTSTRAPS:
-        common.die(f"unknown --bootstrap={cfg.bootstrap!r}; use one of {', '.join(BOOTSTRAPS)}")
-    if cfg.decode not in DECODERS:
-        common.die(f"unknown --decode={cfg.decode!r}; use one of {', '.join(DECODERS)}")
+    common.check_at_least(cfg, ("seq_len", "decode_batch", "max_len", "T"), 1)
+    common.check_at_least(cfg, ("steps", "eval_mrs"), 0)
+    for key, known in (("bootstrap", BOOTSTRAPS), ("decode", DECODERS), ("fill", ("l2r", "parallel")),
+                       ("target", ("x0", "prev")), ("noise", ("unigram", "uniform"))):
+        common.check_choice(cfg, key, known)
     if cfg.beam_b < 1 or cfg.beam_r < 1:
         common.die(f"beam sizes must be at least 1 (got --beam_b={cfg.beam_b}, --beam_r={cfg.beam_r})")
-    if cfg.fill not in ("l2r", "parallel"):
-        common.die(f"unknown --fill={cfg.fill!r}; use l2r or parallel")
-    if cfg.target not in ("x0", "prev"):
-        common.die(f"unknown --target={cfg.target!r}; use x0 or prev")
-    if cfg.noise not in ("unigram", "uniform"):
-        common.die(f"unknown --noise={cfg.noise!r}; use unigram or uniform")
     probs = (cfg.p_keep, cfg.p_replace, cfg.p_insert, cfg.p_delete)
     if not all(math.isfinite(p) and p >= 0 for p in probs) or abs(sum(probs) - 1) > 1e-6:
         common.die(f"--p_keep/--p_replace/--p_insert/--p_delete must be >= 0 and sum to 1 (got {probs})")
-    if cfg.T < 1 or not 0 <= cfg.span_lambda < math.inf or not 0 <= cfg.boot_prob <= 1:
-        common.die("need --T >= 1, --span_lambda >= 0 and 0 <= --boot_prob <= 1")
+    if not 0 <= cfg.span_lambda < math.inf or not 0 <= cfg.boot_prob <= 1:
+        common.die("need --span_lambda >= 0 and 0 <= --boot_prob <= 1")
     if not cfg.temperature > 0 or not 0 < cfg.top_p <= 1:
         common.die(f"need --temperature > 0 and 0 < --top_p <= 1 (got {cfg.temperature}, {cfg.top_p})")
-    if cfg.max_len < 1:
-        common.die(f"need --max_len >= 1 (got {cfg.max_len})")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,7 +310,7 @@ class EditBatches:
         self.examples, self.streams = {}, {}
         for split, name in (("train", "train"), ("val", "valid")):
             if self.seq2seq:
-                exs = [(e["src"], e["text"]) for e in load_jsonl(os.path.join(path, f"{name}.jsonl"))
+                exs = [(e["src"], e["text"]) for e in corpus.load_jsonl(os.path.join(path, f"{name}.jsonl"))
                        if len(e["text"]) <= cfg.max_len]
                 if not exs:
                     common.die(f"no {split} example fits --max_len={cfg.max_len}; raise it")
@@ -358,13 +344,6 @@ class EditBatches:
         rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=gen or self.gen)))
         examples = [make_example(*self.draw_x0(split, rng), rng, self.noise, self.cfg) for _ in range(batch_size)]
         return collate(examples, self.V, rng)
-
-
-def load_jsonl(path):
-    if not os.path.isfile(path):
-        common.die(f"missing {path}; run data/e2e/prepare.py (or delete meta.json next to it to re-prepare)")
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def bootstrap_sequence(kind, src, length, noise, rng):
@@ -620,7 +599,7 @@ def evaluate(model, batches, cfg):
 def validation_mrs(cfg, limit=0):
     """Distinct validation MRs in file order: [(src ids, [reference strings])]."""
     groups = {}
-    for e in load_jsonl(os.path.join(corpus.data_path(cfg), "valid.jsonl")):
+    for e in corpus.load_jsonl(os.path.join(corpus.data_path(cfg), "valid.jsonl")):
         groups.setdefault(tuple(e["src"]), []).append(e["ref"])
     items = list(groups.items())
     return items[:limit] if limit else items

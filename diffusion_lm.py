@@ -248,7 +248,7 @@ class Rows:
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.rows, self.mrs = {}, {}
         for split, name in (("train", "train"), ("val", "valid")):
-            exs = load_jsonl(os.path.join(path, f"{name}.jsonl"))
+            exs = corpus.load_jsonl(os.path.join(path, f"{name}.jsonl"))
             self.rows[split] = pad_rows([e["text"] for e in exs], cfg.block_size)
             self.mrs[split] = [e["mr"] for e in exs]
 
@@ -259,14 +259,6 @@ class Rows:
     def sequential(self, split, batch_size):
         for i in range(0, len(self.rows[split]), batch_size):
             yield self.rows[split][i:i + batch_size]
-
-
-def load_jsonl(path):
-    import json
-    if not os.path.isfile(path):
-        common.die(f"missing {path}; run data/e2e/prepare.py (or use --rows=false for packed windows)")
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def pad_rows(texts, L):
@@ -366,7 +358,7 @@ def train_classifier(cfg, model, meta):
     if not os.path.isfile(os.path.join(path, "train.jsonl")):
         common.die(f"--train_classifier needs E2E's meaning representations ({path}/train.jsonl); use --dataset=e2e")
     device = next(model.parameters()).device
-    exs = load_jsonl(os.path.join(path, "train.jsonl"))
+    exs = corpus.load_jsonl(os.path.join(path, "train.jsonl"))
     fields = classifier_fields([e["mr"] for e in exs])
     rows = pad_rows([e["text"] for e in exs], cfg.block_size)
     y = classifier_labels([e["mr"] for e in exs], fields)
@@ -634,18 +626,14 @@ def build_model(cfg, meta):
 def check_config(cfg):
     """Every value at the command-line boundary -> one line naming the flag; the math above trusts cfg."""
     common.check_common(cfg)
-    if cfg.clamp not in ("cos", "l2", "none"):
-        common.die(f"unknown --clamp={cfg.clamp!r}; use cos, l2 or none")
-    for k in ("embed_dim", "T", "steps", "mbr", "classifier_iters", "classifier_layers", "eval_t_samples", "control_samples"):
-        if getattr(cfg, k) < 1:
-            common.die(f"--{k}={getattr(cfg, k)} must be at least 1" + ("; 1 turns MBR off" if k == "mbr" else ""))
+    common.check_choice(cfg, "clamp", ("cos", "l2", "none"))
+    common.check_at_least(cfg, ("embed_dim", "T", "steps", "mbr", "classifier_iters", "classifier_layers",
+                                "eval_t_samples", "control_samples"), 1)
     if cfg.T % cfg.steps:
         common.die(f"--steps={cfg.steps} must divide T={cfg.T} (e.g. 200 or 2000)")
-    for k in ("length", "guide_steps", "eval_batches"):
-        if getattr(cfg, k) < 0:
-            common.die(f"--{k}={getattr(cfg, k)} must be 0 or more")
+    common.check_at_least(cfg, ("length", "guide_steps", "eval_batches"), 0)
     for k in ("guide_lr", "guide_lambda"):
-        if not (math.isfinite(getattr(cfg, k)) and getattr(cfg, k) >= 0):
+        if not 0 <= getattr(cfg, k) < math.inf:
             common.die(f"--{k}={getattr(cfg, k)} must be a finite number, 0 or more")
 
 

@@ -61,20 +61,11 @@ SAMPLERS = ("ddpm", "ddpm_cache")
 def check_config(cfg):
     """Every value at the command-line boundary -> one line naming the flag; the math below trusts cfg."""
     common.check_common(cfg)
-    if cfg.schedule not in SCHEDULES:
-        common.die(f"unknown --schedule={cfg.schedule!r}; use loglinear or cosine")
-    if cfg.sampler not in SAMPLERS:
-        common.die(f"unknown --sampler={cfg.sampler!r}; use ddpm or ddpm_cache")
-    for k in ("eps", "t_min", "t_end"):
-        if not 0 < getattr(cfg, k) < 1:
-            common.die(f"--{k}={getattr(cfg, k)} must be in (0, 1)")
-    for k in ("steps", "eval_t_samples"):
-        if getattr(cfg, k) < 1:
-            common.die(f"--{k}={getattr(cfg, k)} must be at least 1")
-    if cfg.seq_len < 0:
-        common.die(f"--seq_len={cfg.seq_len} must be 0 (block_size) or more")
-    if cfg.stride < 0:
-        common.die(f"--stride={cfg.stride} must be 0 (block_size // 2) or more")
+    common.check_choice(cfg, "schedule", SCHEDULES)
+    common.check_choice(cfg, "sampler", SAMPLERS)
+    common.check_between(cfg, ("eps", "t_min", "t_end"), 0, 1)
+    common.check_at_least(cfg, ("steps", "eval_t_samples"), 1)
+    common.check_at_least(cfg, ("seq_len", "stride"), 0)  # 0: block_size, block_size // 2
 
 
 # ----------------------------------------------------------------------------------------------

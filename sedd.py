@@ -69,22 +69,14 @@ class Config(common.PromptConfig, common.TextConfig, common.BaseConfig):
 def check_config(cfg):
     """Every value at the command-line boundary -> one line naming the flag; the math below trusts cfg."""
     common.check_common(cfg)
-    if cfg.graph not in GRAPHS:
-        common.die(f"unknown --graph={cfg.graph!r}; use absorb or uniform")
-    if cfg.schedule not in SCHEDULES + ("",):
-        common.die(f"unknown --schedule={cfg.schedule!r}; use loglinear or geometric")
-    if cfg.sampler not in SAMPLERS:
-        common.die(f"unknown --sampler={cfg.sampler!r}; use analytic or euler")
-    for k in ("steps", "eval_t_samples"):
-        if getattr(cfg, k) < 1:
-            common.die(f"--{k}={getattr(cfg, k)} must be at least 1")
-    for k in ("eps", "t_min", "t_end"):
-        if not 0 < getattr(cfg, k) < 1:
-            common.die(f"--{k}={getattr(cfg, k)} must be in (0, 1)")
+    common.check_choice(cfg, "graph", GRAPHS)
+    common.check_choice(cfg, "schedule", SCHEDULES + ("",))
+    common.check_choice(cfg, "sampler", SAMPLERS)
+    common.check_at_least(cfg, ("steps", "eval_t_samples"), 1)
+    common.check_between(cfg, ("eps", "t_min", "t_end"), 0, 1)
     if not 0 < cfg.sigma_min < cfg.sigma_max < math.inf:
         common.die(f"need 0 < --sigma_min ({cfg.sigma_min}) < --sigma_max ({cfg.sigma_max}), both finite")
-    if cfg.seq_len < 0:
-        common.die(f"--seq_len={cfg.seq_len} must be 0 (block_size) or more")
+    common.check_at_least(cfg, ("seq_len",), 0)  # 0: block_size
 
 
 # ----------------------------------------------------------------------------------------------
