@@ -37,8 +37,8 @@ import torch.nn.functional as F
 
 import common
 import corpus
-import trainer
 import kernels
+import trainer
 
 METHOD = "diffusion_lm"
 
@@ -568,12 +568,12 @@ def evaluate(model, batches, cfg, full=False):
             bound = bound + (model.T - 1) * model.coef_x0[t] ** 2 * mc["sq_err"] / (2 * model.post_var[t]) / k
             for name in ("mse", "prior", "rounding"):
                 sums[name] = sums.get(name, 0.0) + float(terms[name].sum()) / k
-        sums["nll_bound"] = sums.get("nll_bound", 0.0) + float(bound.sum())
+        sums["nelbo"] = sums.get("nelbo", 0.0) + float(bound.sum())
         count += B
         positions += w.numel()
-    out = {f"val_{n}": v / count for n, v in sums.items() if n != "nll_bound"}
+    out = {f"val_{n}": v / count for n, v in sums.items() if n != "nelbo"}
     out["val_loss"] = out["val_mse"] + out["val_prior"] + out["val_rounding"]
-    out["val_nll_bound"] = sums["nll_bound"] / positions  # nats per position
+    out["val_nelbo"] = sums["nelbo"] / positions  # nats per position
     return out
 
 
@@ -638,8 +638,7 @@ def check_config(cfg):
 
 
 def load(overrides):
-    """load_for_inference, then the checks again on the checkpoint's config under the overrides,
-    and those that need the trained model's own settings."""
+    """load_for_inference, then check_config on the checkpoint's config under the overrides, and --length."""
     cfg, model, tok, meta, ckpt = trainer.load_for_inference(Config, overrides, METHOD, build_model)
     check_config(cfg)
     if cfg.length >= cfg.block_size:
@@ -680,7 +679,7 @@ def main(argv=None):
     if "eval" in verbs:
         cfg, model, tok, meta, ckpt = load(overrides)
         stats = evaluate(model, make_batches(cfg, meta), cfg, full=True)
-        print(f"val NLL bound {stats['val_nll_bound']:.4f} nats/position (PAD positions included) | "
+        print(f"val NELBO {stats['val_nelbo']:.4f} nats/position (PAD positions included) | "
               f"mse {stats['val_mse']:.4f} | prior {stats['val_prior']:.2e} | rounding {stats['val_rounding']:.4f} "
               f"({cfg.eval_t_samples} time samples per sequence)")
         if os.path.isfile(os.path.join(common.out_dir(cfg, METHOD), "classifier.pt")):

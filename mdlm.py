@@ -25,8 +25,8 @@ import torch.nn as nn
 
 import common
 import corpus
-import trainer
 import kernels
+import trainer
 
 # ----------------------------------------------------------------------------------------------
 # Config

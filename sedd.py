@@ -31,8 +31,8 @@ import torch.nn as nn
 
 import common
 import corpus
-import trainer
 import kernels
+import trainer
 
 GRAPHS = ("absorb", "uniform")
 SCHEDULES = ("loglinear", "geometric")

@@ -278,7 +278,7 @@ def test_cli_train_sample_eval(cli_out):
     assert r.stdout.count("=== sample") == 2
     r = run_cli(["diffusion_lm.py", "--eval", f"--out_dir={cli_out}", "--eval_batches=1", "--eval_t_samples=1",
                  "--steps=10", "--control_samples=2", "--control_targets=food=Italian,area=riverside"])
-    assert "val NLL bound" in r.stdout and r.stdout.count("control food=Italian") == 1
+    assert "val NELBO" in r.stdout and r.stdout.count("control food=Italian") == 1
 
 
 @pytest.mark.parametrize("args,msg", [
