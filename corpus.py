@@ -141,9 +141,21 @@ def data_path(cfg):
 
 def mark_unprepared(out_dir):
     """Remove meta.json before replacing any file it describes: a prepare killed midway then
-    leaves a folder that reads as unprepared rather than new files under an old meta.json."""
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(os.path.join(out_dir, "meta.json"))
+    leaves a folder that reads as unprepared rather than new files under an old meta.json. The
+    .tmp files another (killed) process left go too: prepares of one folder run one at a time (data_lock)."""
+    stale = [f for f in glob.glob(os.path.join(glob.escape(out_dir), "*.tmp")) if not f.endswith(f".{os.getpid()}.tmp")]
+    for f in [os.path.join(out_dir, "meta.json")] + stale:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(f)
+
+
+def file_record(path):
+    """{"bytes", "sha256"} of a token file, read in chunks: the entry meta.json keeps per file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return {"bytes": os.path.getsize(path), "sha256": h.hexdigest()}
 
 
 def write_split(out_dir, train_ids, val_ids, meta):

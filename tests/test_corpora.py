@@ -80,7 +80,15 @@ def kill_midway(script, args, hook):
 
 
 def folder_bytes(path):
-    return {f: open(os.path.join(path, f), "rb").read() for f in sorted(os.listdir(path))}
+    """Each prepared file's bytes; meta.json without its "command" (the command line that made it)."""
+    out = {}
+    for f in sorted(os.listdir(path)):
+        if f in ("prepare.lock", "verified.json"):  # the lock and the integrity scan's note, not data
+            continue
+        out[f] = open(os.path.join(path, f), "rb").read()
+        if f == "meta.json":
+            out[f] = {k: v for k, v in json.loads(out[f]).items() if k != "command"}
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

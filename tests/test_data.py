@@ -1,5 +1,6 @@
 """Data: the shipped corpora, your own text (data/text/prepare.py), meta.json against the token
 files, preparing from many processes at once, and bounded reads of a split."""
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -25,8 +26,13 @@ SHIPPED = {  # the uncompressed sha256 of each shipped file (data/*/README.md)
 }
 
 
+@dataclasses.dataclass
+class Cfg(common.TextConfig, common.BaseConfig):
+    """The keys a text method's data reading sees."""
+
+
 def cfg_for(path, **kw):
-    return common.BaseConfig(data_dir=str(path), **kw)
+    return Cfg(data_dir=str(path), **kw)
 
 
 def fails(fn, *needles):
@@ -278,8 +284,8 @@ def test_slices_are_bounded(tmp_path):
 
 WORKER = """
 import sys; sys.path.insert(0, sys.argv[1])
-import common
-meta = corpus.prepare_data(common.BaseConfig(dataset=sys.argv[2], data_dir=sys.argv[3]))
+import corpus, mdlm
+meta = corpus.prepare_data(mdlm.Config(dataset=sys.argv[2], data_dir=sys.argv[3]))
 print("tokens", meta["train_tokens"])
 """
 

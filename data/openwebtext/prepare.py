@@ -23,6 +23,7 @@ import collections
 import glob
 import json
 import os
+import shlex
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
@@ -217,10 +218,13 @@ def write(out_dir, sources, n_val, num_proc, what):
         files[s].close()
         os.replace(tmp[s], os.path.join(out_dir, f"{s}.bin"))
     meta = {"tokenizer": "gpt2", "vocab_size": EOT + 1, "eot": EOT, "dtype": "uint16", "source": what,
-            "train_tokens": tokens["train"], "val_tokens": tokens["val"], "train_docs": total - n_val, "val_docs": n_val}
-    with open(os.path.join(out_dir, "meta.json.tmp"), "w") as f:
+            "train_tokens": tokens["train"], "val_tokens": tokens["val"], "train_docs": total - n_val, "val_docs": n_val,
+            "command": "python " + " ".join(map(shlex.quote, sys.argv)),
+            "files": {f"{s}.bin": corpus.file_record(os.path.join(out_dir, f"{s}.bin")) for s in SPLITS}}
+    tmp = os.path.join(out_dir, f"meta.json.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
         json.dump(meta, f)
-    os.replace(os.path.join(out_dir, "meta.json.tmp"), os.path.join(out_dir, "meta.json"))
+    os.replace(tmp, os.path.join(out_dir, "meta.json"))
     return meta
 
 
