@@ -39,6 +39,6 @@ setup(
                 if os.path.isfile(os.path.join(here, m + ".py"))],
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy", "tiktoken", "ninja", "tqdm"],  # ninja: the JIT build of csrc/; tqdm: common.progress
-    extras_require={"test": ["pytest", "hypothesis"], "plot": ["matplotlib"], "bleu": ["sacrebleu"]},
+    extras_require={"test": ["pytest", "hypothesis", "sacrebleu"], "plot": ["matplotlib"], "bleu": ["sacrebleu"]},
     **kwargs,
 )
