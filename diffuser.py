@@ -87,11 +87,13 @@ class Config(common.TextConfig, common.BaseConfig):
 def check_config(cfg):
     """Every value at the command-line boundary -> one line naming the flag."""
     common.check_common(cfg)
-    common.check_at_least(cfg, ("seq_len", "decode_batch", "max_len", "T", "beam_b", "beam_r"), 1)
+    common.check_at_least(cfg, ("seq_len", "decode_batch", "max_len", "T"), 1)
     common.check_at_least(cfg, ("steps", "eval_mrs"), 0)
     for key, known in (("bootstrap", BOOTSTRAPS), ("decode", DECODERS), ("target", ("x0", "prev")),
                        ("noise", ("unigram", "uniform"))):
         common.check_choice(cfg, key, known)
+    if cfg.beam_b < 1 or cfg.beam_r < 1:
+        common.die(f"beam sizes must be at least 1 (got --beam_b={cfg.beam_b}, --beam_r={cfg.beam_r})")
     probs = (cfg.p_keep, cfg.p_replace, cfg.p_insert, cfg.p_delete)
     if not all(math.isfinite(p) and p >= 0 for p in probs) or abs(sum(probs) - 1) > 1e-6:
         common.die(f"--p_keep/--p_replace/--p_insert/--p_delete must be >= 0 and sum to 1 (got {probs})")
@@ -103,7 +105,6 @@ def check_config(cfg):
 
 # ----------------------------------------------------------------------------------------------
 # Forward process: one corruption step with its edit log, and the reverse edits it implies
-#
 # An edit is (kind, old, new): the tokens it consumes from x_{t-1} and the tokens it writes to x_t.
 #   ("keep", w, w)   ("replace", w, v) with len(v) == len(w)   ("insert", (), v)   ("delete", w, ())
 
@@ -406,8 +407,7 @@ def loss_fn(model, batch):
 # ----------------------------------------------------------------------------------------------
 # Decoding: revisions from a bootstrap; greedy, sampling, beam, 2D beam
 
-# the sequence, the cumulative log-likelihood of its revisions, and (t, x_t, tags, counts, fills) per revision
-Hyp = collections.namedtuple("Hyp", "x score history")
+Hyp = collections.namedtuple("Hyp", "x score history")  # score: total log p; history: [(t, x_t, tags, counts, fills)]
 
 
 def network_logprobs(model, rows, t, which, chunk, at=None):
