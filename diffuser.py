@@ -2,18 +2,15 @@
 DiffusER: discrete diffusion by edit-based reconstruction.
 Reid, Hellendoorn and Neubig, "DiffusER: Discrete Diffusion via Edit-based Reconstruction", ICLR 2023.
 
-Forward process: T (12) steps of Levenshtein edits (keep 60%, replace 20%, insert 10%, delete 10%,
-Poisson(3) spans; new tokens from the corpus unigram distribution), each logged, so the reverse edits
-x_t -> x_{t-1} are known exactly: a tag KEEP / DELETE / REPLACE per token of x_t, an insertion count
-per gap, and the tokens that fill the slots. A tagger predicts the edits, a generator fills the
-slots. Decoding revises a bootstrap (source text, empty, random tokens, or a draft of the
-autoregressive baseline ar.py) T times: greedy, sampled, beam, or the paper's 2D beam.
+Forward process: T (12) steps of Levenshtein edits (keep 60%, replace 20%, insert 10%, delete 10%, Poisson(3)
+spans; new tokens from the corpus unigram distribution), each logged, so the reverse edits x_t -> x_{t-1} are
+known exactly: a tag KEEP / DELETE / REPLACE per token of x_t, an insertion count per gap, and the tokens that
+fill the slots. A tagger predicts the edits, a generator fills the slots. Decoding revises a bootstrap (source
+text, empty, random tokens, or a draft of ar.py) T times: greedy, sampled, beam, or the paper's 2D beam.
 
-The authors released no code; where this file chooses for them (METHODS.md sec. 5): the generator is
-the bidirectional backbone filling the slots left to right, one per call, not a separate causal
-decoder; a bootstrap gets one extra trained revision, t = T + 1, towards x_0; by default
-(--target=x0) a revision is trained on every edit back to x_0 (by alignment), not only on the last
-step's (--target=prev, the paper), which hide among the earlier steps' noise.
+The authors released no code; this file's own choices (METHODS.md sec. 5): the generator is the bidirectional
+backbone filling the slots left to right, one per call; a bootstrap gets one extra trained revision t = T + 1
+towards x_0; a revision learns every edit back to x_0 (--target=x0), not only the last step's (paper: --target=prev).
 
     python diffuser.py --train                          # E2E MR -> text, source bootstrap, ~15 min on 2 CPU cores
     python diffuser.py --sample --show                  # realise validation MRs, each revision with its edits marked
@@ -54,10 +51,6 @@ DECODERS = ("greedy", "sample", "beam", "beam2d")
 class Config(common.TextConfig, common.BaseConfig):
     dataset: str = "e2e"
     block_size: int = 96  # source (<= 43 words on E2E) + separator + BOS + x_t (<= max_len)
-    n_embd: int = 128
-    n_head: int = 4
-    n_layer: int = 4
-    batch_size: int = 32
     max_iters: int = 2400
     lr: float = 2e-3
     warmup_iters: int = 50
@@ -73,18 +66,13 @@ class Config(common.TextConfig, common.BaseConfig):
     noise: str = "unigram"  # unigram | uniform: where replaced and inserted tokens come from
     max_len: int = 48  # longest x_t; longer training texts are skipped, insertions are capped (0..max_len a gap)
     seq_len: int = 24  # window length on unconditional data; length of a random bootstrap
-    # bootstrap: the starting sequence x_{T+1}, trained as one extra revision with probability boot_prob
     bootstrap: str = "source"  # source | null | random | autoregressive (decoding only: a draft of ar_ckpt)
-    boot_prob: float = 0.5
-    # unconditional data only: ar.py checkpoints trained on the same data and vocabulary
-    ar_ckpt: str = "out/ar/ckpt.pt"  # --bootstrap=autoregressive: decoding revises a draft of seq_len words sampled from it
+    boot_prob: float = 0.5  # how often training draws the bootstrap revision x_{T+1} -> x_0
+    ar_ckpt: str = "out/ar/ckpt.pt"  # unconditional data: --bootstrap=autoregressive revises its seq_len-word drafts
     gen: bool = False  # --eval --gen: score num_samples samples with the autoregressive judge
-    judge: str = "out/ar/ckpt.pt"  # the judge of --eval --gen (the same file as ar_ckpt flatters AR-drafted samples)
-    # what a revision at step t is trained to reach: x0 (every edit that leads back to the text, by
-    # alignment of x_t against x_0) or prev (the paper: only the last step's edits, x_t -> x_{t-1})
-    target: str = "x0"
-    # decoding
-    decode: str = "greedy"  # greedy | sample | beam | beam2d
+    judge: str = "out/ar/ckpt.pt"  # an ar.py on the same words; the same file as ar_ckpt flatters AR-drafted samples
+    target: str = "x0"  # a revision learns x0: every edit back to the text (alignment), or prev: x_t -> x_{t-1} (paper)
+    decode: str = "greedy"  # decoding: greedy | sample | beam | beam2d
     beam_b: int = 5  # beam inside a revision (over edit and token choices)
     beam_r: int = 3  # hypotheses kept across revisions (2D beam)
     temperature: float = 1.0
@@ -94,7 +82,6 @@ class Config(common.TextConfig, common.BaseConfig):
     allow_unk: bool = False  # let --source words outside the vocabulary become <unk> instead of stopping
     eval_mrs: int = 0  # --eval: distinct validation MRs to decode for BLEU; 0: all
     decode_batch: int = 256  # sequences per network call while decoding
-    fill: str = "l2r"  # l2r: the generator fills slots left to right, one call each; parallel: all in one call
 
 
 def check_config(cfg):
@@ -102,8 +89,8 @@ def check_config(cfg):
     common.check_common(cfg)
     common.check_at_least(cfg, ("seq_len", "decode_batch", "max_len", "T"), 1)
     common.check_at_least(cfg, ("steps", "eval_mrs"), 0)
-    for key, known in (("bootstrap", BOOTSTRAPS), ("decode", DECODERS), ("fill", ("l2r", "parallel")),
-                       ("target", ("x0", "prev")), ("noise", ("unigram", "uniform"))):
+    for key, known in (("bootstrap", BOOTSTRAPS), ("decode", DECODERS), ("target", ("x0", "prev")),
+                       ("noise", ("unigram", "uniform"))):
         common.check_choice(cfg, key, known)
     if cfg.beam_b < 1 or cfg.beam_r < 1:
         common.die(f"beam sizes must be at least 1 (got --beam_b={cfg.beam_b}, --beam_r={cfg.beam_r})")
@@ -118,7 +105,6 @@ def check_config(cfg):
 
 # ----------------------------------------------------------------------------------------------
 # Forward process: one corruption step with its edit log, and the reverse edits it implies
-#
 # An edit is (kind, old, new): the tokens it consumes from x_{t-1} and the tokens it writes to x_t.
 #   ("keep", w, w)   ("replace", w, v) with len(v) == len(w)   ("insert", (), v)   ("delete", w, ())
 
@@ -129,9 +115,7 @@ class NoiseTokens:
 
     def __init__(self, counts, kind="unigram"):
         w = np.asarray(counts, dtype=np.float64).copy() if kind == "unigram" else np.ones(len(counts))
-        w[SPECIALS] = 0.0
-        if w.sum() <= 0:
-            common.die("the noise distribution is empty: the vocabulary has no ordinary words")
+        w[SPECIALS] = 0.0  # <unk> stays: never an empty distribution
         self.probs = w / w.sum()
         self.cdf = np.cumsum(self.probs)
 
@@ -269,7 +253,7 @@ def collate(examples, vocab_size, rng=None):
     """examples: (src or None, x_t, tags, counts, fills, t) -> EditBatch. With rng, each canvas shows the
     words of a random subset of its slots (each with probability u ~ U(0, 1), one slot kept open) and only
     the open slots are targets: the generator learns to fill a slot given words already chosen around
-    it, as decode() runs it (left to right), and with u near 0 to fill all at once."""
+    it, as decode() runs it (left to right)."""
     START = corpus.WordTokenizer.START
     tag_rows, gen_rows, tag_t, ins_t, gen_t = [], [], [], [], []
     for src, xt, tags, counts, fills, t in examples:
@@ -294,9 +278,8 @@ def collate(examples, vocab_size, rng=None):
 
 
 class EditBatches:
-    """Training pairs for trainer.train: .get(split, batch_size, gen) -> EditBatch, .gen for resume. One
-    example per line of sequence-to-sequence data (data/e2e: <split>.jsonl with "src" and "text"), else
-    random windows of seq_len words from <split>.bin."""
+    """Training pairs for trainer.train: .get(split, batch_size, gen) -> EditBatch, .gen for resume. One example
+    per line of <split>.jsonl ("src", "text": data/e2e), else random windows of seq_len words from <split>.bin."""
 
     def __init__(self, cfg, meta, seed):
         if meta.get("tokenizer") != "word":
@@ -306,7 +289,8 @@ class EditBatches:
         self.gen = torch.Generator().manual_seed(seed)
         self.seq2seq = os.path.isfile(os.path.join(path, "train.jsonl"))
         if cfg.bootstrap == "source" and not self.seq2seq:
-            common.die(f"--bootstrap=source needs sequence-to-sequence data (--dataset=e2e); {path} has none: use null or random")
+            common.die(f"--bootstrap=source needs sequence-to-sequence data (--dataset=e2e); {path} has none: "
+                       "use null or random")
         self.examples, self.streams = {}, {}
         for split, name in (("train", "train"), ("val", "valid")):
             if self.seq2seq:
@@ -350,11 +334,7 @@ def bootstrap_sequence(kind, src, length, noise, rng):
     """x_{T+1}: the source text, the empty sequence, or random tokens."""
     if kind == "source":
         return list(src)
-    if kind == "null":
-        return []
-    if kind == "random":
-        return list(noise.draw(rng, length))
-    common.die(f"--bootstrap={kind} is a decoding option (a draft of ar.py); train with --bootstrap=null or random")
+    return [] if kind == "null" else list(noise.draw(rng, length))  # main() keeps "autoregressive" out of training
 
 
 def make_example(src, x0, rng, noise, cfg):
@@ -384,13 +364,11 @@ class DiffusER(nn.Module):
         V, C = vocab_size, cfg.n_embd
         self.vocab_size, self.max_len, self.T = V, cfg.max_len, cfg.T
 
-        def backbone(n_in):
-            return common.Transformer(n_in, cfg.n_layer, cfg.n_head, C, cfg.block_size, cfg.dropout, cond_dim=128)
-
-        self.tagger = backbone(V)
+        shape = (cfg.n_layer, cfg.n_head, C, cfg.block_size, cfg.dropout)  # the same for both networks
+        self.tagger = common.Transformer(V, *shape, cond_dim=128)
         self.tag_head = nn.Linear(C, 3)  # KEEP / DELETE / REPLACE per token of x_t
-        self.ins_head = nn.Linear(C, cfg.max_len + 1)  # tokens to insert in the gap after each position (x_t <= max_len)
-        self.generator = backbone(2 * V + 1)  # words, "replace word w" (V + w), insertion slot (2V)
+        self.ins_head = nn.Linear(C, cfg.max_len + 1)  # tokens to insert in the gap after each position (0..max_len)
+        self.generator = common.Transformer(2 * V + 1, *shape, cond_dim=128)  # words, "replace w" (V + w), slot (2V)
         self.gen_head = nn.Linear(C, V)
 
     def tag(self, ids, mask, t):
@@ -423,15 +401,13 @@ def loss_terms(model, batch):
 
 
 def loss_fn(model, batch):
-    tag, ins, gen = loss_terms(model, batch)
-    return tag + ins + gen
+    return sum(loss_terms(model, batch))
 
 
 # ----------------------------------------------------------------------------------------------
 # Decoding: revisions from a bootstrap; greedy, sampling, beam, 2D beam
 
-# the sequence, the cumulative log-likelihood of its revisions, and (t, x_t, tags, counts, fills) per revision
-Hyp = collections.namedtuple("Hyp", "x score history")
+Hyp = collections.namedtuple("Hyp", "x score history")  # score: total log p; history: [(t, x_t, tags, counts, fills)]
 
 
 def network_logprobs(model, rows, t, which, chunk, at=None):
@@ -467,14 +443,12 @@ def kbest(logps, b):
 
 def sample_choice(lp, temperature, top_p):
     """One draw per row of lp (n, C) float64, tempered and nucleus-truncated; inverse CDF in float64."""
-    lp = torch.from_numpy(lp)
-    probs = torch.softmax(lp / temperature, -1)
+    probs = torch.softmax(torch.from_numpy(lp) / temperature, -1)
     if top_p < 1:
         p, idx = probs.sort(dim=-1, descending=True, stable=True)
         keep = p.cumsum(-1) - p < top_p  # the smallest prefix whose mass reaches top_p
         probs = torch.zeros_like(probs).scatter_(-1, idx, p * keep)
-    u = torch.rand(lp.shape[0], dtype=torch.float64)
-    return common.sample_categorical(probs, u).numpy()
+    return common.sample_categorical(probs, torch.rand(len(lp), dtype=torch.float64)).numpy()
 
 
 def choose(logps, strategy, b, cfg):
@@ -492,21 +466,15 @@ def choose(logps, strategy, b, cfg):
 
 @torch.no_grad()
 def fill_slots(model, jobs, t, strategy, cfg):
-    """The generator's words for each job (conditioning ids, canvas, slot positions), left to right, one
-    slot per network call (the paper's generator is autoregressive over the slots): slot k sees the words
-    chosen for slots < k (--fill=parallel: none). greedy: argmax; sample: temperature / nucleus.
-    Returns (log p, sequence, fills) per job."""
+    """The generator's words for each job (conditioning ids, canvas, slot positions), left to right, one slot
+    per network call (the paper's generator is autoregressive over the slots): slot k sees the words chosen
+    for slots < k. greedy: argmax; sample: temperature / nucleus. Returns (log p, sequence, fills) per job."""
     xs, scores, fills = [list(cv) for _, cv, _ in jobs], [0.0] * len(jobs), [[] for _ in jobs]
-    if cfg.fill == "parallel":  # every slot from one call on the bare canvas, independently (Mask-Predict's first pass)
-        once = network_logprobs(model, [c + x for (c, _, _), x in zip(jobs, xs)], t, "fill", cfg.decode_batch)
     for k in range(max((len(s) for _, _, s in jobs), default=0)):
         active = [i for i, (_, _, s) in enumerate(jobs) if len(s) > k]
         at = [len(jobs[i][0]) + jobs[i][2][k] for i in active]
-        if cfg.fill == "parallel":
-            lp = np.stack([once[i][0][a] for i, a in zip(active, at)])  # (active, V)
-        else:
-            lp = np.stack([o[0] for o in network_logprobs(model, [jobs[i][0] + xs[i] for i in active], t, "fill",
-                                                          cfg.decode_batch, at=at)])
+        out = network_logprobs(model, [jobs[i][0] + xs[i] for i in active], t, "fill", cfg.decode_batch, at=at)
+        lp = np.stack([o[0] for o in out])  # (active, V)
         lp[:, SPECIALS] = -np.inf  # slots hold words, never <s>, </s> or <pad>
         ws = lp.argmax(1) if strategy == "greedy" else sample_choice(lp, cfg.temperature, cfg.top_p)
         for i, row, w in zip(active, lp, ws.tolist()):
@@ -518,10 +486,9 @@ def fill_slots(model, jobs, t, strategy, cfg):
 
 @torch.no_grad()
 def decode(model, starts, srcs, cfg, times, strategy="greedy", b=1, r=1):
-    """Revise each start sequence at the given time steps -> the best Hyp per start. greedy: argmax of
-    every choice; sample: temperature / nucleus draws; beam: the b best edit sets of each revision, each
-    filled greedily, and the top r hypotheses across revisions (r > 1: the 2D beam). An empty sequence
-    must insert."""
+    """Revise each start sequence at the given time steps -> the best Hyp per start. greedy: argmax of every
+    choice; sample: temperature / nucleus draws; beam: the b best edit sets of each revision, each filled
+    greedily, and the top r hypotheses across revisions (r > 1: the 2D beam). An empty sequence must insert."""
     V, START, chunk = model.vocab_size, corpus.WordTokenizer.START, cfg.decode_batch
     beams = [[Hyp(list(x)[:model.max_len], 0.0, [])] for x in starts]
     for t in common.progress(times, "revisions"):
@@ -548,14 +515,6 @@ def decode(model, starts, srcs, cfg, times, strategy="greedy", b=1, r=1):
     return [beam[0] for beam in beams]
 
 
-def decode_times(cfg, trained_boot):
-    """The bootstrap revision (t = T + 1) when the model was trained for it, then steps..1."""
-    steps = cfg.steps or cfg.T
-    if steps > cfg.T:
-        common.die(f"--steps={steps} exceeds the trained --T={cfg.T}")
-    return ([cfg.T + 1] if trained_boot else []) + list(range(steps, 0, -1))
-
-
 def strategy_of(cfg):
     """--decode -> (strategy, b, r) for decode()."""
     return {"greedy": ("greedy", 1, 1), "sample": ("sample", 1, 1),
@@ -563,16 +522,10 @@ def strategy_of(cfg):
 
 
 def mark_revision(tok, xt, tags, counts, fills):
-    """One revision as text: kept words plain, [-deleted-], [old->new], [+inserted+]; a slot cut
-    from the canvas at max_len has no fill and shows as ... ."""
-    f = iter(fills)
-
-    def new():
-        w = next(f, None)
-        return "..." if w is None else tok.words[w]
-
+    """One revision as text: kept words plain, [-deleted-], [old->new], [+inserted+]; ... a slot cut at max_len."""
+    new = iter([tok.words[w] for w in fills])
     show = {KEEP: lambda w: tok.words[w], DELETE: lambda w: f"[-{tok.words[w]}-]",
-            REPLACE: lambda w: f"[{tok.words[w]}->{new()}]", INSERT: lambda w: f"[+{new()}+]"}
+            REPLACE: lambda w: f"[{tok.words[w]}->{next(new, '...')}]", INSERT: lambda w: f"[+{next(new, '...')}+]"}
     return " ".join(show[tag](w) for tag, w in walk(xt, tags, counts))
 
 
@@ -588,10 +541,9 @@ def words(tok, ids):
 def evaluate(model, batches, cfg):
     """Tagger and generator cross-entropy (nats) on eval_iters validation batches, the same every time."""
     model.eval()
-    device = next(model.parameters()).device
     sums = np.zeros(3)
     for batch in corpus.val_batches(batches, cfg):
-        sums += [float(v) for v in loss_terms(model, batch.to(device))]
+        sums += [float(v) for v in loss_terms(model, batch.to(next(model.parameters()).device))]
     tag, ins, gen_ce = (float(v) for v in sums / cfg.eval_iters)  # plain floats: the checkpoint loads weights_only
     return {"val_loss": tag + ins + gen_ce, "val_tag_ce": tag, "val_ins_ce": ins, "val_gen_ce": gen_ce}
 
@@ -601,8 +553,7 @@ def validation_mrs(cfg, limit=0):
     groups = {}
     for e in corpus.load_jsonl(os.path.join(corpus.data_path(cfg), "valid.jsonl")):
         groups.setdefault(tuple(e["src"]), []).append(e["ref"])
-    items = list(groups.items())
-    return items[:limit] if limit else items
+    return list(groups.items())[:limit or None]
 
 
 def bleu(hyps, refs):
@@ -612,28 +563,29 @@ def bleu(hyps, refs):
     except ImportError:
         common.die("BLEU needs sacrebleu, an optional extra: pip install 'difflm[bleu]' (or pip install sacrebleu)")
     streams = [[r[i] if i < len(r) else None for r in refs] for i in range(max(len(r) for r in refs))]
-    # both sides are word-tokenized the same way (WordTokenizer), on purpose: force skips the warning
-    return sacrebleu.corpus_bleu(hyps, streams, force=True).score
+    return sacrebleu.corpus_bleu(hyps, streams, force=True).score  # force: both sides word-tokenized, on purpose
 
 
 @torch.no_grad()
 def ar_drafts(path, meta, n, length, device):
     """n drafts of `length` words (lists of ids) from the ar.py checkpoint at path: ancestral sampling at
-    temperature 1, one causal forward per word over [BOS] (id V) + the last block_size - 1 words, float64
-    inverse-CDF draws, never <s>, </s> or <pad>. Not ar.py's cached sampler: method files never import
-    each other, and common's backbone has no key/value cache (yet)."""
+    temperature 1 from [BOS] (id V) through its key/value cache, float64 inverse-CDF draws, never <s>, </s>
+    or <pad>. The draft fits the context, so each word is drawn as by one forward over [BOS] + all before it."""
     judge, _ = common.load_judge(path, meta, device)  # dies on a missing file or another vocabulary
-    V, L = judge["head"].out_features, judge["backbone"].block_size
-    x = torch.zeros((n, 0), dtype=torch.long, device=device)  # (n, words so far)
+    backbone, head = judge["backbone"], judge["head"]
+    if length > backbone.block_size:
+        common.die(f"a draft of --seq_len={length} words does not fit the drafter's context "
+                   f"block_size={backbone.block_size}; lower --seq_len or train ar.py with a longer --block_size")
+    cache, drafted = backbone.new_cache(), []
+    nxt = torch.full((n, 1), head.out_features, device=device)  # (n, 1) [BOS], then each new word
     for _ in range(length):
-        inp = torch.cat([torch.full((n, 1), V, device=device), x[:, max(0, x.shape[1] - (L - 1)):]], 1)
         with common.autocast(device):
-            logits = judge["head"](judge["backbone"](inp)[:, -1])  # (n, V)
+            logits = head(backbone(nxt, cache=cache)[:, -1])  # (n, V)
         probs = torch.softmax(logits.double(), -1)
         probs[:, SPECIALS] = 0.0
-        nxt = common.sample_categorical(probs, torch.rand(n, dtype=torch.float64, device=device))
-        x = torch.cat([x, nxt[:, None]], 1)
-    return x.cpu().tolist()
+        nxt = common.sample_categorical(probs, torch.rand(n, dtype=torch.float64, device=device))[:, None]
+        drafted.append(nxt)
+    return torch.cat(drafted, 1).cpu().tolist()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -648,8 +600,9 @@ def load(overrides):
     cfg, model, tok, meta, ckpt = trainer.load_for_inference(Config, overrides, "diffuser", build_model)
     check_config(cfg)
     if cfg.bootstrap == "autoregressive" and meta["seq2seq"]:
-        common.die("--bootstrap=autoregressive drafts from the unconditional ar.py, which would ignore the meaning "
-                   "representation; on E2E use --bootstrap=source (the autoregressive draft is for unconditional data)")
+        common.die("--bootstrap=autoregressive drafts from the unconditional ar.py; on E2E use --bootstrap=source")
+    if cfg.steps > cfg.T:
+        common.die(f"--steps={cfg.steps} exceeds the trained --T={cfg.T}")
     return cfg, model, tok, meta, ckpt
 
 
@@ -664,34 +617,32 @@ def run_decode(model, cfg, meta, srcs):
             common.die(f"the source has {len(s)} words; with --max_len={model.max_len} it does not fit the model's "
                        f"context block_size={model.tagger.block_size}; shorten it")
     if cfg.bootstrap == "autoregressive":
-        if not 1 <= cfg.seq_len <= model.max_len:
-            common.die(f"the draft has --seq_len={cfg.seq_len} words; it must be between 1 and --max_len={model.max_len}")
+        if cfg.seq_len > model.max_len:
+            common.die(f"the draft has --seq_len={cfg.seq_len} words, more than --max_len={model.max_len}")
         starts = ar_drafts(cfg.ar_ckpt, meta, len(srcs), cfg.seq_len, next(model.parameters()).device)
-        # the draft already reads like text (a lightly corrupted x_t), not like the empty or random bootstrap
-        # the t = T + 1 revision was trained on: skip that revision, run steps..1
-        boot_revision = False
+        boot_revision = False  # a draft reads like text (a lightly corrupted x_t): skip t = T + 1, run steps..1
     else:
         rng, noise = np.random.default_rng(cfg.seed), NoiseTokens(meta["unigram"], cfg.noise)
         starts = [bootstrap_sequence(cfg.bootstrap, s, cfg.seq_len, noise, rng) for s in srcs]
-    return decode(model, starts, srcs, cfg, decode_times(cfg, boot_revision), *strategy_of(cfg))
+    times = ([cfg.T + 1] if boot_revision else []) + list(range(cfg.steps or cfg.T, 0, -1))  # bootstrap rev., steps..1
+    return decode(model, starts, srcs, cfg, times, *strategy_of(cfg))
 
 
-def as_stream(hyps):
-    """Decoded sequences -> (1, total words): packed end to end like the judge's training stream, so
-    sequences of any length are scored (a word after a junction is scored with the previous text in view)."""
-    stream = [w for h in hyps for w in h.x]
+def sample_stream(model, cfg, meta, n):
+    """n unconditional decodes -> (1, total words) on the model's device, packed end to end like the judge's
+    training stream, so sequences of any length are scored (a word after a junction sees the text before it)."""
+    stream = [w for h in run_decode(model, cfg, meta, [None] * n) for w in h.x]
     if not stream:
         common.die("every sample is empty; nothing to score (train longer, or raise --num_samples)")
-    return torch.tensor([stream])
+    return torch.tensor([stream], device=next(model.parameters()).device)
 
 
 def main(argv=None):
     verbs, cfg, overrides = common.parse_args(Config, argv)
     check_config(cfg)
-    if "train" in verbs and cfg.bootstrap == "autoregressive":
-        common.die("--bootstrap=autoregressive is a decoding option (it revises a draft of ar.py with the ordinary "
-                   "revisions); train with --bootstrap=null or random, then --sample --bootstrap=autoregressive")
     if "train" in verbs:
+        if cfg.bootstrap == "autoregressive":
+            common.die("--bootstrap=autoregressive is a decoding option; train with --bootstrap=null or random")
         common.check_memory(cfg)
         meta = corpus.prepare_data(cfg)
         batches = EditBatches(cfg, meta, cfg.seed)
@@ -702,15 +653,13 @@ def main(argv=None):
             return
     if "sample" in verbs:
         cfg, model, tok, meta, _ = load(overrides)
-        if meta["seq2seq"]:
-            if cfg.source:
-                srcs = [corpus.encode_prompt(tok, cfg.source, "--source", cfg.allow_unk)]
-            else:
-                srcs = [list(s) for s, _ in validation_mrs(cfg, cfg.num_samples)]
-        else:
-            if cfg.source:
-                common.die("--source is for sequence-to-sequence models (E2E); this model is unconditional")
-            srcs = [None] * cfg.num_samples
+        if cfg.source and not meta["seq2seq"]:
+            common.die("--source is for sequence-to-sequence models (E2E); this model is unconditional")
+        srcs = [None] * cfg.num_samples  # unconditional
+        if cfg.source:
+            srcs = [corpus.encode_prompt(tok, cfg.source, "--source", cfg.allow_unk)]
+        elif meta["seq2seq"]:
+            srcs = [list(s) for s, _ in validation_mrs(cfg, cfg.num_samples)]
         t0 = time.time()
         best = run_decode(model, cfg, meta, srcs)
         for i, (s, h) in enumerate(zip(srcs, best)):
@@ -724,30 +673,26 @@ def main(argv=None):
     if "eval" in verbs:
         cfg, model, tok, meta, ckpt = load(overrides)
         if cfg.gen and meta["seq2seq"]:
-            common.die("--gen scores unconditional samples under an ar.py judge; an E2E model is scored by BLEU (drop --gen)")
+            common.die("--gen is for unconditional models; an E2E model is scored by BLEU (drop --gen)")
         corpus.prepare_data(cfg)
-        trained = dataclasses.replace(cfg, bootstrap=ckpt["config"].get("bootstrap", cfg.bootstrap))  # held-out corruptions as trained
-        stats = evaluate(model, EditBatches(trained, meta, cfg.seed), cfg)
+        trained_boot = ckpt["config"].get("bootstrap", cfg.bootstrap)  # held-out corruptions as trained
+        stats = evaluate(model, EditBatches(dataclasses.replace(cfg, bootstrap=trained_boot), meta, cfg.seed), cfg)
         print("held-out corruptions: " + " | ".join(f"{k} {v:.4f}" for k, v in stats.items()))
         if meta["seq2seq"]:
-            items = validation_mrs(cfg, cfg.eval_mrs)
-            t0 = time.time()
+            items, t0 = validation_mrs(cfg, cfg.eval_mrs), time.time()
             best = run_decode(model, cfg, meta, [list(s) for s, _ in items])
-            hyps = [words(tok, h.x) for h in best]
-            stats["bleu"] = bleu(hyps, [refs for _, refs in items])
-            print(f"E2E validation BLEU {stats['bleu']:.2f} ({cfg.decode}, b={strategy_of(cfg)[1]}, r={strategy_of(cfg)[2]}, "
-                  f"{len(items)} MRs, {time.time() - t0:.0f}s)")
+            stats["bleu"] = bleu([words(tok, h.x) for h in best], [refs for _, refs in items])
+            _, b, r = strategy_of(cfg)
+            print(f"E2E validation BLEU {stats['bleu']:.2f} ({cfg.decode}, b={b}, r={r}, {len(items)} MRs, "
+                  f"{time.time() - t0:.0f}s)")
         elif cfg.gen:
             what = f"{cfg.decode} decoding from the {cfg.bootstrap} bootstrap, texts packed as the judge's stream"
             if cfg.bootstrap == "autoregressive" and os.path.abspath(cfg.ar_ckpt) == os.path.abspath(cfg.judge):
                 what += "; the drafts come from the judge itself, which flatters them"
-            device = next(model.parameters()).device
-            stats.update(common.generative_eval(cfg.judge, lambda n: as_stream(run_decode(model, cfg, meta, [None] * n)).to(device),
+            stats.update(common.generative_eval(cfg.judge, lambda n: sample_stream(model, cfg, meta, n),
                                                 cfg.num_samples, meta, what))
-        else:
-            print("(--gen adds the NLL of num_samples samples under the autoregressive judge, --judge=an ar.py checkpoint on the same data)")
         trainer.log_json(os.path.join(common.out_dir(cfg, "diffuser"), "log.jsonl"),
-                        {"eval_full": stats, "iter": ckpt["iter"], "decode": cfg.decode})
+                         {"eval_full": stats, "iter": ckpt["iter"], "decode": cfg.decode})
 
 
 if __name__ == "__main__":

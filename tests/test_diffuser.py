@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from conftest import run_cli
 
+import common
 import corpus
 import diffuser as D
 
@@ -482,6 +483,28 @@ def test_ar_drafts_follow_the_drafter(word_models):
     assert share > 0.6, share  # the drafter learned the cycle (chance 1/6, data ~0.88)
 
 
+def test_ar_drafts_match_an_uncached_sampler(word_models):
+    """The cached drafter draws, for the same uniforms, what one causal forward per word over [BOS] + every word
+    so far gives, up to a draft as long as the drafter's context; a longer draft stops with one line."""
+    _, _, _, meta, _ = D.load({"data_dir": word_models["data"], "out_dir": word_models["out"]})
+    n, L = 16, 16  # L: the drafter's block_size (AR_SMALL)
+    torch.manual_seed(1)
+    cached = D.ar_drafts(word_models["ar"], meta, n, L, torch.device("cpu"))
+    torch.manual_seed(1)  # then load as ar_drafts does (building the modules draws their initial weights)
+    judge, _ = common.load_judge(word_models["ar"], meta)
+    assert judge["backbone"].block_size == L
+    x, V = torch.zeros((n, 0), dtype=torch.long), judge["head"].out_features
+    with torch.no_grad(), common.autocast(torch.device("cpu")):
+        for _ in range(L):
+            logits = judge["head"](judge["backbone"](torch.cat([torch.full((n, 1), V), x], 1))[:, -1])
+            probs = torch.softmax(logits.double(), -1)
+            probs[:, D.SPECIALS] = 0.0
+            x = torch.cat([x, common.sample_categorical(probs, torch.rand(n, dtype=torch.float64))[:, None]], 1)
+    assert cached == x.tolist()
+    with pytest.raises(SystemExit, match="does not fit the drafter's context"):
+        D.ar_drafts(word_models["ar"], meta, 2, L + 1, torch.device("cpu"))
+
+
 def test_cli_autoregressive_bootstrap_and_eval_gen(word_models):
     small, ar_ckpt = word_models["small"], word_models["ar"]
     r = run_cli(["diffuser.py", "--sample", "--show", "--bootstrap=autoregressive", f"--ar_ckpt={ar_ckpt}",
@@ -524,5 +547,5 @@ def test_autoregressive_bootstrap_bad_inputs(word_models):
     fails(["--eval", "--gen", f"--judge={missing}", "--num_samples=1", "--steps=1"], "no judge checkpoint at")
     fails(["--eval", "--gen", f"--judge={wrong}", "--num_samples=1", "--steps=1"], "another tokenizer/vocabulary")
     fails(["--sample", "--bootstrap=autoregressive", f"--ar_ckpt={word_models['ar']}", "--seq_len=40"],
-          "must be between 1 and --max_len=16")
+          "more than --max_len=16")
     fails(["--train", "--bootstrap=autoregressive", "--max_iters=1"], "is a decoding option")
