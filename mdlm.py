@@ -48,6 +48,8 @@ class Config(common.PromptConfig, common.TextConfig, common.BaseConfig):
     t_end: float = 1e-5  # last sampling time before the final noise-removal step
     seq_len: int = 0  # 0: block_size; longer: semi-autoregressive blocks
     stride: int = 0  # new tokens per semi-autoregressive round; 0: block_size // 2
+    infill: str = ""  # a template: --placeholder marks each free position, the rest is held fixed
+    placeholder: str = "_"
     # evaluation
     eval_t_samples: int = 4  # time samples per validation sequence in --eval
     gen: bool = False  # --eval --gen: score num_samples samples with the autoregressive judge (ar.py)
@@ -306,6 +308,7 @@ def main(argv=None):
         cfg, model, tok, meta, _ = load(overrides)
         length = cfg.seq_len or cfg.block_size
         fixed = corpus.conditioning(tok, cfg, length)
+        length = fixed.shape[0]  # --infill without --seq_len: the template's length
         t0 = time.time()
         samples, calls = generate(model, cfg, fixed, cfg.num_samples, common.show_steps(tok, cfg))
         for i, s in enumerate(samples.tolist()):

@@ -60,6 +60,8 @@ class Config(common.PromptConfig, common.TextConfig, common.BaseConfig):
     steps: int = 128
     t_end: float = 1e-5  # last predictor time before the denoising step
     seq_len: int = 0  # 0: block_size (one chain covers the sequence; at most block_size)
+    infill: str = ""  # a template: --placeholder marks each free position, the rest is held fixed
+    placeholder: str = "_"
     # evaluation
     eval_t_samples: int = 4  # time samples per validation sequence in --eval
     gen: bool = False  # --eval --gen: score num_samples samples with the autoregressive judge (ar.py)
@@ -395,8 +397,9 @@ def sample_chain(model, x, cfg, fixed=None, show=None):
     """Run the reverse chain from x (B, L) (a limit sample) and return (x_0 (B, L), network calls).
 
     model: callable (xt, sigma_bar (B,)) -> log-scores (B, L, N). fixed (L,): token ids, -1 at free
-    positions; they are projected back before every step and on the output (no conditional
-    training needed). Every step draws u (B, L, 2) float64 once.
+    positions; they are projected back after every step, so every state the chain (and show)
+    sees holds them: the conditional ratios are the unconditional ones with the fixed positions
+    held (no conditional training needed). Every step draws u (B, L, 2) float64 once.
     """
     B, device = x.shape[0], x.device
     grid = time_grid(cfg.steps, cfg.t_end).to(device)
@@ -410,8 +413,8 @@ def sample_chain(model, x, cfg, fixed=None, show=None):
         with common.autocast(device):
             return model(x, sigma_bars[i].float().expand(B)).float()  # (B, L, N)
 
+    x = project(x)
     for i in common.progress(range(cfg.steps), "sampling"):
-        x = project(x)
         log_score = network(i)
         u = torch.rand(B, x.shape[1], 2, dtype=torch.float64, device=device)
         if cfg.sampler == "euler":
@@ -419,10 +422,10 @@ def sample_chain(model, x, cfg, fixed=None, show=None):
             x = euler_step(log_score, x, rate_dt, u, cfg.graph)
         else:
             x = tweedie_step(log_score, x, (sigma_bars[i] - sigma_bars[i + 1]).expand(B), u, cfg.graph)
+        x = project(x)
         if show:
             show(i, x)
     # the denoiser: one Tweedie step from t_end to sigma_bar = 0, MASK dropped
-    x = project(x)
     log_score = network(cfg.steps)
     u = torch.rand(B, x.shape[1], 2, dtype=torch.float64, device=device)
     x = tweedie_step(log_score, x, sigma_bars[cfg.steps].expand(B), u, cfg.graph, final=True)
@@ -517,6 +520,7 @@ def main(argv=None):
         cfg, model, tok, meta, _ = load(overrides)
         length = cfg.seq_len or cfg.block_size
         fixed = corpus.conditioning(tok, cfg, length)
+        length = fixed.shape[0]  # --infill without --seq_len: the template's length
         t0 = time.time()
         samples, calls = generate(model, cfg, fixed, cfg.num_samples, common.show_steps(tok, cfg))
         for i, s in enumerate(samples.tolist()):

@@ -1,0 +1,145 @@
+"""Sampling controls shared by MDLM and SEDD: infilling anywhere (--infill), held fixed positions at
+every step, exact conditioning on an enumerable toy, the template checks at the command line."""
+import dataclasses
+import itertools
+
+import pytest
+import torch
+
+import corpus
+import mdlm
+import sedd
+from test_mdlm import ExactDenoiser, random_model, toy_distribution
+from test_sedd import toy
+
+def char_cfg(**kw):
+    return mdlm.Config(**kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# Templates -> fixed tensors, and the one-line errors
+
+
+@pytest.mark.parametrize("template, expect", [
+    ("_ab", [-1, 6, 7]),      # placeholder at the start
+    ("ab_", [6, 7, -1]),      # at the end
+    ("a__b", [6, -1, -1, 7]),  # in the middle
+    ("A\\nB_", [1, 0, 2, -1]),  # a literal \n is a newline
+])
+def test_infill_template_positions(template, expect):
+    tok = corpus.CharTokenizer("\nABC :ab_")  # '_' in the vocabulary too: the placeholder wins
+    ids = [tok.stoi[c] if c != "_" else -1 for c in template.replace("\\n", "\n")]
+    fixed = corpus.conditioning(tok, char_cfg(infill=template), 32)
+    assert fixed.tolist() == ids and len(ids) == len(expect)
+    padded = corpus.conditioning(tok, char_cfg(infill=template, seq_len=10), 10)  # --seq_len: free after the template
+    assert padded.tolist() == ids + [-1] * (10 - len(ids))
+
+
+def test_infill_custom_placeholder_and_word_level():
+    tok = corpus.CharTokenizer("\nABC :ab_")
+    fixed = corpus.conditioning(tok, char_cfg(infill="a#_", placeholder="#"), 8)
+    assert fixed.tolist() == [tok.stoi["a"], -1, tok.stoi["_"]]
+    words = corpus.WordTokenizer.__new__(corpus.WordTokenizer)
+    words.words = list(corpus.WordTokenizer.SPECIALS) + ["the", "of", ","]
+    words.stoi = {w: i for i, w in enumerate(words.words)}
+    words.vocab_size = len(words.words)
+    fixed = corpus.conditioning(words, char_cfg(infill="_ the _ of _"), 16)
+    assert fixed.tolist() == [-1, 4, -1, 5, -1]  # each placeholder is one free word
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(infill="ab" * 20 + "_"), "--infill takes 41 tokens, more than the 32-token sequence"),
+    (dict(infill="abab"), "--infill has no '_' placeholder"),
+    (dict(infill="caf\u00e9_"), "--infill has characters outside"),
+    (dict(infill="a_", prefix="a"), "--infill replaces --prefix and --suffix"),
+    (dict(infill="a_", placeholder="##"), "must be one character"),
+])
+def test_infill_bad_templates_one_line(kw, message):
+    tok = corpus.CharTokenizer("\nABC :ab_")
+    with pytest.raises(SystemExit) as e:
+        corpus.conditioning(tok, char_cfg(**kw), 32)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Every intermediate state holds the fixed positions
+
+
+def record(store):
+    return lambda i, x: store.append(x.clone())
+
+
+def infill_fixed(L, V):
+    fixed = torch.full((L,), -1)
+    fixed[0], fixed[5], fixed[L - 1] = 1, V - 1, 2  # start, middle, end
+    return fixed
+
+
+@pytest.mark.parametrize("sampler", mdlm.SAMPLERS)
+def test_mdlm_fixed_positions_hold_at_every_step(sampler):
+    cfg = mdlm.Config(n_layer=1, n_embd=32, n_head=2, block_size=16, steps=24, sampler=sampler)
+    model = random_model(cfg)
+    for T in (16, 40):  # one chain, and semi-autoregressive rounds (the callback sees each window)
+        fixed, states = infill_fixed(T, 11), []
+        out, _ = mdlm.generate(model, cfg, fixed, 3, record(states))
+        keep = fixed >= 0
+        assert torch.equal(out[:, keep], fixed[keep].expand(3, -1))
+        assert len(states) >= cfg.steps
+        if T == 16:
+            for x in states:
+                assert torch.equal(x[:, keep], fixed[keep].expand(3, -1))
+
+
+@pytest.mark.parametrize("graph", sedd.GRAPHS)
+@pytest.mark.parametrize("sampler", sedd.SAMPLERS)
+def test_sedd_fixed_positions_hold_at_every_step(graph, sampler):
+    cfg = sedd.Config(n_layer=1, n_embd=32, n_head=2, block_size=16, steps=12, graph=graph, sampler=sampler)
+    torch.manual_seed(0)
+    model = sedd.build_model(cfg, {"vocab_size": 11}).eval()
+    torch.nn.init.normal_(model.head.weight, std=0.5)
+    fixed, states = infill_fixed(16, 11), []
+    out, _ = sedd.generate(model, cfg, fixed, 3, record(states))
+    keep = fixed >= 0
+    assert len(states) == cfg.steps and (out < 11).all()
+    for x in states + [out]:
+        assert torch.equal(x[:, keep], fixed[keep].expand(3, -1))
+    assert len({tuple(x[0].tolist()) for x in states}) > 2  # the free positions do move: a running chain
+
+
+# ----------------------------------------------------------------------------------------------
+# Exact conditioning on the enumerable toy (vocabulary 3, length 3): the middle token fixed
+
+
+def conditional_tv(samples, probs, V, L, pos, token):
+    idx = (samples * V ** torch.arange(L - 1, -1, -1)).sum(-1)
+    seqs = torch.tensor(list(itertools.product(range(V), repeat=L)))
+    cond = torch.where(seqs[:, pos] == token, probs, torch.zeros_like(probs))
+    cond = cond / cond.sum()
+    emp = torch.bincount(idx, minlength=V ** L).double() / len(samples)
+    noise = 0.5 * torch.sqrt(2 * cond / (torch.pi * len(samples))).sum().item()
+    return 0.5 * (emp - cond).abs().sum().item(), noise
+
+
+def test_mdlm_infill_follows_the_conditional_distribution():
+    torch.manual_seed(0)
+    V, L, n = 3, 3, 20000
+    probs = toy_distribution(1)
+    model = ExactDenoiser(probs, V, L)
+    fixed = torch.tensor([-1, 0, -1])
+    x = torch.where(fixed >= 0, fixed, V).expand(n, L).clone()  # the canvas generate() builds
+    samples, _ = mdlm.sample_chain(model, x, mdlm.Config(steps=200, sampler="ddpm"))
+    tv, noise = conditional_tv(samples, probs, V, L, 1, 0)
+    assert tv < 2 * noise + 0.01, (tv, noise)
+
+
+def test_sedd_absorbing_infill_follows_the_conditional_distribution():
+    """Absorbing graph: a clean token at time t is the clean token at 0, so holding it and using the
+    unconditional ratios is the exact conditional chain."""
+    model = toy("absorb")
+    cfg = sedd.Config(graph="absorb", sampler="analytic", steps=64)
+    torch.manual_seed(5)
+    n = 20000
+    x = sedd.limit((n, 3), model.num_states, "absorb")
+    out, _ = sedd.sample_chain(model, x, cfg, torch.tensor([-1, 0, -1]))
+    tv, noise = conditional_tv(out, model.p, 3, 3, 1, 0)
+    assert tv < 2 * noise + 0.01, (tv, noise)
