@@ -225,22 +225,11 @@ def generate(model, cfg, fixed, num_samples, show=None):
     last block_size - stride tokens as a clean prefix and generates stride new ones.
     """
     L, T = model.backbone.block_size, fixed.shape[0]
-    device = next(model.parameters()).device
-    fixed = fixed.to(device)
-    mask_id = model.mask_id
-    stride = cfg.stride or L // 2
-    canvas = torch.where(fixed >= 0, fixed, mask_id).expand(num_samples, T).clone()
-    first = min(T, L)
-    out, calls = sample_chain(model, canvas[:, :first], cfg, show)
-    pieces, done = [out], first
-    while done < T:
-        new = min(stride, T - done)
-        context = torch.cat(pieces, 1)[:, -(L - new):]
-        x = torch.cat([context, canvas[:, done:done + new]], 1)
-        out, c = sample_chain(model, x, cfg, show)
-        pieces.append(out[:, -new:])
-        done, calls = done + new, calls + c
-    return torch.cat(pieces, 1), calls
+    fixed = fixed.to(next(model.parameters()).device).expand(num_samples, T)
+
+    def chain(window):  # (B, W) ids or -1 -> the chain from [MASK] at the free positions
+        return sample_chain(model, torch.where(window >= 0, window, model.mask_id), cfg, show)
+    return common.semi_autoregressive(chain, fixed, L, cfg.stride or L // 2)
 
 
 # ----------------------------------------------------------------------------------------------

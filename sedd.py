@@ -59,7 +59,8 @@ class Config(common.PromptConfig, common.TextConfig, common.BaseConfig):
     sampler: str = "analytic"  # analytic (Tweedie tau-leaping) | euler (tau-leaping)
     steps: int = 128
     t_end: float = 1e-5  # last predictor time before the denoising step
-    seq_len: int = 0  # 0: block_size (one chain covers the sequence; at most block_size)
+    seq_len: int = 0  # 0: block_size; longer: semi-autoregressive blocks
+    stride: int = 0  # new tokens per semi-autoregressive round; 0: block_size // 2
     infill: str = ""  # a template: --placeholder marks each free position, the rest is held fixed
     placeholder: str = "_"
     # evaluation
@@ -78,7 +79,7 @@ def check_config(cfg):
     common.check_between(cfg, ("eps", "t_min", "t_end"), 0, 1)
     if not 0 < cfg.sigma_min < cfg.sigma_max < math.inf:
         common.die(f"need 0 < --sigma_min ({cfg.sigma_min}) < --sigma_max ({cfg.sigma_max}), both finite")
-    common.check_at_least(cfg, ("seq_len",), 0)  # 0: block_size
+    common.check_at_least(cfg, ("seq_len", "stride"), 0)  # 0: block_size, block_size // 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -396,7 +397,7 @@ def time_grid(steps, t_end):
 def sample_chain(model, x, cfg, fixed=None, show=None):
     """Run the reverse chain from x (B, L) (a limit sample) and return (x_0 (B, L), network calls).
 
-    model: callable (xt, sigma_bar (B,)) -> log-scores (B, L, N). fixed (L,): token ids, -1 at free
+    model: callable (xt, sigma_bar (B,)) -> log-scores (B, L, N). fixed (L,) or (B, L): token ids, -1 at free
     positions; they are projected back after every step, so every state the chain (and show)
     sees holds them: the conditional ratios are the unconditional ones with the fixed positions
     held (no conditional training needed). Every step draws u (B, L, 2) float64 once.
@@ -434,12 +435,18 @@ def sample_chain(model, x, cfg, fixed=None, show=None):
 
 @torch.no_grad()
 def generate(model, cfg, fixed, num_samples, show=None):
-    """fixed (L,) token ids or -1 at free positions -> samples (num_samples, L), network calls."""
-    L = fixed.shape[0]
+    """fixed (T,) token ids or -1 at free positions -> samples (num_samples, T), network calls.
+
+    T <= block_size: one chain. T > block_size: semi-autoregressive rounds as in mdlm.py (the
+    generated context is held fixed like a prompt).
+    """
+    L, T = model.backbone.block_size, fixed.shape[0]
     device = next(model.parameters()).device
-    fixed = fixed.to(device)
-    x = limit((num_samples, L), model.num_states, cfg.graph, device)
-    return sample_chain(model, x, cfg, fixed, show)
+    fixed = fixed.to(device).expand(num_samples, T)
+
+    def chain(window):  # (B, W) ids or -1 -> the chain from a limit sample, fixed positions held
+        return sample_chain(model, limit(window.shape, model.num_states, cfg.graph, device), cfg, window, show)
+    return common.semi_autoregressive(chain, fixed, L, cfg.stride or L // 2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -499,9 +506,8 @@ def load(overrides):
                    f"drop --graph or train a new model")
     cfg, model, tok, meta, ckpt = trainer.load_for_inference(Config, overrides, "sedd", build_model)
     check_config(cfg)
-    if cfg.seq_len > cfg.block_size:
-        common.die(f"--seq_len={cfg.seq_len} is longer than the model's block_size={cfg.block_size}; "
-                   "SEDD samples one block, lower --seq_len")
+    if cfg.stride >= cfg.block_size:
+        common.die(f"--stride={cfg.stride} must be below the model's block_size={cfg.block_size} (0: block_size // 2)")
     return cfg, model, tok, meta, ckpt
 
 

@@ -6,6 +6,7 @@ import itertools
 import pytest
 import torch
 
+import common
 import corpus
 import mdlm
 import sedd
@@ -143,3 +144,48 @@ def test_sedd_absorbing_infill_follows_the_conditional_distribution():
     out, _ = sedd.sample_chain(model, x, cfg, torch.tensor([-1, 0, -1]))
     tv, noise = conditional_tv(out, model.p, 3, 3, 1, 0)
     assert tv < 2 * noise + 0.01, (tv, noise)
+
+
+# ----------------------------------------------------------------------------------------------
+# Beyond one block: the shared semi-autoregressive rounds
+
+
+def test_semi_autoregressive_rounds_hold_the_context():
+    """A fake chain that fills free positions with fresh numbers: every window fits the block, its
+    context is the output so far (held, not regenerated), and every position is filled once."""
+    windows, counter = [], [100]
+
+    def chain(w):
+        windows.append(w.clone())
+        out = w.clone()
+        free = out < 0
+        out[free] = torch.arange(counter[0], counter[0] + int(free.sum()))
+        counter[0] += int(free.sum())
+        return out, 1
+
+    fixed = torch.full((2, 40), -1)
+    fixed[:, 20] = 7
+    out, calls = common.semi_autoregressive(chain, fixed, 16, 6)
+    assert out.shape == (2, 40) and calls == len(windows) == 1 + 4 and (out >= 0).all()
+    assert (out[:, 20] == 7).all() and len(set(out[out != 7].tolist())) == 2 * 39  # each free position drawn once
+    done = 16
+    for w in windows[1:]:
+        new = min(6, 40 - done)
+        assert w.shape[1] <= 16 and (w[:, :-new] >= 0).all()
+        assert torch.equal(w[:, :-new], out[:, done - (w.shape[1] - new):done])
+        done += new
+
+
+@pytest.mark.parametrize("graph", sedd.GRAPHS)
+def test_sedd_beyond_one_block(graph):
+    cfg = sedd.Config(n_layer=1, n_embd=32, n_head=2, block_size=16, steps=8, graph=graph, stride=6)
+    torch.manual_seed(0)
+    model = sedd.build_model(cfg, {"vocab_size": 11}).eval()
+    torch.nn.init.normal_(model.head.weight, std=0.5)
+    fixed = infill_fixed(40, 11)
+    fixed[20] = 3  # a fixed position in a later round
+    samples, calls = sedd.generate(model, cfg, fixed, 3)
+    keep = fixed >= 0
+    assert samples.shape == (3, 40) and (samples < 11).all()  # no [MASK] left
+    assert torch.equal(samples[:, keep], fixed[keep].expand(3, -1))
+    assert calls == 5 * (cfg.steps + 1)  # 16 + 4 rounds of 6 new tokens
