@@ -1,6 +1,7 @@
 """Sampling controls shared by MDLM and SEDD: infilling anywhere (--infill), held fixed positions at
 every step, exact conditioning on an enumerable toy, the template checks at the command line."""
 import dataclasses
+import math
 import itertools
 
 import pytest
@@ -189,3 +190,80 @@ def test_sedd_beyond_one_block(graph):
     assert samples.shape == (3, 40) and (samples < 11).all()  # no [MASK] left
     assert torch.equal(samples[:, keep], fixed[keep].expand(3, -1))
     assert calls == 5 * (cfg.steps + 1)  # 16 + 4 rounds of 6 new tokens
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding controls: temperature, nucleus, confidence-ordered unmasking (MDLM)
+
+
+def test_mdlm_controls_off_give_the_default_samples():
+    cfg = mdlm.Config(n_layer=1, n_embd=32, n_head=2, block_size=16, steps=20)
+    model = random_model(cfg)
+    fixed = infill_fixed(16, 11)
+    out = []
+    for c in (cfg, dataclasses.replace(cfg, temperature=1.0, top_p=1.0)):
+        torch.manual_seed(7)
+        out.append(mdlm.generate(model, c, fixed, 4)[0])
+    assert torch.equal(out[0], out[1])
+    torch.manual_seed(7)
+    assert not torch.equal(out[0], mdlm.generate(model, dataclasses.replace(cfg, temperature=0.5), fixed, 4)[0])
+
+
+def draw_tokens(logits, n, cfg_kw, mask_id):
+    """n tokens drawn by one ancestral step with p_unmask = 1 from the same logits (N,)."""
+    z = mdlm.decoding_logits(logits.expand(1, n, -1).clone(), mask_id, **cfg_kw)
+    x = torch.full((1, n), mask_id)
+    u = torch.rand(1, n, 2, dtype=torch.float64)
+    return mdlm.ancestral_step(z, x, torch.ones(1, dtype=torch.float64), u, mask_id)[0]
+
+
+@pytest.mark.parametrize("top_p, temperature", [(0.9, 1.0), (0.5, 1.0), (0.8, 0.7)])
+def test_top_p_matches_the_truncated_law(top_p, temperature):
+    torch.manual_seed(1)
+    V, n = 12, 200_000
+    logits = torch.cat([torch.randn(V) * 1.5, torch.zeros(1)])  # [MASK] last
+    p = torch.softmax(logits[:V].double() / temperature, -1)
+    sp, order = p.sort(descending=True)
+    keep = order[: int(((sp.cumsum(0) - sp) < top_p).sum())]  # smallest prefix holding top_p of the mass
+    law = torch.zeros(V, dtype=torch.float64)
+    law[keep] = p[keep] / p[keep].sum()
+    counts = torch.bincount(draw_tokens(logits, n, dict(temperature=temperature, top_p=top_p), V), minlength=V + 1)
+    assert counts[V] == 0 and counts[:V][law == 0].sum() == 0  # nothing outside the nucleus
+    expected = n * law[keep]
+    chi2 = float(((counts[keep].double() - expected) ** 2 / expected).sum())
+    dof = len(keep) - 1
+    assert chi2 < dof + 5 * math.sqrt(2 * dof) + 5, (chi2, dof)  # ~5 sigma of the chi-square law
+
+
+def test_confidence_step_reveals_the_most_probable_and_k_in_expectation():
+    torch.manual_seed(2)
+    B, L, V = 64, 40, 9
+    logits = torch.randn(B, L, V + 1) * 2
+    x = torch.where(torch.rand(B, L) < 0.7, V, torch.randint(0, V, (B, L)))
+    p_unmask = torch.full((B,), 0.3, dtype=torch.float64)
+    u = torch.rand(B, L, 2, dtype=torch.float64)
+    out = mdlm.confidence_step(logits, x, p_unmask, u, V)
+    masked = x == V
+    assert torch.equal(out[~masked], x[~masked])  # carry-over
+    token = common.sample_categorical(torch.softmax(logits.double()[..., :V], -1), u[..., 1])
+    conf = torch.softmax(logits.double()[..., :V], -1).gather(-1, token[..., None])[..., 0]
+    revealed, left = masked & (out != V), masked & (out == V)
+    assert torch.equal(out[revealed], token[revealed])
+    for b in range(B):  # every revealed draw is at least as probable as every one left masked
+        if revealed[b].any() and left[b].any():
+            assert conf[b][revealed[b]].min() >= conf[b][left[b]].max()
+    k = revealed.sum(-1).double()
+    m = masked.sum(-1).double()
+    assert ((k - 0.3 * m).abs() < 1).all()  # k rounds p_unmask * masked up or down
+    assert abs(float(k.sum() - 0.3 * m.sum())) < 3 * math.sqrt(B * 0.25)  # unbiased rounding
+
+
+def test_confidence_sampler_runs_and_holds_fixed_positions():
+    cfg = mdlm.Config(n_layer=1, n_embd=32, n_head=2, block_size=16, steps=10, sampler="confidence", top_p=0.9)
+    model = random_model(cfg)
+    fixed, states = infill_fixed(16, 11), []
+    out, _ = mdlm.generate(model, cfg, fixed, 3, record(states))
+    keep = fixed >= 0
+    assert (out < 11).all() and torch.equal(out[:, keep], fixed[keep].expand(3, -1))
+    masks = [int((x == 11).sum()) for x in states]
+    assert masks == sorted(masks, reverse=True) and masks[-1] == 0
