@@ -11,6 +11,8 @@ step by step.
     python mdlm.py --train                  # tiny Shakespeare, char level, ~10 min on 2 CPU cores
     python mdlm.py --sample                 # print samples from out/mdlm/ckpt.pt
     python mdlm.py --sample --prefix="ROMEO:" --steps=256 --show
+    python mdlm.py --sample --infill="ROMEO:\n____ ____ the ____ of ____\n" --show   # _ marks a free position
+    python mdlm.py --sample --sampler=confidence --temperature=0.8 --top_p=0.9
     python mdlm.py --eval                   # validation NELBO (nats, bits per token, perplexity)
 """
 

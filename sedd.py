@@ -14,6 +14,8 @@ reverse chain with Euler tau-leaping or the analytic (Tweedie) step, then one de
     python sedd.py --train --graph=uniform      # uniform graph (geometric schedule by default)
     python sedd.py --sample                     # print samples from out/sedd/ckpt.pt (analytic sampler)
     python sedd.py --sample --sampler=euler --prefix="ROMEO:" --steps=256 --show
+    python sedd.py --sample --infill="ROMEO:\n____ ____ the ____ of ____\n" --show   # _ marks a free position
+    python sedd.py --sample --seq_len=512 --top_p=0.9   # beyond one block: semi-autoregressive rounds
     python sedd.py --eval                       # validation NELBO (nats, bits per token, perplexity)
 
 Notation follows METHODS.md section 4: Q is N x N in column convention (Q[j, i] is the rate
@@ -57,6 +59,8 @@ class Config(common.PromptConfig, common.TextConfig, common.BaseConfig):
     grad_clip: float = 128.0
     # sampling
     sampler: str = "analytic"  # analytic (Tweedie tau-leaping) | euler (tau-leaping)
+    temperature: float = 1.0  # reshapes which token a moving position takes; 1: the exact sampler
+    top_p: float = 1.0  # nucleus over the tokens a moving position may take; 1: off
     steps: int = 128
     t_end: float = 1e-5  # last predictor time before the denoising step
     seq_len: int = 0  # 0: block_size; longer: semi-autoregressive blocks
@@ -80,6 +84,10 @@ def check_config(cfg):
     if not 0 < cfg.sigma_min < cfg.sigma_max < math.inf:
         common.die(f"need 0 < --sigma_min ({cfg.sigma_min}) < --sigma_max ({cfg.sigma_max}), both finite")
     common.check_at_least(cfg, ("seq_len", "stride"), 0)  # 0: block_size, block_size // 2
+    if not 0 < cfg.temperature < math.inf:
+        common.die(f"--temperature={cfg.temperature} must be a finite number above 0")
+    if not 0 < cfg.top_p <= 1:
+        common.die(f"--top_p={cfg.top_p} must be in (0, 1]")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -389,6 +397,34 @@ def tweedie_step(log_score, xt, dsigma, u, graph, final=False):
     return _two_stage(w, w_stay, xt, u)
 
 
+def decoding_weights(w, temperature=1.0, top_p=1.0):
+    """Temperature and nucleus on the move weights w (B, L, N) float64 (w_x = 0): the probability
+    that a position moves is kept, the law of where it moves to becomes w^(1/temperature)
+    truncated to its top_p nucleus. Both off: w unchanged (the exact sampler)."""
+    if temperature == 1 and top_p == 1:
+        return w
+    w = w.clamp(min=0)
+    total = w.sum(-1, keepdim=True)
+    q = w ** (1 / temperature)
+    q = q / q.sum(-1, keepdim=True).clamp_min(1e-300)
+    if top_p < 1:
+        p, order = q.sort(-1, descending=True)
+        drop = (p.cumsum(-1) - p) >= top_p  # tokens after the smallest set holding top_p of the mass
+        q = q.masked_fill(drop.scatter(-1, order, drop), 0.0)
+        q = q / q.sum(-1, keepdim=True).clamp_min(1e-300)
+    return q * total
+
+
+def controlled_step(log_score, xt, arg, u, cfg, final=False):
+    """The pure weight functions, decoding_weights, then the two-stage draw: the path that the
+    fused steps would bypass when --temperature or --top_p is set. arg: rate_dt (euler) or dsigma."""
+    if cfg.sampler == "euler" and not final:
+        w, w_stay = euler_weights(log_score, xt, arg, cfg.graph)
+    else:
+        w, w_stay = tweedie_weights(log_score, xt, arg, cfg.graph, final)
+    return _two_stage(decoding_weights(w, cfg.temperature, cfg.top_p), w_stay, xt, u)
+
+
 def time_grid(steps, t_end):
     return torch.linspace(1.0, t_end, steps + 1, dtype=torch.float64)  # t_0 = 1 > ... > t_S = t_end
 
@@ -406,6 +442,7 @@ def sample_chain(model, x, cfg, fixed=None, show=None):
     grid = time_grid(cfg.steps, cfg.t_end).to(device)
     sigma_bars, sigmas = schedule(grid, cfg)  # float64
     keep = fixed is not None and bool((fixed >= 0).any())
+    controls = cfg.temperature != 1 or cfg.top_p != 1
 
     def project(x):
         return torch.where(fixed >= 0, fixed, x) if keep else x
@@ -420,16 +457,21 @@ def sample_chain(model, x, cfg, fixed=None, show=None):
         u = torch.rand(B, x.shape[1], 2, dtype=torch.float64, device=device)
         if cfg.sampler == "euler":
             rate_dt = (sigmas[i] * (grid[i] - grid[i + 1])).expand(B)
-            x = euler_step(log_score, x, rate_dt, u, cfg.graph)
+            x = controlled_step(log_score, x, rate_dt, u, cfg) if controls else euler_step(log_score, x, rate_dt, u, cfg.graph)
         else:
-            x = tweedie_step(log_score, x, (sigma_bars[i] - sigma_bars[i + 1]).expand(B), u, cfg.graph)
+            dsigma = (sigma_bars[i] - sigma_bars[i + 1]).expand(B)
+            x = controlled_step(log_score, x, dsigma, u, cfg) if controls else tweedie_step(log_score, x, dsigma, u, cfg.graph)
         x = project(x)
         if show:
             show(i, x)
     # the denoiser: one Tweedie step from t_end to sigma_bar = 0, MASK dropped
     log_score = network(cfg.steps)
     u = torch.rand(B, x.shape[1], 2, dtype=torch.float64, device=device)
-    x = tweedie_step(log_score, x, sigma_bars[cfg.steps].expand(B), u, cfg.graph, final=True)
+    dsigma = sigma_bars[cfg.steps].expand(B)
+    if controls:
+        x = controlled_step(log_score, x, dsigma, u, cfg, final=True)
+    else:
+        x = tweedie_step(log_score, x, dsigma, u, cfg.graph, final=True)
     return project(x), cfg.steps + 1
 
 

@@ -267,3 +267,58 @@ def test_confidence_sampler_runs_and_holds_fixed_positions():
     assert (out < 11).all() and torch.equal(out[:, keep], fixed[keep].expand(3, -1))
     masks = [int((x == 11).sum()) for x in states]
     assert masks == sorted(masks, reverse=True) and masks[-1] == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding controls (SEDD): same samples when off, nucleus law on the move weights
+
+
+@pytest.mark.parametrize("graph", sedd.GRAPHS)
+@pytest.mark.parametrize("sampler", sedd.SAMPLERS)
+def test_sedd_controls_off_give_the_default_samples(graph, sampler):
+    cfg = sedd.Config(n_layer=1, n_embd=32, n_head=2, block_size=16, steps=8, graph=graph, sampler=sampler)
+    torch.manual_seed(0)
+    model = sedd.build_model(cfg, {"vocab_size": 11}).eval()
+    torch.nn.init.normal_(model.head.weight, std=0.5)
+    fixed = infill_fixed(16, 11)
+    out = []
+    for c in (cfg, dataclasses.replace(cfg, temperature=1.0, top_p=1.0), dataclasses.replace(cfg, top_p=0.5)):
+        torch.manual_seed(7)
+        out.append(sedd.generate(model, c, fixed, 4)[0])
+    assert torch.equal(out[0], out[1]) and not torch.equal(out[0], out[2])
+    assert torch.equal(out[2][:, fixed >= 0], fixed[fixed >= 0].expand(4, -1))
+
+
+def test_sedd_decoding_weights_keep_the_move_mass_and_truncate():
+    torch.manual_seed(3)
+    w = torch.rand(5, 7, 9, dtype=torch.float64) ** 3
+    q = sedd.decoding_weights(w, temperature=0.6, top_p=0.7)
+    assert torch.allclose(q.sum(-1), w.sum(-1))  # the probability of moving is unchanged
+    p = w ** (1 / 0.6)
+    p = p / p.sum(-1, keepdim=True)
+    sp, order = p.sort(-1, descending=True)
+    kept = ((sp.cumsum(-1) - sp) < 0.7).scatter(-1, order, (sp.cumsum(-1) - sp) < 0.7)
+    expect = torch.where(kept, p, 0.0)
+    assert torch.allclose(q, expect / expect.sum(-1, keepdim=True) * w.sum(-1, keepdim=True))
+    assert torch.equal(sedd.decoding_weights(w), w)
+
+
+def test_sedd_top_p_final_step_matches_the_truncated_law():
+    """The absorbing denoising step resolves every [MASK]: the drawn tokens follow the tempered,
+    truncated law of the move weights (chi-square over many rows)."""
+    torch.manual_seed(4)
+    V, n = 10, 200_000
+    cfg = sedd.Config(graph="absorb", temperature=0.8, top_p=0.85)
+    log_score = (torch.randn(V + 1) * 1.5).expand(1, n, -1).clone()
+    x = torch.full((1, n), V)
+    dsigma = torch.full((1,), 0.3, dtype=torch.float64)
+    w, _ = sedd.tweedie_weights(log_score, x[:, :1], dsigma, "absorb", final=True)
+    law = sedd.decoding_weights(w, cfg.temperature, cfg.top_p)[0, 0]
+    law = law / law.sum()
+    out = sedd.controlled_step(log_score, x, dsigma, torch.rand(1, n, 2, dtype=torch.float64), cfg, final=True)[0]
+    counts = torch.bincount(out, minlength=V + 1).double()
+    assert counts[V] == 0 and counts[law == 0].sum() == 0 and (law[:V] == 0).any()
+    keep = law > 0
+    chi2 = float(((counts[keep] - n * law[keep]) ** 2 / (n * law[keep])).sum())
+    dof = int(keep.sum()) - 1
+    assert chi2 < dof + 5 * math.sqrt(2 * dof) + 5, (chi2, dof)
