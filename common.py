@@ -553,6 +553,27 @@ def sample_categorical(probs, u):
     return idx.clamp_(max=probs.shape[-1] - 1)
 
 
+def semi_autoregressive(chain, fixed, block_size, stride):
+    """fixed (B, T) token ids or -1 at free positions -> (samples (B, T), network calls).
+
+    chain(window) runs one reverse chain on a window (B, W), W <= block_size, of ids or -1 and
+    returns (x_0 (B, W), calls). T <= block_size: one chain. Longer: semi-autoregressive rounds;
+    each keeps the last block_size - stride generated tokens as a clean prefix (held fixed) and
+    generates stride new ones, so any sampler that holds fixed positions extends past its context.
+    """
+    T = fixed.shape[1]
+    first = min(T, block_size)
+    out, calls = chain(fixed[:, :first])
+    pieces, done = [out], first
+    while done < T:
+        new = min(stride, T - done)
+        context = torch.cat(pieces, 1)[:, -(block_size - new):]
+        out, c = chain(torch.cat([context, fixed[:, done:done + new]], 1))
+        pieces.append(out[:, -new:])
+        done, calls = done + new, calls + c
+    return torch.cat(pieces, 1), calls
+
+
 def show_steps(tokenizer, cfg):
     """--show: the sampler's callback show(i, x) after step i (0-based) of cfg.steps, printing the
     first sequence of x (B, L) at eight evenly spaced steps and the last; None without --show."""

@@ -417,8 +417,32 @@ def encode_prompt(tokenizer, text, flag, allow_unk=False):
     return tokenizer.encode(text, flag)
 
 
+def infill_template(tokenizer, cfg, length):
+    """--infill=TEMPLATE -> (token ids or -1 at free positions) (n,): each --placeholder character
+    is one free position (one token at word and BPE level too; the text between placeholders is
+    encoded piece by piece), a literal \\n in the template is a newline. n is the template's
+    length, or length when --seq_len is given (the positions after the template are free)."""
+    if cfg.prefix or cfg.suffix:
+        die("--infill replaces --prefix and --suffix; put the fixed text into the template instead")
+    if len(cfg.placeholder) != 1:
+        die(f"--placeholder={cfg.placeholder!r} must be one character")
+    text = cfg.infill.replace("\\n", "\n")
+    if cfg.placeholder not in text:
+        die(f"--infill has no {cfg.placeholder!r} placeholder, so nothing is left to sample; mark each free position with {cfg.placeholder!r}")
+    ids = []
+    for i, piece in enumerate(text.split(cfg.placeholder)):
+        ids += ([-1] if i else []) + (encode_prompt(tokenizer, piece, "--infill", cfg.allow_unk) if piece else [])
+    if len(ids) > length:
+        die(f"--infill takes {len(ids)} tokens, more than the {length}-token sequence; shorten it or raise --seq_len")
+    n = length if cfg.seq_len else len(ids)
+    return torch.tensor(ids + [-1] * (n - len(ids)), dtype=torch.long)
+
+
 def conditioning(tokenizer, cfg, length):
-    """--prefix and --suffix -> (token ids or -1 at free positions) (length,)."""
+    """--prefix and --suffix, or --infill -> (token ids or -1 at free positions) (length,), or the
+    template's length under --infill without --seq_len."""
+    if getattr(cfg, "infill", ""):
+        return infill_template(tokenizer, cfg, length)
     pre = encode_prompt(tokenizer, cfg.prefix, "--prefix", cfg.allow_unk) if cfg.prefix else []
     suf = encode_prompt(tokenizer, cfg.suffix, "--suffix", cfg.allow_unk) if cfg.suffix else []
     if len(pre) + len(suf) > length:

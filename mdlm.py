@@ -11,6 +11,8 @@ step by step.
     python mdlm.py --train                  # tiny Shakespeare, char level, ~10 min on 2 CPU cores
     python mdlm.py --sample                 # print samples from out/mdlm/ckpt.pt
     python mdlm.py --sample --prefix="ROMEO:" --steps=256 --show
+    python mdlm.py --sample --infill="ROMEO:\n____ ____ the ____ of ____\n" --show   # _ marks a free position
+    python mdlm.py --sample --sampler=confidence --temperature=0.8 --top_p=0.9
     python mdlm.py --eval                   # validation NELBO (nats, bits per token, perplexity)
 """
 
@@ -43,11 +45,15 @@ class Config(common.PromptConfig, common.TextConfig, common.BaseConfig):
     t_min: float = 1e-3  # lowest training / evaluation time
     time_cond: bool = False  # the paper's default: p(x_0 | x_t) does not depend on t
     # sampling
-    sampler: str = "ddpm_cache"  # ddpm | ddpm_cache
+    sampler: str = "ddpm_cache"  # ddpm | ddpm_cache | confidence (reveal the most probable predictions first)
+    temperature: float = 1.0  # divides the logits before sampling; 1: the exact sampler
+    top_p: float = 1.0  # nucleus: sample among the most probable tokens holding top_p of the mass; 1: off
     steps: int = 256
     t_end: float = 1e-5  # last sampling time before the final noise-removal step
     seq_len: int = 0  # 0: block_size; longer: semi-autoregressive blocks
     stride: int = 0  # new tokens per semi-autoregressive round; 0: block_size // 2
+    infill: str = ""  # a template: --placeholder marks each free position, the rest is held fixed
+    placeholder: str = "_"
     # evaluation
     eval_t_samples: int = 4  # time samples per validation sequence in --eval
     gen: bool = False  # --eval --gen: score num_samples samples with the autoregressive judge (ar.py)
@@ -55,7 +61,7 @@ class Config(common.PromptConfig, common.TextConfig, common.BaseConfig):
 
 
 SCHEDULES = ("loglinear", "cosine")
-SAMPLERS = ("ddpm", "ddpm_cache")
+SAMPLERS = ("ddpm", "ddpm_cache", "confidence")
 
 
 def check_config(cfg):
@@ -66,6 +72,10 @@ def check_config(cfg):
     common.check_between(cfg, ("eps", "t_min", "t_end"), 0, 1)
     common.check_at_least(cfg, ("steps", "eval_t_samples"), 1)
     common.check_at_least(cfg, ("seq_len", "stride"), 0)  # 0: block_size, block_size // 2
+    if not 0 < cfg.temperature < math.inf:
+        common.die(f"--temperature={cfg.temperature} must be a finite number above 0")
+    if not 0 < cfg.top_p <= 1:
+        common.die(f"--top_p={cfg.top_p} must be in (0, 1]")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,12 +190,43 @@ def ancestral_step(logits, xt, p_unmask, u, mask_id):
     return torch.where(reveal, token, xt)
 
 
+def decoding_logits(logits, mask_id, temperature=1.0, top_p=1.0):
+    """Temperature and nucleus (top-p) on the SUBS logits (B, L, N) -> logits of the truncated,
+    tempered law (fp32; computed in float64). Both off: the logits unchanged (the exact sampler)."""
+    if temperature == 1 and top_p == 1:
+        return logits
+    z = logits.double() / temperature
+    z[..., mask_id] = -float("inf")
+    if top_p < 1:
+        p, order = z.softmax(-1).sort(-1, descending=True)
+        drop = (p.cumsum(-1) - p) >= top_p  # tokens after the smallest set holding top_p of the mass
+        z = z.masked_fill(drop.scatter(-1, order, drop), -float("inf"))
+    return z.float()
+
+
+def confidence_step(logits, xt, p_unmask, u, mask_id):
+    """MaskGIT/LLaDA-style step: draw a token at every masked position (u[..., 1], as the
+    ancestral step), then reveal the k most probable draws, k = p_unmask * (masked count) rounded
+    up or down at random (u[:, 0, 0]) so that its expectation is the ancestral sampler's.
+    logits (B, L, N); xt (B, L); p_unmask (B,) float64; u (B, L, 2) float64 -> (B, L)."""
+    probs = torch.softmax(logits.double().index_fill(-1, torch.tensor([mask_id], device=logits.device), -float("inf")), -1)
+    token = common.sample_categorical(probs, u[..., 1])
+    masked = xt == mask_id
+    conf = torch.where(masked, probs.gather(-1, token.unsqueeze(-1)).squeeze(-1), -1.0)  # (B, L)
+    expect = p_unmask * masked.sum(-1)
+    k = (expect.floor() + (u[:, 0, 0] < expect - expect.floor())).long()  # (B,)
+    rank = conf.sort(dim=-1, descending=True, stable=True)[1].argsort(-1)  # 0 = the most confident
+    reveal = masked & (rank < k[:, None])
+    return torch.where(reveal, token, xt)
+
+
 @torch.no_grad()
 def sample_chain(model, x, cfg, show=None):
     """Run one reverse chain from x (B, L) (masks at the free positions) and return x_0 (B, L).
 
-    With sampler=ddpm_cache the network output is reused while the sequence does not change:
-    without time conditioning p_theta(x_0 | x_t) is then the same function of the same input.
+    With sampler=ddpm_cache (and confidence) the network output is reused while the sequence does
+    not change: without time conditioning p_theta(x_0 | x_t) is then the same function of the same
+    input. --temperature and --top_p reshape the logits before each step (off by default).
     """
     mask_id, calls, logits = model.mask_id, 0, None
     grid = time_grid(cfg.steps, cfg.t_end).tolist()
@@ -201,7 +242,8 @@ def sample_chain(model, x, cfg, show=None):
             logits, calls = network(t), calls + 1
         u = torch.rand(B, x.shape[1], 2, dtype=torch.float64, device=device)
         p_unmask = torch.full((B,), unmask_probability(t, s, cfg), dtype=torch.float64, device=device)
-        x_new = ancestral_step(logits, x, p_unmask, u, mask_id)
+        step = confidence_step if cfg.sampler == "confidence" else ancestral_step
+        x_new = step(decoding_logits(logits, mask_id, cfg.temperature, cfg.top_p), x, p_unmask, u, mask_id)
         if not torch.equal(x_new, x):
             logits = None  # the sequence changed: the cached output is stale
         x = x_new
@@ -223,22 +265,11 @@ def generate(model, cfg, fixed, num_samples, show=None):
     last block_size - stride tokens as a clean prefix and generates stride new ones.
     """
     L, T = model.backbone.block_size, fixed.shape[0]
-    device = next(model.parameters()).device
-    fixed = fixed.to(device)
-    mask_id = model.mask_id
-    stride = cfg.stride or L // 2
-    canvas = torch.where(fixed >= 0, fixed, mask_id).expand(num_samples, T).clone()
-    first = min(T, L)
-    out, calls = sample_chain(model, canvas[:, :first], cfg, show)
-    pieces, done = [out], first
-    while done < T:
-        new = min(stride, T - done)
-        context = torch.cat(pieces, 1)[:, -(L - new):]
-        x = torch.cat([context, canvas[:, done:done + new]], 1)
-        out, c = sample_chain(model, x, cfg, show)
-        pieces.append(out[:, -new:])
-        done, calls = done + new, calls + c
-    return torch.cat(pieces, 1), calls
+    fixed = fixed.to(next(model.parameters()).device).expand(num_samples, T)
+
+    def chain(window):  # (B, W) ids or -1 -> the chain from [MASK] at the free positions
+        return sample_chain(model, torch.where(window >= 0, window, model.mask_id), cfg, show)
+    return common.semi_autoregressive(chain, fixed, L, cfg.stride or L // 2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,8 +315,8 @@ def load(overrides):
     and those that need the trained model's own settings."""
     cfg, model, tok, meta, ckpt = trainer.load_for_inference(Config, overrides, "mdlm", build_model)
     check_config(cfg)
-    if cfg.sampler == "ddpm_cache" and cfg.time_cond:
-        common.die("--sampler=ddpm_cache needs a model without time conditioning; use --sampler=ddpm")
+    if cfg.sampler in ("ddpm_cache", "confidence") and cfg.time_cond:
+        common.die(f"--sampler={cfg.sampler} reuses the network output and needs a model without time conditioning; use --sampler=ddpm")
     if cfg.stride >= cfg.block_size:
         common.die(f"--stride={cfg.stride} must be below the model's block_size={cfg.block_size} (0: block_size // 2)")
     return cfg, model, tok, meta, ckpt
@@ -306,6 +337,7 @@ def main(argv=None):
         cfg, model, tok, meta, _ = load(overrides)
         length = cfg.seq_len or cfg.block_size
         fixed = corpus.conditioning(tok, cfg, length)
+        length = fixed.shape[0]  # --infill without --seq_len: the template's length
         t0 = time.time()
         samples, calls = generate(model, cfg, fixed, cfg.num_samples, common.show_steps(tok, cfg))
         for i, s in enumerate(samples.tolist()):

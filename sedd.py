@@ -14,6 +14,8 @@ reverse chain with Euler tau-leaping or the analytic (Tweedie) step, then one de
     python sedd.py --train --graph=uniform      # uniform graph (geometric schedule by default)
     python sedd.py --sample                     # print samples from out/sedd/ckpt.pt (analytic sampler)
     python sedd.py --sample --sampler=euler --prefix="ROMEO:" --steps=256 --show
+    python sedd.py --sample --infill="ROMEO:\n____ ____ the ____ of ____\n" --show   # _ marks a free position
+    python sedd.py --sample --seq_len=512 --top_p=0.9   # beyond one block: semi-autoregressive rounds
     python sedd.py --eval                       # validation NELBO (nats, bits per token, perplexity)
 
 Notation follows METHODS.md section 4: Q is N x N in column convention (Q[j, i] is the rate
@@ -57,9 +59,14 @@ class Config(common.PromptConfig, common.TextConfig, common.BaseConfig):
     grad_clip: float = 128.0
     # sampling
     sampler: str = "analytic"  # analytic (Tweedie tau-leaping) | euler (tau-leaping)
+    temperature: float = 1.0  # reshapes which token a moving position takes; 1: the exact sampler
+    top_p: float = 1.0  # nucleus over the tokens a moving position may take; 1: off
     steps: int = 128
     t_end: float = 1e-5  # last predictor time before the denoising step
-    seq_len: int = 0  # 0: block_size (one chain covers the sequence; at most block_size)
+    seq_len: int = 0  # 0: block_size; longer: semi-autoregressive blocks
+    stride: int = 0  # new tokens per semi-autoregressive round; 0: block_size // 2
+    infill: str = ""  # a template: --placeholder marks each free position, the rest is held fixed
+    placeholder: str = "_"
     # evaluation
     eval_t_samples: int = 4  # time samples per validation sequence in --eval
     gen: bool = False  # --eval --gen: score num_samples samples with the autoregressive judge (ar.py)
@@ -76,7 +83,11 @@ def check_config(cfg):
     common.check_between(cfg, ("eps", "t_min", "t_end"), 0, 1)
     if not 0 < cfg.sigma_min < cfg.sigma_max < math.inf:
         common.die(f"need 0 < --sigma_min ({cfg.sigma_min}) < --sigma_max ({cfg.sigma_max}), both finite")
-    common.check_at_least(cfg, ("seq_len",), 0)  # 0: block_size
+    common.check_at_least(cfg, ("seq_len", "stride"), 0)  # 0: block_size, block_size // 2
+    if not 0 < cfg.temperature < math.inf:
+        common.die(f"--temperature={cfg.temperature} must be a finite number above 0")
+    if not 0 < cfg.top_p <= 1:
+        common.die(f"--top_p={cfg.top_p} must be in (0, 1]")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -386,6 +397,34 @@ def tweedie_step(log_score, xt, dsigma, u, graph, final=False):
     return _two_stage(w, w_stay, xt, u)
 
 
+def decoding_weights(w, temperature=1.0, top_p=1.0):
+    """Temperature and nucleus on the move weights w (B, L, N) float64 (w_x = 0): the probability
+    that a position moves is kept, the law of where it moves to becomes w^(1/temperature)
+    truncated to its top_p nucleus. Both off: w unchanged (the exact sampler)."""
+    if temperature == 1 and top_p == 1:
+        return w
+    w = w.clamp(min=0)
+    total = w.sum(-1, keepdim=True)
+    q = w ** (1 / temperature)
+    q = q / q.sum(-1, keepdim=True).clamp_min(1e-300)
+    if top_p < 1:
+        p, order = q.sort(-1, descending=True)
+        drop = (p.cumsum(-1) - p) >= top_p  # tokens after the smallest set holding top_p of the mass
+        q = q.masked_fill(drop.scatter(-1, order, drop), 0.0)
+        q = q / q.sum(-1, keepdim=True).clamp_min(1e-300)
+    return q * total
+
+
+def controlled_step(log_score, xt, arg, u, cfg, final=False):
+    """The pure weight functions, decoding_weights, then the two-stage draw: the path that the
+    fused steps would bypass when --temperature or --top_p is set. arg: rate_dt (euler) or dsigma."""
+    if cfg.sampler == "euler" and not final:
+        w, w_stay = euler_weights(log_score, xt, arg, cfg.graph)
+    else:
+        w, w_stay = tweedie_weights(log_score, xt, arg, cfg.graph, final)
+    return _two_stage(decoding_weights(w, cfg.temperature, cfg.top_p), w_stay, xt, u)
+
+
 def time_grid(steps, t_end):
     return torch.linspace(1.0, t_end, steps + 1, dtype=torch.float64)  # t_0 = 1 > ... > t_S = t_end
 
@@ -394,14 +433,16 @@ def time_grid(steps, t_end):
 def sample_chain(model, x, cfg, fixed=None, show=None):
     """Run the reverse chain from x (B, L) (a limit sample) and return (x_0 (B, L), network calls).
 
-    model: callable (xt, sigma_bar (B,)) -> log-scores (B, L, N). fixed (L,): token ids, -1 at free
-    positions; they are projected back before every step and on the output (no conditional
-    training needed). Every step draws u (B, L, 2) float64 once.
+    model: callable (xt, sigma_bar (B,)) -> log-scores (B, L, N). fixed (L,) or (B, L): token ids, -1 at free
+    positions; they are projected back after every step, so every state the chain (and show)
+    sees holds them: the conditional ratios are the unconditional ones with the fixed positions
+    held (no conditional training needed). Every step draws u (B, L, 2) float64 once.
     """
     B, device = x.shape[0], x.device
     grid = time_grid(cfg.steps, cfg.t_end).to(device)
     sigma_bars, sigmas = schedule(grid, cfg)  # float64
     keep = fixed is not None and bool((fixed >= 0).any())
+    controls = cfg.temperature != 1 or cfg.top_p != 1
 
     def project(x):
         return torch.where(fixed >= 0, fixed, x) if keep else x
@@ -410,33 +451,44 @@ def sample_chain(model, x, cfg, fixed=None, show=None):
         with common.autocast(device):
             return model(x, sigma_bars[i].float().expand(B)).float()  # (B, L, N)
 
+    x = project(x)
     for i in common.progress(range(cfg.steps), "sampling"):
-        x = project(x)
         log_score = network(i)
         u = torch.rand(B, x.shape[1], 2, dtype=torch.float64, device=device)
         if cfg.sampler == "euler":
             rate_dt = (sigmas[i] * (grid[i] - grid[i + 1])).expand(B)
-            x = euler_step(log_score, x, rate_dt, u, cfg.graph)
+            x = controlled_step(log_score, x, rate_dt, u, cfg) if controls else euler_step(log_score, x, rate_dt, u, cfg.graph)
         else:
-            x = tweedie_step(log_score, x, (sigma_bars[i] - sigma_bars[i + 1]).expand(B), u, cfg.graph)
+            dsigma = (sigma_bars[i] - sigma_bars[i + 1]).expand(B)
+            x = controlled_step(log_score, x, dsigma, u, cfg) if controls else tweedie_step(log_score, x, dsigma, u, cfg.graph)
+        x = project(x)
         if show:
             show(i, x)
     # the denoiser: one Tweedie step from t_end to sigma_bar = 0, MASK dropped
-    x = project(x)
     log_score = network(cfg.steps)
     u = torch.rand(B, x.shape[1], 2, dtype=torch.float64, device=device)
-    x = tweedie_step(log_score, x, sigma_bars[cfg.steps].expand(B), u, cfg.graph, final=True)
+    dsigma = sigma_bars[cfg.steps].expand(B)
+    if controls:
+        x = controlled_step(log_score, x, dsigma, u, cfg, final=True)
+    else:
+        x = tweedie_step(log_score, x, dsigma, u, cfg.graph, final=True)
     return project(x), cfg.steps + 1
 
 
 @torch.no_grad()
 def generate(model, cfg, fixed, num_samples, show=None):
-    """fixed (L,) token ids or -1 at free positions -> samples (num_samples, L), network calls."""
-    L = fixed.shape[0]
+    """fixed (T,) token ids or -1 at free positions -> samples (num_samples, T), network calls.
+
+    T <= block_size: one chain. T > block_size: semi-autoregressive rounds as in mdlm.py (the
+    generated context is held fixed like a prompt).
+    """
+    L, T = model.backbone.block_size, fixed.shape[0]
     device = next(model.parameters()).device
-    fixed = fixed.to(device)
-    x = limit((num_samples, L), model.num_states, cfg.graph, device)
-    return sample_chain(model, x, cfg, fixed, show)
+    fixed = fixed.to(device).expand(num_samples, T)
+
+    def chain(window):  # (B, W) ids or -1 -> the chain from a limit sample, fixed positions held
+        return sample_chain(model, limit(window.shape, model.num_states, cfg.graph, device), cfg, window, show)
+    return common.semi_autoregressive(chain, fixed, L, cfg.stride or L // 2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -496,9 +548,8 @@ def load(overrides):
                    f"drop --graph or train a new model")
     cfg, model, tok, meta, ckpt = trainer.load_for_inference(Config, overrides, "sedd", build_model)
     check_config(cfg)
-    if cfg.seq_len > cfg.block_size:
-        common.die(f"--seq_len={cfg.seq_len} is longer than the model's block_size={cfg.block_size}; "
-                   "SEDD samples one block, lower --seq_len")
+    if cfg.stride >= cfg.block_size:
+        common.die(f"--stride={cfg.stride} must be below the model's block_size={cfg.block_size} (0: block_size // 2)")
     return cfg, model, tok, meta, ckpt
 
 
@@ -517,6 +568,7 @@ def main(argv=None):
         cfg, model, tok, meta, _ = load(overrides)
         length = cfg.seq_len or cfg.block_size
         fixed = corpus.conditioning(tok, cfg, length)
+        length = fixed.shape[0]  # --infill without --seq_len: the template's length
         t0 = time.time()
         samples, calls = generate(model, cfg, fixed, cfg.num_samples, common.show_steps(tok, cfg))
         for i, s in enumerate(samples.tolist()):

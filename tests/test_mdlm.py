@@ -306,6 +306,12 @@ def test_bad_conditioning(tiny_run):
     r = run_cli(["mdlm.py", "--sample", f"--out_dir={out}", "--prefix=" + "a" * 20, "--suffix=" + "b" * 20], check=False)
     assert r.returncode != 0 and "more than the 32-token sequence" in r.stderr
     assert "Traceback" not in r.stderr
+    r = run_cli(["mdlm.py", "--sample", f"--out_dir={out}", "--infill=" + "ab" * 20], check=False)
+    assert r.returncode == 1 and r.stderr.strip().endswith("mark each free position with '_'") and "Traceback" not in r.stderr
+    r = run_cli(["mdlm.py", "--sample", f"--out_dir={out}", "--infill=_RO_EO:\\n__", "--steps=8", "--num_samples=2", "--show"])
+    samples = [s.split("\n", 1)[1][:9] for s in r.stdout.split("=== sample ")[1:]]
+    assert len(samples) == 2 and all(s[1:3] == "RO" and s[4:7] == "EO:" and s[7] == "\n" and "_" not in s for s in samples), samples
+    assert "--- step 1/8" in r.stdout
 
 
 def test_corrupt_checkpoint_is_reported(tiny_run, tmp_path):

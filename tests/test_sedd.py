@@ -469,7 +469,20 @@ def test_cli_bad_inputs(char_data, tmp_path, capsys):
     fails(["--sample", f"--out_dir={out}", "--graph=uniform"], "--graph=absorb", "uniform")
     fails(["--sample", f"--out_dir={out}", "--prefix=ROMEO\u00e9"], "--prefix", "vocabulary")
     fails(["--sample", f"--out_dir={out}", "--prefix=" + "a" * 10, "--suffix=" + "b" * 10], "more than the 16-token")
-    fails(["--sample", f"--out_dir={out}", "--seq_len=32"], "block_size")
+    fails(["--sample", f"--out_dir={out}", "--stride=16"], "--stride=16", "block_size")
+    fails(["--sample", f"--out_dir={out}", "--infill=ROMEO"], "--infill has no '_' placeholder")
+    fails(["--sample", f"--out_dir={out}", "--infill=" + "a_" * 9], "--infill takes 18 tokens, more than the 16-token")
+    fails(["--sample", f"--out_dir={out}", "--infill=caf\u00e9_"], "--infill", "vocabulary")
+    fails(["--sample", f"--out_dir={out}", "--infill=a_", "--prefix=a"], "--infill replaces --prefix")
+    fails(["--sample", f"--out_dir={out}", "--top_p=0"], "--top_p")
+    capsys.readouterr()
+    sedd.main(["--sample", f"--out_dir={out}", "--infill=_A_\\n_", "--steps=4", "--num_samples=2", "--show"])
+    text = capsys.readouterr().out
+    for sample in text.split("=== sample ")[1:]:  # the template's fixed characters, placeholders filled
+        body = sample.split("\n", 1)[1][:4]
+        assert body[1] == "A" and body[3] == "\n" and "_" not in body, repr(body)
+    sedd.main(["--sample", f"--out_dir={out}", "--seq_len=40", "--steps=4", "--num_samples=1"])  # beyond one block
+    assert len(capsys.readouterr().out.split("=== sample 0\n")[1].split("\n(")[0]) == 40
     fails(["--sample", f"--out_dir={out}", "--n_embd=64"], "n_embd")
 
 
