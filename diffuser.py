@@ -648,7 +648,8 @@ def main(argv=None):
         batches = EditBatches(cfg, meta, cfg.seed)
         meta = {**meta, "unigram": batches.unigram, "seq2seq": batches.seq2seq, "boot_trained": cfg.boot_prob > 0}
         model = build_model(cfg, meta)
-        trainer.train(cfg, "diffuser", model, loss_fn, lambda m, b: evaluate(m, b, cfg), meta, batches=batches)
+        trainer.train(cfg, "diffuser", model, loss_fn, lambda m, b: evaluate(m, b, cfg), meta, batches=batches,
+                      dynamic=True)  # edit batches vary in length: one compile for all
         if "RANK" in os.environ and int(os.environ["RANK"]) != 0:
             return
     if "sample" in verbs:

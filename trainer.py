@@ -173,7 +173,7 @@ def resume_from(path, method, cfg, meta, model, ema_model, opt, batches, rank, d
     return start
 
 
-def train(cfg, method, model, loss_fn, evaluate, meta, batches=None):
+def train(cfg, method, model, loss_fn, evaluate, meta, batches=None, dynamic=None):
     """The shared loop.
 
     model    the method's nn.Module (backbone + head); raw, unwrapped
@@ -181,6 +181,7 @@ def train(cfg, method, model, loss_fn, evaluate, meta, batches=None):
     evaluate evaluate(model, batches) -> dict of floats on the validation split (EMA weights)
     batches  default: random token windows (Batches); a method with other data passes an object
              with .get(split, batch_size, gen=None) and a torch.Generator .gen
+    dynamic  --compile with dynamic shapes (True: batches vary in length; None: torch's default)
     Returns the EMA model.
 
     A run owns its out_dir: it holds the folder's lock while it runs, and it starts over an
@@ -199,10 +200,10 @@ def train(cfg, method, model, loss_fn, evaluate, meta, batches=None):
                     f"--overwrite, or choose another --out_dir")
             if rank == 0:
                 os.remove(ckpt_path)
-        return _train_loop(cfg, method, model, loss_fn, evaluate, meta, batches, device, rank, world)
+        return _train_loop(cfg, method, model, loss_fn, evaluate, meta, batches, device, rank, world, dynamic)
 
 
-def _train_loop(cfg, method, model, loss_fn, evaluate, meta, batches, device, rank, world):
+def _train_loop(cfg, method, model, loss_fn, evaluate, meta, batches, device, rank, world, dynamic):
     master = rank == 0
     odir = out_dir(cfg, method)
     ckpt_path = os.path.join(odir, "ckpt.pt")
@@ -239,7 +240,7 @@ def _train_loop(cfg, method, model, loss_fn, evaluate, meta, batches, device, ra
     if world > 1:
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
-        train_model = torch.compile(train_model)
+        train_model = torch.compile(train_model, dynamic=dynamic)
     ctx = autocast(device)
     # sequences count tokens; ddpm.py's points (no block_size) count samples
     per_example, unit = (cfg.block_size, "tok") if isinstance(cfg, TextConfig) else (1, "samples")
