@@ -508,7 +508,7 @@ def save_png(path, data_pts, sample_pts, title, strip=None):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print(f"no PNG: matplotlib is not installed (pip install -e '.[plot]'); the figures above are the text output")
+        print("no PNG: matplotlib is not installed (pip install -e '.[plot]'); the figures above are the text output")
         return False
     rows = 2 if strip else 1
     cols = max(2, len(strip) if strip else 2)
