@@ -10,7 +10,7 @@ import bench
 import common
 from conftest import run_cli
 
-PARTS = ["build", "cuda tests", "kernels", "nearest", "train and sample", "ddp"]
+PARTS = ["build", "self-check", "cuda tests", "kernels", "nearest", "train and sample", "ddp"]
 
 
 def test_measure_times_every_call_and_counts_memory():
@@ -37,8 +37,13 @@ def test_gpu_command_dry_run_on_cpu(tmp_path):
     assert status["cuda tests"] == "skipped" and status["ddp"] == "skipped"  # no CUDA device, no second GPU
     kernels_on = os.environ.get("DIFFLM_KERNELS") != "0"
     assert status["build"] == ("ok" if kernels_on else "skipped")
-    for part in ("kernels", "nearest"):
+    for part in ("self-check", "kernels", "nearest"):
         assert status[part] == ("ok" if kernels_on else "skipped"), doc["parts"]
+    if kernels_on:  # every marked op checked against its oracle, and passed
+        checks = doc["parts"][PARTS.index("self-check")]["figures"]
+        assert {r["op"] for r in checks} == {"score_entropy", "sedd_euler_step", "sedd_tweedie_step",
+                                             "mdlm_ancestral_step", "nearest_embedding"}
+        assert all(r["passed"] and r["worst (1 = tolerance)"] <= 1 for r in checks), checks
     if kernels_on:
         rows = doc["parts"][PARTS.index("kernels")]["figures"]
         assert {r["op"] for r in rows} == {"score_entropy fwd+bwd", "euler step", "tweedie step", "mdlm ancestral step"}

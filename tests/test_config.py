@@ -124,4 +124,4 @@ def test_mdlm_cache_needs_an_unconditioned_model(tmp_path, char_data):
     mdlm.main(["--train", "--time_cond=true", "--sampler=ddpm", "--n_layer=1", "--n_embd=16", "--n_head=2", "--block_size=16",
                "--batch_size=2", "--max_iters=1", "--eval_iters=1", "--eval_interval=1", f"--data_dir={char_data}", f"--out_dir={out}"])
     msg = refused("mdlm", ["--sample", "--sampler=ddpm_cache", f"--out_dir={out}"])
-    assert "--sampler=ddpm_cache needs a model without time conditioning" in msg
+    assert "--sampler=ddpm_cache reuses the network output and needs a model without time conditioning" in msg
