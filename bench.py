@@ -433,6 +433,9 @@ METHODS = {
     "diffuser": ("diffuser", []),  # E2E, word level: no likelihood bound and no judge on its data
 }
 BOUND_KEYS = ("val_nll", "val_nelbo")
+# --samplers: decoding controls measured beside each diffusion method's exact sampler, as sample-time overrides
+SAMPLERS = {"mdlm": {"confidence": {"sampler": "confidence"}, "t0.8 p0.9": {"temperature": 0.8, "top_p": 0.9}},
+            "sedd": {"t0.8 p0.9": {"temperature": 0.8, "top_p": 0.9}}}
 
 
 def train_log(out):
@@ -478,6 +481,8 @@ def bench_methods(argv):
     ap.add_argument("--judge", default="", help="default OUT_ROOT/ar/ckpt.pt")
     ap.add_argument("--train_args", default="", help="extra --key=value overrides for every training run (tests)")
     ap.add_argument("--plot", default="", help="write quality and cost vs steps to this PNG")
+    ap.add_argument("--samplers", action="store_true", help="also each method's decoding controls "
+                    "(MDLM: confidence, temperature 0.8 with top-p 0.9; SEDD: temperature 0.8 with top-p 0.9)")
     a = ap.parse_args(argv)
     names = [n for n in a.methods.split(",") if n]
     bad = [n for n in names if n not in METHODS]
@@ -535,15 +540,20 @@ def bench_methods(argv):
             print(methods_table(rows), flush=True)
             continue
         free = torch.full((L,), -1, dtype=torch.long)
-        curves[name] = []
-        for i, s in enumerate(steps_list):
-            c = dataclasses.replace(cfg, steps=s)
-            torch.manual_seed(0)
-            g = common.generative_eval(judge, lambda n: mod.generate(model, c, free, n)[0], a.num_samples, meta,
-                                       f"{name}, {s} steps")
-            rows.append({"method": name, "tok_s": tok_s if i == 0 else None, "bits": bits if i == 0 else None,
-                         "steps": s, "gen_nll": g["gen_nll"], "entropy": g["gen_entropy"], "sec": g["sec_per_sample"]})
-            curves[name].append((s, g["gen_nll"], g["sec_per_sample"]))
+        variants = {"": {}, **(SAMPLERS.get(module, {}) if a.samplers else {})}
+        for label, overrides in variants.items():
+            key = f"{name} ({label})" if label else name
+            curves[key] = []
+            for i, s in enumerate(steps_list):
+                c = dataclasses.replace(cfg, steps=s, **overrides)
+                torch.manual_seed(0)
+                g = common.generative_eval(judge, lambda n: mod.generate(model, c, free, n)[0], a.num_samples, meta,
+                                           f"{key}, {s} steps")
+                first = i == 0 and not label
+                rows.append({"method": key, "tok_s": tok_s if first else None, "bits": bits if first else None,
+                             "steps": s, "gen_nll": g["gen_nll"], "entropy": g["gen_entropy"],
+                             "sec": g["sec_per_sample"]})
+                curves[key].append((s, g["gen_nll"], g["sec_per_sample"]))
         print(methods_table(rows), flush=True)  # the table so far, in case a later method is interrupted
     print()
     print(methods_table(rows))

@@ -1,14 +1,16 @@
 """bench.py: the one measuring helper, and `bench.py gpu` run on the CPU (its dry run), which must
 leave a report of every part in DIR/report.md and DIR/report.json; common.progress, its progress bars."""
 import json
+import math
 import os
+import random
 import sys
 
 import torch
 
 import bench
 import common
-from conftest import run_cli
+from conftest import run_cli, write_toy_dataset
 
 PARTS = ["build", "self-check", "cuda tests", "kernels", "nearest", "train and sample", "ddp"]
 
@@ -66,3 +68,18 @@ def test_progress_bar_only_on_a_terminal(monkeypatch):
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     bar = common.progress(iter(items), "shown", total=3)
     assert list(bar) == items and type(bar).__name__ == "tqdm"
+
+
+def test_methods_with_samplers_measures_each_decoding_control(tmp_path):
+    """bench.py methods --samplers: one row per step count for the exact sampler and each control."""
+    rng = random.Random(0)
+    data = write_toy_dataset(tmp_path / "toy", [[rng.randrange(8) for _ in range(4000)]], "abcdefgh")
+    train = (f"--data_dir={data} --block_size=16 --max_iters=2 --eval_interval=2 --eval_iters=1 --n_layer=1 "
+             "--n_embd=32 --n_head=2 --batch_size=4")
+    run_cli(["bench.py", "methods", "--methods=ar,mdlm", f"--out_root={tmp_path / 'runs'}", f"--train_args={train}",
+             "--steps=2,4", "--num_samples=2", "--samplers"], timeout=600)
+    doc = json.load(open(tmp_path / "runs" / "methods.json"))
+    assert set(doc["curves"]) == {"ar", "mdlm", "mdlm (confidence)", "mdlm (t0.8 p0.9)"}
+    for key in ("mdlm", "mdlm (confidence)", "mdlm (t0.8 p0.9)"):
+        assert [p[0] for p in doc["curves"][key]] == [2, 4]
+        assert all(math.isfinite(p[1]) and p[2] > 0 for p in doc["curves"][key])
