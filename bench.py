@@ -215,6 +215,16 @@ def _ops_or_die(device):
     return ops
 
 
+def _timing_args(ap, argv):
+    """The options every kernel timing shares, parsed -> (args, device, the fused ops there or a one-line exit)."""
+    ap.add_argument("--no_compile", action="store_true", help="skip torch.compile of the PyTorch version")
+    ap.add_argument("--repeat", type=int, default=0, help="runs per median (0: as many as fit in ~0.5 s, 5-100)")
+    ap.add_argument("--device", default="auto")
+    a = ap.parse_args(argv)
+    device = _device(a.device)
+    return a, device, _ops_or_die(device)
+
+
 def _sizes(text, form):
     """--sizes "a,b,c;a,b,c" -> [(a, b, c), ...], or a one-line exit naming the form."""
     try:
@@ -391,13 +401,8 @@ def bench_kernels(argv):
     ap.add_argument("--dtype", default="", help="float32 | bfloat16 (default: float32 on CPU, bfloat16 on GPU)")
     ap.add_argument("--ops", default="score_entropy,euler,tweedie,mdlm")
     ap.add_argument("--graphs", default="absorb,uniform")
-    ap.add_argument("--no_compile", action="store_true", help="skip torch.compile(oracle)")
     ap.add_argument("--no_eager", action="store_true", help="skip the eager oracle (e.g. where it runs out of memory)")
-    ap.add_argument("--repeat", type=int, default=0, help="runs per median (0: as many as fit in ~0.5 s, 5-100)")
-    ap.add_argument("--device", default="auto")
-    a = ap.parse_args(argv)
-    device = _device(a.device)
-    ops = _ops_or_die(device)
+    a, device, ops = _timing_args(ap, argv)
     dtype = {"": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16}.get(a.dtype)
     if dtype is None:
@@ -653,12 +658,7 @@ def bench_nearest(argv):
     ap.add_argument("--sizes", default="", help="N,d,V;N,d,V... (default: 8192,16,821;8192,128,50257, "
                                                  "plus 8192,256,50257 on GPU)")
     ap.add_argument("--metrics", default="cos,l2")
-    ap.add_argument("--no_compile", action="store_true", help="skip torch.compile(expression)")
-    ap.add_argument("--repeat", type=int, default=0, help="runs per median (0: as many as fit in ~0.5 s, 5-100)")
-    ap.add_argument("--device", default="auto")
-    a = ap.parse_args(argv)
-    device = _device(a.device)
-    ops = _ops_or_die(device)
+    a, device, ops = _timing_args(ap, argv)
     sizes = _sizes(a.sizes or "8192,16,821;8192,128,50257" + (";8192,256,50257" if device.type == "cuda" else ""),
                    "N,d,V")
     rows = nearest_rows(device, ops, sizes, a.metrics.split(","), a.repeat, not a.no_compile)

@@ -77,6 +77,15 @@ def infill_fixed(L, V):
     return fixed
 
 
+def toy_sedd(**overrides):
+    """A one-layer SEDD over 11 tokens, 16 positions, with a head large enough to make moves matter."""
+    cfg = sedd.Config(n_layer=1, n_embd=32, n_head=2, block_size=16, **overrides)
+    torch.manual_seed(0)
+    model = sedd.build_model(cfg, {"vocab_size": 11}).eval()
+    torch.nn.init.normal_(model.head.weight, std=0.5)
+    return cfg, model
+
+
 @pytest.mark.parametrize("sampler", mdlm.SAMPLERS)
 def test_mdlm_fixed_positions_hold_at_every_step(sampler):
     cfg = mdlm.Config(n_layer=1, n_embd=32, n_head=2, block_size=16, steps=24, sampler=sampler)
@@ -95,10 +104,7 @@ def test_mdlm_fixed_positions_hold_at_every_step(sampler):
 @pytest.mark.parametrize("graph", sedd.GRAPHS)
 @pytest.mark.parametrize("sampler", sedd.SAMPLERS)
 def test_sedd_fixed_positions_hold_at_every_step(graph, sampler):
-    cfg = sedd.Config(n_layer=1, n_embd=32, n_head=2, block_size=16, steps=12, graph=graph, sampler=sampler)
-    torch.manual_seed(0)
-    model = sedd.build_model(cfg, {"vocab_size": 11}).eval()
-    torch.nn.init.normal_(model.head.weight, std=0.5)
+    cfg, model = toy_sedd(steps=12, graph=graph, sampler=sampler)
     fixed, states = infill_fixed(16, 11), []
     out, _ = sedd.generate(model, cfg, fixed, 3, record(states))
     keep = fixed >= 0
@@ -179,10 +185,7 @@ def test_semi_autoregressive_rounds_hold_the_context():
 
 @pytest.mark.parametrize("graph", sedd.GRAPHS)
 def test_sedd_beyond_one_block(graph):
-    cfg = sedd.Config(n_layer=1, n_embd=32, n_head=2, block_size=16, steps=8, graph=graph, stride=6)
-    torch.manual_seed(0)
-    model = sedd.build_model(cfg, {"vocab_size": 11}).eval()
-    torch.nn.init.normal_(model.head.weight, std=0.5)
+    cfg, model = toy_sedd(steps=8, graph=graph, stride=6)
     fixed = infill_fixed(40, 11)
     fixed[20] = 3  # a fixed position in a later round
     samples, calls = sedd.generate(model, cfg, fixed, 3)
@@ -276,10 +279,7 @@ def test_confidence_sampler_runs_and_holds_fixed_positions():
 @pytest.mark.parametrize("graph", sedd.GRAPHS)
 @pytest.mark.parametrize("sampler", sedd.SAMPLERS)
 def test_sedd_controls_off_give_the_default_samples(graph, sampler):
-    cfg = sedd.Config(n_layer=1, n_embd=32, n_head=2, block_size=16, steps=8, graph=graph, sampler=sampler)
-    torch.manual_seed(0)
-    model = sedd.build_model(cfg, {"vocab_size": 11}).eval()
-    torch.nn.init.normal_(model.head.weight, std=0.5)
+    cfg, model = toy_sedd(steps=8, graph=graph, sampler=sampler)
     fixed = infill_fixed(16, 11)
     out = []
     for c in (cfg, dataclasses.replace(cfg, temperature=1.0, top_p=1.0), dataclasses.replace(cfg, top_p=0.5)):
