@@ -179,7 +179,7 @@ def settings(method, a, path):
     return {**s, "graph": a["graph"], "schedule": "loglinear", "eps": 1e-3}  # the authors' log-linear eps
 
 
-SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "cond_dim", "ddit")
+FIXED_KEYS = ("n_layer", "n_head", "n_embd", "cond_dim", "ddit", "time_cond")  # the weights' shapes and meaning
 
 
 def load_model(init_from, method, config_cls, overrides, build_model, prepare=None):
@@ -197,8 +197,8 @@ def load_model(init_from, method, config_cls, overrides, build_model, prepare=No
     if method == "sedd" and overrides.get("graph", a["graph"]) != a["graph"]:
         die(f"{init_from} was trained with the {a['graph']} graph, not {overrides['graph']}; drop --graph")
     s = settings(method, a, path)
-    for k in SHAPE_KEYS:
-        if k in overrides and overrides[k] != s[k]:
+    for k in FIXED_KEYS:
+        if k in overrides and k in s and overrides[k] != s[k]:
             die(f"--{k} is fixed by {init_from} ({s[k]}); drop it")
     cfg = config_cls(**{**s, **overrides})
     state = read_weights(path)

@@ -258,7 +258,7 @@ def test_missing_or_extra_keys_are_named(tmp_path):
     assert "missing blocks.1.mlp.0.bias" in line and "unexpected blocks.7.norm1.weight" in line
 
 
-@pytest.mark.parametrize("case", ["mdlm_into_sedd", "sedd_into_mdlm", "other_graph", "not_a_dir", "no_weights"])
+@pytest.mark.parametrize("case", ["mdlm_into_sedd", "sedd_into_mdlm", "other_graph", "not_a_dir", "no_weights", "shape_flag"])
 def test_wrong_checkpoint_is_one_line(case, tmp_path):
     m = write_mdlm(tmp_path / "m", vocab_size=21, hidden=16, cond=8, n_blocks=1, n_heads=2, length=8)
     s = write_sedd(tmp_path / "s", tokens=20, hidden=16, cond=8, n_blocks=1, n_heads=2, length=8)
@@ -267,5 +267,6 @@ def test_wrong_checkpoint_is_one_line(case, tmp_path):
                     "sedd_into_mdlm": (["mdlm.py", f"--init_from={s}"], "SEDD checkpoint; load it with sedd.py"),
                     "other_graph": (["sedd.py", f"--init_from={s}", "--graph=uniform"], "absorb graph, not uniform"),
                     "not_a_dir": (["sedd.py", f"--init_from={tmp_path}/nothing/here"], "neither a directory nor a hub id"),
-                    "no_weights": (["sedd.py", f"--init_from={s}"], "holds neither model.safetensors nor pytorch_model.bin")}[case]
+                    "no_weights": (["sedd.py", f"--init_from={s}"], "holds neither model.safetensors nor pytorch_model.bin"),
+                    "shape_flag": (["mdlm.py", f"--init_from={m}", "--n_layer=4"], "--n_layer is fixed by")}[case]
     assert expect in one_line_error(args + ["--sample", "--device=cpu"])
