@@ -27,6 +27,7 @@ import torch.nn as nn
 
 import common
 import corpus
+import hub
 import kernels
 import trainer
 
@@ -58,6 +59,10 @@ class Config(common.PromptConfig, common.TextConfig, common.BaseConfig):
     eval_t_samples: int = 4  # time samples per validation sequence in --eval
     gen: bool = False  # --eval --gen: score num_samples samples with the autoregressive judge (ar.py)
     judge: str = "out/ar/ckpt.pt"  # the judge: an ar.py checkpoint trained on the same data
+    # the published checkpoint (hub.py)
+    init_from: str = ""  # kuleshov-group/mdlm-owt or a directory with its files
+    ddit: bool = False  # the published layout: LayerNorm weights, MLP and head biases, adaLN fed sigma = 0 (set by --init_from)
+    cond_dim: int = 128  # width of the time embedding that drives adaLN (--time_cond or --ddit)
 
 
 SCHEDULES = ("loglinear", "cosine")
@@ -70,7 +75,7 @@ def check_config(cfg):
     common.check_choice(cfg, "schedule", SCHEDULES)
     common.check_choice(cfg, "sampler", SAMPLERS)
     common.check_between(cfg, ("eps", "t_min", "t_end"), 0, 1)
-    common.check_at_least(cfg, ("steps", "eval_t_samples"), 1)
+    common.check_at_least(cfg, ("steps", "eval_t_samples", "cond_dim"), 1)
     common.check_at_least(cfg, ("seq_len", "stride"), 0)  # 0: block_size, block_size // 2
     if not 0 < cfg.temperature < math.inf:
         common.die(f"--temperature={cfg.temperature} must be a finite number above 0")
@@ -110,15 +115,20 @@ class MDLM(nn.Module):
     def __init__(self, cfg, vocab_size):
         super().__init__()
         self.vocab_size, self.mask_id = vocab_size, vocab_size
-        self.time_cond = cfg.time_cond
+        self.time_cond, self.ddit = cfg.time_cond, cfg.ddit
         self.backbone = common.Transformer(vocab_size + 1, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size,
-                                           cfg.dropout, causal=False, cond_dim=128 if cfg.time_cond else 0)
-        self.head = nn.Linear(cfg.n_embd, vocab_size + 1, bias=False)
+                                           cfg.dropout, causal=False, cond_dim=cfg.cond_dim if cfg.time_cond or cfg.ddit else 0,
+                                           norm_weight=cfg.ddit, mlp_bias=cfg.ddit)
+        self.head = nn.Linear(cfg.n_embd, vocab_size + 1, bias=cfg.ddit)
         nn.init.zeros_(self.head.weight)  # an untrained model predicts the uniform distribution
+        if cfg.ddit:
+            nn.init.zeros_(self.head.bias)
 
     def forward(self, xt, sigma=None):
         # xt (B, L), sigma (B,) or None -> logits (B, L, V + 1)
-        return self.head(self.backbone(xt, sigma if self.time_cond else None))
+        if not self.time_cond:  # the published layout keeps its adaLN and feeds it sigma = 0 (MDLM code base)
+            sigma = torch.zeros(xt.shape[0], device=xt.device) if self.ddit else None
+        return self.head(self.backbone(xt, sigma))
 
 
 def subs_log_probs(logits, xt, mask_id):
@@ -311,9 +321,15 @@ def build_model(cfg, meta):
 
 
 def load(overrides):
-    """load_for_inference, then the checks again on the checkpoint's config under the overrides,
-    and those that need the trained model's own settings."""
-    cfg, model, tok, meta, ckpt = trainer.load_for_inference(Config, overrides, "mdlm", build_model)
+    """load_for_inference (or the published weights of --init_from), then the checks again on the
+    checkpoint's config under the overrides, and those that need the trained model's own settings."""
+    if overrides.get("init_from"):
+        cfg, model, meta = hub.load_model(overrides["init_from"], "mdlm", Config, overrides, build_model)
+        os.makedirs(common.out_dir(cfg, "mdlm"), exist_ok=True)  # --eval logs there
+        common.seed_all(cfg.seed)
+        model, tok, ckpt = model.to(common.get_device(cfg)).eval(), corpus.get_tokenizer(meta), {"iter": None}
+    else:
+        cfg, model, tok, meta, ckpt = trainer.load_for_inference(Config, overrides, "mdlm", build_model)
     check_config(cfg)
     if cfg.sampler in ("ddpm_cache", "confidence") and cfg.time_cond:
         common.die(f"--sampler={cfg.sampler} reuses the network output and needs a model without time conditioning; use --sampler=ddpm")
@@ -326,9 +342,15 @@ def main(argv=None):
     verbs, cfg, overrides = common.parse_args(Config, argv)
     check_config(cfg)
     if "train" in verbs:
-        common.check_memory(cfg)
-        meta = corpus.prepare_data(cfg)
-        model = build_model(cfg, meta)
+        if cfg.init_from:  # fine-tuning: the published weights and architecture, this run's data
+            cfg, model, meta = hub.load_model(cfg.init_from, "mdlm", Config, overrides, build_model, corpus.prepare_data)
+            check_config(cfg)
+            common.check_memory(cfg)
+            overrides = {k: v for k, v in overrides.items() if k != "init_from"}  # then sample the fine-tuned model
+        else:
+            common.check_memory(cfg)
+            meta = corpus.prepare_data(cfg)
+            model = build_model(cfg, meta)
         trainer.train(cfg, "mdlm", model, lambda m, x0: loss_fn(m, x0, cfg, model.mask_id),
                      lambda m, b: evaluate(m, b, cfg), meta)
         if "RANK" in os.environ and int(os.environ["RANK"]) != 0:

@@ -33,6 +33,7 @@ import torch.nn as nn
 
 import common
 import corpus
+import hub
 import kernels
 import trainer
 
@@ -71,6 +72,10 @@ class Config(common.PromptConfig, common.TextConfig, common.BaseConfig):
     eval_t_samples: int = 4  # time samples per validation sequence in --eval
     gen: bool = False  # --eval --gen: score num_samples samples with the autoregressive judge (ar.py)
     judge: str = "out/ar/ckpt.pt"  # the judge: an ar.py checkpoint trained on the same data
+    # the published checkpoints (hub.py)
+    init_from: str = ""  # louaaron/sedd-small, louaaron/sedd-medium or a directory with their files
+    ddit: bool = False  # the published layout: LayerNorm weights, MLP and head biases (set by --init_from)
+    cond_dim: int = 128  # width of the sigma embedding that drives adaLN
 
 
 def check_config(cfg):
@@ -79,7 +84,7 @@ def check_config(cfg):
     common.check_choice(cfg, "graph", GRAPHS)
     common.check_choice(cfg, "schedule", SCHEDULES + ("",))
     common.check_choice(cfg, "sampler", SAMPLERS)
-    common.check_at_least(cfg, ("steps", "eval_t_samples"), 1)
+    common.check_at_least(cfg, ("steps", "eval_t_samples", "cond_dim"), 1)
     common.check_between(cfg, ("eps", "t_min", "t_end"), 0, 1)
     if not 0 < cfg.sigma_min < cfg.sigma_max < math.inf:
         common.die(f"need 0 < --sigma_min ({cfg.sigma_min}) < --sigma_max ({cfg.sigma_max}), both finite")
@@ -209,9 +214,12 @@ class SEDD(nn.Module):
         self.num_states = num_states(vocab_size, cfg.graph)
         self.mask_id = self.num_states - 1 if cfg.graph == "absorb" else None
         self.backbone = common.Transformer(self.num_states, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size,
-                                           cfg.dropout, causal=False, cond_dim=128)
-        self.head = nn.Linear(cfg.n_embd, self.num_states, bias=False)
+                                           cfg.dropout, causal=False, cond_dim=cfg.cond_dim,
+                                           norm_weight=cfg.ddit, mlp_bias=cfg.ddit)
+        self.head = nn.Linear(cfg.n_embd, self.num_states, bias=cfg.ddit)
         nn.init.zeros_(self.head.weight)  # h = 0: the offset below alone gives the right total mass
+        if cfg.ddit:
+            nn.init.zeros_(self.head.bias)
 
     def forward(self, xt, sigma_bar):
         """xt (B, L), sigma_bar (B,) -> log-scores log s_theta (B, L, N), fp32.
@@ -537,16 +545,22 @@ def build_model(cfg, meta):
 
 
 def load(overrides):
-    """load_for_inference, after checking that --graph matches the checkpoint's; then the checks
-    again on the checkpoint's config under the overrides."""
-    path = os.path.join(common.out_dir(Config(**overrides), "sedd"), "ckpt.pt")
-    saved = common.load_checkpoint(path, "sedd").get("config", {})
-    if saved.get("noise") and "schedule" not in overrides:  # a checkpoint that names its schedule "noise"
-        overrides = {**overrides, "schedule": saved["noise"]}
-    if "graph" in overrides and saved.get("graph", overrides["graph"]) != overrides["graph"]:
-        common.die(f"{path} was trained with --graph={saved['graph']}, not {overrides['graph']}; "
-                   f"drop --graph or train a new model")
-    cfg, model, tok, meta, ckpt = trainer.load_for_inference(Config, overrides, "sedd", build_model)
+    """load_for_inference (or the published weights of --init_from), after checking that --graph
+    matches the checkpoint's; then the checks again on the checkpoint's config under the overrides."""
+    if overrides.get("init_from"):
+        cfg, model, meta = hub.load_model(overrides["init_from"], "sedd", Config, overrides, build_model)
+        os.makedirs(common.out_dir(cfg, "sedd"), exist_ok=True)  # --eval logs there
+        common.seed_all(cfg.seed)
+        model, tok, ckpt = model.to(common.get_device(cfg)).eval(), corpus.get_tokenizer(meta), {"iter": None}
+    else:
+        path = os.path.join(common.out_dir(Config(**overrides), "sedd"), "ckpt.pt")
+        saved = common.load_checkpoint(path, "sedd").get("config", {})
+        if saved.get("noise") and "schedule" not in overrides:  # a checkpoint that names its schedule "noise"
+            overrides = {**overrides, "schedule": saved["noise"]}
+        if "graph" in overrides and saved.get("graph", overrides["graph"]) != overrides["graph"]:
+            common.die(f"{path} was trained with --graph={saved['graph']}, not {overrides['graph']}; "
+                       f"drop --graph or train a new model")
+        cfg, model, tok, meta, ckpt = trainer.load_for_inference(Config, overrides, "sedd", build_model)
     check_config(cfg)
     if cfg.stride >= cfg.block_size:
         common.die(f"--stride={cfg.stride} must be below the model's block_size={cfg.block_size} (0: block_size // 2)")
@@ -557,9 +571,15 @@ def main(argv=None):
     verbs, cfg, overrides = common.parse_args(Config, argv)
     check_config(cfg)
     if "train" in verbs:
-        common.check_memory(cfg)
-        meta = corpus.prepare_data(cfg)
-        model = build_model(cfg, meta)
+        if cfg.init_from:  # fine-tuning: the published weights and architecture, this run's data
+            cfg, model, meta = hub.load_model(cfg.init_from, "sedd", Config, overrides, build_model, corpus.prepare_data)
+            check_config(cfg)
+            common.check_memory(cfg)
+            overrides = {k: v for k, v in overrides.items() if k != "init_from"}  # then sample the fine-tuned model
+        else:
+            common.check_memory(cfg)
+            meta = corpus.prepare_data(cfg)
+            model = build_model(cfg, meta)
         trainer.train(cfg, "sedd", model, lambda m, x0: loss_fn(m, x0, cfg, model.num_states),
                      lambda m, b: evaluate(m, b, cfg), meta)
         if "RANK" in os.environ and int(os.environ["RANK"]) != 0:

@@ -1,0 +1,217 @@
+"""
+hub.py: the published SEDD and MDLM checkpoints (--init_from), loaded into difflm's own model.
+
+    python sedd.py --sample --init_from=louaaron/sedd-small    # or louaaron/sedd-medium
+    python mdlm.py --sample --init_from=kuleshov-group/mdlm-owt
+    python mdlm.py --eval --init_from=DIR                       # DIR holds config.json + the weights
+
+A hub id is downloaded once through huggingface_hub (pip install -e ".[hub]") into its cache; a
+local directory with the same files is used as it is (offline). Nothing from the hub runs: the
+config is read as JSON and the weights as tensors (model.safetensors, or pytorch_model.bin through
+torch.load(weights_only=True)).
+
+Both papers' checkpoints use the "DDiT" layout of the SEDD code base: LayerNorms with a weight
+and no bias, a fused qkv projection and an output projection without biases, rotary positions
+(half-split), a 4x GELU(tanh) MLP with biases, adaLN-Zero modulation (shift, scale, gate) of each
+sublayer from SiLU(MLP(sinusoids(sigma))) with cond_dim channels, a final LayerNorm with its own
+shift and scale, and an output Linear with a bias. common.Transformer expresses it with
+cond_dim > 0, norm_weight=True and mlp_bias=True; the output Linear is the method's head (with a
+bias under --ddit). SEDD's config.json is the training config (tokens, graph, noise, model.*);
+MDLM's is a transformers-style config (vocab_size, hidden_dim, cond_dim, ...) with every weight
+under "backbone.".
+"""
+
+import json
+import os
+import re
+
+import torch
+
+from common import die
+
+CONFIG = "config.json"
+WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+GPT2_META = {"tokenizer": "gpt2", "vocab_size": 50257, "eot": 50256}
+
+
+def locate(init_from):
+    """--init_from -> a local directory holding config.json and the weights (downloaded if a hub id)."""
+    if os.path.isdir(init_from):
+        return init_from
+    how = (f"download {CONFIG} and {WEIGHTS[0]} (or {WEIGHTS[1]}) from https://huggingface.co/{init_from} "
+           f"into a directory and pass --init_from=DIR")
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", init_from):
+        die(f"--init_from={init_from} is neither a directory nor a hub id (owner/name); {how}")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        die(f"--init_from={init_from} needs huggingface_hub to download it (pip install -e \".[hub]\"); or {how}")
+    try:  # the safetensors file when the repository has one, else the pickled one
+        d = snapshot_download(init_from, allow_patterns=[CONFIG, WEIGHTS[0]])
+        if not os.path.isfile(os.path.join(d, WEIGHTS[0])):
+            d = snapshot_download(init_from, allow_patterns=[CONFIG, WEIGHTS[1]])
+    except Exception as e:  # offline, unknown repository, no permission: the hub's errors are many
+        die(f"cannot fetch {init_from} from the Hugging Face hub ({type(e).__name__}); without network, {how}")
+    return d
+
+
+def read_config(d):
+    path = os.path.join(d, CONFIG)
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        die(f"cannot read {path} ({type(e).__name__}); a published checkpoint directory holds {CONFIG} beside its weights")
+    if not isinstance(config, dict):
+        die(f"{path} holds no JSON object")
+    return config
+
+
+def read_weights(d):
+    """The state dict in the directory (tensors only, never code)."""
+    st, pt = (os.path.join(d, w) for w in WEIGHTS)
+    try:
+        if os.path.isfile(st):
+            try:
+                from safetensors.torch import load_file
+            except ImportError:
+                die(f"{st} needs safetensors (pip install -e \".[hub]\")")
+            return load_file(st)
+        if os.path.isfile(pt):
+            state = torch.load(pt, map_location="cpu", weights_only=True)
+            if isinstance(state, dict):
+                return state
+            die(f"{pt} holds a {type(state).__name__}, not a state dict")
+    except (OSError, RuntimeError, ValueError) as e:
+        die(f"cannot read the weights in {d} ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); "
+            "download them again")
+    die(f"{d} holds neither {WEIGHTS[0]} nor {WEIGHTS[1]}")
+
+
+def architecture(config, path):
+    """config.json -> (method, dims): SEDD's training config or MDLM's transformers-style config."""
+    try:
+        if "graph" in config and "tokens" in config:  # SEDD: the hydra config the run was trained with
+            m = config["model"]
+            return "sedd", dict(vocab_size=int(config["tokens"]), n_embd=int(m["hidden_size"]), cond_dim=int(m["cond_dim"]),
+                                n_layer=int(m["n_blocks"]), n_head=int(m["n_heads"]), block_size=int(m["length"]),
+                                graph=config["graph"]["type"], scale_by_sigma=bool(m["scale_by_sigma"]),
+                                noise=dict(config["noise"]), prefix="")
+        if "hidden_dim" in config and "n_blocks" in config:  # MDLM: [MASK] is the last of vocab_size ids
+            return "mdlm", dict(vocab_size=int(config["vocab_size"]) - 1, n_embd=int(config["hidden_dim"]),
+                                cond_dim=int(config["cond_dim"]), n_layer=int(config["n_blocks"]),
+                                n_head=int(config["n_heads"]), block_size=int(config["model_length"]),
+                                time_cond=bool(config.get("time_conditioning", False)), prefix="backbone.")
+    except (KeyError, TypeError, ValueError) as e:
+        die(f"{path}/{CONFIG} lacks or misstates {e}; it is not a SEDD or MDLM checkpoint config")
+    die(f"{path}/{CONFIG} is neither a SEDD config (tokens, graph, model) nor an MDLM one (hidden_dim, n_blocks)")
+
+
+def published_shapes(a, n_out):
+    """Every key the authors' model writes (their names) -> its shape; n_out outputs (with [MASK])."""
+    d, c, p = a["n_embd"], a["cond_dim"], a["prefix"]
+    shapes = {"vocab_embed.embedding": (n_out, d), "sigma_map.mlp.0.weight": (c, 256), "sigma_map.mlp.0.bias": (c,),
+              "sigma_map.mlp.2.weight": (c, c), "sigma_map.mlp.2.bias": (c,),
+              "output_layer.norm_final.weight": (d,), "output_layer.linear.weight": (n_out, d),
+              "output_layer.linear.bias": (n_out,), "output_layer.adaLN_modulation.weight": (2 * d, c),
+              "output_layer.adaLN_modulation.bias": (2 * d,)}
+    for i in range(a["n_layer"]):
+        shapes.update({f"blocks.{i}.{k}": s for k, s in (
+            ("norm1.weight", (d,)), ("attn_qkv.weight", (3 * d, d)), ("attn_out.weight", (d, d)), ("norm2.weight", (d,)),
+            ("mlp.0.weight", (4 * d, d)), ("mlp.0.bias", (4 * d,)), ("mlp.2.weight", (d, 4 * d)), ("mlp.2.bias", (d,)),
+            ("adaLN_modulation.weight", (6 * d, c)), ("adaLN_modulation.bias", (6 * d,)))})
+    return {p + k: s for k, s in shapes.items()}
+
+
+# the authors' module names -> common.Transformer's (under "backbone.") and the method's head
+RENAMES = [(r"vocab_embed\.embedding", "backbone.wte.weight"), (r"sigma_map\.mlp\.", "backbone.time_mlp."),
+           (r"blocks\.(\d+)\.norm1\.", r"backbone.blocks.\1.ln1."), (r"blocks\.(\d+)\.norm2\.", r"backbone.blocks.\1.ln2."),
+           (r"blocks\.(\d+)\.attn_qkv\.", r"backbone.blocks.\1.attn.qkv."),
+           (r"blocks\.(\d+)\.attn_out\.", r"backbone.blocks.\1.attn.proj."),
+           (r"blocks\.(\d+)\.mlp\.", r"backbone.blocks.\1.mlp."), (r"blocks\.(\d+)\.adaLN_modulation\.", r"backbone.blocks.\1.ada."),
+           (r"output_layer\.norm_final\.", "backbone.ln_f."), (r"output_layer\.adaLN_modulation\.", "backbone.ada_f."),
+           (r"output_layer\.linear\.", "head.")]
+
+
+def rename(key):
+    for pattern, new in RENAMES:
+        out, n = re.subn("^" + pattern, new, key)
+        if n:
+            return out
+    return key
+
+
+def check_keys(state, a, n_out, path):
+    """No key missing, none extra, every shape as config.json says -> else one line naming the first few."""
+    want = published_shapes(a, n_out)
+    rotary = a["prefix"] + "rotary_emb.inv_freq"  # a buffer the authors' model saves; difflm recomputes it
+    have = {k: tuple(v.shape) for k, v in state.items() if k != rotary}
+    missing, extra = [k for k in want if k not in have], [k for k in have if k not in want]
+    if missing or extra:
+        die(f"{path} does not hold the checkpoint its {CONFIG} describes: "
+            + "; ".join(f"{what} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''} ({len(keys)})"
+                        for what, keys in (("missing", missing), ("unexpected", extra)) if keys))
+    wrong = [f"{k} {have[k]} (config: {want[k]})" for k in want if have[k] != want[k]]
+    if wrong:
+        die(f"{path}: shapes differ from its {CONFIG}: {', '.join(wrong[:3])}")
+    if rotary in state:
+        hd = a["n_embd"] // a["n_head"]
+        expect = 1.0 / 10000 ** (torch.arange(0, hd, 2).float() / hd)
+        if state[rotary].shape != expect.shape or not torch.allclose(state[rotary].float(), expect):
+            die(f"{path}: {rotary} is not the rotary table of head size {hd} (base 10000)")
+
+
+def settings(method, a, path):
+    """The published architecture as this method's Config values."""
+    s = dict(n_layer=a["n_layer"], n_head=a["n_head"], n_embd=a["n_embd"], block_size=a["block_size"],
+             cond_dim=a["cond_dim"], ddit=True, dataset="shakespeare")  # GPT-2 tokens: the checkpoints' own
+    if method == "mdlm":
+        return {**s, "time_cond": a["time_cond"], "schedule": "loglinear"}
+    noise = a["noise"]
+    if a["graph"] == "absorb" and not a["scale_by_sigma"] or a["graph"] == "uniform" and a["scale_by_sigma"]:
+        die(f"{path}: scale_by_sigma={a['scale_by_sigma']} with graph {a['graph']}; difflm scales by sigma exactly "
+            "with the absorbing graph, as the authors' code does")
+    if noise.get("type") == "geometric":
+        return {**s, "graph": a["graph"], "schedule": "geometric", "sigma_min": float(noise["sigma_min"]),
+                "sigma_max": float(noise["sigma_max"])}
+    if noise.get("type") != "loglinear":
+        die(f"{path}: unknown noise type {noise.get('type')!r}; use a loglinear or geometric checkpoint")
+    return {**s, "graph": a["graph"], "schedule": "loglinear", "eps": 1e-3}  # the authors' log-linear eps
+
+
+FIXED_KEYS = ("n_layer", "n_head", "n_embd", "cond_dim", "ddit", "time_cond")  # the weights' shapes and meaning
+
+
+def load_model(init_from, method, config_cls, overrides, build_model, prepare=None):
+    """--init_from -> (cfg, model with the published weights on the CPU, meta).
+
+    cfg is the published architecture with the command line's overrides on top (those that change
+    a weight's shape are refused). prepare(cfg) -> meta of the data to train on (--train), whose
+    vocabulary must be the checkpoint's; None: GPT-2's meta. The model holds every published
+    weight: none missing, none extra.
+    """
+    path = locate(init_from)
+    found, a = architecture(read_config(path), path)
+    if found != method:
+        die(f"{init_from} is a{'n MDLM' if found == 'mdlm' else ' SEDD'} checkpoint; load it with {found}.py")
+    if method == "sedd" and overrides.get("graph", a["graph"]) != a["graph"]:
+        die(f"{init_from} was trained with the {a['graph']} graph, not {overrides['graph']}; drop --graph")
+    s = settings(method, a, path)
+    for k in FIXED_KEYS:
+        if k in overrides and k in s and overrides[k] != s[k]:
+            die(f"--{k} is fixed by {init_from} ({s[k]}); drop it")
+    cfg = config_cls(**{**s, **overrides})
+    state = read_weights(path)
+    n_out = a["vocab_size"] + (1 if method == "mdlm" or a["graph"] == "absorb" else 0)
+    check_keys(state, a, n_out, path)
+    if prepare is None and a["vocab_size"] != GPT2_META["vocab_size"]:
+        die(f"{init_from} models {a['vocab_size']} tokens, not GPT-2's {GPT2_META['vocab_size']}, the one tokenizer "
+            "difflm knows for a published checkpoint; fine-tune it on your data with --train --dataset=...")
+    meta = prepare(cfg) if prepare else dict(GPT2_META)
+    if meta.get("vocab_size") != a["vocab_size"]:
+        die(f"{init_from} models {a['vocab_size']} tokens, the data {cfg.dataset} has {meta.get('vocab_size')} "
+            f"({meta.get('tokenizer')}); use a dataset with the checkpoint's tokenizer (GPT-2: --dataset=shakespeare)")
+    model = build_model(cfg, meta)
+    drop = a["prefix"] + "rotary_emb.inv_freq"
+    model.load_state_dict({rename(k[len(a["prefix"]):]): v.float() for k, v in state.items() if k != drop})
+    return cfg, model, meta

@@ -1,0 +1,272 @@
+"""The published SEDD and MDLM checkpoints (--init_from, hub.py), offline.
+
+Tiny synthetic checkpoints are written in each published file layout (the authors' key names and
+config.json; model.safetensors or pytorch_model.bin) with random weights, adaLN included. They
+must load with no key missing or extra, and difflm's logits must equal those of the DDiT block
+equations restated below, written from the architecture, not from difflm's modules.
+"""
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+import corpus
+import hub
+import mdlm
+import sedd
+from conftest import ROOT, run_cli, shared_data
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic checkpoints in the published layouts
+
+
+def ddit_state(n_out, d, c, n_blocks, n_heads, prefix, seed):
+    """Random weights under the authors' names (DDiT: sigma_map, blocks, output_layer) + the rotary buffer."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return scale * torch.randn(*shape, generator=g)
+
+    w = {"vocab_embed.embedding": rnd(n_out, d), "sigma_map.mlp.0.weight": rnd(c, 256, scale=0.1),
+         "sigma_map.mlp.0.bias": rnd(c, scale=0.1), "sigma_map.mlp.2.weight": rnd(c, c, scale=c ** -0.5),
+         "sigma_map.mlp.2.bias": rnd(c, scale=0.1), "rotary_emb.inv_freq": 1.0 / 10000 ** (torch.arange(0, d // n_heads, 2).float() / (d // n_heads))}
+    for i in range(n_blocks):
+        b = f"blocks.{i}."
+        w.update({b + "norm1.weight": 1 + rnd(d, scale=0.1), b + "norm2.weight": 1 + rnd(d, scale=0.1),
+                  b + "attn_qkv.weight": rnd(3 * d, d, scale=d ** -0.5), b + "attn_out.weight": rnd(d, d, scale=d ** -0.5),
+                  b + "mlp.0.weight": rnd(4 * d, d, scale=d ** -0.5), b + "mlp.0.bias": rnd(4 * d, scale=0.1),
+                  b + "mlp.2.weight": rnd(d, 4 * d, scale=(4 * d) ** -0.5), b + "mlp.2.bias": rnd(d, scale=0.1),
+                  b + "adaLN_modulation.weight": rnd(6 * d, c, scale=0.3 * c ** -0.5), b + "adaLN_modulation.bias": rnd(6 * d, scale=0.1)})
+    w.update({"output_layer.norm_final.weight": 1 + rnd(d, scale=0.1), "output_layer.linear.weight": rnd(n_out, d, scale=d ** -0.5),
+              "output_layer.linear.bias": rnd(n_out, scale=0.1), "output_layer.adaLN_modulation.weight": rnd(2 * d, c, scale=0.3 * c ** -0.5),
+              "output_layer.adaLN_modulation.bias": rnd(2 * d, scale=0.1)})
+    return {prefix + k: v.contiguous() for k, v in w.items()}
+
+
+def write(path, config, state, fmt):
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    if fmt == "safetensors":
+        save_file(state, os.path.join(path, "model.safetensors"))
+    else:
+        torch.save(state, os.path.join(path, "pytorch_model.bin"))
+    return str(path)
+
+
+def write_sedd(path, tokens, hidden, cond, n_blocks, n_heads, length, graph="absorb", fmt="safetensors", seed=0):
+    """SEDD's layout: config.json is the training config (the hub mixin's), weights at the top level."""
+    config = {"ngpus": 8, "tokens": tokens, "training": {"batch_size": 512, "ema": 0.9999},
+              "graph": {"type": graph, "file": "data", "report_all": False},
+              "noise": {"type": "loglinear" if graph == "absorb" else "geometric", "sigma_min": 1e-4, "sigma_max": 20},
+              "model": {"name": "small", "type": "ddit", "hidden_size": hidden, "cond_dim": cond, "length": length,
+                        "n_blocks": n_blocks, "n_heads": n_heads, "scale_by_sigma": graph == "absorb", "dropout": 0.1}}
+    n_out = tokens + (graph == "absorb")
+    return write(path, config, ddit_state(n_out, hidden, cond, n_blocks, n_heads, "", seed), fmt)
+
+
+def write_mdlm(path, vocab_size, hidden, cond, n_blocks, n_heads, length, fmt="safetensors", seed=0):
+    """MDLM's layout: a transformers-style MDLMConfig, every weight under backbone."""
+    config = {"architectures": ["MDLM"], "model_type": "mdlm", "vocab_size": vocab_size, "model_length": length,
+              "hidden_dim": hidden, "cond_dim": cond, "n_blocks": n_blocks, "n_heads": n_heads, "dropout": 0.1,
+              "time_conditioning": False, "return_dict": False, "torch_dtype": "float32"}
+    return write(path, config, ddit_state(vocab_size, hidden, cond, n_blocks, n_heads, "backbone.", seed), fmt)
+
+
+LAYOUTS = {  # name -> (writer, its arguments): tiny dims, each set differently so config.json must be read
+    "sedd-small": (write_sedd, dict(tokens=50, hidden=24, cond=16, n_blocks=2, n_heads=3, length=12)),
+    "sedd-medium": (write_sedd, dict(tokens=50, hidden=32, cond=8, n_blocks=3, n_heads=4, length=16, fmt="bin")),
+    "mdlm-owt": (write_mdlm, dict(vocab_size=51, hidden=24, cond=12, n_blocks=2, n_heads=2, length=12)),
+}
+
+# ----------------------------------------------------------------------------------------------
+# The DDiT equations, restated (float64)
+
+
+def reference_logits(W, p, x, sigma, n_heads, scale_by_sigma):
+    """W: the authors' state dict, p its prefix; x (B, L) ids; sigma (B,) -> (B, L, n_out)."""
+    W = {k[len(p):]: v.double() for k, v in W.items()}
+
+    def lin(h, name):
+        return h @ W[name + ".weight"].T + (W[name + ".bias"] if name + ".bias" in W else 0)
+
+    def norm(h, name):  # LayerNorm, weight only
+        mu, var = h.mean(-1, keepdim=True), h.var(-1, unbiased=False, keepdim=True)
+        return (h - mu) / torch.sqrt(var + 1e-5) * W[name + ".weight"]
+
+    B, L = x.shape
+    h = W["vocab_embed.embedding"][x]
+    d = h.shape[-1]
+    hd = d // n_heads
+    freqs = torch.exp(-math.log(10000) * torch.arange(128, dtype=torch.float64) / 128)
+    emb = torch.cat([torch.cos(sigma.double()[:, None] * freqs), torch.sin(sigma.double()[:, None] * freqs)], -1)
+    c = F.silu(lin(F.silu(lin(emb, "sigma_map.mlp.0")), "sigma_map.mlp.2"))  # (B, cond)
+    angle = torch.arange(L, dtype=torch.float64)[:, None] * (1.0 / 10000 ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    cos, sin = torch.cos(angle).repeat(1, 2), torch.sin(angle).repeat(1, 2)  # (L, hd)
+
+    def rotate(q):  # q (B, L, H, hd): pairs (i, i + hd/2) turn by position
+        q1, q2 = q[..., :hd // 2], q[..., hd // 2:]
+        return q * cos[:, None] + torch.cat([-q2, q1], -1) * sin[:, None]
+
+    i = 0
+    while f"blocks.{i}.norm1.weight" in W:
+        b = f"blocks.{i}."
+        s1, a1, g1, s2, a2, g2 = lin(c, b + "adaLN_modulation")[:, None].chunk(6, -1)
+        qkv = lin(norm(h, b + "norm1") * (1 + a1) + s1, b + "attn_qkv").view(B, L, 3, n_heads, hd)
+        q, k, v = rotate(qkv[:, :, 0]), rotate(qkv[:, :, 1]), qkv[:, :, 2]
+        att = torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(hd)
+        y = torch.einsum("bhij,bjhd->bihd", att.softmax(-1), v).reshape(B, L, d)
+        h = h + g1 * lin(y, b + "attn_out")
+        m = lin(norm(h, b + "norm2") * (1 + a2) + s2, b + "mlp.0")
+        h = h + g2 * lin(F.gelu(m, approximate="tanh"), b + "mlp.2")
+        i += 1
+    shift, scale = lin(c, "output_layer.adaLN_modulation")[:, None].chunk(2, -1)
+    out = lin(norm(h, "output_layer.norm_final") * (1 + scale) + shift, "output_layer.linear")
+    if scale_by_sigma:  # SEDD, absorbing: log-scores, minus log(e^sigma - 1) and log(n_out - 1), 0 at x
+        out = out - torch.log(torch.expm1(sigma.double()))[:, None, None] - math.log(out.shape[-1] - 1)
+        out = out.scatter(-1, x[..., None], 0.0)
+    return out
+
+
+def load(path, method, vocab):
+    module = {"sedd": sedd, "mdlm": mdlm}[method]
+    cfg, model, _ = hub.load_model(path, method, module.Config, {}, module.build_model,
+                                   lambda cfg: {"tokenizer": "char", "vocab_size": vocab})
+    return cfg, model.eval()
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_published_layout_loads_and_matches_the_ddit_equations(name, tmp_path):
+    writer, kw = LAYOUTS[name]
+    path = writer(tmp_path / name, **kw)
+    method = name.split("-")[0]
+    vocab = kw.get("tokens", kw.get("vocab_size", 0) - 1)
+    cfg, model = load(path, method, vocab)
+    assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.cond_dim, cfg.block_size) == \
+        (kw["n_blocks"], kw["hidden"], kw["n_heads"], kw["cond"], kw["length"])  # read from config.json
+    W = hub.read_weights(path)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(vocab + 1, (3, kw["length"]), generator=g)
+    sigma = torch.tensor([0.05, 1.3, 6.0])
+    with torch.no_grad():
+        if method == "sedd":
+            got = model(x, sigma)
+            want = reference_logits(W, "", x, sigma, kw["n_heads"], True)
+        else:  # MDLM-OWT: no time conditioning, adaLN fed sigma = 0 whatever t is
+            got = model(x, sigma)
+            want = reference_logits(W, "backbone.", x, torch.zeros(3), kw["n_heads"], False)
+            assert torch.equal(got, model(x, torch.zeros(3)))
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert (got.double() - want).abs().max() < 1e-5
+    assert want[..., :-1].std() > 0.5  # the adaLN and biases were not zero: the test can fail
+
+
+def test_uniform_graph_checkpoint_loads_unscaled(tmp_path):
+    path = write_sedd(tmp_path / "u", tokens=20, hidden=16, cond=8, n_blocks=1, n_heads=2, length=8, graph="uniform")
+    cfg, model = load(path, "sedd", 20)
+    assert cfg.graph == "uniform" and cfg.schedule == "geometric" and (cfg.sigma_min, cfg.sigma_max) == (1e-4, 20)
+    x, sigma = torch.randint(20, (2, 8)), torch.tensor([0.5, 2.0])
+    with torch.no_grad():
+        want = reference_logits(hub.read_weights(path), "", x, sigma, 2, False).scatter(-1, x[..., None], 0.0)
+        assert (model(x, sigma).double() - want).abs().max() < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line: sample, eval and fine-tune from a directory, offline
+
+
+@pytest.fixture(scope="module")
+def gpt2_data(tmp_path_factory):
+    """A tiny GPT-2-token corpus (a slice of tiny Shakespeare), as data/shakespeare/prepare.py writes it."""
+    os.environ.setdefault("DIFFLM_DATA", shared_data())
+    sys.path.insert(0, os.path.join(ROOT, "data", "shakespeare_char"))
+    from prepare import load_text
+    text = load_text("")[:12000]
+    enc = corpus.gpt2_encoding()
+    out = tmp_path_factory.mktemp("gpt2_tiny")
+    corpus.write_split(str(out), np.array(enc.encode_ordinary(text[:10000])), np.array(enc.encode_ordinary(text[10000:])),
+                       {"tokenizer": "gpt2", "vocab_size": enc.n_vocab, "eot": enc.eot_token})
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def gpt2_checkpoints(tmp_path_factory):
+    d = tmp_path_factory.mktemp("published")
+    return {"sedd": write_sedd(d / "sedd", tokens=50257, hidden=16, cond=8, n_blocks=1, n_heads=2, length=32),
+            "mdlm": write_mdlm(d / "mdlm", vocab_size=50258, hidden=16, cond=8, n_blocks=1, n_heads=2, length=32)}
+
+
+def env():
+    """Offline: the hub client must fail at once (HF_HUB_OFFLINE, a dead proxy), never wait on a network."""
+    return {"DIFFLM_DATA": shared_data(), "HF_HUB_OFFLINE": "1", "https_proxy": "http://127.0.0.1:9",
+            "HTTPS_PROXY": "http://127.0.0.1:9", "HF_HOME": os.path.join(ROOT, "out", "no_such_hf_home")}
+
+
+@pytest.mark.parametrize("method", ["sedd", "mdlm"])
+def test_cli_sample_eval_and_finetune_from_a_directory(method, gpt2_checkpoints, gpt2_data, tmp_path):
+    ckpt, data = gpt2_checkpoints[method], f"--data_dir={gpt2_data}"
+    r = run_cli([f"{method}.py", "--sample", f"--init_from={ckpt}", "--prefix=ROMEO:", "--suffix= the end.", "--steps=4",
+                 "--num_samples=2", "--device=cpu"], env=env())
+    texts = r.stdout.split("=== sample ")[1:]
+    assert len(texts) == 2 and all(t.split("\n", 1)[1].startswith("ROMEO:") for t in texts), r.stdout
+    assert all(t.split("\n(")[0].rstrip("\n").endswith(" the end.") for t in texts), r.stdout
+    r = run_cli([f"{method}.py", "--eval", f"--init_from={ckpt}", data, "--eval_t_samples=1", f"--out_dir={tmp_path / 'e'}",
+                 "--device=cpu"], env=env())
+    nelbo = float(r.stdout.split("val NELBO ")[1].split()[0])
+    assert math.isfinite(nelbo) and nelbo > 0, r.stdout
+    out = tmp_path / "ft"
+    r = run_cli([f"{method}.py", "--train", f"--init_from={ckpt}", data, f"--out_dir={out}", "--max_iters=3", "--batch_size=2",
+                 "--eval_interval=3", "--eval_iters=1", "--log_interval=1", "--device=cpu"], env=env())
+    assert "iter     2/3" in r.stdout and os.path.isfile(out / "ckpt.pt")
+    r = run_cli([f"{method}.py", "--sample", f"--out_dir={out}", "--steps=2", "--num_samples=1", "--device=cpu"], env=env())
+    assert "=== sample 0" in r.stdout  # the fine-tuned checkpoint reloads in the published layout
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: one line, exit status 1
+
+
+def one_line_error(args):
+    """main(args) in this process -> the one line it stops with (common.die: SystemExit, status 1)."""
+    with pytest.raises(SystemExit) as e:
+        {"sedd.py": sedd, "mdlm.py": mdlm}[args[0]].main(args[1:])
+    line = str(e.value.code)
+    assert line.startswith("error: ") and "\n" not in line
+    return line
+
+
+def test_hub_id_without_network_or_copy_says_how_to_provide_one():
+    """A fresh process (the hub client reads HF_HUB_OFFLINE when imported): it must stop at once."""
+    r = run_cli(["sedd.py", "--sample", "--init_from=louaaron/sedd-small", "--device=cpu"], env=env(), check=False, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert "louaaron/sedd-small" in lines[0] and "--init_from=DIR" in lines[0]
+
+
+def test_missing_or_extra_keys_are_named(tmp_path):
+    path = write_sedd(tmp_path / "a", tokens=20, hidden=16, cond=8, n_blocks=2, n_heads=2, length=8)
+    state = hub.read_weights(path)
+    state["blocks.7.norm1.weight"] = state.pop("blocks.1.mlp.0.bias")
+    save_file(state, os.path.join(path, "model.safetensors"))
+    line = one_line_error(["sedd.py", "--sample", f"--init_from={path}", "--device=cpu"])
+    assert "missing blocks.1.mlp.0.bias" in line and "unexpected blocks.7.norm1.weight" in line
+
+
+@pytest.mark.parametrize("case", ["mdlm_into_sedd", "sedd_into_mdlm", "other_graph", "not_a_dir", "no_weights", "shape_flag"])
+def test_wrong_checkpoint_is_one_line(case, tmp_path):
+    m = write_mdlm(tmp_path / "m", vocab_size=21, hidden=16, cond=8, n_blocks=1, n_heads=2, length=8)
+    s = write_sedd(tmp_path / "s", tokens=20, hidden=16, cond=8, n_blocks=1, n_heads=2, length=8)
+    os.remove(os.path.join(s, "model.safetensors")) if case == "no_weights" else None
+    args, expect = {"mdlm_into_sedd": (["sedd.py", f"--init_from={m}"], "MDLM checkpoint; load it with mdlm.py"),
+                    "sedd_into_mdlm": (["mdlm.py", f"--init_from={s}"], "SEDD checkpoint; load it with sedd.py"),
+                    "other_graph": (["sedd.py", f"--init_from={s}", "--graph=uniform"], "absorb graph, not uniform"),
+                    "not_a_dir": (["sedd.py", f"--init_from={tmp_path}/nothing/here"], "neither a directory nor a hub id"),
+                    "no_weights": (["sedd.py", f"--init_from={s}"], "holds neither model.safetensors nor pytorch_model.bin"),
+                    "shape_flag": (["mdlm.py", f"--init_from={m}", "--n_layer=4"], "--n_layer is fixed by")}[case]
+    assert expect in one_line_error(args + ["--sample", "--device=cpu"])
