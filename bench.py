@@ -536,7 +536,7 @@ def bench_methods(argv):
                                        a.num_samples, meta, "ar, cached sampler")
             rows.append({"method": name, "tok_s": tok_s, "bits": bits, "steps": L, "gen_nll": g["gen_nll"],
                          "entropy": g["gen_entropy"], "sec": g["sec_per_sample"]})
-            curves[name] = [(L, g["gen_nll"], g["sec_per_sample"])]
+            curves[name] = [(L, g["gen_nll"], g["sec_per_sample"], g["gen_entropy"])]
             # the reference: the judge on real validation windows
             data = next(corpus.Batches(cfg, meta, cfg.seed).sequential("val", a.num_samples))
             j, _ = common.load_judge(judge, meta)
@@ -558,7 +558,7 @@ def bench_methods(argv):
                 rows.append({"method": key, "tok_s": tok_s if first else None, "bits": bits if first else None,
                              "steps": s, "gen_nll": g["gen_nll"], "entropy": g["gen_entropy"],
                              "sec": g["sec_per_sample"]})
-                curves[key].append((s, g["gen_nll"], g["sec_per_sample"]))
+                curves[key].append((s, g["gen_nll"], g["sec_per_sample"], g["gen_entropy"]))
         print(methods_table(rows), flush=True)  # the table so far, in case a later method is interrupted
     print()
     print(methods_table(rows))
@@ -593,22 +593,26 @@ def plot_methods(curves, rows, path):
         import matplotlib.pyplot as plt
     except ImportError:
         common.die("--plot needs matplotlib: pip install matplotlib (or pip install -e '.[plot]')")
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax1, ax3, ax2) = plt.subplots(1, 3, figsize=(15, 4.2))
     for name, pts in curves.items():
-        s, nll, sec = zip(*pts)
+        s, nll, sec, ent = zip(*pts)
         if name == "ar":
             ax1.axhline(nll[0], color="k", ls="--", label=f"ar (cached, {s[0]} tokens)")
+            ax3.axhline(ent[0], color="k", ls="--", label="ar (cached)")
             ax2.axhline(sec[0], color="k", ls="--", label="ar (cached)")
         else:
             ax1.plot(s, nll, "o-", label=name)
+            ax3.plot(s, ent, "o-", label=name)
             ax2.plot(s, sec, "o-", label=name)
     ref = [r for r in rows if r["method"] == "data (val)"]
     if ref:
         ax1.axhline(ref[0]["gen_nll"], color="gray", ls=":", label="validation text")
-    for ax in (ax1, ax2):
+        ax3.axhline(ref[0]["entropy"], color="gray", ls=":", label="validation text")
+    for ax in (ax1, ax3, ax2):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sampling steps")
         ax.legend(fontsize=8)
+    ax3.set_ylabel("unigram entropy of samples (nats)")
     ax1.set_ylabel("NLL of samples under the AR judge (nats/token)")
     ax2.set_ylabel("wall time per sample (s)")
     ax2.set_yscale("log")
