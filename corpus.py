@@ -452,3 +452,153 @@ def conditioning(tokenizer, cfg, length):
     if suf:
         fixed[length - len(suf):] = torch.tensor(suf, dtype=torch.long)
     return fixed
+
+
+# ----------------------------------------------------------------------------------------------
+# Zero-shot evaluation sets (--eval --eval_data=NAME): the papers' test texts in GPT-2 tokens.
+# Each raw row is detokenized (the corpora store text split into words), encoded, followed by
+# <|endoftext|>, and the whole stream is cut into blocks of the model's block_size.
+
+
+def wikitext_detok(s):
+    s = s.replace("s '", "s'")
+    for a, b in ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."), (" : ", ": "), (" ; ", "; "), (" . ", ". "),
+                 (" ! ", "! "), (" ? ", "? "), (" , ", ", ")):
+        s = s.replace(a, b)
+    for o, c in (("(", ")"), ("[", "]"), ("{", "}"), ('"', '"'), ("'", "'")):  # no space just inside the pair
+        s = re.sub(re.escape(o) + r"\s*([^" + re.escape(c) + r"]*?)\s*" + re.escape(c), o + r"\1" + c, s)
+    for a, b in (("= = = =", "===="), ("= = =", "==="), ("= =", "=="), (" \u00b0 ", "\u00b0"), (" \n", "\n"),
+                 ("\n ", "\n"), (" N ", " 1 "), (" 's", "'s")):
+        s = s.replace(a, b)
+    return s
+
+
+def ptb_detok(s):
+    for a, b in ((" 's", "'s"), ("s ' ", "s' "), (" n't", "n't"), (" \n ", "\n"), ("\\/", "/")):
+        s = s.replace(a, b)
+    for _ in range(10):  # " N N " needs one pass per overlapping match
+        s = s.replace(" N ", " 1 ")
+    return s.replace("$ 1", "$1").replace("# 1", "#1").replace("<unk>", "?")
+
+
+def lm1b_detok(s):
+    s = s.replace("http : / / ", "http://").replace("https : / / ", "https://")
+    s = re.sub(r" '(\w+)", r"'\1", s)
+    s = re.sub(r" (\w+) \. ", r" \1. ", s)
+    s = re.sub(r" (\w+) \.$", r" \1.", s)
+    s = re.sub(r" \?$", "?", s.replace(" ? ", "? "))
+    s = re.sub(r" !$", "!", s.replace(" ! ", "! "))
+    for a, b in ((" , ", ", "), (" : ", ": "), (" ; ", "; "), (" / ", "/")):
+        s = s.replace(a, b)
+    for o, c in (('"', '"'), ("'", "'"), ("(", ")"), ("[", "]")):  # '( a b )' -> '(a b)'
+        s = re.sub(re.escape(o) + " ([^" + re.escape(o + c) + "]+) " + re.escape(c), o + r"\1" + c, s)
+    return s.replace("$ ", "$").replace("\u00a3 ", "\u00a3")
+
+
+def lambada_detok(s):
+    return "\n" + s.replace("\u201c", '"').replace("\u201d", '"').strip()
+
+
+def papers_detok(s):
+    return lm1b_detok(wikitext_detok(s))
+
+
+LAMBADA_URL = "https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl"
+# NAME -> (datasets path, its config (lambada: the file's URL), split, text field, detokenizer)
+EVAL_SETS = {
+    "wikitext2": ("wikitext", "wikitext-2-raw-v1", "validation", "text", wikitext_detok),
+    "wikitext103": ("wikitext", "wikitext-103-raw-v1", "validation", "text", wikitext_detok),
+    "ptb": ("ptb_text_only", None, "validation", "sentence", ptb_detok),
+    "lambada": ("json", LAMBADA_URL, "train", "text", lambada_detok),
+    "lm1b": ("lm1b", None, "test", "text", lm1b_detok),
+    "ag_news": ("ag_news", None, "test", "text", None),
+    "pubmed": ("scientific_papers", "pubmed", "validation", "article", papers_detok),
+    "arxiv": ("scientific_papers", "arxiv", "validation", "article", papers_detok),
+}
+EVAL_FILE_FORMATS = (".jsonl: one JSON object per line with the set's text field; .parquet: a table with that "
+                     "column; .txt: one row per line (wikitext keeps each line's newline)")
+
+
+def read_eval_file(path, name):
+    """A local copy of a set's split -> its raw text rows (EVAL_FILE_FORMATS)."""
+    field, ext = EVAL_SETS[name][3], os.path.splitext(path)[1]
+    if not os.path.isfile(path):
+        die(f"--eval_file={path} does not exist")
+    if ext == ".txt":
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+        if name.startswith("wikitext"):  # the hub's rows are the raw file's lines, blank ones empty
+            return [line if line.strip() else "" for line in lines]
+        return [line.strip() for line in lines]
+    if ext == ".jsonl":
+        rows = []
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                try:
+                    rows.append(json.loads(line)[field])
+                except (ValueError, TypeError, KeyError):
+                    die(f"{path} line {n} is not a JSON object with a {field!r} field (the --eval_data={name} format)")
+        return rows
+    if ext == ".parquet":
+        import pyarrow.parquet as pq
+        try:
+            return pq.read_table(path, columns=[field]).column(field).to_pylist()
+        except Exception as e:  # not parquet, or no such column
+            die(f"{path} is not a parquet table with a {field!r} column ({type(e).__name__}; the --eval_data={name} format)")
+    die(f"--eval_file={path}: expected {EVAL_FILE_FORMATS}")
+
+
+def download_rows(name):
+    """A set's split through `datasets` (the hub names of the MDLM code base); one line if that fails."""
+    path, config, split, field, _ = EVAL_SETS[name]
+    how = f"without network, save the {split} split locally and pass --eval_file=PATH ({EVAL_FILE_FORMATS})"
+    try:
+        import datasets
+    except ImportError:
+        die(f"--eval_data={name} downloads through the datasets package (pip install datasets); {how}")
+    try:
+        if path == "json":
+            data = datasets.load_dataset("json", data_files=config, split=split)
+        else:
+            data = datasets.load_dataset(path, config, split=split)
+        return data[field]
+    except Exception as e:  # offline, removed dataset, script-based dataset: the errors are many
+        die(f"cannot load {path}{'/' + config if config and path != 'json' else ''} through datasets "
+            f"({type(e).__name__}); {how}")
+
+
+def wrap_blocks(docs, block_size, eos, bos=None):
+    """docs (lists of ids) -> (N, block_size): each doc followed by eos, all concatenated and cut into
+    blocks, the remainder dropped. With bos (MDLM's protocol) a block is bos + block_size - 2 tokens
+    + eos; without (SEDD's) block_size tokens."""
+    n = block_size - 2 if bos is not None else block_size
+    stream = np.fromiter((t for d in docs for t in [*d, eos]), dtype=np.int64)
+    if len(stream) < n:
+        die(f"the evaluation text has {len(stream)} tokens, fewer than one block of {n}")
+    x = torch.from_numpy(stream[:len(stream) // n * n].reshape(-1, n))
+    if bos is None:
+        return x
+    return torch.cat([torch.full((len(x), 1), bos), x, torch.full((len(x), 1), eos)], 1)
+
+
+class Blocks:
+    """Fixed evaluation blocks behind the interface evaluate() reads from Batches (sequential)."""
+
+    def __init__(self, x):
+        self.x = x  # (N, L)
+
+    def sequential(self, split, batch_size):
+        return (self.x[i:i + batch_size] for i in range(0, len(self.x), batch_size))
+
+
+def zero_shot(cfg, meta, bos):
+    """--eval_data (and --eval_file) -> Blocks of the set's text; bos: wrap as MDLM (else as SEDD)."""
+    if cfg.eval_data not in EVAL_SETS:
+        die(f"unknown --eval_data={cfg.eval_data!r}; use one of {', '.join(EVAL_SETS)}")
+    if meta.get("tokenizer") != "gpt2":
+        die(f"--eval_data needs a model with the GPT-2 tokenizer; this one uses {meta.get('tokenizer')!r}")
+    rows = read_eval_file(cfg.eval_file, cfg.eval_data) if cfg.eval_file else download_rows(cfg.eval_data)
+    detok, enc = EVAL_SETS[cfg.eval_data][4] or (lambda s: s), gpt2_encoding()
+    docs = [enc.encode_ordinary(detok(r)) for r in rows]
+    eot = enc.eot_token
+    return Blocks(wrap_blocks(docs, cfg.block_size, eot, eot if bos else None))

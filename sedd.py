@@ -72,6 +72,8 @@ class Config(common.PromptConfig, common.TextConfig, common.BaseConfig):
     eval_t_samples: int = 4  # time samples per validation sequence in --eval
     gen: bool = False  # --eval --gen: score num_samples samples with the autoregressive judge (ar.py)
     judge: str = "out/ar/ckpt.pt"  # the judge: an ar.py checkpoint trained on the same data
+    eval_data: str = ""  # --eval on a paper's zero-shot set: wikitext2, wikitext103, ptb, lambada, lm1b, ag_news, pubmed, arxiv
+    eval_file: str = ""  # a local copy of --eval_data's split (.jsonl, .parquet or .txt; docs/published.md)
     # the published checkpoints (hub.py)
     init_from: str = ""  # louaaron/sedd-small, louaaron/sedd-medium or a directory with their files
     ddit: bool = False  # the published layout: LayerNorm weights, MLP and head biases (set by --init_from)
@@ -597,11 +599,15 @@ def main(argv=None):
               f"{calls} network calls, {time.time() - t0:.1f}s)")
     if "eval" in verbs:
         cfg, model, tok, meta, ckpt = load(overrides)
-        cfg = dataclasses.replace(cfg, data_dir=cfg.data_dir or corpus.data_path(cfg))
-        corpus.prepare_data(cfg)
+        if cfg.eval_data or cfg.eval_file:  # a paper's zero-shot set, wrapped as in SEDD's code
+            batches, what = corpus.zero_shot(cfg, meta, bos=False), cfg.eval_data
+        else:
+            cfg = dataclasses.replace(cfg, data_dir=cfg.data_dir or corpus.data_path(cfg))
+            corpus.prepare_data(cfg)
+            batches, what = corpus.Batches(cfg, meta, cfg.seed), "val"
         with common.autocast(next(model.parameters()).device):
-            stats = evaluate(model, corpus.Batches(cfg, meta, cfg.seed), cfg, full=True)
-        print(f"val NELBO {stats['val_nelbo']:.4f} nats/token | {stats['val_bits']:.4f} bits/token | "
+            stats = evaluate(model, batches, cfg, full=True)
+        print(f"{what} NELBO {stats['val_nelbo']:.4f} nats/token | {stats['val_bits']:.4f} bits/token | "
               f"perplexity <= {stats['val_ppl']:.3f} ({cfg.graph} graph, {schedule_kind(cfg)} schedule, "
               f"{cfg.eval_t_samples} time samples per sequence)")
         if cfg.gen:
