@@ -65,8 +65,8 @@ def test_each_local_format_gives_the_rows(tmp_path):
     rows = [" = Title = \n", "", " first line , here . \n"]
     (tmp_path / "w.txt").write_text(" = Title = \n \n first line , here . \n")
     assert corpus.read_eval_file(str(tmp_path / "w.txt"), "wikitext2") == rows  # blank lines empty, newlines kept
-    (tmp_path / "p.txt").write_text(" a b \n c d\n")
-    assert corpus.read_eval_file(str(tmp_path / "p.txt"), "ptb") == ["a b", "c d"]
+    (tmp_path / "p.raw").write_text(" a b \n c d\n")
+    assert corpus.read_eval_file(str(tmp_path / "p.raw"), "ptb") == ["a b", "c d"]
     (tmp_path / "l.jsonl").write_text("".join(json.dumps({"text": r, "id": i}) + "\n" for i, r in enumerate(rows)))
     assert corpus.read_eval_file(str(tmp_path / "l.jsonl"), "lambada") == rows
     pq.write_table(pa.table({"article": rows, "abstract": ["x"] * 3}), tmp_path / "a.parquet")
