@@ -7,6 +7,8 @@ corpus.py: token data shared by the text methods.
                the byte size and sha256 of each file in meta.json, checked when a split is read
   batches      random windows of block_size tokens from a memmap, as in nanoGPT, and the
                validation windows of every evaluate()
+  zero-shot    the papers' evaluation sets (--eval_data): detokenizers, download or local file,
+               the wrapping into blocks as the MDLM and SEDD code bases do
 
 Method files and data/*/prepare.py import this module; it imports only common.py.
 """
@@ -594,7 +596,8 @@ class Blocks:
 def zero_shot(cfg, meta, bos):
     """--eval_data (and --eval_file) -> Blocks of the set's text; bos: wrap as MDLM (else as SEDD)."""
     if cfg.eval_data not in EVAL_SETS:
-        die(f"unknown --eval_data={cfg.eval_data!r}; use one of {', '.join(EVAL_SETS)}")
+        what = "--eval_file needs --eval_data=NAME (the set it holds)" if not cfg.eval_data else f"unknown --eval_data={cfg.eval_data!r}"
+        die(f"{what}; use one of {', '.join(EVAL_SETS)}")
     if meta.get("tokenizer") != "gpt2":
         die(f"--eval_data needs a model with the GPT-2 tokenizer; this one uses {meta.get('tokenizer')!r}")
     rows = read_eval_file(cfg.eval_file, cfg.eval_data) if cfg.eval_file else download_rows(cfg.eval_data)

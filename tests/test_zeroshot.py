@@ -125,6 +125,8 @@ def test_bad_eval_data_is_one_line(checkpoints):
     ckpt = checkpoints["mdlm"]
     line = one_line_error(["mdlm.py", "--eval", f"--init_from={ckpt}", "--eval_data=wikitext", "--device=cpu"])
     assert "unknown --eval_data='wikitext'" in line and "wikitext2, wikitext103, ptb, lambada, lm1b, ag_news, pubmed, arxiv" in line
+    line = one_line_error(["mdlm.py", "--eval", f"--init_from={ckpt}", f"--eval_file={checkpoints['file']}", "--device=cpu"])
+    assert "--eval_file needs --eval_data=NAME" in line and "wikitext2, wikitext103" in line
     with pytest.raises(SystemExit, match="needs a model with the GPT-2 tokenizer"):
         corpus.zero_shot(type("Cfg", (), {"eval_data": "ptb", "eval_file": "", "block_size": 8}), {"tokenizer": "char"}, bos=True)
 
