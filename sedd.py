@@ -606,7 +606,7 @@ def main(argv=None):
             corpus.prepare_data(cfg)
             batches, what = corpus.Batches(cfg, meta, cfg.seed), "val"
         with common.autocast(next(model.parameters()).device):
-            stats = evaluate(model, batches, cfg, full=True)
+            stats = {**evaluate(model, batches, cfg, full=True), "data": what}  # what the log record scored
         print(f"{what} NELBO {stats['val_nelbo']:.4f} nats/token | {stats['val_bits']:.4f} bits/token | "
               f"perplexity <= {stats['val_ppl']:.3f} ({cfg.graph} graph, {schedule_kind(cfg)} schedule, "
               f"{cfg.eval_t_samples} time samples per sequence)")

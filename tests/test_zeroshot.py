@@ -109,6 +109,9 @@ def test_cli_eval_data_on_a_local_file_prints_the_bound(method, checkpoints, tmp
     line = r.stdout.split("wikitext2 NELBO ")[1].split("\n")[0]
     nats, bits, ppl = float(line.split()[0]), float(line.split("| ")[1].split()[0]), float(line.split("<= ")[1].split()[0])
     assert nats > 0 and math.isclose(bits, nats / math.log(2), rel_tol=1e-3) and math.isclose(ppl, math.exp(nats), rel_tol=1e-3)
+    with open(tmp_path / "log.jsonl") as f:
+        record = [json.loads(line) for line in f][-1]["eval_full"]
+    assert record["data"] == "wikitext2" and math.isclose(record["val_nelbo"], nats, abs_tol=1e-4)
 
 
 def test_the_blocks_are_the_wrapped_file(checkpoints):
