@@ -106,3 +106,12 @@ def test_cli_sample_to_file_then_judge_it(judge_dir, char_data, tmp_path):
     assert math.isfinite(nll) and nll > 0 and ent > 0
     log = [json.loads(x) for x in open(os.path.join(out, "log.jsonl"))]
     assert abs(log[-1]["eval_full"]["gen_nll"] - nll) < 1e-3
+
+
+def test_hub_judge_offline_is_one_line(tmp_path):
+    """A hub id with no network and no cache: one line, exit status 1 (a fresh process reads HF_HUB_OFFLINE)."""
+    r = run_cli(["-c", "import hub; hub.load_hf_judge('no-such-owner/no-such-judge')"], check=False, timeout=120,
+                env={**OFFLINE, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert "no-such-owner/no-such-judge" in lines[0] and "tokenizer" in lines[0]
