@@ -19,6 +19,9 @@ cond_dim > 0, norm_weight=True and mlp_bias=True; the output Linear is the metho
 bias under --ddit). SEDD's config.json is the training config (tokens, graph, noise, model.*);
 MDLM's is a transformers-style config (vocab_size, hidden_dim, cond_dim, ...) with every weight
 under "backbone.".
+
+Also here: a transformers causal LM as the judge of generative perplexity (--judge=gpt2-large or a
+directory), and samples as .jsonl files (--samples_out, --samples_in).
 """
 
 import contextlib
