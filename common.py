@@ -640,19 +640,46 @@ def unigram_entropy(samples):
     return float(-(p * p.log()).sum())
 
 
-def generative_eval(judge_path, sample_fn, num_samples, meta, what=""):
-    """Draw num_samples sequences with sample_fn(n) -> (n, T), time them, score them with the judge.
+def judge_texts(judge_path, texts, tok, meta, device):
+    """Score texts: an ar.py checkpoint re-encodes them with the samples' tokenizer; any other --judge
+    is a transformers causal LM that re-tokenises them. Returns (nats/token, the ids scored)."""
+    if judge_path.endswith(".pt"):
+        judge, _ = load_judge(judge_path, meta, device)
+        ids = [torch.tensor(tok.encode(t), dtype=torch.long) for t in texts]
+        total = sum(judge_nll(judge, x[None]) * len(x) for x in ids if len(x))
+        return total / max(1, sum(len(x) for x in ids)), ids
+    import hub
+    model, jtok = hub.load_hf_judge(judge_path, device)
+    scored = [hub.hf_judge_nll(model, jtok, t) for t in texts]
+    return sum(s[0] for s in scored) / max(1, sum(s[1] for s in scored)), [torch.tensor(s[3], dtype=torch.long) for s in scored]
+
+
+def generative_eval(judge_path, sample_fn, num_samples, meta, what="", tok=None, samples_in=""):
+    """Draw num_samples sequences with sample_fn(n) -> (n, T) (or read --samples_in), time them,
+    score them with the judge (an ar.py checkpoint, or a transformers model through its tokenizer).
 
     Returns {"gen_nll" (nats/token under the judge), "gen_ppl", "gen_entropy" (nats), "sec_per_sample"}
     and prints one line.
     """
-    t0 = time.time()
-    samples = sample_fn(num_samples)
-    sec = (time.time() - t0) / num_samples
-    judge, _ = load_judge(judge_path, meta, samples.device)
-    nll = judge_nll(judge, samples)
-    stats = {"gen_nll": nll, "gen_ppl": math.exp(nll), "gen_entropy": unigram_entropy(samples), "sec_per_sample": sec}
+    if samples_in:
+        import hub
+        texts, settings = hub.read_samples(samples_in)
+        samples, sec, device = None, float("nan"), "cuda" if torch.cuda.is_available() else "cpu"
+        what = f"from {samples_in}" + (f", {settings.get('method')} {settings.get('sampler')}, {settings.get('steps')} steps" if settings else "")
+    else:
+        t0 = time.time()
+        samples = sample_fn(num_samples)
+        sec, device = (time.time() - t0) / num_samples, samples.device
+    if samples is not None and judge_path.endswith(".pt"):  # the samples' own ids, as before
+        judge, _ = load_judge(judge_path, meta, device)
+        nll, ids = judge_nll(judge, samples), [samples.flatten()]
+    else:
+        if samples is not None:
+            texts = [tok.decode(s) for s in samples.tolist()]
+        nll, ids = judge_texts(judge_path, texts, tok, meta, device)
+    n = len(texts) if samples is None else num_samples
+    stats = {"gen_nll": nll, "gen_ppl": math.exp(nll), "gen_entropy": unigram_entropy(torch.cat(ids)), "sec_per_sample": sec}
     print(f"gen: NLL {nll:.4f} nats/token under the judge {judge_path} (perplexity {stats['gen_ppl']:.3f}) | "
           f"unigram entropy {stats['gen_entropy']:.4f} nats | {sec:.3f} s/sample "
-          f"({num_samples} samples of {samples.shape[1]} tokens{', ' + what if what else ''})")
+          f"({n} samples{'' if samples is None else f' of {samples.shape[1]} tokens'}{', ' + what if what else ''})")
     return stats

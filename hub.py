@@ -19,11 +19,16 @@ cond_dim > 0, norm_weight=True and mlp_bias=True; the output Linear is the metho
 bias under --ddit). SEDD's config.json is the training config (tokens, graph, noise, model.*);
 MDLM's is a transformers-style config (vocab_size, hidden_dim, cond_dim, ...) with every weight
 under "backbone.".
+
+Also here: a transformers causal LM as the judge of generative perplexity (--judge=gpt2-large or a
+directory), and samples as .jsonl files (--samples_out, --samples_in).
 """
 
+import contextlib
 import json
 import os
 import re
+import sys
 
 import torch
 
@@ -215,3 +220,112 @@ def load_model(init_from, method, config_cls, overrides, build_model, prepare=No
     drop = a["prefix"] + "rotary_emb.inv_freq"
     model.load_state_dict({rename(k[len(a["prefix"]):]): v.float() for k, v in state.items() if k != drop})
     return cfg, model, meta
+
+
+# ----------------------------------------------------------------------------------------------
+# A transformers causal LM as the judge of generative perplexity (--eval --gen --judge=gpt2-large)
+
+
+@contextlib.contextmanager
+def hf_kernels_package():
+    """difflm's kernels.py and Hugging Face's `kernels` package (a dependency of transformers) share
+    a name: while transformers imports and loads, `kernels` must resolve to the installed package."""
+    ours, saved, root = sys.modules.pop("kernels", None), sys.path[:], os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != root]
+    try:
+        yield
+    finally:
+        sys.path[:] = saved
+        sys.modules.pop("kernels", None)
+        if ours is not None:
+            sys.modules["kernels"] = ours
+
+
+def load_hf_judge(name, device="cpu"):
+    """A hub id or a local directory -> (transformers causal LM in eval mode, its tokenizer)."""
+    with hf_kernels_package():
+        return _load_hf_judge(name, device)
+
+
+def _load_hf_judge(name, device):
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError:
+        die(f"--judge={name} is a transformers model and needs transformers (pip install -e \".[hub]\"); "
+            f"or pass an ar.py checkpoint (--judge=out/ar/ckpt.pt)")
+    try:  # no trust_remote_code: only architectures transformers itself implements
+        tok = AutoTokenizer.from_pretrained(name)
+    except Exception as e:
+        die(f"cannot load the judge's tokenizer from {name} ({type(e).__name__}); pass a hub id while online "
+            f"or a directory saved with save_pretrained holding the model and its tokenizer files")
+    if len(tok) < 2 or not tok("a b")["input_ids"]:  # transformers builds an empty one from a bare config
+        die(f"the judge {name} has no tokenizer files (tokenizer.json, or vocab and merges); "
+            f"save the tokenizer beside the model (tokenizer.save_pretrained) or pass a hub id while online")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name)
+    except Exception as e:
+        die(f"cannot load the judge's model from {name} ({type(e).__name__}); it must be a transformers causal LM")
+    return model.to(device).eval(), tok
+
+
+def judge_context(model):
+    c = model.config
+    return getattr(c, "n_positions", None) or c.max_position_embeddings
+
+
+@torch.no_grad()
+def hf_judge_nll(model, tok, text):
+    """-log p_judge (nats, summed) of text re-tokenised by the judge's tokenizer, in chunks no longer
+    than the judge's context; the first token of each chunk is context only, as in the MDLM paper's
+    generative perplexity. Returns (total nats, tokens scored, chunks, the judge's ids)."""
+    ids = tok(text)["input_ids"]
+    ctx, device = judge_context(model), next(model.parameters()).device
+    total, count, chunks = 0.0, 0, 0
+    for s in range(0, len(ids), ctx):
+        x = torch.tensor(ids[s:s + ctx], device=device)[None]  # (1, T)
+        chunks += 1
+        if x.shape[1] < 2:
+            continue
+        logits = model(x).logits.float()  # (1, T, V)
+        total += float(torch.nn.functional.cross_entropy(logits[0, :-1], x[0, 1:], reduction="sum"))
+        count += x.shape[1] - 1
+    return total, count, chunks, ids
+
+
+# ----------------------------------------------------------------------------------------------
+# Samples as files (--samples_out, --samples_in): sampling and judging on different machines
+
+
+def write_samples(path, texts, settings):
+    """Samples as a file: one JSON object per line, {"text", "index", **settings}, written atomically."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        for i, t in enumerate(texts):
+            f.write(json.dumps({"text": t, "index": i, **settings}) + "\n")
+    os.replace(path + ".tmp", path)
+    print(f"wrote {len(texts)} samples to {path}")
+
+
+def read_samples(path):
+    """--samples_in=FILE.jsonl -> (texts, the settings of its first record)."""
+    if not os.path.isfile(path):
+        die(f"no samples file at {path}; write one with --sample --samples_out={path}")
+    records = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            try:
+                r = json.loads(line)
+                assert isinstance(r, dict) and isinstance(r["text"], str)
+            except Exception:
+                die(f"{path} line {n} is not a JSON object with a \"text\" string; write it with --sample --samples_out=")
+            records.append(r)
+    if not records:
+        die(f"{path} holds no samples; write it with --sample --samples_out={path}")
+    return [r["text"] for r in records], {k: v for k, v in records[0].items() if k not in ("text", "index")}
+
+
+def sample_settings(cfg, method):
+    """What made a sample set: the method, the checkpoint and the sampling flags, for its file."""
+    keep = ("sampler", "steps", "seed", "seq_len", "temperature", "top_p", "stride", "prefix", "suffix", "infill", "graph")
+    ckpt = cfg.init_from or os.path.join(cfg.out_dir or os.path.join("out", method), "ckpt.pt")
+    return {"method": method, "checkpoint": ckpt, **{k: getattr(cfg, k) for k in keep if hasattr(cfg, k)}}

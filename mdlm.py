@@ -57,10 +57,12 @@ class Config(common.PromptConfig, common.TextConfig, common.BaseConfig):
     placeholder: str = "_"
     # evaluation
     eval_t_samples: int = 4  # time samples per validation sequence in --eval
-    gen: bool = False  # --eval --gen: score num_samples samples with the autoregressive judge (ar.py)
-    judge: str = "out/ar/ckpt.pt"  # the judge: an ar.py checkpoint trained on the same data
+    gen: bool = False  # --eval --gen: score num_samples samples with the judge
+    judge: str = "out/ar/ckpt.pt"  # an ar.py checkpoint (same data), or a transformers causal LM: hub id (gpt2-large) or directory
     eval_data: str = ""  # --eval on a paper's zero-shot set: wikitext2, wikitext103, ptb, lambada, lm1b, ag_news, pubmed, arxiv
     eval_file: str = ""  # a local copy of --eval_data's split (.jsonl, .parquet or .txt; docs/published.md)
+    samples_out: str = ""  # --sample: also write the samples, with their settings, to this .jsonl file
+    samples_in: str = ""  # --eval --gen: judge this .jsonl file of samples instead of sampling
     # the published checkpoint (hub.py)
     init_from: str = ""  # kuleshov-group/mdlm-owt or a directory with its files
     ddit: bool = False  # the published layout: LayerNorm weights, MLP and head biases, adaLN fed sigma = 0 (set by --init_from)
@@ -366,6 +368,8 @@ def main(argv=None):
         samples, calls = generate(model, cfg, fixed, cfg.num_samples, common.show_steps(tok, cfg))
         for i, s in enumerate(samples.tolist()):
             print(f"=== sample {i}\n{tok.decode(s)}")
+        if cfg.samples_out:
+            hub.write_samples(cfg.samples_out, [tok.decode(s) for s in samples.tolist()], hub.sample_settings(cfg, "mdlm"))
         print(f"({cfg.num_samples} samples of {length} tokens, {cfg.steps} steps, {calls} network calls, {time.time() - t0:.1f}s)")
     if "eval" in verbs:
         cfg, model, tok, meta, ckpt = load(overrides)
@@ -390,7 +394,7 @@ def main(argv=None):
         if cfg.gen:
             free = torch.full((cfg.seq_len or cfg.block_size,), -1)
             stats.update(common.generative_eval(cfg.judge, lambda n: generate(model, cfg, free, n)[0], cfg.num_samples,
-                                                meta, f"{cfg.sampler}, {cfg.steps} steps"))
+                                                meta, f"{cfg.sampler}, {cfg.steps} steps", tok, cfg.samples_in))
         trainer.log_json(os.path.join(common.out_dir(cfg, "mdlm"), "log.jsonl"),
                         {"eval_full": stats, "iter": ckpt["iter"], "t_samples": cfg.eval_t_samples})
 

@@ -3,7 +3,10 @@ difflm: reference implementations of diffusion language models.
 
     pip install -e .            # the modules and their dependencies
     pip install -e ".[test]"    # + pytest and hypothesis
-    pip install -e ".[hub]"     # + huggingface_hub, safetensors, datasets: --init_from, --eval_data downloads
+    extras_require={"test": ["pytest", "hypothesis", "sacrebleu", "safetensors", "huggingface_hub", "pyarrow",
+                             "transformers"],
+                    "hub": ["huggingface_hub", "safetensors", "datasets", "transformers"], "plot": ["matplotlib"],
+                    "bleu": ["sacrebleu"]},
     DIFFLM_BUILD_EXT=1 pip install -e .   # also compile csrc/ ahead of time (else JIT on first use)
 
 torch is required as "torch>=2.4" (the kernels register through torch.library.register_fake and
@@ -40,7 +43,9 @@ setup(
                 if os.path.isfile(os.path.join(here, m + ".py"))],
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy", "tiktoken", "ninja", "tqdm"],  # ninja: the JIT build of csrc/; tqdm: common.progress
-    extras_require={"test": ["pytest", "hypothesis", "sacrebleu", "safetensors", "huggingface_hub", "pyarrow"],
-                    "hub": ["huggingface_hub", "safetensors", "datasets"], "plot": ["matplotlib"], "bleu": ["sacrebleu"]},
+    extras_require={"test": ["pytest", "hypothesis", "sacrebleu", "safetensors", "huggingface_hub", "pyarrow",
+                             "transformers"],
+                    "hub": ["huggingface_hub", "safetensors", "datasets", "transformers"], "plot": ["matplotlib"],
+                    "bleu": ["sacrebleu"]},
     **kwargs,
 )

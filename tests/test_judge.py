@@ -1,0 +1,117 @@
+"""The transformers judge (hub.load_hf_judge, hub.hf_judge_nll) and samples as files
+(--samples_out, --samples_in), on a tiny randomly initialised GPT-2 saved offline."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import transformers  # the test extra installs it
+
+import hub
+from conftest import OFFLINE, run_cli, shared_data
+
+CTX = 32
+TINY = ["--max_iters=6", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8",
+        "--eval_interval=6", "--eval_iters=1", "--log_interval=3", "--warmup_iters=2", "--device=cpu"]
+
+
+@pytest.fixture(scope="module")
+def judge_dir(tmp_path_factory):
+    """A tiny GPT-2 (context CTX) with the GPT-2 BPE tokenizer built from $DIFFLM_DATA/gpt2, saved."""
+    d = str(tmp_path_factory.mktemp("judge"))
+    bpe = os.path.join(shared_data(), "gpt2")
+    vocab = json.load(open(os.path.join(bpe, "encoder.json")))
+    merges = [tuple(x.split()) for x in open(os.path.join(bpe, "vocab.bpe"), encoding="utf-8").read().split("\n")[1:] if x]
+    tok = transformers.GPT2TokenizerFast(vocab=vocab, merges=merges)
+    assert tok("hello world")["input_ids"] == [31373, 995]  # GPT-2's own ids
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=len(tok), n_positions=CTX, n_embd=16, n_layer=2, n_head=2)
+    with hub.hf_kernels_package():  # the repository's kernels.py must not shadow transformers' `kernels`
+        transformers.GPT2LMHeadModel(cfg).eval().save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+TEXT = "ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet is the sun."
+
+
+def test_nll_equals_the_models_own_loss(judge_dir):
+    model, tok = hub.load_hf_judge(judge_dir)
+    total, count, chunks, ids = hub.hf_judge_nll(model, tok, TEXT)
+    assert 2 <= len(ids) <= CTX and chunks == 1 and count == len(ids) - 1
+    x = torch.tensor(ids)[None]
+    with torch.no_grad():
+        loss = float(model(x, labels=x).loss)  # transformers' mean over the len - 1 predicted tokens
+    assert abs(total / count - loss) < 1e-5
+
+
+def test_long_text_is_scored_in_context_sized_chunks(judge_dir):
+    model, tok = hub.load_hf_judge(judge_dir)
+    text = " ".join([TEXT] * 4)
+    total, count, chunks, ids = hub.hf_judge_nll(model, tok, text)
+    assert len(ids) > 2 * CTX and chunks == math.ceil(len(ids) / CTX)
+    expect, n = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, len(ids), CTX):
+            x = torch.tensor(ids[s:s + CTX])[None]
+            if x.shape[1] > 1:
+                expect += float(model(x, labels=x).loss) * (x.shape[1] - 1)
+                n += x.shape[1] - 1
+    assert count == n and abs(total - expect) < 1e-4 * n
+
+
+def test_samples_file_roundtrip_and_bad_files(tmp_path):
+    p = str(tmp_path / "s.jsonl")
+    hub.write_samples(p, ["a b", "c\nd"], {"method": "mdlm", "steps": 4})
+    texts, settings = hub.read_samples(p)
+    assert texts == ["a b", "c\nd"] and settings == {"method": "mdlm", "steps": 4}
+    assert not os.path.exists(p + ".tmp")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"no_text": 1}\n')
+    for path, expect in ((str(tmp_path / "missing.jsonl"), "no samples file"), (str(bad), "line 2")):
+        with pytest.raises(SystemExit) as e:
+            hub.read_samples(path)
+        line = str(e.value.code)
+        assert line.startswith("error: ") and "\n" not in line and expect in line
+
+
+def test_judge_without_tokenizer_is_one_line(judge_dir, tmp_path):
+    d = tmp_path / "no_tok"
+    d.mkdir()
+    for f in os.listdir(judge_dir):
+        if f in ("config.json", "model.safetensors", "pytorch_model.bin", "generation_config.json"):
+            os.symlink(os.path.join(judge_dir, f), d / f)
+    with pytest.raises(SystemExit) as e:
+        hub.load_hf_judge(str(d))
+    line = str(e.value.code)
+    assert line.startswith("error: ") and "\n" not in line and "tokenizer" in line
+
+
+def test_cli_sample_to_file_then_judge_it(judge_dir, char_data, tmp_path):
+    out, f = str(tmp_path / "m"), str(tmp_path / "samples.jsonl")
+    run_cli(["mdlm.py", "--train", f"--data_dir={char_data}", f"--out_dir={out}"] + TINY)
+    run_cli(["mdlm.py", "--sample", f"--out_dir={out}", "--steps=4", "--num_samples=3", "--seed=7",
+             f"--samples_out={f}", "--device=cpu"])
+    records = [json.loads(x) for x in open(f)]
+    assert len(records) == 3 and all(r["method"] == "mdlm" and r["steps"] == 4 and r["seed"] == 7 for r in records)
+    assert records[0]["checkpoint"] == os.path.join(out, "ckpt.pt") and all(r["text"] for r in records)
+    r = run_cli(["mdlm.py", "--eval", "--gen", f"--out_dir={out}", f"--samples_in={f}", f"--judge={judge_dir}",
+                 "--eval_t_samples=1", "--device=cpu"], env={**OFFLINE, "HF_HUB_OFFLINE": "1", "DIFFLM_DATA": shared_data()})
+    line = [x for x in r.stdout.splitlines() if x.startswith("gen: NLL")]
+    assert line and f"from {f}" in line[0] and "3 samples" in line[0], r.stdout[-2000:]
+    nll = float(line[0].split("gen: NLL ")[1].split()[0])
+    ent = float(line[0].split("unigram entropy ")[1].split()[0])
+    assert math.isfinite(nll) and nll > 0 and ent > 0
+    log = [json.loads(x) for x in open(os.path.join(out, "log.jsonl"))]
+    assert abs(log[-1]["eval_full"]["gen_nll"] - nll) < 1e-3
+
+
+def test_hub_judge_offline_is_one_line(tmp_path):
+    """A hub id with no network and no cache: one line, exit status 1 (a fresh process reads HF_HUB_OFFLINE)."""
+    r = run_cli(["-c", "import hub; hub.load_hf_judge('no-such-owner/no-such-judge')"], check=False, timeout=120,
+                env={**OFFLINE, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert "no-such-owner/no-such-judge" in lines[0] and "tokenizer" in lines[0]
