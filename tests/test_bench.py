@@ -61,3 +61,19 @@ def test_progress_bar_only_on_a_terminal(monkeypatch):
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     bar = common.progress(iter(items), "shown", total=3)
     assert list(bar) == items and type(bar).__name__ == "tqdm"
+
+
+def test_train_speed_prints_every_step_kind_with_its_spread(capsys):
+    bench.bench_train_speed(["--vocab=11,29", "--iters=1", "--repeat=3", "--transposed", "--n_layer=1",
+                             "--n_embd=32", "--n_head=2", "--block_size=16", "--batch_size=4"])
+    out = capsys.readouterr().out
+    for V in (11, 29):
+        assert f"V = {V}, batch 4, L = 16, 1x32 (3 runs of 1 steps" in out
+    for kind in ("reference (plain, contiguous CE)", "ar.py", "mdlm.py", "reference over (B, V, L)"):
+        assert sum(line.strip().startswith(kind + "  ") for line in out.splitlines()) == 2
+    assert out.count("mdlm.py / ar.py: ") == 2 and "1.00x" in out
+
+
+def test_train_speed_bad_input():
+    r = run_cli(["bench.py", "train_speed", "--repeat=2"], check=False)
+    assert r.returncode == 1 and "--repeat must be at least 3" in r.stderr
