@@ -152,7 +152,7 @@ def bench_throughput(argv):
 
 def _spread(xs):
     """median [min-max] of a list of rates, formatted"""
-    return f"{statistics.median(xs) / 1e3:.1f}k [{min(xs) / 1e3:.1f}-{max(xs) / 1e3:.1f}k]"
+    return f"{statistics.median(xs):.0f} [{min(xs):.0f}-{max(xs):.0f}]"
 
 
 def _trainer_step(model, loss, cfg):
