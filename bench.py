@@ -4,6 +4,7 @@ absolute claims from another machine.
 
     python bench.py mdlm_sampler      # cached vs uncached MDLM sampler: time and network calls
     python bench.py throughput        # MDLM vs the same backbone trained autoregressively
+    python bench.py train_speed       # ar.py and mdlm.py training tok/s vs a plain nanoGPT-style step
     python bench.py kernels           # fused kernels vs eager and torch.compile'd PyTorch oracles
     python bench.py nearest           # Diffusion-LM's clamp kernel vs the PyTorch expression (time, memory)
     python bench.py methods --plot=docs/methods.png   # every text method vs the AR baseline (~45 min on 2 cores)
@@ -143,6 +144,103 @@ def bench_throughput(argv):
           ("model", "train tok/s"))
     print(f"n_layer={cfg.n_layer} n_embd={cfg.n_embd} block_size={cfg.block_size} batch_size={cfg.batch_size} on {device}")
     print(f"mdlm / ar throughput: {t_ar / t_mdlm:.3f}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Training speed: ar.py and mdlm.py steps (the trainer's step) against a plain nanoGPT-style step
+
+
+def _spread(xs):
+    """median [min-max] of a list of rates, formatted"""
+    return f"{statistics.median(xs):.0f} [{min(xs):.0f}-{max(xs):.0f}]"
+
+
+def _trainer_step(model, loss, cfg):
+    """One step as trainer.py takes it: loss, backward, clipping, AdamW (decay groups), EMA."""
+    import copy
+    ema = copy.deepcopy(model).requires_grad_(False)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    it = [0]
+
+    def step(x0):
+        loss(model, x0).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        trainer.ema_update(ema, model, cfg.ema, it[0])
+        it[0] += 1
+    return step
+
+
+def _plain_step(model, cfg, transposed=False):
+    """The reference: nanoGPT's loop written plainly on the same AR model, a cross-entropy over
+    contiguous (B*L, V) rows (transposed: over the (B, V, L) view, the form the methods used to take),
+    clipping and AdamW, no EMA."""
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    F = torch.nn.functional
+
+    def step(x0):
+        logits = model.head(model.backbone(x0[:, :-1]))  # (B, L - 1, V)
+        if transposed:
+            loss = F.cross_entropy(logits.transpose(1, 2), x0[:, 1:])
+        else:
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x0[:, 1:].reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def bench_train_speed(argv):
+    import ar
+    import mdlm
+    ap = argparse.ArgumentParser(prog="bench.py train_speed")
+    ap.add_argument("--vocab", default="65,50257", help="vocabulary sizes, comma-separated")
+    ap.add_argument("--iters", type=int, default=5, help="training steps per timed run")
+    ap.add_argument("--repeat", type=int, default=3, help="timed runs per step kind (at least 3)")
+    ap.add_argument("--batch_size", type=int, default=16)
+    ap.add_argument("--transposed", action="store_true", help="also time the reference over a (B, V, L) view")
+    a, rest = ap.parse_known_args(argv)
+    if a.repeat < 3 or a.iters < 1:
+        common.die("--repeat must be at least 3 (a spread needs three runs) and --iters at least 1")
+    try:
+        vocabs = [int(v) for v in a.vocab.split(",")]
+    except ValueError:
+        common.die(f"--vocab={a.vocab!r}: give sizes like 65,50257")
+    args = ["--train", f"--batch_size={a.batch_size}"] + rest
+    _, acfg, _ = common.parse_args(ar.Config, args)
+    _, mcfg, _ = common.parse_args(mdlm.Config, args)
+    device = common.get_device(acfg)
+    for V in vocabs:
+        torch.manual_seed(0)
+        x0 = torch.randint(V, (a.batch_size, acfg.block_size), device=device)
+        ref_model = ar.build_model(acfg, {"vocab_size": V}).to(device)
+        ar_model = ar.build_model(acfg, {"vocab_size": V}).to(device)
+        m_model = mdlm.build_model(mcfg, {"vocab_size": V}).to(device)
+        kinds = {"reference (plain, contiguous CE)": _plain_step(ref_model, acfg),
+                 "ar.py": _trainer_step(ar_model, lambda m, x: ar.loss_fn(m, x, ar_model.bos_id), acfg),
+                 "mdlm.py": _trainer_step(m_model, lambda m, x: mdlm.loss_fn(m, x, mcfg, m_model.mask_id), mcfg)}
+        if a.transposed:
+            kinds["reference over (B, V, L)"] = _plain_step(ar.build_model(acfg, {"vocab_size": V}).to(device), acfg, True)
+        rates = {k: [] for k in kinds}
+        for k, step in kinds.items():
+            step(x0)  # warm-up
+        for _ in range(a.repeat):  # interleaved, so a slow spell of a shared machine hits every kind
+            for k, step in kinds.items():
+                t = measure(lambda: [step(x0) for _ in range(a.iters)], repeat=1, warmup=0)[0]
+                rates[k].append(a.iters * a.batch_size * acfg.block_size / t)
+        ref = rates["reference (plain, contiguous CE)"]
+        rows = [(k, _spread(r), f"{statistics.median(r) / statistics.median(ref):.2f}x") for k, r in rates.items()]
+        print(f"\nV = {V}, batch {a.batch_size}, L = {acfg.block_size}, {acfg.n_layer}x{acfg.n_embd} "
+              f"({a.repeat} runs of {a.iters} steps, {device}, {torch.get_num_threads()} threads)")
+        table(rows, ("step", "train tok/s median [min-max]", "vs reference"))
+        m, r = rates["mdlm.py"], rates["ar.py"]
+        print(f"mdlm.py / ar.py: {statistics.median(m) / statistics.median(r):.2f}x "
+              f"[{min(m) / max(r):.2f}-{max(m) / min(r):.2f}x]")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -912,6 +1010,7 @@ BENCHES = {
     "methods": bench_methods,
     "mdlm_sampler": bench_mdlm_sampler,
     "throughput": bench_throughput,
+    "train_speed": bench_train_speed,
     "kernels": bench_kernels,
     "sedd": bench_sedd,
     "nearest": bench_nearest,

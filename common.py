@@ -628,7 +628,7 @@ def judge_nll(judge, samples, batch_size=32):
             inp = torch.cat([torch.full_like(x[:, :1], V), x[:, :-1]], 1)  # [BOS] shifted in
             with autocast(device):
                 logits = judge["head"](judge["backbone"](inp)).float()  # (b, T, V)
-            total += float(F.cross_entropy(logits.transpose(1, 2), x, reduction="sum"))
+            total += float(F.cross_entropy(logits.flatten(0, 1), x.flatten(), reduction="sum"))  # contiguous rows
             count += x.numel()
     return total / count
 

@@ -128,11 +128,13 @@ class MDLM(nn.Module):
         if cfg.ddit:
             nn.init.zeros_(self.head.bias)
 
-    def forward(self, xt, sigma=None):
-        # xt (B, L), sigma (B,) or None -> logits (B, L, V + 1)
+    def forward(self, xt, sigma=None, rows=None):
+        # xt (B, L), sigma (B,) or None -> logits (B, L, V + 1); with rows, a bool (B, L) mask,
+        # the head runs only on those positions -> (M, V + 1) in row-major order
         if not self.time_cond:  # the published layout keeps its adaLN and feeds it sigma = 0 (MDLM code base)
             sigma = torch.zeros(xt.shape[0], device=xt.device) if self.ddit else None
-        return self.head(self.backbone(xt, sigma))
+        h = self.backbone(xt, sigma)  # (B, L, C)
+        return self.head(h if rows is None else h[rows])
 
 
 def subs_log_probs(logits, xt, mask_id):
@@ -160,8 +162,12 @@ def nelbo_terms(model, x0, t, cfg, mask_id):
     """
     xt = q_sample(x0, t, mask_id, cfg)
     sigma = -torch.log(schedule(t, cfg))  # sigma_bar(t), the time input when conditioned
-    logp = subs_log_probs(model(xt, sigma), xt, mask_id)  # (B, L, N) fp32
-    nll = -logp.gather(-1, x0.unsqueeze(-1)).squeeze(-1)  # (B, L); carry-over makes it 0 where unmasked
+    masked = xt == mask_id  # (B, L): carry-over makes the term 0 elsewhere, so the head runs only here
+    logits = model(xt, sigma, rows=masked).float()  # (M, N)
+    logits[:, mask_id] = -float("inf")  # zero masking
+    logp = logits.log_softmax(-1)  # contiguous rows
+    nll = torch.zeros(x0.shape, dtype=logp.dtype, device=x0.device)
+    nll[masked] = -logp.gather(-1, x0[masked].unsqueeze(-1)).squeeze(-1)  # (B, L)
     return nll * nelbo_weight(t, cfg)[:, None]
 
 

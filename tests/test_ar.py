@@ -84,6 +84,24 @@ def test_prefix_is_kept_and_long_samples_slide_the_cache():
     assert calls == 40 - 3
 
 
+def test_contiguous_row_loss_matches_the_transposed_view():
+    """nll_terms over (B*L, V) rows gives cross-entropy over the transposed (B, V, L) view, forward
+    and backward, to float rounding (the CPU kernels sum a row in a different order)."""
+    V = 23
+    model = random_model(V)
+    x0 = torch.randint(0, V, (3, 10), generator=torch.Generator().manual_seed(0))
+    results = []
+    for fn in (lambda: ar.nll_terms(model, x0, model.bos_id),
+               lambda: torch.nn.functional.cross_entropy(model(ar.shift_in_bos(x0, model.bos_id)).float().transpose(1, 2),
+                                                         x0, reduction="none")):
+        model.zero_grad()
+        terms = fn()
+        terms.mean().backward()
+        results.append([terms.detach()] + [p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_untrained_model_scores_log_v_and_evaluate_is_the_mean_nll(tmp_path):
     data = write_toy_dataset(tmp_path / "d", [toy_language(3000)], CHARS)
     cfg = tiny_cfg(data_dir=data, batch_size=8)

@@ -83,3 +83,19 @@ def test_methods_with_samplers_measures_each_decoding_control(tmp_path):
     for key in ("mdlm", "mdlm (confidence)", "mdlm (t0.8 p0.9)"):
         assert [p[0] for p in doc["curves"][key]] == [2, 4]
         assert all(math.isfinite(p[1]) and p[2] > 0 for p in doc["curves"][key])
+
+
+def test_train_speed_prints_every_step_kind_with_its_spread(capsys):
+    bench.bench_train_speed(["--vocab=11,29", "--iters=1", "--repeat=3", "--transposed", "--n_layer=1",
+                             "--n_embd=32", "--n_head=2", "--block_size=16", "--batch_size=4"])
+    out = capsys.readouterr().out
+    for V in (11, 29):
+        assert f"V = {V}, batch 4, L = 16, 1x32 (3 runs of 1 steps" in out
+    for kind in ("reference (plain, contiguous CE)", "ar.py", "mdlm.py", "reference over (B, V, L)"):
+        assert sum(line.strip().startswith(kind + "  ") for line in out.splitlines()) == 2
+    assert out.count("mdlm.py / ar.py: ") == 2 and "1.00x" in out
+
+
+def test_train_speed_bad_input():
+    r = run_cli(["bench.py", "train_speed", "--repeat=2"], check=False)
+    assert r.returncode == 1 and "--repeat must be at least 3" in r.stderr
