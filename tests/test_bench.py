@@ -61,3 +61,13 @@ def test_progress_bar_only_on_a_terminal(monkeypatch):
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     bar = common.progress(iter(items), "shown", total=3)
     assert list(bar) == items and type(bar).__name__ == "tqdm"
+
+
+def test_sample_speed_reports_every_sampler_and_the_same_samples(capsys):
+    bench.bench_sample_speed(["--vocab=11", "--seq_len=8", "--steps=6", "--batches=1,3", "--repeat=2"])
+    out = capsys.readouterr().out
+    for sampler in ("ddpm", "ddpm_cache", "ar"):
+        assert sum(line.split()[0] == sampler for line in out.splitlines() if line.strip()) == 2
+    assert out.count("identical samples: True") == 2
+    ddpm_rows = [int(line.split()[-1]) for line in out.splitlines() if line.startswith("      ddpm ")]
+    assert ddpm_rows == [6 * 8, 6 * 8]  # the whole sequence every step
