@@ -3,6 +3,7 @@ bench.py: benchmarks. Each prints ratios against a baseline measured in the same
 absolute claims from another machine.
 
     python bench.py mdlm_sampler      # cached vs uncached MDLM sampler: time and network calls
+    python bench.py sample_speed      # time per sample and backbone rows: MDLM ddpm, ddpm_cache, AR
     python bench.py throughput        # MDLM vs the same backbone trained autoregressively
     python bench.py train_speed       # ar.py and mdlm.py training tok/s vs a plain nanoGPT-style step
     python bench.py kernels           # fused kernels vs eager and torch.compile'd PyTorch oracles
@@ -100,6 +101,62 @@ def bench_mdlm_sampler(argv):
         rows.append((sampler, a.steps, a.seq_len, calls[-1], f"{times[sampler]:.2f}s"))
     table(rows, ("sampler", "steps", "seq_len", "network calls", "time"))
     print(f"speedup of ddpm_cache over ddpm: {times['ddpm'] / times['ddpm_cache']:.2f}x")
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling speed: MDLM's uncached ddpm, its per-sequence cache (ddpm_cache), AR's key/value cache
+
+
+def count_rows(model):
+    """A counter of the positions the backbone evaluates (sequences x positions per call): rows[0]."""
+    rows = [0]
+    model.backbone.register_forward_pre_hook(lambda m, args: rows.__setitem__(0, rows[0] + args[0].shape[0] * args[0].shape[1]))
+    return rows
+
+
+def bench_sample_speed(argv):
+    import ar
+    import mdlm
+    ap = argparse.ArgumentParser(prog="bench.py sample_speed")
+    ap.add_argument("--vocab", type=int, default=65, help="vocabulary size (65: Shakespeare characters, 50257: GPT-2)")
+    ap.add_argument("--seq_len", type=int, default=128, help="sample length = the models' block_size")
+    ap.add_argument("--steps", type=int, default=256)
+    ap.add_argument("--batches", default="1,16,64")
+    ap.add_argument("--samplers", default="ddpm,ddpm_cache,ar")
+    ap.add_argument("--repeat", type=int, default=3)
+    a = ap.parse_args(argv)
+    samplers, batches = a.samplers.split(","), [int(b) for b in a.batches.split(",")]
+    if not set(samplers) <= {"ddpm", "ddpm_cache", "ar"} or a.repeat < 1 or min(batches) < 1:
+        common.die("--samplers is a list of ddpm,ddpm_cache,ar; --batches positive; --repeat at least 1")
+    torch.manual_seed(0)  # untrained models (same shapes as the defaults); a head that is not the zero init
+    models = {"mdlm": mdlm.build_model(mdlm.Config(block_size=a.seq_len), {"vocab_size": a.vocab}).eval(),
+              "ar": ar.build_model(ar.Config(block_size=a.seq_len), {"vocab_size": a.vocab}).eval()}
+    for m in models.values():
+        torch.nn.init.normal_(m.head.weight, std=0.02)
+    rows, per = [], {}
+    for batch in batches:
+        for sampler in samplers:
+            model = models["ar" if sampler == "ar" else "mdlm"]
+            counter, times, out = count_rows(model), [], []
+            for _ in range(a.repeat):
+                torch.manual_seed(0)  # the same uniforms each run: ddpm and ddpm_cache must agree
+                counter[0], t0 = 0, time.perf_counter()
+                if sampler == "ar":
+                    x, calls = ar.generate(model, ar.Config(), torch.zeros(0, dtype=torch.long), batch, a.seq_len)
+                else:
+                    c = mdlm.Config(block_size=a.seq_len, sampler=sampler, steps=a.steps)
+                    x, calls = mdlm.generate(model, c, torch.full((a.seq_len,), -1), batch)
+                times.append((time.perf_counter() - t0) / batch)
+                out.append(x)
+            per[sampler, batch] = statistics.median(times), x
+            rows.append((sampler, batch, f"{1e3 * per[sampler, batch][0]:.1f}", f"{1e3 * min(times):.1f}-{1e3 * max(times):.1f}",
+                         calls, counter[0] // batch))
+    table(rows, ("sampler", "batch", "ms/sample (median)", f"range of {a.repeat}", "network calls", "rows/sample"))
+    for batch in batches:
+        if ("ddpm", batch) in per and ("ddpm_cache", batch) in per:
+            same = torch.equal(per["ddpm", batch][1], per["ddpm_cache", batch][1])
+            print(f"batch {batch}: ddpm_cache {per['ddpm', batch][0] / per['ddpm_cache', batch][0]:.2f}x faster "
+                  f"than ddpm per sample; identical samples: {same}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1009,6 +1066,7 @@ def bench_gpu(argv):
 BENCHES = {
     "methods": bench_methods,
     "mdlm_sampler": bench_mdlm_sampler,
+    "sample_speed": bench_sample_speed,
     "throughput": bench_throughput,
     "train_speed": bench_train_speed,
     "kernels": bench_kernels,

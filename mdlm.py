@@ -242,12 +242,15 @@ def confidence_step(logits, xt, p_unmask, u, mask_id):
 
 @torch.no_grad()
 def sample_chain(model, x, cfg, show=None):
-    """Run one reverse chain from x (B, L) (masks at the free positions) and return x_0 (B, L).
+    """Run one reverse chain from x (B, L) (masks at the free positions) -> (x_0 (B, L), network calls).
 
-    With sampler=ddpm_cache (and confidence) the network output is reused while the sequence does
-    not change: without time conditioning p_theta(x_0 | x_t) is then the same function of the same
-    input. --temperature and --top_p reshape the logits before each step (off by default).
+    ddpm runs the whole network every step. ddpm_cache goes to cached_chain. With confidence the
+    network output is reused while no sequence of the batch changes: without time conditioning
+    p_theta(x_0 | x_t) is then the same function of the same input. --temperature and --top_p
+    reshape the logits before each step (off by default).
     """
+    if cfg.sampler == "ddpm_cache" and not model.time_cond:
+        return cached_chain(model, x, cfg, show)
     mask_id, calls, logits = model.mask_id, 0, None
     grid = time_grid(cfg.steps, cfg.t_end).tolist()
     B, device = x.shape[0], x.device
@@ -274,6 +277,50 @@ def sample_chain(model, x, cfg, show=None):
         if logits is None or cfg.sampler == "ddpm":
             logits, calls = network(cfg.t_end), calls + 1
         x = subs_log_probs(logits, x, mask_id).argmax(-1)
+    return x, calls
+
+
+@torch.no_grad()
+def cached_chain(model, x, cfg, show=None):
+    """The ancestral sampler computing only what it uses; the same tokens as ddpm for the same uniforms.
+
+    Which masked positions a step reveals depends on u[..., 0] alone, so the step draws the
+    uniforms first and computes the head (and the step) only at those rows. The backbone output
+    is kept per sequence and recomputed, on the sub-batch of sequences that changed since, only
+    when a step needs it: without time conditioning it is a function of the sequence alone.
+    x (B, L) -> (x_0 (B, L), network calls: one per sub-batch run).
+    """
+    mask_id, calls, hidden = model.mask_id, 0, None
+    grid = time_grid(cfg.steps, cfg.t_end).tolist()
+    x, (B, L), device = x.clone(), x.shape, x.device
+    stale = torch.ones(B, dtype=torch.bool, device=device)  # sequences whose hidden state is out of date
+    u = torch.empty(B, L, 2, dtype=torch.float64, device=device)  # reused: drawn in place each step
+    always = torch.ones(1, dtype=torch.float64, device=device)  # the rows passed to the step all reveal
+
+    def logits_at(rows):  # rows (B, L) bool -> logits (R, N) at those positions, backbone refreshed first
+        nonlocal hidden, calls
+        if stale.any():
+            idx = stale.nonzero().squeeze(1)
+            with common.autocast(device):
+                h = model.backbone(x[idx])  # (B', L, D)
+            hidden = h if hidden is None else hidden.index_copy_(0, idx, h)
+            stale.zero_()
+            calls += 1
+        with common.autocast(device):
+            return model.head(hidden[rows]).float()  # (R, N)
+
+    for i in common.progress(range(cfg.steps), "sampling"):
+        torch.rand(B, L, 2, dtype=torch.float64, device=device, out=u)
+        reveal = (x == mask_id) & (u[..., 0] < unmask_probability(grid[i], grid[i + 1], cfg))  # (B, L)
+        if reveal.any():
+            logits = decoding_logits(logits_at(reveal), mask_id, cfg.temperature, cfg.top_p)
+            x[reveal] = ancestral_step(logits[None], x[reveal][None], always, u[reveal][None], mask_id)[0]
+            stale |= reveal.any(-1)
+        if show:
+            show(i, x)
+    rest = x == mask_id  # final noise removal, as in sample_chain
+    if rest.any():
+        x[rest] = subs_log_probs(logits_at(rest)[None], x[rest][None], mask_id).argmax(-1)[0]
     return x, calls
 
 

@@ -99,3 +99,13 @@ def test_train_speed_prints_every_step_kind_with_its_spread(capsys):
 def test_train_speed_bad_input():
     r = run_cli(["bench.py", "train_speed", "--repeat=2"], check=False)
     assert r.returncode == 1 and "--repeat must be at least 3" in r.stderr
+
+
+def test_sample_speed_reports_every_sampler_and_the_same_samples(capsys):
+    bench.bench_sample_speed(["--vocab=11", "--seq_len=8", "--steps=6", "--batches=1,3", "--repeat=2"])
+    out = capsys.readouterr().out
+    for sampler in ("ddpm", "ddpm_cache", "ar"):
+        assert sum(line.split()[0] == sampler for line in out.splitlines() if line.strip()) == 2
+    assert out.count("identical samples: True") == 2
+    ddpm_rows = [int(line.split()[-1]) for line in out.splitlines() if line.startswith("      ddpm ")]
+    assert ddpm_rows == [6 * 8, 6 * 8]  # the whole sequence every step

@@ -208,6 +208,48 @@ def test_cached_sampler_matches_uncached_with_fewer_calls():
             assert out["ddpm_cache"][1] <= 25
 
 
+def backbone_rows(model):
+    """A counter of the sequence positions the backbone evaluates: rows[0] grows on each call."""
+    rows = [0]
+    model.backbone.register_forward_pre_hook(lambda m, args: rows.__setitem__(0, rows[0] + args[0].numel()))
+    return rows
+
+
+@pytest.mark.parametrize("controls", [{}, {"temperature": 0.7, "top_p": 0.8}])
+def test_per_sequence_cache_gives_the_same_states_with_fewer_rows(controls):
+    """ddpm_cache (head at the revealed rows, backbone on the changed sequences) against the
+    uncached ddpm: identical states after every step for the same seed, with infill positions,
+    semi-autoregressive rounds and decoding controls, and fewer backbone rows."""
+    cfg = mdlm.Config(n_layer=2, n_embd=32, n_head=2, block_size=16, steps=40, stride=6, **controls)
+    model = random_model(cfg)
+    fixed = torch.full((30,), -1)
+    fixed[[0, 5, 17, 29]] = torch.tensor([1, 2, 3, 4])
+    for batch in (1, 5):
+        out, rows = {}, backbone_rows(model)
+        for sampler in ("ddpm", "ddpm_cache"):
+            states, rows[0] = [], 0
+            torch.manual_seed(7)
+            samples, calls = mdlm.generate(model, dataclasses.replace(cfg, sampler=sampler), fixed, batch,
+                                           lambda i, x: states.append(x.clone()))
+            out[sampler] = samples, states, rows[0]
+        assert torch.equal(out["ddpm"][0], out["ddpm_cache"][0])
+        assert len(out["ddpm"][1]) == len(out["ddpm_cache"][1]) == 4 * 40  # 16 positions, then rounds of 6, 6, 2
+        assert all(torch.equal(a, b) for a, b in zip(out["ddpm"][1], out["ddpm_cache"][1]))
+        assert out["ddpm_cache"][2] < out["ddpm"][2] / 2
+        assert torch.equal(out["ddpm"][0][:, fixed >= 0], fixed[fixed >= 0].expand(batch, -1))
+
+
+def test_per_sequence_cache_ends_unmasked_with_the_argmax():
+    """Few steps leave masks for the final noise removal: the same argmax at the same rows."""
+    cfg = mdlm.Config(n_layer=1, n_embd=32, n_head=2, block_size=24, steps=3)
+    model = random_model(cfg)
+    out = {}
+    for sampler in ("ddpm", "ddpm_cache"):
+        torch.manual_seed(3)
+        out[sampler] = mdlm.generate(model, dataclasses.replace(cfg, sampler=sampler), torch.full((24,), -1), 6)[0]
+    assert torch.equal(out["ddpm"], out["ddpm_cache"]) and (out["ddpm"] < 11).all()
+
+
 def test_conditioning_and_semi_autoregressive():
     cfg = mdlm.Config(n_layer=1, n_embd=32, n_head=2, block_size=16, steps=20, stride=6)
     model = random_model(cfg)
