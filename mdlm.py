@@ -128,12 +128,16 @@ class MDLM(nn.Module):
         if cfg.ddit:
             nn.init.zeros_(self.head.bias)
 
+    def hidden(self, xt, sigma=None):
+        # xt (B, L), sigma (B,) or None -> backbone output (B, L, C)
+        if not self.time_cond:  # the published layout keeps its adaLN and feeds it sigma = 0 (MDLM code base)
+            sigma = torch.zeros(xt.shape[0], device=xt.device) if self.ddit else None
+        return self.backbone(xt, sigma)
+
     def forward(self, xt, sigma=None, rows=None):
         # xt (B, L), sigma (B,) or None -> logits (B, L, V + 1); with rows, a bool (B, L) mask,
         # the head runs only on those positions -> (M, V + 1) in row-major order
-        if not self.time_cond:  # the published layout keeps its adaLN and feeds it sigma = 0 (MDLM code base)
-            sigma = torch.zeros(xt.shape[0], device=xt.device) if self.ddit else None
-        h = self.backbone(xt, sigma)  # (B, L, C)
+        h = self.hidden(xt, sigma)  # (B, L, C)
         return self.head(h if rows is None else h[rows])
 
 
@@ -302,7 +306,7 @@ def cached_chain(model, x, cfg, show=None):
         if stale.any():
             idx = stale.nonzero().squeeze(1)
             with common.autocast(device):
-                h = model.backbone(x[idx])  # (B', L, D)
+                h = model.hidden(x[idx])  # (B', L, C)
             hidden = h if hidden is None else hidden.index_copy_(0, idx, h)
             stale.zero_()
             calls += 1
