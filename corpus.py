@@ -14,6 +14,7 @@ Method files and data/*/prepare.py import this module; it imports only common.py
 """
 
 import contextlib
+import dataclasses
 import glob
 import hashlib
 import json
@@ -591,6 +592,16 @@ class Blocks:
 
     def sequential(self, split, batch_size):
         return (self.x[i:i + batch_size] for i in range(0, len(self.x), batch_size))
+
+
+def eval_batches(cfg, meta, bos):
+    """--eval's data -> (cfg, batches, name): a paper's zero-shot set (--eval_data, wrapped with a BOS
+    or without, as each code base does) or the run's own validation split."""
+    if cfg.eval_data or cfg.eval_file:
+        return cfg, zero_shot(cfg, meta, bos=bos), cfg.eval_data
+    cfg = dataclasses.replace(cfg, data_dir=cfg.data_dir or data_path(cfg))
+    prepare_data(cfg)
+    return cfg, Batches(cfg, meta, cfg.seed), "val"
 
 
 def zero_shot(cfg, meta, bos):

@@ -575,15 +575,8 @@ def main(argv=None):
     verbs, cfg, overrides = common.parse_args(Config, argv)
     check_config(cfg)
     if "train" in verbs:
-        if cfg.init_from:  # fine-tuning: the published weights and architecture, this run's data
-            cfg, model, meta = hub.load_model(cfg.init_from, "sedd", Config, overrides, build_model, corpus.prepare_data)
-            check_config(cfg)
-            common.check_memory(cfg)
-            overrides = {k: v for k, v in overrides.items() if k != "init_from"}  # then sample the fine-tuned model
-        else:
-            common.check_memory(cfg)
-            meta = corpus.prepare_data(cfg)
-            model = build_model(cfg, meta)
+        # --init_from fine-tunes the published model on this run's data
+        cfg, model, meta, overrides = trainer.model_to_train(cfg, "sedd", Config, overrides, build_model, check_config)
         trainer.train(cfg, "sedd", model, lambda m, x0: loss_fn(m, x0, cfg, model.num_states),
                      lambda m, b: evaluate(m, b, cfg), meta)
         if "RANK" in os.environ and int(os.environ["RANK"]) != 0:
@@ -603,12 +596,7 @@ def main(argv=None):
               f"{calls} network calls, {time.time() - t0:.1f}s)")
     if "eval" in verbs:
         cfg, model, tok, meta, ckpt = load(overrides)
-        if cfg.eval_data or cfg.eval_file:  # a paper's zero-shot set, wrapped as in SEDD's code
-            batches, what = corpus.zero_shot(cfg, meta, bos=False), cfg.eval_data
-        else:
-            cfg = dataclasses.replace(cfg, data_dir=cfg.data_dir or corpus.data_path(cfg))
-            corpus.prepare_data(cfg)
-            batches, what = corpus.Batches(cfg, meta, cfg.seed), "val"
+        cfg, batches, what = corpus.eval_batches(cfg, meta, bos=False)  # --eval_data: wrapped as in SEDD's code
         with common.autocast(next(model.parameters()).device):
             stats = {**evaluate(model, batches, cfg, full=True), "data": what}  # what the log record scored
         print(f"{what} NELBO {stats['val_nelbo']:.4f} nats/token | {stats['val_bits']:.4f} bits/token | "

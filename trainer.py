@@ -24,9 +24,10 @@ import time
 import torch
 import torch.nn as nn
 
-from common import (TextConfig, autocast, config_from_checkpoint, die, get_device, load_checkpoint, out_dir,
-                    print_config, save_checkpoint, seed_all)
-from corpus import Batches, get_tokenizer
+from common import (TextConfig, autocast, check_memory, config_from_checkpoint, die, get_device, load_checkpoint,
+                    out_dir, print_config, save_checkpoint, seed_all)
+import hub
+from corpus import Batches, get_tokenizer, prepare_data
 
 
 
@@ -321,6 +322,20 @@ def _train_loop(cfg, method, model, loss_fn, evaluate, meta, batches, device, ra
     if world > 1:
         torch.distributed.barrier()
     return ema_model
+
+
+def model_to_train(cfg, method, config_cls, overrides, build_model, check_config):
+    """--train's model -> (cfg, model, meta, overrides). With --init_from, the published weights and
+    architecture on this run's data (hub.py), and overrides without init_from, so that a --sample
+    after it reads the fine-tuned checkpoint; otherwise a fresh model on the prepared data."""
+    if cfg.init_from:
+        cfg, model, meta = hub.load_model(cfg.init_from, method, config_cls, overrides, build_model, prepare_data)
+        check_config(cfg)
+        check_memory(cfg)
+        return cfg, model, meta, {k: v for k, v in overrides.items() if k != "init_from"}
+    check_memory(cfg)
+    meta = prepare_data(cfg)
+    return cfg, build_model(cfg, meta), meta, overrides
 
 
 def load_for_inference(config_cls, overrides, method, build_model):
