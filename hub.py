@@ -25,6 +25,7 @@ directory), and samples as .jsonl files (--samples_out, --samples_in).
 """
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -38,6 +39,19 @@ CONFIG = "config.json"
 WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 GPT2_META = {"tokenizer": "gpt2", "vocab_size": 50257, "eot": 50256}
 
+
+@dataclasses.dataclass
+class PublishedConfig:
+    """The flags mdlm.py and sedd.py share for the papers' workflow: published checkpoints, the
+    zero-shot sets and samples written to and judged from files."""
+
+    eval_data: str = ""  # --eval on a paper's zero-shot set: wikitext2, wikitext103, ptb, lambada, lm1b, ag_news, pubmed, arxiv
+    eval_file: str = ""  # a local copy of --eval_data's split (.jsonl, .parquet or .txt; docs/published.md)
+    samples_out: str = ""  # --sample: also write the samples, with their settings, to this .jsonl file
+    samples_in: str = ""  # --eval --gen: judge this .jsonl file of samples instead of sampling
+    init_from: str = ""  # a published checkpoint: hub id (docs/published.md) or a directory with its files
+    ddit: bool = False  # the published layout: LayerNorm weights, MLP and head biases (set by --init_from)
+    cond_dim: int = 128  # width of the time embedding that drives adaLN
 
 def locate(init_from):
     """--init_from -> a local directory holding config.json and the weights (downloaded if a hub id)."""

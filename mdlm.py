@@ -36,7 +36,7 @@ import trainer
 
 
 @dataclasses.dataclass
-class Config(common.PromptConfig, common.TextConfig, common.BaseConfig):
+class Config(hub.PublishedConfig, common.PromptConfig, common.TextConfig, common.BaseConfig):
     # sized for a short training run on a laptop CPU
     n_head: int = 8  # heads of 16 give a lower bound than 4 of 32 at the same cost
     max_iters: int = 2400
@@ -59,14 +59,7 @@ class Config(common.PromptConfig, common.TextConfig, common.BaseConfig):
     eval_t_samples: int = 4  # time samples per validation sequence in --eval
     gen: bool = False  # --eval --gen: score num_samples samples with the judge
     judge: str = "out/ar/ckpt.pt"  # an ar.py checkpoint (same data), or a transformers causal LM: hub id (gpt2-large) or directory
-    eval_data: str = ""  # --eval on a paper's zero-shot set: wikitext2, wikitext103, ptb, lambada, lm1b, ag_news, pubmed, arxiv
-    eval_file: str = ""  # a local copy of --eval_data's split (.jsonl, .parquet or .txt; docs/published.md)
-    samples_out: str = ""  # --sample: also write the samples, with their settings, to this .jsonl file
-    samples_in: str = ""  # --eval --gen: judge this .jsonl file of samples instead of sampling
-    # the published checkpoint (hub.py)
-    init_from: str = ""  # kuleshov-group/mdlm-owt or a directory with its files
-    ddit: bool = False  # the published layout: LayerNorm weights, MLP and head biases, adaLN fed sigma = 0 (set by --init_from)
-    cond_dim: int = 128  # width of the time embedding that drives adaLN (--time_cond or --ddit)
+    # eval_data, eval_file, samples_out, samples_in, init_from, ddit, cond_dim: hub.PublishedConfig
 
 
 SCHEDULES = ("loglinear", "cosine")
@@ -385,10 +378,7 @@ def load(overrides):
     """load_for_inference (or the published weights of --init_from), then the checks again on the
     checkpoint's config under the overrides, and those that need the trained model's own settings."""
     if overrides.get("init_from"):
-        cfg, model, meta = hub.load_model(overrides["init_from"], "mdlm", Config, overrides, build_model)
-        os.makedirs(common.out_dir(cfg, "mdlm"), exist_ok=True)  # --eval logs there
-        common.seed_all(cfg.seed)
-        model, tok, ckpt = model.to(common.get_device(cfg)).eval(), corpus.get_tokenizer(meta), {"iter": None}
+        cfg, model, tok, meta, ckpt = trainer.load_published(Config, overrides, "mdlm", build_model)
     else:
         cfg, model, tok, meta, ckpt = trainer.load_for_inference(Config, overrides, "mdlm", build_model)
     check_config(cfg)

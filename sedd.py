@@ -46,7 +46,7 @@ SAMPLERS = ("analytic", "euler")
 
 
 @dataclasses.dataclass
-class Config(common.PromptConfig, common.TextConfig, common.BaseConfig):
+class Config(hub.PublishedConfig, common.PromptConfig, common.TextConfig, common.BaseConfig):
     max_iters: int = 2400  # the same CPU budget as mdlm.py (backbone, batch, lr from the common blocks)
     graph: str = "absorb"  # absorb | uniform
     schedule: str = ""  # loglinear | geometric; "": loglinear with absorb, geometric with uniform
@@ -72,14 +72,7 @@ class Config(common.PromptConfig, common.TextConfig, common.BaseConfig):
     eval_t_samples: int = 4  # time samples per validation sequence in --eval
     gen: bool = False  # --eval --gen: score num_samples samples with the judge
     judge: str = "out/ar/ckpt.pt"  # an ar.py checkpoint (same data), or a transformers causal LM: hub id (gpt2-large) or directory
-    eval_data: str = ""  # --eval on a paper's zero-shot set: wikitext2, wikitext103, ptb, lambada, lm1b, ag_news, pubmed, arxiv
-    eval_file: str = ""  # a local copy of --eval_data's split (.jsonl, .parquet or .txt; docs/published.md)
-    samples_out: str = ""  # --sample: also write the samples, with their settings, to this .jsonl file
-    samples_in: str = ""  # --eval --gen: judge this .jsonl file of samples instead of sampling
-    # the published checkpoints (hub.py)
-    init_from: str = ""  # louaaron/sedd-small, louaaron/sedd-medium or a directory with their files
-    ddit: bool = False  # the published layout: LayerNorm weights, MLP and head biases (set by --init_from)
-    cond_dim: int = 128  # width of the sigma embedding that drives adaLN
+    # eval_data, eval_file, samples_out, samples_in, init_from, ddit, cond_dim: hub.PublishedConfig
 
 
 def check_config(cfg):
@@ -552,10 +545,7 @@ def load(overrides):
     """load_for_inference (or the published weights of --init_from), after checking that --graph
     matches the checkpoint's; then the checks again on the checkpoint's config under the overrides."""
     if overrides.get("init_from"):
-        cfg, model, meta = hub.load_model(overrides["init_from"], "sedd", Config, overrides, build_model)
-        os.makedirs(common.out_dir(cfg, "sedd"), exist_ok=True)  # --eval logs there
-        common.seed_all(cfg.seed)
-        model, tok, ckpt = model.to(common.get_device(cfg)).eval(), corpus.get_tokenizer(meta), {"iter": None}
+        cfg, model, tok, meta, ckpt = trainer.load_published(Config, overrides, "sedd", build_model)
     else:
         path = os.path.join(common.out_dir(Config(**overrides), "sedd"), "ckpt.pt")
         saved = common.load_checkpoint(path, "sedd").get("config", {})

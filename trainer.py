@@ -338,6 +338,15 @@ def model_to_train(cfg, method, config_cls, overrides, build_model, check_config
     return cfg, build_model(cfg, meta), meta, overrides
 
 
+def load_published(config_cls, overrides, method, build_model):
+    """--sample/--eval with --init_from: the published weights (hub.py) -> the same tuple as
+    load_for_inference, with no iteration to report; --eval logs into out_dir."""
+    cfg, model, meta = hub.load_model(overrides["init_from"], method, config_cls, overrides, build_model)
+    os.makedirs(out_dir(cfg, method), exist_ok=True)
+    seed_all(cfg.seed)
+    return cfg, model.to(get_device(cfg)).eval(), get_tokenizer(meta), meta, {"iter": None}
+
+
 def load_for_inference(config_cls, overrides, method, build_model):
     """Checkpoint -> (cfg, EMA model in eval mode on the device, tokenizer, meta)."""
     where = out_dir(config_cls(**overrides), method)
