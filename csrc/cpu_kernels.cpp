@@ -251,9 +251,6 @@ DIFFLM_INLINE double exp_row_f32(const T* h, float* s, int64_t N, int64_t skip) 
   return acc;
 }
 
-// relative margin of the fp32 bounds below: far above their rounding (~1e-5)
-constexpr double SCREEN = 1e-4;
-
 // The largest entry of a row in vector lanes (GCC vectorises a max only when told there are no NaNs;
 // a NaN entry is then skipped or propagates, and a row holding one stays on every path, as in the
 // oracle, so either is fine).
@@ -268,44 +265,25 @@ DIFFLM_FINITE DIFFLM_CLONES float max_f32(const uint16_t* h, int64_t n) {
   return m;
 }
 
-// A row usually stays, and proving that needs no fp64: a u0 above an upper bound of the stay/move
-// threshold p = M / (M + w_x) stays exactly as the fp64 oracle would; only rows no bound settles
-// (moves, and a thin band around p) take the exact fp64 path. p grows with S = sum_{y != x} s_y: in
-// the Euler form (step == EULER, which a masked absorbing row has for both steps) M = a q S and
-// w_x = 1 - M; for uniform Tweedie b = bS (S + 1) <= 0, so M <= q a S and w_x = (a + b) qx shrinks as
-// S grows. So an upper bound Sb on S bounds p: first Sb = (N - 1) e^{max h}, from a max pass with no
-// exp (h_x may count: it only raises the bound), which settles most rows of a small step when no
-// score dominates; then the fp32 sum; then, for Tweedie, the exact clamped M.
+// The screen (kernels.h): first Sb = (N - 1) e^{max h}, from a max pass with no exp (h_x may count:
+// it only raises the bound), which settles most rows of a small step when no score dominates; then
+// the fp32 sum; then, for Tweedie, the clamped M over the fp32 exps in scratch.
 template <class T>
 DIFFLM_INLINE bool screen_stays(const T* h, int64_t N, int64_t x, double u0, int step, const StepConsts& c, float* s) {
-  const double a = c.a, q = c.q;
-  const bool bounded = c.bS <= 0.0;  // always, for ds >= 0 (Euler: bS = 0)
-  auto clear = [&](double Sb) {
-    const double Mhi = a * q * Sb;
-    double wlo = step == EULER ? 1.0 - Mhi : (a + c.bS * (Sb + 1.0)) * c.qx;
-    wlo = wlo > 0.0 ? wlo : 0.0;
-    return u0 >= Mhi / (Mhi + wlo);
-  };
   // (an fp32 exp overflows to inf above 88.7, and then neither bound settles anything)
   const double Smax = (double)(N - 1) * (double)exp_f32(max_f32(h, x == N - 1 ? N - 1 : N));
-  if (bounded && clear(Smax * (1.0 + SCREEN))) return true;
+  if (stays_below(Smax * (1.0 + SCREEN), u0, step, c)) return true;
   const double S = exp_row_f32(h, s, N, x);  // over y != x, relative error far below SCREEN
-  if (bounded && clear(S * (1.0 + SCREEN))) return true;
+  if (stays_below(S * (1.0 + SCREEN), u0, step, c)) return true;
   if (step == EULER) return false;  // that bound was M itself
-  // Tweedie: M = sum_{y != x} max(0, (a s_y + b) q), a second pass over the scratch row (q a S was
-  // within about ds (S + 1) of it); max(0, .) is 1-Lipschitz, so the fp32 errors carry over.
-  const double b = c.bS * (S + 1.0);
-  const double db = fabs(c.bS) * (S + 1.0) * SCREEN;  // bound on the error of b
+  const double a = c.a, q = c.q, b = c.bS * (S + 1.0);
   double M = 0.0;
 #pragma omp simd reduction(+ : M)
   for (int64_t y = 0; y < N; ++y) {
     const double v = (a * (double)s[y] + b) * q;
     M += (v > 0.0 && y != x) ? v : 0.0;  // s[x] = 0 but b may be > 0
   }
-  const double Mhi = M + q * (a * S * SCREEN + (double)N * db) + M * SCREEN;
-  double wlo = (a + b - db) * c.qx;
-  wlo = wlo > 0.0 ? wlo : 0.0;
-  return u0 >= Mhi / (Mhi + wlo);  // NaN (0 / 0) is not settled here
+  return tweedie_stays(M, S, u0, N, c);
 }
 
 // Two-stage SEDD step of one row (Euler or Tweedie, METHODS.md sec. 4 and 6): move with probability

@@ -5,10 +5,12 @@
 // group computes bitwise the same row totals (butterfly reductions, then a fixed-order sum over
 // warps), so row decisions (masked? move?) never diverge inside a group.
 //
-// Score entropy streams the row once with 16-byte loads (and stores, in the backward). A sampling step sums the row
-// per warp segment in one pass, decides "move or stay", and only if it moves walks the one
-// segment holding the inverse-CDF target (warp scans in fp64). SEDD steps exponentiate in fp64,
-// as the PyTorch oracle does.
+// Score entropy streams the row once with 16-byte loads (and stores, in the backward), summing in
+// fp32 per thread and in fp64 across threads (a thread holds at most N/G terms). A SEDD step first
+// screens the row in that pass, with fp32 exponentials: a row that provably stays (most rows of a
+// step, kernels.h) is done. The others, and MDLM's revealed rows, sum the row per warp segment, decide
+// "move or stay", and only if they move walk the one segment holding the inverse-CDF target (warp
+// scans in fp64); SEDD's exact path exponentiates in fp64, as the PyTorch oracle does.
 #include <cuda_runtime.h>
 #include <stdint.h>
 
@@ -69,6 +71,7 @@ __device__ __forceinline__ void visit(const T* in, T* out, int64_t n, int tid, F
   const int64_t nv = (n - head) / V;
   const uint4* vin = reinterpret_cast<const uint4*>(in + head);
   uint4* vout = reinterpret_cast<uint4*>(out + head);
+#pragma unroll 4  // four 16-byte loads in flight per thread: one alone leaves HBM idle
   for (int64_t k = tid; k < nv; k += G) {
     float v[V];
     unpack(vin[k], v, in);
@@ -147,10 +150,10 @@ se_kernel(const T* __restrict__ h_all, const int64_t* __restrict__ xt, const int
       else if (tid == 0) loss[row] = 0.0f;
       return;
     }
-    double S = 0.0;
+    float S = 0.0f;
     visit<T, G, BWD>(h, g, M, tid, [&](int64_t, float v) {
       const float s = expf(v);
-      if (!BWD) S += (double)s;
+      if (!BWD) S += s;
       return s * w;
     });
     if (BWD) {
@@ -161,16 +164,16 @@ se_kernel(const T* __restrict__ h_all, const int64_t* __restrict__ xt, const int
       }
       return;
     }
-    S = group_sum<G>(S, sm[sub]);
-    if (tid == 0) loss[row] = (float)(S - c.r * (double)ld(h, y0) + c.k_same);
+    const double St = group_sum<G>((double)S, sm[sub]);
+    if (tid == 0) loss[row] = (float)(St - c.r * (double)ld(h, y0) + c.k_same);
     return;
   }
   const bool same = x == y0;
   const float rho = same ? (float)c.r : 1.0f, coef = w / (float)N;
-  double S = 0.0, H = 0.0;
+  float S = 0.0f, H = 0.0f;
   auto f = [&](int64_t, float v) {
     const float s = expf(v);
-    if (!BWD) S += (double)s, H += (double)v;
+    if (!BWD) S += s, H += v;
     return (s - rho) * coef;
   };
   visit<T, G, BWD>(h, g, x, tid, f);
@@ -184,11 +187,10 @@ se_kernel(const T* __restrict__ h_all, const int64_t* __restrict__ xt, const int
     }
     return;
   }
-  S = group_sum<G>(S, sm[sub]);
-  H = group_sum<G>(H, sm[sub]);
+  const double St = group_sum<G>((double)S, sm[sub]), Ht = group_sum<G>((double)H, sm[sub]);
   if (tid == 0) {
     const float h0 = ld(h, y0);
-    loss[row] = (float)(same ? S / n - c.r * H / n + c.k_same : S / n - H / n - (double)h0 / c.e + c.k_diff);
+    loss[row] = (float)(same ? St / n - c.r * Ht / n + c.k_same : St / n - Ht / n - (double)h0 / c.e + c.k_diff);
   }
 }
 
@@ -266,8 +268,58 @@ __device__ __forceinline__ int64_t walk(const W& w, int64_t n, double target, in
   return *res;
 }
 
+// ---- SEDD step screen (kernels.h): true when the row provably stays. One 16-byte-load pass of the
+// hardware exp (__expf: within (2 + 1.2 |v|) ulp, so 2e-5 relative for |v| < 88, far below SCREEN,
+// with the fp32 per-thread sums, (N / G) 2^-24), and a second for uniform Tweedie's clamped M when
+// the first bound settles nothing.
+
+template <class T, int G>
+__device__ __forceinline__ bool screen_stays(const T* h, int64_t N, int64_t x, double u0, int step,
+                                             const StepConsts& c, int tid, double* sm) {
+  float part = 0.0f;
+  visit<T, G, false>(h, (T*)nullptr, N, tid, [&](int64_t y, float v) {
+    part += y == x ? 0.0f : __expf(v);  // absorbing: x = MASK, the column the row skips
+    return 0.0f;
+  });
+  // __expf flushes results below 2^-126 to 0: N of them add the last term
+  const double S = group_sum<G>((double)part, sm) + (double)N * 0x1p-126;
+  if (stays_below(S * (1.0 + SCREEN), u0, step, c)) return true;
+  if (step == EULER) return false;  // that bound was M itself
+  const double a = c.a, q = c.q, b = c.bS * (S + 1.0);
+  double M = 0.0;
+  visit<T, G, false>(h, (T*)nullptr, N, tid, [&](int64_t y, float v) {
+    const double w = (a * (double)expf(v) + b) * q;
+    M += (w > 0.0 && y != x) ? w : 0.0;
+    return 0.0f;
+  });
+  return tweedie_stays(group_sum<G>(M, sm), S, u0, N, c);
+}
+
 // ---- SEDD Euler / Tweedie step (two-stage: move with probability M / (M + w_x), then inverse CDF)
 
+// First kernel of a step: screen every row (a lean kernel, so many rows stream at once); out = x for
+// a row that stays, -1 for one the exact kernel below must decide.
+template <class T, int G, int R>
+__global__ void __launch_bounds__(G * R)
+sedd_screen_kernel(const T* __restrict__ h_all, const int64_t* __restrict__ xt, const double* __restrict__ tt,
+                   const double* __restrict__ u, int step, int graph, int final_step, int64_t rows, int64_t L,
+                   int64_t N, int64_t* __restrict__ out) {
+  __shared__ double sm[R][G / 32];
+  const int sub = threadIdx.x / G, tid = threadIdx.x % G;
+  const int64_t row = (int64_t)blockIdx.x * R + sub;
+  if (row >= rows) return;
+  const T* h = h_all + row * N;
+  const int64_t x = xt[row];
+  const double u0 = u[2 * row];
+  const StepConsts c = step_consts(tt[row / L], step, graph, N);
+  // absorbing: a token other than MASK stays; a masked row's step has the Euler form (kernels.h)
+  const bool settled = graph == ABSORB
+                           ? x != N - 1 || (!final_step && screen_stays<T, G>(h, N, x, u0, EULER, c, tid, sm[sub]))
+                           : screen_stays<T, G>(h, N, x, u0, step, c, tid, sm[sub]);
+  if (tid == 0) out[row] = settled ? x : -1;
+}
+
+// Second kernel: the exact fp64 path for the rows the screen left open (out < 0)
 template <class T, int G, int R>
 __global__ void __launch_bounds__(G * R)
 sedd_kernel(const T* __restrict__ h_all, const int64_t* __restrict__ xt, const double* __restrict__ tt,
@@ -277,21 +329,19 @@ sedd_kernel(const T* __restrict__ h_all, const int64_t* __restrict__ xt, const d
   __shared__ long long res[R];
   const int sub = threadIdx.x / G, tid = threadIdx.x % G;
   const int64_t row = (int64_t)blockIdx.x * R + sub;
-  if (row >= rows) return;
+  if (row >= rows || out[row] >= 0) return;
   const T* h = h_all + row * N;
   const int64_t x = xt[row];
   const double u0 = u[2 * row], u1 = u[2 * row + 1];
   const StepConsts c = step_consts(tt[row / L], step, graph, N);
   int64_t y = x;
   if (graph == ABSORB) {
-    if (x == N - 1) {
-      auto w = [&](int64_t k) { return exp((double)ld(h, k)); };
-      const double S = segment_sums<G>(w, N - 1, tid, sm[sub]);
-      const double Mv = c.a * S;
-      double wx = final_step ? 0.0 : 1.0 - Mv;
-      wx = wx > 0.0 ? wx : 0.0;
-      if (u0 < Mv / (Mv + wx)) y = walk<G>(w, N - 1, u1 * S, N, tid, sm[sub], &res[sub]);
-    }
+    auto w = [&](int64_t k) { return exp((double)ld(h, k)); };
+    const double S = segment_sums<G>(w, N - 1, tid, sm[sub]);
+    const double Mv = c.a * S;
+    double wx = final_step ? 0.0 : 1.0 - Mv;
+    wx = wx > 0.0 ? wx : 0.0;
+    if (u0 < Mv / (Mv + wx)) y = walk<G>(w, N - 1, u1 * S, N, tid, sm[sub], &res[sub]);
   } else if (step == EULER) {
     auto w = [&](int64_t k) { return k == x ? 0.0 : exp((double)ld(h, k)); };
     const double S = segment_sums<G>(w, N, tid, sm[sub]);
@@ -398,12 +448,16 @@ int difflm_launch_sedd_step(const void* log_score, int dtype, const int64_t* xt,
   const int64_t rows = B * L;
   cudaStream_t st = (cudaStream_t)stream;
   DIFFLM_BY_WIDTH(N, {
-    if (dtype == BF16)
-      sedd_kernel<uint16_t, G, R><<<blocks_for(rows, R), G * R, 0, st>>>(
-          (const uint16_t*)log_score, xt, t, u, step, graph, final_step, rows, L, N, out);
-    else
-      sedd_kernel<float, G, R><<<blocks_for(rows, R), G * R, 0, st>>>((const float*)log_score, xt, t, u, step, graph,
-                                                                       final_step, rows, L, N, out);
+    const unsigned blocks = blocks_for(rows, R);
+    if (dtype == BF16) {
+      const uint16_t* h = (const uint16_t*)log_score;
+      sedd_screen_kernel<uint16_t, G, R><<<blocks, G * R, 0, st>>>(h, xt, t, u, step, graph, final_step, rows, L, N, out);
+      sedd_kernel<uint16_t, G, R><<<blocks, G * R, 0, st>>>(h, xt, t, u, step, graph, final_step, rows, L, N, out);
+    } else {
+      const float* h = (const float*)log_score;
+      sedd_screen_kernel<float, G, R><<<blocks, G * R, 0, st>>>(h, xt, t, u, step, graph, final_step, rows, L, N, out);
+      sedd_kernel<float, G, R><<<blocks, G * R, 0, st>>>(h, xt, t, u, step, graph, final_step, rows, L, N, out);
+    }
   });
   return (int)cudaGetLastError();
 }

@@ -76,6 +76,34 @@ DIFFLM_HD StepConsts step_consts(double t, int step, int graph, int64_t N) {
   return c;
 }
 
+// The screen of a sampling step (cpu_kernels.cpp and cuda_kernels.cu): a row usually stays, and
+// proving that needs no fp64 exponentials. The stay/move threshold p = M / (M + w_x) grows with
+// S = sum_{y != x} s_y: in the Euler form (step == EULER, which a masked absorbing row has for both
+// steps) M = a q S and w_x = 1 - M; for uniform Tweedie b = bS (S + 1) <= 0, so M <= q a S and
+// w_x = (a + b) qx shrinks as S grows. A u0 at or above the threshold of an upper bound Sb >= S
+// stays exactly as the fp64 oracle would. SCREEN is the relative margin put on fp32 bounds, far
+// above their rounding (~1e-5); a NaN or inf bound settles nothing (u0 >= NaN is false).
+constexpr double SCREEN = 1e-4;
+
+DIFFLM_HD bool stays_below(double Sb, double u0, int step, const StepConsts& c) {
+  if (c.bS > 0.0) return false;  // never, for ds >= 0 (Euler: bS = 0); then S bounds nothing
+  const double Mhi = c.a * c.q * Sb;
+  double wlo = step == EULER ? 1.0 - Mhi : (c.a + c.bS * (Sb + 1.0)) * c.qx;
+  wlo = wlo > 0.0 ? wlo : 0.0;
+  return u0 >= Mhi / (Mhi + wlo);
+}
+
+// Uniform Tweedie, second bound: M = sum_{y != x} max(0, (a s_y + b) q) summed over fp32 exps (M,
+// with S their fp32 sum, each within SCREEN); max(0, .) is 1-Lipschitz, so the errors carry over.
+DIFFLM_HD bool tweedie_stays(double M, double S, double u0, int64_t N, const StepConsts& c) {
+  const double b = c.bS * (S + 1.0);
+  const double db = fabs(c.bS) * (S + 1.0) * SCREEN;  // bound on the error of b
+  const double Mhi = M + c.q * (c.a * S * SCREEN + (double)N * db) + M * SCREEN;
+  double wlo = (c.a + b - db) * c.qx;
+  wlo = wlo > 0.0 ? wlo : 0.0;
+  return u0 >= Mhi / (Mhi + wlo);  // NaN (0 / 0) is not settled here
+}
+
 // ---- CPU (cpu_kernels.cpp); nthreads: OpenMP threads (torch's intra-op count)
 // score entropy: the loss (B, L) into loss when given; the gradient into grad when given, scaled by
 // grad_loss (B, L) when given (else by 1: both in one pass, as score_entropy_with_grad)
