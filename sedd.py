@@ -218,17 +218,21 @@ class SEDD(nn.Module):
         if cfg.ddit:
             nn.init.zeros_(self.head.bias)
 
-    def forward(self, xt, sigma_bar):
-        """xt (B, L), sigma_bar (B,) -> log-scores log s_theta (B, L, N), fp32.
+    def forward(self, xt, sigma_bar, rows=None):
+        """xt (B, L), sigma_bar (B,) -> log-scores log s_theta (B, L, N), fp32; with rows, a bool
+        (B, L) mask, the head runs only on those positions -> (R, N) in row-major order.
 
         Absorbing "scale by sigma": log s_y = h_y - log expm1(sigma_bar) - log(N - 1), so with
         h = 0 the scores of a masked position sum to 1 / expm1(sigma_bar), the true total, and
         h plays the part of an unnormalised log p(x_0 | x_t). The current token's score is its
         ratio to itself, 1.
         """
-        h = self.head(self.backbone(xt, sigma_bar)).float()  # fp32 before the offset (up to ~12 at t_end)
+        h = self.backbone(xt, sigma_bar)  # (B, L, C)
+        if rows is not None:  # per-row copies of the per-sequence inputs
+            h, xt, sigma_bar = h[rows], xt[rows], sigma_bar[:, None].expand(rows.shape)[rows]  # (R, C), (R,), (R,)
+        h = self.head(h).float()  # fp32 before the offset (up to ~12 at t_end)
         if self.graph == "absorb":
-            h = h - (log_expm1(sigma_bar.float()) + math.log(self.num_states - 1))[:, None, None]
+            h = h - (log_expm1(sigma_bar.float()) + math.log(self.num_states - 1)).view(-1, *[1] * (h.dim() - 1))
         return h.scatter(-1, xt.unsqueeze(-1), 0.0)
 
 
@@ -319,13 +323,22 @@ def score_entropy(log_score, xt, x0, sigma_bar, graph):
 def nelbo_terms(model, x0, t, cfg, N):
     """Per-position NELBO integrand sigma(t) D^l (B, L) at times t (B,), with x_t drawn from x_0.
 
-    model is any callable (xt, sigma_bar) -> log-scores (B, L, N), possibly wrapped (DDP,
-    torch.compile), so the number of states N comes separately.
+    model is any callable (xt, sigma_bar, rows=None) -> log-scores (B, L, N), or (R, N) at the
+    positions rows (B, L) marks, possibly wrapped (DDP, torch.compile), so the number of states N
+    comes separately.
     """
     sigma_bar, sigma = schedule(t, cfg)
     xt = sample_transition(x0, sigma_bar[:, None], N, cfg.graph)
-    log_score = model(xt, sigma_bar)  # (B, L, N)
-    return sigma[:, None] * score_entropy(log_score, xt, x0, sigma_bar, cfg.graph)
+    if cfg.graph == "uniform":
+        return sigma[:, None] * score_entropy(model(xt, sigma_bar), xt, x0, sigma_bar, cfg.graph)  # (B, L, N) scores
+    # absorbing: only masked positions carry a term (Q[x, .] = 0 elsewhere), so the head runs only
+    # there, and the rows go to score_entropy as R sequences of length 1
+    masked = xt == N - 1  # (B, L)
+    log_score = model(xt, sigma_bar, rows=masked)  # (R, N)
+    d = score_entropy(log_score[:, None], xt[masked][:, None], x0[masked][:, None],
+                      sigma_bar[:, None].expand(masked.shape)[masked], cfg.graph)  # (R, 1)
+    terms = torch.zeros(x0.shape, dtype=d.dtype, device=d.device).index_put((masked,), d[:, 0])  # (B, L)
+    return sigma[:, None] * terms
 
 
 def loss_fn(model, x0, cfg, N):
