@@ -297,30 +297,10 @@ __device__ __forceinline__ bool screen_stays(const T* h, int64_t N, int64_t x, d
 
 // ---- SEDD Euler / Tweedie step (two-stage: move with probability M / (M + w_x), then inverse CDF)
 
-// First kernel of a step: screen every row (a lean kernel, so many rows stream at once); out = x for
-// a row that stays, -1 for one the exact kernel below must decide.
-template <class T, int G, int R>
-__global__ void __launch_bounds__(G * R)
-sedd_screen_kernel(const T* __restrict__ h_all, const int64_t* __restrict__ xt, const double* __restrict__ tt,
-                   const double* __restrict__ u, int step, int graph, int final_step, int64_t rows, int64_t L,
-                   int64_t N, int64_t* __restrict__ out) {
-  __shared__ double sm[R][G / 32];
-  const int sub = threadIdx.x / G, tid = threadIdx.x % G;
-  const int64_t row = (int64_t)blockIdx.x * R + sub;
-  if (row >= rows) return;
-  const T* h = h_all + row * N;
-  const int64_t x = xt[row];
-  const double u0 = u[2 * row];
-  const StepConsts c = step_consts(tt[row / L], step, graph, N);
-  // absorbing: a token other than MASK stays; a masked row's step has the Euler form (kernels.h)
-  const bool settled = graph == ABSORB
-                           ? x != N - 1 || (!final_step && screen_stays<T, G>(h, N, x, u0, EULER, c, tid, sm[sub]))
-                           : screen_stays<T, G>(h, N, x, u0, step, c, tid, sm[sub]);
-  if (tid == 0) out[row] = settled ? x : -1;
-}
-
-// Second kernel: the exact fp64 path for the rows the screen left open (out < 0)
-template <class T, int G, int R>
+// A step is two launches. SCREEN: every row is screened (no fp64 path is compiled in, so the kernel
+// is lean and many rows stream at once); out = x for a row that stays, -1 for one the second launch
+// must decide. Otherwise: the exact fp64 path for the rows the screen left open (out < 0).
+template <class T, int G, int R, bool SCREEN>
 __global__ void __launch_bounds__(G * R)
 sedd_kernel(const T* __restrict__ h_all, const int64_t* __restrict__ xt, const double* __restrict__ tt,
             const double* __restrict__ u, int step, int graph, int final_step, int64_t rows, int64_t L,
@@ -329,11 +309,19 @@ sedd_kernel(const T* __restrict__ h_all, const int64_t* __restrict__ xt, const d
   __shared__ long long res[R];
   const int sub = threadIdx.x / G, tid = threadIdx.x % G;
   const int64_t row = (int64_t)blockIdx.x * R + sub;
-  if (row >= rows || out[row] >= 0) return;
+  if (row >= rows || (!SCREEN && out[row] >= 0)) return;
   const T* h = h_all + row * N;
   const int64_t x = xt[row];
   const double u0 = u[2 * row], u1 = u[2 * row + 1];
   const StepConsts c = step_consts(tt[row / L], step, graph, N);
+  if constexpr (SCREEN) {
+    // absorbing: a token other than MASK stays; a masked row's step has the Euler form (kernels.h)
+    const bool settled = graph == ABSORB
+                             ? x != N - 1 || (!final_step && screen_stays<T, G>(h, N, x, u0, EULER, c, tid, sm[sub]))
+                             : screen_stays<T, G>(h, N, x, u0, step, c, tid, sm[sub]);
+    if (tid == 0) out[row] = settled ? x : -1;
+    return;
+  }
   int64_t y = x;
   if (graph == ABSORB) {
     auto w = [&](int64_t k) { return exp((double)ld(h, k)); };
@@ -451,12 +439,12 @@ int difflm_launch_sedd_step(const void* log_score, int dtype, const int64_t* xt,
     const unsigned blocks = blocks_for(rows, R);
     if (dtype == BF16) {
       const uint16_t* h = (const uint16_t*)log_score;
-      sedd_screen_kernel<uint16_t, G, R><<<blocks, G * R, 0, st>>>(h, xt, t, u, step, graph, final_step, rows, L, N, out);
-      sedd_kernel<uint16_t, G, R><<<blocks, G * R, 0, st>>>(h, xt, t, u, step, graph, final_step, rows, L, N, out);
+      sedd_kernel<uint16_t, G, R, true><<<blocks, G * R, 0, st>>>(h, xt, t, u, step, graph, final_step, rows, L, N, out);
+      sedd_kernel<uint16_t, G, R, false><<<blocks, G * R, 0, st>>>(h, xt, t, u, step, graph, final_step, rows, L, N, out);
     } else {
       const float* h = (const float*)log_score;
-      sedd_screen_kernel<float, G, R><<<blocks, G * R, 0, st>>>(h, xt, t, u, step, graph, final_step, rows, L, N, out);
-      sedd_kernel<float, G, R><<<blocks, G * R, 0, st>>>(h, xt, t, u, step, graph, final_step, rows, L, N, out);
+      sedd_kernel<float, G, R, true><<<blocks, G * R, 0, st>>>(h, xt, t, u, step, graph, final_step, rows, L, N, out);
+      sedd_kernel<float, G, R, false><<<blocks, G * R, 0, st>>>(h, xt, t, u, step, graph, final_step, rows, L, N, out);
     }
   });
   return (int)cudaGetLastError();

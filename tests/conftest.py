@@ -49,3 +49,19 @@ def write_toy_dataset(path, sequences, chars):
     corpus.write_split(str(path), np.array(flat[:n]), np.array(flat[n:]),
                        {"tokenizer": "char", "chars": list(chars), "vocab_size": len(chars)})
     return str(path)
+
+
+def terms_and_grads(model, fns, *args):
+    """Each fn(model, *args) -> per-position terms (B, L) from the same seeded draw; returns the
+    terms of each and the gradient of their sum w.r.t. every parameter (two ways of computing one
+    loss, compared by the caller)."""
+    import torch
+    losses, grads = [], []
+    for fn in fns:
+        model.zero_grad()
+        torch.manual_seed(1)  # the same noise draw
+        terms = fn(model, *args)
+        terms.sum().backward()
+        losses.append(terms.detach())
+        grads.append([p.grad.clone() for p in model.parameters()])
+    return losses, grads

@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 
 import common
 import mdlm
-from conftest import ROOT, run_cli, write_toy_dataset
+from conftest import ROOT, run_cli, terms_and_grads, write_toy_dataset
 
 SCHEDULES = ["loglinear", "cosine"]
 
@@ -167,14 +167,7 @@ def test_gathered_head_matches_full_head(time_cond):
     torch.nn.init.normal_(model.head.weight, std=0.5)
     x0 = torch.randint(0, V, (B, L))
     t = torch.tensor([0.05, 0.3, 0.7, 1.0])
-    losses, grads = [], []
-    for fn in (mdlm.nelbo_terms, full_head_nelbo_terms):
-        model.zero_grad()
-        torch.manual_seed(1)  # the same mask draw
-        terms = fn(model, x0, t, cfg, V)
-        terms.mean().backward()
-        losses.append(terms.detach())
-        grads.append([p.grad.clone() for p in model.parameters()])
+    losses, grads = terms_and_grads(model, (mdlm.nelbo_terms, full_head_nelbo_terms), x0, t, cfg, V)
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
     assert (losses[0] == 0).sum() > 0 and (losses[0] > 0).sum() > 0  # both kinds of position present
     for a, b in zip(*grads):

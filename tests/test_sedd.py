@@ -16,7 +16,7 @@ import corpus
 import trainer
 import mdlm
 import sedd
-from conftest import run_cli, write_toy_dataset
+from conftest import run_cli, terms_and_grads, write_toy_dataset
 
 GRAPHS = ["absorb", "uniform"]
 
@@ -219,14 +219,7 @@ def test_gathered_head_matches_full_head():
         xt = sedd.sample_transition(x0, sigma_bar[:, None], N, cfg.graph)
         return sigma[:, None] * sedd.score_entropy(model(xt, sigma_bar), xt, x0, sigma_bar, cfg.graph)
 
-    losses, grads = [], []
-    for fn in (sedd.nelbo_terms, full_head):
-        model.zero_grad()
-        torch.manual_seed(1)  # the same transition draw
-        terms = fn(model, x0, t, cfg, V + 1)
-        terms.sum().backward()
-        losses.append(terms.detach())
-        grads.append([p.grad.clone() for p in model.parameters()])
+    losses, grads = terms_and_grads(model, (sedd.nelbo_terms, full_head), x0, t, cfg, V + 1)
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)
     assert (losses[0] == 0).sum() > 0 and (losses[0] > 0).sum() > 0  # both kinds of position present
     for a, b in zip(*grads):
