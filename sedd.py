@@ -451,46 +451,59 @@ def time_grid(steps, t_end):
 def sample_chain(model, x, cfg, fixed=None, show=None):
     """Run the reverse chain from x (B, L) (a limit sample) and return (x_0 (B, L), network calls).
 
-    model: callable (xt, sigma_bar (B,)) -> log-scores (B, L, N). fixed (L,) or (B, L): token ids, -1 at free
-    positions; they are projected back after every step, so every state the chain (and show)
-    sees holds them: the conditional ratios are the unconditional ones with the fixed positions
-    held (no conditional training needed). Every step draws u (B, L, 2) float64 once.
+    model: callable (xt, sigma_bar (B,), rows=None) -> log-scores (B, L, N), or (R, N) at rows. fixed
+    (L,) or (B, L): token ids, -1 at free positions; they are projected back after every step, so
+    every state the chain (and show) sees holds them: the conditional ratios are the unconditional
+    ones with the fixed positions held (no conditional training needed). Every step draws u (B, L, 2)
+    float64 once. Absorbing: a token other than MASK never moves, so the head and the step run only
+    on the masked rows, each as a sequence of length 1 (the same tokens as the whole batch would get).
     """
     B, device = x.shape[0], x.device
     grid = time_grid(cfg.steps, cfg.t_end).to(device)
     sigma_bars, sigmas = schedule(grid, cfg)  # float64
     keep = fixed is not None and bool((fixed >= 0).any())
     controls = cfg.temperature != 1 or cfg.top_p != 1
+    calls = 0
 
     def project(x):
         return torch.where(fixed >= 0, fixed, x) if keep else x
 
-    def network(i):
+    def step(x, i, arg, final=False):  # arg (B,): rate_dt (Euler) or dsigma (Tweedie) -> the next x (B, L)
+        nonlocal calls
+        u = torch.rand(B, x.shape[1], 2, dtype=torch.float64, device=device)
+        rows = x == model.num_states - 1 if cfg.graph == "absorb" else None  # (B, L): the rows that can move
+        if rows is not None and not rows.any():
+            return x
+        calls += 1
         with common.autocast(device):
-            return model(x, sigma_bars[i].float().expand(B)).float()  # (B, L, N)
+            log_score = model(x, sigma_bars[i].float().expand(B), rows=rows).float()  # (B, L, N) or (R, N)
+        xs, us, args = x, u, arg
+        if rows is not None:  # the masked rows as R sequences of length 1
+            log_score, xs, us, args = log_score[:, None], x[rows][:, None], u[rows][:, None], arg[:, None].expand(rows.shape)[rows]
+        if controls:
+            new = controlled_step(log_score, xs, args, us, cfg, final)
+        elif cfg.sampler == "euler" and not final:
+            new = euler_step(log_score, xs, args, us, cfg.graph)
+        else:
+            new = tweedie_step(log_score, xs, args, us, cfg.graph, final)
+        if rows is None:
+            return new
+        x = x.clone()
+        x[rows] = new[:, 0]
+        return x
 
     x = project(x)
     for i in common.progress(range(cfg.steps), "sampling"):
-        log_score = network(i)
-        u = torch.rand(B, x.shape[1], 2, dtype=torch.float64, device=device)
         if cfg.sampler == "euler":
-            rate_dt = (sigmas[i] * (grid[i] - grid[i + 1])).expand(B)
-            x = controlled_step(log_score, x, rate_dt, u, cfg) if controls else euler_step(log_score, x, rate_dt, u, cfg.graph)
+            x = step(x, i, (sigmas[i] * (grid[i] - grid[i + 1])).expand(B))
         else:
-            dsigma = (sigma_bars[i] - sigma_bars[i + 1]).expand(B)
-            x = controlled_step(log_score, x, dsigma, u, cfg) if controls else tweedie_step(log_score, x, dsigma, u, cfg.graph)
+            x = step(x, i, (sigma_bars[i] - sigma_bars[i + 1]).expand(B))
         x = project(x)
         if show:
             show(i, x)
     # the denoiser: one Tweedie step from t_end to sigma_bar = 0, MASK dropped
-    log_score = network(cfg.steps)
-    u = torch.rand(B, x.shape[1], 2, dtype=torch.float64, device=device)
-    dsigma = sigma_bars[cfg.steps].expand(B)
-    if controls:
-        x = controlled_step(log_score, x, dsigma, u, cfg, final=True)
-    else:
-        x = tweedie_step(log_score, x, dsigma, u, cfg.graph, final=True)
-    return project(x), cfg.steps + 1
+    x = step(x, cfg.steps, sigma_bars[cfg.steps].expand(B), final=True)
+    return project(x), calls
 
 
 @torch.no_grad()

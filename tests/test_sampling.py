@@ -192,7 +192,8 @@ def test_sedd_beyond_one_block(graph):
     keep = fixed >= 0
     assert samples.shape == (3, 40) and (samples < 11).all()  # no [MASK] left
     assert torch.equal(samples[:, keep], fixed[keep].expand(3, -1))
-    assert calls == 5 * (cfg.steps + 1)  # 16 + 4 rounds of 6 new tokens
+    most = 5 * (cfg.steps + 1)  # 16 + 4 rounds of 6 new tokens
+    assert calls == most if graph == "uniform" else 0 < calls <= most  # absorbing: nothing masked, no call
 
 
 # ----------------------------------------------------------------------------------------------

@@ -226,6 +226,44 @@ def test_gathered_head_matches_full_head():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("sampler,controls", [("analytic", False), ("euler", False), ("analytic", True)])
+def test_masked_row_sampler_gives_the_full_batch_tokens(sampler, controls):
+    """Absorbing: the chain that runs the head and the step only on masked rows gives the tokens of
+    steps over the whole (B, L, N) batch, for the same uniforms (a prompt held, controls on or off)."""
+    V, B, L = 11, 5, 16
+    cfg = sedd.Config(n_layer=1, n_head=2, n_embd=32, block_size=L, sampler=sampler, steps=24,
+                      temperature=0.8 if controls else 1.0, top_p=0.9 if controls else 1.0)
+    torch.manual_seed(0)
+    model = sedd.build_model(cfg, {"vocab_size": V}).eval()
+    torch.nn.init.normal_(model.head.weight, std=0.5)
+    N, fixed = V + 1, torch.tensor([3, 1] + [-1] * (L - 2))
+    torch.manual_seed(7)
+    out, calls = sedd.sample_chain(model, sedd.limit((B, L), N, "absorb"), cfg, fixed)
+
+    torch.manual_seed(7)  # the reference: every step on the whole batch
+    grid = sedd.time_grid(cfg.steps, cfg.t_end)
+    sigma_bars, sigmas = sedd.schedule(grid, cfg)
+    x = torch.where(fixed >= 0, fixed, sedd.limit((B, L), N, "absorb"))
+    for i in range(cfg.steps + 1):
+        final = i == cfg.steps
+        u = torch.rand(B, L, 2, dtype=torch.float64)
+        with torch.no_grad():
+            log_score = model(x, sigma_bars[i].float().expand(B))
+        if final:
+            arg = sigma_bars[i]
+        else:
+            arg = sigmas[i] * (grid[i] - grid[i + 1]) if sampler == "euler" else sigma_bars[i] - sigma_bars[i + 1]
+        if controls:
+            x = sedd.controlled_step(log_score, x, arg.expand(B), u, cfg, final)
+        elif sampler == "euler" and not final:
+            x = sedd.euler_step(log_score, x, arg.expand(B), u, "absorb")
+        else:
+            x = sedd.tweedie_step(log_score, x, arg.expand(B), u, "absorb", final)
+        x = torch.where(fixed >= 0, fixed, x)
+    assert torch.equal(out, x)
+    assert (out != N - 1).all() and calls == cfg.steps + 1
+
+
 # ----------------------------------------------------------------------------------------------
 # Sampler steps: weights from the definition, two-stage sampling
 
