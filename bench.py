@@ -137,7 +137,7 @@ def bench_sample_speed(argv):
     for batch in batches:
         for sampler in samplers:
             model = models["ar" if sampler == "ar" else "mdlm"]
-            counter, times, out = count_rows(model), [], []
+            counter, times = count_rows(model), []
             for _ in range(a.repeat):
                 torch.manual_seed(0)  # the same uniforms each run: ddpm and ddpm_cache must agree
                 counter[0], t0 = 0, time.perf_counter()
@@ -147,7 +147,6 @@ def bench_sample_speed(argv):
                     c = mdlm.Config(block_size=a.seq_len, sampler=sampler, steps=a.steps)
                     x, calls = mdlm.generate(model, c, torch.full((a.seq_len,), -1), batch)
                 times.append((time.perf_counter() - t0) / batch)
-                out.append(x)
             per[sampler, batch] = statistics.median(times), x
             rows.append((sampler, batch, f"{1e3 * per[sampler, batch][0]:.1f}", f"{1e3 * min(times):.1f}-{1e3 * max(times):.1f}",
                          calls, counter[0] // batch))
@@ -213,13 +212,10 @@ def _spread(xs):
 
 
 def _trainer_step(model, loss, cfg):
-    """One step as trainer.py takes it: loss, backward, clipping, AdamW (decay groups), EMA."""
+    """One step as trainer.py takes it: loss, backward, clipping, its AdamW, EMA."""
     import copy
     ema = copy.deepcopy(model).requires_grad_(False)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    opt = trainer.make_optimizer(model, cfg, next(model.parameters()).device)
     it = [0]
 
     def step(x0):

@@ -77,6 +77,16 @@ def log_json(path, record):
         die(f"cannot write {path}: {e.strerror or e}; free disk space or choose another --out_dir")
 
 
+def make_optimizer(model, cfg, device):
+    """AdamW with weight decay on the matrices only (not on norms, biases, gates); fused on a GPU."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+
+
 def truncate_log(path, last_iter):
     """Keep the log records of iterations up to last_iter, the ones a resumed checkpoint holds: the
     run logs the later ones again. A line cut short by a kill goes too."""
@@ -216,12 +226,7 @@ def _train_loop(cfg, method, model, loss_fn, evaluate, meta, batches, device, ra
     model.to(device)
     ema_model = copy.deepcopy(model).requires_grad_(False)
     ema_model.eval()
-    decay, no_decay = [], []
-    for p in model.parameters():
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+    opt = make_optimizer(model, cfg, device)
     if batches is None:
         batches = Batches(cfg, meta, seed=cfg.seed + 1000 * rank)
     else:
