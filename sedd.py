@@ -200,6 +200,13 @@ def staggered_score(score, dsigma, graph):
     return score + grow * (score - total / score.shape[-1])
 
 
+def per_row(rows, *xs):
+    """rows (B, L) bool; each x per sequence (B,) or per position (B, L, ...) -> its values at the
+    marked positions, as R sequences of length 1: (R,) or (R, 1, ...). Absorbing: only masked rows
+    carry a loss term or can move, so the loss and the samplers compute only those."""
+    return [x[:, None].expand(rows.shape)[rows] if x.dim() == 1 else x[rows][:, None] for x in xs]
+
+
 # ----------------------------------------------------------------------------------------------
 # Model: common's Transformer conditioned on sigma_bar, and a log-score head over the N states
 
@@ -228,8 +235,8 @@ class SEDD(nn.Module):
         ratio to itself, 1.
         """
         h = self.backbone(xt, sigma_bar)  # (B, L, C)
-        if rows is not None:  # per-row copies of the per-sequence inputs
-            h, xt, sigma_bar = h[rows], xt[rows], sigma_bar[:, None].expand(rows.shape)[rows]  # (R, C), (R,), (R,)
+        if rows is not None:
+            h, xt, sigma_bar = h[rows], xt[rows], per_row(rows, sigma_bar)[0]  # (R, C), (R,), (R,)
         h = self.head(h).float()  # fp32 before the offset (up to ~12 at t_end)
         if self.graph == "absorb":
             h = h - (log_expm1(sigma_bar.float()) + math.log(self.num_states - 1)).view(-1, *[1] * (h.dim() - 1))
@@ -335,8 +342,7 @@ def nelbo_terms(model, x0, t, cfg, N):
     # there, and the rows go to score_entropy as R sequences of length 1
     masked = xt == N - 1  # (B, L)
     log_score = model(xt, sigma_bar, rows=masked)  # (R, N)
-    d = score_entropy(log_score[:, None], xt[masked][:, None], x0[masked][:, None],
-                      sigma_bar[:, None].expand(masked.shape)[masked], cfg.graph)  # (R, 1)
+    d = score_entropy(log_score[:, None], *per_row(masked, xt, x0, sigma_bar), cfg.graph)  # (R, 1)
     terms = torch.zeros(x0.shape, dtype=d.dtype, device=d.device).index_put((masked,), d[:, 0])  # (B, L)
     return sigma[:, None] * terms
 
@@ -479,7 +485,7 @@ def sample_chain(model, x, cfg, fixed=None, show=None):
             log_score = model(x, sigma_bars[i].float().expand(B), rows=rows).float()  # (B, L, N) or (R, N)
         xs, us, args = x, u, arg
         if rows is not None:  # the masked rows as R sequences of length 1
-            log_score, xs, us, args = log_score[:, None], x[rows][:, None], u[rows][:, None], arg[:, None].expand(rows.shape)[rows]
+            log_score, (xs, us, args) = log_score[:, None], per_row(rows, x, u, arg)
         if controls:
             new = controlled_step(log_score, xs, args, us, cfg, final)
         elif cfg.sampler == "euler" and not final:
