@@ -472,6 +472,20 @@ def checksum(obj):
     return h.hexdigest()
 
 
+def write_lines(path, lines, fix):
+    """Write text lines to path atomically; a write error is one line that ends with fix."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(tmp, "w") as f:
+            f.writelines(lines)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        die(f"cannot write {path}: {e.strerror or e}; {fix}")
+
+
 def save_checkpoint(path, obj):
     """Write obj (a dict) to path atomically, with its checksum; a write error is one line."""
     obj = {**obj, "checksum": checksum(obj)}

@@ -33,7 +33,7 @@ import sys
 
 import torch
 
-from common import die
+from common import die, write_lines
 
 CONFIG = "config.json"
 WEIGHTS = ("model.safetensors", "pytorch_model.bin")
@@ -312,11 +312,8 @@ def hf_judge_nll(model, tok, text):
 
 def write_samples(path, texts, settings):
     """Samples as a file: one JSON object per line, {"text", "index", **settings}, written atomically."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        for i, t in enumerate(texts):
-            f.write(json.dumps({"text": t, "index": i, **settings}) + "\n")
-    os.replace(path + ".tmp", path)
+    write_lines(path, [json.dumps({"text": t, "index": i, **settings}) + "\n" for i, t in enumerate(texts)],
+                "free disk space or choose another --samples_out")
     print(f"wrote {len(texts)} samples to {path}")
 
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from common import (TextConfig, autocast, check_memory, config_from_checkpoint, die, get_device, load_checkpoint,
-                    out_dir, print_config, save_checkpoint, seed_all)
+                    out_dir, print_config, save_checkpoint, seed_all, write_lines)
 import hub
 from corpus import Batches, get_tokenizer, prepare_data
 
@@ -101,15 +101,7 @@ def truncate_log(path, last_iter):
                 continue
             if isinstance(rec, dict) and rec.get("iter", -1) <= last_iter:
                 keep.append(line if line.endswith("\n") else line + "\n")
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w") as f:
-            f.writelines(keep)
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        die(f"cannot write {path}: {e.strerror or e}; free disk space or choose another --out_dir")
+    write_lines(path, keep, "free disk space or choose another --out_dir")
 
 
 @contextlib.contextmanager
