@@ -11,7 +11,6 @@ common.py: only what two or more method files share.
   the judge           samples scored by an ar.py checkpoint (--eval --gen)
 
 Token data lives in corpus.py and the training loop in trainer.py; both build on this module.
-
 Method files import this module; it never imports them.
 """
 
@@ -274,15 +273,17 @@ def progress(iterable, desc, total=None):
 
 
 def rotary_tables(block_size, head_dim, base=10000.0):
+    # (L, 1, 1, hd) each, to broadcast against (B, L, 2, H, hd): cos twice; sin, its first half negated
     inv = 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim)
     angles = torch.outer(torch.arange(block_size).float(), inv)  # (L, hd/2)
-    return torch.cos(angles), torch.sin(angles)
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    return torch.cat([cos, cos], -1)[:, None, None], torch.cat([-sin, sin], -1)[:, None, None]
 
 
 def apply_rotary(x, cos, sin):
-    # x (B, H, L, hd): rotate each (first half, second half) pair by the position's angle
+    # x (B, L, 2, H, hd), queries and keys: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) by position
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+    return (x * cos + torch.cat([x2, x1], dim=-1) * sin).type_as(x)
 
 
 class KVCache:
@@ -316,8 +317,8 @@ class Attention(nn.Module):
         # mask: None, or (B, 1, 1, L) bool, True where a key may be attended (padding is False)
         # cache: None, or a KVCache whose keys/values of the earlier positions this layer joins
         B, L, C = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (B, H, L, hd)
+        qkv = self.qkv(x).view(B, L, 3, self.n_head, C // self.n_head)  # (B, L, 3, H, hd)
+        (q, k), v = apply_rotary(qkv[:, :, :2], cos, sin).permute(2, 0, 3, 1, 4), qkv[:, :, 2].transpose(1, 2)
         if cache is not None:
             k, v = cache.extend(layer, k, v)  # (B, H, pos + L, hd)
         # L > 1 queries are the whole sequence so far (a prefill starts from an empty cache), where
