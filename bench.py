@@ -6,6 +6,7 @@ absolute claims from another machine.
     python bench.py sample_speed      # time per sample and backbone rows: MDLM ddpm, ddpm_cache, AR
     python bench.py throughput        # MDLM vs the same backbone trained autoregressively
     python bench.py train_speed       # ar.py and mdlm.py training tok/s vs a plain nanoGPT-style step
+                                      # (--nanogpt=DIR: and nanoGPT's own GPT from a checkout)
     python bench.py kernels           # fused kernels vs eager and torch.compile'd PyTorch oracles
     python bench.py nearest           # Diffusion-LM's clamp kernel vs the PyTorch expression (time, memory)
     python bench.py methods --plot=docs/methods.png   # every text method vs the AR baseline (~45 min on 2 cores)
@@ -18,7 +19,7 @@ Timings are medians of repeated runs after a warm-up.
 import argparse
 import contextlib
 import dataclasses
-import importlib
+import importlib.util
 import io
 import json
 import logging
@@ -248,6 +249,28 @@ def _plain_step(model, cfg, transposed=False):
     return step
 
 
+def _nanogpt_step(path, V, cfg, device):
+    """karpathy/nanoGPT's GPT from a local checkout (not part of difflm), stepped as its train.py steps it:
+    the model's own loss, clipping at 1.0, its configure_optimizers AdamW; the same size, fp32, no dropout."""
+    if not os.path.isfile(os.path.join(path, "model.py")):
+        common.die(f"--nanogpt={path} has no model.py; give a checkout of karpathy/nanoGPT")
+    spec = importlib.util.spec_from_file_location("nanogpt_model", os.path.join(path, "model.py"))
+    nano = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(nano)
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints its parameter counts
+        model = nano.GPT(nano.GPTConfig(block_size=cfg.block_size, vocab_size=V, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                              n_embd=cfg.n_embd, dropout=0.0, bias=False)).to(device)
+        opt = model.configure_optimizers(0.1, cfg.lr, (cfg.beta1, cfg.beta2), device.type)
+
+    def step(x0):
+        _, loss = model(x0[:, :-1].contiguous(), x0[:, 1:].contiguous())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
 def bench_train_speed(argv):
     import ar
     import mdlm
@@ -257,6 +280,7 @@ def bench_train_speed(argv):
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per step kind (at least 3)")
     ap.add_argument("--batch_size", type=int, default=16)
     ap.add_argument("--transposed", action="store_true", help="also time the reference over a (B, V, L) view")
+    ap.add_argument("--nanogpt", default="", help="a karpathy/nanoGPT checkout: also time its GPT's step")
     a, rest = ap.parse_known_args(argv)
     if a.repeat < 3 or a.iters < 1:
         common.die("--repeat must be at least 3 (a spread needs three runs) and --iters at least 1")
@@ -279,6 +303,8 @@ def bench_train_speed(argv):
                  "mdlm.py": _trainer_step(m_model, lambda m, x: mdlm.loss_fn(m, x, mcfg, m_model.mask_id), mcfg)}
         if a.transposed:
             kinds["reference over (B, V, L)"] = _plain_step(ar.build_model(acfg, {"vocab_size": V}).to(device), acfg, True)
+        if a.nanogpt:
+            kinds["nanoGPT (its model.py)"] = _nanogpt_step(a.nanogpt, V, acfg, device)
         rates = {k: [] for k in kinds}
         for k, step in kinds.items():
             step(x0)  # warm-up
@@ -291,9 +317,11 @@ def bench_train_speed(argv):
         print(f"\nV = {V}, batch {a.batch_size}, L = {acfg.block_size}, {acfg.n_layer}x{acfg.n_embd} "
               f"({a.repeat} runs of {a.iters} steps, {device}, {torch.get_num_threads()} threads)")
         table(rows, ("step", "train tok/s median [min-max]", "vs reference"))
-        m, r = rates["mdlm.py"], rates["ar.py"]
-        print(f"mdlm.py / ar.py: {statistics.median(m) / statistics.median(r):.2f}x "
-              f"[{min(m) / max(r):.2f}-{max(m) / min(r):.2f}x]")
+        for name, other in (("mdlm.py", "ar.py"), ("ar.py", "nanoGPT (its model.py)")):
+            if other in rates:
+                m, r = rates[name], rates[other]
+                print(f"{name} / {other.split()[0]}: {statistics.median(m) / statistics.median(r):.2f}x "
+                      f"[{min(m) / max(r):.2f}-{max(m) / min(r):.2f}x]")
 
 
 # ----------------------------------------------------------------------------------------------

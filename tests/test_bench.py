@@ -96,6 +96,47 @@ def test_train_speed_prints_every_step_kind_with_its_spread(capsys):
     assert out.count("mdlm.py / ar.py: ") == 2 and "1.00x" in out
 
 
+NANOGPT_STAND_IN = """
+from dataclasses import dataclass
+import torch, torch.nn as nn, torch.nn.functional as F
+
+@dataclass
+class GPTConfig:
+    block_size: int = 8
+    vocab_size: int = 11
+    n_layer: int = 1
+    n_head: int = 1
+    n_embd: int = 8
+    dropout: float = 0.0
+    bias: bool = True
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        print("number of parameters: (a stand-in)")
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+
+    def forward(self, idx, targets):
+        logits = self.wte(idx) @ self.wte.weight.T
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        return torch.optim.AdamW(self.parameters(), lr=learning_rate, betas=betas, weight_decay=weight_decay)
+"""
+
+
+def test_train_speed_times_a_nanogpt_checkout_beside_ar(tmp_path, capsys):
+    (tmp_path / "model.py").write_text(NANOGPT_STAND_IN)  # the interface of karpathy/nanoGPT's model.py
+    bench.bench_train_speed(["--vocab=11", "--iters=1", "--repeat=3", "--n_layer=1", "--n_embd=32", "--n_head=2",
+                             "--block_size=16", "--batch_size=4", f"--nanogpt={tmp_path}"])
+    out = capsys.readouterr().out
+    assert sum(line.strip().startswith("nanoGPT (its model.py)  ") for line in out.splitlines()) == 1
+    assert "ar.py / nanoGPT: " in out and "mdlm.py / ar.py: " in out
+    assert "number of parameters" not in out
+    r = run_cli(["bench.py", "train_speed", f"--nanogpt={tmp_path / 'nowhere'}"], check=False)
+    assert r.returncode == 1 and "has no model.py; give a checkout of karpathy/nanoGPT" in r.stderr
+
+
 def test_train_speed_bad_input():
     r = run_cli(["bench.py", "train_speed", "--repeat=2"], check=False)
     assert r.returncode == 1 and "--repeat must be at least 3" in r.stderr
