@@ -259,7 +259,7 @@ def _nanogpt_step(path, V, cfg, device):
     spec.loader.exec_module(nano)
     with contextlib.redirect_stdout(io.StringIO()):  # it prints its parameter counts
         model = nano.GPT(nano.GPTConfig(block_size=cfg.block_size, vocab_size=V, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                              n_embd=cfg.n_embd, dropout=0.0, bias=False)).to(device)
+                                        n_embd=cfg.n_embd, dropout=0.0, bias=False)).to(device)
         opt = model.configure_optimizers(0.1, cfg.lr, (cfg.beta1, cfg.beta2), device.type)
 
     def step(x0):
