@@ -212,6 +212,14 @@ def _spread(xs):
     return f"{statistics.median(xs):.0f} [{min(xs):.0f}-{max(xs):.0f}]"
 
 
+def _update(loss, model, opt, clip):
+    """The end of every step kind below: backward, the gradient clipped to norm clip, one AdamW step."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def _trainer_step(model, loss, cfg):
     """One step as trainer.py takes it: loss, backward, clipping, its AdamW, EMA."""
     import copy
@@ -220,10 +228,7 @@ def _trainer_step(model, loss, cfg):
     it = [0]
 
     def step(x0):
-        loss(model, x0).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        _update(loss(model, x0), model, opt, cfg.grad_clip)
         trainer.ema_update(ema, model, cfg.ema, it[0])
         it[0] += 1
     return step
@@ -242,10 +247,7 @@ def _plain_step(model, cfg, transposed=False):
             loss = F.cross_entropy(logits.transpose(1, 2), x0[:, 1:])
         else:
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x0[:, 1:].reshape(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        _update(loss, model, opt, cfg.grad_clip)
     return step
 
 
@@ -264,10 +266,7 @@ def _nanogpt_step(path, V, cfg, device):
 
     def step(x0):
         _, loss = model(x0[:, :-1].contiguous(), x0[:, 1:].contiguous())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        _update(loss, model, opt, 1.0)
     return step
 
 
