@@ -30,6 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import kernels
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SHARED_DATA_ENV = "DIFFLM_DATA"  # a folder holding offline copies (tinyshakespeare.txt, gpt2/, e2e/)
 
@@ -117,11 +119,8 @@ def _convert(name, value, typ):
 
 
 def parse_args(config_cls, argv=None):
-    """Parse `--train|--sample|--eval` and `--key=value` overrides.
-
-    Returns (verbs, cfg, overrides) where overrides holds only the keys given on the command line
-    (sampling from a checkpoint applies them over the checkpoint's own config).
-    """
+    """Parse `--train|--sample|--eval` and `--key=value` overrides -> (verbs, cfg, overrides), where overrides
+    holds only the keys given on the command line (sampling from a checkpoint applies them over its own config)."""
     argv = sys.argv[1:] if argv is None else argv
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
     types = {name: type(f.default) for name, f in fields.items()}
@@ -260,8 +259,8 @@ def seed_all(seed):
 
 
 def progress(iterable, desc, total=None):
-    """iterable, with a tqdm progress bar on stderr when stderr is a terminal (never in logs, pipes or
-    tests); for long loops other than the training log: full evaluation, sampling, benchmarks."""
+    """iterable, with a tqdm progress bar on stderr when stderr is a terminal (never in logs, pipes or tests);
+    for long loops other than the training log: full evaluation, sampling, benchmarks."""
     if not sys.stderr.isatty():
         return iterable
     from tqdm import tqdm
@@ -280,6 +279,7 @@ def rotary_tables(block_size, head_dim, base=10000.0):
     return torch.cat([cos, cos], -1)[:, None, None], torch.cat([-sin, sin], -1)[:, None, None]
 
 
+@kernels.fused("rotary")  # one pass in csrc/ where this takes four
 def apply_rotary(x, cos, sin):
     # x (B, L, 2, H, hd), queries and keys: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) by position
     x1, x2 = x.chunk(2, dim=-1)

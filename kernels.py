@@ -130,6 +130,7 @@ def load(src_dir=None):
     _LOADED[src_dir] = module
     if module is not None:
         _register_fakes()
+        _register_rotary_autograd()
         for f in list(FUSED.values()):
             _run_hook(f)
     return module
@@ -170,6 +171,25 @@ def _register_fakes():
     for name in ("sedd_euler_step", "sedd_tweedie_step", "mdlm_ancestral_step"):
         fake(name, lambda scores, xt, *a: torch.empty_like(xt))
     fake("nearest_embedding", lambda x, E, metric: x.new_empty(x.shape[:1], dtype=torch.long))
+    fake("rotary", lambda x, *a: x.new_empty(x.shape))
+
+
+def _register_rotary_autograd():
+    """The backward of a rotation is the rotation the other way: the op with transpose flipped."""
+    if "rotary autograd" in _HOOKS_RUN:
+        return
+    _HOOKS_RUN.add("rotary autograd")
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1], inputs[2])
+        ctx.transpose = inputs[3]
+
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        grad = grad if grad.stride(-1) == 1 else grad.contiguous()
+        return torch.ops.difflm.rotary(grad, cos, sin, not ctx.transpose), None, None, None
+
+    torch.library.register_autograd("difflm::rotary", backward, setup_context=setup_context)
 
 
 def _run_hook(f):
@@ -196,6 +216,8 @@ class Fused:
         functools.update_wrapper(self, oracle)
 
     def _args(self, args, kwargs):
+        if not kwargs and len(args) == len(self._signature.parameters):
+            return args  # every argument given in order: the common call, and one made per layer and token
         a = self._signature.bind(*args, **kwargs)
         a.apply_defaults()
         return a.args  # positional, defaults filled in
@@ -322,6 +344,18 @@ def _mdlm_ancestral_step(logits, xt, p_unmask, u, mask_id):
                                                 u.contiguous(), mask_id)
 
 
+def _rotary(x, cos, sin):
+    return torch.ops.difflm.rotary(x if x.stride(-1) == 1 else x.contiguous(), cos, sin)
+
+
+def _rotary_takes(a):
+    x, cos, sin = a
+    table = (x.shape[1], 1, 1, x.shape[-1]) if x.dim() == 5 else None
+    return (_float_scores(x) and x.shape[-1] % 2 == 0 and _same_device(a)
+            and all(t.shape == table and t.dtype == torch.float32 and t.is_contiguous() and not t.requires_grad
+                    for t in (cos, sin)))
+
+
 def _nearest_embedding(x, E, metric):
     shape, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])  # (..., d) -> (N, d)
     return torch.ops.difflm.nearest_embedding(x2.float().contiguous(), E.float().contiguous(), metric).view(shape)
@@ -437,6 +471,27 @@ def _check_nearest(f, device):
     return _worst(out)
 
 
+def _check_rotary(f, device):
+    """Forward and gradient on a strided x (the query and key slice of a (B, L, 3, H, D) projection)."""
+    gen, out = torch.Generator().manual_seed(0), []
+    B, L, H, D = 2, 5, 3, 6
+    cos, sin = (torch.randn(L, 1, 1, D, generator=gen).to(device) for _ in range(2))
+    for dtype in (torch.float32, torch.bfloat16):
+        qkv = torch.randn(B, L, 3, H, D, generator=gen).to(dtype).to(device)
+        w = torch.randn(B, L, 2, H, D, generator=gen).to(dtype).to(device)
+        got = []
+        for fn in (f.kernel, f.oracle):
+            leaf = qkv.clone().requires_grad_()
+            with torch.enable_grad():
+                y = fn(leaf[:, :, :2], cos, sin)
+                got.append((y.detach(), torch.autograd.grad((y * w).sum(), leaf)[0]))
+        tol = (1e-6, 1e-5) if dtype == torch.float32 else (1e-3, 8e-3)  # both are exact; bf16's slack is one ulp
+        for i, what in enumerate(("output", "gradient")):
+            r, msg = _gap(got[0][i], got[1][i], *tol)
+            out.append((r, f"{what}, {str(dtype)[6:]}: {msg}"))
+    return _worst(out)
+
+
 def _refuse_sigma_bar(a):
     """Absorbing score entropy: r = 1 / expm1(sigma_bar) is a rate only for 0 < sigma_bar < inf."""
     sigma_bar = a[3]
@@ -481,6 +536,7 @@ SPECS = {
                                and a[3].dtype == torch.float64 and _same_device(a), _check_steps, _refuse_step("dsigma")),
     "mdlm_ancestral_step": _Spec(_mdlm_ancestral_step, lambda a: _float_scores(a[0]) and a[3].dtype == torch.float64
                                  and _same_device(a), _check_steps, _refuse_step("p_unmask")),
+    "rotary": _Spec(_rotary, _rotary_takes, _check_rotary, lambda a: None),
     "nearest_embedding": _Spec(_nearest_embedding, lambda a: _float_scores(a[0]) and a[2] in ("cos", "l2")
                                and _same_device(a), _check_nearest, _refuse_non_finite),
 }

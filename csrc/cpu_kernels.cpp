@@ -449,6 +449,74 @@ void cpu_mdlm_step(const void* logits, int dtype, const int64_t* xt, const doubl
   }
 }
 
+// ------------------------------------------------------------------------------------------------
+// rotary positions: one pass over x where the PyTorch expression takes four (forward) or five (backward)
+// passes. Every product and sum is rounded on its own, as PyTorch's mul and add round: fp-contract=off
+// keeps the compiler from fusing them into FMAs, so the result equals the oracle's bit for bit.
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+#endif
+namespace {
+
+DIFFLM_INLINE float as_dtype(const float*, float v) { return v; }
+DIFFLM_INLINE float as_dtype(const uint16_t*, float v) {  // rounded to bf16 and back
+  uint16_t b;
+  store(&b, 0, v);
+  return load(&b, 0);
+}
+
+// o = x c + xp sp over n values; xp is the other half of the head and sp the sin at xp's positions
+// (the forward reads sin at its own position: there sp = s)
+template <class T>
+DIFFLM_INLINE void rotary_half(const T* x, const T* xp, const float* c, const float* sp, bool transpose, int64_t n,
+                               T* o) {
+  if (transpose) {  // each product in T first: autograd rounds each path's gradient to x's dtype
+    for (int64_t i = 0; i < n; ++i) store(o, i, as_dtype(x, load(x, i) * c[i]) + as_dtype(x, load(xp, i) * sp[i]));
+  } else {
+    for (int64_t i = 0; i < n; ++i) store(o, i, load(x, i) * c[i] + load(xp, i) * sp[i]);
+  }
+}
+
+// one head's D values. Forward: y = x cos + swap(x) sin. Transpose: g cos + swap(g sin), whose second
+// term at i reads g and sin at the partner of i
+template <class T>
+DIFFLM_INLINE void rotary_head(const T* x, const float* c, const float* s, bool transpose, int64_t D, T* o) {
+  const int64_t h = D / 2;
+  rotary_half(x, x + h, c, transpose ? s + h : s, transpose, h, o);
+  rotary_half(x + h, x, c + h, transpose ? s : s + h, transpose, h, o + h);
+}
+DIFFLM_CLONES void rotary_head_f32(const float* x, const float* c, const float* s, bool t, int64_t D, float* o) {
+  rotary_head(x, c, s, t, D, o);
+}
+DIFFLM_CLONES void rotary_head_bf16(const uint16_t* x, const float* c, const float* s, bool t, int64_t D, uint16_t* o) {
+  rotary_head(x, c, s, t, D, o);
+}
+
+}  // namespace
+
+void cpu_rotary(const void* x, int dtype, Strides4 xs, const float* cos, const float* sin, bool transpose, int64_t B,
+                int64_t L, int64_t J, int64_t H, int64_t D, void* out, int nthreads) {
+  const int64_t rows = B * L;
+#pragma omp parallel for schedule(static) num_threads(threads_for(rows, J * H * D, nthreads))
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t b = r / L, l = r % L;
+    for (int64_t j = 0; j < J; ++j) {
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t in = b * xs.b + l * xs.l + j * xs.j + h * xs.h, o = ((r * J + j) * H + h) * D;
+        if (dtype == BF16)
+          rotary_head_bf16((const uint16_t*)x + in, cos + l * D, sin + l * D, transpose, D, (uint16_t*)out + o);
+        else
+          rotary_head_f32((const float*)x + in, cos + l * D, sin + l * D, transpose, D, (float*)out + o);
+      }
+    }
+  }
+}
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
+
 }  // namespace difflm
 
 // ------------------------------------------------------------------------------------------------

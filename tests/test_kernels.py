@@ -1,5 +1,5 @@
-"""Fused kernels (csrc/, CPU): parity with the PyTorch oracles in sedd.py and mdlm.py (each marked
-function's .oracle), gradients, exact samples for the same uniforms, sampled distributions, input
+"""Fused kernels (csrc/, CPU): parity with the PyTorch oracles in sedd.py, mdlm.py and common.py (each
+marked function's .oracle), gradients, exact samples for the same uniforms, sampled distributions, input
 checks, the first-use self-check, the DIFFLM_KERNELS=0 and failed-build fallbacks, and training and
 sampling that agree with and without the kernels.
 
@@ -16,6 +16,8 @@ import warnings
 import pytest
 import torch
 
+import ar
+import common
 import corpus
 import trainer
 import kernels
@@ -132,6 +134,10 @@ def test_opcheck_fake_and_autograd_registration(k):
     torch.library.opcheck(k.sedd_euler_step.default, (ls, xt, t, u, "uniform"), test_utils=utils)
     torch.library.opcheck(k.sedd_tweedie_step.default, (ls, xt, t, u, "uniform", True), test_utils=utils)
     torch.library.opcheck(k.mdlm_ancestral_step.default, (ls, xt, t, u, 6), test_utils=utils)
+    cos, sin = common.rotary_tables(3, 4)
+    x = torch.randn(2, 3, 3, 2, 4)[:, :, :2]
+    for transpose in (False, True):
+        torch.library.opcheck(k.rotary.default, (x.detach().requires_grad_(), cos, sin, transpose), test_utils=utils)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,6 +291,8 @@ def test_bad_inputs_name_the_argument(k):
     sb = torch.ones(B)
     u = torch.rand(B, L, 2, dtype=torch.float64)
     t = torch.full((B,), 0.1, dtype=torch.float64)
+    cos, sin = common.rotary_tables(L, 4)
+    qk = torch.randn(B, L, 2, 2, 4)
     cases = [
         (lambda: k.score_entropy(ls.double(), xt, x0, sb, "absorb"), "log_score must be float32 or bfloat16"),
         (lambda: k.score_entropy(ls[0], xt, x0, sb, "absorb"), r"log_score must have shape \(B, L, N\)"),
@@ -311,6 +319,12 @@ def test_bad_inputs_name_the_argument(k):
         (lambda: k.sedd_tweedie_step(ls, xt + 1, t, u, "uniform", False), "xt holds token ids"),
         (lambda: k.mdlm_ancestral_step(ls, xt, t, u, N), r"mask_id must lie in \[0, 5\]"),
         (lambda: k.mdlm_ancestral_step(ls, xt, t.float(), u, N - 1), "p_unmask must be Double"),
+        (lambda: k.rotary(torch.randn(2, 3, 4), cos, sin), r"x must have shape \(B, L, J, H, D\)"),
+        (lambda: k.rotary(qk.double(), cos, sin), "x must be float32 or bfloat16"),
+        (lambda: k.rotary(qk.transpose(3, 4), cos, sin), "x must be contiguous in its last dimension"),
+        (lambda: k.rotary(qk[..., :3], cos[..., :3], sin[..., :3]), r"head size\) must be even, got 3"),
+        (lambda: k.rotary(qk, cos[:2], sin), r"cos must have shape \(L, 1, 1, D\)"),
+        (lambda: k.rotary(qk, cos, sin.double()), "sin must be Float"),
     ]
     for fn, pattern in cases:
         with pytest.raises(RuntimeError, match=pattern):
@@ -416,13 +430,71 @@ def test_step_rates_outside_0_inf_are_refused_by_op_and_dispatch(k, value):
 
 
 # ----------------------------------------------------------------------------------------------
+# rotary positions: the oracle's outputs and gradients bit for bit, so every training figure stands
+
+# (B, L, H, D): one position, a head of two values, odd sizes, the default model's attention
+ROTARY_SHAPES = [(1, 1, 1, 2), (2, 5, 3, 6), (3, 7, 2, 10), (2, 128, 4, 32)]
+
+
+def rotary_pairs(shape, dtype, device, random_tables):
+    """(what, kernel result, oracle result) for the output and the gradient on the query/key slice of a
+    (B, L, 3, H, D) projection; the gradient comes back through the attention's (B, H, L, D) views."""
+    B, L, H, D = shape
+    gen, seed = fresh_gen()
+    if random_tables:  # the op assumes nothing of the tables' structure
+        cos, sin = (torch.randn(L, 1, 1, D, generator=gen) for _ in range(2))
+    else:
+        cos, sin = common.rotary_tables(L, D)
+    qkv = torch.randn(B, L, 3, H, D, generator=gen).to(dtype).to(device)
+    w = torch.randn(2, B, H, L, D, generator=gen).to(dtype).to(device)  # a gradient for queries and keys
+    cos, sin = cos.to(device), sin.to(device)
+    got = []
+    for fn in (common.apply_rotary.kernel, common.apply_rotary.oracle):
+        leaf = qkv.clone().requires_grad_()
+        q, key = fn(leaf[:, :, :2], cos, sin).permute(2, 0, 3, 1, 4)  # (B, H, L, D) each, as attention takes them
+        g, = torch.autograd.grad((q * w[0]).sum() + (key * w[1]).sum(), leaf)
+        got.append((fn(qkv[:, :, :2], cos, sin), g))
+    return [(f"output (seed {seed})", got[0][0], got[1][0]), (f"gradient (seed {seed})", got[0][1], got[1][1])]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", ROTARY_SHAPES)
+@pytest.mark.parametrize("random_tables", [False, True])
+def test_rotary_is_the_oracle_bit_for_bit(k, dtype, shape, random_tables):
+    for what, got, ref in rotary_pairs(shape, dtype, "cpu", random_tables):
+        assert got.dtype == ref.dtype and torch.equal(got, ref), what
+
+
+def test_ar_trains_and_samples_the_same_with_and_without_kernels(k):
+    """The rotary op runs in every Transformer: a causal one's loss, gradients and cached samples are the
+    PyTorch path's bit for bit."""
+    cfg = ar.Config(n_layer=2, n_head=2, n_embd=32, block_size=16)
+    torch.manual_seed(0)
+    model = ar.build_model(cfg, {"vocab_size": 9})
+    torch.nn.init.normal_(model.head.weight, std=0.5)  # away from the zero init: samples depend on the weights
+    x0 = torch.randint(9, (4, 16))
+    outs = []
+    for path in (contextlib.nullcontext, kernels.oracles_only):
+        model.zero_grad()
+        with path():
+            loss = ar.loss_fn(model, x0, model.bos_id)
+            loss.backward()
+            torch.manual_seed(3)
+            samples = ar.generate(model, cfg, torch.tensor([1, 2]), 3, 24)[0]
+        outs.append([loss.detach(), samples] + [p.grad.clone() for p in model.parameters()])
+    assert kernels._PASSED[("rotary", "cpu")]
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------------------------
 # the first-use self-check (kernels.py): every op against its oracle, once per device
 
 
 def test_self_check_passes_for_every_cpu_op(k):
     import diffusion_lm  # noqa: F401  (marks nearest_embedding)
     assert set(kernels.FUSED) == {"score_entropy", "sedd_euler_step", "sedd_tweedie_step", "mdlm_ancestral_step",
-                                  "nearest_embedding"}
+                                  "nearest_embedding", "rotary"}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for name, f in kernels.FUSED.items():
@@ -462,14 +534,16 @@ def wrong_ops():
     def raises(*a):
         raise RuntimeError("illegal memory access")
 
-    return [("sedd_euler_step", shifted_tokens, (sedd.euler_step, ls, xt, t, u, "absorb"), "tokens differ"),
+    qk, (cos, sin) = torch.randn(2, 5, 2, 3, 4, generator=gen), common.rotary_tables(5, 4)
+    return [("rotary", lambda *a: k.rotary(*a) * 1.001, (common.apply_rotary, qk, cos, sin), "output, float32"),
+            ("sedd_euler_step", shifted_tokens, (sedd.euler_step, ls, xt, t, u, "absorb"), "tokens differ"),
             ("score_entropy", nan_loss, (sedd.score_entropy, ls, xt, x0, sb, "absorb"), "largest difference inf"),
             ("score_entropy", lambda ls, *a: ScaledGrad.apply(ls.contiguous(), *a),
              (sedd.score_entropy, ls.clone().requires_grad_(), xt, x0, sb, "absorb"), "gradient"),
             ("mdlm_ancestral_step", raises, (mdlm.ancestral_step, ls, xt, t, u, 5), "illegal memory access")]
 
 
-@pytest.mark.parametrize("case", range(4), ids=["wrong tokens", "NaN loss", "wrong gradient", "raises"])
+@pytest.mark.parametrize("case", range(5), ids=["rotary off", "wrong tokens", "NaN loss", "wrong gradient", "raises"])
 def test_a_wrong_op_is_switched_off_with_one_warning(k, case):
     name, wrong, (fn, *args), phrase = wrong_ops()[case]
     with kernels.replace(name, wrong), warnings.catch_warnings(record=True) as caught:

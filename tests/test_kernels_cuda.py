@@ -7,7 +7,7 @@ import torch
 import kernels
 import mdlm
 import sedd
-from test_kernels import fresh_gen
+from test_kernels import ROTARY_SHAPES, fresh_gen, rotary_pairs
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; this torch sees none")]
@@ -123,3 +123,10 @@ def test_cuda_meta_and_mixed_devices_are_refused(k):
         k.score_entropy(ls, xt.to("meta"), xt, sb, "absorb")
     with pytest.raises(RuntimeError, match="sigma_bar must be on cuda"):
         k.score_entropy(ls, xt, xt, sb.cpu(), "absorb")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", ROTARY_SHAPES + [(8, 1024, 12, 64), (3, 33, 5, 18)])
+def test_cuda_rotary_is_the_oracle_bit_for_bit(k, dtype, shape):
+    for what, got, ref in rotary_pairs(shape, dtype, "cuda", True):
+        assert got.dtype == ref.dtype and torch.equal(got, ref), what
