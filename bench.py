@@ -234,6 +234,16 @@ def _trainer_step(model, loss, cfg):
     return step
 
 
+def _without_kernels(step):
+    """step with every fused op's PyTorch oracle in its place (the rotary positions, in these steps)."""
+    import kernels
+
+    def run(x0):
+        with kernels.oracles_only():
+            step(x0)
+    return run
+
+
 def _plain_step(model, cfg, transposed=False):
     """The reference: nanoGPT's loop written plainly on the same AR model, a cross-entropy over
     contiguous (B*L, V) rows (transposed: over the (B, V, L) view, the form the methods used to take),
@@ -304,6 +314,9 @@ def bench_train_speed(argv):
             kinds["reference over (B, V, L)"] = _plain_step(ar.build_model(acfg, {"vocab_size": V}).to(device), acfg, True)
         if a.nanogpt:
             kinds["nanoGPT (its model.py)"] = _nanogpt_step(a.nanogpt, V, acfg, device)
+        plain_ar = ar.build_model(acfg, {"vocab_size": V}).to(device)
+        kinds["ar.py, no kernels"] = _without_kernels(
+            _trainer_step(plain_ar, lambda m, x: ar.loss_fn(m, x, plain_ar.bos_id), acfg))
         rates = {k: [] for k in kinds}
         for k, step in kinds.items():
             step(x0)  # warm-up
@@ -316,10 +329,10 @@ def bench_train_speed(argv):
         print(f"\nV = {V}, batch {a.batch_size}, L = {acfg.block_size}, {acfg.n_layer}x{acfg.n_embd} "
               f"({a.repeat} runs of {a.iters} steps, {device}, {torch.get_num_threads()} threads)")
         table(rows, ("step", "train tok/s median [min-max]", "vs reference"))
-        for name, other in (("mdlm.py", "ar.py"), ("ar.py", "nanoGPT (its model.py)")):
+        for name, other in (("mdlm.py", "ar.py"), ("ar.py", "nanoGPT (its model.py)"), ("ar.py", "ar.py, no kernels")):
             if other in rates:
                 m, r = rates[name], rates[other]
-                print(f"{name} / {other.split()[0]}: {statistics.median(m) / statistics.median(r):.2f}x "
+                print(f"{name} / {other.split(' (')[0]}: {statistics.median(m) / statistics.median(r):.2f}x "
                       f"[{min(m) / max(r):.2f}-{max(m) / min(r):.2f}x]")
 
 
@@ -366,8 +379,8 @@ def bench_sedd(argv):
 
 def kernel_ops(device):
     """The fused ops usable on device, by name, each called like its oracle; None when there are none
-    (the build failed, or DIFFLM_KERNELS=0). The one place bench.py reaches the kernel module; the
-    oracles are the marked functions' .oracle, the ops their .kernel."""
+    (the build failed, or DIFFLM_KERNELS=0). The oracles are the marked functions' .oracle, the ops
+    their .kernel."""
     import diffusion_lm
     import kernels
     import mdlm

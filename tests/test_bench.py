@@ -91,9 +91,10 @@ def test_train_speed_prints_every_step_kind_with_its_spread(capsys):
     out = capsys.readouterr().out
     for V in (11, 29):
         assert f"V = {V}, batch 4, L = 16, 1x32 (3 runs of 1 steps" in out
-    for kind in ("reference (plain, contiguous CE)", "ar.py", "mdlm.py", "reference over (B, V, L)"):
+    for kind in ("reference (plain, contiguous CE)", "ar.py", "mdlm.py", "reference over (B, V, L)",
+                 "ar.py, no kernels"):
         assert sum(line.strip().startswith(kind + "  ") for line in out.splitlines()) == 2
-    assert out.count("mdlm.py / ar.py: ") == 2 and "1.00x" in out
+    assert out.count("mdlm.py / ar.py: ") == 2 and out.count("ar.py / ar.py, no kernels: ") == 2 and "1.00x" in out
 
 
 NANOGPT_STAND_IN = """
