@@ -44,7 +44,7 @@ def test_gpu_command_dry_run_on_cpu(tmp_path):
     if kernels_on:  # every marked op checked against its oracle, and passed
         checks = doc["parts"][PARTS.index("self-check")]["figures"]
         assert {r["op"] for r in checks} == {"score_entropy", "sedd_euler_step", "sedd_tweedie_step",
-                                             "mdlm_ancestral_step", "nearest_embedding"}
+                                             "mdlm_ancestral_step", "nearest_embedding", "rotary"}
         assert all(r["passed"] and r["worst (1 = tolerance)"] <= 1 for r in checks), checks
     if kernels_on:
         rows = doc["parts"][PARTS.index("kernels")]["figures"]
