@@ -59,8 +59,8 @@ int check_scores(const Tensor& t, const char* name, int64_t min_n) {
 }
 
 void check_like(const Tensor& t, const char* name, const Tensor& ref, at::IntArrayRef shape, at::ScalarType dtype,
-                const char* shape_text) {
-  TORCH_CHECK(t.device() == ref.device(), "difflm: ", name, " must be on ", ref.device(), " like the scores, got ",
+                const char* shape_text, const char* ref_name = "the scores") {
+  TORCH_CHECK(t.device() == ref.device(), "difflm: ", name, " must be on ", ref.device(), " like ", ref_name, ", got ",
               t.device());
   TORCH_CHECK(t.sizes() == shape, "difflm: ", name, " must have shape ", shape_text, " = ", shape, ", got ",
               t.sizes());
@@ -307,8 +307,8 @@ Tensor rotary(const Tensor& x, const Tensor& cos, const Tensor& sin, bool transp
 #endif
   const int64_t B = x.size(0), L = x.size(1), J = x.size(2), H = x.size(3), D = x.size(4);
   TORCH_CHECK(D % 2 == 0, "difflm: x's last dimension (the head size) must be even, got ", D);
-  check_like(cos, "cos", x, {L, 1, 1, D}, at::kFloat, "(L, 1, 1, D)");
-  check_like(sin, "sin", x, {L, 1, 1, D}, at::kFloat, "(L, 1, 1, D)");
+  check_like(cos, "cos", x, {L, 1, 1, D}, at::kFloat, "(L, 1, 1, D)", "x");
+  check_like(sin, "sin", x, {L, 1, 1, D}, at::kFloat, "(L, 1, 1, D)", "x");
   Tensor out = at::empty({B, L, J, H, D}, x.options());
   if (out.numel() == 0) return out;
   const int dtype = x.scalar_type() == at::kBFloat16 ? difflm::BF16 : difflm::F32;

@@ -343,7 +343,9 @@ def test_meta_and_mixed_devices_are_refused_naming_the_argument(k):
              (lambda: k.sedd_euler_step(ls, xt, t, meta(u), "absorb"), "u must be on cpu"),
              (lambda: k.sedd_tweedie_step(ls, xt, meta(t), u, "absorb", False), "dsigma must be on cpu"),
              (lambda: k.mdlm_ancestral_step(meta(ls), xt, t, u, 5), "xt must be on meta"),
-             (lambda: k.nearest_embedding(torch.randn(3, 4), meta(torch.randn(5, 4)), "cos"), "E must be on cpu")]
+             (lambda: k.nearest_embedding(torch.randn(3, 4), meta(torch.randn(5, 4)), "cos"), "E must be on cpu"),
+             (lambda: k.rotary(torch.randn(1, 2, 2, 1, 4), *(meta(t) for t in common.rotary_tables(2, 4))),
+              "cos must be on cpu like x")]
     for fn, pattern in cases:
         with pytest.raises(RuntimeError, match=pattern):
             fn()
