@@ -13,10 +13,10 @@ them (fp32/bf16 scores, a graph it knows), else the body. euler_step.oracle is t
 call it directly); euler_step.kernel is the op alone, with no check and no fallback.
 
 The first use of an op on a device in a process checks it against its oracle on small random
-inputs (odd sizes, both dtypes, masked and unmasked rows, score_entropy's backward, the sampling
-steps on the oracle's uniforms). An op that disagrees, raises, or gives a NaN the oracle does not
-is switched off for the process with one warning naming it and the largest difference; its
-oracle runs instead.
+inputs (odd sizes, both dtypes, masked and unmasked rows, the backward of score_entropy and rotary,
+the sampling steps on the oracle's uniforms). An op that disagrees, raises, or gives a NaN the
+oracle does not is switched off for the process with one warning naming it and the largest
+difference; its oracle runs instead.
 
     DIFFLM_KERNELS=0       no ops: every marked function runs its oracle, nothing is built
     DIFFLM_KERNELS=trust   the ops run without the first-use check
