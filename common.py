@@ -259,8 +259,7 @@ def seed_all(seed):
 
 
 def progress(iterable, desc, total=None):
-    """iterable, with a tqdm progress bar on stderr when stderr is a terminal (never in logs, pipes or tests);
-    for long loops other than the training log: full evaluation, sampling, benchmarks."""
+    """iterable, with a tqdm bar on stderr only when it is a terminal (evaluation, sampling, benchmarks)."""
     if not sys.stderr.isatty():
         return iterable
     from tqdm import tqdm
@@ -279,11 +278,12 @@ def rotary_tables(block_size, head_dim, base=10000.0):
     return torch.cat([cos, cos], -1)[:, None, None], torch.cat([-sin, sin], -1)[:, None, None]
 
 
-@kernels.fused("rotary")  # one pass in csrc/ where this takes four
-def apply_rotary(x, cos, sin):
-    # x (B, L, 2, H, hd), queries and keys: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) by position
-    x1, x2 = x.chunk(2, dim=-1)
-    return (x * cos + torch.cat([x2, x1], dim=-1) * sin).type_as(x)
+@kernels.fused("rotary")  # one pass in csrc/
+def apply_rotary(qkv, cos, sin):
+    # qkv (B, L, 3, H, hd): queries and keys turned by position, (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)
+    x1, x2 = qkv[:, :, :2].chunk(2, dim=-1)
+    turned = qkv[:, :, :2] * cos + torch.cat([x2, x1], dim=-1) * sin
+    return torch.cat([turned.type_as(qkv), qkv[:, :, 2:]], dim=2)  # values as they are
 
 
 class KVCache:
@@ -318,7 +318,7 @@ class Attention(nn.Module):
         # cache: None, or a KVCache whose keys/values of the earlier positions this layer joins
         B, L, C = x.shape
         qkv = self.qkv(x).view(B, L, 3, self.n_head, C // self.n_head)  # (B, L, 3, H, hd)
-        (q, k), v = apply_rotary(qkv[:, :, :2], cos, sin).permute(2, 0, 3, 1, 4), qkv[:, :, 2].transpose(1, 2)
+        q, k, v = apply_rotary(qkv, cos, sin).permute(2, 0, 3, 1, 4)  # (B, H, L, hd) each
         if cache is not None:
             k, v = cache.extend(layer, k, v)  # (B, H, pos + L, hd)
         # L > 1 queries are the whole sequence so far (a prefill starts from an empty cache), where
@@ -607,9 +607,9 @@ def show_steps(tokenizer, cfg):
 
 
 def load_judge(path, meta=None, device=None):
-    """An ar.py checkpoint -> (judge model in eval mode, its meta). Rebuilds ar.py's layout
-    (causal backbone over V + 1 ids with [BOS] = V, V-way head) without importing ar.py.
-    With meta, dies unless the judge was trained on the same tokenizer and vocabulary."""
+    """An ar.py checkpoint -> (judge model in eval mode, its meta). Rebuilds ar.py's layout (causal backbone
+    over V + 1 ids with [BOS] = V, V-way head) without importing ar.py. With meta, dies unless the judge was
+    trained on the same tokenizer and vocabulary."""
     if not os.path.isfile(path):
         die(f"no judge checkpoint at {path}; train the autoregressive baseline on the same data first "
             f"(`python ar.py --train --dataset=...`) or pass --judge=PATH")

@@ -171,7 +171,7 @@ def _register_fakes():
     for name in ("sedd_euler_step", "sedd_tweedie_step", "mdlm_ancestral_step"):
         fake(name, lambda scores, xt, *a: torch.empty_like(xt))
     fake("nearest_embedding", lambda x, E, metric: x.new_empty(x.shape[:1], dtype=torch.long))
-    fake("rotary", lambda x, *a: x.new_empty(x.shape))
+    fake("rotary", lambda qkv, *a: qkv.new_empty(qkv.shape))
 
 
 def _register_rotary_autograd():
@@ -344,14 +344,14 @@ def _mdlm_ancestral_step(logits, xt, p_unmask, u, mask_id):
                                                 u.contiguous(), mask_id)
 
 
-def _rotary(x, cos, sin):
-    return torch.ops.difflm.rotary(x if x.stride(-1) == 1 else x.contiguous(), cos, sin)
+def _rotary(qkv, cos, sin):
+    return torch.ops.difflm.rotary(qkv if qkv.stride(-1) == 1 else qkv.contiguous(), cos, sin)
 
 
 def _rotary_takes(a):
-    x, cos, sin = a
-    table = (x.shape[1], 1, 1, x.shape[-1]) if x.dim() == 5 else None
-    return (_float_scores(x) and x.shape[-1] % 2 == 0 and _same_device(a)
+    qkv, cos, sin = a
+    table = (qkv.shape[1], 1, 1, qkv.shape[-1]) if qkv.dim() == 5 and qkv.shape[2] == 3 else None
+    return (_float_scores(qkv) and qkv.shape[-1] % 2 == 0 and _same_device(a)
             and all(t.shape == table and t.dtype == torch.float32 and t.is_contiguous() and not t.requires_grad
                     for t in (cos, sin)))
 
@@ -472,18 +472,18 @@ def _check_nearest(f, device):
 
 
 def _check_rotary(f, device):
-    """Forward and gradient on a strided x (the query and key slice of a (B, L, 3, H, D) projection)."""
+    """Output and gradient on a strided (B, L, 3, H, D) projection, with tables of no particular structure."""
     gen, out = torch.Generator().manual_seed(0), []
     B, L, H, D = 2, 5, 3, 6
     cos, sin = (torch.randn(L, 1, 1, D, generator=gen).to(device) for _ in range(2))
     for dtype in (torch.float32, torch.bfloat16):
-        qkv = torch.randn(B, L, 3, H, D, generator=gen).to(dtype).to(device)
-        w = torch.randn(B, L, 2, H, D, generator=gen).to(dtype).to(device)
+        qkv = torch.randn(B, L, 4, H, D, generator=gen).to(dtype).to(device)[:, :, 1:]
+        w = torch.randn(B, L, 3, H, D, generator=gen).to(dtype).to(device)
         got = []
         for fn in (f.kernel, f.oracle):
             leaf = qkv.clone().requires_grad_()
             with torch.enable_grad():
-                y = fn(leaf[:, :, :2], cos, sin)
+                y = fn(leaf, cos, sin)
                 got.append((y.detach(), torch.autograd.grad((y * w).sum(), leaf)[0]))
         tol = (1e-6, 1e-5) if dtype == torch.float32 else (1e-3, 8e-3)  # both are exact; bf16's slack is one ulp
         for i, what in enumerate(("output", "gradient")):

@@ -12,7 +12,7 @@
 //   sedd_tweedie_step(log_score, xt, dsigma, u, graph, final) -> x_s (B, L)
 //   mdlm_ancestral_step(logits, xt, p_unmask, u, mask_id) -> x_s (B, L)
 //   nearest_embedding(x, E, metric) -> ids (N,): nearest row of E by 'cos' or 'l2' (Diffusion-LM's clamp)
-//   rotary(x, cos, sin, transpose) -> (B, L, J, H, D) contiguous: common.apply_rotary, or (transpose) its backward
+//   rotary(qkv, cos, sin, transpose) -> (B, L, 3, H, D) contiguous: common.apply_rotary, or (transpose) its backward
 //   cuda_built() -> bool
 #include <ATen/ATen.h>
 #include <cmath>
@@ -294,33 +294,34 @@ Tensor nearest_embedding(const Tensor& x, const Tensor& E, c10::string_view metr
   return out;
 }
 
-// ---- rotary(x (B, L, J, H, D), cos (L, 1, 1, D), sin (L, 1, 1, D), transpose) -> (B, L, J, H, D), x's dtype
-Tensor rotary(const Tensor& x, const Tensor& cos, const Tensor& sin, bool transpose) {
-  TORCH_CHECK(x.dim() == 5, "difflm: x must have shape (B, L, J, H, D), got ", x.dim(), " dimensions ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
-              "difflm: x must be float32 or bfloat16, got ", x.scalar_type());
-  TORCH_CHECK(x.stride(4) == 1, "difflm: x must be contiguous in its last dimension (call .contiguous() first)");
-  TORCH_CHECK(x.device().is_cpu() || x.device().is_cuda(), "difflm: x must be on cpu or cuda, got ", x.device());
+// ---- rotary(qkv (B, L, 3, H, D), cos (L, 1, 1, D), sin (L, 1, 1, D), transpose) -> (B, L, 3, H, D), qkv's dtype
+Tensor rotary(const Tensor& qkv, const Tensor& cos, const Tensor& sin, bool transpose) {
+  TORCH_CHECK(qkv.dim() == 5 && qkv.size(2) == 3, "difflm: qkv must have shape (B, L, 3, H, D), got ", qkv.sizes());
+  TORCH_CHECK(qkv.scalar_type() == at::kFloat || qkv.scalar_type() == at::kBFloat16,
+              "difflm: qkv must be float32 or bfloat16, got ", qkv.scalar_type());
+  TORCH_CHECK(qkv.stride(4) == 1, "difflm: qkv must be contiguous in its last dimension (call .contiguous() first)");
+  TORCH_CHECK(qkv.device().is_cpu() || qkv.device().is_cuda(), "difflm: qkv must be on cpu or cuda, got ",
+              qkv.device());
 #ifndef DIFFLM_CUDA
-  TORCH_CHECK(x.device().is_cpu(), "difflm: x is on ", x.device(),
+  TORCH_CHECK(qkv.device().is_cpu(), "difflm: qkv is on ", qkv.device(),
               " but the kernels were built without CUDA; use the PyTorch path (DIFFLM_KERNELS=0)");
 #endif
-  const int64_t B = x.size(0), L = x.size(1), J = x.size(2), H = x.size(3), D = x.size(4);
-  TORCH_CHECK(D % 2 == 0, "difflm: x's last dimension (the head size) must be even, got ", D);
-  check_like(cos, "cos", x, {L, 1, 1, D}, at::kFloat, "(L, 1, 1, D)", "x");
-  check_like(sin, "sin", x, {L, 1, 1, D}, at::kFloat, "(L, 1, 1, D)", "x");
-  Tensor out = at::empty({B, L, J, H, D}, x.options());
+  const int64_t B = qkv.size(0), L = qkv.size(1), H = qkv.size(3), D = qkv.size(4);
+  TORCH_CHECK(D % 2 == 0, "difflm: qkv's last dimension (the head size) must be even, got ", D);
+  check_like(cos, "cos", qkv, {L, 1, 1, D}, at::kFloat, "(L, 1, 1, D)", "qkv");
+  check_like(sin, "sin", qkv, {L, 1, 1, D}, at::kFloat, "(L, 1, 1, D)", "qkv");
+  Tensor out = at::empty({B, L, 3, H, D}, qkv.options());
   if (out.numel() == 0) return out;
-  const int dtype = x.scalar_type() == at::kBFloat16 ? difflm::BF16 : difflm::F32;
-  const difflm::Strides4 xs{x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
-  if (x.is_cpu()) {
-    difflm::cpu_rotary(x.data_ptr(), dtype, xs, cos.data_ptr<float>(), sin.data_ptr<float>(), transpose, B, L, J, H, D,
+  const int dtype = qkv.scalar_type() == at::kBFloat16 ? difflm::BF16 : difflm::F32;
+  const difflm::Strides4 xs{qkv.stride(0), qkv.stride(1), qkv.stride(2), qkv.stride(3)};
+  if (qkv.is_cpu()) {
+    difflm::cpu_rotary(qkv.data_ptr(), dtype, xs, cos.data_ptr<float>(), sin.data_ptr<float>(), transpose, B, L, H, D,
                        out.data_ptr(), at::get_num_threads());
   } else {
 #ifdef DIFFLM_CUDA
-    DIFFLM_STREAM(x);
-    cuda_ok(difflm_launch_rotary(x.data_ptr(), dtype, xs, cos.data_ptr<float>(), sin.data_ptr<float>(), transpose, B,
-                                 L, J, H, D, out.data_ptr(), stream),
+    DIFFLM_STREAM(qkv);
+    cuda_ok(difflm_launch_rotary(qkv.data_ptr(), dtype, xs, cos.data_ptr<float>(), sin.data_ptr<float>(), transpose, B,
+                                 L, H, D, out.data_ptr(), stream),
             "rotary");
 #endif
   }
@@ -347,7 +348,7 @@ TORCH_LIBRARY(difflm, m) {
   m.def("sedd_tweedie_step(Tensor log_score, Tensor xt, Tensor dsigma, Tensor u, str graph, bool final=False) -> Tensor");
   m.def("mdlm_ancestral_step(Tensor logits, Tensor xt, Tensor p_unmask, Tensor u, int mask_id) -> Tensor");
   m.def("nearest_embedding(Tensor x, Tensor E, str metric) -> Tensor");
-  m.def("rotary(Tensor x, Tensor cos, Tensor sin, bool transpose=False) -> Tensor");
+  m.def("rotary(Tensor qkv, Tensor cos, Tensor sin, bool transpose=False) -> Tensor");
   m.def("cuda_built() -> bool", &cuda_built);
 }
 

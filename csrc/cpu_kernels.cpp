@@ -450,8 +450,8 @@ void cpu_mdlm_step(const void* logits, int dtype, const int64_t* xt, const doubl
 }
 
 // ------------------------------------------------------------------------------------------------
-// rotary positions: one pass over x where the PyTorch expression takes four (forward) or five (backward)
-// passes. Every product and sum is rounded on its own, as PyTorch's mul and add round: fp-contract=off
+// rotary positions: one pass over the (B, L, 3, H, D) projection where the PyTorch expression takes
+// several, forward and backward. Every product and sum is rounded on its own, as PyTorch's mul and add round: fp-contract=off
 // keeps the compiler from fusing them into FMAs, so the result equals the oracle's bit for bit.
 
 #if defined(__GNUC__) && !defined(__clang__)
@@ -497,15 +497,18 @@ DIFFLM_CLONES void rotary_head_bf16(const uint16_t* x, const float* c, const flo
 }  // namespace
 
 void cpu_rotary(const void* x, int dtype, Strides4 xs, const float* cos, const float* sin, bool transpose, int64_t B,
-                int64_t L, int64_t J, int64_t H, int64_t D, void* out, int nthreads) {
+                int64_t L, int64_t H, int64_t D, void* out, int nthreads) {
   const int64_t rows = B * L;
-#pragma omp parallel for schedule(static) num_threads(threads_for(rows, J * H * D, nthreads))
+  const size_t bytes = dtype == BF16 ? 2 : 4;
+#pragma omp parallel for schedule(static) num_threads(threads_for(rows, 3 * H * D, nthreads))
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t b = r / L, l = r % L;
-    for (int64_t j = 0; j < J; ++j) {
+    for (int64_t j = 0; j < 3; ++j) {
       for (int64_t h = 0; h < H; ++h) {
-        const int64_t in = b * xs.b + l * xs.l + j * xs.j + h * xs.h, o = ((r * J + j) * H + h) * D;
-        if (dtype == BF16)
+        const int64_t in = b * xs.b + l * xs.l + j * xs.j + h * xs.h, o = ((r * 3 + j) * H + h) * D;
+        if (j == 2)  // values: copied as they are
+          memcpy((char*)out + o * bytes, (const char*)x + in * bytes, D * bytes);
+        else if (dtype == BF16)
           rotary_head_bf16((const uint16_t*)x + in, cos + l * D, sin + l * D, transpose, D, (uint16_t*)out + o);
         else
           rotary_head_f32((const float*)x + in, cos + l * D, sin + l * D, transpose, D, (float*)out + o);

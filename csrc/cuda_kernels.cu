@@ -571,12 +571,16 @@ __device__ __forceinline__ float as_dtype(const uint16_t*, float v) { return bf1
 
 template <class T>
 __global__ void rotary_kernel(const T* __restrict__ x, Strides4 xs, const float* __restrict__ cos,
-                              const float* __restrict__ sin, bool transpose, int64_t L, int64_t J, int64_t H,
-                              int64_t D, int64_t n, T* __restrict__ out) {
+                              const float* __restrict__ sin, bool transpose, int64_t L, int64_t H, int64_t D, int64_t n,
+                              T* __restrict__ out) {
   const int64_t half = D / 2;
   for (int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; k < n; k += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t i = k % D, h = k / D % H, j = k / (D * H) % J, r = k / (D * H * J), l = r % L, b = r / L;
+    const int64_t i = k % D, h = k / D % H, j = k / (D * H) % 3, r = k / (D * H * 3), l = r % L, b = r / L;
     const T* xh = x + b * xs.b + l * xs.l + j * xs.j + h * xs.h;
+    if (j == 2) {  // values: copied as they are
+      out[k] = xh[i];
+      continue;
+    }
     const int64_t p = i < half ? i + half : i - half;  // the partner: y = x cos + swap(x) sin, g cos + swap(g sin)
     const float a = __fmul_rn(ld(xh, i), cos[l * D + i]), s = __fmul_rn(ld(xh, p), sin[l * D + (transpose ? p : i)]);
     st(out, k, transpose ? __fadd_rn(as_dtype(out, a), as_dtype(out, s)) : __fadd_rn(a, s));
@@ -586,17 +590,16 @@ __global__ void rotary_kernel(const T* __restrict__ x, Strides4 xs, const float*
 }  // namespace
 
 extern "C" int difflm_launch_rotary(const void* x, int dtype, Strides4 xs, const float* cos, const float* sin,
-                                    int transpose, int64_t B, int64_t L, int64_t J, int64_t H, int64_t D, void* out,
-                                    void* stream) {
-  const int64_t n = B * L * J * H * D;
+                                    int transpose, int64_t B, int64_t L, int64_t H, int64_t D, void* out, void* stream) {
+  const int64_t n = B * L * 3 * H * D;
   const int threads = 256;
   const unsigned blocks = (unsigned)((n + threads - 1) / threads < 65536 * 16 ? (n + threads - 1) / threads : 65536 * 16);
   cudaStream_t st = (cudaStream_t)stream;
   if (dtype == BF16)
-    rotary_kernel<uint16_t><<<blocks, threads, 0, st>>>((const uint16_t*)x, xs, cos, sin, transpose != 0, L, J, H, D, n,
+    rotary_kernel<uint16_t><<<blocks, threads, 0, st>>>((const uint16_t*)x, xs, cos, sin, transpose != 0, L, H, D, n,
                                                         (uint16_t*)out);
   else
-    rotary_kernel<float><<<blocks, threads, 0, st>>>((const float*)x, xs, cos, sin, transpose != 0, L, J, H, D, n,
+    rotary_kernel<float><<<blocks, threads, 0, st>>>((const float*)x, xs, cos, sin, transpose != 0, L, H, D, n,
                                                      (float*)out);
   return (int)cudaGetLastError();
 }

@@ -124,14 +124,15 @@ void cpu_nearest_pack(const float* E, int64_t V, int64_t d, int metric, float* p
 void cpu_nearest_embedding(const float* x, int64_t N, int64_t d, const float* packed, const float* bias, int64_t V,
                            int64_t* out, int nthreads);
 
-// ---- rotary positions (common.apply_rotary): out (B, L, J, H, D), contiguous, in x's dtype, at position l
-// x cos + swap(x) sin, where swap exchanges the two halves of the last dimension; transpose (its backward):
-// x cos + swap(x sin) with both products rounded to x's dtype first, as autograd through the PyTorch
-// expression rounds them. Both exactly as PyTorch's separate mul and add round, never fused (FMA).
-// x: strides (in elements) of its first four dimensions in xs, the last contiguous; cos, sin (L, D) fp32.
+// ---- rotary positions (common.apply_rotary): qkv (B, L, 3, H, D) -> out (B, L, 3, H, D), contiguous, in qkv's
+// dtype: queries and keys at position l turned as x cos + swap(x) sin, where swap exchanges the two halves of
+// the last dimension, values copied. transpose (its backward): g cos + swap(g sin) for queries and keys, with
+// both products rounded to the dtype first, as autograd through the PyTorch expression rounds them. Both
+// exactly as PyTorch's separate mul and add round, never fused (FMA). x: strides (in elements) of its first
+// four dimensions in xs, the last contiguous; cos, sin (L, D) fp32.
 struct Strides4 { int64_t b, l, j, h; };
 void cpu_rotary(const void* x, int dtype, Strides4 xs, const float* cos, const float* sin, bool transpose, int64_t B,
-                int64_t L, int64_t J, int64_t H, int64_t D, void* out, int nthreads);
+                int64_t L, int64_t H, int64_t D, void* out, int nthreads);
 
 }  // namespace difflm
 
@@ -150,5 +151,5 @@ int difflm_launch_mdlm_step(const void* logits, int dtype, const int64_t* xt, co
 int difflm_launch_nearest_embedding(const float* x, int64_t N, int64_t d, const float* E, int64_t V, int metric,
                                     float* table, float* bias, int64_t* out, void* stream);
 int difflm_launch_rotary(const void* x, int dtype, difflm::Strides4 xs, const float* cos, const float* sin,
-                         int transpose, int64_t B, int64_t L, int64_t J, int64_t H, int64_t D, void* out, void* stream);
+                         int transpose, int64_t B, int64_t L, int64_t H, int64_t D, void* out, void* stream);
 }

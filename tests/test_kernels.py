@@ -135,9 +135,9 @@ def test_opcheck_fake_and_autograd_registration(k):
     torch.library.opcheck(k.sedd_tweedie_step.default, (ls, xt, t, u, "uniform", True), test_utils=utils)
     torch.library.opcheck(k.mdlm_ancestral_step.default, (ls, xt, t, u, 6), test_utils=utils)
     cos, sin = common.rotary_tables(3, 4)
-    x = torch.randn(2, 3, 3, 2, 4)[:, :, :2]
+    qkv = torch.randn(2, 3, 4, 2, 4)[:, :, 1:]
     for transpose in (False, True):
-        torch.library.opcheck(k.rotary.default, (x.detach().requires_grad_(), cos, sin, transpose), test_utils=utils)
+        torch.library.opcheck(k.rotary.default, (qkv.detach().requires_grad_(), cos, sin, transpose), test_utils=utils)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,7 +292,7 @@ def test_bad_inputs_name_the_argument(k):
     u = torch.rand(B, L, 2, dtype=torch.float64)
     t = torch.full((B,), 0.1, dtype=torch.float64)
     cos, sin = common.rotary_tables(L, 4)
-    qk = torch.randn(B, L, 2, 2, 4)
+    qkv = torch.randn(B, L, 3, 2, 4)
     cases = [
         (lambda: k.score_entropy(ls.double(), xt, x0, sb, "absorb"), "log_score must be float32 or bfloat16"),
         (lambda: k.score_entropy(ls[0], xt, x0, sb, "absorb"), r"log_score must have shape \(B, L, N\)"),
@@ -319,12 +319,13 @@ def test_bad_inputs_name_the_argument(k):
         (lambda: k.sedd_tweedie_step(ls, xt + 1, t, u, "uniform", False), "xt holds token ids"),
         (lambda: k.mdlm_ancestral_step(ls, xt, t, u, N), r"mask_id must lie in \[0, 5\]"),
         (lambda: k.mdlm_ancestral_step(ls, xt, t.float(), u, N - 1), "p_unmask must be Double"),
-        (lambda: k.rotary(torch.randn(2, 3, 4), cos, sin), r"x must have shape \(B, L, J, H, D\)"),
-        (lambda: k.rotary(qk.double(), cos, sin), "x must be float32 or bfloat16"),
-        (lambda: k.rotary(qk.transpose(3, 4), cos, sin), "x must be contiguous in its last dimension"),
-        (lambda: k.rotary(qk[..., :3], cos[..., :3], sin[..., :3]), r"head size\) must be even, got 3"),
-        (lambda: k.rotary(qk, cos[:2], sin), r"cos must have shape \(L, 1, 1, D\)"),
-        (lambda: k.rotary(qk, cos, sin.double()), "sin must be Float"),
+        (lambda: k.rotary(torch.randn(2, 3, 4), cos, sin), r"qkv must have shape \(B, L, 3, H, D\)"),
+        (lambda: k.rotary(qkv[:, :, :2], cos, sin), r"qkv must have shape \(B, L, 3, H, D\)"),
+        (lambda: k.rotary(qkv.double(), cos, sin), "qkv must be float32 or bfloat16"),
+        (lambda: k.rotary(qkv.transpose(3, 4), cos, sin), "qkv must be contiguous in its last dimension"),
+        (lambda: k.rotary(qkv[..., :3], cos[..., :3], sin[..., :3]), r"head size\) must be even, got 3"),
+        (lambda: k.rotary(qkv, cos[:2], sin), r"cos must have shape \(L, 1, 1, D\)"),
+        (lambda: k.rotary(qkv, cos, sin.double()), "sin must be Float"),
     ]
     for fn, pattern in cases:
         with pytest.raises(RuntimeError, match=pattern):
@@ -344,8 +345,8 @@ def test_meta_and_mixed_devices_are_refused_naming_the_argument(k):
              (lambda: k.sedd_tweedie_step(ls, xt, meta(t), u, "absorb", False), "dsigma must be on cpu"),
              (lambda: k.mdlm_ancestral_step(meta(ls), xt, t, u, 5), "xt must be on meta"),
              (lambda: k.nearest_embedding(torch.randn(3, 4), meta(torch.randn(5, 4)), "cos"), "E must be on cpu"),
-             (lambda: k.rotary(torch.randn(1, 2, 2, 1, 4), *(meta(t) for t in common.rotary_tables(2, 4))),
-              "cos must be on cpu like x")]
+             (lambda: k.rotary(torch.randn(1, 2, 3, 1, 4), *(meta(t) for t in common.rotary_tables(2, 4))),
+              "cos must be on cpu like qkv")]
     for fn, pattern in cases:
         with pytest.raises(RuntimeError, match=pattern):
             fn()
@@ -439,23 +440,23 @@ ROTARY_SHAPES = [(1, 1, 1, 2), (2, 5, 3, 6), (3, 7, 2, 10), (2, 128, 4, 32)]
 
 
 def rotary_pairs(shape, dtype, device, random_tables):
-    """(what, kernel result, oracle result) for the output and the gradient on the query/key slice of a
-    (B, L, 3, H, D) projection; the gradient comes back through the attention's (B, H, L, D) views."""
+    """(what, kernel result, oracle result) for the output and the gradient of a strided (B, L, 3, H, D)
+    projection; the gradient comes back through the attention's (B, H, L, D) views."""
     B, L, H, D = shape
     gen, seed = fresh_gen()
     if random_tables:  # the op assumes nothing of the tables' structure
         cos, sin = (torch.randn(L, 1, 1, D, generator=gen) for _ in range(2))
     else:
         cos, sin = common.rotary_tables(L, D)
-    qkv = torch.randn(B, L, 3, H, D, generator=gen).to(dtype).to(device)
-    w = torch.randn(2, B, H, L, D, generator=gen).to(dtype).to(device)  # a gradient for queries and keys
+    qkv = torch.randn(B, L, 4, H, D, generator=gen).to(dtype).to(device)[:, :, 1:]  # strided, as a slice would be
+    w = torch.randn(3, B, H, L, D, generator=gen).to(dtype).to(device)  # a gradient for queries, keys, values
     cos, sin = cos.to(device), sin.to(device)
     got = []
     for fn in (common.apply_rotary.kernel, common.apply_rotary.oracle):
         leaf = qkv.clone().requires_grad_()
-        q, key = fn(leaf[:, :, :2], cos, sin).permute(2, 0, 3, 1, 4)  # (B, H, L, D) each, as attention takes them
-        g, = torch.autograd.grad((q * w[0]).sum() + (key * w[1]).sum(), leaf)
-        got.append((fn(qkv[:, :, :2], cos, sin), g))
+        q, key, v = fn(leaf, cos, sin).permute(2, 0, 3, 1, 4)  # (B, H, L, D) each, as attention takes them
+        g, = torch.autograd.grad((q * w[0]).sum() + (key * w[1]).sum() + (v * w[2]).sum(), leaf)
+        got.append((fn(qkv, cos, sin), g))
     return [(f"output (seed {seed})", got[0][0], got[1][0]), (f"gradient (seed {seed})", got[0][1], got[1][1])]
 
 
@@ -536,8 +537,8 @@ def wrong_ops():
     def raises(*a):
         raise RuntimeError("illegal memory access")
 
-    qk, (cos, sin) = torch.randn(2, 5, 2, 3, 4, generator=gen), common.rotary_tables(5, 4)
-    return [("rotary", lambda *a: k.rotary(*a) * 1.001, (common.apply_rotary, qk, cos, sin), "output, float32"),
+    qkv, (cos, sin) = torch.randn(2, 5, 3, 3, 4, generator=gen), common.rotary_tables(5, 4)
+    return [("rotary", lambda *a: k.rotary(*a) * 1.001, (common.apply_rotary, qkv, cos, sin), "output, float32"),
             ("sedd_euler_step", shifted_tokens, (sedd.euler_step, ls, xt, t, u, "absorb"), "tokens differ"),
             ("score_entropy", nan_loss, (sedd.score_entropy, ls, xt, x0, sb, "absorb"), "largest difference inf"),
             ("score_entropy", lambda ls, *a: ScaledGrad.apply(ls.contiguous(), *a),
