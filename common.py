@@ -278,7 +278,7 @@ def rotary_tables(block_size, head_dim, base=10000.0):
     return torch.cat([cos, cos], -1)[:, None, None], torch.cat([-sin, sin], -1)[:, None, None]
 
 
-@kernels.fused("rotary")  # one pass in csrc/
+@kernels.fused("rotary", on_load=kernels.register_rotary_autograd)  # one pass in csrc/
 def apply_rotary(qkv, cos, sin):
     # qkv (B, L, 3, H, hd): queries and keys turned by position, (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)
     x1, x2 = qkv[:, :, :2].chunk(2, dim=-1)

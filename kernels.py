@@ -130,7 +130,6 @@ def load(src_dir=None):
     _LOADED[src_dir] = module
     if module is not None:
         _register_fakes()
-        _register_rotary_autograd()
         for f in list(FUSED.values()):
             _run_hook(f)
     return module
@@ -174,12 +173,9 @@ def _register_fakes():
     fake("rotary", lambda qkv, *a: qkv.new_empty(qkv.shape))
 
 
-def _register_rotary_autograd():
-    """The backward of a rotation is the rotation the other way: the op with transpose flipped."""
-    if "rotary autograd" in _HOOKS_RUN:
-        return
-    _HOOKS_RUN.add("rotary autograd")
-
+def register_rotary_autograd(ops):
+    """The autograd of the rotary op, the on_load hook of common.apply_rotary: the backward of a rotation
+    is the rotation the other way, the op with transpose flipped."""
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(inputs[1], inputs[2])
         ctx.transpose = inputs[3]
@@ -187,7 +183,7 @@ def _register_rotary_autograd():
     def backward(ctx, grad):
         cos, sin = ctx.saved_tensors
         grad = grad if grad.stride(-1) == 1 else grad.contiguous()
-        return torch.ops.difflm.rotary(grad, cos, sin, not ctx.transpose), None, None, None
+        return ops.rotary(grad, cos, sin, not ctx.transpose), None, None, None
 
     torch.library.register_autograd("difflm::rotary", backward, setup_context=setup_context)
 
@@ -268,7 +264,7 @@ class Fused:
 
 def fused(name, on_load=None):
     """Decorator: the function is the oracle of op `name`; on_load(torch.ops.difflm) runs once after
-    the extension loads (SEDD registers its autograd through it)."""
+    the extension loads (SEDD's score entropy and common's rotary register their autograd through it)."""
     def wrap(oracle):
         f = Fused(name, oracle, on_load)
         FUSED[name] = f

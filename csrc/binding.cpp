@@ -1,7 +1,7 @@
 // The torch binding of the difflm kernels: op schemas (TORCH_LIBRARY namespace difflm), input
 // checks with messages that name the argument, and dispatch to the CPU functions or the CUDA
 // launchers. Fake (meta) implementations are registered from Python (kernels.py), the autograd of
-// score_entropy by sedd.py through it.
+// score_entropy by sedd.py and of rotary by common.py through it.
 //
 //   score_entropy(log_score, xt, x0, sigma_bar, graph) -> loss (B, L) fp32
 //   score_entropy_backward(grad_loss, log_score, xt, x0, sigma_bar, graph) -> grad (B, L, N), input dtype

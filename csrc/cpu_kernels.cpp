@@ -451,8 +451,9 @@ void cpu_mdlm_step(const void* logits, int dtype, const int64_t* xt, const doubl
 
 // ------------------------------------------------------------------------------------------------
 // rotary positions: one pass over the (B, L, 3, H, D) projection where the PyTorch expression takes
-// several, forward and backward. Every product and sum is rounded on its own, as PyTorch's mul and add round: fp-contract=off
-// keeps the compiler from fusing them into FMAs, so the result equals the oracle's bit for bit.
+// several, forward and backward. Every product and sum is rounded on its own, as PyTorch's mul and
+// add round: fp-contract=off keeps the compiler from fusing them into FMAs, so the result equals the
+// oracle's bit for bit.
 
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC push_options

@@ -562,8 +562,7 @@ extern "C" int difflm_launch_nearest_embedding(const float* x, int64_t N, int64_
 
 // ------------------------------------------------------------------------------------------------
 // rotary positions (cpu_kernels.cpp): one thread per output value. Products and sums are rounded
-// one by one (__fmul_rn, __fadd_rn, __fsub_rn: never an FMA), so the result is PyTorch's mul and add
-// bit for bit.
+// one by one (__fmul_rn, __fadd_rn: never an FMA), so the result is PyTorch's mul and add bit for bit.
 namespace {
 
 __device__ __forceinline__ float as_dtype(const float*, float v) { return v; }
@@ -590,10 +589,12 @@ __global__ void rotary_kernel(const T* __restrict__ x, Strides4 xs, const float*
 }  // namespace
 
 extern "C" int difflm_launch_rotary(const void* x, int dtype, Strides4 xs, const float* cos, const float* sin,
-                                    int transpose, int64_t B, int64_t L, int64_t H, int64_t D, void* out, void* stream) {
+                                    int transpose, int64_t B, int64_t L, int64_t H, int64_t D, void* out,
+                                    void* stream) {
   const int64_t n = B * L * 3 * H * D;
   const int threads = 256;
-  const unsigned blocks = (unsigned)((n + threads - 1) / threads < 65536 * 16 ? (n + threads - 1) / threads : 65536 * 16);
+  const int64_t want = (n + threads - 1) / threads, most = int64_t(1) << 20;  // the grid-stride loop does the rest
+  const unsigned blocks = (unsigned)(want < most ? want : most);
   cudaStream_t st = (cudaStream_t)stream;
   if (dtype == BF16)
     rotary_kernel<uint16_t><<<blocks, threads, 0, st>>>((const uint16_t*)x, xs, cos, sin, transpose != 0, L, H, D, n,
