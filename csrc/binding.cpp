@@ -146,8 +146,9 @@ std::tuple<Tensor, Tensor> score_entropy_impl(const Tensor& log_score, const Ten
   } else {
 #ifdef DIFFLM_CUDA
     DIFFLM_STREAM(log_score);
+    const Tensor consts = at::empty({B * (int64_t)sizeof(difflm::SEConsts)}, log_score.options().dtype(at::kByte));
     cuda_ok(difflm_launch_score_entropy(log_score.data_ptr(), dtype, xt.data_ptr<int64_t>(), x0.data_ptr<int64_t>(),
-                                        sb.data_ptr<double>(), g, B, L, N, lp, gl, gp, stream),
+                                        sb.data_ptr<double>(), g, B, L, N, lp, gl, gp, consts.data_ptr(), stream),
             "score_entropy");
 #endif
   }
@@ -207,9 +208,10 @@ Tensor sedd_step(const Tensor& log_score, const Tensor& xt, const Tensor& t, con
   } else {
 #ifdef DIFFLM_CUDA
     DIFFLM_STREAM(log_score);
+    const Tensor consts = at::empty({B * (int64_t)sizeof(difflm::StepConsts)}, log_score.options().dtype(at::kByte));
     cuda_ok(difflm_launch_sedd_step(log_score.data_ptr(), dtype, xt.data_ptr<int64_t>(), t.data_ptr<double>(),
                                     u.data_ptr<double>(), step, g, final_step ? 1 : 0, B, L, N,
-                                    out.data_ptr<int64_t>(), stream),
+                                    out.data_ptr<int64_t>(), consts.data_ptr(), stream),
             "sedd_step");
 #endif
   }

@@ -10,7 +10,9 @@
 // screens the row in that pass, with fp32 exponentials: a row that provably stays (most rows of a
 // step, kernels.h) is done. The others, and MDLM's revealed rows, sum the row per warp segment, decide
 // "move or stay", and only if they move walk the one segment holding the inverse-CDF target (warp
-// scans in fp64); SEDD's exact path exponentiates in fp64, as the PyTorch oracle does.
+// scans in fp64); SEDD's exact path exponentiates in fp64, as the PyTorch oracle does. The
+// per-sequence constants (fp64 logs and exponentials of sigma) come from a small launch before the
+// rows, once per sequence.
 #include <cuda_runtime.h>
 #include <stdint.h>
 
@@ -126,13 +128,30 @@ __device__ __forceinline__ float group_max(float v, double* sm) {
   return t;
 }
 
+// ---- per-sequence constants (kernels.h): their fp64 exponentials and logs once per sequence, in a
+// launch of their own, not in every thread of every row, where they held up the row's loads
+
+__global__ void se_consts_kernel(const double* __restrict__ sigma_bar, int graph, int64_t B, int64_t N,
+                                 SEConsts* __restrict__ out) {
+  const int64_t b = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (b < B) out[b] = se_consts(sigma_bar[b], graph, N);
+}
+
+__global__ void step_consts_kernel(const double* __restrict__ t, int step, int graph, int64_t B, int64_t N,
+                                   StepConsts* __restrict__ out) {
+  const int64_t b = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (b < B) out[b] = step_consts(t[b], step, graph, N);
+}
+
+unsigned blocks_for(int64_t n, int per_block) { return (unsigned)((n + per_block - 1) / per_block); }
+
 // ---- score entropy: the loss (forward, BWD = false, reads only) or the gradient scaled by the
 // upstream gradient w (backward: one read of the row, one write of its gradient)
 
 template <class T, int G, int R, bool BWD>
 __global__ void __launch_bounds__(G * R)
 se_kernel(const T* __restrict__ h_all, const int64_t* __restrict__ xt, const int64_t* __restrict__ x0,
-          const double* __restrict__ sigma_bar, int graph, int64_t rows, int64_t L, int64_t N,
+          const SEConsts* __restrict__ consts, int graph, int64_t rows, int64_t L, int64_t N,
           float* __restrict__ loss, const float* __restrict__ grad_loss, T* __restrict__ g_all) {
   __shared__ double sm[R][G / 32];
   const int sub = threadIdx.x / G, tid = threadIdx.x % G;
@@ -142,7 +161,7 @@ se_kernel(const T* __restrict__ h_all, const int64_t* __restrict__ xt, const int
   T* g = BWD ? g_all + row * N : nullptr;
   const float w = BWD ? grad_loss[row] : 1.0f;
   const int64_t x = xt[row], y0 = x0[row];
-  const SEConsts c = se_consts(sigma_bar[row / L], graph, N);
+  const SEConsts& c = consts[row / L];
   if (graph == ABSORB) {
     const int64_t M = N - 1;
     if (x != M) {
@@ -302,7 +321,7 @@ __device__ __forceinline__ bool screen_stays(const T* h, int64_t N, int64_t x, d
 // must decide. Otherwise: the exact fp64 path for the rows the screen left open (out < 0).
 template <class T, int G, int R, bool SCREEN>
 __global__ void __launch_bounds__(G * R)
-sedd_kernel(const T* __restrict__ h_all, const int64_t* __restrict__ xt, const double* __restrict__ tt,
+sedd_kernel(const T* __restrict__ h_all, const int64_t* __restrict__ xt, const StepConsts* __restrict__ consts,
             const double* __restrict__ u, int step, int graph, int final_step, int64_t rows, int64_t L,
             int64_t N, int64_t* __restrict__ out) {
   __shared__ double sm[R][G / 32];
@@ -313,7 +332,7 @@ sedd_kernel(const T* __restrict__ h_all, const int64_t* __restrict__ xt, const d
   const T* h = h_all + row * N;
   const int64_t x = xt[row];
   const double u0 = u[2 * row], u1 = u[2 * row + 1];
-  const StepConsts c = step_consts(tt[row / L], step, graph, N);
+  const StepConsts& c = consts[row / L];
   if constexpr (SCREEN) {
     // absorbing: a token other than MASK stays; a masked row's step has the Euler form (kernels.h)
     const bool settled = graph == ABSORB
@@ -396,34 +415,34 @@ mdlm_kernel(const T* __restrict__ h_all, const int64_t* __restrict__ xt, const d
     __VA_ARGS__;                                  \
   }
 
-unsigned blocks_for(int64_t rows, int R) { return (unsigned)((rows + R - 1) / R); }
-
 }  // namespace
 
 extern "C" {
 
 int difflm_launch_score_entropy(const void* log_score, int dtype, const int64_t* xt, const int64_t* x0,
                                 const double* sigma_bar, int graph, int64_t B, int64_t L, int64_t N, float* loss,
-                                const float* grad_loss, void* grad, void* stream) {
+                                const float* grad_loss, void* grad, void* consts, void* stream) {
   const int64_t rows = B * L;
   cudaStream_t st = (cudaStream_t)stream;
+  SEConsts* c = (SEConsts*)consts;  // once per sequence, before the rows
+  se_consts_kernel<<<blocks_for(B, 128), 128, 0, st>>>(sigma_bar, graph, B, N, c);
   DIFFLM_BY_WIDTH(N, {
     const unsigned blocks = blocks_for(rows, R);
     if (dtype == BF16) {
       const uint16_t* h = (const uint16_t*)log_score;
       if (grad)
-        se_kernel<uint16_t, G, R, true><<<blocks, G * R, 0, st>>>(h, xt, x0, sigma_bar, graph, rows, L, N, loss,
+        se_kernel<uint16_t, G, R, true><<<blocks, G * R, 0, st>>>(h, xt, x0, c, graph, rows, L, N, loss,
                                                                    grad_loss, (uint16_t*)grad);
       else
-        se_kernel<uint16_t, G, R, false><<<blocks, G * R, 0, st>>>(h, xt, x0, sigma_bar, graph, rows, L, N, loss,
+        se_kernel<uint16_t, G, R, false><<<blocks, G * R, 0, st>>>(h, xt, x0, c, graph, rows, L, N, loss,
                                                                     grad_loss, nullptr);
     } else {
       const float* h = (const float*)log_score;
       if (grad)
-        se_kernel<float, G, R, true><<<blocks, G * R, 0, st>>>(h, xt, x0, sigma_bar, graph, rows, L, N, loss,
+        se_kernel<float, G, R, true><<<blocks, G * R, 0, st>>>(h, xt, x0, c, graph, rows, L, N, loss,
                                                                 grad_loss, (float*)grad);
       else
-        se_kernel<float, G, R, false><<<blocks, G * R, 0, st>>>(h, xt, x0, sigma_bar, graph, rows, L, N, loss,
+        se_kernel<float, G, R, false><<<blocks, G * R, 0, st>>>(h, xt, x0, c, graph, rows, L, N, loss,
                                                                  grad_loss, nullptr);
     }
   });
@@ -432,19 +451,21 @@ int difflm_launch_score_entropy(const void* log_score, int dtype, const int64_t*
 
 int difflm_launch_sedd_step(const void* log_score, int dtype, const int64_t* xt, const double* t, const double* u,
                             int step, int graph, int final_step, int64_t B, int64_t L, int64_t N, int64_t* out,
-                            void* stream) {
+                            void* consts, void* stream) {
   const int64_t rows = B * L;
   cudaStream_t st = (cudaStream_t)stream;
+  StepConsts* c = (StepConsts*)consts;  // once per sequence, before the rows
+  step_consts_kernel<<<blocks_for(B, 128), 128, 0, st>>>(t, step, graph, B, N, c);
   DIFFLM_BY_WIDTH(N, {
     const unsigned blocks = blocks_for(rows, R);
     if (dtype == BF16) {
       const uint16_t* h = (const uint16_t*)log_score;
-      sedd_kernel<uint16_t, G, R, true><<<blocks, G * R, 0, st>>>(h, xt, t, u, step, graph, final_step, rows, L, N, out);
-      sedd_kernel<uint16_t, G, R, false><<<blocks, G * R, 0, st>>>(h, xt, t, u, step, graph, final_step, rows, L, N, out);
+      sedd_kernel<uint16_t, G, R, true><<<blocks, G * R, 0, st>>>(h, xt, c, u, step, graph, final_step, rows, L, N, out);
+      sedd_kernel<uint16_t, G, R, false><<<blocks, G * R, 0, st>>>(h, xt, c, u, step, graph, final_step, rows, L, N, out);
     } else {
       const float* h = (const float*)log_score;
-      sedd_kernel<float, G, R, true><<<blocks, G * R, 0, st>>>(h, xt, t, u, step, graph, final_step, rows, L, N, out);
-      sedd_kernel<float, G, R, false><<<blocks, G * R, 0, st>>>(h, xt, t, u, step, graph, final_step, rows, L, N, out);
+      sedd_kernel<float, G, R, true><<<blocks, G * R, 0, st>>>(h, xt, c, u, step, graph, final_step, rows, L, N, out);
+      sedd_kernel<float, G, R, false><<<blocks, G * R, 0, st>>>(h, xt, c, u, step, graph, final_step, rows, L, N, out);
     }
   });
   return (int)cudaGetLastError();

@@ -136,14 +136,15 @@ void cpu_rotary(const void* x, int dtype, Strides4 xs, const float* cos, const f
 
 }  // namespace difflm
 
-// ---- CUDA launchers (cuda_kernels.cu); stream is a cudaStream_t; return a cudaError_t as int
+// ---- CUDA launchers (cuda_kernels.cu); stream is a cudaStream_t; return a cudaError_t as int. consts:
+// device scratch for B SEConsts (score entropy) or StepConsts (the SEDD steps), filled by the launcher
 extern "C" {
 int difflm_launch_score_entropy(const void* log_score, int dtype, const int64_t* xt, const int64_t* x0,
                                 const double* sigma_bar, int graph, int64_t B, int64_t L, int64_t N,
-                                float* loss, const float* grad_loss, void* grad, void* stream);
+                                float* loss, const float* grad_loss, void* grad, void* consts, void* stream);
 int difflm_launch_sedd_step(const void* log_score, int dtype, const int64_t* xt, const double* t,
                             const double* u, int step, int graph, int final_step, int64_t B, int64_t L,
-                            int64_t N, int64_t* out, void* stream);
+                            int64_t N, int64_t* out, void* consts, void* stream);
 int difflm_launch_mdlm_step(const void* logits, int dtype, const int64_t* xt, const double* p_unmask,
                             const double* u, int64_t mask_id, int64_t B, int64_t L, int64_t N, int64_t* out,
                             void* stream);
