@@ -37,6 +37,7 @@ import functools
 import glob
 import importlib.util
 import inspect
+import itertools
 import math
 import os
 import time
@@ -169,7 +170,8 @@ def _register_fakes():
         log_score.new_empty(log_score.shape[:2], dtype=torch.float32), torch.empty_like(log_score)))
     for name in ("sedd_euler_step", "sedd_tweedie_step", "mdlm_ancestral_step"):
         fake(name, lambda scores, xt, *a: torch.empty_like(xt))
-    fake("nearest_embedding", lambda x, E, metric: x.new_empty(x.shape[:1], dtype=torch.long))
+    for name in ("nearest_embedding", "nearest_embedding_screened"):
+        fake(name, lambda x, E, *a: x.new_empty(x.shape[:1], dtype=torch.long))
     fake("rotary", lambda qkv, *a: qkv.new_empty(qkv.shape))
 
 
@@ -352,9 +354,11 @@ def _rotary_takes(a):
                     for t in (cos, sin)))
 
 
-def _nearest_embedding(x, E, metric):
+def _nearest_embedding(x, E, metric, screened=False):
+    """screened: the GPU's search for large tables, called on any input (the first-use check runs it)."""
+    op = torch.ops.difflm.nearest_embedding_screened if screened else torch.ops.difflm.nearest_embedding
     shape, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])  # (..., d) -> (N, d)
-    return torch.ops.difflm.nearest_embedding(x2.float().contiguous(), E.float().contiguous(), metric).view(shape)
+    return op(x2.float().contiguous(), E.float().contiguous(), metric).view(shape)
 
 
 # -- small random inputs for the first-use checks (a private generator: the global RNG is untouched)
@@ -450,8 +454,9 @@ def _check_nearest(f, device):
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(3, 7, 5, generator=gen).to(dtype).to(device)
         E = torch.randn(13, 5, generator=gen).to(device)
-        for metric in ("cos", "l2"):
-            got, ref = f.kernel(x, E, metric), f.oracle(x, E, metric)
+        for metric, screened in itertools.product(("cos", "l2"), (False, True)):
+            got = f.spec.call(x, E, metric, screened=True) if screened else f.kernel(x, E, metric)
+            ref = f.oracle(x, E, metric)
             # near-ties may pick another row on another device: compare the picked rows' scores
             xd, Ed = x.double().reshape(-1, 5), E.double()
             if metric == "cos":
@@ -463,7 +468,8 @@ def _check_nearest(f, device):
             # one-sided: the op's pick may score higher than the oracle's (a TF32 oracle on a GPU), not lower
             got_score = torch.where(bad.reshape(-1, 1), math.nan, torch.minimum(pick(got), pick(ref)))
             r, msg = _gap(got_score, pick(ref), 1e-4, 1e-4)
-            out.append((r, f"{metric}, {str(dtype)[6:]}: score of the picked row, {msg}"))
+            out.append((r, f"{metric}{', screened' if screened else ''}, {str(dtype)[6:]}: score of the picked row, "
+                           f"{msg}"))
     return _worst(out)
 
 

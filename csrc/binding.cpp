@@ -12,6 +12,8 @@
 //   sedd_tweedie_step(log_score, xt, dsigma, u, graph, final) -> x_s (B, L)
 //   mdlm_ancestral_step(logits, xt, p_unmask, u, mask_id) -> x_s (B, L)
 //   nearest_embedding(x, E, metric) -> ids (N,): nearest row of E by 'cos' or 'l2' (Diffusion-LM's clamp)
+//   nearest_embedding_screened(x, E, metric, chunk_entries) -> ids (N,): the same by a bf16 screen and an fp32
+//     decision, a GPU's path for large tables (nearest_embedding takes it there); on the CPU for the tests
 //   rotary(qkv, cos, sin, transpose) -> (B, L, 3, H, D) contiguous: common.apply_rotary, or (transpose) its backward
 //   cuda_built() -> bool
 #include <ATen/ATen.h>
@@ -250,12 +252,11 @@ Tensor mdlm_ancestral_step(const Tensor& logits, const Tensor& xt, const Tensor&
   return out;
 }
 
-// ---- nearest_embedding(x (N, d), E (V, d), metric) -> (N,) int64: Diffusion-LM's clamp (cos | l2), no N x V
-// scores; the normalised table and its bias are tensors (counted by torch's memory profiler), O(V d)
-Tensor nearest_embedding(const Tensor& x, const Tensor& E, c10::string_view metric) {
+// ---- nearest_embedding(x (N, d), E (V, d), metric) -> (N,) int64: Diffusion-LM's clamp (cos | l2)
+
+int check_nearest(const Tensor& x, const Tensor& E, c10::string_view metric) {
   TORCH_CHECK(metric == "cos" || metric == "l2", "difflm: metric must be 'cos' or 'l2', got '", std::string(metric),
               "'");
-  const int m = metric == "cos" ? difflm::NEAREST_COS : difflm::NEAREST_L2;
   TORCH_CHECK(x.dim() == 2, "difflm: x must have shape (N, d), got ", x.dim(), " dimensions ", x.sizes());
   TORCH_CHECK(E.dim() == 2, "difflm: E must have shape (V, d), got ", E.dim(), " dimensions ", E.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat, "difflm: x must be float32, got ", x.scalar_type());
@@ -268,13 +269,20 @@ Tensor nearest_embedding(const Tensor& x, const Tensor& E, c10::string_view metr
   TORCH_CHECK(x.device().is_cpu(), "difflm: x is on ", x.device(),
               " but the kernels were built without CUDA; use the PyTorch path (DIFFLM_KERNELS=0)");
 #endif
-  const int64_t N = x.size(0), d = x.size(1), V = E.size(0);
+  const int64_t d = x.size(1), V = E.size(0);
   TORCH_CHECK(at::isfinite(x).all().item<bool>(), "difflm: x must be finite (it holds a NaN or an infinity)");
   TORCH_CHECK(at::isfinite(E).all().item<bool>(), "difflm: E must be finite (it holds a NaN or an infinity)");
   TORCH_CHECK(E.size(1) == d, "difflm: E must have d = ", d, " columns like x, got shape ", E.sizes());
   TORCH_CHECK(V >= 1, "difflm: E must have at least one row (V >= 1)");
   TORCH_CHECK(d >= 1, "difflm: x and E need at least one dimension (d >= 1)");
   TORCH_CHECK(V < (int64_t(1) << 31) - 16, "difflm: E has ", V, " rows; at most 2^31 - 17 are supported");
+  return metric == "cos" ? difflm::NEAREST_COS : difflm::NEAREST_L2;
+}
+
+// The fp32 search: one pass over the table per block of queries, no N x V scores; the normalised table
+// and its bias are tensors (counted by torch's memory profiler), O(V d)
+Tensor nearest_exact(const Tensor& x, const Tensor& E, int m) {
+  const int64_t N = x.size(0), d = x.size(1), V = E.size(0);
   Tensor out = at::empty({N}, x.options().dtype(at::kLong));
   if (N == 0) return out;
   const int64_t P = (V + 15) / 16;
@@ -294,6 +302,73 @@ Tensor nearest_embedding(const Tensor& x, const Tensor& E, c10::string_view metr
 #endif
   }
   return out;
+}
+
+// The screened search, a GPU's path for large tables (also on the CPU, where the tests check it): tensor
+// cores score every pair from bf16 operands (bf16 out), then one kernel per chunk of queries (kernels.h)
+// lets fp32 decide among the few rows that can win. A screen score plus c_v (L2's bias, added in fp32)
+// is within e_v = 2^-5 |x_q| |t_v| of the fp32 score x_q . t_v + c_v (t: the normalised table): rounding
+// both operands to bf16 moves a product by at most 2^-7 + 2^-16 of itself, which Cauchy-Schwarz sums to
+// 2^-7 |x| |t_v|; the bf16 result, and any bf16 partial sums cuBLAS may reduce in, add 2^-8 of |x| |t_v|
+// each; the fp32 sums (d + 8) 2^-23; adding c_v rounds within 2^-24 |c_v| (the slack). So the best row v*,
+// with s_v* >= s_v for all v, has an upper bound at least every row's lower bound, and is kept. Queries
+// go in chunks of at most chunk_entries screen scores.
+Tensor nearest_screened_impl(const Tensor& x, const Tensor& E, int m, int64_t chunk_entries) {
+  const int64_t N = x.size(0), d = x.size(1), V = E.size(0);
+  const bool l2 = m == difflm::NEAREST_L2;
+  const Tensor sq = E.to(at::kDouble).pow(2).sum(1);  // (V,) as the fp32 kernels make them, in fp64
+  const Tensor table = l2 ? E : E * sq.sqrt().clamp_min(1e-12).reciprocal().to(at::kFloat).unsqueeze(1);
+  const int64_t K = (d + 7) / 8 * 8;  // a multiple of 8: whole tensor-core rows
+  Tensor table16 = at::zeros({V, K}, E.options().dtype(at::kBFloat16));
+  table16.narrow(1, 0, d).copy_(table);
+  // the CPU has no bf16 GEMM: the same products (exact in fp32) and fp32 sums, from fp32 copies
+  const Tensor table16_as_f32 = x.is_cuda() ? Tensor() : table16.to(at::kFloat);
+  const Tensor ct = l2 ? at::stack({(sq * -0.5).to(at::kFloat), sq.sqrt().to(at::kFloat)}, 1) : Tensor();  // (V, 2)
+  const float slack = l2 ? (sq.max() / (1 << 20)).item<float>() : 0.0f;  // 2 x 2^-24 |c| max, with room
+  const Tensor h = x.norm(2, {1}) / 32 * (l2 ? 1.0 : table.norm(2, {1}).max().item<double>());  // (N,)
+  const difflm::NearestTable tab{table.data_ptr<float>(), l2 ? ct.data_ptr<float>() : nullptr, slack, V, d};
+  Tensor out = at::empty({N}, x.options().dtype(at::kLong));
+  const int64_t n = std::max<int64_t>(1, chunk_entries / V);
+  for (int64_t q0 = 0; q0 < N; q0 += n) {
+    const int64_t nq = std::min(n, N - q0);
+    const Tensor xq = x.narrow(0, q0, nq), hq = h.narrow(0, q0, nq);
+    Tensor x16 = at::zeros({nq, K}, table16.options());
+    x16.narrow(1, 0, d).copy_(xq);
+    Tensor ids = out.narrow(0, q0, nq);
+    if (x.is_cpu()) {
+      const Tensor screen = at::mm(x16.to(at::kFloat), table16_as_f32.t()).to(at::kBFloat16);  // (nq, V)
+      difflm::cpu_nearest_select((const uint16_t*)screen.data_ptr(), nq, xq.data_ptr<float>(), hq.data_ptr<float>(),
+                                 tab, ids.data_ptr<int64_t>(), at::get_num_threads());
+    } else {
+#ifdef DIFFLM_CUDA
+      DIFFLM_STREAM(x);
+      const Tensor screen = at::mm(x16, table16.t());  // (nq, V) bf16
+      cuda_ok(difflm_launch_nearest_select((const uint16_t*)screen.data_ptr(), nq, xq.data_ptr<float>(),
+                                           hq.data_ptr<float>(), tab, ids.data_ptr<int64_t>(), stream),
+              "nearest_embedding_screened");
+#endif
+    }
+    const Tensor rows = (ids < 0).nonzero().squeeze(1);  // crowded queries: the fp32 search
+    if (rows.numel() > 0) ids.index_copy_(0, rows, nearest_exact(xq.index_select(0, rows), E, m));
+  }
+  return out;
+}
+
+// On a GPU, tables of at least 4096 rows and 32 dimensions take the screen, where a bf16 GEMM and two
+// reads of its scores should cost less than the fp32 kernel's FMAs; d stays within the bound's
+// assumption, (d + 8) 2^-23 << 2^-7.
+Tensor nearest_embedding(const Tensor& x, const Tensor& E, c10::string_view metric) {
+  const int m = check_nearest(x, E, metric);
+  const int64_t d = x.size(1), V = E.size(0);
+  const bool screen = x.is_cuda() && V >= 4096 && d >= 32 && d <= 1024;
+  return screen ? nearest_screened_impl(x, E, m, int64_t(1) << 27) : nearest_exact(x, E, m);
+}
+
+Tensor nearest_embedding_screened(const Tensor& x, const Tensor& E, c10::string_view metric, int64_t chunk_entries) {
+  const int m = check_nearest(x, E, metric);
+  TORCH_CHECK(x.size(1) <= 1024, "difflm: the screened search takes d <= 1024, got ", x.size(1));
+  TORCH_CHECK(chunk_entries >= 1, "difflm: chunk_entries must be >= 1, got ", chunk_entries);
+  return nearest_screened_impl(x, E, m, chunk_entries);
 }
 
 // ---- rotary(qkv (B, L, 3, H, D), cos (L, 1, 1, D), sin (L, 1, 1, D), transpose) -> (B, L, 3, H, D), qkv's dtype
@@ -350,6 +425,7 @@ TORCH_LIBRARY(difflm, m) {
   m.def("sedd_tweedie_step(Tensor log_score, Tensor xt, Tensor dsigma, Tensor u, str graph, bool final=False) -> Tensor");
   m.def("mdlm_ancestral_step(Tensor logits, Tensor xt, Tensor p_unmask, Tensor u, int mask_id) -> Tensor");
   m.def("nearest_embedding(Tensor x, Tensor E, str metric) -> Tensor");
+  m.def("nearest_embedding_screened(Tensor x, Tensor E, str metric, int chunk_entries=134217728) -> Tensor");
   m.def("rotary(Tensor qkv, Tensor cos, Tensor sin, bool transpose=False) -> Tensor");
   m.def("cuda_built() -> bool", &cuda_built);
 }
@@ -362,6 +438,7 @@ TORCH_LIBRARY_IMPL(difflm, CPU, m) {
   m.impl("sedd_tweedie_step", &sedd_tweedie_step);
   m.impl("mdlm_ancestral_step", &mdlm_ancestral_step);
   m.impl("nearest_embedding", &nearest_embedding);
+  m.impl("nearest_embedding_screened", &nearest_embedding_screened);
   m.impl("rotary", &rotary);
 }
 
@@ -373,6 +450,7 @@ TORCH_LIBRARY_IMPL(difflm, CUDA, m) {
   m.impl("sedd_tweedie_step", &sedd_tweedie_step);
   m.impl("mdlm_ancestral_step", &mdlm_ancestral_step);
   m.impl("nearest_embedding", &nearest_embedding);
+  m.impl("nearest_embedding_screened", &nearest_embedding_screened);
   m.impl("rotary", &rotary);
 }
 #endif

@@ -624,6 +624,41 @@ void cpu_nearest_pack(const float* E, int64_t V, int64_t d, int metric, float* p
   }
 }
 
+void cpu_nearest_select(const uint16_t* screen, int64_t nq, const float* x, const float* h, NearestTable tab,
+                        int64_t* out, int nthreads) {
+  const int64_t V = tab.V, d = tab.d;
+#pragma omp parallel for schedule(dynamic, 16) num_threads(nthreads)
+  for (int64_t q = 0; q < nq; ++q) {
+    const uint16_t* row = screen + q * V;
+    auto bound = [&](int64_t v, float sign) {  // s_v -+ e_v
+      const float s = load(row, v);
+      return tab.ct ? s + tab.ct[2 * v] + sign * h[q] * tab.ct[2 * v + 1] : s + sign * h[q];
+    };
+    float lo = -INFINITY;
+    for (int64_t v = 0; v < V; ++v) lo = std::max(lo, bound(v, -1.0f));
+    int64_t cand[NEAREST_CAP], n = 0;
+    for (int64_t v = 0; v < V && n <= NEAREST_CAP; ++v)
+      if (bound(v, 1.0f) + tab.slack >= lo) {
+        if (n < NEAREST_CAP) cand[n] = v;
+        ++n;
+      }
+    if (n == 0 || n > NEAREST_CAP) {
+      out[q] = -1;
+      continue;
+    }
+    int64_t best = cand[0];
+    float best_s = 0.0f;
+    for (int64_t k = 0; k < n; ++k) {  // increasing index: strict > keeps the lowest of equal scores
+      const float* t = tab.t + cand[k] * d;
+      float acc = 0.0f;
+      for (int64_t i = 0; i < d; ++i) acc += x[q * d + i] * t[i];
+      const float s = tab.ct ? acc + tab.ct[2 * cand[k]] : acc;
+      if (k == 0 || s > best_s) best = cand[k], best_s = s;
+    }
+    out[q] = best;
+  }
+}
+
 void cpu_nearest_embedding(const float* x, int64_t N, int64_t d, const float* packed, const float* bias, int64_t V,
                            int64_t* out, int nthreads) {
   const int64_t P = (V + NE_LANES - 1) / NE_LANES;

@@ -571,7 +571,75 @@ __global__ void __launch_bounds__(NE_THREADS) ne_search_kernel(const float* __re
   }
 }
 
+// The screened clamp's decision (kernels.h), a block per query: two passes over its screen row (the best
+// lower bound, then the rows whose upper bound reaches it, gathered in shared memory), then a warp per
+// candidate scores it in fp32 and thread 0 keeps the best, ties to the lowest index.
+constexpr int NS_THREADS = 256;
+
+__global__ void __launch_bounds__(NS_THREADS) ne_select_kernel(const uint16_t* __restrict__ screen,
+                                                                const float* __restrict__ x,
+                                                                const float* __restrict__ h, NearestTable tab,
+                                                                int64_t* __restrict__ out) {
+  __shared__ double sm[NS_THREADS / 32];
+  __shared__ int cand[NEAREST_CAP];
+  __shared__ float score[NEAREST_CAP];
+  __shared__ int count;
+  const int tid = threadIdx.x, lane = tid % 32, wid = tid / 32;
+  const int64_t q = blockIdx.x;
+  const uint16_t* row = screen + q * tab.V;
+  const float hq = h[q];
+  const float2* ct = reinterpret_cast<const float2*>(tab.ct);
+  auto bound = [&](int64_t v, float s, float sign) {  // s_v -+ e_v
+    if (!ct) return s + sign * hq;
+    const float2 p = ct[v];
+    return s + p.x + sign * hq * p.y;
+  };
+  float lo = -INFINITY;
+  visit<uint16_t, NS_THREADS, false>(row, (uint16_t*)nullptr, tab.V, tid, [&](int64_t v, float s) {
+    lo = fmaxf(lo, bound(v, s, -1.0f));
+    return 0.0f;
+  });
+  lo = group_max<NS_THREADS>(lo, sm);
+  if (tid == 0) count = 0;
+  __syncthreads();
+  visit<uint16_t, NS_THREADS, false>(row, (uint16_t*)nullptr, tab.V, tid, [&](int64_t v, float s) {
+    if (bound(v, s, 1.0f) + tab.slack >= lo) {
+      const int k = atomicAdd(&count, 1);
+      if (k < NEAREST_CAP) cand[k] = (int)v;
+    }
+    return 0.0f;
+  });
+  __syncthreads();
+  const int n = count;
+  if (n == 0 || n > NEAREST_CAP) {  // none (a non-finite screen) or crowded: the fp32 search decides
+    if (tid == 0) out[q] = -1;
+    return;
+  }
+  for (int k = wid; k < n; k += NS_THREADS / 32) {
+    const float* t = tab.t + (int64_t)cand[k] * tab.d;
+    const float* xq = x + q * tab.d;
+    float acc = 0.0f;
+    for (int64_t i = lane; i < tab.d; i += 32) acc = fmaf(xq[i], t[i], acc);
+    acc = warp_sum(acc);
+    if (lane == 0) score[k] = ct ? acc + ct[cand[k]].x : acc;
+  }
+  __syncthreads();
+  if (tid == 0) {
+    int best = cand[0];
+    float best_s = score[0];
+    for (int k = 1; k < n; ++k)
+      if (score[k] > best_s || (score[k] == best_s && cand[k] < best)) best = cand[k], best_s = score[k];
+    out[q] = best;
+  }
+}
+
 }  // namespace
+
+extern "C" int difflm_launch_nearest_select(const uint16_t* screen, int64_t nq, const float* x, const float* h,
+                                            NearestTable tab, int64_t* out, void* stream) {
+  ne_select_kernel<<<(unsigned)nq, NS_THREADS, 0, (cudaStream_t)stream>>>(screen, x, h, tab, out);
+  return (int)cudaGetLastError();
+}
 
 extern "C" int difflm_launch_nearest_embedding(const float* x, int64_t N, int64_t d, const float* E, int64_t V,
                                                int metric, float* table, float* bias, int64_t* out, void* stream) {

@@ -124,6 +124,20 @@ void cpu_nearest_pack(const float* E, int64_t V, int64_t d, int metric, float* p
 void cpu_nearest_embedding(const float* x, int64_t N, int64_t d, const float* packed, const float* bias, int64_t V,
                            int64_t* out, int nthreads);
 
+// ---- the screened clamp (nearest_embedding_screened, binding.cpp): screen (nq, V) bf16 holds the bf16 GEMM's
+// x_q . t_v, and s_v = screen + c_v is within e_v = h_q |t_v| of the fp32 score x_q . t_v + c_v. Query q keeps
+// the rows with s_v + e_v + slack >= max_u (s_u - e_u), scores them in fp32 and returns the best, ties to
+// the lowest index; -1 when none or more than NEAREST_CAP qualify (the fp32 search decides those).
+constexpr int NEAREST_CAP = 256;
+struct NearestTable {
+  const float* t;   // (V, d): the table the fp32 search scores
+  const float* ct;  // (V, 2): c_v, |t_v| (L2); nullptr: c_v = 0, |t_v| counted as 1 (cosine)
+  float slack;      // the rounding of adding c_v, both bounds together
+  int64_t V, d;
+};
+void cpu_nearest_select(const uint16_t* screen, int64_t nq, const float* x, const float* h, NearestTable tab,
+                        int64_t* out, int nthreads);
+
 // ---- rotary positions (common.apply_rotary): qkv (B, L, 3, H, D) -> out (B, L, 3, H, D), contiguous, in qkv's
 // dtype: queries and keys at position l turned as x cos + swap(x) sin, where swap exchanges the two halves of
 // the last dimension, values copied. transpose (its backward): g cos + swap(g sin) for queries and keys, with
@@ -151,6 +165,8 @@ int difflm_launch_mdlm_step(const void* logits, int dtype, const int64_t* xt, co
 // nearest_embedding: normalised table (V, d) + bias (V,) into table/bias (work buffers), then the search
 int difflm_launch_nearest_embedding(const float* x, int64_t N, int64_t d, const float* E, int64_t V, int metric,
                                     float* table, float* bias, int64_t* out, void* stream);
+int difflm_launch_nearest_select(const uint16_t* screen, int64_t nq, const float* x, const float* h,
+                                 difflm::NearestTable tab, int64_t* out, void* stream);
 int difflm_launch_rotary(const void* x, int dtype, difflm::Strides4 xs, const float* cos, const float* sin,
                          int transpose, int64_t B, int64_t L, int64_t H, int64_t D, void* out, void* stream);
 }

@@ -133,3 +133,82 @@ def test_non_finite_inputs_are_refused_on_both_paths(k, where, value):
             diffusion_lm.nearest_embedding(x, E, "cos")
     with pytest.raises(RuntimeError, match=f"{where} must be finite"):
         k.nearest_embedding(x, E, "l2")
+
+
+# -- the screened search (a GPU's path for large tables), run here on the CPU: a bf16 screen, fp32 decides
+
+def check_optimal(got, x, E, metric, ref, seed):
+    """got is optimal up to fp32 rounding, and equals ref where the best row is clear of the second."""
+    s = scores64(x, E, metric)
+    best = s.max(-1).values
+    picked = s.gather(1, got[:, None]).squeeze(1)
+    assert (picked >= best - 1e-5 * (1 + best.abs())).all(), f"seed {seed}: a non-nearest row was picked"
+    top2 = s.topk(min(2, E.shape[0]), -1).values
+    clear = (top2[:, 0] - top2[:, -1] > 1e-4) if E.shape[0] > 1 else torch.ones(len(x), dtype=torch.bool)
+    assert torch.equal(got[clear], ref[clear]), f"seed {seed}: differs from the fp32 search on clear rows"
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("shape,chunk", [((1, 1, 1), 1), ((97, 16, 853), 1 << 27), ((200, 33, 1000), 5000),
+                                         ((300, 256, 4099), 40000)])
+def test_screened_matches_the_fp32_search(k, metric, shape, chunk):
+    gen, seed = fresh_gen()
+    N, d, V = shape
+    x = torch.randn(N, d, generator=gen) * 2
+    E = torch.randn(V, d, generator=gen) * torch.rand(V, 1, generator=gen) * 3
+    got = k.nearest_embedding_screened(x, E, metric, chunk)  # chunk: queries in groups of chunk // V
+    assert got.dtype == torch.long and got.shape == (N,)
+    check_optimal(got, x, E, metric, k.nearest_embedding(x, E, metric), seed)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_screened_decides_in_fp32(k, metric):
+    """Rows closer together than bf16 can tell (scores ~1e-3 apart, relative) but far apart for fp32: the
+    screen alone picks wrongly, fp32 among its candidates picks the nearest."""
+    gen, seed = fresh_gen()
+    base = torch.randn(40, 64, generator=gen)
+    E = (base.repeat(4, 1) + 0.05 * torch.randn(160, 64, generator=gen)).contiguous()  # 4 near copies each
+    x = base[torch.randint(40, (300,), generator=gen)] + 0.05 * torch.randn(300, 64, generator=gen)
+    s = scores64(x, E, metric)
+    bf16_pick = (x.bfloat16().double() @ (E if metric == "l2" else F.normalize(E, dim=-1)).bfloat16().double().T
+                 - (0.5 * E.double().pow(2).sum(-1) if metric == "l2" else 0)).argmax(-1)
+    truth = s.argmax(-1)
+    assert (bf16_pick != truth).sum() >= 10, f"seed {seed}: the test needs rows that bf16 decides wrongly"
+    got = k.nearest_embedding_screened(x, E, metric)
+    check_optimal(got, x, E, metric, k.nearest_embedding(x, E, metric), seed)
+    assert (got == truth).float().mean() > 0.99, f"seed {seed}"
+
+
+def test_screened_crowded_queries_go_to_the_fp32_search(k):
+    """A zero query under cosine ties every row, and 300 copies of a row crowd one query: more candidates
+    than the screen keeps (256), so those queries take the fp32 search, ties to the lowest index."""
+    gen, seed = fresh_gen()
+    E = torch.randn(700, 40, generator=gen)
+    E[100:400] = E[7]
+    x = torch.randn(6, 40, generator=gen)
+    x[0] = 0
+    x[1] = E[7] * 2
+    for metric in METRICS:
+        got = k.nearest_embedding_screened(x, E, metric)
+        ref = k.nearest_embedding(x, E, metric)
+        assert torch.equal(got, ref), f"seed {seed}, {metric}"
+        assert got[1] == 7 and (metric == "l2" or got[0] == 0), f"seed {seed}, {metric}"
+
+
+def test_screened_ties_and_bad_inputs(k):
+    gen, seed = fresh_gen()
+    E = torch.randn(200, 16, generator=gen)
+    E[150] = E[3]
+    E[70] = E[3]
+    x = E[[3, 70, 150]].clone()
+    for metric in METRICS:
+        assert k.nearest_embedding_screened(x, E, metric).tolist() == [3, 3, 3], f"seed {seed}"
+    with pytest.raises(RuntimeError, match="chunk_entries must be >= 1"):
+        k.nearest_embedding_screened(x, E, "cos", 0)
+    with pytest.raises(RuntimeError, match="d <= 1024"):
+        k.nearest_embedding_screened(torch.randn(2, 1025), torch.randn(3, 1025), "cos")
+    with pytest.raises(RuntimeError, match="metric must be 'cos' or 'l2'"):
+        k.nearest_embedding_screened(x, E, "dot")
+    torch.library.opcheck(torch.ops.difflm.nearest_embedding_screened.default,
+                          (torch.randn(6, 5), torch.randn(9, 5), "l2", 20),
+                          test_utils=("test_schema", "test_faketensor"))

@@ -5,7 +5,7 @@ import torch
 
 import kernels
 import diffusion_lm
-from test_kernel_nearest import scores64
+from test_kernel_nearest import check_optimal, scores64
 from test_kernels import fresh_gen
 
 pytestmark = [pytest.mark.cuda,
@@ -61,3 +61,18 @@ def test_cuda_ties(k):
     for metric in ("cos", "l2"):
         assert k.nearest_embedding(x.cuda(), E.cuda(), metric).tolist() == [3, 3, 3]
         assert (k.nearest_embedding(torch.randn(100, 8).cuda(), torch.ones(300, 8).cuda(), metric) == 0).all()
+
+
+@pytest.mark.parametrize("metric", ("cos", "l2"))
+def test_cuda_screened_matches_the_cpu(k, metric):
+    """The screened search on the GPU (bf16 tensor cores into fp32) against the same search on the CPU
+    and the fp32 kernel, in chunks of queries, with crowded queries that take the fp32 search."""
+    gen, seed = fresh_gen()
+    x = torch.randn(700, 96, generator=gen)
+    E = torch.randn(5000, 96, generator=gen) * torch.rand(5000, 1, generator=gen) * 3
+    E[4000:4300] = E[11]
+    x[0], x[1] = 0, E[11] * 2
+    got = k.nearest_embedding_screened(x.cuda(), E.cuda(), metric, 300000).cpu()
+    check_optimal(got, x, E, metric, k.nearest_embedding(x, E, metric), seed)
+    check_optimal(got, x, E, metric, k.nearest_embedding_screened(x, E, metric, 300000), seed)
+    assert got[1] == 11, f"seed {seed}"
