@@ -650,8 +650,9 @@ extern "C" int difflm_launch_nearest_embedding(const float* x, int64_t N, int64_
 }
 
 // ------------------------------------------------------------------------------------------------
-// rotary positions (cpu_kernels.cpp): one thread per output value. Products and sums are rounded
-// one by one (__fmul_rn, __fadd_rn: never an FMA), so the result is PyTorch's mul and add bit for bit.
+// rotary positions (cpu_kernels.cpp): a warp per position (b, l), its 3 H head vectors in turn, lanes along
+// the head dimension, so no thread divides per value. Products and sums are rounded one by one
+// (__fmul_rn, __fadd_rn: never an FMA), so the result is PyTorch's mul and add bit for bit.
 namespace {
 
 __device__ __forceinline__ float as_dtype(const float*, float v) { return v; }
@@ -659,19 +660,27 @@ __device__ __forceinline__ float as_dtype(const uint16_t*, float v) { return bf1
 
 template <class T>
 __global__ void rotary_kernel(const T* __restrict__ x, Strides4 xs, const float* __restrict__ cos,
-                              const float* __restrict__ sin, bool transpose, int64_t L, int64_t H, int64_t D, int64_t n,
-                              T* __restrict__ out) {
-  const int64_t half = D / 2;
-  for (int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; k < n; k += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t i = k % D, h = k / D % H, j = k / (D * H) % 3, r = k / (D * H * 3), l = r % L, b = r / L;
-    const T* xh = x + b * xs.b + l * xs.l + j * xs.j + h * xs.h;
-    if (j == 2) {  // values: copied as they are
-      out[k] = xh[i];
-      continue;
-    }
-    const int64_t p = i < half ? i + half : i - half;  // the partner: y = x cos + swap(x) sin, g cos + swap(g sin)
-    const float a = __fmul_rn(ld(xh, i), cos[l * D + i]), s = __fmul_rn(ld(xh, p), sin[l * D + (transpose ? p : i)]);
-    st(out, k, transpose ? __fadd_rn(as_dtype(out, a), as_dtype(out, s)) : __fadd_rn(a, s));
+                              const float* __restrict__ sin, bool transpose, int64_t B, int64_t L, int64_t H,
+                              int64_t D, T* __restrict__ out) {
+  const int64_t half = D / 2, warps = (int64_t)gridDim.x * blockDim.x / 32;
+  const int lane = threadIdx.x % 32;
+  for (int64_t r = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) / 32; r < B * L; r += warps) {
+    const int64_t b = r / L, l = r % L;
+    const float *c = cos + l * D, *sn = sin + l * D;
+    T* o = out + r * 3 * H * D;
+    for (int j = 0; j < 3; ++j)
+      for (int64_t h = 0; h < H; ++h, o += D) {
+        const T* xh = x + b * xs.b + l * xs.l + j * xs.j + h * xs.h;
+        for (int64_t i = lane; i < D; i += 32) {
+          if (j == 2) {  // values: copied as they are
+            o[i] = xh[i];
+            continue;
+          }
+          const int64_t p = i < half ? i + half : i - half;  // the partner: x cos + swap(x) sin, g cos + swap(g sin)
+          const float a = __fmul_rn(ld(xh, i), c[i]), s = __fmul_rn(ld(xh, p), sn[transpose ? p : i]);
+          st(o, i, transpose ? __fadd_rn(as_dtype(o, a), as_dtype(o, s)) : __fadd_rn(a, s));
+        }
+      }
   }
 }
 
@@ -680,16 +689,15 @@ __global__ void rotary_kernel(const T* __restrict__ x, Strides4 xs, const float*
 extern "C" int difflm_launch_rotary(const void* x, int dtype, Strides4 xs, const float* cos, const float* sin,
                                     int transpose, int64_t B, int64_t L, int64_t H, int64_t D, void* out,
                                     void* stream) {
-  const int64_t n = B * L * 3 * H * D;
-  const int threads = 256;
-  const int64_t want = (n + threads - 1) / threads, most = int64_t(1) << 20;  // the grid-stride loop does the rest
+  const int threads = 256;  // 8 warps, 8 positions at a time
+  const int64_t want = (B * L + 7) / 8, most = int64_t(1) << 20;  // the grid-stride loop does the rest
   const unsigned blocks = (unsigned)(want < most ? want : most);
   cudaStream_t st = (cudaStream_t)stream;
   if (dtype == BF16)
-    rotary_kernel<uint16_t><<<blocks, threads, 0, st>>>((const uint16_t*)x, xs, cos, sin, transpose != 0, L, H, D, n,
+    rotary_kernel<uint16_t><<<blocks, threads, 0, st>>>((const uint16_t*)x, xs, cos, sin, transpose != 0, B, L, H, D,
                                                         (uint16_t*)out);
   else
-    rotary_kernel<float><<<blocks, threads, 0, st>>>((const float*)x, xs, cos, sin, transpose != 0, L, H, D, n,
+    rotary_kernel<float><<<blocks, threads, 0, st>>>((const float*)x, xs, cos, sin, transpose != 0, B, L, H, D,
                                                      (float*)out);
   return (int)cudaGetLastError();
 }
