@@ -1,0 +1,202 @@
+"""The CUDA kernels' own source (csrc/cuda_kernels.cu), run on the CPU: compiled by g++ against
+tests/cuda_emulator.h (a std::thread per CUDA thread, real barriers, warp shuffles through memory) and
+called through their launchers, against the CPU ops on the same inputs. It checks the kernels' logic on a
+machine without a GPU; the CUDA tests on a GPU remain the proof of the hardware path."""
+import ctypes
+import math
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+import kernels
+from test_kernel_nearest import check_optimal
+from test_kernels import fresh_gen
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20) to build the emulated kernels")
+
+
+def host_launches(src):
+    """kernel<<<grid, block, 0, stream>>>(args); -> emulated_launch(grid, block, [&] { kernel(args); });"""
+    out, i = [], 0
+    for m in re.finditer(r"([A-Za-z_]\w*(?:<[^<>;]*>)?)<<<", src):
+        if m.start() < i:
+            continue
+        close = src.index(">>>(", m.end())
+        grid, block = split_top(src[m.end():close])[:2]
+        depth, j = 1, close + 4
+        while depth:  # the matching parenthesis of the argument list
+            depth += {"(": 1, ")": -1}.get(src[j], 0)
+            j += 1
+        out += [src[i:m.start()], f"emulated_launch(({grid}), ({block}), [&] {{ {m.group(1)}({src[close + 4:j - 1]}); }})"]
+        i = j
+    return "".join(out + [src[i:]])
+
+
+def split_top(text):
+    """Split on the commas outside parentheses and angle brackets."""
+    parts, depth, cur = [], 0, ""
+    for c in text:
+        depth += {"(": 1, "<": 1, ")": -1, ">": -1}.get(c, 0)
+        if c == "," and depth == 0:
+            parts, cur = parts + [cur.strip()], ""
+        else:
+            cur += c
+    return parts + [cur.strip()]
+
+
+class Strides4(ctypes.Structure):
+    _fields_ = [("b", ctypes.c_int64), ("l", ctypes.c_int64), ("j", ctypes.c_int64), ("h", ctypes.c_int64)]
+
+
+class NearestTable(ctypes.Structure):
+    _fields_ = [("t", ctypes.c_void_p), ("ct", ctypes.c_void_p), ("slack", ctypes.c_float), ("V", ctypes.c_int64),
+                ("d", ctypes.c_int64)]
+
+
+@pytest.fixture(scope="module")
+def cu(tmp_path_factory):
+    d = tmp_path_factory.mktemp("emulated")
+    with open(os.path.join(ROOT, "csrc", "cuda_kernels.cu")) as f:
+        src = host_launches(f.read())
+    (d / "cuda_runtime.h").write_text('#include "cuda_emulator.h"\n')
+    (d / "kernels.cpp").write_text(src)
+    lib = d / "kernels.so"
+    cmd = ["g++", "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-ffp-contract=off", f"-I{d}",
+           f"-I{os.path.join(ROOT, 'tests')}", f"-I{os.path.join(ROOT, 'csrc')}", str(d / "kernels.cpp"), "-o", str(lib)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return ctypes.CDLL(str(lib))
+
+
+@pytest.fixture(scope="module")
+def k():
+    ops = kernels.load()
+    assert ops is not None, "the difflm kernels did not build"
+    return torch.ops.difflm
+
+
+def p(t):
+    return ctypes.c_void_p(t.data_ptr() if t is not None else 0)
+
+
+def dtype_code(t):
+    return 1 if t.dtype == torch.bfloat16 else 0
+
+
+WIDTHS = [(2, 5, 40), (2, 2, 3000), (2, 1, 20000)]  # a warp for 8 rows, 256 threads, 512 threads per row
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.mark.parametrize("B,L,V", WIDTHS)
+@pytest.mark.parametrize("graph", ["absorb", "uniform"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_score_entropy(cu, k, B, L, V, graph, dtype):
+    gen, seed = fresh_gen()
+    N = V + 1 if graph == "absorb" else V
+    x0 = torch.randint(V, (B, L), generator=gen)
+    other = torch.full((B, L), N - 1) if graph == "absorb" else torch.randint(N, (B, L), generator=gen)
+    xt = torch.where(torch.rand(B, L, generator=gen) < 0.5, other, x0)
+    ls = torch.randn(B, L, N, generator=gen).to(dtype)
+    sb = torch.rand(B, generator=gen, dtype=torch.float64) * 3 + 0.05
+    w = torch.rand(B, L, generator=gen)
+    loss, grad, consts = torch.empty(B, L), torch.empty_like(ls), torch.empty(B, 4, dtype=torch.float64)
+    g = 0 if graph == "absorb" else 1
+    for out_loss, grad_loss, out_grad in ((loss, None, None), (None, w, grad)):
+        assert cu.difflm_launch_score_entropy(p(ls), dtype_code(ls), p(xt), p(x0), p(sb), g, ctypes.c_int64(B),
+                                              ctypes.c_int64(L), ctypes.c_int64(N), p(out_loss), p(grad_loss),
+                                              p(out_grad), p(consts), None) == 0
+    torch.testing.assert_close(loss, k.score_entropy(ls, xt, x0, sb, graph), rtol=1e-5, atol=1e-5,
+                               msg=lambda m: f"seed {seed}: loss: {m}")
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-6)  # one bf16 ulp
+    torch.testing.assert_close(grad.float(), k.score_entropy_backward(w, ls, xt, x0, sb, graph).float(), **tol,
+                               msg=lambda m: f"seed {seed}: gradient: {m}")
+
+
+@pytest.mark.parametrize("B,L,V", WIDTHS)
+@pytest.mark.parametrize("graph", ["absorb", "uniform"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sampling_steps(cu, k, B, L, V, graph, dtype):
+    """Rows that stay (the screen) and rows that move (the fp64 path and its inverse-CDF walk)."""
+    gen, seed = fresh_gen()
+    N = V + 1 if graph == "absorb" else V
+    cases = ((-math.log(N) + 1.5, 0.3), (1.0, 0.5), (1.0, 0.05))
+    for shift, t in cases if N < 16384 else cases[1:2]:  # the widest rows: one case where every row moves
+        h = (torch.randn(B, L, N, generator=gen) + shift).to(dtype)
+        masked = torch.rand(B, L, generator=gen) < 0.5
+        xt = torch.where(masked, N - 1, torch.randint(N - 1, (B, L), generator=gen)) if graph == "absorb" else \
+            torch.randint(N, (B, L), generator=gen)
+        u = torch.rand(B, L, 2, generator=gen, dtype=torch.float64)
+        tt = t * (0.5 + torch.rand(B, generator=gen, dtype=torch.float64))  # each sequence its own time
+        consts = torch.empty(B, 4, dtype=torch.float64)
+        for step, final in ((0, False), (1, False), (1, True)):
+            out = torch.empty(B, L, dtype=torch.long)
+            assert cu.difflm_launch_sedd_step(p(h), dtype_code(h), p(xt), p(tt), p(u), step, 0 if graph == "absorb"
+                                              else 1, int(final), ctypes.c_int64(B), ctypes.c_int64(L),
+                                              ctypes.c_int64(N), p(out), p(consts), None) == 0
+            ref = k.sedd_euler_step(h, xt, tt, u, graph) if step == 0 else k.sedd_tweedie_step(h, xt, tt, u, graph,
+                                                                                                final)
+            assert torch.equal(out, ref), f"seed {seed}: step {step}, final {final}, shift {shift:.2f}"
+        if graph == "absorb":
+            pu = torch.full((B,), 0.7, dtype=torch.float64)
+            out = torch.empty(B, L, dtype=torch.long)
+            assert cu.difflm_launch_mdlm_step(p(h), dtype_code(h), p(xt), p(pu), p(u), ctypes.c_int64(N - 1),
+                                              ctypes.c_int64(B), ctypes.c_int64(L), ctypes.c_int64(N), p(out),
+                                              None) == 0
+            assert torch.equal(out, k.mdlm_ancestral_step(h, xt, pu, u, N - 1)), f"seed {seed}: mdlm"
+
+
+@pytest.mark.parametrize("B,L,H,D", [(2, 5, 3, 6), (1, 7, 2, 64), (2, 3, 1, 70)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_bit_for_bit(cu, k, B, L, H, D, dtype):
+    gen, seed = fresh_gen()
+    cos, sin = torch.randn(L, 1, 1, D, generator=gen), torch.randn(L, 1, 1, D, generator=gen)
+    qkv = torch.randn(B, L, 4, H, D, generator=gen).to(dtype)[:, :, 1:]  # strided: every stride but the last
+    for transpose in (False, True):
+        out = torch.empty(B, L, 3, H, D, dtype=dtype)
+        assert cu.difflm_launch_rotary(p(qkv), dtype_code(qkv), Strides4(*qkv.stride()[:4]), p(cos), p(sin),
+                                       int(transpose), ctypes.c_int64(B), ctypes.c_int64(L), ctypes.c_int64(H),
+                                       ctypes.c_int64(D), p(out), None) == 0
+        assert torch.equal(out, k.rotary(qkv, cos, sin, transpose)), f"seed {seed}: transpose {transpose}"
+
+
+@pytest.mark.parametrize("metric", ["cos", "l2"])
+@pytest.mark.parametrize("kind", ["odd sizes", "crowded", "closer than bf16"])
+def test_nearest_searches(cu, k, metric, kind):
+    """The fp32 search (pack + tiled search) and the screened search's select kernel, fed the bf16 screen
+    as binding.cpp's nearest_screened_impl prepares it on the CPU; crowded queries come back as -1."""
+    gen, seed = fresh_gen()
+    N, d, V = {"odd sizes": (65, 17, 63), "crowded": (70, 40, 700), "closer than bf16": (60, 64, 160)}[kind]
+    x = torch.randn(N, d, generator=gen) * 2
+    E = torch.randn(V, d, generator=gen) * torch.rand(V, 1, generator=gen) * 3
+    if kind == "crowded":
+        E[100:400] = E[7]  # 300 copies: more than the select keeps
+        x[0], x[1] = 0, E[7] * 2
+    if kind == "closer than bf16":  # 4 near copies of each of 40 rows, queries near them
+        base = torch.randn(40, d, generator=gen) * (1 + torch.rand(40, 1, generator=gen) * 3)
+        E = (base.repeat(4, 1) + 0.05 * torch.randn(V, d, generator=gen)).contiguous()
+        x = base[torch.randint(40, (N,), generator=gen)] + 0.05 * torch.randn(N, d, generator=gen)
+    m = 0 if metric == "cos" else 1
+    out, table, bias = torch.empty(N, dtype=torch.long), torch.empty(V, d), torch.empty(V)
+    assert cu.difflm_launch_nearest_embedding(p(x), ctypes.c_int64(N), ctypes.c_int64(d), p(E), ctypes.c_int64(V), m,
+                                              p(table), p(bias), p(out), None) == 0
+    exact = k.nearest_embedding(x, E, metric)
+    check_optimal(out, x, E, metric, exact, seed)
+
+    sq = E.double().pow(2).sum(1)
+    t = E if metric == "l2" else (E * sq.sqrt().clamp_min(1e-12).reciprocal().float()[:, None]).contiguous()
+    screen = (x.bfloat16().float() @ t.bfloat16().float().T).bfloat16()
+    ct = torch.stack([(sq * -0.5).float(), sq.sqrt().float()], 1) if metric == "l2" else None
+    h = x.norm(dim=1) / 32 * (1.0 if metric == "l2" else float(t.norm(dim=1).max()))
+    tab = NearestTable(t.data_ptr(), ct.data_ptr() if ct is not None else None,
+                       float(sq.max() / 2**20) if metric == "l2" else 0.0, V, d)
+    ids = torch.empty(N, dtype=torch.long)
+    assert cu.difflm_launch_nearest_select(p(screen), ctypes.c_int64(N), p(x), p(h), tab, p(ids), None) == 0
+    crowded = ids < 0  # 300 copies crowd query 1, and every row ties for query 0 under cosine
+    assert kind != "crowded" or (crowded[1] and (metric == "l2" or crowded[0])), f"seed {seed}"
+    ids[crowded] = exact[crowded]
+    check_optimal(ids, x, E, metric, k.nearest_embedding_screened(x, E, metric), seed)
