@@ -88,7 +88,7 @@ def dtype_code(t):
     return 1 if t.dtype == torch.bfloat16 else 0
 
 
-WIDTHS = [(2, 5, 40), (2, 2, 3000), (2, 1, 20000)]  # a warp for 8 rows, 256 threads, 512 threads per row
+WIDTHS = [(3, 1, 2), (2, 5, 40), (2, 2, 3000), (2, 1, 20000)]  # warps for 8 rows; 256, 512 threads a row
 DTYPES = [torch.float32, torch.bfloat16]
 
 
