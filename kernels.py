@@ -514,10 +514,12 @@ def _refuse_step(tname):
 
 
 def _refuse_non_finite(a):
-    """A NaN or infinite vector has no nearest row (argmax over NaN scores is arbitrary)."""
-    for name, t in (("x", a[0]), ("E", a[1])):
-        if not bool(torch.isfinite(t).all()):
-            raise ValueError(f"difflm: {name} must be finite (it holds a NaN or an infinity)")
+    """A NaN or infinite vector has no nearest row (argmax over NaN scores is arbitrary). One check of
+    both first: on a GPU each answer is a synchronisation."""
+    x, E = a[0], a[1]
+    if not bool(torch.isfinite(x).all() & torch.isfinite(E).all()):
+        name = "x" if not bool(torch.isfinite(x).all()) else "E"
+        raise ValueError(f"difflm: {name} must be finite (it holds a NaN or an infinity)")
 
 
 class _Spec:

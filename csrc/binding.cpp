@@ -270,8 +270,10 @@ int check_nearest(const Tensor& x, const Tensor& E, c10::string_view metric) {
               " but the kernels were built without CUDA; use the PyTorch path (DIFFLM_KERNELS=0)");
 #endif
   const int64_t d = x.size(1), V = E.size(0);
-  TORCH_CHECK(at::isfinite(x).all().item<bool>(), "difflm: x must be finite (it holds a NaN or an infinity)");
-  TORCH_CHECK(at::isfinite(E).all().item<bool>(), "difflm: E must be finite (it holds a NaN or an infinity)");
+  if (!(at::isfinite(x).all() & at::isfinite(E).all()).item<bool>()) {  // one sync for both on a GPU
+    TORCH_CHECK(at::isfinite(x).all().item<bool>(), "difflm: x must be finite (it holds a NaN or an infinity)");
+    TORCH_CHECK(false, "difflm: E must be finite (it holds a NaN or an infinity)");
+  }
   TORCH_CHECK(E.size(1) == d, "difflm: E must have d = ", d, " columns like x, got shape ", E.sizes());
   TORCH_CHECK(V >= 1, "difflm: E must have at least one row (V >= 1)");
   TORCH_CHECK(d >= 1, "difflm: x and E need at least one dimension (d >= 1)");
