@@ -92,9 +92,15 @@ WIDTHS = [(3, 1, 2), (2, 5, 40), (2, 2, 3000), (2, 1, 20000)]  # warps for 8 row
 DTYPES = [torch.float32, torch.bfloat16]
 
 
-@pytest.mark.parametrize("B,L,V", WIDTHS)
-@pytest.mark.parametrize("graph", ["absorb", "uniform"])
-@pytest.mark.parametrize("dtype", DTYPES)
+def every_layout(test):
+    """Each thread layout, both graphs, both dtypes."""
+    for mark in (pytest.mark.parametrize("B,L,V", WIDTHS), pytest.mark.parametrize("graph", ["absorb", "uniform"]),
+                 pytest.mark.parametrize("dtype", DTYPES)):
+        test = mark(test)
+    return test
+
+
+@every_layout
 def test_score_entropy(cu, k, B, L, V, graph, dtype):
     gen, seed = fresh_gen()
     N = V + 1 if graph == "absorb" else V
@@ -117,9 +123,7 @@ def test_score_entropy(cu, k, B, L, V, graph, dtype):
                                msg=lambda m: f"seed {seed}: gradient: {m}")
 
 
-@pytest.mark.parametrize("B,L,V", WIDTHS)
-@pytest.mark.parametrize("graph", ["absorb", "uniform"])
-@pytest.mark.parametrize("dtype", DTYPES)
+@every_layout
 def test_sampling_steps(cu, k, B, L, V, graph, dtype):
     """Rows that stay (the screen) and rows that move (the fp64 path and its inverse-CDF walk)."""
     gen, seed = fresh_gen()
