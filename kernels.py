@@ -503,12 +503,12 @@ def _refuse_sigma_bar(a):
 
 def _refuse_step(tname):
     """A step's rate (or probability) `tname` is finite and >= 0 and its uniforms lie in [0, 1);
-    outside (or NaN) the op and the oracle pick differently."""
+    outside (or NaN) the op and the oracle pick differently. One answer for both (on a GPU, one sync)."""
     def refuse(a):
-        t, u = a[2], a[3]
-        if t.numel() and not bool(((t >= 0) & (t < math.inf)).all()):
-            raise ValueError(f"difflm: {tname} must be finite and >= 0")
-        if u.numel() and not bool(((u >= 0) & (u < 1)).all()):
+        t_ok, u_ok = ((a[2] >= 0) & (a[2] < math.inf)).all(), ((a[3] >= 0) & (a[3] < 1)).all()
+        if not bool(t_ok & u_ok):
+            if not bool(t_ok):
+                raise ValueError(f"difflm: {tname} must be finite and >= 0")
             raise ValueError("difflm: u must lie in [0, 1) (uniforms)")
     return refuse
 

@@ -70,10 +70,16 @@ void check_like(const Tensor& t, const char* name, const Tensor& ref, at::IntArr
   TORCH_CHECK(t.is_contiguous(), "difflm: ", name, " must be contiguous (call .contiguous() first)");
 }
 
+// (min, max) of a non-empty tensor, copied to the host at once (one synchronisation on a GPU)
+Tensor range_of(const Tensor& t) {
+  auto mm = at::aminmax(t);
+  return at::stack({std::get<0>(mm), std::get<1>(mm)}).cpu();
+}
+
 void check_ids(const Tensor& ids, const char* name, int64_t hi, const char* what) {
   if (ids.numel() == 0) return;
-  auto mm = at::aminmax(ids);
-  const int64_t lo_v = std::get<0>(mm).item<int64_t>(), hi_v = std::get<1>(mm).item<int64_t>();
+  const Tensor r = range_of(ids);
+  const int64_t lo_v = r[0].item<int64_t>(), hi_v = r[1].item<int64_t>();
   TORCH_CHECK(lo_v >= 0 && hi_v < hi, "difflm: ", name, " holds token ids in [", lo_v, ", ", hi_v,
               "] but must lie in [0, ", hi - 1, "] (", what, ")");
 }
@@ -116,8 +122,8 @@ int check_score_entropy(const Tensor& log_score, const Tensor& xt, const Tensor&
   TORCH_CHECK(sigma_bar.scalar_type() == at::kFloat || sigma_bar.scalar_type() == at::kDouble,
               "difflm: sigma_bar must be float32 or float64, got ", sigma_bar.scalar_type());
   if (g == difflm::ABSORB && B > 0) {  // r = 1 / expm1(sigma_bar) is a rate only for 0 < sigma_bar < inf
-    auto mm = at::aminmax(sigma_bar);
-    const double lo = std::get<0>(mm).item<double>(), hi = std::get<1>(mm).item<double>();
+    const Tensor r = range_of(sigma_bar);
+    const double lo = r[0].item<double>(), hi = r[1].item<double>();
     TORCH_CHECK(lo > 0 && hi < INFINITY, "difflm: sigma_bar must be positive and finite for the absorbing graph, got "
                 "values in [", lo, ", ", hi, "]");
   }
@@ -183,14 +189,14 @@ int check_step(const Tensor& scores, const char* sname, const Tensor& xt, const 
   check_like(u, "u", scores, {B, L, 2}, at::kDouble, "(B, L, 2)");
   check_ids(xt, "xt", N, "the states of the scores' last dimension");
   if (B > 0) {  // a rate or a probability: a NaN fails both comparisons
-    auto mm = at::aminmax(t);
-    const double lo = std::get<0>(mm).item<double>(), hi = std::get<1>(mm).item<double>();
+    const Tensor r = range_of(t);
+    const double lo = r[0].item<double>(), hi = r[1].item<double>();
     TORCH_CHECK(lo >= 0 && hi < INFINITY, "difflm: ", tname, " must be finite and >= 0, got values in [", lo, ", ",
                 hi, "]");
   }
   if (u.numel() > 0) {
-    auto mm = at::aminmax(u);
-    const double lo = std::get<0>(mm).item<double>(), hi = std::get<1>(mm).item<double>();
+    const Tensor r = range_of(u);
+    const double lo = r[0].item<double>(), hi = r[1].item<double>();
     TORCH_CHECK(lo >= 0 && hi < 1, "difflm: u must lie in [0, 1) (uniforms), got values in [", lo, ", ", hi, "]");
   }
   return dtype;
