@@ -28,7 +28,7 @@
 #endif
 
 #ifdef DIFFLM_CUDA
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #endif
 
@@ -106,7 +106,7 @@ void cuda_ok(int err, const char* op) {
 }
 #define DIFFLM_STREAM(t)                          \
   const c10::cuda::CUDAGuard guard((t).device()); \
-  void* stream = (void*)at::cuda::getCurrentCUDAStream().stream()
+  void* stream = (void*)c10::cuda::getCurrentCUDAStream().stream()
 #endif
 
 // checks shared by the forward and the backward; returns the dtype code

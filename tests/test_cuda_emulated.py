@@ -1,7 +1,8 @@
 """The CUDA kernels' own source (csrc/cuda_kernels.cu), run on the CPU: compiled by g++ against
 tests/cuda_emulator.h (a std::thread per CUDA thread, real barriers, warp shuffles through memory) and
 called through their launchers, against the CPU ops on the same inputs. It checks the kernels' logic on a
-machine without a GPU; the CUDA tests on a GPU remain the proof of the hardware path."""
+machine without a GPU; the CUDA tests on a GPU remain the proof of the hardware path. Also: binding.cpp's
+CUDA branches, which a CPU build never compiles, must compile."""
 import ctypes
 import math
 import os
@@ -71,6 +72,33 @@ def cu(tmp_path_factory):
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     return ctypes.CDLL(str(lib))
+
+
+def cuda_include():
+    """The CUDA toolkit's include folder (cuda_runtime.h), or None."""
+    homes = [os.environ.get("CUDA_HOME"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        homes.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for home in filter(None, homes):
+        if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+            return os.path.join(home, "include")
+    return None
+
+
+@pytest.mark.skipif(cuda_include() is None, reason="needs the CUDA toolkit's headers (cuda_runtime.h)")
+def test_binding_cuda_branch_compiles(tmp_path):
+    """A CPU wheel of torch ships the c10 CUDA headers but not the one its CUDA build generates, which
+    only says that c10's CUDA library is shared: written here, the binding's CUDA branches can be checked."""
+    generated = tmp_path / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
+    generated.parent.mkdir(parents=True)
+    generated.write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    from torch.utils.cpp_extension import include_paths
+    cmd = (["g++", "-std=c++17", "-fsyntax-only", "-DDIFFLM_CUDA"] + [f"-I{p}" for p in include_paths()]
+           + [f"-I{tmp_path}", f"-I{cuda_include()}", f"-I{os.path.join(ROOT, 'csrc')}",
+              os.path.join(ROOT, "csrc", "binding.cpp")])
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
