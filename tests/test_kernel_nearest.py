@@ -31,6 +31,20 @@ def scores64(x, E, metric):
     return -torch.cdist(x, E)
 
 
+def check_optimal(got, x, E, metric, ref, seed):
+    """got is optimal up to fp32 rounding (every query), and equals ref where the best row is clear of the second."""
+    s = scores64(x, E, metric)
+    best = s.max(-1).values
+    picked = s.gather(1, got[:, None]).squeeze(1)
+    assert (picked >= best - 1e-5 * (1 + best.abs())).all(), f"seed {seed}: a non-nearest row was picked"
+    top2 = s.topk(min(2, E.shape[0]), -1).values
+    clear = (top2[:, 0] - top2[:, -1] > 1e-4) if E.shape[0] > 1 else torch.ones(len(x), dtype=torch.bool)
+    assert torch.equal(got[clear], ref[clear]), f"seed {seed}: differs on clear rows"
+
+
+SEARCHES = ("nearest_embedding", "nearest_embedding_screened")  # the fp32 search, the GPU's screened one
+
+
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_matches_oracle(k, metric, shape):
@@ -39,41 +53,34 @@ def test_matches_oracle(k, metric, shape):
     x = torch.randn(N, d, generator=gen) * 2
     E = torch.randn(V, d, generator=gen) * torch.rand(V, 1, generator=gen) * 3  # norms differ: cos != l2
     got = k.nearest_embedding(x, E, metric)
-    ref = diffusion_lm.nearest_embedding.oracle(x, E, metric)
     assert got.dtype == torch.long and got.shape == (N,)
-    s = scores64(x, E, metric)
-    best = s.max(-1).values
-    picked = s.gather(1, got[:, None]).squeeze(1)
-    # the kernel's choice is optimal up to fp32 rounding, and equals the oracle's where the best is clear
-    tol = 1e-5 * (1 + best.abs())
-    assert (picked >= best - tol).all(), f"seed {seed}: a non-nearest row was picked"
-    top2 = s.topk(min(2, V), -1).values
-    clear = (top2[:, 0] - top2[:, -1] > 1e-4) if V > 1 else torch.ones(N, dtype=torch.bool)
-    assert torch.equal(got[clear], ref[clear]), f"seed {seed}: differs from the oracle on clear rows"
+    check_optimal(got, x, E, metric, diffusion_lm.nearest_embedding.oracle(x, E, metric), seed)
 
 
+@pytest.mark.parametrize("search", SEARCHES)
 @pytest.mark.parametrize("metric", METRICS)
-def test_ties_go_to_the_lowest_index(k, metric):
+def test_ties_go_to_the_lowest_index(k, metric, search):
     gen, seed = fresh_gen()
     E = torch.randn(40, 16, generator=gen)
     E[33] = E[5]  # an exact duplicate later in the table, in another 16-row panel
     E[21] = E[5]
     x = E[[5, 21, 33, 7]] + 0.01 * torch.randn(4, 16, generator=gen)
     x[0] = E[5]
-    got = k.nearest_embedding(x, E, metric)
+    got = getattr(k, search)(x, E, metric)
     assert got[0] == 5 and got[1] == 5 and got[2] == 5, f"seed {seed}: {got.tolist()}"
     assert torch.equal(got, diffusion_lm.nearest_embedding.oracle(x, E, metric))
     # all rows equal: every query ties everywhere
     same = torch.ones(37, 8)
-    assert (k.nearest_embedding(torch.randn(9, 8, generator=gen), same, metric) == 0).all()
+    assert (getattr(k, search)(torch.randn(9, 8, generator=gen), same, metric) == 0).all()
 
 
-def test_zero_query_and_zero_rows_cosine(k):
+@pytest.mark.parametrize("search", SEARCHES)
+def test_zero_query_and_zero_rows_cosine(k, search):
     E = torch.randn(20, 4)
     E[0] = 0.0  # F.normalize maps a zero row to zero: score 0
     x = torch.zeros(3, 4)
-    assert k.nearest_embedding(x, E, "cos").tolist() == [0, 0, 0]
-    assert torch.equal(k.nearest_embedding(x, E, "cos"), diffusion_lm.nearest_embedding.oracle(x, E, "cos"))
+    assert getattr(k, search)(x, E, "cos").tolist() == [0, 0, 0]
+    assert torch.equal(getattr(k, search)(x, E, "cos"), diffusion_lm.nearest_embedding.oracle(x, E, "cos"))
 
 
 def test_cosine_and_l2_differ_as_they_should(k):
@@ -83,8 +90,9 @@ def test_cosine_and_l2_differ_as_they_should(k):
     assert k.nearest_embedding(x, E, "cos").item() == 1  # close in angle (0.05 vs 0.1 rad)
 
 
-def test_empty_queries(k):
-    assert k.nearest_embedding(torch.zeros(0, 5), torch.randn(3, 5), "cos").shape == (0,)
+@pytest.mark.parametrize("search", SEARCHES)
+def test_empty_queries(k, search):
+    assert getattr(k, search)(torch.zeros(0, 5), torch.randn(3, 5), "cos").shape == (0,)
 
 
 @pytest.mark.parametrize("args,msg", [
@@ -99,14 +107,16 @@ def test_empty_queries(k):
     ((torch.randn(3, 4), torch.randn(5, 4).index_fill(0, torch.tensor([2]), float("nan")), "cos"), "E must be finite"),
     ((torch.randn(3, 4).index_fill(1, torch.tensor([0]), float("inf")), torch.randn(5, 4), "l2"), "x must be finite"),
 ])
-def test_bad_inputs(k, args, msg):
+@pytest.mark.parametrize("search", SEARCHES)
+def test_bad_inputs(k, args, msg, search):
     with pytest.raises(RuntimeError, match=msg):
-        k.nearest_embedding(*args)
+        getattr(k, search)(*args)
 
 
-def test_fake_implementation(k):
+@pytest.mark.parametrize("search", SEARCHES)
+def test_fake_implementation(k, search):
     """Shapes under torch.compile / FakeTensor come from the fake registered in kernels.py."""
-    torch.library.opcheck(torch.ops.difflm.nearest_embedding.default, (torch.randn(6, 5), torch.randn(9, 5), "cos"),
+    torch.library.opcheck(getattr(torch.ops.difflm, search).default, (torch.randn(6, 5), torch.randn(9, 5), "cos"),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -136,17 +146,7 @@ def test_non_finite_inputs_are_refused_on_both_paths(k, where, value):
 
 
 # -- the screened search (a GPU's path for large tables), run here on the CPU: a bf16 screen, fp32 decides
-
-def check_optimal(got, x, E, metric, ref, seed):
-    """got is optimal up to fp32 rounding, and equals ref where the best row is clear of the second."""
-    s = scores64(x, E, metric)
-    best = s.max(-1).values
-    picked = s.gather(1, got[:, None]).squeeze(1)
-    assert (picked >= best - 1e-5 * (1 + best.abs())).all(), f"seed {seed}: a non-nearest row was picked"
-    top2 = s.topk(min(2, E.shape[0]), -1).values
-    clear = (top2[:, 0] - top2[:, -1] > 1e-4) if E.shape[0] > 1 else torch.ones(len(x), dtype=torch.bool)
-    assert torch.equal(got[clear], ref[clear]), f"seed {seed}: differs from the fp32 search on clear rows"
-
+# (the tests above that take `search` run it too)
 
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("shape,chunk", [((1, 1, 1), 1), ((97, 16, 853), 1 << 27), ((200, 33, 1000), 5000),
@@ -195,20 +195,10 @@ def test_screened_crowded_queries_go_to_the_fp32_search(k):
         assert got[1] == 7 and (metric == "l2" or got[0] == 0), f"seed {seed}, {metric}"
 
 
-def test_screened_ties_and_bad_inputs(k):
-    gen, seed = fresh_gen()
-    E = torch.randn(200, 16, generator=gen)
-    E[150] = E[3]
-    E[70] = E[3]
-    x = E[[3, 70, 150]].clone()
-    for metric in METRICS:
-        assert k.nearest_embedding_screened(x, E, metric).tolist() == [3, 3, 3], f"seed {seed}"
+def test_screened_bad_inputs(k):
+    """What only the screened search takes (the checks both share are in test_bad_inputs)."""
+    x, E = torch.randn(3, 16), torch.randn(20, 16)
     with pytest.raises(RuntimeError, match="chunk_entries must be >= 1"):
         k.nearest_embedding_screened(x, E, "cos", 0)
     with pytest.raises(RuntimeError, match="d <= 1024"):
         k.nearest_embedding_screened(torch.randn(2, 1025), torch.randn(3, 1025), "cos")
-    with pytest.raises(RuntimeError, match="metric must be 'cos' or 'l2'"):
-        k.nearest_embedding_screened(x, E, "dot")
-    torch.library.opcheck(torch.ops.difflm.nearest_embedding_screened.default,
-                          (torch.randn(6, 5), torch.randn(9, 5), "l2", 20),
-                          test_utils=("test_schema", "test_faketensor"))
