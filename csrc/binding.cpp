@@ -318,7 +318,7 @@ Tensor nearest_exact(const Tensor& x, const Tensor& E, int m) {
 // is within e_v = 2^-5 |x_q| |t_v| of the fp32 score x_q . t_v + c_v (t: the normalised table): rounding
 // both operands to bf16 moves a product by at most 2^-7 + 2^-16 of itself, which Cauchy-Schwarz sums to
 // 2^-7 |x| |t_v|; the bf16 result, and any bf16 partial sums cuBLAS may reduce in, add 2^-8 of |x| |t_v|
-// each; the fp32 sums (d + 8) 2^-23; adding c_v rounds within 2^-24 |c_v| (the slack). So the best row v*,
+// each; the fp32 sums (d + 8) 2^-23; adding c_v rounds within 2^-24 |c_v| (kernels.h). So the best row v*,
 // with s_v* >= s_v for all v, has an upper bound at least every row's lower bound, and is kept. Queries
 // go in chunks of at most chunk_entries screen scores.
 Tensor nearest_screened_impl(const Tensor& x, const Tensor& E, int m, int64_t chunk_entries) {
@@ -332,9 +332,9 @@ Tensor nearest_screened_impl(const Tensor& x, const Tensor& E, int m, int64_t ch
   // the CPU has no bf16 GEMM: the same products (exact in fp32) and fp32 sums, from fp32 copies
   const Tensor table16_as_f32 = x.is_cuda() ? Tensor() : table16.to(at::kFloat);
   const Tensor ct = l2 ? at::stack({(sq * -0.5).to(at::kFloat), sq.sqrt().to(at::kFloat)}, 1) : Tensor();  // (V, 2)
-  const float slack = l2 ? (sq.max() / (1 << 20)).item<float>() : 0.0f;  // 2 x 2^-24 |c| max, with room
-  const Tensor h = x.norm(2, {1}) / 32 * (l2 ? 1.0 : table.norm(2, {1}).max().item<double>());  // (N,)
-  const difflm::NearestTable tab{table.data_ptr<float>(), l2 ? ct.data_ptr<float>() : nullptr, slack, V, d};
+  // (N,): cosine counts every |t_v| as their largest, which stays on the device (no synchronisation)
+  const Tensor h = l2 ? x.norm(2, {1}) / 32 : x.norm(2, {1}) / 32 * table.norm(2, {1}).max();
+  const difflm::NearestTable tab{table.data_ptr<float>(), l2 ? ct.data_ptr<float>() : nullptr, V, d};
   Tensor out = at::empty({N}, x.options().dtype(at::kLong));
   const int64_t n = std::max<int64_t>(1, chunk_entries / V);
   for (int64_t q0 = 0; q0 < N; q0 += n) {

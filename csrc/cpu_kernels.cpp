@@ -632,13 +632,15 @@ void cpu_nearest_select(const uint16_t* screen, int64_t nq, const float* x, cons
     const uint16_t* row = screen + q * V;
     auto bound = [&](int64_t v, float sign) {  // s_v -+ e_v
       const float s = load(row, v);
-      return tab.ct ? s + tab.ct[2 * v] + sign * h[q] * tab.ct[2 * v + 1] : s + sign * h[q];
+      if (!tab.ct) return s + sign * h[q];
+      const float c = tab.ct[2 * v];
+      return s + c + sign * (h[q] * tab.ct[2 * v + 1] + fabsf(c) * 0x1p-22f);
     };
     float lo = -INFINITY;
     for (int64_t v = 0; v < V; ++v) lo = std::max(lo, bound(v, -1.0f));
     int64_t cand[NEAREST_CAP], n = 0;
     for (int64_t v = 0; v < V && n <= NEAREST_CAP; ++v)
-      if (bound(v, 1.0f) + tab.slack >= lo) {
+      if (bound(v, 1.0f) >= lo) {
         if (n < NEAREST_CAP) cand[n] = v;
         ++n;
       }

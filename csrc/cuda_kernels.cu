@@ -592,7 +592,7 @@ __global__ void __launch_bounds__(NS_THREADS) ne_select_kernel(const uint16_t* _
   auto bound = [&](int64_t v, float s, float sign) {  // s_v -+ e_v
     if (!ct) return s + sign * hq;
     const float2 p = ct[v];
-    return s + p.x + sign * hq * p.y;
+    return s + p.x + sign * (hq * p.y + fabsf(p.x) * 0x1p-22f);
   };
   float lo = -INFINITY;
   visit<uint16_t, NS_THREADS, false>(row, (uint16_t*)nullptr, tab.V, tid, [&](int64_t v, float s) {
@@ -603,7 +603,7 @@ __global__ void __launch_bounds__(NS_THREADS) ne_select_kernel(const uint16_t* _
   if (tid == 0) count = 0;
   __syncthreads();
   visit<uint16_t, NS_THREADS, false>(row, (uint16_t*)nullptr, tab.V, tid, [&](int64_t v, float s) {
-    if (bound(v, s, 1.0f) + tab.slack >= lo) {
+    if (bound(v, s, 1.0f) >= lo) {
       const int k = atomicAdd(&count, 1);
       if (k < NEAREST_CAP) cand[k] = (int)v;
     }

@@ -125,14 +125,14 @@ void cpu_nearest_embedding(const float* x, int64_t N, int64_t d, const float* pa
                            int64_t* out, int nthreads);
 
 // ---- the screened clamp (nearest_embedding_screened, binding.cpp): screen (nq, V) bf16 holds the bf16 GEMM's
-// x_q . t_v, and s_v = screen + c_v is within e_v = h_q |t_v| of the fp32 score x_q . t_v + c_v. Query q keeps
-// the rows with s_v + e_v + slack >= max_u (s_u - e_u), scores them in fp32 and returns the best, ties to
-// the lowest index; -1 when none or more than NEAREST_CAP qualify (the fp32 search decides those).
+// x_q . t_v, and s_v = screen + c_v is within e_v = h_q |t_v| + 2^-22 |c_v| of the fp32 score x_q . t_v + c_v
+// (the second term: adding c_v rounds). Query q keeps the rows with s_v + e_v >= max_u (s_u - e_u), scores
+// them in fp32 and returns the best, ties to the lowest index; -1 when none or more than NEAREST_CAP qualify
+// (the fp32 search decides those).
 constexpr int NEAREST_CAP = 256;
 struct NearestTable {
   const float* t;   // (V, d): the table the fp32 search scores
   const float* ct;  // (V, 2): c_v, |t_v| (L2); nullptr: c_v = 0, |t_v| counted as 1 (cosine)
-  float slack;      // the rounding of adding c_v, both bounds together
   int64_t V, d;
 };
 void cpu_nearest_select(const uint16_t* screen, int64_t nq, const float* x, const float* h, NearestTable tab,

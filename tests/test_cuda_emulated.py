@@ -55,8 +55,7 @@ class Strides4(ctypes.Structure):
 
 
 class NearestTable(ctypes.Structure):
-    _fields_ = [("t", ctypes.c_void_p), ("ct", ctypes.c_void_p), ("slack", ctypes.c_float), ("V", ctypes.c_int64),
-                ("d", ctypes.c_int64)]
+    _fields_ = [("t", ctypes.c_void_p), ("ct", ctypes.c_void_p), ("V", ctypes.c_int64), ("d", ctypes.c_int64)]
 
 
 @pytest.fixture(scope="module")
@@ -224,8 +223,7 @@ def test_nearest_searches(cu, k, metric, kind):
     screen = (x.bfloat16().float() @ t.bfloat16().float().T).bfloat16()
     ct = torch.stack([(sq * -0.5).float(), sq.sqrt().float()], 1) if metric == "l2" else None
     h = x.norm(dim=1) / 32 * (1.0 if metric == "l2" else float(t.norm(dim=1).max()))
-    tab = NearestTable(t.data_ptr(), ct.data_ptr() if ct is not None else None,
-                       float(sq.max() / 2**20) if metric == "l2" else 0.0, V, d)
+    tab = NearestTable(t.data_ptr(), ct.data_ptr() if ct is not None else None, V, d)
     ids = torch.empty(N, dtype=torch.long)
     assert cu.difflm_launch_nearest_select(p(screen), ctypes.c_int64(N), p(x), p(h), tab, p(ids), None) == 0
     crowded = ids < 0  # 300 copies crowd query 1, and every row ties for query 0 under cosine
