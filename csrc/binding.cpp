@@ -327,8 +327,7 @@ Tensor nearest_screened_impl(const Tensor& x, const Tensor& E, int m, int64_t ch
   const Tensor sq = E.to(at::kDouble).pow(2).sum(1);  // (V,) as the fp32 kernels make them, in fp64
   const Tensor table = l2 ? E : E * sq.sqrt().clamp_min(1e-12).reciprocal().to(at::kFloat).unsqueeze(1);
   const int64_t K = (d + 7) / 8 * 8;  // a multiple of 8: whole tensor-core rows
-  Tensor table16 = at::zeros({V, K}, E.options().dtype(at::kBFloat16));
-  table16.narrow(1, 0, d).copy_(table);
+  const Tensor table16 = at::constant_pad_nd(table, {0, K - d}).to(at::kBFloat16);  // (V, K)
   // the CPU has no bf16 GEMM: the same products (exact in fp32) and fp32 sums, from fp32 copies
   const Tensor table16_as_f32 = x.is_cuda() ? Tensor() : table16.to(at::kFloat);
   const Tensor ct = l2 ? at::stack({(sq * -0.5).to(at::kFloat), sq.sqrt().to(at::kFloat)}, 1) : Tensor();  // (V, 2)
@@ -340,8 +339,7 @@ Tensor nearest_screened_impl(const Tensor& x, const Tensor& E, int m, int64_t ch
   for (int64_t q0 = 0; q0 < N; q0 += n) {
     const int64_t nq = std::min(n, N - q0);
     const Tensor xq = x.narrow(0, q0, nq), hq = h.narrow(0, q0, nq);
-    Tensor x16 = at::zeros({nq, K}, table16.options());
-    x16.narrow(1, 0, d).copy_(xq);
+    const Tensor x16 = at::constant_pad_nd(xq, {0, K - d}).to(at::kBFloat16);  // (nq, K)
     Tensor ids = out.narrow(0, q0, nq);
     if (x.is_cpu()) {
       const Tensor screen = at::mm(x16.to(at::kFloat), table16_as_f32.t()).to(at::kBFloat16);  // (nq, V)
