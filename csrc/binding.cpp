@@ -324,14 +324,14 @@ Tensor nearest_exact(const Tensor& x, const Tensor& E, int m) {
 Tensor nearest_screened_impl(const Tensor& x, const Tensor& E, int m, int64_t chunk_entries) {
   const int64_t N = x.size(0), d = x.size(1), V = E.size(0);
   const bool l2 = m == difflm::NEAREST_L2;
-  const Tensor sq = E.to(at::kDouble).pow(2).sum(1);  // (V,) as the fp32 kernels make them, in fp64
-  const Tensor table = l2 ? E : E * sq.sqrt().clamp_min(1e-12).reciprocal().to(at::kFloat).unsqueeze(1);
+  const Tensor sq = E.to(at::kDouble).pow(2).sum(1), norm = sq.sqrt();  // (V,) as the fp32 kernels make them
+  const Tensor table = l2 ? E : E * norm.clamp_min(1e-12).reciprocal().to(at::kFloat).unsqueeze(1);
   const int64_t K = (d + 7) / 8 * 8;  // a multiple of 8: whole tensor-core rows
   const Tensor table16 = at::constant_pad_nd(table, {0, K - d}).to(at::kBFloat16);  // (V, K)
   // the CPU has no bf16 GEMM: the same products (exact in fp32) and fp32 sums, from fp32 copies
   const Tensor table16_as_f32 = x.is_cuda() ? Tensor() : table16.to(at::kFloat);
-  const Tensor ct = l2 ? at::stack({(sq * -0.5).to(at::kFloat), sq.sqrt().to(at::kFloat)}, 1) : Tensor();  // (V, 2)
-  // (N,): cosine counts every |t_v| as their largest, which stays on the device (no synchronisation)
+  const Tensor ct = l2 ? at::stack({(sq * -0.5).to(at::kFloat), norm.to(at::kFloat)}, 1) : Tensor();  // (V, 2)
+  // h (N,) = 2^-5 |x_q|; cosine counts every |t_v| as the largest, kept on the device (no synchronisation)
   const Tensor h = l2 ? x.norm(2, {1}) / 32 : x.norm(2, {1}) / 32 * table.norm(2, {1}).max();
   const difflm::NearestTable tab{table.data_ptr<float>(), l2 ? ct.data_ptr<float>() : nullptr, V, d};
   Tensor out = at::empty({N}, x.options().dtype(at::kLong));
