@@ -2,6 +2,8 @@
 // run the kernels' own source on a machine without a GPU. Every CUDA thread of a block is a std::thread;
 // __syncthreads is a barrier of the block; a warp's shuffles and votes exchange values through memory
 // between two barriers of the warp; __shared__ variables are statics, which the threads of a block share.
+// uint4 and float2 keep CUDA's alignment, so the sanitizer the test builds with reports a vector access
+// that would fault on a GPU.
 // Blocks run one after another. This checks the kernels' logic (indexing, barriers, reductions, the
 // fp32 and fp64 arithmetic), not the hardware: the hardware exp (__expf) is expf here, and nothing is
 // learnt about speed.
@@ -31,9 +33,9 @@ struct Dim { unsigned x; };
 inline thread_local Dim threadIdx;
 inline Dim blockIdx, blockDim, gridDim;
 
-struct uint4 { uint32_t x, y, z, w; };
+struct alignas(16) uint4 { uint32_t x, y, z, w; };
 inline uint4 make_uint4(uint32_t x, uint32_t y, uint32_t z, uint32_t w) { return {x, y, z, w}; }
-struct float2 { float x, y; };
+struct alignas(8) float2 { float x, y; };
 
 inline float __uint_as_float(uint32_t b) { float f; memcpy(&f, &b, 4); return f; }
 inline uint32_t __float_as_uint(float f) { uint32_t b; memcpy(&b, &f, 4); return b; }
