@@ -874,6 +874,26 @@ DRY_SAMPLE = {"ddpm": ["--steps=4", "--num_samples=64"], "diffusion_lm": ["--ste
               "mdlm": ["--steps=4", "--num_samples=2"], "sedd": ["--steps=4", "--num_samples=2"],
               "diffuser": ["--steps=1", "--num_samples=2"], "ar": ["--num_samples=2", "--seq_len=16"]}
 CUDA_TESTS = ("tests/test_kernels_cuda.py", "tests/test_kernel_nearest_cuda.py")
+# what the kernels must reach on a GPU at B=64, L=1024, V=50258 in bf16: (eager / kernel, share of the
+# bandwidth floor) per op; the clamp, eager / kernel against cuBLAS matmul + argmax for d <= 256
+KERNEL_BARS = {"score_entropy fwd+bwd": (10, 0.70), "euler step": (30, 0.60), "tweedie step": (30, 0.60),
+               "mdlm ancestral step": (30, 0.60)}
+CLAMP_BAR, CLAMP_MAX_D = 3, 256
+
+
+def judge(kernel_rows, nearest_rows):
+    """The timings against KERNEL_BARS and CLAMP_BAR -> rows (check, figures, bars, met: yes | no |
+    not judged, where the eager oracle did not fit or no bandwidth was measured)."""
+    def row(check, r, speed, floor):
+        ratio = r["eager_s"] / r["kernel_s"] if r["eager_s"] else None
+        share = r.get("of_floor") if floor else None
+        judged = ratio is not None and (share is not None or not floor)
+        met = judged and ratio >= speed and (not floor or share >= floor)
+        return {"check": check, "eager/kernel": ratio, "bar": speed, "of floor": share, "floor bar": floor,
+                "met": ("yes" if met else "no") if judged else "not judged"}
+    out = [row(f"{r['op']}, {r['graph']}", r, *KERNEL_BARS[r["op"]]) for r in kernel_rows]
+    return out + [row(f"clamp {r['metric']} at {r['N,d,V']}", r, CLAMP_BAR, None) for r in nearest_rows
+                  if int(r["N,d,V"].split(",")[1]) <= CLAMP_MAX_D]
 
 
 class Report:
@@ -1073,6 +1093,17 @@ def bench_gpu(argv):
         agree = min(r["same_ids"] for r in rows)
         return "ok", f"clamp at (N, d, V) = {', '.join(map(str, sizes))}; ids agree with eager on {agree:.2%}", rows
 
+    def acceptance():
+        found = {p["name"]: p["figures"] for p in report.parts}
+        if not found.get("kernels") and not found.get("nearest"):
+            return "skipped", "no kernel timings", None
+        rows = judge(found.get("kernels") or [], found.get("nearest") or [])
+        missed = [r["check"] for r in rows if r["met"] != "yes"]
+        if dry:
+            return "ok", f"dry run: {len(rows)} checks at toy sizes, not judged against the GPU bars", rows
+        return ("failed" if missed else "ok"), (f"missed: {'; '.join(missed)}" if missed else
+                                                f"all {len(rows)} checks met"), rows
+
     def train():
         iters = a.train_iters or (2 if dry else 600)
         rows = train_and_sample(os.path.join(a.out, "runs"), methods, dry, iters, a.timeout)
@@ -1090,7 +1121,7 @@ def bench_gpu(argv):
         return ("ok" if rc == 0 else "failed"), _last_line(text, "done:") or _tail(text), None
 
     for name, fn in (("build", build), ("self-check", self_check), ("cuda tests", cuda_tests), ("kernels", kernels),
-                     ("nearest", nearest),
+                     ("nearest", nearest), ("acceptance", acceptance),
                      ("train and sample", train), ("ddp", ddp)):
         report.part(name, fn)
     total = trainer.fmt_time(time.time() - report.t0)

@@ -12,7 +12,7 @@ import bench
 import common
 from conftest import run_cli, write_toy_dataset
 
-PARTS = ["build", "self-check", "cuda tests", "kernels", "nearest", "train and sample", "ddp"]
+PARTS = ["build", "self-check", "cuda tests", "kernels", "nearest", "acceptance", "train and sample", "ddp"]
 
 
 def test_measure_times_every_call_and_counts_memory():
@@ -39,7 +39,7 @@ def test_gpu_command_dry_run_on_cpu(tmp_path):
     assert status["cuda tests"] == "skipped" and status["ddp"] == "skipped"  # no CUDA device, no second GPU
     kernels_on = os.environ.get("DIFFLM_KERNELS") != "0"
     assert status["build"] == ("ok" if kernels_on else "skipped")
-    for part in ("self-check", "kernels", "nearest"):
+    for part in ("self-check", "kernels", "nearest", "acceptance"):
         assert status[part] == ("ok" if kernels_on else "skipped"), doc["parts"]
     if kernels_on:  # every marked op checked against its oracle, and passed
         checks = doc["parts"][PARTS.index("self-check")]["figures"]
@@ -50,10 +50,29 @@ def test_gpu_command_dry_run_on_cpu(tmp_path):
         rows = doc["parts"][PARTS.index("kernels")]["figures"]
         assert {r["op"] for r in rows} == {"score_entropy fwd+bwd", "euler step", "tweedie step", "mdlm ancestral step"}
         assert all(r["kernel_s"] > 0 and r["eager_s"] > 0 for r in rows) and "## kernels" in md
+        checks = doc["parts"][PARTS.index("acceptance")]["figures"]
+        assert len(checks) == len(rows) + 2 and "dry run" in doc["parts"][PARTS.index("acceptance")]["summary"]
     runs = doc["parts"][PARTS.index("train and sample")]["figures"]
     assert [r["method"] for r in runs] == ["ddpm", "mdlm"] and status["train and sample"] == "ok"
     assert all(r["train"] == "ok" and r["sample"] == "ok" and r["last eval"].startswith("eval") for r in runs), runs
     assert os.path.isfile(out / "runs" / "mdlm" / "ckpt.pt")
+
+
+def test_acceptance_judged_against_the_bars():
+    """Met, missed on speed, missed on bandwidth, not judged (the eager oracle did not fit, or no
+    bandwidth measured), and the clamp judged only for d <= 256."""
+    def k(op, eager_s, kernel_s, of_floor=None):
+        return {"op": op, "graph": "uniform", "eager_s": eager_s, "kernel_s": kernel_s,
+                **({"of_floor": of_floor} if of_floor is not None else {})}
+    kernel_rows = [k("score_entropy fwd+bwd", 11.0, 1.0, 0.71), k("score_entropy fwd+bwd", 9.0, 1.0, 0.9),
+                   k("euler step", 31.0, 1.0, 0.59), k("tweedie step", None, 1.0, 0.9), k("mdlm ancestral step", 40, 1)]
+    nearest_rows = [{"metric": "cos", "N,d,V": "8192,256,50257", "eager_s": 3.1, "kernel_s": 1.0},
+                    {"metric": "l2", "N,d,V": "8192,16,821", "eager_s": 2.9, "kernel_s": 1.0},
+                    {"metric": "l2", "N,d,V": "8192,512,50257", "eager_s": 1.0, "kernel_s": 1.0}]
+    rows = bench.judge(kernel_rows, nearest_rows)
+    assert [r["met"] for r in rows] == ["yes", "no", "no", "not judged", "not judged", "yes", "no"]
+    assert rows[0]["eager/kernel"] == 11.0 and rows[0]["bar"] == 10 and rows[2]["floor bar"] == 0.60
+    assert rows[-1]["check"] == "clamp l2 at 8192,16,821"
 
 
 def test_gpu_command_bad_input(tmp_path):
