@@ -9,15 +9,18 @@ absolute claims from another machine.
                                       # (--nanogpt=DIR: and nanoGPT's own GPT from a checkout)
     python bench.py kernels           # fused kernels vs eager and torch.compile'd PyTorch oracles
     python bench.py nearest           # Diffusion-LM's clamp kernel vs the PyTorch expression (time, memory)
+    python bench.py rotary            # the backbone's rotary kernel vs its PyTorch expression, forward and back
     python bench.py methods --plot=docs/methods.png   # every text method vs the AR baseline (~45 min on 2 cores)
     python bench.py gpu --out=gpu_report   # validate a GPU in one call (on a CPU: a dry run of what can run)
     python bench.py <name> --help     # the options of one benchmark
 
-Timings are medians of repeated runs after a warm-up.
+Timings are medians of repeated runs after a warm-up, with glibc told to keep freed memory (see
+steady_allocator).
 """
 
 import argparse
 import contextlib
+import ctypes
 import dataclasses
 import importlib.util
 import io
@@ -36,6 +39,20 @@ import torch
 import common
 import corpus
 import trainer
+
+
+def steady_allocator():
+    """glibc hands freed blocks of more than about 128 KiB back to the OS and page-faults them in again
+    at the next call, until its thresholds have grown past the sizes it has seen freed: whichever of a
+    kernel and its PyTorch version runs first pays for that, several times its own cost on a small op.
+    Keeping freed blocks up to 32 MiB (glibc's largest threshold) makes both meet the same warm
+    allocator, as a long run's does. Elsewhere than glibc, nothing to do."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of free heap
+    libc.mallopt(-3, 1 << 25)  # M_MMAP_THRESHOLD: heap, not mmap, for blocks up to 32 MiB
 
 
 def measure(fn, repeat=5, warmup=1, memory_on=None):
@@ -392,7 +409,8 @@ def kernel_ops(device):
             "euler_step": sedd.euler_step.kernel,
             "tweedie_step": lambda ls, xt, t, u, graph: sedd.tweedie_step.kernel(ls, xt, t, u, graph, False),
             "ancestral_step": mdlm.ancestral_step.kernel,
-            "nearest_embedding": diffusion_lm.nearest_embedding.kernel}
+            "nearest_embedding": diffusion_lm.nearest_embedding.kernel,
+            "rotary": common.apply_rotary.kernel}
 
 
 def _device(name):
@@ -420,7 +438,7 @@ def _sizes(text, form):
     """--sizes "a,b,c;a,b,c" -> [(a, b, c), ...], or a one-line exit naming the form."""
     try:
         sizes = [tuple(int(v) for v in s.split(",")) for s in text.split(";")]
-        assert all(len(s) == 3 for s in sizes)
+        assert all(len(s) == form.count(",") + 1 for s in sizes)
     except (ValueError, AssertionError):
         common.die(f"--sizes={text!r}: use {form};{form}")
     return sizes
@@ -865,6 +883,60 @@ def bench_nearest(argv):
           "N+Vd = ids (int64) + one table copy + its bias; same ids: agreement with eager (fp32 near-ties may differ)")
 
 
+def rotary_rows(device, ops, sizes, dtype, repeat=0, compile=True, bw=None):
+    """The rotary op, forward and backward, against common.apply_rotary's expression for each size
+    (B, L, H, D) -> rows (dicts: the versus() figures, peaks in units of one (B, L, 3, H, D)
+    projection, GB/s and the share of the floor when bw is given); printed as measured."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    rows = []
+    for B, L, H, D in common.progress(sizes, "sizes"):
+        cos, sin = (t.to(device) for t in common.rotary_tables(L, D))
+        qkv = torch.randn(B, L, 3, H, D, generator=gen, device=device).to(dtype).requires_grad_()
+        grad = torch.randn(qkv.shape, generator=gen, device=device).to(dtype)
+
+        def fwd_bwd(fn):
+            return lambda qkv, cos, sin: torch.autograd.grad(fn(qkv, cos, sin), qkv, grad)[0]
+        res = versus(fwd_bwd(common.apply_rotary.oracle), fwd_bwd(ops["rotary"]), (qkv, cos, sin), device, repeat,
+                     True, compile)
+        unit = qkv.numel() * qkv.element_size()
+        row = {"op": "rotary fwd+bwd", "B,L,H,D": f"{B},{L},{H},{D}", **res,
+               "eager_peak_units": res["eager_peak"] / unit, "kernel_peak_units": res["kernel_peak"] / unit}
+        if bw:  # forward: read the projection, write the output; backward: read the gradient, write its own
+            row["kernel_GBps"] = 4 * unit / res["kernel_s"] / 1e9
+            row["of_floor"] = 4 * unit / bw / res["kernel_s"]
+        rows.append(row)
+        print("  " + "  ".join(_rotary_cells(row, bw)), flush=True)
+    return rows
+
+
+ROTARY_HEADER = ["op", "B,L,H,D", "eager ms", "compile ms", "kernel ms", "eager/kernel", "compile/kernel",
+                 "peak eager", "peak kernel"]
+
+
+def _rotary_cells(row, bw):
+    cells = [row["op"], row["B,L,H,D"], _ms(row["eager_s"]), _ms(row["compile_s"]), _ms(row["kernel_s"]),
+             _ratio(row["eager_s"], row["kernel_s"]), _ratio(row["compile_s"], row["kernel_s"]),
+             f"{row['eager_peak_units']:.2f}", f"{row['kernel_peak_units']:.2f}"]
+    return cells + ([f"{row['kernel_GBps']:.0f}", f"{100 * row['of_floor']:.0f}%"] if bw else [])
+
+
+def bench_rotary(argv):
+    ap = argparse.ArgumentParser(prog="bench.py rotary")
+    ap.add_argument("--sizes", default="", help="B,L,H,D;B,L,H,D... (default CPU: 16,256,6,64; GPU: 64,1024,12,64 "
+                                                 "in bf16)")
+    a, device, ops = _timing_args(ap, argv)
+    cuda = device.type == "cuda"
+    sizes = _sizes(a.sizes or ("64,1024,12,64" if cuda else "16,256,6,64"), "B,L,H,D")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    bw = copy_bandwidth(device) if cuda else None
+    rows = rotary_rows(device, ops, sizes, dtype, a.repeat, not a.no_compile, bw)
+    print()
+    table([_rotary_cells(r, bw) for r in rows], ROTARY_HEADER + (["kernel GB/s", "of floor"] if bw else []))
+    print(f"{dtype}; medians of {a.repeat or '5-100'} runs; forward and backward of the queries, keys and values "
+          "(B, L, 3, H, D); peak = extra memory in units of that projection, output included"
+          + (f"; floor = four passes over it at the copy bandwidth, {bw / 1e9:.0f} GB/s" if bw else ""))
+
+
 # ----------------------------------------------------------------------------------------------
 # One command that validates a GPU: build, CUDA tests, kernel timings, every method trained and sampled, DDP
 
@@ -1093,6 +1165,15 @@ def bench_gpu(argv):
         agree = min(r["same_ids"] for r in rows)
         return "ok", f"clamp at (N, d, V) = {', '.join(map(str, sizes))}; ids agree with eager on {agree:.2%}", rows
 
+    def rotary():
+        if ops.get("ops") is None:
+            return "skipped", "no kernels", None
+        sizes, dtype = ([(64, 1024, 12, 64)], torch.bfloat16) if cuda else ([(2, 5, 3, 6)], torch.float32)
+        bw = copy_bandwidth(device) if cuda else None
+        rows = rotary_rows(device, ops["ops"], sizes, dtype, repeat=0 if cuda else 1,
+                           compile=cuda and not a.no_compile, bw=bw)
+        return "ok", f"rotary fwd+bwd at (B, L, H, D) = {sizes[0]} {dtype}", rows
+
     def acceptance():
         found = {p["name"]: p["figures"] for p in report.parts}
         if not found.get("kernels") and not found.get("nearest"):
@@ -1121,7 +1202,7 @@ def bench_gpu(argv):
         return ("ok" if rc == 0 else "failed"), _last_line(text, "done:") or _tail(text), None
 
     for name, fn in (("build", build), ("self-check", self_check), ("cuda tests", cuda_tests), ("kernels", kernels),
-                     ("nearest", nearest), ("acceptance", acceptance),
+                     ("nearest", nearest), ("rotary", rotary), ("acceptance", acceptance),
                      ("train and sample", train), ("ddp", ddp)):
         report.part(name, fn)
     total = trainer.fmt_time(time.time() - report.t0)
@@ -1139,6 +1220,7 @@ BENCHES = {
     "kernels": bench_kernels,
     "sedd": bench_sedd,
     "nearest": bench_nearest,
+    "rotary": bench_rotary,
     "gpu": bench_gpu,
 }
 
@@ -1146,6 +1228,7 @@ BENCHES = {
 def main():
     if len(sys.argv) < 2 or sys.argv[1] not in BENCHES:
         common.die(f"usage: python bench.py <{'|'.join(BENCHES)}> [options]")
+    steady_allocator()
     BENCHES[sys.argv[1]](sys.argv[2:])
 
 

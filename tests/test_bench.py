@@ -12,7 +12,7 @@ import bench
 import common
 from conftest import run_cli, write_toy_dataset
 
-PARTS = ["build", "self-check", "cuda tests", "kernels", "nearest", "acceptance", "train and sample", "ddp"]
+PARTS = ["build", "self-check", "cuda tests", "kernels", "nearest", "rotary", "acceptance", "train and sample", "ddp"]
 
 
 def test_measure_times_every_call_and_counts_memory():
@@ -39,7 +39,7 @@ def test_gpu_command_dry_run_on_cpu(tmp_path):
     assert status["cuda tests"] == "skipped" and status["ddp"] == "skipped"  # no CUDA device, no second GPU
     kernels_on = os.environ.get("DIFFLM_KERNELS") != "0"
     assert status["build"] == ("ok" if kernels_on else "skipped")
-    for part in ("self-check", "kernels", "nearest", "acceptance"):
+    for part in ("self-check", "kernels", "nearest", "rotary", "acceptance"):
         assert status[part] == ("ok" if kernels_on else "skipped"), doc["parts"]
     if kernels_on:  # every marked op checked against its oracle, and passed
         checks = doc["parts"][PARTS.index("self-check")]["figures"]
@@ -73,6 +73,15 @@ def test_acceptance_judged_against_the_bars():
     assert [r["met"] for r in rows] == ["yes", "no", "no", "not judged", "not judged", "yes", "no"]
     assert rows[0]["eager/kernel"] == 11.0 and rows[0]["bar"] == 10 and rows[2]["floor bar"] == 0.60
     assert rows[-1]["check"] == "clamp l2 at 8192,16,821"
+
+
+def test_rotary_timing_and_its_bad_sizes():
+    r = run_cli(["bench.py", "rotary", "--sizes=2,5,3,6;1,7,2,64", "--repeat=1", "--no_compile"])
+    rows = [line.split() for line in r.stdout.splitlines() if line.startswith("rotary fwd+bwd")]
+    assert [row[2] for row in rows] == ["2,5,3,6", "1,7,2,64"]
+    assert all(float(row[5]) > 0 and float(row[-1]) == 2.0 for row in rows), rows  # peak: output + gradient
+    r = run_cli(["bench.py", "rotary", "--sizes=2,5,3"], check=False)
+    assert r.returncode == 1 and "use B,L,H,D" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_gpu_command_bad_input(tmp_path):
