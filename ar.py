@@ -187,15 +187,13 @@ def main(argv=None):
         prefix = torch.tensor(corpus.encode_prompt(tok, cfg.prefix, "--prefix", cfg.allow_unk) if cfg.prefix else [], dtype=torch.long)
         if len(prefix) > length:
             common.die(f"--prefix takes {len(prefix)} tokens, more than the {length}-token sequence; shorten it or raise --seq_len")
-        show = None
-        if cfg.show:
-            every = max(1, length // 8)
+        every = max(1, length // 8)
 
-            def show(n, x):
-                if n % every == 0 or n == length:
-                    print(f"--- {n}/{length} tokens\n{tok.decode(x[0].tolist())}")
+        def show(n, x):
+            if n % every == 0 or n == length:
+                print(f"--- {n}/{length} tokens\n{tok.decode(x[0].tolist())}")
         t0 = time.time()
-        samples, calls = generate(model, cfg, prefix, cfg.num_samples, length, show)
+        samples, calls = generate(model, cfg, prefix, cfg.num_samples, length, show if cfg.show else None)
         for i, s in enumerate(samples.tolist()):
             print(f"=== sample {i}\n{tok.decode(s)}")
         print(f"({cfg.num_samples} samples of {length} tokens, key/value cache, {calls} network calls, "

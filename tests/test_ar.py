@@ -175,6 +175,10 @@ def tiny_ar(char_data, tmp_path_factory):
 def test_cli_train_sample_eval_gen(tiny_ar, char_data):
     r = run_cli(["ar.py", "--sample", f"--out_dir={tiny_ar}", "--prefix=ROMEO:", "--num_samples=2", "--seq_len=50"])
     assert r.stdout.count("=== sample") == 2 and "ROMEO:" in r.stdout and "key/value cache" in r.stdout
+    assert "--- " not in r.stdout
+    r = run_cli(["ar.py", "--sample", f"--out_dir={tiny_ar}", "--num_samples=1", "--seq_len=16", "--show"])
+    assert [line for line in r.stdout.splitlines() if line.startswith("---")] == [
+        f"--- {n}/16 tokens" for n in (2, 4, 6, 8, 10, 12, 14, 16)]  # every length // 8 tokens, and the last
     r = run_cli(["ar.py", "--eval", "--gen", f"--out_dir={tiny_ar}", f"--judge={tiny_ar}/ckpt.pt", "--num_samples=3"])
     assert "val NLL" in r.stdout and "(exact)" in r.stdout
     finite_gen_line(r.stdout)
