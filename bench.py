@@ -1149,7 +1149,7 @@ def bench_gpu(argv):
     def kernels():
         if ops.get("ops") is None:
             return "skipped", "no kernels", None
-        bw = copy_bandwidth(device) if cuda else None
+        ops["bw"] = bw = copy_bandwidth(device) if cuda else None  # the rotary part's floor too
         sizes, dtype = ([(64, 1024, 50258)], torch.bfloat16) if cuda else ([(2, 5, 66)], torch.float32)
         rows = kernel_rows(device, ops["ops"], sizes, dtype, ["score_entropy", "euler", "tweedie", "mdlm"],
                            ["absorb", "uniform"], repeat=0 if cuda else 1, compile=cuda and not a.no_compile, bw=bw)
@@ -1169,9 +1169,8 @@ def bench_gpu(argv):
         if ops.get("ops") is None:
             return "skipped", "no kernels", None
         sizes, dtype = ([(64, 1024, 12, 64)], torch.bfloat16) if cuda else ([(2, 5, 3, 6)], torch.float32)
-        bw = copy_bandwidth(device) if cuda else None
         rows = rotary_rows(device, ops["ops"], sizes, dtype, repeat=0 if cuda else 1,
-                           compile=cuda and not a.no_compile, bw=bw)
+                           compile=cuda and not a.no_compile, bw=ops.get("bw"))
         return "ok", f"rotary fwd+bwd at (B, L, H, D) = {sizes[0]} {dtype}", rows
 
     def acceptance():
