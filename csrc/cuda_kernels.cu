@@ -650,11 +650,16 @@ extern "C" int difflm_launch_nearest_embedding(const float* x, int64_t N, int64_
 }
 
 // ------------------------------------------------------------------------------------------------
-// rotary positions (cpu_kernels.cpp): a warp per position (b, l), its 3 H head vectors in turn, lanes along
-// the head dimension, so no thread divides per value. Products and sums are rounded one by one
+// rotary positions (cpu_kernels.cpp): a warp per position (b, l), lanes along the head dimension, so no
+// thread divides per value. A lane loads its entries of ROT_U head vectors before it stores any: one
+// vector at a time would leave a warp a single load in flight. Products and sums are rounded one by one
 // (__fmul_rn, __fadd_rn: never an FMA), so the result is PyTorch's mul and add bit for bit.
 namespace {
 
+constexpr int ROT_U = 4;
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(uint16_t v) { return bf16_to_f32(v); }
 __device__ __forceinline__ float as_dtype(const float*, float v) { return v; }
 __device__ __forceinline__ float as_dtype(const uint16_t*, float v) { return bf16_to_f32(f32_to_bf16(v)); }
 
@@ -662,25 +667,39 @@ template <class T>
 __global__ void rotary_kernel(const T* __restrict__ x, Strides4 xs, const float* __restrict__ cos,
                               const float* __restrict__ sin, bool transpose, int64_t B, int64_t L, int64_t H,
                               int64_t D, T* __restrict__ out) {
-  const int64_t half = D / 2, warps = (int64_t)gridDim.x * blockDim.x / 32;
+  const int64_t half = D / 2, vectors = 3 * H, warps = (int64_t)gridDim.x * blockDim.x / 32;
   const int lane = threadIdx.x % 32;
   for (int64_t r = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) / 32; r < B * L; r += warps) {
     const int64_t b = r / L, l = r % L;
     const float *c = cos + l * D, *sn = sin + l * D;
-    T* o = out + r * 3 * H * D;
-    for (int j = 0; j < 3; ++j)
-      for (int64_t h = 0; h < H; ++h, o += D) {
-        const T* xh = x + b * xs.b + l * xs.l + j * xs.j + h * xs.h;
-        for (int64_t i = lane; i < D; i += 32) {
-          if (j == 2) {  // values: copied as they are
-            o[i] = xh[i];
+    const T* at = x + b * xs.b + l * xs.l;
+    T* o = out + r * vectors * D;  // vector v = j H + h of the output, j = 2 the values
+    for (int64_t v0 = 0; v0 < vectors; v0 += ROT_U, o += ROT_U * D) {
+      const T* src[ROT_U];
+#pragma unroll
+      for (int u = 0; u < ROT_U; ++u) {
+        const int64_t v = v0 + u < vectors ? v0 + u : v0;  // past the last vector: read again, not stored
+        src[u] = at + (v / H) * xs.j + (v % H) * xs.h;
+      }
+      for (int64_t i = lane; i < D; i += 32) {
+        const int64_t p = i < half ? i + half : i - half;  // the partner: x cos + swap(x) sin, g cos + swap(g sin)
+        const float ci = c[i], si = sn[transpose ? p : i];
+        T xi[ROT_U], xp[ROT_U];
+#pragma unroll
+        for (int u = 0; u < ROT_U; ++u) xi[u] = src[u][i], xp[u] = src[u][p];
+#pragma unroll
+        for (int u = 0; u < ROT_U; ++u) {
+          if (v0 + u >= vectors) break;
+          T* ov = o + u * D;
+          if (v0 + u >= 2 * H) {  // values: copied as they are
+            ov[i] = xi[u];
             continue;
           }
-          const int64_t p = i < half ? i + half : i - half;  // the partner: x cos + swap(x) sin, g cos + swap(g sin)
-          const float a = __fmul_rn(ld(xh, i), c[i]), s = __fmul_rn(ld(xh, p), sn[transpose ? p : i]);
-          st(o, i, transpose ? __fadd_rn(as_dtype(o, a), as_dtype(o, s)) : __fadd_rn(a, s));
+          const float a = __fmul_rn(to_f32(xi[u]), ci), s = __fmul_rn(to_f32(xp[u]), si);
+          st(ov, i, transpose ? __fadd_rn(as_dtype(ov, a), as_dtype(ov, s)) : __fadd_rn(a, s));
         }
       }
+    }
   }
 }
 

@@ -84,6 +84,26 @@ def no_undefined_behaviour(capfd):
     assert "runtime error" not in err, err[:2000]
 
 
+GUARD = 64  # elements either side of every buffer a kernel writes: 16-byte aligned offsets in every dtype
+
+
+@pytest.fixture
+def empty():
+    """torch.empty for the kernels' outputs, inside a larger buffer whose margins must still hold their
+    fill when the test ends: a kernel that writes past either end of its output fails the test."""
+    buffers = []
+
+    def make(*shape, dtype=torch.float32):
+        n = math.prod(shape)
+        buf = torch.full((n + 2 * GUARD,), 77, dtype=dtype)
+        buffers.append(buf)
+        return buf[GUARD:GUARD + n].view(shape)
+    yield make
+    for buf in buffers:
+        margins = torch.cat([buf[:GUARD], buf[-GUARD:]])
+        assert (margins == 77).all(), f"a kernel wrote outside its {buf.numel() - 2 * GUARD}-element {buf.dtype} output"
+
+
 def cuda_include():
     """The CUDA toolkit's include folder (cuda_runtime.h), or None."""
     homes = [os.environ.get("CUDA_HOME"), "/usr/local/cuda"]
@@ -139,7 +159,7 @@ def every_layout(test):
 
 
 @every_layout
-def test_score_entropy(cu, k, B, L, V, graph, dtype):
+def test_score_entropy(cu, k, empty, B, L, V, graph, dtype):
     gen, seed = fresh_gen()
     N = V + 1 if graph == "absorb" else V
     x0 = torch.randint(V, (B, L), generator=gen)
@@ -148,7 +168,7 @@ def test_score_entropy(cu, k, B, L, V, graph, dtype):
     ls = torch.randn(B, L, N, generator=gen).to(dtype)
     sb = torch.rand(B, generator=gen, dtype=torch.float64) * 3 + 0.05
     w = torch.rand(B, L, generator=gen)
-    loss, grad, consts = torch.empty(B, L), torch.empty_like(ls), torch.empty(B, 4, dtype=torch.float64)
+    loss, grad, consts = empty(B, L), empty(B, L, N, dtype=dtype), empty(B, 4, dtype=torch.float64)
     g = 0 if graph == "absorb" else 1
     for out_loss, grad_loss, out_grad in ((loss, None, None), (None, w, grad)):
         assert cu.difflm_launch_score_entropy(p(ls), dtype_code(ls), p(xt), p(x0), p(sb), g, ctypes.c_int64(B),
@@ -162,7 +182,7 @@ def test_score_entropy(cu, k, B, L, V, graph, dtype):
 
 
 @every_layout
-def test_sampling_steps(cu, k, B, L, V, graph, dtype):
+def test_sampling_steps(cu, k, empty, B, L, V, graph, dtype):
     """Rows that stay (the screen) and rows that move (the fp64 path and its inverse-CDF walk)."""
     gen, seed = fresh_gen()
     N = V + 1 if graph == "absorb" else V
@@ -174,9 +194,9 @@ def test_sampling_steps(cu, k, B, L, V, graph, dtype):
             torch.randint(N, (B, L), generator=gen)
         u = torch.rand(B, L, 2, generator=gen, dtype=torch.float64)
         tt = t * (0.5 + torch.rand(B, generator=gen, dtype=torch.float64))  # each sequence its own time
-        consts = torch.empty(B, 4, dtype=torch.float64)
+        consts = empty(B, 4, dtype=torch.float64)
         for step, final in ((0, False), (1, False), (1, True)):
-            out = torch.empty(B, L, dtype=torch.long)
+            out = empty(B, L, dtype=torch.long)
             assert cu.difflm_launch_sedd_step(p(h), dtype_code(h), p(xt), p(tt), p(u), step, 0 if graph == "absorb"
                                               else 1, int(final), ctypes.c_int64(B), ctypes.c_int64(L),
                                               ctypes.c_int64(N), p(out), p(consts), None) == 0
@@ -185,7 +205,7 @@ def test_sampling_steps(cu, k, B, L, V, graph, dtype):
             assert torch.equal(out, ref), f"seed {seed}: step {step}, final {final}, shift {shift:.2f}"
         if graph == "absorb":
             pu = torch.full((B,), 0.7, dtype=torch.float64)
-            out = torch.empty(B, L, dtype=torch.long)
+            out = empty(B, L, dtype=torch.long)
             assert cu.difflm_launch_mdlm_step(p(h), dtype_code(h), p(xt), p(pu), p(u), ctypes.c_int64(N - 1),
                                               ctypes.c_int64(B), ctypes.c_int64(L), ctypes.c_int64(N), p(out),
                                               None) == 0
@@ -194,12 +214,12 @@ def test_sampling_steps(cu, k, B, L, V, graph, dtype):
 
 @pytest.mark.parametrize("B,L,H,D", [(2, 5, 3, 6), (1, 7, 2, 64), (2, 3, 1, 70)])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rotary_bit_for_bit(cu, k, B, L, H, D, dtype):
+def test_rotary_bit_for_bit(cu, k, empty, B, L, H, D, dtype):
     gen, seed = fresh_gen()
     cos, sin = torch.randn(L, 1, 1, D, generator=gen), torch.randn(L, 1, 1, D, generator=gen)
     qkv = torch.randn(B, L, 4, H, D, generator=gen).to(dtype)[:, :, 1:]  # strided: every stride but the last
     for transpose in (False, True):
-        out = torch.empty(B, L, 3, H, D, dtype=dtype)
+        out = empty(B, L, 3, H, D, dtype=dtype)
         assert cu.difflm_launch_rotary(p(qkv), dtype_code(qkv), Strides4(*qkv.stride()[:4]), p(cos), p(sin),
                                        int(transpose), ctypes.c_int64(B), ctypes.c_int64(L), ctypes.c_int64(H),
                                        ctypes.c_int64(D), p(out), None) == 0
@@ -208,7 +228,7 @@ def test_rotary_bit_for_bit(cu, k, B, L, H, D, dtype):
 
 @pytest.mark.parametrize("metric", ["cos", "l2"])
 @pytest.mark.parametrize("kind", ["odd sizes", "crowded", "closer than bf16"])
-def test_nearest_searches(cu, k, metric, kind):
+def test_nearest_searches(cu, k, empty, metric, kind):
     """The fp32 search (pack + tiled search) and the screened search's select kernel, fed the bf16 screen
     as binding.cpp's nearest_screened_impl prepares it on the CPU; crowded queries come back as -1."""
     gen, seed = fresh_gen()
@@ -223,7 +243,7 @@ def test_nearest_searches(cu, k, metric, kind):
         E = (base.repeat(4, 1) + 0.05 * torch.randn(V, d, generator=gen)).contiguous()
         x = base[torch.randint(40, (N,), generator=gen)] + 0.05 * torch.randn(N, d, generator=gen)
     m = 0 if metric == "cos" else 1
-    out, table, bias = torch.empty(N, dtype=torch.long), torch.empty(V, d), torch.empty(V)
+    out, table, bias = empty(N, dtype=torch.long), empty(V, d), empty(V)
     assert cu.difflm_launch_nearest_embedding(p(x), ctypes.c_int64(N), ctypes.c_int64(d), p(E), ctypes.c_int64(V), m,
                                               p(table), p(bias), p(out), None) == 0
     exact = k.nearest_embedding(x, E, metric)
@@ -235,7 +255,7 @@ def test_nearest_searches(cu, k, metric, kind):
     ct = torch.stack([(sq * -0.5).float(), sq.sqrt().float()], 1) if metric == "l2" else None
     h = x.norm(dim=1) / 32 * (1.0 if metric == "l2" else float(t.norm(dim=1).max()))
     tab = NearestTable(t.data_ptr(), ct.data_ptr() if ct is not None else None, V, d)
-    ids = torch.empty(N, dtype=torch.long)
+    ids = empty(N, dtype=torch.long)
     assert cu.difflm_launch_nearest_select(p(screen), ctypes.c_int64(N), p(x), p(h), tab, p(ids), None) == 0
     crowded = ids < 0  # 300 copies crowd query 1, and every row ties for query 0 under cosine
     assert kind != "crowded" or (crowded[1] and (metric == "l2" or crowded[0])), f"seed {seed}"
