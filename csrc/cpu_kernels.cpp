@@ -630,11 +630,9 @@ void cpu_nearest_select(const uint16_t* screen, int64_t nq, const float* x, cons
 #pragma omp parallel for schedule(dynamic, 16) num_threads(nthreads)
   for (int64_t q = 0; q < nq; ++q) {
     const uint16_t* row = screen + q * V;
-    auto bound = [&](int64_t v, float sign) {  // s_v -+ e_v
-      const float s = load(row, v);
-      if (!tab.ct) return s + sign * h[q];
-      const float c = tab.ct[2 * v];
-      return s + c + sign * (h[q] * tab.ct[2 * v + 1] + fabsf(c) * 0x1p-22f);
+    auto bound = [&](int64_t v, float sign) {
+      return tab.ct ? nearest_bound(load(row, v), h[q], tab.ct[2 * v], tab.ct[2 * v + 1], sign)
+                    : nearest_bound(load(row, v), h[q], 0.0f, 1.0f, sign);
     };
     float lo = -INFINITY;
     for (int64_t v = 0; v < V; ++v) lo = std::max(lo, bound(v, -1.0f));

@@ -589,10 +589,9 @@ __global__ void __launch_bounds__(NS_THREADS) ne_select_kernel(const uint16_t* _
   const uint16_t* row = screen + q * tab.V;
   const float hq = h[q];
   const float2* ct = reinterpret_cast<const float2*>(tab.ct);
-  auto bound = [&](int64_t v, float s, float sign) {  // s_v -+ e_v
-    if (!ct) return s + sign * hq;
-    const float2 p = ct[v];
-    return s + p.x + sign * (hq * p.y + fabsf(p.x) * 0x1p-22f);
+  auto bound = [&](int64_t v, float s, float sign) {
+    const float2 p = ct ? ct[v] : make_float2(0.0f, 1.0f);
+    return nearest_bound(s, hq, p.x, p.y, sign);
   };
   float lo = -INFINITY;
   visit<uint16_t, NS_THREADS, false>(row, (uint16_t*)nullptr, tab.V, tid, [&](int64_t v, float s) {

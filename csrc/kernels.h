@@ -135,6 +135,11 @@ struct NearestTable {
   const float* ct;  // (V, 2): c_v, |t_v| (L2); nullptr: c_v = 0, |t_v| counted as 1 (cosine)
   int64_t V, d;
 };
+// s_v -+ e_v (sign -1: the lower bound, +1: the upper) from screen score s, c = c_v and tn = |t_v| (cosine:
+// c = 0, tn = 1, which leaves s -+ h exactly)
+DIFFLM_HD float nearest_bound(float s, float h, float c, float tn, float sign) {
+  return s + c + sign * (h * tn + fabsf(c) * 0x1p-22f);
+}
 void cpu_nearest_select(const uint16_t* screen, int64_t nq, const float* x, const float* h, NearestTable tab,
                         int64_t* out, int nthreads);
 

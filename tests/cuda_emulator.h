@@ -36,6 +36,7 @@ inline Dim blockIdx, blockDim, gridDim;
 struct alignas(16) uint4 { uint32_t x, y, z, w; };
 inline uint4 make_uint4(uint32_t x, uint32_t y, uint32_t z, uint32_t w) { return {x, y, z, w}; }
 struct alignas(8) float2 { float x, y; };
+inline float2 make_float2(float x, float y) { return {x, y}; }
 
 inline float __uint_as_float(uint32_t b) { float f; memcpy(&f, &b, 4); return f; }
 inline uint32_t __float_as_uint(float f) { uint32_t b; memcpy(&b, &f, 4); return b; }
