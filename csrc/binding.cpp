@@ -71,15 +71,16 @@ void check_like(const Tensor& t, const char* name, const Tensor& ref, at::IntArr
 }
 
 // (min, max) of a non-empty tensor, copied to the host at once (one synchronisation on a GPU)
-Tensor range_of(const Tensor& t) {
+template <class T>
+std::pair<T, T> range_of(const Tensor& t) {
   auto mm = at::aminmax(t);
-  return at::stack({std::get<0>(mm), std::get<1>(mm)}).cpu();
+  const Tensor r = at::stack({std::get<0>(mm), std::get<1>(mm)}).cpu();
+  return {r[0].item<T>(), r[1].item<T>()};
 }
 
 void check_ids(const Tensor& ids, const char* name, int64_t hi, const char* what) {
   if (ids.numel() == 0) return;
-  const Tensor r = range_of(ids);
-  const int64_t lo_v = r[0].item<int64_t>(), hi_v = r[1].item<int64_t>();
+  const auto [lo_v, hi_v] = range_of<int64_t>(ids);
   TORCH_CHECK(lo_v >= 0 && hi_v < hi, "difflm: ", name, " holds token ids in [", lo_v, ", ", hi_v,
               "] but must lie in [0, ", hi - 1, "] (", what, ")");
 }
@@ -122,8 +123,7 @@ int check_score_entropy(const Tensor& log_score, const Tensor& xt, const Tensor&
   TORCH_CHECK(sigma_bar.scalar_type() == at::kFloat || sigma_bar.scalar_type() == at::kDouble,
               "difflm: sigma_bar must be float32 or float64, got ", sigma_bar.scalar_type());
   if (g == difflm::ABSORB && B > 0) {  // r = 1 / expm1(sigma_bar) is a rate only for 0 < sigma_bar < inf
-    const Tensor r = range_of(sigma_bar);
-    const double lo = r[0].item<double>(), hi = r[1].item<double>();
+    const auto [lo, hi] = range_of<double>(sigma_bar);
     TORCH_CHECK(lo > 0 && hi < INFINITY, "difflm: sigma_bar must be positive and finite for the absorbing graph, got "
                 "values in [", lo, ", ", hi, "]");
   }
@@ -189,14 +189,12 @@ int check_step(const Tensor& scores, const char* sname, const Tensor& xt, const 
   check_like(u, "u", scores, {B, L, 2}, at::kDouble, "(B, L, 2)");
   check_ids(xt, "xt", N, "the states of the scores' last dimension");
   if (B > 0) {  // a rate or a probability: a NaN fails both comparisons
-    const Tensor r = range_of(t);
-    const double lo = r[0].item<double>(), hi = r[1].item<double>();
+    const auto [lo, hi] = range_of<double>(t);
     TORCH_CHECK(lo >= 0 && hi < INFINITY, "difflm: ", tname, " must be finite and >= 0, got values in [", lo, ", ",
                 hi, "]");
   }
   if (u.numel() > 0) {
-    const Tensor r = range_of(u);
-    const double lo = r[0].item<double>(), hi = r[1].item<double>();
+    const auto [lo, hi] = range_of<double>(u);
     TORCH_CHECK(lo >= 0 && hi < 1, "difflm: u must lie in [0, 1) (uniforms), got values in [", lo, ", ", hi, "]");
   }
   return dtype;
