@@ -560,10 +560,7 @@ def kernel_rows(device, ops, sizes, dtype, names, graphs, repeat=0, eager=True, 
                 row = {"op": name, "graph": graph, "B,L,V": f"{B},{L},{V}", **res,
                        "eager_peak_units": res["eager_peak"] / unit if res["eager_peak"] is not None else None,
                        "kernel_peak_units": res["kernel_peak"] / unit}
-                if bw:
-                    row["kernel_GBps"] = floor_bytes / res["kernel_s"] / 1e9
-                    row["of_floor"] = floor_bytes / bw / res["kernel_s"]
-                rows.append(row)
+                rows.append(_against_floor(row, floor_bytes, bw))
                 print("  " + "  ".join(_kernel_cells(row, bw)), flush=True)
 
             if "score_entropy" in names:
@@ -589,18 +586,29 @@ def kernel_rows(device, ops, sizes, dtype, names, graphs, repeat=0, eager=True, 
     return rows
 
 
-KERNEL_HEADER = ["op", "graph", "B,L,V", "eager ms", "compile ms", "kernel ms", "eager/kernel", "compile/kernel",
-                 "peak eager", "peak kernel"]
+def _against_floor(row, floor_bytes, bw):
+    """row with the kernel's GB/s and its share of the floor (floor_bytes at the copy bandwidth bw), when
+    bw was measured."""
+    if bw:
+        row["kernel_GBps"] = floor_bytes / row["kernel_s"] / 1e9
+        row["of_floor"] = floor_bytes / bw / row["kernel_s"]
+    return row
+
+
+TIMING_HEADER = ["eager ms", "compile ms", "kernel ms", "eager/kernel", "compile/kernel", "peak eager", "peak kernel"]
+KERNEL_HEADER = ["op", "graph", "B,L,V"] + TIMING_HEADER
+
+
+def _timing_cells(row, bw):
+    """The cells every kernel row shares: times, ratios, peaks in units, and GB/s and floor when bw is known."""
+    units = lambda m: f"{m:.2f}" if m is not None else "-"  # noqa: E731
+    cells = [_ms(row["eager_s"]), _ms(row["compile_s"]), _ms(row["kernel_s"]), _ratio(row["eager_s"], row["kernel_s"]),
+             _ratio(row["compile_s"], row["kernel_s"]), units(row["eager_peak_units"]), units(row["kernel_peak_units"])]
+    return cells + ([f"{row['kernel_GBps']:.0f}", f"{100 * row['of_floor']:.0f}%"] if bw else [])
 
 
 def _kernel_cells(row, bw):
-    units = lambda m: f"{m:.2f}" if m is not None else "-"  # noqa: E731
-    cells = [row["op"], row["graph"], row["B,L,V"], _ms(row["eager_s"]), _ms(row["compile_s"]), _ms(row["kernel_s"]),
-             _ratio(row["eager_s"], row["kernel_s"]), _ratio(row["compile_s"], row["kernel_s"]),
-             units(row["eager_peak_units"]), units(row["kernel_peak_units"])]
-    if bw:
-        cells += [f"{row['kernel_GBps']:.0f}", f"{100 * row['of_floor']:.0f}%"]
-    return cells
+    return [row["op"], row["graph"], row["B,L,V"]] + _timing_cells(row, bw)
 
 
 def bench_kernels(argv):
@@ -901,23 +909,17 @@ def rotary_rows(device, ops, sizes, dtype, repeat=0, compile=True, bw=None):
         unit = qkv.numel() * qkv.element_size()
         row = {"op": "rotary fwd+bwd", "B,L,H,D": f"{B},{L},{H},{D}", **res,
                "eager_peak_units": res["eager_peak"] / unit, "kernel_peak_units": res["kernel_peak"] / unit}
-        if bw:  # forward: read the projection, write the output; backward: read the gradient, write its own
-            row["kernel_GBps"] = 4 * unit / res["kernel_s"] / 1e9
-            row["of_floor"] = 4 * unit / bw / res["kernel_s"]
-        rows.append(row)
+        # floor: read the projection, write the output; then read the gradient, write its own
+        rows.append(_against_floor(row, 4 * unit, bw))
         print("  " + "  ".join(_rotary_cells(row, bw)), flush=True)
     return rows
 
 
-ROTARY_HEADER = ["op", "B,L,H,D", "eager ms", "compile ms", "kernel ms", "eager/kernel", "compile/kernel",
-                 "peak eager", "peak kernel"]
+ROTARY_HEADER = ["op", "B,L,H,D"] + TIMING_HEADER
 
 
 def _rotary_cells(row, bw):
-    cells = [row["op"], row["B,L,H,D"], _ms(row["eager_s"]), _ms(row["compile_s"]), _ms(row["kernel_s"]),
-             _ratio(row["eager_s"], row["kernel_s"]), _ratio(row["compile_s"], row["kernel_s"]),
-             f"{row['eager_peak_units']:.2f}", f"{row['kernel_peak_units']:.2f}"]
-    return cells + ([f"{row['kernel_GBps']:.0f}", f"{100 * row['of_floor']:.0f}%"] if bw else [])
+    return [row["op"], row["B,L,H,D"]] + _timing_cells(row, bw)
 
 
 def bench_rotary(argv):
