@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import kernels
-from test_kernel_nearest import check_optimal
+from test_kernel_nearest import check_optimal, crowd, near_copies
 from test_kernels import fresh_gen
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -236,12 +236,9 @@ def test_nearest_searches(cu, k, empty, metric, kind):
     x = torch.randn(N, d, generator=gen) * 2
     E = torch.randn(V, d, generator=gen) * torch.rand(V, 1, generator=gen) * 3
     if kind == "crowded":
-        E[100:400] = E[7]  # 300 copies: more than the select keeps
-        x[0], x[1] = 0, E[7] * 2
-    if kind == "closer than bf16":  # 4 near copies of each of 40 rows, queries near them
-        base = torch.randn(40, d, generator=gen) * (1 + torch.rand(40, 1, generator=gen) * 3)
-        E = (base.repeat(4, 1) + 0.05 * torch.randn(V, d, generator=gen)).contiguous()
-        x = base[torch.randint(40, (N,), generator=gen)] + 0.05 * torch.randn(N, d, generator=gen)
+        crowd(x, E, 7, 100)
+    if kind == "closer than bf16":
+        x, E = near_copies(gen, N, d)
     m = 0 if metric == "cos" else 1
     out, table, bias = empty(N, dtype=torch.long), empty(V, d), empty(V)
     assert cu.difflm_launch_nearest_embedding(p(x), ctypes.c_int64(N), ctypes.c_int64(d), p(E), ctypes.c_int64(V), m,

@@ -47,6 +47,21 @@ def check_optimal(got, x, E, metric, ref, seed):
     assert torch.equal(got[clear], ref[clear]), f"seed {seed}: differs on clear rows"
 
 
+def crowd(x, E, row, first):
+    """300 copies of E[row] from index first (more candidates than the screen keeps, 256), query 1 twice that
+    row, and query 0 zero, which under cosine ties every row."""
+    E[first:first + 300] = E[row]
+    x[0], x[1] = 0, E[row] * 2
+
+
+def near_copies(gen, N, d):
+    """4 near copies of each of 40 rows (V = 160) and N queries near them: rows closer together than bf16
+    can tell, but not fp32 -> x (N, d), E (160, d)."""
+    base = torch.randn(40, d, generator=gen)
+    E = (base.repeat(4, 1) + 0.05 * torch.randn(160, d, generator=gen)).contiguous()
+    return base[torch.randint(40, (N,), generator=gen)] + 0.05 * torch.randn(N, d, generator=gen), E
+
+
 SEARCHES = ("nearest_embedding", "nearest_embedding_screened")  # the fp32 search, the GPU's screened one
 
 
@@ -171,9 +186,7 @@ def test_screened_decides_in_fp32(k, metric):
     """Rows closer together than bf16 can tell (scores ~1e-3 apart, relative) but far apart for fp32: the
     screen alone picks wrongly, fp32 among its candidates picks the nearest."""
     gen, seed = fresh_gen()
-    base = torch.randn(40, 64, generator=gen)
-    E = (base.repeat(4, 1) + 0.05 * torch.randn(160, 64, generator=gen)).contiguous()  # 4 near copies each
-    x = base[torch.randint(40, (300,), generator=gen)] + 0.05 * torch.randn(300, 64, generator=gen)
+    x, E = near_copies(gen, 300, 64)
     t, c = kernel_space(E, metric)
     bf16_pick = (x.bfloat16().double() @ t.bfloat16().double().T + c).argmax(-1)
     truth = (x.double() @ t.T + c).argmax(-1)
@@ -187,11 +200,8 @@ def test_screened_crowded_queries_go_to_the_fp32_search(k):
     """A zero query under cosine ties every row, and 300 copies of a row crowd one query: more candidates
     than the screen keeps (256), so those queries take the fp32 search, ties to the lowest index."""
     gen, seed = fresh_gen()
-    E = torch.randn(700, 40, generator=gen)
-    E[100:400] = E[7]
-    x = torch.randn(6, 40, generator=gen)
-    x[0] = 0
-    x[1] = E[7] * 2
+    x, E = torch.randn(6, 40, generator=gen), torch.randn(700, 40, generator=gen)
+    crowd(x, E, 7, 100)
     for metric in METRICS:
         got = k.nearest_embedding_screened(x, E, metric)
         ref = k.nearest_embedding(x, E, metric)

@@ -5,7 +5,7 @@ import torch
 
 import kernels
 import diffusion_lm
-from test_kernel_nearest import check_optimal
+from test_kernel_nearest import check_optimal, crowd
 from test_kernels import fresh_gen
 
 pytestmark = [pytest.mark.cuda,
@@ -62,8 +62,7 @@ def test_cuda_screened_matches_the_cpu(k, metric):
     gen, seed = fresh_gen()
     x = torch.randn(700, 96, generator=gen)
     E = torch.randn(5000, 96, generator=gen) * torch.rand(5000, 1, generator=gen) * 3
-    E[4000:4300] = E[11]
-    x[0], x[1] = 0, E[11] * 2
+    crowd(x, E, 11, 4000)
     got = k.nearest_embedding_screened(x.cuda(), E.cuda(), metric, 300000).cpu()
     check_optimal(got, x, E, metric, k.nearest_embedding(x, E, metric), seed)
     check_optimal(got, x, E, metric, k.nearest_embedding_screened(x, E, metric, 300000), seed)
