@@ -26,6 +26,7 @@ of csrc/ with ninja, cached in $DIFFLM_BUILD (default ~/.cache/difflm); a failed
 warning and the oracles run.
 
   load()              torch.ops.difflm, or None;  available(device): the ops run there
+  prepare(device)     every op's first-use check now, before torch.compile traces a model
   fused(name)         the decorator above; FUSED maps each op name to its marked function
   oracles_only()      a context in which every marked function runs its oracle
   replace(name, op)   a context in which op stands in for a built op, checked like one (how the
@@ -235,16 +236,15 @@ class Fused:
         if _ORACLES_ONLY:
             return False
         device = self.spec.device(a)
-        if not available(device) or not self.spec.takes(a):
-            return False
+        if torch.compiler.is_compiling():  # nothing is built or checked in a trace: decided by prepare()
+            return _PASSED.get((self.name, str(device)), False) and self.spec.takes(a)
+        return available(device) and self.spec.takes(a) and self.passed(device)
+
+    def passed(self, device):
+        """Whether the op runs on device (built there): its first-use check, once per process."""
         key = (self.name, str(device))
         if key not in _PASSED:
-            if _trust():
-                _PASSED[key] = True
-            elif torch.compiler.is_compiling():
-                return False  # the first-use check cannot run while tracing: the oracle is traced
-            else:
-                _PASSED[key] = self.self_check(device)
+            _PASSED[key] = _trust() or self.self_check(device)
         return _PASSED[key]
 
     def self_check(self, device):
@@ -274,6 +274,18 @@ def fused(name, on_load=None):
             _run_hook(f)
         return f
     return wrap
+
+
+def prepare(device):
+    """Load the extension and decide every marked op for device now, before torch.compile traces a
+    model: a trace neither builds nor checks (a build would break the graph), so an op left undecided
+    is traced as its oracle."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # tensors name their GPU
+    if available(device):
+        for f in FUSED.values():
+            f.passed(device)
 
 
 @contextlib.contextmanager

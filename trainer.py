@@ -27,6 +27,7 @@ import torch.nn as nn
 from common import (TextConfig, autocast, check_memory, config_from_checkpoint, die, get_device, load_checkpoint,
                     out_dir, print_config, save_checkpoint, seed_all, write_lines)
 import hub
+import kernels
 from corpus import Batches, get_tokenizer, prepare_data
 
 
@@ -239,6 +240,7 @@ def _train_loop(cfg, method, model, loss_fn, evaluate, meta, batches, device, ra
     if world > 1:
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
+        kernels.prepare(device)  # the fused ops decided before the trace, which then holds them
         train_model = torch.compile(train_model, dynamic=dynamic)
     ctx = autocast(device)
     # sequences count tokens; ddpm.py's points (no block_size) count samples

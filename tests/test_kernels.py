@@ -490,6 +490,75 @@ def test_ar_trains_and_samples_the_same_with_and_without_kernels(k):
         assert torch.equal(a, b)
 
 
+@pytest.fixture
+def undecided(monkeypatch):
+    """No op decided yet in this process, and a trace that asks for the extension fails."""
+    real = kernels.available
+
+    def available(device):
+        assert not torch.compiler.is_compiling(), "a trace asked for the extension"
+        return real(device)
+
+    monkeypatch.setattr(kernels, "available", available)
+    monkeypatch.setattr(kernels, "_PASSED", {})
+
+
+@pytest.mark.parametrize("decided", [False, True], ids=["undecided", "prepared"])
+def test_compile_traces_the_ops_decided_before_it(k, undecided, decided):
+    """torch.compile traces what kernels.prepare decided: a trace never builds or checks an op (a build in
+    a trace broke the graph and left the Transformer's forward uncompiled), an undecided op is traced as
+    its oracle, a prepared one as itself; one graph either way, with eager's loss and gradients."""
+    cfg = ar.Config(n_layer=2, n_head=2, n_embd=32, block_size=16)
+    torch.manual_seed(0)
+    model = ar.build_model(cfg, {"vocab_size": 9})
+    x0 = torch.randint(9, (4, 16))
+    graphs, results = [], []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    if decided:
+        kernels.prepare("cpu")
+    torch._dynamo.reset()
+    for m in (torch.compile(model, backend=backend), model):  # compiled first: its trace is the first use
+        model.zero_grad()
+        loss = ar.loss_fn(m, x0, model.bos_id)
+        loss.backward()
+        results.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
+    torch._dynamo.reset()
+    assert len(graphs) == 1, f"{len(graphs)} graphs: the trace broke"
+    held = {str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"}
+    assert any("difflm.rotary" in t for t in held) == decided, held
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_compiled_training_decides_the_ops_first(k, undecided, tmp_path):
+    """`--compile` end to end (inductor, with the rotary op's fake and autograd): the trainer decides the
+    ops before the trace, which then neither builds nor checks, and does not break."""
+    from torch._dynamo.utils import counters
+    data = write_toy_dataset(tmp_path / "data", [toy_language(4_000)], CHARS)
+    cfg = ar.Config(data_dir=data, out_dir=str(tmp_path / "out"), n_layer=1, n_head=2, n_embd=32, block_size=16,
+                    batch_size=4, max_iters=3, eval_interval=3, eval_iters=1, log_interval=1, compile=True)
+    meta = corpus.prepare_data(cfg)
+    model = ar.build_model(cfg, meta)
+    torch._dynamo.reset()
+    counters.clear()
+
+    def evaluate(m, b):
+        with kernels.oracles_only():  # decides nothing: an op decided after the run was decided by the trainer
+            return ar.evaluate(m, b, cfg)
+
+    try:
+        trainer.train(cfg, "ar", model, lambda m, x0: ar.loss_fn(m, x0, model.bos_id), evaluate, meta)
+        breaks = dict(counters["graph_break"])
+    finally:
+        torch._dynamo.reset()
+    assert not breaks, breaks
+    assert kernels._PASSED.get(("rotary", "cpu")), "the trainer did not decide the ops before the trace"
+
+
 # ----------------------------------------------------------------------------------------------
 # the first-use self-check (kernels.py): every op against its oracle, once per device
 
