@@ -6,7 +6,8 @@ trainer.py: the training loop every method shares, and loading a trained model b
                periodic eval, a log line and log.jsonl, torch.compile when asked
   a run        owns its out_dir (a lock; refuses to overwrite a checkpoint unless told), writes
                atomic checkpoints, resumes exactly (--resume) after checking the checkpoint fits
-  inference    load_for_inference: checkpoint -> config, EMA model, tokenizer, meta
+  inference    load_for_inference: checkpoint -> config, EMA model, tokenizer, meta, checkpoint;
+               load_published: the same for the papers' weights (hub.py)
 
 Method files import this module; it imports common.py and corpus.py.
 """
@@ -101,7 +102,10 @@ def truncate_log(path, last_iter):
                 rec = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(rec, dict) and rec.get("iter", -1) <= last_iter:
+            if not isinstance(rec, dict):
+                continue
+            it = rec.get("iter")
+            if not isinstance(it, int) or it <= last_iter:  # an eval of published weights has no iteration: kept
                 keep.append(line if line.endswith("\n") else line + "\n")
     write_lines(path, keep, "free disk space or choose another --out_dir")
 
@@ -348,7 +352,7 @@ def load_published(config_cls, overrides, method, build_model):
 
 
 def load_for_inference(config_cls, overrides, method, build_model):
-    """Checkpoint -> (cfg, EMA model in eval mode on the device, tokenizer, meta)."""
+    """Checkpoint -> (cfg, EMA model in eval mode on the device, tokenizer, meta, the checkpoint)."""
     where = out_dir(config_cls(**overrides), method)
     ckpt = load_checkpoint(os.path.join(where, "ckpt.pt"), method)
     if ckpt.get("method", method) != method:
@@ -362,7 +366,8 @@ def load_for_inference(config_cls, overrides, method, build_model):
     cfg = dataclasses.replace(config_from_checkpoint(config_cls, ckpt, overrides), out_dir=where)
     meta = ckpt["meta"]
     model = build_model(cfg, meta)
-    fit_state(model, ckpt["ema"] if cfg.ema > 0 else ckpt["model"], f"{where}/ckpt.pt", ckpt["config"], cfg)
+    ema = cfg.ema > 0 and ckpt["config"].get("ema", 0) > 0  # a run trained with --ema=0 has no EMA weights
+    fit_state(model, ckpt["ema"] if ema else ckpt["model"], f"{where}/ckpt.pt", ckpt["config"], cfg)
     device = get_device(cfg)
     seed_all(cfg.seed)
     return cfg, model.to(device).eval(), get_tokenizer(meta), meta, ckpt
