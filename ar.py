@@ -210,7 +210,7 @@ def main(argv=None):
             length = cfg.seq_len or cfg.block_size
             empty = torch.zeros(0, dtype=torch.long)
             stats.update(common.generative_eval(
-                cfg.judge, lambda n: generate(model, cfg, empty, n, length)[0], cfg.num_samples, meta,
+                cfg.judge, lambda n: generate(model, cfg, empty, n, length)[0], cfg.num_samples, meta, tok,
                 f"cached sampler, temperature {cfg.temperature}"))
         trainer.log_json(os.path.join(common.out_dir(cfg, "ar"), "log.jsonl"), {"eval_full": stats, "iter": ckpt["iter"]})
 

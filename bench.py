@@ -750,7 +750,7 @@ def bench_methods(argv):
         if module == "ar":
             torch.manual_seed(0)
             g = common.generative_eval(judge, lambda n: mod.generate(model, cfg, torch.zeros(0, dtype=torch.long), n, L)[0],
-                                       a.num_samples, meta, "ar, cached sampler")
+                                       a.num_samples, meta, tok, "ar, cached sampler")
             rows.append({"method": name, "tok_s": tok_s, "bits": bits, "steps": L, "gen_nll": g["gen_nll"],
                          "entropy": g["gen_entropy"], "sec": g["sec_per_sample"]})
             curves[name] = [(L, g["gen_nll"], g["sec_per_sample"], g["gen_entropy"])]
@@ -770,7 +770,7 @@ def bench_methods(argv):
                 c = dataclasses.replace(cfg, steps=s, **overrides)
                 torch.manual_seed(0)
                 g = common.generative_eval(judge, lambda n: mod.generate(model, c, free, n)[0], a.num_samples, meta,
-                                           f"{key}, {s} steps")
+                                           tok, f"{key}, {s} steps")
                 first = i == 0 and not label
                 rows.append({"method": key, "tok_s": tok_s if first else None, "bits": bits if first else None,
                              "steps": s, "gen_nll": g["gen_nll"], "entropy": g["gen_entropy"],

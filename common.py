@@ -669,9 +669,10 @@ def judge_texts(judge_path, texts, tok, meta, device):
     return sum(s[0] for s in scored) / max(1, sum(s[1] for s in scored)), [torch.tensor(s[3], dtype=torch.long) for s in scored]
 
 
-def generative_eval(judge_path, sample_fn, num_samples, meta, what="", tok=None, samples_in=""):
+def generative_eval(judge_path, sample_fn, num_samples, meta, tok, what="", samples_in=""):
     """Draw num_samples sequences with sample_fn(n) -> (n, T) (or read --samples_in), time them,
-    score them with the judge (an ar.py checkpoint, or a transformers model through its tokenizer).
+    score them with the judge (an ar.py checkpoint, or a transformers model through its tokenizer:
+    tok decodes the samples to the text it re-tokenises).
 
     Returns {"gen_nll" (nats/token under the judge), "gen_ppl", "gen_entropy" (nats), "sec_per_sample"}
     and prints one line.

@@ -691,7 +691,7 @@ def main(argv=None):
             if cfg.bootstrap == "autoregressive" and os.path.abspath(cfg.ar_ckpt) == os.path.abspath(cfg.judge):
                 what += "; the drafts come from the judge itself, which flatters them"
             stats.update(common.generative_eval(cfg.judge, lambda n: sample_stream(model, cfg, meta, n),
-                                                cfg.num_samples, meta, what))
+                                                cfg.num_samples, meta, tok, what))
         trainer.log_json(os.path.join(common.out_dir(cfg, "diffuser"), "log.jsonl"),
                          {"eval_full": stats, "iter": ckpt["iter"], "decode": cfg.decode})
 

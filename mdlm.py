@@ -429,7 +429,7 @@ def main(argv=None):
         if cfg.gen:
             free = torch.full((cfg.seq_len or cfg.block_size,), -1)
             stats.update(common.generative_eval(cfg.judge, lambda n: generate(model, cfg, free, n)[0], cfg.num_samples,
-                                                meta, f"{cfg.sampler}, {cfg.steps} steps", tok, cfg.samples_in))
+                                                meta, tok, f"{cfg.sampler}, {cfg.steps} steps", cfg.samples_in))
         trainer.log_json(os.path.join(common.out_dir(cfg, "mdlm"), "log.jsonl"),
                         {"eval_full": stats, "iter": ckpt["iter"], "t_samples": cfg.eval_t_samples})
 

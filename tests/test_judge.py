@@ -108,6 +108,17 @@ def test_cli_sample_to_file_then_judge_it(judge_dir, char_data, tmp_path):
     assert abs(log[-1]["eval_full"]["gen_nll"] - nll) < 1e-3
 
 
+def test_ar_samples_are_decoded_for_a_transformers_judge(judge_dir, char_data, tmp_path):
+    """A method file hands generative_eval its tokenizer: the judge re-tokenises the decoded text."""
+    out = str(tmp_path / "ar")
+    run_cli(["ar.py", "--train", f"--data_dir={char_data}", f"--out_dir={out}"] + TINY)
+    r = run_cli(["ar.py", "--eval", "--gen", f"--out_dir={out}", f"--judge={judge_dir}", "--num_samples=2",
+                 "--seq_len=24", "--device=cpu"], env={**OFFLINE, "HF_HUB_OFFLINE": "1", "DIFFLM_DATA": shared_data()})
+    line = [x for x in r.stdout.splitlines() if x.startswith("gen: NLL")]
+    assert line and f"judge {judge_dir}" in line[0] and "2 samples of 24 tokens" in line[0], r.stdout[-2000:]
+    assert math.isfinite(float(line[0].split("gen: NLL ")[1].split()[0]))
+
+
 def test_hub_judge_offline_is_one_line(tmp_path):
     """A hub id with no network and no cache: one line, exit status 1 (a fresh process reads HF_HUB_OFFLINE)."""
     r = run_cli(["-c", "import hub; hub.load_hf_judge('no-such-owner/no-such-judge')"], check=False, timeout=120,
