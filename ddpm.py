@@ -547,7 +547,7 @@ def check_config(cfg):
     """Every value at the command-line boundary -> one line naming the flag; the math above trusts cfg."""
     common.check_common(cfg)
     for key, known in (("schedule", ("linear", "cosine")), ("pred", ("eps", "x0", "v")), ("var", ("beta", "posterior")),
-                       ("sampler", ("ancestral", "ddim"))):
+                       ("sampler", ("ancestral", "ddim")), ("eval_split", ("val",))):  # 2-D data: no test split
         common.check_choice(cfg, key, known)
     common.check_at_least(cfg, ("n_layer", "n_embd"), 1)
     common.check_at_least(cfg, ("T",), 2)

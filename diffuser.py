@@ -90,7 +90,7 @@ def check_config(cfg):
     common.check_at_least(cfg, ("seq_len", "decode_batch", "max_len", "T"), 1)
     common.check_at_least(cfg, ("steps", "eval_mrs"), 0)
     for key, known in (("bootstrap", BOOTSTRAPS), ("decode", DECODERS), ("target", ("x0", "prev")),
-                       ("noise", ("unigram", "uniform"))):
+                       ("noise", ("unigram", "uniform")), ("eval_split", ("val", "test"))):
         common.check_choice(cfg, key, known)
     if cfg.beam_b < 1 or cfg.beam_r < 1:
         common.die(f"beam sizes must be at least 1 (got --beam_b={cfg.beam_b}, --beam_r={cfg.beam_r})")
@@ -534,7 +534,7 @@ def words(tok, ids):
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation: cross-entropies on held-out corruptions; BLEU on E2E validation
+# Evaluation: cross-entropies on held-out corruptions; BLEU on E2E validation (or test)
 
 
 @torch.no_grad()
@@ -548,10 +548,10 @@ def evaluate(model, batches, cfg):
     return {"val_loss": tag + ins + gen_ce, "val_tag_ce": tag, "val_ins_ce": ins, "val_gen_ce": gen_ce}
 
 
-def validation_mrs(cfg, limit=0):
-    """Distinct validation MRs in file order: [(src ids, [reference strings])]."""
+def validation_mrs(cfg, limit=0, split="val"):
+    """Distinct MRs of the validation (or test) split in file order: [(src ids, [reference strings])]."""
     groups = {}
-    for e in corpus.load_jsonl(os.path.join(corpus.data_path(cfg), "valid.jsonl")):
+    for e in corpus.load_jsonl(os.path.join(corpus.data_path(cfg), f"{'valid' if split == 'val' else split}.jsonl")):
         groups.setdefault(tuple(e["src"]), []).append(e["ref"])
     return list(groups.items())[:limit or None]
 
@@ -680,12 +680,12 @@ def main(argv=None):
         stats = evaluate(model, EditBatches(dataclasses.replace(cfg, bootstrap=trained_boot), meta, cfg.seed), cfg)
         print("held-out corruptions: " + " | ".join(f"{k} {v:.4f}" for k, v in stats.items()))
         if meta["seq2seq"]:
-            items, t0 = validation_mrs(cfg, cfg.eval_mrs), time.time()
+            items, t0 = validation_mrs(cfg, cfg.eval_mrs, cfg.eval_split), time.time()
             best = run_decode(model, cfg, meta, [list(s) for s, _ in items])
             stats["bleu"] = bleu([words(tok, h.x) for h in best], [refs for _, refs in items])
             _, b, r = strategy_of(cfg)
-            print(f"E2E validation BLEU {stats['bleu']:.2f} ({cfg.decode}, b={b}, r={r}, {len(items)} MRs, "
-                  f"{time.time() - t0:.0f}s)")
+            print(f"E2E {'validation' if cfg.eval_split == 'val' else 'test'} BLEU {stats['bleu']:.2f} ({cfg.decode}, "
+                  f"b={b}, r={r}, {len(items)} MRs, {time.time() - t0:.0f}s)")
         elif cfg.gen:
             what = f"{cfg.decode} decoding from the {cfg.bootstrap} bootstrap, texts packed as the judge's stream"
             if cfg.bootstrap == "autoregressive" and os.path.abspath(cfg.ar_ckpt) == os.path.abspath(cfg.judge):

@@ -247,7 +247,7 @@ class Rows:
         path = corpus.data_path(cfg)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.rows, self.mrs = {}, {}
-        for split, name in (("train", "train"), ("val", "valid")):
+        for split, name in (("train", "train"), ("val", "valid"), ("test", "test")):
             exs = corpus.load_jsonl(os.path.join(path, f"{name}.jsonl"))
             self.rows[split] = pad_rows([e["text"] for e in exs], cfg.block_size)
             self.mrs[split] = [e["mr"] for e in exs]

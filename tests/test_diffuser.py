@@ -391,6 +391,8 @@ def test_cli_train_sample_eval_and_bad_inputs(e2e_data, tmp_path, monkeypatch):
     assert "MR: name : The Eagle | Type : pub" in r.stdout
     r = run_cli(["diffuser.py", "--eval", "--eval_mrs=4", "--steps=1"] + small[:2])
     assert re.search(r"E2E validation BLEU \d+\.\d\d \(greedy", r.stdout) and "val_tag_ce" in r.stdout
+    r = run_cli(["diffuser.py", "--eval", "--eval_mrs=2", "--steps=1", "--eval_split=test"] + small[:2])
+    assert re.search(r"E2E test BLEU \d+\.\d\d \(greedy, b=1, r=1, 2 MRs", r.stdout)
 
     def fails(args, message):  # in-process: bad input must stop with one line, before any work
         with pytest.raises(SystemExit) as e:

@@ -279,6 +279,9 @@ def test_cli_train_sample_eval(cli_out):
     r = run_cli(["diffusion_lm.py", "--eval", f"--out_dir={cli_out}", "--eval_batches=1", "--eval_t_samples=1",
                  "--steps=10", "--control_samples=2", "--control_targets=food=Italian,area=riverside"])
     assert "val NELBO" in r.stdout and r.stdout.count("control food=Italian") == 1
+    r = run_cli(["diffusion_lm.py", "--eval", f"--out_dir={cli_out}", "--eval_batches=1", "--eval_t_samples=1",
+                 "--steps=10", "--control_samples=1", "--control_targets=food=Italian", "--eval_split=test"])
+    assert "evaluating on the test split" in r.stdout and "val NELBO" in r.stdout
 
 
 @pytest.mark.parametrize("args,msg", [
