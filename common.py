@@ -670,9 +670,8 @@ def judge_texts(judge_path, texts, tok, meta, device):
 
 
 def generative_eval(judge_path, sample_fn, num_samples, meta, tok, what="", samples_in=""):
-    """Draw num_samples sequences with sample_fn(n) -> (n, T) (or read --samples_in), time them,
-    score them with the judge (an ar.py checkpoint, or a transformers model through its tokenizer:
-    tok decodes the samples to the text it re-tokenises).
+    """Draw num_samples sequences with sample_fn(n) -> (n, T) (or read --samples_in), time them, score
+    them with the judge (an ar.py checkpoint, or a transformers model on the text tok decodes).
 
     Returns {"gen_nll" (nats/token under the judge), "gen_ppl", "gen_entropy" (nats), "sec_per_sample"}
     and prints one line.
