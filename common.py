@@ -505,11 +505,11 @@ def save_checkpoint(path, obj):
         die(f"cannot write {path}: {e.strerror or e}; {kept}; free disk space or choose another --out_dir")
 
 
-def load_checkpoint(path, method):
-    """path -> the checkpoint dict, its checksum verified and its floating tensors finite."""
+def load_checkpoint(path, method, verb="--train"):
+    """path -> the checkpoint dict, its checksum verified and its floating tensors finite (verb: what wrote it)."""
     if not os.path.isfile(path):
         die(f"no checkpoint at {path}; train one first with `python {method}.py --train` (or pass --out_dir=...)")
-    retrain = f"retrain with `python {method}.py --train --overwrite` or restore a copy"
+    retrain = f"retrain with `python {method}.py {verb} --overwrite` or restore a copy"
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

@@ -387,10 +387,10 @@ def load_classifier(cfg, device):
     path = os.path.join(common.out_dir(cfg, METHOD), "classifier.pt")
     if not os.path.isfile(path):
         common.die(f"no classifier at {path}; train one with `python diffusion_lm.py --train_classifier`")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = common.load_checkpoint(path, METHOD, "--train_classifier")  # checksum and finite weights, as a model's
     ccfg = dataclasses.replace(cfg, **{k: ckpt["config"][k] for k in ("n_embd", "n_head", "classifier_layers", "embed_dim")})
     clf = Classifier(ccfg, [(f, list(v)) for f, v in ckpt["fields"]])
-    clf.load_state_dict(ckpt["model"])
+    trainer.fit_state(clf, ckpt["model"], path, {}, ccfg, "classifier")  # its shapes come from its own config
     return clf.to(device).eval().requires_grad_(False)
 
 

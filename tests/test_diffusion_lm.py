@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+import common
 import corpus
 import trainer
 import diffusion_lm as D
@@ -267,6 +268,22 @@ def cli_out(tmp_path_factory):
                  "--batch_size=8", "--log_interval=1"])
     assert "classifier saved" in r.stdout
     return out
+
+
+def test_a_damaged_classifier_is_one_line(cli_out, tmp_path):
+    """classifier.pt is checked as a model checkpoint is: its checksum, and its shapes against the settings."""
+    raw = torch.load(f"{cli_out}/classifier.pt", weights_only=True)
+    name = next(iter(raw["model"]))
+    resealed = {k: v for k, v in raw.items() if k != "checksum"}
+    resealed["config"] = {**raw["config"], "n_embd": 64}  # a valid checksum over settings the weights do not have
+    resealed["checksum"] = common.checksum(resealed)
+    for ckpt, words in (({**raw, "model": {**raw["model"], name: raw["model"][name] + 1}},
+                         ("do not match its checksum", "`python diffusion_lm.py --train_classifier --overwrite`")),
+                        (resealed, ("does not fit this classifier", "trained with other settings"))):
+        torch.save(ckpt, tmp_path / "classifier.pt")
+        with pytest.raises(SystemExit) as e:
+            D.load_classifier(D.Config(out_dir=str(tmp_path)), "cpu")
+        assert all(w in str(e.value) for w in words) and "\n" not in str(e.value), str(e.value)
 
 
 def test_cli_train_sample_eval(cli_out):
