@@ -7,6 +7,7 @@ absolute claims from another machine.
     python bench.py throughput        # MDLM vs the same backbone trained autoregressively
     python bench.py train_speed       # ar.py and mdlm.py training tok/s vs a plain nanoGPT-style step
                                       # (--nanogpt=DIR: and nanoGPT's own GPT from a checkout)
+    python bench.py sedd --ckpt_dir=out/sedd   # SEDD's samplers by step count: time, NLL, entropy
     python bench.py kernels           # fused kernels vs eager and torch.compile'd PyTorch oracles
     python bench.py nearest           # Diffusion-LM's clamp kernel vs the PyTorch expression (time, memory)
     python bench.py rotary            # the backbone's rotary kernel vs its PyTorch expression, forward and back
@@ -1227,6 +1228,9 @@ BENCHES = {
 
 
 def main():
+    if sys.argv[1:2] in (["-h"], ["--help"]):
+        print(__doc__.strip())
+        return
     if len(sys.argv) < 2 or sys.argv[1] not in BENCHES:
         common.die(f"usage: python bench.py <{'|'.join(BENCHES)}> [options]")
     steady_allocator()

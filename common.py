@@ -652,7 +652,7 @@ def unigram_entropy(samples):
     """Entropy (nats) of the token frequencies over all samples (N, T): low values expose collapse."""
     counts = torch.bincount(samples.flatten().long().cpu()).double()
     p = counts[counts > 0] / counts.sum()
-    return float(-(p * p.log()).sum())
+    return float((p * -p.log()).sum())  # one token alone: 0, not -0
 
 
 def judge_texts(judge_path, texts, tok, meta, device):

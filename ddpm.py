@@ -212,7 +212,7 @@ class PointBatches:
 def betas_for(schedule, T):
     """beta_1..beta_T (T,) float64."""
     if schedule == "linear":
-        scale = 1000.0 / T  # keeps alpha_bar_T ~ 4e-5 for any T (METHODS.md sec. 1)
+        scale = 1000.0 / T  # keeps alpha_bar_T ~ 4e-5 for any T (docs/ddpm.md)
         return torch.linspace(1e-4 * scale, 0.02 * scale, T, dtype=torch.float64)
     s = 0.008  # cosine: Nichol & Dhariwal 2021, eq. 17
     u = torch.arange(T + 1, dtype=torch.float64) / T
@@ -249,7 +249,7 @@ def posterior(x0, xt, ab_t, ab_s):
 
 
 def to_x0_eps(out, xt, ab, kind):
-    """Network output -> (x0_hat, eps_hat), with a = sqrt(ab), b = sqrt(1 - ab) (METHODS.md sec. 1)."""
+    """Network output -> (x0_hat, eps_hat), with a = sqrt(ab), b = sqrt(1 - ab)."""
     a, b = ab.sqrt(), (1 - ab).sqrt()
     if kind == "eps":
         return (xt - b * out) / a, out
@@ -312,7 +312,7 @@ def loss_fn(model, x0, alpha_bar, pred):
     """E_{t, eps} || target - net(x_t, t) ||^2, mean over dimensions.
 
     For eps it is eq. 14. The x0 and v losses are the same regression on their own targets; per
-    example they equal the eps loss times 1/SNR_t and (1 + SNR_t)/SNR_t (METHODS.md sec. 1), so
+    example they equal the eps loss times 1/SNR_t and (1 + SNR_t)/SNR_t (x_0 = (x_t - b eps) / a), so
     they weight the noisy steps more than eq. 14 does.
     """
     B = x0.shape[0]

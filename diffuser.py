@@ -8,11 +8,11 @@ known exactly: a tag KEEP / DELETE / REPLACE per token of x_t, an insertion coun
 fill the slots. A tagger predicts the edits, a generator fills the slots. Decoding revises a bootstrap (source
 text, empty, random tokens, or a draft of ar.py) T times: greedy, sampled, beam, or the paper's 2D beam.
 
-The authors released no code; this file's own choices (METHODS.md sec. 5): the generator is the bidirectional
+The authors released no code; this file's own choices (docs/diffuser.md, Departures): the generator is the bidirectional
 backbone filling the slots left to right, one per call; a bootstrap gets one extra trained revision t = T + 1
 towards x_0; a revision learns every edit back to x_0 (--target=x0), not only the last step's (paper: --target=prev).
 
-    python diffuser.py --train                          # E2E MR -> text, source bootstrap, ~15 min on 2 CPU cores
+    python diffuser.py --train                          # E2E MR -> text, source bootstrap, ~12 min on 2 CPU cores
     python diffuser.py --sample --show                  # realise validation MRs, each revision with its edits marked
     python diffuser.py --sample --source="name : The Eagle | Type : pub | area : riverside"
     python diffuser.py --eval --decode=beam2d           # BLEU on E2E validation (pip install sacrebleu)

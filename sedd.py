@@ -18,7 +18,7 @@ reverse chain with Euler tau-leaping or the analytic (Tweedie) step, then one de
     python sedd.py --sample --seq_len=512 --top_p=0.9   # beyond one block: semi-autoregressive rounds
     python sedd.py --eval                       # validation NELBO (nats, bits per token, perplexity)
 
-Notation follows METHODS.md section 4: Q is N x N in column convention (Q[j, i] is the rate
+Notation follows docs/sedd.md: Q is N x N in column convention (Q[j, i] is the rate
 i -> j), sigma_bar(t) the total noise, sigma(t) its rate, N = V + 1 states with MASK = N - 1 for
 the absorbing graph and N = V for the uniform one.
 """

@@ -286,7 +286,7 @@ DIFFLM_INLINE bool screen_stays(const T* h, int64_t N, int64_t x, double u0, int
   return tweedie_stays(M, S, u0, N, c);
 }
 
-// Two-stage SEDD step of one row (Euler or Tweedie, METHODS.md sec. 4 and 6): move with probability
+// Two-stage SEDD step of one row (Euler or Tweedie, docs/sedd.md): move with probability
 // M / (M + w_x), M the sum of the clamped move weights; then the target by inverse CDF.
 template <class T>
 DIFFLM_INLINE int64_t sedd_row(const T* h, int64_t N, int64_t x, double u0, double u1, int step, int graph,

@@ -20,10 +20,10 @@ enum Graph { ABSORB = 0, UNIFORM = 1 };
 enum Dtype { F32 = 0, BF16 = 1 };
 enum Step { EULER = 0, TWEEDIE = 1 };
 
-// K(a) = a (log a - 1) with K(0) = 0 (METHODS.md sec. 0)
+// K(a) = a (log a - 1) with K(0) = 0 (docs/sedd.md)
 DIFFLM_HD double K(double a) { return a > 0.0 ? a * (log(a) - 1.0) : 0.0; }
 
-// Per-sequence constants of the score-entropy loss (METHODS.md sec. 4), from sigma_bar in fp64.
+// Per-sequence constants of the score-entropy loss (docs/sedd.md), from sigma_bar in fp64.
 struct SEConsts {
   double r;       // absorbing: 1/expm1(sigma_bar); uniform: e/(e+N)
   double e;       // expm1(sigma_bar)

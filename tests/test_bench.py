@@ -15,6 +15,13 @@ from conftest import run_cli, write_toy_dataset
 PARTS = ["build", "self-check", "cuda tests", "kernels", "nearest", "rotary", "acceptance", "train and sample", "ddp"]
 
 
+def test_help_lists_every_benchmark_and_a_wrong_name_is_one_line():
+    r = run_cli(["bench.py", "--help"])
+    assert all(f"python bench.py {name}" in r.stdout for name in bench.BENCHES), r.stdout
+    r = run_cli(["bench.py", "nope"], check=False)
+    assert r.returncode == 1 and r.stderr.strip().startswith("error: usage: python bench.py <"), r.stderr
+
+
 def test_measure_times_every_call_and_counts_memory():
     calls = []
 

@@ -23,7 +23,7 @@ import torch
 import common
 import corpus
 import mdlm
-from conftest import ROOT, run_cli, shared_data
+from conftest import OFFLINE, ROOT, run_cli, shared_data
 
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--max_iters=3",
         "--eval_iters=1", "--eval_interval=3", "--log_interval=1", "--warmup_iters=1"]
@@ -225,6 +225,10 @@ def test_text8_bad_inputs_one_line(text8_file, tmp_path, monkeypatch):
     with zipfile.ZipFile(tmp_path / "other.zip", "w") as z:
         z.writestr("enwik8", text)
     assert_one_line_error(run_main(text8, monkeypatch, [f"--input={tmp_path / 'other.zip'}", out]), "without a member named text8")
+    for k, v in OFFLINE.items():  # no copy anywhere and no network: the fix names the whole command
+        monkeypatch.setenv(k, v)
+    assert_one_line_error(run_main(text8, monkeypatch, [out]), "no copy of text8",
+                          "`python data/text8/prepare.py --input=path/to/text8.zip`")
     assert not os.path.exists(tmp_path / "out" / "meta.json")
 
 

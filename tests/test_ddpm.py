@@ -47,7 +47,7 @@ def test_alpha_bar_decreasing_and_ends_near_zero_at_T_1000(schedule):
     ab = ddpm.alpha_bars(ddpm.betas_for(schedule, 1000))
     assert (ab[1:] < ab[:-1]).all() and float(ab[0]) < 1
     assert float(ab[-1]) < ALPHA_BAR_T_MAX
-    expected = {"linear": 4.0e-5, "cosine": 2.4e-9}[schedule]  # METHODS.md sec. 1
+    expected = {"linear": 4.0e-5, "cosine": 2.4e-9}[schedule]  # the figures docs/ddpm.md gives
     assert abs(math.log(float(ab[-1]) / expected)) < 0.1
 
 
@@ -80,7 +80,7 @@ def test_posterior_agrees_with_bayes_rule_in_1d(schedule, T, frac, x0, z):
     mean, var = ddpm.posterior(torch.tensor(x0, dtype=torch.float64), torch.tensor(xt, dtype=torch.float64), ab_t, ab_s)
     assert abs(float(mean) - num_mean) < 1e-6 * (1 + abs(num_mean))
     assert abs(float(var) / num_var - 1) < 1e-4
-    # and the one-step formulas of METHODS.md with beta_t = 1 - alpha_bar_t / alpha_bar_{t-1}
+    # and the one-step formula with beta_t = 1 - alpha_bar_t / alpha_bar_{t-1}
     assert abs(float(var) - beta * (1 - ab_s) / (1 - ab_t)) < 1e-12
 
 

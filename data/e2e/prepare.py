@@ -45,7 +45,7 @@ def read_split(input_dir, split):
     data, source = corpus.find_local_copy(os.path.join("e2e", name), URL.format(name), SHA256[split],
                                           shipped=os.path.join(HERE, name + ".gz"))
     if data is None:
-        common.die(f"no copy of the E2E data: {source}; pass --input_dir=DIR (a folder with src1_*.txt) "
+        common.die(f"no copy of the E2E data: {source}; run `python data/e2e/prepare.py --input_dir=DIR` (a folder with src1_*.txt) "
                    f"or set {common.SHARED_DATA_ENV} to a folder holding e2e/{name}")
     print(f"read {source}")
     return data.decode("utf-8").splitlines()

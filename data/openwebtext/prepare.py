@@ -105,13 +105,13 @@ def hub_source(name, num_proc):
         import datasets
     except ImportError:
         common.die("downloading OpenWebText needs the datasets package: pip install datasets "
-                   "(or pass --input= local parquet/jsonl files)")
+                   "(or run `python data/openwebtext/prepare.py --input=FILES` on local parquet/jsonl files)")
     try:
         ds = datasets.load_dataset(name, split="train", num_proc=num_proc)
     except Exception as e:
         first = str(e).splitlines()[0] if str(e) else ""
         common.die(f"could not load {name} through datasets ({type(e).__name__}: {first}); "
-                   f"offline, pass --input= local parquet/jsonl files")
+                   f"offline, run `python data/openwebtext/prepare.py --input=FILES` on local parquet/jsonl files")
     return dataset_source(ds)
 
 

@@ -29,7 +29,7 @@ def load_text(input_path):
         return open(input_path, encoding="utf-8").read()
     data, source = corpus.find_local_copy("tinyshakespeare.txt", URL, SHA256, shipped=SHIPPED)
     if data is None:
-        common.die(f"no copy of tiny Shakespeare: {source}; pass --input=path/to/input.txt "
+        common.die(f"no copy of tiny Shakespeare: {source}; run `python data/shakespeare_char/prepare.py --input=path/to/input.txt` "
                    f"or set {common.SHARED_DATA_ENV} to a folder holding tinyshakespeare.txt")
     print(f"read {source}")
     return data.decode("utf-8")

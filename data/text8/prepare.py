@@ -37,7 +37,8 @@ def read_input(path):
     if not path:
         data, source = corpus.find_local_copy("text8.zip", URL)
         if data is None:
-            common.die(f"no copy of text8: {source}; download {URL} elsewhere and pass --input=path/to/text8.zip")
+            common.die(f"no copy of text8: {source}; download {URL} elsewhere and run "
+                       "`python data/text8/prepare.py --input=path/to/text8.zip`")
         print(f"read {source}")
     else:
         if not os.path.isfile(path):
