@@ -275,6 +275,18 @@ def test_docs_name_only_what_exists(doc):
     assert not problems, "\n".join(problems)
 
 
+def test_sources_cite_only_pages_that_exist():
+    """A docstring or comment that sends the reader to a page (docs/sedd.md, README.md) names one the
+    repository holds; lower-case names elsewhere are files a run writes (DIR/report.md)."""
+    sources = [f for pattern in ("*.py", "csrc/*", "data/*/*.py", "tests/*.py", "tests/*.h")
+               for f in sorted(glob.glob(os.path.join(ROOT, pattern))) if not f.endswith("test_docs.py")]
+    missing = [f"{os.path.relpath(f, ROOT)}:{n} names {name}"
+               for f in sources for n, line in enumerate(open(f, encoding="utf-8"), 1)
+               for name in re.findall(r"(?<![\w./-])((?:[\w-]+/)*[\w-]+\.md)\b", line)
+               if (name.startswith("docs/") or name[:-3].isupper()) and not os.path.isfile(os.path.join(ROOT, name))]
+    assert not missing, "\n".join(missing)
+
+
 def test_docs_hold_one_page_per_method_on_the_template():
     for m in METHODS:
         path = os.path.join(ROOT, "docs", m + ".md")
