@@ -212,10 +212,10 @@ def check_memory(cfg):
 
 
 def config_from_checkpoint(config_cls, ckpt, overrides):
-    """The checkpoint's config with the command line's overrides on top; model shape stays."""
+    """The checkpoint's config with the command line's overrides on top; the model's shape and its T stay."""
     saved = {k: v for k, v in ckpt["config"].items() if k in {f.name for f in dataclasses.fields(config_cls)}}
-    shape_keys = ("n_layer", "n_head", "n_embd", "block_size")
-    for k in shape_keys:
+    fixed = ("n_layer", "n_head", "n_embd", "block_size", "T")  # T: the chain ddpm, diffusion_lm, diffuser learnt
+    for k in fixed:
         if k in overrides and overrides[k] != saved.get(k):
             die(f"--{k} is fixed by the checkpoint ({saved.get(k)}); drop it or train a new model")
     return config_cls(**{**saved, **overrides})

@@ -562,9 +562,9 @@ def check_config(cfg):
 
 
 def load(overrides):
-    """Checkpoint -> (cfg, model, data, betas); T, schedule and pred are fixed by the checkpoint."""
+    """Checkpoint -> (cfg, model, data, betas, ckpt); T, schedule and pred are fixed by the checkpoint."""
     cfg, model, _, meta, ckpt = trainer.load_for_inference(Config, overrides, "ddpm", build_model)
-    for k in ("T", "schedule", "pred"):
+    for k in ("schedule", "pred"):  # (T: in load_for_inference, for every method that has one)
         if k in overrides and overrides[k] != ckpt["config"][k]:
             common.die(f"--{k} is fixed by the checkpoint ({ckpt['config'][k]}); drop it or train a new model")
     check_config(cfg)

@@ -409,6 +409,7 @@ def test_cli_train_sample_eval_and_bad_inputs(e2e_data, tmp_path, monkeypatch):
     fails(["--sample", "--source=" + " ".join(["name : The Eagle"] * 20)], "does not fit the model's context")
     fails(["--sample", "--top_p=0"], "0 < --top_p <= 1")
     fails(["--sample", "--steps=50"], "exceeds the trained --T=12")
+    fails(["--sample", "--T=20"], "--T is fixed by the checkpoint (12)")  # t = 21 would be an untrained time
     monkeypatch.setitem(sys.modules, "sacrebleu", None)  # import sacrebleu now raises ImportError
     fails(["--eval", "--eval_mrs=2", "--steps=1"], "BLEU needs sacrebleu")
 

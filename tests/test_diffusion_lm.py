@@ -308,6 +308,7 @@ def test_cli_train_sample_eval(cli_out):
     (["--clamp=dot"], "unknown --clamp='dot'"),
     (["--mbr=0"], "--mbr=0 must be at least 1"),
     (["--length=80"], "must lie in 1..63"),
+    (["--T=1000"], "--T is fixed by the checkpoint (2000)"),  # another schedule than the one it learnt
 ])
 def test_cli_bad_inputs(cli_out, args, msg):
     r = run_cli(["diffusion_lm.py", "--sample", f"--out_dir={cli_out}", "--steps=10"] + args, check=False)
