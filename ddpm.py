@@ -349,7 +349,7 @@ def step_sequence(T, steps=0, timesteps=""):
 
 
 @torch.no_grad()
-def sample(model, xT, alpha_bar, seq, pred="eps", sampler="ancestral", var="beta", eta=0.0, betas=None, show=None):
+def sample(model, xT, alpha_bar, seq, pred="eps", sampler="ancestral", var="beta", eta=0.0, show=None):
     """Run the reverse chain from x_T (B, D) over code steps seq (descending); returns x_0 (B, D).
 
     ancestral: x_s = mu_theta + sigma z with the posterior of the jump t -> s (paper eq. 11 on

@@ -352,7 +352,7 @@ def classifier_loss(clf, embed, w, y, T, ab):
     return loss / len(clf.fields)
 
 
-def train_classifier(cfg, model, meta):
+def train_classifier(cfg, model):
     """Train p_phi(c | x_t, t) on E2E's MR fields with the language model's (frozen) embeddings."""
     path = corpus.data_path(cfg)
     if not os.path.isfile(os.path.join(path, "train.jsonl")):
@@ -663,7 +663,7 @@ def main(argv=None):
             return
     if want_clf:
         cfg, model, tok, meta, _ = load(overrides)
-        train_classifier(cfg, model.requires_grad_(False), meta)
+        train_classifier(cfg, model.requires_grad_(False))
     if "sample" in verbs:
         cfg, model, tok, meta, _ = load(overrides)
         fixed = infill_template(tok, cfg)

@@ -418,7 +418,7 @@ def _tokens_gap(got, ref):
 
 
 def _worst(results):
-    """The (ratio, phrase) with the largest ratio, the phrase prefixed by where it was found."""
+    """The (ratio, phrase) with the largest ratio (each caller's phrase says where it was found)."""
     return max(results, key=lambda r: r[0]) if results else (0.0, "nothing checked")
 
 

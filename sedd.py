@@ -457,12 +457,13 @@ def time_grid(steps, t_end):
 def sample_chain(model, x, cfg, fixed=None, show=None):
     """Run the reverse chain from x (B, L) (a limit sample) and return (x_0 (B, L), network calls).
 
-    model: callable (xt, sigma_bar (B,), rows=None) -> log-scores (B, L, N), or (R, N) at rows. fixed
-    (L,) or (B, L): token ids, -1 at free positions; they are projected back after every step, so
-    every state the chain (and show) sees holds them: the conditional ratios are the unconditional
-    ones with the fixed positions held (no conditional training needed). Every step draws u (B, L, 2)
-    float64 once. Absorbing: a token other than MASK never moves, so the head and the step run only
-    on the masked rows, each as a sequence of length 1 (the same tokens as the whole batch would get).
+    model: a SEDD, or any module with num_states called (xt, sigma_bar (B,), rows=None) -> log-scores
+    (B, L, N), or (R, N) at rows. fixed (L,) or (B, L): token ids, -1 at free positions; they are
+    projected back after every step, so every state the chain (and show) sees holds them: the
+    conditional ratios are the unconditional ones with the fixed positions held (no conditional
+    training needed). Every step draws u (B, L, 2) float64 once. Absorbing: a token other than MASK
+    never moves, so the head and the step run only on the masked rows, each as a sequence of length 1
+    (the same tokens as the whole batch would get).
     """
     B, device = x.shape[0], x.device
     grid = time_grid(cfg.steps, cfg.t_end).to(device)

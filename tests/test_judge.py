@@ -68,9 +68,10 @@ def test_samples_file_roundtrip_and_bad_files(tmp_path):
     texts, settings = hub.read_samples(p)
     assert texts == ["a b", "c\nd"] and settings == {"method": "mdlm", "steps": 4}
     assert not os.path.exists(p + ".tmp")
-    bad = tmp_path / "bad.jsonl"
+    bad, odd = tmp_path / "bad.jsonl", tmp_path / "odd.jsonl"
     bad.write_text('{"text": "ok"}\n{"no_text": 1}\n')
-    for path, expect in ((str(tmp_path / "missing.jsonl"), "no samples file"), (str(bad), "line 2")):
+    odd.write_text('{"text": "ok"}\n{"text": "ok"}\n{"text": 3}\n')
+    for path, expect in ((str(tmp_path / "missing.jsonl"), "no samples file"), (str(bad), "line 2"), (str(odd), "line 3")):
         with pytest.raises(SystemExit) as e:
             hub.read_samples(path)
         line = str(e.value.code)
