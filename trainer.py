@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from common import (TextConfig, autocast, check_memory, config_from_checkpoint, die, get_device, load_checkpoint,
-                    out_dir, print_config, save_checkpoint, seed_all, write_lines)
+                    load_judge, out_dir, print_config, save_checkpoint, seed_all, write_lines)
 import hub
 import kernels
 from corpus import Batches, get_tokenizer, prepare_data
@@ -347,6 +347,7 @@ def load_published(config_cls, overrides, method, build_model):
     load_for_inference, with no iteration to report; --eval logs into out_dir."""
     cfg, model, meta = hub.load_model(overrides["init_from"], method, config_cls, overrides, build_model)
     os.makedirs(out_dir(cfg, method), exist_ok=True)
+    check_judge(cfg, meta)
     seed_all(cfg.seed)
     return cfg, model.to(get_device(cfg)).eval(), get_tokenizer(meta), meta, {"iter": None}
 
@@ -369,6 +370,17 @@ def load_for_inference(config_cls, overrides, method, build_model):
     ema = cfg.ema > 0 and ckpt["config"].get("ema", 0) > 0  # a run trained with --ema=0 has no EMA weights
     fit_state(model, ckpt["ema"] if ema else ckpt["model"], f"{where}/ckpt.pt", ckpt["config"], cfg)
     device = get_device(cfg)
+    check_judge(cfg, meta)
     seed_all(cfg.seed)
     return cfg, model.to(device).eval(), get_tokenizer(meta), meta, ckpt
+
+
+def check_judge(cfg, meta):
+    """--eval --gen: the judge checkpoint and --samples_in read before any evaluation work, so that a
+    missing or mismatched one stops the run at once (generative_eval reads them again)."""
+    if getattr(cfg, "gen", False):
+        if cfg.judge.endswith(".pt"):
+            load_judge(cfg.judge, meta)
+        if getattr(cfg, "samples_in", ""):
+            hub.read_samples(cfg.samples_in)
 

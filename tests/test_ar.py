@@ -198,6 +198,7 @@ def test_cli_bad_inputs(tiny_ar, tmp_path):
     def fails(args, *words):
         r = run_cli(args, check=False)
         assert r.returncode != 0 and all(w in r.stderr for w in words), r.stderr[-1500:]
+        assert "val NLL" not in r.stdout, "the refusal came after the evaluation's work"
     fails(["ar.py", "--sample", f"--out_dir={tiny_ar}", "--suffix=abc"], "--suffix is not used by ar.py")
     fails(["ar.py", "--sample", f"--out_dir={tiny_ar}", "--temperature=0"], "--temperature")
     fails(["ar.py", "--sample", f"--out_dir={tiny_ar}", "--prefix=" + "a" * 40], "--prefix", "--seq_len")

@@ -107,6 +107,9 @@ def test_cli_sample_to_file_then_judge_it(judge_dir, char_data, tmp_path):
     assert math.isfinite(nll) and nll > 0 and ent > 0
     log = [json.loads(x) for x in open(os.path.join(out, "log.jsonl"))]
     assert abs(log[-1]["eval_full"]["gen_nll"] - nll) < 1e-3
+    r = run_cli(["mdlm.py", "--eval", "--gen", f"--out_dir={out}", f"--samples_in={f}.missing", f"--judge={judge_dir}",
+                 "--device=cpu"], check=False)  # refused before the bound is computed
+    assert r.returncode == 1 and "no samples file" in r.stderr and "NELBO" not in r.stdout, r.stdout + r.stderr
 
 
 def test_ar_samples_are_decoded_for_a_transformers_judge(judge_dir, char_data, tmp_path):
