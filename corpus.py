@@ -441,19 +441,27 @@ def infill_template(tokenizer, cfg, length):
     return torch.tensor(ids + [-1] * (n - len(ids)), dtype=torch.long)
 
 
-def conditioning(tokenizer, cfg, length):
+def conditioning(tokenizer, cfg, length, rows=False):
     """--prefix and --suffix, or --infill -> (token ids or -1 at free positions) (length,), or the
-    template's length under --infill without --seq_len."""
+    template's length under --infill without --seq_len. rows: one text per row, <s> text </s> PAD ...
+    (Diffusion-LM's layout): <s> before the prefix, and a suffix just before the </s> at --length."""
     if getattr(cfg, "infill", ""):
         return infill_template(tokenizer, cfg, length)
     pre = encode_prompt(tokenizer, cfg.prefix, "--prefix", cfg.allow_unk) if cfg.prefix else []
     suf = encode_prompt(tokenizer, cfg.suffix, "--suffix", cfg.allow_unk) if cfg.suffix else []
-    if len(pre) + len(suf) > length:
-        die(f"--prefix and --suffix take {len(pre) + len(suf)} tokens, more than the {length}-token sequence; shorten them or raise --seq_len")
+    start, end = (1, getattr(cfg, "length", 0) or length) if rows else (0, length)
+    if rows and suf and end == length:
+        die("--suffix needs --length=N, the position of the </s> it ends before (one text per row)")
+    if len(pre) + len(suf) > end - start:
+        die(f"--prefix and --suffix take {len(pre) + len(suf)} tokens, more than the {end - start}-token sequence; shorten them or raise --seq_len")
     fixed = torch.full((length,), -1, dtype=torch.long)
-    fixed[:len(pre)] = torch.tensor(pre, dtype=torch.long)
+    fixed[start:start + len(pre)] = torch.tensor(pre, dtype=torch.long)
     if suf:
-        fixed[length - len(suf):] = torch.tensor(suf, dtype=torch.long)
+        fixed[end - len(suf):end] = torch.tensor(suf, dtype=torch.long)
+    if rows:
+        fixed[0] = WordTokenizer.START
+        if suf:
+            fixed[end], fixed[end + 1:] = WordTokenizer.END, WordTokenizer.PAD
     return fixed
 
 

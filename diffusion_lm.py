@@ -98,7 +98,7 @@ def sqrt_alpha_bar(tau, s=1e-4):
 class Schedule:
     """float64 tables over code steps k = 0..S-1 (paper step k + 1), from alpha_bar at those steps.
 
-    betas are clipped at 0.999: alpha_bar(1) < 0, so the last one always is (METHODS sec. 2).
+    betas are clipped at 0.999: alpha_bar(1) < 0, so the last one always is (docs/diffusion_lm.md).
     times holds each step's index on the full T-step schedule (the network's time input).
     """
 
@@ -165,7 +165,7 @@ def clamp(x0, E, metric):
 class LatentTransformer(nn.Module):
     """(B, L, d) latents + code step (B,) -> (B, L, out): d -> C (Linear, tanh, Linear) plus learned
     positions, common's time-conditioned (adaLN) Transformer on those embeddings, then a head. The time
-    input is t * 1000 / T, so the respaced schedules reuse the network (METHODS sec. 2)."""
+    input is t * 1000 / T, so the respaced schedules reuse the network (docs/diffusion_lm.md)."""
 
     def __init__(self, cfg, d, out, n_layer, T):
         super().__init__()
@@ -423,7 +423,7 @@ def sample(model, cfg, n, fixed=None, objective=None, show=None):
     embeddings at every step (infilling). objective(x, t) -> (B,) turns on guidance.
     Each step: x0_hat = f(x_t, t), clamp it to the nearest embeddings, then
     x_{t-1} = mu_tilde(x_t, x0_hat) + sqrt(beta_tilde) z (the reference's posterior form).
-    The last x0_hat is rounded by the head, argmax(x0_hat E^T + b) (METHODS sec. 2).
+    The last x0_hat is rounded by the head, argmax(x0_hat E^T + b) (docs/diffusion_lm.md).
     """
     sched = respace(sqrt_schedule(model.T), cfg.steps)
     L, device = cfg.block_size, model.embed.weight.device
@@ -472,7 +472,7 @@ def bleu(hyp, ref, n=4):
 
 
 def mbr_pick(cands):
-    """Minimum Bayes risk decoding (METHODS sec. 2): argmin_w sum_{w' != w} -BLEU(w, w'), the candidate
+    """Minimum Bayes risk decoding (docs/diffusion_lm.md): argmin_w sum_{w' != w} -BLEU(w, w'), the candidate
     that agrees most with the others. cands: word lists; returns an index (the first on ties)."""
     score = [sum(bleu(h, r) for j, r in enumerate(cands) if j != i) for i, h in enumerate(cands)]
     return max(range(len(cands)), key=score.__getitem__)
@@ -490,7 +490,7 @@ def sample_mbr(model, cfg, tok, n, fixed=None, objective=None, show=None):
 
 def infill_template(tok, cfg):
     """--infill words with _ at free positions -> (L,) ids (START first, -1 where free); None if empty."""
-    fixed = corpus.conditioning(tok, cfg, cfg.block_size) if (cfg.prefix or cfg.suffix) else None
+    fixed = corpus.conditioning(tok, cfg, cfg.block_size, cfg.rows) if (cfg.prefix or cfg.suffix) else None
     if not cfg.infill:
         return fixed
     words = tok.split(cfg.infill)
@@ -507,7 +507,7 @@ def infill_template(tok, cfg):
 
 def length_objective(model, length):
     """Length control: END at position `length`, PAD after it; the "classifier" is the MSE of
-    f_theta(x_{t-1}) against those embeddings at the fixed positions (METHODS sec. 2)."""
+    f_theta(x_{t-1}) against those embeddings at the fixed positions (docs/diffusion_lm.md)."""
     E = model.embed.weight.detach()
 
     def objective(x, t):
@@ -546,7 +546,7 @@ def decode(tok, ids):
 
 @torch.no_grad()
 def evaluate(model, batches, cfg, full=False):
-    """Validation loss terms and the NLL bound in nats per position (METHODS sec. 2, [ref]):
+    """Validation loss terms and the NLL bound in nats per position (docs/diffusion_lm.md, [ref]):
     L_T + sum_{t>=2} L_{t-1} (Monte Carlo over t, eval_t_samples per sequence) +
     KL(q_phi(x_0|w) || p(x_0|x_1)) + -log p(w|x_0). Reverse variances: beta_tilde_t for t >= 2
     (the posterior's, so L_{t-1} is the mean term alone) and beta_1 at t = 1 (q_phi's variance)."""

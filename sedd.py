@@ -54,7 +54,7 @@ class Config(hub.PublishedConfig, common.PromptConfig, common.TextConfig, common
     sigma_min: float = 1e-4  # geometric: sigma_bar(t) = sigma_min^(1-t) sigma_max^t
     sigma_max: float = 20.0
     t_min: float = 1e-3  # lowest training / evaluation time
-    # The loss sums over the block_size positions (paper; METHODS sec. 4), about block_size times
+    # The loss sums over the block_size positions (paper; docs/sedd.md), about block_size times
     # MDLM's per-token mean; Adam does not see the scale, the clip does: 128 = 1.0 per token at
     # block_size=128, the same clipping as mdlm.py. Scale it with --block_size.
     grad_clip: float = 128.0
@@ -298,7 +298,7 @@ def score_entropy(log_score, xt, x0, sigma_bar, graph):
         D = sum_{y != x} Q[x, y] [s_y - rho_y log s_y + K(rho_y)],  rho_y = p(y | x_0) / p(x | x_0)
     with x = x_t. Its gradient w.r.t. log s_y is Q[x, y] (s_y - rho_y), 0 at y = x.
     """
-    ls = log_score.float()  # fp32 before exp: the terms cancel at O(r log r) (METHODS sec. 6.2)
+    ls = log_score.float()  # fp32 before exp: the terms cancel at O(r log r)
     N = ls.shape[-1]
     out = torch.zeros(xt.shape, dtype=torch.float32, device=ls.device)
     if graph == "absorb":
@@ -359,9 +359,9 @@ def loss_fn(model, x0, cfg, N):
 def _two_stage(w, w_stay, xt, u):
     """Draw the next token of every row from move weights w (B, L, N), 0 at y = x, and a stay weight (B, L).
 
-    Exact in any precision (METHODS sec. 6.1): the row moves iff u[..., 0] < M / (M + w_stay),
-    M = sum_y w_y, and then takes y by inverse CDF over w with u[..., 1] (float64). This is the
-    race of METHODS sec. 0 with negative weights clamped: a negative weight never wins.
+    Exact in any precision (docs/sedd.md): the row moves iff u[..., 0] < M / (M + w_stay),
+    M = sum_y w_y, and then takes y by inverse CDF over w with u[..., 1] (float64). Negative
+    weights are clamped: a negative weight never wins.
     """
     w, w_stay = w.clamp(min=0), w_stay.clamp(min=0)
     total = w.sum(-1)

@@ -34,7 +34,7 @@ def test_sqrt_schedule(T):
 
 def test_sqrt_schedule_values_and_respacing():
     full = D.sqrt_schedule(2000)
-    assert abs(full.alpha_bar[0] - 0.9854) < 1e-4  # std 0.121 at the first step (METHODS sec. 2)
+    assert abs(full.alpha_bar[0] - 0.9854) < 1e-4  # std 0.121 at the first step
     assert abs(math.sqrt(1 - full.alpha_bar[199]) - 0.556) < 2e-3
     sub = D.respace(full, 200)
     assert torch.equal(sub.times, torch.arange(9, 2000, 10))
@@ -147,6 +147,22 @@ def test_infill_template_parsing():
         D.infill_template(tok, tiny_cfg(infill=" ".join(["The"] * 12)))
     with pytest.raises(SystemExit, match="outside the vocabulary"):
         D.infill_template(tok, tiny_cfg(infill="The Phoenix _"))
+
+
+def test_prefix_and_suffix_keep_the_row_layout():
+    """One text per row (<s> text </s> PAD ...): <s> stays first with the prefix after it, and a suffix ends
+    just before the </s> at --length; packed windows hold them at the two ends."""
+    tok = corpus.WordTokenizer(list(corpus.WordTokenizer.SPECIALS) + ["The", "Eagle", "is", "."])
+    t = D.infill_template(tok, tiny_cfg(prefix="The Eagle", suffix=".", length=6))
+    assert t.tolist() == [0, 4, 5, -1, -1, 7, 1] + [3] * 5
+    t = D.infill_template(tok, tiny_cfg(prefix="The"))
+    assert t[:2].tolist() == [0, 4] and (t[2:] == -1).all()
+    with pytest.raises(SystemExit, match="--suffix needs --length"):
+        D.infill_template(tok, tiny_cfg(suffix="."))
+    with pytest.raises(SystemExit, match="more than the 3-token"):
+        D.infill_template(tok, tiny_cfg(prefix="The Eagle is", suffix=".", length=4))
+    t = D.infill_template(tok, tiny_cfg(prefix="The", suffix=".", rows=False))
+    assert t[0] == 4 and t[-1] == 7 and (t[1:-1] == -1).all()
 
 
 def test_loss_terms_are_finite_and_train_the_embeddings():
@@ -293,6 +309,10 @@ def test_cli_train_sample_eval(cli_out):
     r = run_cli(["diffusion_lm.py", "--sample", f"--out_dir={cli_out}", "--num_samples=2", "--steps=10",
                  "--control=food=Italian", "--length=10"])
     assert r.stdout.count("=== sample") == 2
+    r = run_cli(["diffusion_lm.py", "--sample", f"--out_dir={cli_out}", "--num_samples=2", "--steps=10", "--mbr=1",
+                 "--prefix=The Eagle", "--suffix=.", "--length=10"])
+    texts = [line for line in r.stdout.splitlines()[1:] if line and not line.startswith(("===", "("))]
+    assert len(texts) == 2 and all(t.startswith("The Eagle") for t in texts), r.stdout
     r = run_cli(["diffusion_lm.py", "--eval", f"--out_dir={cli_out}", "--eval_batches=1", "--eval_t_samples=1",
                  "--steps=10", "--control_samples=2", "--control_targets=food=Italian,area=riverside"])
     assert "val NELBO" in r.stdout and r.stdout.count("control food=Italian") == 1

@@ -282,8 +282,8 @@ def test_sources_cite_only_pages_that_exist():
                for f in sorted(glob.glob(os.path.join(ROOT, pattern))) if not f.endswith("test_docs.py")]
     missing = [f"{os.path.relpath(f, ROOT)}:{n} names {name}"
                for f in sources for n, line in enumerate(open(f, encoding="utf-8"), 1)
-               for name in re.findall(r"(?<![\w./-])((?:[\w-]+/)*[\w-]+\.md)\b", line)
-               if (name.startswith("docs/") or name[:-3].isupper()) and not os.path.isfile(os.path.join(ROOT, name))]
+               for name in re.findall(r"(?<![\w./-])((?:[\w-]+/)*[\w-]+\.md|METHODS(?= sec))\b", line)
+               if (name.startswith("docs/") or name.removesuffix(".md").isupper()) and not os.path.isfile(os.path.join(ROOT, name))]
     assert not missing, "\n".join(missing)
 
 

@@ -175,7 +175,7 @@ def test_score_entropy_is_zero_with_zero_gradient_at_the_true_ratios(graph, N, s
 
 
 def test_absorbing_entropy_is_the_mdlm_term_for_normalised_scores():
-    """s_y = r q_y with sum q = 1 gives sigma D = w(t) (-log q_{x0}): MDLM's NELBO term (METHODS sec. 4)."""
+    """s_y = r q_y with sum q = 1 gives sigma D = w(t) (-log q_{x0}): MDLM's NELBO term."""
     torch.manual_seed(0)
     V, B, L = 7, 4, 5
     cfg = sedd.Config()
