@@ -672,9 +672,7 @@ def main(argv=None):
         print(f"({len(srcs)} samples, {cfg.decode} decoding from the {cfg.bootstrap} bootstrap, "
               f"{len(best[0].history)} revisions, {time.time() - t0:.1f}s)")
     if "eval" in verbs:
-        cfg, model, tok, meta, ckpt = load(overrides)
-        if cfg.gen and meta["seq2seq"]:
-            common.die("--gen is for unconditional models; an E2E model is scored by BLEU (drop --gen)")
+        cfg, model, tok, meta, ckpt = load(overrides)  # (--gen on E2E is refused there)
         corpus.prepare_data(cfg)
         trained_boot = ckpt["config"].get("bootstrap", cfg.bootstrap)  # held-out corruptions as trained
         stats = evaluate(model, EditBatches(dataclasses.replace(cfg, bootstrap=trained_boot), meta, cfg.seed), cfg)

@@ -379,6 +379,8 @@ def check_judge(cfg, meta):
     """--eval --gen: the judge checkpoint and --samples_in read before any evaluation work, so that a
     missing or mismatched one stops the run at once (generative_eval reads them again)."""
     if getattr(cfg, "gen", False):
+        if meta.get("seq2seq"):  # diffuser.py on E2E: its samples realise given MRs
+            die("--gen is for unconditional models; an E2E model is scored by BLEU (drop --gen)")
         if cfg.judge.endswith(".pt"):
             load_judge(cfg.judge, meta)
         if getattr(cfg, "samples_in", ""):
