@@ -581,13 +581,14 @@ def load(overrides):
         cfg, model, tok, meta, ckpt = trainer.load_published(Config, overrides, "sedd", build_model)
     else:
         path = os.path.join(common.out_dir(Config(**overrides), "sedd"), "ckpt.pt")
-        saved = common.load_checkpoint(path, "sedd").get("config", {})
+        ckpt = common.load_checkpoint(path, "sedd")  # read once: its config decides the overrides below
+        saved = ckpt.get("config", {})
         if saved.get("noise") and "schedule" not in overrides:  # a checkpoint that names its schedule "noise"
             overrides = {**overrides, "schedule": saved["noise"]}
         if "graph" in overrides and saved.get("graph", overrides["graph"]) != overrides["graph"]:
             common.die(f"{path} was trained with --graph={saved['graph']}, not {overrides['graph']}; "
                        f"drop --graph or train a new model")
-        cfg, model, tok, meta, ckpt = trainer.load_for_inference(Config, overrides, "sedd", build_model)
+        cfg, model, tok, meta, ckpt = trainer.load_for_inference(Config, overrides, "sedd", build_model, ckpt)
     check_config(cfg)
     if cfg.stride >= cfg.block_size:
         common.die(f"--stride={cfg.stride} must be below the model's block_size={cfg.block_size} (0: block_size // 2)")

@@ -511,7 +511,7 @@ def test_cli_train_sample_eval(char_data, tmp_path):
     assert all(s.startswith("ROMEO:") for s in parse_samples(r.stdout))
 
 
-def test_cli_bad_inputs(char_data, tmp_path, capsys):
+def test_cli_bad_inputs(char_data, tmp_path, capsys, monkeypatch):
     out = str(tmp_path / "run")
     tiny = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4", f"--data_dir={char_data}",
             f"--out_dir={out}"]
@@ -547,6 +547,11 @@ def test_cli_bad_inputs(char_data, tmp_path, capsys):
     sedd.main(["--sample", f"--out_dir={out}", "--seq_len=40", "--steps=4", "--num_samples=1"])  # beyond one block
     assert len(capsys.readouterr().out.split("=== sample 0\n")[1].split("\n(")[0]) == 40
     fails(["--sample", f"--out_dir={out}", "--n_embd=64"], "n_embd")
+    reads, real = [], common.load_checkpoint  # sedd.load inspects the checkpoint's config, then loads it: one read
+    monkeypatch.setattr(trainer, "load_checkpoint", lambda *a: reads.append(a) or real(*a))
+    monkeypatch.setattr(common, "load_checkpoint", lambda *a: reads.append(a) or real(*a))
+    sedd.load({"out_dir": str(out)})
+    assert len(reads) == 1, reads
 
 
 def test_absorbing_euler_equals_tweedie_under_loglinear_noise():
