@@ -473,13 +473,13 @@ def checksum(obj):
     return h.hexdigest()
 
 
-def write_lines(path, lines, fix):
-    """Write text lines to path atomically; a write error is one line that ends with fix."""
+def write_file(path, content, fix):
+    """Text lines, or what content(f) writes to a binary file, to path atomically; an error: one line ending in fix."""
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(tmp, "w") as f:
-            f.writelines(lines)
+        with open(tmp, "wb" if callable(content) else "w") as f:
+            content(f) if callable(content) else f.writelines(content)
         os.replace(tmp, path)
     except OSError as e:
         with contextlib.suppress(OSError):

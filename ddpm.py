@@ -528,8 +528,7 @@ def save_png(path, data_pts, sample_pts, title, strip=None):
         ax.scatter(x[:, 0], x[:, 1], s=1, alpha=0.5, color="C2", rasterized=True)
         ax.set_title(f"x_t, t = {t}", fontsize=8), ax.set_aspect("equal"), ax.tick_params(labelsize=6)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path)
+    common.write_file(path, lambda f: fig.savefig(f, format="png"), "choose another --png or --out_dir")
     plt.close(fig)
     print(f"wrote {path}")
     return True
@@ -546,6 +545,8 @@ def build_model(cfg, meta):
 def check_config(cfg):
     """Every value at the command-line boundary -> one line naming the flag; the math above trusts cfg."""
     common.check_common(cfg)
+    if cfg.png and not cfg.png.endswith(".png"):
+        common.die(f"--png={cfg.png} must name a .png file")
     for key, known in (("schedule", ("linear", "cosine")), ("pred", ("eps", "x0", "v")), ("var", ("beta", "posterior")),
                        ("sampler", ("ancestral", "ddim")), ("eval_split", ("val",))):  # 2-D data: no test split
         common.check_choice(cfg, key, known)
@@ -619,8 +620,7 @@ def main(argv=None):
             print("  " + " ".join(f"{v:+.4f}" for v in row))
         print(quality_line(quality(x, data, meta_name(data))))
         odir = common.out_dir(cfg, "ddpm")
-        os.makedirs(odir, exist_ok=True)
-        np.save(os.path.join(odir, "samples.npy"), raw.numpy())
+        common.write_file(os.path.join(odir, "samples.npy"), lambda f: np.save(f, raw.numpy()), "choose another --out_dir")
         save_png(cfg.png or os.path.join(odir, "samples.png"), data.unstandardise(data.held_out[:cfg.num_samples]), raw,
                  f"samples ({name})", strip or None)
     if "eval" in verbs:

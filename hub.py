@@ -33,7 +33,7 @@ import sys
 
 import torch
 
-from common import die, write_lines
+from common import die, write_file
 
 CONFIG = "config.json"
 WEIGHTS = ("model.safetensors", "pytorch_model.bin")
@@ -312,7 +312,7 @@ def hf_judge_nll(model, tok, text):
 
 def write_samples(path, texts, settings):
     """Samples as a file: one JSON object per line, {"text", "index", **settings}, written atomically."""
-    write_lines(path, [json.dumps({"text": t, "index": i, **settings}) + "\n" for i, t in enumerate(texts)],
+    write_file(path, [json.dumps({"text": t, "index": i, **settings}) + "\n" for i, t in enumerate(texts)],
                 "free disk space or choose another --samples_out")
     print(f"wrote {len(texts)} samples to {path}")
 

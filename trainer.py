@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from common import (TextConfig, autocast, check_memory, config_from_checkpoint, die, get_device, load_checkpoint,
-                    load_judge, out_dir, print_config, save_checkpoint, seed_all, write_lines)
+                    load_judge, out_dir, print_config, save_checkpoint, seed_all, write_file)
 import hub
 import kernels
 from corpus import Batches, get_tokenizer, prepare_data
@@ -107,7 +107,7 @@ def truncate_log(path, last_iter):
             it = rec.get("iter")
             if not isinstance(it, int) or it <= last_iter:  # an eval of published weights has no iteration: kept
                 keep.append(line if line.endswith("\n") else line + "\n")
-    write_lines(path, keep, "free disk space or choose another --out_dir")
+    write_file(path, keep, "free disk space or choose another --out_dir")
 
 
 @contextlib.contextmanager

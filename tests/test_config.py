@@ -62,7 +62,7 @@ OWN_BAD = {
              ("--T=10", "too small for the linear schedule"), ("--schedule=foo", "unknown --schedule"),
              ("--pred=score", "unknown --pred='score'"), ("--var=foo", "unknown --var"), ("--sampler=foo", "unknown --sampler"),
              ("--eta=2", "--eta=2.0"), ("--steps=-1", "--steps"), ("--eval_points=0", "--eval_points"),
-             ("--eval_split=test", "unknown --eval_split='test'; use val")],
+             ("--eval_split=test", "unknown --eval_split='test'; use val"), ("--png=s.jpg", "must name a .png file")],
     "diffusion_lm": [("--steps=0", "--steps=0"), ("--steps=300", "must divide"), ("--mbr=0", "--mbr=0"), ("--clamp=dot", "unknown --clamp"),
                      ("--eval_t_samples=0", "--eval_t_samples"), ("--embed_dim=0", "--embed_dim"), ("--T=0", "--T=0"),
                      ("--length=-1", "--length"), ("--guide_lr=nan", "--guide_lr")],
