@@ -211,11 +211,11 @@ def check_memory(cfg):
             "lower --batch_size (raise --grad_accum) or --block_size")
 
 
-def config_from_checkpoint(config_cls, ckpt, overrides):
-    """The checkpoint's config with the command line's overrides on top; the model's shape and its T stay."""
+def config_from_checkpoint(config_cls, ckpt, overrides, fixed=()):
+    """The checkpoint's config with the command line's overrides on top; the model's shape and the keys
+    in fixed (what else a method's model learnt, e.g. its T) stay."""
     saved = {k: v for k, v in ckpt["config"].items() if k in {f.name for f in dataclasses.fields(config_cls)}}
-    fixed = ("n_layer", "n_head", "n_embd", "block_size", "T")  # T: the chain ddpm, diffusion_lm, diffuser learnt
-    for k in fixed:
+    for k in ("n_layer", "n_head", "n_embd", "block_size") + fixed:
         if k in overrides and overrides[k] != saved.get(k):
             die(f"--{k} is fixed by the checkpoint ({saved.get(k)}); drop it or train a new model")
     return config_cls(**{**saved, **overrides})

@@ -564,10 +564,8 @@ def check_config(cfg):
 
 def load(overrides):
     """Checkpoint -> (cfg, model, data, betas, ckpt); T, schedule and pred are fixed by the checkpoint."""
-    cfg, model, _, meta, ckpt = trainer.load_for_inference(Config, overrides, "ddpm", build_model)
-    for k in ("schedule", "pred"):  # (T: in load_for_inference, for every method that has one)
-        if k in overrides and overrides[k] != ckpt["config"][k]:
-            common.die(f"--{k} is fixed by the checkpoint ({ckpt['config'][k]}); drop it or train a new model")
+    cfg, model, _, meta, ckpt = trainer.load_for_inference(Config, overrides, "ddpm", build_model,
+                                                           fixed=("T", "schedule", "pred"))
     check_config(cfg)
     step_sequence(cfg.T, cfg.steps, cfg.timesteps)  # --steps and --timesteps against the model's T
     data = PointBatches(meta["data"], meta=meta)  # the held-out split of the checkpoint's own data

@@ -597,7 +597,7 @@ def build_model(cfg, meta):
 
 
 def load(overrides):
-    cfg, model, tok, meta, ckpt = trainer.load_for_inference(Config, overrides, "diffuser", build_model)
+    cfg, model, tok, meta, ckpt = trainer.load_for_inference(Config, overrides, "diffuser", build_model, fixed=("T",))
     check_config(cfg)
     if cfg.bootstrap == "autoregressive" and meta["seq2seq"]:
         common.die("--bootstrap=autoregressive drafts from the unconditional ar.py; on E2E use --bootstrap=source")

@@ -639,7 +639,7 @@ def check_config(cfg):
 
 def load(overrides):
     """load_for_inference, then check_config on the checkpoint's config under the overrides, and --length."""
-    cfg, model, tok, meta, ckpt = trainer.load_for_inference(Config, overrides, METHOD, build_model)
+    cfg, model, tok, meta, ckpt = trainer.load_for_inference(Config, overrides, METHOD, build_model, fixed=("T",))
     check_config(cfg)
     if cfg.length >= cfg.block_size:
         common.die(f"--length={cfg.length} must lie in 1..{cfg.block_size - 1} (the END position)")

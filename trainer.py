@@ -352,9 +352,10 @@ def load_published(config_cls, overrides, method, build_model):
     return cfg, model.to(get_device(cfg)).eval(), get_tokenizer(meta), meta, {"iter": None}
 
 
-def load_for_inference(config_cls, overrides, method, build_model, ckpt=None):
+def load_for_inference(config_cls, overrides, method, build_model, ckpt=None, fixed=()):
     """Checkpoint (read here, or the one a caller already read) -> (cfg, EMA model in eval mode on the
-    device, tokenizer, meta, the checkpoint)."""
+    device, tokenizer, meta, the checkpoint); fixed: config keys beside the model's shape that the
+    command line may not change."""
     where = out_dir(config_cls(**overrides), method)
     ckpt = ckpt or load_checkpoint(os.path.join(where, "ckpt.pt"), method)
     if ckpt.get("method", method) != method:
@@ -365,7 +366,7 @@ def load_for_inference(config_cls, overrides, method, build_model, ckpt=None):
         die(f"{where}/ckpt.pt lacks {', '.join(missing)}; it is not a complete {method}.py checkpoint: retrain with "
             f"`python {method}.py --train --overwrite`")
     # logs go beside the checkpoint that was read, wherever it was trained
-    cfg = dataclasses.replace(config_from_checkpoint(config_cls, ckpt, overrides), out_dir=where)
+    cfg = dataclasses.replace(config_from_checkpoint(config_cls, ckpt, overrides, fixed), out_dir=where)
     meta = ckpt["meta"]
     model = build_model(cfg, meta)
     ema = cfg.ema > 0 and ckpt["config"].get("ema", 0) > 0  # a run trained with --ema=0 has no EMA weights
