@@ -175,11 +175,10 @@ def check_between(cfg, keys, low, high):
 
 
 def check_common(cfg):
-    """The shared keys' values -> one line naming the flag, before any data or model is touched.
-
-    Each method's check_config calls this first, then checks its own keys.
-    """
+    """The shared keys' values -> one line naming the flag, before any data or model is touched; each
+    method's check_config calls this first, then checks its own keys."""
     text = isinstance(cfg, TextConfig)
+    check_choice(cfg, "eval_split", ("val", "test"))
     check_at_least(cfg, ["batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval",
                          "num_samples"] + (["n_layer", "n_head", "n_embd", "block_size"] if text else []), 1)
     check_at_least(cfg, ("lr_decay_iters", "warmup_iters", "min_lr", "weight_decay", "grad_clip"), 0)

@@ -398,8 +398,6 @@ def val_batches(batches, cfg, full=False):
     (full, for --eval), else the same eval_iters random val batches at every call, so evaluations
     during training compare (and never see the test split)."""
     if full:
-        if cfg.eval_split not in ("val", "test"):
-            die(f"unknown --eval_split={cfg.eval_split!r}; use val or test")
         if cfg.eval_split != "val":
             print(f"evaluating on the {cfg.eval_split} split")
         return progress(batches.sequential(cfg.eval_split, cfg.batch_size), "eval")

@@ -90,7 +90,7 @@ def check_config(cfg):
     common.check_at_least(cfg, ("seq_len", "decode_batch", "max_len", "T"), 1)
     common.check_at_least(cfg, ("steps", "eval_mrs"), 0)
     for key, known in (("bootstrap", BOOTSTRAPS), ("decode", DECODERS), ("target", ("x0", "prev")),
-                       ("noise", ("unigram", "uniform")), ("eval_split", ("val", "test"))):
+                       ("noise", ("unigram", "uniform"))):
         common.check_choice(cfg, key, known)
     if cfg.beam_b < 1 or cfg.beam_r < 1:
         common.die(f"beam sizes must be at least 1 (got --beam_b={cfg.beam_b}, --beam_r={cfg.beam_r})")

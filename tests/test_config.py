@@ -53,7 +53,8 @@ COMMON_BAD = [("--batch_size=0", "--batch_size=0 must be at least 1"), ("--grad_
               ("--lr=inf", "--lr=inf"), ("--lr=0", "--lr=0"), ("--min_lr=-1", "--min_lr"), ("--beta1=2", "--beta1=2.0 must be in [0, 1)"),
               ("--beta2=nan", "--beta2"), ("--ema=1.5", "--ema"), ("--weight_decay=-1", "--weight_decay"),
               ("--grad_clip=nan", "--grad_clip"), ("--warmup_iters=-1", "--warmup_iters"), ("--device=mps", "unknown --device=mps"),
-              ("--device=cuda:x", "unknown --device"), ("--device=gpu", "unknown --device")]
+              ("--device=cuda:x", "unknown --device"), ("--device=gpu", "unknown --device"),
+              ("--eval_split=train", "unknown --eval_split='train'; use val or test")]
 TEXT_BAD = [("--block_size=0", "--block_size=0"), ("--n_embd=0", "--n_embd=0"), ("--n_layer=0", "--n_layer"),
             ("--n_head=0", "--n_head"), ("--n_head=3", "--n_head=3"), ("--dropout=1.5", "--dropout=1.5"), ("--dropout=nan", "--dropout")]
 OWN_BAD = {
@@ -68,7 +69,7 @@ OWN_BAD = {
                      ("--length=-1", "--length"), ("--guide_lr=nan", "--guide_lr")],
     "diffuser": [("--T=0", "--T"), ("--p_keep=2", "--p_keep"), ("--p_keep=nan", "--p_keep"), ("--beam_b=0", "beam sizes"),
                  ("--top_p=0", "--top_p"), ("--temperature=0", "--temperature"), ("--decode=foo", "unknown --decode"),
-                 ("--seq_len=0", "--seq_len"), ("--decode_batch=0", "--decode_batch"), ("--eval_split=train", "unknown --eval_split")],
+                 ("--seq_len=0", "--seq_len"), ("--decode_batch=0", "--decode_batch")],
     "mdlm": [("--steps=0", "--steps=0"), ("--eval_t_samples=0", "--eval_t_samples"), ("--t_min=2", "--t_min"), ("--t_min=0", "--t_min"),
              ("--eps=0", "--eps"), ("--t_end=1", "--t_end"), ("--schedule=foo", "unknown --schedule"), ("--sampler=foo", "unknown --sampler"),
              ("--seq_len=-1", "--seq_len"), ("--stride=-1", "--stride")],
