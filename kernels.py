@@ -321,6 +321,10 @@ def _float_scores(t):
     return t.dtype in (torch.float32, torch.bfloat16)
 
 
+def _ids(*ts):
+    return all(t.dtype == torch.long for t in ts)
+
+
 def _same_device(a):
     """Every tensor argument on one device: a mixed call runs the oracle (and fails there as PyTorch does)."""
     devices = {x.device for x in a if isinstance(x, torch.Tensor)}
@@ -361,7 +365,7 @@ def _rotary(qkv, cos, sin):
 def _rotary_takes(a):
     qkv, cos, sin = a
     table = (qkv.shape[1], 1, 1, qkv.shape[-1]) if qkv.dim() == 5 and qkv.shape[2] == 3 else None
-    return (_float_scores(qkv) and qkv.shape[-1] % 2 == 0 and _same_device(a)
+    return (_float_scores(qkv) and qkv.shape[-1] % 2 == 0 and qkv.numel() > 0 and _same_device(a)
             and all(t.shape == table and t.dtype == torch.float32 and t.is_contiguous() and not t.requires_grad
                     for t in (cos, sin)))
 
@@ -425,23 +429,27 @@ def _worst(results):
 def _check_score_entropy(f, device):
     gen, out = torch.Generator().manual_seed(0), []
     for graph, dtype, ls, xt, x0 in _cases(gen, device):
-        sb = (torch.rand(ls.shape[0], generator=gen) * 4 + 1e-3).to(device)
+        sb = torch.rand(ls.shape[0], generator=gen) * 4 + 1e-3
+        sb[-1] = 200.0  # past fp32's expm1: the constants' limits (r -> 0 absorbing, r -> 1 uniform)
+        sb = sb.to(device)
         w = (torch.rand(xt.shape, generator=gen) + 0.5).to(device)  # an upstream gradient that is not all ones
         where = f"{graph}, {str(dtype)[6:]}"
         with torch.no_grad():
             r, msg = _gap(f.kernel(ls, xt, x0, sb, graph), f.oracle(ls, xt, x0, sb, graph), 1e-4, 1e-4)
             out.append((r, f"loss {where}: {msg}"))
-        got = []  # (loss, gradient) of the op (on the CPU its loss-and-gradient pass), then of the oracle
-        for fn in (f.kernel, f.oracle):
+        got = []  # (loss, gradient, gradient again) of the op, then of the oracle; on the CPU the op's first
+        for fn in (f.kernel, f.oracle):  # gradient is its loss-and-gradient pass's, the second its backward's
             leaf = ls.detach().clone().requires_grad_()
             with torch.enable_grad():
                 loss = fn(leaf, xt, x0, sb, graph)
-                got.append((loss.detach(), torch.autograd.grad((loss * w).sum(), leaf)[0]))
+                grads = [torch.autograd.grad((loss * w).sum(), leaf, retain_graph=keep)[0] for keep in (True, False)]
+                got.append((loss.detach(), *grads))
         r, msg = _gap(got[0][0], got[1][0], 1e-4, 1e-4)
         out.append((r, f"loss with gradient {where}: {msg}"))
         tol = (1e-5, 1e-4) if dtype == torch.float32 else (2e-3, 2e-2)  # bf16: the gradient is rounded once more
-        r, msg = _gap(got[0][1], got[1][1], *tol)
-        out.append((r, f"gradient {where}: {msg}"))
+        for i, what in ((1, "gradient"), (2, "gradient of a second backward")):
+            r, msg = _gap(got[0][i], got[1][1], *tol)
+            out.append((r, f"{what} {where}: {msg}"))
     return _worst(out)
 
 
@@ -489,7 +497,7 @@ def _check_rotary(f, device):
     """Output and gradient on a strided (B, L, 3, H, D) projection, with tables of no particular structure."""
     gen, out = torch.Generator().manual_seed(0), []
     B, L, H, D = 2, 5, 3, 6
-    cos, sin = (torch.randn(L, 1, 1, D, generator=gen).to(device) for _ in range(2))
+    cos, sin = (torch.randn(L, 1, 1, D, generator=gen, dtype=torch.float32).to(device) for _ in range(2))
     for dtype in (torch.float32, torch.bfloat16):
         qkv = torch.randn(B, L, 4, H, D, generator=gen).to(dtype).to(device)[:, :, 1:]
         w = torch.randn(B, L, 3, H, D, generator=gen).to(dtype).to(device)
@@ -544,14 +552,16 @@ class _Spec:
 
 _GRAPHS = ("absorb", "uniform")
 SPECS = {
-    "score_entropy": _Spec(_score_entropy, lambda a: _float_scores(a[0]) and a[4] in _GRAPHS and _same_device(a),
+    "score_entropy": _Spec(_score_entropy, lambda a: _float_scores(a[0]) and _ids(a[1], a[2]) and a[4] in _GRAPHS
+                           and a[3].dtype in (torch.float32, torch.float64) and _same_device(a),
                            _check_score_entropy, _refuse_sigma_bar),
-    "sedd_euler_step": _Spec(_sedd_euler_step, lambda a: _float_scores(a[0]) and a[4] in _GRAPHS
+    "sedd_euler_step": _Spec(_sedd_euler_step, lambda a: _float_scores(a[0]) and _ids(a[1]) and a[4] in _GRAPHS
                              and a[3].dtype == torch.float64 and _same_device(a), _check_steps, _refuse_step("rate_dt")),
-    "sedd_tweedie_step": _Spec(_sedd_tweedie_step, lambda a: _float_scores(a[0]) and a[4] in _GRAPHS
+    "sedd_tweedie_step": _Spec(_sedd_tweedie_step, lambda a: _float_scores(a[0]) and _ids(a[1]) and a[4] in _GRAPHS
                                and a[3].dtype == torch.float64 and _same_device(a), _check_steps, _refuse_step("dsigma")),
-    "mdlm_ancestral_step": _Spec(_mdlm_ancestral_step, lambda a: _float_scores(a[0]) and a[3].dtype == torch.float64
-                                 and _same_device(a), _check_steps, _refuse_step("p_unmask")),
+    "mdlm_ancestral_step": _Spec(_mdlm_ancestral_step, lambda a: _float_scores(a[0]) and _ids(a[1])
+                                 and 0 <= a[4] < a[0].shape[-1] and a[3].dtype == torch.float64 and _same_device(a),
+                                 _check_steps, _refuse_step("p_unmask")),
     "rotary": _Spec(_rotary, _rotary_takes, _check_rotary, lambda a: None),
     "nearest_embedding": _Spec(_nearest_embedding, lambda a: _float_scores(a[0]) and a[2] in ("cos", "l2")
                                and _same_device(a), _check_nearest, _refuse_non_finite),

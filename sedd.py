@@ -313,16 +313,17 @@ def score_entropy(log_score, xt, x0, sigma_bar, graph):
         ls_x0 = ls_m.gather(-1, x0[masked].unsqueeze(-1)).squeeze(-1)
         return out.index_put((masked,), (s_sum - r) - r * (ls_x0 - log_r))
     if graph == "uniform":
-        # every position: Q[x, y] = 1/N for y != x; e = expm1(sigma_bar), r = e / (e + N)
-        e = torch.expm1(sigma_bar.float())[:, None]  # (B, 1)
-        r = e / (e + N)
+        # every position: Q[x, y] = 1/N for y != x; e = expm1(sigma_bar), r = e / (e + N) = 1 / (1 + N/e),
+        # written through 1/e, which is 0 where e overflows fp32 (sigma_bar > 88), so r -> 1, not inf/inf
+        inv_e = 1 / torch.expm1(sigma_bar.float())[:, None]  # (B, 1)
+        r = 1 / (1 + N * inv_e)
         ls = ls.scatter(-1, xt.unsqueeze(-1), 0.0)  # log s_x = 0: drops out of both sums below
         s_plus = (ls.exp().sum(-1) - 1) / N  # (1/N) sum_{y != x} s_y
         lam = ls.sum(-1) / N  # (1/N) sum_{y != x} log s_y
         same = s_plus - r * lam + (N - 1) / N * K(r)  # x = x0: all rho_y = r
         ls_x0 = ls.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
         # x != x0: rho_{x0} = 1/r, other rho_y = 1, and (1/r - 1)/N = 1/e
-        moved = s_plus - lam - ls_x0 / e + (K(1 / r) - (N - 2)) / N
+        moved = s_plus - lam - ls_x0 * inv_e + (K(1 / r) - (N - 2)) / N
         return torch.where(xt == x0, same, moved)
     common.die(f"unknown graph {graph!r}; use absorb or uniform")
 

@@ -162,7 +162,7 @@ DIFFLM_INLINE float se_row(const T* h, T* g, int64_t N, int64_t x, int64_t x0, i
   if (GRAD && !same) store(g, x0, (float)(((double)exp_f32(h0) - 1.0 / c.r) / n * (double)w));
   if (!LOSS) return 0.0f;
   if (same) return (float)(S / n - c.r * H / n + c.k_same);
-  return (float)(S / n - H / n - (double)h0 / c.e + c.k_diff);
+  return (float)(S / n - H / n - (double)h0 * c.inv_e + c.k_diff);
 }
 
 // mode: 1 the loss, 2 the gradient, 3 both
@@ -618,8 +618,9 @@ void cpu_nearest_pack(const float* E, int64_t V, int64_t d, int metric, float* p
     double sq = 0.0;
     if (v < V)
       for (int64_t k = 0; k < d; ++k) sq += (double)E[v * d + k] * E[v * d + k];
-    const float scale = metric == NEAREST_COS ? (float)(1.0 / std::max(sqrt(sq), 1e-12)) : 1.0f;
-    for (int64_t k = 0; k < d; ++k) packed[(p * d + k) * NE_LANES + l] = v < V ? E[v * d + k] * scale : 0.0f;
+    const double norm = metric == NEAREST_COS ? std::max(sqrt(sq), 1e-12) : 1.0;  // divided, rounded once: a
+    for (int64_t k = 0; k < d; ++k)  // row and its copies scaled by powers of two normalise alike, so ties stay ties
+      packed[(p * d + k) * NE_LANES + l] = v < V ? (float)(E[v * d + k] / norm) : 0.0f;
     bias[v] = v >= V ? -INFINITY : metric == NEAREST_COS ? 0.0f : (float)(-0.5 * sq);
   }
 }

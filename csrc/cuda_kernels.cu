@@ -209,7 +209,7 @@ se_kernel(const T* __restrict__ h_all, const int64_t* __restrict__ xt, const int
   const double St = group_sum<G>((double)S, sm[sub]), Ht = group_sum<G>((double)H, sm[sub]);
   if (tid == 0) {
     const float h0 = ld(h, y0);
-    loss[row] = (float)(same ? St / n - c.r * Ht / n + c.k_same : St / n - Ht / n - (double)h0 / c.e + c.k_diff);
+    loss[row] = (float)(same ? St / n - c.r * Ht / n + c.k_same : St / n - Ht / n - (double)h0 * c.inv_e + c.k_diff);
   }
 }
 
@@ -507,8 +507,8 @@ __global__ void ne_pack_kernel(const float* __restrict__ E, int64_t V, int64_t d
   double sq = 0.0;
   for (int64_t k = lane; k < d; k += 32) sq += (double)E[v * d + k] * E[v * d + k];
   for (int o = 16; o > 0; o >>= 1) sq += __shfl_xor_sync(FULL, sq, o);
-  const float scale = metric == NEAREST_COS ? (float)(1.0 / fmax(sqrt(sq), 1e-12)) : 1.0f;
-  for (int64_t k = lane; k < d; k += 32) table[v * d + k] = E[v * d + k] * scale;
+  const double norm = metric == NEAREST_COS ? fmax(sqrt(sq), 1e-12) : 1.0;  // divided, rounded once (cpu_kernels.cpp)
+  for (int64_t k = lane; k < d; k += 32) table[v * d + k] = (float)(E[v * d + k] / norm);
   if (lane == 0) bias[v] = metric == NEAREST_COS ? 0.0f : (float)(-0.5 * sq);
 }
 

@@ -25,24 +25,24 @@ DIFFLM_HD double K(double a) { return a > 0.0 ? a * (log(a) - 1.0) : 0.0; }
 
 // Per-sequence constants of the score-entropy loss (docs/sedd.md), from sigma_bar in fp64.
 struct SEConsts {
-  double r;       // absorbing: 1/expm1(sigma_bar); uniform: e/(e+N)
-  double e;       // expm1(sigma_bar)
+  double r;       // absorbing: 1/expm1(sigma_bar); uniform: e/(e+N) with e = expm1(sigma_bar)
+  double inv_e;   // 1/expm1(sigma_bar): 0 where expm1 overflows, so r -> 1, its limit, not inf/inf
   double k_same;  // constant term of D when x = x0 (uniform) or x = MASK (absorbing)
   double k_diff;  // uniform, x != x0
 };
 
 DIFFLM_HD SEConsts se_consts(double sigma_bar, int graph, int64_t N) {
   SEConsts c;
-  c.e = expm1(sigma_bar);
+  c.inv_e = 1.0 / expm1(sigma_bar);
   if (graph == ABSORB) {
-    c.r = 1.0 / c.e;
+    c.r = c.inv_e;
     c.k_same = K(c.r);
     c.k_diff = 0.0;
   } else {
     double n = (double)N;
-    c.r = c.e / (c.e + n);
+    c.r = 1.0 / (1.0 + n * c.inv_e);
     c.k_same = (n - 1.0) / n * K(c.r);
-    c.k_diff = (K(1.0 / c.r) - (n - 2.0)) / n;
+    c.k_diff = (K(1.0 + n * c.inv_e) - (n - 2.0)) / n;  // K(1/r)
   }
   return c;
 }

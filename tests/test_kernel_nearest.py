@@ -92,6 +92,9 @@ def test_ties_go_to_the_lowest_index(k, metric, search):
     # all rows equal: every query ties everywhere
     same = torch.ones(37, 8)
     assert (getattr(k, search)(torch.randn(9, 8, generator=gen), same, metric) == 0).all()
+    if metric == "cos":  # rows of one direction, d = 1: each normalises to exactly 1, so all tie
+        line = torch.rand(50, 1, generator=gen) + 0.1
+        assert (getattr(k, search)(torch.rand(9, 1, generator=gen) + 0.1, line, metric) == 0).all()
 
 
 @pytest.mark.parametrize("search", SEARCHES)

@@ -631,6 +631,45 @@ def test_a_wrong_op_is_switched_off_with_one_warning(k, case):
         fn(*args)
 
 
+def test_the_check_runs_the_cpu_backward_that_recomputes(k):
+    """On the CPU a training step's gradient comes from the loss's own pass; the backward that recomputes
+    it (under torch.compile, or a retained graph's second backward) is checked as well."""
+    real = k.score_entropy_backward
+
+    class Ops:  # the built ops, with a recompute backward 1% too large
+        def __getattr__(self, name):
+            return getattr(k, name)
+
+        def score_entropy_backward(self, *a):
+            return 1.01 * real(*a)
+
+    sedd.register_score_entropy_autograd(Ops())
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert not sedd.score_entropy.self_check("cpu")
+    finally:
+        sedd.register_score_entropy_autograd(k)
+    assert len(caught) == 1 and "gradient of a second backward" in str(caught[0].message)
+    assert sedd.score_entropy.self_check("cpu")
+
+
+def test_inputs_the_binding_refuses_run_the_oracle(k):
+    """The dispatch hands an op only what its binding takes: int32 ids, a bf16 sigma_bar, a mask_id outside
+    the scores, an empty projection with a strided last dimension run the oracle, as without kernels."""
+    gen = torch.Generator().manual_seed(5)
+    ls, xt, x0, sb = inputs("absorb", 2, 5, 6, torch.float32, gen)
+    t, u = torch.full((2,), 0.4, dtype=torch.float64), torch.rand(2, 5, 2, dtype=torch.float64, generator=gen)
+    qkv, (cos, sin) = torch.randn(0, 4, 3, 8, 2).transpose(3, 4), common.rotary_tables(4, 8)  # (0, 4, 3, 2, 8)
+    calls = [(sedd.score_entropy, (ls, xt.int(), x0, sb, "absorb")), (sedd.score_entropy, (ls, xt, x0, sb.bfloat16(), "absorb")),
+             (sedd.euler_step, (ls, xt.int(), t, u, "absorb")), (mdlm.ancestral_step, (ls, xt, t, u, -1)),
+             (common.apply_rotary, (qkv, cos, sin))]
+    for fn, a in calls:
+        with kernels.oracles_only():
+            ref = fn(*a)
+        assert torch.equal(fn(*a), ref), fn.__name__
+
+
 def test_trust_skips_the_check_and_zero_turns_the_ops_off():
     code = """
         import warnings, torch, kernels, sedd

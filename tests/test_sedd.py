@@ -154,6 +154,21 @@ def test_score_entropy_matches_definition_and_is_nonnegative(graph, N, seed):
     assert Db.dtype == torch.float32 and torch.all(torch.isfinite(Db))
 
 
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_score_entropy_at_a_sigma_bar_past_fp32s_expm1(graph):
+    """--sigma_max may exceed 88, where expm1 overflows fp32 (709: fp64): the loss tends to its limit
+    (uniform: x_t independent of x_0, r = 1) on the op's path and the oracle's, never NaN."""
+    N = 9
+    x0, xt, _, log_score = random_problem(graph, N, 4, 6, 3)
+    xt = torch.where(torch.arange(6) % 2 == 0, x0, xt) if graph == "uniform" else xt  # rows with x = x0, and moved ones
+    ref = brute_force_entropy(log_score, xt, x0, torch.full((4,), 60.0), N, graph)  # 60: at the limit in fp32
+    for sb in (90.0, 800.0, 1e4):
+        sigma_bar = torch.full((4,), sb)
+        for D in (sedd.score_entropy(log_score, xt, x0, sigma_bar, graph),
+                  sedd.score_entropy.oracle(log_score, xt, x0, sigma_bar, graph)):
+            assert torch.allclose(D.double(), ref, rtol=1e-5, atol=1e-5), (sb, D, ref)
+
+
 @settings(max_examples=40, deadline=None)
 @given(graph=st.sampled_from(GRAPHS), N=st.integers(2, 9), seed=st.integers(0, 2**31))
 def test_score_entropy_is_zero_with_zero_gradient_at_the_true_ratios(graph, N, seed):
