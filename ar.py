@@ -159,7 +159,7 @@ def evaluate(model, batches, cfg, full=False):
         total += float(nll_terms(model, x0, model.bos_id).sum())
         count += x0.numel()
     nats = total / count
-    return {"val_nll": nats, "val_bits": nats / math.log(2), "val_ppl": math.exp(nats)}
+    return {"val_nll": nats, "val_bits": nats / math.log(2), "val_ppl": math.exp(nats) if nats < 709 else math.inf}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,7 +174,7 @@ def main(argv=None):
     verbs, cfg, overrides = common.parse_args(Config, argv)
     check_config(cfg)
     if "train" in verbs:
-        common.check_memory(cfg)
+        trainer.check_memory(cfg)
         meta = corpus.prepare_data(cfg)
         model = build_model(cfg, meta)
         trainer.train(cfg, "ar", model, lambda m, x0: loss_fn(m, x0, model.bos_id),
@@ -203,8 +203,8 @@ def main(argv=None):
         cfg = dataclasses.replace(cfg, data_dir=cfg.data_dir or corpus.data_path(cfg))
         corpus.prepare_data(cfg)
         with common.autocast(next(model.parameters()).device):
-            stats = evaluate(model, corpus.Batches(cfg, meta, cfg.seed), cfg, full=True)
-        print(f"val NLL {stats['val_nll']:.4f} nats/token | {stats['val_bits']:.4f} bits/token | "
+            stats = {**evaluate(model, corpus.Batches(cfg, meta, cfg.seed), cfg, full=True), "data": cfg.eval_split}
+        print(f"{cfg.eval_split} NLL {stats['val_nll']:.4f} nats/token | {stats['val_bits']:.4f} bits/token | "
               f"perplexity {stats['val_ppl']:.3f} (exact)")
         if cfg.gen:
             length = cfg.seq_len or cfg.block_size

@@ -150,8 +150,24 @@ def parse_args(config_cls, argv=None):
     if not verbs:
         die("say what to do: --train, --sample or --eval (plus --key=value overrides)")
     cfg = config_cls(**overrides)
+    if "train" in verbs and cfg.resume:
+        cfg = resume_config(config_cls, cfg, overrides)
     seed_all(cfg.seed)  # before main() builds its model, so initial weights are reproducible
     return verbs, cfg, overrides
+
+
+RESUMED = {}  # checkpoint path -> the checkpoint resume_config read, which trainer.resume_from takes: one read
+
+
+def resume_config(config_cls, cfg, overrides):
+    """--train --resume: the run's own config with this command line on top, as --sample takes it, so that
+    a key not repeated keeps the run's value, not the default, and the model's shape stays."""
+    method = os.path.splitext(os.path.basename(sys.modules[config_cls.__module__].__file__))[0]
+    path = os.path.join(out_dir(cfg, method), "ckpt.pt")
+    ckpt = RESUMED[path] = load_checkpoint(path, method)
+    if ckpt.get("method", method) != method or not isinstance(ckpt.get("config"), dict):
+        return cfg  # trainer.resume_from says what is wrong with it
+    return config_from_checkpoint(config_cls, ckpt, overrides)
 
 
 def check_choice(cfg, key, known):
@@ -195,33 +211,17 @@ def check_common(cfg):
     get_device(cfg)
 
 
-def check_memory(cfg):
-    """Refuse a training config whose activations alone would not fit the device (a lower bound:
-    about a dozen (batch, block, n_embd) fp32 tensors per layer are kept for the backward pass)."""
-    device = get_device(cfg)
-    need = 4 * 12 * cfg.batch_size * cfg.block_size * cfg.n_embd * cfg.n_layer
-    if device.type == "cuda":
-        have = torch.cuda.get_device_properties(device).total_memory
-    else:
-        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if need > have:
-        die(f"--batch_size={cfg.batch_size} x --block_size={cfg.block_size} x --n_embd={cfg.n_embd} x --n_layer={cfg.n_layer} "
-            f"needs at least {need / 2**30:.0f} GiB for training, more than the {have / 2**30:.0f} GiB of {device}; "
-            "lower --batch_size (raise --grad_accum) or --block_size")
-
-
-def config_from_checkpoint(config_cls, ckpt, overrides, fixed=()):
-    """The checkpoint's config with the command line's overrides on top; the model's shape and the keys
-    in fixed (what else a method's model learnt, e.g. its T) stay."""
-    saved = {k: v for k, v in ckpt["config"].items() if k in {f.name for f in dataclasses.fields(config_cls)}}
-    for k in ("n_layer", "n_head", "n_embd", "block_size") + fixed:
+def config_from_checkpoint(config_cls, ckpt, overrides):
+    """The checkpoint's config with the command line's overrides on top. The model's shape and the Config's
+    FIXED keys (what else its model learnt, e.g. a T) stay; init_from is spent (the checkpoint holds the
+    weights), and a --dataset given alone drops the saved data_dir, which would win over it."""
+    keep = {f.name for f in dataclasses.fields(config_cls)} - {"init_from", "resume", "overwrite"}
+    keep -= {"data_dir"} if "dataset" in overrides and "data_dir" not in overrides else set()
+    saved = {k: v for k, v in ckpt["config"].items() if k in keep}
+    for k in ("n_layer", "n_head", "n_embd", "block_size") + getattr(config_cls, "FIXED", ()):
         if k in overrides and overrides[k] != saved.get(k):
             die(f"--{k} is fixed by the checkpoint ({saved.get(k)}); drop it or train a new model")
     return config_cls(**{**saved, **overrides})
-
-
-def print_config(cfg):
-    print("config: " + " ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(cfg).items()))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -497,11 +497,12 @@ def save_checkpoint(path, obj):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError
+        e = e if isinstance(e, OSError) else e.__context__ or e
         with contextlib.suppress(OSError):
             os.remove(tmp)
         kept = "the previous checkpoint is kept" if os.path.isfile(path) else "no checkpoint was written"
-        die(f"cannot write {path}: {e.strerror or e}; {kept}; free disk space or choose another --out_dir")
+        die(f"cannot write {path}: {getattr(e, 'strerror', None) or e}; {kept}; free disk space or choose another --out_dir")
 
 
 def load_checkpoint(path, method, verb="--train"):

@@ -332,6 +332,9 @@ def prepare_data(cfg):
     return meta
 
 
+TOKENIZER_KEYS = ("tokenizer", "vocab_size", "chars", "words")  # what a model's token ids mean
+
+
 def tokenizer_name(meta):
     return f"{meta.get('tokenizer', 'no')} tokenizer with {meta.get('vocab_size', '?')} tokens"
 
@@ -350,7 +353,7 @@ class Batches:
         if os.path.isfile(os.path.join(self.path, "meta.json")):
             with open(os.path.join(self.path, "meta.json")) as f:
                 here = json.load(f)
-        if any(here.get(k) != meta.get(k) for k in ("tokenizer", "vocab_size", "chars", "words")):
+        if any(here.get(k) != meta.get(k) for k in TOKENIZER_KEYS):
             same = " (the same size, other symbols)" if tokenizer_name(here) == tokenizer_name(meta) else ""
             die(f"{self.path} has a {tokenizer_name(here)} but the model was trained on a {tokenizer_name(meta)}{same}; "
                 f"use the dataset it was trained on")
@@ -607,7 +610,7 @@ def eval_batches(cfg, meta, bos):
         return cfg, zero_shot(cfg, meta, bos=bos), cfg.eval_data
     cfg = dataclasses.replace(cfg, data_dir=cfg.data_dir or data_path(cfg))
     prepare_data(cfg)
-    return cfg, Batches(cfg, meta, cfg.seed), "val"
+    return cfg, Batches(cfg, meta, cfg.seed), cfg.eval_split
 
 
 def zero_shot(cfg, meta, bos):

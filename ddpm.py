@@ -47,6 +47,7 @@ class Config(common.BaseConfig):
     T: int = 1000
     schedule: str = "linear"  # linear (beta 1e-4..0.02 at T=1000) | cosine (s=0.008)
     pred: str = "eps"  # what the network predicts: eps | x0 | v
+    FIXED = ("T", "schedule", "pred")  # with the model's shape, what a checkpoint fixes (a class attribute, not a --key)
     var: str = "beta"  # reverse variance: beta (sigma_t^2 = beta_t) | posterior (beta_tilde_t)
     # optimisation (small MLP, 2-D points: big batches, short run)
     batch_size: int = 256
@@ -564,8 +565,7 @@ def check_config(cfg):
 
 def load(overrides):
     """Checkpoint -> (cfg, model, data, betas, ckpt); T, schedule and pred are fixed by the checkpoint."""
-    cfg, model, _, meta, ckpt = trainer.load_for_inference(Config, overrides, "ddpm", build_model,
-                                                           fixed=("T", "schedule", "pred"))
+    cfg, model, _, meta, ckpt = trainer.load_for_inference(Config, overrides, "ddpm", build_model)
     check_config(cfg)
     step_sequence(cfg.T, cfg.steps, cfg.timesteps)  # --steps and --timesteps against the model's T
     data = PointBatches(meta["data"], meta=meta)  # the held-out split of the checkpoint's own data

@@ -58,6 +58,7 @@ class Config(common.TextConfig, common.BaseConfig):
     eval_iters: int = 5
     # forward process (paper sec. 3: T = 12, edit types 60/20/10/10, Poisson(3) spans)
     T: int = 12
+    FIXED = ("T",)  # with the model's shape, what a checkpoint fixes (a class attribute, not a --key)
     p_keep: float = 0.6
     p_replace: float = 0.2
     p_insert: float = 0.1
@@ -597,7 +598,7 @@ def build_model(cfg, meta):
 
 
 def load(overrides):
-    cfg, model, tok, meta, ckpt = trainer.load_for_inference(Config, overrides, "diffuser", build_model, fixed=("T",))
+    cfg, model, tok, meta, ckpt = trainer.load_for_inference(Config, overrides, "diffuser", build_model)
     check_config(cfg)
     if cfg.bootstrap == "autoregressive" and meta["seq2seq"]:
         common.die("--bootstrap=autoregressive drafts from the unconditional ar.py; on E2E use --bootstrap=source")
@@ -643,7 +644,7 @@ def main(argv=None):
     if "train" in verbs:
         if cfg.bootstrap == "autoregressive":
             common.die("--bootstrap=autoregressive is a decoding option; train with --bootstrap=null or random")
-        common.check_memory(cfg)
+        trainer.check_memory(cfg)
         meta = corpus.prepare_data(cfg)
         batches = EditBatches(cfg, meta, cfg.seed)
         meta = {**meta, "unigram": batches.unigram, "seq2seq": batches.seq2seq, "boot_trained": cfg.boot_prob > 0}

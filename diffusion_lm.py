@@ -1,8 +1,7 @@
 """
 Diffusion-LM: Gaussian diffusion on learned word embeddings, with rounding, clamping and
 gradient-based control.
-Li, Thickstun, Gulrajani, Liang, Hashimoto, "Diffusion-LM Improves Controllable Text Generation",
-NeurIPS 2022.
+Li, Thickstun, Gulrajani, Liang, Hashimoto, "Diffusion-LM Improves Controllable Text Generation", NeurIPS 2022.
 
 Words w are embedded (E, learned jointly, d = 16 for E2E) and a continuous DDPM runs on the
 embedding sequence with the "sqrt" noise schedule. The network predicts x_0 (the clean
@@ -62,6 +61,7 @@ class Config(common.PromptConfig, common.TextConfig, common.BaseConfig):
     # Diffusion-LM
     embed_dim: int = 16  # d: 16 for E2E, 128 for ROCStories (paper)
     T: int = 2000
+    FIXED = ("T",)  # with the model's shape, what a checkpoint fixes (a class attribute, not a --key)
     # sampling
     steps: int = 200  # respaced decode: step k of the 200-step chain is step 10k of T = 2000
     clamp: str = "cos"  # cos (the lecture's nearest by cosine) | l2 (the reference code) | none
@@ -639,7 +639,7 @@ def check_config(cfg):
 
 def load(overrides):
     """load_for_inference, then check_config on the checkpoint's config under the overrides, and --length."""
-    cfg, model, tok, meta, ckpt = trainer.load_for_inference(Config, overrides, METHOD, build_model, fixed=("T",))
+    cfg, model, tok, meta, ckpt = trainer.load_for_inference(Config, overrides, METHOD, build_model)
     check_config(cfg)
     if cfg.length >= cfg.block_size:
         common.die(f"--length={cfg.length} must lie in 1..{cfg.block_size - 1} (the END position)")
@@ -655,7 +655,7 @@ def main(argv=None):
     verbs = verbs if has_verb else []
     check_config(cfg)
     if "train" in verbs:
-        common.check_memory(cfg)
+        trainer.check_memory(cfg)
         meta = corpus.prepare_data(cfg)
         model = build_model(cfg, meta)
         trainer.train(cfg, METHOD, model, loss_fn, lambda m, b: evaluate(m, b, cfg), meta, make_batches(cfg, meta))
@@ -678,8 +678,8 @@ def main(argv=None):
               f"clamp={cfg.clamp}, {time.time() - t0:.1f}s)")
     if "eval" in verbs:
         cfg, model, tok, meta, ckpt = load(overrides)
-        stats = evaluate(model, make_batches(cfg, meta), cfg, full=True)
-        print(f"val NELBO {stats['val_nelbo']:.4f} nats/position (PAD positions included) | "
+        stats = {**evaluate(model, make_batches(cfg, meta), cfg, full=True), "data": cfg.eval_split}
+        print(f"{cfg.eval_split} NELBO {stats['val_nelbo']:.4f} nats/position (PAD positions included) | "
               f"mse {stats['val_mse']:.4f} | prior {stats['val_prior']:.2e} | rounding {stats['val_rounding']:.4f} "
               f"({cfg.eval_t_samples} time samples per sequence)")
         if os.path.isfile(os.path.join(common.out_dir(cfg, METHOD), "classifier.pt")):

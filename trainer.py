@@ -25,12 +25,15 @@ import time
 import torch
 import torch.nn as nn
 
-from common import (TextConfig, autocast, check_memory, config_from_checkpoint, die, get_device, load_checkpoint,
-                    load_judge, out_dir, print_config, save_checkpoint, seed_all, write_file)
+from common import (RESUMED, TextConfig, autocast, config_from_checkpoint, die, get_device, load_checkpoint, load_judge,
+                    out_dir, save_checkpoint, seed_all, write_file)
 import hub
 import kernels
-from corpus import Batches, get_tokenizer, prepare_data
+from corpus import TOKENIZER_KEYS, Batches, get_tokenizer, prepare_data, tokenizer_name
 
+
+def print_config(cfg):
+    print("config: " + " ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(cfg).items()))
 
 
 def init_distributed(device):
@@ -96,7 +99,7 @@ def truncate_log(path, last_iter):
     if not os.path.isfile(path):
         return
     keep = []
-    with open(path) as f:
+    with open(path, errors="replace") as f:  # a damaged byte spoils its line only
         for line in f:
             try:
                 rec = json.loads(line)
@@ -157,25 +160,30 @@ def fit_state(module, state, path, saved_cfg, cfg, what="model"):
 
 def resume_from(path, method, cfg, meta, model, ema_model, opt, batches, rank, device):
     """Load a run's state for --resume, checked as --sample checks it; -> the next iteration."""
-    ckpt = load_checkpoint(path, method)
+    ckpt = RESUMED.pop(path, None) or load_checkpoint(path, method)
     if ckpt.get("method", method) != method:
         die(f"{path} was trained by {ckpt['method']}.py, not {method}.py; resume it with {ckpt['method']}.py")
     missing = [k for k in RESUME_KEYS if k not in ckpt]
     if missing:
         die(f"{path} lacks {', '.join(missing)}, so it cannot be resumed; sample from it, or start over with --overwrite")
-    for k in ("tokenizer", "vocab_size"):
+    for k in TOKENIZER_KEYS + ("data",):  # data: ddpm's points, a toy's name or an .npy file
         if ckpt["meta"].get(k) != meta.get(k):
-            die(f"{path} was trained on data with {k}={ckpt['meta'].get(k)!r}, this run's has {meta.get(k)!r}; "
+            was, now = ((ckpt["meta"].get(k), meta.get(k)) if k == "data" else
+                        (f"a {tokenizer_name(ckpt['meta'])}", f"a {tokenizer_name(meta)}"))
+            die(f"{path} was trained on {was}, this run's data is {now}{' with other symbols' if k in ('chars', 'words') else ''}; "
                 f"resume with the checkpoint's --dataset ({ckpt['config'].get('dataset')})")
     saved = ckpt["config"]
     fit_state(model, ckpt["model"], path, saved, cfg)
     fit_state(ema_model, ckpt["ema"], path, saved, cfg, "model's EMA")
     fit_state(opt, ckpt["optimizer"], path, saved, cfg, "optimizer")
-    own = lambda states: states[rank] if rank < len(states) else states[0]  # noqa: E731  (per-rank states)
-    torch.set_rng_state(own(ckpt["rng"]))
-    if device.type == "cuda" and ckpt.get("cuda_rng"):  # the GPU draws the training noise there
-        torch.cuda.set_rng_state(own(ckpt["cuda_rng"]), device)
-    batches.gen.set_state(own(ckpt["data_rng"]))
+    n = len(ckpt["data_rng"])  # the processes that wrote it, each with its own streams
+    if rank < n:  # a rank beyond them keeps the fresh streams seeded for it, not a copy of another's
+        torch.set_rng_state(ckpt["rng"][rank])
+        if device.type == "cuda" and ckpt.get("cuda_rng"):  # the GPU draws the training noise there
+            torch.cuda.set_rng_state(ckpt["cuda_rng"][rank], device)
+        batches.gen.set_state(ckpt["data_rng"][rank])
+    elif rank == n:
+        print(f"{path} holds the random streams of {n} process(es); ranks {n} and up draw fresh ones")
     start = ckpt["iter"] + 1
     if start > cfg.max_iters:
         die(f"{path} is at iteration {ckpt['iter']}, past --max_iters={cfg.max_iters}; raise --max_iters to train on")
@@ -203,12 +211,9 @@ def train(cfg, method, model, loss_fn, evaluate, meta, batches=None, dynamic=Non
     if cfg.resume and cfg.overwrite:
         die("--resume continues the run in out_dir and --overwrite starts it over; pass one of them")
     with own_out_dir(odir) if rank == 0 else contextlib.nullcontext():
-        if not cfg.resume and os.path.isfile(ckpt_path):
-            if not cfg.overwrite:
-                die(f"{odir} holds a checkpoint of an earlier run; continue it with --resume, start over with "
-                    f"--overwrite, or choose another --out_dir")
-            if rank == 0:
-                os.remove(ckpt_path)
+        if not cfg.resume and os.path.isfile(ckpt_path) and not cfg.overwrite:  # the first new checkpoint replaces it
+            die(f"{odir} holds a checkpoint of an earlier run; continue it with --resume, start over with "
+                f"--overwrite, or choose another --out_dir")
         return _train_loop(cfg, method, model, loss_fn, evaluate, meta, batches, device, rank, world, dynamic)
 
 
@@ -295,7 +300,7 @@ def _train_loop(cfg, method, model, loss_fn, evaluate, meta, batches, device, ra
         loss_val = float(loss_sum)
         if not math.isfinite(loss_val):
             where = f"the last good checkpoint {ckpt_path} (iteration {last_good}) is kept" if last_good is not None \
-                else "no checkpoint was written"
+                else "this run wrote no checkpoint"
             die(f"loss became {loss_val} at iteration {it}; {where}; lower --lr or raise --warmup_iters")
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -328,6 +333,21 @@ def _train_loop(cfg, method, model, loss_fn, evaluate, meta, batches, device, ra
     return ema_model
 
 
+def check_memory(cfg):
+    """Refuse a training config whose activations alone would not fit the device (a lower bound:
+    about a dozen (batch, block, n_embd) fp32 tensors per layer are kept for the backward pass)."""
+    device = get_device(cfg)
+    need = 4 * 12 * cfg.batch_size * cfg.block_size * cfg.n_embd * cfg.n_layer
+    if device.type == "cuda":
+        have = torch.cuda.get_device_properties(device).total_memory
+    else:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        die(f"--batch_size={cfg.batch_size} x --block_size={cfg.block_size} x --n_embd={cfg.n_embd} x --n_layer={cfg.n_layer} "
+            f"needs at least {need / 2**30:.0f} GiB for training, more than the {have / 2**30:.0f} GiB of {device}; "
+            "lower --batch_size (raise --grad_accum) or --block_size")
+
+
 def model_to_train(cfg, method, config_cls, overrides, build_model, check_config):
     """--train's model -> (cfg, model, meta, overrides). With --init_from, the published weights and
     architecture on this run's data (hub.py), and overrides without init_from, so that a --sample
@@ -352,10 +372,10 @@ def load_published(config_cls, overrides, method, build_model):
     return cfg, model.to(get_device(cfg)).eval(), get_tokenizer(meta), meta, {"iter": None}
 
 
-def load_for_inference(config_cls, overrides, method, build_model, ckpt=None, fixed=()):
+def load_for_inference(config_cls, overrides, method, build_model, ckpt=None):
     """Checkpoint (read here, or the one a caller already read) -> (cfg, EMA model in eval mode on the
-    device, tokenizer, meta, the checkpoint); fixed: config keys beside the model's shape that the
-    command line may not change."""
+    device, tokenizer, meta, the checkpoint); the command line may not change the model's shape or the
+    Config's FIXED keys."""
     where = out_dir(config_cls(**overrides), method)
     ckpt = ckpt or load_checkpoint(os.path.join(where, "ckpt.pt"), method)
     if ckpt.get("method", method) != method:
@@ -366,7 +386,7 @@ def load_for_inference(config_cls, overrides, method, build_model, ckpt=None, fi
         die(f"{where}/ckpt.pt lacks {', '.join(missing)}; it is not a complete {method}.py checkpoint: retrain with "
             f"`python {method}.py --train --overwrite`")
     # logs go beside the checkpoint that was read, wherever it was trained
-    cfg = dataclasses.replace(config_from_checkpoint(config_cls, ckpt, overrides, fixed), out_dir=where)
+    cfg = dataclasses.replace(config_from_checkpoint(config_cls, ckpt, overrides), out_dir=where)
     meta = ckpt["meta"]
     model = build_model(cfg, meta)
     ema = cfg.ema > 0 and ckpt["config"].get("ema", 0) > 0  # a run trained with --ema=0 has no EMA weights

@@ -183,7 +183,7 @@ def test_cli_train_sample_eval_gen(tiny_ar, char_data):
     assert "val NLL" in r.stdout and "(exact)" in r.stdout
     finite_gen_line(r.stdout)
     log = [json.loads(x) for x in open(os.path.join(tiny_ar, "log.jsonl"))]
-    assert "gen_nll" in log[-1]["eval_full"]
+    assert "gen_nll" in log[-1]["eval_full"] and log[-1]["eval_full"]["data"] == "val"
 
 
 @pytest.mark.parametrize("method,extra", [("mdlm", []), ("sedd", []), ("sedd", ["--graph=uniform"])])

@@ -167,7 +167,8 @@ def test_text8_train_sample_eval_with_mdlm(text8_data, tmp_path):
     for split in ("val", "test"):
         r = run_cli(["mdlm.py", "--eval", f"--out_dir={out}", f"--eval_split={split}"] + EVAL, env={"DIFFLM_KERNELS": "0"})
         bits[split] = float(re.search(r"([\d.]+) bits/token", r.stdout).group(1))
-        assert ("evaluating on the test split" in r.stdout) == (split == "test")
+        assert ("evaluating on the test split" in r.stdout) == (split == "test") and f"{split} NELBO" in r.stdout
+        assert json.loads(open(os.path.join(out, "log.jsonl")).readlines()[-1])["eval_full"]["data"] == split
     assert all(0 < b < 2 * np.log2(27) for b in bits.values())
     assert bits["val"] != bits["test"]  # two different 5,000-character splits
 

@@ -2,7 +2,9 @@
 forms, hypothesis), clamping, exact recovery with perfect x_0 predictions, infilling, a toy
 language learned end to end, guidance raising the target's rate, the CLI and its bad inputs."""
 import dataclasses
+import json
 import math
+import os
 
 import pytest
 import torch
@@ -318,7 +320,9 @@ def test_cli_train_sample_eval(cli_out):
     assert "val NELBO" in r.stdout and r.stdout.count("control food=Italian") == 1
     r = run_cli(["diffusion_lm.py", "--eval", f"--out_dir={cli_out}", "--eval_batches=1", "--eval_t_samples=1",
                  "--steps=10", "--control_samples=1", "--control_targets=food=Italian", "--eval_split=test"])
-    assert "evaluating on the test split" in r.stdout and "val NELBO" in r.stdout
+    assert "evaluating on the test split" in r.stdout and "test NELBO" in r.stdout
+    records = [json.loads(line) for line in open(os.path.join(cli_out, "log.jsonl"))]
+    assert [r["eval_full"]["data"] for r in records if "eval_full" in r][-2:] == ["val", "test"]  # what each scored
 
 
 @pytest.mark.parametrize("args,msg", [

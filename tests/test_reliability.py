@@ -2,9 +2,13 @@
 
 The default tests train tiny models for a few iterations; the kill -9 test is slow (pytest -m slow).
 """
+import dataclasses
 import errno
+import io
 import json
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +21,8 @@ import torch
 from conftest import ROOT, run_cli, shared_data
 
 import common
+import corpus
+import mdlm as M
 import trainer
 
 TINY = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=32", "--batch_size=4", "--log_interval=1",
@@ -64,6 +70,10 @@ def test_train_over_a_checkpoint_needs_resume_or_overwrite(run6, tmp_path):
     one_line_error(r, "holds a checkpoint", "--resume", "--overwrite")
     assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before
     one_line_error(run_cli(mdlm(out, data, "--max_iters=3", "--resume", "--overwrite"), check=False), "pass one of them")
+    # an --overwrite refused on its data keeps the earlier checkpoint: the new run's first one replaces it
+    one_line_error(run_cli(mdlm(out, data, "--max_iters=3", "--overwrite", "--block_size=200000"), check=False),
+                   "fewer than block_size")
+    assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before
     run_cli(mdlm(out, data, "--max_iters=3", "--overwrite"))
     assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["iter"] == 2
     assert [r["iter"] for r in log_records(out) if "loss" in r] == [0, 1, 2]  # the old run's log went with it
@@ -129,14 +139,82 @@ def test_resume_checks_method_shape_and_keys(run6, tmp_path):
     other = tmp_path / "other"
     common.save_checkpoint(str(other / "ckpt.pt"), {**ckpt, "method": "sedd"})
     one_line_error(run_cli(mdlm(other, data, "--max_iters=9", "--resume"), check=False), "trained by sedd.py")
-    one_line_error(run_cli(mdlm(copy_run(src, tmp_path / "shape"), data, "--max_iters=9", "--resume", "--n_embd=64"),
-                           check=False), "does not fit", "n_embd=32 (here 64)")
+    for bad in ("--n_embd=64", "--n_head=4"):  # n_head: weights of the same shape, another model
+        one_line_error(run_cli(mdlm(copy_run(src, tmp_path / "shape"), data, "--max_iters=9", "--resume", bad),
+                               check=False), f"{bad.split('=')[0]} is fixed by the checkpoint")
     for key in ("optimizer", "data_rng"):
         lacking = tmp_path / f"no_{key}"
         common.save_checkpoint(str(lacking / "ckpt.pt"), {k: v for k, v in ckpt.items() if k != key})
         one_line_error(run_cli(mdlm(lacking, data, "--max_iters=9", "--resume"), check=False), f"lacks {key}")
     one_line_error(run_cli(mdlm(copy_run(src, tmp_path / "past"), data, "--max_iters=3", "--resume"), check=False),
                    "past --max_iters=3")
+
+
+def test_resume_keeps_the_runs_settings(run6, tmp_path):
+    """--resume takes the run's own config, with the command line on top: a key not repeated keeps the run's
+    value, where it used to fall back to the default (and a different model failed to load, or trained on)."""
+    src, data = run6
+    out = copy_run(src, tmp_path / "resumed")
+    run_cli(["mdlm.py", "--train", "--resume", f"--out_dir={out}", "--max_iters=9", "--lr=5e-4"])
+    saved = common.load_checkpoint(os.path.join(out, "ckpt.pt"), "mdlm")["config"]
+    assert saved["max_iters"] == 9 and saved["lr"] == 5e-4
+    assert (saved["n_embd"], saved["block_size"], saved["batch_size"], saved["data_dir"]) == (32, 32, 4, data)
+    # a --dataset given alone drops the run's data_dir (which would win over it), and meets the refusal
+    # of data whose symbols differ from the run's, though their number is the same
+    other = tmp_path / "other_symbols"
+    shutil.copytree(data, other)
+    meta = json.load(open(other / "meta.json"))
+    meta["chars"] = meta["chars"][::-1]
+    json.dump(meta, open(other / "meta.json", "w"))
+    one_line_error(run_cli(["mdlm.py", "--train", "--resume", f"--out_dir={out}", "--max_iters=12",
+                            f"--data_dir={other}"], check=False), "with other symbols", "resume with the checkpoint's")
+    cfg = common.resume_config(M.Config, M.Config(out_dir=out, resume=True), {"dataset": "text8"})
+    assert cfg.dataset == "text8" and cfg.data_dir == ""
+    # what else a method fixes beside the shape (ddpm: T, schedule, pred), and a spent --init_from
+    import ddpm
+    d = tmp_path / "ddpm"
+    common.save_checkpoint(str(d / "ckpt.pt"), {"method": "ddpm", "config": dataclasses.asdict(ddpm.Config(T=100))})
+    assert common.parse_args(ddpm.Config, ["--train", "--resume", f"--out_dir={d}"])[1].T == 100
+    with pytest.raises(SystemExit, match="--T is fixed by the checkpoint"):
+        common.parse_args(ddpm.Config, ["--train", "--resume", f"--out_dir={d}", "--T=500"])
+    run_cli(["ddpm.py", "--train", f"--out_dir={d}", "--overwrite", "--T=100", "--n_layer=1", "--n_embd=16", "--batch_size=16",
+             "--max_iters=2", "--eval_iters=1", "--eval_interval=2"])
+    one_line_error(run_cli(["ddpm.py", "--train", "--resume", f"--out_dir={d}", "--max_iters=4", "--dataset=two_moons"],
+                           check=False), "trained on eight_gaussians, this run's data is two_moons")
+    common.save_checkpoint(str(tmp_path / "ft" / "ckpt.pt"),
+                           {"method": "mdlm", "config": dataclasses.asdict(M.Config(init_from="kuleshov-group/mdlm-owt"))})
+    assert common.parse_args(M.Config, ["--train", "--resume", f"--out_dir={tmp_path / 'ft'}"])[1].init_from == ""
+    common.RESUMED.clear()  # read for runs this test does not train
+
+
+def test_a_rank_the_checkpoint_has_no_streams_for_draws_its_own(run6):
+    """A one-process run resumed by two: rank 1 keeps the streams seeded for it, where it used to copy rank 0's
+    (both ranks then drew the same batches and noise, and DDP averaged two equal gradients)."""
+    src, data = run6
+    path = os.path.join(src, "ckpt.pt")
+    ckpt = common.load_checkpoint(path, "mdlm")
+    assert len(ckpt["data_rng"]) == 1
+    cfg = M.Config(**{**ckpt["config"], "resume": True, "max_iters": 9})
+    for rank in (0, 1):
+        model = M.build_model(cfg, ckpt["meta"])
+        ema, opt = M.build_model(cfg, ckpt["meta"]), trainer.make_optimizer(model, cfg, torch.device("cpu"))
+        batches = corpus.Batches(cfg, ckpt["meta"], seed=cfg.seed + 1000 * rank)
+        fresh = batches.gen.get_state()
+        assert trainer.resume_from(path, "mdlm", cfg, ckpt["meta"], model, ema, opt, batches, rank, torch.device("cpu")) == 6
+        assert torch.equal(batches.gen.get_state(), ckpt["data_rng"][0] if rank == 0 else fresh)
+    assert not torch.equal(fresh, ckpt["data_rng"][0])
+
+
+def test_a_diverged_model_evaluates_to_an_infinite_perplexity(run6):
+    """A run whose loss stays finite but huge (--lr=10) reported an OverflowError traceback at its first eval."""
+    src, data = run6
+    ckpt = common.load_checkpoint(os.path.join(src, "ckpt.pt"), "mdlm")
+    cfg = M.Config(**{**ckpt["config"], "eval_iters": 1})
+    model = M.build_model(cfg, ckpt["meta"])
+    with torch.no_grad():
+        model.head.weight.normal_(std=1e5)
+    stats = M.evaluate(model, corpus.Batches(cfg, ckpt["meta"], 0), cfg)
+    assert stats["val_nelbo"] > 709 and stats["val_ppl"] == math.inf
 
 
 def tensor_data_span(path):
@@ -191,11 +269,13 @@ def test_full_disk_is_one_line_and_leaves_no_tmp(tmp_path, monkeypatch):
     common.save_checkpoint(path, {"model": {"w": torch.ones(3)}, "iter": 1})
     before = open(path, "rb").read()
 
-    def full_disk(obj, f):
-        f.write(b"x" * 1000)
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    class FullDisk(io.FileIO):  # room for 1000 bytes: torch's zip writer then reports a RuntimeError
+        def write(self, b):
+            if self.tell() + len(b) > 1000:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return super().write(b)
 
-    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr(common, "open", FullDisk, raising=False)
     with pytest.raises(SystemExit) as e:
         common.save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "iter": 2})
     assert "No space left on device" in str(e.value) and "previous checkpoint is kept" in str(e.value)
