@@ -140,9 +140,7 @@ def q_sample(x0, ab_t, noise):
 @kernels.fused("nearest_embedding")
 def nearest_embedding(x, E, metric="cos"):
     """x (..., d), E (V, d) -> (...) ids: argmax of cosine, or argmin of L2; ties go to the lowest id.
-
-    L2 uses x.E - |E|^2 / 2, which has the same argmax as -|x - E|^2.
-    """
+    L2 uses x.E - |E|^2 / 2, which has the same argmax as -|x - E|^2."""
     x2 = x.reshape(-1, x.shape[-1]).float()  # (N, d)
     if metric == "cos":
         scores = F.normalize(x2, dim=-1) @ F.normalize(E.float(), dim=-1).T  # (N, V)
@@ -273,8 +271,9 @@ def pad_rows(texts, L):
 def make_batches(cfg, meta):
     if cfg.rows and os.path.isfile(os.path.join(corpus.data_path(cfg), "train.jsonl")):
         return Rows(cfg)
-    if cfg.rows and cfg.dataset == "e2e":
-        common.die(f"{corpus.data_path(cfg)} has no train.jsonl; rerun data/e2e/prepare.py")
+    if cfg.rows:  # a packed corpus (data/text/prepare.py) is refused, not trained on as windows under rows=True
+        fix = "rerun data/e2e/prepare.py" if (cfg.dataset, cfg.data_dir) == ("e2e", "") else "train on its packed windows with --rows=false"
+        common.die(f"{corpus.data_path(cfg)} has no train.jsonl (one text per row); {fix}")
     return corpus.Batches(cfg, meta, cfg.seed)
 
 

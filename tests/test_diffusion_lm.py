@@ -344,6 +344,14 @@ def test_cli_without_classifier_or_checkpoint(tmp_path):
     assert r.returncode != 0 and "no checkpoint" in r.stderr
     r = run_cli(["diffusion_lm.py", "--train", "--dataset=shakespeare_char", f"--out_dir={tmp_path}"], check=False)
     assert r.returncode != 0 and "Diffusion-LM works on words" in r.stderr
+    # words packed by data/text/prepare.py have no rows: refused under the default --rows, trained with --rows=false
+    (tmp_path / "words.txt").write_text("the cat sat on the mat .\n" * 300)
+    run_cli(["data/text/prepare.py", f"--input={tmp_path / 'words.txt'}", "--name=w", "--tokenizer=word", f"--out_dir={tmp_path / 'w'}"])
+    tiny = [f"--data_dir={tmp_path / 'w'}", f"--out_dir={tmp_path / 'o'}", "--max_iters=1", "--n_layer=1", "--n_embd=32",
+            "--block_size=16", "--batch_size=2", "--eval_iters=1", "--T=20", "--steps=10"]
+    r = run_cli(["diffusion_lm.py", "--train"] + tiny, check=False)
+    assert r.returncode == 1 and "has no train.jsonl" in r.stderr and "--rows=false" in r.stderr, r.stderr
+    run_cli(["diffusion_lm.py", "--train", "--rows=false"] + tiny)
 
 
 def test_samples_packed_for_the_judge():

@@ -1,6 +1,6 @@
 """
 Your own text as a dataset: one or more UTF-8 files -> data/NAME/ (train.bin, val.bin, meta.json),
-after which every text method takes --dataset=NAME.
+after which mdlm.py, sedd.py and ar.py take --dataset=NAME (diffusion_lm.py words, with --rows=false).
 
     python data/text/prepare.py --input=FILE [--input=FILE2 ...] --name=NAME
                                 [--tokenizer=char|word|gpt2] [--val_fraction=0.1] [--force]
