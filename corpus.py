@@ -87,10 +87,14 @@ def gpt2_encoding():
     if os.path.isfile(os.path.join(local, "vocab.bpe")) and os.path.isfile(os.path.join(local, "encoder.json")):
         from tiktoken.load import data_gym_to_mergeable_bpe_ranks
         from tiktoken_ext.openai_public import r50k_pat_str
-        ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=os.path.join(local, "vocab.bpe"),
-                                                encoder_json_file=os.path.join(local, "encoder.json"))
-        return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                                 special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
+        try:
+            ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=os.path.join(local, "vocab.bpe"),
+                                                    encoder_json_file=os.path.join(local, "encoder.json"))
+            return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                                     special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
+        except Exception as e:  # a copy cut short or edited: its parse or tiktoken's own checks fail
+            die(f"the GPT-2 BPE files in {local} are damaged ({type(e).__name__}); copy gpt2/vocab.bpe and "
+                f"gpt2/encoder.json there again")
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as e:  # offline with no local files
@@ -161,8 +165,9 @@ def file_record(path):
     return {"bytes": os.path.getsize(path), "sha256": h.hexdigest()}
 
 
-def write_split(out_dir, train_ids, val_ids, meta):
-    """Used by every prepare.py: the two token files and meta.json, each written atomically.
+def write_split(out_dir, train_ids, val_ids, meta, test_ids=None):
+    """Used by every prepare.py: the token files (test.bin too for a set with a test split) and meta.json,
+    each written atomically.
 
     meta.json records each token file's size and sha256 (check_data compares them) and, when run
     from a prepare.py, the command that re-prepares the folder. Temporary names carry the pid, so
@@ -171,14 +176,15 @@ def write_split(out_dir, train_ids, val_ids, meta):
     import shlex
     os.makedirs(out_dir, exist_ok=True)
     dtype = np.uint16 if meta["vocab_size"] < 2**16 else np.uint32
-    arrays = dict(zip(SPLIT_FILES, (np.asarray(ids, dtype=dtype) for ids in (train_ids, val_ids))))
+    splits = (train_ids, val_ids) + (() if test_ids is None else (test_ids,))
+    arrays = dict(zip(SPLIT_FILES + ("test.bin",), (np.asarray(ids, dtype=dtype) for ids in splits)))
     for name, a in arrays.items():
         if a.size == 0:
             die(f"the {name[:-4]} split of {out_dir} would be empty; give more text")
     if "command" not in meta and sys.argv and sys.argv[0].endswith("prepare.py"):
         meta = {**meta, "command": "python " + " ".join(map(shlex.quote, sys.argv))}
     meta = {**meta, "dtype": np.dtype(dtype).name, "train_tokens": arrays["train.bin"].size,
-            "val_tokens": arrays["val.bin"].size,
+            "val_tokens": arrays["val.bin"].size, **({"test_tokens": arrays["test.bin"].size} if test_ids is not None else {}),
             "files": {name: {"bytes": a.nbytes, "sha256": hashlib.sha256(a.tobytes()).hexdigest()}
                       for name, a in arrays.items()}}
     tmp = f".{os.getpid()}.tmp"
@@ -187,7 +193,7 @@ def write_split(out_dir, train_ids, val_ids, meta):
     with open(os.path.join(out_dir, "meta.json" + tmp), "w") as f:
         json.dump(meta, f)
     mark_unprepared(out_dir)
-    for name in SPLIT_FILES + ("meta.json",):
+    for name in list(arrays) + ["meta.json"]:
         os.replace(os.path.join(out_dir, name + tmp), os.path.join(out_dir, name))
     return meta
 
@@ -256,7 +262,7 @@ def load_meta(cfg):
         die(f"{path} is not valid JSON ({e}); re-prepare: {reprepare_command(cfg)}")
     need = ("vocab_size", "dtype", "train_tokens", "val_tokens", "files")
     missing = [k for k in need if k not in meta] if isinstance(meta, dict) else list(need)
-    if missing or meta["dtype"] not in ("uint16", "uint32") or set(meta["files"]) != set(SPLIT_FILES):
+    if missing or meta["dtype"] not in ("uint16", "uint32") or set(meta["files"]) - {"test.bin"} != set(SPLIT_FILES):
         die(f"{path} lacks {', '.join(missing) or 'a valid dtype or files entry'} (written by an older "
             f"difflm or by hand); re-prepare: {reprepare_command(cfg, meta if isinstance(meta, dict) else None)}")
     return meta
@@ -268,7 +274,7 @@ def check_data(cfg, meta):
     the scan is not repeated while the files stay the same."""
     path, dtype = data_path(cfg), np.dtype(meta["dtype"])
     stamp, files = os.path.join(path, "verified.json"), {}
-    for name in SPLIT_FILES:
+    for name in meta["files"]:  # train.bin, val.bin and a test.bin where the set has one
         f = os.path.join(path, name)
         if not os.path.isfile(f):
             die(f"{f} is missing; re-prepare: {reprepare_command(cfg, meta)}")
@@ -282,7 +288,7 @@ def check_data(cfg, meta):
         with open(stamp) as f:
             if json.load(f) == files:
                 return
-    for name in SPLIT_FILES:
+    for name in meta["files"]:
         h, top = hashlib.sha256(), 0
         with open(os.path.join(path, name), "rb") as f:  # read, not mapped: mapped pages would stay in RSS
             while chunk := f.read(CHECK_CHUNK * dtype.itemsize):

@@ -367,7 +367,7 @@ def load_published(config_cls, overrides, method, build_model):
     load_for_inference, with no iteration to report; --eval logs into out_dir."""
     cfg, model, meta = hub.load_model(overrides["init_from"], method, config_cls, overrides, build_model)
     os.makedirs(out_dir(cfg, method), exist_ok=True)
-    check_judge(cfg, meta)
+    check_judge(cfg, meta, method)
     seed_all(cfg.seed)
     return cfg, model.to(get_device(cfg)).eval(), get_tokenizer(meta), meta, {"iter": None}
 
@@ -392,16 +392,16 @@ def load_for_inference(config_cls, overrides, method, build_model, ckpt=None):
     ema = cfg.ema > 0 and ckpt["config"].get("ema", 0) > 0  # a run trained with --ema=0 has no EMA weights
     fit_state(model, ckpt["ema"] if ema else ckpt["model"], f"{where}/ckpt.pt", ckpt["config"], cfg)
     device = get_device(cfg)
-    check_judge(cfg, meta)
+    check_judge(cfg, meta, method)
     seed_all(cfg.seed)
     return cfg, model.to(device).eval(), get_tokenizer(meta), meta, ckpt
 
 
-def check_judge(cfg, meta):
+def check_judge(cfg, meta, method):
     """--eval --gen: the judge checkpoint and --samples_in read before any evaluation work, so that a
     missing or mismatched one stops the run at once (generative_eval reads them again)."""
     if getattr(cfg, "gen", False):
-        if meta.get("seq2seq"):  # diffuser.py on E2E: its samples realise given MRs
+        if method == "diffuser" and meta.get("seq2seq"):  # its E2E models realise given MRs (an E2E mdlm's do not)
             die("--gen is for unconditional models; an E2E model is scored by BLEU (drop --gen)")
         if cfg.judge.endswith(".pt"):
             load_judge(cfg.judge, meta)

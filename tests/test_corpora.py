@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -156,6 +157,24 @@ def test_text8_eval_split_test_reads_the_test_windows_as_the_papers_chunk_them(t
         assert torch.equal(windows.flatten(), torch.from_numpy(expected[:n * 256].astype(np.int64)))
 
 
+def test_text8_test_split_is_checked_like_the_others(text8_data, tmp_path):
+    """meta.json records test.bin's size and sha256: a damaged or missing one is one line, not a traceback
+    from an id out of range, nor "no test split"."""
+    meta = json.load(open(os.path.join(text8_data, "meta.json")))
+    assert set(meta["files"]) == {"train.bin", "val.bin", "test.bin"} and meta["test_tokens"] > 0
+    for damage, msg in (("flip", "does not match the sha256"), ("remove", "test.bin is missing")):
+        folder = tmp_path / damage
+        shutil.copytree(text8_data, folder)
+        if damage == "flip":
+            ids = np.fromfile(folder / "test.bin", dtype=meta["dtype"])
+            ids[5] = 60000
+            ids.tofile(folder / "test.bin")
+        else:
+            os.remove(folder / "test.bin")
+        with pytest.raises(SystemExit, match=msg):
+            corpus.check_data(mdlm.Config(dataset="text8", data_dir=str(folder)), meta)
+
+
 def test_text8_train_sample_eval_with_mdlm(text8_data, tmp_path):
     out = str(tmp_path / "mdlm")
     run_cli(["mdlm.py", "--train", "--dataset=text8", f"--data_dir={text8_data}", f"--out_dir={out}"] + TINY,
@@ -225,6 +244,14 @@ def test_text8_bad_inputs_one_line(text8_file, tmp_path, monkeypatch):
     with zipfile.ZipFile(tmp_path / "other.zip", "w") as z:
         z.writestr("enwik8", text)
     assert_one_line_error(run_main(text8, monkeypatch, [f"--input={tmp_path / 'other.zip'}", out]), "without a member named text8")
+    with zipfile.ZipFile(tmp_path / "text8.zip", "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("text8", text)
+    whole = (tmp_path / "text8.zip").read_bytes()
+    (tmp_path / "cut.zip").write_bytes(whole[:len(whole) // 2])  # a download cut short
+    assert_one_line_error(run_main(text8, monkeypatch, [f"--input={tmp_path / 'cut.zip'}", out]), "cut.zip is a damaged zip")
+    assert_one_line_error(run_main(text8, monkeypatch, [f"--input={tmp_path}", out]), "is a folder")
+    monkeypatch.setenv("DIFFLM_DATA", str(tmp_path))  # a local copy, not the standard one: named, not the URL
+    assert_one_line_error(run_main(text8, monkeypatch, [out]), f"{tmp_path / 'text8.zip'} has sha256")
     for k, v in OFFLINE.items():  # no copy anywhere and no network: the fix names the whole command
         monkeypatch.setenv(k, v)
     assert_one_line_error(run_main(text8, monkeypatch, [out]), "no copy of text8",
@@ -253,6 +280,17 @@ def documents():
     """tiny Shakespeare's speeches as 400 documents (some with non-ASCII text, one empty)."""
     docs = [d for d in shakespeare().split("\n\n") if d.strip()][:397]
     return docs + ["café naïve — “quoted” ✓", "", "the last document\n"]
+
+
+def test_damaged_gpt2_files_are_one_line(tmp_path, monkeypatch):
+    """The offline GPT-2 BPE files cut short: one line naming the folder, not a JSONDecodeError traceback."""
+    src = os.path.join(shared_data(), "gpt2")
+    (tmp_path / "gpt2").mkdir()
+    shutil.copy(os.path.join(src, "vocab.bpe"), tmp_path / "gpt2" / "vocab.bpe")
+    (tmp_path / "gpt2" / "encoder.json").write_bytes(open(os.path.join(src, "encoder.json"), "rb").read()[:1000])
+    monkeypatch.setenv("DIFFLM_DATA", str(tmp_path))
+    with pytest.raises(SystemExit, match="GPT-2 BPE files in .* are damaged"):
+        corpus.gpt2_encoding()
 
 
 def expected_ids(docs):

@@ -288,6 +288,18 @@ def cli_out(tmp_path_factory):
     return out
 
 
+def test_eval_gen_on_e2e_judges_the_samples(cli_out, tmp_path):
+    """An unconditional model of E2E texts is judged as any other (only diffuser.py's E2E models, which realise
+    given meaning representations, are refused --gen): the E2E data's seq2seq flag refused it too."""
+    judge = str(tmp_path / "ar_e2e")
+    run_cli(["ar.py", "--train", "--dataset=e2e", f"--out_dir={judge}", "--max_iters=2", "--eval_iters=1", "--n_layer=1",
+             "--n_embd=32", "--n_head=2", "--batch_size=4", "--block_size=32"])
+    r = run_cli(["diffusion_lm.py", "--eval", "--gen", f"--out_dir={cli_out}", f"--judge={judge}/ckpt.pt", "--eval_batches=1",
+                 "--eval_t_samples=1", "--steps=10", "--mbr=1", "--num_samples=2", "--control_samples=1",
+                 "--control_targets=food=Italian"])
+    assert "gen: NLL" in r.stdout and "2 samples" in r.stdout, r.stdout
+
+
 def test_a_damaged_classifier_is_one_line(cli_out, tmp_path):
     """classifier.pt is checked as a model checkpoint is: its checksum, and its shapes against the settings."""
     raw = torch.load(f"{cli_out}/classifier.pt", weights_only=True)

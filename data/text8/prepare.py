@@ -19,6 +19,7 @@ import io
 import os
 import sys
 import zipfile
+import zlib
 
 import numpy as np
 
@@ -33,7 +34,8 @@ CHARS = " abcdefghijklmnopqrstuvwxyz"  # id = position: space 0, a 1, ..., z 26
 
 
 def read_input(path):
-    """The raw text8 bytes from --input (a zip holding `text8`, or the file itself), else downloaded."""
+    """(the raw text8 bytes, where they came from): --input (a zip holding `text8`, or the file itself),
+    else a local copy or a download."""
     if not path:
         data, source = corpus.find_local_copy("text8.zip", URL)
         if data is None:
@@ -42,16 +44,20 @@ def read_input(path):
         print(f"read {source}")
     else:
         if not os.path.isfile(path):
-            common.die(f"--input={path} does not exist; pass text8.zip or the extracted text8 file")
+            common.die(f"--input={path} {'is a folder' if os.path.isdir(path) else 'does not exist'}; "
+                       "pass text8.zip or the extracted text8 file")
         with open(path, "rb") as f:
             data = f.read()
         source = path
     if data[:4] == b"PK\x03\x04":  # a zip archive
-        with zipfile.ZipFile(io.BytesIO(data)) as z:
-            if "text8" not in z.namelist():
-                common.die(f"{source} is a zip without a member named text8 (it holds {z.namelist()[:3]})")
-            data = z.read("text8")
-    return data
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as z:
+                if "text8" not in z.namelist():
+                    common.die(f"{source} is a zip without a member named text8 (it holds {z.namelist()[:3]})")
+                data = z.read("text8")
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:  # cut short, or damaged inside
+            common.die(f"{source} is a damaged zip archive ({e}); download {URL} again")
+    return data, source
 
 
 def encode(data, source):
@@ -88,8 +94,7 @@ def main():
     ap.add_argument("--sha256", default=SHA256, help="expected sha256 of the extracted text")
     ap.add_argument("--split", default=SPLIT, help="train,val,test sizes in characters")
     args = ap.parse_args()
-    source = args.input or URL
-    data = read_input(args.input)
+    data, source = read_input(args.input)
     ids = encode(data, source)
     digest = hashlib.sha256(data).hexdigest()
     if digest != args.sha256:
@@ -101,16 +106,9 @@ def main():
     leftovers = [f for f in ("train.bin", "val.bin", "test.bin") if os.path.exists(os.path.join(args.out_dir, f))]
     if leftovers and not os.path.exists(meta_path):
         print(f"{args.out_dir} holds an incomplete preparation ({', '.join(leftovers)}, no meta.json): redoing it")
-    if os.path.exists(meta_path):
-        os.remove(meta_path)  # from here until the new one is written, the folder reads as incomplete
-    os.makedirs(args.out_dir, exist_ok=True)
-    # the test split first: corpus.write_split writes train.bin, val.bin and meta.json last
-    tmp = os.path.join(args.out_dir, "test.bin.tmp")
-    ids[n_train + n_val:].astype(np.uint16).tofile(tmp)
-    os.replace(tmp, os.path.join(args.out_dir, "test.bin"))
     meta = corpus.write_split(args.out_dir, ids[:n_train], ids[n_train:n_train + n_val],
-                              {"tokenizer": "char", "chars": list(CHARS), "vocab_size": len(CHARS),
-                               "test_tokens": n_test, "source_sha256": digest})
+                              {"tokenizer": "char", "chars": list(CHARS), "vocab_size": len(CHARS), "source_sha256": digest},
+                              test_ids=ids[n_train + n_val:])
     print(f"{args.out_dir}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val / {n_test:,} test characters, "
           f"vocab {len(CHARS)}")
 
