@@ -52,7 +52,7 @@ class WordTokenizer:
 
     SPECIALS = ("<s>", "</s>", "<unk>", "<pad>")
     START, END, UNK, PAD = 0, 1, 2, 3
-    PATTERN = re.compile(r"\w+|[^\w\s]")
+    PATTERN = re.compile(r"</?s>|<unk>|<pad>|\w+|[^\w\s]")  # a decoded special reads back as itself
 
     def __init__(self, words):
         self.words = list(words)
@@ -69,7 +69,7 @@ class WordTokenizer:
         for text in texts:
             for w in cls.split(text):
                 counts[w] = counts.get(w, 0) + 1
-        kept = sorted((w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w))
+        kept = sorted((w for w, n in counts.items() if n >= min_count and w not in cls.SPECIALS), key=lambda w: (-counts[w], w))
         return cls(list(cls.SPECIALS) + kept)
 
     def encode(self, text, what="text"):

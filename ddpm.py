@@ -346,7 +346,7 @@ def step_sequence(T, steps=0, timesteps=""):
     steps = steps or T
     if not 1 <= steps <= T:
         common.die(f"--steps={steps} must be between 1 and T={T} (0 means all T)")
-    return sorted({round(x) for x in np.linspace(0, T - 1, steps).tolist()}, reverse=True)
+    return sorted({round(x) for x in np.linspace(T - 1, 0, steps).tolist()}, reverse=True)  # one step: from T
 
 
 @torch.no_grad()

@@ -483,7 +483,7 @@ def sample_mbr(model, cfg, tok, n, fixed=None, objective=None, show=None):
     out = sample(model, cfg, n * k, fixed, objective, show)  # (n * k, L)
     if k == 1:
         return out
-    words = [decode(tok, s).split() for s in out.tolist()]
+    words = [decode(tok, s, fixed).split() for s in out.tolist()]
     return torch.stack([out[i * k + mbr_pick(words[i * k:(i + 1) * k])] for i in range(n)])
 
 
@@ -528,13 +528,15 @@ def build_objective(model, cfg, clf=None, targets=None):
     return lambda x, t: sum(f(x, t) for f in terms)
 
 
-def decode(tok, ids):
-    """ids (L,) -> the text between <s> and the first </s>."""
+def decode(tok, ids, fixed=None):
+    """ids (L,) -> the text between <s> and the first </s>; under a template (fixed (L,), -1 where free) an
+    </s> a blank drew before the last fixed word is dropped, not an end, so the fixed words always show."""
+    last = -1 if fixed is None else int((fixed >= 0).nonzero().max())
     words = []
-    for i in ids:
-        if i == tok.END:
+    for pos, i in enumerate(ids):
+        if i == tok.END and pos > last:
             break
-        if i not in (tok.START, tok.PAD):
+        if i not in (tok.START, tok.END, tok.PAD):
             words.append(tok.words[i])
     return " ".join(words)
 
@@ -672,7 +674,7 @@ def main(argv=None):
         out = sample_mbr(model, cfg, tok, cfg.num_samples, fixed, build_objective(model, cfg, clf, targets),
                          common.show_steps(tok, cfg))
         for i, s in enumerate(out.tolist()):
-            print(f"=== sample {i}\n{decode(tok, s)}")
+            print(f"=== sample {i}\n{decode(tok, s, fixed)}")
         print(f"({cfg.num_samples} samples, each the MBR choice of {cfg.mbr}, {cfg.steps} steps, "
               f"clamp={cfg.clamp}, {time.time() - t0:.1f}s)")
     if "eval" in verbs:
@@ -684,8 +686,7 @@ def main(argv=None):
         if os.path.isfile(os.path.join(common.out_dir(cfg, METHOD), "classifier.pt")):
             clf = load_classifier(cfg, model.embed.weight.device)
             for spec, (g, u) in control_eval(model, clf, tok, cfg).items():
-                stats[f"control {spec}"] = g
-                stats[f"unguided {spec}"] = u
+                stats[f"control {spec}"], stats[f"unguided {spec}"] = g, u
         else:
             print("control: no classifier yet; run `python diffusion_lm.py --train_classifier` to measure it")
         if cfg.gen:

@@ -430,8 +430,8 @@ def decoding_weights(w, temperature=1.0, top_p=1.0):
         return w
     w = w.clamp(min=0)
     total = w.sum(-1, keepdim=True)
-    q = w ** (1 / temperature)
-    q = q / q.sum(-1, keepdim=True).clamp_min(1e-300)
+    # w^(1/temperature) normalised, in logs: weights near 1e-3 underflow to 0 at temperature 0.003 otherwise
+    q = torch.softmax(torch.log(w) / temperature, -1).nan_to_num(0.0)  # a row with no weight stays 0
     if top_p < 1:
         p, order = q.sort(-1, descending=True)
         drop = (p.cumsum(-1) - p) >= top_p  # tokens after the smallest set holding top_p of the mass

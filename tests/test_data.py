@@ -109,6 +109,15 @@ def text_prepare(args, monkeypatch):
     mod.main()
 
 
+def test_word_specials_read_back_as_themselves():
+    """Decoded samples (--samples_out) hold <unk>, <s> and </s>; encoding that text again (--samples_in) gives
+    the same ids, where each special fell apart into three pieces, each one <unk>."""
+    tok = corpus.WordTokenizer.build(["the cat sat . <unk> the <s> mat </s>"], 1)
+    assert tok.words[:4] == list(corpus.WordTokenizer.SPECIALS) and len(set(tok.words)) == len(tok.words)
+    ids = [tok.START] + tok.encode("the cat") + [tok.UNK] + tok.encode("sat .") + [tok.END]
+    assert tok.encode(tok.decode(ids)) == ids
+
+
 def test_own_text_char_and_word(tmp_path, monkeypatch, capsys):
     a, b = tmp_path / "a.txt", tmp_path / "b.txt"
     a.write_text("the quick brown fox jumps over the lazy dog. " * 200, encoding="utf-8")

@@ -125,6 +125,7 @@ def test_step_sequence():
     seq = ddpm.step_sequence(1000, 10)
     assert len(seq) == 10 and seq[0] == 999 and seq[-1] == 0 and seq == sorted(seq, reverse=True)
     assert ddpm.step_sequence(1000, 0, "1, 10,100,1000") == [999, 99, 9, 0]
+    assert ddpm.step_sequence(1000, 1) == [999]  # one step denoises pure noise (it was step 0: the noise itself)
     with pytest.raises(SystemExit, match="1..1000"):
         ddpm.step_sequence(1000, 0, "0,5")
     with pytest.raises(SystemExit, match="between 1 and T"):

@@ -273,6 +273,17 @@ def test_sample_mbr_picks_per_group(monkeypatch):
     assert torch.equal(got, torch.stack([rows[want0], rows[3 + want1]]))
 
 
+def test_an_infill_prints_its_fixed_words_past_an_early_end():
+    """A blank that drew </s> before the template's last fixed word used to end the text there, so the printed
+    sample lost the fixed words; only an </s> after them ends it."""
+    tok = corpus.WordTokenizer(list(corpus.WordTokenizer.SPECIALS) + ["the", "pub", "is", "."])
+    S, E, P = tok.START, tok.END, tok.PAD
+    fixed = torch.tensor([S, 4, -1, -1, -1, 5, 7, -1, -1])  # "the _ _ _ pub . _ _"
+    ids = [S, 4, 6, E, P, 5, 7, E, 6]
+    assert D.decode(tok, ids) == "the is"
+    assert D.decode(tok, ids, fixed) == "the is pub ."
+
+
 # ----------------------------------------------------------------------------------------------
 # CLI and bad inputs
 

@@ -302,6 +302,12 @@ def test_sedd_decoding_weights_keep_the_move_mass_and_truncate():
     expect = torch.where(kept, p, 0.0)
     assert torch.allclose(q, expect / expect.sum(-1, keepdim=True) * w.sum(-1, keepdim=True))
     assert torch.equal(sedd.decoding_weights(w), w)
+    # a low temperature on small weights: the largest weight takes all the mass (w^(1/T) underflowed to 0 for
+    # every token, so nothing moved); a row without weight stays without
+    small = torch.tensor([[[0.0, 2e-3, 1e-3, 0.0], [0.0, 0.0, 0.0, 0.0]]], dtype=torch.float64)
+    q = sedd.decoding_weights(small, temperature=0.001)
+    want = torch.tensor([[[0.0, 3e-3, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]], dtype=torch.float64)
+    assert torch.allclose(q, want, rtol=1e-12, atol=1e-200)  # the runner-up keeps 2^-1000 of it
 
 
 def test_sedd_top_p_final_step_matches_the_truncated_law():
