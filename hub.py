@@ -324,6 +324,8 @@ def read_samples(path):
     records = []
     with open(path) as f:
         for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue  # a blank line (an editor's last newline) holds no sample
             try:
                 r = json.loads(line)
             except ValueError:
@@ -331,8 +333,8 @@ def read_samples(path):
             if not (isinstance(r, dict) and isinstance(r.get("text"), str)):  # (an assert would vanish under -O)
                 die(f"{path} line {n} is not a JSON object with a \"text\" string; write it with --sample --samples_out=")
             records.append(r)
-    if not records:
-        die(f"{path} holds no samples; write it with --sample --samples_out={path}")
+    if not any(r["text"].strip() for r in records):  # empty texts would score a perfect NLL of 0
+        die(f"{path} holds no samples (or only empty texts); write it with --sample --samples_out={path}")
     return [r["text"] for r in records], {k: v for k, v in records[0].items() if k not in ("text", "index")}
 
 

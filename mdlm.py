@@ -382,6 +382,8 @@ def load(overrides):
     else:
         cfg, model, tok, meta, ckpt = trainer.load_for_inference(Config, overrides, "mdlm", build_model)
     check_config(cfg)
+    if cfg.time_cond and "sampler" not in overrides:  # the default sampler reuses outputs a time-conditioned model cannot
+        cfg = dataclasses.replace(cfg, sampler="ddpm")
     if cfg.sampler in ("ddpm_cache", "confidence") and cfg.time_cond:
         common.die(f"--sampler={cfg.sampler} reuses the network output and needs a model without time conditioning; use --sampler=ddpm")
     if cfg.stride >= cfg.block_size:

@@ -526,6 +526,7 @@ def test_cli_autoregressive_bootstrap_and_eval_gen(word_models):
         m = re.search(r"gen: NLL (\S+) nats/token under the judge", r.stdout)
         assert m and math.isfinite(float(m.group(1))) and float(m.group(1)) >= 0, r.stdout
         assert ("flatters" in r.stdout) == (boot == "autoregressive")
+        assert re.search(r"\(4 samples, \d+ tokens packed", r.stdout), r.stdout  # not "4 samples of <the stream>"
         log = [json.loads(line) for line in open(os.path.join(word_models["out"], "log.jsonl"))]
         assert math.isclose(log[-1]["eval_full"]["gen_nll"], float(m.group(1)), abs_tol=1e-4)
 

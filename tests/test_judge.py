@@ -68,10 +68,15 @@ def test_samples_file_roundtrip_and_bad_files(tmp_path):
     texts, settings = hub.read_samples(p)
     assert texts == ["a b", "c\nd"] and settings == {"method": "mdlm", "steps": 4}
     assert not os.path.exists(p + ".tmp")
-    bad, odd = tmp_path / "bad.jsonl", tmp_path / "odd.jsonl"
+    with open(p, "a") as f:
+        f.write("\n\n")  # blank lines (an editor's last newline) hold no sample and spoil nothing
+    assert hub.read_samples(p)[0] == ["a b", "c\nd"]
+    bad, odd, empty = tmp_path / "bad.jsonl", tmp_path / "odd.jsonl", tmp_path / "empty.jsonl"
     bad.write_text('{"text": "ok"}\n{"no_text": 1}\n')
     odd.write_text('{"text": "ok"}\n{"text": "ok"}\n{"text": 3}\n')
-    for path, expect in ((str(tmp_path / "missing.jsonl"), "no samples file"), (str(bad), "line 2"), (str(odd), "line 3")):
+    empty.write_text('{"text": ""}\n{"text": " "}\n')  # scored, these gave a perfect NLL of 0
+    for path, expect in ((str(tmp_path / "missing.jsonl"), "no samples file"), (str(bad), "line 2"), (str(odd), "line 3"),
+                         (str(empty), "only empty texts")):
         with pytest.raises(SystemExit) as e:
             hub.read_samples(path)
         line = str(e.value.code)

@@ -343,6 +343,17 @@ def test_cli_train_sample_eval(tiny_run):
         assert any("eval_full" in json.loads(line) for line in f)
 
 
+def test_a_time_conditioned_model_samples_with_the_defaults(char_data, tmp_path):
+    """--time_cond trains with the default sampler saved (ddpm_cache, which reuses outputs such a model cannot);
+    --sample and --eval then take the ddpm sampler where they refused until --sampler=ddpm was given."""
+    run_cli(["mdlm.py", "--train", "--time_cond", f"--data_dir={char_data}", f"--out_dir={tmp_path}", "--max_iters=2",
+             "--eval_iters=1"] + TINY)
+    r = run_cli(["mdlm.py", "--sample", f"--out_dir={tmp_path}", "--steps=4", "--num_samples=1"])
+    assert "=== sample 0" in r.stdout
+    r = run_cli(["mdlm.py", "--sample", f"--out_dir={tmp_path}", "--steps=4", "--sampler=ddpm_cache"], check=False)
+    assert r.returncode == 1 and "use --sampler=ddpm" in r.stderr
+
+
 @pytest.mark.parametrize("args, message", [
     (["--train", "--lerning_rate=1"], "unknown config key --lerning_rate"),
     (["--train", "--lr=abc"], "takes a float"),
