@@ -171,7 +171,7 @@ def write_split(out_dir, train_ids, val_ids, meta, test_ids=None):
 
     meta.json records each token file's size and sha256 (check_data compares them) and, when run
     from a prepare.py, the command that re-prepares the folder. Temporary names carry the pid, so
-    processes preparing one folder at once never write to the same file.
+    processes preparing one folder at once never write to the same file, and write.lock lets one finish first.
     """
     import shlex
     os.makedirs(out_dir, exist_ok=True)
@@ -188,13 +188,14 @@ def write_split(out_dir, train_ids, val_ids, meta, test_ids=None):
             "files": {name: {"bytes": a.nbytes, "sha256": hashlib.sha256(a.tobytes()).hexdigest()}
                       for name, a in arrays.items()}}
     tmp = f".{os.getpid()}.tmp"
-    for name, a in arrays.items():
-        a.tofile(os.path.join(out_dir, name + tmp))
-    with open(os.path.join(out_dir, "meta.json" + tmp), "w") as f:
-        json.dump(meta, f)
-    mark_unprepared(out_dir)
-    for name in list(arrays) + ["meta.json"]:
-        os.replace(os.path.join(out_dir, name + tmp), os.path.join(out_dir, name))
+    with data_lock(out_dir, "write.lock"):  # two prepare.py runs into one folder: one writes, then the other
+        for name, a in arrays.items():
+            a.tofile(os.path.join(out_dir, name + tmp))
+        with open(os.path.join(out_dir, "meta.json" + tmp), "w") as f:
+            json.dump(meta, f)
+        mark_unprepared(out_dir)
+        for name in list(arrays) + ["meta.json"]:
+            os.replace(os.path.join(out_dir, name + tmp), os.path.join(out_dir, name))
     return meta
 
 
@@ -227,13 +228,13 @@ def find_local_copy(name, url, sha256=None, shipped=None):
 
 
 @contextlib.contextmanager
-def data_lock(path):
-    """Hold an exclusive lock on path/prepare.lock: torchrun's ranks all call prepare_data, and
-    one prepares while the others wait, then find the folder prepared."""
+def data_lock(path, name="prepare.lock"):
+    """Hold an exclusive lock on path/name: torchrun's ranks all call prepare_data, and one prepares
+    while the others wait, then find the folder prepared (write_split holds write.lock the same way)."""
     try:
         import fcntl
         os.makedirs(path, exist_ok=True)
-        f = open(os.path.join(path, "prepare.lock"), "a")
+        f = open(os.path.join(path, name), "a")
     except (ImportError, OSError):  # no flock (Windows) or a read-only folder that nobody can prepare
         yield
         return

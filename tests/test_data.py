@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -66,7 +67,7 @@ def test_shipped_files_are_tracked_and_prepared_files_ignored():
         pytest.skip("not a git checkout (an unpacked archive): nothing to ask git")
     assert not any(ignored(os.path.join("data", n)) for n in SHIPPED)
     assert all(ignored(f"data/e2e/{n}") for n in ("train.bin", "meta.json", "train.jsonl", "train.bin.7.tmp",
-                                                   "prepare.lock", "verified.json"))
+                                                   "prepare.lock", "write.lock", "verified.json"))
 
 
 def test_char_data_prepared_offline(char_data):
@@ -308,7 +309,34 @@ def test_processes_prepare_one_fresh_folder_at_once(tmp_path):
     assert all(p.returncode == 0 for p in procs), outs
     assert all("tokens 1003854" in o for o, _ in outs)
     assert sum("preparing shakespeare_char" in o for o, _ in outs) == 1  # one prepared, the others waited
-    assert sorted(os.listdir(data)) == ["meta.json", "prepare.lock", "train.bin", "val.bin", "verified.json"]
+    assert sorted(os.listdir(data)) == ["meta.json", "prepare.lock", "train.bin", "val.bin", "verified.json", "write.lock"]
+
+
+SLOW_PREPARE = """
+import runpy, sys, time; sys.path.insert(0, sys.argv[1])
+import corpus
+real, pause = corpus.mark_unprepared, float(sys.argv[2])
+corpus.mark_unprepared = lambda out_dir: (time.sleep(pause), real(out_dir))
+sys.argv = sys.argv[3:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_two_prepare_runs_into_one_folder_both_finish(tmp_path):
+    """data/text/prepare.py twice at once on one folder, the first slowed between writing its temporary files
+    and renaming them: the second deleted them (and the live meta.json), so the first crashed and the folder
+    was left without meta.json. Now the second waits for the first's write."""
+    text = tmp_path / "t.txt"
+    text.write_text("to be or not to be, that is the question.\n" * 200)
+    procs = []
+    for pause in (3, 0):
+        procs.append(subprocess.Popen([sys.executable, "-c", SLOW_PREPARE, ROOT, str(pause), "data/text/prepare.py",
+                                       f"--input={text}", "--name=race", f"--out_dir={tmp_path / 'race'}", "--force"],
+                                      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        time.sleep(1)
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert sorted(f for f in os.listdir(tmp_path / "race") if not f.endswith(".lock")) == ["meta.json", "train.bin", "val.bin"]
 
 
 @pytest.mark.slow
