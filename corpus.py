@@ -325,7 +325,8 @@ def prepare_data(cfg):
         known = sorted(os.path.basename(os.path.dirname(p)) for p in glob.glob(os.path.join(ROOT, "data", "*", "prepare.py"))
                        if os.path.basename(os.path.dirname(p)) != "text")
         die(f"unknown dataset {cfg.dataset!r}: {path} is not prepared and there is no data/{cfg.dataset}/prepare.py "
-            f"(known: {', '.join(known)}; for your own text: python data/text/prepare.py --input=FILE --name={cfg.dataset})")
+            f"(known: {', '.join(known)}; for your own text: python data/text/prepare.py --input=FILE --name={cfg.dataset}"
+            f"{' --force' if os.path.isdir(path) else ''})")  # a folder a killed prepare left is replaced only with --force
     with data_lock(path):
         if not os.path.isfile(os.path.join(path, "meta.json")):
             print(f"preparing {cfg.dataset} into {path} ...")

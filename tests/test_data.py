@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
@@ -162,6 +163,15 @@ def test_own_text_bad_input_is_one_line(tmp_path, monkeypatch, args, message):
     msg = fails(lambda: text_prepare([f"--input={good}", f"--input={src}", f"--out_dir={tmp_path / 'o'}"] + args,
                                      monkeypatch), message)
     assert str(bad) in msg or "UTF-8" not in message
+
+
+def test_an_unprepared_folder_of_your_own_names_the_command_that_replaces_it(tmp_path, monkeypatch):
+    """A prepare killed before its meta.json leaves the folder: the suggested command needs --force to replace it."""
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "train.bin").write_bytes(b"")
+    cfg = types.SimpleNamespace(dataset="mine", data_dir=str(tmp_path / "mine"))
+    fails(lambda: corpus.prepare_data(cfg), "unknown dataset", "--name=mine --force")
+    fails(lambda: text_prepare([f"--input={tmp_path}", "--name=y", f"--out_dir={tmp_path / 'y'}"], monkeypatch), "is a folder")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -258,7 +258,8 @@ def test_missing_or_extra_keys_are_named(tmp_path):
     assert "missing blocks.1.mlp.0.bias" in line and "unexpected blocks.7.norm1.weight" in line
 
 
-@pytest.mark.parametrize("case", ["mdlm_into_sedd", "sedd_into_mdlm", "other_graph", "not_a_dir", "no_weights", "shape_flag"])
+@pytest.mark.parametrize("case", ["mdlm_into_sedd", "sedd_into_mdlm", "other_graph", "not_a_dir", "no_weights", "shape_flag",
+                                  "own_checkpoint"])
 def test_wrong_checkpoint_is_one_line(case, tmp_path):
     m = write_mdlm(tmp_path / "m", vocab_size=21, hidden=16, cond=8, n_blocks=1, n_heads=2, length=8)
     s = write_sedd(tmp_path / "s", tokens=20, hidden=16, cond=8, n_blocks=1, n_heads=2, length=8)
@@ -268,5 +269,6 @@ def test_wrong_checkpoint_is_one_line(case, tmp_path):
                     "other_graph": (["sedd.py", f"--init_from={s}", "--graph=uniform"], "absorb graph, not uniform"),
                     "not_a_dir": (["sedd.py", f"--init_from={tmp_path}/nothing/here"], "neither a directory nor a hub id"),
                     "no_weights": (["sedd.py", f"--init_from={s}"], "holds neither model.safetensors nor pytorch_model.bin"),
-                    "shape_flag": (["mdlm.py", f"--init_from={m}", "--n_layer=4"], "--n_layer is fixed by")}[case]
+                    "shape_flag": (["mdlm.py", f"--init_from={m}", "--n_layer=4"], "--n_layer is fixed by"),
+                    "own_checkpoint": (["mdlm.py", f"--init_from={tmp_path}/out/ckpt.pt"], "with --resume")}[case]
     assert expect in one_line_error(args + ["--sample", "--device=cpu"])

@@ -243,7 +243,7 @@ def main():
         print(f"{args.out_dir} is already prepared (meta.json and token files agree); --force redoes it")
         return
     leftovers = [f for f in os.listdir(args.out_dir) if f.endswith((".bin", ".tmp"))] if os.path.isdir(args.out_dir) else []
-    if leftovers:
+    if leftovers and not complete(args.out_dir):  # --force over a complete one just redoes it
         print(f"{args.out_dir} holds an incomplete preparation ({', '.join(sorted(leftovers))}): redoing it")
     if args.input:
         files = local_files(args.input)

@@ -31,7 +31,7 @@ DATA = os.path.dirname(HERE)
 def read_utf8(path):
     """The text of one file; a byte sequence that is not UTF-8 stops with the file and byte offset."""
     if not os.path.isfile(path):
-        common.die(f"--input {path} does not exist")
+        common.die(f"--input {path} {'is a folder; name its files' if os.path.isdir(path) else 'does not exist'}")
     raw = open(path, "rb").read()
     try:
         text = raw.decode("utf-8")
