@@ -309,6 +309,8 @@ def test_eval_gen_on_e2e_judges_the_samples(cli_out, tmp_path):
                  "--eval_t_samples=1", "--steps=10", "--mbr=1", "--num_samples=2", "--control_samples=1",
                  "--control_targets=food=Italian"])
     assert "gen: NLL" in r.stdout and "2 samples" in r.stdout, r.stdout
+    r = run_cli(["ar.py", "--eval", f"--out_dir={judge}", "--eval_split=test"])  # E2E's test texts, packed as train's
+    assert "evaluating on the test split" in r.stdout and "test NLL" in r.stdout, r.stdout
 
 
 def test_a_damaged_classifier_is_one_line(cli_out, tmp_path):

@@ -4,8 +4,8 @@ files src1_{train,valid,test}.txt, one `MR||text` per line. Word level (corpus.W
 words seen at least --min_count times in the training texts and MRs; the rest become <unk>.
 
 Writes, into --out_dir (default data/e2e):
-  train.bin, val.bin, meta.json   every text as <s> w ... </s>, packed end to end (the language
-                                  modelling view: Diffusion-LM cuts it into 64-token blocks)
+  train.bin, val.bin, test.bin,   every text as <s> w ... </s>, packed end to end (the language
+  meta.json                       modelling view: Diffusion-LM cuts it into 64-token blocks)
   {train,valid,test}.jsonl        one example per line for sequence-to-sequence and control:
                                   {"mr": {field: value}, "src": ids of the MR, "text": ids,
                                    "ref": the text as space-separated words}
@@ -94,7 +94,8 @@ def main():
     meta = corpus.write_split(args.out_dir, streams["train"], streams["valid"],
                               {"tokenizer": "word", "words": tok.words, "vocab_size": tok.vocab_size,
                                "min_count": args.min_count, "seq2seq": True,
-                               "examples": {s: len(rows[s]) for s in SPLITS}})
+                               "examples": {s: len(rows[s]) for s in SPLITS}},
+                              test_ids=streams["test"])  # --eval_split=test for the methods that read token files
     unk = sum(i == tok.UNK for i in streams["train"]) / len(streams["train"])
     print(f"{args.out_dir}: {len(rows['train']):,} / {len(rows['valid']):,} / {len(rows['test']):,} examples, "
           f"{meta['train_tokens']:,} train tokens, vocab {tok.vocab_size} (<unk> {unk:.2%} of train)")
