@@ -323,7 +323,7 @@ Tensor nearest_screened_impl(const Tensor& x, const Tensor& E, int m, int64_t ch
   const int64_t N = x.size(0), d = x.size(1), V = E.size(0);
   const bool l2 = m == difflm::NEAREST_L2;
   const Tensor sq = E.to(at::kDouble).pow(2).sum(1), norm = sq.sqrt();  // (V,) as the fp32 kernels make them
-  const Tensor table = l2 ? E : E * norm.clamp_min(1e-12).reciprocal().to(at::kFloat).unsqueeze(1);
+  const Tensor table = l2 ? E : (E.to(at::kDouble) / norm.clamp_min(1e-12).unsqueeze(1)).to(at::kFloat);
   const int64_t K = (d + 7) / 8 * 8;  // a multiple of 8: whole tensor-core rows
   const Tensor table16 = at::constant_pad_nd(table, {0, K - d}).to(at::kBFloat16);  // (V, K)
   // the CPU has no bf16 GEMM: the same products (exact in fp32) and fp32 sums, from fp32 copies
