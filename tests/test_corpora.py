@@ -6,6 +6,7 @@ column). Each is prepared, checked token for token against the format, trained f
 iterations with mdlm.py, sampled and evaluated. Interrupted runs are made with a real SIGKILL
 midway through the script's own writing.
 """
+import glob
 import gzip
 import hashlib
 import importlib.util
@@ -15,6 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import zipfile
 
 import numpy as np
@@ -76,7 +78,8 @@ def kill_midway(script, args, hook):
             f"g = runpy.run_path({os.path.join(ROOT, script)!r}, run_name='prepare')['main'].__globals__; "
             "die = lambda: os.kill(os.getpid(), signal.SIGKILL)\n" + hook + "\ng['main']()")
     env = {**os.environ, "DIFFLM_DATA": shared_data()}
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True).returncode
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300).returncode  # (orphaned workers holding its pipes would hang it)
 
 
 def folder_bytes(path):
@@ -403,6 +406,33 @@ def test_owt_killed_midway_is_detected_and_redone(owt_data, documents, tmp_path,
     assert run_main(owt, monkeypatch, args) is None
     assert "incomplete preparation" in capsys.readouterr().out
     check_owt(str(out), documents, 40)
+
+
+def test_owt_sigterm_stops_the_workers_too(documents, tmp_path):
+    """A SIGTERM to the preparing process (a scheduler's stop) ends its tokenizer workers with it: they ran on
+    as orphans, each holding its share of the corpus, and the process died without a word."""
+    src = write_jsonl(tmp_path / "all.jsonl", documents)
+    out = tmp_path / "out"
+    hook = ("g['DOCS_PER_TASK'] = 20\n"
+            "real = g['split_tasks']\n"
+            "def split_tasks(*a):\n"
+            "    for i, task in enumerate(real(*a)):\n"
+            "        if i == 6: os.kill(os.getpid(), signal.SIGTERM)\n"
+            "        yield task\n"
+            "g['split_tasks'] = split_tasks")
+    args = [f"--input={src}", f"--out_dir={out}", "--val_docs=40", "--num_proc=2"]
+    assert kill_midway("data/openwebtext/prepare.py", args, hook) == 1  # the handler's one line, not -15
+    assert os.path.getsize(out / "train.bin.tmp") > 0  # stopped while tokenising
+    time.sleep(1)
+    left = []
+    for p in glob.glob("/proc/[0-9]*/cmdline"):
+        try:
+            if str(out).encode() in open(p, "rb").read():
+                left.append(p)
+        except OSError:  # a process that ended while we looked
+            pass
+    assert not left, left
+    assert not os.path.exists(out / "meta.json")
 
 
 def test_owt_bad_inputs_one_line(documents, tmp_path, monkeypatch):

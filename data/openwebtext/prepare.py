@@ -24,6 +24,7 @@ import glob
 import json
 import os
 import shlex
+import signal
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
@@ -202,8 +203,11 @@ def write(out_dir, sources, n_val, num_proc, what):
         for split, texts in split_tasks(sources, n_val):
             save(split, tokenize(texts), len(texts))
     else:
-        # a bounded window of tasks in flight, written back in submission order
-        with ProcessPoolExecutor(num_proc) as pool:
+        # a bounded window of tasks in flight, written back in submission order; a SIGTERM (a job scheduler's
+        # stop) ends the workers with the main process, where they ran on as orphans
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit("error: stopped (SIGTERM); rerun to redo the preparation"))
+        pool = ProcessPoolExecutor(num_proc)
+        try:
             pending = collections.deque()
             for split, texts in split_tasks(sources, n_val):
                 pending.append((split, pool.submit(tokenize, texts), len(texts)))
@@ -213,6 +217,8 @@ def write(out_dir, sources, n_val, num_proc, what):
             while pending:
                 split_, fut, docs = pending.popleft()
                 save(split_, fut.result(), docs)
+        finally:
+            pool.shutdown(cancel_futures=True)
     bar.close()
     for s in SPLITS:
         files[s].close()
