@@ -20,6 +20,8 @@ meta.json, which marks the folder complete, comes last; a run that finds a compl
 """
 import argparse
 import collections
+import contextlib
+import ctypes
 import glob
 import json
 import os
@@ -184,6 +186,13 @@ def complete(out_dir):
         return False
 
 
+def die_with_parent():
+    """A worker's initializer: on Linux it is sent SIGTERM when the main process ends, however that ends (a
+    scheduler's SIGTERM, kill -9), where it ran on as an orphan holding its share of the corpus."""
+    with contextlib.suppress(Exception):  # elsewhere (no prctl) a worker ends when its queue closes
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def write(out_dir, sources, n_val, num_proc, what):
     total = sum(n for n, _ in sources)
     if not 0 < n_val < total:
@@ -203,11 +212,8 @@ def write(out_dir, sources, n_val, num_proc, what):
         for split, texts in split_tasks(sources, n_val):
             save(split, tokenize(texts), len(texts))
     else:
-        # a bounded window of tasks in flight, written back in submission order; a SIGTERM (a job scheduler's
-        # stop) ends the workers with the main process, where they ran on as orphans
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit("error: stopped (SIGTERM); rerun to redo the preparation"))
-        pool = ProcessPoolExecutor(num_proc)
-        try:
+        # a bounded window of tasks in flight, written back in submission order
+        with ProcessPoolExecutor(num_proc, initializer=die_with_parent) as pool:
             pending = collections.deque()
             for split, texts in split_tasks(sources, n_val):
                 pending.append((split, pool.submit(tokenize, texts), len(texts)))
@@ -217,8 +223,6 @@ def write(out_dir, sources, n_val, num_proc, what):
             while pending:
                 split_, fut, docs = pending.popleft()
                 save(split_, fut.result(), docs)
-        finally:
-            pool.shutdown(cancel_futures=True)
     bar.close()
     for s in SPLITS:
         files[s].close()
