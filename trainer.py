@@ -214,7 +214,11 @@ def train(cfg, method, model, loss_fn, evaluate, meta, batches=None, dynamic=Non
         if not cfg.resume and os.path.isfile(ckpt_path) and not cfg.overwrite:  # the first new checkpoint replaces it
             die(f"{odir} holds a checkpoint of an earlier run; continue it with --resume, start over with "
                 f"--overwrite, or choose another --out_dir")
-        return _train_loop(cfg, method, model, loss_fn, evaluate, meta, batches, device, rank, world, dynamic)
+        try:
+            return _train_loop(cfg, method, model, loss_fn, evaluate, meta, batches, device, rank, world, dynamic)
+        except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; checkpoints are written whole or not at all
+            die(f"interrupted; {ckpt_path} holds the last eval's state: continue with --resume" if os.path.isfile(ckpt_path)
+                else "interrupted before the first eval wrote a checkpoint")
 
 
 def _train_loop(cfg, method, model, loss_fn, evaluate, meta, batches, device, rank, world, dynamic):

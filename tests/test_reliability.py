@@ -283,6 +283,22 @@ def test_full_disk_is_one_line_and_leaves_no_tmp(tmp_path, monkeypatch):
     assert open(path, "rb").read() == before
 
 
+def test_ctrl_c_is_one_line_naming_resume(tmp_path, char_data):
+    """Ctrl-C during training printed a 20-frame KeyboardInterrupt traceback and nothing about how to go on."""
+    args = [sys.executable] + mdlm(tmp_path, char_data, "--max_iters=100000", "--eval_interval=2")
+    p = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen_eval = False
+    for line in p.stdout:  # an iteration after the first eval: its checkpoint is written
+        if seen_eval and line.startswith("iter"):
+            break
+        seen_eval = seen_eval or line.startswith("eval")
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "interrupted" in err and "continue with --resume" in err, err
+    run_cli(mdlm(tmp_path, char_data, "--max_iters=6", "--resume", "--eval_interval=2"))
+
+
 def test_unwritable_out_dir_is_one_line(tmp_path, char_data, monkeypatch):
     (tmp_path / "file").write_text("not a folder")
     r = run_cli(mdlm(tmp_path / "file" / "run", char_data, "--max_iters=3"), check=False)
