@@ -286,7 +286,8 @@ def test_full_disk_is_one_line_and_leaves_no_tmp(tmp_path, monkeypatch):
 def test_ctrl_c_is_one_line_naming_resume(tmp_path, char_data):
     """Ctrl-C during training printed a 20-frame KeyboardInterrupt traceback and nothing about how to go on."""
     args = [sys.executable] + mdlm(tmp_path, char_data, "--max_iters=100000", "--eval_interval=2")
-    p = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,  # a background
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # job's children ignore SIGINT
     seen_eval = False
     for line in p.stdout:  # an iteration after the first eval: its checkpoint is written
         if seen_eval and line.startswith("iter"):
