@@ -159,7 +159,7 @@ def evaluate(model, batches, cfg, full=False):
         total += float(nll_terms(model, x0, model.bos_id).sum())
         count += x0.numel()
     nats = total / count
-    return {"val_nll": nats, "val_bits": nats / math.log(2), "val_ppl": math.exp(nats) if nats < 709 else math.inf}
+    return common.nats_figures("val_nll", nats)
 
 
 # ----------------------------------------------------------------------------------------------

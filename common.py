@@ -557,11 +557,9 @@ def sample_times(batch_size, t_min, device):
 
 
 def sample_categorical(probs, u):
-    """Inverse-CDF draw from unnormalised probs (..., V) with uniforms u (...,) in float64.
-
-    float64 accumulation keeps the tail intact over many small steps (Zheng et al. 2024); the
-    fused kernels consume the same uniforms and so return the same tokens.
-    """
+    """Inverse-CDF draw from unnormalised probs (..., V) with uniforms u (...,) in float64: float64
+    accumulation keeps the tail intact over many small steps (Zheng et al. 2024), and the fused kernels
+    consume the same uniforms, so they return the same tokens."""
     cdf = probs.double().cumsum(-1)  # (..., V)
     target = (u.double() * cdf[..., -1]).unsqueeze(-1)
     idx = torch.searchsorted(cdf, target, right=True).squeeze(-1)
@@ -569,13 +567,11 @@ def sample_categorical(probs, u):
 
 
 def semi_autoregressive(chain, fixed, block_size, stride):
-    """fixed (B, T) token ids or -1 at free positions -> (samples (B, T), network calls).
-
-    chain(window) runs one reverse chain on a window (B, W), W <= block_size, of ids or -1 and
-    returns (x_0 (B, W), calls). T <= block_size: one chain. Longer: semi-autoregressive rounds;
-    each keeps the last block_size - stride generated tokens as a clean prefix (held fixed) and
-    generates stride new ones, so any sampler that holds fixed positions extends past its context.
-    """
+    """fixed (B, T) token ids or -1 at free positions -> (samples (B, T), network calls). chain(window)
+    runs one reverse chain on a window (B, W), W <= block_size, of ids or -1 and returns (x_0 (B, W),
+    calls). T <= block_size: one chain. Longer: semi-autoregressive rounds; each keeps the last
+    block_size - stride generated tokens as a clean prefix (held fixed) and generates stride new ones,
+    so any sampler that holds fixed positions extends past its context."""
     T = fixed.shape[1]
     first = min(T, block_size)
     out, calls = chain(fixed[:, :first])
@@ -600,6 +596,11 @@ def show_steps(tokenizer, cfg):
         if i % every == 0 or i == cfg.steps - 1:
             print(f"--- step {i + 1}/{cfg.steps}\n{tokenizer.decode(x[0].tolist())}")
     return show
+
+
+def nats_figures(key, nats):
+    """A per-token NLL or bound -> {key: nats, "val_bits", "val_ppl"}; a diverged run's perplexity is inf."""
+    return {key: nats, "val_bits": nats / math.log(2), "val_ppl": math.exp(nats) if nats < 709 else math.inf}
 
 
 # ----------------------------------------------------------------------------------------------

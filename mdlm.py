@@ -355,7 +355,7 @@ def evaluate(model, batches, cfg, full=False):
         total += float(nelbo_terms(model, xs, t, cfg, model.mask_id).sum()) / k
         count += x0.numel()
     nats = total / count
-    return {"val_nelbo": nats, "val_bits": nats / math.log(2), "val_ppl": math.exp(nats) if nats < 709 else math.inf}
+    return common.nats_figures("val_nelbo", nats)
 
 
 def word_overlap(texts, train_text):

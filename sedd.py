@@ -564,7 +564,7 @@ def evaluate(model, batches, cfg, full=False):
         total += float(nelbo_terms(model, xs, t, cfg, model.num_states).sum()) / k
         count += x0.numel()
     nats = total / count + prior_kl(cfg, model.num_states)
-    return {"val_nelbo": nats, "val_bits": nats / math.log(2), "val_ppl": math.exp(nats) if nats < 709 else math.inf}
+    return common.nats_figures("val_nelbo", nats)
 
 
 # ----------------------------------------------------------------------------------------------
