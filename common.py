@@ -122,11 +122,12 @@ def parse_args(config_cls, argv=None):
     """Parse `--train|--sample|--eval` and `--key=value` overrides -> (verbs, cfg, overrides), where overrides
     holds only the keys given on the command line (sampling from a checkpoint applies them over its own config)."""
     argv = sys.argv[1:] if argv is None else argv
+    module = sys.modules[config_cls.__module__]  # the method file: its docstring for --help, its name
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
     types = {name: type(f.default) for name, f in fields.items()}
     verbs, overrides = [], {}
     if "-h" in argv or "--help" in argv:
-        print((sys.modules[config_cls.__module__].__doc__ or "").strip() + "\n\nconfig keys (--key=value):")
+        print((module.__doc__ or "").strip() + "\n\nconfig keys (--key=value):")
         for name, f in fields.items():
             print(f"  --{name}={f.default!r}")
         sys.exit(0)
@@ -139,7 +140,7 @@ def parse_args(config_cls, argv=None):
             verbs.append(key)
             continue
         if key not in fields and key in SHARED_KEYS:
-            die(f"--{key} is not used by {os.path.basename(sys.modules[config_cls.__module__].__file__)}; drop it")
+            die(f"--{key} is not used by {os.path.basename(module.__file__)}; drop it")
         if key not in fields:
             close = difflib.get_close_matches(key, list(fields) + list(VERBS), n=3, cutoff=0.6)
             hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else "; see the Config class for the keys"
@@ -151,7 +152,7 @@ def parse_args(config_cls, argv=None):
         die("say what to do: --train, --sample or --eval (plus --key=value overrides)")
     cfg = config_cls(**overrides)
     if "train" in verbs and cfg.resume:
-        cfg = resume_config(config_cls, cfg, overrides)
+        cfg = resume_config(config_cls, cfg, overrides, os.path.splitext(os.path.basename(module.__file__))[0])
     seed_all(cfg.seed)  # before main() builds its model, so initial weights are reproducible
     return verbs, cfg, overrides
 
@@ -159,10 +160,9 @@ def parse_args(config_cls, argv=None):
 RESUMED = {}  # checkpoint path -> the checkpoint resume_config read, which trainer.resume_from takes: one read
 
 
-def resume_config(config_cls, cfg, overrides):
+def resume_config(config_cls, cfg, overrides, method):
     """--train --resume: the run's own config with this command line on top, as --sample takes it, so that
     a key not repeated keeps the run's value, not the default, and the model's shape stays."""
-    method = os.path.splitext(os.path.basename(sys.modules[config_cls.__module__].__file__))[0]
     path = os.path.join(out_dir(cfg, method), "ckpt.pt")
     ckpt = RESUMED[path] = load_checkpoint(path, method)
     if ckpt.get("method", method) != method or not isinstance(ckpt.get("config"), dict):
