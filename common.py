@@ -474,35 +474,28 @@ def checksum(obj):
 
 def write_file(path, content, fix):
     """Text lines, or what content(f) writes to a binary file, to path atomically; an error: one line ending in fix."""
-    tmp = f"{path}.{os.getpid()}.tmp"
+    tmp = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"  # two processes never share a tmp file
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(tmp, "wb" if callable(content) else "w") as f:
+        with open(tmp, "wb") if callable(content) else open(tmp, "w", encoding="utf-8") as f:
             content(f) if callable(content) else f.writelines(content)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:  # a failed or interrupted write leaves no partial tmp file behind
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        die(f"cannot write {path}: {e.strerror or e}; {fix}")
+        if not isinstance(e, (OSError, RuntimeError)):
+            raise
+        e = e if isinstance(e, OSError) else e.__context__ or e  # torch's zip writer reports a full disk as a RuntimeError
+        die(f"cannot write {path}: {getattr(e, 'strerror', None) or e}; {fix}")
 
 
 def save_checkpoint(path, obj):
     """Write obj (a dict) to path atomically, with its checksum; a write error is one line."""
     obj = {**obj, "checksum": checksum(obj)}
-    tmp = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"  # two processes never share a tmp file
-    try:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError
-        e = e if isinstance(e, OSError) else e.__context__ or e
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        kept = "the previous checkpoint is kept" if os.path.isfile(path) else "no checkpoint was written"
-        die(f"cannot write {path}: {getattr(e, 'strerror', None) or e}; {kept}; free disk space or choose another --out_dir")
+    kept = "the previous checkpoint is kept" if os.path.isfile(path) else "no checkpoint was written"
+    write_file(path, lambda f: torch.save(obj, f), f"{kept}; free disk space or choose another --out_dir")
 
 
 def load_checkpoint(path, method, verb="--train"):

@@ -19,6 +19,7 @@ import glob
 import json
 import math
 import os
+import signal
 import socket
 import time
 
@@ -214,11 +215,15 @@ def train(cfg, method, model, loss_fn, evaluate, meta, batches=None, dynamic=Non
         if not cfg.resume and os.path.isfile(ckpt_path) and not cfg.overwrite:  # the first new checkpoint replaces it
             die(f"{odir} holds a checkpoint of an earlier run; continue it with --resume, start over with "
                 f"--overwrite, or choose another --out_dir")
+        # SIGTERM (a scheduler's preemption, `kill`) ends the run as Ctrl-C does, with the same one line
+        term = signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
             return _train_loop(cfg, method, model, loss_fn, evaluate, meta, batches, device, rank, world, dynamic)
-        except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; checkpoints are written whole or not at all
+        except KeyboardInterrupt:  # one line, not a traceback; checkpoints are written whole or not at all
             die(f"interrupted; {ckpt_path} holds the last eval's state: continue with --resume" if os.path.isfile(ckpt_path)
                 else "interrupted before the first eval wrote a checkpoint")
+        finally:
+            signal.signal(signal.SIGTERM, term)
 
 
 def _train_loop(cfg, method, model, loss_fn, evaluate, meta, batches, device, rank, world, dynamic):

@@ -283,8 +283,24 @@ def test_full_disk_is_one_line_and_leaves_no_tmp(tmp_path, monkeypatch):
     assert open(path, "rb").read() == before
 
 
-def test_ctrl_c_is_one_line_naming_resume(tmp_path, char_data):
-    """Ctrl-C during training printed a 20-frame KeyboardInterrupt traceback and nothing about how to go on."""
+def test_an_interrupted_checkpoint_write_leaves_no_tmp(tmp_path, monkeypatch):
+    """Ctrl-C inside torch.save left a partial ckpt.pt.<host>.<pid>.tmp, as large as the model, in out_dir."""
+    path = str(tmp_path / "ckpt.pt")
+
+    def interrupted(obj, f):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(common.torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        common.save_checkpoint(path, {"iter": 0})
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_is_one_line_naming_resume(tmp_path, char_data, sig):
+    """Ctrl-C during training printed a 20-frame KeyboardInterrupt traceback and nothing about how to go on;
+    SIGTERM (a scheduler's preemption) ended the run with no word at all."""
     args = [sys.executable] + mdlm(tmp_path, char_data, "--max_iters=100000", "--eval_interval=2")
     p = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,  # a background
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # job's children ignore SIGINT
@@ -293,7 +309,7 @@ def test_ctrl_c_is_one_line_naming_resume(tmp_path, char_data):
         if seen_eval and line.startswith("iter"):
             break
         seen_eval = seen_eval or line.startswith("eval")
-    p.send_signal(signal.SIGINT)
+    p.send_signal(sig)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert "interrupted" in err and "continue with --resume" in err, err

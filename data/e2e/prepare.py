@@ -81,15 +81,13 @@ def main():
     corpus.mark_unprepared(args.out_dir)  # a kill from here leaves no meta.json, not new .jsonl under an old one
     streams = {}
     for split in SPLITS:
-        stream = []
-        tmp = os.path.join(args.out_dir, f"{split}.jsonl.{os.getpid()}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for fields, mr, text in rows[split]:
-                ids = tok.encode(text)
-                stream += [tok.START] + ids + [tok.END]
-                f.write(json.dumps({"mr": fields, "src": tok.encode(mr), "text": ids,
-                                    "ref": " ".join(tok.split(text))}, ensure_ascii=False) + "\n")
-        os.replace(tmp, os.path.join(args.out_dir, f"{split}.jsonl"))
+        stream, lines = [], []
+        for fields, mr, text in rows[split]:
+            ids = tok.encode(text)
+            stream += [tok.START] + ids + [tok.END]
+            lines.append(json.dumps({"mr": fields, "src": tok.encode(mr), "text": ids,
+                                     "ref": " ".join(tok.split(text))}, ensure_ascii=False) + "\n")
+        common.write_file(os.path.join(args.out_dir, f"{split}.jsonl"), lines, "free disk space or choose another --out_dir")
         streams[split] = stream
     meta = corpus.write_split(args.out_dir, streams["train"], streams["valid"],
                               {"tokenizer": "word", "words": tok.words, "vocab_size": tok.vocab_size,

@@ -231,10 +231,7 @@ def write(out_dir, sources, n_val, num_proc, what):
             "train_tokens": tokens["train"], "val_tokens": tokens["val"], "train_docs": total - n_val, "val_docs": n_val,
             "command": "python " + " ".join(map(shlex.quote, sys.argv)),
             "files": {f"{s}.bin": corpus.file_record(os.path.join(out_dir, f"{s}.bin")) for s in SPLITS}}
-    tmp = os.path.join(out_dir, f"meta.json.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(meta, f)
-    os.replace(tmp, os.path.join(out_dir, "meta.json"))
+    common.write_file(os.path.join(out_dir, "meta.json"), [json.dumps(meta)], "free disk space and run it again")
     return meta
 
 
