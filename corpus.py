@@ -387,9 +387,9 @@ class Batches:
         if not os.path.isfile(os.path.join(self.path, f"{split}.bin")):
             die(f"{self.path} has no {split} split ({split}.bin); use --eval_split=val")
         data = self.data(split)
-        n = (len(data) - 1) // self.block
+        n = len(data) // self.block  # a window is scored whole, from BOS: the last full one counts too
         if n == 0:
-            die(f"the {split} split has {len(data)} tokens, not more than block_size={self.block}; lower --block_size")
+            die(f"the {split} split has {len(data)} tokens, fewer than block_size={self.block}; lower --block_size")
         for b in range(0, n, batch_size):
             starts = range(b * self.block, min(n, b + batch_size) * self.block, self.block)
             yield torch.from_numpy(np.stack([data[s:s + self.block].astype(np.int64) for s in starts]))

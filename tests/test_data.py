@@ -12,6 +12,7 @@ import types
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import OFFLINE, ROOT, run_cli
 
@@ -285,6 +286,14 @@ def test_model_and_data_tokenizers_must_agree(tmp_path):
           "model was trained on a word tokenizer with 853 tokens")
     other = {**meta, "chars": list("zyxwvutsrq")}
     fails(lambda: corpus.Batches(cfg, other, 0), "the same size, other symbols")
+
+
+def test_sequential_windows_cover_the_split(tmp_path):
+    """--eval skipped the last full window of a split whose length is a multiple of block_size."""
+    meta = toy(tmp_path, n=2000)  # val: 200 tokens = 25 windows of 8
+    windows = torch.cat(list(corpus.Batches(cfg_for(tmp_path, block_size=8), meta, 0).sequential("val", 7)))  # (25, 8)
+    val = np.fromfile(tmp_path / "val.bin", dtype=meta["dtype"])
+    assert windows.flatten().tolist() == val.tolist()
 
 
 def test_slices_are_bounded(tmp_path):
