@@ -617,9 +617,9 @@ def run_decode(model, cfg, meta, srcs):
         if s is not None and len(s) + 2 + model.max_len > model.tagger.block_size:
             common.die(f"the source has {len(s)} words; with --max_len={model.max_len} it does not fit the model's "
                        f"context block_size={model.tagger.block_size}; shorten it")
+    if cfg.bootstrap in ("random", "autoregressive") and cfg.seq_len > model.max_len:
+        common.die(f"the {cfg.bootstrap} bootstrap has --seq_len={cfg.seq_len} words, more than --max_len={model.max_len}")
     if cfg.bootstrap == "autoregressive":
-        if cfg.seq_len > model.max_len:
-            common.die(f"the draft has --seq_len={cfg.seq_len} words, more than --max_len={model.max_len}")
         starts = ar_drafts(cfg.ar_ckpt, meta, len(srcs), cfg.seq_len, next(model.parameters()).device)
         boot_revision = False  # a draft reads like text (a lightly corrupted x_t): skip t = T + 1, run steps..1
     else:
@@ -659,7 +659,8 @@ def main(argv=None):
             common.die("--source is for sequence-to-sequence models (E2E); this model is unconditional")
         srcs = [None] * cfg.num_samples  # unconditional
         if cfg.source:
-            srcs = [corpus.encode_prompt(tok, cfg.source, "--source", cfg.allow_unk)]
+            # num_samples realisations of it where decoding draws (--decode=sample); one where it is deterministic
+            srcs = [corpus.encode_prompt(tok, cfg.source, "--source", cfg.allow_unk)] * (cfg.num_samples if cfg.decode == "sample" else 1)
         elif meta["seq2seq"]:
             srcs = [list(s) for s, _ in validation_mrs(cfg, cfg.num_samples)]
         t0 = time.time()

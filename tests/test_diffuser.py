@@ -388,7 +388,10 @@ def test_cli_train_sample_eval_and_bad_inputs(e2e_data, tmp_path, monkeypatch):
     assert r.stdout.count("=== sample") == 2 and "MR: name :" in r.stdout and "t=13 |" in r.stdout
     r = run_cli(["diffuser.py", "--sample", "--decode=beam2d", "--beam_b=2", "--beam_r=2", "--steps=2",
                  "--source=name : The Eagle | Type : pub"] + small[:2])
-    assert "MR: name : The Eagle | Type : pub" in r.stdout
+    assert r.stdout.count("MR: name : The Eagle | Type : pub") == 1  # beam decoding is deterministic: once
+    r = run_cli(["diffuser.py", "--sample", "--decode=sample", "--num_samples=3", "--steps=1",
+                 "--source=name : The Eagle | Type : pub"] + small[:2])
+    assert r.stdout.count("MR: name : The Eagle | Type : pub") == 3, r.stdout  # --num_samples was ignored
     r = run_cli(["diffuser.py", "--eval", "--eval_mrs=4", "--steps=1"] + small[:2])
     assert re.search(r"E2E validation BLEU \d+\.\d\d \(greedy", r.stdout) and "val_tag_ce" in r.stdout
     r = run_cli(["diffuser.py", "--eval", "--eval_mrs=2", "--steps=1", "--eval_split=test"] + small[:2])
@@ -428,6 +431,8 @@ def test_unconditional_word_shakespeare(tmp_path):
     assert "from the random bootstrap" in r.stdout
     with pytest.raises(SystemExit, match="--bootstrap=source needs sequence-to-sequence data"):
         D.main(["--train", "--max_iters=2", "--bootstrap=source"] + small)
+    with pytest.raises(SystemExit, match="random bootstrap has --seq_len=30 words, more than --max_len=24"):
+        D.main(["--sample", "--bootstrap=random", "--seq_len=30"] + small[:2])  # was cut to 24 in silence
 
 
 # ----------------------------------------------------------------------------------------------
