@@ -127,6 +127,10 @@ def load(src_dir=None):
         if src_dir == os.path.join(ROOT, "csrc") and importlib.util.find_spec("difflm_kernels"):
             import difflm_kernels  # noqa: F401  (importing it registers torch.ops.difflm)
             sources, module = [], torch.ops.difflm
+            if torch.cuda.is_available() and not module.cuda_built():
+                warnings.warn("the prebuilt difflm_kernels has no CUDA part (it was built without a GPU), so tensors "
+                              "on the GPU take the PyTorch path; rebuild it here with `DIFFLM_BUILD_EXT=1 pip install "
+                              "-e .`, or delete it for the JIT build")
         if sources:
             module = _build(sources)
     _LOADED[src_dir] = module

@@ -80,6 +80,20 @@ def test_acceptance_judged_against_the_bars():
     assert [r["met"] for r in rows] == ["yes", "no", "no", "not judged", "not judged", "yes", "no"]
     assert rows[0]["eager/kernel"] == 11.0 and rows[0]["bar"] == 10 and rows[2]["floor bar"] == 0.60
     assert rows[-1]["check"] == "clamp l2 at 8192,16,821"
+    status, summary = bench.verdict(rows)
+    assert status == "failed" and summary.startswith("missed: score_entropy fwd+bwd, uniform; euler step, uniform;")
+    # on an H200 the uniform Tweedie oracle never fits: that alone is not a failure
+    status, summary = bench.verdict([rows[0], rows[3]])
+    assert status == "ok" and summary == "1 of 2 checks met; not judged: tweedie step, uniform", summary
+
+
+def test_gpu_command_skips_the_parts_past_its_budget(tmp_path, capsys):
+    bench.bench_gpu([f"--out={tmp_path}", "--budget=0"])
+    doc = json.load(open(tmp_path / "report.json"))
+    assert [p["name"] for p in doc["parts"]] == PARTS
+    assert all(p["status"] == "skipped" and "--budget of 0 s was spent" in p["summary"] for p in doc["parts"])
+    report = bench.Report(str(tmp_path), {"device": "x"}, budget=100)
+    assert report.left(300) <= 100 and report.left(30) == 30
 
 
 def test_rotary_timing_and_its_bad_sizes():

@@ -774,6 +774,25 @@ def test_failed_cuda_build_keeps_the_cpu_kernels(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
 
 
+def test_a_prebuilt_module_without_cuda_warns_where_a_gpu_is_seen(k, tmp_path):
+    """`DIFFLM_BUILD_EXT=1 pip install -e .` on a machine without a GPU builds the C++ part only; copied
+    to a GPU machine it was loaded in preference to the JIT build and the CUDA ops were off, in silence."""
+    (tmp_path / "difflm_kernels.py").write_text(  # stands in for the compiled module: importing it registers the ops
+        "import glob, os, kernels\nkernels._build(sorted(glob.glob(os.path.join(kernels.ROOT, 'csrc', '*.cpp'))))\n")
+    r = run_py("""
+        import warnings, torch
+        import kernels
+        torch.cuda.is_available = lambda: True
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            k = kernels.load()
+        msgs = [str(w.message) for w in caught]
+        assert k is not None and not k.cuda_built()
+        assert len(msgs) == 1 and "prebuilt difflm_kernels has no CUDA part" in msgs[0], msgs
+    """, {"PYTHONPATH": str(tmp_path)})
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
 # ----------------------------------------------------------------------------------------------
 # the methods give the same results with and without the kernels
 
