@@ -666,12 +666,12 @@ def judge_texts(judge_path, texts, tok, meta, device):
 def generative_eval(judge_path, sample_fn, num_samples, meta, tok, what="", samples_in=""):
     """Draw num_samples sequences with sample_fn(n) -> (n, T) (or read --samples_in), time them, score
     them with the judge (an ar.py checkpoint, or a transformers model on the text tok decodes).
-    Returns {"gen_nll" (nats/token under the judge), "gen_ppl", "gen_entropy" (nats), "sec_per_sample"};
-    prints one line."""
+    Returns {"gen_nll" (nats/token under the judge), "gen_ppl", "gen_entropy" (nats), "sec_per_sample" (when
+    drawn here, not read)}; prints one line."""
     if samples_in:
         import hub
         texts, settings = hub.read_samples(samples_in)
-        samples, sec, device = None, float("nan"), "cuda" if torch.cuda.is_available() else "cpu"
+        samples, sec, device = None, None, "cuda" if torch.cuda.is_available() else "cpu"
         what = f"from {samples_in}" + (f", {settings.get('method')} {settings.get('sampler')}, {settings.get('steps')} steps" if settings else "")
     else:
         t0 = time.time()
@@ -685,9 +685,10 @@ def generative_eval(judge_path, sample_fn, num_samples, meta, tok, what="", samp
             texts = [tok.decode(s) for s in samples.tolist()]
         nll, ids = judge_texts(judge_path, texts, tok, meta, device)
     n = len(texts) if samples is None else num_samples
-    stats = {"gen_nll": nll, "gen_ppl": math.exp(nll), "gen_entropy": unigram_entropy(torch.cat(ids)), "sec_per_sample": sec}
+    stats = {"gen_nll": nll, "gen_ppl": math.exp(nll), "gen_entropy": unigram_entropy(torch.cat(ids)),
+             **({"sec_per_sample": sec} if sec is not None else {})}
     print(f"gen: NLL {nll:.4f} nats/token under the judge {judge_path} (perplexity {stats['gen_ppl']:.3f}) | "
-          f"unigram entropy {stats['gen_entropy']:.4f} nats | {sec:.3f} s/sample "
+          f"unigram entropy {stats['gen_entropy']:.4f} nats{'' if sec is None else f' | {sec:.3f} s/sample'} "
           f"({n} samples{'' if samples is None else f' of {samples.shape[1]} tokens' if len(samples) == n else f', {samples.numel()} tokens packed'}"
           f"{', ' + what if what else ''})")
     return stats

@@ -110,8 +110,9 @@ def test_cli_sample_to_file_then_judge_it(judge_dir, char_data, tmp_path):
     nll = float(line[0].split("gen: NLL ")[1].split()[0])
     ent = float(line[0].split("unigram entropy ")[1].split()[0])
     assert math.isfinite(nll) and nll > 0 and ent > 0
-    log = [json.loads(x) for x in open(os.path.join(out, "log.jsonl"))]
+    log = [json.loads(x, parse_constant=lambda c: pytest.fail(f"{c} in log.jsonl")) for x in open(os.path.join(out, "log.jsonl"))]
     assert abs(log[-1]["eval_full"]["gen_nll"] - nll) < 1e-3
+    assert "sec_per_sample" not in log[-1]["eval_full"] and "s/sample" not in line[0]  # read, not drawn: not timed
     r = run_cli(["mdlm.py", "--eval", "--gen", f"--out_dir={out}", f"--samples_in={f}.missing", f"--judge={judge_dir}",
                  "--device=cpu"], check=False)  # refused before the bound is computed
     assert r.returncode == 1 and "no samples file" in r.stderr and "NELBO" not in r.stdout, r.stdout + r.stderr
