@@ -74,7 +74,7 @@ class Config(common.TextConfig, common.BaseConfig):
     judge: str = "out/ar/ckpt.pt"  # an ar.py on the same words; the same file as ar_ckpt flatters AR-drafted samples
     target: str = "x0"  # a revision learns x0: every edit back to the text (alignment), or prev: x_t -> x_{t-1} (paper)
     decode: str = "greedy"  # decoding: greedy | sample | beam | beam2d
-    beam_b: int = 5  # beam inside a revision (over edit and token choices)
+    beam_b: int = 5  # beam inside a revision: the b best edit sets, each filled greedily
     beam_r: int = 3  # hypotheses kept across revisions (2D beam)
     temperature: float = 1.0
     top_p: float = 1.0  # nucleus; the paper's nucleus decoding uses 0.6
