@@ -150,6 +150,9 @@ def parse_args(config_cls, argv=None):
         overrides[key] = _convert(key, value, types[key])
     if not verbs:
         die("say what to do: --train, --sample or --eval (plus --key=value overrides)")
+    for key, needs in (("samples_out", ["sample"]), ("gen", ["eval"]), ("samples_in", ["eval", "gen"])):
+        if overrides.get(key) and not all(n in verbs or overrides.get(n) for n in needs):
+            die(f"--{key} is read by {' '.join('--' + n for n in needs)} only; add {' '.join('--' + n for n in needs)} or drop it")
     cfg = config_cls(**overrides)
     if "train" in verbs and cfg.resume:
         cfg = resume_config(config_cls, cfg, overrides, os.path.splitext(os.path.basename(module.__file__))[0])
@@ -203,6 +206,8 @@ def check_common(cfg):
     for k in ("min_lr", "weight_decay", "grad_clip"):
         if not math.isfinite(getattr(cfg, k)):
             die(f"--{k}={getattr(cfg, k)} must be a finite number, 0 or more")
+    if cfg.min_lr > cfg.lr:
+        die(f"--min_lr={cfg.min_lr:g} is above --lr={cfg.lr:g}: the decay would raise the rate; lower --min_lr")
     for k in ("beta1", "beta2", "ema") + (("dropout",) if text else ()):
         if not 0 <= getattr(cfg, k) < 1:  # NaN fails this too
             die(f"--{k}={getattr(cfg, k)} must be in [0, 1)")

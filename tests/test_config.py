@@ -50,7 +50,7 @@ def test_each_config_holds_only_its_blocks():
 COMMON_BAD = [("--batch_size=0", "--batch_size=0 must be at least 1"), ("--grad_accum=0", "--grad_accum"),
               ("--max_iters=-5", "--max_iters=-5"), ("--eval_iters=0", "--eval_iters"), ("--eval_interval=0", "--eval_interval"),
               ("--log_interval=0", "--log_interval"), ("--num_samples=0", "--num_samples"), ("--lr=nan", "--lr=nan"),
-              ("--lr=inf", "--lr=inf"), ("--lr=0", "--lr=0"), ("--min_lr=-1", "--min_lr"), ("--beta1=2", "--beta1=2.0 must be in [0, 1)"),
+              ("--lr=inf", "--lr=inf"), ("--lr=0", "--lr=0"), ("--min_lr=-1", "--min_lr"), ("--lr=3e-5", "--min_lr=0.0001 is above --lr=3e-05"), ("--beta1=2", "--beta1=2.0 must be in [0, 1)"),
               ("--beta2=nan", "--beta2"), ("--ema=1.5", "--ema"), ("--weight_decay=-1", "--weight_decay"),
               ("--grad_clip=nan", "--grad_clip"), ("--warmup_iters=-1", "--warmup_iters"), ("--device=mps", "unknown --device=mps"),
               ("--device=cuda:x", "unknown --device"), ("--device=gpu", "unknown --device"),
@@ -88,6 +88,15 @@ def test_bad_value_stops_at_the_boundary(method, arg, message, verb, tmp_path):
                   if method != "ddpm" else [verb, arg, f"--out_dir={tmp_path / 'run'}"])
     assert message in msg, msg
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--eval", "--samples_out=s.jsonl"], "--samples_out is read by --sample only"),
+    (["--sample", "--gen"], "--gen is read by --eval only"),
+    (["--eval", "--samples_in=s.jsonl"], "--samples_in is read by --eval --gen only"),  # it sampled instead
+    (["--sample", "--samples_in=s.jsonl"], "--samples_in is read by --eval --gen only")])
+def test_a_key_without_the_verb_that_reads_it_is_refused(argv, message, tmp_path):
+    assert message in refused("mdlm", argv + [f"--out_dir={tmp_path}"])
 
 
 def test_training_memory_is_estimated_before_data(tmp_path):
