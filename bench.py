@@ -714,6 +714,8 @@ def bench_methods(argv):
     if "ar" in names:
         names.remove("ar")
         names.insert(0, "ar")  # the judge first
+    if a.plot and importlib.util.find_spec("matplotlib") is None:  # before the hour of work, not after it
+        common.die("--plot needs matplotlib: pip install matplotlib (or pip install -e '.[plot]')")
     judge = a.judge or os.path.join(a.out_root, "ar", "ckpt.pt")
     steps_list = [int(s) for s in a.steps.split(",")]
     rows, curves, t0_all = [], {}, time.time()
@@ -805,12 +807,9 @@ def bench_methods(argv):
 
 
 def plot_methods(curves, rows, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        common.die("--plot needs matplotlib: pip install matplotlib (or pip install -e '.[plot]')")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     fig, (ax1, ax3, ax2) = plt.subplots(1, 3, figsize=(15, 4.2))
     for name, pts in curves.items():
         s, nll, sec, ent = zip(*pts)

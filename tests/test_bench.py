@@ -6,6 +6,7 @@ import os
 import random
 import sys
 
+import pytest
 import torch
 
 import bench
@@ -103,6 +104,15 @@ def test_rotary_timing_and_its_bad_sizes():
     assert all(float(row[5]) > 0 and float(row[-1]) == 2.0 for row in rows), rows  # peak: output + gradient
     r = run_cli(["bench.py", "rotary", "--sizes=2,5,3"], check=False)
     assert r.returncode == 1 and "use B,L,H,D" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_methods_plot_without_matplotlib_is_refused_before_the_work(tmp_path, monkeypatch):
+    """--plot failed only after every method had trained and sampled (about 45 minutes)."""
+    real = bench.importlib.util.find_spec
+    monkeypatch.setattr(bench.importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    with pytest.raises(SystemExit, match="--plot needs matplotlib"):
+        bench.bench_methods(["--methods=ar", f"--out_root={tmp_path / 'out'}", f"--plot={tmp_path / 'm.png'}"])
+    assert not os.path.exists(tmp_path / "out")
 
 
 def test_gpu_command_bad_input(tmp_path):
