@@ -88,13 +88,11 @@ class Config(common.TextConfig, common.BaseConfig):
 def check_config(cfg):
     """Every value at the command-line boundary -> one line naming the flag."""
     common.check_common(cfg)
-    common.check_at_least(cfg, ("seq_len", "decode_batch", "max_len", "T"), 1)
+    common.check_at_least(cfg, ("seq_len", "decode_batch", "max_len", "T", "beam_b", "beam_r"), 1)
     common.check_at_least(cfg, ("steps", "eval_mrs"), 0)
     for key, known in (("bootstrap", BOOTSTRAPS), ("decode", DECODERS), ("target", ("x0", "prev")),
                        ("noise", ("unigram", "uniform"))):
         common.check_choice(cfg, key, known)
-    if cfg.beam_b < 1 or cfg.beam_r < 1:
-        common.die(f"beam sizes must be at least 1 (got --beam_b={cfg.beam_b}, --beam_r={cfg.beam_r})")
     probs = (cfg.p_keep, cfg.p_replace, cfg.p_insert, cfg.p_delete)
     if not all(math.isfinite(p) and p >= 0 for p in probs) or abs(sum(probs) - 1) > 1e-6:
         common.die(f"--p_keep/--p_replace/--p_insert/--p_delete must be >= 0 and sum to 1 (got {probs})")
@@ -102,6 +100,8 @@ def check_config(cfg):
         common.die("need --span_lambda >= 0 and 0 <= --boot_prob <= 1")
     if not cfg.temperature > 0 or not 0 < cfg.top_p <= 1:
         common.die(f"need --temperature > 0 and 0 < --top_p <= 1 (got {cfg.temperature}, {cfg.top_p})")
+    if (cfg.temperature, cfg.top_p) != (1, 1) and cfg.decode != "sample":  # greedy and beams take no draws
+        common.die(f"--temperature and --top_p shape --decode=sample's draws, not {cfg.decode}'s; add --decode=sample")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -67,7 +67,7 @@ OWN_BAD = {
     "diffusion_lm": [("--steps=0", "--steps=0"), ("--steps=300", "must divide"), ("--mbr=0", "--mbr=0"), ("--clamp=dot", "unknown --clamp"),
                      ("--eval_t_samples=0", "--eval_t_samples"), ("--embed_dim=0", "--embed_dim"), ("--T=0", "--T=0"),
                      ("--length=-1", "--length"), ("--guide_lr=nan", "--guide_lr")],
-    "diffuser": [("--T=0", "--T"), ("--p_keep=2", "--p_keep"), ("--p_keep=nan", "--p_keep"), ("--beam_b=0", "beam sizes"),
+    "diffuser": [("--T=0", "--T"), ("--p_keep=2", "--p_keep"), ("--p_keep=nan", "--p_keep"), ("--beam_b=0", "--beam_b=0 must be at least 1"),
                  ("--top_p=0", "--top_p"), ("--temperature=0", "--temperature"), ("--decode=foo", "unknown --decode"),
                  ("--seq_len=0", "--seq_len"), ("--decode_batch=0", "--decode_batch")],
     "mdlm": [("--steps=0", "--steps=0"), ("--eval_t_samples=0", "--eval_t_samples"), ("--t_min=2", "--t_min"), ("--t_min=0", "--t_min"),

@@ -405,8 +405,9 @@ def test_cli_train_sample_eval_and_bad_inputs(e2e_data, tmp_path, monkeypatch):
     fails(["--sample", "--bootstrap=zeros"], "unknown --bootstrap='zeros'")
     fails(["--sample", "--bootstrap=autoregressive"], "on E2E use --bootstrap=source")
     fails(["--eval", "--gen"], "an E2E model is scored by BLEU")
-    fails(["--sample", "--beam_b=0", "--decode=beam"], "beam sizes must be at least 1")
-    fails(["--sample", "--beam_r=-1", "--decode=beam2d"], "beam sizes must be at least 1")
+    fails(["--sample", "--beam_b=0", "--decode=beam"], "--beam_b=0 must be at least 1")
+    fails(["--sample", "--beam_r=-1", "--decode=beam2d"], "--beam_r=-1 must be at least 1")
+    fails(["--sample", "--top_p=0.6"], "shape --decode=sample's draws, not greedy's")  # greedy ignored them
     fails(["--sample", "--decode=viterbi"], "unknown --decode='viterbi'")
     fails(["--train", "--target=x1"], "unknown --target='x1'")
     fails(["--sample", "--source=" + " ".join(["name : The Eagle"] * 20)], "does not fit the model's context")
