@@ -114,11 +114,28 @@ DIFFLM_INLINE double exp_f64(double x) {
 // upstream gradient w (backward: reads the row, writes its gradient once), or both at once with
 // w = 1 (training on the CPU, where the exps cost more than the bytes: see score_entropy_with_grad)
 
-// Row sums in fp32 vector lanes within blocks of SE_BLOCK (the oracle sums in fp32 too), blocks
-// added in fp64 so long rows (N ~ 50k) lose nothing; the skipped entry y = skip (x_t, or MASK) is
-// read as log s = 0 by a select and its exp(0) = 1 taken off after, so the loop has no split and
-// vectorises over the whole row. The gradient is (s - rho) * coef, 0 at y = skip.
+// Row sums in SE_LANES fp32 lanes within blocks of SE_BLOCK (the oracle sums in fp32 too), the lanes
+// added in a fixed order and the blocks in fp64 so long rows (N ~ 50k) lose nothing: the same sum
+// whichever clone runs and whether the gradient is written too (the vector width would set the
+// order of an omp simd reduction). The skipped entry y = skip (x_t, or MASK) is read as log s = 0
+// by a select and its exp(0) = 1 taken off after, so the loop has no split and vectorises over the
+// whole row. The gradient is (s - rho) * coef, 0 at y = skip.
 constexpr int64_t SE_BLOCK = 1024;
+constexpr int SE_LANES = 16;
+
+template <bool LOSS, bool GRAD, bool TAIL, class T>
+DIFFLM_INLINE void se_lanes(const T* h, T* g, int64_t y0, int64_t hi, int64_t skip, float rho, float coef,
+                            float* s_acc, float* h_acc) {
+#pragma omp simd
+  for (int j = 0; j < SE_LANES; ++j) {
+    const int64_t y = y0 + j;
+    const bool in = !TAIL || y < hi;
+    const float hy = (!in || y == skip) ? 0.0f : load(h, y);
+    const float s = in ? exp_f32(hy) : 0.0f;
+    if (GRAD && in) store(g, y, y == skip ? 0.0f : (s - rho) * coef);
+    if (LOSS) s_acc[j] += s, h_acc[j] += hy;
+  }
+}
 
 template <bool LOSS, bool GRAD, class T>
 DIFFLM_INLINE void se_sums(const T* h, T* g, int64_t N, int64_t skip, float rho, float coef, double& S, double& H) {
@@ -126,16 +143,14 @@ DIFFLM_INLINE void se_sums(const T* h, T* g, int64_t N, int64_t skip, float rho,
   H = 0.0;
   for (int64_t lo = 0; lo < N; lo += SE_BLOCK) {
     const int64_t hi = std::min(N, lo + SE_BLOCK);
-    float s_acc = 0.0f, h_acc = 0.0f;
-#pragma omp simd reduction(+ : s_acc, h_acc)
-    for (int64_t y = lo; y < hi; ++y) {
-      const float hy = y == skip ? 0.0f : load(h, y);
-      const float s = exp_f32(hy);
-      if (GRAD) store(g, y, y == skip ? 0.0f : (s - rho) * coef);
-      if (LOSS) s_acc += s, h_acc += hy;
-    }
-    S += (double)s_acc;
-    H += (double)h_acc;
+    float s_acc[SE_LANES] = {}, h_acc[SE_LANES] = {};
+    int64_t y0 = lo;
+    for (; y0 + SE_LANES <= hi; y0 += SE_LANES) se_lanes<LOSS, GRAD, false>(h, g, y0, hi, skip, rho, coef, s_acc, h_acc);
+    if (y0 < hi) se_lanes<LOSS, GRAD, true>(h, g, y0, hi, skip, rho, coef, s_acc, h_acc);
+    float s_blk = 0.0f, h_blk = 0.0f;
+    for (int j = 0; j < SE_LANES; ++j) s_blk += s_acc[j], h_blk += h_acc[j];
+    S += (double)s_blk;
+    H += (double)h_blk;
   }
   S -= 1.0;  // the skipped entry counted exp(0) = 1
 }
