@@ -41,7 +41,7 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy", "tiktoken", "ninja", "tqdm"],  # ninja: the JIT build of csrc/; tqdm: common.progress
     extras_require={"test": ["pytest", "hypothesis", "sacrebleu", "safetensors", "huggingface_hub", "pyarrow", "datasets",
-                             "transformers"],
+                             "transformers", "matplotlib"],
                     "hub": ["huggingface_hub", "safetensors", "datasets", "transformers"], "plot": ["matplotlib"],
                     "bleu": ["sacrebleu"]},
     **kwargs,
