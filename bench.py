@@ -1082,12 +1082,13 @@ def train_and_sample(out, methods, dry, iters, timeout):
     else:
         procs = {m: subprocess.Popen([sys.executable, f"{m}.py"] + a, cwd=common.ROOT, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True) for m, a in train.items()}
+        train_limit = 0.7 * timeout  # the rest of the part's limit is the sampling's
         for m in common.progress(methods, "training"):
             try:
-                text = procs[m].communicate(timeout=max(1, 0.7 * timeout - (time.time() - t0)))[0]
+                text = procs[m].communicate(timeout=max(1, train_limit - (time.time() - t0)))[0]
             except subprocess.TimeoutExpired:
                 procs[m].kill()
-                text = procs[m].communicate()[0] + f"\ntimed out after {0.7 * timeout:.0f} s"
+                text = procs[m].communicate()[0] + f"\ntimed out after {train_limit:.0f} s"
             done[m] = (procs[m].returncode, text, round(time.time() - t0, 1))
     rows = []
     for m in common.progress(methods, "sampling"):

@@ -566,7 +566,7 @@ def evaluate(model, batches, cfg, full=False):
         for _ in range(k):
             terms = model(w)
             t = 1 + torch.multinomial(prop, B, replacement=True)  # (B,)
-            bound = bound + (weight / prop)[t - 1] * model(w, t)["sq_err"] / k
+            bound = bound + weight[t - 1] / prop[t - 1] * model(w, t)["sq_err"] / k
             for name in ("mse", "prior", "rounding"):
                 sums[name] = sums.get(name, 0.0) + float(terms[name].sum()) / k
         sums["nelbo"] = sums.get("nelbo", 0.0) + float(bound.sum())
