@@ -80,8 +80,18 @@ def _build_lock(build):
         yield
 
 
+def build_dir(kind):
+    """The JIT build's cache folder for kind ("cpu" or "cuda"), one per torch version and, for CUDA, per GPU
+    architecture: a home folder shared by a cluster's A100 and H100 nodes, or kept across a torch upgrade,
+    must not hand one of them a module built for the other (nvcc builds for the GPU it sees)."""
+    tag = f"{kind}-torch{torch.__version__}"
+    if kind == "cuda":
+        tag += "-sm{}{}".format(*torch.cuda.get_device_capability())
+    return os.path.join(os.environ.get("DIFFLM_BUILD", os.path.expanduser("~/.cache/difflm")), tag)
+
+
 def _build(sources):
-    """JIT-build sources (ninja, cached per device kind) -> torch.ops.difflm, or None with one warning.
+    """JIT-build sources (ninja, cached per torch version and device) -> torch.ops.difflm, or None with one warning.
     A failed CUDA build (nvcc missing, or not the CUDA torch was built with) falls back to the C++ ops
     alone, so the CPU keeps its kernels and the GPU runs the PyTorch path."""
     from torch.utils import cpp_extension
@@ -89,7 +99,7 @@ def _build(sources):
     failure = None
     for kind in (("cuda", "cpu") if cuda else ("cpu",)):
         try:
-            build = os.path.join(os.environ.get("DIFFLM_BUILD", os.path.expanduser("~/.cache/difflm")), kind)
+            build = build_dir(kind)
             os.makedirs(build, exist_ok=True)
             with _build_lock(build):
                 cpp_extension.load(
