@@ -476,9 +476,11 @@ def legal_fraction(samples):
 
 @pytest.mark.parametrize("graph", GRAPHS)
 def test_learns_a_toy_language(graph, tmp_path):
+    """Train, then sample with the Tweedie steps: on the fused kernels where they are built (the default),
+    on the PyTorch path under DIFFLM_KERNELS=0; the samples follow the toy grammar far above chance."""
     data = write_toy_dataset(tmp_path / "data", [toy_language(60_000)], CHARS)
     cfg = sedd.Config(graph=graph, data_dir=data, out_dir=str(tmp_path / "out"), n_layer=2, n_head=2, n_embd=64,
-                      block_size=24, batch_size=32, max_iters=2000, lr=1e-3, warmup_iters=20, eval_interval=2000,
+                      block_size=24, batch_size=32, max_iters=1200, lr=1e-3, warmup_iters=20, eval_interval=2000,
                       eval_iters=2, log_interval=1000, grad_clip=24.0, ema=0.9, steps=48)
     meta = corpus.prepare_data(cfg)
     torch.manual_seed(0)  # the initial weights do not depend on which tests ran before
@@ -489,7 +491,7 @@ def test_learns_a_toy_language(graph, tmp_path):
     samples, _ = sedd.generate(ema, cfg, torch.full((24,), -1), 64)
     frac = legal_fraction(samples)
     print(f"{graph}: {frac:.3f} of adjacent pairs legal")
-    # ~40 s of training on one core: measured 0.89 (absorb) and 0.89 (uniform); chance is 2/6
+    # ~25 s on 2 cores: measured 0.87 (absorb) and 0.87 (uniform); chance is 2/6
     assert frac > 0.75, f"{graph}: {frac:.3f} of adjacent pairs legal (chance 0.333)"
 
 
