@@ -1,6 +1,9 @@
 """The command-line boundary: each method takes only the keys it uses, and every bad value stops
 with one line (exit status 1) before any data is prepared or any model is built."""
 import dataclasses
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -11,6 +14,7 @@ import diffuser
 import diffusion_lm
 import mdlm
 import sedd
+import conftest
 from conftest import run_cli
 
 METHODS = {"ar": ar, "ddpm": ddpm, "diffusion_lm": diffusion_lm, "diffuser": diffuser, "mdlm": mdlm, "sedd": sedd}
@@ -136,3 +140,18 @@ def test_mdlm_cache_needs_an_unconditioned_model(tmp_path, char_data):
                "--batch_size=2", "--max_iters=1", "--eval_iters=1", "--eval_interval=1", f"--data_dir={char_data}", f"--out_dir={out}"])
     msg = refused("mdlm", ["--sample", "--sampler=ddpm_cache", f"--out_dir={out}"])
     assert "--sampler=ddpm_cache reuses the network output and needs a model without time conditioning" in msg
+
+
+@pytest.mark.parametrize("body", ["import os, sys\nprint(os.getcwd(), os.environ['DIFFLM_PROBE'], sys.argv[1:])",
+                                  "def f():\n    raise ValueError('boom')\nprint('before')\nf()",
+                                  "import sys\nsys.exit('a message')", "import sys\nsys.exit(3)",
+                                  "raise KeyboardInterrupt"])
+def test_a_forked_script_exits_as_a_fresh_interpreter_would(body, tmp_path):
+    """run_cli forks scripts from tests/forkserver.py: the same output, traceback and exit status."""
+    script = tmp_path / "probe.py"
+    script.write_text(body + "\n")
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "DIFFLM_PROBE": "x"}
+    fresh = subprocess.run([sys.executable, str(script), "--a=1"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    forked = conftest.forked([str(script), "--a=1"], str(tmp_path), env, 60)
+    assert forked is not None  # the fork path, not the fallback
+    assert (forked.returncode, forked.stdout, forked.stderr) == (fresh.returncode, fresh.stdout, fresh.stderr)
