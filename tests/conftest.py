@@ -26,7 +26,7 @@ def shared_data():
 OFFLINE = {"DIFFLM_DATA": "", "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
 
 
-STARTUP = ("PYTHON", "OMP_", "MKL_", "KMP_", "GOMP_", "OPENBLAS_", "LD_", "CUDA_", "TORCH", "MALLOC")  # read at start-up
+STARTUP = ("PYTHON", "OMP_", "MKL_", "KMP_", "GOMP_", "OPENBLAS_", "LD_", "CUDA_", "TORCH_", "MALLOC")  # read at start-up
 FORKSERVER = {}  # the running tests/forkserver.py and the environment it started with
 
 
