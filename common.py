@@ -101,21 +101,18 @@ class PromptConfig:
 
 
 VERBS = ("train", "sample", "eval")
+TRUE, FALSE = ("1", "true", "yes", "on", ""), ("0", "false", "no", "off")  # what a bool --key takes
 SHARED_KEYS = {f.name for c in (BaseConfig, TextConfig, PromptConfig) for f in dataclasses.fields(c)}
 
 
 def _convert(name, value, typ):
-    if typ is bool:
-        v = value.lower()
-        if v in ("1", "true", "yes", "on", ""):
-            return True
-        if v in ("0", "false", "no", "off"):
-            return False
-        die(f"--{name} takes true or false, not {value!r}")
-    try:
-        return typ(value)
-    except ValueError:
-        die(f"--{name} takes a {typ.__name__}, not {value!r}")
+    """--name=value -> a value of typ, or one line saying what --name takes."""
+    with contextlib.suppress(ValueError):
+        if typ is not bool:
+            return typ(value)
+        if value.lower() in TRUE + FALSE:
+            return value.lower() in TRUE
+    die(f"--{name} takes {'true or false' if typ is bool else 'a ' + typ.__name__}, not {value!r}")
 
 
 def parse_args(config_cls, argv=None):
@@ -153,24 +150,22 @@ def parse_args(config_cls, argv=None):
     for key, needs in (("samples_out", ["sample"]), ("gen", ["eval"]), ("samples_in", ["eval", "gen"])):
         if overrides.get(key) and not all(n in verbs or overrides.get(n) for n in needs):
             die(f"--{key} is read by {' '.join('--' + n for n in needs)} only; add {' '.join('--' + n for n in needs)} or drop it")
-    cfg = config_cls(**overrides)
+    # where a checkpoint decides the run, its config under this command line is what the checks see: --train
+    # --resume keeps the run's value of a key not repeated, --sample/--eval its T (not the default's)
+    cfg, method = config_cls(**overrides), os.path.splitext(os.path.basename(module.__file__))[0]
+    path, ckpt = os.path.join(out_dir(cfg, method), "ckpt.pt"), None
     if "train" in verbs and cfg.resume:
-        cfg = resume_config(config_cls, cfg, overrides, os.path.splitext(os.path.basename(module.__file__))[0])
+        ckpt = RESUMED[path] = load_checkpoint(path, method)
+    elif "train" not in verbs and not getattr(cfg, "init_from", "") and os.path.isfile(path):
+        with contextlib.suppress(Exception):  # its config alone: the loader reads it whole, and says what is wrong
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if isinstance(ckpt, dict) and ckpt.get("method", method) == method and isinstance(ckpt.get("config"), dict):
+        cfg = config_from_checkpoint(config_cls, ckpt, overrides)  # the shape and FIXED keys stay
     seed_all(cfg.seed)  # before main() builds its model, so initial weights are reproducible
     return verbs, cfg, overrides
 
 
-RESUMED = {}  # checkpoint path -> the checkpoint resume_config read, which trainer.resume_from takes: one read
-
-
-def resume_config(config_cls, cfg, overrides, method):
-    """--train --resume: the run's own config with this command line on top, as --sample takes it, so that
-    a key not repeated keeps the run's value, not the default, and the model's shape stays."""
-    path = os.path.join(out_dir(cfg, method), "ckpt.pt")
-    ckpt = RESUMED[path] = load_checkpoint(path, method)
-    if ckpt.get("method", method) != method or not isinstance(ckpt.get("config"), dict):
-        return cfg  # trainer.resume_from says what is wrong with it
-    return config_from_checkpoint(config_cls, ckpt, overrides)
+RESUMED = {}  # checkpoint path -> the checkpoint parse_args read for --resume, which trainer.resume_from takes
 
 
 def check_choice(cfg, key, known):

@@ -381,6 +381,8 @@ def test_cli_train_sample_eval(cli_out):
     (["--mbr=0"], "--mbr=0 must be at least 1"),
     (["--length=80"], "must lie in 1..63"),
     (["--T=1000"], "--T is fixed by the checkpoint (2000)"),  # another schedule than the one it learnt
+    (["--T=15"], "--T is fixed by the checkpoint (2000)"),  # not "--steps=10 must divide T=15", which misled
+    (["--n_head=3"], "--n_head is fixed by the checkpoint (2)"),  # not "--n_embd=... must be --n_head=3 times ..."
 ])
 def test_cli_bad_inputs(cli_out, args, msg):
     r = run_cli(["diffusion_lm.py", "--sample", f"--out_dir={cli_out}", "--steps=10"] + args, check=False)
@@ -396,10 +398,13 @@ def test_cli_without_classifier_or_checkpoint(tmp_path):
     (tmp_path / "words.txt").write_text("the cat sat on the mat .\n" * 300)
     run_cli(["data/text/prepare.py", f"--input={tmp_path / 'words.txt'}", "--name=w", "--tokenizer=word", f"--out_dir={tmp_path / 'w'}"])
     tiny = [f"--data_dir={tmp_path / 'w'}", f"--out_dir={tmp_path / 'o'}", "--max_iters=1", "--n_layer=1", "--n_embd=32",
-            "--block_size=16", "--batch_size=2", "--eval_iters=1", "--T=20", "--steps=10"]
+            "--block_size=16", "--batch_size=2", "--eval_iters=1", "--T=24", "--steps=3"]
     r = run_cli(["diffusion_lm.py", "--train"] + tiny, check=False)
     assert r.returncode == 1 and "has no train.jsonl" in r.stderr and "--rows=false" in r.stderr, r.stderr
     run_cli(["diffusion_lm.py", "--train", "--rows=false"] + tiny)
+    # --steps is checked against the checkpoint's T (24), not the default's (2000, which 3 does not divide)
+    r = run_cli(["diffusion_lm.py", "--sample", f"--out_dir={tmp_path / 'o'}", "--steps=3", "--num_samples=1", "--mbr=1"])
+    assert "=== sample 0" in r.stdout and "3 steps" in r.stdout
 
 
 def test_samples_packed_for_the_judge():

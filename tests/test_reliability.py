@@ -168,7 +168,7 @@ def test_resume_keeps_the_runs_settings(run6, tmp_path):
     json.dump(meta, open(other / "meta.json", "w"))
     one_line_error(run_cli(["mdlm.py", "--train", "--resume", f"--out_dir={out}", "--max_iters=12",
                             f"--data_dir={other}"], check=False), "with other symbols", "resume with the checkpoint's")
-    cfg = common.resume_config(M.Config, M.Config(out_dir=out, resume=True), {"dataset": "text8"}, "mdlm")
+    cfg = common.parse_args(M.Config, ["--train", "--resume", f"--out_dir={out}", "--dataset=text8"])[1]
     assert cfg.dataset == "text8" and cfg.data_dir == ""
     # what else a method fixes beside the shape (ddpm: T, schedule, pred), and a spent --init_from
     import ddpm
