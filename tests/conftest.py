@@ -44,8 +44,8 @@ def read_line(fd):
 
 def forked(args, cwd, env, timeout):
     """`python <args>` as a child of tests/forkserver.py -> CompletedProcess, or None where a fresh
-    interpreter must run it (not a script, or the environment differs in what is read at start-up)."""
-    if not args[0].endswith(".py"):
+    interpreter must run it (not a script, not Linux, or the environment differs in what is read at start-up)."""
+    if not args[0].endswith(".py") or sys.platform != "linux":  # macOS frameworks are not safe to fork into
         return None
     if not FORKSERVER or FORKSERVER["proc"].poll() is not None:
         base = {**os.environ, "OMP_NUM_THREADS": env["OMP_NUM_THREADS"]}

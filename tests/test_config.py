@@ -146,6 +146,7 @@ def test_mdlm_cache_needs_an_unconditioned_model(tmp_path, char_data):
                                   "def f():\n    raise ValueError('boom')\nprint('before')\nf()",
                                   "import sys\nsys.exit('a message')", "import sys\nsys.exit(3)",
                                   "raise KeyboardInterrupt"])
+@pytest.mark.skipif(sys.platform != "linux", reason="run_cli forks scripts on Linux only")
 def test_a_forked_script_exits_as_a_fresh_interpreter_would(body, tmp_path):
     """run_cli forks scripts from tests/forkserver.py: the same output, traceback and exit status."""
     script = tmp_path / "probe.py"
