@@ -2,8 +2,6 @@
 import atexit
 import json
 import os
-import select
-import signal
 import subprocess
 import sys
 import tempfile
@@ -26,31 +24,21 @@ def shared_data():
 OFFLINE = {"DIFFLM_DATA": "", "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
 
 
-STARTUP = ("PYTHON", "OMP_", "MKL_", "KMP_", "GOMP_", "OPENBLAS_", "LD_", "CUDA_", "TORCH_", "MALLOC")  # read at start-up
+STARTUP = ("PYTHON", "OMP_", "MKL_", "KMP_", "GOMP_", "OPENBLAS_", "LD_", "MALLOC", "CUDA_", "TORCH_", "PYTORCH_",
+           "TORCHDYNAMO_", "TORCHINDUCTOR_FORCE", "NPY_", "NUMPY_")  # what torch, numpy and the interpreter read as they start
 FORKSERVER = {}  # the running tests/forkserver.py and the environment it started with
 
 
-def read_line(fd):
-    """One line from a pipe, a byte at a time: nothing beyond it is read ahead, so select() on the pipe
-    still sees the next line arrive."""
-    line = b""
-    while not line.endswith(b"\n"):
-        byte = os.read(fd, 1)
-        if not byte:
-            raise RuntimeError("tests/forkserver.py died; run the test again")
-        line += byte
-    return line
-
-
 def forked(args, cwd, env, timeout):
-    """`python <args>` as a child of tests/forkserver.py -> CompletedProcess, or None where a fresh
-    interpreter must run it (not a script, not Linux, or the environment differs in what is read at start-up)."""
-    if not args[0].endswith(".py") or sys.platform != "linux":  # macOS frameworks are not safe to fork into
+    """`python <args>` as a child of tests/forkserver.py -> CompletedProcess, or None where a fresh interpreter
+    must run it: not a script there, not Linux (macOS frameworks are not safe to fork into), or an environment
+    that differs in what is read at start-up."""
+    if sys.platform != "linux" or not args[0].endswith(".py") or not os.path.isfile(os.path.join(cwd, args[0])):
         return None
     if not FORKSERVER or FORKSERVER["proc"].poll() is not None:
         base = {**os.environ, "OMP_NUM_THREADS": env["OMP_NUM_THREADS"]}
         proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "forkserver.py")], env=base,
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         atexit.register(proc.kill)
         FORKSERVER.update(proc=proc, env=base)
     startup = lambda e: {k: v for k, v in e.items() if k.startswith(STARTUP)}  # noqa: E731
@@ -59,15 +47,21 @@ def forked(args, cwd, env, timeout):
     proc = FORKSERVER["proc"]
     with tempfile.TemporaryDirectory() as tmp:
         out, err = os.path.join(tmp, "out"), os.path.join(tmp, "err")
-        proc.stdin.write(json.dumps({"args": args, "cwd": cwd, "env": env, "out": out, "err": err}).encode() + b"\n")
-        pid = int(read_line(proc.stdout.fileno()))
-        timed_out = not select.select([proc.stdout], [], [], timeout)[0]
-        if timed_out:
-            os.kill(pid, signal.SIGKILL)
-        code = int(read_line(proc.stdout.fileno()))
+        request = {"args": args, "cwd": cwd, "env": env, "out": out, "err": err, "timeout": timeout}
+        try:
+            proc.stdin.write(json.dumps(request) + "\n")
+            proc.stdin.flush()
+            answer = proc.stdout.readline().split()
+            if not answer:
+                raise RuntimeError("tests/forkserver.py died during this run; run the tests again")
+            code, killed = map(int, answer)
+        except BaseException:  # out of step with its answers (an interrupted test, a dead server): the next call starts another
+            proc.kill()
+            FORKSERVER.clear()
+            raise
         with open(out) as f_out, open(err) as f_err:
             stdout, stderr = f_out.read(), f_err.read()
-    if timed_out:
+    if killed:
         raise subprocess.TimeoutExpired([sys.executable] + args, timeout, stdout, stderr)
     return subprocess.CompletedProcess([sys.executable] + args, code, stdout, stderr)
 

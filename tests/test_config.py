@@ -142,17 +142,31 @@ def test_mdlm_cache_needs_an_unconditioned_model(tmp_path, char_data):
     assert "--sampler=ddpm_cache reuses the network output and needs a model without time conditioning" in msg
 
 
-@pytest.mark.parametrize("body", ["import os, sys\nprint(os.getcwd(), os.environ['DIFFLM_PROBE'], sys.argv[1:])",
-                                  "def f():\n    raise ValueError('boom')\nprint('before')\nf()",
-                                  "import sys\nsys.exit('a message')", "import sys\nsys.exit(3)",
-                                  "raise KeyboardInterrupt"])
+@pytest.mark.parametrize("body", [
+    "import os, sys, tempfile\nprint(os.getcwd(), os.environ['DIFFLM_PROBE'], sys.argv, __file__, tempfile.gettempdir())",
+    "def f():\n    raise ValueError('boom')\nprint('before')\nf()", "x = (",
+    "import sys\nsys.exit('a message')", "import sys\nsys.exit(-2)",
+    "import atexit\natexit.register(lambda: print('atexit ran'))\nraise KeyboardInterrupt",
+    "import threading, time\nthreading.Thread(target=lambda: time.sleep(0.2) or print('joined')).start()\nprint('main')"])
 @pytest.mark.skipif(sys.platform != "linux", reason="run_cli forks scripts on Linux only")
 def test_a_forked_script_exits_as_a_fresh_interpreter_would(body, tmp_path):
     """run_cli forks scripts from tests/forkserver.py: the same output, traceback and exit status."""
-    script = tmp_path / "probe.py"
-    script.write_text(body + "\n")
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "DIFFLM_PROBE": "x"}
-    fresh = subprocess.run([sys.executable, str(script), "--a=1"], cwd=tmp_path, env=env, capture_output=True, text=True)
-    forked = conftest.forked([str(script), "--a=1"], str(tmp_path), env, 60)
+    (tmp_path / "probe.py").write_text(body + "\n")
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "DIFFLM_PROBE": "x",
+           "TMPDIR": str(tmp_path)}
+    fresh = subprocess.run([sys.executable, "probe.py", "--a=1"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    forked = conftest.forked(["probe.py", "--a=1"], str(tmp_path), env, 60)
     assert forked is not None  # the fork path, not the fallback
     assert (forked.returncode, forked.stdout, forked.stderr) == (fresh.returncode, fresh.stdout, fresh.stderr)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="run_cli forks scripts on Linux only")
+def test_a_forked_script_draws_its_own_seed_and_meets_its_timeout(tmp_path):
+    (tmp_path / "seed.py").write_text("import torch\nprint(torch.initial_seed())\n")
+    (tmp_path / "slow.py").write_text("import time\nprint('started', flush=True)\ntime.sleep(30)\n")
+    seeds = {run_cli([str(tmp_path / "seed.py")]).stdout for _ in range(2)}
+    assert len(seeds) == 2  # not the server's generator, shared by every child
+    with pytest.raises(subprocess.TimeoutExpired) as e:
+        run_cli([str(tmp_path / "slow.py")], timeout=1)
+    assert e.value.output == "started\n"
+    assert len({run_cli([str(tmp_path / "seed.py")]).stdout for _ in range(2)}) == 2  # the server still answers
