@@ -102,6 +102,8 @@ class PromptConfig:
 
 VERBS = ("train", "sample", "eval")
 TRUE, FALSE = ("1", "true", "yes", "on", ""), ("0", "false", "no", "off")  # what a bool --key takes
+# what one command asks (its output files, its device, a spent init_from): a checkpoint's config keeps none of it
+PER_COMMAND = {"init_from", "resume", "overwrite", "device", "show", "gen", "samples_in", "samples_out", "png"}
 SHARED_KEYS = {f.name for c in (BaseConfig, TextConfig, PromptConfig) for f in dataclasses.fields(c)}
 
 
@@ -150,15 +152,18 @@ def parse_args(config_cls, argv=None):
     for key, needs in (("samples_out", ["sample"]), ("gen", ["eval"]), ("samples_in", ["eval", "gen"])):
         if overrides.get(key) and not all(n in verbs or overrides.get(n) for n in needs):
             die(f"--{key} is read by {' '.join('--' + n for n in needs)} only; add {' '.join('--' + n for n in needs)} or drop it")
-    # where a checkpoint decides the run, its config under this command line is what the checks see: --train
-    # --resume keeps the run's value of a key not repeated, --sample/--eval its T (not the default's)
+    # where a checkpoint decides the run (--train --resume, --sample, --eval), its config is what the checks see
     cfg, method = config_cls(**overrides), os.path.splitext(os.path.basename(module.__file__))[0]
     path, ckpt = os.path.join(out_dir(cfg, method), "ckpt.pt"), None
     if "train" in verbs and cfg.resume:
         ckpt = RESUMED[path] = load_checkpoint(path, method)
     elif "train" not in verbs and not getattr(cfg, "init_from", "") and os.path.isfile(path):
-        with contextlib.suppress(Exception):  # its config alone: the loader reads it whole, and says what is wrong
+        try:  # its config alone (the loader reads it whole); a file that fails here is read whole, to say why
             ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:
+            ckpt = load_checkpoint(path, method)
+        if isinstance(ckpt, dict) and ckpt.get("method", method) != method:
+            die(f"{path} was trained by {ckpt['method']}.py, not {method}.py")
     if isinstance(ckpt, dict) and ckpt.get("method", method) == method and isinstance(ckpt.get("config"), dict):
         cfg = config_from_checkpoint(config_cls, ckpt, overrides)  # the shape and FIXED keys stay
     seed_all(cfg.seed)  # before main() builds its model, so initial weights are reproducible
@@ -212,12 +217,13 @@ def check_common(cfg):
 
 
 def config_from_checkpoint(config_cls, ckpt, overrides):
-    """The checkpoint's config with the command line's overrides on top. The model's shape and the Config's
-    FIXED keys (what else its model learnt, e.g. a T) stay; init_from is spent (the checkpoint holds the
-    weights), and a --dataset given alone drops the saved data_dir, which would win over it."""
-    keep = {f.name for f in dataclasses.fields(config_cls)} - {"init_from", "resume", "overwrite"}
-    keep -= {"data_dir"} if "dataset" in overrides and "data_dir" not in overrides else set()
-    saved = {k: v for k, v in ckpt["config"].items() if k in keep}
+    """The checkpoint's config (keys older ones saved under other names RENAMED) with the command line's on top.
+    The model's shape and the Config's FIXED keys (what else it learnt, e.g. a T) stay; what one command asked
+    (PER_COMMAND) is not the next one's; another --dataset drops the saved data_dir, which would win over it."""
+    config = {getattr(config_cls, "RENAMED", {}).get(k, k): v for k, v in ckpt["config"].items()}
+    other_data = overrides.get("dataset", config.get("dataset")) != config.get("dataset") and "data_dir" not in overrides
+    keep = {f.name for f in dataclasses.fields(config_cls)} - PER_COMMAND - ({"data_dir"} if other_data else set())
+    saved = {k: v for k, v in config.items() if k in keep}
     for k in ("n_layer", "n_head", "n_embd", "block_size") + getattr(config_cls, "FIXED", ()):
         if k in overrides and overrides[k] != saved.get(k):
             die(f"--{k} is fixed by the checkpoint ({saved.get(k)}); drop it or train a new model")

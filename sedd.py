@@ -50,6 +50,7 @@ class Config(hub.PublishedConfig, common.PromptConfig, common.TextConfig, common
     max_iters: int = 2400  # the same CPU budget as mdlm.py (backbone, batch, lr from the common blocks)
     graph: str = "absorb"  # absorb | uniform
     schedule: str = ""  # loglinear | geometric; "": loglinear with absorb, geometric with uniform
+    RENAMED = {"noise": "schedule"}  # older checkpoints' names of keys (a class attribute, not a --key)
     eps: float = 1e-3  # log-linear: sigma_bar(1) = -log(eps), a token survives to t=1 with prob eps
     sigma_min: float = 1e-4  # geometric: sigma_bar(t) = sigma_min^(1-t) sigma_max^t
     sigma_max: float = 20.0
@@ -582,10 +583,8 @@ def load(overrides):
         cfg, model, tok, meta, ckpt = trainer.load_published(Config, overrides, "sedd", build_model)
     else:
         path = os.path.join(common.out_dir(Config(**overrides), "sedd"), "ckpt.pt")
-        ckpt = common.load_checkpoint(path, "sedd")  # read once: its config decides the overrides below
+        ckpt = common.load_checkpoint(path, "sedd")  # read once: its graph is checked first
         saved = ckpt.get("config", {})
-        if saved.get("noise") and "schedule" not in overrides:  # a checkpoint that names its schedule "noise"
-            overrides = {**overrides, "schedule": saved["noise"]}
         if "graph" in overrides and saved.get("graph", overrides["graph"]) != overrides["graph"]:
             common.die(f"{path} was trained with --graph={saved['graph']}, not {overrides['graph']}; "
                        f"drop --graph or train a new model")

@@ -405,6 +405,13 @@ def test_cli_without_classifier_or_checkpoint(tmp_path):
     # --steps is checked against the checkpoint's T (24), not the default's (2000, which 3 does not divide)
     r = run_cli(["diffusion_lm.py", "--sample", f"--out_dir={tmp_path / 'o'}", "--steps=3", "--num_samples=1", "--mbr=1"])
     assert "=== sample 0" in r.stdout and "3 steps" in r.stdout
+    # a checkpoint that cannot say its T is named for what it is, before the default T refuses --steps=3
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "ckpt.pt").write_bytes((tmp_path / "o" / "ckpt.pt").read_bytes()[:20000])
+    common.save_checkpoint(str(tmp_path / "other" / "ckpt.pt"), {"method": "mdlm", "config": {}})
+    for folder, msg in (("cut", "is corrupt or truncated"), ("other", "was trained by mdlm.py, not diffusion_lm.py")):
+        r = run_cli(["diffusion_lm.py", "--sample", f"--out_dir={tmp_path / folder}", "--steps=3"], check=False)
+        assert r.returncode == 1 and msg in r.stderr, r.stderr
 
 
 def test_samples_packed_for_the_judge():

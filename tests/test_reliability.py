@@ -133,6 +133,20 @@ def test_a_run_without_ema_samples_from_its_trained_weights(run6, tmp_path):
             assert torch.equal(v, ckpt["model"][k]), (ema, k)
 
 
+def test_a_checkpoint_config_keeps_the_run_not_what_one_command_asked():
+    """--sample and --eval (and --resume) take the run's config, but not the output files, device or verbs'
+    switches of the command that trained it: a later plain --sample overwrote that command's --samples_out."""
+    saved = dataclasses.asdict(M.Config(samples_out="first.jsonl", gen=True, device="cuda", show=True, steps=64,
+                                        dataset="upg", data_dir="/x/upg"))
+    cfg = common.config_from_checkpoint(M.Config, {"config": saved}, {})
+    assert (cfg.samples_out, cfg.gen, cfg.device, cfg.show, cfg.steps, cfg.data_dir) == ("", False, "auto", False, 64, "/x/upg")
+    assert common.config_from_checkpoint(M.Config, {"config": saved}, {"dataset": "upg"}).data_dir == "/x/upg"  # its own
+    assert common.config_from_checkpoint(M.Config, {"config": saved}, {"dataset": "text8"}).data_dir == ""
+    import sedd  # a checkpoint that names its schedule "noise", as older ones do: sampled and resumed with it
+    old = {**{k: v for k, v in dataclasses.asdict(sedd.Config()).items() if k != "schedule"}, "noise": "geometric"}
+    assert common.config_from_checkpoint(sedd.Config, {"config": old}, {}).schedule == "geometric"
+
+
 def test_resume_checks_method_shape_and_keys(run6, tmp_path):
     src, data = run6
     ckpt = common.load_checkpoint(os.path.join(src, "ckpt.pt"), "mdlm")
