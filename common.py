@@ -118,8 +118,8 @@ def _convert(name, value, typ):
 
 
 def parse_args(config_cls, argv=None):
-    """Parse `--train|--sample|--eval` and `--key=value` overrides -> (verbs, cfg, overrides), where overrides
-    holds only the keys given on the command line (sampling from a checkpoint applies them over its own config)."""
+    """Parse `--train|--sample|--eval` and `--key=value` overrides -> (verbs, cfg, overrides): overrides holds the keys
+    given; where a checkpoint decides the run (--resume, --sample, --eval), cfg is its config with them on top."""
     argv = sys.argv[1:] if argv is None else argv
     module = sys.modules[config_cls.__module__]  # the method file: its docstring for --help, its name
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
@@ -127,8 +127,7 @@ def parse_args(config_cls, argv=None):
     verbs, overrides = [], {}
     if "-h" in argv or "--help" in argv:
         print((module.__doc__ or "").strip() + "\n\nconfig keys (--key=value):")
-        for name, f in fields.items():
-            print(f"  --{name}={f.default!r}")
+        print("\n".join(f"  --{name}={f.default!r}" for name, f in fields.items()))
         sys.exit(0)
     for arg in argv:
         if not arg.startswith("--"):
@@ -152,8 +151,9 @@ def parse_args(config_cls, argv=None):
     for key, needs in (("samples_out", ["sample"]), ("gen", ["eval"]), ("samples_in", ["eval", "gen"])):
         if overrides.get(key) and not all(n in verbs or overrides.get(n) for n in needs):
             die(f"--{key} is read by {' '.join('--' + n for n in needs)} only; add {' '.join('--' + n for n in needs)} or drop it")
-    # where a checkpoint decides the run (--train --resume, --sample, --eval), its config is what the checks see
-    cfg, method = config_cls(**overrides), os.path.splitext(os.path.basename(module.__file__))[0]
+    published = ("n_layer", "n_head", "n_embd") if overrides.get("init_from") else ()  # hub.py checks these against its config
+    cfg = config_cls(**{k: v for k, v in overrides.items() if k not in published})
+    method = os.path.splitext(os.path.basename(module.__file__))[0]
     path, ckpt = os.path.join(out_dir(cfg, method), "ckpt.pt"), None
     if "train" in verbs and cfg.resume:
         ckpt = RESUMED[path] = load_checkpoint(path, method)

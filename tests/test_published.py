@@ -212,7 +212,7 @@ def env():
 def test_cli_sample_eval_and_finetune_from_a_directory(method, gpt2_checkpoints, gpt2_data, tmp_path):
     ckpt, data = gpt2_checkpoints[method], f"--data_dir={gpt2_data}"
     r = run_cli([f"{method}.py", "--sample", f"--init_from={ckpt}", "--prefix=ROMEO:", "--suffix= the end.", "--steps=4",
-                 "--num_samples=2", "--device=cpu"], env=env())
+                 "--num_samples=2", "--device=cpu", "--n_embd=16", "--n_head=2"], env=env())  # its own shape, given again
     texts = r.stdout.split("=== sample ")[1:]
     assert len(texts) == 2 and all(t.split("\n", 1)[1].startswith("ROMEO:") for t in texts), r.stdout
     assert all(t.split("\n(")[0].rstrip("\n").endswith(" the end.") for t in texts), r.stdout
@@ -259,7 +259,7 @@ def test_missing_or_extra_keys_are_named(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["mdlm_into_sedd", "sedd_into_mdlm", "other_graph", "not_a_dir", "no_weights", "shape_flag",
-                                  "own_checkpoint"])
+                                  "head_flag", "own_checkpoint"])
 def test_wrong_checkpoint_is_one_line(case, tmp_path):
     m = write_mdlm(tmp_path / "m", vocab_size=21, hidden=16, cond=8, n_blocks=1, n_heads=2, length=8)
     s = write_sedd(tmp_path / "s", tokens=20, hidden=16, cond=8, n_blocks=1, n_heads=2, length=8)
@@ -270,5 +270,7 @@ def test_wrong_checkpoint_is_one_line(case, tmp_path):
                     "not_a_dir": (["sedd.py", f"--init_from={tmp_path}/nothing/here"], "neither a directory nor a hub id"),
                     "no_weights": (["sedd.py", f"--init_from={s}"], "holds neither model.safetensors nor pytorch_model.bin"),
                     "shape_flag": (["mdlm.py", f"--init_from={m}", "--n_layer=4"], "--n_layer is fixed by"),
+                    # judged against the published config, not the defaults (n_embd=128 is no multiple of 3)
+                    "head_flag": (["sedd.py", f"--init_from={s}", "--n_head=3"], "--n_head is fixed by"),
                     "own_checkpoint": (["mdlm.py", f"--init_from={tmp_path}/out/ckpt.pt"], "with --resume")}[case]
     assert expect in one_line_error(args + ["--sample", "--device=cpu"])
