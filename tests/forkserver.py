@@ -36,9 +36,11 @@ def serve():
         if pid == 0:
             return req
         deadline, done, status = time.monotonic() + req["timeout"], 0, 0
-        while not done and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
             done, status = os.waitpid(pid, os.WNOHANG)
-            time.sleep(0 if done else 0.005)
+            if done:
+                break
+            time.sleep(0.005)
         if not done:
             os.kill(pid, signal.SIGKILL)
             _, status = os.waitpid(pid, 0)

@@ -480,7 +480,7 @@ def test_learns_a_toy_language(graph, tmp_path):
     on the PyTorch path under DIFFLM_KERNELS=0; the samples follow the toy grammar far above chance."""
     data = write_toy_dataset(tmp_path / "data", [toy_language(60_000)], CHARS)
     cfg = sedd.Config(graph=graph, data_dir=data, out_dir=str(tmp_path / "out"), n_layer=2, n_head=2, n_embd=64,
-                      block_size=24, batch_size=32, max_iters=1200, lr=1e-3, warmup_iters=20, eval_interval=2000,
+                      block_size=24, batch_size=32, max_iters=1200, lr=1e-3, warmup_iters=20, eval_interval=1200,
                       eval_iters=2, log_interval=1000, grad_clip=24.0, ema=0.9, steps=48)
     meta = corpus.prepare_data(cfg)
     torch.manual_seed(0)  # the initial weights do not depend on which tests ran before
