@@ -104,6 +104,7 @@ VERBS = ("train", "sample", "eval")
 TRUE, FALSE = ("1", "true", "yes", "on", ""), ("0", "false", "no", "off")  # what a bool --key takes
 # what one command asks (its output files, its device, a spent init_from): a checkpoint's config keeps none of it
 PER_COMMAND = {"init_from", "resume", "overwrite", "device", "show", "gen", "samples_in", "samples_out", "png"}
+TIED = {"dataset": ("data_dir",)}  # a key -> saved keys that belong to its saved value (a Config adds its own TIED)
 SHARED_KEYS = {f.name for c in (BaseConfig, TextConfig, PromptConfig) for f in dataclasses.fields(c)}
 
 
@@ -180,10 +181,10 @@ def check_choice(cfg, key, known):
 
 
 def check_at_least(cfg, keys, low):
-    """Each --key must be a number >= low (NaN is not) -> else one line naming it."""
+    """Each --key must be a finite number >= low (NaN and infinity are not) -> else one line naming it."""
     for k in keys:
-        if not getattr(cfg, k) >= low:
-            die(f"--{k}={getattr(cfg, k)} must be at least {low}")
+        if not low <= getattr(cfg, k) < math.inf:
+            die(f"--{k}={getattr(cfg, k)} must be at least {low} (and finite)")
 
 
 def check_between(cfg, keys, low, high):
@@ -203,9 +204,6 @@ def check_common(cfg):
     check_at_least(cfg, ("lr_decay_iters", "warmup_iters", "min_lr", "weight_decay", "grad_clip"), 0)
     if not (math.isfinite(cfg.lr) and cfg.lr > 0):
         die(f"--lr={cfg.lr} must be a finite number above 0")
-    for k in ("min_lr", "weight_decay", "grad_clip"):
-        if not math.isfinite(getattr(cfg, k)):
-            die(f"--{k}={getattr(cfg, k)} must be a finite number, 0 or more")
     if cfg.min_lr > cfg.lr:
         die(f"--min_lr={cfg.min_lr:g} is above --lr={cfg.lr:g}: the decay would raise the rate; lower --min_lr")
     for k in ("beta1", "beta2", "ema") + (("dropout",) if text else ()):
@@ -219,11 +217,12 @@ def check_common(cfg):
 def config_from_checkpoint(config_cls, ckpt, overrides):
     """The checkpoint's config (keys older ones saved under other names RENAMED) with the command line's on top.
     The model's shape and the Config's FIXED keys (what else it learnt, e.g. a T) stay; what one command asked
-    (PER_COMMAND) is not the next one's; another --dataset drops the saved data_dir, which would win over it."""
+    (PER_COMMAND) is not the next one's; another value of a key drops the saved keys TIED to it (another --dataset,
+    the saved data_dir, which would win over it)."""
     config = {getattr(config_cls, "RENAMED", {}).get(k, k): v for k, v in ckpt["config"].items()}
-    other_data = overrides.get("dataset", config.get("dataset")) != config.get("dataset") and "data_dir" not in overrides
-    keep = {f.name for f in dataclasses.fields(config_cls)} - PER_COMMAND - ({"data_dir"} if other_data else set())
-    saved = {k: v for k, v in config.items() if k in keep}
+    tied = {**TIED, **getattr(config_cls, "TIED", {})}
+    drop = {t for k in tied if overrides.get(k, config.get(k)) != config.get(k) for t in tied[k]}
+    saved = {k: v for k, v in config.items() if k in {f.name for f in dataclasses.fields(config_cls)} - PER_COMMAND - drop}
     for k in ("n_layer", "n_head", "n_embd", "block_size") + getattr(config_cls, "FIXED", ()):
         if k in overrides and overrides[k] != saved.get(k):
             die(f"--{k} is fixed by the checkpoint ({saved.get(k)}); drop it or train a new model")

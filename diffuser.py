@@ -41,7 +41,6 @@ KEEP, DELETE, REPLACE = 0, 1, 2  # reverse-edit tags of the tokens of x_t; inser
 INSERT = 3  # an insertion slot in walk() (never a tag)
 SPECIALS = [corpus.WordTokenizer.START, corpus.WordTokenizer.END, corpus.WordTokenizer.PAD]  # never in a sequence
 BOOTSTRAPS = ("source", "null", "random", "autoregressive")
-DECODERS = ("greedy", "sample", "beam", "beam2d")
 
 # ----------------------------------------------------------------------------------------------
 # Config
@@ -59,6 +58,7 @@ class Config(common.TextConfig, common.BaseConfig):
     # forward process (paper sec. 3: T = 12, edit types 60/20/10/10, Poisson(3) spans)
     T: int = 12
     FIXED = ("T",)  # with the model's shape, what a checkpoint fixes (a class attribute, not a --key)
+    TIED = {"decode": ("temperature", "top_p")}  # a saved run's draw settings are not another --decode's
     p_keep: float = 0.6
     p_replace: float = 0.2
     p_insert: float = 0.1
@@ -90,8 +90,8 @@ def check_config(cfg):
     common.check_common(cfg)
     common.check_at_least(cfg, ("seq_len", "decode_batch", "max_len", "T", "beam_b", "beam_r"), 1)
     common.check_at_least(cfg, ("steps", "eval_mrs"), 0)
-    for key, known in (("bootstrap", BOOTSTRAPS), ("decode", DECODERS), ("target", ("x0", "prev")),
-                       ("noise", ("unigram", "uniform"))):
+    for key, known in (("bootstrap", BOOTSTRAPS), ("target", ("x0", "prev")), ("noise", ("unigram", "uniform")),
+                       ("decode", ("greedy", "sample", "beam", "beam2d"))):
         common.check_choice(cfg, key, known)
     probs = (cfg.p_keep, cfg.p_replace, cfg.p_insert, cfg.p_delete)
     if not all(math.isfinite(p) and p >= 0 for p in probs) or abs(sum(probs) - 1) > 1e-6:

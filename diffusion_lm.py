@@ -632,10 +632,7 @@ def check_config(cfg):
                                 "eval_t_samples", "control_samples"), 1)
     if cfg.T % cfg.steps:
         common.die(f"--steps={cfg.steps} must divide T={cfg.T} (e.g. 200 or 2000)")
-    common.check_at_least(cfg, ("length", "guide_steps", "eval_batches"), 0)
-    for k in ("guide_lr", "guide_lambda"):
-        if not 0 <= getattr(cfg, k) < math.inf:
-            common.die(f"--{k}={getattr(cfg, k)} must be a finite number, 0 or more")
+    common.check_at_least(cfg, ("length", "guide_steps", "eval_batches", "guide_lr", "guide_lambda"), 0)
 
 
 def load(overrides):

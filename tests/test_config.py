@@ -56,7 +56,7 @@ COMMON_BAD = [("--batch_size=0", "--batch_size=0 must be at least 1"), ("--grad_
               ("--log_interval=0", "--log_interval"), ("--num_samples=0", "--num_samples"), ("--lr=nan", "--lr=nan"),
               ("--lr=inf", "--lr=inf"), ("--lr=0", "--lr=0"), ("--min_lr=-1", "--min_lr"), ("--lr=3e-5", "--min_lr=0.0001 is above --lr=3e-05"), ("--beta1=2", "--beta1=2.0 must be in [0, 1)"),
               ("--beta2=nan", "--beta2"), ("--ema=1.5", "--ema"), ("--weight_decay=-1", "--weight_decay"),
-              ("--grad_clip=nan", "--grad_clip"), ("--warmup_iters=-1", "--warmup_iters"), ("--device=mps", "unknown --device=mps"),
+              ("--grad_clip=nan", "--grad_clip"), ("--grad_clip=inf", "--grad_clip=inf must be at least 0 (and finite)"), ("--warmup_iters=-1", "--warmup_iters"), ("--device=mps", "unknown --device=mps"),
               ("--device=cuda:x", "unknown --device"), ("--device=gpu", "unknown --device"),
               ("--eval_split=train", "unknown --eval_split='train'; use val or test")]
 TEXT_BAD = [("--block_size=0", "--block_size=0"), ("--n_embd=0", "--n_embd=0"), ("--n_layer=0", "--n_layer"),
@@ -70,7 +70,7 @@ OWN_BAD = {
              ("--eval_split=test", "unknown --eval_split='test'; use val"), ("--png=s.jpg", "must name a .png file")],
     "diffusion_lm": [("--steps=0", "--steps=0"), ("--steps=300", "must divide"), ("--mbr=0", "--mbr=0"), ("--clamp=dot", "unknown --clamp"),
                      ("--eval_t_samples=0", "--eval_t_samples"), ("--embed_dim=0", "--embed_dim"), ("--T=0", "--T=0"),
-                     ("--length=-1", "--length"), ("--guide_lr=nan", "--guide_lr")],
+                     ("--length=-1", "--length"), ("--guide_lr=nan", "--guide_lr"), ("--guide_lambda=inf", "--guide_lambda=inf")],
     "diffuser": [("--T=0", "--T"), ("--p_keep=2", "--p_keep"), ("--p_keep=nan", "--p_keep"), ("--beam_b=0", "--beam_b=0 must be at least 1"),
                  ("--top_p=0", "--top_p"), ("--temperature=0", "--temperature"), ("--decode=foo", "unknown --decode"),
                  ("--seq_len=0", "--seq_len"), ("--decode_batch=0", "--decode_batch")],

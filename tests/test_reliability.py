@@ -145,6 +145,15 @@ def test_a_checkpoint_config_keeps_the_run_not_what_one_command_asked():
     import sedd  # a checkpoint that names its schedule "noise", as older ones do: sampled and resumed with it
     old = {**{k: v for k, v in dataclasses.asdict(sedd.Config()).items() if k != "schedule"}, "noise": "geometric"}
     assert common.config_from_checkpoint(sedd.Config, {"config": old}, {}).schedule == "geometric"
+    import diffuser  # draw settings saved with --decode=sample belong to it: a later --decode=greedy is not refused
+    drawn = {"config": dataclasses.asdict(diffuser.Config(decode="sample", temperature=0.8, top_p=0.6))}
+    cfg = common.config_from_checkpoint(diffuser.Config, drawn, {"decode": "greedy"})
+    diffuser.check_config(cfg)
+    assert (cfg.temperature, cfg.top_p) == (1, 1)
+    assert common.config_from_checkpoint(diffuser.Config, drawn, {"decode": "sample"}).temperature == 0.8
+    assert common.config_from_checkpoint(diffuser.Config, drawn, {}).top_p == 0.6
+    with pytest.raises(SystemExit, match="shape --decode=sample's draws"):  # asked for together: still refused
+        diffuser.check_config(common.config_from_checkpoint(diffuser.Config, drawn, {"decode": "beam", "top_p": 0.6}))
 
 
 def test_resume_checks_method_shape_and_keys(run6, tmp_path):
