@@ -308,8 +308,10 @@ def check_data(cfg, meta):
         os.replace(tmp, stamp)
 
 
-def load_jsonl(path):
-    """One JSON record per line (the E2E examples data/e2e/prepare.py writes beside the token files)."""
+def load_jsonl(path, meta):
+    """One JSON record per line (the E2E examples data/e2e/prepare.py writes beside the token files), whose
+    ids must mean what they meant to the model of meta."""
+    check_tokenizer(os.path.dirname(path), meta)
     if not os.path.isfile(path):
         die(f"missing {path}; re-prepare the dataset (python data/e2e/prepare.py, or delete meta.json beside it)")
     with open(path, encoding="utf-8") as f:
@@ -347,6 +349,20 @@ def tokenizer_name(meta):
     return f"{meta.get('tokenizer', 'no')} tokenizer with {meta.get('vocab_size', '?')} tokens"
 
 
+def check_tokenizer(path, meta):
+    """The data folder's meta.json (meta where it has none), whose token ids must mean what they meant to
+    the model of meta (the checkpoint's, or the prepare's) -> else one line."""
+    here = meta
+    if os.path.isfile(os.path.join(path, "meta.json")):
+        with open(os.path.join(path, "meta.json")) as f:
+            here = json.load(f)
+    if any(here.get(k) != meta.get(k) for k in TOKENIZER_KEYS):
+        same = " (the same size, other symbols)" if tokenizer_name(here) == tokenizer_name(meta) else ""
+        die(f"{path} has a {tokenizer_name(here)} but the model was trained on a {tokenizer_name(meta)}{same}; "
+            f"use the dataset it was trained on")
+    return here
+
+
 class Batches:
     """Random windows of block_size tokens from a memmapped split, as in nanoGPT.
 
@@ -357,14 +373,7 @@ class Batches:
 
     def __init__(self, cfg, meta, seed):
         self.path, self.block = data_path(cfg), cfg.block_size
-        here = meta
-        if os.path.isfile(os.path.join(self.path, "meta.json")):
-            with open(os.path.join(self.path, "meta.json")) as f:
-                here = json.load(f)
-        if any(here.get(k) != meta.get(k) for k in TOKENIZER_KEYS):
-            same = " (the same size, other symbols)" if tokenizer_name(here) == tokenizer_name(meta) else ""
-            die(f"{self.path} has a {tokenizer_name(here)} but the model was trained on a {tokenizer_name(meta)}{same}; "
-                f"use the dataset it was trained on")
+        here = check_tokenizer(self.path, meta)
         self.dtype = np.dtype(here["dtype"])
         self.gen = torch.Generator().manual_seed(seed)
         for split in ("train", "val"):

@@ -295,7 +295,7 @@ class EditBatches:
         self.examples, self.streams = {}, {}
         for split, name in (("train", "train"), ("val", "valid")):
             if self.seq2seq:
-                exs = [(e["src"], e["text"]) for e in corpus.load_jsonl(os.path.join(path, f"{name}.jsonl"))
+                exs = [(e["src"], e["text"]) for e in corpus.load_jsonl(os.path.join(path, f"{name}.jsonl"), meta)
                        if len(e["text"]) <= cfg.max_len]
                 if not exs:
                     common.die(f"no {split} example fits --max_len={cfg.max_len}; raise it")
@@ -549,10 +549,10 @@ def evaluate(model, batches, cfg):
     return {"val_loss": tag + ins + gen_ce, "val_tag_ce": tag, "val_ins_ce": ins, "val_gen_ce": gen_ce}
 
 
-def validation_mrs(cfg, limit=0, split="val"):
+def validation_mrs(cfg, meta, limit=0, split="val"):
     """Distinct MRs of the validation (or test) split in file order: [(src ids, [reference strings])]."""
     groups = {}
-    for e in corpus.load_jsonl(os.path.join(corpus.data_path(cfg), f"{'valid' if split == 'val' else split}.jsonl")):
+    for e in corpus.load_jsonl(os.path.join(corpus.data_path(cfg), f"{'valid' if split == 'val' else split}.jsonl"), meta):
         groups.setdefault(tuple(e["src"]), []).append(e["ref"])
     return list(groups.items())[:limit or None]
 
@@ -662,7 +662,7 @@ def main(argv=None):
             # num_samples realisations of it where decoding draws (--decode=sample); one where it is deterministic
             srcs = [corpus.encode_prompt(tok, cfg.source, "--source", cfg.allow_unk)] * (cfg.num_samples if cfg.decode == "sample" else 1)
         elif meta["seq2seq"]:
-            srcs = [list(s) for s, _ in validation_mrs(cfg, cfg.num_samples)]
+            srcs = [list(s) for s, _ in validation_mrs(cfg, meta, cfg.num_samples)]
         t0 = time.time()
         best = run_decode(model, cfg, meta, srcs)
         for i, (s, h) in enumerate(zip(srcs, best)):
@@ -680,7 +680,7 @@ def main(argv=None):
         stats = evaluate(model, EditBatches(dataclasses.replace(cfg, bootstrap=trained_boot), meta, cfg.seed), cfg)
         print("held-out corruptions: " + " | ".join(f"{k} {v:.4f}" for k, v in stats.items()))
         if meta["seq2seq"]:
-            items, t0 = validation_mrs(cfg, cfg.eval_mrs, cfg.eval_split), time.time()
+            items, t0 = validation_mrs(cfg, meta, cfg.eval_mrs, cfg.eval_split), time.time()
             best = run_decode(model, cfg, meta, [list(s) for s, _ in items])
             stats["bleu"] = bleu([words(tok, h.x) for h in best], [refs for _, refs in items])
             _, b, r = strategy_of(cfg)

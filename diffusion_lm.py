@@ -240,12 +240,12 @@ def loss_fn(model, w):
 class Rows:
     """E2E texts as <s> w ... </s> PAD ..., one per row (cut at block_size); .get like corpus.Batches."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, meta):
         path = corpus.data_path(cfg)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.rows, self.mrs = {}, {}
         for split, name in (("train", "train"), ("val", "valid"), ("test", "test")):
-            exs = corpus.load_jsonl(os.path.join(path, f"{name}.jsonl"))
+            exs = corpus.load_jsonl(os.path.join(path, f"{name}.jsonl"), meta)
             self.rows[split] = pad_rows([e["text"] for e in exs], cfg.block_size)
             self.mrs[split] = [e["mr"] for e in exs]
 
@@ -269,7 +269,7 @@ def pad_rows(texts, L):
 
 def make_batches(cfg, meta):
     if cfg.rows and os.path.isfile(os.path.join(corpus.data_path(cfg), "train.jsonl")):
-        return Rows(cfg)
+        return Rows(cfg, meta)
     if cfg.rows:  # a packed corpus (data/text/prepare.py) is refused, not trained on as windows under rows=True
         fix = "rerun data/e2e/prepare.py" if (cfg.dataset, cfg.data_dir) == ("e2e", "") else "train on its packed windows with --rows=false"
         common.die(f"{corpus.data_path(cfg)} has no train.jsonl (one text per row); {fix}")
@@ -350,13 +350,13 @@ def classifier_loss(clf, embed, w, y, T, ab):
     return loss / len(clf.fields)
 
 
-def train_classifier(cfg, model):
+def train_classifier(cfg, model, meta):
     """Train p_phi(c | x_t, t) on E2E's MR fields with the language model's (frozen) embeddings."""
     path = corpus.data_path(cfg)
     if not os.path.isfile(os.path.join(path, "train.jsonl")):
         common.die(f"--train_classifier needs E2E's meaning representations ({path}/train.jsonl); use --dataset=e2e")
     device = next(model.parameters()).device
-    exs = corpus.load_jsonl(os.path.join(path, "train.jsonl"))
+    exs = corpus.load_jsonl(os.path.join(path, "train.jsonl"), meta)
     fields = classifier_fields([e["mr"] for e in exs])
     rows = pad_rows([e["text"] for e in exs], cfg.block_size)
     y = classifier_labels([e["mr"] for e in exs], fields)
@@ -661,7 +661,7 @@ def main(argv=None):
             return
     if want_clf:
         cfg, model, tok, meta, _ = load(overrides)
-        train_classifier(cfg, model.requires_grad_(False))
+        train_classifier(cfg, model.requires_grad_(False), meta)
     if "sample" in verbs:
         cfg, model, tok, meta, _ = load(overrides)
         fixed = infill_template(tok, cfg)

@@ -87,6 +87,19 @@ def char_data(tmp_path_factory):
     return str(out)
 
 
+def relabelled(src, dst):
+    """A copy of the prepared folder src (its files linked) whose meta.json swaps two words of the vocabulary:
+    the same ids, other meanings, as a folder prepared again with other settings would give."""
+    os.makedirs(dst)
+    for name in os.listdir(src):
+        if name != "meta.json":
+            os.symlink(os.path.join(src, name), os.path.join(dst, name))
+    meta = json.load(open(os.path.join(src, "meta.json")))
+    meta["words"][4], meta["words"][5] = meta["words"][5], meta["words"][4]
+    json.dump(meta, open(os.path.join(dst, "meta.json"), "w"))
+    return str(dst)
+
+
 def write_toy_dataset(path, sequences, chars):
     """A dataset folder from lists of token ids (the toy languages of the learning tests)."""
     import numpy as np

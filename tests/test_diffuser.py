@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import run_cli
+from conftest import relabelled, run_cli
 
 import common
 import corpus
@@ -414,6 +414,10 @@ def test_cli_train_sample_eval_and_bad_inputs(e2e_data, tmp_path, monkeypatch):
     fails(["--sample", "--top_p=0"], "0 < --top_p <= 1")
     fails(["--sample", "--steps=50"], "exceeds the trained --T=12")
     fails(["--sample", "--T=20"], "--T is fixed by the checkpoint (12)")  # t = 21 would be an untrained time
+    other = relabelled(e2e_data, tmp_path / "other")  # E2E prepared again with another vocabulary: refused
+    for verb in ("--sample", "--eval"):
+        with pytest.raises(SystemExit, match="the same size, other symbols"):
+            D.main([verb, f"--data_dir={other}", f"--out_dir={out}", "--steps=1", "--eval_mrs=1"])
     monkeypatch.setitem(sys.modules, "sacrebleu", None)  # import sacrebleu now raises ImportError
     fails(["--eval", "--eval_mrs=2", "--steps=1"], "BLEU needs sacrebleu")
 

@@ -14,7 +14,7 @@ import common
 import corpus
 import trainer
 import diffusion_lm as D
-from conftest import run_cli, write_toy_dataset
+from conftest import relabelled, run_cli, write_toy_dataset
 from test_sedd import CHARS, legal_fraction, toy_language
 
 
@@ -371,6 +371,15 @@ def test_cli_train_sample_eval(cli_out):
     assert "evaluating on the test split" in r.stdout and "test NELBO" in r.stdout
     records = [json.loads(line) for line in open(os.path.join(cli_out, "log.jsonl"))]
     assert [r["eval_full"]["data"] for r in records if "eval_full" in r][-2:] == ["val", "test"]  # what each scored
+
+
+def test_e2e_prepared_with_another_vocabulary_is_refused(cli_out, tmp_path):
+    """Rows are token ids: read under another vocabulary they are other texts (a NELBO of the wrong words)."""
+    other = relabelled(corpus.data_path(D.Config()), tmp_path / "other")
+    for verb in ("--eval", "--train_classifier"):
+        r = run_cli(["diffusion_lm.py", verb, f"--out_dir={cli_out}", f"--data_dir={other}", "--eval_batches=1",
+                     "--classifier_iters=1"], check=False)
+        assert r.returncode == 1 and "the same size, other symbols" in r.stderr, r.stderr[-500:]
 
 
 @pytest.mark.parametrize("args,msg", [
