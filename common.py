@@ -102,8 +102,8 @@ class PromptConfig:
 
 VERBS = ("train", "sample", "eval")
 TRUE, FALSE = ("1", "true", "yes", "on", ""), ("0", "false", "no", "off")  # what a bool --key takes
-# what one command asks (its output files, its device, a spent init_from): a checkpoint's config keeps none of it
-PER_COMMAND = {"init_from", "resume", "overwrite", "device", "show", "gen", "samples_in", "samples_out", "png"}
+# what one command asks (its folder and output files, its device, a spent init_from): a checkpoint's config keeps none
+PER_COMMAND = {"out_dir", "init_from", "resume", "overwrite", "device", "show", "gen", "samples_in", "samples_out", "png"}
 TIED = {"dataset": ("data_dir",)}  # a key -> saved keys that belong to its saved value (a Config adds its own TIED)
 SHARED_KEYS = {f.name for c in (BaseConfig, TextConfig, PromptConfig) for f in dataclasses.fields(c)}
 

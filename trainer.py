@@ -175,8 +175,11 @@ def resume_from(path, method, cfg, meta, model, ema_model, opt, batches, rank, d
                 f"resume with the checkpoint's --dataset ({ckpt['config'].get('dataset')})")
     saved = ckpt["config"]
     fit_state(model, ckpt["model"], path, saved, cfg)
-    fit_state(ema_model, ckpt["ema"], path, saved, cfg, "model's EMA")
+    # a run that kept no EMA (--ema=0) saved its initial weights there: an EMA turned on now starts from the model
+    fit_state(ema_model, ckpt["ema"] if saved.get("ema", 0) > 0 else ckpt["model"], path, saved, cfg, "model's EMA")
     fit_state(opt, ckpt["optimizer"], path, saved, cfg, "optimizer")
+    for group, decay in zip(opt.param_groups, (cfg.weight_decay, 0.0)):  # the saved groups hold the old run's
+        group["weight_decay"], group["betas"] = decay, (cfg.beta1, cfg.beta2)
     n = len(ckpt["data_rng"])  # the processes that wrote it, each with its own streams
     if rank < n:  # a rank beyond them keeps the fresh streams seeded for it, not a copy of another's
         torch.set_rng_state(ckpt["rng"][rank])
@@ -200,7 +203,7 @@ def train(cfg, method, model, loss_fn, evaluate, meta, batches=None, dynamic=Non
     batches  default: random token windows (Batches); a method with other data passes an object
              with .get(split, batch_size, gen=None) and a torch.Generator .gen
     dynamic  --compile with dynamic shapes (True: batches vary in length; None: torch's default)
-    Returns the EMA model.
+    Returns the EMA model (the model itself under --ema=0).
 
     A run owns its out_dir: it holds the folder's lock while it runs, and it starts over an
     earlier run's checkpoint only with --overwrite (--resume continues it).
@@ -339,7 +342,7 @@ def _train_loop(cfg, method, model, loss_fn, evaluate, meta, batches, device, ra
         print(f"done: {cfg.max_iters - start} iterations in {fmt_time(time.time() - t0)}; checkpoint {ckpt_path}")
     if world > 1:
         torch.distributed.barrier()
-    return ema_model
+    return ema_model if cfg.ema > 0 else model  # the weights evaluations saw
 
 
 def check_memory(cfg):

@@ -142,6 +142,8 @@ def test_a_checkpoint_config_keeps_the_run_not_what_one_command_asked():
     assert (cfg.samples_out, cfg.gen, cfg.device, cfg.show, cfg.steps, cfg.data_dir) == ("", False, "auto", False, 64, "/x/upg")
     assert common.config_from_checkpoint(M.Config, {"config": saved}, {"dataset": "upg"}).data_dir == "/x/upg"  # its own
     assert common.config_from_checkpoint(M.Config, {"config": saved}, {"dataset": "text8"}).data_dir == ""
+    moved = {"config": {**saved, "out_dir": "/where/it/was/trained"}}  # a run resumed where it is now
+    assert common.config_from_checkpoint(M.Config, moved, {}).out_dir == ""
     import sedd  # a checkpoint that names its schedule "noise", as older ones do: sampled and resumed with it
     old = {**{k: v for k, v in dataclasses.asdict(sedd.Config()).items() if k != "schedule"}, "noise": "geometric"}
     assert common.config_from_checkpoint(sedd.Config, {"config": old}, {}).schedule == "geometric"
@@ -173,14 +175,33 @@ def test_resume_checks_method_shape_and_keys(run6, tmp_path):
                    "past --max_iters=3")
 
 
+def test_an_ema_turned_on_at_resume_starts_from_the_trained_weights(run6, tmp_path):
+    """A run trained with --ema=0 saved its initial weights as "ema"; an EMA turned on at --resume averaged
+    the trained weights into them, and --eval scored that blend."""
+    src, data = run6
+    ckpt = common.load_checkpoint(os.path.join(src, "ckpt.pt"), "mdlm")
+    out = tmp_path / "ema_on"
+    common.save_checkpoint(str(out / "ckpt.pt"), {**ckpt, "config": {**ckpt["config"], "ema": 0.0},
+                                                  "ema": {k: torch.zeros_like(v) for k, v in ckpt["ema"].items()}})
+    run_cli(mdlm(out, data, "--max_iters=7", "--resume", "--ema=0.999"))
+    after = common.load_checkpoint(os.path.join(out, "ckpt.pt"), "mdlm")
+    d = 7 / 16  # ema_update's warm-up decay at iteration 6, the one step trained
+    for k, v in after["model"].items():  # the EMA of the checkpoint's weights and this step's, not of zeros
+        torch.testing.assert_close(after["ema"][k], d * ckpt["model"][k] + (1 - d) * v, msg=k)
+
+
 def test_resume_keeps_the_runs_settings(run6, tmp_path):
     """--resume takes the run's own config, with the command line on top: a key not repeated keeps the run's
     value, where it used to fall back to the default (and a different model failed to load, or trained on)."""
     src, data = run6
     out = copy_run(src, tmp_path / "resumed")
-    run_cli(["mdlm.py", "--train", "--resume", f"--out_dir={out}", "--max_iters=9", "--lr=5e-4"])
-    saved = common.load_checkpoint(os.path.join(out, "ckpt.pt"), "mdlm")["config"]
+    run_cli(["mdlm.py", "--train", "--resume", f"--out_dir={out}", "--max_iters=9", "--lr=5e-4", "--weight_decay=0.5",
+             "--beta1=0.5", "--beta2=0.9"])
+    ckpt = common.load_checkpoint(os.path.join(out, "ckpt.pt"), "mdlm")
+    saved = ckpt["config"]
     assert saved["max_iters"] == 9 and saved["lr"] == 5e-4
+    # the optimizer trained with them too (its saved groups held the old run's)
+    assert [(g["weight_decay"], g["betas"]) for g in ckpt["optimizer"]["param_groups"]] == [(0.5, (0.5, 0.9)), (0.0, (0.5, 0.9))]
     assert (saved["n_embd"], saved["block_size"], saved["batch_size"], saved["data_dir"]) == (32, 32, 4, data)
     # a --dataset given alone drops the run's data_dir (which would win over it), and meets the refusal
     # of data whose symbols differ from the run's, though their number is the same
