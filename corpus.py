@@ -88,8 +88,10 @@ def gpt2_encoding():
         from tiktoken.load import data_gym_to_mergeable_bpe_ranks
         from tiktoken_ext.openai_public import r50k_pat_str
         try:
-            ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=os.path.join(local, "vocab.bpe"),
-                                                    encoder_json_file=os.path.join(local, "encoder.json"))
+            ranks = data_gym_to_mergeable_bpe_ranks(  # with their sha256: tiktoken's cache would serve a copy read before
+                vocab_bpe_file=os.path.join(local, "vocab.bpe"), encoder_json_file=os.path.join(local, "encoder.json"),
+                vocab_bpe_hash="1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+                encoder_json_hash="196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783")
             return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
                                      special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
         except Exception as e:  # a copy cut short or edited: its parse or tiktoken's own checks fail

@@ -294,8 +294,11 @@ def test_damaged_gpt2_files_are_one_line(tmp_path, monkeypatch):
     shutil.copy(os.path.join(src, "vocab.bpe"), tmp_path / "gpt2" / "vocab.bpe")
     (tmp_path / "gpt2" / "encoder.json").write_bytes(open(os.path.join(src, "encoder.json"), "rb").read()[:1000])
     monkeypatch.setenv("DIFFLM_DATA", str(tmp_path))
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "cache"))  # tiktoken keeps what it read there
     with pytest.raises(SystemExit, match="GPT-2 BPE files in .* are damaged"):
         corpus.gpt2_encoding()
+    shutil.copy(os.path.join(src, "encoder.json"), tmp_path / "gpt2" / "encoder.json")  # as the message advises
+    assert corpus.gpt2_encoding().n_vocab == 50257  # the repaired file, not the damaged copy cached before
 
 
 def expected_ids(docs):
