@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import glob
 import hashlib
+import io
 import json
 import os
 import re
@@ -199,6 +200,23 @@ def write_split(out_dir, train_ids, val_ids, meta, test_ids=None):
         for name in list(arrays) + ["meta.json"]:
             os.replace(os.path.join(out_dir, name + tmp), os.path.join(out_dir, name))
     return meta
+
+
+def read_utf8(path, flag="--input"):
+    """The text of the file a flag names; a folder, a byte sequence that is not UTF-8 (with its offset) or a file
+    without text stops with one line."""
+    if not os.path.isfile(path):
+        die(f"{flag}={path} {'is a folder; name its files' if os.path.isdir(path) else 'does not exist'}")
+    raw = open(path, "rb").read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        die(f"{path} is not UTF-8: byte {e.start:,} (0x{raw[e.start]:02x}) {e.reason}; "
+            "convert it first, e.g. iconv -f latin1 -t utf-8")
+    text = text.removeprefix("\ufeff")  # a byte-order mark is not part of the text
+    if not text.strip():
+        die(f"{path} holds no text")
+    return text
 
 
 def find_local_copy(name, url, sha256=None, shipped=None):
@@ -555,21 +573,20 @@ def read_eval_file(path, name):
     """A local copy of a set's split -> its raw text rows (EVAL_FILE_FORMATS)."""
     field, ext = EVAL_SETS[name][3], os.path.splitext(path)[1]
     if not os.path.isfile(path):
-        die(f"--eval_file={path} does not exist")
+        die(f"--eval_file={path} {'is a folder; name a file' if os.path.isdir(path) else 'does not exist'}")
+    text = read_utf8(path, "--eval_file") if ext in (".txt", ".raw", ".jsonl") else None
     if ext in (".txt", ".raw"):
-        with open(path, encoding="utf-8") as f:
-            lines = f.readlines()
+        lines = io.StringIO(text, newline=None).readlines()  # as a file read in text mode splits them
         if name.startswith("wikitext"):  # the hub's rows are the raw file's lines, blank ones empty
             return [line if line.strip() else "" for line in lines]
         return [line.strip() for line in lines]
     if ext == ".jsonl":
         rows = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                try:
-                    rows.append(json.loads(line)[field])
-                except (ValueError, TypeError, KeyError):
-                    die(f"{path} line {n} is not a JSON object with a {field!r} field (the --eval_data={name} format)")
+        for n, line in enumerate(io.StringIO(text, newline=None), 1):
+            try:
+                rows.append(json.loads(line)[field])
+            except (ValueError, TypeError, KeyError):
+                die(f"{path} line {n} is not a JSON object with a {field!r} field (the --eval_data={name} format)")
         return rows
     if ext == ".parquet":
         import pyarrow.parquet as pq

@@ -166,6 +166,32 @@ def test_own_text_bad_input_is_one_line(tmp_path, monkeypatch, args, message):
     assert str(bad) in msg or "UTF-8" not in message
 
 
+def test_every_reader_of_a_text_file_refuses_bytes_that_are_not_utf8(tmp_path):
+    """The file and the byte in one line, where three readers raised a UnicodeDecodeError; an E2E input that is
+    refused leaves the folder prepared before as it was (it was unmarked before the input was read whole)."""
+    bad = b"hello \xe9 world\n" * 3
+    e2e = tmp_path / "e2e"
+    e2e.mkdir()
+    line = "name : The Eagle | food : French||The Eagle serves French food .\n"
+    for split in ("train", "valid", "test"):
+        (e2e / f"src1_{split}.txt").write_text(line * 3)
+    prepared = tmp_path / "e"
+    run_cli(["data/e2e/prepare.py", f"--input_dir={e2e}", f"--out_dir={prepared}", "--min_count=1"])
+    (tmp_path / "bad.txt").write_bytes(bad)
+    (e2e / "src1_test.txt").write_bytes(bad)
+    for args in (["data/shakespeare_char/prepare.py", f"--input={tmp_path / 'bad.txt'}", f"--out_dir={tmp_path / 'c'}"],
+                 ["data/e2e/prepare.py", f"--input_dir={e2e}", f"--out_dir={prepared}"]):
+        r = run_cli(args, check=False)
+        assert r.returncode == 1 and "is not UTF-8: byte 6 (0xe9)" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    (e2e / "src1_test.txt").write_text("")
+    r = run_cli(["data/e2e/prepare.py", f"--input_dir={e2e}", f"--out_dir={prepared}"], check=False)
+    assert r.returncode == 1 and "src1_test.txt holds no text" in r.stderr, r.stderr
+    assert (prepared / "meta.json").is_file() and len(open(prepared / "test.jsonl").readlines()) == 3
+    for name in ("bad.txt", "bad.jsonl"):
+        (tmp_path / name).write_bytes(bad)
+        fails(lambda: corpus.read_eval_file(str(tmp_path / name), "ptb"), "is not UTF-8: byte 6 (0xe9)")
+
+
 def test_an_unprepared_folder_of_your_own_names_the_command_that_replaces_it(tmp_path, monkeypatch):
     """A prepare killed before its meta.json leaves the folder: the suggested command needs --force to replace it."""
     (tmp_path / "mine").mkdir()

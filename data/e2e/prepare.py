@@ -41,7 +41,7 @@ def read_split(input_dir, split):
         path = os.path.join(input_dir, name)
         if not os.path.isfile(path):
             common.die(f"--input_dir {input_dir} has no {name}; point it at a folder with src1_train/valid/test.txt")
-        return open(path, encoding="utf-8").read().splitlines()
+        return corpus.read_utf8(path).splitlines()
     data, source = corpus.find_local_copy(os.path.join("e2e", name), URL.format(name), SHA256[split],
                                           shipped=os.path.join(HERE, name + ".gz"))
     if data is None:

@@ -24,9 +24,7 @@ SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 def load_text(input_path):
     """The corpus text: --input, else the shipped input.txt.gz, else $DIFFLM_DATA, else the public URL."""
     if input_path:
-        if not os.path.isfile(input_path):
-            common.die(f"--input {input_path} does not exist")
-        return open(input_path, encoding="utf-8").read()
+        return corpus.read_utf8(input_path)
     data, source = corpus.find_local_copy("tinyshakespeare.txt", URL, SHA256, shipped=SHIPPED)
     if data is None:
         common.die(f"no copy of tiny Shakespeare: {source}; run `python data/shakespeare_char/prepare.py --input=path/to/input.txt` "

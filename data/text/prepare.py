@@ -28,22 +28,6 @@ import corpus  # noqa: E402
 DATA = os.path.dirname(HERE)
 
 
-def read_utf8(path):
-    """The text of one file; a byte sequence that is not UTF-8 stops with the file and byte offset."""
-    if not os.path.isfile(path):
-        common.die(f"--input {path} {'is a folder; name its files' if os.path.isdir(path) else 'does not exist'}")
-    raw = open(path, "rb").read()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        common.die(f"{path} is not UTF-8: byte {e.start:,} (0x{raw[e.start]:02x}) {e.reason}; "
-                   "convert it first, e.g. iconv -f latin1 -t utf-8")
-    text = text.removeprefix("\ufeff")  # a byte-order mark is not part of the text
-    if not text.strip():
-        common.die(f"{path} holds no text")
-    return text
-
-
 def out_dir_for(args):
     """data/NAME (or --out_dir), refused when it would overwrite a dataset without --force."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", args.name):
@@ -72,7 +56,7 @@ def main():
     if args.min_count < 1:
         common.die("--min_count must be at least 1")
     out = out_dir_for(args)
-    texts = [read_utf8(p) for p in args.input]
+    texts = [corpus.read_utf8(p) for p in args.input]
     cuts = [int((1 - args.val_fraction) * len(t)) for t in texts]
     train, val = [t[:n] for t, n in zip(texts, cuts)], [t[n:] for t, n in zip(texts, cuts)]
     if args.tokenizer == "char":
