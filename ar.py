@@ -201,7 +201,7 @@ def main(argv=None):
     if "eval" in verbs:
         cfg, model, tok, meta, ckpt = trainer.load_for_inference(Config, overrides, "ar", build_model)
         cfg = dataclasses.replace(cfg, data_dir=cfg.data_dir or corpus.data_path(cfg))
-        corpus.prepare_data(cfg)
+        corpus.prepare_data(cfg, meta)
         with common.autocast(next(model.parameters()).device):
             stats = {**evaluate(model, corpus.Batches(cfg, meta, cfg.seed), cfg, full=True), "data": cfg.eval_split}
         print(f"{cfg.eval_split} NLL {stats['val_nll']:.4f} nats/token | {stats['val_bits']:.4f} bits/token | "

@@ -270,7 +270,7 @@ def reprepare_command(cfg, meta=None):
         return meta["command"]
     if os.path.isfile(os.path.join(ROOT, "data", cfg.dataset, "prepare.py")):
         return f"python data/{cfg.dataset}/prepare.py" + (f" --out_dir={path}" if cfg.data_dir else "")
-    return f"python data/text/prepare.py --input=FILE --name={cfg.dataset} --force"
+    return f"python data/text/prepare.py --input=FILE --name={cfg.dataset}" + (f" --out_dir={path}" if cfg.data_dir else "") + " --force"
 
 
 def load_meta(cfg):
@@ -338,17 +338,31 @@ def load_jsonl(path, meta):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def prepare_data(cfg):
+PREPARE_LEAVES = (".bin", ".jsonl", ".tmp", ".lock", "verified.json")  # what a prepare killed midway leaves
+
+
+def prepare_data(cfg, model_meta=None):
     """Run data/<dataset>/prepare.py if the folder is not prepared, check its token files against
-    meta.json and return the meta dict. Any number of processes may call it at once (data_lock)."""
+    meta.json and return the meta dict. Any number of processes may call it at once (data_lock).
+    model_meta: a checkpoint's, whose data came from another command (your own text): that command is named."""
     path = data_path(cfg)
     script = os.path.join(ROOT, "data", cfg.dataset, "prepare.py")
-    if not os.path.isfile(os.path.join(path, "meta.json")) and (cfg.dataset == "text" or not os.path.isfile(script)):
-        known = sorted(os.path.basename(os.path.dirname(p)) for p in glob.glob(os.path.join(ROOT, "data", "*", "prepare.py"))
-                       if os.path.basename(os.path.dirname(p)) != "text")
-        die(f"unknown dataset {cfg.dataset!r}: {path} is not prepared and there is no data/{cfg.dataset}/prepare.py "
-            f"(known: {', '.join(known)}; for your own text: python data/text/prepare.py --input=FILE --name={cfg.dataset}"
-            f"{' --force' if os.path.isdir(path) else ''})")  # a folder a killed prepare left is replaced only with --force
+    if not os.path.isfile(os.path.join(path, "meta.json")):
+        command = (model_meta or {}).get("command", "")
+        if command and f"data/{cfg.dataset}/prepare.py" not in command:
+            die(f"{path} is not prepared; the model's data came from `{command}`: run it again, or point --data_dir "
+                f"at that data")
+        if cfg.dataset == "text" or not os.path.isfile(script):
+            known = sorted(os.path.basename(os.path.dirname(p)) for p in glob.glob(os.path.join(ROOT, "data", "*", "prepare.py"))
+                           if os.path.basename(os.path.dirname(p)) != "text")
+            die(f"unknown dataset {cfg.dataset!r}: {path} is not prepared and there is no data/{cfg.dataset}/prepare.py "
+                f"(known: {', '.join(known)}; for your own text: python data/text/prepare.py --input=FILE --name={cfg.dataset}"
+                f"{f' --out_dir={path}' if cfg.data_dir else ''}{' --force' if os.path.isdir(path) else ''})")  # a folder a killed prepare left is replaced only with --force
+        own = os.path.isdir(path) and os.path.abspath(path) != os.path.join(ROOT, "data", cfg.dataset)
+        theirs = sorted(f for f in os.listdir(path) if not f.endswith(PREPARE_LEAVES)) if own else []
+        if theirs:  # a folder of the user's own files is never filled with a built-in corpus
+            die(f"--data_dir={path} holds {theirs[0]} but no prepared data (meta.json); for your own text: python "
+                f"data/text/prepare.py --input=FILE --name=NAME --out_dir={path}; for --dataset={cfg.dataset}, a new folder")
     with data_lock(path):
         if not os.path.isfile(os.path.join(path, "meta.json")):
             print(f"preparing {cfg.dataset} into {path} ...")
@@ -392,7 +406,7 @@ class Batches:
     """
 
     def __init__(self, cfg, meta, seed):
-        self.path, self.block = data_path(cfg), cfg.block_size
+        self.cfg, self.path, self.block = cfg, data_path(cfg), cfg.block_size
         here = check_tokenizer(self.path, meta)
         self.dtype = np.dtype(here["dtype"])
         self.gen = torch.Generator().manual_seed(seed)
@@ -414,7 +428,8 @@ class Batches:
     def sequential(self, split, batch_size):
         """Every non-overlapping window of the split once, in order (for --eval)."""
         if not os.path.isfile(os.path.join(self.path, f"{split}.bin")):
-            die(f"{self.path} has no {split} split ({split}.bin); use --eval_split=val")
+            die(f"{self.path} has no {split} split ({split}.bin); " + ("use --eval_split=val" if split != "val" else
+                f"re-prepare: {reprepare_command(self.cfg)}"))
         data = self.data(split)
         n = len(data) // self.block  # a window is scored whole, from BOS: the last full one counts too
         if n == 0:
@@ -646,7 +661,7 @@ def eval_batches(cfg, meta, bos):
     if cfg.eval_data or cfg.eval_file:
         return cfg, zero_shot(cfg, meta, bos=bos), cfg.eval_data
     cfg = dataclasses.replace(cfg, data_dir=cfg.data_dir or data_path(cfg))
-    prepare_data(cfg)
+    prepare_data(cfg, meta)
     return cfg, Batches(cfg, meta, cfg.seed), cfg.eval_split
 
 

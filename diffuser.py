@@ -675,7 +675,7 @@ def main(argv=None):
               f"{len(best[0].history)} revisions, {time.time() - t0:.1f}s)")
     if "eval" in verbs:
         cfg, model, tok, meta, ckpt = load(overrides)  # (--gen on E2E is refused there)
-        corpus.prepare_data(cfg)
+        corpus.prepare_data(cfg, meta)
         trained_boot = ckpt["config"].get("bootstrap", cfg.bootstrap)  # held-out corruptions as trained
         stats = evaluate(model, EditBatches(dataclasses.replace(cfg, bootstrap=trained_boot), meta, cfg.seed), cfg)
         print("held-out corruptions: " + " | ".join(f"{k} {v:.4f}" for k, v in stats.items()))

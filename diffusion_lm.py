@@ -676,6 +676,7 @@ def main(argv=None):
               f"clamp={cfg.clamp}, {time.time() - t0:.1f}s)")
     if "eval" in verbs:
         cfg, model, tok, meta, ckpt = load(overrides)
+        corpus.prepare_data(cfg, meta)  # a folder moved or never prepared here: prepared, or named
         stats = {**evaluate(model, make_batches(cfg, meta), cfg, full=True), "data": cfg.eval_split}
         print(f"{cfg.eval_split} NELBO {stats['val_nelbo']:.4f} nats/position (PAD positions included) | "
               f"mse {stats['val_mse']:.4f} | prior {stats['val_prior']:.2e} | rounding {stats['val_rounding']:.4f} "

@@ -192,12 +192,30 @@ def test_every_reader_of_a_text_file_refuses_bytes_that_are_not_utf8(tmp_path):
         fails(lambda: corpus.read_eval_file(str(tmp_path / name), "ptb"), "is not UTF-8: byte 6 (0xe9)")
 
 
+def test_a_folder_of_your_own_files_is_never_filled_with_a_built_in_corpus(tmp_path):
+    """--data_dir at a folder of one's own text (no meta.json): tiny Shakespeare was prepared among its files
+    and trained on; what a killed prepare leaves (token files, .tmp, locks) is still prepared over."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "novel.txt").write_text("my own words\n")
+    cfg = types.SimpleNamespace(dataset="shakespeare_char", data_dir=str(mine))
+    fails(lambda: corpus.prepare_data(cfg), "holds novel.txt but no prepared data",
+          f"data/text/prepare.py --input=FILE --name=NAME --out_dir={mine}")
+    assert sorted(os.listdir(mine)) == ["novel.txt"]
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    for name in ("train.bin", "val.bin.123.tmp", "prepare.lock"):
+        (killed / name).write_bytes(b"")
+    meta = corpus.prepare_data(types.SimpleNamespace(dataset="shakespeare_char", data_dir=str(killed)))
+    assert meta["vocab_size"] == 65
+
+
 def test_an_unprepared_folder_of_your_own_names_the_command_that_replaces_it(tmp_path, monkeypatch):
     """A prepare killed before its meta.json leaves the folder: the suggested command needs --force to replace it."""
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "train.bin").write_bytes(b"")
     cfg = types.SimpleNamespace(dataset="mine", data_dir=str(tmp_path / "mine"))
-    fails(lambda: corpus.prepare_data(cfg), "unknown dataset", "--name=mine --force")
+    fails(lambda: corpus.prepare_data(cfg), "unknown dataset", f"--name=mine --out_dir={cfg.data_dir} --force")
     fails(lambda: text_prepare([f"--input={tmp_path}", "--name=y", f"--out_dir={tmp_path / 'y'}"], monkeypatch), "is a folder")
 
 

@@ -414,6 +414,12 @@ def test_cli_without_classifier_or_checkpoint(tmp_path):
     # --steps is checked against the checkpoint's T (24), not the default's (2000, which 3 does not divide)
     r = run_cli(["diffusion_lm.py", "--sample", f"--out_dir={tmp_path / 'o'}", "--steps=3", "--num_samples=1", "--mbr=1"])
     assert "=== sample 0" in r.stdout and "3 steps" in r.stdout
+    # its data moved away: --eval names the command that prepared it, where it said "use --eval_split=val" (or,
+    # going through prepare_data, would fill the folder with the default dataset, E2E)
+    os.rename(tmp_path / "w", tmp_path / "w_moved")
+    r = run_cli(["diffusion_lm.py", "--eval", f"--out_dir={tmp_path / 'o'}", "--eval_batches=1"], check=False)
+    assert r.returncode == 1 and "the model's data came from `python" in r.stderr and "--name=w" in r.stderr, r.stderr
+    assert not os.path.exists(tmp_path / "w")
     # a checkpoint that cannot say its T is named for what it is, before the default T refuses --steps=3
     (tmp_path / "cut").mkdir()
     (tmp_path / "cut" / "ckpt.pt").write_bytes((tmp_path / "o" / "ckpt.pt").read_bytes()[:20000])

@@ -103,18 +103,19 @@ def jsonl_source(path):
     return count, batches
 
 
-def hub_source(name, num_proc):
+def hub_source(name, num_proc, offline):
+    """The dataset from the hub through `datasets`; offline names the command for local files."""
     try:
         import datasets
     except ImportError:
         common.die("downloading OpenWebText needs the datasets package: pip install datasets "
-                   "(or run `python data/openwebtext/prepare.py --input=FILES` on local parquet/jsonl files)")
+                   f"(or run `{offline}` on local parquet/jsonl files)")
     try:
         ds = datasets.load_dataset(name, split="train", num_proc=num_proc)
     except Exception as e:
         first = str(e).splitlines()[0] if str(e) else ""
         common.die(f"could not load {name} through datasets ({type(e).__name__}: {first}); "
-                   f"offline, run `python data/openwebtext/prepare.py --input=FILES` on local parquet/jsonl files")
+                   f"offline, run `{offline}` on local parquet/jsonl files")
     return dataset_source(ds)
 
 
@@ -257,7 +258,9 @@ def main():
         sources = [parquet_source(f) if f.endswith(".parquet") else jsonl_source(f) for f in files]
         what = f"{len(files)} local file(s)"
     else:
-        sources, what = [hub_source(args.hf_dataset, args.num_proc)], args.hf_dataset
+        default = os.path.abspath(args.out_dir) == os.path.dirname(os.path.abspath(__file__))
+        offline = "python data/openwebtext/prepare.py --input=FILES" + ("" if default else f" --out_dir={args.out_dir}")
+        sources, what = [hub_source(args.hf_dataset, args.num_proc, offline)], args.hf_dataset
     corpus.gpt2_encoding()  # fail here, once, rather than in every worker
     os.makedirs(args.out_dir, exist_ok=True)
     if os.path.exists(os.path.join(args.out_dir, "meta.json")):
