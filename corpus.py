@@ -160,7 +160,7 @@ def mark_unprepared(out_dir):
 
 
 def file_record(path):
-    """{"bytes", "sha256"} of a token file, read in chunks: the entry meta.json keeps per file."""
+    """{"bytes", "sha256"} of a file, read in chunks: what meta.json keeps per token file (and per text input)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):
@@ -373,7 +373,22 @@ def prepare_data(cfg, model_meta=None):
             print(r.stdout.strip())
         meta = load_meta(cfg)
         check_data(cfg, meta)
+    check_sources(path, meta)
     return meta
+
+
+def check_sources(path, meta):
+    """A note when a text file the folder was prepared from (data/text/prepare.py) has changed since: the
+    run goes on with the prepared tokens, which no longer are that text. Hashed only when its size is
+    the same and it is newer than the preparation."""
+    for f, rec in zip(meta.get("inputs", []), meta.get("sources", [])):
+        if not os.path.isfile(f):
+            continue  # moved or deleted: the prepared folder stands on its own
+        st = os.stat(f)
+        newer = st.st_mtime > os.path.getmtime(os.path.join(path, "meta.json"))
+        if st.st_size != rec["bytes"] or (newer and file_record(f)["sha256"] != rec["sha256"]):
+            print(f"note: {f} has changed since {path} was prepared from it; this run reads the prepared tokens "
+                  f"(re-prepare: {meta.get('command', 'data/text/prepare.py --force')})", file=sys.stderr)
 
 
 TOKENIZER_KEYS = ("tokenizer", "vocab_size", "chars", "words")  # what a model's token ids mean

@@ -20,6 +20,7 @@ checkpoint.
 """
 
 import dataclasses
+import hashlib
 import math
 import os
 import time
@@ -47,7 +48,7 @@ class Config(common.BaseConfig):
     T: int = 1000
     schedule: str = "linear"  # linear (beta 1e-4..0.02 at T=1000) | cosine (s=0.008)
     pred: str = "eps"  # what the network predicts: eps | x0 | v
-    FIXED = ("T", "schedule", "pred")  # with the model's shape, what a checkpoint fixes (a class attribute, not a --key)
+    FIXED = ("T", "schedule", "pred", "dataset")  # what a checkpoint fixes beside the shape (a class attribute, not a --key)
     var: str = "beta"  # reverse variance: beta (sigma_t^2 = beta_t) | posterior (beta_tilde_t)
     # optimisation (small MLP, 2-D points: big batches, short run)
     batch_size: int = 256
@@ -157,7 +158,9 @@ def describe_data(dataset):
     # a fixed 90/10 split (seeded shuffle) so the held-out rows never train
     perm = np.random.default_rng(0).permutation(len(arr))
     n_val = max(1, len(arr) // 10)
-    return arr[perm[n_val:]], arr[perm[:n_val]], {"kind": "npy", "data": os.path.abspath(dataset), "dim": arr.shape[1]}
+    info = {"kind": "npy", "data": os.path.abspath(dataset), "dim": arr.shape[1],
+            "sha256": hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()}  # a file changed later is named
+    return arr[perm[n_val:]], arr[perm[:n_val]], info
 
 
 class PointBatches:
@@ -183,6 +186,8 @@ class PointBatches:
             meta = {**info, "mean": stats_from.mean(0).tolist(), "std": np.where(std > 1e-8, std, 1.0).tolist()}
         elif meta["dim"] != info["dim"]:
             common.die(f"{dataset} has {info['dim']} dimensions but the checkpoint was trained on {meta['dim']}")
+        elif meta.get("sha256", info.get("sha256")) != info.get("sha256"):  # standardised with the old file's statistics
+            common.die(f"{dataset} has changed since the model was trained on it; give it the file it was trained on")
         self.meta = meta
         self.mean = torch.tensor(meta["mean"], dtype=torch.float64)
         self.std = torch.tensor(meta["std"], dtype=torch.float64)
@@ -564,7 +569,7 @@ def check_config(cfg):
 
 
 def load(overrides):
-    """Checkpoint -> (cfg, model, data, betas, ckpt); T, schedule and pred are fixed by the checkpoint."""
+    """Checkpoint -> (cfg, model, data, betas, ckpt); T, schedule, pred and dataset are fixed by the checkpoint."""
     cfg, model, _, meta, ckpt = trainer.load_for_inference(Config, overrides, "ddpm", build_model)
     check_config(cfg)
     step_sequence(cfg.T, cfg.steps, cfg.timesteps)  # --steps and --timesteps against the model's T

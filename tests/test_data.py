@@ -149,6 +149,24 @@ def test_own_text_char_and_word(tmp_path, monkeypatch, capsys):
     assert "=== sample 0" in run_cli(["ar.py", "--sample", f"--out_dir={tmp_path}", "--num_samples=1"]).stdout
 
 
+def test_a_changed_text_file_is_noted(tmp_path, monkeypatch, capsys):
+    """A folder prepared from your text, which then changed: the run notes it (it trained on the old tokens)."""
+    src, out = tmp_path / "a.txt", tmp_path / "a"
+    src.write_text("the quick brown fox\n" * 40)
+    text_prepare([f"--input={src}", "--name=a", f"--out_dir={out}"], monkeypatch)
+    cfg = types.SimpleNamespace(dataset="a", data_dir=str(out))
+    corpus.prepare_data(cfg)
+    assert "has changed" not in capsys.readouterr().err
+    os.utime(src, (time.time() + 5, time.time() + 5))  # touched, the same text: no note
+    corpus.prepare_data(cfg)
+    assert "has changed" not in capsys.readouterr().err
+    for text in ("the quick brown cat\n" * 40, "the quick brown fox\n" * 41):  # the same size; another size
+        src.write_text(text)
+        os.utime(src, (time.time() + 10, time.time() + 10))
+        corpus.prepare_data(cfg)
+        assert f"note: {src} has changed since {out} was prepared" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args, message", [
     (["--name=x"], "is not UTF-8: byte 5 (0xff)"),
     (["--name=shakespeare_char"], "is a built-in dataset"),

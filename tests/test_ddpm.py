@@ -294,6 +294,13 @@ def test_npy_train_sample_eval_and_stats_in_checkpoint(tmp_path):
     assert "bits/dim" in r.stdout
     with pytest.raises(SystemExit, match="--T is fixed by the checkpoint"):
         ddpm.main(["--sample", "--T=200", f"--out_dir={out}"])
+    # the data too: another --dataset was ignored (the checkpoint's own was scored), and a file changed since
+    # training was standardised with the old file's statistics, silently
+    with pytest.raises(SystemExit, match="--dataset is fixed by the checkpoint"):
+        ddpm.main(["--eval", "--dataset=two_moons", f"--out_dir={out}"])
+    np.save(path, arr * 5 + 10)
+    with pytest.raises(SystemExit, match="x.npy has changed since the model was trained on it"):
+        ddpm.main(["--eval", f"--out_dir={out}"])
 
 
 # bad inputs go through main(argv), the CLI's own entry point, in-process (no interpreter start-up)

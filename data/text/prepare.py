@@ -75,7 +75,8 @@ def main():
     again = [os.path.abspath(__file__)] + [f"--input={p}" for p in inputs] + [
         f"--name={args.name}", f"--tokenizer={args.tokenizer}", f"--val_fraction={args.val_fraction}",
         f"--min_count={args.min_count}", f"--out_dir={os.path.abspath(out)}", "--force"]
-    meta.update(vocab_size=tok.vocab_size, inputs=inputs, command="python " + shlex.join(again))
+    sources = [corpus.file_record(p) for p in inputs]  # what check_sources compares the inputs with later
+    meta.update(vocab_size=tok.vocab_size, inputs=inputs, sources=sources, command="python " + shlex.join(again))
     meta = corpus.write_split(out, encode(train), encode(val), meta)
     print(f"{out}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens, {args.tokenizer} vocabulary "
           f"of {tok.vocab_size:,}; train with --dataset={args.name}" + (f" --data_dir={out}" if args.out_dir else ""))
