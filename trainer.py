@@ -220,11 +220,14 @@ def train(cfg, method, model, loss_fn, evaluate, meta, batches=None, dynamic=Non
                 f"--overwrite, or choose another --out_dir")
         # SIGTERM (a scheduler's preemption, `kill`) ends the run as Ctrl-C does, with the same one line
         term = signal.signal(signal.SIGTERM, signal.default_int_handler)
+        started = time.time()
         try:
             return _train_loop(cfg, method, model, loss_fn, evaluate, meta, batches, device, rank, world, dynamic)
         except KeyboardInterrupt:  # one line, not a traceback; checkpoints are written whole or not at all
-            die(f"interrupted; {ckpt_path} holds the last eval's state: continue with --resume" if os.path.isfile(ckpt_path)
-                else "interrupted before the first eval wrote a checkpoint")
+            if os.path.isfile(ckpt_path) and (cfg.resume or os.path.getmtime(ckpt_path) >= started):
+                die(f"interrupted; {ckpt_path} holds the last eval's state: continue with --resume")
+            die("interrupted before the first eval wrote a checkpoint" + (f"; {ckpt_path} and its log are still the earlier "
+                "run's" if os.path.isfile(ckpt_path) else ""))
         finally:
             signal.signal(signal.SIGTERM, term)
 
@@ -251,8 +254,16 @@ def _train_loop(cfg, method, model, loss_fn, evaluate, meta, batches, device, ra
         start = resume_from(ckpt_path, method, cfg, meta, model, ema_model, opt, batches, rank, device)
         if master:
             print(f"resuming from {ckpt_path} at iteration {start}")
-    if master:
+    # an --overwrite run holds its records until its first checkpoint replaces the earlier run's, log and all
+    held = [] if master and not cfg.resume and os.path.isfile(ckpt_path) else None
+    if master and held is None:
         truncate_log(log_path, start - 1)  # each iteration is logged once, however often the run was resumed
+
+    def log(record):
+        if held is not None:
+            held.append(record)
+        else:
+            log_json(log_path, record)
     n_params = sum(p.numel() for p in model.parameters())
     if master:
         print(f"{method}: {n_params / 1e6:.2f}M parameters, {device}, {world} process(es)")
@@ -277,6 +288,7 @@ def _train_loop(cfg, method, model, loss_fn, evaluate, meta, batches, device, ra
         return out
 
     def checkpoint(it, val):
+        nonlocal held
         rngs, data_rngs = gather_states(torch.get_rng_state()), gather_states(batches.gen.get_state())
         cuda_rngs = gather_states(torch.cuda.get_rng_state(device)) if device.type == "cuda" else None
         if master:
@@ -284,6 +296,11 @@ def _train_loop(cfg, method, model, loss_fn, evaluate, meta, batches, device, ra
                 "model": model.state_dict(), "ema": ema_model.state_dict(), "optimizer": opt.state_dict(),
                 "rng": rngs, "data_rng": data_rngs, "cuda_rng": cuda_rngs, "iter": it,
                 "config": dataclasses.asdict(cfg), "meta": meta, "method": method, "val": val})
+            if held is not None:
+                truncate_log(log_path, -1)
+                for record in held:
+                    log_json(log_path, record)
+                held = None
 
     def run_eval():
         # a fixed seed: every eval sees the same batches and noise, and training RNG is untouched
@@ -328,13 +345,13 @@ def _train_loop(cfg, method, model, loss_fn, evaluate, meta, batches, device, ra
             tps = tok_since / max(now - t_last, 1e-9)
             eta = (now - t0) / (it - start + 1) * (cfg.max_iters - it - 1)
             print(f"iter {it:5d}/{cfg.max_iters} | loss {loss_val:.4f} | lr {lr:.2e} | {tps / 1e3:.1f}k {unit}/s | eta {fmt_time(eta)}", flush=True)
-            log_json(log_path, {"iter": it, "loss": loss_val, "lr": lr, f"{unit}_per_s": tps, "time": now - t0})
+            log({"iter": it, "loss": loss_val, "lr": lr, f"{unit}_per_s": tps, "time": now - t0})
             t_last, tok_since = now, 0
         if (it + 1) % cfg.eval_interval == 0 or last:
             val = run_eval()
             if master:
                 print(f"eval  {it:5d} | " + " | ".join(f"{k} {v:.4f}" for k, v in val.items()), flush=True)
-                log_json(log_path, {"iter": it, "eval": val, "time": time.time() - t0})
+                log({"iter": it, "eval": val, "time": time.time() - t0})
             checkpoint(it, val)
             last_good = it
             t_last, tok_since = time.time(), 0

@@ -360,6 +360,24 @@ def test_ctrl_c_is_one_line_naming_resume(tmp_path, char_data, sig):
     run_cli(mdlm(tmp_path, char_data, "--max_iters=6", "--resume", "--eval_interval=2"))
 
 
+def test_an_overwrite_stopped_before_its_first_checkpoint_keeps_the_earlier_run(run6, tmp_path):
+    """--overwrite interrupted before its first eval: the earlier run's log was already cut to the new run's
+    first record, and the message sent the user to --resume the earlier run's checkpoint under the new settings."""
+    src, data = run6
+    out = copy_run(src, tmp_path / "run")
+    before = {name: open(os.path.join(out, name), "rb").read() for name in ("ckpt.pt", "log.jsonl")}
+    args = [sys.executable] + mdlm(out, data, "--max_iters=100000", "--eval_interval=100000", "--overwrite")
+    p = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    for line in p.stdout:
+        if line.startswith("iter"):  # it logged an iteration (held, not written)
+            break
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 1 and "before the first eval" in err and "still the earlier run's" in err, err
+    assert {name: open(os.path.join(out, name), "rb").read() for name in before} == before
+
+
 def test_unwritable_out_dir_is_one_line(tmp_path, char_data, monkeypatch):
     (tmp_path / "file").write_text("not a folder")
     r = run_cli(mdlm(tmp_path / "file" / "run", char_data, "--max_iters=3"), check=False)
