@@ -300,10 +300,7 @@ class Classifier(nn.Module):
     def log_probs(self, xt, t, targets):
         """targets [(field index, value index)] -> sum of log p(field = value | x_t) (B,)."""
         logits = self(xt, t)
-        out = 0.0
-        for f, v in targets:
-            out = out + logits[:, self.offsets[f]:self.offsets[f + 1]].log_softmax(-1)[:, v]
-        return out
+        return sum(logits[:, self.offsets[f]:self.offsets[f + 1]].log_softmax(-1)[:, v] for f, v in targets)
 
     def parse_targets(self, spec, what="--control"):
         """'food=Italian,area=riverside' -> [(field index, value index)]; unknown ones die."""
@@ -344,10 +341,7 @@ def classifier_loss(clf, embed, w, y, T, ab):
     with torch.no_grad():
         xt = q_sample(embed(w), ab[t], torch.randn(*w.shape, embed.weight.shape[1], device=w.device))
     logits = clf(xt, t)
-    loss = 0.0
-    for j in range(len(clf.fields)):
-        loss = loss + F.cross_entropy(logits[:, clf.offsets[j]:clf.offsets[j + 1]], y[:, j])
-    return loss / len(clf.fields)
+    return sum(F.cross_entropy(logits[:, clf.offsets[j]:clf.offsets[j + 1]], y[:, j]) for j in range(len(clf.fields))) / len(clf.fields)
 
 
 def train_classifier(cfg, model, meta):
@@ -376,12 +370,14 @@ def train_classifier(cfg, model, meta):
         if it % cfg.log_interval == 0 or it == cfg.classifier_iters - 1:
             print(f"classifier iter {it:5d}/{cfg.classifier_iters} | loss {loss.item():.4f} | {trainer.fmt_time(time.time() - t0)}", flush=True)
     path = os.path.join(common.out_dir(cfg, METHOD), "classifier.pt")
-    common.save_checkpoint(path, {"model": clf.state_dict(), "fields": fields, "config": dataclasses.asdict(cfg)})
+    common.save_checkpoint(path, {"model": clf.state_dict(), "fields": fields, "config": dataclasses.asdict(cfg),
+                                  "lm_embed": model.embed.weight.detach().cpu()})  # the model it reads the latents of
     print(f"classifier saved to {path}")
     return clf.eval()
 
 
-def load_classifier(cfg, device):
+def load_classifier(cfg, model):
+    """classifier.pt beside model's checkpoint, trained on model's own embeddings -> on model's device, frozen."""
     path = os.path.join(common.out_dir(cfg, METHOD), "classifier.pt")
     if not os.path.isfile(path):
         common.die(f"no classifier at {path}; train one with `python diffusion_lm.py --train_classifier`")
@@ -389,7 +385,10 @@ def load_classifier(cfg, device):
     ccfg = dataclasses.replace(cfg, **{k: ckpt["config"][k] for k in ("n_embd", "n_head", "classifier_layers", "embed_dim")})
     clf = Classifier(ccfg, [(f, list(v)) for f, v in ckpt["fields"]])
     trainer.fit_state(clf, ckpt["model"], path, {}, ccfg, "classifier")  # its shapes come from its own config
-    return clf.to(device).eval().requires_grad_(False)
+    if not torch.equal(ckpt.get("lm_embed", torch.empty(0)).float(), model.embed.weight.detach().float().cpu()):
+        common.die(f"{path} was trained on another model's embeddings (the model was retrained since); "
+                   "rerun `python diffusion_lm.py --train_classifier`")
+    return clf.to(model.embed.weight.device).eval().requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -665,7 +664,7 @@ def main(argv=None):
     if "sample" in verbs:
         cfg, model, tok, meta, _ = load(overrides)
         fixed = infill_template(tok, cfg)
-        clf = load_classifier(cfg, model.embed.weight.device) if cfg.control else None
+        clf = load_classifier(cfg, model) if cfg.control else None
         targets = clf.parse_targets(cfg.control) if clf else None
         t0 = time.time()
         out = sample_mbr(model, cfg, tok, cfg.num_samples, fixed, build_objective(model, cfg, clf, targets),
@@ -682,7 +681,7 @@ def main(argv=None):
               f"mse {stats['val_mse']:.4f} | prior {stats['val_prior']:.2e} | rounding {stats['val_rounding']:.4f} "
               f"({cfg.eval_t_samples} time samples per sequence)")
         if os.path.isfile(os.path.join(common.out_dir(cfg, METHOD), "classifier.pt")):
-            clf = load_classifier(cfg, model.embed.weight.device)
+            clf = load_classifier(cfg, model)
             for spec, (g, u) in control_eval(model, clf, tok, cfg).items():
                 stats[f"control {spec}"], stats[f"unguided {spec}"] = g, u
         else:

@@ -338,6 +338,7 @@ def test_eval_gen_on_e2e_judges_the_samples(cli_out, tmp_path):
 
 def test_a_damaged_classifier_is_one_line(cli_out, tmp_path):
     """classifier.pt is checked as a model checkpoint is: its checksum, and its shapes against the settings."""
+    cfg, model, *_ = D.load({"out_dir": cli_out})
     raw = torch.load(f"{cli_out}/classifier.pt", weights_only=True)
     name = next(iter(raw["model"]))
     resealed = {k: v for k, v in raw.items() if k != "checksum"}
@@ -348,8 +349,15 @@ def test_a_damaged_classifier_is_one_line(cli_out, tmp_path):
                         (resealed, ("does not fit this classifier", "trained with other settings"))):
         torch.save(ckpt, tmp_path / "classifier.pt")
         with pytest.raises(SystemExit) as e:
-            D.load_classifier(D.Config(out_dir=str(tmp_path)), "cpu")
+            D.load_classifier(D.Config(out_dir=str(tmp_path)), model)
         assert all(w in str(e.value) for w in words) and "\n" not in str(e.value), str(e.value)
+    # a classifier is trained on its model's embeddings: after the model is retrained (--overwrite), it read
+    # other latents and scored control silently (or failed with a shape error)
+    assert D.load_classifier(cfg, model).fields
+    with torch.no_grad():
+        model.embed.weight[5] += 0.1
+    with pytest.raises(SystemExit, match="was trained on another model's embeddings"):
+        D.load_classifier(cfg, model)
 
 
 def test_cli_train_sample_eval(cli_out):
