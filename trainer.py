@@ -160,7 +160,7 @@ def fit_state(module, state, path, saved_cfg, cfg, what="model"):
 
 
 def resume_from(path, method, cfg, meta, model, ema_model, opt, batches, rank, device):
-    """Load a run's state for --resume, checked as --sample checks it; -> the next iteration."""
+    """Load a run's state for --resume, checked as --sample checks it; -> (the next iteration, seconds trained so far)."""
     ckpt = RESUMED.pop(path, None) or load_checkpoint(path, method)
     if ckpt.get("method", method) != method:
         die(f"{path} was trained by {ckpt['method']}.py, not {method}.py; resume it with {ckpt['method']}.py")
@@ -191,7 +191,7 @@ def resume_from(path, method, cfg, meta, model, ema_model, opt, batches, rank, d
     start = ckpt["iter"] + 1
     if start > cfg.max_iters:
         die(f"{path} is at iteration {ckpt['iter']}, past --max_iters={cfg.max_iters}; raise --max_iters to train on")
-    return start
+    return start, ckpt.get("time", 0.0)
 
 
 def train(cfg, method, model, loss_fn, evaluate, meta, batches=None, dynamic=None):
@@ -249,9 +249,9 @@ def _train_loop(cfg, method, model, loss_fn, evaluate, meta, batches, device, ra
         batches = Batches(cfg, meta, seed=cfg.seed + 1000 * rank)
     else:
         batches.gen.manual_seed(cfg.seed + 1000 * rank)
-    start = 0
+    start, spent = 0, 0.0  # spent: seconds the run trained before this process (its log's "time" goes on from there)
     if cfg.resume:
-        start = resume_from(ckpt_path, method, cfg, meta, model, ema_model, opt, batches, rank, device)
+        start, spent = resume_from(ckpt_path, method, cfg, meta, model, ema_model, opt, batches, rank, device)
         if master:
             print(f"resuming from {ckpt_path} at iteration {start}")
     # an --overwrite run holds its records until its first checkpoint replaces the earlier run's, log and all
@@ -294,7 +294,7 @@ def _train_loop(cfg, method, model, loss_fn, evaluate, meta, batches, device, ra
         if master:
             save_checkpoint(ckpt_path, {
                 "model": model.state_dict(), "ema": ema_model.state_dict(), "optimizer": opt.state_dict(),
-                "rng": rngs, "data_rng": data_rngs, "cuda_rng": cuda_rngs, "iter": it,
+                "rng": rngs, "data_rng": data_rngs, "cuda_rng": cuda_rngs, "iter": it, "time": spent + time.time() - t0,
                 "config": dataclasses.asdict(cfg), "meta": meta, "method": method, "val": val})
             if held is not None:
                 truncate_log(log_path, -1)
@@ -345,13 +345,13 @@ def _train_loop(cfg, method, model, loss_fn, evaluate, meta, batches, device, ra
             tps = tok_since / max(now - t_last, 1e-9)
             eta = (now - t0) / (it - start + 1) * (cfg.max_iters - it - 1)
             print(f"iter {it:5d}/{cfg.max_iters} | loss {loss_val:.4f} | lr {lr:.2e} | {tps / 1e3:.1f}k {unit}/s | eta {fmt_time(eta)}", flush=True)
-            log({"iter": it, "loss": loss_val, "lr": lr, f"{unit}_per_s": tps, "time": now - t0})
+            log({"iter": it, "loss": loss_val, "lr": lr, f"{unit}_per_s": tps, "time": spent + now - t0})
             t_last, tok_since = now, 0
         if (it + 1) % cfg.eval_interval == 0 or last:
             val = run_eval()
             if master:
                 print(f"eval  {it:5d} | " + " | ".join(f"{k} {v:.4f}" for k, v in val.items()), flush=True)
-                log({"iter": it, "eval": val, "time": time.time() - t0})
+                log({"iter": it, "eval": val, "time": spent + time.time() - t0})
             checkpoint(it, val)
             last_good = it
             t_last, tok_since = time.time(), 0

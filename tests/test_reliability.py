@@ -103,6 +103,8 @@ def test_resume_logs_each_iteration_once(run6, tmp_path):
     assert [r["iter"] for r in recs if "loss" in r] == list(range(9))
     assert [r["iter"] for r in recs if "eval" in r] == [2, 5, 8]
     assert all(r["loss"] != 9.0 for r in recs if "loss" in r)
+    times = [r["time"] for r in recs]  # the run's own clock goes on where the checkpoint left it
+    assert times == sorted(times) and times[-1] > common.load_checkpoint(os.path.join(src, "ckpt.pt"), "mdlm")["time"]
 
 
 def test_a_published_models_eval_record_survives_a_new_run(tmp_path):
@@ -244,7 +246,7 @@ def test_a_rank_the_checkpoint_has_no_streams_for_draws_its_own(run6):
         ema, opt = M.build_model(cfg, ckpt["meta"]), trainer.make_optimizer(model, cfg, torch.device("cpu"))
         batches = corpus.Batches(cfg, ckpt["meta"], seed=cfg.seed + 1000 * rank)
         fresh = batches.gen.get_state()
-        assert trainer.resume_from(path, "mdlm", cfg, ckpt["meta"], model, ema, opt, batches, rank, torch.device("cpu")) == 6
+        assert trainer.resume_from(path, "mdlm", cfg, ckpt["meta"], model, ema, opt, batches, rank, torch.device("cpu"))[0] == 6
         assert torch.equal(batches.gen.get_state(), ckpt["data_rng"][0] if rank == 0 else fresh)
     assert not torch.equal(fresh, ckpt["data_rng"][0])
 
