@@ -90,24 +90,29 @@ def read_config(d):
 
 
 def read_weights(d):
-    """The state dict in the directory (tensors only, never code)."""
+    """The state dict in the directory: tensors only (never code), each finite."""
     st, pt = (os.path.join(d, w) for w in WEIGHTS)
+    if not os.path.isfile(st) and not os.path.isfile(pt):
+        die(f"{d} holds neither {WEIGHTS[0]} nor {WEIGHTS[1]}")
+    f = st if os.path.isfile(st) else pt
     try:
-        if os.path.isfile(st):
+        if f == st:
             try:
                 from safetensors.torch import load_file
             except ImportError:
                 die(f"{st} needs safetensors (pip install -e \".[hub]\")")
-            return load_file(st)
-        if os.path.isfile(pt):
+            state = load_file(st)
+        else:
             state = torch.load(pt, map_location="cpu", weights_only=True)
-            if isinstance(state, dict):
-                return state
-            die(f"{pt} holds a {type(state).__name__}, not a state dict")
-    except (OSError, RuntimeError, ValueError) as e:
+    except Exception as e:  # cut short, or another format: safetensors' and the unpickler's own errors
         die(f"cannot read the weights in {d} ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); "
             "download them again")
-    die(f"{d} holds neither {WEIGHTS[0]} nor {WEIGHTS[1]}")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        die(f"{f} holds a {type(state).__name__}, not a state dict of tensors")
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        die(f"{f}: {bad} holds NaN or inf values; download it again")
+    return state
 
 
 def architecture(config, path):
@@ -179,7 +184,8 @@ def check_keys(state, a, n_out, path):
     if rotary in state:
         hd = a["n_embd"] // a["n_head"]
         expect = 1.0 / 10000 ** (torch.arange(0, hd, 2).float() / hd)
-        if state[rotary].shape != expect.shape or not torch.allclose(state[rotary].float(), expect):
+        stored = expect.to(state[rotary].dtype).float()  # as a half-precision copy rounds it
+        if state[rotary].shape != expect.shape or not torch.allclose(state[rotary].float(), stored):
             die(f"{path}: {rotary} is not the rotary table of head size {hd} (base 10000)")
 
 

@@ -249,6 +249,29 @@ def test_hub_id_without_network_or_copy_says_how_to_provide_one():
     assert "louaaron/sedd-small" in lines[0] and "--init_from=DIR" in lines[0]
 
 
+def test_weights_that_cannot_be_used_are_one_line(tmp_path):
+    """A cut or foreign weights file was a SafetensorError, UnpicklingError or AttributeError traceback, and NaN
+    weights sampled '!!!!' with exit status 0; a half-precision copy was refused for its rounded rotary table."""
+    path = write_sedd(tmp_path / "a", tokens=20, hidden=16, cond=8, n_blocks=1, n_heads=2, length=8)
+    good = {k: v.clone() for k, v in hub.read_weights(path).items()}  # not the file's mapped pages, rewritten below
+    st, pt = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
+    raw = open(st, "rb").read()
+    for write, message in ((lambda: open(st, "wb").write(raw[:100]), "cannot read the weights"),
+                           (lambda: open(st, "wb").write(b""), "cannot read the weights"),
+                           (lambda: save_file({**good, "blocks.0.mlp.0.bias": good["blocks.0.mlp.0.bias"] * math.nan}, st),
+                            "blocks.0.mlp.0.bias holds NaN or inf values"),
+                           (lambda: (os.remove(st), torch.save({"state_dict": good}, pt)), "not a state dict of tensors"),
+                           (lambda: torch.save(torch.nn.Linear(2, 2), pt), "cannot read the weights")):
+        write()
+        with pytest.raises(SystemExit, match=message):
+            hub.read_weights(path)
+    os.remove(pt)
+    _, a = hub.architecture(hub.read_config(path), path)
+    for dtype in (torch.float16, torch.bfloat16):
+        save_file({k: v.to(dtype) for k, v in good.items()}, st)
+        hub.check_keys(hub.read_weights(path), a, 21, path)  # 20 tokens and the absorbing state
+
+
 def test_missing_or_extra_keys_are_named(tmp_path):
     path = write_sedd(tmp_path / "a", tokens=20, hidden=16, cond=8, n_blocks=2, n_heads=2, length=8)
     state = hub.read_weights(path)
