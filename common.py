@@ -103,7 +103,8 @@ class PromptConfig:
 VERBS = ("train", "sample", "eval")
 TRUE, FALSE = ("1", "true", "yes", "on", ""), ("0", "false", "no", "off")  # what a bool --key takes
 # what one command asks (its folder and output files, its device, a spent init_from): a checkpoint's config keeps none
-PER_COMMAND = {"out_dir", "init_from", "resume", "overwrite", "device", "show", "gen", "samples_in", "samples_out", "png"}
+PER_COMMAND = {"out_dir", "init_from", "resume", "overwrite", "device", "show", "gen", "samples_in", "samples_out", "png",
+               "eval_data", "eval_file"}
 TIED = {"dataset": ("data_dir",)}  # a key -> saved keys that belong to its saved value (a Config adds its own TIED)
 SHARED_KEYS = {f.name for c in (BaseConfig, TextConfig, PromptConfig) for f in dataclasses.fields(c)}
 
@@ -149,7 +150,8 @@ def parse_args(config_cls, argv=None):
         overrides[key] = _convert(key, value, types[key])
     if not verbs:
         die("say what to do: --train, --sample or --eval (plus --key=value overrides)")
-    for key, needs in (("samples_out", ["sample"]), ("gen", ["eval"]), ("samples_in", ["eval", "gen"])):
+    for key, needs in (("samples_out", ["sample"]), ("gen", ["eval"]), ("samples_in", ["eval", "gen"]),
+                       ("eval_data", ["eval"]), ("eval_file", ["eval"])):
         if overrides.get(key) and not all(n in verbs or overrides.get(n) for n in needs):
             die(f"--{key} is read by {' '.join('--' + n for n in needs)} only; add {' '.join('--' + n for n in needs)} or drop it")
     published = ("n_layer", "n_head", "n_embd") if overrides.get("init_from") else ()  # hub.py checks these against its config
@@ -389,9 +391,8 @@ class Transformer(nn.Module):
         if cond_dim:
             self.time_mlp = nn.Sequential(nn.Linear(256, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim), nn.SiLU())
             self.ada_f = nn.Linear(cond_dim, 2 * n_embd)
-        cos, sin = rotary_tables(block_size, n_embd // n_head)
-        self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
+        for name, table in zip(("cos", "sin"), rotary_tables(block_size, n_embd // n_head)):
+            self.register_buffer(name, table, persistent=False)
         for name, p in self.named_parameters():
             if ".ada." in name or name.startswith("ada_f."):
                 nn.init.zeros_(p)  # adaLN-Zero: every block starts as the identity

@@ -380,15 +380,17 @@ def check_memory(cfg):
 def model_to_train(cfg, method, config_cls, overrides, build_model, check_config):
     """--train's model -> (cfg, model, meta, overrides). With --init_from, the published weights and
     architecture on this run's data (hub.py), and overrides without init_from, so that a --sample
-    after it reads the fine-tuned checkpoint; otherwise a fresh model on the prepared data."""
-    if cfg.init_from:
+    after it reads the fine-tuned checkpoint; otherwise (or resumed, the run's checkpoint holding the weights
+    and settings) a fresh model on the prepared data."""
+    spent = {k: v for k, v in overrides.items() if k != "init_from"}
+    if cfg.init_from and not cfg.resume:
         cfg, model, meta = hub.load_model(cfg.init_from, method, config_cls, overrides, build_model, prepare_data)
         check_config(cfg)
         check_memory(cfg)
-        return cfg, model, meta, {k: v for k, v in overrides.items() if k != "init_from"}
+        return cfg, model, meta, spent
     check_memory(cfg)
     meta = prepare_data(cfg)
-    return cfg, build_model(cfg, meta), meta, overrides
+    return cfg, build_model(cfg, meta), meta, spent
 
 
 def load_published(config_cls, overrides, method, build_model):

@@ -226,6 +226,13 @@ def test_cli_sample_eval_and_finetune_from_a_directory(method, gpt2_checkpoints,
     assert "iter     2/3" in r.stdout and os.path.isfile(out / "ckpt.pt")
     r = run_cli([f"{method}.py", "--sample", f"--out_dir={out}", "--steps=2", "--num_samples=1", "--device=cpu"], env=env())
     assert "=== sample 0" in r.stdout  # the fine-tuned checkpoint reloads in the published layout
+    # the training command again with --resume: --init_from rebuilt the config from the published defaults and
+    # the command line, and the run went on with another --lr, --batch_size and the default dataset's data
+    run_cli([f"{method}.py", "--train", "--resume", f"--init_from={ckpt}", f"--out_dir={out}", "--max_iters=4",
+             "--device=cpu", "--lr=5e-4"], env=env())
+    saved = torch.load(out / "ckpt.pt", weights_only=True)
+    assert saved["iter"] == 3 and saved["config"]["data_dir"] == gpt2_data and saved["config"]["batch_size"] == 2
+    assert saved["config"]["lr"] == 5e-4
 
 
 # ----------------------------------------------------------------------------------------------

@@ -144,8 +144,11 @@ def test_a_checkpoint_config_keeps_the_run_not_what_one_command_asked():
     assert (cfg.samples_out, cfg.gen, cfg.device, cfg.show, cfg.steps, cfg.data_dir) == ("", False, "auto", False, 64, "/x/upg")
     assert common.config_from_checkpoint(M.Config, {"config": saved}, {"dataset": "upg"}).data_dir == "/x/upg"  # its own
     assert common.config_from_checkpoint(M.Config, {"config": saved}, {"dataset": "text8"}).data_dir == ""
-    moved = {"config": {**saved, "out_dir": "/where/it/was/trained"}}  # a run resumed where it is now
-    assert common.config_from_checkpoint(M.Config, moved, {}).out_dir == ""
+    moved = {"config": {**saved, "out_dir": "/where/it/was/trained", "eval_data": "ptb"}}  # resumed where it is now;
+    assert common.config_from_checkpoint(M.Config, moved, {}).out_dir == ""  # its training command's --eval_data
+    assert common.config_from_checkpoint(M.Config, moved, {}).eval_data == ""  # is not a later --eval's data
+    with pytest.raises(SystemExit, match="--eval_data is read by --eval only"):  # (which --train never read)
+        common.parse_args(M.Config, ["--train", "--eval_data=ptb"])
     import sedd  # a checkpoint that names its schedule "noise", as older ones do: sampled and resumed with it
     old = {**{k: v for k, v in dataclasses.asdict(sedd.Config()).items() if k != "schedule"}, "noise": "geometric"}
     assert common.config_from_checkpoint(sedd.Config, {"config": old}, {}).schedule == "geometric"
