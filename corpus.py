@@ -617,13 +617,19 @@ def read_eval_file(path, name):
                 rows.append(json.loads(line)[field])
             except (ValueError, TypeError, KeyError):
                 die(f"{path} line {n} is not a JSON object with a {field!r} field (the --eval_data={name} format)")
+            if not isinstance(rows[-1], str):
+                die(f"{path} line {n}: {field!r} is {type(rows[-1]).__name__}, not a string (the --eval_data={name} format)")
         return rows
     if ext == ".parquet":
         import pyarrow.parquet as pq
         try:
-            return pq.read_table(path, columns=[field]).column(field).to_pylist()
+            rows = pq.read_table(path, columns=[field]).column(field).to_pylist()
         except Exception as e:  # not parquet, or no such column
             die(f"{path} is not a parquet table with a {field!r} column ({type(e).__name__}; the --eval_data={name} format)")
+        bad = next((i for i, r in enumerate(rows) if not isinstance(r, str)), None)
+        if bad is not None:
+            die(f"{path} row {bad}: {field!r} is {type(rows[bad]).__name__}, not a string (the --eval_data={name} format)")
+        return rows
     die(f"--eval_file={path}: expected {EVAL_FILE_FORMATS}")
 
 
@@ -651,6 +657,8 @@ def wrap_blocks(docs, block_size, eos, bos=None):
     blocks, the remainder dropped. With bos (MDLM's protocol) a block is bos + block_size - 2 tokens
     + eos; without (SEDD's) block_size tokens."""
     n = block_size - 2 if bos is not None else block_size
+    if n < 1:
+        die(f"--block_size={block_size} leaves no text in a block between its BOS and EOS; use at least 3")
     stream = np.fromiter((t for d in docs for t in [*d, eos]), dtype=np.int64)
     if len(stream) < n:
         die(f"the evaluation text has {len(stream)} tokens, fewer than one block of {n}")

@@ -228,6 +228,9 @@ def load_model(init_from, method, config_cls, overrides, build_model, prepare=No
     for k in FIXED_KEYS:
         if k in overrides and k in s and overrides[k] != s[k]:
             die(f"--{k} is fixed by {init_from} ({s[k]}); drop it")
+    if overrides.get("block_size", 0) > a["block_size"]:  # positions it never saw (a shorter --block_size is fine)
+        die(f"--block_size={overrides['block_size']} is longer than the {a['block_size']} positions {init_from} was "
+            f"trained on; use at most {a['block_size']}")
     cfg = config_cls(**{**s, **overrides})
     state = read_weights(path)
     n_out = a["vocab_size"] + (1 if method == "mdlm" or a["graph"] == "absorb" else 0)

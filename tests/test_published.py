@@ -289,7 +289,7 @@ def test_missing_or_extra_keys_are_named(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["mdlm_into_sedd", "sedd_into_mdlm", "other_graph", "not_a_dir", "no_weights", "shape_flag",
-                                  "head_flag", "own_checkpoint"])
+                                  "head_flag", "own_checkpoint", "longer_blocks"])
 def test_wrong_checkpoint_is_one_line(case, tmp_path):
     m = write_mdlm(tmp_path / "m", vocab_size=21, hidden=16, cond=8, n_blocks=1, n_heads=2, length=8)
     s = write_sedd(tmp_path / "s", tokens=20, hidden=16, cond=8, n_blocks=1, n_heads=2, length=8)
@@ -302,5 +302,6 @@ def test_wrong_checkpoint_is_one_line(case, tmp_path):
                     "shape_flag": (["mdlm.py", f"--init_from={m}", "--n_layer=4"], "--n_layer is fixed by"),
                     # judged against the published config, not the defaults (n_embd=128 is no multiple of 3)
                     "head_flag": (["sedd.py", f"--init_from={s}", "--n_head=3"], "--n_head is fixed by"),
-                    "own_checkpoint": (["mdlm.py", f"--init_from={tmp_path}/out/ckpt.pt"], "with --resume")}[case]
+                    "own_checkpoint": (["mdlm.py", f"--init_from={tmp_path}/out/ckpt.pt"], "with --resume"),
+                    "longer_blocks": (["mdlm.py", f"--init_from={m}", "--block_size=16"], "than the 8 positions")}[case]
     assert expect in one_line_error(args + ["--sample", "--device=cpu"])

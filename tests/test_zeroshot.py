@@ -55,6 +55,9 @@ def test_sedd_wrap_cuts_plain_blocks():
 def test_wrap_of_too_little_text_is_one_line():
     with pytest.raises(SystemExit, match="fewer than one block"):
         corpus.wrap_blocks([[1, 2]], 8, eos=0, bos=0)
+    for block_size in (1, 2):  # a ZeroDivisionError and a reshape ValueError
+        with pytest.raises(SystemExit, match=f"--block_size={block_size} leaves no text in a block"):
+            corpus.wrap_blocks([[1, 2, 3]], block_size, eos=0, bos=0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -78,9 +81,14 @@ def test_each_local_format_gives_the_rows(tmp_path):
     ("lambada", "l.jsonl", '{"text": "ok"}\nnot json\n', "l.jsonl line 2 is not a JSON object with a 'text' field"),
     ("arxiv", "a.parquet", "plain text", "a.parquet is not a parquet table with a 'article' column"),
     ("wikitext2", "w.csv", "a,b\n", "expected .jsonl: one JSON object per line"),
+    ("lambada", "l.jsonl", '{"text": "ok"}\n{"text": null}\n', "l.jsonl line 2: 'text' is NoneType, not a string"),
+    ("ptb", "p.parquet", ["a b", None], "p.parquet row 1: 'sentence' is NoneType, not a string"),
 ])
 def test_a_file_in_the_wrong_format_is_one_line(name, file, content, expect, tmp_path):
-    (tmp_path / file).write_text(content)
+    if isinstance(content, list):  # a parquet column
+        pq.write_table(pa.table({"sentence": content}), tmp_path / file)
+    else:
+        (tmp_path / file).write_text(content)
     with pytest.raises(SystemExit) as e:
         corpus.read_eval_file(str(tmp_path / file), name)
     assert expect in str(e.value.code) and "\n" not in str(e.value.code)
