@@ -669,15 +669,15 @@ def judge_texts(judge_path, texts, tok, meta, device):
     return sum(s[0] for s in scored) / max(1, sum(s[1] for s in scored)), [torch.tensor(s[3], dtype=torch.long) for s in scored]
 
 
-def generative_eval(judge_path, sample_fn, num_samples, meta, tok, what="", samples_in=""):
-    """Draw num_samples sequences with sample_fn(n) -> (n, T) (or read --samples_in), time them, score
-    them with the judge (an ar.py checkpoint, or a transformers model on the text tok decodes).
+def generative_eval(judge_path, sample_fn, num_samples, meta, tok, what="", samples_in="", device=None):
+    """Draw num_samples sequences with sample_fn(n) -> (n, T) (or read --samples_in, judged on device), time them,
+    score them with the judge (an ar.py checkpoint, or a transformers model on the text tok decodes).
     Returns {"gen_nll" (nats/token under the judge), "gen_ppl", "gen_entropy" (nats), "sec_per_sample" (when
     drawn here, not read)}; prints one line."""
     if samples_in:
         import hub
         texts, settings = hub.read_samples(samples_in)
-        samples, sec, device = None, None, "cuda" if torch.cuda.is_available() else "cpu"
+        samples, sec, device = None, None, device or ("cuda" if torch.cuda.is_available() else "cpu")
         what = f"from {samples_in}" + (f", {settings.get('method')} {settings.get('sampler')}, {settings.get('steps')} steps" if settings else "")
     else:
         t0 = time.time()

@@ -273,20 +273,28 @@ def load_hf_judge(name, device="cpu"):
         return _load_hf_judge(name, device)
 
 
-def _load_hf_judge(name, device):
-    try:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-    except ImportError:
-        die(f"--judge={name} is a transformers model and needs transformers (pip install -e \".[hub]\"); "
-            f"or pass an ar.py checkpoint (--judge=out/ar/ckpt.pt)")
-    try:  # no trust_remote_code: only architectures transformers itself implements
-        tok = AutoTokenizer.from_pretrained(name)
-    except Exception as e:
-        die(f"cannot load the judge's tokenizer from {name} ({type(e).__name__}); pass a hub id while online "
-            f"or a directory saved with save_pretrained holding the model and its tokenizer files")
+def hf_judge_tokenizer(name):
+    """A transformers judge's tokenizer: what --eval --gen reads first, so a wrong --judge stops before the bound."""
+    with hf_kernels_package():
+        try:
+            from transformers import AutoTokenizer
+        except ImportError:
+            die(f"--judge={name} is a transformers model and needs transformers (pip install -e \".[hub]\"); "
+                f"or pass an ar.py checkpoint (--judge=out/ar/ckpt.pt)")
+        try:  # no trust_remote_code: only architectures transformers itself implements
+            tok = AutoTokenizer.from_pretrained(name)
+        except Exception as e:
+            die(f"cannot load the judge's tokenizer from {name} ({type(e).__name__}); pass a hub id while online "
+                f"or a directory saved with save_pretrained holding the model and its tokenizer files")
     if len(tok) < 2 or not tok("a b")["input_ids"]:  # transformers builds an empty one from a bare config
         die(f"the judge {name} has no tokenizer files (tokenizer.json, or vocab and merges); "
             f"save the tokenizer beside the model (tokenizer.save_pretrained) or pass a hub id while online")
+    return tok
+
+
+def _load_hf_judge(name, device):
+    tok = hf_judge_tokenizer(name)
+    from transformers import AutoModelForCausalLM
     try:
         model = AutoModelForCausalLM.from_pretrained(name)
     except Exception as e:

@@ -431,7 +431,8 @@ def main(argv=None):
         if cfg.gen:
             free = torch.full((cfg.seq_len or cfg.block_size,), -1)
             stats.update(common.generative_eval(cfg.judge, lambda n: generate(model, cfg, free, n)[0], cfg.num_samples,
-                                                meta, tok, f"{cfg.sampler}, {cfg.steps} steps", cfg.samples_in))
+                                                meta, tok, f"{cfg.sampler}, {cfg.steps} steps", cfg.samples_in,
+                                                next(model.parameters()).device))
         trainer.log_json(os.path.join(common.out_dir(cfg, "mdlm"), "log.jsonl"),
                         {"eval_full": stats, "iter": ckpt["iter"], "t_samples": cfg.eval_t_samples})
 

@@ -116,6 +116,9 @@ def test_cli_sample_to_file_then_judge_it(judge_dir, char_data, tmp_path):
     r = run_cli(["mdlm.py", "--eval", "--gen", f"--out_dir={out}", f"--samples_in={f}.missing", f"--judge={judge_dir}",
                  "--device=cpu"], check=False)  # refused before the bound is computed
     assert r.returncode == 1 and "no samples file" in r.stderr and "NELBO" not in r.stdout, r.stdout + r.stderr
+    r = run_cli(["mdlm.py", "--eval", "--gen", f"--out_dir={out}", f"--samples_in={f}", f"--judge={judge_dir}.missing",
+                 "--device=cpu"], env={**OFFLINE, "HF_HUB_OFFLINE": "1"}, check=False)  # so is a judge that is not there
+    assert r.returncode == 1 and "judge's tokenizer" in r.stderr and "NELBO" not in r.stdout, r.stdout + r.stderr
 
 
 def test_ar_samples_are_decoded_for_a_transformers_judge(judge_dir, char_data, tmp_path):
