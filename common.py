@@ -691,8 +691,8 @@ def generative_eval(judge_path, sample_fn, num_samples, meta, tok, what="", samp
             texts = [tok.decode(s) for s in samples.tolist()]
         nll, ids = judge_texts(judge_path, texts, tok, meta, device)
     n = len(texts) if samples is None else num_samples
-    stats = {"gen_nll": nll, "gen_ppl": math.exp(nll), "gen_entropy": unigram_entropy(torch.cat(ids)),
-             **({"sec_per_sample": sec} if sec is not None else {})}
+    stats = {"gen_nll": nll, "gen_ppl": math.exp(nll), "gen_entropy": unigram_entropy(torch.cat(ids)), "gen_judge": judge_path,
+             **({"sec_per_sample": sec} if sec is not None else {"gen_samples_in": samples_in})}
     print(f"gen: NLL {nll:.4f} nats/token under the judge {judge_path} (perplexity {stats['gen_ppl']:.3f}) | "
           f"unigram entropy {stats['gen_entropy']:.4f} nats{'' if sec is None else f' | {sec:.3f} s/sample'} "
           f"({n} samples{'' if samples is None else f' of {samples.shape[1]} tokens' if len(samples) == n else f', {samples.numel()} tokens packed'}"

@@ -632,7 +632,8 @@ def main(argv=None):
                                                 meta, tok, f"{cfg.sampler} sampler, {cfg.steps} steps", cfg.samples_in,
                                                 next(model.parameters()).device))
         trainer.log_json(os.path.join(common.out_dir(cfg, "sedd"), "log.jsonl"),
-                        {"eval_full": stats, "iter": ckpt["iter"], "t_samples": cfg.eval_t_samples})
+                        {"eval_full": stats, "iter": ckpt["iter"], "t_samples": cfg.eval_t_samples,
+                         "init_from": cfg.init_from or None})  # the weights scored, where not this folder's
 
 
 if __name__ == "__main__":

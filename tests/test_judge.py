@@ -112,6 +112,7 @@ def test_cli_sample_to_file_then_judge_it(judge_dir, char_data, tmp_path):
     assert math.isfinite(nll) and nll > 0 and ent > 0
     log = [json.loads(x, parse_constant=lambda c: pytest.fail(f"{c} in log.jsonl")) for x in open(os.path.join(out, "log.jsonl"))]
     assert abs(log[-1]["eval_full"]["gen_nll"] - nll) < 1e-3
+    assert (log[-1]["eval_full"]["gen_judge"], log[-1]["eval_full"]["gen_samples_in"]) == (judge_dir, f)  # what it scored
     assert "sec_per_sample" not in log[-1]["eval_full"] and "s/sample" not in line[0]  # read, not drawn: not timed
     r = run_cli(["mdlm.py", "--eval", "--gen", f"--out_dir={out}", f"--samples_in={f}.missing", f"--judge={judge_dir}",
                  "--device=cpu"], check=False)  # refused before the bound is computed

@@ -220,6 +220,8 @@ def test_cli_sample_eval_and_finetune_from_a_directory(method, gpt2_checkpoints,
                  "--device=cpu"], env=env())
     nelbo = float(r.stdout.split("val NELBO ")[1].split()[0])
     assert math.isfinite(nelbo) and nelbo > 0, r.stdout
+    record = json.loads(open(tmp_path / "e" / "log.jsonl").readlines()[-1])
+    assert record["init_from"] == str(ckpt) and record["eval_full"]["val_nelbo"] == pytest.approx(nelbo, abs=1e-4)
     out = tmp_path / "ft"
     r = run_cli([f"{method}.py", "--train", f"--init_from={ckpt}", data, f"--out_dir={out}", "--max_iters=3", "--batch_size=2",
                  "--eval_interval=3", "--eval_iters=1", "--log_interval=1", "--device=cpu"], env=env())
