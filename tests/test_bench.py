@@ -60,6 +60,7 @@ def test_gpu_command_dry_run_on_cpu(tmp_path):
         assert all(r["kernel_s"] > 0 and r["eager_s"] > 0 for r in rows) and "## kernels" in md
         checks = doc["parts"][PARTS.index("acceptance")]["figures"]
         assert len(checks) == len(rows) + 2 and "dry run" in doc["parts"][PARTS.index("acceptance")]["summary"]
+        assert all(c["met"] == "not judged" for c in checks), checks  # toy sizes: the clamp said "no"
     runs = doc["parts"][PARTS.index("train and sample")]["figures"]
     assert [r["method"] for r in runs] == ["ddpm", "mdlm"] and status["train and sample"] == "ok"
     assert all(r["train"] == "ok" and r["sample"] == "ok" and r["last eval"].startswith("eval") for r in runs), runs
@@ -92,9 +93,25 @@ def test_gpu_command_skips_the_parts_past_its_budget(tmp_path, capsys):
     bench.bench_gpu([f"--out={tmp_path}", "--budget=0"])
     doc = json.load(open(tmp_path / "report.json"))
     assert [p["name"] for p in doc["parts"]] == PARTS
-    assert all(p["status"] == "skipped" and "--budget of 0 s was spent" in p["summary"] for p in doc["parts"])
+    # the verdict on the timings taken costs nothing: it is never cut (here there are none to judge)
+    assert all(p["status"] == "skipped" and ("--budget of 0 s was spent" in p["summary"]) != (p["name"] == "acceptance")
+               for p in doc["parts"]), doc["parts"]
     report = bench.Report(str(tmp_path), {"device": "x"}, budget=100)
     assert report.left(300) <= 100 and report.left(30) == 30
+
+
+def test_the_report_keeps_what_a_failed_part_said(tmp_path):
+    """A timed-out run's output came as a bytes repr without its stderr; a failed build's reason was only
+    on stderr; a summary holding '|' or a newline broke report.md's table."""
+    rc, text = bench._run(["-c", "import sys, time; print('out'); print('err', file=sys.stderr, flush=True); "
+                                 "time.sleep(30)"], 3)
+    assert rc == 124 and "out\n" in text and "err" in text and text.endswith("timed out after 3 s") and "b'" not in text
+    report = bench.Report(str(tmp_path), {"device": "x"})
+    report.part("boom", lambda: (_ for _ in ()).throw(RuntimeError("a | b\nsecond line")))
+    assert "| boom | failed | " in open(tmp_path / "report.md").read().splitlines()[-3]
+    r = run_cli(["bench.py", "gpu", f"--out={tmp_path / 'g'}", "--methods="], env={"DIFFLM_BUILD": "/proc/no_such_dir"})
+    build = json.load(open(tmp_path / "g" / "report.json"))["parts"][0]
+    assert build["status"] == "failed" and "/proc/no_such_dir" in build["summary"], (build, r.stderr[-1000:])
 
 
 def test_rotary_timing_and_its_bad_sizes():
@@ -139,6 +156,10 @@ def test_methods_with_samplers_measures_each_decoding_control(tmp_path):
              "--steps=2,4", "--num_samples=2", "--samplers"], timeout=600)
     doc = json.load(open(tmp_path / "runs" / "methods.json"))
     assert set(doc["curves"]) == {"ar", "mdlm", "mdlm (confidence)", "mdlm (t0.8 p0.9)"}
+    # again over the same runs: refused by the trainer for the checkpoint there, after their logs were deleted
+    run_cli(["bench.py", "methods", "--methods=ar", f"--out_root={tmp_path / 'runs'}", f"--train_args={train}",
+             "--num_samples=2"], timeout=600)
+    assert os.path.isfile(tmp_path / "runs" / "ar" / "log.jsonl")
     for key in ("mdlm", "mdlm (confidence)", "mdlm (t0.8 p0.9)"):
         assert [p[0] for p in doc["curves"][key]] == [2, 4]
         assert all(math.isfinite(p[1]) and p[2] > 0 for p in doc["curves"][key])
@@ -195,6 +216,24 @@ def test_train_speed_times_a_nanogpt_checkout_beside_ar(tmp_path, capsys):
     assert "number of parameters" not in out
     r = run_cli(["bench.py", "train_speed", f"--nanogpt={tmp_path / 'nowhere'}"], check=False)
     assert r.returncode == 1 and "has no model.py; give a checkout of karpathy/nanoGPT" in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["kernels", "--repeat=-1"], "--repeat=-1"), (["kernels", "--sizes=0,5,66"], "each a positive integer"),
+    (["rotary", "--sizes=0,5,3,6"], "each a positive integer"), (["kernels", "--graphs=absorbing"], "choose from absorb,uniform"),
+    (["kernels", "--ops=foo"], "choose from score_entropy,euler"), (["kernels", "--device=gpu"], "unknown --device=gpu"),
+    (["nearest", "--metrics=none"], "--metrics='none': choose from cos,l2"), (["gpu", "--out=/proc/x"], "choose another --out"),
+    (["methods", "--steps=a"], "--steps='a': give positive integers"), (["sample_speed", "--batches=a"], "--batches='a'"),
+    (["train_speed", "--vocab=0"], "--vocab='0'"), (["throughput", "--compile=true", "--grad_accum=4"],
+                                                    "does not use --compile, --grad_accum"),
+])
+def test_bad_arguments_are_one_line(args, message):
+    """Each was a traceback (StatisticsError, ZeroDivisionError, RuntimeError, ValueError), an empty table, or
+    options a benchmark took and ignored."""
+    with pytest.raises(SystemExit) as e:
+        bench.BENCHES[args[0]](args[1:])
+    assert str(e.value.code).startswith("error: ") and message in str(e.value.code), str(e.value.code)
+    assert "\n" not in str(e.value.code)
 
 
 def test_train_speed_bad_input():
