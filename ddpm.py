@@ -48,7 +48,8 @@ class Config(common.BaseConfig):
     T: int = 1000
     schedule: str = "linear"  # linear (beta 1e-4..0.02 at T=1000) | cosine (s=0.008)
     pred: str = "eps"  # what the network predicts: eps | x0 | v
-    FIXED = ("T", "schedule", "pred", "dataset")  # what a checkpoint fixes beside the shape (a class attribute, not a --key)
+    FIXED = ("T", "schedule", "pred")  # what a checkpoint fixes beside the shape (a class attribute, not a --key)
+    TIED = {"sampler": ("eta",)}  # a saved DDIM run's eta is not another --sampler's
     var: str = "beta"  # reverse variance: beta (sigma_t^2 = beta_t) | posterior (beta_tilde_t)
     # optimisation (small MLP, 2-D points: big batches, short run)
     batch_size: int = 256
@@ -102,7 +103,7 @@ def swiss_roll(n, gen):
 
 
 def checkerboard(n, gen):
-    """Uniform on the 8 black squares of a 4x4 board over [-2, 2]^2."""
+    """Uniform on the 8 black squares of a 4x4 board over [-2, 2] x [-1, 3]."""
     x1 = 4 * torch.rand(n, generator=gen, dtype=torch.float64) - 2
     x2 = torch.rand(n, generator=gen, dtype=torch.float64) - 2 * torch.randint(2, (n,), generator=gen).double()
     x2 = x2 + torch.floor(x1) % 2
@@ -184,6 +185,9 @@ class PointBatches:
         if meta is None:
             std = stats_from.std(0)
             meta = {**info, "mean": stats_from.mean(0).tolist(), "std": np.where(std > 1e-8, std, 1.0).tolist()}
+        elif info["kind"] != meta["kind"] or (info["kind"] == "toy" and dataset != meta["data"]):
+            common.die(f"--dataset={dataset}: the model was trained on {meta['data']}; give that (a moved .npy file: its "
+                       "new path)")
         elif meta["dim"] != info["dim"]:
             common.die(f"{dataset} has {info['dim']} dimensions but the checkpoint was trained on {meta['dim']}")
         elif meta.get("sha256", info.get("sha256")) != info.get("sha256"):  # standardised with the old file's statistics
@@ -523,16 +527,22 @@ def save_png(path, data_pts, sample_pts, title, strip=None):
     lo = np.minimum(pts[0].min(0), pts[1].min(0))
     hi = np.maximum(pts[0].max(0), pts[1].max(0))
     pad = 0.05 * (hi - lo)
+
+    def draw(ax, p, color, name):  # two dimensions: a scatter of the points; one: their histogram
+        if p.shape[1] == 1:
+            ax.hist(p[:, 0], bins=60, density=True, color=color)
+        else:
+            ax.scatter(p[:, 0], p[:, 1], s=1, alpha=0.5, color=color, rasterized=True)
+            ax.set_aspect("equal")
+        ax.set_title(name, fontsize=8), ax.tick_params(labelsize=6)
     for i, (p, name) in enumerate(zip(pts, ["held-out data", title])):
         ax = fig.add_subplot(rows, 2, i + 1)
-        ax.scatter(p[:, 0], p[:, 1], s=1, alpha=0.5, color="C0" if i == 0 else "C1", rasterized=True)
-        ax.set_xlim(lo[0] - pad[0], hi[0] + pad[0]), ax.set_ylim(lo[1] - pad[1], hi[1] + pad[1])
-        ax.set_title(name, fontsize=8), ax.set_aspect("equal"), ax.tick_params(labelsize=6)
+        draw(ax, p, "C0" if i == 0 else "C1", name)
+        ax.set_xlim(lo[0] - pad[0], hi[0] + pad[0])
+        if p.shape[1] > 1:
+            ax.set_ylim(lo[1] - pad[1], hi[1] + pad[1])
     for j, (t, x) in enumerate(strip or []):
-        ax = fig.add_subplot(rows, len(strip), len(strip) + j + 1)
-        x = x[:, :2].numpy()
-        ax.scatter(x[:, 0], x[:, 1], s=1, alpha=0.5, color="C2", rasterized=True)
-        ax.set_title(f"x_t, t = {t}", fontsize=8), ax.set_aspect("equal"), ax.tick_params(labelsize=6)
+        draw(fig.add_subplot(rows, len(strip), len(strip) + j + 1), x[:, :2].numpy(), "C2", f"x_t, t = {t}")
     fig.tight_layout()
     common.write_file(path, lambda f: fig.savefig(f, format="png"), "choose another --png or --out_dir")
     plt.close(fig)
@@ -562,6 +572,8 @@ def check_config(cfg):
         common.die(f"--T={cfg.T} is too small for the linear schedule (beta_T = {20 / cfg.T:.2f} >= 1); use T > 20")
     if not 0.0 <= cfg.eta <= 1.0:
         common.die(f"--eta={cfg.eta} must be in [0, 1]")
+    if cfg.eta and cfg.sampler != "ddim":  # the ancestral sampler's noise is --var's
+        common.die(f"--eta is the noise of DDIM, not of the {cfg.sampler} sampler; add --sampler=ddim")
     if cfg.steps < 0:
         common.die(f"--steps={cfg.steps} must be 0 (all T) or more")
     if cfg.eval_points < 2:
@@ -569,11 +581,14 @@ def check_config(cfg):
 
 
 def load(overrides):
-    """Checkpoint -> (cfg, model, data, betas, ckpt); T, schedule, pred and dataset are fixed by the checkpoint."""
+    """Checkpoint -> (cfg, model, data, betas, ckpt); T, schedule and pred are fixed by the checkpoint, and so is
+    its data: --dataset names only the same data (an .npy file moved since: its new path, checked by content)."""
     cfg, model, _, meta, ckpt = trainer.load_for_inference(Config, overrides, "ddpm", build_model)
     check_config(cfg)
     step_sequence(cfg.T, cfg.steps, cfg.timesteps)  # --steps and --timesteps against the model's T
-    data = PointBatches(meta["data"], meta=meta)  # the held-out split of the checkpoint's own data
+    if meta["kind"] == "npy" and "dataset" not in overrides and not os.path.isfile(meta["data"]):
+        common.die(f"{meta['data']}, the data the model was trained on, is not there; give its new path with --dataset=PATH")
+    data = PointBatches(overrides.get("dataset", meta["data"]), meta=meta)  # the held-out split of the model's data
     return cfg, model, data, betas_for(cfg.schedule, cfg.T), ckpt
 
 

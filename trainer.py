@@ -167,11 +167,13 @@ def resume_from(path, method, cfg, meta, model, ema_model, opt, batches, rank, d
     missing = [k for k in RESUME_KEYS if k not in ckpt]
     if missing:
         die(f"{path} lacks {', '.join(missing)}, so it cannot be resumed; sample from it, or start over with --overwrite")
-    for k in TOKENIZER_KEYS + ("data",):  # data: ddpm's points, a toy's name or an .npy file
+    # data: ddpm's points, a toy's name or an .npy file (by its contents where both know them: it may have moved)
+    for k in TOKENIZER_KEYS + (("sha256",) if "sha256" in ckpt["meta"] and "sha256" in meta else ("data",)):
         if ckpt["meta"].get(k) != meta.get(k):
-            was, now = ((ckpt["meta"].get(k), meta.get(k)) if k == "data" else
+            was, now = ((ckpt["meta"].get("data"), meta.get("data")) if k in ("data", "sha256") else
                         (f"a {tokenizer_name(ckpt['meta'])}", f"a {tokenizer_name(meta)}"))
-            die(f"{path} was trained on {was}, this run's data is {now}{' with other symbols' if k in ('chars', 'words') else ''}; "
+            other = {"chars": " with other symbols", "words": " with other symbols", "sha256": " with other contents"}
+            die(f"{path} was trained on {was}, this run's data is {now}{other.get(k, '')}; "
                 f"resume with the checkpoint's --dataset ({ckpt['config'].get('dataset')})")
     saved = ckpt["config"]
     fit_state(model, ckpt["model"], path, saved, cfg)

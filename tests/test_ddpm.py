@@ -296,11 +296,26 @@ def test_npy_train_sample_eval_and_stats_in_checkpoint(tmp_path):
         ddpm.main(["--sample", "--T=200", f"--out_dir={out}"])
     # the data too: another --dataset was ignored (the checkpoint's own was scored), and a file changed since
     # training was standardised with the old file's statistics, silently
-    with pytest.raises(SystemExit, match="--dataset is fixed by the checkpoint"):
+    with pytest.raises(SystemExit, match="--dataset=two_moons: the model was trained on"):
         ddpm.main(["--eval", "--dataset=two_moons", f"--out_dir={out}"])
-    np.save(path, arr * 5 + 10)
-    with pytest.raises(SystemExit, match="x.npy has changed since the model was trained on it"):
+    moved = tmp_path / "moved.npy"
+    os.rename(path, moved)  # moved: named by its new path, and recognised by its contents
+    with pytest.raises(SystemExit, match="x.npy, the data the model was trained on, is not there; give its new path"):
         ddpm.main(["--eval", f"--out_dir={out}"])
+    r = run_cli(["ddpm.py", "--eval", f"--dataset={moved}", "--eval_points=30"] + common)
+    assert "bits/dim" in r.stdout
+    np.save(moved, arr * 5 + 10)
+    with pytest.raises(SystemExit, match="moved.npy has changed since the model was trained on it"):
+        ddpm.main(["--eval", f"--out_dir={out}", f"--dataset={moved}"])
+    with pytest.raises(SystemExit, match="--eta is the noise of DDIM, not of the ancestral sampler"):
+        ddpm.main(["--sample", "--eta=1", f"--out_dir={out}"])
+
+
+def test_one_dimensional_data_is_drawn_as_histograms(tmp_path):
+    """save_png plotted dimensions 0 and 1: 1-D samples ended --sample in an IndexError."""
+    x = torch.randn(200, 1)
+    assert ddpm.save_png(str(tmp_path / "s.png"), x, x + 1, "samples", strip=[(10, x), (1, x)])
+    assert (tmp_path / "s.png").stat().st_size > 0
 
 
 # bad inputs go through main(argv), the CLI's own entry point, in-process (no interpreter start-up)

@@ -229,7 +229,7 @@ def test_resume_keeps_the_runs_settings(run6, tmp_path):
     run_cli(["ddpm.py", "--train", f"--out_dir={d}", "--overwrite", "--T=100", "--n_layer=1", "--n_embd=16", "--batch_size=16",
              "--max_iters=2", "--eval_iters=1", "--eval_interval=2"])
     one_line_error(run_cli(["ddpm.py", "--train", "--resume", f"--out_dir={d}", "--max_iters=4", "--dataset=two_moons"],
-                           check=False), "--dataset is fixed by the checkpoint (eight_gaussians)")
+                           check=False), "trained on eight_gaussians, this run's data is two_moons")
     common.save_checkpoint(str(tmp_path / "ft" / "ckpt.pt"),
                            {"method": "mdlm", "config": dataclasses.asdict(M.Config(init_from="kuleshov-group/mdlm-owt"))})
     assert common.parse_args(M.Config, ["--train", "--resume", f"--out_dir={tmp_path / 'ft'}"])[1].init_from == ""
