@@ -212,7 +212,8 @@ def main(argv=None):
             stats.update(common.generative_eval(
                 cfg.judge, lambda n: generate(model, cfg, empty, n, length)[0], cfg.num_samples, meta, tok,
                 f"cached sampler, temperature {cfg.temperature}"))
-        trainer.log_json(os.path.join(common.out_dir(cfg, "ar"), "log.jsonl"), {"eval_full": stats, "iter": ckpt["iter"]})
+        trainer.log_json(os.path.join(common.out_dir(cfg, "ar"), "log.jsonl"), {"eval_full": stats, "iter": ckpt["iter"],
+                         **({"temperature": cfg.temperature, "seq_len": cfg.seq_len} if cfg.gen else {})})  # how --gen drew
 
 
 if __name__ == "__main__":

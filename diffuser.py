@@ -57,7 +57,7 @@ class Config(common.TextConfig, common.BaseConfig):
     eval_iters: int = 5
     # forward process (paper sec. 3: T = 12, edit types 60/20/10/10, Poisson(3) spans)
     T: int = 12
-    FIXED = ("T",)  # with the model's shape, what a checkpoint fixes (a class attribute, not a --key)
+    FIXED = ("T", "max_len")  # with the model's shape, what a checkpoint fixes (a class attribute, not a --key)
     TIED = {"decode": ("temperature", "top_p")}  # a saved run's draw settings are not another --decode's
     p_keep: float = 0.6
     p_replace: float = 0.2
@@ -343,7 +343,7 @@ def make_example(src, x0, rng, noise, cfg):
     probability boot_prob the bootstrap revision t = T + 1 (bootstrap -> x_0, by alignment)."""
     probs = (cfg.p_keep, cfg.p_replace, cfg.p_insert, cfg.p_delete)
     if cfg.boot_prob > 0 and rng.random() < cfg.boot_prob:
-        xb = bootstrap_sequence(cfg.bootstrap, src, len(x0) or 1, noise, rng)[:cfg.max_len]
+        xb = bootstrap_sequence(cfg.bootstrap, src, cfg.seq_len, noise, rng)[:cfg.max_len]  # random: as decoding draws it
         _, edits = levenshtein_edits(x0, xb)  # as if one forward step had turned x_0 into the bootstrap
         return (src, xb, *reverse_edits(edits), cfg.T + 1)
     t = int(rng.integers(1, cfg.T + 1))
@@ -414,8 +414,7 @@ Hyp = collections.namedtuple("Hyp", "x score history")  # score: total log p; hi
 def network_logprobs(model, rows, t, which, chunk, at=None):
     """Float64 log-probabilities of a list of variable-length inputs, in chunks of `chunk` rows;
     with `at` (one position per row) only the rows' distributions at those positions."""
-    device = next(model.parameters()).device
-    out = []
+    device, out = next(model.parameters()).device, []
     for c in range(0, len(rows), chunk):
         ids, mask = (v.to(device) for v in pad(rows[c:c + chunk], corpus.WordTokenizer.PAD))
         tt = torch.full((ids.shape[0],), float(t), device=device)
@@ -693,7 +692,8 @@ def main(argv=None):
             stats.update(common.generative_eval(cfg.judge, lambda n: sample_stream(model, cfg, meta, n),
                                                 cfg.num_samples, meta, tok, what))
         trainer.log_json(os.path.join(common.out_dir(cfg, "diffuser"), "log.jsonl"),
-                         {"eval_full": stats, "iter": ckpt["iter"], "decode": cfg.decode})
+                         {"eval_full": stats, "iter": ckpt["iter"], **{k: getattr(cfg, k) for k in (  # what was decoded, how
+                             "eval_split", "eval_mrs", "steps", "bootstrap", "decode", "beam_b", "beam_r", "temperature", "top_p")}})
 
 
 if __name__ == "__main__":

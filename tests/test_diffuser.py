@@ -178,6 +178,15 @@ def test_training_pairs_reverse_exactly(target):
     assert target == "x0" or changed > 50
 
 
+def test_a_random_bootstrap_is_trained_as_it_is_decoded():
+    """--bootstrap=random with a source (E2E): training drew len(x_0) words, so the revision never learnt a change
+    of length and saw the target's; decoding draws --seq_len words."""
+    cfg = D.Config(T=3, boot_prob=1.0, bootstrap="random", seq_len=24, max_len=30)
+    rng, noise = np.random.default_rng(0), D.NoiseTokens([0] * 4 + [1] * 20)
+    for n in (3, 11):
+        assert len(D.make_example([4, 5], list(rng.integers(4, 24, n)), rng, noise, cfg)[1]) == 24
+
+
 def test_generator_batches_show_a_random_subset_of_the_slots():
     cfg = D.Config(T=4, boot_prob=0.2, max_len=30, bootstrap="null")
     rng = np.random.default_rng(5)
@@ -396,6 +405,8 @@ def test_cli_train_sample_eval_and_bad_inputs(e2e_data, tmp_path, monkeypatch):
     assert re.search(r"E2E validation BLEU \d+\.\d\d \(greedy", r.stdout) and "val_tag_ce" in r.stdout
     r = run_cli(["diffuser.py", "--eval", "--eval_mrs=2", "--steps=1", "--eval_split=test"] + small[:2])
     assert re.search(r"E2E test BLEU \d+\.\d\d \(greedy, b=1, r=1, 2 MRs", r.stdout)
+    records = [json.loads(x) for x in open(os.path.join(out, "log.jsonl")) if "eval_full" in x]
+    assert [(r["eval_split"], r["eval_mrs"], r["steps"]) for r in records[-2:]] == [("val", 4, 1), ("test", 2, 1)]
 
     def fails(args, message):  # in-process: bad input must stop with one line, before any work
         with pytest.raises(SystemExit) as e:
@@ -414,6 +425,7 @@ def test_cli_train_sample_eval_and_bad_inputs(e2e_data, tmp_path, monkeypatch):
     fails(["--sample", "--top_p=0"], "0 < --top_p <= 1")
     fails(["--sample", "--steps=50"], "exceeds the trained --T=12")
     fails(["--sample", "--T=20"], "--T is fixed by the checkpoint (12)")  # t = 21 would be an untrained time
+    fails(["--sample", "--max_len=30"], "--max_len is fixed by the checkpoint (48)")  # the insertion head's width
     other = relabelled(e2e_data, tmp_path / "other")  # E2E prepared again with another vocabulary: refused
     for verb in ("--sample", "--eval"):
         with pytest.raises(SystemExit, match="the same size, other symbols"):
