@@ -1178,7 +1178,8 @@ def bench_gpu(argv):
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
         secs = time.time() - t0
         if ops["ops"] is None:
-            off = os.environ.get("DIFFLM_KERNELS") == "0"
+            import kernels as kmod
+            off = kmod.disabled()
             why = "; ".join(str(w.message).splitlines()[0] for w in said) or "no warning was given"
             return ("skipped", "DIFFLM_KERNELS=0", None) if off else ("failed", f"no kernels: {why}"[:300], None)
         return "ok", f"kernels on {device} built or loaded in {secs:.1f} s", {"build_s": round(secs, 1)}

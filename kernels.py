@@ -130,14 +130,19 @@ def load(src_dir=None):
     if src_dir in _LOADED:
         return _LOADED[src_dir]
     module = None
-    if os.environ.get("DIFFLM_KERNELS", "1") != "0":
+    if not disabled():
         sources = sorted(glob.glob(os.path.join(src_dir, "*.cpp")))
         if torch.cuda.is_available():
             sources += sorted(glob.glob(os.path.join(src_dir, "*.cu")))
         if src_dir == os.path.join(ROOT, "csrc") and importlib.util.find_spec("difflm_kernels"):
-            import difflm_kernels  # noqa: F401  (importing it registers torch.ops.difflm)
-            sources, module = [], torch.ops.difflm
-            if torch.cuda.is_available() and not module.cuda_built():
+            try:
+                import difflm_kernels  # noqa: F401  (importing it registers torch.ops.difflm)
+                sources, module = [], torch.ops.difflm
+            except (ImportError, OSError) as e:  # built for another torch: the JIT build below, cached per version
+                warnings.warn(f"the prebuilt difflm_kernels does not load ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:160] if str(e) else ''}); building csrc/ instead; rebuild it "
+                              "with `DIFFLM_BUILD_EXT=1 pip install -e .` or delete it")
+            if module is not None and torch.cuda.is_available() and not module.cuda_built():
                 warnings.warn("the prebuilt difflm_kernels has no CUDA part (it was built without a GPU), so tensors "
                               "on the GPU take the PyTorch path; rebuild it here with `DIFFLM_BUILD_EXT=1 pip install "
                               "-e .`, or delete it for the JIT build")
@@ -216,7 +221,12 @@ def _run_hook(f):
 
 
 def _trust():
-    return os.environ.get("DIFFLM_KERNELS", "1") == "trust"
+    return os.environ.get("DIFFLM_KERNELS", "1").strip().lower() == "trust"
+
+
+def disabled():
+    """DIFFLM_KERNELS=0 (or off, false, no): every op runs its PyTorch version."""
+    return os.environ.get("DIFFLM_KERNELS", "1").strip().lower() in ("0", "off", "false", "no")
 
 
 class Fused:
@@ -567,7 +577,8 @@ class _Spec:
 _GRAPHS = ("absorb", "uniform")
 SPECS = {
     "score_entropy": _Spec(_score_entropy, lambda a: _float_scores(a[0]) and _ids(a[1], a[2]) and a[4] in _GRAPHS
-                           and a[3].dtype in (torch.float32, torch.float64) and _same_device(a),
+                           and a[3].dtype in (torch.float32, torch.float64) and not a[3].requires_grad  # the op's
+                           and _same_device(a),  # backward is the scores' alone
                            _check_score_entropy, _refuse_sigma_bar),
     "sedd_euler_step": _Spec(_sedd_euler_step, lambda a: _float_scores(a[0]) and _ids(a[1]) and a[4] in _GRAPHS
                              and a[3].dtype == torch.float64 and _same_device(a), _check_steps, _refuse_step("rate_dt")),

@@ -263,6 +263,9 @@ def register_score_entropy_autograd(ops):
     """
     def recompute(ctx, grad_loss):
         log_score, xt, x0, sigma_bar = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a gradient to differentiate again, through the oracle
+            loss = score_entropy.oracle(log_score, xt, x0, sigma_bar, ctx.graph)
+            return torch.autograd.grad(loss, log_score, grad_loss, create_graph=True)[0]
         return ops.score_entropy_backward(grad_loss.float().contiguous(), log_score, xt, x0, sigma_bar, ctx.graph)
 
     def setup_context(ctx, inputs, output):
@@ -281,8 +284,8 @@ def register_score_entropy_autograd(ops):
         ctx.set_materialize_grads(False)  # else backward gets a B x L x N zero tensor for output[1]
 
     def backward_with_grad(ctx, grad_loss, _):
-        if ctx.grad is None:  # a retained graph's second backward: the first one consumed it
-            return recompute(ctx, grad_loss), None, None, None, None
+        if ctx.grad is None or torch.is_grad_enabled():  # a retained graph's second backward: the first one
+            return recompute(ctx, grad_loss), None, None, None, None  # consumed it; or create_graph=True
         grad, ctx.grad = ctx.grad, None
         return grad.mul_(grad_loss.unsqueeze(-1)), None, None, None, None
 

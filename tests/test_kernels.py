@@ -699,7 +699,8 @@ def run_py(code, env):
                           text=True, timeout=300)
 
 
-def test_disabled_kernels_fall_back_to_pytorch():
+@pytest.mark.parametrize("value", ["0", "off", "False"])
+def test_disabled_kernels_fall_back_to_pytorch(value):
     r = run_py("""
         import warnings, torch, kernels, sedd, mdlm
         warnings.simplefilter("error")
@@ -708,7 +709,7 @@ def test_disabled_kernels_fall_back_to_pytorch():
         t = torch.full((2,), 0.5, dtype=torch.float64)
         print(sedd.euler_step(ls, xt, t, u, "absorb").tolist(), mdlm.ancestral_step(ls, xt, t, u, 5).tolist())
         print(float(sedd.score_entropy(ls, xt, torch.zeros_like(xt), torch.ones(2), "absorb").sum()))
-    """, {"DIFFLM_KERNELS": "0"})
+    """, {"DIFFLM_KERNELS": value})  # "off" and "false" left them on, silently
     assert r.returncode == 0, r.stderr[-2000:]
 
 
@@ -806,6 +807,52 @@ def test_a_prebuilt_module_without_cuda_warns_where_a_gpu_is_seen(k, tmp_path):
         assert len(msgs) == 1 and "prebuilt difflm_kernels has no CUDA part" in msgs[0], msgs
     """, {"PYTHONPATH": str(tmp_path)})
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_a_prebuilt_module_that_does_not_load_gives_way_to_the_jit_build(k, tmp_path):
+    """A module built for another torch (an undefined symbol) raised its ImportError from every method."""
+    (tmp_path / "difflm_kernels.py").write_text("raise ImportError('difflm_kernels.so: undefined symbol: _ZN3c10x')\n")
+    r = run_py("""
+        import warnings, kernels
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            k = kernels.load()
+        msgs = [str(w.message) for w in caught]
+        assert k is not None and len(msgs) == 1 and "prebuilt difflm_kernels does not load" in msgs[0], msgs
+    """, {"PYTHONPATH": str(tmp_path)})
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_a_sigma_bar_that_needs_its_gradient_takes_the_oracle(k):
+    """The op's backward gives the scores' gradient alone: sigma_bar's came back None, silently."""
+    ls = torch.randn(2, 3, 7, requires_grad=True)
+    xt, x0 = torch.tensor([[6, 1, 6], [2, 6, 6]]), torch.tensor([[3, 1, 4], [2, 5, 0]])
+    grads = []
+    for path in (contextlib.nullcontext, kernels.oracles_only):
+        sb = torch.tensor([0.7, 1.9], requires_grad=True)
+        with path():
+            sedd.score_entropy(ls, xt, x0, sb, "absorb").sum().backward()
+        grads.append(sb.grad)
+    assert grads[0] is not None and torch.allclose(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_a_gradient_differentiated_again_is_the_oracles(k, graph):
+    """create_graph=True (a gradient penalty): the op's backward is no differentiable graph, so the second
+    gradient was cut, or silently wrong."""
+    torch.manual_seed(0)
+    base, xt, x0 = torch.randn(2, 3, 7), torch.tensor([[6, 1, 6], [2, 6, 6]]), torch.tensor([[3, 1, 4], [2, 5, 0]])
+    if graph == "uniform":
+        base, xt = torch.randn(2, 3, 6), torch.tensor([[5, 1, 0], [2, 3, 4]])
+    grads = []
+    for path in (contextlib.nullcontext, kernels.oracles_only):
+        ls = base.clone().requires_grad_()
+        with path():
+            loss = sedd.score_entropy(ls, xt, x0, torch.tensor([0.7, 1.9]), graph).sum()
+            g = torch.autograd.grad(loss, ls, create_graph=True)[0]
+            (loss + (g ** 2).sum()).backward()
+        grads.append(ls.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------
