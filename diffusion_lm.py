@@ -376,8 +376,9 @@ def train_classifier(cfg, model, meta):
     return clf.eval()
 
 
-def load_classifier(cfg, model):
-    """classifier.pt beside model's checkpoint, trained on model's own embeddings -> on model's device, frozen."""
+def load_classifier(cfg, model, lm):
+    """classifier.pt beside the language model's checkpoint lm, trained on that run's embeddings (its EMA's or
+    its own; an older file does not say) -> on model's device, frozen."""
     path = os.path.join(common.out_dir(cfg, METHOD), "classifier.pt")
     if not os.path.isfile(path):
         common.die(f"no classifier at {path}; train one with `python diffusion_lm.py --train_classifier`")
@@ -385,7 +386,8 @@ def load_classifier(cfg, model):
     ccfg = dataclasses.replace(cfg, **{k: ckpt["config"][k] for k in ("n_embd", "n_head", "classifier_layers", "embed_dim")})
     clf = Classifier(ccfg, [(f, list(v)) for f, v in ckpt["fields"]])
     trainer.fit_state(clf, ckpt["model"], path, {}, ccfg, "classifier")  # its shapes come from its own config
-    if not torch.equal(ckpt.get("lm_embed", torch.empty(0)).float(), model.embed.weight.detach().float().cpu()):
+    runs = [lm[k]["embed.weight"].float() for k in ("model", "ema") if "embed.weight" in lm.get(k, {})]
+    if "lm_embed" in ckpt and not any(torch.equal(ckpt["lm_embed"].float(), e) for e in runs):
         common.die(f"{path} was trained on another model's embeddings (the model was retrained since); "
                    "rerun `python diffusion_lm.py --train_classifier`")
     return clf.to(model.embed.weight.device).eval().requires_grad_(False)
@@ -662,9 +664,9 @@ def main(argv=None):
         cfg, model, tok, meta, _ = load(overrides)
         train_classifier(cfg, model.requires_grad_(False), meta)
     if "sample" in verbs:
-        cfg, model, tok, meta, _ = load(overrides)
+        cfg, model, tok, meta, lm = load(overrides)
         fixed = infill_template(tok, cfg)
-        clf = load_classifier(cfg, model) if cfg.control else None
+        clf = load_classifier(cfg, model, lm) if cfg.control else None
         targets = clf.parse_targets(cfg.control) if clf else None
         t0 = time.time()
         out = sample_mbr(model, cfg, tok, cfg.num_samples, fixed, build_objective(model, cfg, clf, targets),
@@ -676,12 +678,13 @@ def main(argv=None):
     if "eval" in verbs:
         cfg, model, tok, meta, ckpt = load(overrides)
         corpus.prepare_data(cfg, meta)  # a folder moved or never prepared here: prepared, or named
+        trained = os.path.isfile(os.path.join(common.out_dir(cfg, METHOD), "classifier.pt"))
+        clf = load_classifier(cfg, model, ckpt) if trained else None  # a classifier that does not fit: before the pass
         stats = {**evaluate(model, make_batches(cfg, meta), cfg, full=True), "data": cfg.eval_split}
         print(f"{cfg.eval_split} NELBO {stats['val_nelbo']:.4f} nats/position (PAD positions included) | "
               f"mse {stats['val_mse']:.4f} | prior {stats['val_prior']:.2e} | rounding {stats['val_rounding']:.4f} "
               f"({cfg.eval_t_samples} time samples per sequence)")
-        if os.path.isfile(os.path.join(common.out_dir(cfg, METHOD), "classifier.pt")):
-            clf = load_classifier(cfg, model)
+        if clf is not None:
             for spec, (g, u) in control_eval(model, clf, tok, cfg).items():
                 stats[f"control {spec}"], stats[f"unguided {spec}"] = g, u
         else:

@@ -309,6 +309,12 @@ def test_npy_train_sample_eval_and_stats_in_checkpoint(tmp_path):
         ddpm.main(["--eval", f"--out_dir={out}", f"--dataset={moved}"])
     with pytest.raises(SystemExit, match="--eta is the noise of DDIM, not of the ancestral sampler"):
         ddpm.main(["--sample", "--eta=1", f"--out_dir={out}"])
+    np.save(moved, arr)
+    ckpt = ddpm.common.load_checkpoint(os.path.join(out, "ckpt.pt"), "ddpm")  # an older run saved an eta its
+    ckpt["config"].update(eta=0.5, sampler="ancestral")  # ancestral sampler never read: it still evaluates
+    ddpm.common.save_checkpoint(os.path.join(out, "ckpt.pt"), ckpt)
+    r = run_cli(["ddpm.py", "--eval", f"--dataset={moved}", "--eval_points=30"] + common)
+    assert "bits/dim" in r.stdout
 
 
 def test_one_dimensional_data_is_drawn_as_histograms(tmp_path):

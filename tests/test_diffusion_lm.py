@@ -338,7 +338,7 @@ def test_eval_gen_on_e2e_judges_the_samples(cli_out, tmp_path):
 
 def test_a_damaged_classifier_is_one_line(cli_out, tmp_path):
     """classifier.pt is checked as a model checkpoint is: its checksum, and its shapes against the settings."""
-    cfg, model, *_ = D.load({"out_dir": cli_out})
+    cfg, model, _, _, lm = D.load({"out_dir": cli_out})
     raw = torch.load(f"{cli_out}/classifier.pt", weights_only=True)
     name = next(iter(raw["model"]))
     resealed = {k: v for k, v in raw.items() if k != "checksum"}
@@ -349,15 +349,20 @@ def test_a_damaged_classifier_is_one_line(cli_out, tmp_path):
                         (resealed, ("does not fit this classifier", "trained with other settings"))):
         torch.save(ckpt, tmp_path / "classifier.pt")
         with pytest.raises(SystemExit) as e:
-            D.load_classifier(D.Config(out_dir=str(tmp_path)), model)
+            D.load_classifier(D.Config(out_dir=str(tmp_path)), model, lm)
         assert all(w in str(e.value) for w in words) and "\n" not in str(e.value), str(e.value)
     # a classifier is trained on its model's embeddings: after the model is retrained (--overwrite), it read
     # other latents and scored control silently (or failed with a shape error)
-    assert D.load_classifier(cfg, model).fields
-    with torch.no_grad():
-        model.embed.weight[5] += 0.1
+    assert D.load_classifier(cfg, model, lm).fields
+    retrained = {k: {**lm[k], "embed.weight": lm[k]["embed.weight"] + 0.1} for k in ("model", "ema")}
+    # trained on either of the run's weights (its EMA's, or under --ema=0 its own), whichever --ema loads now
+    assert D.load_classifier(cfg, model, {"model": lm["ema"], "ema": retrained["ema"]}).fields
     with pytest.raises(SystemExit, match="was trained on another model's embeddings"):
-        D.load_classifier(cfg, model)
+        D.load_classifier(cfg, model, retrained)
+    raw = torch.load(f"{cli_out}/classifier.pt", weights_only=True)  # one written before classifiers kept them
+    old = {k: v for k, v in raw.items() if k not in ("checksum", "lm_embed")}
+    common.save_checkpoint(str(tmp_path / "classifier.pt"), old)
+    assert D.load_classifier(D.Config(out_dir=str(tmp_path)), model, retrained).fields
 
 
 def test_cli_train_sample_eval(cli_out):
