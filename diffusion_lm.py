@@ -349,8 +349,7 @@ def train_classifier(cfg, model, meta):
     path = corpus.data_path(cfg)
     if not os.path.isfile(os.path.join(path, "train.jsonl")):
         common.die(f"--train_classifier needs E2E's meaning representations ({path}/train.jsonl); use --dataset=e2e")
-    device = next(model.parameters()).device
-    exs = corpus.load_jsonl(os.path.join(path, "train.jsonl"), meta)
+    device, exs = next(model.parameters()).device, corpus.load_jsonl(os.path.join(path, "train.jsonl"), meta)
     fields = classifier_fields([e["mr"] for e in exs])
     rows = pad_rows([e["text"] for e in exs], cfg.block_size)
     y = classifier_labels([e["mr"] for e in exs], fields)
@@ -679,7 +678,8 @@ def main(argv=None):
         cfg, model, tok, meta, ckpt = load(overrides)
         corpus.prepare_data(cfg, meta)  # a folder moved or never prepared here: prepared, or named
         trained = os.path.isfile(os.path.join(common.out_dir(cfg, METHOD), "classifier.pt"))
-        clf = load_classifier(cfg, model, ckpt) if trained else None  # a classifier that does not fit: before the pass
+        with torch.random.fork_rng():  # one that does not fit stops the run before the pass, which draws as before
+            clf = load_classifier(cfg, model, ckpt) if trained else None
         stats = {**evaluate(model, make_batches(cfg, meta), cfg, full=True), "data": cfg.eval_split}
         print(f"{cfg.eval_split} NELBO {stats['val_nelbo']:.4f} nats/position (PAD positions included) | "
               f"mse {stats['val_mse']:.4f} | prior {stats['val_prior']:.2e} | rounding {stats['val_rounding']:.4f} "
