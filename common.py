@@ -105,7 +105,7 @@ TRUE, FALSE = ("1", "true", "yes", "on", ""), ("0", "false", "no", "off")  # wha
 # what one command asks (its folder and output files, its device, a spent init_from): a checkpoint's config keeps none
 PER_COMMAND = {"out_dir", "init_from", "resume", "overwrite", "device", "show", "gen", "samples_in", "samples_out", "png",
                "eval_data", "eval_file"}
-TIED = {"dataset": ("data_dir",)}  # a key -> saved keys that belong to its saved value (a Config adds its own TIED)
+TIED = {"dataset": (None, ("data_dir",))}  # key -> (the value its saved companions serve, None: any; the companions)
 SHARED_KEYS = {f.name for c in (BaseConfig, TextConfig, PromptConfig) for f in dataclasses.fields(c)}
 
 
@@ -219,11 +219,11 @@ def check_common(cfg):
 def config_from_checkpoint(config_cls, ckpt, overrides):
     """The checkpoint's config (keys older ones saved under other names RENAMED) with the command line's on top.
     The model's shape and the Config's FIXED keys (what else it learnt, e.g. a T) stay; what one command asked
-    (PER_COMMAND) is not the next one's; another value of a key drops the saved keys TIED to it (another --dataset,
-    the saved data_dir, which would win over it)."""
+    (PER_COMMAND) is not the next one's; the saved keys TIED to a key go when it takes another value (another
+    --dataset: the saved data_dir, which would win over it) or never served them (an eta saved beside no DDIM)."""
     config = {getattr(config_cls, "RENAMED", {}).get(k, k): v for k, v in ckpt["config"].items()}
-    tied = {**TIED, **getattr(config_cls, "TIED", {})}
-    drop = {t for k in tied if overrides.get(k, config.get(k)) != config.get(k) for t in tied[k]}
+    drop = {t for k, (serves, companions) in {**TIED, **getattr(config_cls, "TIED", {})}.items() for t in companions
+            if overrides.get(k, config.get(k)) != config.get(k) or serves not in (None, config.get(k))}
     saved = {k: v for k, v in config.items() if k in {f.name for f in dataclasses.fields(config_cls)} - PER_COMMAND - drop}
     for k in ("n_layer", "n_head", "n_embd", "block_size") + getattr(config_cls, "FIXED", ()):
         if k in overrides and overrides[k] != saved.get(k):

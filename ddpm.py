@@ -49,7 +49,7 @@ class Config(common.BaseConfig):
     schedule: str = "linear"  # linear (beta 1e-4..0.02 at T=1000) | cosine (s=0.008)
     pred: str = "eps"  # what the network predicts: eps | x0 | v
     FIXED = ("T", "schedule", "pred")  # what a checkpoint fixes beside the shape (a class attribute, not a --key)
-    TIED = {"sampler": ("eta",)}  # a saved DDIM run's eta is not another --sampler's
+    TIED = {"sampler": ("ddim", ("eta",))}  # a saved DDIM run's eta (older runs saved one beside any sampler)
     var: str = "beta"  # reverse variance: beta (sigma_t^2 = beta_t) | posterior (beta_tilde_t)
     # optimisation (small MLP, 2-D points: big batches, short run)
     batch_size: int = 256
@@ -584,7 +584,6 @@ def load(overrides):
     """Checkpoint -> (cfg, model, data, betas, ckpt); T, schedule and pred are fixed by the checkpoint, and so is
     its data: --dataset names only the same data (an .npy file moved since: its new path, checked by content)."""
     cfg, model, _, meta, ckpt = trainer.load_for_inference(Config, overrides, "ddpm", build_model)
-    cfg = saved_eta_unused(cfg, overrides)
     check_config(cfg)
     step_sequence(cfg.T, cfg.steps, cfg.timesteps)  # --steps and --timesteps against the model's T
     if meta["kind"] == "npy" and "dataset" not in overrides and not os.path.isfile(meta["data"]):
@@ -605,15 +604,8 @@ def sampler_name(cfg, n_steps):
     return f"{cfg.sampler} {n_steps} steps" + (f", eta={cfg.eta:g}" if cfg.sampler == "ddim" else f", var={cfg.var}")
 
 
-def saved_eta_unused(cfg, overrides):
-    """An --eta a run saved under the ancestral sampler (which never read it; older difflm took one) -> 0. One
-    given on this command line stays, for check_config to refuse."""
-    return cfg if "eta" in overrides or cfg.sampler == "ddim" else dataclasses.replace(cfg, eta=0.0)
-
-
 def main(argv=None):
     verbs, cfg, overrides = common.parse_args(Config, argv)
-    cfg = saved_eta_unused(cfg, overrides)
     check_config(cfg)
     if "train" in verbs:
         betas = betas_for(cfg.schedule, cfg.T)

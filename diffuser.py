@@ -58,7 +58,7 @@ class Config(common.TextConfig, common.BaseConfig):
     # forward process (paper sec. 3: T = 12, edit types 60/20/10/10, Poisson(3) spans)
     T: int = 12
     FIXED = ("T", "max_len")  # with the model's shape, what a checkpoint fixes (a class attribute, not a --key)
-    TIED = {"decode": ("temperature", "top_p")}  # a saved run's draw settings are not another --decode's
+    TIED = {"decode": ("sample", ("temperature", "top_p"))}  # a saved run's draws are not another --decode's
     p_keep: float = 0.6
     p_replace: float = 0.2
     p_insert: float = 0.1
