@@ -415,15 +415,21 @@ def _states(graph, B, L, N, gen, masked=0.5):
     return xt, torch.where(torch.rand(B, L, generator=gen) < 0.5, xt, torch.randint(N, (B, L), generator=gen))
 
 
+# (B, L, V) of the checks' score tensors. On the GPU, rows of N > 2048 and N > 16384 take the CUDA kernels'
+# other two thread layouts (a block per row of 256, then 512 threads: GPT-2's vocabulary); the C++ ops
+# have one layout, and a CPU process would pay for the large rows at every start.
+CHECK_SIZES = {"cpu": ((3, 7, 37),), "cuda": ((3, 7, 37), (2, 3, 2049), (2, 3, 16385))}
+
+
 def _cases(gen, device):
     """(graph, dtype, log_score (B, L, N), xt, x0) on device for both graphs and dtypes, odd sizes."""
-    B, L, V = 3, 7, 37
-    for graph in ("absorb", "uniform"):
-        N = V + 1 if graph == "absorb" else V
-        for dtype in (torch.float32, torch.bfloat16):
-            ls = (torch.randn(B, L, N, generator=gen) * 2).to(dtype)
-            xt, x0 = _states(graph, B, L, N, gen)
-            yield graph, dtype, ls.to(device), xt.to(device), x0.to(device)
+    for B, L, V in CHECK_SIZES.get(device.type, CHECK_SIZES["cpu"]):
+        for graph in ("absorb", "uniform"):
+            N = V + 1 if graph == "absorb" else V
+            for dtype in (torch.float32, torch.bfloat16):
+                ls = (torch.randn(B, L, N, generator=gen) * 2).to(dtype)
+                xt, x0 = _states(graph, B, L, N, gen)
+                yield graph, dtype, ls.to(device), xt.to(device), x0.to(device)
 
 
 def _gap(got, ref, atol, rtol):

@@ -207,6 +207,13 @@ def ancestral_step(logits, xt, p_unmask, u, mask_id):
     return torch.where(reveal, token, xt)
 
 
+def most_likely(logits, mask_id):
+    """The argmax of the SUBS law at masked positions: logits (..., N) -> ids (...). Overwrites the logits'
+    [MASK] column (their last use) rather than building the log-probabilities, which have the same order."""
+    logits[..., mask_id] = -float("inf")
+    return logits.argmax(-1)
+
+
 def decoding_logits(logits, mask_id, temperature=1.0, top_p=1.0):
     """Temperature and nucleus (top-p) on the SUBS logits (B, L, N) -> logits of the truncated,
     tempered law (fp32; computed in float64). Both off: the logits unchanged (the exact sampler)."""
@@ -254,7 +261,7 @@ def sample_chain(model, x, cfg, show=None):
 
     def network(t):
         with common.autocast(device):
-            return model(x, torch.full((B,), sigma_bar(t, cfg), device=device)).float()  # (B, L, N)
+            return model(x, torch.full((B,), sigma_bar(t, cfg), device=device))  # (B, L, N), bf16 on a GPU
 
     for i in common.progress(range(cfg.steps), "sampling"):
         t, s = grid[i], grid[i + 1]
@@ -273,7 +280,7 @@ def sample_chain(model, x, cfg, show=None):
     if (x == mask_id).any():
         if logits is None or cfg.sampler == "ddpm":
             logits, calls = network(cfg.t_end), calls + 1
-        x = subs_log_probs(logits, x, mask_id).argmax(-1)
+        x = torch.where(x == mask_id, most_likely(logits, mask_id), x)
     return x, calls
 
 
@@ -304,7 +311,7 @@ def cached_chain(model, x, cfg, show=None):
             stale.zero_()
             calls += 1
         with common.autocast(device):
-            return model.head(hidden[rows]).float()  # (R, N)
+            return model.head(hidden[rows])  # (R, N)
 
     for i in common.progress(range(cfg.steps), "sampling"):
         torch.rand(B, L, 2, dtype=torch.float64, device=device, out=u)
@@ -317,7 +324,7 @@ def cached_chain(model, x, cfg, show=None):
             show(i, x)
     rest = x == mask_id  # final noise removal, as in sample_chain
     if rest.any():
-        x[rest] = subs_log_probs(logits_at(rest)[None], x[rest][None], mask_id).argmax(-1)[0]
+        x[rest] = most_likely(logits_at(rest), mask_id)
     return x, calls
 
 

@@ -238,10 +238,10 @@ class SEDD(nn.Module):
         h = self.backbone(xt, sigma_bar)  # (B, L, C)
         if rows is not None:
             h, xt, sigma_bar = h[rows], xt[rows], per_row(rows, sigma_bar)[0]  # (R, C), (R,), (R,)
-        h = self.head(h).float()  # fp32 before the offset (up to ~12 at t_end)
+        h = self.head(h).float()  # fp32 before the offset (up to ~12 at t_end); in place from here: one (B, L, N)
         if self.graph == "absorb":
-            h = h - (log_expm1(sigma_bar.float()) + math.log(self.num_states - 1)).view(-1, *[1] * (h.dim() - 1))
-        return h.scatter(-1, xt.unsqueeze(-1), 0.0)
+            h.sub_((log_expm1(sigma_bar.float()) + math.log(self.num_states - 1)).view(-1, *[1] * (h.dim() - 1)))
+        return h.scatter_(-1, xt.unsqueeze(-1), 0.0)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -631,6 +631,30 @@ def test_a_wrong_op_is_switched_off_with_one_warning(k, case):
         fn(*args)
 
 
+def test_the_gpu_check_sizes_reach_every_thread_layout(k, monkeypatch):
+    """On the GPU the check also runs rows of N > 2048 and N > 16384 (the kernels' block-per-row layouts):
+    an op wrong only on such rows passes the CPU's small check and is switched off by the GPU's sizes,
+    which the right ops pass."""
+    real = k.sedd_tweedie_step
+
+    def wrong_on_wide_rows(ls, *a):  # a stand-in whose 512-thread layout drops its last token
+        out = real(ls, *a)
+        return (out + 1) % ls.shape[-1] if ls.shape[-1] > 16384 else out
+
+    with kernels.replace("sedd_tweedie_step", wrong_on_wide_rows), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sedd.tweedie_step.self_check("cpu")
+    monkeypatch.setitem(kernels.CHECK_SIZES, "cpu", kernels.CHECK_SIZES["cuda"])
+    with kernels.replace("sedd_tweedie_step", wrong_on_wide_rows), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert not sedd.tweedie_step.self_check("cpu")
+    assert len(caught) == 1 and "tokens differ" in str(caught[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for name in ("score_entropy", "sedd_euler_step", "sedd_tweedie_step", "mdlm_ancestral_step"):
+            assert kernels.FUSED[name].self_check("cpu"), name
+
+
 def test_the_check_runs_the_cpu_backward_that_recomputes(k):
     """On the CPU a training step's gradient comes from the loss's own pass; the backward that recomputes
     it (under torch.compile, or a retained graph's second backward) is checked as well."""
