@@ -27,7 +27,6 @@ import dataclasses
 import itertools
 import math
 import os
-import sys
 import time
 
 import torch
@@ -310,7 +309,7 @@ class Classifier(nn.Module):
             field, eq, value = item.partition("=")
             field, value = field.strip(), value.strip()
             if not eq or field not in names:
-                common.die(f"{what}: unknown field {field!r} in {item!r}; use field=value with a field from: {', '.join(names)}")
+                common.die(f"{what}: {item!r} must be field=value with a field from: {', '.join(names)}")
             values = self.fields[names.index(field)][1]
             if value not in values[1:]:
                 common.die(f"{what}: {field} has no value {value!r}; known: {', '.join(values[1:])}")
@@ -346,10 +345,13 @@ def classifier_loss(clf, embed, w, y, T, ab):
 
 def train_classifier(cfg, model, meta):
     """Train p_phi(c | x_t, t) on E2E's MR fields with the language model's (frozen) embeddings."""
-    path = corpus.data_path(cfg)
-    if not os.path.isfile(os.path.join(path, "train.jsonl")):
-        common.die(f"--train_classifier needs E2E's meaning representations ({path}/train.jsonl); use --dataset=e2e")
-    device, exs = next(model.parameters()).device, corpus.load_jsonl(os.path.join(path, "train.jsonl"), meta)
+    if cfg.dataset != "e2e":
+        common.die(f"--train_classifier needs E2E's meaning representations: a model trained on --dataset=e2e, not {cfg.dataset}")
+    path = os.path.join(corpus.data_path(cfg), "train.jsonl")
+    corpus.prepare_data(cfg, meta)  # a folder moved or never prepared here: prepared, or named
+    if not os.path.isfile(path):
+        common.die(f"no {path} (E2E's meaning representations); prepare the folder with python data/e2e/prepare.py")
+    device, exs = next(model.parameters()).device, corpus.load_jsonl(path, meta)
     fields = classifier_fields([e["mr"] for e in exs])
     rows = pad_rows([e["text"] for e in exs], cfg.block_size)
     y = classifier_labels([e["mr"] for e in exs], fields)
@@ -628,7 +630,8 @@ def check_config(cfg):
     """Every value at the command-line boundary -> one line naming the flag; the math above trusts cfg."""
     common.check_common(cfg)
     common.check_choice(cfg, "clamp", ("cos", "l2", "none"))
-    common.check_at_least(cfg, ("embed_dim", "T", "steps", "mbr", "classifier_iters", "classifier_layers",
+    common.check_at_least(cfg, ("T",), 2)  # L_T and at least one step of the sum
+    common.check_at_least(cfg, ("embed_dim", "steps", "mbr", "classifier_iters", "classifier_layers",
                                 "eval_t_samples", "control_samples"), 1)
     if cfg.T % cfg.steps:
         common.die(f"--steps={cfg.steps} must divide T={cfg.T} (e.g. 200 or 2000)")
@@ -645,12 +648,7 @@ def load(overrides):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    want_clf = "--train_classifier" in argv  # a verb of this method only
-    rest = [a for a in argv if a != "--train_classifier"]
-    has_verb = any(a in ("--train", "--sample", "--eval") for a in rest)
-    verbs, cfg, overrides = common.parse_args(Config, rest + ([] if has_verb or not want_clf else ["--sample"]))
-    verbs = verbs if has_verb else []
+    verbs, cfg, overrides = common.parse_args(Config, argv, common.VERBS + ("train_classifier",))  # a verb of this method only
     check_config(cfg)
     if "train" in verbs:
         trainer.check_memory(cfg)
@@ -659,7 +657,7 @@ def main(argv=None):
         trainer.train(cfg, METHOD, model, loss_fn, lambda m, b: evaluate(m, b, cfg), meta, make_batches(cfg, meta))
         if "RANK" in os.environ and int(os.environ["RANK"]) != 0:
             return
-    if want_clf:
+    if "train_classifier" in verbs:
         cfg, model, tok, meta, _ = load(overrides)
         train_classifier(cfg, model.requires_grad_(False), meta)
     if "sample" in verbs:
@@ -677,7 +675,7 @@ def main(argv=None):
     if "eval" in verbs:
         cfg, model, tok, meta, ckpt = load(overrides)
         corpus.prepare_data(cfg, meta)  # a folder moved or never prepared here: prepared, or named
-        trained = os.path.isfile(os.path.join(common.out_dir(cfg, METHOD), "classifier.pt"))
+        trained = cfg.control_targets.strip(", ") and os.path.isfile(os.path.join(common.out_dir(cfg, METHOD), "classifier.pt"))
         with torch.random.fork_rng():  # one that does not fit stops the run before the pass, which draws as before
             clf = load_classifier(cfg, model, ckpt) if trained else None
         stats = {**evaluate(model, make_batches(cfg, meta), cfg, full=True), "data": cfg.eval_split}
@@ -687,7 +685,7 @@ def main(argv=None):
         if clf is not None:
             for spec, (g, u) in control_eval(model, clf, tok, cfg).items():
                 stats[f"control {spec}"], stats[f"unguided {spec}"] = g, u
-        else:
+        elif cfg.control_targets.strip(", "):
             print("control: no classifier yet; run `python diffusion_lm.py --train_classifier` to measure it")
         if cfg.gen:
             stats.update(common.generative_eval(cfg.judge, lambda n: as_stream(sample_mbr(model, cfg, tok, n), tok),

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -207,6 +208,26 @@ def test_learns_a_toy_language(toy_model):
     assert frac > 0.6, f"{frac:.3f} of adjacent pairs legal (chance 0.333)"
 
 
+def test_the_bound_terms_are_their_closed_forms():
+    """L_T is the KL of q(x_T | x_0) from N(0, I) and the rounding term -log p(w | x_0), on the x_0 drawn
+    from q_phi(x_0 | w): checked against torch.distributions (the bound test below trusts both)."""
+    m = D.DiffusionLM(tiny_cfg(), 30).eval()
+    m.ab[-1] = 0.3  # far from its ~0 under the schedule, where every term of the KL would vanish
+    w = torch.randint(30, (3, tiny_cfg().block_size))
+    torch.manual_seed(5)
+    with torch.no_grad():
+        terms = m(w, torch.tensor([0, 3, 7]))
+        torch.manual_seed(5)
+        emb = m.embed(w)
+        x0 = emb + m.beta0.sqrt() * torch.randn_like(emb)  # the draw forward() made first
+        ab_T = m.ab[-1]
+        q_T = torch.distributions.Normal(ab_T.sqrt() * x0, (1 - ab_T).sqrt())
+        kl = torch.distributions.kl_divergence(q_T, torch.distributions.Normal(0.0, 1.0)).sum((1, 2))
+        nll = -torch.distributions.Categorical(logits=m.round_logits(x0)).log_prob(w).sum(1)
+    assert torch.allclose(terms["l_T"], kl, rtol=1e-4, atol=1e-4), (terms["l_T"], kl)
+    assert torch.allclose(terms["rounding_sum"], nll, rtol=1e-4, atol=1e-4)
+
+
 def test_the_bound_estimates_the_sum_over_every_step(toy_model):
     """--eval's sum over t >= 2 drew t uniformly: the few early steps that hold most of the weight were
     rarely drawn, so the printed bound swung with the seed (10.5 to 31 nats on E2E) and sat mostly far
@@ -365,6 +386,25 @@ def test_a_damaged_classifier_is_one_line(cli_out, tmp_path):
     assert D.load_classifier(D.Config(out_dir=str(tmp_path)), model, retrained).fields
 
 
+def test_eval_without_control_targets_reads_no_classifier(cli_out, tmp_path, monkeypatch):
+    """--control_targets= measures no control: a classifier left from before a retrain neither stops --eval
+    nor draws the unguided chains control compares against. --train_classifier prepares E2E as --eval does."""
+    for name in ("ckpt.pt", "classifier.pt"):
+        shutil.copy(os.path.join(cli_out, name), tmp_path / name)
+    clf = torch.load(tmp_path / "classifier.pt", weights_only=True)
+    stale = {k: v for k, v in clf.items() if k != "checksum"}
+    common.save_checkpoint(str(tmp_path / "classifier.pt"), {**stale, "lm_embed": stale["lm_embed"] + 0.1})
+    drawn = []
+    monkeypatch.setattr(D, "sample", lambda *a, **k: drawn.append(a) or torch.zeros(1, 64, dtype=torch.long))
+    D.main(["--eval", f"--out_dir={tmp_path}", "--eval_batches=1", "--eval_t_samples=1", "--control_targets=, "])
+    assert drawn == []
+    with pytest.raises(SystemExit, match="was trained on another model's embeddings"):
+        D.main(["--eval", f"--out_dir={tmp_path}", "--eval_batches=1", "--eval_t_samples=1"])
+    monkeypatch.setattr(corpus, "prepare_data", lambda cfg, meta=None: common.die(f"prepare {cfg.data_dir}"))
+    with pytest.raises(SystemExit, match=f"prepare {tmp_path / 'new'}"):  # it said "use --dataset=e2e" of E2E
+        D.main(["--train_classifier", f"--out_dir={tmp_path}", f"--data_dir={tmp_path / 'new'}"])
+
+
 def test_cli_train_sample_eval(cli_out):
     r = run_cli(["diffusion_lm.py", "--sample", f"--out_dir={cli_out}", "--num_samples=2", "--steps=10", "--show",
                  "--infill=The _ _ is"])
@@ -396,7 +436,8 @@ def test_e2e_prepared_with_another_vocabulary_is_refused(cli_out, tmp_path):
 
 
 @pytest.mark.parametrize("args,msg", [
-    (["--control=cuisine=Italian"], "unknown field 'cuisine'"),
+    (["--control=cuisine=Italian"], "'cuisine=Italian' must be field=value with a field from: Type, "),
+    (["--control=food"], "'food' must be field=value"),  # a known field, its value missing (not "unknown field")
     (["--control=food=Klingon"], "food has no value 'Klingon'"),
     (["--infill=" + " ".join(["the"] * 70)], "more than the 64-position sequence"),
     (["--clamp=dot"], "unknown --clamp='dot'"),
@@ -424,6 +465,11 @@ def test_cli_without_classifier_or_checkpoint(tmp_path):
     r = run_cli(["diffusion_lm.py", "--train"] + tiny, check=False)
     assert r.returncode == 1 and "has no train.jsonl" in r.stderr and "--rows=false" in r.stderr, r.stderr
     run_cli(["diffusion_lm.py", "--train", "--rows=false"] + tiny)
+    for args, msg in ((["--train", "--T=1"] + tiny, "--T=1 must be at least 2"),  # no step for the bound's sum: it crashed
+                      (["--train_classifier"], "a model trained on --dataset=e2e, not text"),
+                      (["--train-classifier=yes"], "--train_classifier takes no value")):
+        r = run_cli(["diffusion_lm.py", f"--out_dir={tmp_path / 'o'}"] + args, check=False)
+        assert r.returncode == 1 and msg in r.stderr, r.stderr
     # --steps is checked against the checkpoint's T (24), not the default's (2000, which 3 does not divide)
     r = run_cli(["diffusion_lm.py", "--sample", f"--out_dir={tmp_path / 'o'}", "--steps=3", "--num_samples=1", "--mbr=1"])
     assert "=== sample 0" in r.stdout and "3 steps" in r.stdout

@@ -71,9 +71,8 @@ def accepted_flags(script, sub=""):
     text = help_text(script, sub)
     if "config keys" in text:  # a method file: common.parse_args lists every key it takes
         keys = set(re.findall(r"^\s+--(\w+)=", text.split("config keys", 1)[1], re.M))
-        source = open(path, encoding="utf-8").read()
-        extra = set(re.findall(r"""["']--(\w+)["']\s+in\s+argv""", source))  # a verb of one method
-        return keys | VERBS | extra
+        verbs = set(re.findall(r"--(\w+)", re.search(r"^verbs: (.*)$", text, re.M).group(1)))  # diffusion_lm's own too
+        return keys | verbs | {"help"}
     opts = re.findall(r"^\s+(?:-\w[ ,]+)?--([A-Za-z][\w-]*)", text, re.M)  # argparse's option lines
     return set(opts) | {"help"}
 
