@@ -119,16 +119,16 @@ def _convert(name, value, typ):
     die(f"--{name} takes {'true or false' if typ is bool else 'a ' + typ.__name__}, not {value!r}")
 
 
-def parse_args(config_cls, argv=None):
-    """Parse `--train|--sample|--eval` and `--key=value` overrides -> (verbs, cfg, overrides): overrides holds the keys
-    given; where a checkpoint decides the run (--resume, --sample, --eval), cfg is its config with them on top."""
+def parse_args(config_cls, argv=None, known=VERBS):
+    """Parse `--train|--sample|--eval` (the known verbs) and `--key=value` overrides -> (verbs, cfg, overrides): overrides
+    holds the keys given; where a checkpoint decides the run (all but --train), cfg is its config with them on top."""
     argv = sys.argv[1:] if argv is None else argv
     module = sys.modules[config_cls.__module__]  # the method file: its docstring for --help, its name
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
     types = {name: type(f.default) for name, f in fields.items()}
     verbs, overrides = [], {}
     if "-h" in argv or "--help" in argv:
-        print((module.__doc__ or "").strip() + "\n\nconfig keys (--key=value):")
+        print((module.__doc__ or "").strip() + f"\n\nverbs: {' '.join('--' + v for v in known)}\nconfig keys (--key=value):")
         print("\n".join(f"  --{name}={f.default!r}" for name, f in fields.items()))
         sys.exit(0)
     for arg in argv:
@@ -136,20 +136,22 @@ def parse_args(config_cls, argv=None):
             die(f"unexpected argument {arg!r}; use --train, --sample, --eval or --key=value")
         key, eq, value = arg[2:].partition("=")
         key = key.replace("-", "_")
-        if key in VERBS and not eq:
+        if key in known and not eq:
             verbs.append(key)
             continue
         if key not in fields and key in SHARED_KEYS:
             die(f"--{key} is not used by {os.path.basename(module.__file__)}; drop it")
         if key not in fields:
-            close = difflib.get_close_matches(key, list(fields) + list(VERBS), n=3, cutoff=0.6)
+            close = difflib.get_close_matches(key, list(fields) + list(known), n=3, cutoff=0.6)
             hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else "; see the Config class for the keys"
-            die(f"unknown config key --{key}{hint}")
+            die(f"--{key} takes no value; write --{key}" if key in known else f"unknown config key --{key}{hint}")
         if not eq and types[key] is not bool:
             die(f"--{key} needs a value: --{key}=...")
         overrides[key] = _convert(key, value, types[key])
     if not verbs:
-        die("say what to do: --train, --sample or --eval (plus --key=value overrides)")
+        die(f"say what to do: {', '.join('--' + v for v in known[:-1])} or --{known[-1]} (plus --key=value overrides)")
+    if "train" not in verbs and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank would do it all again
+        die(f"only --train runs under torchrun; run {' '.join('--' + v for v in verbs)} with python")
     for key, needs in (("samples_out", ["sample"]), ("gen", ["eval"]), ("samples_in", ["eval", "gen"]),
                        ("eval_data", ["eval"]), ("eval_file", ["eval"])):
         if overrides.get(key) and not all(n in verbs or overrides.get(n) for n in needs):
@@ -160,6 +162,9 @@ def parse_args(config_cls, argv=None):
     path, ckpt = os.path.join(out_dir(cfg, method), "ckpt.pt"), None
     if "train" in verbs and cfg.resume:
         ckpt = RESUMED[path] = load_checkpoint(path, method)
+        saved = (ckpt.get("config") or {}).get("dataset") if issubclass(config_cls, TextConfig) else None
+        if saved and overrides.get("dataset", saved) != saved:  # before another corpus is prepared, or downloaded
+            die(f"--dataset={overrides['dataset']}: the run being resumed trains on {saved}; drop it, or train a new model")
     elif "train" not in verbs and not getattr(cfg, "init_from", "") and os.path.isfile(path):
         try:  # its config alone (the loader reads it whole); a file that fails here is read whole, to say why
             ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -197,15 +202,13 @@ def check_between(cfg, keys, low, high):
 
 
 def check_common(cfg):
-    """The shared keys' values -> one line naming the flag, before any data or model is touched; each
-    method's check_config calls this first, then checks its own keys."""
+    """The shared keys' values -> one line naming the flag, before any data or model is touched (check_config's first)."""
     text = isinstance(cfg, TextConfig)
     check_choice(cfg, "eval_split", ("val", "test"))
     check_at_least(cfg, ["batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval",
                          "num_samples"] + (["n_layer", "n_head", "n_embd", "block_size"] if text else []), 1)
     check_at_least(cfg, ("lr_decay_iters", "warmup_iters", "min_lr", "weight_decay", "grad_clip"), 0)
-    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
-        die(f"--lr={cfg.lr} must be a finite number above 0")
+    check_between(cfg, ("lr",), 0, math.inf)  # NaN and infinity fail too
     if cfg.min_lr > cfg.lr:
         die(f"--min_lr={cfg.min_lr:g} is above --lr={cfg.lr:g}: the decay would raise the rate; lower --min_lr")
     for k in ("beta1", "beta2", "ema") + (("dropout",) if text else ()):
@@ -238,15 +241,15 @@ def config_from_checkpoint(config_cls, ckpt, overrides):
 def get_device(cfg):
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
         die(f"unknown --device={cfg.device}; use auto, cpu, cuda or cuda:N")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        die(f"--device={cfg.device} but this torch sees no GPU; use --device=cpu")
+    if cfg.device in ("auto", "cuda") and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # under torchrun: this rank's GPU
     if cfg.device != "auto":
-        if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-            die(f"--device={cfg.device} but this torch sees no GPU; use --device=cpu")
         device = torch.device(cfg.device)
         if device.index is not None and device.index >= torch.cuda.device_count():
             die(f"--device={cfg.device} but this machine has {torch.cuda.device_count()} GPU(s); use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
         return device
-    if "LOCAL_RANK" in os.environ and torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -447,10 +450,9 @@ class Transformer(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints: one file holds everything a run needs to resume, sample and evaluate. Written to a
-# temporary name of this process and renamed, so a crash or a full disk never leaves a broken
-# ckpt.pt; it carries a SHA-256 of its contents, checked on load, because torch's zip reader does
-# not check its own CRCs (a flipped bit in a weight would load silently); loaded with weights_only.
+# Checkpoints: one file holds everything a run needs to resume, sample and evaluate. Written to a temporary
+# name of this process and renamed, so a crash or a full disk never leaves a broken ckpt.pt; it carries a SHA-256
+# of its contents, checked on load: torch's zip reader does not check its CRCs (a flipped bit would load silently).
 
 
 def _digest(obj, h):
@@ -548,9 +550,8 @@ def out_dir(cfg, method):
 
 
 def sample_times(batch_size, t_min, device):
-    """Low-discrepancy (stratified) times (batch_size,): one uniform draw in each of the batch_size
-    equal strata of [0, 1), moved to [t_min, 1]. The batch then covers every noise level, which
-    lowers the variance of the time integral against i.i.d. times (MDLM, SEDD)."""
+    """Low-discrepancy times (batch_size,): one uniform draw in each of batch_size equal strata of [0, 1), moved to
+    [t_min, 1], so a batch covers every noise level: a lower-variance time integral than i.i.d. times (MDLM, SEDD)."""
     u = (torch.rand(batch_size, device=device) + torch.arange(batch_size, device=device)) / batch_size
     return (1 - t_min) * u + t_min
 
@@ -572,9 +573,8 @@ def semi_autoregressive(chain, fixed, block_size, stride):
     block_size - stride generated tokens as a clean prefix (held fixed) and generates stride new ones,
     so any sampler that holds fixed positions extends past its context."""
     T = fixed.shape[1]
-    first = min(T, block_size)
-    out, calls = chain(fixed[:, :first])
-    pieces, done = [out], first
+    out, calls = chain(fixed[:, :block_size])
+    pieces, done = [out], min(T, block_size)
     while done < T:
         new = min(stride, T - done)
         context = torch.cat(pieces, 1)[:, -(block_size - new):]

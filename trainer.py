@@ -226,6 +226,8 @@ def train(cfg, method, model, loss_fn, evaluate, meta, batches=None, dynamic=Non
         try:
             return _train_loop(cfg, method, model, loss_fn, evaluate, meta, batches, device, rank, world, dynamic)
         except KeyboardInterrupt:  # one line, not a traceback; checkpoints are written whole or not at all
+            if rank:  # rank 0 says why, once (torchrun also ends the others this way when one fails)
+                raise SystemExit(1)
             if os.path.isfile(ckpt_path) and (cfg.resume or os.path.getmtime(ckpt_path) >= started):
                 die(f"interrupted; {ckpt_path} holds the last eval's state: continue with --resume")
             die("interrupted before the first eval wrote a checkpoint" + (f"; {ckpt_path} and its log are still the earlier "
@@ -328,6 +330,9 @@ def _train_loop(cfg, method, model, loss_fn, evaluate, meta, batches, device, ra
                 loss = loss_fn(train_model, x0) / cfg.grad_accum
             loss.backward()
             loss_sum += loss.detach()
+        if world > 1:  # the loss of the whole step's batch, as one process would log it (and stop on it, every rank)
+            torch.distributed.all_reduce(loss_sum)
+            loss_sum /= world
         loss_val = float(loss_sum)
         if not math.isfinite(loss_val):
             where = f"the last good checkpoint {ckpt_path} (iteration {last_good}) is kept" if last_good is not None \

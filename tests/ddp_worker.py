@@ -1,5 +1,5 @@
 """Run under torchrun by test_mdlm.py: train MDLM a few steps with DDP (gloo on CPU), then every
-rank saves its own weights and its first data batch so the test can compare them."""
+rank saves its own weights and the first batch it trained on, with its loss, for the test to compare."""
 import os
 import sys
 
@@ -15,8 +15,17 @@ cfg = mdlm.Config(out_dir=out, data_dir=data, n_layer=1, n_embd=32, n_head=2, bl
                   max_iters=4, eval_interval=4, eval_iters=1, log_interval=1, dropout=0.1, device="cpu")
 meta = corpus.prepare_data(cfg)
 model = mdlm.build_model(cfg, meta)
-trainer.train(cfg, "mdlm", model, lambda m, x0: mdlm.loss_fn(m, x0, cfg, model.mask_id), lambda m, b: mdlm.evaluate(m, b, cfg), meta)
+seen = []  # (batch, loss) of each step, as the trainer fed them
+
+
+def loss_fn(m, x0):
+    loss = mdlm.loss_fn(m, x0, cfg, model.mask_id)
+    seen.append((x0.clone(), float(loss)))
+    return loss
+
+
+trainer.train(cfg, "mdlm", model, loss_fn, lambda m, b: mdlm.evaluate(m, b, cfg), meta)
 rank = torch.distributed.get_rank()
-first = corpus.Batches(cfg, meta, seed=cfg.seed + 1000 * rank).get("train", cfg.batch_size)
-torch.save({"model": model.state_dict(), "first_batch": first}, os.path.join(out, f"rank{rank}.pt"))
+torch.save({"model": model.state_dict(), "first_batch": seen[0][0], "first_loss": seen[0][1]},
+           os.path.join(out, f"rank{rank}.pt"))
 torch.distributed.destroy_process_group()

@@ -103,6 +103,37 @@ def test_a_key_without_the_verb_that_reads_it_is_refused(argv, message, tmp_path
     assert message in refused("mdlm", argv + [f"--out_dir={tmp_path}"])
 
 
+def test_under_torchrun_only_training_runs_and_each_rank_takes_its_gpu(tmp_path, monkeypatch):
+    """--sample and --eval under torchrun: every rank repeated the whole work and logged it again. A rank's
+    device is its LOCAL_RANK's GPU under --device=cuda as under auto (cuda put every rank on GPU 0)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for verbs in (["--sample"], ["--eval", "--gen"]):
+        assert f"only --train runs under torchrun; run {verbs[0]} with python" in refused("mdlm", verbs)
+    assert "torchrun" in refused("diffusion_lm", ["--train_classifier", f"--out_dir={tmp_path}"])
+    import common
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(common.torch.cuda, "is_available", lambda: True)
+    for device in ("cuda", "auto"):
+        assert common.get_device(mdlm.Config(device=device)) == common.torch.device("cuda", 1), device
+    assert common.get_device(mdlm.Config(device="cpu")).type == "cpu"
+
+
+@pytest.mark.parametrize("method", ["mdlm", "ar", "diffusion_lm", "diffuser"])
+def test_resume_refuses_another_dataset_before_preparing_it(method, tmp_path, monkeypatch):
+    """The data is the resumed run's: another --dataset was prepared (text8, openwebtext: downloaded) and only
+    then refused by its tokenizer."""
+    import common
+    saved = METHODS[method].Config().dataset
+    common.save_checkpoint(str(tmp_path / "ckpt.pt"), {"method": method, "config": {"dataset": saved}})
+    monkeypatch.setattr(corpus, "prepare_data", lambda *a, **k: pytest.fail("prepared"))
+    msg = refused(method, ["--train", "--resume", f"--out_dir={tmp_path}", "--dataset=text8"])
+    assert f"--dataset=text8: the run being resumed trains on {saved}; drop it" in msg
+
+
+def test_a_verb_with_a_value_says_it_takes_none(tmp_path):
+    assert "--train takes no value; write --train" in refused("mdlm", ["--train=true", f"--out_dir={tmp_path}"])
+
+
 def test_training_memory_is_estimated_before_data(tmp_path):
     msg = refused("diffusion_lm", ["--train", "--block_size=200000", f"--out_dir={tmp_path}", f"--data_dir={tmp_path / 'd'}"])
     assert "GiB" in msg and "--block_size" in msg
