@@ -11,7 +11,7 @@ absolute claims from another machine.
     python bench.py kernels           # fused kernels vs eager and torch.compile'd PyTorch oracles
     python bench.py nearest           # Diffusion-LM's clamp kernel vs the PyTorch expression (time, memory)
     python bench.py rotary            # the backbone's rotary kernel vs its PyTorch expression, forward and back
-    python bench.py methods --plot=docs/methods.png   # every text method vs the AR baseline (~45 min on 2 cores)
+    python bench.py methods --plot=docs/methods.png   # every text method vs the AR baseline (~40 min on 2 cores)
     python bench.py gpu --out=gpu_report   # validate a GPU in one call (on a CPU: a dry run of what can run)
     python bench.py <name> --help     # the options of one benchmark
 
@@ -724,7 +724,8 @@ def bench_methods(argv):
                                  "default CPU budget, then one table: train tok/s, validation bound, generative NLL "
                                  "under the AR judge and unigram entropy at several step counts, time per sample")
     ap.add_argument("--methods", default="ar,mdlm,sedd,sedd_uniform", help=f"comma-separated, from {','.join(METHODS)}")
-    ap.add_argument("--out_root", default="out", help="checkpoints go to OUT_ROOT/<name>")
+    ap.add_argument("--out_root", default="out/bench", help="checkpoints go to OUT_ROOT/<name> (retrained there "
+                    "unless --reuse; out/<method>, the methods' own default, is left alone)")
     ap.add_argument("--reuse", action="store_true", help="reuse OUT_ROOT/<name>/ckpt.pt where it exists")
     ap.add_argument("--steps", default="16,32,64,128,256", help="sampling step counts of the diffusion samplers")
     ap.add_argument("--num_samples", type=int, default=16)
