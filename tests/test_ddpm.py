@@ -154,16 +154,17 @@ def gaussian_denoiser(alpha_bar, pred):
     return model
 
 
-@pytest.mark.parametrize("sampler,var,pred", [("ancestral", "beta", "eps"), ("ancestral", "posterior", "v"),
-                                              ("ddim", "beta", "x0")])
-def test_sampler_with_optimal_denoiser_reproduces_gaussian(sampler, var, pred):
-    """All 1000 steps: ancestral with either variance, and DDIM at eta=0 (the probability-flow ODE)."""
+@pytest.mark.parametrize("sampler,var,pred,eta", [("ancestral", "beta", "eps", 0.0), ("ancestral", "posterior", "v", 0.0),
+                                                  ("ddim", "beta", "x0", 0.0), ("ddim", "beta", "eps", 1.0)])
+def test_sampler_with_optimal_denoiser_reproduces_gaussian(sampler, var, pred, eta):
+    """All 1000 steps: ancestral with either variance, DDIM at eta=0 (the probability-flow ODE) and at eta=1
+    (its fresh noise sigma z balanced by the smaller eps_hat term of Song et al. eq. 12)."""
     betas = ddpm.betas_for("linear", 1000)
     ab = ddpm.alpha_bars(betas)
     torch.manual_seed(0)
     n = 20000
     x = ddpm.sample(gaussian_denoiser(ab, pred), torch.randn(n, 2, dtype=torch.float64), ab,
-                    ddpm.step_sequence(1000), pred, sampler, var).double()
+                    ddpm.step_sequence(1000), pred, sampler, var, eta).double()
     se = math.sqrt(float(COV.diagonal().max()) / n)
     assert (x.mean(0) - MEAN).abs().max() < 5 * se
     assert (torch.cov(x.T) - COV).abs().max() < 0.03

@@ -310,6 +310,20 @@ def test_sampling_and_null_bootstrap():
     assert [h.x for h in a] == [h.x for h in g]
 
 
+@pytest.mark.parametrize("temperature,top_p,law", [(1.0, 1.0, [0.5, 0.3, 0.15, 0.05]),
+                                                   (0.5, 1.0, [25 / 36.5, 9 / 36.5, 2.25 / 36.5, 0.25 / 36.5]),
+                                                   (1.0, 0.7, [0.625, 0.375, 0, 0]),
+                                                   (2.0, 0.5, [0.5 ** 0.5 / (0.5 ** 0.5 + 0.3 ** 0.5), 0.3 ** 0.5 / (0.5 ** 0.5 + 0.3 ** 0.5), 0, 0])])
+def test_a_sampled_choice_follows_the_tempered_nucleus_law(temperature, top_p, law):
+    """--decode=sample: p^(1/temperature) renormalised, then cut to the smallest most-probable set holding top_p."""
+    torch.manual_seed(0)
+    n = 20000
+    lp = np.log(np.tile([[0.5, 0.3, 0.15, 0.05]], (n, 1)))
+    freq = np.bincount(D.sample_choice(lp, temperature, top_p), minlength=4) / n
+    se = np.sqrt(np.array(law) * (1 - np.array(law)) / n)
+    assert (np.abs(freq - law) <= 5 * se + 1e-12).all(), (freq, law)
+
+
 # ----------------------------------------------------------------------------------------------
 # Learning: restore a corrupted sorted sequence (end to end: --train, then decode)
 

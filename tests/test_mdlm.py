@@ -185,6 +185,56 @@ def random_model(cfg, V=11):
     return model
 
 
+@pytest.mark.parametrize("sampler", ["ddpm", "confidence"])
+def test_a_time_conditioned_model_is_told_each_steps_time(sampler):
+    """sample_chain hands the network sigma_bar of the step's own time t (not the next one, s), and t_end
+    to the final noise removal; ExactDenoiser and the unconditioned models ignore it."""
+    cfg = mdlm.Config(steps=5, sampler=sampler, t_end=0.2)
+    V, L, seen = 4, 3, []
+
+    class Stub(torch.nn.Module):
+        mask_id = V
+
+        def forward(self, xt, sigma):
+            seen.append(sigma)
+            return torch.zeros(*xt.shape, V + 1)  # uniform: tokens revealed at random, some left at t_end
+
+    torch.manual_seed(0)
+    mdlm.sample_chain(Stub(), torch.full((64, L), V), cfg)
+    grid = mdlm.time_grid(cfg.steps, cfg.t_end).tolist()
+    want = [mdlm.sigma_bar(t, cfg) for t in grid[:-1]] + [mdlm.sigma_bar(cfg.t_end, cfg)]
+    got = [float(s[0]) for s in seen]
+    assert all(torch.equal(s, s[:1].expand_as(s)) for s in seen)  # one time for the whole batch
+    if sampler == "ddpm":
+        assert got == pytest.approx(want)
+    else:  # reused while the batch does not change: a subsequence of the step times
+        assert got[0] == pytest.approx(want[0]) and all(g in [pytest.approx(w) for w in want] for g in got)
+
+
+@pytest.mark.parametrize("method", ["mdlm", "sedd"])
+@pytest.mark.parametrize("k", [1, 4])
+def test_evaluate_averages_over_tokens_and_time_samples(method, k, monkeypatch):
+    """evaluate() divides the summed terms by the eval_t_samples repeats and the tokens: a model whose every
+    term is 1 nat scores 1 nat per token (plus SEDD's prior term), whatever k and the last batch's size."""
+    import importlib
+    M = importlib.import_module(method)
+    cfg = M.Config(n_layer=1, n_embd=32, n_head=2, block_size=8, batch_size=3, eval_t_samples=k)
+    model, seen = M.build_model(cfg, {"vocab_size": 5}), []
+
+    def terms(model, xs, t, cfg, mask_id):
+        seen.append((xs.shape[0], t.shape[0]))
+        return torch.ones(xs.shape)
+
+    class Windows:
+        def sequential(self, split, batch_size):
+            yield from (torch.zeros(3, 8, dtype=torch.long), torch.zeros(2, 8, dtype=torch.long))
+
+    monkeypatch.setattr(M, "nelbo_terms", terms)
+    prior = M.prior_kl(cfg, model.num_states) if method == "sedd" else 0.0
+    assert M.evaluate(model, Windows(), cfg, full=True)["val_nelbo"] == pytest.approx(1.0 + prior)
+    assert seen == [(3 * k, 3 * k), (2 * k, 2 * k)]
+
+
 def test_cached_sampler_matches_uncached_with_fewer_calls():
     cfg = mdlm.Config(n_layer=1, n_embd=32, n_head=2, block_size=24, steps=100)
     model = random_model(cfg)
@@ -430,9 +480,10 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, char_data):
     full, part = losses(tmp_path / "full"), losses(tmp_path / "part")
     assert sorted(part) == list(range(10))
     assert all(full[i] == part[i] for i in range(10)), (full, part)
-    a = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "part" / "ckpt.pt", weights_only=True)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    a = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "part" / "ckpt.pt", weights_only=True)
+    for part in ("model", "ema"):  # the averaged weights too, which --sample and --eval read
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
 
 
 def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path, char_data):
@@ -445,5 +496,8 @@ def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path, char_data):
     w0 = torch.load(out / "rank0.pt", weights_only=True)
     w1 = torch.load(out / "rank1.pt", weights_only=True)
     assert all(torch.equal(w0["model"][k], w1["model"][k]) for k in w0["model"])
-    assert not torch.equal(w0["first_batch"], w1["first_batch"])  # each rank has its own data stream
+    assert not torch.equal(w0["first_batch"], w1["first_batch"])  # each rank trains on its own data stream
+    logged = [json.loads(line) for line in open(out / "log.jsonl")]
+    loss0 = next(r["loss"] for r in logged if r.get("iter") == 0 and "loss" in r)
+    assert loss0 == pytest.approx((w0["first_loss"] + w1["first_loss"]) / 2, rel=1e-5)  # the step's whole batch
     assert os.path.isfile(out / "ckpt.pt")

@@ -428,7 +428,8 @@ def test_diffuser_resume_reproduces_uninterrupted_run(tmp_path):
     assert sorted(part) == list(range(8)) and full == part
     a = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=True)
     b = torch.load(tmp_path / "part" / "ckpt.pt", weights_only=True)
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    for part in ("model", "ema"):  # the averaged weights too, which --sample and --eval read
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
 
 
 @pytest.mark.slow
