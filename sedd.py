@@ -83,7 +83,8 @@ def check_config(cfg):
     common.check_choice(cfg, "schedule", SCHEDULES + ("",))
     common.check_choice(cfg, "sampler", SAMPLERS)
     common.check_at_least(cfg, ("steps", "eval_t_samples", "cond_dim"), 1)
-    common.check_between(cfg, ("eps", "t_min", "t_end"), 0, 1)
+    common.check_between(cfg, ("t_min",), 0, 1)
+    common.check_between(cfg, ("eps", "t_end"), 1e-12, 1)  # 1 - eps is not 1 in float64; sigma_bar(t_end) not 0 in fp32
     if not 0 < cfg.sigma_min < cfg.sigma_max < math.inf:
         common.die(f"need 0 < --sigma_min ({cfg.sigma_min}) < --sigma_max ({cfg.sigma_max}), both finite")
     common.check_at_least(cfg, ("seq_len", "stride"), 0)  # 0: block_size, block_size // 2

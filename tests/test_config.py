@@ -79,7 +79,9 @@ OWN_BAD = {
              ("--seq_len=-1", "--seq_len"), ("--stride=-1", "--stride")],
     "sedd": [("--steps=0", "--steps=0"), ("--eval_t_samples=0", "--eval_t_samples"), ("--t_min=2", "--t_min"), ("--eps=0", "--eps"),
              ("--graph=foo", "unknown --graph"), ("--schedule=cosine", "unknown --schedule"), ("--sampler=foo", "unknown --sampler"),
-             ("--sigma_min=0", "--sigma_min"), ("--sigma_max=inf", "--sigma_max"), ("--seq_len=-1", "--seq_len")],
+             ("--sigma_min=0", "--sigma_min"), ("--sigma_max=inf", "--sigma_max"), ("--seq_len=-1", "--seq_len"),
+             ("--eps=1e-20", "--eps=1e-20 must be in (1e-12, 1)"),  # sigma_bar(1) = inf: a traceback from the sampler
+             ("--t_end=1e-50", "--t_end=1e-50 must be in (1e-12, 1)")],  # sigma_bar = 0 in fp32: masks left in the samples
 }
 BAD = [(m, arg, msg) for m in METHODS for arg, msg in COMMON_BAD + (TEXT_BAD if m != "ddpm" else []) + OWN_BAD[m]]
 
@@ -98,7 +100,9 @@ def test_bad_value_stops_at_the_boundary(method, arg, message, verb, tmp_path):
     (["--eval", "--samples_out=s.jsonl"], "--samples_out is read by --sample only"),
     (["--sample", "--gen"], "--gen is read by --eval only"),
     (["--eval", "--samples_in=s.jsonl"], "--samples_in is read by --eval --gen only"),  # it sampled instead
-    (["--sample", "--samples_in=s.jsonl"], "--samples_in is read by --eval --gen only")])
+    (["--sample", "--samples_in=s.jsonl"], "--samples_in is read by --eval --gen only"),
+    (["--eval", "--gen", "--prefix=ROMEO:"], "--prefix is read by --sample only"),  # --gen's samples ignored it
+    (["--eval", "--infill=a_b"], "--infill is read by --sample only")])
 def test_a_key_without_the_verb_that_reads_it_is_refused(argv, message, tmp_path):
     assert message in refused("mdlm", argv + [f"--out_dir={tmp_path}"])
 
