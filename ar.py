@@ -118,7 +118,7 @@ def generate(model, cfg, prefix, num_samples, length, show=None):
 
     def refill():
         nonlocal cache
-        keep = out[:, -(L // 2):] if out.shape[1] >= L else out
+        keep = out[:, out.shape[1] - L // 2:] if out.shape[1] >= L else out  # (at L = 1, none: -0 would keep all)
         cache = backbone.new_cache()
         inp = torch.cat([torch.full((num_samples, 1), model.bos_id, device=device), keep], 1)
         with common.autocast(device):

@@ -102,9 +102,9 @@ class PromptConfig:
 
 VERBS = ("train", "sample", "eval")
 TRUE, FALSE = ("1", "true", "yes", "on", ""), ("0", "false", "no", "off")  # what a bool --key takes
-# what one command asks (its folder and output files, its device, a spent init_from): a checkpoint's config keeps none
+# what one command asks (its folder and output files, its device, a spent init_from, its conditioning): a checkpoint's config keeps none
 PER_COMMAND = {"out_dir", "init_from", "resume", "overwrite", "device", "show", "gen", "samples_in", "samples_out", "png",
-               "eval_data", "eval_file"}
+               "eval_data", "eval_file", "prefix", "suffix", "infill", "control", "length", "source"}
 TIED = {"dataset": (None, ("data_dir",))}  # key -> (the value its saved companions serve, None: any; the companions)
 SHARED_KEYS = {f.name for c in (BaseConfig, TextConfig, PromptConfig) for f in dataclasses.fields(c)}
 

@@ -341,7 +341,7 @@ def loss_fn(model, x0, alpha_bar, pred):
 def step_sequence(T, steps=0, timesteps=""):
     """The code steps the reverse chain visits, descending, e.g. [999, ..., 0].
 
-    timesteps: explicit paper steps "1,10,100,1000" (any subsequence of 1..T); else `steps`
+    timesteps: explicit paper steps "1,10,100,1000" (a subsequence of 1..T that holds T); else `steps`
     evenly spaced over 1..T (0: all T). The chain starts at the largest and ends at x_0.
     """
     if timesteps:
@@ -349,8 +349,8 @@ def step_sequence(T, steps=0, timesteps=""):
             paper = sorted({int(s) for s in timesteps.split(",") if s.strip()})
         except ValueError:
             common.die(f"--timesteps={timesteps!r} must be comma-separated integers in 1..{T}")
-        if not paper or paper[0] < 1 or paper[-1] > T:
-            common.die(f"--timesteps={timesteps!r} must be comma-separated integers in 1..{T}")
+        if not paper or paper[0] < 1 or paper[-1] != T:  # x_T ~ N(0, I) is the law of step T alone
+            common.die(f"--timesteps={timesteps!r} must be comma-separated integers in 1..{T}, the last {T}")
         return [p - 1 for p in reversed(paper)]
     steps = steps or T
     if not 1 <= steps <= T:
@@ -566,7 +566,9 @@ def check_config(cfg):
     for key, known in (("schedule", ("linear", "cosine")), ("pred", ("eps", "x0", "v")), ("var", ("beta", "posterior")),
                        ("sampler", ("ancestral", "ddim")), ("eval_split", ("val",))):  # 2-D data: no test split
         common.check_choice(cfg, key, known)
-    common.check_at_least(cfg, ("n_layer", "n_embd"), 1)
+    common.check_at_least(cfg, ("n_layer",), 1)
+    if cfg.n_embd < 2 or cfg.n_embd % 2:
+        common.die(f"--n_embd={cfg.n_embd} must be even and at least 2 (the time embedding is sines and cosines)")
     common.check_at_least(cfg, ("T",), 2)
     if cfg.schedule == "linear" and cfg.T <= 20:
         common.die(f"--T={cfg.T} is too small for the linear schedule (beta_T = {20 / cfg.T:.2f} >= 1); use T > 20")

@@ -94,11 +94,11 @@ def check_config(cfg):
                        ("decode", ("greedy", "sample", "beam", "beam2d"))):
         common.check_choice(cfg, key, known)
     probs = (cfg.p_keep, cfg.p_replace, cfg.p_insert, cfg.p_delete)
-    if not all(math.isfinite(p) and p >= 0 for p in probs) or abs(sum(probs) - 1) > 1e-6:
+    if not all(math.isfinite(p) and p >= 0 for p in probs) or abs(sum(probs) - 1) > 1e-9:  # numpy's draw allows ~1e-8
         common.die(f"--p_keep/--p_replace/--p_insert/--p_delete must be >= 0 and sum to 1 (got {probs})")
-    if not 0 <= cfg.span_lambda < math.inf or not 0 <= cfg.boot_prob <= 1:
-        common.die("need --span_lambda >= 0 and 0 <= --boot_prob <= 1")
-    if not cfg.temperature > 0 or not 0 < cfg.top_p <= 1:
+    if not 0 < cfg.span_lambda < math.inf or not 0 <= cfg.boot_prob <= 1:  # spans of length 0 would keep every token
+        common.die("need --span_lambda > 0 (finite) and 0 <= --boot_prob <= 1")
+    if not 0 < cfg.temperature < math.inf or not 0 < cfg.top_p <= 1:
         common.die(f"need --temperature > 0 and 0 < --top_p <= 1 (got {cfg.temperature}, {cfg.top_p})")
     if (cfg.temperature, cfg.top_p) != (1, 1) and cfg.decode != "sample":  # greedy and beams take no draws
         common.die(f"--temperature and --top_p shape --decode=sample's draws, not {cfg.decode}'s; add --decode=sample")

@@ -84,6 +84,12 @@ def test_prefix_is_kept_and_long_samples_slide_the_cache():
     assert calls == 40 - 3
 
 
+def test_a_one_token_context_samples_from_bos_alone():
+    """block_size 1: each refill keeps no token (out[:, -0:] kept them all, longer than the context)."""
+    x, calls = ar.generate(random_model(block_size=1), tiny_cfg(block_size=1), torch.zeros(0, dtype=torch.long), 2, 5)
+    assert x.shape == (2, 5) and calls == 5
+
+
 def test_contiguous_row_loss_matches_the_transposed_view():
     """nll_terms over (B*L, V) rows gives cross-entropy over the transposed (B, V, L) view, forward
     and backward, to float rounding (the CPU kernels sum a row in a different order)."""

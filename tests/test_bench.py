@@ -130,6 +130,10 @@ def test_methods_plot_without_matplotlib_is_refused_before_the_work(tmp_path, mo
     with pytest.raises(SystemExit, match="--plot needs matplotlib"):
         bench.bench_methods(["--methods=ar", f"--out_root={tmp_path / 'out'}", f"--plot={tmp_path / 'm.png'}"])
     assert not os.path.exists(tmp_path / "out")
+    # nor a judge: methods without ar trained, then found no OUT_ROOT/ar/ckpt.pt (out/bench/ar, not out/ar, by default)
+    with pytest.raises(SystemExit, match=f"no judge at {tmp_path / 'out' / 'ar' / 'ckpt.pt'}: add ar to --methods"):
+        bench.bench_methods(["--methods=mdlm", f"--out_root={tmp_path / 'out'}"])
+    assert not os.path.exists(tmp_path / "out")
 
 
 def test_gpu_command_bad_input(tmp_path):

@@ -63,7 +63,7 @@ TEXT_BAD = [("--block_size=0", "--block_size=0"), ("--n_embd=0", "--n_embd=0"), 
             ("--n_head=0", "--n_head"), ("--n_head=3", "--n_head=3"), ("--dropout=1.5", "--dropout=1.5"), ("--dropout=nan", "--dropout")]
 OWN_BAD = {
     "ar": [("--temperature=0", "--temperature"), ("--temperature=nan", "--temperature"), ("--seq_len=-1", "--seq_len")],
-    "ddpm": [("--T=1", "--T=1"), ("--n_embd=0", "--n_embd=0"), ("--n_layer=0", "--n_layer=0"),
+    "ddpm": [("--T=1", "--T=1"), ("--n_embd=0", "--n_embd=0"), ("--n_layer=0", "--n_layer=0"), ("--n_embd=33", "--n_embd=33 must be even"),
              ("--T=10", "too small for the linear schedule"), ("--schedule=foo", "unknown --schedule"),
              ("--pred=score", "unknown --pred='score'"), ("--var=foo", "unknown --var"), ("--sampler=foo", "unknown --sampler"),
              ("--eta=2", "--eta=2.0"), ("--steps=-1", "--steps"), ("--eval_points=0", "--eval_points"),
@@ -73,7 +73,9 @@ OWN_BAD = {
                      ("--length=-1", "--length"), ("--guide_lr=nan", "--guide_lr"), ("--guide_lambda=inf", "--guide_lambda=inf")],
     "diffuser": [("--T=0", "--T"), ("--p_keep=2", "--p_keep"), ("--p_keep=nan", "--p_keep"), ("--beam_b=0", "--beam_b=0 must be at least 1"),
                  ("--top_p=0", "--top_p"), ("--temperature=0", "--temperature"), ("--decode=foo", "unknown --decode"),
-                 ("--seq_len=0", "--seq_len"), ("--decode_batch=0", "--decode_batch")],
+                 ("--seq_len=0", "--seq_len"), ("--decode_batch=0", "--decode_batch"), ("--temperature=inf", "--temperature > 0"),
+                 ("--span_lambda=0", "--span_lambda > 0"),  # spans of length 0: no corruption, an identity learnt
+                 (f"--p_keep={diffuser.Config().p_keep + 5e-7}", "sum to 1")],  # numpy's draw refused it mid-training
     "mdlm": [("--steps=0", "--steps=0"), ("--eval_t_samples=0", "--eval_t_samples"), ("--t_min=2", "--t_min"), ("--t_min=0", "--t_min"),
              ("--eps=0", "--eps"), ("--t_end=1", "--t_end"), ("--schedule=foo", "unknown --schedule"), ("--sampler=foo", "unknown --sampler"),
              ("--seq_len=-1", "--seq_len"), ("--stride=-1", "--stride")],

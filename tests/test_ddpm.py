@@ -129,6 +129,8 @@ def test_step_sequence():
     assert ddpm.step_sequence(1000, 1) == [999]  # one step denoises pure noise (it was step 0: the noise itself)
     with pytest.raises(SystemExit, match="1..1000"):
         ddpm.step_sequence(1000, 0, "0,5")
+    with pytest.raises(SystemExit, match="the last 1000"):  # x_T ~ N(0, I) started a chain meant for step 100
+        ddpm.step_sequence(1000, 0, "1,10,100")
     with pytest.raises(SystemExit, match="between 1 and T"):
         ddpm.step_sequence(1000, 2000)
 

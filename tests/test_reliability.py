@@ -139,9 +139,10 @@ def test_a_checkpoint_config_keeps_the_run_not_what_one_command_asked():
     """--sample and --eval (and --resume) take the run's config, but not the output files, device or verbs'
     switches of the command that trained it: a later plain --sample overwrote that command's --samples_out."""
     saved = dataclasses.asdict(M.Config(samples_out="first.jsonl", gen=True, device="cuda", show=True, steps=64,
-                                        dataset="upg", data_dir="/x/upg"))
+                                        dataset="upg", data_dir="/x/upg", prefix="ROMEO:"))  # --train --sample --prefix=
     cfg = common.config_from_checkpoint(M.Config, {"config": saved}, {})
     assert (cfg.samples_out, cfg.gen, cfg.device, cfg.show, cfg.steps, cfg.data_dir) == ("", False, "auto", False, 64, "/x/upg")
+    assert cfg.prefix == ""  # every later --sample was conditioned on it, and --infill refused
     assert common.config_from_checkpoint(M.Config, {"config": saved}, {"dataset": "upg"}).data_dir == "/x/upg"  # its own
     assert common.config_from_checkpoint(M.Config, {"config": saved}, {"dataset": "text8"}).data_dir == ""
     moved = {"config": {**saved, "out_dir": "/where/it/was/trained", "eval_data": "ptb"}}  # resumed where it is now;
