@@ -465,8 +465,8 @@ def test_cli_without_classifier_or_checkpoint(tmp_path):
     r = run_cli(["diffusion_lm.py", "--train"] + tiny, check=False)
     assert r.returncode == 1 and "has no train.jsonl" in r.stderr and "--rows=false" in r.stderr, r.stderr
     run_cli(["diffusion_lm.py", "--train", "--rows=false"] + tiny)
-    for args, msg in ((["--train", "--T=1"] + tiny, "--T=1 must be at least 2"),  # no step for the bound's sum: it crashed
-                      (["--train_classifier"], "a model trained on --dataset=e2e, not text"),
+    for args, msg in ((["--train"] + tiny + ["--T=1"], "--T=1 must be at least 2"),  # no step for the bound's sum: it crashed
+                      (["--train_classifier"], "a model trained on --dataset=e2e, not"),
                       (["--train-classifier=yes"], "--train_classifier takes no value")):
         r = run_cli(["diffusion_lm.py", f"--out_dir={tmp_path / 'o'}"] + args, check=False)
         assert r.returncode == 1 and msg in r.stderr, r.stderr

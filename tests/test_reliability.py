@@ -209,8 +209,8 @@ def test_resume_keeps_the_runs_settings(run6, tmp_path):
     # the optimizer trained with them too (its saved groups held the old run's)
     assert [(g["weight_decay"], g["betas"]) for g in ckpt["optimizer"]["param_groups"]] == [(0.5, (0.5, 0.9)), (0.0, (0.5, 0.9))]
     assert (saved["n_embd"], saved["block_size"], saved["batch_size"], saved["data_dir"]) == (32, 32, 4, data)
-    # a --dataset given alone drops the run's data_dir (which would win over it), and meets the refusal
-    # of data whose symbols differ from the run's, though their number is the same
+    # data whose symbols differ from the run's, though their number is the same, is refused; a --dataset given
+    # alone to --eval drops the run's data_dir (which would win over it), and --resume refuses it
     other = tmp_path / "other_symbols"
     shutil.copytree(data, other)
     meta = json.load(open(other / "meta.json"))
@@ -218,8 +218,10 @@ def test_resume_keeps_the_runs_settings(run6, tmp_path):
     json.dump(meta, open(other / "meta.json", "w"))
     one_line_error(run_cli(["mdlm.py", "--train", "--resume", f"--out_dir={out}", "--max_iters=12",
                             f"--data_dir={other}"], check=False), "with other symbols", "resume with the checkpoint's")
-    cfg = common.parse_args(M.Config, ["--train", "--resume", f"--out_dir={out}", "--dataset=text8"])[1]
+    cfg = common.parse_args(M.Config, ["--eval", f"--out_dir={out}", "--dataset=text8"])[1]
     assert cfg.dataset == "text8" and cfg.data_dir == ""
+    with pytest.raises(SystemExit, match="the run being resumed trains on shakespeare_char"):  # its data is the run's
+        common.parse_args(M.Config, ["--train", "--resume", f"--out_dir={out}", "--dataset=text8"])
     # what else a method fixes beside the shape (ddpm: T, schedule, pred), and a spent --init_from
     import ddpm
     d = tmp_path / "ddpm"
