@@ -745,8 +745,10 @@ def bench_methods(argv):
     if a.plot and importlib.util.find_spec("matplotlib") is None:  # before the hour of work, not after it
         common.die("--plot needs matplotlib: pip install matplotlib (or pip install -e '.[plot]')")
     judge = a.judge or os.path.join(a.out_root, "ar", "ckpt.pt")
-    if "ar" not in names and not os.path.isfile(judge):  # before the training, not after it
-        common.die(f"no judge at {judge}: add ar to --methods, or pass --judge=PATH (the quick start's: out/ar/ckpt.pt)")
+    scored = any(METHODS[n][0] != "diffuser" for n in names)  # diffuser's row has no judge
+    if scored and (a.judge or "ar" not in names) and judge.endswith(".pt") and not os.path.isfile(judge):  # before training
+        common.die(f"no judge at {judge}: {'' if a.judge else 'add ar to --methods, or '}pass --judge=PATH of an ar.py "
+                   "checkpoint (the quick start's: out/ar/ckpt.pt)")
     steps_list = _ints(a.steps, "steps")
     rows, curves, t0_all = [], {}, time.time()
     for name in common.progress(names, "methods"):

@@ -104,7 +104,7 @@ VERBS = ("train", "sample", "eval")
 TRUE, FALSE = ("1", "true", "yes", "on", ""), ("0", "false", "no", "off")  # what a bool --key takes
 # what one command asks (its folder and output files, its device, a spent init_from, its conditioning): a checkpoint's config keeps none
 PER_COMMAND = {"out_dir", "init_from", "resume", "overwrite", "device", "show", "gen", "samples_in", "samples_out", "png",
-               "eval_data", "eval_file", "prefix", "suffix", "infill", "control", "length", "source"}
+               "eval_data", "eval_file", "prefix", "suffix", "infill", "control", "length", "source", "timesteps"}
 TIED = {"dataset": (None, ("data_dir",))}  # key -> (the value its saved companions serve, None: any; the companions)
 SHARED_KEYS = {f.name for c in (BaseConfig, TextConfig, PromptConfig) for f in dataclasses.fields(c)}
 
@@ -152,8 +152,8 @@ def parse_args(config_cls, argv=None, known=VERBS):
         die(f"say what to do: {', '.join('--' + v for v in known[:-1])} or --{known[-1]} (plus --key=value overrides)")
     if "train" not in verbs and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank would do it all again
         die(f"only --train runs under torchrun; run {' '.join('--' + v for v in verbs)} with python")
-    for key, needs in (("samples_out", ["sample"]), ("gen", ["eval"]), ("samples_in", ["eval", "gen"]), ("eval_data", ["eval"]),
-                       ("eval_file", ["eval"]), ("prefix", ["sample"]), ("suffix", ["sample"]), ("infill", ["sample"])):
+    for key, needs in (("gen", ["eval"]), ("samples_in", ["eval", "gen"]), ("eval_data", ["eval"]), ("eval_file", ["eval"]),
+                       *((k, ["sample"]) for k in ("samples_out", "prefix", "suffix", "infill", "control", "source"))):
         if overrides.get(key) and not all(n in verbs or overrides.get(n) for n in needs):
             die(f"--{key} is read by {' '.join('--' + n for n in needs)} only; add {' '.join('--' + n for n in needs)} or drop it")
     published = ("n_layer", "n_head", "n_embd") if overrides.get("init_from") else ()  # hub.py checks these against its config

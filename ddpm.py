@@ -578,6 +578,7 @@ def check_config(cfg):
         common.die(f"--eta is the noise of DDIM, not of the {cfg.sampler} sampler; add --sampler=ddim")
     if cfg.steps < 0:
         common.die(f"--steps={cfg.steps} must be 0 (all T) or more")
+    step_sequence(cfg.T, cfg.steps, cfg.timesteps)  # --steps and --timesteps against T, before any training
     if cfg.eval_points < 2:
         common.die(f"--eval_points={cfg.eval_points} must be at least 2")
 

@@ -133,7 +133,12 @@ def test_methods_plot_without_matplotlib_is_refused_before_the_work(tmp_path, mo
     # nor a judge: methods without ar trained, then found no OUT_ROOT/ar/ckpt.pt (out/bench/ar, not out/ar, by default)
     with pytest.raises(SystemExit, match=f"no judge at {tmp_path / 'out' / 'ar' / 'ckpt.pt'}: add ar to --methods"):
         bench.bench_methods(["--methods=mdlm", f"--out_root={tmp_path / 'out'}"])
+    with pytest.raises(SystemExit, match="no judge at nowhere.pt: pass --judge"):  # ar trained first, then refused
+        bench.bench_methods(["--methods=ar,mdlm", f"--out_root={tmp_path / 'out'}", "--judge=nowhere.pt"])
     assert not os.path.exists(tmp_path / "out")
+    monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: pytest.fail("trained"))  # diffuser's row has no judge:
+    with pytest.raises(pytest.fail.Exception, match="trained"):  # not refused for the want of one
+        bench.bench_methods(["--methods=diffuser", f"--out_root={tmp_path / 'out'}"])
 
 
 def test_gpu_command_bad_input(tmp_path):

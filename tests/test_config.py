@@ -104,9 +104,12 @@ def test_bad_value_stops_at_the_boundary(method, arg, message, verb, tmp_path):
     (["--eval", "--samples_in=s.jsonl"], "--samples_in is read by --eval --gen only"),  # it sampled instead
     (["--sample", "--samples_in=s.jsonl"], "--samples_in is read by --eval --gen only"),
     (["--eval", "--gen", "--prefix=ROMEO:"], "--prefix is read by --sample only"),  # --gen's samples ignored it
-    (["--eval", "--infill=a_b"], "--infill is read by --sample only")])
+    (["--eval", "--infill=a_b"], "--infill is read by --sample only"),
+    (["--train", "--control=food=Italian"], "--control is read by --sample only"),  # dropped, silently, once per command
+    (["--train", "--source=name : X"], "--source is read by --sample only")])
 def test_a_key_without_the_verb_that_reads_it_is_refused(argv, message, tmp_path):
-    assert message in refused("mdlm", argv + [f"--out_dir={tmp_path}"])
+    method = "diffusion_lm" if "control" in argv[1] else "diffuser" if "source" in argv[1] else "mdlm"
+    assert message in refused(method, argv + [f"--out_dir={tmp_path}"])
 
 
 def test_under_torchrun_only_training_runs_and_each_rank_takes_its_gpu(tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
 """DDPM: closed forms (hypothesis), exactness with the optimal Gaussian denoiser, learning on eight
 Gaussians end to end through the CLI, and bad inputs."""
+import dataclasses
 import importlib.util
 import math
 import os
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 
 from conftest import run_cli
 
+import common
 import ddpm
 
 SCHEDULES = st.sampled_from(["linear", "cosine"])
@@ -131,6 +133,10 @@ def test_step_sequence():
         ddpm.step_sequence(1000, 0, "0,5")
     with pytest.raises(SystemExit, match="the last 1000"):  # x_T ~ N(0, I) started a chain meant for step 100
         ddpm.step_sequence(1000, 0, "1,10,100")
+    with pytest.raises(SystemExit, match="the last 1000"):  # at --train, not at every later --sample of the run
+        ddpm.check_config(ddpm.Config(timesteps="1,10,100"))
+    saved = {"config": dataclasses.asdict(ddpm.Config(timesteps="1,10,100,1000"))}  # one command's: a later --steps holds
+    assert common.config_from_checkpoint(ddpm.Config, saved, {"steps": 10}).timesteps == ""
     with pytest.raises(SystemExit, match="between 1 and T"):
         ddpm.step_sequence(1000, 2000)
 
