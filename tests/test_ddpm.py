@@ -123,6 +123,16 @@ def test_ddim_eta0_is_deterministic_given_xT(steps, seed, pred):
         assert not torch.allclose(runs[0], runs[2])
 
 
+def test_v_is_the_papers_sign():
+    """v = sqrt(ab) eps - sqrt(1 - ab) x0 (Salimans & Ho 2022), as a v-model trained elsewhere predicts; a flip in
+    target and to_x0_eps together would stay self-consistent and pass every other test."""
+    ab = torch.tensor(0.36)
+    assert float(ddpm.target(torch.tensor(1.0), torch.tensor(0.0), ab, "v")) == pytest.approx(-0.8)
+    assert float(ddpm.target(torch.tensor(0.0), torch.tensor(1.0), ab, "v")) == pytest.approx(0.6)
+    x0, eps = ddpm.to_x0_eps(torch.tensor(-0.8), torch.tensor(0.6), ab, "v")  # x_t = 0.6 x0 + 0.8 eps at x0 = 1, eps = 0
+    assert (float(x0), float(eps)) == pytest.approx((1.0, 0.0))
+
+
 def test_step_sequence():
     assert ddpm.step_sequence(1000) == list(range(999, -1, -1))
     seq = ddpm.step_sequence(1000, 10)

@@ -124,6 +124,16 @@ def test_perfect_x0_returns_the_words(metric):
     assert (out == words).all()
 
 
+@pytest.mark.parametrize("metric", ["cos", "l2", "none"])
+def test_the_sampler_clamps_with_the_chosen_metric(metric, monkeypatch):
+    """--clamp picks the nearest-embedding metric of every step (none: no clamp); the test above cannot
+    tell them apart, since unit rows have the same nearest row under cos and l2."""
+    cfg, seen, real = tiny_cfg(clamp=metric, steps=4), [], D.clamp
+    monkeypatch.setattr(D, "clamp", lambda x, E, how: seen.append(how) or real(x, E, how))
+    D.sample(Oracle(cfg, 40, torch.randint(40, (12,))), cfg, 2)
+    assert seen == ([] if metric == "none" else [metric] * 4)
+
+
 def test_infilled_positions_come_back_as_given():
     torch.manual_seed(0)
     cfg = tiny_cfg()

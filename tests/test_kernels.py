@@ -694,6 +694,13 @@ def test_inputs_the_binding_refuses_run_the_oracle(k):
         with kernels.oracles_only():
             ref = fn(*a)
         assert torch.equal(fn(*a), ref), fn.__name__
+    # tables that require a gradient (learnt ones): the op gives none for them, so the oracle runs
+    qkv, tables = torch.randn(2, 4, 3, 2, 8, generator=gen), [t.clone().requires_grad_() for t in common.rotary_tables(4, 8)]
+    grads = []
+    for off in (False, True):
+        with kernels.oracles_only() if off else contextlib.nullcontext():
+            grads.append(torch.autograd.grad(common.apply_rotary(qkv, *tables).sum(), tables))
+    assert all(torch.allclose(a, b) for a, b in zip(*grads))
 
 
 def test_trust_skips_the_check_and_zero_turns_the_ops_off():

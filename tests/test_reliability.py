@@ -459,3 +459,75 @@ def test_kill_9_then_resume_is_bitwise(tmp_path, char_data, method):
     b = torch.load(out / "ckpt.pt", weights_only=True)
     for k in ("model", "ema"):
         assert all(torch.equal(a[k][n], b[k][n]) for n in a[k])
+
+
+# ----------------------------------------------------------------------------------------------
+# The optimisation knobs of the loop: the schedule, gradient accumulation, clipping, the eval batches
+
+
+def test_lr_schedule_warms_up_then_decays_on_a_cosine():
+    cfg = M.Config(lr=1.0, min_lr=0.1, warmup_iters=10, max_iters=100)
+    lr = [trainer.lr_at(cfg, it) for it in range(120)]
+    assert lr[0] == pytest.approx(0.1) and lr[9] == pytest.approx(1.0)  # linear warm-up, never 0
+    assert lr[10] == pytest.approx(1.0) and lr[55] == pytest.approx(0.55) and lr[100:] == [0.1] * 20
+    assert all(a >= b for a, b in zip(lr[10:], lr[11:]))  # only down after the warm-up
+    assert trainer.lr_at(M.Config(lr=1.0, min_lr=0.1, warmup_iters=10, max_iters=100, lr_decay_iters=190), 100) == \
+        pytest.approx(0.55)  # --lr_decay_iters stretches the decay past max_iters
+
+
+class FixedRows:
+    """Batches that hand out the same 4 rows in order, batch_size at a time (a step sees all 4)."""
+
+    def __init__(self, rows):
+        self.rows, self.at, self.gen = rows, 0, torch.Generator()
+
+    def get(self, split, batch_size, gen=None):
+        out = self.rows[self.at:self.at + batch_size]
+        self.at = (self.at + batch_size) % len(self.rows)
+        return out
+
+
+def test_grad_accum_and_clip_train_as_one_batch(tmp_path, monkeypatch):
+    """--batch_size=2 --grad_accum=2 is one step on the 4 rows of --batch_size=4: the same logged loss and the
+    same gradient (clipped to --grad_clip, which is the clip's norm only when the loss is the batch's mean)."""
+    import ar
+    rows = torch.randint(7, (4, 16), generator=torch.Generator().manual_seed(0))
+    seen = {}
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def clip(params, max_norm):
+        params = list(params)
+        seen.setdefault("clip", []).append(max_norm)
+        seen.setdefault("grad", []).append(torch.cat([p.grad.flatten() for p in params]).clone())
+        return real_clip(params, max_norm)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    for name, bs, accum in (("one", 4, 1), ("two", 2, 2)):
+        cfg = ar.Config(n_layer=1, n_embd=32, n_head=2, block_size=16, batch_size=bs, grad_accum=accum, max_iters=1,
+                        eval_interval=1, eval_iters=1, ema=0, grad_clip=0.5, device="cpu", out_dir=str(tmp_path / name))
+        torch.manual_seed(0)
+        model = ar.build_model(cfg, {"vocab_size": 7})
+        trainer.train(cfg, "ar", model, lambda m, x: ar.loss_fn(m, x, 7), lambda m, b: {"val": 0.0}, {"vocab_size": 7},
+                      FixedRows(rows))
+    losses = [json.loads(line)["loss"] for name in ("one", "two") for line in open(tmp_path / name / "log.jsonl")
+              if "loss" in json.loads(line)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert seen["clip"] == [0.5, 0.5] and torch.allclose(*seen["grad"], rtol=1e-4, atol=1e-6)
+    seen.clear()
+    cfg = ar.Config(n_layer=1, n_embd=32, n_head=2, block_size=16, batch_size=4, max_iters=1, eval_interval=1,
+                    eval_iters=1, grad_clip=0, device="cpu", out_dir=str(tmp_path / "noclip"))
+    trainer.train(cfg, "ar", ar.build_model(cfg, {"vocab_size": 7}), lambda m, x: ar.loss_fn(m, x, 7),
+                  lambda m, b: {"val": 0.0}, {"vocab_size": 7}, FixedRows(rows))
+    assert "clip" not in seen  # --grad_clip=0: off
+
+
+def test_the_eval_batches_during_training_are_the_same_at_every_call(char_data):
+    """eval_iters random val batches, distinct within a call and the same at every call, drawn without moving the
+    training stream (which a resume must replay)."""
+    cfg = M.Config(data_dir=char_data, block_size=16, batch_size=3, eval_iters=4)
+    batches = corpus.Batches(cfg, corpus.prepare_data(cfg), seed=0)
+    state = batches.gen.get_state()
+    first, second = list(corpus.val_batches(batches, cfg)), list(corpus.val_batches(batches, cfg))
+    assert len(first) == 4 and all(torch.equal(a, b) for a, b in zip(first, second))
+    assert not all(torch.equal(first[0], b) for b in first[1:])
+    assert torch.equal(batches.gen.get_state(), state)
