@@ -39,6 +39,7 @@ import torch
 
 import common
 import corpus
+import hub
 import trainer
 
 
@@ -746,9 +747,14 @@ def bench_methods(argv):
         common.die("--plot needs matplotlib: pip install matplotlib (or pip install -e '.[plot]')")
     judge = a.judge or os.path.join(a.out_root, "ar", "ckpt.pt")
     scored = any(METHODS[n][0] != "diffuser" for n in names)  # diffuser's row has no judge
-    if scored and (a.judge or "ar" not in names) and judge.endswith(".pt") and not os.path.isfile(judge):  # before training
-        common.die(f"no judge at {judge}: {'' if a.judge else 'add ar to --methods, or '}pass --judge=PATH of an ar.py "
-                   "checkpoint (the quick start's: out/ar/ckpt.pt)")
+    if scored and (a.judge or "ar" not in names):  # a judge bench does not train is checked before the training
+        if not judge.endswith(".pt"):
+            hub.hf_judge_tokenizer(judge)  # a transformers model, by hub id or folder
+        elif not os.path.isfile(judge):
+            common.die(f"no judge at {judge}: {'' if a.judge else 'add ar to --methods, or '}pass --judge=PATH of an ar.py "
+                       "checkpoint (the quick start's: out/ar/ckpt.pt)")
+        else:
+            common.load_judge(judge)  # an ar.py checkpoint
     steps_list = _ints(a.steps, "steps")
     rows, curves, t0_all = [], {}, time.time()
     for name in common.progress(names, "methods"):
@@ -790,9 +796,9 @@ def bench_methods(argv):
             curves[name] = [(L, g["gen_nll"], g["sec_per_sample"], g["gen_entropy"])]
             # the reference: the judge on real validation windows
             data = next(corpus.Batches(cfg, meta, cfg.seed).sequential("val", a.num_samples))
-            j, _ = common.load_judge(judge, meta)
-            rows.append({"method": "data (val)", "steps": None, "gen_nll": common.judge_nll(j, data),
-                         "entropy": common.unigram_entropy(data)})
+            nll = (common.judge_nll(common.load_judge(judge, meta)[0], data) if judge.endswith(".pt") else
+                   common.judge_texts(judge, [tok.decode(r) for r in data.tolist()], tok, meta, next(model.parameters()).device)[0])
+            rows.append({"method": "data (val)", "steps": None, "gen_nll": nll, "entropy": common.unigram_entropy(data)})
             print(methods_table(rows), flush=True)
             continue
         free = torch.full((L,), -1, dtype=torch.long)

@@ -348,7 +348,7 @@ def train_classifier(cfg, model, meta):
     path = os.path.join(corpus.data_path(cfg), "train.jsonl")
     if not meta.get("seq2seq"):  # meta: the model's
         common.die(f"--train_classifier needs E2E's meaning representations: a model trained on --dataset=e2e, not on "
-                   f"{cfg.dataset} ({corpus.data_path(cfg)})")
+                   f"the data in {corpus.data_path(cfg)}")
     corpus.prepare_data(cfg, meta)  # a folder moved or never prepared here: prepared, or named
     if not os.path.isfile(path):
         common.die(f"no {path} (E2E's meaning representations); prepare the folder with python data/e2e/prepare.py")

@@ -133,6 +133,21 @@ def test_ar_samples_are_decoded_for_a_transformers_judge(judge_dir, char_data, t
     assert math.isfinite(float(line[0].split("gen: NLL ")[1].split()[0]))
 
 
+def test_bench_methods_with_a_transformers_judge(judge_dir, char_data, tmp_path):
+    """bench.py methods --judge=a transformers model: the real-data row is scored by it too (it took the judge for an
+    ar.py checkpoint once ar had trained), and a judge that does not load stops the run before any training."""
+    env = {**OFFLINE, "HF_HUB_OFFLINE": "1", "DIFFLM_DATA": shared_data()}
+    train = " ".join([f"--data_dir={char_data}"] + TINY[:-1])
+    run_cli(["bench.py", "methods", "--methods=ar", f"--out_root={tmp_path / 'runs'}", f"--judge={judge_dir}",
+             f"--train_args={train}", "--num_samples=2"], env=env, timeout=600)
+    rows = {r["method"]: r for r in json.load(open(tmp_path / "runs" / "methods.json"))["rows"]}
+    assert math.isfinite(rows["data (val)"]["gen_nll"]) and math.isfinite(rows["ar"]["gen_nll"])
+    for judge in (str(tmp_path / "no_such_judge"), str(tmp_path / "runs" / "ar" / "log.jsonl")):
+        r = run_cli(["bench.py", "methods", "--methods=mdlm", f"--out_root={tmp_path / 'again'}", f"--judge={judge}"],
+                    env=env, check=False)
+        assert r.returncode == 1 and "judge" in r.stderr and not os.path.exists(tmp_path / "again"), r.stderr[-800:]
+
+
 def test_hub_judge_offline_is_one_line(tmp_path):
     """A hub id with no network and no cache: one line, exit status 1 (a fresh process reads HF_HUB_OFFLINE)."""
     r = run_cli(["-c", "import hub; hub.load_hf_judge('no-such-owner/no-such-judge')"], check=False, timeout=120,
