@@ -39,7 +39,6 @@ import torch
 
 import common
 import corpus
-import hub
 import trainer
 
 
@@ -748,13 +747,10 @@ def bench_methods(argv):
     judge = a.judge or os.path.join(a.out_root, "ar", "ckpt.pt")
     scored = any(METHODS[n][0] != "diffuser" for n in names)  # diffuser's row has no judge
     if scored and (a.judge or "ar" not in names):  # a judge bench does not train is checked before the training
-        if not judge.endswith(".pt"):
-            hub.hf_judge_tokenizer(judge)  # a transformers model, by hub id or folder
-        elif not os.path.isfile(judge):
+        if judge.endswith(".pt") and not os.path.isfile(judge):
             common.die(f"no judge at {judge}: {'' if a.judge else 'add ar to --methods, or '}pass --judge=PATH of an ar.py "
                        "checkpoint (the quick start's: out/ar/ckpt.pt)")
-        else:
-            common.load_judge(judge)  # an ar.py checkpoint
+        trainer.read_judge(judge)
     steps_list = _ints(a.steps, "steps")
     rows, curves, t0_all = [], {}, time.time()
     for name in common.progress(names, "methods"):

@@ -676,7 +676,8 @@ def main(argv=None):
     if "eval" in verbs:
         cfg, model, tok, meta, ckpt = load(overrides)
         corpus.prepare_data(cfg, meta)  # a folder moved or never prepared here: prepared, or named
-        trained = cfg.control_targets.strip(", ") and os.path.isfile(os.path.join(common.out_dir(cfg, METHOD), "classifier.pt"))
+        measure = cfg.control_targets.strip(", ")  # targets asked: control is measured, with the classifier
+        trained = measure and os.path.isfile(os.path.join(common.out_dir(cfg, METHOD), "classifier.pt"))
         with torch.random.fork_rng():  # one that does not fit stops the run before the pass, which draws as before
             clf = load_classifier(cfg, model, ckpt) if trained else None
         stats = {**evaluate(model, make_batches(cfg, meta), cfg, full=True), "data": cfg.eval_split}
@@ -686,7 +687,7 @@ def main(argv=None):
         if clf is not None:
             for spec, (g, u) in control_eval(model, clf, tok, cfg).items():
                 stats[f"control {spec}"], stats[f"unguided {spec}"] = g, u
-        elif cfg.control_targets.strip(", "):
+        elif measure:
             print("control: no classifier yet; run `python diffusion_lm.py --train_classifier` to measure it")
         if cfg.gen:
             stats.update(common.generative_eval(cfg.judge, lambda n: as_stream(sample_mbr(model, cfg, tok, n), tok),

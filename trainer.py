@@ -435,16 +435,22 @@ def load_for_inference(config_cls, overrides, method, build_model, ckpt=None):
     return cfg, model.to(device).eval(), get_tokenizer(meta), meta, ckpt
 
 
+def read_judge(judge, meta=None):
+    """A --judge read before the work it scores: an ar.py checkpoint (its vocabulary against meta), or a
+    transformers model's tokenizer; one line where it does not load."""
+    if judge.endswith(".pt"):
+        load_judge(judge, meta)
+    else:
+        hub.hf_judge_tokenizer(judge)
+
+
 def check_judge(cfg, meta, method):
-    """--eval --gen: the judge checkpoint (a transformers judge's tokenizer) and --samples_in read before any
-    evaluation work, so that a missing or mismatched one stops the run at once (generative_eval reads them again)."""
+    """--eval --gen: the judge and --samples_in read before any evaluation work, so that a missing or
+    mismatched one stops the run at once (generative_eval reads them again)."""
     if getattr(cfg, "gen", False):
         if method == "diffuser" and meta.get("seq2seq"):  # its E2E models realise given MRs (an E2E mdlm's do not)
             die("--gen is for unconditional models; an E2E model is scored by BLEU (drop --gen)")
-        if cfg.judge.endswith(".pt"):
-            load_judge(cfg.judge, meta)
-        else:
-            hub.hf_judge_tokenizer(cfg.judge)
+        read_judge(cfg.judge, meta)
         if getattr(cfg, "samples_in", ""):
             hub.read_samples(cfg.samples_in)
 
