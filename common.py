@@ -3,9 +3,8 @@ common.py: only what two or more method files share.
 
   config and CLI      dataclass fields become typed --key=value overrides
   device, precision   cuda + bf16 autocast when present, else cpu + fp32; seeds
-  the backbone        a bidirectional (or causal) Transformer with rotary positions, SDPA and
-                      optional adaLN time conditioning; it returns hidden states, each method
-                      adds its own head
+  the backbone        a bidirectional (or causal) Transformer with rotary positions, SDPA and optional
+                      adaLN time conditioning; it returns hidden states, each method adds its own head
   checkpoints         one atomic, checksummed file per run, loaded with weights_only
   sampling helpers    float64 categorical draws, low-discrepancy times, --show
   the judge           samples scored by an ar.py checkpoint (--eval --gen)
@@ -103,8 +102,9 @@ class PromptConfig:
 VERBS = ("train", "sample", "eval")
 TRUE, FALSE = ("1", "true", "yes", "on", ""), ("0", "false", "no", "off")  # what a bool --key takes
 # what one command asks (its folder and output files, its device, a spent init_from, its conditioning): a checkpoint's config keeps none
-PER_COMMAND = {"out_dir", "init_from", "resume", "overwrite", "device", "show", "gen", "samples_in", "samples_out", "png",
-               "eval_data", "eval_file", "prefix", "suffix", "infill", "control", "length", "source", "timesteps"}
+SAMPLE_ONLY = ("samples_out", "prefix", "suffix", "infill", "control", "length", "source")  # keys only --sample reads
+PER_COMMAND = {"out_dir", "init_from", "resume", "overwrite", "device", "show", "gen", "samples_in", "png", "eval_data",
+               "eval_file", "timesteps", *SAMPLE_ONLY}
 TIED = {"dataset": (None, ("data_dir",))}  # key -> (the value its saved companions serve, None: any; the companions)
 SHARED_KEYS = {f.name for c in (BaseConfig, TextConfig, PromptConfig) for f in dataclasses.fields(c)}
 
@@ -153,7 +153,7 @@ def parse_args(config_cls, argv=None, known=VERBS):
     if "train" not in verbs and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank would do it all again
         die(f"only --train runs under torchrun; run {' '.join('--' + v for v in verbs)} with python")
     for key, needs in (("gen", ["eval"]), ("samples_in", ["eval", "gen"]), ("eval_data", ["eval"]), ("eval_file", ["eval"]),
-                       *((k, ["sample"]) for k in ("samples_out", "prefix", "suffix", "infill", "control", "source"))):
+                       *((k, ["sample"]) for k in SAMPLE_ONLY)):
         if overrides.get(key) and not all(n in verbs or overrides.get(n) for n in needs):
             die(f"--{key} is read by {' '.join('--' + n for n in needs)} only; add {' '.join('--' + n for n in needs)} or drop it")
     published = ("n_layer", "n_head", "n_embd") if overrides.get("init_from") else ()  # hub.py checks these against its config

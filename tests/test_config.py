@@ -106,9 +106,10 @@ def test_bad_value_stops_at_the_boundary(method, arg, message, verb, tmp_path):
     (["--eval", "--gen", "--prefix=ROMEO:"], "--prefix is read by --sample only"),  # --gen's samples ignored it
     (["--eval", "--infill=a_b"], "--infill is read by --sample only"),
     (["--train", "--control=food=Italian"], "--control is read by --sample only"),  # dropped, silently, once per command
-    (["--train", "--source=name : X"], "--source is read by --sample only")])
+    (["--train", "--source=name : X"], "--source is read by --sample only"),
+    (["--eval", "--length=5"], "--length is read by --sample only")])  # the control bound is --control_targets
 def test_a_key_without_the_verb_that_reads_it_is_refused(argv, message, tmp_path):
-    method = "diffusion_lm" if "control" in argv[1] else "diffuser" if "source" in argv[1] else "mdlm"
+    method = "diffusion_lm" if argv[1].startswith(("--control", "--length")) else "diffuser" if "source" in argv[1] else "mdlm"
     assert message in refused(method, argv + [f"--out_dir={tmp_path}"])
 
 
