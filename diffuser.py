@@ -557,13 +557,13 @@ def validation_mrs(cfg, meta, limit=0, split="val"):
 
 
 def bleu(hyps, refs):
-    """Corpus BLEU (sacrebleu) of hypothesis strings against lists of references."""
+    """Corpus BLEU (sacrebleu) of hypotheses against lists of references, both words split by the tokenizer."""
     try:
         import sacrebleu
     except ImportError:
         common.die("BLEU needs sacrebleu, an optional extra: pip install 'difflm[bleu]' (or pip install sacrebleu)")
     streams = [[r[i] if i < len(r) else None for r in refs] for i in range(max(len(r) for r in refs))]
-    return sacrebleu.corpus_bleu(hyps, streams, force=True).score  # force: both sides word-tokenized, on purpose
+    return sacrebleu.corpus_bleu(hyps, streams, tokenize="none", force=True).score  # not split again: <unk> is one word
 
 
 @torch.no_grad()
