@@ -84,11 +84,17 @@ def check_config(cfg):
 # Forward process: the schedule alpha_t, its weight, and q(x_t | x_0)
 
 
-def schedule(t, cfg):
-    """Keep probability alpha_t (paper eq. 2 family); alpha_0 = 1, alpha_1 = eps."""
-    if cfg.schedule == "loglinear":  # sigma_bar(t) = -log(1 - (1 - eps) t)
-        return 1 - (1 - cfg.eps) * t
-    return cfg.eps + (1 - cfg.eps) * torch.cos(math.pi / 2 * t)  # cosine
+def mask_prob(t, cfg):
+    """1 - alpha_t, alpha_t the keep probability (paper eq. 2 family; alpha_0 = 1, alpha_1 = eps), in a form
+    that keeps its digits near t = 0, where 1 - alpha_t in fp32 loses them."""
+    if cfg.schedule == "loglinear":  # alpha_t = 1 - (1 - eps) t
+        return (1 - cfg.eps) * t
+    return 2 * (1 - cfg.eps) * torch.sin(math.pi / 4 * t) ** 2  # cosine: alpha_t = eps + (1 - eps) cos(pi t / 2)
+
+
+def sigma_bar(t, cfg):
+    """-log alpha_t (t a tensor), the network's time input when it is conditioned."""
+    return -torch.log1p(-mask_prob(t, cfg))
 
 
 def nelbo_weight(t, cfg):
@@ -100,7 +106,7 @@ def nelbo_weight(t, cfg):
 
 def q_sample(x0, t, mask_id, cfg):
     """x0 (B, L), t (B,) -> x_t (B, L): each token masked independently with prob 1 - alpha_t."""
-    move = torch.rand(x0.shape, device=x0.device) < (1 - schedule(t, cfg))[:, None]
+    move = torch.rand(x0.shape, device=x0.device) < mask_prob(t, cfg)[:, None]
     return torch.where(move, mask_id, x0)
 
 
@@ -140,9 +146,7 @@ def subs_log_probs(logits, xt, mask_id):
     Zero masking: [MASK] gets no mass. Carry-over unmasking: an unmasked position is one-hot on
     its own token.
     """
-    logits = logits.float()
-    logits[..., mask_id] = -float("inf")
-    logp = logits.log_softmax(-1)
+    logp = logits.float().index_fill(-1, torch.tensor([mask_id], device=logits.device), -float("inf")).log_softmax(-1)
     unmasked = (xt != mask_id)[..., None]
     onehot = torch.full_like(logp, -float("inf")).scatter_(-1, xt.unsqueeze(-1), 0.0)
     return torch.where(unmasked, onehot, logp)
@@ -158,7 +162,7 @@ def nelbo_terms(model, x0, t, cfg, mask_id):
     model may be wrapped (DDP, torch.compile), so mask_id comes separately.
     """
     xt = q_sample(x0, t, mask_id, cfg)
-    sigma = -torch.log(schedule(t, cfg))  # sigma_bar(t), the time input when conditioned
+    sigma = sigma_bar(t, cfg)  # the time input when conditioned
     masked = xt == mask_id  # (B, L): carry-over makes the term 0 elsewhere, so the head runs only here
     logits = model(xt, sigma, rows=masked).float()  # (M, N)
     logits[:, mask_id] = -float("inf")  # zero masking
@@ -177,19 +181,14 @@ def loss_fn(model, x0, cfg, mask_id):
 # Samplers
 
 
-def sigma_bar(t, cfg):
-    """-log alpha_t for a python float t (the network's time input when it is conditioned)."""
-    return -math.log(float(schedule(torch.tensor(t, dtype=torch.float64), cfg)))
-
-
 def time_grid(steps, t_end):
     return torch.linspace(1.0, t_end, steps + 1, dtype=torch.float64)  # t_0 = 1 > ... > t_S = t_end
 
 
 def unmask_probability(t, s, cfg):
     """P(a masked token is revealed between t and s) = (alpha_s - alpha_t) / (1 - alpha_t); (t-s)/t under log-linear."""
-    a_t, a_s = (schedule(torch.tensor(v, dtype=torch.float64), cfg) for v in (t, s))
-    return float((a_s - a_t) / (1 - a_t))
+    m_t, m_s = (mask_prob(torch.tensor(v, dtype=torch.float64), cfg) for v in (t, s))
+    return float((m_t - m_s) / m_t)
 
 
 @kernels.fused("mdlm_ancestral_step")
@@ -261,7 +260,8 @@ def sample_chain(model, x, cfg, show=None):
 
     def network(t):
         with common.autocast(device):
-            return model(x, torch.full((B,), sigma_bar(t, cfg), device=device))  # (B, L, N), bf16 on a GPU
+            sigma = sigma_bar(torch.full((B,), t, dtype=torch.float64, device=device), cfg)
+            return model(x, sigma.float())  # (B, L, N), bf16 on a GPU
 
     for i in common.progress(range(cfg.steps), "sampling"):
         t, s = grid[i], grid[i + 1]

@@ -30,7 +30,7 @@ def test_masked_fraction_matches_one_minus_alpha(t, schedule, seed):
     cfg = mdlm.Config(schedule=schedule)
     xt = mdlm.q_sample(x0, torch.full((64,), t), 10, cfg)
     n = x0.numel()
-    p = 1 - float(mdlm.schedule(torch.tensor(t), cfg))
+    p = float(mdlm.mask_prob(torch.tensor(t), cfg))
     frac = (xt == 10).float().mean().item()
     assert abs(frac - p) < 5 * math.sqrt(p * (1 - p) / n) + 1e-9  # 5 sigma of the binomial
     kept = xt != 10
@@ -41,7 +41,7 @@ def test_masked_fraction_matches_one_minus_alpha(t, schedule, seed):
 def test_schedule_monotone_with_endpoints(schedule):
     eps = 1e-3
     t = torch.linspace(0, 1, 1001, dtype=torch.float64)
-    a = mdlm.schedule(t, mdlm.Config(schedule=schedule, eps=eps))
+    a = 1 - mdlm.mask_prob(t, mdlm.Config(schedule=schedule, eps=eps))
     assert torch.all(a[1:] < a[:-1])
     assert a[0].item() == pytest.approx(1.0, abs=1e-12)
     assert a[-1].item() == pytest.approx(eps, abs=1e-12)
@@ -52,7 +52,7 @@ def test_schedule_monotone_with_endpoints(schedule):
 def test_nelbo_weight_is_minus_alpha_prime_over_one_minus_alpha(t, schedule):
     tt = torch.tensor(t, dtype=torch.float64, requires_grad=True)
     cfg = mdlm.Config(schedule=schedule)
-    a = mdlm.schedule(tt, cfg)
+    a = 1 - mdlm.mask_prob(tt, cfg)
     (da,) = torch.autograd.grad(a, tt)
     expected = (-da / (1 - a)).detach()
     w = mdlm.nelbo_weight(torch.tensor(t, dtype=torch.float64), cfg)
@@ -61,13 +61,30 @@ def test_nelbo_weight_is_minus_alpha_prime_over_one_minus_alpha(t, schedule):
         assert float(w) == pytest.approx(1 / t, rel=1e-12)
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_mask_probability_and_time_input_keep_their_digits_near_zero(schedule):
+    """1 - alpha_t and sigma_bar = -log alpha_t in fp32 at the smallest training times, against float64: written
+    as 1 - alpha_t and log(alpha_t) they lost up to 2% (cosine) of a mask probability of about 1e-6."""
+    cfg = mdlm.Config(schedule=schedule)
+    t = torch.tensor([1e-5, 1e-4, 1e-3, 1e-2, 0.5, 1.0])
+    exact = mdlm.mask_prob(t.double(), cfg)
+    assert torch.allclose(exact, 1 - (1 - mdlm.mask_prob(t.double(), cfg)), rtol=1e-9)  # float64 needs no care
+    assert torch.allclose(mdlm.mask_prob(t, cfg).double(), exact, rtol=1e-6, atol=0)
+    small = t <= 0.5  # (near t = 1, alpha_t ~ eps carries fp32's rounding of t either way)
+    assert torch.allclose(mdlm.sigma_bar(t, cfg).double()[small], -torch.log1p(-exact[small]), rtol=1e-6, atol=0)
+    want = cfg.eps + (1 - cfg.eps) * torch.cos(torch.pi / 2 * t.double()) if schedule == "cosine" else 1 - (1 - cfg.eps) * t.double()
+    assert torch.allclose(1 - exact, want, rtol=1e-12)  # alpha_t of the paper
+
+
 @settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), V=st.integers(2, 9))
 def test_subs_zero_mask_mass_and_carry_over(seed, V):
     g = torch.manual_seed(seed)
     logits = torch.randn(3, 7, V + 1, generator=g) * 3
     xt = torch.randint(0, V + 1, (3, 7), generator=g)
+    before = logits.clone()
     p = mdlm.subs_log_probs(logits, xt, V).exp()
+    assert torch.equal(logits, before)  # a pure function: the caller's [MASK] logit is not overwritten
     assert torch.all(p[..., V] == 0)  # zero masking
     assert torch.allclose(p.sum(-1), torch.ones(3, 7), atol=1e-6)
     unmasked = xt != V
@@ -156,7 +173,7 @@ def test_nelbo_is_not_below_true_nll(schedule):
 def full_head_nelbo_terms(model, x0, t, cfg, mask_id):
     """The reference: the head and the SUBS log-probabilities over every position (B, L, N)."""
     xt = mdlm.q_sample(x0, t, mask_id, cfg)
-    logp = mdlm.subs_log_probs(model(xt, -torch.log(mdlm.schedule(t, cfg))), xt, mask_id)
+    logp = mdlm.subs_log_probs(model(xt, mdlm.sigma_bar(t, cfg)), xt, mask_id)
     return -logp.gather(-1, x0.unsqueeze(-1)).squeeze(-1) * mdlm.nelbo_weight(t, cfg)[:, None]
 
 
@@ -205,7 +222,7 @@ def test_a_time_conditioned_model_is_told_each_steps_time(sampler):
     torch.manual_seed(0)
     mdlm.sample_chain(Stub(), torch.full((64, L), V), cfg)
     grid = mdlm.time_grid(cfg.steps, cfg.t_end).tolist()
-    want = [mdlm.sigma_bar(t, cfg) for t in grid[:-1]] + [mdlm.sigma_bar(cfg.t_end, cfg)]
+    want = [float(mdlm.sigma_bar(torch.tensor(t, dtype=torch.float64), cfg)) for t in grid[:-1] + [cfg.t_end]]
     got = [float(s[0]) for s in seen]
     assert all(torch.equal(s, s[:1].expand_as(s)) for s in seen)  # one time for the whole batch
     if sampler == "ddpm":
