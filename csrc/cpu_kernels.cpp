@@ -267,8 +267,8 @@ DIFFLM_INLINE double exp_row_f32(const T* h, float* s, int64_t N, int64_t skip) 
 }
 
 // The largest entry of a row in vector lanes (GCC vectorises a max only when told there are no NaNs;
-// a NaN entry is then skipped or propagates, and a row holding one stays on every path, as in the
-// oracle, so either is fine).
+// a NaN entry is then skipped or propagates, and a row holding one off x stays on every path, as in
+// the oracle, so either is fine; h_x is left out, since a NaN there could hide the true maximum).
 DIFFLM_FINITE DIFFLM_CLONES float max_f32(const float* h, int64_t n) {
   float m = -FLT_MAX;  // not -inf: the function is compiled as if there were none
   for (int64_t i = 0; i < n; ++i) m = h[i] > m ? h[i] : m;
@@ -280,13 +280,13 @@ DIFFLM_FINITE DIFFLM_CLONES float max_f32(const uint16_t* h, int64_t n) {
   return m;
 }
 
-// The screen (kernels.h): first Sb = (N - 1) e^{max h}, from a max pass with no exp (h_x may count:
-// it only raises the bound), which settles most rows of a small step when no score dominates; then
+// The screen (kernels.h): first Sb = (N - 1) e^{max_{y != x} h_y}, from a max pass with no exp,
+// which settles most rows of a small step when no score dominates; then
 // the fp32 sum; then, for Tweedie, the clamped M over the fp32 exps in scratch.
 template <class T>
 DIFFLM_INLINE bool screen_stays(const T* h, int64_t N, int64_t x, double u0, int step, const StepConsts& c, float* s) {
   // (an fp32 exp overflows to inf above 88.7, and then neither bound settles anything)
-  const double Smax = (double)(N - 1) * (double)exp_f32(max_f32(h, x == N - 1 ? N - 1 : N));
+  const double Smax = (double)(N - 1) * (double)exp_f32(std::max(max_f32(h, x), max_f32(h + x + 1, N - x - 1)));
   if (stays_below(Smax * (1.0 + SCREEN), u0, step, c)) return true;
   const double S = exp_row_f32(h, s, N, x);  // over y != x, relative error far below SCREEN
   if (stays_below(S * (1.0 + SCREEN), u0, step, c)) return true;

@@ -414,6 +414,21 @@ def test_non_finite_scores_behave_as_the_oracle(k, graph, value):
         assert torch.equal(k.mdlm_ancestral_step(ls, xt, t, u, 6), mdlm.ancestral_step.oracle(ls, xt, t, u, 6))
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 50.0])
+def test_the_score_at_x_itself_is_ignored_by_the_uniform_steps(k, value):
+    """The oracle never reads the score at x_t (it sets it to 1); the kernel's first screen took its bound from a
+    row maximum that counted it, and a NaN there hid the true maximum, so rows stayed that the oracle moved."""
+    L = 4000
+    ls = torch.tensor([1.0, value, 0.45]).expand(1, L, 3).contiguous()  # (1, L, 3), x_t = 1 everywhere
+    xt = torch.ones(1, L, dtype=torch.long)
+    u = torch.rand(1, L, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    rate = torch.tensor([0.3], dtype=torch.float64)
+    assert torch.equal(k.sedd_euler_step(ls, xt, rate, u, "uniform"), sedd.euler_step.oracle(ls, xt, rate, u, "uniform"))
+    for final in (False, True):
+        assert torch.equal(k.sedd_tweedie_step(ls, xt, rate, u, "uniform", final),
+                           sedd.tweedie_step.oracle(ls, xt, rate, u, "uniform", final))
+
+
 @pytest.mark.parametrize("value", [-0.1, float("nan"), float("inf"), -float("inf")])
 def test_step_rates_outside_0_inf_are_refused_by_op_and_dispatch(k, value):
     """A rate, a sigma_bar difference or an unmasking probability is finite and >= 0 (at -inf the
