@@ -137,11 +137,11 @@ def q_sample(x0, ab_t, noise):
 
 @kernels.fused("nearest_embedding")
 def nearest_embedding(x, E, metric="cos"):
-    """x (..., d), E (V, d) -> (...) ids: argmax of cosine, or argmin of L2; ties go to the lowest id.
-    L2 uses x.E - |E|^2 / 2, which has the same argmax as -|x - E|^2."""
+    """x (..., d), E (V, d) -> (...) ids: argmax of cosine, or argmin of L2 (as x.E - |E|^2 / 2, the same argmax
+    as -|x - E|^2); equal scores go to the lowest id (the matmul may round two copies of a row apart)."""
     x2 = x.reshape(-1, x.shape[-1]).float()  # (N, d)
-    if metric == "cos":
-        scores = F.normalize(x2, dim=-1) @ F.normalize(E.float(), dim=-1).T  # (N, V)
+    if metric == "cos":  # norms in float64: their squares overflow fp32 from about 1e19
+        scores = F.normalize(x2.double(), dim=-1).float() @ F.normalize(E.double(), dim=-1).float().T  # (N, V)
     elif metric == "l2":
         scores = x2 @ E.float().T - 0.5 * E.float().pow(2).sum(-1)
     else:
