@@ -553,8 +553,13 @@ def _refuse_sigma_bar(a):
 
 def _refuse_step(tname):
     """A step's rate (or probability) `tname` is finite and >= 0 and its uniforms lie in [0, 1);
-    outside (or NaN) the op and the oracle pick differently. One answer for both (on a GPU, one sync)."""
+    outside (or NaN) the op and the oracle pick differently. One answer for both (on a GPU, one sync);
+    so is a graph the op does not know (the oracle read it as uniform) or a mask_id outside the scores."""
     def refuse(a):
+        if isinstance(a[4], str) and a[4] not in _GRAPHS:
+            raise ValueError(f"difflm: unknown graph {a[4]!r}; use absorb or uniform")
+        if not isinstance(a[4], str) and not 0 <= a[4] < a[0].shape[-1]:
+            raise ValueError(f"difflm: mask_id={a[4]} is not a state of the {a[0].shape[-1]} scores")
         t_ok, u_ok = ((a[2] >= 0) & (a[2] < math.inf)).all(), ((a[3] >= 0) & (a[3] < 1)).all()
         if not bool(t_ok & u_ok):
             if not bool(t_ok):

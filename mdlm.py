@@ -220,6 +220,7 @@ def decoding_logits(logits, mask_id, temperature=1.0, top_p=1.0):
         return logits
     z = logits.double() / temperature
     z[..., mask_id] = -float("inf")
+    z = z - z.amax(-1, keepdim=True)  # a tiny temperature's logits stay finite in fp32
     if top_p < 1:
         p, order = z.softmax(-1).sort(-1, descending=True)
         drop = (p.cumsum(-1) - p) >= top_p  # tokens after the smallest set holding top_p of the mass

@@ -376,6 +376,20 @@ def test_uniforms_outside_0_1_are_refused_by_op_and_dispatch(k, value, which):
                 fn(*args)
 
 
+def test_a_step_with_an_unknown_graph_or_mask_id_is_refused_on_both_paths():
+    """The oracles read any graph but "absorb" as uniform, and a mask_id outside the scores masked nothing: a
+    typo (graph="absorbing") sampled from another process, silently, where the op was not used."""
+    ls, xt, _, _ = inputs("absorb", 2, 3, 5, torch.float32, torch.Generator().manual_seed(1), masked=1.0)
+    t, u = torch.full((2,), 0.3, dtype=torch.float64), torch.rand(2, 3, 2, dtype=torch.float64)
+    for ctx in (contextlib.nullcontext, kernels.oracles_only):
+        for step in (sedd.euler_step, sedd.tweedie_step):
+            with ctx(), pytest.raises(ValueError, match="unknown graph 'absorbing'; use absorb or uniform"):
+                step(ls, xt, t, u, "absorbing")
+        for mask_id in (-1, ls.shape[-1]):
+            with ctx(), pytest.raises(ValueError, match=f"mask_id={mask_id} is not a state of the {ls.shape[-1]} scores"):
+                mdlm.ancestral_step(ls, xt, t, u, mask_id)
+
+
 @pytest.mark.parametrize("value", [0.0, -0.5, float("inf"), float("nan")])
 def test_absorbing_sigma_bar_outside_0_inf_is_refused_by_op_and_dispatch(k, value):
     """The absorbing rate 1 / expm1(sigma_bar) exists only for 0 < sigma_bar < inf: the oracle gave

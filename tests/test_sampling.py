@@ -239,6 +239,15 @@ def test_top_p_matches_the_truncated_law(top_p, temperature):
     assert chi2 < dof + 5 * math.sqrt(2 * dof) + 5, (chi2, dof)  # ~5 sigma of the chi-square law
 
 
+def test_a_tiny_temperature_draws_the_most_probable_token():
+    """logits / 1e-39 overflowed fp32 to inf, the softmax was NaN and every position drew [MASK]."""
+    torch.manual_seed(3)
+    V = 7
+    logits = torch.cat([torch.randn(V), torch.zeros(1)])  # [MASK] last
+    for temperature in (1e-2, 1e-39, 1e-300):
+        assert (draw_tokens(logits, 50, dict(temperature=temperature), V) == logits[:V].argmax()).all()
+
+
 def test_confidence_step_reveals_the_most_probable_and_k_in_expectation():
     torch.manual_seed(2)
     B, L, V = 64, 40, 9
