@@ -99,6 +99,7 @@ def bench_mdlm_sampler(argv):
     ap.add_argument("--num_samples", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=3)
     a = ap.parse_args(argv)
+    _counts(a, "steps", "seq_len", "num_samples", "repeat")
     if a.ckpt_dir:
         cfg, model, _, _, _ = trainer.load_for_inference(mdlm.Config, {"out_dir": a.ckpt_dir}, "mdlm", mdlm.build_model)
     else:
@@ -146,8 +147,7 @@ def bench_sample_speed(argv):
     ap.add_argument("--repeat", type=int, default=3)
     a = ap.parse_args(argv)
     samplers, batches = _choices(a.samplers, "samplers", ("ddpm", "ddpm_cache", "ar")), _ints(a.batches, "batches")
-    if a.repeat < 1:
-        common.die("--repeat must be at least 1")
+    _counts(a, "vocab", "seq_len", "steps", "repeat")
     torch.manual_seed(0)  # untrained models (same shapes as the defaults); a head that is not the zero init
     models = {"mdlm": mdlm.build_model(mdlm.Config(block_size=a.seq_len), {"vocab_size": a.vocab}).eval(),
               "ar": ar.build_model(ar.Config(block_size=a.seq_len), {"vocab_size": a.vocab}).eval()}
@@ -193,7 +193,9 @@ def bench_throughput(argv):
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--repeat", type=int, default=3)
     a, rest = ap.parse_known_args(argv)
+    _counts(a, "iters", "repeat")
     _, cfg, given = common.parse_args(mdlm.Config, ["--train"] + rest)  # same size, batch, context as mdlm.py
+    mdlm.check_config(cfg)
     unused = sorted(set(given) & ({f.name for f in dataclasses.fields(common.BaseConfig)} | {"data_dir"})
                     - {"device", "seed", "batch_size"})
     if unused:  # a fixed AdamW step on random tokens: the optimisation, data and output keys play no part
@@ -319,12 +321,15 @@ def bench_train_speed(argv):
     ap.add_argument("--transposed", action="store_true", help="also time the reference over a (B, V, L) view")
     ap.add_argument("--nanogpt", default="", help="a karpathy/nanoGPT checkout: also time its GPT's step")
     a, rest = ap.parse_known_args(argv)
-    if a.repeat < 3 or a.iters < 1:
-        common.die("--repeat must be at least 3 (a spread needs three runs) and --iters at least 1")
+    _counts(a, "iters", "batch_size")
+    if a.repeat < 3:
+        common.die("--repeat must be at least 3 (a spread needs three runs)")
     vocabs = _ints(a.vocab, "vocab")
     args = ["--train", f"--batch_size={a.batch_size}"] + rest
     _, acfg, _ = common.parse_args(ar.Config, args)
     _, mcfg, _ = common.parse_args(mdlm.Config, args)
+    ar.check_config(acfg)
+    mdlm.check_config(mcfg)
     device = common.get_device(acfg)
     for V in vocabs:
         torch.manual_seed(0)
@@ -374,6 +379,7 @@ def bench_sedd(argv):
     ap.add_argument("--t_samples", type=int, default=32, help="time samples per generated sequence for its ELBO")
     ap.add_argument("--repeat", type=int, default=1)
     a = ap.parse_args(argv)
+    _counts(a, "num_samples", "t_samples", "repeat")
     cfg, model, _, _, _ = sedd.load({"out_dir": a.ckpt_dir})
     device = next(model.parameters()).device
     fixed = torch.full((cfg.block_size,), -1, dtype=torch.long)
@@ -439,6 +445,13 @@ def _timing_args(ap, argv):
         common.die(f"--repeat={a.repeat}: give 0 (as many as fit in ~0.5 s) or a number of runs")
     device = common.get_device(dataclasses.replace(common.BaseConfig(), device=a.device))  # one line if unknown or absent
     return a, device, _ops_or_die(device)
+
+
+def _counts(a, *flags):
+    """Each --flag of the parsed arguments a is a count or a size, at least 1, or a one-line exit naming it."""
+    for flag in flags:
+        if getattr(a, flag) < 1:
+            common.die(f"--{flag}={getattr(a, flag)} must be at least 1")
 
 
 def _ints(text, flag):
@@ -967,6 +980,8 @@ def bench_rotary(argv):
     a, device, ops = _timing_args(ap, argv)
     cuda = device.type == "cuda"
     sizes = _sizes(a.sizes or ("64,1024,12,64" if cuda else "16,256,6,64"), "B,L,H,D")
+    if any(D % 2 for *_, D in sizes):
+        common.die(f"--sizes={a.sizes!r}: the head size D must be even (rotary positions turn pairs)")
     dtype = torch.bfloat16 if cuda else torch.float32
     bw = copy_bandwidth(device) if cuda else None
     rows = rotary_rows(device, ops, sizes, dtype, a.repeat, not a.no_compile, bw)

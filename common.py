@@ -101,10 +101,12 @@ class PromptConfig:
 
 VERBS = ("train", "sample", "eval")
 TRUE, FALSE = ("1", "true", "yes", "on", ""), ("0", "false", "no", "off")  # what a bool --key takes
+# key -> the verbs that read it: all of "a b", or one of "a|b" (--train keeps a key of --eval's for it)
+READ_BY = {"gen": "eval", "samples_in": "eval gen", "eval_data": "eval", "eval_file": "eval", "timesteps": "sample|eval",
+           **dict.fromkeys("eval_t_samples eval_points control_targets".split(), "eval|train"),
+           **dict.fromkeys("samples_out prefix suffix infill placeholder control length source show png".split(), "sample")}
 # what one command asks (its folder and output files, its device, a spent init_from, its conditioning): a checkpoint's config keeps none
-SAMPLE_ONLY = ("samples_out", "prefix", "suffix", "infill", "control", "length", "source")  # keys only --sample reads
-PER_COMMAND = {"out_dir", "init_from", "resume", "overwrite", "device", "show", "gen", "samples_in", "png", "eval_data",
-               "eval_file", "timesteps", *SAMPLE_ONLY}
+PER_COMMAND = {"out_dir", "init_from", "resume", "overwrite", "device", *(k for k, v in READ_BY.items() if "train" not in v)}
 TIED = {"dataset": (None, ("data_dir",))}  # key -> (the value its saved companions serve, None: any; the companions)
 SHARED_KEYS = {f.name for c in (BaseConfig, TextConfig, PromptConfig) for f in dataclasses.fields(c)}
 
@@ -152,10 +154,11 @@ def parse_args(config_cls, argv=None, known=VERBS):
         die(f"say what to do: {', '.join('--' + v for v in known[:-1])} or --{known[-1]} (plus --key=value overrides)")
     if "train" not in verbs and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank would do it all again
         die(f"only --train runs under torchrun; run {' '.join('--' + v for v in verbs)} with python")
-    for key, needs in (("gen", ["eval"]), ("samples_in", ["eval", "gen"]), ("eval_data", ["eval"]), ("eval_file", ["eval"]),
-                       *((k, ["sample"]) for k in SAMPLE_ONLY)):
-        if overrides.get(key) and not all(n in verbs or overrides.get(n) for n in needs):
-            die(f"--{key} is read by {' '.join('--' + n for n in needs)} only; add {' '.join('--' + n for n in needs)} or drop it")
+    for key, needs in READ_BY.items():
+        names, both = needs.replace("|", " ").split(), "|" not in needs
+        if overrides.get(key) and not (all if both else any)(n in verbs or overrides.get(n) for n in names):
+            want = (" " if both else " or ").join("--" + n for n in names)
+            die(f"--{key} is read by {want} only; add {want if both else 'one'} or drop it")
     published = ("n_layer", "n_head", "n_embd") if overrides.get("init_from") else ()  # hub.py checks these against its config
     cfg = config_cls(**{k: v for k, v in overrides.items() if k not in published})
     method = os.path.splitext(os.path.basename(module.__file__))[0]
@@ -256,8 +259,7 @@ def get_device(cfg):
 def autocast(device):
     """bf16 autocast on GPU (TF32 for what stays fp32); plain fp32 on CPU."""
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -349,8 +351,7 @@ class Block(nn.Module):
         # adaLN-Zero (DiT): shift, scale and gate of both sublayers from the time embedding
         self.ada = nn.Linear(cond_dim, 6 * n_embd) if cond_dim else None
         if not cond_dim:  # the same zero-init gates, learned per channel (LayerScale / ReZero):
-            self.gate1 = nn.Parameter(torch.zeros(n_embd))  # every block starts as the identity
-            self.gate2 = nn.Parameter(torch.zeros(n_embd))
+            self.gate1, self.gate2 = nn.Parameter(torch.zeros(n_embd)), nn.Parameter(torch.zeros(n_embd))  # identity at first
 
     def forward(self, x, cos, sin, c=None, mask=None, cache=None, layer=0):
         if self.ada is None:
@@ -561,8 +562,7 @@ def sample_categorical(probs, u):
     accumulation keeps the tail intact over many small steps (Zheng et al. 2024), and the fused kernels
     consume the same uniforms, so they return the same tokens."""
     cdf = probs.double().cumsum(-1)  # (..., V)
-    target = (u.double() * cdf[..., -1]).unsqueeze(-1)
-    idx = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    idx = torch.searchsorted(cdf, (u.double() * cdf[..., -1]).unsqueeze(-1), right=True).squeeze(-1)
     return idx.clamp_(max=probs.shape[-1] - 1)
 
 

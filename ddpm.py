@@ -147,8 +147,8 @@ def describe_data(dataset):
         arr = np.load(dataset, allow_pickle=False)
     except Exception as e:
         common.die(f"{dataset} is not a readable .npy array ({type(e).__name__}); save it with numpy.save")
-    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.number):
-        common.die(f"{dataset} has shape {arr.shape} and dtype {arr.dtype}; expected a numeric array of shape (N, D), "
+    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
+        common.die(f"{dataset} has shape {arr.shape} and dtype {arr.dtype}; expected a real array of shape (N, D), "
                    "e.g. flattened images: x.reshape(len(x), -1)")
     if arr.shape[0] < 20 or arr.shape[1] < 1:
         common.die(f"{dataset} has shape {arr.shape}; need at least 20 rows (N) and one column (D)")

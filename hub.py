@@ -341,18 +341,22 @@ def read_samples(path):
     """--samples_in=FILE.jsonl -> (texts, the settings of its first record)."""
     if not os.path.isfile(path):
         die(f"no samples file at {path}; write one with --sample --samples_out={path}")
+    try:
+        with open(path, encoding="utf-8") as f:  # as write_samples wrote it
+            lines = f.read().split("\n")
+    except UnicodeDecodeError as e:
+        die(f"{path} is not a samples file: byte {e.start:,} is not UTF-8; write it with --sample --samples_out={path}")
     records = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue  # a blank line (an editor's last newline) holds no sample
-            try:
-                r = json.loads(line)
-            except ValueError:
-                r = None
-            if not (isinstance(r, dict) and isinstance(r.get("text"), str)):  # (an assert would vanish under -O)
-                die(f"{path} line {n} is not a JSON object with a \"text\" string; write it with --sample --samples_out=")
-            records.append(r)
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue  # a blank line (an editor's last newline) holds no sample
+        try:
+            r = json.loads(line)
+        except ValueError:
+            r = None
+        if not (isinstance(r, dict) and isinstance(r.get("text"), str)):  # (an assert would vanish under -O)
+            die(f"{path} line {n} is not a JSON object with a \"text\" string; write it with --sample --samples_out=")
+        records.append(r)
     if not any(r["text"].strip() for r in records):  # empty texts would score a perfect NLL of 0
         die(f"{path} holds no samples (or only empty texts); write it with --sample --samples_out={path}")
     return [r["text"] for r in records], {k: v for k, v in records[0].items() if k not in ("text", "index")}

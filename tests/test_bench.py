@@ -235,6 +235,11 @@ def test_train_speed_times_a_nanogpt_checkout_beside_ar(tmp_path, capsys):
     (["methods", "--steps=a"], "--steps='a': give positive integers"), (["sample_speed", "--batches=a"], "--batches='a'"),
     (["train_speed", "--vocab=0"], "--vocab='0'"), (["throughput", "--compile=true", "--grad_accum=4"],
                                                     "does not use --compile, --grad_accum"),
+    (["mdlm_sampler", "--seq_len=0"], "--seq_len=0 must be at least 1"), (["sample_speed", "--vocab=0"], "--vocab=0"),
+    (["sample_speed", "--steps=0"], "--steps=0"), (["throughput", "--iters=0"], "--iters=0"),
+    (["throughput", "--dropout=2"], "--dropout=2.0 must be in [0, 1)"), (["throughput", "--schedule=abc"], "--schedule='abc'"),
+    (["train_speed", "--batch_size=0"], "--batch_size=0"), (["sedd", "--num_samples=0"], "--num_samples=0"),
+    (["sedd", "--t_samples=0"], "--t_samples=0"), (["rotary", "--sizes=1,2,1,3"], "the head size D must be even"),
 ])
 def test_bad_arguments_are_one_line(args, message):
     """Each was a traceback (StatisticsError, ZeroDivisionError, RuntimeError, ValueError), an empty table, or

@@ -75,8 +75,10 @@ def test_samples_file_roundtrip_and_bad_files(tmp_path):
     bad.write_text('{"text": "ok"}\n{"no_text": 1}\n')
     odd.write_text('{"text": "ok"}\n{"text": "ok"}\n{"text": 3}\n')
     empty.write_text('{"text": ""}\n{"text": " "}\n')  # scored, these gave a perfect NLL of 0
+    binary = tmp_path / "samples.npy"
+    binary.write_bytes(b'{"text": "ok"}\n\x93NUMPY')  # a traceback (UnicodeDecodeError)
     for path, expect in ((str(tmp_path / "missing.jsonl"), "no samples file"), (str(bad), "line 2"), (str(odd), "line 3"),
-                         (str(empty), "only empty texts")):
+                         (str(empty), "only empty texts"), (str(binary), "byte 15 is not UTF-8")):
         with pytest.raises(SystemExit) as e:
             hub.read_samples(path)
         line = str(e.value.code)
