@@ -103,12 +103,14 @@ VERBS = ("train", "sample", "eval")
 TRUE, FALSE = ("1", "true", "yes", "on", ""), ("0", "false", "no", "off")  # what a bool --key takes
 # key -> the verbs that read it: all of "a b", or one of "a|b" (--train keeps a key of --eval's for it)
 READ_BY = {"gen": "eval", "samples_in": "eval gen", "eval_data": "eval", "eval_file": "eval", "timesteps": "sample|eval",
-           **dict.fromkeys("eval_t_samples eval_points control_targets".split(), "eval|train"),
+           "stride": "sample|eval", "classifier_iters": "train_classifier|train", "classifier_layers": "train_classifier|train",
+           **dict.fromkeys("judge eval_t_samples eval_points eval_mrs eval_batches control_targets control_samples".split(), "eval|train"),
            **dict.fromkeys("samples_out prefix suffix infill placeholder control length source show png".split(), "sample")}
 # what one command asks (its folder and output files, its device, a spent init_from, its conditioning): a checkpoint's config keeps none
 PER_COMMAND = {"out_dir", "init_from", "resume", "overwrite", "device", *(k for k, v in READ_BY.items() if "train" not in v)}
 TIED = {"dataset": (None, ("data_dir",))}  # key -> (the value its saved companions serve, None: any; the companions)
 SHARED_KEYS = {f.name for c in (BaseConfig, TextConfig, PromptConfig) for f in dataclasses.fields(c)}
+RESUMED = {}  # checkpoint path -> the checkpoint parse_args read for --resume, which trainer.resume_from takes
 
 
 def _convert(name, value, typ):
@@ -179,9 +181,6 @@ def parse_args(config_cls, argv=None, known=VERBS):
         cfg = config_from_checkpoint(config_cls, ckpt, overrides)  # the shape and FIXED keys stay
     seed_all(cfg.seed)  # before main() builds its model, so initial weights are reproducible
     return verbs, cfg, overrides
-
-
-RESUMED = {}  # checkpoint path -> the checkpoint parse_args read for --resume, which trainer.resume_from takes
 
 
 def check_choice(cfg, key, known):

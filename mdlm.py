@@ -74,8 +74,6 @@ def check_config(cfg):
     common.check_between(cfg, ("eps", "t_min", "t_end"), 0, 1)
     common.check_at_least(cfg, ("steps", "eval_t_samples", "cond_dim"), 1)
     common.check_at_least(cfg, ("seq_len", "stride"), 0)  # 0: block_size, block_size // 2
-    if cfg.stride >= cfg.block_size:  # (the model's, once a checkpoint decides it)
-        common.die(f"--stride={cfg.stride} must be below the model's block_size={cfg.block_size} (0: block_size // 2)")
     if not 0 < cfg.temperature < math.inf:
         common.die(f"--temperature={cfg.temperature} must be a finite number above 0")
     if not 0 < cfg.top_p <= 1:
@@ -396,6 +394,8 @@ def load(overrides):
         cfg = dataclasses.replace(cfg, sampler="ddpm")
     if cfg.sampler in ("ddpm_cache", "confidence") and cfg.time_cond:
         common.die(f"--sampler={cfg.sampler} reuses the network output and needs a model without time conditioning; use --sampler=ddpm")
+    if cfg.stride >= cfg.block_size:  # (a published model's block_size is known only now)
+        common.die(f"--stride={cfg.stride} must be below the model's block_size={cfg.block_size} (0: block_size // 2)")
     return cfg, model, tok, meta, ckpt
 
 

@@ -88,8 +88,6 @@ def check_config(cfg):
     if not 0 < cfg.sigma_min < cfg.sigma_max < math.inf:
         common.die(f"need 0 < --sigma_min ({cfg.sigma_min}) < --sigma_max ({cfg.sigma_max}), both finite")
     common.check_at_least(cfg, ("seq_len", "stride"), 0)  # 0: block_size, block_size // 2
-    if cfg.stride >= cfg.block_size:  # (the model's, once a checkpoint decides it)
-        common.die(f"--stride={cfg.stride} must be below the model's block_size={cfg.block_size} (0: block_size // 2)")
     if not 0 < cfg.temperature < math.inf:
         common.die(f"--temperature={cfg.temperature} must be a finite number above 0")
     if not 0 < cfg.top_p <= 1:
@@ -596,6 +594,8 @@ def load(overrides):
                        f"drop --graph or train a new model")
         cfg, model, tok, meta, ckpt = trainer.load_for_inference(Config, overrides, "sedd", build_model, ckpt)
     check_config(cfg)
+    if cfg.stride >= cfg.block_size:  # (a published model's block_size is known only now)
+        common.die(f"--stride={cfg.stride} must be below the model's block_size={cfg.block_size} (0: block_size // 2)")
     return cfg, model, tok, meta, ckpt
 
 

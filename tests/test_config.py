@@ -78,14 +78,12 @@ OWN_BAD = {
                  (f"--p_keep={diffuser.Config().p_keep + 5e-7}", "sum to 1")],  # numpy's draw refused it mid-training
     "mdlm": [("--steps=0", "--steps=0"), ("--eval_t_samples=0", "--eval_t_samples"), ("--t_min=2", "--t_min"), ("--t_min=0", "--t_min"),
              ("--eps=0", "--eps"), ("--t_end=1", "--t_end"), ("--schedule=foo", "unknown --schedule"), ("--sampler=foo", "unknown --sampler"),
-             ("--seq_len=-1", "--seq_len"), ("--stride=-1", "--stride"),
-             ("--stride=128", "--stride=128 must be below the model's block_size=128")],  # --train saved it for --sample to refuse
+             ("--seq_len=-1", "--seq_len"), ("--stride=-1", "--stride")],
     "sedd": [("--steps=0", "--steps=0"), ("--eval_t_samples=0", "--eval_t_samples"), ("--t_min=2", "--t_min"), ("--eps=0", "--eps"),
              ("--graph=foo", "unknown --graph"), ("--schedule=cosine", "unknown --schedule"), ("--sampler=foo", "unknown --sampler"),
              ("--sigma_min=0", "--sigma_min"), ("--sigma_max=inf", "--sigma_max"), ("--seq_len=-1", "--seq_len"),
              ("--eps=1e-20", "--eps=1e-20 must be in (1e-12, 1)"),  # sigma_bar(1) = inf: a traceback from the sampler
-             ("--t_end=1e-50", "--t_end=1e-50 must be in (1e-12, 1)"),  # sigma_bar = 0 in fp32: masks left in the samples
-             ("--stride=200", "--stride=200 must be below the model's block_size=128")],  # sigma_bar = 0 in fp32: masks left in the samples
+             ("--t_end=1e-50", "--t_end=1e-50 must be in (1e-12, 1)")],  # sigma_bar = 0 in fp32: masks left in the samples
 }
 BAD = [(m, arg, msg) for m in METHODS for arg, msg in COMMON_BAD + (TEXT_BAD if m != "ddpm" else []) + OWN_BAD[m]]
 
@@ -112,15 +110,19 @@ def test_bad_value_stops_at_the_boundary(method, arg, message, verb, tmp_path):
     (["--eval", "--length=5"], "--length is read by --sample only"),  # the control bound is --control_targets
     (["--train", "--show"], "--show is read by --sample only"),
     (["--train", "--placeholder=#"], "--placeholder is read by --sample only"),  # saved, a bad one refused each --infill
+    (["--train", "--stride=1000"], "--stride is read by --sample or --eval only"),  # saved, then refused by each --sample
     (["--eval", "--gen", "--show"], "--show is read by --sample only"),  # --gen's sampler shows nothing
     (["--eval", "--png=a.png"], "--png is read by --sample only"),  # (ddpm)
     (["--train", "--timesteps=1,2"], "--timesteps is read by --sample or --eval only; add one or drop it"),  # (ddpm)
     (["--sample", "--eval_points=30"], "--eval_points is read by --eval or --train only"),  # (ddpm; --train keeps it)
     (["--sample", "--eval_t_samples=8"], "--eval_t_samples is read by --eval or --train only"),
-    (["--sample", "--control_targets=food=Italian"], "--control_targets is read by --eval or --train only")])
+    (["--sample", "--control_targets=food=Italian"], "--control_targets is read by --eval or --train only"),
+    (["--sample", "--judge=a.pt"], "--judge is read by --eval or --train only"),
+    (["--sample", "--eval_mrs=5"], "--eval_mrs is read by --eval or --train only"),  # (diffuser)
+    (["--eval", "--classifier_iters=5"], "--classifier_iters is read by --train_classifier or --train only")])
 def test_a_key_without_the_verb_that_reads_it_is_refused(argv, message, tmp_path):
     key = argv[-1][2:].split("=")[0]
-    method = ("diffusion_lm" if key in ("control", "length", "control_targets") else "diffuser" if key == "source"
+    method = ("diffusion_lm" if key in ("control", "length", "control_targets", "classifier_iters") else "diffuser" if key in ("source", "eval_mrs")
               else "ddpm" if key in ("png", "timesteps", "eval_points") else "mdlm")
     assert message in refused(method, argv + [f"--out_dir={tmp_path}"])
 

@@ -439,9 +439,8 @@ def test_cli_train_sample_eval(cli_out):
 def test_e2e_prepared_with_another_vocabulary_is_refused(cli_out, tmp_path):
     """Rows are token ids: read under another vocabulary they are other texts (a NELBO of the wrong words)."""
     other = relabelled(corpus.data_path(D.Config()), tmp_path / "other")
-    for verb in ("--eval", "--train_classifier"):
-        r = run_cli(["diffusion_lm.py", verb, f"--out_dir={cli_out}", f"--data_dir={other}", "--eval_batches=1",
-                     "--classifier_iters=1"], check=False)
+    for verb, key in (("--eval", "--eval_batches=1"), ("--train_classifier", "--classifier_iters=1")):
+        r = run_cli(["diffusion_lm.py", verb, f"--out_dir={cli_out}", f"--data_dir={other}", key], check=False)
         assert r.returncode == 1 and "the same size, other symbols" in r.stderr, r.stderr[-500:]
 
 

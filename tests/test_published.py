@@ -216,6 +216,12 @@ def test_cli_sample_eval_and_finetune_from_a_directory(method, gpt2_checkpoints,
     texts = r.stdout.split("=== sample ")[1:]
     assert len(texts) == 2 and all(t.split("\n", 1)[1].startswith("ROMEO:") for t in texts), r.stdout
     assert all(t.split("\n(")[0].rstrip("\n").endswith(" the end.") for t in texts), r.stdout
+    # --stride against the published model's block_size (32), known only once its config is read (not the default 128)
+    r = run_cli([f"{method}.py", "--sample", f"--init_from={ckpt}", "--seq_len=40", "--stride=20", "--steps=2",
+                 "--num_samples=1", "--device=cpu"], env=env())
+    assert "samples of 40 tokens" in r.stdout, r.stdout[-500:]
+    r = run_cli([f"{method}.py", "--sample", f"--init_from={ckpt}", "--stride=32", "--device=cpu"], env=env(), check=False)
+    assert r.returncode == 1 and "--stride=32 must be below the model's block_size=32" in r.stderr, r.stderr[-500:]
     r = run_cli([f"{method}.py", "--eval", f"--init_from={ckpt}", data, "--eval_t_samples=1", f"--out_dir={tmp_path / 'e'}",
                  "--device=cpu"], env=env())
     nelbo = float(r.stdout.split("val NELBO ")[1].split()[0])
