@@ -452,9 +452,9 @@ def test_cli_train_sample_eval_and_bad_inputs(e2e_data, tmp_path, monkeypatch):
     fails(["--sample", "--T=20"], "--T is fixed by the checkpoint (12)")  # t = 21 would be an untrained time
     fails(["--sample", "--max_len=30"], "--max_len is fixed by the checkpoint (48)")  # the insertion head's width
     other = relabelled(e2e_data, tmp_path / "other")  # E2E prepared again with another vocabulary: refused
-    for verb in ("--sample", "--eval"):
+    for verbs in (["--sample"], ["--eval", "--eval_mrs=1"]):
         with pytest.raises(SystemExit, match="the same size, other symbols"):
-            D.main([verb, f"--data_dir={other}", f"--out_dir={out}", "--steps=1", "--eval_mrs=1"])
+            D.main(verbs + [f"--data_dir={other}", f"--out_dir={out}", "--steps=1"])
     monkeypatch.setitem(sys.modules, "sacrebleu", None)  # import sacrebleu now raises ImportError
     fails(["--eval", "--eval_mrs=2", "--steps=1"], "BLEU needs sacrebleu")
 

@@ -710,15 +710,14 @@ def test_the_check_runs_the_cpu_backward_that_recomputes(k):
 
 
 def test_inputs_the_binding_refuses_run_the_oracle(k):
-    """The dispatch hands an op only what its binding takes: int32 ids, a bf16 sigma_bar, a mask_id outside
-    the scores, an empty projection with a strided last dimension run the oracle, as without kernels."""
+    """The dispatch hands an op only what its binding takes: int32 ids, a bf16 sigma_bar, an empty projection
+    with a strided last dimension run the oracle, as without kernels (a mask_id outside the scores is refused)."""
     gen = torch.Generator().manual_seed(5)
     ls, xt, x0, sb = inputs("absorb", 2, 5, 6, torch.float32, gen)
     t, u = torch.full((2,), 0.4, dtype=torch.float64), torch.rand(2, 5, 2, dtype=torch.float64, generator=gen)
     qkv, (cos, sin) = torch.randn(0, 4, 3, 8, 2).transpose(3, 4), common.rotary_tables(4, 8)  # (0, 4, 3, 2, 8)
     calls = [(sedd.score_entropy, (ls, xt.int(), x0, sb, "absorb")), (sedd.score_entropy, (ls, xt, x0, sb.bfloat16(), "absorb")),
-             (sedd.euler_step, (ls, xt.int(), t, u, "absorb")), (mdlm.ancestral_step, (ls, xt, t, u, -1)),
-             (common.apply_rotary, (qkv, cos, sin))]
+             (sedd.euler_step, (ls, xt.int(), t, u, "absorb")), (common.apply_rotary, (qkv, cos, sin))]
     for fn, a in calls:
         with kernels.oracles_only():
             ref = fn(*a)
