@@ -99,7 +99,7 @@ def bench_mdlm_sampler(argv):
     ap.add_argument("--num_samples", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=3)
     a = ap.parse_args(argv)
-    _counts(a, "steps", "seq_len", "num_samples", "repeat")
+    common.check_at_least(a, ("steps", "seq_len", "num_samples", "repeat"), 1)
     if a.ckpt_dir:
         cfg, model, _, _, _ = trainer.load_for_inference(mdlm.Config, {"out_dir": a.ckpt_dir}, "mdlm", mdlm.build_model)
     else:
@@ -147,7 +147,7 @@ def bench_sample_speed(argv):
     ap.add_argument("--repeat", type=int, default=3)
     a = ap.parse_args(argv)
     samplers, batches = _choices(a.samplers, "samplers", ("ddpm", "ddpm_cache", "ar")), _ints(a.batches, "batches")
-    _counts(a, "vocab", "seq_len", "steps", "repeat")
+    common.check_at_least(a, ("vocab", "seq_len", "steps", "repeat"), 1)
     torch.manual_seed(0)  # untrained models (same shapes as the defaults); a head that is not the zero init
     models = {"mdlm": mdlm.build_model(mdlm.Config(block_size=a.seq_len), {"vocab_size": a.vocab}).eval(),
               "ar": ar.build_model(ar.Config(block_size=a.seq_len), {"vocab_size": a.vocab}).eval()}
@@ -193,7 +193,7 @@ def bench_throughput(argv):
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--repeat", type=int, default=3)
     a, rest = ap.parse_known_args(argv)
-    _counts(a, "iters", "repeat")
+    common.check_at_least(a, ("iters", "repeat"), 1)
     _, cfg, given = common.parse_args(mdlm.Config, ["--train"] + rest)  # same size, batch, context as mdlm.py
     mdlm.check_config(cfg)
     unused = sorted(set(given) & ({f.name for f in dataclasses.fields(common.BaseConfig)} | {"data_dir"})
@@ -321,7 +321,7 @@ def bench_train_speed(argv):
     ap.add_argument("--transposed", action="store_true", help="also time the reference over a (B, V, L) view")
     ap.add_argument("--nanogpt", default="", help="a karpathy/nanoGPT checkout: also time its GPT's step")
     a, rest = ap.parse_known_args(argv)
-    _counts(a, "iters", "batch_size")
+    common.check_at_least(a, ("iters", "batch_size"), 1)
     if a.repeat < 3:
         common.die("--repeat must be at least 3 (a spread needs three runs)")
     vocabs = _ints(a.vocab, "vocab")
@@ -379,7 +379,7 @@ def bench_sedd(argv):
     ap.add_argument("--t_samples", type=int, default=32, help="time samples per generated sequence for its ELBO")
     ap.add_argument("--repeat", type=int, default=1)
     a = ap.parse_args(argv)
-    _counts(a, "num_samples", "t_samples", "repeat")
+    common.check_at_least(a, ("num_samples", "t_samples", "repeat"), 1)
     cfg, model, _, _, _ = sedd.load({"out_dir": a.ckpt_dir})
     device = next(model.parameters()).device
     fixed = torch.full((cfg.block_size,), -1, dtype=torch.long)
@@ -445,13 +445,6 @@ def _timing_args(ap, argv):
         common.die(f"--repeat={a.repeat}: give 0 (as many as fit in ~0.5 s) or a number of runs")
     device = common.get_device(dataclasses.replace(common.BaseConfig(), device=a.device))  # one line if unknown or absent
     return a, device, _ops_or_die(device)
-
-
-def _counts(a, *flags):
-    """Each --flag of the parsed arguments a is a count or a size, at least 1, or a one-line exit naming it."""
-    for flag in flags:
-        if getattr(a, flag) < 1:
-            common.die(f"--{flag}={getattr(a, flag)} must be at least 1")
 
 
 def _ints(text, flag):
@@ -805,8 +798,7 @@ def bench_methods(argv):
             curves[name] = [(L, g["gen_nll"], g["sec_per_sample"], g["gen_entropy"])]
             # the reference: the judge on real validation windows
             data = next(corpus.Batches(cfg, meta, cfg.seed).sequential("val", a.num_samples))
-            nll = (common.judge_nll(common.load_judge(judge, meta)[0], data) if judge.endswith(".pt") else
-                   common.judge_texts(judge, [tok.decode(r) for r in data.tolist()], tok, meta, next(model.parameters()).device)[0])
+            nll = common.judge_samples(judge, data, meta, tok, next(model.parameters()).device)[0]
             rows.append({"method": "data (val)", "steps": None, "gen_nll": nll, "entropy": common.unigram_entropy(data)})
             print(methods_table(rows), flush=True)
             continue

@@ -668,11 +668,17 @@ def judge_texts(judge_path, texts, tok, meta, device):
     return sum(s[0] for s in scored) / max(1, sum(s[1] for s in scored)), [torch.tensor(s[3], dtype=torch.long) for s in scored]
 
 
+def judge_samples(judge_path, samples, meta, tok, device):
+    """Score samples (N, T) -> (nats/token, the ids scored): an ar.py judge reads their own ids, any other their text."""
+    if judge_path.endswith(".pt"):
+        return judge_nll(load_judge(judge_path, meta, device)[0], samples), [samples.flatten()]
+    return judge_texts(judge_path, [tok.decode(s) for s in samples.tolist()], tok, meta, device)
+
+
 def generative_eval(judge_path, sample_fn, num_samples, meta, tok, what="", samples_in="", device=None):
-    """Draw num_samples sequences with sample_fn(n) -> (n, T) (or read --samples_in, judged on device), time them,
-    score them with the judge (an ar.py checkpoint, or a transformers model on the text tok decodes).
-    Returns {"gen_nll" (nats/token under the judge), "gen_ppl", "gen_entropy" (nats), "sec_per_sample" (when
-    drawn here, not read)}; prints one line."""
+    """Draw num_samples sequences with sample_fn(n) -> (n, T) (or read --samples_in, judged on device), time them and
+    score them with the judge -> {"gen_nll" (nats/token under the judge), "gen_ppl", "gen_entropy" (nats),
+    "sec_per_sample" (when drawn here, not read)}; prints one line."""
     if samples_in:
         import hub
         texts, settings = hub.read_samples(samples_in)
@@ -682,13 +688,7 @@ def generative_eval(judge_path, sample_fn, num_samples, meta, tok, what="", samp
         t0 = time.time()
         samples = sample_fn(num_samples)
         sec, device = (time.time() - t0) / num_samples, samples.device
-    if samples is not None and judge_path.endswith(".pt"):  # the samples' own ids, as before
-        judge, _ = load_judge(judge_path, meta, device)
-        nll, ids = judge_nll(judge, samples), [samples.flatten()]
-    else:
-        if samples is not None:
-            texts = [tok.decode(s) for s in samples.tolist()]
-        nll, ids = judge_texts(judge_path, texts, tok, meta, device)
+    nll, ids = judge_texts(judge_path, texts, tok, meta, device) if samples is None else judge_samples(judge_path, samples, meta, tok, device)
     n = len(texts) if samples is None else num_samples
     stats = {"gen_nll": nll, "gen_ppl": math.exp(nll), "gen_entropy": unigram_entropy(torch.cat(ids)), "gen_judge": judge_path,
              **({"sec_per_sample": sec} if sec is not None else {"gen_samples_in": samples_in})}
