@@ -187,6 +187,21 @@ def bench_sample_speed(argv):
 # Training throughput: MDLM vs the same backbone as an autoregressive model
 
 
+def step_config(prog, method, rest, uses):
+    """--key=value settings of the model for a timing of training steps on random tokens -> the method's
+    checked config. A verb, or a key the timing does not read (data, schedule, output, sampling, evaluation;
+    only the device, the seed and `uses` of the run's keys count), is refused in one line."""
+    unread = ({f.name for f in dataclasses.fields(common.BaseConfig)} | {"data_dir", "dataset", *common.READ_BY}
+              | {"train_classifier", *common.VERBS}) - {"device", "seed"} - uses
+    given = [arg[2:].partition("=")[0].replace("-", "_") for arg in rest if arg.startswith("--")]
+    if [k for k in given if k in unread]:
+        common.die(f"bench.py {prog} times training steps on random tokens and does not use "
+                   f"--{', --'.join(k for k in given if k in unread)}; drop it")
+    _, cfg, _ = common.parse_args(method.Config, ["--train"] + rest)
+    method.check_config(cfg)
+    return cfg
+
+
 def bench_throughput(argv):
     import mdlm
     ap = argparse.ArgumentParser(prog="bench.py throughput")
@@ -194,12 +209,7 @@ def bench_throughput(argv):
     ap.add_argument("--repeat", type=int, default=3)
     a, rest = ap.parse_known_args(argv)
     common.check_at_least(a, ("iters", "repeat"), 1)
-    _, cfg, given = common.parse_args(mdlm.Config, ["--train"] + rest)  # same size, batch, context as mdlm.py
-    mdlm.check_config(cfg)
-    unused = sorted(set(given) & ({f.name for f in dataclasses.fields(common.BaseConfig)} | {"data_dir"})
-                    - {"device", "seed", "batch_size"})
-    if unused:  # a fixed AdamW step on random tokens: the optimisation, data and output keys play no part
-        common.die(f"bench.py throughput times the model's steps alone and does not use --{', --'.join(unused)}")
+    cfg = step_config("throughput", mdlm, rest, {"batch_size"})  # same size, batch, context as mdlm.py
     device = common.get_device(cfg)
     V = 65
     x0 = torch.randint(V, (cfg.batch_size, cfg.block_size), device=device)
@@ -325,11 +335,8 @@ def bench_train_speed(argv):
     if a.repeat < 3:
         common.die("--repeat must be at least 3 (a spread needs three runs)")
     vocabs = _ints(a.vocab, "vocab")
-    args = ["--train", f"--batch_size={a.batch_size}"] + rest
-    _, acfg, _ = common.parse_args(ar.Config, args)
-    _, mcfg, _ = common.parse_args(mdlm.Config, args)
-    ar.check_config(acfg)
-    mdlm.check_config(mcfg)
+    uses = {"batch_size", "lr", "beta1", "beta2", "weight_decay", "grad_clip", "ema"}  # the trainer's step reads these
+    acfg, mcfg = (step_config("train_speed", m, [f"--batch_size={a.batch_size}"] + rest, uses) for m in (ar, mdlm))
     device = common.get_device(acfg)
     for V in vocabs:
         torch.manual_seed(0)
