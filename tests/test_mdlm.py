@@ -521,3 +521,33 @@ def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path, char_data):
     loss0 = next(r["loss"] for r in logged if r.get("iter") == 0 and "loss" in r)
     assert loss0 == pytest.approx((w0["first_loss"] + w1["first_loss"]) / 2, rel=1e-5)  # the step's whole batch
     assert os.path.isfile(out / "ckpt.pt")
+
+
+def test_ddp_overwrite_starts_over_and_a_second_run_without_it_is_refused(tmp_path, char_data):
+    """Under torchrun (gloo, two CPU processes): a run into a folder with a checkpoint is refused on every rank
+    and leaves it as it was; --overwrite replaces checkpoint and log with the new run's, whose first
+    checkpoint the held log records join."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def torchrun(*extra):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               "mdlm.py", "--train", f"--out_dir={out}", f"--data_dir={char_data}", "--device=cpu",
+                               "--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=32", "--batch_size=2",
+                               "--eval_iters=1", "--log_interval=1", "--warmup_iters=1", *extra],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+    def records():
+        return [json.loads(line) for line in open(out / "log.jsonl")]
+
+    r = torchrun("--max_iters=3", "--eval_interval=3")
+    assert r.returncode == 0, r.stderr[-3000:]
+    first = (out / "ckpt.pt").read_bytes()
+    r = torchrun("--max_iters=2", "--eval_interval=2")
+    assert r.returncode != 0 and "holds a checkpoint of an earlier run" in r.stderr, r.stderr[-3000:]
+    assert (out / "ckpt.pt").read_bytes() == first and max(x["iter"] for x in records()) == 2
+    r = torchrun("--max_iters=5", "--eval_interval=5", "--overwrite")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == 4
+    logged = records()
+    assert [x["iter"] for x in logged if "loss" in x] == [0, 1, 2, 3, 4] and [x["iter"] for x in logged if "eval" in x] == [4]
