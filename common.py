@@ -101,7 +101,8 @@ class PromptConfig:
 
 VERBS = ("train", "sample", "eval")
 TRUE, FALSE = ("1", "true", "yes", "on", ""), ("0", "false", "no", "off")  # what a bool --key takes
-# key -> the verbs that read it: all of "a b", or one of "a|b" (--train keeps a key of --eval's for it)
+# key -> the verbs that read it: one of "a|b c", each "b c" all of (--train keeps a key of --eval's for it);
+# a Config's own READ_BY adds keys of its method, each read by --train too (a saved run keeps them)
 READ_BY = {"gen": "eval", "samples_in": "eval gen", "eval_data": "eval", "eval_file": "eval", "timesteps": "sample|eval",
            "stride": "sample|eval", "classifier_iters": "train_classifier|train", "classifier_layers": "train_classifier|train",
            **dict.fromkeys("judge eval_t_samples eval_points eval_mrs eval_batches control_targets control_samples".split(), "eval|train"),
@@ -156,11 +157,11 @@ def parse_args(config_cls, argv=None, known=VERBS):
         die(f"say what to do: {', '.join('--' + v for v in known[:-1])} or --{known[-1]} (plus --key=value overrides)")
     if "train" not in verbs and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank would do it all again
         die(f"only --train runs under torchrun; run {' '.join('--' + v for v in verbs)} with python")
-    for key, needs in READ_BY.items():
-        names, both = needs.replace("|", " ").split(), "|" not in needs
-        if overrides.get(key) and not (all if both else any)(n in verbs or overrides.get(n) for n in names):
-            want = (" " if both else " or ").join("--" + n for n in names)
-            die(f"--{key} is read by {want} only; add {want if both else 'one'} or drop it")
+    for key, needs in {**READ_BY, **getattr(config_cls, "READ_BY", {})}.items():
+        alts = [alt.split() for alt in needs.split("|")]
+        if overrides.get(key) and not any(all(n in verbs or overrides.get(n) for n in alt) for alt in alts):
+            want = " or ".join(" ".join("--" + n for n in alt) for alt in alts)
+            die(f"--{key} is read by {want} only; add {want if len(alts) == 1 else 'one'} or drop it")
     published = ("n_layer", "n_head", "n_embd") if overrides.get("init_from") else ()  # hub.py checks these against its config
     cfg = config_cls(**{k: v for k, v in overrides.items() if k not in published})
     method = os.path.splitext(os.path.basename(module.__file__))[0]

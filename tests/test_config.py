@@ -8,6 +8,7 @@ import sys
 import pytest
 
 import ar
+import common
 import corpus
 import ddpm
 import diffuser
@@ -127,6 +128,17 @@ def test_a_key_without_the_verb_that_reads_it_is_refused(argv, message, tmp_path
     assert message in refused(method, argv + [f"--out_dir={tmp_path}"])
 
 
+def test_sampling_keys_without_a_verb_that_samples_are_refused(tmp_path):
+    """sedd.py and ar.py --eval draw samples only with --gen: --eval --steps=64 scored the bound as before, silently.
+    --train keeps such a key for a later --sample, and --eval --gen samples with it."""
+    for method, key in (("sedd", "--steps=64"), ("sedd", "--sampler=euler"), ("ar", "--temperature=0.8"), ("ar", "--num_samples=9")):
+        name = key[2:].split("=")[0]
+        assert (f"--{name} is read by --sample or --train or --eval --gen only; add one or drop it"
+                in refused(method, ["--eval", key, f"--out_dir={tmp_path}"]))
+    for verbs in (["--train"], ["--sample"], ["--eval", "--gen"]):
+        assert common.parse_args(sedd.Config, verbs + ["--steps=64", f"--out_dir={tmp_path}"])[1].steps == 64
+
+
 def test_under_torchrun_only_training_runs_and_each_rank_takes_its_gpu(tmp_path, monkeypatch):
     """--sample and --eval under torchrun: every rank repeated the whole work and logged it again. A rank's
     device is its LOCAL_RANK's GPU under --device=cuda as under auto (cuda put every rank on GPU 0)."""
@@ -134,7 +146,6 @@ def test_under_torchrun_only_training_runs_and_each_rank_takes_its_gpu(tmp_path,
     for verbs in (["--sample"], ["--eval", "--gen"]):
         assert f"only --train runs under torchrun; run {verbs[0]} with python" in refused("mdlm", verbs)
     assert "torchrun" in refused("diffusion_lm", ["--train_classifier", f"--out_dir={tmp_path}"])
-    import common
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(common.torch.cuda, "is_available", lambda: True)
     for device in ("cuda", "auto"):
@@ -146,7 +157,6 @@ def test_under_torchrun_only_training_runs_and_each_rank_takes_its_gpu(tmp_path,
 def test_resume_refuses_another_dataset_before_preparing_it(method, tmp_path, monkeypatch):
     """The data is the resumed run's: another --dataset was prepared (text8, openwebtext: downloaded) and only
     then refused by its tokenizer."""
-    import common
     saved = METHODS[method].Config().dataset
     common.save_checkpoint(str(tmp_path / "ckpt.pt"), {"method": method, "config": {"dataset": saved}})
     monkeypatch.setattr(corpus, "prepare_data", lambda *a, **k: pytest.fail("prepared"))
