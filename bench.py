@@ -192,7 +192,7 @@ def step_config(prog, method, rest, uses):
     checked config. A verb, or a key the timing does not read (data, schedule, output, sampling, evaluation;
     only the device, the seed and `uses` of the run's keys count), is refused in one line."""
     unread = ({f.name for f in dataclasses.fields(common.BaseConfig)} | {"data_dir", "dataset", *common.READ_BY}
-              | {"train_classifier", *common.VERBS}) - {"device", "seed"} - uses
+              | {*getattr(method.Config, "READ_BY", {}), "train_classifier", *common.VERBS}) - {"device", "seed"} - uses
     given = [arg[2:].partition("=")[0].replace("-", "_") for arg in rest if arg.startswith("--")]
     if [k for k in given if k in unread]:
         common.die(f"bench.py {prog} times training steps on random tokens and does not use "
