@@ -46,7 +46,7 @@ class Config(common.TextConfig, common.BaseConfig):
     temperature: float = 1.0  # 1.0 samples the model's own distribution (what the judge numbers assume)
     seq_len: int = 0  # 0: block_size; longer: the cache slides (re-filled from the last block_size // 2 tokens)
     # evaluation
-    READ_BY = dict.fromkeys(("temperature", "seq_len", "num_samples"), "sample|train|eval gen")  # --eval: only --gen samples
+    READ_BY = dict.fromkeys(("temperature", "seq_len", "num_samples"), "sample|train|eval gen")  # --eval samples only with --gen
     gen: bool = False  # --eval --gen: sample num_samples sequences and score them with the judge
     judge: str = "out/ar/ckpt.pt"
 

@@ -71,7 +71,8 @@ class Config(hub.PublishedConfig, common.PromptConfig, common.TextConfig, common
     placeholder: str = "_"
     # evaluation
     eval_t_samples: int = 4  # time samples per validation sequence in --eval
-    READ_BY = dict.fromkeys("sampler temperature top_p steps t_end seq_len num_samples".split(), "sample|train|eval gen")  # --eval: --gen
+    READ_BY = dict.fromkeys("sampler temperature top_p steps t_end seq_len num_samples".split(),  # (a class attribute)
+                            "sample|train|eval gen")  # --eval samples only with --gen
     gen: bool = False  # --eval --gen: score num_samples samples with the judge
     judge: str = "out/ar/ckpt.pt"  # an ar.py checkpoint (same data), or a transformers causal LM: hub id (gpt2-large) or directory
     # eval_data, eval_file, samples_out, samples_in, init_from, ddit, cond_dim: hub.PublishedConfig
