@@ -194,7 +194,7 @@ def step_config(prog, method, rest, uses):
     unread = ({f.name for f in dataclasses.fields(common.BaseConfig)} | {"data_dir", "dataset", *common.READ_BY}
               | {*getattr(method.Config, "READ_BY", {}), "train_classifier", *common.VERBS}) - {"device", "seed"} - uses
     given = [arg[2:].partition("=")[0].replace("-", "_") for arg in rest if arg.startswith("--")]
-    if [k for k in given if k in unread]:
+    if any(k in unread for k in given):
         common.die(f"bench.py {prog} times training steps on random tokens and does not use "
                    f"--{', --'.join(k for k in given if k in unread)}; drop it")
     _, cfg, _ = common.parse_args(method.Config, ["--train"] + rest)

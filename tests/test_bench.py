@@ -242,7 +242,8 @@ def test_train_speed_times_a_nanogpt_checkout_beside_ar(tmp_path, capsys):
     (["sedd", "--t_samples=0"], "--t_samples=0"), (["rotary", "--sizes=1,2,1,3"], "the head size D must be even"),
     (["throughput", "--show"], "does not use --show; drop it"), (["throughput", "--sample"], "does not use --sample"),
     (["train_speed", "--eval", "--max_iters=9"], "does not use --eval, --max_iters"),
-    (["train_speed", "--dataset=e2e"], "does not use --dataset"), (["train_speed", "--temperature=0.5"], "--temperature"), (["train_speed", "--dropout=2"], "--dropout=2.0"),
+    (["train_speed", "--dataset=e2e"], "does not use --dataset"), (["train_speed", "--temperature=0.5"], "--temperature"),
+    (["train_speed", "--dropout=2"], "--dropout=2.0"),
 ])
 def test_bad_arguments_are_one_line(args, message):
     """Each was a traceback (StatisticsError, ZeroDivisionError, RuntimeError, ValueError), an empty table, or

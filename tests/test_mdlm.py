@@ -506,12 +506,15 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, char_data):
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
 
 
+def torchrun(*args):
+    """torchrun over two CPU processes (gloo), one thread each, from the repository root."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args],
+                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+
+
 def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path, char_data):
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        os.path.join(ROOT, "tests", "ddp_worker.py"), str(out), char_data],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    r = torchrun(os.path.join(ROOT, "tests", "ddp_worker.py"), str(out), char_data)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     w0 = torch.load(out / "rank0.pt", weights_only=True)
     w1 = torch.load(out / "rank1.pt", weights_only=True)
@@ -528,25 +531,22 @@ def test_ddp_overwrite_starts_over_and_a_second_run_without_it_is_refused(tmp_pa
     and leaves it as it was; --overwrite replaces checkpoint and log with the new run's, whose first
     checkpoint the held log records join."""
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
-    def torchrun(*extra):
-        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                               "mdlm.py", "--train", f"--out_dir={out}", f"--data_dir={char_data}", "--device=cpu",
-                               "--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=32", "--batch_size=2",
-                               "--eval_iters=1", "--log_interval=1", "--warmup_iters=1", *extra],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    def train(*extra):
+        return torchrun("mdlm.py", "--train", f"--out_dir={out}", f"--data_dir={char_data}", "--device=cpu", "--n_layer=1",
+                        "--n_embd=32", "--n_head=2", "--block_size=32", "--batch_size=2", "--eval_iters=1",
+                        "--log_interval=1", "--warmup_iters=1", *extra)
 
     def records():
         return [json.loads(line) for line in open(out / "log.jsonl")]
 
-    r = torchrun("--max_iters=3", "--eval_interval=3")
+    r = train("--max_iters=3", "--eval_interval=3")
     assert r.returncode == 0, r.stderr[-3000:]
     first = (out / "ckpt.pt").read_bytes()
-    r = torchrun("--max_iters=2", "--eval_interval=2")
+    r = train("--max_iters=2", "--eval_interval=2")
     assert r.returncode != 0 and "holds a checkpoint of an earlier run" in r.stderr, r.stderr[-3000:]
     assert (out / "ckpt.pt").read_bytes() == first and max(x["iter"] for x in records()) == 2
-    r = torchrun("--max_iters=5", "--eval_interval=5", "--overwrite")
+    r = train("--max_iters=5", "--eval_interval=5", "--overwrite")
     assert r.returncode == 0, r.stderr[-3000:]
     assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == 4
     logged = records()
