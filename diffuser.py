@@ -51,7 +51,6 @@ class Config(common.TextConfig, common.BaseConfig):
     dataset: str = "e2e"
     block_size: int = 96  # source (<= 43 words on E2E) + separator + BOS + x_t (<= max_len)
     max_iters: int = 2400
-    lr: float = 2e-3
     warmup_iters: int = 50
     eval_interval: int = 600
     eval_iters: int = 5
