@@ -40,7 +40,7 @@ setup(
                 if os.path.isfile(os.path.join(here, m + ".py"))],
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy", "tiktoken", "ninja", "tqdm"],  # ninja: the JIT build of csrc/; tqdm: common.progress
-    extras_require={"test": ["pytest", "hypothesis", "sacrebleu", "safetensors", "huggingface_hub", "pyarrow", "datasets",
+    extras_require={"test": ["pytest", "hypothesis", "scipy", "sacrebleu", "safetensors", "huggingface_hub", "pyarrow", "datasets",
                              "transformers", "matplotlib"],
                     "hub": ["huggingface_hub", "safetensors", "datasets", "transformers"], "plot": ["matplotlib"],
                     "bleu": ["sacrebleu"]},
