@@ -443,7 +443,8 @@ def _ops_or_die(device):
 
 
 def _timing_args(ap, argv):
-    """The options every kernel timing shares, parsed -> (args, device, the fused ops there or a one-line exit)."""
+    """The options every kernel timing shares, parsed -> (args, device); the caller checks its own options
+    before _ops_or_die builds the kernels, so a bad one costs no build."""
     ap.add_argument("--no_compile", action="store_true", help="skip torch.compile of the PyTorch version")
     ap.add_argument("--repeat", type=int, default=0, help="runs per median (0: as many as fit in ~0.5 s, 5-100)")
     ap.add_argument("--device", default="auto")
@@ -451,7 +452,7 @@ def _timing_args(ap, argv):
     if a.repeat < 0:
         common.die(f"--repeat={a.repeat}: give 0 (as many as fit in ~0.5 s) or a number of runs")
     device = common.get_device(dataclasses.replace(common.BaseConfig(), device=a.device))  # one line if unknown or absent
-    return a, device, _ops_or_die(device)
+    return a, device
 
 
 def _ints(text, flag):
@@ -657,16 +658,17 @@ def bench_kernels(argv):
     ap.add_argument("--ops", default="score_entropy,euler,tweedie,mdlm")
     ap.add_argument("--graphs", default="absorb,uniform")
     ap.add_argument("--no_eager", action="store_true", help="skip the eager oracle (e.g. where it runs out of memory)")
-    a, device, ops = _timing_args(ap, argv)
+    a, device = _timing_args(ap, argv)
     dtype = {"": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16}.get(a.dtype)
     if dtype is None:
         common.die(f"--dtype={a.dtype!r}: use float32 or bfloat16")
     sizes = _sizes(a.sizes or "32,256,66;4,256,50258" + (";64,1024,50258" if device.type == "cuda" else ""), "B,L,V")
+    names = _choices(a.ops, "ops", ("score_entropy", "euler", "tweedie", "mdlm"))
+    graphs = _choices(a.graphs, "graphs", ("absorb", "uniform"))
+    ops = _ops_or_die(device)
     bw = copy_bandwidth(device) if device.type == "cuda" else None
-    rows = kernel_rows(device, ops, sizes, dtype, _choices(a.ops, "ops", ("score_entropy", "euler", "tweedie", "mdlm")),
-                       _choices(a.graphs, "graphs", ("absorb", "uniform")), a.repeat,
-                       not a.no_eager, not a.no_compile, bw)
+    rows = kernel_rows(device, ops, sizes, dtype, names, graphs, a.repeat, not a.no_eager, not a.no_compile, bw)
     print()
     table([_kernel_cells(r, bw) for r in rows], KERNEL_HEADER + (["kernel GB/s", "of floor"] if bw else []))
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
@@ -928,10 +930,11 @@ def bench_nearest(argv):
     ap.add_argument("--sizes", default="", help="N,d,V;N,d,V... (default: 8192,16,821;8192,128,50257, "
                                                  "plus 8192,256,50257 on GPU)")
     ap.add_argument("--metrics", default="cos,l2")
-    a, device, ops = _timing_args(ap, argv)
+    a, device = _timing_args(ap, argv)
     sizes = _sizes(a.sizes or "8192,16,821;8192,128,50257" + (";8192,256,50257" if device.type == "cuda" else ""),
                    "N,d,V")
-    rows = nearest_rows(device, ops, sizes, _choices(a.metrics, "metrics", ("cos", "l2")), a.repeat, not a.no_compile)
+    metrics = _choices(a.metrics, "metrics", ("cos", "l2"))
+    rows = nearest_rows(device, _ops_or_die(device), sizes, metrics, a.repeat, not a.no_compile)
     print()
     table([_nearest_cells(r) for r in rows], NEAREST_HEADER)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
@@ -976,12 +979,13 @@ def bench_rotary(argv):
     ap = argparse.ArgumentParser(prog="bench.py rotary")
     ap.add_argument("--sizes", default="", help="B,L,H,D;B,L,H,D... (default CPU: 16,256,6,64; GPU: 64,1024,12,64 "
                                                  "in bf16)")
-    a, device, ops = _timing_args(ap, argv)
+    a, device = _timing_args(ap, argv)
     cuda = device.type == "cuda"
     sizes = _sizes(a.sizes or ("64,1024,12,64" if cuda else "16,256,6,64"), "B,L,H,D")
     if any(D % 2 for *_, D in sizes):
         common.die(f"--sizes={a.sizes!r}: the head size D must be even (rotary positions turn pairs)")
     dtype = torch.bfloat16 if cuda else torch.float32
+    ops = _ops_or_die(device)
     bw = copy_bandwidth(device) if cuda else None
     rows = rotary_rows(device, ops, sizes, dtype, a.repeat, not a.no_compile, bw)
     print()
