@@ -236,10 +236,11 @@ class Fused:
         self.name, self.oracle, self.on_load = name, oracle, on_load
         self.spec = SPECS[name]
         self._signature = inspect.signature(oracle)
+        self._n_args = len(self._signature.parameters)  # counted once: torch 2.6's compile cannot trace inspect.Signature
         functools.update_wrapper(self, oracle)
 
     def _args(self, args, kwargs):
-        if not kwargs and len(args) == len(self._signature.parameters):
+        if not kwargs and len(args) == self._n_args:
             return args  # every argument given in order: the common call, and one made per layer and token
         a = self._signature.bind(*args, **kwargs)
         a.apply_defaults()
