@@ -684,28 +684,18 @@ def test_the_gpu_check_sizes_reach_every_thread_layout(k, monkeypatch):
             assert kernels.FUSED[name].self_check("cpu"), name
 
 
-def test_the_check_runs_the_cpu_backward_that_recomputes(k):
+def test_the_check_runs_the_cpu_backward_that_recomputes(k, monkeypatch):
     """On the CPU a training step's gradient comes from the loss's own pass; the backward that recomputes
     it (under torch.compile, or a retained graph's second backward) is checked as well."""
     real = k.score_entropy_backward
-
-    class Ops:  # the built ops, with a recompute backward 1% too large
-        def __getattr__(self, name):
-            return getattr(k, name)
-
-        def score_entropy_backward(self, *a):
-            return 1.01 * real(*a)
-
+    # the op the registered autograd calls, 1% too large (patched: torch 2.6 refuses to register an autograd twice)
+    monkeypatch.setattr(k, "score_entropy_backward", lambda *a: 1.01 * real(*a))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        sedd.register_score_entropy_autograd(Ops())  # (torch warns that it replaces the registered autograd)
-        try:
-            caught.clear()
-            assert not sedd.score_entropy.self_check("cpu")
-            checked = [str(w.message) for w in caught]
-        finally:
-            sedd.register_score_entropy_autograd(k)
+        assert not sedd.score_entropy.self_check("cpu")
+    checked = [str(w.message) for w in caught]
     assert len(checked) == 1 and "gradient of a second backward" in checked[0], checked
+    monkeypatch.undo()
     assert sedd.score_entropy.self_check("cpu")
 
 
@@ -718,10 +708,16 @@ def test_inputs_the_binding_refuses_run_the_oracle(k):
     qkv, (cos, sin) = torch.randn(0, 4, 3, 8, 2).transpose(3, 4), common.rotary_tables(4, 8)  # (0, 4, 3, 2, 8)
     calls = [(sedd.score_entropy, (ls, xt.int(), x0, sb, "absorb")), (sedd.score_entropy, (ls, xt, x0, sb.bfloat16(), "absorb")),
              (sedd.euler_step, (ls, xt.int(), t, u, "absorb")), (common.apply_rotary, (qkv, cos, sin))]
+    def outcome(fn, a):  # the result, or the error (torch 2.6's scatter refuses int32 ids: the dispatch must too)
+        try:
+            return fn(*a)
+        except RuntimeError as e:
+            return str(e)
     for fn, a in calls:
         with kernels.oracles_only():
-            ref = fn(*a)
-        assert torch.equal(fn(*a), ref), fn.__name__
+            ref = outcome(fn, a)
+        got = outcome(fn, a)
+        assert got == ref if isinstance(ref, str) else torch.equal(got, ref), (fn.__name__, got)
     # tables that require a gradient (learnt ones): the op gives none for them, so the oracle runs
     qkv, tables = torch.randn(2, 4, 3, 2, 8, generator=gen), [t.clone().requires_grad_() for t in common.rotary_tables(4, 8)]
     grads = []
@@ -831,7 +827,7 @@ def test_failed_cuda_build_keeps_the_cpu_kernels(tmp_path):
         ls, xt, x0 = torch.randn(2, 3, 6), torch.tensor({xt.tolist()}), torch.tensor({x0.tolist()})
         got = k.score_entropy(ls, xt, x0, torch.ones(2), "absorb")
         assert torch.allclose(got, torch.tensor({ref}), atol=1e-5), got
-    """, {"DIFFLM_BUILD": str(tmp_path / "build")})
+    """, {"DIFFLM_BUILD": str(tmp_path / "build"), "TORCH_CUDA_ARCH_LIST": "9.0"})  # else torch 2.6 warns, reading the fake card
     assert r.returncode == 0, r.stderr[-2000:]
 
 

@@ -363,7 +363,9 @@ def test_ctrl_c_is_one_line_naming_resume(tmp_path, char_data, sig):
         seen_eval = seen_eval or line.startswith("eval")
     p.send_signal(sig)
     _, err = p.communicate(timeout=120)
-    assert p.returncode == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    # torch 2.6 built for CUDA, on a machine with nvcc and no GPU, says so once as it builds the kernels
+    lines = [line for line in err.strip().splitlines() if not line.startswith("No CUDA runtime is found, using CUDA_HOME")]
+    assert p.returncode == 1 and "Traceback" not in err and len(lines) == 1, err
     assert "interrupted" in err and "continue with --resume" in err, err
     run_cli(mdlm(tmp_path, char_data, "--max_iters=6", "--resume", "--eval_interval=2"))
 
