@@ -6,9 +6,10 @@ difflm: reference implementations of diffusion language models.
     pip install -e ".[hub]"     # + the papers' checkpoints, zero-shot sets and transformers judges (hub.py)
     DIFFLM_BUILD_EXT=1 pip install -e .   # also compile csrc/ ahead of time (else JIT on first use)
 
-torch is required as "torch>=2.4" (the kernels register through torch.library.register_fake and
-register_autograd, new in 2.4; tested on 2.13): an installed torch (CPU or CUDA build) satisfies it,
-so pip never replaces it with a download.
+torch is required as "torch>=2.6" and Python as 3.10 or later, the oldest on which the test suite passes
+(the transformers that the test and hub extras install refuses an older torch; torchrun under Python 3.9
+misses a module). An installed torch (CPU or CUDA build) satisfies it, so pip never replaces it with a
+download.
 """
 import glob
 import os
@@ -38,8 +39,8 @@ setup(
     description="Readable reference implementations of diffusion language models, with fused kernels",
     py_modules=[m for m in ("common", "corpus", "trainer", "kernels", "hub", "mdlm", "sedd", "ddpm", "diffusion_lm", "diffuser", "ar", "bench")
                 if os.path.isfile(os.path.join(here, m + ".py"))],
-    python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy", "tiktoken", "ninja", "tqdm"],  # ninja: the JIT build of csrc/; tqdm: common.progress
+    python_requires=">=3.10",
+    install_requires=["torch>=2.6", "numpy", "tiktoken", "ninja", "tqdm"],  # ninja: the JIT build of csrc/; tqdm: common.progress
     extras_require={"test": ["pytest", "hypothesis", "scipy", "sacrebleu", "safetensors", "huggingface_hub", "pyarrow", "datasets",
                              "transformers", "matplotlib"],
                     "hub": ["huggingface_hub", "safetensors", "datasets", "transformers"], "plot": ["matplotlib"],
