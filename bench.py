@@ -934,7 +934,8 @@ def bench_nearest(argv):
     sizes = _sizes(a.sizes or "8192,16,821;8192,128,50257" + (";8192,256,50257" if device.type == "cuda" else ""),
                    "N,d,V")
     metrics = _choices(a.metrics, "metrics", ("cos", "l2"))
-    rows = nearest_rows(device, _ops_or_die(device), sizes, metrics, a.repeat, not a.no_compile)
+    ops = _ops_or_die(device)
+    rows = nearest_rows(device, ops, sizes, metrics, a.repeat, not a.no_compile)
     print()
     table([_nearest_cells(r) for r in rows], NEAREST_HEADER)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"

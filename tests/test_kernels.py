@@ -717,7 +717,7 @@ def test_inputs_the_binding_refuses_run_the_oracle(k):
         with kernels.oracles_only():
             ref = outcome(fn, a)
         got = outcome(fn, a)
-        assert got == ref if isinstance(ref, str) else torch.equal(got, ref), (fn.__name__, got)
+        assert (got == ref) if isinstance(ref, str) else torch.equal(got, ref), (fn.__name__, got)
     # tables that require a gradient (learnt ones): the op gives none for them, so the oracle runs
     qkv, tables = torch.randn(2, 4, 3, 2, 8, generator=gen), [t.clone().requires_grad_() for t in common.rotary_tables(4, 8)]
     grads = []
