@@ -63,9 +63,11 @@ _ORACLES_ONLY = []  # non-empty inside oracles_only()
 
 @contextlib.contextmanager
 def _build_lock(build):
-    """Hold an OS lock on the build folder while torch builds or loads into it. torch's own marker
-    file (build/lock) outlives a killed build, and every later load would then wait on it forever,
-    silently; under the OS lock (freed when its holder dies) a marker left there is stale."""
+    """Hold an OS lock on the build folder while torch builds or loads into it. Up to torch 2.13,
+    torch's own marker file (build/lock, a FileBaton) outlives a killed build, and every later load
+    would then wait on it forever, silently; under the OS lock (freed when its holder dies) a marker
+    left there is stale. Later torch holds an OS lock on that file itself, and the file stays."""
+    from torch.utils import cpp_extension
     try:
         import fcntl
     except ImportError:  # not a POSIX system: torch's marker alone
@@ -74,7 +76,7 @@ def _build_lock(build):
     with open(os.path.join(build, "difflm.lock"), "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         stale = os.path.join(build, "lock")
-        if os.path.exists(stale):
+        if hasattr(cpp_extension, "FileBaton") and os.path.exists(stale):
             warnings.warn(f"removing {stale}, left by a kernel build that was killed")
             os.remove(stale)
         yield
