@@ -124,7 +124,8 @@ def test_binding_cuda_branch_compiles(tmp_path):
     generated.parent.mkdir(parents=True)
     generated.write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
     from torch.utils.cpp_extension import include_paths
-    cmd = (["g++", "-std=c++17", "-fsyntax-only", "-DDIFFLM_CUDA"] + [f"-I{p}" for p in include_paths()]
+    # C++20, as torch's own extension builds: from torch 2.14 its headers do not parse as C++17
+    cmd = (["g++", "-std=c++20", "-fsyntax-only", "-DDIFFLM_CUDA"] + [f"-I{p}" for p in include_paths()]
            + [f"-I{tmp_path}", f"-I{cuda_include()}", f"-I{os.path.join(ROOT, 'csrc')}",
               os.path.join(ROOT, "csrc", "binding.cpp")])
     done = subprocess.run(cmd, capture_output=True, text=True)
