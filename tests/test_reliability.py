@@ -290,6 +290,12 @@ def test_flipped_bytes_in_a_checkpoint_do_not_load(run6, tmp_path):
     (bad / "ckpt.pt").write_bytes(bytes(data))
     r = run_cli(["mdlm.py", "--sample", f"--out_dir={bad}", "--num_samples=1", "--steps=2"], check=False)
     one_line_error(r, "do not match its checksum")
+    # a bit flipped in the checksum's own key loaded the file unverified, as if an older difflm had written it
+    named = bytearray(open(os.path.join(src, "ckpt.pt"), "rb").read())
+    named[named.index(b"checksum") + 2] ^= 0x04  # "chgcksum"
+    (bad / "ckpt.pt").write_bytes(bytes(named))
+    with pytest.raises(SystemExit, match="do not match its checksum"):
+        common.load_checkpoint(str(bad / "ckpt.pt"), "mdlm")
     # a bit flipped anywhere either stops with one line or changes nothing that the checkpoint holds
     want = common.checksum(common.load_checkpoint(os.path.join(src, "ckpt.pt"), "mdlm"))
     gen = torch.Generator().manual_seed(int(time.time()))
@@ -303,6 +309,15 @@ def test_flipped_bytes_in_a_checkpoint_do_not_load(run6, tmp_path):
             assert str(e).startswith("error: ") and "\n" not in str(e)
             continue
         assert common.checksum(got) == want, pos
+
+
+def test_a_checkpoint_without_a_checksum_loads_with_a_warning(run6, tmp_path, capsys):
+    """One written before difflm stored checksums: its contents cannot be verified, and it still loads."""
+    ckpt = common.load_checkpoint(os.path.join(run6[0], "ckpt.pt"), "mdlm")
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    got = common.load_checkpoint(str(tmp_path / "ckpt.pt"), "mdlm")
+    assert common.checksum(got) == common.checksum(ckpt)
+    assert "carries no checksum" in capsys.readouterr().err
 
 
 def test_nan_weights_are_refused(run6, tmp_path):
