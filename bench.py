@@ -276,10 +276,10 @@ def _trainer_step(model, loss, cfg):
 
 def _without_kernels(step):
     """step with every fused op's PyTorch oracle in its place (the rotary positions, in these steps)."""
-    import kernels
+    import difflm_ops
 
     def run(x0):
-        with kernels.oracles_only():
+        with difflm_ops.oracles_only():
             step(x0)
     return run
 
@@ -421,11 +421,11 @@ def kernel_ops(device):
     (the build failed, or DIFFLM_KERNELS=0). The oracles are the marked functions' .oracle, the ops
     their .kernel."""
     import diffusion_lm
-    import kernels
+    import difflm_ops
     import mdlm
     import sedd
-    kernels.load()
-    if not kernels.available(device):
+    difflm_ops.load()
+    if not difflm_ops.available(device):
         return None
     return {"score_entropy": sedd.score_entropy.kernel,
             "euler_step": sedd.euler_step.kernel,
@@ -1204,7 +1204,7 @@ def bench_gpu(argv):
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
         secs = time.time() - t0
         if ops["ops"] is None:
-            import kernels as kmod
+            import difflm_ops as kmod
             off = kmod.disabled()
             why = "; ".join(str(w.message).splitlines()[0] for w in said) or "no warning was given"
             return ("skipped", "DIFFLM_KERNELS=0", None) if off else ("failed", f"no kernels: {why}"[:300], None)
@@ -1219,7 +1219,7 @@ def bench_gpu(argv):
     def self_check():
         if ops.get("ops") is None:
             return "skipped", "no kernels", None
-        import kernels as kmod
+        import difflm_ops as kmod
         rows = []
         for name, f in sorted(kmod.FUSED.items()):
             t0 = time.perf_counter()

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+import difflm_ops
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SHARED_DATA_ENV = "DIFFLM_DATA"  # a folder holding offline copies (tinyshakespeare.txt, gpt2/, e2e/)
@@ -289,7 +289,7 @@ def rotary_tables(block_size, head_dim, base=10000.0):
     return torch.cat([cos, cos], -1)[:, None, None], torch.cat([-sin, sin], -1)[:, None, None]
 
 
-@kernels.fused("rotary", on_load=kernels.register_rotary_autograd)  # one pass in csrc/
+@difflm_ops.fused("rotary", on_load=difflm_ops.register_rotary_autograd)  # one pass in csrc/
 def apply_rotary(qkv, cos, sin):
     # qkv (B, L, 3, H, hd): queries and keys turned by position, (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)
     x1, x2 = qkv[:, :, :2].chunk(2, dim=-1)

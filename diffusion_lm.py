@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 import common
 import corpus
-import kernels
+import difflm_ops
 import trainer
 
 METHOD = "diffusion_lm"
@@ -135,7 +135,7 @@ def q_sample(x0, ab_t, noise):
 # Clamping: the nearest word embedding (a fused kernel may compute it without the N x V scores)
 
 
-@kernels.fused("nearest_embedding")
+@difflm_ops.fused("nearest_embedding")
 def nearest_embedding(x, E, metric="cos"):
     """x (..., d), E (V, d) -> (...) ids: argmax of cosine, or argmin of L2 (as x.E - |E|^2 / 2, the same argmax
     as -|x - E|^2); equal scores go to the lowest id (the matmul may round two copies of a row apart)."""

@@ -24,12 +24,10 @@ Also here: a transformers causal LM as the judge of generative perplexity (--jud
 directory), and samples as .jsonl files (--samples_out, --samples_in).
 """
 
-import contextlib
 import dataclasses
 import json
 import os
 import re
-import sys
 
 import torch
 
@@ -252,47 +250,8 @@ def load_model(init_from, method, config_cls, overrides, build_model, prepare=No
 # A transformers causal LM as the judge of generative perplexity (--eval --gen --judge=gpt2-large)
 
 
-@contextlib.contextmanager
-def hf_kernels_package():
-    """difflm's kernels.py and Hugging Face's `kernels` package (a dependency of transformers) share
-    a name: while transformers imports and loads, `kernels` must resolve to the installed package."""
-    ours, saved, root = sys.modules.pop("kernels", None), sys.path[:], os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != root]
-    try:
-        yield
-    finally:
-        sys.path[:] = saved
-        sys.modules.pop("kernels", None)
-        if ours is not None:
-            sys.modules["kernels"] = ours
-
-
 def load_hf_judge(name, device="cpu"):
     """A hub id or a local directory -> (transformers causal LM in eval mode, its tokenizer)."""
-    with hf_kernels_package():
-        return _load_hf_judge(name, device)
-
-
-def hf_judge_tokenizer(name):
-    """A transformers judge's tokenizer: what --eval --gen reads first, so a wrong --judge stops before the bound."""
-    with hf_kernels_package():
-        try:
-            from transformers import AutoTokenizer
-        except ImportError:
-            die(f"--judge={name} is a transformers model and needs transformers (pip install -e \".[hub]\"); "
-                f"or pass an ar.py checkpoint (--judge=out/ar/ckpt.pt)")
-        try:  # no trust_remote_code: only architectures transformers itself implements
-            tok = AutoTokenizer.from_pretrained(name)
-        except Exception as e:
-            die(f"cannot load the judge's tokenizer from {name} ({type(e).__name__}); pass a hub id while online "
-                f"or a directory saved with save_pretrained holding the model and its tokenizer files")
-    if len(tok) < 2 or not tok("a b")["input_ids"]:  # transformers builds an empty one from a bare config
-        die(f"the judge {name} has no tokenizer files (tokenizer.json, or vocab and merges); "
-            f"save the tokenizer beside the model (tokenizer.save_pretrained) or pass a hub id while online")
-    return tok
-
-
-def _load_hf_judge(name, device):
     tok = hf_judge_tokenizer(name)
     from transformers import AutoModelForCausalLM
     try:
@@ -300,6 +259,24 @@ def _load_hf_judge(name, device):
     except Exception as e:
         die(f"cannot load the judge's model from {name} ({type(e).__name__}); it must be a transformers causal LM")
     return model.to(device).eval(), tok
+
+
+def hf_judge_tokenizer(name):
+    """A transformers judge's tokenizer: what --eval --gen reads first, so a wrong --judge stops before the bound."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        die(f"--judge={name} is a transformers model and needs transformers (pip install -e \".[hub]\"); "
+            f"or pass an ar.py checkpoint (--judge=out/ar/ckpt.pt)")
+    try:  # no trust_remote_code: only architectures transformers itself implements
+        tok = AutoTokenizer.from_pretrained(name)
+    except Exception as e:
+        die(f"cannot load the judge's tokenizer from {name} ({type(e).__name__}); pass a hub id while online "
+            f"or a directory saved with save_pretrained holding the model and its tokenizer files")
+    if len(tok) < 2 or not tok("a b")["input_ids"]:  # transformers builds an empty one from a bare config
+        die(f"the judge {name} has no tokenizer files (tokenizer.json, or vocab and merges); "
+            f"save the tokenizer beside the model (tokenizer.save_pretrained) or pass a hub id while online")
+    return tok
 
 
 def judge_context(model):

@@ -27,8 +27,8 @@ import torch.nn as nn
 
 import common
 import corpus
+import difflm_ops
 import hub
-import kernels
 import trainer
 
 # ----------------------------------------------------------------------------------------------
@@ -191,7 +191,7 @@ def unmask_probability(t, s, cfg):
     return float((m_t - m_s) / m_t)
 
 
-@kernels.fused("mdlm_ancestral_step")
+@difflm_ops.fused("mdlm_ancestral_step")
 def ancestral_step(logits, xt, p_unmask, u, mask_id):
     """One reverse step t -> s (paper eq. 7), in two stages so it is exact in any precision.
 

@@ -33,8 +33,8 @@ import torch.nn as nn
 
 import common
 import corpus
+import difflm_ops
 import hub
-import kernels
 import trainer
 
 GRAPHS = ("absorb", "uniform")
@@ -257,7 +257,7 @@ def K(a):
 
 
 def register_score_entropy_autograd(ops):
-    """The autograd of the fused score entropy (run by kernels.py once the extension is loaded).
+    """The autograd of the fused score entropy (run by difflm_ops.py once the extension is loaded).
 
     score_entropy only reads the scores; its backward streams them once more and writes the
     gradient, already scaled by the incoming gradient of the (B, L) loss. score_entropy_with_grad
@@ -296,7 +296,7 @@ def register_score_entropy_autograd(ops):
                                     setup_context=setup_context_with_grad)
 
 
-@kernels.fused("score_entropy", on_load=register_score_entropy_autograd)
+@difflm_ops.fused("score_entropy", on_load=register_score_entropy_autograd)
 def score_entropy(log_score, xt, x0, sigma_bar, graph):
     """Per-position DWDSE D^l (B, L) fp32, NOT weighted by sigma(t).
 
@@ -397,7 +397,7 @@ def euler_weights(log_score, xt, rate_dt, graph):
     return w, 1 - w.sum(-1)
 
 
-@kernels.fused("sedd_euler_step")
+@difflm_ops.fused("sedd_euler_step")
 def euler_step(log_score, xt, rate_dt, u, graph):
     """One Euler tau-leaping step t -> t - dt (B, L) int64; u (B, L, 2) float64 uniforms."""
     w, w_stay = euler_weights(log_score, xt, rate_dt, graph)
@@ -422,7 +422,7 @@ def tweedie_weights(log_score, xt, dsigma, graph, final=False):
     return w, w_stay
 
 
-@kernels.fused("sedd_tweedie_step")
+@difflm_ops.fused("sedd_tweedie_step")
 def tweedie_step(log_score, xt, dsigma, u, graph, final=False):
     """One analytic tau-leaping step t -> s (B, L) int64; final=True is the denoising step."""
     w, w_stay = tweedie_weights(log_score, xt, dsigma, graph, final)

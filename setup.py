@@ -37,7 +37,7 @@ setup(
     name="difflm",
     version="0.1.0",
     description="Readable reference implementations of diffusion language models, with fused kernels",
-    py_modules=[m for m in ("common", "corpus", "trainer", "kernels", "hub", "mdlm", "sedd", "ddpm", "diffusion_lm", "diffuser", "ar", "bench")
+    py_modules=[m for m in ("common", "corpus", "trainer", "difflm_ops", "hub", "mdlm", "sedd", "ddpm", "diffusion_lm", "diffuser", "ar", "bench")
                 if os.path.isfile(os.path.join(here, m + ".py"))],
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "numpy", "tiktoken", "ninja", "tqdm"],  # ninja: the JIT build of csrc/; tqdm: common.progress

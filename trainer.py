@@ -28,8 +28,8 @@ import torch.nn as nn
 
 from common import (RESUMED, TextConfig, autocast, config_from_checkpoint, die, get_device, load_checkpoint, load_judge,
                     out_dir, save_checkpoint, seed_all, write_file)
+import difflm_ops
 import hub
-import kernels
 from corpus import TOKENIZER_KEYS, Batches, get_tokenizer, prepare_data, tokenizer_name
 
 
@@ -276,7 +276,7 @@ def _train_loop(cfg, method, model, loss_fn, evaluate, meta, batches, device, ra
     if world > 1:
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
-        kernels.prepare(device)  # the fused ops decided before the trace, which then holds them
+        difflm_ops.prepare(device)  # the fused ops decided before the trace, which then holds them
         train_model = torch.compile(train_model, dynamic=dynamic)
     ctx = autocast(device)
     # sequences count tokens; ddpm.py's points (no block_size) count samples

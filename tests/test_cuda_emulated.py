@@ -13,7 +13,7 @@ import subprocess
 import pytest
 import torch
 
-import kernels
+import difflm_ops
 from test_kernel_nearest import check_optimal, crowd, near_copies
 from test_kernels import fresh_gen
 
@@ -134,7 +134,7 @@ def test_binding_cuda_branch_compiles(tmp_path):
 
 @pytest.fixture(scope="module")
 def k():
-    ops = kernels.load()
+    ops = difflm_ops.load()
     assert ops is not None, "the difflm kernels did not build"
     return torch.ops.difflm
 

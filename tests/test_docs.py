@@ -28,7 +28,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ("ddpm", "diffusion_lm", "mdlm", "sedd", "diffuser", "ar")
-MODULES = METHODS + ("common", "kernels", "bench")
+MODULES = METHODS + ("common", "difflm_ops", "bench")
 VERBS = {"train", "sample", "eval", "help"}
 # every docs/<method>.md has exactly these second-level sections, in this order
 TEMPLATE = ["The method", "Departures from the paper", "Flags", "Beside its sibling", "Results", "Known limits"]

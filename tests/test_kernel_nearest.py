@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
+import difflm_ops
 import diffusion_lm
 from test_kernels import fresh_gen
 
@@ -18,7 +18,7 @@ SHAPES = [(1, 1, 1), (5, 3, 7), (7, 16, 17), (97, 16, 853), (200, 33, 1000), (13
 
 @pytest.fixture(scope="module")
 def k():
-    ops = kernels.load()
+    ops = difflm_ops.load()
     assert ops is not None, "the difflm kernels did not build"
     return ops
 
@@ -150,7 +150,7 @@ def test_bad_inputs(k, args, msg, search):
 
 @pytest.mark.parametrize("search", SEARCHES)
 def test_fake_implementation(k, search):
-    """Shapes under torch.compile / FakeTensor come from the fake registered in kernels.py."""
+    """Shapes under torch.compile / FakeTensor come from the fake registered in difflm_ops.py."""
     torch.library.opcheck(getattr(torch.ops.difflm, search).default, (torch.randn(6, 5), torch.randn(9, 5), "cos"),
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -160,7 +160,7 @@ def test_dispatch_matches_pytorch_path(k):
     x, E = torch.randn(3, 11, 16, generator=gen), torch.randn(100, 16, generator=gen)
     for metric in METRICS:
         got = diffusion_lm.nearest_embedding(x, E, metric)
-        with kernels.oracles_only():
+        with difflm_ops.oracles_only():
             ref = diffusion_lm.nearest_embedding(x, E, metric)
         assert torch.equal(ref, diffusion_lm.nearest_embedding.oracle(x, E, metric))
         assert got.shape == (3, 11) and torch.equal(got, ref), f"seed {seed}"
@@ -173,7 +173,7 @@ def test_non_finite_inputs_are_refused_on_both_paths(k, where, value):
     the dispatch refuses it whichever path would run, and the op refuses it when called directly."""
     x, E = torch.randn(4, 3), torch.randn(6, 3)
     (x if where == "x" else E)[1, 2] = value
-    for ctx in (kernels.oracles_only, contextlib.nullcontext):
+    for ctx in (difflm_ops.oracles_only, contextlib.nullcontext):
         with ctx(), pytest.raises(ValueError, match=f"{where} must be finite"):
             diffusion_lm.nearest_embedding(x, E, "cos")
     with pytest.raises(RuntimeError, match=f"{where} must be finite"):

@@ -3,7 +3,7 @@ kernel, exact ties to the lowest index, and the partial 64-row tiles of the CUDA
 import pytest
 import torch
 
-import kernels
+import difflm_ops
 import diffusion_lm
 from test_kernel_nearest import check_optimal, crowd
 from test_kernels import fresh_gen
@@ -28,7 +28,7 @@ def oracle_fp32(x, E, metric):
 
 @pytest.fixture(scope="module")
 def k():
-    ops = kernels.load()
+    ops = difflm_ops.load()
     assert ops is not None and ops.cuda_built(), "the kernels were not built with CUDA"
     return ops
 

@@ -19,10 +19,10 @@ import torch
 import ar
 import common
 import corpus
-import trainer
-import kernels
+import difflm_ops
 import mdlm
 import sedd
+import trainer
 from conftest import ROOT, write_toy_dataset
 from test_sedd import CHARS, toy_language
 
@@ -34,7 +34,7 @@ SHAPES = [(1, 1, 1), (2, 3, 1), (3, 5, 6), (2, 7, 65), (3, 4, 1031), (1, 3, 5003
 
 @pytest.fixture(scope="module")
 def k():
-    ops = kernels.load()
+    ops = difflm_ops.load()
     assert ops is not None, "the kernels did not build (see the warning above); the fused path is untested"
     return ops
 
@@ -371,7 +371,7 @@ def test_uniforms_outside_0_1_are_refused_by_op_and_dispatch(k, value, which):
     for fn, op, args in steps:
         with pytest.raises(RuntimeError, match=r"u must lie in \[0, 1\)"):
             op(*args)
-        for ctx in (contextlib.nullcontext, kernels.oracles_only):
+        for ctx in (contextlib.nullcontext, difflm_ops.oracles_only):
             with ctx(), pytest.raises(ValueError, match=r"u must lie in \[0, 1\)"):
                 fn(*args)
 
@@ -381,7 +381,7 @@ def test_a_step_with_an_unknown_graph_or_mask_id_is_refused_on_both_paths():
     typo (graph="absorbing") sampled from another process, silently, where the op was not used."""
     ls, xt, _, _ = inputs("absorb", 2, 3, 5, torch.float32, torch.Generator().manual_seed(1), masked=1.0)
     t, u = torch.full((2,), 0.3, dtype=torch.float64), torch.rand(2, 3, 2, dtype=torch.float64)
-    for ctx in (contextlib.nullcontext, kernels.oracles_only):
+    for ctx in (contextlib.nullcontext, difflm_ops.oracles_only):
         for step in (sedd.euler_step, sedd.tweedie_step):
             with ctx(), pytest.raises(ValueError, match="unknown graph 'absorbing'; use absorb or uniform"):
                 step(ls, xt, t, u, "absorbing")
@@ -398,7 +398,7 @@ def test_absorbing_sigma_bar_outside_0_inf_is_refused_by_op_and_dispatch(k, valu
     sb[0] = value
     with pytest.raises(RuntimeError, match="sigma_bar must be positive and finite"):
         k.score_entropy(ls, xt, x0, sb, "absorb")
-    for ctx in (contextlib.nullcontext, kernels.oracles_only):
+    for ctx in (contextlib.nullcontext, difflm_ops.oracles_only):
         with ctx(), pytest.raises(ValueError, match="sigma_bar must be positive and finite"):
             sedd.score_entropy(ls, xt, x0, sb, "absorb")
     ls, xt, x0, sb = inputs("uniform", 2, 3, 5, torch.float32, torch.Generator().manual_seed(2))
@@ -456,7 +456,7 @@ def test_step_rates_outside_0_inf_are_refused_by_op_and_dispatch(k, value):
     for fn, op, args, name in steps:
         with pytest.raises(RuntimeError, match=f"{name} must be finite and >= 0"):
             op(*args)
-        for ctx in (contextlib.nullcontext, kernels.oracles_only):
+        for ctx in (contextlib.nullcontext, difflm_ops.oracles_only):
             with ctx(), pytest.raises(ValueError, match=f"{name} must be finite and >= 0"):
                 fn(*args)
 
@@ -506,7 +506,7 @@ def test_ar_trains_and_samples_the_same_with_and_without_kernels(k):
     torch.nn.init.normal_(model.head.weight, std=0.5)  # away from the zero init: samples depend on the weights
     x0 = torch.randint(9, (4, 16))
     outs = []
-    for path in (contextlib.nullcontext, kernels.oracles_only):
+    for path in (contextlib.nullcontext, difflm_ops.oracles_only):
         model.zero_grad()
         with path():
             loss = ar.loss_fn(model, x0, model.bos_id)
@@ -514,7 +514,7 @@ def test_ar_trains_and_samples_the_same_with_and_without_kernels(k):
             torch.manual_seed(3)
             samples = ar.generate(model, cfg, torch.tensor([1, 2]), 3, 24)[0]
         outs.append([loss.detach(), samples] + [p.grad.clone() for p in model.parameters()])
-    assert kernels._PASSED[("rotary", "cpu")]
+    assert difflm_ops._PASSED[("rotary", "cpu")]
     for a, b in zip(*outs):
         assert torch.equal(a, b)
 
@@ -522,19 +522,19 @@ def test_ar_trains_and_samples_the_same_with_and_without_kernels(k):
 @pytest.fixture
 def undecided(monkeypatch):
     """No op decided yet in this process, and a trace that asks for the extension fails."""
-    real = kernels.available
+    real = difflm_ops.available
 
     def available(device):
         assert not torch.compiler.is_compiling(), "a trace asked for the extension"
         return real(device)
 
-    monkeypatch.setattr(kernels, "available", available)
-    monkeypatch.setattr(kernels, "_PASSED", {})
+    monkeypatch.setattr(difflm_ops, "available", available)
+    monkeypatch.setattr(difflm_ops, "_PASSED", {})
 
 
 @pytest.mark.parametrize("decided", [False, True], ids=["undecided", "prepared"])
 def test_compile_traces_the_ops_decided_before_it(k, undecided, decided):
-    """torch.compile traces what kernels.prepare decided: a trace never builds or checks an op (a build in
+    """torch.compile traces what difflm_ops.prepare decided: a trace never builds or checks an op (a build in
     a trace broke the graph and left the Transformer's forward uncompiled), an undecided op is traced as
     its oracle, a prepared one as itself; one graph either way, with eager's loss and gradients."""
     cfg = ar.Config(n_layer=2, n_head=2, n_embd=32, block_size=16)
@@ -548,7 +548,7 @@ def test_compile_traces_the_ops_decided_before_it(k, undecided, decided):
         return gm.forward
 
     if decided:
-        kernels.prepare("cpu")
+        difflm_ops.prepare("cpu")
     torch._dynamo.reset()
     for m in (torch.compile(model, backend=backend), model):  # compiled first: its trace is the first use
         model.zero_grad()
@@ -576,7 +576,7 @@ def test_compiled_training_decides_the_ops_first(k, undecided, tmp_path):
     counters.clear()
 
     def evaluate(m, b):
-        with kernels.oracles_only():  # decides nothing: an op decided after the run was decided by the trainer
+        with difflm_ops.oracles_only():  # decides nothing: an op decided after the run was decided by the trainer
             return ar.evaluate(m, b, cfg)
 
     try:
@@ -585,20 +585,20 @@ def test_compiled_training_decides_the_ops_first(k, undecided, tmp_path):
     finally:
         torch._dynamo.reset()
     assert not breaks, breaks
-    assert kernels._PASSED.get(("rotary", "cpu")), "the trainer did not decide the ops before the trace"
+    assert difflm_ops._PASSED.get(("rotary", "cpu")), "the trainer did not decide the ops before the trace"
 
 
 # ----------------------------------------------------------------------------------------------
-# the first-use self-check (kernels.py): every op against its oracle, once per device
+# the first-use self-check (difflm_ops.py): every op against its oracle, once per device
 
 
 def test_self_check_passes_for_every_cpu_op(k):
     import diffusion_lm  # noqa: F401  (marks nearest_embedding)
-    assert set(kernels.FUSED) == {"score_entropy", "sedd_euler_step", "sedd_tweedie_step", "mdlm_ancestral_step",
+    assert set(difflm_ops.FUSED) == {"score_entropy", "sedd_euler_step", "sedd_tweedie_step", "mdlm_ancestral_step",
                                   "nearest_embedding", "rotary"}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        for name, f in kernels.FUSED.items():
+        for name, f in difflm_ops.FUSED.items():
             assert f.self_check("cpu"), name
             # the first use may come inside an eval or a bf16 region: the check is the same there
             with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -647,7 +647,7 @@ def wrong_ops():
 @pytest.mark.parametrize("case", range(5), ids=["rotary off", "wrong tokens", "NaN loss", "wrong gradient", "raises"])
 def test_a_wrong_op_is_switched_off_with_one_warning(k, case):
     name, wrong, (fn, *args), phrase = wrong_ops()[case]
-    with kernels.replace(name, wrong), warnings.catch_warnings(record=True) as caught:
+    with difflm_ops.replace(name, wrong), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         outs = [fn(*args) for _ in range(3)]
     msgs = [str(w.message) for w in caught]
@@ -670,18 +670,18 @@ def test_the_gpu_check_sizes_reach_every_thread_layout(k, monkeypatch):
         out = real(ls, *a)
         return (out + 1) % ls.shape[-1] if ls.shape[-1] > 16384 else out
 
-    with kernels.replace("sedd_tweedie_step", wrong_on_wide_rows), warnings.catch_warnings():
+    with difflm_ops.replace("sedd_tweedie_step", wrong_on_wide_rows), warnings.catch_warnings():
         warnings.simplefilter("error")
         assert sedd.tweedie_step.self_check("cpu")
-    monkeypatch.setitem(kernels.CHECK_SIZES, "cpu", kernels.CHECK_SIZES["cuda"])
-    with kernels.replace("sedd_tweedie_step", wrong_on_wide_rows), warnings.catch_warnings(record=True) as caught:
+    monkeypatch.setitem(difflm_ops.CHECK_SIZES, "cpu", difflm_ops.CHECK_SIZES["cuda"])
+    with difflm_ops.replace("sedd_tweedie_step", wrong_on_wide_rows), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert not sedd.tweedie_step.self_check("cpu")
     assert len(caught) == 1 and "tokens differ" in str(caught[0].message)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for name in ("score_entropy", "sedd_euler_step", "sedd_tweedie_step", "mdlm_ancestral_step"):
-            assert kernels.FUSED[name].self_check("cpu"), name
+            assert difflm_ops.FUSED[name].self_check("cpu"), name
 
 
 def test_the_check_runs_the_cpu_backward_that_recomputes(k, monkeypatch):
@@ -714,7 +714,7 @@ def test_inputs_the_binding_refuses_run_the_oracle(k):
         except RuntimeError as e:
             return str(e)
     for fn, a in calls:
-        with kernels.oracles_only():
+        with difflm_ops.oracles_only():
             ref = outcome(fn, a)
         got = outcome(fn, a)
         assert (got == ref) if isinstance(ref, str) else torch.equal(got, ref), (fn.__name__, got)
@@ -722,21 +722,21 @@ def test_inputs_the_binding_refuses_run_the_oracle(k):
     qkv, tables = torch.randn(2, 4, 3, 2, 8, generator=gen), [t.clone().requires_grad_() for t in common.rotary_tables(4, 8)]
     grads = []
     for off in (False, True):
-        with kernels.oracles_only() if off else contextlib.nullcontext():
+        with difflm_ops.oracles_only() if off else contextlib.nullcontext():
             grads.append(torch.autograd.grad(common.apply_rotary(qkv, *tables).sum(), tables))
     assert all(torch.allclose(a, b) for a, b in zip(*grads))
 
 
 def test_trust_skips_the_check_and_zero_turns_the_ops_off():
     code = """
-        import warnings, torch, kernels, sedd
+        import warnings, torch, difflm_ops, sedd
         warnings.simplefilter("error")
         ls, xt = torch.randn(2, 3, 6), torch.full((2, 3), 5)
         t, u = torch.full((2,), 0.5, dtype=torch.float64), torch.rand(2, 3, 2, dtype=torch.float64)
         marker = torch.full((2, 3), 4)
-        with kernels.replace("sedd_euler_step", lambda *a: marker):
+        with difflm_ops.replace("sedd_euler_step", lambda *a: marker):
             out = sedd.euler_step(ls, xt, t, u, "absorb")
-            print(torch.equal(out, marker), len(kernels._PASSED), len(kernels._CHECK_SECONDS))
+            print(torch.equal(out, marker), len(difflm_ops._PASSED), len(difflm_ops._CHECK_SECONDS))
     """
     r = run_py(code, {"DIFFLM_KERNELS": "trust"})
     assert r.returncode == 0 and r.stdout.split() == ["True", "1", "0"], r.stdout + r.stderr[-2000:]
@@ -757,9 +757,9 @@ def run_py(code, env):
 @pytest.mark.parametrize("value", ["0", "off", "False"])
 def test_disabled_kernels_fall_back_to_pytorch(value):
     r = run_py("""
-        import warnings, torch, kernels, sedd, mdlm
+        import warnings, torch, difflm_ops, sedd, mdlm
         warnings.simplefilter("error")
-        assert kernels.load() is None
+        assert difflm_ops.load() is None
         ls = torch.randn(2, 3, 6); xt = torch.full((2, 3), 5); u = torch.rand(2, 3, 2, dtype=torch.float64)
         t = torch.full((2,), 0.5, dtype=torch.float64)
         print(sedd.euler_step(ls, xt, t, u, "absorb").tolist(), mdlm.ancestral_step(ls, xt, t, u, 5).tolist())
@@ -773,11 +773,11 @@ def test_failed_build_warns_once_and_falls_back(tmp_path):
     src.mkdir()
     (src / "broken.cpp").write_text("this is not C++;\n")
     r = run_py(f"""
-        import warnings, kernels
+        import warnings, difflm_ops
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            assert kernels.load({str(src)!r}) is None
-            assert kernels.load({str(src)!r}) is None
+            assert difflm_ops.load({str(src)!r}) is None
+            assert difflm_ops.load({str(src)!r}) is None
         msgs = [str(w.message) for w in caught]
         assert len(msgs) == 1 and "difflm kernels failed to build" in msgs[0], msgs
     """, {"DIFFLM_BUILD": str(tmp_path / "build")})
@@ -786,19 +786,19 @@ def test_failed_build_warns_once_and_falls_back(tmp_path):
 
 def test_a_killed_build_does_not_hang_the_next(tmp_path):
     """A build killed mid-way leaves torch's marker file behind, on which every later torch build up to
-    2.13 would wait forever; kernels.load removes it (with a warning) and goes on. Later torch locks
+    2.13 would wait forever; difflm_ops.load removes it (with a warning) and goes on. Later torch locks
     that file (it stays after every build): no warning there, and no wait."""
     src = tmp_path / "csrc"
     src.mkdir()
     (src / "broken.cpp").write_text("this is not C++;\n")
     r = run_py(f"""
-        import os, warnings, kernels
+        import os, warnings, difflm_ops
         from torch.utils import cpp_extension
-        os.makedirs(kernels.build_dir("cpu"))
-        open(os.path.join(kernels.build_dir("cpu"), "lock"), "w").close()
+        os.makedirs(difflm_ops.build_dir("cpu"))
+        open(os.path.join(difflm_ops.build_dir("cpu"), "lock"), "w").close()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            assert kernels.load({str(src)!r}) is None
+            assert difflm_ops.load({str(src)!r}) is None
         msgs = [str(w.message) for w in caught]
         baton = hasattr(cpp_extension, "FileBaton")  # the marker whose existence blocks
         assert len(msgs) == 1 + baton and ("left by a kernel build" in msgs[0]) == baton and "failed to build" in msgs[-1], msgs
@@ -817,12 +817,12 @@ def test_failed_cuda_build_keeps_the_cpu_kernels(tmp_path):
     ref = sedd.score_entropy.oracle(ls, xt, x0, torch.ones(2), "absorb").tolist()
     r = run_py(f"""
         import warnings, torch
-        torch.cuda.is_available = lambda: True  # kernels.load now adds the .cu sources
+        torch.cuda.is_available = lambda: True  # difflm_ops.load now adds the .cu sources
         torch.cuda.get_device_capability = lambda device=None: (9, 0)
-        import kernels
+        import difflm_ops
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            k = kernels.load({str(src)!r})
+            k = difflm_ops.load({str(src)!r})
         msgs = [str(w.message) for w in caught]
         assert len(msgs) == 1 and "CUDA kernels failed to build" in msgs[0], msgs
         assert k is not None and not k.cuda_built()
@@ -842,24 +842,24 @@ def test_the_build_cache_is_one_per_torch_version_and_gpu_architecture(monkeypat
     for version, capability in (("2.13.0", (8, 0)), ("2.13.0", (9, 0)), ("2.14.0", (9, 0))):
         monkeypatch.setattr(torch, "__version__", version)
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
-        folders.add(kernels.build_dir("cuda"))
-        assert os.path.dirname(kernels.build_dir("cuda")) == str(tmp_path)
+        folders.add(difflm_ops.build_dir("cuda"))
+        assert os.path.dirname(difflm_ops.build_dir("cuda")) == str(tmp_path)
     assert len(folders) == 3, folders
-    assert kernels.build_dir("cpu").endswith("cpu-torch2.14.0")
+    assert difflm_ops.build_dir("cpu").endswith("cpu-torch2.14.0")
 
 
 def test_a_prebuilt_module_without_cuda_warns_where_a_gpu_is_seen(k, tmp_path):
     """`DIFFLM_BUILD_EXT=1 pip install -e .` on a machine without a GPU builds the C++ part only; copied
     to a GPU machine it was loaded in preference to the JIT build and the CUDA ops were off, in silence."""
     (tmp_path / "difflm_kernels.py").write_text(  # stands in for the compiled module: importing it registers the ops
-        "import glob, os, kernels\nkernels._build(sorted(glob.glob(os.path.join(kernels.ROOT, 'csrc', '*.cpp'))))\n")
+        "import glob, os, difflm_ops\ndifflm_ops._build(sorted(glob.glob(os.path.join(difflm_ops.ROOT, 'csrc', '*.cpp'))))\n")
     r = run_py("""
         import warnings, torch
-        import kernels
+        import difflm_ops
         torch.cuda.is_available = lambda: True
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            k = kernels.load()
+            k = difflm_ops.load()
         msgs = [str(w.message) for w in caught]
         assert k is not None and not k.cuda_built()
         assert len(msgs) == 1 and "prebuilt difflm_kernels has no CUDA part" in msgs[0], msgs
@@ -867,14 +867,28 @@ def test_a_prebuilt_module_without_cuda_warns_where_a_gpu_is_seen(k, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
 
 
+def test_the_modules_import_beside_hugging_faces_kernels_package(tmp_path):
+    """transformers installs Hugging Face's `kernels` package; difflm's module was kernels.py too, so outside the
+    repository (an installed difflm, found after site-packages) `import mdlm` got theirs and failed."""
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("HUGGING_FACE = True\n")  # stands in for theirs
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        import sys
+        sys.path.append({ROOT!r})
+        import mdlm, sedd, kernels
+        assert kernels.HUGGING_FACE and mdlm.ancestral_step.oracle and sedd.euler_step.oracle
+    """)], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
 def test_a_prebuilt_module_that_does_not_load_gives_way_to_the_jit_build(k, tmp_path):
     """A module built for another torch (an undefined symbol) raised its ImportError from every method."""
     (tmp_path / "difflm_kernels.py").write_text("raise ImportError('difflm_kernels.so: undefined symbol: _ZN3c10x')\n")
     r = run_py("""
-        import warnings, kernels
+        import warnings, difflm_ops
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            k = kernels.load()
+            k = difflm_ops.load()
         msgs = [str(w.message) for w in caught]
         assert k is not None and len(msgs) == 1 and "prebuilt difflm_kernels does not load" in msgs[0], msgs
     """, {"PYTHONPATH": str(tmp_path)})
@@ -886,7 +900,7 @@ def test_a_sigma_bar_that_needs_its_gradient_takes_the_oracle(k):
     ls = torch.randn(2, 3, 7, requires_grad=True)
     xt, x0 = torch.tensor([[6, 1, 6], [2, 6, 6]]), torch.tensor([[3, 1, 4], [2, 5, 0]])
     grads = []
-    for path in (contextlib.nullcontext, kernels.oracles_only):
+    for path in (contextlib.nullcontext, difflm_ops.oracles_only):
         sb = torch.tensor([0.7, 1.9], requires_grad=True)
         with path():
             sedd.score_entropy(ls, xt, x0, sb, "absorb").sum().backward()
@@ -903,7 +917,7 @@ def test_a_gradient_differentiated_again_is_the_oracles(k, graph):
     if graph == "uniform":
         base, xt = torch.randn(2, 3, 6), torch.tensor([[5, 1, 0], [2, 3, 4]])
     grads = []
-    for path in (contextlib.nullcontext, kernels.oracles_only):
+    for path in (contextlib.nullcontext, difflm_ops.oracles_only):
         ls = base.clone().requires_grad_()
         with path():
             loss = sedd.score_entropy(ls, xt, x0, torch.tensor([0.7, 1.9]), graph).sum()
@@ -932,7 +946,7 @@ def test_sedd_training_step_same_with_and_without_kernels(k, graph):
     cfg, model = tiny_sedd(graph)
     x0 = torch.randint(11, (8, 16))
     grads = []
-    for path in (contextlib.nullcontext, kernels.oracles_only):
+    for path in (contextlib.nullcontext, difflm_ops.oracles_only):
         model.zero_grad()
         torch.manual_seed(5)
         with path():
@@ -950,7 +964,7 @@ def test_sedd_sampling_same_with_and_without_kernels(k, graph, sampler):
     cfg, model = tiny_sedd(graph)
     cfg.sampler = sampler
     outs = []
-    for path in (contextlib.nullcontext, kernels.oracles_only):
+    for path in (contextlib.nullcontext, difflm_ops.oracles_only):
         torch.manual_seed(7)
         with path():
             outs.append(sedd.generate(model, cfg, torch.full((16,), -1), 6)[0])
@@ -964,7 +978,7 @@ def test_mdlm_sampling_same_with_and_without_kernels(k, sampler):
     model = mdlm.build_model(cfg, {"vocab_size": 9}).eval()
     torch.nn.init.normal_(model.head.weight, std=0.5)
     outs = []
-    for path in (contextlib.nullcontext, kernels.oracles_only):
+    for path in (contextlib.nullcontext, difflm_ops.oracles_only):
         torch.manual_seed(3)
         with path():
             outs.append(mdlm.generate(model, cfg, torch.full((16,), -1), 5)[0])

@@ -4,7 +4,7 @@ N = 2048, 256 threads up to 16384, 512 beyond) and unaligned rows for its 16-byt
 import pytest
 import torch
 
-import kernels
+import difflm_ops
 import mdlm
 import sedd
 from test_kernels import ROTARY_SHAPES, fresh_gen, rotary_pairs
@@ -20,7 +20,7 @@ SHAPES = [(2, 3, 1), (3, 5, 6), (4, 33, 67), (2, 9, 3001), (2, 5, 20011), (2, 4,
 
 @pytest.fixture(scope="module")
 def k():
-    ops = kernels.load()
+    ops = difflm_ops.load()
     assert ops is not None and ops.cuda_built(), "the kernels were not built with CUDA"
     return ops
 
@@ -110,9 +110,9 @@ def test_cuda_bad_device_mix_is_an_error(k):
 
 
 def test_cuda_self_check_passes_for_every_op(k):
-    """The first-use check (kernels.py) on the GPU: every op agrees with its oracle there."""
+    """The first-use check (difflm_ops.py) on the GPU: every op agrees with its oracle there."""
     import diffusion_lm  # noqa: F401  (marks nearest_embedding)
-    for name, f in kernels.FUSED.items():
+    for name, f in difflm_ops.FUSED.items():
         assert f.self_check("cuda"), f"{name} failed its self-check on the GPU (see the warning)"
 
 

@@ -1,10 +1,10 @@
 """
-kernels.py: the fused ops of csrc/, and the one place that decides when an op replaces the
+difflm_ops.py: the fused ops of csrc/, and the one place that decides when an op replaces the
 readable PyTorch function (its oracle) in a method file.
 
 A method file marks a function that a fused op computes too, and writes only the math in it:
 
-    @kernels.fused("sedd_euler_step")
+    @difflm_ops.fused("sedd_euler_step")
     def euler_step(log_score, xt, rate_dt, u, graph):
         ...
 
