@@ -21,8 +21,8 @@ difference; its oracle runs instead.
     DIFFLM_KERNELS=0       no ops: every marked function runs its oracle, nothing is built
     DIFFLM_KERNELS=trust   the ops run without the first-use check
 
-The extension is a prebuilt `difflm_kernels` (DIFFLM_BUILD_EXT=1 pip install -e .) or a JIT build
-of csrc/ with ninja, cached in $DIFFLM_BUILD (default ~/.cache/difflm); a failed build is one
+The extension is a prebuilt `difflm_kernels` (DIFFLM_BUILD_EXT=1 pip install -e . --no-build-isolation)
+or a JIT build of csrc/ with ninja, cached in $DIFFLM_BUILD (default ~/.cache/difflm); a failed build is one
 warning and the oracles run.
 
   load()              torch.ops.difflm, or None;  available(device): the ops run there
@@ -124,8 +124,8 @@ def _build(sources):
 def load(src_dir=None):
     """The compiled extension (ops under torch.ops.difflm), or None.
 
-    The module built by `DIFFLM_BUILD_EXT=1 pip install -e .` when there is one (rebuild it after
-    editing csrc/), else a JIT build of csrc/ with ninja, cached. None when DIFFLM_KERNELS=0, when
+    The module built by `DIFFLM_BUILD_EXT=1 pip install -e . --no-build-isolation` when there is one
+    (rebuild it after editing csrc/), else a JIT build of csrc/ with ninja, cached. None when DIFFLM_KERNELS=0, when
     csrc/ has no sources, or when the build fails (one warning; the readable PyTorch path runs).
     """
     src_dir = src_dir or os.path.join(ROOT, "csrc")
@@ -143,11 +143,11 @@ def load(src_dir=None):
             except (ImportError, OSError) as e:  # built for another torch: the JIT build below, cached per version
                 warnings.warn(f"the prebuilt difflm_kernels does not load ({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:160] if str(e) else ''}); building csrc/ instead; rebuild it "
-                              "with `DIFFLM_BUILD_EXT=1 pip install -e .` or delete it")
+                              "with `DIFFLM_BUILD_EXT=1 pip install -e . --no-build-isolation` or delete it")
             if module is not None and torch.cuda.is_available() and not module.cuda_built():
                 warnings.warn("the prebuilt difflm_kernels has no CUDA part (it was built without a GPU), so tensors "
                               "on the GPU take the PyTorch path; rebuild it here with `DIFFLM_BUILD_EXT=1 pip install "
-                              "-e .`, or delete it for the JIT build")
+                              "-e . --no-build-isolation`, or delete it for the JIT build")
         if sources:
             module = _build(sources)
     _LOADED[src_dir] = module

@@ -4,7 +4,8 @@ difflm: reference implementations of diffusion language models.
     pip install -e .            # the modules and their dependencies
     pip install -e ".[test]"    # + pytest, hypothesis and what the tests of the extras below import
     pip install -e ".[hub]"     # + the papers' checkpoints, zero-shot sets and transformers judges (hub.py)
-    DIFFLM_BUILD_EXT=1 pip install -e .   # also compile csrc/ ahead of time (else JIT on first use)
+    DIFFLM_BUILD_EXT=1 pip install -e . --no-build-isolation   # also compile csrc/ ahead of time (else JIT
+                                                              # on first use), against the installed torch
 
 torch is required as "torch>=2.6" and Python as 3.10 or later, the oldest on which the test suite passes
 (the transformers that the test and hub extras install refuses an older torch; torchrun under Python 3.9
@@ -19,7 +20,11 @@ from setuptools import setup
 here = os.path.dirname(os.path.abspath(__file__))
 kwargs = {}
 if os.environ.get("DIFFLM_BUILD_EXT") == "1" and glob.glob(os.path.join(here, "csrc", "*.cpp")):
-    import torch
+    try:
+        import torch
+    except ImportError:  # pip's isolated build environment holds no torch, and one it downloaded would not be yours
+        raise SystemExit("error: DIFFLM_BUILD_EXT=1 builds csrc/ against the installed torch; "
+                         "add --no-build-isolation to the pip command")
     from torch.utils import cpp_extension
     sources = sorted(glob.glob("csrc/*.cpp"))
     ext_cls = cpp_extension.CppExtension
