@@ -867,6 +867,16 @@ def test_a_prebuilt_module_without_cuda_warns_where_a_gpu_is_seen(k, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
 
 
+def test_an_ahead_of_time_build_without_torch_in_sight_is_one_line(tmp_path):
+    """pip's isolated build environment has no torch: setup.py died with a ModuleNotFoundError traceback."""
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text("raise ImportError('No module named torch')\n")
+    r = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "DIFFLM_BUILD_EXT": "1", "PYTHONPATH": str(tmp_path)})
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "error: DIFFLM_BUILD_EXT=1 builds csrc/ against the installed torch; add --no-build-isolation to the pip command"], r.stderr
+
+
 def test_the_modules_import_beside_hugging_faces_kernels_package(tmp_path):
     """transformers installs Hugging Face's `kernels` package; difflm's module was kernels.py too, so outside the
     repository (an installed difflm, found after site-packages) `import mdlm` got theirs and failed."""
