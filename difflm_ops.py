@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+PREBUILD = "DIFFLM_BUILD_EXT=1 pip install -e . --no-build-isolation"  # the ahead-of-time build (setup.py)
 _LOADED = {}  # src_dir -> torch.ops.difflm, or None
 FUSED = {}  # op name -> the Fused wrapper of its oracle (every marked function)
 _HOOKS_RUN = set()  # op names whose on_load hook has run (once per process)
@@ -143,11 +144,11 @@ def load(src_dir=None):
             except (ImportError, OSError) as e:  # built for another torch: the JIT build below, cached per version
                 warnings.warn(f"the prebuilt difflm_kernels does not load ({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:160] if str(e) else ''}); building csrc/ instead; rebuild it "
-                              "with `DIFFLM_BUILD_EXT=1 pip install -e . --no-build-isolation` or delete it")
+                              f"with `{PREBUILD}` or delete it")
             if module is not None and torch.cuda.is_available() and not module.cuda_built():
                 warnings.warn("the prebuilt difflm_kernels has no CUDA part (it was built without a GPU), so tensors "
-                              "on the GPU take the PyTorch path; rebuild it here with `DIFFLM_BUILD_EXT=1 pip install "
-                              "-e . --no-build-isolation`, or delete it for the JIT build")
+                              f"on the GPU take the PyTorch path; rebuild it here with `{PREBUILD}`, "
+                              "or delete it for the JIT build")
         if sources:
             module = _build(sources)
     _LOADED[src_dir] = module

@@ -748,9 +748,9 @@ def test_trust_skips_the_check_and_zero_turns_the_ops_off():
 # fallbacks: DIFFLM_KERNELS=0 and a failed build
 
 
-def run_py(code, env):
+def run_py(code, env, cwd=ROOT):
     e = {**os.environ, "OMP_NUM_THREADS": "1", **env}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=e, capture_output=True,
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=e, capture_output=True,
                           text=True, timeout=300)
 
 
@@ -882,12 +882,12 @@ def test_the_modules_import_beside_hugging_faces_kernels_package(tmp_path):
     repository (an installed difflm, found after site-packages) `import mdlm` got theirs and failed."""
     (tmp_path / "kernels").mkdir()
     (tmp_path / "kernels" / "__init__.py").write_text("HUGGING_FACE = True\n")  # stands in for theirs
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+    r = run_py(f"""
         import sys
         sys.path.append({ROOT!r})
         import mdlm, sedd, kernels
         assert kernels.HUGGING_FACE and mdlm.ancestral_step.oracle and sedd.euler_step.oracle
-    """)], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)}, capture_output=True, text=True, timeout=300)
+    """, {"PYTHONPATH": str(tmp_path)}, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
 
 
