@@ -399,10 +399,21 @@ def _rotary_takes(a):
 
 
 def _nearest_embedding(x, E, metric, screened=False):
-    """screened: the GPU's search for large tables, called on any input (the first-use check runs it)."""
+    """screened: the GPU's search for large tables, called on any input (the first-use check runs it).
+
+    The screen's error bound allows its bf16 GEMM one bf16 rounding of partial sums; torch lets cuBLAS
+    add split-K partials in bf16, any number of times, unless its process-wide flag says no: off for the call."""
     op = torch.ops.difflm.nearest_embedding_screened if screened else torch.ops.difflm.nearest_embedding
     shape, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])  # (..., d) -> (N, d)
-    return op(x2.float().contiguous(), E.float().contiguous(), metric).view(shape)
+    matmul = torch.backends.cuda.matmul
+    allowed = matmul.allow_bf16_reduced_precision_reduction  # True, or False with a split-K setting kept as it is
+    if allowed:
+        matmul.allow_bf16_reduced_precision_reduction = False
+    try:
+        return op(x2.float().contiguous(), E.float().contiguous(), metric).view(shape)
+    finally:
+        if allowed:
+            matmul.allow_bf16_reduced_precision_reduction = True
 
 
 # -- small random inputs for the first-use checks (a private generator: the global RNG is untouched)

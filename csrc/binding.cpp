@@ -315,10 +315,11 @@ Tensor nearest_exact(const Tensor& x, const Tensor& E, int m) {
 // lets fp32 decide among the few rows that can win. A screen score plus c_v (L2's bias, added in fp32)
 // is within e_v = 2^-5 |x_q| |t_v| of the fp32 score x_q . t_v + c_v (t: the normalised table): rounding
 // both operands to bf16 moves a product by at most 2^-7 + 2^-16 of itself, which Cauchy-Schwarz sums to
-// 2^-7 |x| |t_v|; the bf16 result, and any bf16 partial sums cuBLAS may reduce in, add 2^-8 of |x| |t_v|
-// each; the fp32 sums (d + 8) 2^-23; adding c_v rounds within 2^-24 |c_v| (kernels.h). So the best row v*,
-// with s_v* >= s_v for all v, has an upper bound at least every row's lower bound, and is kept. Queries
-// go in chunks of at most chunk_entries screen scores.
+// 2^-7 |x| |t_v|; the bf16 result adds 2^-8 of |x| |t_v| (partial sums add in fp32: difflm_ops.py turns
+// torch's bf16 reduced-precision reduction off for the call); the fp32 sums (d + 8) 2^-23; adding c_v
+// rounds within 2^-24 |c_v| (kernels.h). So the best row v*, with s_v* >= s_v for all v, has an upper
+// bound at least every row's lower bound, and is kept. Queries go in chunks of at most chunk_entries
+// screen scores.
 Tensor nearest_screened_impl(const Tensor& x, const Tensor& E, int m, int64_t chunk_entries) {
   const int64_t N = x.size(0), d = x.size(1), V = E.size(0);
   const bool l2 = m == difflm::NEAREST_L2;
@@ -352,9 +353,10 @@ Tensor nearest_screened_impl(const Tensor& x, const Tensor& E, int m, int64_t ch
               "nearest_embedding_screened");
 #endif
     }
-    const Tensor rows = (ids < 0).nonzero().squeeze(1);  // crowded queries: the fp32 search
-    if (rows.numel() > 0) ids.index_copy_(0, rows, nearest_exact(xq.index_select(0, rows), E, m));
   }
+  // crowded queries (id -1): the fp32 search, all chunks' at once (one synchronisation, one launch)
+  const Tensor rows = (out < 0).nonzero().squeeze(1);
+  if (rows.numel() > 0) out.index_copy_(0, rows, nearest_exact(x.index_select(0, rows), E, m));
   return out;
 }
 

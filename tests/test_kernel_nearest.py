@@ -2,6 +2,7 @@
 (up to float rounding on near-ties), exact ties to the lowest index, bad inputs, the fake (meta)
 implementation, and the dispatch in diffusion_lm.nearest_embedding."""
 import contextlib
+import itertools
 
 import pytest
 import torch
@@ -213,15 +214,48 @@ def test_screened_decides_in_fp32(k, metric):
 
 def test_screened_crowded_queries_go_to_the_fp32_search(k):
     """A zero query under cosine ties every row, and 300 copies of a row crowd one query: more candidates
-    than the screen keeps (256), so those queries take the fp32 search, ties to the lowest index."""
+    than the screen keeps (256), so those queries take the fp32 search, ties to the lowest index. In chunks
+    of two queries, crowded ones fall in the first and the last chunk, and each keeps its own answer."""
     gen, seed = fresh_gen()
     x, E = torch.randn(6, 40, generator=gen), torch.randn(700, 40, generator=gen)
     crowd(x, E, 7, 100)
-    for metric in METRICS:
-        got = k.nearest_embedding_screened(x, E, metric)
+    x[4], x[5] = 0, E[7]
+    for metric, chunk in itertools.product(METRICS, (1 << 27, 2 * 700)):
+        got = k.nearest_embedding_screened(x, E, metric, chunk)
         ref = k.nearest_embedding(x, E, metric)
-        assert torch.equal(got, ref), f"seed {seed}, {metric}"
-        assert got[1] == 7 and (metric == "l2" or got[0] == 0), f"seed {seed}, {metric}"
+        assert torch.equal(got, ref), f"seed {seed}, {metric}, chunk {chunk}"
+        assert got[1] == got[5] == 7 and (metric == "l2" or got[0] == got[4] == 0), f"seed {seed}, {metric}"
+
+
+def test_the_search_runs_without_bf16_reduced_sums(k, monkeypatch):
+    """The screen's bound allows cuBLAS one bf16 rounding of its sums: the dispatch turns torch's bf16
+    reduced-precision reduction off for the call and back on after it, also when the op raises, and leaves
+    the flag alone where it is already off."""
+    matmul, seen, real = torch.backends.cuda.matmul, [], torch.ops.difflm.nearest_embedding_screened
+    x, E = torch.randn(5, 16), torch.randn(20, 16)
+
+    def spy(*a):
+        seen.append(matmul.allow_bf16_reduced_precision_reduction)
+        if len(seen) == 2:
+            raise RuntimeError("the op failed")
+        return real(*a)
+
+    monkeypatch.setattr(torch.ops.difflm, "nearest_embedding_screened", spy)
+    assert matmul.allow_bf16_reduced_precision_reduction is True  # torch's default
+    ids = difflm_ops._nearest_embedding(x, E, "cos", screened=True)
+    assert torch.equal(ids, k.nearest_embedding(x, E, "cos")) and seen == [False]
+    assert matmul.allow_bf16_reduced_precision_reduction is True
+    with pytest.raises(RuntimeError, match="the op failed"):
+        difflm_ops._nearest_embedding(x, E, "cos", screened=True)
+    assert seen == [False, False] and matmul.allow_bf16_reduced_precision_reduction is True
+    get = torch._C._get_cublas_allow_bf16_reduced_precision_reduction  # newer torch: (reduce, split-K)
+    matmul.allow_bf16_reduced_precision_reduction = (False, False) if isinstance(get(), tuple) else False
+    try:
+        before = get()
+        difflm_ops._nearest_embedding(x, E, "l2", screened=True)
+        assert get() == before and seen[-1] is False
+    finally:
+        matmul.allow_bf16_reduced_precision_reduction = True
 
 
 def test_screened_bad_inputs(k):
