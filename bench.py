@@ -549,6 +549,18 @@ def _ratio(t, t_k):
     return f"{t / t_k:.1f}x" if t else "-"
 
 
+def score_states(graph, B, L, N, gen):
+    """xt, x0 (B, L) on gen's device: absorbing, half the positions masked (MASK = N - 1); uniform, xt = x0
+    about half the time."""
+    device = gen.device
+    if graph == "absorb":
+        x0 = torch.randint(N - 1, (B, L), generator=gen, device=device)
+        return torch.where(torch.rand(B, L, generator=gen, device=device) < 0.5, N - 1, x0), x0
+    xt = torch.randint(N, (B, L), generator=gen, device=device)
+    return xt, torch.where(torch.rand(B, L, generator=gen, device=device) < 0.5, xt,
+                           torch.randint(N, (B, L), generator=gen, device=device))
+
+
 def kernel_rows(device, ops, sizes, dtype, names, graphs, repeat=0, eager=True, compile=True, bw=None):
     """Each fused SEDD/MDLM op in names, for each size (B, L, V) and graph, against its oracle ->
     rows (dicts: the versus() figures, peaks in units of one B x L x N tensor of dtype, GB/s and the
@@ -566,14 +578,6 @@ def kernel_rows(device, ops, sizes, dtype, names, graphs, repeat=0, eager=True, 
             N = V + 1 if graph == "absorb" else V
             elt = torch.finfo(dtype).bits // 8
 
-            def states():
-                if graph == "absorb":  # half the positions masked
-                    x0 = torch.randint(V, (B, L), generator=gen, device=device)
-                    return torch.where(torch.rand(B, L, generator=gen, device=device) < 0.5, N - 1, x0), x0
-                xt = torch.randint(N, (B, L), generator=gen, device=device)
-                return xt, torch.where(torch.rand(B, L, generator=gen, device=device) < 0.5, xt,
-                                       torch.randint(N, (B, L), generator=gen, device=device))
-
             def scores(calibrated):
                 h = torch.randn(B, L, N, generator=gen, device=device)
                 if calibrated:  # sum_y s_y ~ 1 (t ~ 0.5): realistic move probabilities
@@ -581,7 +585,7 @@ def kernel_rows(device, ops, sizes, dtype, names, graphs, repeat=0, eager=True, 
                 return h.to(dtype)
 
             def step_args(p):
-                xt, _ = states()
+                xt, _ = score_states(graph, B, L, N, gen)
                 return (scores(True), xt, torch.full((B,), p, dtype=torch.float64, device=device),
                         torch.rand(B, L, 2, generator=gen, dtype=torch.float64, device=device))
 
@@ -604,7 +608,7 @@ def kernel_rows(device, ops, sizes, dtype, names, graphs, repeat=0, eager=True, 
 
             if "score_entropy" in names:
                 def make_se():
-                    xt, x0 = states()
+                    xt, x0 = score_states(graph, B, L, N, gen)
                     ls = scores(False).requires_grad_()
                     sb = torch.rand(B, generator=gen, device=device) * 3 + 0.05
                     w = torch.rand(B, generator=gen, device=device)[:, None]  # sigma(t) / B per sequence
@@ -632,6 +636,51 @@ def _against_floor(row, floor_bytes, bw):
         row["kernel_GBps"] = floor_bytes / row["kernel_s"] / 1e9
         row["of_floor"] = floor_bytes / bw / row["kernel_s"]
     return row
+
+
+def far_rows(device, entries, V, tail=64):
+    """Each fused SEDD/MDLM op on one sequence of more than `entries` bf16 scores per graph (2^31 on a GPU:
+    offsets past 32 bits, which the self-check's small inputs never reach), its last `tail` positions
+    against the oracle run on those positions alone (the oracle of the whole would not fit), with the
+    self-check's tolerances -> rows {"op", "graph", "L,N", "passed", "worst (1 = tolerance)", "detail"}."""
+    import difflm_ops as kmod
+    import mdlm
+    import sedd
+    gen, rows = torch.Generator(device=device).manual_seed(0), []
+    for graph in ("absorb", "uniform"):
+        N = V + 1 if graph == "absorb" else V
+        L = entries // N + tail  # B = 1: the last `tail` positions start past `entries` scores
+        ls = torch.randn(1, L, N, generator=gen, device=device, dtype=torch.bfloat16).mul_(2)  # (1, L, N)
+        xt, x0 = score_states(graph, 1, L, N, gen)  # (1, L)
+        u = torch.rand(1, L, 2, generator=gen, device=device, dtype=torch.float64)
+        t, sb = torch.full((1,), 0.3, dtype=torch.float64, device=device), torch.full((1,), 1.3, device=device)
+        end = lambda *ts: [x[:, -tail:].contiguous() for x in ts]  # noqa: E731
+        checks = []
+        f, got = sedd.score_entropy, []
+        for fn, args in ((f.kernel, (ls, xt, x0)), (f.oracle, end(ls, xt, x0))):
+            leaf = args[0].detach().requires_grad_()
+            loss = fn(leaf, *args[1:], sb, graph)[:, -tail:]  # (1, tail)
+            got.append((loss.detach(), torch.autograd.grad(loss.sum(), leaf)[0][:, -tail:]))
+            del leaf, loss
+        checks += [("score_entropy", "loss", *kmod._gap(got[0][0], got[1][0], 1e-4, 1e-4)),
+                   ("score_entropy", "gradient", *kmod._gap(got[0][1], got[1][1], 2e-3, 2e-2))]
+        del got
+        # sum_y s_y ~ e^0.5 (absorbing), ~ N e^0.5 (uniform, rate 1/N): some positions move in a step of 0.3
+        ls.sub_(math.log(N) + 1.5 if graph == "absorb" else 1.5)
+        calls = [(sedd.euler_step, "", (graph,)), (sedd.tweedie_step, "", (graph, False)),
+                 (sedd.tweedie_step, "final", (graph, True))]
+        calls += [(mdlm.ancestral_step, "", (N - 1,))] if graph == "absorb" else []
+        with torch.no_grad():
+            for f, what, rest in calls:
+                out = f.kernel(ls, xt, t, u, *rest)[:, -tail:]  # (1, tail)
+                ref = f.oracle(*end(ls, xt), t, *end(u), *rest)
+                worst, said = kmod._tokens_gap(out, ref)
+                checks.append((f.name, what, worst, f"{int((ref != xt[:, -tail:]).sum())} of {tail} moved; {said}"))
+        for name, what, worst, detail in checks:
+            rows.append({"op": name + (f" ({what})" if what else ""), "graph": graph, "L,N": f"{L},{N}",
+                         "passed": worst <= 1, "worst (1 = tolerance)": worst, "detail": detail})
+        del ls
+    return rows
 
 
 TIMING_HEADER = ["eager ms", "compile ms", "kernel ms", "eager/kernel", "compile/kernel", "peak eager", "peak kernel"]
@@ -1233,6 +1282,17 @@ def bench_gpu(argv):
         return ("failed" if off else "ok"), (f"switched off: {', '.join(off)}" if off else
                                              f"all {len(rows)} ops agree with their oracles on {device}"), rows
 
+    def far():
+        if ops.get("ops") is None:
+            return "skipped", "no kernels", None
+        entries, V = (2**31, 50258) if cuda else (2**12, 66)
+        rows = far_rows(device, entries, V)
+        if cuda:
+            torch.cuda.empty_cache()  # its 4 GB blocks, cached, would crowd the timings' largest tensors
+        bad = sorted({f"{r['op']}, {r['graph']}" for r in rows if not r["passed"]})
+        return ("failed" if bad else "ok"), (f"wrong past {entries} scores: {'; '.join(bad)}" if bad else
+                                             f"all {len(rows)} agree on the last 64 positions past {entries} scores"), rows
+
     def kernels():
         if ops.get("ops") is None:
             return "skipped", "no kernels", None
@@ -1289,7 +1349,8 @@ def bench_gpu(argv):
             return "ok", _last_line(text, "done:") or _tail(text), None
         return "failed", _last_line(text, "error:") or _tail(text), text[-2000:]  # torchrun's footer says nothing
 
-    for name, fn in (("build", build), ("self-check", self_check), ("cuda tests", cuda_tests), ("kernels", kernels),
+    for name, fn in (("build", build), ("self-check", self_check), ("cuda tests", cuda_tests),
+                     ("past 2^31", far), ("kernels", kernels),
                      ("nearest", nearest), ("rotary", rotary), ("acceptance", acceptance),
                      ("train and sample", train), ("ddp", ddp)):
         report.part(name, fn, budgeted=name != "acceptance")  # the verdict on timings taken costs nothing

@@ -13,7 +13,8 @@ import bench
 import common
 from conftest import run_cli, write_toy_dataset
 
-PARTS = ["build", "self-check", "cuda tests", "kernels", "nearest", "rotary", "acceptance", "train and sample", "ddp"]
+PARTS = ["build", "self-check", "cuda tests", "past 2^31", "kernels", "nearest", "rotary", "acceptance", "train and sample",
+         "ddp"]
 
 
 def test_help_lists_every_benchmark_and_a_wrong_name_is_one_line():
@@ -47,7 +48,7 @@ def test_gpu_command_dry_run_on_cpu(tmp_path):
     assert status["cuda tests"] == "skipped" and status["ddp"] == "skipped"  # no CUDA device, no second GPU
     kernels_on = os.environ.get("DIFFLM_KERNELS") != "0"
     assert status["build"] == ("ok" if kernels_on else "skipped")
-    for part in ("self-check", "kernels", "nearest", "rotary", "acceptance"):
+    for part in ("self-check", "past 2^31", "kernels", "nearest", "rotary", "acceptance"):
         assert status[part] == ("ok" if kernels_on else "skipped"), doc["parts"]
     if kernels_on:  # every marked op checked against its oracle, and passed
         checks = doc["parts"][PARTS.index("self-check")]["figures"]
@@ -65,6 +66,30 @@ def test_gpu_command_dry_run_on_cpu(tmp_path):
     assert [r["method"] for r in runs] == ["ddpm", "mdlm"] and status["train and sample"] == "ok"
     assert all(r["train"] == "ok" and r["sample"] == "ok" and r["last eval"].startswith("eval") for r in runs), runs
     assert os.path.isfile(out / "runs" / "mdlm" / "ckpt.pt")
+
+
+def test_the_far_check_compares_the_last_positions_and_catches_an_op_wrong_there():
+    """bench.py gpu's "past 2^31" part, at 2^12 scores: each op's last 64 positions agree with the oracle run on
+    them alone, the steps move some of them, and a stand-in wrong only at the last position fails there."""
+    import difflm_ops
+    assert difflm_ops.load() is not None, "the difflm kernels did not build"
+    rows = bench.far_rows(torch.device("cpu"), 2**12, 66)
+    assert len(rows) == 11 and all(r["passed"] for r in rows), rows  # 6 absorbing (mdlm's step too), 5 uniform
+    assert {r["L,N"] for r in rows} == {f"{2**12 // 67 + 64},67", f"{2**12 // 66 + 64},66"}
+    assert all(not r["detail"].startswith("0 of") for r in rows if "step" in r["op"]), rows
+    real = difflm_ops.FUSED["sedd_tweedie_step"].spec.call
+
+    def wrong_at_the_end(ls, *a):
+        out = real(ls, *a).clone()
+        out[:, -1] = (out[:, -1] + 1) % ls.shape[-1]
+        return out
+
+    with difflm_ops.replace("sedd_tweedie_step", wrong_at_the_end):
+        rows = bench.far_rows(torch.device("cpu"), 2**12, 66)
+    failed = [(r["op"], r["graph"]) for r in rows if not r["passed"]]
+    assert failed == [("sedd_tweedie_step", "absorb"), ("sedd_tweedie_step (final)", "absorb"),
+                      ("sedd_tweedie_step", "uniform"), ("sedd_tweedie_step (final)", "uniform")], rows
+    assert all("1 of 64 tokens differ" in r["detail"] for r in rows if not r["passed"])
 
 
 def test_acceptance_judged_against_the_bars():
