@@ -516,7 +516,7 @@ __global__ void __launch_bounds__(NE_THREADS) ne_search_kernel(const float* __re
                                                                const float* __restrict__ table,
                                                                const float* __restrict__ bias, int64_t V,
                                                                int64_t* __restrict__ out) {
-  __shared__ float xs[NE_BK][NE_BM];
+  __shared__ float xs[NE_BK][NE_BM + 1];  // +1 column: a warp's stores (k fastest) conflict 2-way, not 16-way
   __shared__ float es[NE_BK][NE_BN + 1];
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
   const int64_t m0 = (int64_t)blockIdx.x * NE_BM;
