@@ -67,3 +67,20 @@ def test_cuda_screened_matches_the_cpu(k, metric):
     check_optimal(got, x, E, metric, k.nearest_embedding(x, E, metric), seed)
     check_optimal(got, x, E, metric, k.nearest_embedding_screened(x, E, metric, 300000), seed)
     assert got[1] == 11, f"seed {seed}"
+
+
+@pytest.mark.parametrize("metric", ("cos", "l2"))
+def test_cuda_screened_with_few_queries_per_gemm(k, metric):
+    """Chunks of 8 queries against GPT-2's vocabulary at d = 1024: a GEMM with few rows and a long sum, the
+    shape for which cuBLAS may split the sum over d; with bf16 reduction off, as the dispatch runs it, the
+    bound holds and the ids are an fp32 search's."""
+    gen, seed = fresh_gen()
+    x = torch.randn(64, 1024, generator=gen)
+    E = torch.randn(50258, 1024, generator=gen) * torch.rand(50258, 1, generator=gen) * 3
+    matmul = torch.backends.cuda.matmul
+    allowed, matmul.allow_bf16_reduced_precision_reduction = matmul.allow_bf16_reduced_precision_reduction, False
+    try:
+        got = k.nearest_embedding_screened(x.cuda(), E.cuda(), metric, 8 * 50258).cpu()
+    finally:
+        matmul.allow_bf16_reduced_precision_reduction = allowed
+    check_optimal(got, x, E, metric, k.nearest_embedding(x, E, metric), seed)
