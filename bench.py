@@ -662,8 +662,8 @@ def far_rows(device, entries, V, tail=64):
             loss = fn(leaf, *args[1:], sb, graph)[:, -tail:]  # (1, tail)
             got.append((loss.detach(), torch.autograd.grad(loss.sum(), leaf)[0][:, -tail:]))
             del leaf, loss
-        checks += [("score_entropy", "loss", *kmod._gap(got[0][0], got[1][0], 1e-4, 1e-4)),
-                   ("score_entropy", "gradient", *kmod._gap(got[0][1], got[1][1], 2e-3, 2e-2))]
+        checks += [("score_entropy", "loss", *kmod._gap(got[0][0], got[1][0], *kmod.LOSS_TOL)),
+                   ("score_entropy", "gradient", *kmod._gap(got[0][1], got[1][1], *kmod.GRAD_TOL[torch.bfloat16]))]
         del got
         # sum_y s_y ~ e^0.5 (absorbing), ~ N e^0.5 (uniform, rate 1/N): some positions move in a step of 0.3
         ls.sub_(math.log(N) + 1.5 if graph == "absorb" else 1.5)
