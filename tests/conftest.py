@@ -10,6 +10,9 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+# the suite tests the kernels and the PyTorch path, each test setting DIFFLM_KERNELS where it tests the switch:
+# one left in the shell (0, trust) would fail every kernel test with "did not build", or skip the checks
+os.environ.pop("DIFFLM_KERNELS", None)
 
 
 def shared_data():

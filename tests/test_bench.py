@@ -46,26 +46,31 @@ def test_gpu_command_dry_run_on_cpu(tmp_path):
     for p in doc["parts"]:
         assert f"| {p['name']} | {p['status']} |" in md and f"== {p['name']}: {p['status']} in" in r.stdout
     assert status["cuda tests"] == "skipped" and status["ddp"] == "skipped"  # no CUDA device, no second GPU
-    kernels_on = os.environ.get("DIFFLM_KERNELS") != "0"
-    assert status["build"] == ("ok" if kernels_on else "skipped")
-    for part in ("self-check", "past 2^31", "kernels", "nearest", "rotary", "acceptance"):
-        assert status[part] == ("ok" if kernels_on else "skipped"), doc["parts"]
-    if kernels_on:  # every marked op checked against its oracle, and passed
-        checks = doc["parts"][PARTS.index("self-check")]["figures"]
-        assert {r["op"] for r in checks} == {"score_entropy", "sedd_euler_step", "sedd_tweedie_step",
-                                             "mdlm_ancestral_step", "nearest_embedding", "rotary"}
-        assert all(r["passed"] and r["worst (1 = tolerance)"] <= 1 for r in checks), checks
-    if kernels_on:
-        rows = doc["parts"][PARTS.index("kernels")]["figures"]
-        assert {r["op"] for r in rows} == {"score_entropy fwd+bwd", "euler step", "tweedie step", "mdlm ancestral step"}
-        assert all(r["kernel_s"] > 0 and r["eager_s"] > 0 for r in rows) and "## kernels" in md
-        checks = doc["parts"][PARTS.index("acceptance")]["figures"]
-        assert len(checks) == len(rows) + 2 and "dry run" in doc["parts"][PARTS.index("acceptance")]["summary"]
-        assert all(c["met"] == "not judged" for c in checks), checks  # toy sizes: the clamp said "no"
+    for part in ("build", "self-check", "past 2^31", "kernels", "nearest", "rotary", "acceptance"):
+        assert status[part] == "ok", doc["parts"]
+    checks = doc["parts"][PARTS.index("self-check")]["figures"]  # every marked op checked against its oracle
+    assert {r["op"] for r in checks} == {"score_entropy", "sedd_euler_step", "sedd_tweedie_step",
+                                         "mdlm_ancestral_step", "nearest_embedding", "rotary"}
+    assert all(r["passed"] and r["worst (1 = tolerance)"] <= 1 for r in checks), checks
+    rows = doc["parts"][PARTS.index("kernels")]["figures"]
+    assert {r["op"] for r in rows} == {"score_entropy fwd+bwd", "euler step", "tweedie step", "mdlm ancestral step"}
+    assert all(r["kernel_s"] > 0 and r["eager_s"] > 0 for r in rows) and "## kernels" in md
+    checks = doc["parts"][PARTS.index("acceptance")]["figures"]
+    assert len(checks) == len(rows) + 2 and "dry run" in doc["parts"][PARTS.index("acceptance")]["summary"]
+    assert all(c["met"] == "not judged" for c in checks), checks  # toy sizes: the clamp said "no"
     runs = doc["parts"][PARTS.index("train and sample")]["figures"]
     assert [r["method"] for r in runs] == ["ddpm", "mdlm"] and status["train and sample"] == "ok"
     assert all(r["train"] == "ok" and r["sample"] == "ok" and r["last eval"].startswith("eval") for r in runs), runs
     assert os.path.isfile(out / "runs" / "mdlm" / "ckpt.pt")
+
+
+def test_gpu_command_with_the_kernels_off(tmp_path):
+    """DIFFLM_KERNELS=0: the build part says so, and every part that needs the kernels is skipped, not failed."""
+    run_cli(["bench.py", "gpu", f"--out={tmp_path}", "--methods="], env={"DIFFLM_KERNELS": "0"})
+    parts = {p["name"]: p for p in json.load(open(tmp_path / "report.json"))["parts"]}
+    assert parts["build"]["status"] == "skipped" and parts["build"]["summary"] == "DIFFLM_KERNELS=0", parts["build"]
+    for name in ("self-check", "past 2^31", "kernels", "nearest", "rotary"):
+        assert parts[name]["status"] == "skipped" and parts[name]["summary"] == "no kernels", parts[name]
 
 
 def test_the_far_check_compares_the_last_positions_and_catches_an_op_wrong_there():
