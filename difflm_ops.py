@@ -398,22 +398,28 @@ def _rotary_takes(a):
                     for t in (cos, sin)))
 
 
-def _nearest_embedding(x, E, metric, screened=False):
-    """screened: the GPU's search for large tables, called on any input (the first-use check runs it).
-
-    The screen's error bound allows its bf16 GEMM one rounding to bf16, of the result; torch lets cuBLAS also
-    add split-K partial sums in bf16, any number of times, unless its process-wide flag says no: off for the call."""
-    op = torch.ops.difflm.nearest_embedding_screened if screened else torch.ops.difflm.nearest_embedding
-    shape, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])  # (..., d) -> (N, d)
+@contextlib.contextmanager
+def no_bf16_reduced_sums():
+    """Inside: cuBLAS adds a bf16 GEMM's split-K partial sums in fp32. The clamp's screen bound allows one
+    rounding to bf16, of the result; torch lets cuBLAS round each partial sum too, unless its process-wide
+    flag says no. A flag already off is left as it is (with newer torch's split-K setting)."""
     matmul = torch.backends.cuda.matmul
-    allowed = matmul.allow_bf16_reduced_precision_reduction  # True, or False with a split-K setting kept as it is
+    allowed = matmul.allow_bf16_reduced_precision_reduction
     if allowed:
         matmul.allow_bf16_reduced_precision_reduction = False
     try:
-        return op(x2.float().contiguous(), E.float().contiguous(), metric).view(shape)
+        yield
     finally:
         if allowed:
             matmul.allow_bf16_reduced_precision_reduction = True
+
+
+def _nearest_embedding(x, E, metric, screened=False):
+    """screened: the GPU's search for large tables, called on any input (the first-use check runs it)."""
+    op = torch.ops.difflm.nearest_embedding_screened if screened else torch.ops.difflm.nearest_embedding
+    shape, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])  # (..., d) -> (N, d)
+    with no_bf16_reduced_sums():
+        return op(x2.float().contiguous(), E.float().contiguous(), metric).view(shape)
 
 
 # -- small random inputs for the first-use checks (a private generator: the global RNG is untouched)

@@ -77,10 +77,6 @@ def test_cuda_screened_with_few_queries_per_gemm(k, metric):
     gen, seed = fresh_gen()
     x = torch.randn(64, 1024, generator=gen)
     E = torch.randn(50258, 1024, generator=gen) * torch.rand(50258, 1, generator=gen) * 3
-    matmul = torch.backends.cuda.matmul
-    allowed, matmul.allow_bf16_reduced_precision_reduction = matmul.allow_bf16_reduced_precision_reduction, False
-    try:
+    with difflm_ops.no_bf16_reduced_sums():
         got = k.nearest_embedding_screened(x.cuda(), E.cuda(), metric, 8 * 50258).cpu()
-    finally:
-        matmul.allow_bf16_reduced_precision_reduction = allowed
     check_optimal(got, x, E, metric, k.nearest_embedding(x, E, metric), seed)
