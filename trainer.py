@@ -345,13 +345,15 @@ def _train_loop(cfg, method, model, loss_fn, evaluate, meta, batches, device, ra
         if cfg.ema > 0:
             ema_update(ema_model, model, cfg.ema, it)
         tok_since += tokens_per_iter
+        if it == start:
+            t_first = time.time()  # the ETA leaves out the first iteration's one-off costs (a kernel build, warm-up)
 
         last = it == cfg.max_iters - 1
         if master and (it % cfg.log_interval == 0 or last):
             now = time.time()
             tps = tok_since / max(now - t_last, 1e-9)
-            eta = (now - t0) / (it - start + 1) * (cfg.max_iters - it - 1)
-            print(f"iter {it:5d}/{cfg.max_iters} | loss {loss_val:.4f} | lr {lr:.2e} | {tps / 1e3:.1f}k {unit}/s | eta {fmt_time(eta)}", flush=True)
+            eta = fmt_time((now - t_first) / (it - start) * (cfg.max_iters - it - 1)) if it > start else "-"
+            print(f"iter {it:5d}/{cfg.max_iters} | loss {loss_val:.4f} | lr {lr:.2e} | {tps / 1e3:.1f}k {unit}/s | eta {eta}", flush=True)
             log({"iter": it, "loss": loss_val, "lr": lr, f"{unit}_per_s": tps, "time": spent + now - t0})
             t_last, tok_since = now, 0
         if (it + 1) % cfg.eval_interval == 0 or last:

@@ -107,6 +107,24 @@ def test_resume_logs_each_iteration_once(run6, tmp_path):
     assert times == sorted(times) and times[-1] > common.load_checkpoint(os.path.join(src, "ckpt.pt"), "mdlm")["time"]
 
 
+def test_the_eta_leaves_out_the_first_iterations_one_off_costs(tmp_path, char_data, monkeypatch, capsys):
+    """A first iteration slowed by a one-off cost (the kernel build on a first run) must not inflate
+    every later ETA: the first line has none, the next ones count from the end of the first iteration."""
+    calls = []
+
+    def slow_first(*args):
+        if not calls:
+            time.sleep(2.5)
+        calls.append(1)
+        return loss_fn(*args)
+
+    loss_fn = M.loss_fn
+    monkeypatch.setattr(M, "loss_fn", slow_first)
+    M.main(mdlm(tmp_path, char_data, "--max_iters=4", "--eval_interval=100")[1:])
+    eta = [line.rsplit("| eta ", 1)[1] for line in capsys.readouterr().out.splitlines() if line.startswith("iter ")]
+    assert eta == ["-", "0m00s", "0m00s", "0m00s"], eta
+
+
 def test_a_published_models_eval_record_survives_a_new_run(tmp_path):
     """`--eval --init_from` logs {"iter": null}; a later run into the folder truncates around it."""
     path = str(tmp_path / "log.jsonl")
