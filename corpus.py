@@ -197,6 +197,9 @@ def write_split(out_dir, train_ids, val_ids, meta, test_ids=None):
         with open(os.path.join(out_dir, "meta.json" + tmp), "w") as f:
             json.dump(meta, f)
         mark_unprepared(out_dir)
+        if "test.bin" not in arrays:  # an earlier prepare's test split (another text, maybe another tokenizer)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(out_dir, "test.bin"))
         for name in list(arrays) + ["meta.json"]:
             os.replace(os.path.join(out_dir, name + tmp), os.path.join(out_dir, name))
     return meta
@@ -425,9 +428,10 @@ class Batches:
         here = check_tokenizer(self.path, meta)
         self.dtype = np.dtype(here["dtype"])
         self.gen = torch.Generator().manual_seed(seed)
+        self.splits = [name[:-4] for name in here["files"]]  # what this prepare wrote, not any .bin lying there
         for split in ("train", "val"):
             n = here[f"{split}_tokens"]
-            if n <= self.block:
+            if n < self.block:
                 die(f"the {split} split has {n} tokens, fewer than block_size={self.block}; lower --block_size")
 
     def data(self, split):
@@ -436,13 +440,13 @@ class Batches:
 
     def get(self, split, batch_size, gen=None):
         data = self.data(split)
-        ix = torch.randint(len(data) - self.block, (batch_size,), generator=gen or self.gen)
+        ix = torch.randint(len(data) - self.block + 1, (batch_size,), generator=gen or self.gen)  # the last window too
         x = np.stack([data[i:i + self.block].astype(np.int64) for i in ix.tolist()])
         return torch.from_numpy(x)  # (B, L)
 
     def sequential(self, split, batch_size):
         """Every non-overlapping window of the split once, in order (for --eval)."""
-        if not os.path.isfile(os.path.join(self.path, f"{split}.bin")):
+        if split not in self.splits or not os.path.isfile(os.path.join(self.path, f"{split}.bin")):
             die(f"{self.path} has no {split} split ({split}.bin); " + ("use --eval_split=val" if split != "val" else
                 f"re-prepare: {reprepare_command(self.cfg)}"))
         data = self.data(split)
@@ -613,6 +617,8 @@ def read_eval_file(path, name):
     if ext == ".jsonl":
         rows = []
         for n, line in enumerate(io.StringIO(text, newline=None), 1):
+            if not line.strip():  # a blank line (an editor's last newline) is no row, as in load_jsonl
+                continue
             try:
                 rows.append(json.loads(line)[field])
             except (ValueError, TypeError, KeyError):

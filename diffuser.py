@@ -305,9 +305,9 @@ class EditBatches:
                 self.examples[split] = exs
                 continue
             data = np.memmap(os.path.join(path, f"{split}.bin"), dtype=np.dtype(meta["dtype"]), mode="r")
-            if len(data) <= cfg.seq_len or cfg.seq_len > cfg.max_len or cfg.max_len + 2 > cfg.block_size:
+            if len(data) < cfg.seq_len or cfg.seq_len > cfg.max_len or cfg.max_len + 2 > cfg.block_size:
                 common.die(f"need --seq_len ({cfg.seq_len}) <= --max_len ({cfg.max_len}) <= --block_size - 2 "
-                           f"({cfg.block_size - 2}) and a {split} split longer than --seq_len ({len(data)} words)")
+                           f"({cfg.block_size - 2}) and a {split} split of at least --seq_len words ({len(data)})")
             self.streams[split] = np.asarray(data, dtype=np.int64)
         train = (np.array([w for _, x in self.examples["train"] for w in x], dtype=np.int64) if self.seq2seq
                  else self.streams["train"])
@@ -321,7 +321,7 @@ class EditBatches:
             src, x = ex[int(rng.integers(len(ex)))]
             return list(src), list(x)
         s = self.streams[split]
-        i = int(rng.integers(len(s) - self.cfg.seq_len))
+        i = int(rng.integers(len(s) - self.cfg.seq_len + 1))  # the last window too
         return None, s[i:i + self.cfg.seq_len].tolist()
 
     def get(self, split, batch_size, gen=None):

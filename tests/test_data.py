@@ -358,6 +358,32 @@ def test_sequential_windows_cover_the_split(tmp_path):
     assert windows.flatten().tolist() == val.tolist()
 
 
+def test_random_windows_reach_the_last_token_and_a_split_of_one_block_is_enough(tmp_path):
+    """A window is block_size tokens (no shifted target), so its start runs to len - block_size inclusive:
+    the last token of a split was never drawn, and a split of exactly block_size tokens was refused."""
+    ids = np.arange(20) % 10  # train 18 tokens, val 2
+    meta = corpus.write_split(str(tmp_path), ids[:18], ids[18:], {"tokenizer": "char", "chars": list("abcdefghij"),
+                                                                   "vocab_size": 10})
+    batches = corpus.Batches(cfg_for(tmp_path, block_size=2), meta, 0)
+    starts = {int(x[0]) for x in batches.get("train", 400)}
+    assert starts == set(range(10)) and {int(x[0]) for x in batches.get("val", 50)} == {8}  # val: its one window
+    fails(lambda: corpus.Batches(cfg_for(tmp_path, block_size=3), meta, 0), "the val split has 2 tokens, fewer than block_size=3")
+
+
+def test_a_test_split_of_an_earlier_prepare_is_not_read(tmp_path):
+    """A folder prepared again without a test split kept the old test.bin, and --eval_split=test scored it
+    (another text, maybe another tokenizer's ids)."""
+    ids = np.random.default_rng(0).integers(0, 10, 300)
+    chars = {"tokenizer": "char", "chars": list("abcdefghij"), "vocab_size": 10}
+    corpus.write_split(str(tmp_path), ids[:200], ids[200:250], chars, test_ids=ids[250:])
+    assert os.path.isfile(tmp_path / "test.bin")
+    meta = corpus.write_split(str(tmp_path), ids[:200], ids[200:], chars)
+    assert not os.path.exists(tmp_path / "test.bin") and corpus.prepare_data(cfg_for(tmp_path)) == meta
+    np.arange(60, dtype=meta["dtype"]).tofile(tmp_path / "test.bin")  # a stray file of that name: still not a split
+    batches = corpus.Batches(cfg_for(tmp_path, block_size=8), meta, 0)
+    fails(lambda: next(batches.sequential("test", 4)), "has no test split (test.bin); use --eval_split=val")
+
+
 def test_slices_are_bounded(tmp_path):
     meta = toy(tmp_path, n=100_000)
     b = corpus.Batches(cfg_for(tmp_path, block_size=8), meta, 0)

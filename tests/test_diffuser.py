@@ -1,4 +1,5 @@
 """DiffusER: the edit machinery (property tests), decoding (greedy / beam / 2D beam), learning, CLI."""
+import dataclasses
 import itertools
 import json
 import math
@@ -600,3 +601,18 @@ def test_autoregressive_bootstrap_bad_inputs(word_models):
     fails(["--sample", "--bootstrap=autoregressive", f"--ar_ckpt={word_models['ar']}", "--seq_len=40"],
           "more than --max_len=16")
     fails(["--train", "--bootstrap=autoregressive", "--max_iters=1"], "is a decoding option")
+
+
+def test_windows_of_unconditional_text_reach_its_last_word(tmp_path):
+    """Random windows of seq_len words start anywhere up to len - seq_len inclusive; a split of exactly
+    seq_len words is one window (it was refused, and the last word of every split was never drawn)."""
+    words = list(SPECIALS) + LETTERS
+    meta = corpus.write_split(str(tmp_path), [4 + i for i in range(10)], [4, 5, 6], {"tokenizer": "word", "words": words,
+                                                                                     "vocab_size": len(words)})
+    cfg = D.Config(data_dir=str(tmp_path), seq_len=3, bootstrap="null")
+    batches = D.EditBatches(cfg, meta, 0)
+    rng = np.random.default_rng(0)
+    assert {batches.draw_x0("train", rng)[1][0] for _ in range(300)} == set(range(4, 12))  # starts 0..7 of 10 words
+    assert batches.draw_x0("val", rng)[1] == [4, 5, 6]
+    with pytest.raises(SystemExit, match="a val split of at least --seq_len words"):
+        D.EditBatches(dataclasses.replace(cfg, seq_len=4), meta, 0)

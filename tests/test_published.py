@@ -8,6 +8,7 @@ equations restated below, written from the architecture, not from difflm's modul
 import json
 import math
 import os
+import re
 import sys
 
 import numpy as np
@@ -262,6 +263,13 @@ def test_hub_id_without_network_or_copy_says_how_to_provide_one():
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     assert "louaaron/sedd-small" in lines[0] and "--init_from=DIR" in lines[0]
+
+
+@pytest.mark.parametrize("path", ["./my_ckpt", "../runs/sedd", "./a.b"])
+def test_a_relative_path_that_does_not_exist_is_not_looked_up_on_the_hub(path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=f"--init_from={re.escape(path)} is neither a directory nor a hub id"):
+        hub.locate(path)
 
 
 def test_weights_that_cannot_be_used_are_one_line(tmp_path):

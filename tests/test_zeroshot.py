@@ -70,8 +70,8 @@ def test_each_local_format_gives_the_rows(tmp_path):
     assert corpus.read_eval_file(str(tmp_path / "w.txt"), "wikitext2") == rows  # blank lines empty, newlines kept
     (tmp_path / "p.raw").write_text(" a b \n c d\n")
     assert corpus.read_eval_file(str(tmp_path / "p.raw"), "ptb") == ["a b", "c d"]
-    (tmp_path / "l.jsonl").write_text("".join(json.dumps({"text": r, "id": i}) + "\n" for i, r in enumerate(rows)))
-    assert corpus.read_eval_file(str(tmp_path / "l.jsonl"), "lambada") == rows
+    (tmp_path / "l.jsonl").write_text("".join(json.dumps({"text": r, "id": i}) + "\n" for i, r in enumerate(rows)) + "\n")
+    assert corpus.read_eval_file(str(tmp_path / "l.jsonl"), "lambada") == rows  # a blank last line is no row
     pq.write_table(pa.table({"article": rows, "abstract": ["x"] * 3}), tmp_path / "a.parquet")
     assert corpus.read_eval_file(str(tmp_path / "a.parquet"), "arxiv") == rows
 
