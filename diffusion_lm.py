@@ -402,12 +402,12 @@ def load_classifier(cfg, model, lm):
 def guided(x, mean, var, t_prev, objective, cfg):
     """A few Adagrad steps on x_{t-1} (paper sec. 5.2): lambda |x - mu|^2 / (2 sigma^2) - log p(c | x_{t-1}).
 
-    A fresh optimiser per denoising step, as the reference; objective(x, t) -> (B,) to minimise.
+    A fresh optimiser per step, as the reference (a sign step of guide_lr); objective(x, t) -> (B,) to minimise.
     """
-    x = x.detach().requires_grad_(True)
-    opt = torch.optim.Adagrad([x], lr=cfg.guide_lr)
+    x = x.detach().clone().requires_grad_(True)
     t = torch.full((x.shape[0],), int(t_prev), device=x.device)
     for _ in range(cfg.guide_steps):
+        opt = torch.optim.Adagrad([x], lr=cfg.guide_lr)
         with torch.enable_grad():
             loss = cfg.guide_lambda * (x - mean).pow(2).sum() / (2 * var) + objective(x, t).sum()
             opt.zero_grad(set_to_none=True)

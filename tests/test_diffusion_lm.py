@@ -288,6 +288,17 @@ def test_guidance_raises_the_target_rate(toy_model):
     assert g > max(0.6, 2.5 * u), f"guided {g:.2f} vs unguided {u:.2f}"
 
 
+def test_each_guidance_step_is_a_fresh_adagrad_step():
+    """The reference builds its Adagrad inside the loop over the K steps, so each moves every coordinate
+    by lr against its gradient's sign: K steps move x by K lr. One optimiser kept for the K steps shrinks
+    the later ones (lr (1 + 1/sqrt 2 + 1/sqrt 3) for K = 3). The caller's x is left as it was."""
+    cfg = D.Config(guide_lr=0.1, guide_steps=3, guide_lambda=0.0)
+    x = torch.zeros(2, 3, 4)
+    scale = torch.linspace(0.5, 40.0, 24).view(2, 3, 4)  # any steady gradient, any size
+    out = D.guided(x, x.clone(), 1.0, 5, lambda z, t: -(scale * z).sum((1, 2)), cfg)
+    assert torch.allclose(out, torch.full_like(x, 0.3), atol=1e-6) and torch.equal(x, torch.zeros_like(x))
+
+
 def test_bleu_by_hand():
     a = "the cat sat on".split()
     assert D.bleu(a, a) == pytest.approx(1.0)
