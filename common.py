@@ -101,12 +101,13 @@ class PromptConfig:
 
 VERBS = ("train", "sample", "eval")
 TRUE, FALSE = ("1", "true", "yes", "on", ""), ("0", "false", "no", "off")  # what a bool --key takes
-# key -> the verbs that read it: one of "a|b c", each "b c" all of (--train keeps a key of --eval's for it);
-# a Config's own READ_BY adds keys of its method, each read by --train too (a saved run keeps them)
+# key -> the verbs that read it ("a|b c": a, or b with c; --train keeps --eval's keys); a Config's READ_BY adds its own
 READ_BY = {"gen": "eval", "samples_in": "eval gen", "eval_data": "eval", "eval_file": "eval", "timesteps": "sample|eval",
            "stride": "sample|eval", "classifier_iters": "train_classifier|train", "classifier_layers": "train_classifier|train",
            **dict.fromkeys("judge eval_t_samples eval_points eval_mrs eval_batches control_targets control_samples".split(), "eval|train"),
-           **dict.fromkeys("samples_out prefix suffix infill placeholder control length source show png".split(), "sample")}
+           **dict.fromkeys("samples_out prefix suffix infill placeholder control length source show png".split(), "sample"),
+           **dict.fromkeys("max_iters weight_decay beta1 beta2 grad_clip grad_accum eval_interval resume overwrite".split(), "train"),
+           **dict.fromkeys("lr min_lr warmup_iters lr_decay_iters log_interval".split(), "train|train_classifier")}
 # what one command asks (its folder and output files, its device, a spent init_from, its conditioning): a checkpoint's config keeps none
 PER_COMMAND = {"out_dir", "init_from", "resume", "overwrite", "device", *(k for k, v in READ_BY.items() if "train" not in v)}
 TIED = {"dataset": (None, ("data_dir",))}  # key -> (the value its saved companions serve, None: any; the companions)
@@ -158,7 +159,7 @@ def parse_args(config_cls, argv=None, known=VERBS):
     if "train" not in verbs and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank would do it all again
         die(f"only --train runs under torchrun; run {' '.join('--' + v for v in verbs)} with python")
     for key, needs in {**READ_BY, **getattr(config_cls, "READ_BY", {})}.items():
-        alts = [alt.split() for alt in needs.split("|")]
+        alts = [alt.split() for alt in needs.split("|") if alt.split()[0] in known]  # this method's verbs
         if overrides.get(key) and not any(all(n in verbs or overrides.get(n) for n in alt) for alt in alts):
             want = " or ".join(" ".join("--" + n for n in alt) for alt in alts)
             die(f"--{key} is read by {want} only; add {want if len(alts) == 1 else 'one'} or drop it")
@@ -631,8 +632,7 @@ def load_judge(path, meta=None, device=None):
 def judge_nll(judge, samples, batch_size=32):
     """Mean -log p_judge per token (nats) of samples (N, T). Each block_size chunk of a sample is
     scored from [BOS], as the judge scores its validation windows."""
-    V, L = judge["head"].out_features, judge["backbone"].block_size
-    device = judge["head"].weight.device
+    V, L, device = judge["head"].out_features, judge["backbone"].block_size, judge["head"].weight.device
     total, count = 0.0, 0
     for s in range(0, samples.shape[1], L):
         chunk = samples[:, s:s + L].long()
@@ -691,7 +691,7 @@ def generative_eval(judge_path, sample_fn, num_samples, meta, tok, what="", samp
         sec, device = (time.time() - t0) / num_samples, samples.device
     nll, ids = judge_texts(judge_path, texts, tok, meta, device) if samples is None else judge_samples(judge_path, samples, meta, tok, device)
     n = len(texts) if samples is None else num_samples
-    stats = {"gen_nll": nll, "gen_ppl": math.exp(nll), "gen_entropy": unigram_entropy(torch.cat(ids)), "gen_judge": judge_path,
+    stats = {"gen_nll": nll, "gen_ppl": math.exp(nll) if nll < 709 else math.inf, "gen_entropy": unigram_entropy(torch.cat(ids)), "gen_judge": judge_path,
              **({"sec_per_sample": sec} if sec is not None else {"gen_samples_in": samples_in})}
     print(f"gen: NLL {nll:.4f} nats/token under the judge {judge_path} (perplexity {stats['gen_ppl']:.3f}) | "
           f"unigram entropy {stats['gen_entropy']:.4f} nats{'' if sec is None else f' | {sec:.3f} s/sample'} "

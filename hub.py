@@ -58,8 +58,8 @@ def locate(init_from):
     how = (f"download {CONFIG} and {WEIGHTS[0]} (or {WEIGHTS[1]}) from https://huggingface.co/{init_from} "
            f"into a directory and pass --init_from=DIR")
     if init_from.endswith(".pt"):  # a difflm checkpoint: --init_from takes the papers' published weights
-        die(f"--init_from takes the papers' published weights; to go on training {init_from}, pass its folder as "
-            f"--out_dir with --resume (another --dataset of the same tokenizer fine-tunes it)")
+        die(f"--init_from takes the papers' published weights; to go on training {init_from}, pass its folder as --out_dir "
+            "with --resume")
     if init_from.startswith(".") or not re.fullmatch(r"[\w.-]+/[\w.-]+", init_from):  # ./dir, ../dir: paths, not ids
         die(f"--init_from={init_from} is neither a directory nor a hub id (owner/name); {how}")
     try:

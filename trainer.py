@@ -30,7 +30,7 @@ from common import (RESUMED, TextConfig, autocast, config_from_checkpoint, die, 
                     out_dir, save_checkpoint, seed_all, write_file)
 import difflm_ops
 import hub
-from corpus import TOKENIZER_KEYS, Batches, get_tokenizer, prepare_data, tokenizer_name
+from corpus import TOKENIZER_KEYS, Batches, data_path, get_tokenizer, prepare_data, tokenizer_name
 
 
 def print_config(cfg):
@@ -176,6 +176,10 @@ def resume_from(path, method, cfg, meta, model, ema_model, opt, batches, rank, d
             die(f"{path} was trained on {was}, this run's data is {now}{other.get(k, '')}; "
                 f"resume with the checkpoint's --dataset ({ckpt['config'].get('dataset')})")
     saved = ckpt["config"]
+    text = [m.get("files", {}).get("train.bin", {}).get("sha256") for m in (ckpt["meta"], meta)]  # token data
+    if None not in text and text[0] != text[1]:  # the same tokenizer, other text: another corpus or prepare
+        die(f"{path} was trained on other text than {data_path(cfg)} holds (its train.bin differs); resume with the "
+            f"run's own data ({'--data_dir=' + saved['data_dir'] if saved.get('data_dir') else 'no --data_dir'})")
     fit_state(model, ckpt["model"], path, saved, cfg)
     # a run that kept no EMA (--ema=0) saved its initial weights there: an EMA turned on now starts from the model
     fit_state(ema_model, ckpt["ema"] if saved.get("ema", 0) > 0 else ckpt["model"], path, saved, cfg, "model's EMA")
@@ -314,6 +318,12 @@ def _train_loop(cfg, method, model, loss_fn, evaluate, meta, batches, device, ra
         return stats
 
     last_good = start - 1 if start > 0 else None
+
+    def diverged(what):
+        where = f"the last good checkpoint {ckpt_path} (iteration {last_good}) is kept" if last_good is not None \
+            else "this run wrote no checkpoint"
+        die(f"{what}; {where}; lower --lr or raise --warmup_iters")
+
     t0 = time.time()
     t_last, tok_since = t0, 0
     it = start
@@ -335,9 +345,7 @@ def _train_loop(cfg, method, model, loss_fn, evaluate, meta, batches, device, ra
             loss_sum /= world
         loss_val = float(loss_sum)
         if not math.isfinite(loss_val):
-            where = f"the last good checkpoint {ckpt_path} (iteration {last_good}) is kept" if last_good is not None \
-                else "this run wrote no checkpoint"
-            die(f"loss became {loss_val} at iteration {it}; {where}; lower --lr or raise --warmup_iters")
+            diverged(f"loss became {loss_val} at iteration {it}")
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
@@ -361,6 +369,9 @@ def _train_loop(cfg, method, model, loss_fn, evaluate, meta, batches, device, ra
             if master:
                 print(f"eval  {it:5d} | " + " | ".join(f"{k} {v:.4f}" for k, v in val.items()), flush=True)
                 log({"iter": it, "eval": val, "time": spent + time.time() - t0})
+            bad = [k for k, v in val.items() if not math.isfinite(v)]
+            if bad:  # diverged weights are not saved over the last good ones
+                diverged(f"{bad[0]} became {val[bad[0]]} in the eval at iteration {it}")
             checkpoint(it, val)
             last_good = it
             t_last, tok_since = time.time(), 0

@@ -95,7 +95,8 @@ def test_bad_value_stops_at_the_boundary(method, arg, message, verb, tmp_path):
     # no checkpoint and no data here: a refusal that came later would name those instead
     msg = refused(method, [verb, arg, f"--out_dir={tmp_path / 'run'}", f"--data_dir={tmp_path / 'data'}"]
                   if method != "ddpm" else [verb, arg, f"--out_dir={tmp_path / 'run'}"])
-    assert message in msg or (verb == "--train" and arg.startswith("--png") and "--png is read by --sample only" in msg), msg
+    key, other = arg[2:].split("=")[0], "--sample" if verb == "--train" else "--train"
+    assert message in msg or f"--{key} is read by {other}" in msg, msg  # --png with --train, --lr with --sample: refused sooner
     assert not list(tmp_path.iterdir())
 
 
@@ -120,10 +121,15 @@ def test_bad_value_stops_at_the_boundary(method, arg, message, verb, tmp_path):
     (["--sample", "--control_targets=food=Italian"], "--control_targets is read by --eval or --train only"),
     (["--sample", "--judge=a.pt"], "--judge is read by --eval or --train only"),
     (["--sample", "--eval_mrs=5"], "--eval_mrs is read by --eval or --train only"),  # (diffuser)
-    (["--eval", "--classifier_iters=5"], "--classifier_iters is read by --train_classifier or --train only")])
+    (["--eval", "--classifier_iters=5"], "--classifier_iters is read by --train_classifier or --train only"),
+    # training keys with --sample or --eval were accepted and did nothing
+    (["--sample", "--lr=5"], "--lr is read by --train only; add --train or drop it"),  # (mdlm: no --train_classifier)
+    (["--eval", "--max_iters=3"], "--max_iters is read by --train only"),
+    (["--sample", "--resume"], "--resume is read by --train only"),
+    (["--eval", "--warmup_iters=5"], "--warmup_iters is read by --train or --train_classifier only")])
 def test_a_key_without_the_verb_that_reads_it_is_refused(argv, message, tmp_path):
     key = argv[-1][2:].split("=")[0]
-    method = ("diffusion_lm" if key in ("control", "length", "control_targets", "classifier_iters") else "diffuser" if key in ("source", "eval_mrs")
+    method = ("diffusion_lm" if key in ("control", "length", "control_targets", "classifier_iters", "warmup_iters") else "diffuser" if key in ("source", "eval_mrs")
               else "ddpm" if key in ("png", "timesteps", "eval_points") else "mdlm")
     assert message in refused(method, argv + [f"--out_dir={tmp_path}"])
 

@@ -15,6 +15,7 @@ import sys
 import time
 import zipfile
 
+import numpy as np
 import pytest
 import torch
 
@@ -285,6 +286,42 @@ def test_a_diverged_model_evaluates_to_an_infinite_perplexity(run6):
         model.head.weight.normal_(std=1e5)
     stats = M.evaluate(model, corpus.Batches(cfg, ckpt["meta"], 0), cfg)
     assert stats["val_nelbo"] > 709 and stats["val_ppl"] == math.inf
+
+
+def test_a_diverged_eval_keeps_the_last_good_checkpoint(run6, tmp_path, monkeypatch, capsys):
+    """An eval that scores inf while the training loss is still finite wrote its weights over the last good
+    checkpoint, and the loss check that stopped the run next called that one good."""
+    src, data = run6
+    out = copy_run(src, tmp_path / "run")
+    good = common.load_checkpoint(os.path.join(out, "ckpt.pt"), "mdlm")
+    evaluate = M.evaluate
+    monkeypatch.setattr(M, "evaluate", lambda m, b, cfg, **kw: {**evaluate(m, b, cfg, **kw), "val_nelbo": math.inf})
+    with pytest.raises(SystemExit) as e:
+        M.main(mdlm(out, data, "--max_iters=9", "--resume")[1:])
+    assert str(e.value).startswith("error: val_nelbo became inf in the eval at iteration 8; the last good checkpoint")
+    assert "(iteration 5) is kept" in str(e.value)
+    assert common.load_checkpoint(os.path.join(out, "ckpt.pt"), "mdlm")["iter"] == good["iter"] == 5
+
+
+def test_resume_on_other_text_of_the_same_tokenizer_is_refused(run6, tmp_path):
+    """--resume --data_dir=<another corpus> with the same characters trained on, silently."""
+    src, data = run6
+    out = copy_run(src, tmp_path / "run")
+    other = tmp_path / "other"
+    os.makedirs(other)
+    meta = json.load(open(os.path.join(data, "meta.json")))
+    ids = np.fromfile(os.path.join(data, "train.bin"), dtype=meta["dtype"])
+    corpus.write_split(str(other), ids[::-1][:50_000], ids[:5_000], {k: meta[k] for k in corpus.TOKENIZER_KEYS if k in meta})
+    r = run_cli(mdlm(out, other, "--max_iters=9", "--resume"), check=False)
+    one_line_error(r, "was trained on other text than", "(its train.bin differs); resume with the run's own data "
+                   f"(--data_dir={data})")
+
+
+def test_a_diverged_judge_scores_an_infinite_perplexity(monkeypatch, capsys):
+    """--eval --gen ended in an OverflowError traceback, all its samples lost, when the judge's NLL passed 709."""
+    monkeypatch.setattr(common, "judge_samples", lambda *a: (800.0, [torch.tensor([1, 2, 3])]))
+    stats = common.generative_eval("judge.pt", lambda n: torch.zeros(n, 3, dtype=torch.long), 2, {}, None)
+    assert stats["gen_nll"] == 800.0 and stats["gen_ppl"] == math.inf and "(perplexity inf)" in capsys.readouterr().out
 
 
 def tensor_data_span(path):
