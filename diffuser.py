@@ -388,16 +388,16 @@ class DiffusER(nn.Module):
 # Loss: cross-entropy of the tagger (tags and insertion counts) and of the generator (slot tokens)
 
 
+def mean_ce(logits, y):
+    # (B, L, C), (B, L) -> the mean over the targets (y >= 0); 0 for a batch without any (tiny ones: no slot, every x_t empty)
+    total = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
+    return total / (y >= 0).sum().clamp(min=1)
+
+
 def loss_terms(model, batch):
     """The three cross-entropies, each a mean over its targets (log p_tag + log p_gen, paper eq. 3)."""
     tag_logits, ins_logits, gen_logits = model(batch)
-    tag = F.cross_entropy(tag_logits.float().flatten(0, 1), batch.tag_y.flatten(), ignore_index=-100)
-    ins = F.cross_entropy(ins_logits.float().flatten(0, 1), batch.ins_y.flatten(), ignore_index=-100)
-    if (batch.gen_y >= 0).any():
-        gen = F.cross_entropy(gen_logits.float().flatten(0, 1), batch.gen_y.flatten(), ignore_index=-100)
-    else:  # a batch without slots (possible with tiny batches): keep the graph, add nothing
-        gen = gen_logits.float().sum() * 0.0
-    return tag, ins, gen
+    return tuple(mean_ce(lg, y) for lg, y in ((tag_logits, batch.tag_y), (ins_logits, batch.ins_y), (gen_logits, batch.gen_y)))
 
 
 def loss_fn(model, batch):

@@ -616,3 +616,20 @@ def test_windows_of_unconditional_text_reach_its_last_word(tmp_path):
     assert batches.draw_x0("val", rng)[1] == [4, 5, 6]
     with pytest.raises(SystemExit, match="a val split of at least --seq_len words"):
         D.EditBatches(dataclasses.replace(cfg, seq_len=4), meta, 0)
+
+
+def test_a_batch_of_empty_drafts_has_finite_losses():
+    """--bootstrap=null drafts x_t = [] half the time: a batch of only those has no tag target, and the tag
+    cross-entropy was 0/0 = NaN, which stopped the run as diverged. Each term is a mean over its targets,
+    0 where there are none, and the others still learn."""
+    torch.manual_seed(0)
+    cfg = D.Config(T=3, n_layer=1, n_head=2, n_embd=32, block_size=40, max_len=12, seq_len=5, bootstrap="null", boot_prob=1.0)
+    model = D.DiffusER(cfg, 12)
+    rng = np.random.default_rng(0)
+    batch = D.collate([D.make_example(None, [4, 5, 6, 7, 8], rng, D.NoiseTokens([0] * 4 + [1] * 8), cfg)], 12, rng)
+    assert (batch.tag_y < 0).all()  # the draft is empty: no token to tag
+    terms = D.loss_terms(model, batch)
+    tag, ins, gen = (float(v.detach()) for v in terms)
+    assert tag == 0.0 and math.isfinite(ins) and ins > 0 and gen > 0
+    sum(terms).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
