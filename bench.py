@@ -215,12 +215,12 @@ def bench_throughput(argv):
     x0 = torch.randint(V, (cfg.batch_size, cfg.block_size), device=device)
 
     diff = mdlm.build_model(cfg, {"vocab_size": V}).to(device)
-    ar_backbone = common.Transformer(V, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.dropout, causal=True)
-    ar = torch.nn.ModuleDict({"backbone": ar_backbone, "head": torch.nn.Linear(cfg.n_embd, V, bias=False)}).to(device)
+    ar_backbone = common.Transformer(V + 1, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.dropout, causal=True)
+    causal = torch.nn.ModuleDict({"backbone": ar_backbone, "head": torch.nn.Linear(cfg.n_embd, V, bias=False)}).to(device)
 
-    def ar_loss(x):  # next-token cross-entropy on the causal backbone
-        logits = ar["head"](ar["backbone"](x[:, :-1])).float()
-        return torch.nn.functional.cross_entropy(logits.reshape(-1, V), x[:, 1:].reshape(-1))
+    def ar_loss(x):  # next-token cross-entropy on the causal backbone at all L positions, BOS (id V) shifted in as in ar.py
+        logits = causal["head"](causal["backbone"](torch.cat([torch.full_like(x[:, :1], V), x[:, :-1]], 1))).float()
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, V), x.reshape(-1))
 
     def steps(model, loss):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -236,7 +236,7 @@ def bench_throughput(argv):
 
     tokens = a.iters * cfg.batch_size * cfg.block_size
     t_mdlm = measure(steps(diff, lambda x: mdlm.loss_fn(diff, x, cfg, diff.mask_id)), repeat=a.repeat)[0]
-    t_ar = measure(steps(ar, ar_loss), repeat=a.repeat)[0]
+    t_ar = measure(steps(causal, ar_loss), repeat=a.repeat)[0]
     table([("mdlm", f"{tokens / t_mdlm / 1e3:.1f}k"), ("ar (causal)", f"{tokens / t_ar / 1e3:.1f}k")],
           ("model", "train tok/s"))
     print(f"n_layer={cfg.n_layer} n_embd={cfg.n_embd} block_size={cfg.block_size} batch_size={cfg.batch_size} on {device}")
@@ -360,7 +360,8 @@ def bench_train_speed(argv):
         for _ in range(a.repeat):  # interleaved, so a slow spell of a shared machine hits every kind
             for k, step in kinds.items():
                 t = measure(lambda: [step(x0) for _ in range(a.iters)], repeat=1, warmup=0)[0]
-                rates[k].append(a.iters * a.batch_size * acfg.block_size / t)
+                trained = acfg.block_size - 1 if k.startswith(("reference", "nanoGPT")) else acfg.block_size  # x[1:] from x[:-1]
+                rates[k].append(a.iters * a.batch_size * trained / t)
         ref = rates["reference (plain, contiguous CE)"]
         rows = [(k, _spread(r), f"{statistics.median(r) / statistics.median(ref):.2f}x") for k, r in rates.items()]
         print(f"\nV = {V}, batch {a.batch_size}, L = {acfg.block_size}, {acfg.n_layer}x{acfg.n_embd} "
@@ -486,11 +487,11 @@ def _sizes(text, form):
 def _peak_extra_bytes(fn, device):
     """Peak bytes allocated by fn() above what was live before it (its output included).
 
-    CUDA: the caching allocator's peak counter. CPU: torch's profiler (profile_memory=True) records
-    the bytes each op allocates net of its own frees, and frees outside ops as [memory] events;
-    replaying them in time order (an op's bytes at its start) gives the peak of live bytes. Only
-    torch tensors are counted (the kernels' per-thread scratch rows, <= 8 N bytes per thread, are
-    not), which is the memory this benchmark is about.
+    CUDA: the caching allocator's peak counter. CPU: the profiler's allocation timeline (each tensor's
+    creation and destruction at its own time), replayed in order. Per-op memory figures would not do:
+    an op's net bytes put at its start lose what a composite op (cross_entropy, a backward node)
+    allocates and frees inside itself. Only torch tensors are counted (the kernels' per-thread
+    scratch rows, <= 8 N bytes per thread, are not), which is the memory this benchmark is about.
     """
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -502,13 +503,13 @@ def _peak_extra_bytes(fn, device):
         del out
         return peak
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    from torch.profiler._memory_profiler import Action  # the timeline's own names (export_memory_timeline reads it)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
         out = fn()
         del out
-    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
     live = peak = 0
-    for e in events:
-        live += e.self_cpu_memory_usage
+    for _, action, _, size in sorted(prof._memory_profile().timeline, key=lambda e: e[0]):
+        live += size if action == Action.CREATE else -size if action == Action.DESTROY else 0
         peak = max(peak, live)
     return peak
 

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import bench
 import common
@@ -34,6 +35,16 @@ def test_measure_times_every_call_and_counts_memory():
     assert len(calls) == 2 + 3 + 1 and seconds > 0  # warm-up, timed runs, one more for the memory
     assert peak >= 4000
     assert bench.measure(fn, repeat=2, warmup=0)[1] is None  # no memory_on: time only
+
+
+def test_peak_memory_counts_what_a_composite_op_frees_inside_itself():
+    """cross_entropy is log_softmax (a full-size intermediate) then nll_loss, freed inside cross_entropy: per-op
+    net bytes placed at each op's start cancelled it, and the CPU peak read 0 where the op holds 8 MiB."""
+    x, t = torch.randn(2048, 1024), torch.randint(1024, (2048,))
+    for fn in (lambda: F.cross_entropy(x, t), lambda: torch.logsumexp(x, -1), lambda: (x * 2) + 1):
+        assert bench._peak_extra_bytes(fn, torch.device("cpu")) >= x.numel() * 4
+    peak = bench._peak_extra_bytes(lambda: (x * 2) + 1, torch.device("cpu"))
+    assert 0 <= peak - 2 * x.numel() * 4 < 1024  # x * 2 and the sum (and the scalars' few bytes)
 
 
 def test_gpu_command_dry_run_on_cpu(tmp_path):
