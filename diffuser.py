@@ -178,9 +178,8 @@ def walk(xt, tags, counts):
 
 
 def build_canvas(xt, tags, counts, vocab_size, limit=None):
-    """The generator's input: x_t with deletions applied; a kept token stays, a replaced token w becomes
-    V + w (the generator sees what it replaces), an insertion slot 2V. Returns (canvas, slot positions),
-    cut to `limit` entries."""
+    """The generator's input: x_t less its deletions, a kept token as itself, a replaced w as V + w (the generator
+    sees what it replaces), an insertion slot as 2V -> (canvas, slot positions), cut to `limit` entries."""
     V, canvas, slots = vocab_size, [], []
     for tag, w in walk(xt, tags, counts):
         if tag == DELETE or (limit is not None and len(canvas) >= limit):
@@ -520,12 +519,14 @@ def strategy_of(cfg):
             "beam": ("beam", cfg.beam_b, 1), "beam2d": ("beam", cfg.beam_b, cfg.beam_r)}[cfg.decode]
 
 
-def mark_revision(tok, xt, tags, counts, fills):
-    """One revision as text: kept words plain, [-deleted-], [old->new], [+inserted+]; ... a slot cut at max_len."""
-    new = iter([tok.words[w] for w in fills])
+def mark_revision(tok, xt, tags, counts, fills, limit):
+    """One revision as text: kept words plain, [-deleted-], [old->new], [+inserted+]. build_canvas cuts the canvas
+    at limit (max_len) entries: a word past the cut shows as deleted, an insertion there not at all."""
+    new, steps = iter([tok.words[w] for w in fills]), list(walk(xt, tags, counts))
     show = {KEEP: lambda w: tok.words[w], DELETE: lambda w: f"[-{tok.words[w]}-]",
-            REPLACE: lambda w: f"[{tok.words[w]}->{next(new, '...')}]", INSERT: lambda w: f"[+{next(new, '...')}+]"}
-    return " ".join(show[tag](w) for tag, w in walk(xt, tags, counts))
+            REPLACE: lambda w: f"[{tok.words[w]}->{next(new)}]", INSERT: lambda w: f"[+{next(new)}+]"}
+    ends = np.cumsum([tag != DELETE for tag, _ in steps])  # canvas entries up to each step, its own included
+    return " ".join(show[tag if n <= limit else DELETE](w) for (tag, w), n in zip(steps, ends) if n <= limit or tag != INSERT)
 
 
 def words(tok, ids):
@@ -667,7 +668,7 @@ def main(argv=None):
             print(f"=== sample {i}" + (f"\nMR: {words(tok, s)}" if s is not None else ""))
             if cfg.show:
                 for t, xt, tags, counts, fills in h.history:
-                    print(f"  t={t:2d} | {mark_revision(tok, xt, tags, counts, fills)}")
+                    print(f"  t={t:2d} | {mark_revision(tok, xt, tags, counts, fills, model.max_len)}")
             print(words(tok, h.x))
         print(f"({len(srcs)} samples, {cfg.decode} decoding from the {cfg.bootstrap} bootstrap, "
               f"{len(best[0].history)} revisions, {time.time() - t0:.1f}s)")

@@ -633,3 +633,15 @@ def test_a_batch_of_empty_drafts_has_finite_losses():
     assert tag == 0.0 and math.isfinite(ins) and ins > 0 and gen > 0
     sum(terms).backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_show_marks_the_words_a_cut_at_max_len_drops():
+    """Insertions that push a revision past max_len cut the canvas there; --show printed the words after the
+    cut as kept (and the cut slots as [+...+]), though x_{t-1} holds none of them."""
+    tok = corpus.WordTokenizer.__new__(corpus.WordTokenizer)
+    tok.words = list(SPECIALS) + LETTERS  # a = 4, b = 5, ...
+    xt, tags, counts = [4, 5, 6], [D.KEEP, D.KEEP, D.REPLACE], [2, 2, 2, 2]
+    canvas, slots = D.build_canvas(xt, tags, counts, len(tok.words), limit=4)
+    assert canvas[2] == 4 and len(slots) == 3  # two slots, a, one slot: b, c and the rest are cut
+    assert D.mark_revision(tok, xt, tags, counts, [7, 8, 9], limit=4) == "[+d+] [+e+] a [+f+] [-b-] [-c-]"
+    assert D.mark_revision(tok, [4, 5], [D.KEEP, D.DELETE], [0, 0, 1], [7], limit=4) == "a [-b-] [+d+]"  # no cut
