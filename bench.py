@@ -63,7 +63,8 @@ def measure(fn, repeat=5, warmup=1, memory_on=None):
     as many as fit in about half a second, between 5 and 100 (small ops are noisy). Memory, with
     memory_on=device: the bytes one more call allocates above what was live before it, output included.
     """
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    gpus = range(torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    sync = lambda: [torch.cuda.synchronize(d) for d in gpus]  # every GPU: fn may run on cuda:1 (--device)
     for _ in range(warmup):
         fn()
     sync()
@@ -494,12 +495,12 @@ def _peak_extra_bytes(fn, device):
     scratch rows, <= 8 N bytes per thread, are not), which is the memory this benchmark is about.
     """
     if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
         out = fn()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
         del out
         return peak
     from torch.profiler import ProfilerActivity, profile
