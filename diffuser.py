@@ -524,7 +524,7 @@ def mark_revision(tok, xt, tags, counts, fills, limit):
     at limit (max_len) entries: a word past the cut shows as deleted, an insertion there not at all."""
     new, steps = iter([tok.words[w] for w in fills]), list(walk(xt, tags, counts))
     show = {KEEP: lambda w: tok.words[w], DELETE: lambda w: f"[-{tok.words[w]}-]",
-            REPLACE: lambda w: f"[{tok.words[w]}->{next(new)}]", INSERT: lambda w: f"[+{next(new)}+]"}
+            REPLACE: lambda w: f"[{tok.words[w]}->{next(new, '...')}]", INSERT: lambda w: f"[+{next(new, '...')}+]"}
     ends = np.cumsum([tag != DELETE for tag, _ in steps])  # canvas entries up to each step, its own included
     return " ".join(show[tag if n <= limit else DELETE](w) for (tag, w), n in zip(steps, ends) if n <= limit or tag != INSERT)
 
