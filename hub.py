@@ -60,7 +60,7 @@ def locate(init_from):
     if init_from.endswith(".pt"):  # a difflm checkpoint: --init_from takes the papers' published weights
         die(f"--init_from takes the papers' published weights; to go on training {init_from}, pass its folder as --out_dir "
             "with --resume")
-    if init_from.startswith(".") or not re.fullmatch(r"[\w.-]+/[\w.-]+", init_from):  # ./dir, ../dir: paths, not ids
+    if not re.fullmatch(r"\w[\w.-]*/[\w.-]+", init_from):  # owner/name; ./dir and ../dir are paths
         die(f"--init_from={init_from} is neither a directory nor a hub id (owner/name); {how}")
     try:
         from huggingface_hub import snapshot_download
