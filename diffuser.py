@@ -99,6 +99,8 @@ def check_config(cfg):
         common.die("need --span_lambda > 0 (finite) and 0 <= --boot_prob <= 1")
     if not 0 < cfg.temperature < math.inf or not 0 < cfg.top_p <= 1:
         common.die(f"need --temperature > 0 and 0 < --top_p <= 1 (got {cfg.temperature}, {cfg.top_p})")
+    if cfg.bootstrap in ("random", "autoregressive") and cfg.seq_len > cfg.max_len:  # training cut it, decoding refused
+        common.die(f"the {cfg.bootstrap} bootstrap has --seq_len={cfg.seq_len} words, more than --max_len={cfg.max_len}")
     if (cfg.temperature, cfg.top_p) != (1, 1) and cfg.decode != "sample":  # greedy and beams take no draws
         common.die(f"--temperature and --top_p shape --decode=sample's draws, not {cfg.decode}'s; add --decode=sample")
 
@@ -307,10 +309,10 @@ class EditBatches:
             if len(data) < cfg.seq_len or cfg.seq_len > cfg.max_len or cfg.max_len + 2 > cfg.block_size:
                 common.die(f"need --seq_len ({cfg.seq_len}) <= --max_len ({cfg.max_len}) <= --block_size - 2 "
                            f"({cfg.block_size - 2}) and a {split} split of at least --seq_len words ({len(data)})")
-            self.streams[split] = np.asarray(data, dtype=np.int64)
+            self.streams[split] = data  # read a window at a time, never whole
         train = (np.array([w for _, x in self.examples["train"] for w in x], dtype=np.int64) if self.seq2seq
                  else self.streams["train"])
-        counts = np.bincount(train, minlength=self.V)[:self.V]  # (V,) the training split's word counts
+        counts = sum(np.bincount(train[i:i + 2**24], minlength=self.V)[:self.V] for i in range(0, len(train), 2**24))  # (V,)
         self.unigram = counts.tolist()
         self.noise = NoiseTokens(counts, cfg.noise)
 
@@ -341,7 +343,7 @@ def make_example(src, x0, rng, noise, cfg):
     probability boot_prob the bootstrap revision t = T + 1 (bootstrap -> x_0, by alignment)."""
     probs = (cfg.p_keep, cfg.p_replace, cfg.p_insert, cfg.p_delete)
     if cfg.boot_prob > 0 and rng.random() < cfg.boot_prob:
-        xb = bootstrap_sequence(cfg.bootstrap, src, cfg.seq_len, noise, rng)[:cfg.max_len]  # random: as decoding draws it
+        xb = bootstrap_sequence(cfg.bootstrap, src, cfg.seq_len, noise, rng)[:cfg.max_len]  # a longer source: cut, as decoding cuts it
         _, edits = levenshtein_edits(x0, xb)  # as if one forward step had turned x_0 into the bootstrap
         return (src, xb, *reverse_edits(edits), cfg.T + 1)
     t = int(rng.integers(1, cfg.T + 1))
@@ -616,8 +618,6 @@ def run_decode(model, cfg, meta, srcs):
         if s is not None and len(s) + 2 + model.max_len > model.tagger.block_size:
             common.die(f"the source has {len(s)} words; with --max_len={model.max_len} it does not fit the model's "
                        f"context block_size={model.tagger.block_size}; shorten it")
-    if cfg.bootstrap in ("random", "autoregressive") and cfg.seq_len > model.max_len:
-        common.die(f"the {cfg.bootstrap} bootstrap has --seq_len={cfg.seq_len} words, more than --max_len={model.max_len}")
     if cfg.bootstrap == "autoregressive":
         starts = ar_drafts(cfg.ar_ckpt, meta, len(srcs), cfg.seq_len, next(model.parameters()).device)
         boot_revision = False  # a draft reads like text (a lightly corrupted x_t): skip t = T + 1, run steps..1

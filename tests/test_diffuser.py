@@ -614,8 +614,18 @@ def test_windows_of_unconditional_text_reach_its_last_word(tmp_path):
     rng = np.random.default_rng(0)
     assert {batches.draw_x0("train", rng)[1][0] for _ in range(300)} == set(range(4, 12))  # starts 0..7 of 10 words
     assert batches.draw_x0("val", rng)[1] == [4, 5, 6]
+    assert isinstance(batches.streams["train"], np.memmap)  # a window at a time: the split is never read whole
+    assert batches.unigram == [0] * 4 + [1] * 10 + [0] * (len(words) - 14)
     with pytest.raises(SystemExit, match="a val split of at least --seq_len words"):
         D.EditBatches(dataclasses.replace(cfg, seq_len=4), meta, 0)
+
+
+def test_a_random_bootstrap_longer_than_max_len_is_refused_before_training():
+    """On E2E, --bootstrap=random --seq_len above --max_len trained on bootstraps cut to max_len, then decoding
+    refused that --seq_len; both now stop at the boundary."""
+    with pytest.raises(SystemExit, match="the random bootstrap has --seq_len=49 words, more than --max_len=48"):
+        D.check_config(D.Config(bootstrap="random", seq_len=49))
+    D.check_config(D.Config(bootstrap="source", seq_len=49))  # a source bootstrap does not read --seq_len
 
 
 def test_a_batch_of_empty_drafts_has_finite_losses():
