@@ -683,14 +683,14 @@ def generative_eval(judge_path, sample_fn, num_samples, meta, tok, what="", samp
     if samples_in:
         import hub
         texts, settings = hub.read_samples(samples_in)
-        samples, sec, device = None, None, device or ("cuda" if torch.cuda.is_available() else "cpu")
+        samples, sec, n, device = None, None, len(texts), device or ("cuda" if torch.cuda.is_available() else "cpu")
         what = f"from {samples_in}" + (f", {settings.get('method')} {settings.get('sampler')}, {settings.get('steps')} steps" if settings else "")
     else:
-        t0 = time.time()
-        samples = sample_fn(num_samples)
-        sec, device = (time.time() - t0) / num_samples, samples.device
+        t0, samples = time.time(), sample_fn(num_samples)
+        if samples.is_cuda:  # a sampler that never reads back leaves its last steps queued: they count too
+            torch.cuda.synchronize(samples.device)
+        sec, n, device = (time.time() - t0) / num_samples, num_samples, samples.device
     nll, ids = judge_texts(judge_path, texts, tok, meta, device) if samples is None else judge_samples(judge_path, samples, meta, tok, device)
-    n = len(texts) if samples is None else num_samples
     stats = {"gen_nll": nll, "gen_ppl": math.exp(nll) if nll < 709 else math.inf, "gen_entropy": unigram_entropy(torch.cat(ids)), "gen_judge": judge_path,
              **({"sec_per_sample": sec} if sec is not None else {"gen_samples_in": samples_in})}
     print(f"gen: NLL {nll:.4f} nats/token under the judge {judge_path} (perplexity {stats['gen_ppl']:.3f}) | "

@@ -324,6 +324,18 @@ def test_a_diverged_judge_scores_an_infinite_perplexity(monkeypatch, capsys):
     assert stats["gen_nll"] == 800.0 and stats["gen_ppl"] == math.inf and "(perplexity inf)" in capsys.readouterr().out
 
 
+def test_the_time_per_sample_waits_for_the_gpus_queued_steps(monkeypatch):
+    """A sampler that never reads its result back (ar.py's) left its last steps queued on a GPU, and its
+    s/sample left them out; generative_eval now waits for the samples' device before it reads the clock."""
+    class OnGPU(torch.Tensor):  # a CPU tensor that says it is on a GPU: the branch, without one
+        is_cuda = property(lambda self: True)
+    waited = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: (time.sleep(0.3), waited.append(device)))
+    monkeypatch.setattr(common, "judge_samples", lambda *a: (1.0, [torch.tensor([1, 2, 3])]))
+    stats = common.generative_eval("judge.pt", lambda n: torch.zeros(n, 3, dtype=torch.long).as_subclass(OnGPU), 2, {}, None)
+    assert waited == [torch.device("cpu")] and stats["sec_per_sample"] >= 0.15
+
+
 def tensor_data_span(path):
     """(offset, length) of the largest tensor record inside a torch zip checkpoint."""
     with zipfile.ZipFile(path) as z:
