@@ -1051,6 +1051,7 @@ def bench_rotary(argv):
 # One command that validates a GPU: build, CUDA tests, kernel timings, every method trained and sampled, DDP
 
 GPU_METHODS = ("ddpm", "diffusion_lm", "mdlm", "sedd", "diffuser", "ar")
+GPU_PARTS = ("self-check", "cuda", "past", "kernels", "nearest", "rotary", "acceptance", "train", "ddp")  # after the build
 # --sample overrides: the dry run's few steps (each method's own kind of step count); a GPU samples at defaults
 DRY_SAMPLE = {"ddpm": ["--steps=4", "--num_samples=64"], "diffusion_lm": ["--steps=4", "--num_samples=2"],
               "mdlm": ["--steps=4", "--num_samples=2"], "sedd": ["--steps=4", "--num_samples=2"],
@@ -1233,13 +1234,17 @@ def bench_gpu(argv):
                     "and the DDP step may each take")
     ap.add_argument("--budget", type=float, default=480, help="seconds for the whole run: parts not started by "
                     "then are skipped (the kernel timings cannot be cut short)")
+    ap.add_argument("--parts", default="", help=f"only these parts, named by their first word, comma-separated "
+                    f"({', '.join(GPU_PARTS)}); the build always runs: a second call takes what the first skipped or failed")
     a = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     dry, n_gpu = not cuda, torch.cuda.device_count()
-    methods = [m for m in a.methods.split(",") if m]
+    methods, chosen = [m for m in a.methods.split(",") if m], {p for p in a.parts.split(",") if p}
     if any(m not in GPU_METHODS for m in methods):
         common.die(f"--methods={a.methods}: choose from {','.join(GPU_METHODS)}")
+    if chosen - set(GPU_PARTS):
+        common.die(f"--parts={a.parts}: choose from {','.join(GPU_PARTS)}")
     where = torch.cuda.get_device_name(0) if cuda else f"cpu ({os.cpu_count()} cores), dry run"
     report = Report(a.out, {"device": where,
                             "torch": torch.__version__, "cuda": torch.version.cuda, "gpus": n_gpu,
@@ -1351,11 +1356,12 @@ def bench_gpu(argv):
             return "ok", _last_line(text, "done:") or _tail(text), None
         return "failed", _last_line(text, "error:") or _tail(text), text[-2000:]  # torchrun's footer says nothing
 
-    for name, fn in (("build", build), ("self-check", self_check), ("cuda tests", cuda_tests),
-                     ("past 2^31", far), ("kernels", kernels),
-                     ("nearest", nearest), ("rotary", rotary), ("acceptance", acceptance),
-                     ("train and sample", train), ("ddp", ddp)):
-        report.part(name, fn, budgeted=name != "acceptance")  # the verdict on timings taken costs nothing
+    parts = (("build", build), ("self-check", self_check), ("cuda tests", cuda_tests), ("past 2^31", far),
+             ("kernels", kernels), ("nearest", nearest), ("rotary", rotary), ("acceptance", acceptance),
+             ("train and sample", train), ("ddp", ddp))
+    for name, fn in parts:
+        if name == "build" or not chosen or name.split()[0] in chosen:
+            report.part(name, fn, budgeted=name != "acceptance")  # the verdict on timings taken costs nothing
     total = trainer.fmt_time(time.time() - report.t0)
     print(f"report: {os.path.join(a.out, 'report.md')} and report.json; total {total}")
 

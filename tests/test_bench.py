@@ -141,6 +141,19 @@ def test_gpu_command_skips_the_parts_past_its_budget(tmp_path, capsys):
     assert report.left(300) <= 100 and report.left(30) == 30
 
 
+def test_gpu_command_runs_the_parts_asked_for(tmp_path):
+    """--parts: a second call on the GPU reruns what the first skipped or failed, after the build."""
+    assert [p.split()[0] for p in PARTS] == ["build", *bench.GPU_PARTS]
+    bench.bench_gpu([f"--out={tmp_path}", "--parts=acceptance,ddp", "--methods="])
+    parts = json.load(open(tmp_path / "report.json"))["parts"]
+    assert [(p["name"], p["summary"]) for p in parts[1:]] == [("acceptance", "no kernel timings"),
+                                                              ("ddp", f"{torch.cuda.device_count()} GPU(s); a DDP step needs two")]
+    assert parts[0]["name"] == "build" and parts[0]["status"] == "ok", parts[0]
+    with pytest.raises(SystemExit, match=r"--parts=train,kernel: choose from self-check,cuda,past,kernels,"):
+        bench.bench_gpu([f"--out={tmp_path / 'x'}", "--parts=train,kernel"])
+    assert not os.path.exists(tmp_path / "x")  # refused before any work
+
+
 def test_the_report_keeps_what_a_failed_part_said(tmp_path):
     """A timed-out run's output came as a bytes repr without its stderr; a failed build's reason was only
     on stderr; a summary holding '|' or a newline broke report.md's table."""
