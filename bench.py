@@ -366,7 +366,7 @@ def bench_train_speed(argv):
         ref = rates["reference (plain, contiguous CE)"]
         rows = [(k, _spread(r), f"{statistics.median(r) / statistics.median(ref):.2f}x") for k, r in rates.items()]
         print(f"\nV = {V}, batch {a.batch_size}, L = {acfg.block_size}, {acfg.n_layer}x{acfg.n_embd} "
-              f"({a.repeat} runs of {a.iters} steps, {device}, {torch.get_num_threads()} threads)")
+              f"({a.repeat} runs of {a.iters} steps, {device}, float32 without autocast, {torch.get_num_threads()} threads)")
         table(rows, ("step", "train tok/s median [min-max]", "vs reference"))
         for name, other in (("mdlm.py", "ar.py"), ("ar.py", "nanoGPT (its model.py)"), ("ar.py", "ar.py, no kernels")):
             if other in rates:
