@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import difflib
 import hashlib
+import inspect
 import math
 import os
 import re
@@ -24,7 +25,6 @@ import socket
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -133,9 +133,12 @@ def parse_args(config_cls, argv=None, known=VERBS):
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
     types = {name: type(f.default) for name, f in fields.items()}
     verbs, overrides = [], {}
-    if "-h" in argv or "--help" in argv:
+    if "-h" in argv or "--help" in argv:  # every key, its default and the comment beside it in the source
+        said = {k: c for cls in reversed(config_cls.__mro__[:-1])  # a method's own line over a shared one
+                for k, c in re.findall(r"^ +(\w+): [^\n=]+=[^\n#]*# *(.+)$", inspect.getsource(cls), re.M)}
+        keys = [f"  --{name}={f.default!r}" for name, f in fields.items()]
         print((module.__doc__ or "").strip() + f"\n\nverbs: {' '.join('--' + v for v in known)}\nconfig keys (--key=value):")
-        print("\n".join(f"  --{name}={f.default!r}" for name, f in fields.items()))
+        print("\n".join(f"{k:<{min(32, max(map(len, keys)))}}  {said.get(name, '')}".rstrip() for k, name in zip(keys, fields)))
         sys.exit(0)
     for arg in argv:
         if not arg.startswith("--"):
@@ -181,7 +184,7 @@ def parse_args(config_cls, argv=None, known=VERBS):
             die(f"{path} was trained by {ckpt['method']}.py, not {method}.py")
     if isinstance(ckpt, dict) and ckpt.get("method", method) == method and isinstance(ckpt.get("config"), dict):
         cfg = config_from_checkpoint(config_cls, ckpt, overrides)  # the shape and FIXED keys stay
-    seed_all(cfg.seed)  # before main() builds its model, so initial weights are reproducible
+    torch.manual_seed(cfg.seed)  # before main() builds its model, so initial weights are reproducible
     return verbs, cfg, overrides
 
 
@@ -263,11 +266,6 @@ def autocast(device):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def seed_all(seed):
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
 
 
 def progress(iterable, desc, total=None):

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from common import (RESUMED, TextConfig, autocast, config_from_checkpoint, die, get_device, load_checkpoint, load_judge,
-                    out_dir, save_checkpoint, seed_all, write_file)
+                    out_dir, save_checkpoint, write_file)
 import difflm_ops
 import hub
 from corpus import TOKENIZER_KEYS, Batches, data_path, get_tokenizer, prepare_data, tokenizer_name
@@ -248,7 +248,7 @@ def _train_loop(cfg, method, model, loss_fn, evaluate, meta, batches, device, ra
     if master:
         print_config(cfg)
 
-    seed_all(cfg.seed + rank)
+    torch.manual_seed(cfg.seed + rank)
     model.to(device)
     ema_model = copy.deepcopy(model).requires_grad_(False)
     ema_model.eval()
@@ -419,7 +419,7 @@ def load_published(config_cls, overrides, method, build_model):
     cfg, model, meta = hub.load_model(overrides["init_from"], method, config_cls, overrides, build_model)
     os.makedirs(out_dir(cfg, method), exist_ok=True)
     check_judge(cfg, meta, method)
-    seed_all(cfg.seed)
+    torch.manual_seed(cfg.seed)
     return cfg, model.to(get_device(cfg)).eval(), get_tokenizer(meta), meta, {"iter": None}
 
 
@@ -444,7 +444,7 @@ def load_for_inference(config_cls, overrides, method, build_model, ckpt=None):
     fit_state(model, ckpt["ema"] if ema else ckpt["model"], f"{where}/ckpt.pt", ckpt["config"], cfg)
     device = get_device(cfg)
     check_judge(cfg, meta, method)
-    seed_all(cfg.seed)
+    torch.manual_seed(cfg.seed)
     return cfg, model.to(device).eval(), get_tokenizer(meta), meta, ckpt
 
 

@@ -2,6 +2,7 @@
 with one line (exit status 1) before any data is prepared or any model is built."""
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 
@@ -241,3 +242,16 @@ def test_a_forked_script_draws_its_own_seed_and_meets_its_timeout(tmp_path):
         run_cli([str(tmp_path / "slow.py")], timeout=1)
     assert e.value.output == "started\n"
     assert len({run_cli([str(tmp_path / "seed.py")]).stdout for _ in range(2)}) == 2  # the server still answers
+
+
+def test_help_gives_each_key_the_comment_beside_it(capsys):
+    """--help lists every key with its default and the comment on its Config line, a method's own line over
+    the shared block's; a key without a comment ends at its default."""
+    with pytest.raises(SystemExit):
+        common.parse_args(diffuser.Config, ["--help"])
+    out = capsys.readouterr().out
+    assert re.search(r"^  --decode='greedy' +decoding: greedy \| sample \| beam \| beam2d$", out, re.M), out
+    assert re.search(r"^  --allow_unk=False +let --source words outside the vocabulary", out, re.M)  # not PromptConfig's
+    assert re.search(r"^  --ema=0.999 +EMA decay of the weights used for eval and sampling", out, re.M)  # BaseConfig's
+    assert re.search(r"^  --grad_accum=1$", out, re.M)
+    assert len(re.findall(r"^  --\w+=", out, re.M)) == len(dataclasses.fields(diffuser.Config))
