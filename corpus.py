@@ -168,15 +168,21 @@ def file_record(path):
     return {"bytes": os.path.getsize(path), "sha256": h.hexdigest()}
 
 
-def write_split(out_dir, train_ids, val_ids, meta, test_ids=None):
-    """Used by every prepare.py: the token files (test.bin too for a set with a test split) and meta.json,
-    each written atomically.
+FOLDER_FILES = ("test.bin", "train.jsonl", "valid.jsonl", "test.jsonl")  # a prepare that writes none removes them
+
+
+def write_split(out_dir, train_ids, val_ids, meta, test_ids=None, texts=None):
+    """Used by every prepare.py: the token files (test.bin too for a set with a test split), the text files
+    texts holds ({name: lines}: E2E's examples) and meta.json, each written atomically.
 
     meta.json records each token file's size and sha256 (check_data compares them) and, when run
     from a prepare.py, the command that re-prepares the folder. Temporary names carry the pid, so
     processes preparing one folder at once never write to the same file, and write.lock lets one finish first.
+    An earlier prepare's files that this one does not write go, so no method reads them as this one's.
     """
     import shlex
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        die(f"--out_dir={out_dir} is a file; name a folder")
     os.makedirs(out_dir, exist_ok=True)
     dtype = np.uint16 if meta["vocab_size"] < 2**16 else np.uint32
     splits = (train_ids, val_ids) + (() if test_ids is None else (test_ids,))
@@ -190,17 +196,24 @@ def write_split(out_dir, train_ids, val_ids, meta, test_ids=None):
             "val_tokens": arrays["val.bin"].size, **({"test_tokens": arrays["test.bin"].size} if test_ids is not None else {}),
             "files": {name: {"bytes": a.nbytes, "sha256": hashlib.sha256(a.tobytes()).hexdigest()}
                       for name, a in arrays.items()}}
-    tmp = f".{os.getpid()}.tmp"
+    tmp, texts = f".{os.getpid()}.tmp", texts or {}
     with data_lock(out_dir, "write.lock"):  # two prepare.py runs into one folder: one writes, then the other
-        for name, a in arrays.items():
-            a.tofile(os.path.join(out_dir, name + tmp))
-        with open(os.path.join(out_dir, "meta.json" + tmp), "w") as f:
-            json.dump(meta, f)
+        try:
+            for name, content in {**arrays, **texts}.items():
+                with open(os.path.join(out_dir, name + tmp), "wb") as f:  # f.write: a full disk's errno, not numpy's count
+                    f.write("".join(content).encode("utf-8") if name in texts else content.data)
+            with open(os.path.join(out_dir, "meta.json" + tmp), "w") as f:
+                json.dump(meta, f)
+        except OSError as e:  # a full disk: this run's temporary files go, the folder stays as it was
+            for name in list(arrays) + list(texts) + ["meta.json"]:
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(out_dir, name + tmp))
+            die(f"cannot write {out_dir}: {e.strerror or e}; free disk space or choose another --out_dir")
         mark_unprepared(out_dir)
-        if "test.bin" not in arrays:  # an earlier prepare's test split (another text, maybe another tokenizer)
+        for name in set(FOLDER_FILES) - set(arrays) - set(texts):  # e.g. E2E's examples under another corpus's ids
             with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(out_dir, "test.bin"))
-        for name in list(arrays) + ["meta.json"]:
+                os.remove(os.path.join(out_dir, name))
+        for name in list(arrays) + list(texts) + ["meta.json"]:
             os.replace(os.path.join(out_dir, name + tmp), os.path.join(out_dir, name))
     return meta
 

@@ -288,7 +288,7 @@ class EditBatches:
                        "use --dataset=e2e or --dataset=shakespeare_word")
         self.cfg, self.V, path = cfg, meta["vocab_size"], corpus.data_path(cfg)
         self.gen = torch.Generator().manual_seed(seed)
-        self.seq2seq = os.path.isfile(os.path.join(path, "train.jsonl"))
+        self.seq2seq = bool(meta.get("seq2seq"))  # data/e2e/prepare.py wrote <split>.jsonl beside the token files
         if cfg.bootstrap == "source" and not self.seq2seq:
             common.die(f"--bootstrap=source needs sequence-to-sequence data (--dataset=e2e); {path} has none: "
                        "use null or random")

@@ -267,7 +267,7 @@ def pad_rows(texts, L):
 
 
 def make_batches(cfg, meta):
-    if cfg.rows and os.path.isfile(os.path.join(corpus.data_path(cfg), "train.jsonl")):
+    if cfg.rows and meta.get("seq2seq"):  # data/e2e/prepare.py wrote <split>.jsonl beside the token files
         return Rows(cfg, meta)
     if cfg.rows:  # a packed corpus (data/text/prepare.py) is refused, not trained on as windows under rows=True
         fix = "rerun data/e2e/prepare.py" if (cfg.dataset, cfg.data_dir) == ("e2e", "") else "train on its packed windows with --rows=false"

@@ -18,6 +18,8 @@ from conftest import OFFLINE, ROOT, run_cli
 
 import common
 import corpus
+import diffuser
+import diffusion_lm
 
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_iters=1",
         "--device=cpu"]
@@ -182,6 +184,19 @@ def test_own_text_bad_input_is_one_line(tmp_path, monkeypatch, args, message):
     msg = fails(lambda: text_prepare([f"--input={good}", f"--input={src}", f"--out_dir={tmp_path / 'o'}"] + args,
                                      monkeypatch), message)
     assert str(bad) in msg or "UTF-8" not in message
+
+
+def test_e2e_lines_break_at_newlines_only(tmp_path):
+    """A text holding U+2028 (or a form feed) was split there, as str.splitlines splits, and the prepare stopped
+    with "a line without '||'" and a line number past the file's end; Diffusion-LM reads these files by line."""
+    e2e = tmp_path / "e2e"
+    e2e.mkdir()
+    line = "name : The Eagle | food : French||The Eagle serves French\u2028food \x0c.\r\n"
+    for split in ("train", "valid", "test"):
+        (e2e / f"src1_{split}.txt").write_text(line * 3, encoding="utf-8", newline="")
+    run_cli(["data/e2e/prepare.py", f"--input_dir={e2e}", f"--out_dir={tmp_path / 'e'}", "--min_count=1"])
+    rows = corpus.load_jsonl(str(tmp_path / "e" / "train.jsonl"), json.load(open(tmp_path / "e" / "meta.json")))
+    assert len(rows) == 3 and rows[0]["ref"] == "The Eagle serves French food ."
 
 
 def test_every_reader_of_a_text_file_refuses_bytes_that_are_not_utf8(tmp_path):
@@ -384,6 +399,45 @@ def test_a_test_split_of_an_earlier_prepare_is_not_read(tmp_path):
     fails(lambda: next(batches.sequential("test", 4)), "has no test split (test.bin); use --eval_split=val")
 
 
+def test_examples_of_an_earlier_prepare_are_not_read(tmp_path):
+    """A word corpus prepared into a folder that held E2E kept E2E's <split>.jsonl, and diffusion_lm.py and
+    diffuser.py read those examples, ids of the old vocabulary, as the new corpus's rows (an IndexError, or
+    silently wrong ids under a larger vocabulary). A prepare writes its examples with its token files, and
+    removes those it does not write; the methods read rows only from a folder whose meta.json says seq2seq."""
+    ids = np.random.default_rng(0).integers(0, 10, 300)
+    words = {"tokenizer": "word", "words": ["<s>", "</s>", "<pad>", "<unk>"] + list("abcdef"), "vocab_size": 10}
+    texts = {f"{s}.jsonl": ['{"src": [4], "text": [5, 6]}\n'] for s in ("train", "valid", "test")}
+    corpus.write_split(str(tmp_path), ids[:200], ids[200:250], {**words, "seq2seq": True}, test_ids=ids[250:], texts=texts)
+    assert corpus.load_jsonl(str(tmp_path / "valid.jsonl"), words) == [{"src": [4], "text": [5, 6]}]
+    meta = corpus.write_split(str(tmp_path), ids[:200], ids[200:], words)
+    assert sorted(os.listdir(tmp_path)) == ["meta.json", "train.bin", "val.bin", "write.lock"]
+    cfg = diffusion_lm.Config(data_dir=str(tmp_path), block_size=8)
+    assert isinstance(diffusion_lm.make_batches(dataclasses.replace(cfg, rows=False), meta), corpus.Batches)
+    (tmp_path / "train.jsonl").write_text('{"src": [4], "text": [55]}\n')  # a stray file of that name: still not rows
+    fails(lambda: diffusion_lm.make_batches(cfg, meta), "has no train.jsonl (one text per row)")
+    assert not diffuser.EditBatches(diffuser.Config(data_dir=str(tmp_path), bootstrap="null", seq_len=4), meta, 0).seq2seq
+
+
+def test_a_prepare_that_cannot_write_stops_with_one_line_and_leaves_the_folder_as_it_was(tmp_path):
+    """--out_dir naming a file, and a full disk while the token files are written, were tracebacks; the second
+    left a partial .tmp file beside the earlier prepare's files."""
+    ids = np.arange(300) % 10
+    chars = {"tokenizer": "char", "chars": list("abcdefghij"), "vocab_size": 10}
+    (tmp_path / "a_file").write_text("")
+    fails(lambda: corpus.write_split(str(tmp_path / "a_file"), ids[:200], ids[200:], chars),
+          f"--out_dir={tmp_path / 'a_file'} is a file; name a folder")
+    meta = corpus.write_split(str(tmp_path / "d"), ids[:200], ids[200:], chars)
+    before = {f: (tmp_path / "d" / f).read_bytes() for f in os.listdir(tmp_path / "d")}
+
+    code = ("import resource, sys, numpy as np; import corpus; resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000)); "
+            f"corpus.write_split({str(tmp_path / 'd')!r}, np.arange(3000) % 10, np.arange(300) % 10, {chars!r})")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)  # files past 1000 bytes fail
+    assert r.returncode == 1 and r.stderr.strip() == (f"error: cannot write {tmp_path / 'd'}: File too large; free disk space "
+                                                       "or choose another --out_dir"), r.stderr
+    assert {f: (tmp_path / "d" / f).read_bytes() for f in os.listdir(tmp_path / "d")} == before
+    assert corpus.prepare_data(cfg_for(tmp_path / "d")) == meta
+
+
 def test_slices_are_bounded(tmp_path):
     meta = toy(tmp_path, n=100_000)
     b = corpus.Batches(cfg_for(tmp_path, block_size=8), meta, 0)
@@ -422,6 +476,8 @@ def test_processes_prepare_one_fresh_folder_at_once(tmp_path):
 SLOW_PREPARE = """
 import runpy, sys, time; sys.path.insert(0, sys.argv[1])
 import corpus
+import diffuser
+import diffusion_lm
 real, pause = corpus.mark_unprepared, float(sys.argv[2])
 corpus.mark_unprepared = lambda out_dir: (time.sleep(pause), real(out_dir))
 sys.argv = sys.argv[3:]

@@ -343,15 +343,11 @@ def sorted_task(rng, n):
 
 
 def write_seq2seq(path, rows_by_split):
-    os.makedirs(path, exist_ok=True)
-    for split, rows in rows_by_split.items():
-        with open(os.path.join(path, f"{split}.jsonl"), "w") as f:
-            for src, text in rows:
-                f.write(json.dumps({"mr": {}, "src": src, "text": text,
-                                    "ref": " ".join(LETTERS[w - 4] for w in text)}) + "\n")
+    texts = {f"{split}.jsonl": [json.dumps({"mr": {}, "src": src, "text": text, "ref": " ".join(LETTERS[w - 4] for w in text)})
+                                + "\n" for src, text in rows] for split, rows in rows_by_split.items()}
     flat = [w for s, t in rows_by_split["train"] for w in t]
     corpus.write_split(path, flat, flat[:100], {"tokenizer": "word", "words": list(SPECIALS) + LETTERS,
-                                               "vocab_size": 4 + len(LETTERS), "seq2seq": True})
+                                               "vocab_size": 4 + len(LETTERS), "seq2seq": True}, texts=texts)
     return path
 
 

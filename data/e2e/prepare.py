@@ -17,6 +17,7 @@ The shipped src1_*.txt.gz are the three split files themselves (CC BY-SA 4.0; so
 checksums in README.md here), so this works offline.
 """
 import argparse
+import io
 import json
 import os
 import sys
@@ -41,14 +42,19 @@ def read_split(input_dir, split):
         path = os.path.join(input_dir, name)
         if not os.path.isfile(path):
             common.die(f"--input_dir {input_dir} has no {name}; point it at a folder with src1_train/valid/test.txt")
-        return corpus.read_utf8(path).splitlines()
+        return lines(corpus.read_utf8(path))
     data, source = corpus.find_local_copy(os.path.join("e2e", name), URL.format(name), SHA256[split],
                                           shipped=os.path.join(HERE, name + ".gz"))
     if data is None:
         common.die(f"no copy of the E2E data: {source}; run `python data/e2e/prepare.py --input_dir=DIR` (a folder with src1_*.txt) "
                    f"or set {common.SHARED_DATA_ENV} to a folder holding e2e/{name}")
     print(f"read {source}")
-    return data.decode("utf-8").splitlines()
+    return lines(data.decode("utf-8"))
+
+
+def lines(text):
+    r"""Split at \n, \r\n or \r only, as Diffusion-LM reads these files (str.splitlines also splits at U+2028)."""
+    return io.StringIO(text, newline=None).read().split("\n")
 
 
 def parse_line(line, where):
@@ -77,9 +83,7 @@ def main():
             for s in SPLITS}
     # MR words join the vocabulary so a source can be fed to the model (DiffusER's source bootstrap)
     tok = corpus.WordTokenizer.build([t for _, _, t in rows["train"]] + [m for _, m, _ in rows["train"]], args.min_count)
-    os.makedirs(args.out_dir, exist_ok=True)
-    corpus.mark_unprepared(args.out_dir)  # a kill from here leaves no meta.json, not new .jsonl under an old one
-    streams = {}
+    streams, texts = {}, {}
     for split in SPLITS:
         stream, lines = [], []
         for fields, mr, text in rows[split]:
@@ -87,13 +91,12 @@ def main():
             stream += [tok.START] + ids + [tok.END]
             lines.append(json.dumps({"mr": fields, "src": tok.encode(mr), "text": ids,
                                      "ref": " ".join(tok.split(text))}, ensure_ascii=False) + "\n")
-        common.write_file(os.path.join(args.out_dir, f"{split}.jsonl"), lines, "free disk space or choose another --out_dir")
-        streams[split] = stream
+        streams[split], texts[f"{split}.jsonl"] = stream, lines
     meta = corpus.write_split(args.out_dir, streams["train"], streams["valid"],
                               {"tokenizer": "word", "words": tok.words, "vocab_size": tok.vocab_size,
                                "min_count": args.min_count, "seq2seq": True,
                                "examples": {s: len(rows[s]) for s in SPLITS}},
-                              test_ids=streams["test"])  # --eval_split=test for the methods that read token files
+                              test_ids=streams["test"], texts=texts)  # test.bin: --eval_split=test of the token files
     unk = sum(i == tok.UNK for i in streams["train"]) / len(streams["train"])
     print(f"{args.out_dir}: {len(rows['train']):,} / {len(rows['valid']):,} / {len(rows['test']):,} examples, "
           f"{meta['train_tokens']:,} train tokens, vocab {tok.vocab_size} (<unk> {unk:.2%} of train)")
