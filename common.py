@@ -102,7 +102,7 @@ class PromptConfig:
 VERBS = ("train", "sample", "eval")
 TRUE, FALSE = ("1", "true", "yes", "on", ""), ("0", "false", "no", "off")  # what a bool --key takes
 # key -> the verbs that read it ("a|b c": a, or b with c; --train keeps --eval's keys); a Config's READ_BY adds its own
-READ_BY = {"gen": "eval", "samples_in": "eval gen", "eval_data": "eval", "eval_file": "eval", "timesteps": "sample|eval",
+READ_BY = {"gen": "eval", "eval_split": "eval", "samples_in": "eval gen", "eval_data": "eval", "eval_file": "eval", "timesteps": "sample|eval",
            "stride": "sample|eval", "classifier_iters": "train_classifier|train", "classifier_layers": "train_classifier|train",
            **dict.fromkeys("judge eval_t_samples eval_points eval_mrs eval_batches control_targets control_samples".split(), "eval|train"),
            **dict.fromkeys("samples_out prefix suffix infill placeholder control length source show png".split(), "sample"),

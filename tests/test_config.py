@@ -94,6 +94,7 @@ BAD = [(m, arg, msg) for m in METHODS for arg, msg in COMMON_BAD + (TEXT_BAD if 
 @pytest.mark.parametrize("verb", ["--train", "--sample"])
 def test_bad_value_stops_at_the_boundary(method, arg, message, verb, tmp_path):
     # no checkpoint and no data here: a refusal that came later would name those instead
+    verb = "--eval" if common.READ_BY.get(arg[2:].split("=")[0]) == "eval" else verb  # a key only --eval reads
     msg = refused(method, [verb, arg, f"--out_dir={tmp_path / 'run'}", f"--data_dir={tmp_path / 'data'}"]
                   if method != "ddpm" else [verb, arg, f"--out_dir={tmp_path / 'run'}"])
     key, other = arg[2:].split("=")[0], "--sample" if verb == "--train" else "--train"
@@ -255,3 +256,14 @@ def test_help_gives_each_key_the_comment_beside_it(capsys):
     assert re.search(r"^  --ema=0.999 +EMA decay of the weights used for eval and sampling", out, re.M)  # BaseConfig's
     assert re.search(r"^  --grad_accum=1$", out, re.M)
     assert len(re.findall(r"^  --\w+=", out, re.M)) == len(dataclasses.fields(diffuser.Config))
+
+
+def test_a_checkpoint_never_chooses_the_split_a_plain_eval_scores():
+    """--train --eval_split=test was taken (training's evals never read it) and saved, and every later plain
+    --eval scored the test split. Only --eval reads it now, and a saved one is not carried over."""
+    assert "eval_split" in common.PER_COMMAND
+    saved = {"config": {**dataclasses.asdict(mdlm.Config()), "eval_split": "test"}}  # as an older checkpoint holds it
+    assert common.config_from_checkpoint(mdlm.Config, saved, {}).eval_split == "val"
+    assert common.config_from_checkpoint(mdlm.Config, saved, {"eval_split": "test"}).eval_split == "test"
+    with pytest.raises(SystemExit, match="--eval_split is read by --eval only; add --eval or drop it"):
+        common.parse_args(mdlm.Config, ["--train", "--eval_split=test"])
