@@ -125,10 +125,13 @@ def generate(model, cfg, prefix, num_samples, length, show=None):
         with common.autocast(device):
             return model.head(backbone(inp, cache=cache)[:, -1]).float()  # (B, V)
 
+    if out.shape[1] >= length:  # the prefix fills the length: nothing to generate, no network call
+        return out[:, :length], 0
     logits = refill()
     calls += 1
     while out.shape[1] < length:
-        probs = torch.softmax(logits.double() / cfg.temperature, -1)  # float64 for the draw
+        z = logits.double()  # float64 for the draw; the max taken first: a tiny temperature cannot overflow to inf - inf
+        probs = torch.softmax((z - z.amax(-1, keepdim=True)) / cfg.temperature, -1)
         nxt = common.sample_categorical(probs, torch.rand(num_samples, dtype=torch.float64, device=device))
         out = torch.cat([out, nxt[:, None]], 1)
         if show:

@@ -572,6 +572,8 @@ def semi_autoregressive(chain, fixed, block_size, stride):
     block_size - stride generated tokens as a clean prefix (held fixed) and generates stride new ones,
     so any sampler that holds fixed positions extends past its context."""
     T = fixed.shape[1]
+    if T > block_size and not 0 < stride < block_size:  # block_size 1: no context to carry into a next round
+        die(f"a model of block_size={block_size} cannot extend past its context with stride {stride}; use --seq_len <= {block_size}")
     out, calls = chain(fixed[:, :block_size])
     pieces, done = [out], min(T, block_size)
     while done < T:

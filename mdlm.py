@@ -218,9 +218,9 @@ def decoding_logits(logits, mask_id, temperature=1.0, top_p=1.0):
     tempered law (fp32; computed in float64). Both off: the logits unchanged (the exact sampler)."""
     if temperature == 1 and top_p == 1:
         return logits
-    z = logits.double() / temperature
+    z = logits.double()
     z[..., mask_id] = -float("inf")
-    z = z - z.amax(-1, keepdim=True)  # a tiny temperature's logits stay finite in fp32
+    z = (z - z.amax(-1, keepdim=True)) / temperature  # the max taken first: a tiny temperature cannot overflow to inf - inf
     if top_p < 1:
         p, order = z.softmax(-1).sort(-1, descending=True)
         drop = (p.cumsum(-1) - p) >= top_p  # tokens after the smallest set holding top_p of the mass

@@ -438,7 +438,8 @@ def decoding_weights(w, temperature=1.0, top_p=1.0):
     w = w.clamp(min=0)
     total = w.sum(-1, keepdim=True)
     # w^(1/temperature) normalised, in logs: weights near 1e-3 underflow to 0 at temperature 0.003 otherwise
-    q = torch.softmax(torch.log(w) / temperature, -1).nan_to_num(0.0)  # a row with no weight stays 0
+    lw = torch.log(w)  # the max taken first: a tiny temperature cannot overflow to inf - inf
+    q = torch.softmax((lw - lw.amax(-1, keepdim=True)) / temperature, -1).nan_to_num(0.0)  # a row with no weight stays 0
     if top_p < 1:
         p, order = q.sort(-1, descending=True)
         drop = (p.cumsum(-1) - p) >= top_p  # tokens after the smallest set holding top_p of the mass

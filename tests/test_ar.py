@@ -90,6 +90,23 @@ def test_a_one_token_context_samples_from_bos_alone():
     assert x.shape == (2, 5) and calls == 5
 
 
+def test_a_prefix_as_long_as_the_sample_costs_no_network_call():
+    x, calls = ar.generate(random_model(), tiny_cfg(), torch.tensor([1, 2, 3]), 2, 3)
+    assert x.tolist() == [[1, 2, 3]] * 2 and calls == 0
+
+
+def test_a_tiny_temperature_is_greedy():
+    """logits / 1e-308 overflowed to inf and the softmax gave NaN, so every token became the last id."""
+    model = random_model()
+    draws = []
+    for temperature, seed in ((1e-308, 0), (1e-100, 1)):
+        torch.manual_seed(seed)
+        draws.append(ar.generate(model, tiny_cfg(temperature=temperature), torch.zeros(0, dtype=torch.long), 3, 12)[0])
+    with torch.no_grad():
+        first = int(model(torch.full((1, 1), model.bos_id))[0, -1].argmax())  # the greedy first token
+    assert torch.equal(draws[0], draws[1]) and (draws[0][:, 0] == first).all() and first != 6  # (6: the NaN draw's id)
+
+
 def test_contiguous_row_loss_matches_the_transposed_view():
     """nll_terms over (B*L, V) rows gives cross-entropy over the transposed (B, V, L) view, forward
     and backward, to float rounding (the CPU kernels sum a row in a different order)."""

@@ -338,3 +338,26 @@ def test_sedd_top_p_final_step_matches_the_truncated_law():
     chi2 = float(((counts[keep] - n * law[keep]) ** 2 / (n * law[keep])).sum())
     dof = int(keep.sum()) - 1
     assert chi2 < dof + 5 * math.sqrt(2 * dof) + 5, (chi2, dof)
+
+
+def test_a_tiny_temperature_keeps_only_the_most_likely_token():
+    """The logits (or log-weights) were divided by the temperature before the max was taken: at 1e-308 they
+    overflowed to inf and inf - inf gave NaN (MDLM drew [MASK] at every step, SEDD moved nothing)."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 7, generator=g) * 3
+    p = mdlm.decoding_logits(logits.clone(), 6, temperature=1e-308).softmax(-1)
+    assert torch.equal(p, torch.nn.functional.one_hot(logits[..., :6].argmax(-1), 7).float())
+    w = torch.rand(2, 5, 7, generator=g, dtype=torch.float64)
+    w[0, 0] = 0.0  # a row with no weight stays 0
+    q = sedd.decoding_weights(w, temperature=1e-308)
+    want = torch.nn.functional.one_hot(w.argmax(-1), 7) * w.sum(-1, keepdim=True)
+    want[0, 0] = 0.0
+    assert torch.allclose(q, want, rtol=1e-12, atol=0)
+
+
+def test_a_one_token_context_cannot_extend_past_itself():
+    """block_size 1 and --seq_len 4: the default stride block_size // 2 is 0, and the rounds never advanced (a hang)."""
+    with pytest.raises(SystemExit, match="a model of block_size=1 cannot extend past its context with stride 0; use --seq_len <= 1"):
+        common.semi_autoregressive(lambda w: (w.clamp(min=0), 1), torch.full((2, 4), -1), 1, 0)
+    x, calls = common.semi_autoregressive(lambda w: (w.clamp(min=0), 1), torch.full((2, 4), -1), 2, 1)
+    assert x.shape == (2, 4) and calls == 3
