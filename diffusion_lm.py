@@ -430,20 +430,16 @@ def sample(model, cfg, n, fixed=None, objective=None, show=None):
     L, device = cfg.block_size, model.embed.weight.device
     E = model.embed.weight
     x = torch.randn(n, L, E.shape[1], device=device)
-    known = torch.zeros(L, dtype=torch.bool, device=device)
-    if fixed is not None:
-        fixed = fixed.to(device)
-        known = fixed >= 0
-        clean = E[fixed.clamp(min=0)][None].expand_as(x)
+    fixed = torch.full((L,), -1, device=device) if fixed is None else fixed.to(device)  # (L,) ids, -1 where free
+    known, clean = fixed >= 0, E[fixed.clamp(min=0)][None].expand_as(x)
     for i in common.progress(range(cfg.steps - 1, -1, -1), "sampling"):
-        if fixed is not None:
-            x = torch.where(known[None, :, None], clean, x)
+        x = torch.where(known[None, :, None], clean, x)
         t = torch.full((n,), int(sched.times[i]), device=device)
         with common.autocast(device):
             raw = model.denoise(x, t).float()
         x0 = clamp(raw, E, cfg.clamp) if cfg.clamp != "none" else raw
-        if show:
-            show(cfg.steps - 1 - i, model.round_logits(raw).argmax(-1))
+        if show:  # the held words as the sample will hold them
+            show(cfg.steps - 1 - i, torch.where(known, fixed, model.round_logits(raw).argmax(-1)))
         if i == 0:
             break
         mean = float(sched.coef_x0[i]) * x0 + float(sched.coef_xt[i]) * x
@@ -451,8 +447,7 @@ def sample(model, cfg, n, fixed=None, objective=None, show=None):
         x = mean + math.sqrt(var) * torch.randn_like(x)
         if objective is not None:
             x = guided(x, mean, var, sched.times[i - 1], objective, cfg)
-    w = model.round_logits(raw).argmax(-1)  # (n, L)
-    return torch.where(known, fixed, w) if fixed is not None else w
+    return torch.where(known, fixed, model.round_logits(raw).argmax(-1))  # (n, L)
 
 
 def bleu(hyp, ref, n=4):
@@ -490,14 +485,16 @@ def sample_mbr(model, cfg, tok, n, fixed=None, objective=None, show=None):
 
 
 def infill_template(tok, cfg):
-    """--infill words with _ at free positions -> (L,) ids (START first, -1 where free); None if empty."""
+    """--infill words with _ at free positions -> (L,) ids (START first under --rows, -1 where free); None if empty."""
     fixed = corpus.conditioning(tok, cfg, cfg.block_size, cfg.rows) if (cfg.prefix or cfg.suffix) else None
     if not cfg.infill:
         return fixed
     words = tok.split(cfg.infill)
-    ids = [tok.START] + [-1 if w == "_" else tok.stoi.get(w, tok.UNK) for w in words]
+    ids = ([tok.START] if cfg.rows else []) + [-1 if w == "_" else tok.stoi.get(w, tok.UNK) for w in words]  # packed text has no <s>
     if len(ids) > cfg.block_size:
-        common.die(f"--infill takes {len(ids)} positions with <s>, more than the {cfg.block_size}-position sequence; shorten it")
+        common.die(f"--infill takes {len(ids)} positions, more than the {cfg.block_size}-position sequence; shorten it")
+    if cfg.length and max((i for i, w in enumerate(ids) if w >= 0), default=-1) >= cfg.length:  # --length puts </s> there
+        common.die(f"--infill holds words at or past --length={cfg.length}, the position of </s>; raise --length or shorten it")
     unknown = [w for w in words if w != "_" and w not in tok.stoi]
     if unknown and not cfg.allow_unk:
         common.die(f"--infill has words outside the vocabulary: {' '.join(unknown)}; use known words or --allow_unk")
@@ -683,7 +680,7 @@ def main(argv=None):
         stats = {**evaluate(model, make_batches(cfg, meta), cfg, full=True), "data": cfg.eval_split}
         print(f"{cfg.eval_split} NELBO {stats['val_nelbo']:.4f} nats/position (PAD positions included) | "
               f"mse {stats['val_mse']:.4f} | prior {stats['val_prior']:.2e} | rounding {stats['val_rounding']:.4f} "
-              f"({cfg.eval_t_samples} time samples per sequence)")
+              f"({cfg.eval_t_samples} time samples per sequence, {f'{cfg.eval_batches} batches' if cfg.eval_batches else 'every batch'})")
         if clf is not None:
             for spec, (g, u) in control_eval(model, clf, tok, cfg).items():
                 stats[f"control {spec}"], stats[f"unguided {spec}"] = g, u
@@ -693,7 +690,8 @@ def main(argv=None):
             stats.update(common.generative_eval(cfg.judge, lambda n: as_stream(sample_mbr(model, cfg, tok, n), tok),
                                                 cfg.num_samples, meta, tok, f"{cfg.steps} steps, clamp={cfg.clamp}, "
                                                 f"MBR of {cfg.mbr}, texts packed as the judge's stream"))
-        trainer.log_json(os.path.join(common.out_dir(cfg, METHOD), "log.jsonl"), {"eval_full": stats, "iter": ckpt["iter"]})
+        trainer.log_json(os.path.join(common.out_dir(cfg, METHOD), "log.jsonl"), {"eval_full": stats, "iter": ckpt["iter"],
+                         "t_samples": cfg.eval_t_samples, "eval_batches": cfg.eval_batches})  # how much was scored
 
 
 if __name__ == "__main__":

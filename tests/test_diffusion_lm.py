@@ -146,9 +146,11 @@ def test_infilled_positions_come_back_as_given():
         seen.append(torch.equal(xt[:, 3], m.embed.weight[17].expand(xt.shape[0], -1)))
         return D.DiffusionLM.denoise(m, xt, t)
     m.denoise = denoise
-    out = D.sample(m, cfg, 4, fixed)
+    shown = []
+    out = D.sample(m, cfg, 4, fixed, show=lambda step, ids: shown.append(ids.clone()))
     assert (out[:, [0, 3, 4, 10]] == fixed[[0, 3, 4, 10]]).all()
     assert all(seen) and len(seen) == cfg.steps
+    assert len(shown) == cfg.steps and all((s[:, [0, 3, 4, 10]] == fixed[[0, 3, 4, 10]]).all() for s in shown)  # --show too
 
 
 def test_infill_template_parsing():
@@ -160,6 +162,11 @@ def test_infill_template_parsing():
         D.infill_template(tok, tiny_cfg(infill=" ".join(["The"] * 12)))
     with pytest.raises(SystemExit, match="outside the vocabulary"):
         D.infill_template(tok, tiny_cfg(infill="The Phoenix _"))
+    # packed windows (--rows=false) hold no <s>, as under --prefix; --length puts </s> after the template's words
+    assert D.infill_template(tok, tiny_cfg(infill="The _ is", rows=False))[:4].tolist() == [4, -1, 6, -1]
+    assert D.infill_template(tok, tiny_cfg(infill="The _ is _ _", length=4))[:4].tolist() == [0, 4, -1, 6]
+    with pytest.raises(SystemExit, match="--infill holds words at or past --length=3, the position of </s>"):
+        D.infill_template(tok, tiny_cfg(infill="The _ is", length=3))
 
 
 def test_prefix_and_suffix_keep_the_row_layout():
@@ -439,12 +446,14 @@ def test_cli_train_sample_eval(cli_out):
     assert len(texts) == 2 and all(t.startswith("The Eagle") for t in texts), r.stdout
     r = run_cli(["diffusion_lm.py", "--eval", f"--out_dir={cli_out}", "--eval_batches=1", "--eval_t_samples=1",
                  "--steps=10", "--control_samples=2", "--control_targets=food=Italian,area=riverside"])
-    assert "val NELBO" in r.stdout and r.stdout.count("control food=Italian") == 1
+    assert "val NELBO" in r.stdout and "(1 time samples per sequence, 1 batches)" in r.stdout
+    assert r.stdout.count("control food=Italian") == 1
     r = run_cli(["diffusion_lm.py", "--eval", f"--out_dir={cli_out}", "--eval_batches=1", "--eval_t_samples=1",
                  "--steps=10", "--control_samples=1", "--control_targets=food=Italian", "--eval_split=test"])
     assert "evaluating on the test split" in r.stdout and "test NELBO" in r.stdout
     records = [json.loads(line) for line in open(os.path.join(cli_out, "log.jsonl"))]
     assert [r["eval_full"]["data"] for r in records if "eval_full" in r][-2:] == ["val", "test"]  # what each scored
+    assert records[-1]["t_samples"] == 1 and records[-1]["eval_batches"] == 1  # and how much of it
 
 
 def test_e2e_prepared_with_another_vocabulary_is_refused(cli_out, tmp_path):
