@@ -168,6 +168,22 @@ def file_record(path):
     return {"bytes": os.path.getsize(path), "sha256": h.hexdigest()}
 
 
+def rerun_command(argv=None):
+    """This prepare.py's command line with the script and the paths it names absolute, so that the command an
+    error message quotes runs again from any folder (the methods run from the repository's root)."""
+    import shlex
+    argv, out, path = sys.argv if argv is None else argv, [], False
+    for a in argv[1:]:
+        flag, eq, value = a.partition("=")
+        if path:  # the value of `--out_dir DIR`
+            a = ",".join(os.path.abspath(p) for p in a.split(","))
+        elif eq and flag in PATH_FLAGS:
+            a = flag + "=" + ",".join(os.path.abspath(p) for p in value.split(","))
+        out, path = out + [a], a in PATH_FLAGS
+    return "python " + shlex.join([os.path.abspath(argv[0])] + out)
+
+
+PATH_FLAGS = ("--input", "--input_dir", "--out_dir")  # what a prepare.py reads or writes
 FOLDER_FILES = ("test.bin", "train.jsonl", "valid.jsonl", "test.jsonl")  # a prepare that writes none removes them
 
 
@@ -180,7 +196,6 @@ def write_split(out_dir, train_ids, val_ids, meta, test_ids=None, texts=None):
     processes preparing one folder at once never write to the same file, and write.lock lets one finish first.
     An earlier prepare's files that this one does not write go, so no method reads them as this one's.
     """
-    import shlex
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         die(f"--out_dir={out_dir} is a file; name a folder")
     os.makedirs(out_dir, exist_ok=True)
@@ -191,7 +206,7 @@ def write_split(out_dir, train_ids, val_ids, meta, test_ids=None, texts=None):
         if a.size == 0:
             die(f"the {name[:-4]} split of {out_dir} would be empty; give more text")
     if "command" not in meta and sys.argv and sys.argv[0].endswith("prepare.py"):
-        meta = {**meta, "command": "python " + " ".join(map(shlex.quote, sys.argv))}
+        meta = {**meta, "command": rerun_command()}
     meta = {**meta, "dtype": np.dtype(dtype).name, "train_tokens": arrays["train.bin"].size,
             "val_tokens": arrays["val.bin"].size, **({"test_tokens": arrays["test.bin"].size} if test_ids is not None else {}),
             "files": {name: {"bytes": a.nbytes, "sha256": hashlib.sha256(a.tobytes()).hexdigest()}

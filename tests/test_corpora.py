@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 
+import common
 import corpus
 import mdlm
 from conftest import OFFLINE, ROOT, run_cli, shared_data
@@ -395,14 +396,14 @@ def test_owt_killed_midway_is_detected_and_redone(owt_data, documents, tmp_path,
             "    return real(texts)\n"
             "g['tokenize'] = tokenize")
     assert kill_midway("data/openwebtext/prepare.py", args, hook) == -9
-    assert os.path.getsize(out / "train.bin.tmp") > 0
+    assert os.path.getsize(glob.glob(str(out / "train.bin.*.tmp"))[0]) > 0
     assert not any(os.path.exists(out / f) for f in ("train.bin", "val.bin", "meta.json"))
     assert not owt.complete(str(out))
     capsys.readouterr()
     assert run_main(owt, monkeypatch, args) is None
     assert "incomplete preparation" in capsys.readouterr().out
     check_owt(str(out), documents, 40)
-    assert sorted(os.listdir(out)) == ["meta.json", "train.bin", "val.bin"]
+    assert sorted(os.listdir(out)) == ["meta.json", "train.bin", "val.bin", "write.lock"]  # the killed run's .tmp gone
     # a complete folder is kept; a token file that no longer matches meta.json is redone
     assert run_main(owt, monkeypatch, args) is None
     assert "already prepared" in capsys.readouterr().out
@@ -422,7 +423,7 @@ def test_owt_sigterm_stops_the_workers_too(documents, tmp_path):
                           "--val_docs=40", "--num_proc=2"], cwd=ROOT, env={**os.environ, "DIFFLM_DATA": shared_data()},
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     t0 = time.time()
-    while not (os.path.exists(out / "train.bin.tmp") and os.path.getsize(out / "train.bin.tmp") > 0):
+    while not any(os.path.getsize(f) > 0 for f in glob.glob(str(out / "train.bin.*.tmp"))):
         assert p.poll() is None and time.time() - t0 < 120, "it ended before it wrote a batch"
         time.sleep(0.05)
     p.send_signal(signal.SIGTERM)
@@ -459,6 +460,37 @@ def test_owt_bad_inputs_one_line(documents, tmp_path, monkeypatch):
     else:
         assert_one_line_error(run_main(owt, monkeypatch, [f"--input={tmp_path / 'junk.parquet'}", out]), "pip install pyarrow")
     assert not os.path.exists(tmp_path / "out" / "meta.json")
+
+
+def test_owt_a_failed_redo_keeps_the_prepared_folder(owt_data, documents, tmp_path, monkeypatch):
+    """--force with a bad document found while writing, or too many --val_docs, removed meta.json first: the complete
+    folder read as unprepared and kept partial .tmp files. A file named twice (a folder and a file in it) was read
+    twice, its documents in train and val both; a byte-order mark made the first line "not JSON"."""
+    out = tmp_path / "out"
+    shutil.copytree(owt_data, out)
+    before = {f: (out / f).read_bytes() for f in os.listdir(out) if f != "write.lock"}
+    src = write_jsonl(tmp_path / "all.jsonl", documents)
+    real, calls = owt.tokenize, []
+
+    def bad_second_batch(texts):
+        calls.append(1)
+        return common.die("a bad document") if len(calls) == 2 else real(texts)
+    monkeypatch.setattr(owt, "tokenize", bad_second_batch)
+    monkeypatch.setattr(owt, "DOCS_PER_TASK", 50)
+    args = [f"--input={src}", f"--out_dir={out}", "--val_docs=40", "--num_proc=1", "--force"]
+    assert_one_line_error(run_main(owt, monkeypatch, args), "a bad document")
+    few = write_jsonl(tmp_path / "few.jsonl", documents[:10])
+    assert_one_line_error(run_main(owt, monkeypatch, [f"--input={few}", f"--out_dir={out}", "--force"]), "--val_docs=100000")
+    assert {f: (out / f).read_bytes() for f in os.listdir(out) if f != "write.lock"} == before
+    monkeypatch.setattr(owt, "tokenize", real)
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    write_jsonl(parts / "a.jsonl", documents[:250])
+    (parts / "b.jsonl").write_bytes(b"\xef\xbb\xbf" + open(write_jsonl(tmp_path / "b", documents[250:]), "rb").read())
+    again = tmp_path / "again"
+    assert run_main(owt, monkeypatch, [f"--input={parts},{parts / 'b.jsonl'}", f"--out_dir={again}", "--val_docs=40",
+                                       "--num_proc=1"]) is None
+    check_owt(str(again), documents, 40)
 
 
 def test_owt_hub_without_network_or_datasets_is_one_line(tmp_path):

@@ -513,3 +513,12 @@ def test_torchrun_on_a_fresh_data_folder(tmp_path, dataset, method):
                        text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert os.path.isfile(out / "ckpt.pt")
+
+
+def test_the_rerun_command_a_folder_keeps_works_from_any_folder(tmp_path, monkeypatch):
+    """meta.json kept the command line as typed: `--out_dir=owt` from another folder named the wrong folder
+    when an error message quoted it later, from the repository's root."""
+    monkeypatch.chdir(tmp_path)
+    command = corpus.rerun_command(["data/e2e/prepare.py", "--input_dir", "in", "--out_dir=o", "--input=a,b/c", "--min_count=3"])
+    assert command == (f"python {tmp_path}/data/e2e/prepare.py --input_dir {tmp_path}/in --out_dir={tmp_path}/o "
+                       f"--input={tmp_path}/a,{tmp_path}/b/c --min_count=3")

@@ -25,7 +25,6 @@ import ctypes
 import glob
 import json
 import os
-import shlex
 import signal
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -74,7 +73,7 @@ def parquet_source(path):
 
 def jsonl_source(path):
     def texts():
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is not part of the first line
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -145,7 +144,7 @@ def local_files(spec):
             files.append(p)
         else:
             common.die(f"--input={p} does not exist")
-    return sorted(files)
+    return sorted({os.path.realpath(f): f for f in files}.values())  # a file named twice (a folder and a file in it) once
 
 
 def split_tasks(sources, n_val):
@@ -195,12 +194,11 @@ def die_with_parent():
 
 
 def write(out_dir, sources, n_val, num_proc, what):
-    total = sum(n for n, _ in sources)
-    if not 0 < n_val < total:
-        common.die(f"--val_docs={n_val} must be between 1 and the {total:,} documents of {what} less one")
+    """The token files under temporary names, then meta.json out, the files renamed, the new meta.json in. A bad
+    document, a full disk or Ctrl-C on the way removes the temporary files and leaves the folder as it was."""
     from tqdm import tqdm
-    tmp = {s: os.path.join(out_dir, f"{s}.bin.tmp") for s in SPLITS}
-    files = {s: open(tmp[s], "wb") for s in SPLITS}
+    total, files = sum(n for n, _ in sources), {}
+    tmp = {s: os.path.join(out_dir, f"{s}.bin.{os.getpid()}.tmp") for s in SPLITS}
     tokens = dict.fromkeys(SPLITS, 0)
     bar = tqdm(total=total, unit="doc", desc="tokenising", disable=None)
 
@@ -209,28 +207,41 @@ def write(out_dir, sources, n_val, num_proc, what):
         tokens[split] += len(ids)
         bar.update(docs)
 
-    if num_proc == 1:
-        for split, texts in split_tasks(sources, n_val):
-            save(split, tokenize(texts), len(texts))
-    else:
-        # a bounded window of tasks in flight, written back in submission order
-        with ProcessPoolExecutor(num_proc, initializer=die_with_parent) as pool:
-            pending = collections.deque()
+    try:
+        for s in SPLITS:
+            files[s] = open(tmp[s], "wb")
+        if num_proc == 1:
             for split, texts in split_tasks(sources, n_val):
-                pending.append((split, pool.submit(tokenize, texts), len(texts)))
-                if len(pending) >= 4 * num_proc:
+                save(split, tokenize(texts), len(texts))
+        else:
+            # a bounded window of tasks in flight, written back in submission order
+            with ProcessPoolExecutor(num_proc, initializer=die_with_parent) as pool:
+                pending = collections.deque()
+                for split, texts in split_tasks(sources, n_val):
+                    pending.append((split, pool.submit(tokenize, texts), len(texts)))
+                    if len(pending) >= 4 * num_proc:
+                        split_, fut, docs = pending.popleft()
+                        save(split_, fut.result(), docs)
+                while pending:
                     split_, fut, docs = pending.popleft()
                     save(split_, fut.result(), docs)
-            while pending:
-                split_, fut, docs = pending.popleft()
-                save(split_, fut.result(), docs)
+        for f in files.values():
+            f.close()
+    except BaseException as e:
+        for s, f in files.items():
+            f.close()
+            with contextlib.suppress(OSError):
+                os.remove(tmp[s])
+        if isinstance(e, OSError):
+            common.die(f"cannot write {out_dir}: {e.strerror or e}; free disk space or choose another --out_dir")
+        raise
     bar.close()
+    corpus.mark_unprepared(out_dir)  # meta.json goes just before the files it describes are replaced
     for s in SPLITS:
-        files[s].close()
         os.replace(tmp[s], os.path.join(out_dir, f"{s}.bin"))
     meta = {"tokenizer": "gpt2", "vocab_size": EOT + 1, "eot": EOT, "dtype": "uint16", "source": what,
             "train_tokens": tokens["train"], "val_tokens": tokens["val"], "train_docs": total - n_val, "val_docs": n_val,
-            "command": "python " + " ".join(map(shlex.quote, sys.argv)),
+            "command": corpus.rerun_command(),
             "files": {f"{s}.bin": corpus.file_record(os.path.join(out_dir, f"{s}.bin")) for s in SPLITS}}
     common.write_file(os.path.join(out_dir, "meta.json"), [json.dumps(meta)], "free disk space and run it again")
     return meta
@@ -247,25 +258,28 @@ def main():
     args = ap.parse_args()
     if args.num_proc < 1:
         common.die(f"--num_proc={args.num_proc} must be at least 1")
-    if complete(args.out_dir) and not args.force:
-        print(f"{args.out_dir} is already prepared (meta.json and token files agree); --force redoes it")
-        return
-    leftovers = [f for f in os.listdir(args.out_dir) if f.endswith((".bin", ".tmp"))] if os.path.isdir(args.out_dir) else []
-    if leftovers and not complete(args.out_dir):  # --force over a complete one just redoes it
-        print(f"{args.out_dir} holds an incomplete preparation ({', '.join(sorted(leftovers))}): redoing it")
-    if args.input:
-        files = local_files(args.input)
-        sources = [parquet_source(f) if f.endswith(".parquet") else jsonl_source(f) for f in files]
-        what = f"{len(files)} local file(s)"
-    else:
-        default = os.path.abspath(args.out_dir) == os.path.dirname(os.path.abspath(__file__))
-        offline = "python data/openwebtext/prepare.py --input=FILES" + ("" if default else f" --out_dir={args.out_dir}")
-        sources, what = [hub_source(args.hf_dataset, args.num_proc, offline)], args.hf_dataset
-    corpus.gpt2_encoding()  # fail here, once, rather than in every worker
-    os.makedirs(args.out_dir, exist_ok=True)
-    if os.path.exists(os.path.join(args.out_dir, "meta.json")):
-        os.remove(os.path.join(args.out_dir, "meta.json"))  # until the new one lands the folder reads as incomplete
-    meta = write(args.out_dir, sources, args.val_docs, args.num_proc, what)
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        common.die(f"--out_dir={args.out_dir} is a file; name a folder")
+    with corpus.data_lock(args.out_dir, "write.lock"):  # two runs into one folder: one prepares, then the other looks
+        if complete(args.out_dir) and not args.force:
+            print(f"{args.out_dir} is already prepared (meta.json and token files agree); --force redoes it")
+            return
+        leftovers = [f for f in os.listdir(args.out_dir) if f.endswith((".bin", ".tmp"))]
+        if leftovers and not complete(args.out_dir):  # --force over a complete one just redoes it
+            print(f"{args.out_dir} holds an incomplete preparation ({', '.join(sorted(leftovers))}): redoing it")
+        if args.input:
+            files = local_files(args.input)
+            sources = [parquet_source(f) if f.endswith(".parquet") else jsonl_source(f) for f in files]
+            what = f"{len(files)} local file(s)"
+        else:
+            default = os.path.abspath(args.out_dir) == os.path.dirname(os.path.abspath(__file__))
+            offline = "python data/openwebtext/prepare.py --input=FILES" + ("" if default else f" --out_dir={args.out_dir}")
+            sources, what = [hub_source(args.hf_dataset, args.num_proc, offline)], args.hf_dataset
+        total = sum(n for n, _ in sources)
+        if not 0 < args.val_docs < total:  # before anything in the folder is touched
+            common.die(f"--val_docs={args.val_docs} must be between 1 and the {total:,} documents of {what} less one")
+        corpus.gpt2_encoding()  # fail here, once, rather than in every worker
+        meta = write(args.out_dir, sources, args.val_docs, args.num_proc, what)
     print(f"{args.out_dir}: {meta['train_tokens']:,} train tokens ({meta['train_docs']:,} documents) / "
           f"{meta['val_tokens']:,} val tokens ({meta['val_docs']:,} documents) from {what}")
 
