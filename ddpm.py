@@ -183,8 +183,9 @@ class PointBatches:
         else:
             stats_from = self.train
         if meta is None:
-            std = stats_from.std(0)
-            meta = {**info, "mean": stats_from.mean(0).tolist(), "std": np.where(std > 1e-8, std, 1.0).tolist()}
+            mean, std = stats_from.mean(0), np.where(stats_from.std(0) > 1e-8, stats_from.std(0), 1.0)
+            meta = {**info, "mean": mean.tolist(), "std": std.tolist(),  # and the range sampling keeps x0_hat in:
+                    "lo": ((stats_from.min(0) - mean) / std).tolist(), "hi": ((stats_from.max(0) - mean) / std).tolist()}
         elif info["kind"] != meta["kind"] or (info["kind"] == "toy" and dataset != meta["data"]):
             common.die(f"--dataset={dataset}: the model was trained on {meta['data']}; give that (a moved .npy file: its "
                        "new path)")
@@ -195,6 +196,7 @@ class PointBatches:
         self.meta = meta
         self.mean = torch.tensor(meta["mean"], dtype=torch.float64)
         self.std = torch.tensor(meta["std"], dtype=torch.float64)
+        self.clip = (torch.tensor(meta["lo"]), torch.tensor(meta["hi"])) if "lo" in meta else None  # standardised (D,)
         self.held_out = self.standardise(torch.from_numpy(held_out))  # (N_val, D) float32
 
     def standardise(self, x):
@@ -359,7 +361,7 @@ def step_sequence(T, steps=0, timesteps=""):
 
 
 @torch.no_grad()
-def sample(model, xT, alpha_bar, seq, pred="eps", sampler="ancestral", var="beta", eta=0.0, show=None):
+def sample(model, xT, alpha_bar, seq, pred="eps", sampler="ancestral", var="beta", eta=0.0, show=None, clip=None):
     """Run the reverse chain from x_T (B, D) over code steps seq (descending); returns x_0 (B, D).
 
     ancestral: x_s = mu_theta + sigma z with the posterior of the jump t -> s (paper eq. 11 on
@@ -367,7 +369,9 @@ def sample(model, xT, alpha_bar, seq, pred="eps", sampler="ancestral", var="beta
       sigma^2 = beta = 1 - ab_t / ab_s ("fixed large") or the posterior variance ("fixed small").
     ddim: x_s = sqrt(ab_s) x0_hat + sqrt(1 - ab_s - sigma^2) eps_hat + sigma z (Song et al. eq. 12),
       sigma = eta sqrt((1 - ab_s) / (1 - ab_t)) sqrt(1 - ab_t / ab_s).
-    The last step (to s = 0, ab = 1) returns x0_hat in both.
+    The last step (to s = 0, ab = 1) returns x0_hat in both. clip (lo, hi), each (D,): x0_hat is kept inside the
+    training data's range, as the references clip images to [-1, 1] (with a tiny ab_t an eps error grows 1/sqrt(ab_t)
+    times, and a point thrown outside the data stays out), and eps_hat follows it.
     """
     x, B, device = xT, xT.shape[0], xT.device
     one = torch.ones((), dtype=torch.float64)
@@ -378,6 +382,9 @@ def sample(model, xT, alpha_bar, seq, pred="eps", sampler="ancestral", var="beta
         ab_s = alpha_bar[seq[i + 1]] if i + 1 < len(seq) else one
         out = model(x, torch.full((B,), k, device=device, dtype=torch.long)).float()
         x0_hat, eps_hat = to_x0_eps(out, x, ab_t.float().to(device), pred)
+        if clip is not None:
+            x0_hat = torch.clamp(x0_hat, clip[0].to(x0_hat), clip[1].to(x0_hat))
+            eps_hat = (x - float(ab_t.sqrt()) * x0_hat) / float((1 - ab_t).sqrt())
         if i + 1 == len(seq):
             x = x0_hat
         elif sampler == "ancestral":
@@ -595,12 +602,12 @@ def load(overrides):
     return cfg, model, data, betas_for(cfg.schedule, cfg.T), ckpt
 
 
-def draw_samples(model, cfg, betas, n, show=None):
+def draw_samples(model, cfg, betas, n, clip=None, show=None):
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(cfg.seed)
     xT = torch.randn(n, model.dim, generator=gen).to(device)
     seq = step_sequence(cfg.T, cfg.steps, cfg.timesteps)
-    return sample(model, xT, alpha_bars(betas), seq, cfg.pred, cfg.sampler, cfg.var, cfg.eta, show=show), len(seq)
+    return sample(model, xT, alpha_bars(betas), seq, cfg.pred, cfg.sampler, cfg.var, cfg.eta, show, clip), len(seq)
 
 
 def sampler_name(cfg, n_steps):
@@ -632,7 +639,7 @@ def main(argv=None):
                     shown.add(k)
                     strip.append((k + 1, data.unstandardise(x)))
         t0 = time.time()
-        x, n_steps = draw_samples(model, cfg, betas, cfg.num_samples, show if cfg.show else None)
+        x, n_steps = draw_samples(model, cfg, betas, cfg.num_samples, data.clip, show if cfg.show else None)
         elapsed = time.time() - t0
         raw = data.unstandardise(x)
         name = sampler_name(cfg, n_steps)
@@ -661,7 +668,7 @@ def main(argv=None):
         if logp is not None:
             print(f"exact -log p_data(held-out) {-float(logp.mean()) / D:.4f} nats/dim (the bound's floor for a perfect model)")
         t0 = time.time()
-        x, n_steps = draw_samples(model, cfg, betas, cfg.eval_points)
+        x, n_steps = draw_samples(model, cfg, betas, cfg.eval_points, data.clip)
         stats = quality(x, data, meta_name(data))
         print(f"samples ({sampler_name(cfg, n_steps)}, {time.time() - t0:.1f}s): {quality_line(stats)}")
         trainer.log_json(os.path.join(common.out_dir(cfg, "ddpm"), "log.jsonl"),
