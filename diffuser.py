@@ -610,9 +610,9 @@ def load(overrides):
 
 def run_decode(model, cfg, meta, srcs):
     """One decoded sequence per source (None: unconditional), from --bootstrap: the best Hyp of each."""
-    boot_revision = meta["boot_trained"]
+    boot_revision = meta["boot_trained"] in (True, cfg.bootstrap)  # the bootstrap t = T + 1 learnt ("": none; True: older)
     if cfg.bootstrap == "source" and (any(s is None for s in srcs) or not boot_revision):
-        common.die("--bootstrap=source needs a source and a model trained with a bootstrap revision (--boot_prob > 0); "
+        common.die("--bootstrap=source needs a source and a model trained with it (--bootstrap=source --boot_prob > 0); "
                    "decode with --bootstrap=null or random")
     for s in srcs:
         if s is not None and len(s) + 2 + model.max_len > model.tagger.block_size:
@@ -646,7 +646,7 @@ def main(argv=None):
         trainer.check_memory(cfg)
         meta = corpus.prepare_data(cfg)
         batches = EditBatches(cfg, meta, cfg.seed)
-        meta = {**meta, "unigram": batches.unigram, "seq2seq": batches.seq2seq, "boot_trained": cfg.boot_prob > 0}
+        meta = {**meta, "unigram": batches.unigram, "seq2seq": batches.seq2seq, "boot_trained": cfg.bootstrap if cfg.boot_prob > 0 else ""}
         model = build_model(cfg, meta)
         trainer.train(cfg, "diffuser", model, loss_fn, lambda m, b: evaluate(m, b, cfg), meta, batches=batches,
                       dynamic=True)  # edit batches vary in length: one compile for all

@@ -4,6 +4,7 @@ import itertools
 import json
 import math
 import os
+import types
 import re
 import sys
 
@@ -651,3 +652,17 @@ def test_show_marks_the_words_a_cut_at_max_len_drops():
     assert canvas[2] == 4 and len(slots) == 3  # two slots, a, one slot: b, c and the rest are cut
     assert D.mark_revision(tok, xt, tags, counts, [7, 8, 9], limit=4) == "[+d+] [+e+] a [+f+] [-b-] [-c-]"
     assert D.mark_revision(tok, [4, 5], [D.KEEP, D.DELETE], [0, 0, 1], [7], limit=4) == "a [-b-] [+d+]"  # no cut
+
+
+def test_the_bootstrap_revision_runs_only_on_the_bootstrap_it_learnt(monkeypatch):
+    """t = T + 1 learnt to turn the training's bootstrap (the MR, on E2E) into the text; decoding from another
+    (random words, the empty sequence) ran it all the same, on inputs it never saw."""
+    seen = []
+    monkeypatch.setattr(D, "decode", lambda model, starts, srcs, cfg, times, *a: seen.append(times))
+    model = types.SimpleNamespace(max_len=8, tagger=types.SimpleNamespace(block_size=40))
+    for trained, bootstrap in (("source", "source"), ("source", "random"), ("source", "null"), (True, "null"), ("", "null")):
+        meta = {"boot_trained": trained, "unigram": [0] * 4 + [1] * 8}
+        D.run_decode(model, D.Config(T=3, bootstrap=bootstrap, seq_len=4), meta, [[4, 5]])
+    assert seen == [[4, 3, 2, 1], [3, 2, 1], [3, 2, 1], [4, 3, 2, 1], [3, 2, 1]]  # True: an older checkpoint, as before
+    with pytest.raises(SystemExit, match="--bootstrap=source needs a source and a model trained with it"):
+        D.run_decode(model, D.Config(T=3), {"boot_trained": "random", "unigram": [1] * 12}, [[4, 5]])
