@@ -59,7 +59,7 @@ class BaseConfig:
     batch_size: int = 32
     grad_accum: int = 1
     max_iters: int = 2000
-    lr_decay_iters: int = 0  # 0: decay over max_iters (set it to resume a run longer than planned)
+    lr_decay_iters: int = 0  # 0: decay over max_iters; past it the rate stays at min_lr
     lr: float = 1e-3
     min_lr: float = 1e-4
     warmup_iters: int = 100
@@ -172,9 +172,10 @@ def parse_args(config_cls, argv=None, known=VERBS):
     path, ckpt = os.path.join(out_dir(cfg, method), "ckpt.pt"), None
     if "train" in verbs and cfg.resume:
         ckpt = RESUMED[path] = load_checkpoint(path, method)
-        saved = (ckpt.get("config") or {}).get("dataset") if issubclass(config_cls, TextConfig) else None
-        if saved and overrides.get("dataset", saved) != saved:  # before another corpus is prepared, or downloaded
-            die(f"--dataset={overrides['dataset']}: the run being resumed trains on {saved}; drop it, or train a new model")
+        for k in ("dataset", "seed") if issubclass(config_cls, TextConfig) else ("seed",):  # its data (ddpm's may move), its draws
+            saved = (ckpt.get("config") or {}).get(k)
+            if saved is not None and overrides.get(k, saved) != saved:  # before another corpus is prepared, or downloaded
+                die(f"--{k}={overrides[k]}: the run being resumed has --{k}={saved}; drop it, or train a new model")
     elif "train" not in verbs and not getattr(cfg, "init_from", "") and os.path.isfile(path):
         try:  # its config alone (the loader reads it whole); a file that fails here is read whole, to say why
             ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -510,7 +511,7 @@ def load_checkpoint(path, method, verb="--train"):
     """path -> the checkpoint dict, its checksum verified and its floating tensors finite (verb: what wrote it)."""
     if not os.path.isfile(path):
         die(f"no checkpoint at {path}; train one first with `python {method}.py --train` (or pass --out_dir=...)")
-    retrain = f"retrain with `python {method}.py {verb} --overwrite` or restore a copy"
+    retrain = f"retrain with `python {method}.py {verb} --overwrite --out_dir={os.path.dirname(path) or '.'}` or restore a copy"
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -608,9 +609,8 @@ def nats_figures(key, nats):
 
 
 def load_judge(path, meta=None, device=None):
-    """An ar.py checkpoint -> (judge model in eval mode, its meta). Rebuilds ar.py's layout (causal backbone
-    over V + 1 ids with [BOS] = V, V-way head) without importing ar.py. With meta, dies unless the judge was
-    trained on the same tokenizer and vocabulary."""
+    """An ar.py checkpoint -> (judge model in eval mode, its meta): ar.py's layout (causal backbone over V + 1 ids,
+    [BOS] = V, V-way head) rebuilt without importing ar.py. With meta: dies unless trained on the same tokenizer."""
     if not os.path.isfile(path):
         die(f"no judge checkpoint at {path}; train the autoregressive baseline on the same data first "
             f"(`python ar.py --train --dataset=...`) or pass --judge=PATH")

@@ -201,7 +201,7 @@ def write_split(out_dir, train_ids, val_ids, meta, test_ids=None, texts=None):
     os.makedirs(out_dir, exist_ok=True)
     dtype = np.uint16 if meta["vocab_size"] < 2**16 else np.uint32
     splits = (train_ids, val_ids) + (() if test_ids is None else (test_ids,))
-    arrays = dict(zip(SPLIT_FILES + ("test.bin",), (np.asarray(ids, dtype=dtype) for ids in splits)))
+    arrays = dict(zip(SPLIT_FILES + ("test.bin",), (np.ascontiguousarray(ids, dtype=dtype) for ids in splits)))
     for name, a in arrays.items():
         if a.size == 0:
             die(f"the {name[:-4]} split of {out_dir} would be empty; give more text")

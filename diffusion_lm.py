@@ -657,7 +657,8 @@ def main(argv=None):
             return
     if "train_classifier" in verbs:
         cfg, model, tok, meta, _ = load(overrides)
-        train_classifier(cfg, model.requires_grad_(False), meta)
+        own = dataclasses.replace(cfg, lr_decay_iters=overrides.get("lr_decay_iters", 0))  # not the language model's decay
+        train_classifier(own, model.requires_grad_(False), meta)
     if "sample" in verbs:
         cfg, model, tok, meta, lm = load(overrides)
         fixed = infill_template(tok, cfg)

@@ -167,19 +167,20 @@ def resume_from(path, method, cfg, meta, model, ema_model, opt, batches, rank, d
     missing = [k for k in RESUME_KEYS if k not in ckpt]
     if missing:
         die(f"{path} lacks {', '.join(missing)}, so it cannot be resumed; sample from it, or start over with --overwrite")
+    saved = ckpt["config"]  # its data, as the message below names it to resume with:
+    own = f"--dataset={saved.get('dataset')}" + ("" if "data_dir" not in saved else f" --data_dir={saved['data_dir']}"
+                                                 if saved["data_dir"] else " without --data_dir")
     # data: ddpm's points, a toy's name or an .npy file (by its contents where both know them: it may have moved)
     for k in TOKENIZER_KEYS + (("sha256",) if "sha256" in ckpt["meta"] and "sha256" in meta else ("data",)):
         if ckpt["meta"].get(k) != meta.get(k):
             was, now = ((ckpt["meta"].get("data"), meta.get("data")) if k in ("data", "sha256") else
                         (f"a {tokenizer_name(ckpt['meta'])}", f"a {tokenizer_name(meta)}"))
             other = {"chars": " with other symbols", "words": " with other symbols", "sha256": " with other contents"}
-            die(f"{path} was trained on {was}, this run's data is {now}{other.get(k, '')}; "
-                f"resume with the checkpoint's --dataset ({ckpt['config'].get('dataset')})")
-    saved = ckpt["config"]
+            die(f"{path} was trained on {was}, this run's data is {now}{other.get(k, '')}; resume with the run's own data ({own})")
     text = [m.get("files", {}).get("train.bin", {}).get("sha256") for m in (ckpt["meta"], meta)]  # token data
     if None not in text and text[0] != text[1]:  # the same tokenizer, other text: another corpus or prepare
         die(f"{path} was trained on other text than {data_path(cfg)} holds (its train.bin differs); resume with the "
-            f"run's own data ({'--data_dir=' + saved['data_dir'] if saved.get('data_dir') else 'no --data_dir'})")
+            f"run's own data ({own})")
     fit_state(model, ckpt["model"], path, saved, cfg)
     # a run that kept no EMA (--ema=0) saved its initial weights there: an EMA turned on now starts from the model
     fit_state(ema_model, ckpt["ema"] if saved.get("ema", 0) > 0 else ckpt["model"], path, saved, cfg, "model's EMA")
@@ -195,8 +196,8 @@ def resume_from(path, method, cfg, meta, model, ema_model, opt, batches, rank, d
     elif rank == n:
         print(f"{path} holds the random streams of {n} process(es); ranks {n} and up draw fresh ones")
     start = ckpt["iter"] + 1
-    if start > cfg.max_iters:
-        die(f"{path} is at iteration {ckpt['iter']}, past --max_iters={cfg.max_iters}; raise --max_iters to train on")
+    if start >= cfg.max_iters:  # iterations 0 .. max_iters - 1 are done: nothing is left to train
+        die(f"{path} is at iteration {ckpt['iter']}: the --max_iters={cfg.max_iters} iterations are done; raise --max_iters to train on")
     return start, ckpt.get("time", 0.0)
 
 
@@ -435,7 +436,7 @@ def load_for_inference(config_cls, overrides, method, build_model, ckpt=None):
                if k not in ckpt]
     if missing:
         die(f"{where}/ckpt.pt lacks {', '.join(missing)}; it is not a complete {method}.py checkpoint: retrain with "
-            f"`python {method}.py --train --overwrite`")
+            f"`python {method}.py --train --overwrite --out_dir={where}`")
     # logs go beside the checkpoint that was read, wherever it was trained
     cfg = dataclasses.replace(config_from_checkpoint(config_cls, ckpt, overrides), out_dir=where)
     meta = ckpt["meta"]

@@ -169,7 +169,7 @@ def test_resume_refuses_another_dataset_before_preparing_it(method, tmp_path, mo
     common.save_checkpoint(str(tmp_path / "ckpt.pt"), {"method": method, "config": {"dataset": saved}})
     monkeypatch.setattr(corpus, "prepare_data", lambda *a, **k: pytest.fail("prepared"))
     msg = refused(method, ["--train", "--resume", f"--out_dir={tmp_path}", "--dataset=text8"])
-    assert f"--dataset=text8: the run being resumed trains on {saved}; drop it" in msg
+    assert f"--dataset=text8: the run being resumed has --dataset={saved}; drop it" in msg
 
 
 def test_a_verb_with_a_value_says_it_takes_none(tmp_path):

@@ -394,7 +394,7 @@ def test_a_damaged_classifier_is_one_line(cli_out, tmp_path):
     resealed["config"] = {**raw["config"], "n_embd": 64}  # a valid checksum over settings the weights do not have
     resealed["checksum"] = common.checksum(resealed)
     for ckpt, words in (({**raw, "model": {**raw["model"], name: raw["model"][name] + 1}},
-                         ("do not match its checksum", "`python diffusion_lm.py --train_classifier --overwrite`")),
+                         ("do not match its checksum", f"`python diffusion_lm.py --train_classifier --overwrite --out_dir={tmp_path}`")),
                         (resealed, ("does not fit this classifier", "trained with other settings"))):
         torch.save(ckpt, tmp_path / "classifier.pt")
         with pytest.raises(SystemExit) as e:
@@ -431,6 +431,19 @@ def test_eval_without_control_targets_reads_no_classifier(cli_out, tmp_path, mon
     monkeypatch.setattr(corpus, "prepare_data", lambda cfg, meta=None: common.die(f"prepare {cfg.data_dir}"))
     with pytest.raises(SystemExit, match=f"prepare {tmp_path / 'new'}"):  # it said "use --dataset=e2e" of E2E
         D.main(["--train_classifier", f"--out_dir={tmp_path}", f"--data_dir={tmp_path / 'new'}"])
+
+
+def test_the_classifiers_schedule_is_its_own(cli_out, tmp_path, monkeypatch):
+    """--train_classifier decayed its rate over the language model's --lr_decay_iters (a run extended past its
+    plan: 5000), so 3000 classifier iterations stopped at 1.5e-3 of a decay to 1e-4; only a value given with
+    --train_classifier applies to it."""
+    ckpt = common.load_checkpoint(os.path.join(cli_out, "ckpt.pt"), "diffusion_lm")
+    common.save_checkpoint(str(tmp_path / "ckpt.pt"), {**ckpt, "config": {**ckpt["config"], "lr_decay_iters": 5000}})
+    seen, real = [], trainer.lr_at
+    monkeypatch.setattr(trainer, "lr_at", lambda cfg, it: seen.append((cfg.max_iters, cfg.lr_decay_iters)) or real(cfg, it))
+    D.main(["--train_classifier", f"--out_dir={tmp_path}", "--classifier_iters=2"])
+    D.main(["--train_classifier", f"--out_dir={tmp_path}", "--classifier_iters=2", "--lr_decay_iters=1"])
+    assert seen == [(2, 0), (2, 0), (2, 1), (2, 1)]
 
 
 def test_cli_train_sample_eval(cli_out):

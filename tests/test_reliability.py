@@ -196,8 +196,9 @@ def test_resume_checks_method_shape_and_keys(run6, tmp_path):
         lacking = tmp_path / f"no_{key}"
         common.save_checkpoint(str(lacking / "ckpt.pt"), {k: v for k, v in ckpt.items() if k != key})
         one_line_error(run_cli(mdlm(lacking, data, "--max_iters=9", "--resume"), check=False), f"lacks {key}")
-    one_line_error(run_cli(mdlm(copy_run(src, tmp_path / "past"), data, "--max_iters=3", "--resume"), check=False),
-                   "past --max_iters=3")
+    for n in (3, 6):  # 6: the run's own length, which a resume finished with 0 iterations and a success
+        one_line_error(run_cli(mdlm(copy_run(src, tmp_path / f"past{n}"), data, f"--max_iters={n}", "--resume"), check=False),
+                       f"is at iteration 5: the --max_iters={n} iterations are done; raise --max_iters")
 
 
 def test_an_ema_turned_on_at_resume_starts_from_the_trained_weights(run6, tmp_path):
@@ -236,11 +237,16 @@ def test_resume_keeps_the_runs_settings(run6, tmp_path):
     meta["chars"] = meta["chars"][::-1]
     json.dump(meta, open(other / "meta.json", "w"))
     one_line_error(run_cli(["mdlm.py", "--train", "--resume", f"--out_dir={out}", "--max_iters=12",
-                            f"--data_dir={other}"], check=False), "with other symbols", "resume with the checkpoint's")
+                            f"--data_dir={other}"], check=False), "with other symbols",
+                   f"resume with the run's own data (--dataset=shakespeare_char --data_dir={data})")
     cfg = common.parse_args(M.Config, ["--eval", f"--out_dir={out}", "--dataset=text8"])[1]
     assert cfg.dataset == "text8" and cfg.data_dir == ""
-    with pytest.raises(SystemExit, match="the run being resumed trains on shakespeare_char"):  # its data is the run's
+    with pytest.raises(SystemExit, match="the run being resumed has --dataset=shakespeare_char"):  # its data is the run's
         common.parse_args(M.Config, ["--train", "--resume", f"--out_dir={out}", "--dataset=text8"])
+    # so are its random streams: a --seed was ignored by training (the saved states win) yet changed the evals
+    with pytest.raises(SystemExit, match="--seed=7: the run being resumed has --seed=1337; drop it"):
+        common.parse_args(M.Config, ["--train", "--resume", f"--out_dir={out}", "--seed=7"])
+    assert common.parse_args(M.Config, ["--train", "--resume", f"--out_dir={out}", "--seed=1337"])[1].seed == 1337
     # what else a method fixes beside the shape (ddpm: T, schedule, pred), and a spent --init_from
     import ddpm
     d = tmp_path / "ddpm"
@@ -255,6 +261,10 @@ def test_resume_keeps_the_runs_settings(run6, tmp_path):
     common.save_checkpoint(str(tmp_path / "ft" / "ckpt.pt"),
                            {"method": "mdlm", "config": dataclasses.asdict(M.Config(init_from="kuleshov-group/mdlm-owt"))})
     assert common.parse_args(M.Config, ["--train", "--resume", f"--out_dir={tmp_path / 'ft'}"])[1].init_from == ""
+    # mdlm's --time_cond: a fine-tuned published model keeps its adaLN layers either way, so the weights loaded and
+    # the network was fed times it never saw, silently
+    with pytest.raises(SystemExit, match=r"--time_cond is fixed by the checkpoint \(False\)"):
+        common.parse_args(M.Config, ["--eval", f"--out_dir={tmp_path / 'ft'}", "--time_cond=true"])
     common.RESUMED.clear()  # read for runs this test does not train
 
 
@@ -314,7 +324,7 @@ def test_resume_on_other_text_of_the_same_tokenizer_is_refused(run6, tmp_path):
     corpus.write_split(str(other), ids[::-1][:50_000], ids[:5_000], {k: meta[k] for k in corpus.TOKENIZER_KEYS if k in meta})
     r = run_cli(mdlm(out, other, "--max_iters=9", "--resume"), check=False)
     one_line_error(r, "was trained on other text than", "(its train.bin differs); resume with the run's own data "
-                   f"(--data_dir={data})")
+                   f"(--dataset=shakespeare_char --data_dir={data})")
 
 
 def test_a_diverged_judge_scores_an_infinite_perplexity(monkeypatch, capsys):
