@@ -661,12 +661,11 @@ def judge_texts(judge_path, texts, tok, meta, device):
     if judge_path.endswith(".pt"):
         judge, _ = load_judge(judge_path, meta, device)
         ids = [torch.tensor(tok.encode(t), dtype=torch.long) for t in texts]
-        total = sum(judge_nll(judge, x[None]) * len(x) for x in ids if len(x))
-        return total / max(1, sum(len(x) for x in ids)), ids
+        if not any(len(x) for x in ids):  # it reported NLL 0, perplexity 1
+            die("no sample holds a token for the judge to score; draw longer samples")
+        return sum(judge_nll(judge, x[None]) * len(x) for x in ids if len(x)) / sum(len(x) for x in ids), ids
     import hub
-    model, jtok = hub.load_hf_judge(judge_path, device)
-    scored = [hub.hf_judge_nll(model, jtok, t) for t in texts]
-    return sum(s[0] for s in scored) / max(1, sum(s[1] for s in scored)), [torch.tensor(s[3], dtype=torch.long) for s in scored]
+    return hub.hf_judge_texts(judge_path, texts, device)
 
 
 def judge_samples(judge_path, samples, meta, tok, device):

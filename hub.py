@@ -24,6 +24,7 @@ Also here: a transformers causal LM as the judge of generative perplexity (--jud
 directory), and samples as .jsonl files (--samples_out, --samples_in).
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -31,6 +32,7 @@ import re
 
 import torch
 
+import corpus
 from common import die, write_file
 
 CONFIG = "config.json"
@@ -117,19 +119,25 @@ def architecture(config, path):
     """config.json -> (method, dims): SEDD's training config or MDLM's transformers-style config."""
     try:
         if "graph" in config and "tokens" in config:  # SEDD: the hydra config the run was trained with
-            m = config["model"]
-            return "sedd", dict(vocab_size=int(config["tokens"]), n_embd=int(m["hidden_size"]), cond_dim=int(m["cond_dim"]),
-                                n_layer=int(m["n_blocks"]), n_head=int(m["n_heads"]), block_size=int(m["length"]),
-                                graph=config["graph"]["type"], scale_by_sigma=bool(m["scale_by_sigma"]),
-                                noise=dict(config["noise"]), prefix="")
-        if "hidden_dim" in config and "n_blocks" in config:  # MDLM: [MASK] is the last of vocab_size ids
-            return "mdlm", dict(vocab_size=int(config["vocab_size"]) - 1, n_embd=int(config["hidden_dim"]),
-                                cond_dim=int(config["cond_dim"]), n_layer=int(config["n_blocks"]),
-                                n_head=int(config["n_heads"]), block_size=int(config["model_length"]),
-                                time_cond=bool(config.get("time_conditioning", False)), prefix="backbone.")
+            m, noise = config["model"], dict(config["noise"])
+            if noise.get("type") == "geometric":
+                noise.update(sigma_min=float(noise["sigma_min"]), sigma_max=float(noise["sigma_max"]))
+            found = "sedd", dict(vocab_size=int(config["tokens"]), n_embd=int(m["hidden_size"]), cond_dim=int(m["cond_dim"]),
+                                 n_layer=int(m["n_blocks"]), n_head=int(m["n_heads"]), block_size=int(m["length"]),
+                                 graph=config["graph"]["type"], scale_by_sigma=bool(m["scale_by_sigma"]), noise=noise, prefix="")
+        elif "hidden_dim" in config and "n_blocks" in config:  # MDLM: [MASK] is the last of vocab_size ids
+            found = "mdlm", dict(vocab_size=int(config["vocab_size"]) - 1, n_embd=int(config["hidden_dim"]),
+                                 cond_dim=int(config["cond_dim"]), n_layer=int(config["n_blocks"]),
+                                 n_head=int(config["n_heads"]), block_size=int(config["model_length"]),
+                                 time_cond=bool(config.get("time_conditioning", False)), prefix="backbone.")
+        else:
+            die(f"{path}/{CONFIG} is neither a SEDD config (tokens, graph, model) nor an MDLM one (hidden_dim, n_blocks)")
     except (KeyError, TypeError, ValueError) as e:
         die(f"{path}/{CONFIG} lacks or misstates {e}; it is not a SEDD or MDLM checkpoint config")
-    die(f"{path}/{CONFIG} is neither a SEDD config (tokens, graph, model) nor an MDLM one (hidden_dim, n_blocks)")
+    small = [k for k in ("vocab_size", "n_embd", "cond_dim", "n_layer", "n_head", "block_size") if found[1][k] < 1]
+    if small:
+        die(f"{path}/{CONFIG}: {', '.join(f'{k}={found[1][k]}' for k in small)} must be at least 1")
+    return found
 
 
 def published_shapes(a, n_out):
@@ -238,8 +246,9 @@ def load_model(init_from, method, config_cls, overrides, build_model, prepare=No
             "difflm knows for a published checkpoint; fine-tune it on your data with --train --dataset=...")
     meta = prepare(cfg) if prepare else dict(GPT2_META)
     if meta.get("vocab_size") != a["vocab_size"]:
-        die(f"{init_from} models {a['vocab_size']} tokens, the data {cfg.dataset} has {meta.get('vocab_size')} "
-            f"({meta.get('tokenizer')}); use a dataset with the checkpoint's tokenizer (GPT-2: --dataset=shakespeare)")
+        fix = "point --data_dir at GPT-2-token data, or drop it" if cfg.data_dir else "use --dataset=shakespeare or other GPT-2-token data"
+        die(f"{init_from} models {a['vocab_size']} tokens, the data in {corpus.data_path(cfg)} has {meta.get('vocab_size')} "
+            f"({meta.get('tokenizer')}); {fix}")
     model = build_model(cfg, meta)
     drop = a["prefix"] + "rotary_emb.inv_freq"
     model.load_state_dict({rename(k[len(a["prefix"]):]): v.float() for k, v in state.items() if k != drop})
@@ -264,7 +273,7 @@ def load_hf_judge(name, device="cpu"):
 def hf_judge_tokenizer(name):
     """A transformers judge's tokenizer: what --eval --gen reads first, so a wrong --judge stops before the bound."""
     try:
-        from transformers import AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
     except ImportError:
         die(f"--judge={name} is a transformers model and needs transformers (pip install -e \".[hub]\"); "
             f"or pass an ar.py checkpoint (--judge=out/ar/ckpt.pt)")
@@ -276,12 +285,31 @@ def hf_judge_tokenizer(name):
     if len(tok) < 2 or not tok("a b")["input_ids"]:  # transformers builds an empty one from a bare config
         die(f"the judge {name} has no tokenizer files (tokenizer.json, or vocab and merges); "
             f"save the tokenizer beside the model (tokenizer.save_pretrained) or pass a hub id while online")
+    with contextlib.suppress(Exception):  # a config that does not load: the model's load says why, later
+        judge_context(AutoConfig.from_pretrained(name), name)
     return tok
 
 
-def judge_context(model):
-    c = model.config
-    return getattr(c, "n_positions", None) or c.max_position_embeddings
+def judge_context(config, name="the judge"):
+    """The judge's context length, from its transformers config; one that states none (or -1) stops with one line."""
+    try:
+        n = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    except NotImplementedError:  # XLNet's config raises it: "no sequence length limit"
+        n = None
+    if not isinstance(n, int) or n < 2:
+        die(f"{name}'s config gives no context length (n_positions or max_position_embeddings: {n}); "
+            "use a judge with a fixed context (gpt2-large, as the MDLM paper)")
+    return n
+
+
+def hf_judge_texts(name, texts, device):
+    """Texts -> (nats per scored token, the judge's ids of each) under a transformers judge."""
+    model, tok = load_hf_judge(name, device)
+    scored = [hf_judge_nll(model, tok, t) for t in texts]
+    if sum(s[1] for s in scored) == 0:  # it reported NLL 0, perplexity 1
+        die(f"no sample is long enough for the judge {name} to score (it scores from a text's second token); "
+            "draw longer samples")
+    return sum(s[0] for s in scored) / sum(s[1] for s in scored), [torch.tensor(s[3], dtype=torch.long) for s in scored]
 
 
 @torch.no_grad()
@@ -290,7 +318,7 @@ def hf_judge_nll(model, tok, text):
     than the judge's context; the first token of each chunk is context only, as in the MDLM paper's
     generative perplexity. Returns (total nats, tokens scored, chunks, the judge's ids)."""
     ids = tok(text)["input_ids"]
-    ctx, device = judge_context(model), next(model.parameters()).device
+    ctx, device = judge_context(model.config), next(model.parameters()).device
     total, count, chunks = 0.0, 0, 0
     for s in range(0, len(ids), ctx):
         x = torch.tensor(ids[s:s + ctx], device=device)[None]  # (1, T)

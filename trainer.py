@@ -26,8 +26,8 @@ import time
 import torch
 import torch.nn as nn
 
-from common import (RESUMED, TextConfig, autocast, config_from_checkpoint, die, get_device, load_checkpoint, load_judge,
-                    out_dir, save_checkpoint, write_file)
+from common import (PER_COMMAND, RESUMED, TextConfig, autocast, config_from_checkpoint, die, get_device, load_checkpoint,
+                    load_judge, out_dir, save_checkpoint, write_file)
 import difflm_ops
 import hub
 from corpus import TOKENIZER_KEYS, Batches, data_path, get_tokenizer, prepare_data, tokenizer_name
@@ -154,7 +154,7 @@ def fit_state(module, state, path, saved_cfg, cfg, what="model"):
     except (RuntimeError, ValueError, KeyError) as e:
         now = dataclasses.asdict(cfg)
         differ = [f"{k}={saved_cfg[k]!r} (here {now[k]!r})" for k in now
-                  if k in saved_cfg and k not in RUN_KEYS and saved_cfg[k] != now[k]]
+                  if k in saved_cfg and k not in RUN_KEYS | PER_COMMAND and saved_cfg[k] != now[k]]  # not init_from
         hint = f"it was trained with {', '.join(differ[:4])}" if differ else "it was trained with other settings"
         die(f"{path} does not fit this {what} ({str(e).strip().splitlines()[0][:160]}); {hint}")
 

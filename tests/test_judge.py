@@ -156,3 +156,23 @@ def test_hub_judge_offline_is_one_line(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     assert "no-such-owner/no-such-judge" in lines[0] and "tokenizer" in lines[0]
+
+
+def test_nothing_to_score_is_one_line_not_a_perfect_score(judge_dir, tmp_path):
+    """Texts of one judge token (--seq_len=1) leave a transformers judge nothing to predict, and an ar.py judge
+    nothing at all in empty texts: both reported NLL 0 and perplexity 1. A judge whose config states no context
+    length (Bloom, Mamba; XLNet's -1) was a traceback, or NLL 0, after the bound had run."""
+    with pytest.raises(SystemExit, match="no sample is long enough for the judge .* to score"):
+        hub.hf_judge_texts(judge_dir, ["a", "b"], "cpu")
+    nll, ids = hub.hf_judge_texts(judge_dir, ["a", TEXT], "cpu")
+    assert nll > 0 and [len(x) for x in ids][0] == 1
+    for config in (transformers.BloomConfig(), transformers.XLNetConfig()):
+        with pytest.raises(SystemExit, match="config gives no context length"):
+            hub.judge_context(config)
+    assert hub.judge_context(transformers.GPT2Config(n_positions=CTX)) == CTX
+    cfg = transformers.BloomConfig(vocab_size=50257, hidden_size=8, n_layer=1, n_head=2)
+    bloom = tmp_path / "bloom"
+    transformers.BloomForCausalLM(cfg).save_pretrained(bloom)
+    transformers.AutoTokenizer.from_pretrained(judge_dir).save_pretrained(bloom)
+    with pytest.raises(SystemExit, match="config gives no context length"):  # when the tokenizer is read: before any work
+        hub.hf_judge_tokenizer(str(bloom))

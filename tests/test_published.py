@@ -242,6 +242,17 @@ def test_cli_sample_eval_and_finetune_from_a_directory(method, gpt2_checkpoints,
     saved = torch.load(out / "ckpt.pt", weights_only=True)
     assert saved["iter"] == 3 and saved["config"]["data_dir"] == gpt2_data and saved["config"]["batch_size"] == 2
     assert saved["config"]["lr"] == 5e-4
+    # a flag the fine-tuned weights do not fit: the hint names ddit, not the spent --init_from (which would load the
+    # published weights in place of the fine-tuned ones)
+    r = run_cli([f"{method}.py", "--sample", f"--out_dir={out}", "--ddit=false", "--device=cpu"], env=env(), check=False)
+    assert r.returncode == 1 and "ddit=True (here False)" in r.stderr and "init_from" not in r.stderr, r.stderr
+
+
+def test_data_of_another_vocabulary_names_its_folder(gpt2_checkpoints, char_data, tmp_path):
+    """With --data_dir, the message named the default --dataset and told the user to pass it, which changed nothing."""
+    line = one_line_error(["mdlm.py", "--train", f"--init_from={gpt2_checkpoints['mdlm']}", f"--data_dir={char_data}",
+                           f"--out_dir={tmp_path}", "--device=cpu"])
+    assert f"the data in {char_data} has 65 (char); point --data_dir at GPT-2-token data, or drop it" in line
 
 
 # ----------------------------------------------------------------------------------------------
@@ -302,6 +313,16 @@ def test_missing_or_extra_keys_are_named(tmp_path):
     save_file(state, os.path.join(path, "model.safetensors"))
     line = one_line_error(["sedd.py", "--sample", f"--init_from={path}", "--device=cpu"])
     assert "missing blocks.1.mlp.0.bias" in line and "unexpected blocks.7.norm1.weight" in line
+
+
+def test_a_config_with_missing_noise_or_zero_sizes_is_one_line(tmp_path):
+    """A geometric SEDD config without sigma_min (KeyError) and n_heads 0 (ZeroDivisionError) were tracebacks."""
+    s = write_sedd(tmp_path / "s", tokens=20, hidden=16, cond=8, n_blocks=1, n_heads=2, length=8)
+    config = json.load(open(os.path.join(s, "config.json")))
+    for key, value, expect in (("noise", {"type": "geometric", "sigma_max": 20}, "lacks or misstates 'sigma_min'"),
+                               ("model", {**config["model"], "n_heads": 0}, "n_head=0 must be at least 1")):
+        json.dump({**config, key: value}, open(os.path.join(s, "config.json"), "w"))
+        assert expect in one_line_error(["sedd.py", "--sample", f"--init_from={s}", "--device=cpu"])
 
 
 @pytest.mark.parametrize("case", ["mdlm_into_sedd", "sedd_into_mdlm", "other_graph", "not_a_dir", "no_weights", "shape_flag",
