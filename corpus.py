@@ -110,7 +110,8 @@ class GPT2Tokenizer:
         self.vocab_size = self.enc.n_vocab
 
     def encode(self, text, what="text"):
-        return self.enc.encode_ordinary(text)
+        # "<|endoftext|>", as decode writes it, is the end-of-text id again: a samples file's document breaks
+        return self.enc.encode(text, allowed_special={"<|endoftext|>"})
 
     def decode(self, ids, mask_char="_"):
         # masked ids (>= vocab) are shown as a marker between the decoded runs

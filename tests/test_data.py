@@ -121,6 +121,9 @@ def test_word_specials_read_back_as_themselves():
     assert tok.words[:4] == list(corpus.WordTokenizer.SPECIALS) and len(set(tok.words)) == len(tok.words)
     ids = [tok.START] + tok.encode("the cat") + [tok.UNK] + tok.encode("sat .") + [tok.END]
     assert tok.encode(tok.decode(ids)) == ids
+    gpt2 = corpus.GPT2Tokenizer()  # and GPT-2's end-of-text, which fell apart into 5 pieces ("<", "|", "endoft", ...)
+    ids = [15496, 995, 13, 50256, 50256, 383, 886, 13]
+    assert gpt2.encode(gpt2.decode(ids)) == ids
 
 
 def test_own_text_char_and_word(tmp_path, monkeypatch, capsys):
