@@ -9,7 +9,8 @@ Each file is split on its own: its first 1 - val_fraction characters go to train
 so every file is represented in both; the cut moves on to the next white space, so no word is split. Tokenizers:
   char  every character that occurs in the files (as shakespeare_char)
   word  words and punctuation seen at least --min_count times in train; the rest become <unk>
-  gpt2  GPT-2 BPE (tiktoken); an end-of-text token separates the files
+  gpt2  GPT-2 BPE (tiktoken); an end-of-text token separates the files (and "<|endoftext|>" written
+        in a text is that token)
 An existing dataset folder is replaced only with --force. The whole text is held in memory (as
 Python ints while encoding), which suits texts up to about 100 MB; larger corpora want a streaming
 prepare.py of their own (see data/openwebtext).
