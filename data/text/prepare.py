@@ -6,7 +6,8 @@ after which mdlm.py, sedd.py and ar.py take --dataset=NAME (diffusion_lm.py word
                                 [--tokenizer=char|word|gpt2] [--val_fraction=0.1] [--force]
 
 Each file is split on its own: its first 1 - val_fraction characters go to train, the rest to val,
-so every file is represented in both; the cut moves on to the next white space, so no word is split. Tokenizers:
+so every file is represented in both; the cut moves on to the next white space, so no word is split.
+Tokenizers:
   char  every character that occurs in the files (as shakespeare_char)
   word  words and punctuation seen at least --min_count times in train; the rest become <unk>
   gpt2  GPT-2 BPE (tiktoken); an end-of-text token separates the files (and "<|endoftext|>" written
