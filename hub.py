@@ -315,19 +315,21 @@ def hf_judge_texts(name, texts, device):
 @torch.no_grad()
 def hf_judge_nll(model, tok, text):
     """-log p_judge (nats, summed) of text re-tokenised by the judge's tokenizer, in chunks no longer
-    than the judge's context; the first token of each chunk is context only, as in the MDLM paper's
-    generative perplexity. Returns (total nats, tokens scored, chunks, the judge's ids)."""
+    than the judge's context, as in the MDLM paper's generative perplexity: the first token of each chunk
+    is context only, and an end-of-text token after the chunk's first is not scored (a run of them is
+    easy to predict). Returns (total nats, tokens scored, chunks, the judge's ids)."""
     ids = tok(text)["input_ids"]
     ctx, device = judge_context(model.config), next(model.parameters()).device
     total, count, chunks = 0.0, 0, 0
     for s in range(0, len(ids), ctx):
-        x = torch.tensor(ids[s:s + ctx], device=device)[None]  # (1, T)
+        x = torch.tensor(ids[s:s + ctx], device=device)  # (T,)
         chunks += 1
-        if x.shape[1] < 2:
+        if len(x) < 2:
             continue
-        logits = model(x).logits.float()  # (1, T, V)
-        total += float(torch.nn.functional.cross_entropy(logits[0, :-1], x[0, 1:], reduction="sum"))
-        count += x.shape[1] - 1
+        eos = x == (tok.eos_token_id if tok.eos_token_id is not None else -1)
+        keep = (~eos | (eos.cumsum(0) == 1))[1:]  # (T - 1,) the targets scored
+        nll = torch.nn.functional.cross_entropy(model(x[None]).logits.float()[0, :-1], x[1:], reduction="none")
+        total, count = total + float(nll[keep].sum()), count + int(keep.sum())
     return total, count, chunks, ids
 
 

@@ -176,3 +176,18 @@ def test_nothing_to_score_is_one_line_not_a_perfect_score(judge_dir, tmp_path):
     transformers.AutoTokenizer.from_pretrained(judge_dir).save_pretrained(bloom)
     with pytest.raises(SystemExit, match="config gives no context length"):  # when the tokenizer is read: before any work
         hub.hf_judge_tokenizer(str(bloom))
+
+
+def test_end_of_text_tokens_after_a_chunks_first_are_not_scored(judge_dir):
+    """As the MDLM code's generative perplexity counts them: a run of end-of-text tokens (a sample's padding,
+    easy to predict) flattered the figure when every one was scored."""
+    model, tok = hub.load_hf_judge(judge_dir)
+    text = "It is the east" + "<|endoftext|>" * 4 + " and Juliet"
+    total, count, chunks, ids = hub.hf_judge_nll(model, tok, text)
+    assert ids.count(tok.eos_token_id) == 4 and chunks == 1 and count == len(ids) - 1 - 3
+    x = torch.tensor(ids)
+    with torch.no_grad():
+        nll = torch.nn.functional.cross_entropy(model(x[None]).logits[0, :-1], x[1:], reduction="none")
+    keep = torch.ones(len(ids) - 1, dtype=torch.bool)
+    keep[[i - 1 for i, t in enumerate(ids) if t == tok.eos_token_id][1:]] = False  # the 2nd, 3rd and 4th
+    assert abs(total - float(nll[keep].sum())) < 1e-4
