@@ -212,26 +212,38 @@ def write_split(out_dir, train_ids, val_ids, meta, test_ids=None, texts=None):
             "val_tokens": arrays["val.bin"].size, **({"test_tokens": arrays["test.bin"].size} if test_ids is not None else {}),
             "files": {name: {"bytes": a.nbytes, "sha256": hashlib.sha256(a.tobytes()).hexdigest()}
                       for name, a in arrays.items()}}
-    tmp, texts = f".{os.getpid()}.tmp", texts or {}
+    texts = texts or {}
     with data_lock(out_dir, "write.lock"):  # two prepare.py runs into one folder: one writes, then the other
-        try:
+        with temporary_files(out_dir, list(arrays) + list(texts) + ["meta.json"]) as tmp:
             for name, content in {**arrays, **texts}.items():
-                with open(os.path.join(out_dir, name + tmp), "wb") as f:  # f.write: a full disk's errno, not numpy's count
+                with open(tmp[name], "wb") as f:  # f.write: a full disk's errno, not numpy's count
                     f.write("".join(content).encode("utf-8") if name in texts else content.data)
-            with open(os.path.join(out_dir, "meta.json" + tmp), "w") as f:
+            with open(tmp["meta.json"], "w") as f:
                 json.dump(meta, f)
-        except OSError as e:  # a full disk: this run's temporary files go, the folder stays as it was
-            for name in list(arrays) + list(texts) + ["meta.json"]:
-                with contextlib.suppress(OSError):
-                    os.remove(os.path.join(out_dir, name + tmp))
-            die(f"cannot write {out_dir}: {e.strerror or e}; free disk space or choose another --out_dir")
         mark_unprepared(out_dir)
         for name in set(FOLDER_FILES) - set(arrays) - set(texts):  # e.g. E2E's examples under another corpus's ids
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(out_dir, name))
-        for name in list(arrays) + list(texts) + ["meta.json"]:
-            os.replace(os.path.join(out_dir, name + tmp), os.path.join(out_dir, name))
+        for name, path in tmp.items():  # meta.json last
+            os.replace(path, os.path.join(out_dir, name))
     return meta
+
+
+@contextlib.contextmanager
+def temporary_files(out_dir, names):
+    """{name: this process's temporary path for out_dir/name}, for the caller to write and then rename. A failure
+    on the way (a bad document, a full disk, Ctrl-C) removes them, so the folder stays as it was; an OSError is
+    one line."""
+    tmp = {name: os.path.join(out_dir, f"{name}.{os.getpid()}.tmp") for name in names}
+    try:
+        yield tmp
+    except BaseException as e:
+        for path in tmp.values():
+            with contextlib.suppress(OSError):
+                os.remove(path)
+        if isinstance(e, OSError):
+            die(f"cannot write {out_dir}: {e.strerror or e}; free disk space or choose another --out_dir")
+        raise
 
 
 def read_utf8(path, flag="--input"):

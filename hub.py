@@ -306,10 +306,11 @@ def hf_judge_texts(name, texts, device):
     """Texts -> (nats per scored token, the judge's ids of each) under a transformers judge."""
     model, tok = load_hf_judge(name, device)
     scored = [hf_judge_nll(model, tok, t) for t in texts]
-    if sum(s[1] for s in scored) == 0:  # it reported NLL 0, perplexity 1
+    total, count = sum(s[0] for s in scored), sum(s[1] for s in scored)
+    if count == 0:  # it reported NLL 0, perplexity 1
         die(f"no sample is long enough for the judge {name} to score (it scores from a text's second token); "
             "draw longer samples")
-    return sum(s[0] for s in scored) / sum(s[1] for s in scored), [torch.tensor(s[3], dtype=torch.long) for s in scored]
+    return total / count, [torch.tensor(s[3], dtype=torch.long) for s in scored]
 
 
 @torch.no_grad()

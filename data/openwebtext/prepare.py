@@ -197,19 +197,17 @@ def write(out_dir, sources, n_val, num_proc, what):
     """The token files under temporary names, then meta.json out, the files renamed, the new meta.json in. A bad
     document, a full disk or Ctrl-C on the way removes the temporary files and leaves the folder as it was."""
     from tqdm import tqdm
-    total, files = sum(n for n, _ in sources), {}
-    tmp = {s: os.path.join(out_dir, f"{s}.bin.{os.getpid()}.tmp") for s in SPLITS}
-    tokens = dict.fromkeys(SPLITS, 0)
+    total, tokens = sum(n for n, _ in sources), dict.fromkeys(SPLITS, 0)
     bar = tqdm(total=total, unit="doc", desc="tokenising", disable=None)
+    # the files close before a failure removes them
+    with corpus.temporary_files(out_dir, [f"{s}.bin" for s in SPLITS]) as tmp, contextlib.ExitStack() as stack:
+        files = {s: stack.enter_context(open(tmp[f"{s}.bin"], "wb")) for s in SPLITS}
 
-    def save(split, ids, docs):
-        ids.tofile(files[split])
-        tokens[split] += len(ids)
-        bar.update(docs)
+        def save(split, ids, docs):
+            ids.tofile(files[split])
+            tokens[split] += len(ids)
+            bar.update(docs)
 
-    try:
-        for s in SPLITS:
-            files[s] = open(tmp[s], "wb")
         if num_proc == 1:
             for split, texts in split_tasks(sources, n_val):
                 save(split, tokenize(texts), len(texts))
@@ -225,20 +223,10 @@ def write(out_dir, sources, n_val, num_proc, what):
                 while pending:
                     split_, fut, docs = pending.popleft()
                     save(split_, fut.result(), docs)
-        for f in files.values():
-            f.close()
-    except BaseException as e:
-        for s, f in files.items():
-            f.close()
-            with contextlib.suppress(OSError):
-                os.remove(tmp[s])
-        if isinstance(e, OSError):
-            common.die(f"cannot write {out_dir}: {e.strerror or e}; free disk space or choose another --out_dir")
-        raise
     bar.close()
     corpus.mark_unprepared(out_dir)  # meta.json goes just before the files it describes are replaced
-    for s in SPLITS:
-        os.replace(tmp[s], os.path.join(out_dir, f"{s}.bin"))
+    for name, path in tmp.items():
+        os.replace(path, os.path.join(out_dir, name))
     meta = {"tokenizer": "gpt2", "vocab_size": EOT + 1, "eot": EOT, "dtype": "uint16", "source": what,
             "train_tokens": tokens["train"], "val_tokens": tokens["val"], "train_docs": total - n_val, "val_docs": n_val,
             "command": corpus.rerun_command(),
