@@ -419,7 +419,7 @@ def load_published(config_cls, overrides, method, build_model):
     load_for_inference, with no iteration to report; --eval logs into out_dir."""
     cfg, model, meta = hub.load_model(overrides["init_from"], method, config_cls, overrides, build_model)
     os.makedirs(out_dir(cfg, method), exist_ok=True)
-    check_judge(cfg, meta, method)
+    check_files(cfg, meta, method)
     torch.manual_seed(cfg.seed)
     return cfg, model.to(get_device(cfg)).eval(), get_tokenizer(meta), meta, {"iter": None}
 
@@ -444,7 +444,7 @@ def load_for_inference(config_cls, overrides, method, build_model, ckpt=None):
     ema = cfg.ema > 0 and ckpt["config"].get("ema", 0) > 0  # a run trained with --ema=0 has no EMA weights
     fit_state(model, ckpt["ema"] if ema else ckpt["model"], f"{where}/ckpt.pt", ckpt["config"], cfg)
     device = get_device(cfg)
-    check_judge(cfg, meta, method)
+    check_files(cfg, meta, method)
     torch.manual_seed(cfg.seed)
     return cfg, model.to(device).eval(), get_tokenizer(meta), meta, ckpt
 
@@ -458,9 +458,12 @@ def read_judge(judge, meta=None):
         hub.hf_judge_tokenizer(judge)
 
 
-def check_judge(cfg, meta, method):
-    """--eval --gen: the judge and --samples_in read before any evaluation work, so that a missing or
-    mismatched one stops the run at once (generative_eval reads them again)."""
+def check_files(cfg, meta, method):
+    """The files a command reads or writes besides the checkpoint, before any sampling or evaluation work, so
+    that a missing or mismatched one stops the run at once: --eval --gen's judge and --samples_in (generative_eval
+    reads them again), --sample's --samples_out."""
+    if os.path.isdir(getattr(cfg, "samples_out", "")):
+        die(f"--samples_out={cfg.samples_out} is a folder; name a file, e.g. --samples_out={os.path.join(cfg.samples_out, 'samples.jsonl')}")
     if getattr(cfg, "gen", False):
         if method == "diffuser" and meta.get("seq2seq"):  # its E2E models realise given MRs (an E2E mdlm's do not)
             die("--gen is for unconditional models; an E2E model is scored by BLEU (drop --gen)")

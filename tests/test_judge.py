@@ -101,6 +101,9 @@ def test_cli_sample_to_file_then_judge_it(judge_dir, char_data, tmp_path):
     run_cli(["mdlm.py", "--train", f"--data_dir={char_data}", f"--out_dir={out}"] + TINY)
     run_cli(["mdlm.py", "--sample", f"--out_dir={out}", "--steps=4", "--num_samples=3", "--seed=7",
              f"--samples_out={f}", "--device=cpu"])
+    r = run_cli(["mdlm.py", "--sample", f"--out_dir={out}", "--steps=4", f"--samples_out={tmp_path}", "--device=cpu"],
+                check=False)  # a folder is refused before the sampling it would have thrown away
+    assert r.returncode == 1 and "--samples_out" in r.stderr and "=== sample" not in r.stdout, r.stdout + r.stderr
     records = [json.loads(x) for x in open(f)]
     assert len(records) == 3 and all(r["method"] == "mdlm" and r["steps"] == 4 and r["seed"] == 7 for r in records)
     assert records[0]["checkpoint"] == os.path.join(out, "ckpt.pt") and all(r["text"] for r in records)
