@@ -206,6 +206,51 @@ def test_sampling_keeps_x0_hat_inside_the_datas_range(sampler):
     assert (x.mean(0) - MEAN).abs().max() < 0.1
 
 
+@pytest.mark.parametrize("sampler,var,eta", [("ancestral", "beta", 0.0), ("ancestral", "posterior", 0.0),
+                                              ("ddim", "beta", 1.0), ("ddim", "beta", 0.5)])
+def test_a_respaced_jumps_noise_has_its_own_variance(sampler, var, eta):
+    """One jump t -> s of a respaced chain adds noise of variance beta = 1 - ab_t / ab_s, its posterior variance
+    (1 - ab_s) / (1 - ab_t) beta, or DDIM's eta^2 times that. Over all 1000 steps the last two are close, so only
+    a long jump tells them apart: a model that predicts eps = 0 from x_T = 0 leaves that noise alone at s."""
+    ab = ddpm.alpha_bars(ddpm.betas_for("linear", 1000))
+    t, s, n = 999, 49, 100000
+    beta = float(1 - ab[t] / ab[s])
+    post = float((1 - ab[s]) / (1 - ab[t])) * beta
+    want = {"beta": beta, "posterior": post}[var] if sampler == "ancestral" else eta**2 * post
+    seen = {}
+    torch.manual_seed(0)
+    ddpm.sample(lambda x, k: torch.zeros_like(x), torch.zeros(n, 2, dtype=torch.float64), ab, [t, s, 0], "eps",
+                sampler, var, eta, show=lambda k, x: seen.setdefault(k, x.double()))
+    x = seen[s]
+    assert x.mean(0).abs().max() < 5 * math.sqrt(want / n)
+    assert (x.var(0) / want - 1).abs().max() < 0.02  # the estimate's own error: sqrt(2 / n) = 0.45%
+
+
+def test_ddim_after_the_clip_follows_the_clipped_x0():
+    """With clip, eps_hat is recomputed from the clipped x0_hat, so a DDIM step is the map of eq. 12 for that x0
+    (the references' order); a step mixing the clipped x0_hat with the network's eps lands elsewhere."""
+    ab = ddpm.alpha_bars(ddpm.betas_for("linear", 1000))
+    t, s = 999, 499
+    xT = torch.tensor([[0.3, -1.2], [2.0, 0.5]], dtype=torch.float64)
+    eps = torch.tensor([3.0, -4.0], dtype=torch.float64)  # x0_hat far outside the range below
+    lo, hi = torch.tensor([-1.0, -1.0]), torch.tensor([1.0, 1.0])
+    seen = {}
+    ddpm.sample(lambda x, k: eps.expand_as(x), xT, ab, [t, s, 0], "eps", "ddim", clip=(lo, hi),
+                show=lambda k, x: seen.setdefault(k, x.double()))
+    a_t, a_s = ab[t].sqrt(), ab[s].sqrt()
+    c = ((xT - (1 - ab[t]).sqrt() * eps) / a_t).clamp(-1, 1)
+    expected = a_s * c + (1 - ab[s]).sqrt() * (xT - a_t * c) / (1 - ab[t]).sqrt()
+    assert torch.allclose(seen[s], expected, atol=1e-5)
+
+
+def test_training_draws_every_step_including_the_first():
+    """k is uniform over 0 .. T-1 (paper steps 1 .. T): the last step of every sampler predicts x_0 from k = 0."""
+    ab = ddpm.alpha_bars(ddpm.betas_for("linear", 10))
+    drawn = []
+    ddpm.loss_fn(lambda x, k: drawn.append(k) or torch.zeros_like(x), torch.zeros(4000, 2), ab, "eps")
+    assert sorted(set(torch.cat(drawn).tolist())) == list(range(10))
+
+
 @pytest.mark.parametrize("steps", [50, 10])
 def test_ddim_few_steps_is_the_exact_affine_map(steps):
     """With few steps DDIM is not exact: for Gaussian data each step is an affine map that shrinks the

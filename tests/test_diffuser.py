@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -208,6 +209,17 @@ def test_generator_batches_show_a_random_subset_of_the_slots():
         if len(slots) >= 4:
             shown_frac.append(1 - np.mean(open_))
     assert 0.3 < np.mean(shown_frac) < 0.55  # u ~ U(0, 1), one slot kept open
+
+
+def test_each_loss_term_is_a_mean_over_its_targets():
+    """The tag, insertion and generator cross-entropies average over the positions with a target (y >= 0), as
+    F.cross_entropy's ignore_index does, not over every position: padding must not reweight the terms."""
+    torch.manual_seed(0)
+    logits, y = torch.randn(4, 7, 5), torch.randint(5, (4, 7))
+    y[torch.rand(4, 7) < 0.5] = -100
+    want = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
+    assert torch.allclose(D.mean_ce(logits, y), want, rtol=1e-6)
+    assert D.mean_ce(logits, torch.full_like(y, -100)) == 0  # a batch without targets adds nothing
 
 
 def test_revision_history_replays():

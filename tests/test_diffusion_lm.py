@@ -245,6 +245,22 @@ def test_the_bound_terms_are_their_closed_forms():
     assert torch.allclose(terms["rounding_sum"], nll, rtol=1e-4, atol=1e-4)
 
 
+def test_the_first_step_regresses_onto_the_embedding():
+    """The x_0 MSE's target is E[w] at the first step (the embedding term of the end-to-end objective, paper
+    App. E) and the drawn x_0 after it: a denoiser that predicts 0 scores |E[w]|^2 there and |x_0|^2 later."""
+    m = D.DiffusionLM(tiny_cfg(), 30).eval()
+    m.denoise = lambda x, t: torch.zeros_like(x)
+    w = torch.randint(30, (3, tiny_cfg().block_size))
+    torch.manual_seed(5)
+    with torch.no_grad():
+        terms = m(w, torch.tensor([0, 0, 7]))
+        torch.manual_seed(5)
+        emb = m.embed(w)
+        x0 = emb + m.beta0.sqrt() * torch.randn_like(emb)  # the draw forward() made first
+    want = torch.stack([emb[0].pow(2).mean(), emb[1].pow(2).mean(), x0[2].pow(2).mean()])
+    assert torch.allclose(terms["mse"], want, rtol=1e-6), (terms["mse"], want)
+
+
 def test_the_bound_estimates_the_sum_over_every_step(toy_model):
     """--eval's sum over t >= 2 drew t uniformly: the few early steps that hold most of the weight were
     rarely drawn, so the printed bound swung with the seed (10.5 to 31 nats on E2E) and sat mostly far

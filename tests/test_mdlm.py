@@ -37,6 +37,15 @@ def test_masked_fraction_matches_one_minus_alpha(t, schedule, seed):
     assert torch.equal(xt[kept], x0[kept])  # unmasked tokens are unchanged
 
 
+def test_training_times_take_one_draw_from_each_stratum():
+    """MDLM's and SEDD's low-discrepancy times: the batch's i-th time lies in the i-th of B equal strata of
+    [t_min, 1], the last one (the noisiest times) included."""
+    B, t_min = 64, 1e-3
+    torch.manual_seed(0)
+    t = common.sample_times(B, t_min, "cpu")
+    assert torch.equal(((t - t_min) / (1 - t_min) * B).floor().long(), torch.arange(B))
+
+
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_schedule_monotone_with_endpoints(schedule):
     eps = 1e-3

@@ -103,8 +103,9 @@ def test_mdlm_fixed_positions_hold_at_every_step(sampler):
 
 @pytest.mark.parametrize("graph", sedd.GRAPHS)
 @pytest.mark.parametrize("sampler", sedd.SAMPLERS)
-def test_sedd_fixed_positions_hold_at_every_step(graph, sampler):
-    cfg, model = toy_sedd(steps=12, graph=graph, sampler=sampler)
+@pytest.mark.parametrize("t_end", [1e-5, 0.5])  # from 0.5 the last (denoising) step moves free and fixed rows alike
+def test_sedd_fixed_positions_hold_at_every_step(graph, sampler, t_end):
+    cfg, model = toy_sedd(steps=12, graph=graph, sampler=sampler, t_end=t_end)
     fixed, states = infill_fixed(16, 11), []
     out, _ = sedd.generate(model, cfg, fixed, 3, record(states))
     keep = fixed >= 0
