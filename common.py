@@ -510,7 +510,7 @@ def save_checkpoint(path, obj):
 def load_checkpoint(path, method, verb="--train"):
     """path -> the checkpoint dict, its checksum verified and its floating tensors finite (verb: what wrote it)."""
     if not os.path.isfile(path):
-        die(f"no checkpoint at {path}; train one first with `python {method}.py --train` (or pass --out_dir=...)")
+        die(f"no checkpoint at {path}; train one there with `python {method}.py {verb} --out_dir={os.path.dirname(path) or '.'}`, or name the folder holding one")
     retrain = f"retrain with `python {method}.py {verb} --overwrite --out_dir={os.path.dirname(path) or '.'}` or restore a copy"
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)

@@ -21,6 +21,7 @@ import io
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 
@@ -680,10 +681,24 @@ def read_eval_file(path, name):
     die(f"--eval_file={path}: expected {EVAL_FILE_FORMATS}")
 
 
+def hub_offline_unless_reachable():
+    """Without network the hub's clients (datasets, transformers, huggingface_hub) retry each request for about half
+    a minute, printing every retry, before they fail. Where the hub cannot be reached directly (no proxy set, and its
+    name does not resolve or no connection opens in 3 s), they are put in offline mode before their first import: a
+    cached copy is used, a missing one fails at once."""
+    if any(os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_ENDPOINT", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+    except OSError:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+
+
 def download_rows(name):
     """A set's split through `datasets` (the hub names of the MDLM code base); one line if that fails."""
     path, config, split, field, _ = EVAL_SETS[name]
     how = f"without network, save the {split} split locally and pass --eval_file=PATH ({EVAL_FILE_FORMATS})"
+    hub_offline_unless_reachable()
     try:
         import datasets
     except ImportError:

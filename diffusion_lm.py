@@ -383,7 +383,7 @@ def load_classifier(cfg, model, lm):
     its own; an older file does not say) -> on model's device, frozen."""
     path = os.path.join(common.out_dir(cfg, METHOD), "classifier.pt")
     if not os.path.isfile(path):
-        common.die(f"no classifier at {path}; train one with `python diffusion_lm.py --train_classifier`")
+        common.die(f"no classifier at {path}; train one with `python diffusion_lm.py --train_classifier --out_dir={os.path.dirname(path)}`")
     ckpt = common.load_checkpoint(path, METHOD, "--train_classifier")  # checksum and finite weights, as a model's
     ccfg = dataclasses.replace(cfg, **{k: ckpt["config"][k] for k in ("n_embd", "n_head", "classifier_layers", "embed_dim")})
     clf = Classifier(ccfg, [(f, list(v)) for f, v in ckpt["fields"]])
@@ -391,7 +391,7 @@ def load_classifier(cfg, model, lm):
     runs = [lm[k]["embed.weight"].float() for k in ("model", "ema") if "embed.weight" in lm.get(k, {})]
     if "lm_embed" in ckpt and not any(torch.equal(ckpt["lm_embed"].float(), e) for e in runs):
         common.die(f"{path} was trained on another model's embeddings (the model was retrained since); "
-                   "rerun `python diffusion_lm.py --train_classifier`")
+                   f"rerun `python diffusion_lm.py --train_classifier --out_dir={os.path.dirname(path)}`")
     return clf.to(model.embed.weight.device).eval().requires_grad_(False)
 
 
@@ -686,7 +686,7 @@ def main(argv=None):
             for spec, (g, u) in control_eval(model, clf, tok, cfg).items():
                 stats[f"control {spec}"], stats[f"unguided {spec}"] = g, u
         elif measure:
-            print("control: no classifier yet; run `python diffusion_lm.py --train_classifier` to measure it")
+            print(f"control: no classifier yet; run `python diffusion_lm.py --train_classifier --out_dir={common.out_dir(cfg, METHOD)}` to measure it")
         if cfg.gen:
             stats.update(common.generative_eval(cfg.judge, lambda n: as_stream(sample_mbr(model, cfg, tok, n), tok),
                                                 cfg.num_samples, meta, tok, f"{cfg.steps} steps, clamp={cfg.clamp}, "

@@ -64,6 +64,7 @@ def locate(init_from):
             "with --resume")
     if not re.fullmatch(r"\w[\w.-]*/[\w.-]+", init_from):  # owner/name; ./dir and ../dir are paths
         die(f"--init_from={init_from} is neither a directory nor a hub id (owner/name); {how}")
+    corpus.hub_offline_unless_reachable()
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
@@ -272,6 +273,8 @@ def load_hf_judge(name, device="cpu"):
 
 def hf_judge_tokenizer(name):
     """A transformers judge's tokenizer: what --eval --gen reads first, so a wrong --judge stops before the bound."""
+    if not os.path.isdir(name):  # a hub id
+        corpus.hub_offline_unless_reachable()
     try:
         from transformers import AutoConfig, AutoTokenizer
     except ImportError:

@@ -493,6 +493,25 @@ def test_owt_a_failed_redo_keeps_the_prepared_folder(owt_data, documents, tmp_pa
     check_owt(str(again), documents, 40)
 
 
+def test_an_unreachable_hub_puts_its_clients_offline(monkeypatch):
+    """Offline, datasets and transformers retried each request for half a minute (ten lines of retries) before the
+    one-line error; a hub that cannot be reached sets HF_HUB_OFFLINE first, which fails at once or reads the cache."""
+    for k in ("HF_HUB_OFFLINE", "HF_ENDPOINT", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(k, raising=False)
+    tried = []
+
+    def unreachable(address, timeout):
+        tried.append(address)
+        raise OSError("Name or service not known")
+    monkeypatch.setattr(corpus.socket, "create_connection", unreachable)
+    corpus.hub_offline_unless_reachable()
+    assert tried == [("huggingface.co", 443)] and os.environ.get("HF_HUB_OFFLINE") == "1"
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")  # a direct connection says nothing behind a proxy
+    corpus.hub_offline_unless_reachable()
+    assert len(tried) == 1 and "HF_HUB_OFFLINE" not in os.environ
+
+
 def test_owt_hub_without_network_or_datasets_is_one_line(tmp_path):
     """No --input: `datasets` missing -> 'pip install datasets'; present but offline -> 'could not load'."""
     r = run_cli(["data/openwebtext/prepare.py", f"--out_dir={tmp_path}"], check=False,

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 
 import pytest
@@ -442,8 +443,8 @@ def test_eval_without_control_targets_reads_no_classifier(cli_out, tmp_path, mon
     monkeypatch.setattr(D, "sample", lambda *a, **k: drawn.append(a) or torch.zeros(1, 64, dtype=torch.long))
     D.main(["--eval", f"--out_dir={tmp_path}", "--eval_batches=1", "--eval_t_samples=1", "--control_targets=, "])
     assert drawn == []
-    with pytest.raises(SystemExit, match="was trained on another model's embeddings"):
-        D.main(["--eval", f"--out_dir={tmp_path}", "--eval_batches=1", "--eval_t_samples=1"])
+    with pytest.raises(SystemExit, match=re.escape(f"rerun `python diffusion_lm.py --train_classifier --out_dir={tmp_path}`")):
+        D.main(["--eval", f"--out_dir={tmp_path}", "--eval_batches=1", "--eval_t_samples=1"])  # (the run's own folder)
     monkeypatch.setattr(corpus, "prepare_data", lambda cfg, meta=None: common.die(f"prepare {cfg.data_dir}"))
     with pytest.raises(SystemExit, match=f"prepare {tmp_path / 'new'}"):  # it said "use --dataset=e2e" of E2E
         D.main(["--train_classifier", f"--out_dir={tmp_path}", f"--data_dir={tmp_path / 'new'}"])

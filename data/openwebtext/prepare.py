@@ -104,6 +104,7 @@ def jsonl_source(path):
 
 def hub_source(name, num_proc, offline):
     """The dataset from the hub through `datasets`; offline names the command for local files."""
+    corpus.hub_offline_unless_reachable()
     try:
         import datasets
     except ImportError:
