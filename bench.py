@@ -503,6 +503,7 @@ def _peak_extra_bytes(fn, device):
         peak = torch.cuda.max_memory_allocated(device) - base
         del out
         return peak
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # the profiler's own start and stop lines would crowd the tables
     from torch.profiler import ProfilerActivity, profile
     from torch.profiler._memory_profiler import Action  # the timeline's own names (export_memory_timeline reads it)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
