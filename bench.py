@@ -525,7 +525,8 @@ def copy_bandwidth(device, nbytes=1 << 30):
 
 def versus(oracle, kernel, args, device, repeat=0, eager=True, compile=True):
     """The kernel against its eager and torch.compile'd oracle on the same args: seconds and peak bytes,
-    {"kernel_s", "kernel_peak", "eager_s", "eager_peak", "compile_s"} (None where not run)."""
+    {"kernel_s", "kernel_peak", "eager_s", "eager_peak", "compile_s"} (None where not run). compile: True,
+    False, or a function asked before compiling (bench.py gpu's: whether its --budget is left)."""
     res = dict.fromkeys(("eager_s", "eager_peak", "compile_s"))
     res["kernel_s"], res["kernel_peak"] = measure(lambda: kernel(*args), repeat, memory_on=device)
     if eager:
@@ -535,6 +536,9 @@ def versus(oracle, kernel, args, device, repeat=0, eager=True, compile=True):
             print("  the eager oracle does not fit in this device's memory at this size")
             torch.cuda.empty_cache()
             compile = False  # the compiled oracle holds the same float64 intermediates
+    if callable(compile) and not compile():  # a compile takes seconds to a minute; the timings above, milliseconds
+        print("  torch.compile skipped: the --budget is spent")
+        compile = False
     if compile:
         try:
             compiled = torch.compile(oracle, dynamic=False)
@@ -1052,7 +1056,8 @@ def bench_rotary(argv):
 # One command that validates a GPU: build, CUDA tests, kernel timings, every method trained and sampled, DDP
 
 GPU_METHODS = ("ddpm", "diffusion_lm", "mdlm", "sedd", "diffuser", "ar")
-GPU_PARTS = ("self-check", "cuda", "past", "kernels", "nearest", "rotary", "acceptance", "train", "ddp")  # after the build
+# after the build; training, whose time --timeout bounds, before the timings, whose compiles the --budget cuts short
+GPU_PARTS = ("self-check", "cuda", "past", "train", "kernels", "nearest", "rotary", "acceptance", "ddp")
 # --sample overrides: the dry run's few steps (each method's own kind of step count); a GPU samples at defaults
 DRY_SAMPLE = {"ddpm": ["--steps=4", "--num_samples=64"], "diffusion_lm": ["--steps=4", "--num_samples=2"],
               "mdlm": ["--steps=4", "--num_samples=2"], "sedd": ["--steps=4", "--num_samples=2"],
@@ -1234,7 +1239,7 @@ def bench_gpu(argv):
     ap.add_argument("--timeout", type=int, default=300, help="seconds the CUDA tests, the training and sampling, "
                     "and the DDP step may each take")
     ap.add_argument("--budget", type=float, default=480, help="seconds for the whole run: parts not started by "
-                    "then are skipped (the kernel timings cannot be cut short)")
+                    "then are skipped, and the timings compile no more oracles")
     ap.add_argument("--parts", default="", help=f"only these parts, named by their first word, comma-separated "
                     f"({', '.join(GPU_PARTS)}); the build always runs: a second call takes what the first skipped or failed")
     a = ap.parse_args(argv)
@@ -1251,6 +1256,12 @@ def bench_gpu(argv):
                             "torch": torch.__version__, "cuda": torch.version.cuda, "gpus": n_gpu,
                             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "dry_run": dry}, a.budget)
     ops = {}
+
+    def may_compile():  # the timings' torch.compile'd oracles, while the budget lasts
+        return cuda and not a.no_compile and time.time() - report.t0 < a.budget
+
+    def compiled(rows):
+        return f"; torch.compile timed for {sum(r['compile_s'] is not None for r in rows)} of {len(rows)}" if cuda else ""
 
     def build():
         t0 = time.time()
@@ -1307,27 +1318,26 @@ def bench_gpu(argv):
         ops["bw"] = bw = copy_bandwidth(device) if cuda else None  # the rotary part's floor too
         sizes, dtype = ([(64, 1024, 50258)], torch.bfloat16) if cuda else ([(2, 5, 66)], torch.float32)
         rows = kernel_rows(device, ops["ops"], sizes, dtype, ["score_entropy", "euler", "tweedie", "mdlm"],
-                           ["absorb", "uniform"], repeat=0 if cuda else 1, compile=cuda and not a.no_compile, bw=bw)
+                           ["absorb", "uniform"], repeat=0 if cuda else 1, compile=may_compile, bw=bw)
         where = f"copy bandwidth {bw / 1e9:.0f} GB/s" if bw else "float32, small sizes, no compile"
-        return "ok", f"{len(rows)} ops at {sizes[0]} {dtype}; {where}", rows
+        return "ok", f"{len(rows)} ops at {sizes[0]} {dtype}; {where}{compiled(rows)}", rows
 
     def nearest():
         if ops.get("ops") is None:
             return "skipped", "no kernels", None
         sizes = [(8192, 16, 821), (8192, 256, 50257)] if cuda else [(64, 16, 101)]  # Diffusion-LM's; GPT-2's
-        rows = nearest_rows(device, ops["ops"], sizes, ["cos", "l2"], repeat=0 if cuda else 1,
-                            compile=cuda and not a.no_compile)
+        rows = nearest_rows(device, ops["ops"], sizes, ["cos", "l2"], repeat=0 if cuda else 1, compile=may_compile)
         agree = [r["same_ids"] for r in rows if r["same_ids"] is not None]
         said = f"ids agree with eager on {min(agree):.2%}" if agree else "the eager clamp did not fit"
-        return "ok", f"clamp at (N, d, V) = {', '.join(map(str, sizes))}; {said}", rows
+        return "ok", f"clamp at (N, d, V) = {', '.join(map(str, sizes))}; {said}{compiled(rows)}", rows
 
     def rotary():
         if ops.get("ops") is None:
             return "skipped", "no kernels", None
         sizes, dtype = ([(64, 1024, 12, 64)], torch.bfloat16) if cuda else ([(2, 5, 3, 6)], torch.float32)
-        rows = rotary_rows(device, ops["ops"], sizes, dtype, repeat=0 if cuda else 1,
-                           compile=cuda and not a.no_compile, bw=ops.get("bw"))
-        return "ok", f"rotary fwd+bwd at (B, L, H, D) = {sizes[0]} {dtype}", rows
+        rows = rotary_rows(device, ops["ops"], sizes, dtype, repeat=0 if cuda else 1, compile=may_compile,
+                           bw=ops.get("bw"))
+        return "ok", f"rotary fwd+bwd at (B, L, H, D) = {sizes[0]} {dtype}{compiled(rows)}", rows
 
     def acceptance():
         found = {p["name"]: p["figures"] for p in report.parts}
@@ -1358,8 +1368,8 @@ def bench_gpu(argv):
         return "failed", _last_line(text, "error:") or _tail(text), text[-2000:]  # torchrun's footer says nothing
 
     parts = (("build", build), ("self-check", self_check), ("cuda tests", cuda_tests), ("past 2^31", far),
-             ("kernels", kernels), ("nearest", nearest), ("rotary", rotary), ("acceptance", acceptance),
-             ("train and sample", train), ("ddp", ddp))
+             ("train and sample", train), ("kernels", kernels), ("nearest", nearest), ("rotary", rotary),
+             ("acceptance", acceptance), ("ddp", ddp))
     for name, fn in parts:
         if name == "build" or not chosen or name.split()[0] in chosen:
             report.part(name, fn, budgeted=name != "acceptance")  # the verdict on timings taken costs nothing

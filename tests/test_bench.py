@@ -14,7 +14,7 @@ import bench
 import common
 from conftest import run_cli, write_toy_dataset
 
-PARTS = ["build", "self-check", "cuda tests", "past 2^31", "kernels", "nearest", "rotary", "acceptance", "train and sample",
+PARTS = ["build", "self-check", "cuda tests", "past 2^31", "train and sample", "kernels", "nearest", "rotary", "acceptance",
          "ddp"]
 
 
@@ -150,9 +150,18 @@ def test_gpu_command_runs_the_parts_asked_for(tmp_path):
     assert [(p["name"], p["summary"]) for p in parts[1:]] == [("acceptance", "no kernel timings"),
                                                               ("ddp", f"{torch.cuda.device_count()} GPU(s); a DDP step needs two")]
     assert parts[0]["name"] == "build" and parts[0]["status"] == "ok", parts[0]
-    with pytest.raises(SystemExit, match=r"--parts=train,kernel: choose from self-check,cuda,past,kernels,"):
+    with pytest.raises(SystemExit, match=r"--parts=train,kernel: choose from self-check,cuda,past,train,kernels,"):
         bench.bench_gpu([f"--out={tmp_path / 'x'}", "--parts=train,kernel"])
     assert not os.path.exists(tmp_path / "x")  # refused before any work
+
+
+def test_the_timings_compile_no_oracle_past_the_budget(capsys):
+    """On a GPU the timings compile 12 oracles, seconds to a minute each: once bench.py gpu's --budget is spent
+    the rows are still timed, eager and fused, without the compiled column."""
+    x = torch.randn(64, 32)
+    res = bench.versus(lambda v: v * 2, lambda v: v + v, (x,), torch.device("cpu"), repeat=1, compile=lambda: False)
+    assert res["compile_s"] is None and res["eager_s"] > 0 and res["kernel_s"] > 0
+    assert "torch.compile skipped: the --budget is spent" in capsys.readouterr().out
 
 
 def test_the_report_keeps_what_a_failed_part_said(tmp_path):
