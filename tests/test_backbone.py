@@ -143,6 +143,20 @@ def test_embeddings_in_equal_ids_in(layout):
         assert torch.equal(model(model.wte(x), t), model(x, t))
 
 
+@pytest.mark.parametrize("layout", ["plain", "adaLN"])
+def test_padding_changes_no_real_positions_output(layout):
+    """pad_mask (DiffusER's batches of unequal lengths): the real positions' outputs are those of the sequence
+    alone, whatever the padding holds."""
+    model = tiny(**LAYOUTS[layout])
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(11, (2, 9), generator=g)
+    padded = torch.cat([x, torch.randint(11, (2, 4), generator=g)], 1)  # (2, 13)
+    t = torch.tensor([3.0, 700.0]) if LAYOUTS[layout].get("cond_dim") else None
+    with torch.no_grad():
+        out = model(padded, t, pad_mask=(torch.arange(13) < 9).expand(2, 13))
+        torch.testing.assert_close(out[:, :9], model(x, t), atol=1e-5, rtol=1e-5)
+
+
 def test_a_model_without_a_token_table_takes_embeddings_only():
     model = tiny(vocab_size=0, cond_dim=16)
     assert model.wte is None and not any(k.startswith("wte") for k in model.state_dict())

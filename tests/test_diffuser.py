@@ -128,7 +128,7 @@ def test_alignment_tie_breaking():
 
 
 def test_corruption_statistics_match_the_edit_distribution():
-    lam, probs = 3.0, (0.6, 0.2, 0.1, 0.1)
+    lam, probs = 3.0, (0.55, 0.2, 0.15, 0.1)  # each its own, so no two kinds can trade places unseen
     rng = np.random.default_rng(1)
     noise = D.NoiseTokens([0] * 4 + [1] * 50)
     x = list(rng.integers(4, 54, 30000))
@@ -143,6 +143,16 @@ def test_corruption_statistics_match_the_edit_distribution():
     for kind in ("replace", "insert", "delete"):  # zero-truncated Poisson mean
         lengths = [len(old) or len(new) for k, old, new in edits if k == kind]
         assert abs(np.mean(lengths) - lam / (1 - z)) < 0.15, kind
+
+
+def test_a_training_pair_corrupts_with_each_edits_own_probability():
+    """make_example hands corrupt_step its --p_keep, --p_replace, --p_insert, --p_delete in corrupt_step's order:
+    with only insertions x_0 survives in x_t, so the reverse edits delete and never replace or insert."""
+    cfg = D.Config(p_keep=0.0, p_replace=0.0, p_insert=1.0, p_delete=0.0, T=1, boot_prob=0.0, target="prev")
+    noise, rng, x0 = D.NoiseTokens([0] * 4 + [1] * 10), np.random.default_rng(0), list(range(4, 14))
+    for _ in range(20):
+        _, xt, tags, counts, _, _ = D.make_example([], x0, rng, noise, cfg)
+        assert len(xt) >= len(x0) and D.REPLACE not in tags and sum(counts) == 0
 
 
 def test_noise_distributions():

@@ -7,6 +7,7 @@ import math
 import os
 import re
 import shutil
+import types
 
 import pytest
 import torch
@@ -154,6 +155,24 @@ def test_infilled_positions_come_back_as_given():
     assert len(shown) == cfg.steps and all((s[:, [0, 3, 4, 10]] == fixed[[0, 3, 4, 10]]).all() for s in shown)  # --show too
 
 
+def test_each_step_moves_to_the_posterior_mean_of_its_own_jump(monkeypatch):
+    """Without noise a reverse step lands on mu_tilde(x_t, x0_hat) of q(x_s | x_t, x_0) for the jump t -> s the
+    respaced chain takes, recomputed here by Bayes from alpha_bar at the two steps it visits."""
+    cfg = tiny_cfg(clamp="none")
+    m = D.DiffusionLM(cfg, 30).eval()
+    c = torch.randn(cfg.block_size, cfg.embed_dim)
+    seen = []
+    m.denoise = lambda x, t: seen.append((x.double(), int(t[0]))) or c.expand_as(x)
+    monkeypatch.setattr(torch, "randn_like", torch.zeros_like)  # no noise: x_s is the mean
+    D.sample(m, cfg, 3)
+    ab = D.sqrt_schedule(cfg.T).alpha_bar.double()
+    assert len(seen) == cfg.steps
+    for (x, t), (x_next, s) in zip(seen, seen[1:]):
+        beta = 1 - ab[t] / ab[s]
+        mean = ab[s].sqrt() * beta / (1 - ab[t]) * c + (1 - beta).sqrt() * (1 - ab[s]) / (1 - ab[t]) * x
+        torch.testing.assert_close(x_next, mean, atol=1e-4, rtol=1e-4)
+
+
 def test_infill_template_parsing():
     tok = corpus.WordTokenizer(list(corpus.WordTokenizer.SPECIALS) + ["The", "Eagle", "is", "."])
     cfg = tiny_cfg(infill="The _ is _ .")
@@ -249,6 +268,18 @@ def test_the_terms_are_their_closed_forms():
     assert torch.allclose(terms["rounding_sum"], nll, rtol=1e-4, atol=1e-4)
     mse = torch.stack([emb[0].pow(2).mean(), x0[1].pow(2).mean(), x0[2].pow(2).mean()])
     assert torch.allclose(terms["mse"], mse, rtol=1e-6), (terms["mse"], mse)
+
+
+def test_the_bound_adds_the_rounding_term(monkeypatch):
+    """--eval's bound: L_T + the first step's MSE term + -log p(w | x_0) + the later steps; with every term but the
+    rounding one 0, it is that term per position."""
+    cfg = tiny_cfg(block_size=4, eval_t_samples=1)
+    m = D.DiffusionLM(cfg, 30)
+    zero = torch.zeros(2)
+    monkeypatch.setattr(m, "forward", lambda w, t=None: {"mse": zero, "prior": zero, "rounding": zero, "sq_err": zero,
+                                                         "l_T": zero, "rounding_sum": torch.full((2,), 3.0), "t": zero})
+    batches = types.SimpleNamespace(sequential=lambda split, batch_size: iter([torch.zeros(2, 4, dtype=torch.long)]))
+    assert D.evaluate(m, batches, cfg, full=True)["val_nelbo"] == 3.0 / 4
 
 
 def test_the_bound_estimates_the_sum_over_every_step(toy_model):
