@@ -208,9 +208,13 @@ def test_gathered_head_matches_full_head(time_cond):
 
 
 def random_model(cfg, V=11):
+    """Every weight random, the residual gates too: at their zero init each position's logits depend on its own
+    token alone, and a sampler reusing a stale network output would go unseen."""
     torch.manual_seed(0)
     model = mdlm.build_model(cfg, {"vocab_size": V}).eval()
-    torch.nn.init.normal_(model.head.weight, std=0.5)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    torch.nn.init.normal_(model.head.weight, std=0.1)  # a spread law: the draws differ where the logits do
     return model
 
 
@@ -309,6 +313,19 @@ def test_per_sequence_cache_gives_the_same_states_with_fewer_rows(controls):
         assert all(torch.equal(a, b) for a, b in zip(out["ddpm"][1], out["ddpm_cache"][1]))
         assert out["ddpm_cache"][2] < out["ddpm"][2] / 2
         assert torch.equal(out["ddpm"][0][:, fixed >= 0], fixed[fixed >= 0].expand(batch, -1))
+
+
+def test_confidence_reuses_the_output_only_while_no_sequence_changed(monkeypatch):
+    """--sampler=confidence keeps the network output across steps that change no sequence of the batch: the same
+    tokens as the chain that calls the network at every step (ddpm's loop with the confidence step)."""
+    cfg = mdlm.Config(n_layer=1, n_embd=32, n_head=2, block_size=16, steps=100, sampler="confidence")
+    model, x = random_model(cfg), torch.full((6, 16), 11)
+    torch.manual_seed(5)
+    cached, calls = mdlm.sample_chain(model, x, cfg)
+    monkeypatch.setattr(mdlm, "ancestral_step", mdlm.confidence_step)
+    torch.manual_seed(5)
+    fresh, every = mdlm.sample_chain(model, x, dataclasses.replace(cfg, sampler="ddpm"))
+    assert torch.equal(cached, fresh) and calls < every
 
 
 def test_per_sequence_cache_ends_unmasked_with_the_argmax():

@@ -37,6 +37,13 @@ def test_infill_template_positions(template, expect):
     assert padded.tolist() == ids + [-1] * (10 - len(ids))
 
 
+def test_a_zero_uniform_never_draws_a_zero_probability_token():
+    """The inverse-CDF draw takes the first token whose cumulative mass passes u: at u = 0 (torch.rand's float64
+    draws include it) a token with no mass before it, cut by top_p or never reachable, must not be drawn."""
+    probs = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.0, 1.0, 0.0, 0.0]], dtype=torch.float64)
+    assert common.sample_categorical(probs, torch.zeros(2, dtype=torch.float64)).tolist() == [2, 1]
+
+
 def test_infill_custom_placeholder_and_word_level():
     tok = corpus.CharTokenizer("\nABC :ab_")
     fixed = corpus.conditioning(tok, char_cfg(infill="a#_", placeholder="#"), 8)

@@ -241,6 +241,23 @@ def test_gathered_head_matches_full_head():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_the_network_sees_every_time_from_1_to_t_end():
+    """The predictor steps start at t_0 = 1 and the denoiser runs from t_S = t_end, the last step's time."""
+    cfg = sedd.Config(graph="uniform", steps=5, t_end=0.2, sampler="analytic")
+    seen = []
+
+    class Spy(torch.nn.Module):
+        num_states = 4
+
+        def forward(self, x, sigma_bar, rows=None):
+            seen.append(float(sigma_bar[0]))
+            return torch.zeros(*x.shape, 4)
+
+    sedd.sample_chain(Spy(), torch.zeros(2, 3, dtype=torch.long), cfg)
+    want = sedd.schedule(torch.tensor([1.0, 0.84, 0.68, 0.52, 0.36, 0.2], dtype=torch.float64), cfg)[0]
+    assert torch.allclose(torch.tensor(seen, dtype=torch.float64), want, rtol=1e-6)
+
+
 @pytest.mark.parametrize("sampler,controls", [("analytic", False), ("euler", False), ("analytic", True)])
 def test_masked_row_sampler_gives_the_full_batch_tokens(sampler, controls):
     """Absorbing: the chain that runs the head and the step only on masked rows gives the tokens of

@@ -52,6 +52,11 @@ def test_sedd_wrap_cuts_plain_blocks():
     assert x.dtype == torch.int64
 
 
+def test_a_stream_that_fills_its_last_block_keeps_it():
+    assert corpus.wrap_blocks([[1, 2, 3], [4, 5, 6]], 4, eos=0).tolist() == [[1, 2, 3, 0], [4, 5, 6, 0]]
+    assert corpus.wrap_blocks([[1, 2, 3, 4, 5]], 8, eos=0, bos=9).tolist() == [[9, 1, 2, 3, 4, 5, 0, 0]]
+
+
 def test_wrap_of_too_little_text_is_one_line():
     with pytest.raises(SystemExit, match="fewer than one block"):
         corpus.wrap_blocks([[1, 2]], 8, eos=0, bos=0)
