@@ -183,7 +183,8 @@ class PointBatches:
         else:
             stats_from = self.train
         if meta is None:
-            mean, std = stats_from.mean(0), np.where(stats_from.std(0) > 1e-8, stats_from.std(0), 1.0)
+            mean, std = stats_from.mean(0), stats_from.std(0)
+            std = np.where(std > 1e-8, std, 1.0)
             meta = {**info, "mean": mean.tolist(), "std": std.tolist(),  # and the range sampling keeps x0_hat in:
                     "lo": ((stats_from.min(0) - mean) / std).tolist(), "hi": ((stats_from.max(0) - mean) / std).tolist()}
         elif info["kind"] != meta["kind"] or (info["kind"] == "toy" and dataset != meta["data"]):
