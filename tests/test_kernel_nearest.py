@@ -227,6 +227,18 @@ def test_screened_crowded_queries_go_to_the_fp32_search(k):
         assert got[1] == got[5] == 7 and (metric == "l2" or got[0] == got[4] == 0), f"seed {seed}, {metric}"
 
 
+def test_screened_a_crowd_before_the_nearest_row_does_not_hide_it(k):
+    """300 rows near the query come before its exact copy: more candidates than the screen keeps (256), so the
+    query takes the fp32 search and finds the copy; the screen must not decide among the first 256 it saw."""
+    gen = torch.Generator().manual_seed(0)
+    E = torch.randn(700, 40, generator=gen)
+    E[:300] = E[600] + 0.02 * torch.randn(300, 40, generator=gen)
+    x = E[[600]].clone()
+    for metric in METRICS:
+        assert k.nearest_embedding_screened(x, E, metric).tolist() == [600], metric
+        assert k.nearest_embedding(x, E, metric).tolist() == [600], metric
+
+
 def test_the_search_runs_without_bf16_reduced_sums(k, monkeypatch):
     """The screen's bound allows cuBLAS one bf16 rounding of its sums: the dispatch turns torch's bf16
     reduced-precision reduction off for the call and back on after it, also when the op raises, and leaves

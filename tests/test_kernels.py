@@ -221,6 +221,46 @@ def test_steps_with_log_scores_beyond_an_fp32_exp(k, graph):
         assert (ref != xt).any() and (ref == xt).any(), f"seed {seed}: {name} tested only one outcome"
 
 
+def test_steps_on_exact_ties_of_the_uniforms(k):
+    """u0 exactly at the move probability stays (u0 < p moves), and u1 exactly on a step of the CDF takes the next
+    token (searchsorted right=True): equal weights and dyadic rates make both ties exact in fp64."""
+    B, L, V = 1, 4, 4
+    ls = torch.zeros(B, L, V + 1)  # every score 1: the CDF steps are exact multiples of the weight
+    xt = torch.full((B, L), V)
+    u = torch.tensor([[[0.0, 0.0], [0.0, 0.25], [0.0, 0.5], [0.0, 0.75]]], dtype=torch.float64)
+    rate = torch.tensor([0.25], dtype=torch.float64)  # M = 1: every masked row moves
+    ref = sedd.euler_step.oracle(ls, xt, rate, u, "absorb")
+    assert ref.tolist() == [[0, 1, 2, 3]]
+    assert torch.equal(k.sedd_euler_step(ls, xt, rate, u, "absorb"), ref)
+    p = torch.tensor([0.5], dtype=torch.float64)
+    ref = mdlm.ancestral_step.oracle(ls, xt, p, u, V)
+    assert ref.tolist() == [[0, 1, 2, 3]]
+    assert torch.equal(k.mdlm_ancestral_step(ls, xt, p, u, V), ref)
+    u[..., 0] = 0.5  # exactly p_unmask: stays masked
+    assert torch.equal(k.mdlm_ancestral_step(ls, xt, p, u, V), xt)
+    assert torch.equal(mdlm.ancestral_step.oracle(ls, xt, p, u, V), xt)
+    # uniform graph, x = 0: its own weight is 0, so u1 = 0 takes token 1, not x
+    ls, xt = torch.zeros(B, L, V), torch.zeros(B, L, dtype=torch.long)
+    u = torch.zeros(B, L, 2, dtype=torch.float64)
+    ref = sedd.euler_step.oracle(ls, xt, rate, u, "uniform")
+    assert (ref == 1).all()
+    assert torch.equal(k.sedd_euler_step(ls, xt, rate, u, "uniform"), ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mdlm_step_with_logits_beyond_an_fp32_exp(k, dtype):
+    """e^95 overflows fp32: the softmax must subtract the row's largest logit first, as torch.softmax does."""
+    gen, seed = fresh_gen()
+    ls, xt, _, _ = inputs("absorb", 2, 64, 66, dtype, gen, masked=1.0)
+    ls[..., 3], ls[..., 10] = 95.0, 94.0
+    N = ls.shape[-1]
+    p = torch.full((2,), 0.9, dtype=torch.float64)
+    u = torch.rand(2, 64, 2, dtype=torch.float64, generator=gen)
+    ref = mdlm.ancestral_step.oracle(ls, xt, p, u, N - 1)
+    assert torch.equal(k.mdlm_ancestral_step(ls, xt, p, u, N - 1), ref), f"seed {seed}"
+    assert (ref == 3).any() and (ref == 10).any(), f"seed {seed}"
+
+
 def test_steps_are_reproducible_under_manual_seed(k):
     gen, _ = fresh_gen()
     ls, xt, _, _ = inputs("uniform", 4, 50, 37, torch.float32, gen)
@@ -697,6 +737,66 @@ def test_the_check_runs_the_cpu_backward_that_recomputes(k, monkeypatch):
     assert len(checked) == 1 and "gradient of a second backward" in checked[0], checked
     monkeypatch.undo()
     assert sedd.score_entropy.self_check("cpu")
+
+
+def corner_wrong_ops():
+    """(op name, a stand-in wrong in one corner only, the marked function, what the warning names): each corner
+    is one the first-use check must reach (one token, bf16 scores, the denoiser, a worse row, the gradient, a sequence with no masked row)."""
+    import diffusion_lm
+    k = torch.ops.difflm
+
+    def one_token(*a):  # the oracle's tokens but one
+        out = k.sedd_euler_step(*a).clone()
+        out[0, 0] = (out[0, 0] + 1) % a[0].shape[-1]
+        return out
+
+    def wrong_on_bf16(*a):  # moved tokens one higher, for bf16 scores only
+        out = k.sedd_euler_step(*a)
+        return torch.where(out != a[1], (out + 1) % a[0].shape[-1], out) if a[0].dtype == torch.bfloat16 else out
+
+    def wrong_denoiser(*a):  # the final step's moved tokens one higher
+        out = k.sedd_tweedie_step(*a)
+        return torch.where(out != a[1], (out + 1) % a[0].shape[-1], out) if a[5] else out
+
+    def next_row(x, E, metric):  # the row after the nearest: a worse pick
+        return (difflm_ops._nearest_embedding(x, E, metric) + 1) % E.shape[0]
+
+    class ScaledRotaryGrad(torch.autograd.Function):  # the right output, a gradient 1% too large
+        @staticmethod
+        def forward(ctx, qkv, cos, sin):
+            ctx.save_for_backward(cos, sin)
+            return k.rotary(qkv.contiguous(), cos, sin, False)
+
+        @staticmethod
+        def backward(ctx, g):
+            cos, sin = ctx.saved_tensors
+            return 1.01 * k.rotary(g.contiguous(), cos, sin, True), None, None
+
+    def nan_where_nothing_is_masked(ls, xt, x0, sb, graph):  # NaN for a sequence without a masked row
+        loss = k.score_entropy(ls.contiguous(), xt, x0, sb, graph)
+        clean = (xt != ls.shape[-1] - 1).all(1, keepdim=True) & (graph == "absorb")
+        return torch.where(clean, float("nan"), loss)
+
+    return [("sedd_euler_step", one_token, sedd.euler_step, "1 of"),
+            ("sedd_euler_step", wrong_on_bf16, sedd.euler_step, "bfloat16"),
+            ("sedd_tweedie_step", wrong_denoiser, sedd.tweedie_step, "final"),
+            ("nearest_embedding", next_row, diffusion_lm.nearest_embedding, "score of the picked row"),
+            ("rotary", ScaledRotaryGrad.apply, common.apply_rotary, "gradient"),
+            ("score_entropy", nan_where_nothing_is_masked, sedd.score_entropy, "largest difference inf")]
+
+
+@pytest.mark.parametrize("case", range(6), ids=["one token", "bf16 only", "denoiser only", "worse row", "gradient only",
+                                                "no masked row"])
+def test_an_op_wrong_in_one_corner_is_switched_off(k, case):
+    name, wrong, f, phrase = corner_wrong_ops()[case]
+    with difflm_ops.replace(name, wrong), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert not f.self_check("cpu")
+    msgs = [str(w.message) for w in caught]
+    assert len(msgs) == 1 and f"difflm kernel {name} on cpu disagrees" in msgs[0] and phrase in msgs[0], msgs
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert f.self_check("cpu")
 
 
 def test_inputs_the_binding_refuses_run_the_oracle(k):
