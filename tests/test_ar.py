@@ -135,6 +135,20 @@ def test_untrained_model_scores_log_v_and_evaluate_is_the_mean_nll(tmp_path):
     assert abs(stats["val_bits"] - math.log2(len(CHARS))) < 1e-5
 
 
+def test_full_evaluate_scores_every_validation_window_once(tmp_path):
+    """--eval (full=True) is the mean NLL per token over every val window in order, not eval_iters random batches."""
+    data = write_toy_dataset(tmp_path / "d", [toy_language(3000)], CHARS)
+    cfg = tiny_cfg(data_dir=data, batch_size=8, eval_iters=1)
+    meta = corpus.prepare_data(cfg)
+    model = random_model(meta["vocab_size"])  # peaked, position-dependent: windows differ in NLL
+    windows = torch.cat(list(corpus.Batches(cfg, meta, 0).sequential("val", 8)))
+    assert len(windows) > cfg.batch_size * cfg.eval_iters
+    with torch.no_grad():
+        expect = float(ar.nll_terms(model, windows, model.bos_id).double().mean())
+    stats = ar.evaluate(model, corpus.Batches(cfg, meta, 0), cfg, full=True)
+    assert abs(stats["val_nll"] - expect) < 1e-5 and abs(stats["val_ppl"] - math.exp(expect)) < 1e-4
+
+
 # ----------------------------------------------------------------------------------------------
 # Learning, and the judge agreeing with ar.py's own evaluation
 
@@ -227,6 +241,12 @@ def test_cli_bad_inputs(tiny_ar, tmp_path):
     fails(["ar.py", "--sample", f"--out_dir={tiny_ar}", "--prefix=" + "a" * 40], "--prefix", "--seq_len")
     fails(["ar.py", "--eval", "--gen", f"--out_dir={tiny_ar}", f"--judge={tmp_path}/none.pt"], "no judge checkpoint")
     fails(["ar.py", "--sample", f"--out_dir={tmp_path}"], "no checkpoint", "ar.py --train")
+
+
+def test_a_prefix_that_fills_the_sequence_is_the_sample(tiny_ar):
+    """--prefix as long as the sequence is allowed (one longer is refused): printed as it is, with no network call."""
+    r = run_cli(["ar.py", "--sample", f"--out_dir={tiny_ar}", "--prefix=ROMEO:", "--num_samples=1", "--seq_len=6"])
+    assert "=== sample 0\nROMEO:\n" in r.stdout and "0 network calls" in r.stdout, r.stdout
 
 
 def test_judge_refuses_another_vocabulary_or_method(tiny_ar, tmp_path):

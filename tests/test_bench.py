@@ -131,6 +131,48 @@ def test_acceptance_judged_against_the_bars():
     assert status == "ok" and summary == "1 of 2 checks met; not judged: tweedie step, uniform", summary
 
 
+def test_acceptance_bars_are_met_at_the_bar_and_missed_just_under_it():
+    """score_entropy 10x and 70% of the floor; the Euler, Tweedie and MDLM steps 30x and 60%; the clamp 3x."""
+    for op, speed, floor in (("score_entropy fwd+bwd", 10, 0.70), ("euler step", 30, 0.60), ("tweedie step", 30, 0.60),
+                             ("mdlm ancestral step", 30, 0.60)):
+        rows = [{"op": op, "graph": "absorb", "eager_s": e, "kernel_s": 1.0, "of_floor": f}
+                for e, f in ((speed, floor), (speed - 0.5, 0.99), (100.0, floor - 0.01))]
+        assert [r["met"] for r in bench.judge(rows, [])] == ["yes", "no", "no"], op
+    clamp = [{"metric": "cos", "N,d,V": "8192,128,50257", "eager_s": e, "kernel_s": 1.0} for e in (3.0, 2.9)]
+    assert [r["met"] for r in bench.judge([], clamp)] == ["yes", "no"]
+
+
+def test_gbps_floor_share_ratios_and_peak_units_count_the_bytes_each_op_moves(monkeypatch):
+    """GB/s = the floor's bytes (one read of the scores, plus one write of the gradient for score_entropy; four
+    passes over the rotary projection) / the kernel's time / 1e9; of floor = the copy time of those bytes at the
+    bandwidth / the kernel's time; the peaks in units of one B x L x N scores tensor of the input dtype."""
+    row = bench._against_floor({"kernel_s": 4.0}, 4e9, 2e9)
+    assert row["kernel_GBps"] == pytest.approx(1.0) and row["of_floor"] == pytest.approx(0.5)
+    assert "kernel_GBps" not in bench._against_floor({"kernel_s": 4.0}, 4e9, None)  # no bandwidth measured
+    assert bench._ratio(3.0, 0.5) == "6.0x" and bench._ratio(None, 0.5) == "-"
+
+    def versus(oracle, kernel, args, device, *a, **k):  # figures, not timings: the input's bytes as the peak
+        return {"kernel_s": 1.0, "kernel_peak": args[0].numel() * args[0].element_size(), "eager_s": 2.0,
+                "eager_peak": 2 * args[0].numel() * args[0].element_size(), "compile_s": None}
+    monkeypatch.setattr(bench, "versus", versus)
+    B, L, V = 2, 3, 5
+    ops = dict.fromkeys(("score_entropy", "euler_step", "tweedie_step", "ancestral_step", "rotary"))
+    rows = bench.kernel_rows(torch.device("cpu"), ops, [(B, L, V)], torch.bfloat16,
+                             ["score_entropy", "euler", "tweedie", "mdlm"], ["absorb", "uniform"], bw=1e9)
+    assert len(rows) == 7
+    for r in rows:
+        N = V + 1 if r["graph"] == "absorb" else V
+        scores = B * L * N * 2  # bf16
+        floor = 2 * scores if r["op"] == "score_entropy fwd+bwd" else scores
+        assert r["kernel_GBps"] == pytest.approx(floor / 1e9) and r["of_floor"] == pytest.approx(floor / 1e9), r
+        assert r["kernel_peak_units"] == pytest.approx(1.0) and r["eager_peak_units"] == pytest.approx(2.0), r
+    B, L, H, D = 2, 5, 3, 4
+    (r,) = bench.rotary_rows(torch.device("cpu"), ops, [(B, L, H, D)], torch.float32, bw=1e9)
+    assert r["kernel_GBps"] == pytest.approx(4 * B * L * 3 * H * D * 4 / 1e9) and r["kernel_peak_units"] == 1.0
+    monkeypatch.setattr(bench, "measure", lambda fn, *a, **k: (0.5, None))
+    assert bench.copy_bandwidth(torch.device("cpu"), nbytes=1 << 10) == 2 * 1024 / 0.5  # read + write
+
+
 def test_gpu_command_skips_the_parts_past_its_budget(tmp_path, capsys):
     bench.bench_gpu([f"--out={tmp_path}", "--budget=0"])
     doc = json.load(open(tmp_path / "report.json"))
@@ -140,6 +182,10 @@ def test_gpu_command_skips_the_parts_past_its_budget(tmp_path, capsys):
                for p in doc["parts"]), doc["parts"]
     report = bench.Report(str(tmp_path), {"device": "x"}, budget=100)
     assert report.left(300) <= 100 and report.left(30) == 30
+    report.t0 -= 60  # a minute of the budget spent: a part's own --timeout is cut to what is left
+    assert 39 <= report.left(300) <= 40 and report.left(30) == 30
+    report.t0 -= 60
+    assert report.left(300) == 1
 
 
 def test_gpu_command_runs_the_parts_asked_for(tmp_path):

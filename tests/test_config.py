@@ -182,6 +182,23 @@ def test_training_memory_is_estimated_before_data(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_overrides_take_dashes_every_spelling_of_a_bool_and_typed_values(tmp_path):
+    for spelling, value in (("--show", True), ("--show=on", True), ("--show=YES", True), ("--show=1", True),
+                            ("--show=true", True), ("--show=off", False), ("--show=no", False), ("--show=0", False)):
+        assert common.parse_args(mdlm.Config, ["--sample", spelling, f"--out_dir={tmp_path}"])[1].show is value, spelling
+    cfg = common.parse_args(mdlm.Config, ["--train", "--max-iters=7", "--min-lr=2e-4", f"--out_dir={tmp_path}"])[1]
+    assert (cfg.max_iters, cfg.min_lr) == (7, 2e-4) and type(cfg.max_iters) is int
+    assert "--show takes true or false, not 'maybe'" in refused("mdlm", ["--sample", "--show=maybe", f"--out_dir={tmp_path}"])
+    # a key given without its value: refused, never taken as "" (an empty --prefix or --out_dir ran silently)
+    for key in ("prefix", "out_dir", "lr"):
+        assert f"--{key} needs a value: --{key}=..." in refused("mdlm", ["--sample" if key != "lr" else "--train", f"--{key}"])
+
+
+def test_a_constant_learning_rate_is_allowed():
+    for m, mod in METHODS.items():
+        mod.check_config(mod.Config(lr=1e-3, min_lr=1e-3))  # --min_lr = --lr: no decay, not a raised rate
+
+
 def test_good_defaults_pass_the_checks():
     for m, mod in METHODS.items():
         mod.check_config(mod.Config())

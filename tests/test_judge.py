@@ -84,6 +84,36 @@ def test_samples_file_roundtrip_and_bad_files(tmp_path):
         assert line.startswith("error: ") and "\n" not in line and expect in line
 
 
+def test_samples_file_records_and_what_made_them(tmp_path):
+    """Each record's index is its sample's (0-based); the settings read back are the first record's; one empty
+    text among others is kept (only a file of nothing but empty texts is refused); the settings name the sampling
+    flags of the run, the checkpoint and the method."""
+    import mdlm
+    p = str(tmp_path / "s.jsonl")
+    hub.write_samples(p, ["a b", "", "c"], {"method": "mdlm"})
+    assert [json.loads(x)["index"] for x in open(p)] == [0, 1, 2]
+    assert hub.read_samples(p) == (["a b", "", "c"], {"method": "mdlm"})
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text('{"text": "a", "method": "mdlm", "steps": 4}\n{"text": "b", "method": "sedd", "steps": 8}\n')
+    assert hub.read_samples(str(mixed))[1] == {"method": "mdlm", "steps": 4}
+    cfg = mdlm.Config(sampler="confidence", steps=16, seed=3, temperature=0.8, top_p=0.9, out_dir=str(tmp_path / "m"))
+    s = hub.sample_settings(cfg, "mdlm")
+    assert s["method"] == "mdlm" and s["checkpoint"] == str(tmp_path / "m" / "ckpt.pt")
+    assert (s["sampler"], s["steps"], s["seed"], s["temperature"], s["top_p"]) == ("confidence", 16, 3, 0.8, 0.9)
+
+
+def test_a_transformers_judge_averages_over_every_scored_token_and_needs_a_context(judge_dir):
+    """The figure is nats per scored token over all texts (a one-token text scores none), not per text; a context
+    of one position leaves nothing to predict from and is refused."""
+    model, tok = hub.load_hf_judge(judge_dir)
+    total, count, _, _ = hub.hf_judge_nll(model, tok, TEXT)
+    nll, _ = hub.hf_judge_texts(judge_dir, ["a", TEXT], "cpu")
+    assert abs(nll - total / count) < 1e-5
+    with pytest.raises(SystemExit, match="config gives no context length"):
+        hub.judge_context(transformers.GPT2Config(n_positions=1))
+    assert hub.judge_context(transformers.GPT2Config(n_positions=2)) == 2
+
+
 def test_judge_without_tokenizer_is_one_line(judge_dir, tmp_path):
     d = tmp_path / "no_tok"
     d.mkdir()

@@ -334,6 +334,19 @@ def test_a_diverged_judge_scores_an_infinite_perplexity(monkeypatch, capsys):
     assert stats["gen_nll"] == 800.0 and stats["gen_ppl"] == math.inf and "(perplexity inf)" in capsys.readouterr().out
 
 
+def test_perplexity_and_time_per_sample_figures(monkeypatch):
+    """exp(nats) up to float64's range (inf only past it), bits = nats / ln 2; s/sample is the draw's time over
+    the number of samples."""
+    stats = common.nats_figures("val_nll", 100.0)
+    assert stats["val_ppl"] == pytest.approx(math.exp(100.0)) and stats["val_bits"] == pytest.approx(100 / math.log(2))
+    assert common.nats_figures("val_nll", 800.0)["val_ppl"] == math.inf
+    clock = iter([10.0, 16.0])
+    monkeypatch.setattr(common.time, "time", lambda: next(clock))
+    monkeypatch.setattr(common, "judge_samples", lambda *a: (1.0, [torch.tensor([1, 2, 3])]))
+    stats = common.generative_eval("judge.pt", lambda n: torch.zeros(n, 3, dtype=torch.long), 3, {}, None)
+    assert stats["sec_per_sample"] == pytest.approx(2.0)
+
+
 def test_the_time_per_sample_waits_for_the_gpus_queued_steps(monkeypatch):
     """A sampler that never reads its result back (ar.py's) left its last steps queued on a GPU, and its
     s/sample left them out; generative_eval now waits for the samples' device before it reads the clock."""
