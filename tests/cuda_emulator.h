@@ -1,7 +1,8 @@
 // A CPU stand-in for the CUDA built-ins that csrc/cuda_kernels.cu uses, so tests/test_cuda_emulated.py can
 // run the kernels' own source on a machine without a GPU. Every CUDA thread of a block is a std::thread;
-// __syncthreads is a barrier of the block; a warp's shuffles and votes exchange values through memory
-// between two barriers of the warp; __shared__ variables are statics, which the threads of a block share.
+// __syncthreads is a barrier of the block, after which its warps run in turn (below); a warp's shuffles
+// and votes exchange values through memory between two barriers of the warp; __shared__ variables are
+// statics, which the threads of a block share.
 // uint4 and float2 keep CUDA's alignment, so the sanitizer the test builds with reports a vector access
 // that would fault on a GPU.
 // Blocks run one after another. This checks the kernels' logic (indexing, barriers, reductions, the
@@ -9,11 +10,13 @@
 // learnt about speed.
 #pragma once
 #include <barrier>
+#include <condition_variable>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -51,7 +54,40 @@ inline std::barrier<>* block_barrier;
 inline std::vector<std::barrier<>*> warp_barriers;
 inline uint64_t warp_slots[64][32];  // one 8-byte slot per lane of each warp
 
-inline void __syncthreads() { block_barrier->arrive_and_wait(); }
+// After each __syncthreads the warps of a block run in turn, the highest first: a warp starts its part of
+// the new phase once every higher warp has ended it (reached the next __syncthreads, or returned). A warp
+// that runs ahead into the next phase, as one on a GPU may, so overwrites shared memory that a lower warp
+// has still to read when a barrier is missing, every time rather than by the luck of the threads' timing.
+struct BlockOrder {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::vector<std::vector<int>> ended;  // [phase][warp]: the warp's threads that reached the phase's end
+  std::vector<int> exited;              // [warp]: its threads that returned
+};
+inline BlockOrder* block_order;
+inline thread_local size_t block_phase;
+
+inline void order_end(std::vector<int>& count, int w) {  // under the lock; wakes the waiters when warp w is done
+  if (++count[w] == 32) block_order->cv.notify_all();
+}
+
+inline void __syncthreads() {
+  BlockOrder& o = *block_order;
+  const int w = threadIdx.x / 32, nw = (int)o.exited.size();
+  {
+    std::lock_guard<std::mutex> g(o.mu);
+    if (o.ended.size() <= block_phase) o.ended.resize(block_phase + 1, std::vector<int>(nw));
+    order_end(o.ended[block_phase], w);
+  }
+  block_barrier->arrive_and_wait();
+  const size_t ph = ++block_phase;
+  std::unique_lock<std::mutex> l(o.mu);
+  o.cv.wait(l, [&] {
+    for (int v = w + 1; v < nw; ++v)
+      if (o.exited[v] + (o.ended.size() > ph ? o.ended[ph][v] : 0) < 32) return false;
+    return true;
+  });
+}
 inline void __syncwarp(unsigned = 0xffffffffu) { warp_barriers[threadIdx.x / 32]->arrive_and_wait(); }
 
 // every lane of the warp publishes v, then reads lane src's
@@ -93,6 +129,9 @@ inline void emulated_launch(unsigned grid, unsigned block, const std::function<v
     blockIdx.x = b;
     std::barrier<> whole(block);
     block_barrier = &whole;
+    BlockOrder order;
+    order.exited.assign(block / 32, 0);
+    block_order = &order;
     std::vector<std::unique_ptr<std::barrier<>>> warps;
     warp_barriers.clear();
     for (unsigned w = 0; w < block / 32; ++w) {
@@ -100,7 +139,14 @@ inline void emulated_launch(unsigned grid, unsigned block, const std::function<v
       warp_barriers.push_back(warps.back().get());
     }
     std::vector<std::thread> threads;
-    for (unsigned t = 0; t < block; ++t) threads.emplace_back([&kernel, t] { threadIdx.x = t; kernel(); });
+    for (unsigned t = 0; t < block; ++t)
+      threads.emplace_back([&kernel, &order, t] {
+        threadIdx.x = t;
+        block_phase = 0;
+        kernel();
+        std::lock_guard<std::mutex> g(order.mu);
+        order_end(order.exited, t / 32);
+      });
     for (auto& t : threads) t.join();
   }
 }

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import difflm_ops
+import sedd
 from test_kernel_nearest import check_optimal, crowd, near_copies
 from test_kernels import fresh_gen
 
@@ -63,6 +64,10 @@ def cu(tmp_path_factory):
     d = tmp_path_factory.mktemp("emulated")
     with open(os.path.join(ROOT, "csrc", "cuda_kernels.cu")) as f:
         src = host_launches(f.read())
+    # the rotary grid's cap, settable (test_rotary_grid_stride): its grid-stride loop turns only past 2^23 rows
+    cap = "most = int64_t(1) << 20"
+    assert cap in src, "the rotary launcher's grid cap moved: update test_rotary_grid_stride"
+    src = '#include <stdint.h>\nextern "C" { int64_t emulated_rotary_most = int64_t(1) << 20; }\n' + src.replace(cap, "most = emulated_rotary_most")
     (d / "cuda_runtime.h").write_text('#include "cuda_emulator.h"\n')
     (d / "kernels.cpp").write_text(src)
     lib = d / "kernels.so"
@@ -147,6 +152,58 @@ def dtype_code(t):
     return 1 if t.dtype == torch.bfloat16 else 0
 
 
+# the launchers, called as binding.cpp calls them (outputs from empty(), ids int64, times and uniforms float64)
+def se_call(cu, ls, xt, x0, sb, graph, loss, w, grad, consts):
+    B, L, N = ls.shape
+    return cu.difflm_launch_score_entropy(p(ls), dtype_code(ls), p(xt), p(x0), p(sb), 0 if graph == "absorb" else 1,
+                                          ctypes.c_int64(B), ctypes.c_int64(L), ctypes.c_int64(N), p(loss), p(w),
+                                          p(grad), p(consts), None)
+
+
+def sedd_call(cu, h, xt, t, u, step, graph, final, out, consts):
+    B, L, N = h.shape
+    return cu.difflm_launch_sedd_step(p(h), dtype_code(h), p(xt), p(t), p(u), step, 0 if graph == "absorb" else 1,
+                                      int(final), ctypes.c_int64(B), ctypes.c_int64(L), ctypes.c_int64(N), p(out),
+                                      p(consts), None)
+
+
+def mdlm_call(cu, h, xt, pu, u, out):
+    B, L, N = h.shape
+    return cu.difflm_launch_mdlm_step(p(h), dtype_code(h), p(xt), p(pu), p(u), ctypes.c_int64(N - 1),
+                                      ctypes.c_int64(B), ctypes.c_int64(L), ctypes.c_int64(N), p(out), None)
+
+
+def rotary_call(cu, qkv, cos, sin, transpose, out):
+    B, L, _, H, D = qkv.shape
+    return cu.difflm_launch_rotary(p(qkv), dtype_code(qkv), Strides4(*qkv.stride()[:4]), p(cos), p(sin),
+                                   int(transpose), ctypes.c_int64(B), ctypes.c_int64(L), ctypes.c_int64(H),
+                                   ctypes.c_int64(D), p(out), None)
+
+
+def fp32_search(cu, empty, x, E, metric):
+    """The fp32 search (pack + tiled search) -> ids (N,)."""
+    (N, d), V = x.shape, E.shape[0]
+    out, table, bias = empty(N, dtype=torch.long), empty(V, d), empty(V)
+    assert cu.difflm_launch_nearest_embedding(p(x), ctypes.c_int64(N), ctypes.c_int64(d), p(E), ctypes.c_int64(V),
+                                              0 if metric == "cos" else 1, p(table), p(bias), p(out), None) == 0
+    return out
+
+
+def screened_select(cu, empty, x, E, metric):
+    """The screened search's select kernel, fed the bf16 screen as binding.cpp's nearest_screened_impl prepares
+    it on the CPU -> ids (N,), -1 for a query left to the fp32 search."""
+    (N, d), V = x.shape, E.shape[0]
+    sq = E.double().pow(2).sum(1)
+    t = E if metric == "l2" else (E * sq.sqrt().clamp_min(1e-12).reciprocal().float()[:, None]).contiguous()
+    screen = (x.bfloat16().float() @ t.bfloat16().float().T).bfloat16()
+    ct = torch.stack([(sq * -0.5).float(), sq.sqrt().float()], 1) if metric == "l2" else None
+    h = x.norm(dim=1) / 32 * (1.0 if metric == "l2" else float(t.norm(dim=1).max()))
+    tab = NearestTable(t.data_ptr(), ct.data_ptr() if ct is not None else None, V, d)
+    ids = empty(N, dtype=torch.long)
+    assert cu.difflm_launch_nearest_select(p(screen), ctypes.c_int64(N), p(x), p(h), tab, p(ids), None) == 0
+    return ids
+
+
 WIDTHS = [(3, 1, 2), (2, 5, 40), (2, 2, 3000), (2, 1, 20000)]  # warps for 8 rows; 256, 512 threads a row
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -170,11 +227,8 @@ def test_score_entropy(cu, k, empty, B, L, V, graph, dtype):
     sb = torch.rand(B, generator=gen, dtype=torch.float64) * 3 + 0.05
     w = torch.rand(B, L, generator=gen)
     loss, grad, consts = empty(B, L), empty(B, L, N, dtype=dtype), empty(B, 4, dtype=torch.float64)
-    g = 0 if graph == "absorb" else 1
     for out_loss, grad_loss, out_grad in ((loss, None, None), (None, w, grad)):
-        assert cu.difflm_launch_score_entropy(p(ls), dtype_code(ls), p(xt), p(x0), p(sb), g, ctypes.c_int64(B),
-                                              ctypes.c_int64(L), ctypes.c_int64(N), p(out_loss), p(grad_loss),
-                                              p(out_grad), p(consts), None) == 0
+        assert se_call(cu, ls, xt, x0, sb, graph, out_loss, grad_loss, out_grad, consts) == 0
     torch.testing.assert_close(loss, k.score_entropy(ls, xt, x0, sb, graph), rtol=1e-5, atol=1e-5,
                                msg=lambda m: f"seed {seed}: loss: {m}")
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-6)  # one bf16 ulp
@@ -198,18 +252,14 @@ def test_sampling_steps(cu, k, empty, B, L, V, graph, dtype):
         consts = empty(B, 4, dtype=torch.float64)
         for step, final in ((0, False), (1, False), (1, True)):
             out = empty(B, L, dtype=torch.long)
-            assert cu.difflm_launch_sedd_step(p(h), dtype_code(h), p(xt), p(tt), p(u), step, 0 if graph == "absorb"
-                                              else 1, int(final), ctypes.c_int64(B), ctypes.c_int64(L),
-                                              ctypes.c_int64(N), p(out), p(consts), None) == 0
+            assert sedd_call(cu, h, xt, tt, u, step, graph, final, out, consts) == 0
             ref = k.sedd_euler_step(h, xt, tt, u, graph) if step == 0 else k.sedd_tweedie_step(h, xt, tt, u, graph,
                                                                                                 final)
             assert torch.equal(out, ref), f"seed {seed}: step {step}, final {final}, shift {shift:.2f}"
         if graph == "absorb":
             pu = torch.full((B,), 0.7, dtype=torch.float64)
             out = empty(B, L, dtype=torch.long)
-            assert cu.difflm_launch_mdlm_step(p(h), dtype_code(h), p(xt), p(pu), p(u), ctypes.c_int64(N - 1),
-                                              ctypes.c_int64(B), ctypes.c_int64(L), ctypes.c_int64(N), p(out),
-                                              None) == 0
+            assert mdlm_call(cu, h, xt, pu, u, out) == 0
             assert torch.equal(out, k.mdlm_ancestral_step(h, xt, pu, u, N - 1)), f"seed {seed}: mdlm"
 
 
@@ -221,9 +271,7 @@ def test_rotary_bit_for_bit(cu, k, empty, B, L, H, D, dtype):
     qkv = torch.randn(B, L, 4, H, D, generator=gen).to(dtype)[:, :, 1:]  # strided: every stride but the last
     for transpose in (False, True):
         out = empty(B, L, 3, H, D, dtype=dtype)
-        assert cu.difflm_launch_rotary(p(qkv), dtype_code(qkv), Strides4(*qkv.stride()[:4]), p(cos), p(sin),
-                                       int(transpose), ctypes.c_int64(B), ctypes.c_int64(L), ctypes.c_int64(H),
-                                       ctypes.c_int64(D), p(out), None) == 0
+        assert rotary_call(cu, qkv, cos, sin, transpose, out) == 0
         assert torch.equal(out, k.rotary(qkv, cos, sin, transpose)), f"seed {seed}: transpose {transpose}"
 
 
@@ -240,22 +288,150 @@ def test_nearest_searches(cu, k, empty, metric, kind):
         crowd(x, E, 7, 100)
     if kind == "closer than bf16":
         x, E = near_copies(gen, N, d)
-    m = 0 if metric == "cos" else 1
-    out, table, bias = empty(N, dtype=torch.long), empty(V, d), empty(V)
-    assert cu.difflm_launch_nearest_embedding(p(x), ctypes.c_int64(N), ctypes.c_int64(d), p(E), ctypes.c_int64(V), m,
-                                              p(table), p(bias), p(out), None) == 0
+        x[0] *= 1e-3  # a query near 0, whose bound h is no other query's
+    out = fp32_search(cu, empty, x, E, metric)
     exact = k.nearest_embedding(x, E, metric)
     check_optimal(out, x, E, metric, exact, seed)
-
-    sq = E.double().pow(2).sum(1)
-    t = E if metric == "l2" else (E * sq.sqrt().clamp_min(1e-12).reciprocal().float()[:, None]).contiguous()
-    screen = (x.bfloat16().float() @ t.bfloat16().float().T).bfloat16()
-    ct = torch.stack([(sq * -0.5).float(), sq.sqrt().float()], 1) if metric == "l2" else None
-    h = x.norm(dim=1) / 32 * (1.0 if metric == "l2" else float(t.norm(dim=1).max()))
-    tab = NearestTable(t.data_ptr(), ct.data_ptr() if ct is not None else None, V, d)
-    ids = empty(N, dtype=torch.long)
-    assert cu.difflm_launch_nearest_select(p(screen), ctypes.c_int64(N), p(x), p(h), tab, p(ids), None) == 0
+    ids = screened_select(cu, empty, x, E, metric)
     crowded = ids < 0  # 300 copies crowd query 1, and every row ties for query 0 under cosine
+    assert kind == "crowded" or not crowded.any(), f"seed {seed}: V <= 256 rows, yet a query was left undecided"
     assert kind != "crowded" or (crowded[1] and (metric == "l2" or crowded[0])), f"seed {seed}"
     ids[crowded] = exact[crowded]
     check_optimal(ids, x, E, metric, k.nearest_embedding_screened(x, E, metric), seed)
+
+
+@pytest.mark.parametrize("B,L,V", [(2, 3, 40), (1, 1, 3000)])
+@pytest.mark.parametrize("graph", ["absorb", "uniform"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_score_entropy_backward_with_scores_off_the_gradients_alignment(cu, k, empty, B, L, V, graph, dtype):
+    """Scores one element into an aligned buffer (a contiguous view at an offset), the gradient aligned: the
+    16-byte path must not store at the scores' alignment (the sanitizer reports it) and the gradient is the CPU's."""
+    gen, seed = fresh_gen()
+    N = V + 1 if graph == "absorb" else V
+    x0 = torch.randint(V, (B, L), generator=gen)
+    xt = torch.where(torch.rand(B, L, generator=gen) < 0.5, N - 1 if graph == "absorb" else
+                     torch.randint(N, (B, L), generator=gen), x0)
+    ls = torch.randn(B * L * N + 8, generator=gen).to(dtype)[1:1 + B * L * N].view(B, L, N)
+    sb, w = torch.rand(B, generator=gen, dtype=torch.float64) + 0.1, torch.rand(B, L, generator=gen)
+    grad, consts = empty(B, L, N, dtype=dtype), empty(B, 4, dtype=torch.float64)
+    assert se_call(cu, ls, xt, x0, sb, graph, None, w, grad, consts) == 0
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-6)
+    torch.testing.assert_close(grad.float(), k.score_entropy_backward(w, ls, xt, x0, sb, graph).float(), **tol,
+                               msg=lambda m: f"seed {seed}: {m}")
+
+
+@pytest.mark.parametrize("B,L,V", [(4, 8, 40), (2, 2, 3000)])
+def test_mdlm_reveals_with_each_sequences_probability(cu, k, empty, B, L, V):
+    """p_unmask per sequence, 0 and 1 in turn: every masked row of the odd sequences is revealed, none of the even."""
+    gen, seed = fresh_gen()
+    h = torch.randn(B, L, V + 1, generator=gen)
+    xt = torch.full((B, L), V)
+    pu = (torch.arange(B) % 2).double()
+    u = torch.rand(B, L, 2, generator=gen, dtype=torch.float64)
+    out = empty(B, L, dtype=torch.long)
+    assert mdlm_call(cu, h, xt, pu, u, out) == 0
+    ref = k.mdlm_ancestral_step(h, xt, pu, u, V)
+    assert ((ref != V) == pu.bool()[:, None]).all()
+    assert torch.equal(out, ref), f"seed {seed}"
+
+
+@pytest.mark.parametrize("B,L,V", [(4, 16, 40), (1, 4, 3000)])
+@pytest.mark.parametrize("graph", ["absorb", "uniform"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_steps_just_below_the_move_threshold(cu, k, empty, B, L, V, graph, dtype):
+    """u0 = p (1 - 1e-9), p = M / (M + w_x) in fp64: every row moves, as the oracle's (the screen's fp32 row sum
+    is off by ~1e-7: only its margin keeps it from settling such rows 'stay'); u0 = p (1 + 1e-6): every row stays,
+    which the screen leaves to the exact path."""
+    gen, seed = fresh_gen()
+    N = V + 1 if graph == "absorb" else V
+    h = (torch.randn(B, L, N, generator=gen) - (math.log(N) if graph == "absorb" else 0.0)).to(dtype)
+    xt = torch.full((B, L), N - 1) if graph == "absorb" else torch.randint(N, (B, L), generator=gen)
+    t = torch.rand(B, generator=gen, dtype=torch.float64) * 0.2 + 0.05
+    for step, weights in ((0, sedd.euler_weights), (1, sedd.tweedie_weights)):
+        w, w_stay = weights(h, xt, t, graph)
+        M = w.clamp(min=0).sum(-1)
+        pm = M / (M + w_stay.clamp(min=0))
+        assert ((pm > 0) & (pm < 0.9)).all(), f"seed {seed}: rows that cannot stay"
+        for d in (-1e-9, 1e-6):  # all move, all stay
+            u = torch.rand(B, L, 2, generator=gen, dtype=torch.float64)
+            u[..., 0] = pm * (1 + d)
+            out, consts = empty(B, L, dtype=torch.long), empty(B, 4, dtype=torch.float64)
+            assert sedd_call(cu, h, xt, t, u, step, graph, False, out, consts) == 0
+            ref = k.sedd_euler_step(h, xt, t, u, graph) if step == 0 else k.sedd_tweedie_step(h, xt, t, u, graph, False)
+            assert ((ref != xt) == (d < 0)).all() and torch.equal(out, ref), f"seed {seed}: step {step}, d {d}"
+
+
+@pytest.mark.parametrize("B,L,V", [(2, 3, 40), (1, 2, 3000)])
+@pytest.mark.parametrize("graph", ["absorb", "uniform"])
+def test_steps_on_zero_uniforms(cu, k, empty, B, L, V, graph):
+    """u = 0: every row that can move does, to the first token of positive weight (searchsorted right=True),
+    past scores whose exp is 0 in fp64 (a whole first warp segment of them at the block width) and past x."""
+    N = V + 1 if graph == "absorb" else V
+    h = torch.zeros(B, L, N)
+    h[:, 0, :1], h[:, 1:, :N // 6] = -1000.0, -1000.0  # exp(-1000) = 0: zero weight
+    xt = torch.full((B, L), N - 1) if graph == "absorb" else torch.zeros(B, L, dtype=torch.long)
+    xt[:, -1] = N - 1 if graph == "absorb" else N // 6  # uniform: x is the first token of positive weight
+    u = torch.zeros(B, L, 2, dtype=torch.float64)
+    t = torch.full((B,), 0.25, dtype=torch.float64)
+    for step, final in ((0, False), (1, False), (1, True)):
+        out, consts = empty(B, L, dtype=torch.long), empty(B, 4, dtype=torch.float64)
+        assert sedd_call(cu, h, xt, t, u, step, graph, final, out, consts) == 0
+        ref = k.sedd_euler_step(h, xt, t, u, graph) if step == 0 else k.sedd_tweedie_step(h, xt, t, u, graph, final)
+        assert (ref != xt).all() and torch.equal(out, ref), f"step {step}, final {final}: {out} vs {ref}"
+    if graph == "absorb":
+        out, pu = empty(B, L, dtype=torch.long), torch.ones(B, dtype=torch.float64)
+        assert mdlm_call(cu, h, xt, pu, u, out) == 0
+        assert torch.equal(out, k.mdlm_ancestral_step(h, xt, pu, u, N - 1))
+
+
+@pytest.mark.parametrize("metric", ["cos", "l2"])
+def test_nearest_ties_to_the_lowest_index(cu, k, empty, metric):
+    """Exact copies of a row at indices that different lanes, threads and tiles hold: both searches return the
+    lowest, as argmax does; and the screened select decides every query that is not crowded (no -1)."""
+    gen, seed = fresh_gen()
+    N, d, V = 24, 20, 150
+    E = torch.randn(V, d, generator=gen)
+    rows = [(3, 21, 70, 149), (40, 41, 137), (100, 5)]  # (the lowest index last: 5)
+    for r in rows:
+        E[list(r[1:])] = E[r[0]].clone()
+    x = torch.randn(N, d, generator=gen)
+    x[:12] = E[[r[0] for r in rows] * 4] + 0.01 * torch.randn(12, d, generator=gen)
+    out = fp32_search(cu, empty, x, E, metric)
+    exact = k.nearest_embedding(x, E, metric)
+    assert exact[:12].tolist() == [3, 40, 5] * 4, f"seed {seed}"
+    assert torch.equal(out, exact), f"seed {seed}: fp32 search"
+    ids = screened_select(cu, empty, x, E, metric)
+    assert torch.equal(ids, exact), f"seed {seed}: screened select"
+
+
+def test_rotary_bf16_rounds_ties_to_even(cu, k, empty):
+    """x = +-2^k times cos = 1 + 2^-8 (sin 0) lies exactly halfway between two bf16 values: round to even gives
+    x back, in the forward and in the backward (which rounds each product to bf16 too)."""
+    gen, seed = fresh_gen()
+    B, L, H, D = 1, 3, 2, 8
+    x = (2.0 ** torch.randint(-4, 5, (B, L, 3, H, D), generator=gen)) * (torch.randint(2, (B, L, 3, H, D),
+                                                                                       generator=gen) * 2 - 1)
+    x = x.bfloat16()
+    cos, sin = torch.full((L, 1, 1, D), 1 + 2.0 ** -8), torch.zeros(L, 1, 1, D)
+    for transpose in (False, True):
+        out = empty(B, L, 3, H, D, dtype=torch.bfloat16)
+        assert rotary_call(cu, x, cos, sin, transpose, out) == 0
+        assert torch.equal(out, x) and torch.equal(out, k.rotary(x, cos, sin, transpose)), f"transpose {transpose}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_grid_stride(cu, k, empty, dtype):
+    """A grid of one block (8 warps) for 19 positions: the grid-stride loop, which the launcher's cap
+    (2^20 blocks) turns only past 2^23 positions, must visit every position once."""
+    gen, seed = fresh_gen()
+    B, L, H, D = 1, 19, 2, 6
+    cos, sin = torch.randn(L, 1, 1, D, generator=gen), torch.randn(L, 1, 1, D, generator=gen)
+    qkv = torch.randn(B, L, 3, H, D, generator=gen).to(dtype)
+    most = ctypes.c_int64.in_dll(cu, "emulated_rotary_most")
+    most.value = 1
+    try:
+        out = empty(B, L, 3, H, D, dtype=dtype)
+        assert rotary_call(cu, qkv, cos, sin, False, out) == 0
+    finally:
+        most.value = 1 << 20
+    assert torch.equal(out, k.rotary(qkv, cos, sin, False)), f"seed {seed}"
