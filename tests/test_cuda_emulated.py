@@ -15,7 +15,7 @@ import torch
 
 import difflm_ops
 import sedd
-from test_kernel_nearest import check_optimal, crowd, near_copies
+from test_kernel_nearest import check_optimal, crowd, near_copies, near_crowd
 from test_kernels import fresh_gen
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -402,6 +402,14 @@ def test_nearest_ties_to_the_lowest_index(cu, k, empty, metric):
     assert torch.equal(out, exact), f"seed {seed}: fp32 search"
     ids = screened_select(cu, empty, x, E, metric)
     assert torch.equal(ids, exact), f"seed {seed}: screened select"
+
+
+@pytest.mark.parametrize("metric", ["cos", "l2"])
+def test_screened_select_scores_as_many_candidates_as_it_keeps(cu, empty, metric):
+    """256 candidates, the nearest the last: the select keeps and scores every one (-1 only past 256)."""
+    for n, want in ((255, 600), (300, -1)):
+        x, E = near_crowd(n)
+        assert screened_select(cu, empty, x, E, metric).tolist() == [want], n
 
 
 def test_rotary_bf16_rounds_ties_to_even(cu, k, empty):

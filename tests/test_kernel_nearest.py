@@ -227,13 +227,19 @@ def test_screened_crowded_queries_go_to_the_fp32_search(k):
         assert got[1] == got[5] == 7 and (metric == "l2" or got[0] == got[4] == 0), f"seed {seed}, {metric}"
 
 
-def test_screened_a_crowd_before_the_nearest_row_does_not_hide_it(k):
-    """300 rows near the query come before its exact copy: more candidates than the screen keeps (256), so the
-    query takes the fp32 search and finds the copy; the screen must not decide among the first 256 it saw."""
+def near_crowd(n):
+    """n rows near query 0 before its exact copy, row 600 of 700: with the copy, n + 1 candidates of the screen."""
     gen = torch.Generator().manual_seed(0)
     E = torch.randn(700, 40, generator=gen)
-    E[:300] = E[600] + 0.02 * torch.randn(300, 40, generator=gen)
-    x = E[[600]].clone()
+    E[:n] = E[600] + 0.02 * torch.randn(n, 40, generator=gen)
+    return E[[600]].clone(), E
+
+
+@pytest.mark.parametrize("n", [255, 300])
+def test_screened_a_crowd_before_the_nearest_row_does_not_hide_it(k, n):
+    """The copy comes last: 256 candidates, as many as the screen keeps, are all scored; 301, more than it
+    keeps, send the query to the fp32 search. The screen must not decide among the first 256 it saw."""
+    x, E = near_crowd(n)
     for metric in METRICS:
         assert k.nearest_embedding_screened(x, E, metric).tolist() == [600], metric
         assert k.nearest_embedding(x, E, metric).tolist() == [600], metric
