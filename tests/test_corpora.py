@@ -343,6 +343,16 @@ def test_owt_jsonl_split_sizes_and_exact_tokens(owt_data, documents):
     check_owt(owt_data, documents, 40)
 
 
+def test_owt_jsonl_blank_lines_are_no_documents(documents, tmp_path, monkeypatch):
+    """A blank line (an editor's last newline, a gap between parts) is skipped, as in every other jsonl reader."""
+    docs = documents[:20]
+    path = tmp_path / "gaps.jsonl"
+    path.write_text("\n".join(json.dumps({"text": d}) for d in docs[:10]) + "\n\n  \n" +
+                    "\n".join(json.dumps({"text": d}) for d in docs[10:]) + "\n\n", encoding="utf-8")
+    assert run_main(owt, monkeypatch, [f"--input={path}", f"--out_dir={tmp_path / 'out'}", "--val_docs=5", "--num_proc=1"]) is None
+    check_owt(tmp_path / "out", docs, 5)
+
+
 def test_owt_one_process_writes_the_same_files(owt_data, documents, tmp_path, monkeypatch):
     path = write_jsonl(tmp_path / "all.jsonl", documents)
     assert run_main(owt, monkeypatch, [f"--input={path}", f"--out_dir={tmp_path / 'out'}", "--val_docs=40", "--num_proc=1"]) is None

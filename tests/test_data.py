@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import OFFLINE, ROOT, run_cli
+from conftest import OFFLINE, ROOT, run_cli, shared_data
 
 import common
 import corpus
@@ -79,6 +79,33 @@ def test_char_data_prepared_offline(char_data):
     assert (meta["train_tokens"], meta["val_tokens"], meta["vocab_size"]) == (1_003_854, 111_540, 65)
     assert meta["files"]["train.bin"]["bytes"] == 2 * 1_003_854
     assert "data/shakespeare_char/prepare.py" in meta["command"]
+
+
+def test_gpt2_shakespeare_prepared_as_documented(tmp_path):
+    """data/shakespeare/prepare.py (the GPT-2 BPE view of the shipped text) was run by no test: its 90/10 cut
+    by characters and the counts its docstring states."""
+    out = tmp_path / "shk"
+    run_cli(["data/shakespeare/prepare.py", f"--out_dir={out}"], env={"DIFFLM_DATA": shared_data()})
+    meta = json.load(open(out / "meta.json"))
+    assert (meta["tokenizer"], meta["vocab_size"], meta["eot"], meta["dtype"]) == ("gpt2", 50257, 50256, "uint16")
+    assert (meta["train_tokens"], meta["val_tokens"]) == (301_966, 36_059)
+    with gzip.open(os.path.join(ROOT, "data", "shakespeare_char", "input.txt.gz"), "rt", encoding="utf-8") as f:
+        text = f.read()
+    n, tok = int(0.9 * len(text)), corpus.GPT2Tokenizer()
+    head = tok.decode(np.fromfile(out / "val.bin", dtype=np.uint16)[:20].tolist())
+    tail = tok.decode(np.fromfile(out / "train.bin", dtype=np.uint16)[-20:].tolist())
+    assert text[n:].startswith(head) and text[:n].endswith(tail)  # the split is at the cut, nothing lost
+
+
+def test_shakespeare_word_vocabulary_is_the_training_texts(tmp_path):
+    """The vocabulary is the words of the first 90% (train): a word seen only in val is <unk> there."""
+    src = tmp_path / "in.txt"
+    src.write_text("the cat " * 45 + "dog " * 10)  # 360 + 40 characters: the cut falls before the first dog
+    run_cli(["data/shakespeare_word/prepare.py", f"--input={src}", f"--out_dir={tmp_path / 'w'}", "--min_count=1"])
+    meta = json.load(open(tmp_path / "w" / "meta.json"))
+    assert meta["words"] == list(corpus.WordTokenizer.SPECIALS) + ["cat", "the"]
+    val = np.fromfile(tmp_path / "w" / "val.bin", dtype=meta["dtype"])
+    assert val.tolist() == [corpus.WordTokenizer.UNK] * 10
 
 
 def test_first_command_offline_prepares_on_its_own(tmp_path):
@@ -190,6 +217,66 @@ def test_own_text_bad_input_is_one_line(tmp_path, monkeypatch, args, message):
     assert str(bad) in msg or "UTF-8" not in message
 
 
+def test_word_vocabulary_keeps_words_seen_min_count_times():
+    """--min_count=N keeps a word seen N times (not only more often); punctuation is one token per character."""
+    assert corpus.WordTokenizer.split("Hi!! ok...") == ["Hi", "!", "!", "ok", ".", ".", "."]
+    tok = corpus.WordTokenizer.build(["x x y y y z ..."], 2)
+    assert tok.words == list(corpus.WordTokenizer.SPECIALS) + [".", "y", "x"]  # most frequent first, ties by word
+    assert tok.encode("x z .") == [tok.stoi["x"], tok.UNK, tok.stoi["."]]
+
+
+def test_own_text_word_vocabulary_is_trains_and_the_cut_is_at_the_first_space(tmp_path, monkeypatch):
+    """The word vocabulary comes from the train part only (a word seen only in val is <unk>); a cut that falls
+    on white space stays there rather than moving a word on."""
+    src = tmp_path / "a.txt"
+    src.write_text("ab cd" + " ab cd" * 9 + " zz" * 6)
+    text = src.read_text()
+    n = int(0.5 * len(text))
+    assert text[n] == " " and "zz" not in text[:n]
+    text_prepare([f"--input={src}", "--name=a", f"--out_dir={tmp_path / 'c'}", "--val_fraction=0.5"], monkeypatch)
+    meta = json.load(open(tmp_path / "c" / "meta.json"))
+    assert meta["train_tokens"] == n  # char level: one token a character, the cut exactly at the space
+    text_prepare([f"--input={src}", "--name=a", f"--out_dir={tmp_path / 'w'}", "--val_fraction=0.5",
+                  "--tokenizer=word"], monkeypatch)
+    meta = json.load(open(tmp_path / "w" / "meta.json"))
+    assert "zz" not in meta["words"] and set(meta["words"]) == set(corpus.WordTokenizer.SPECIALS) | {"ab", "cd"}
+    val = np.fromfile(tmp_path / "w" / "val.bin", dtype=meta["dtype"]).tolist()
+    assert val.count(corpus.WordTokenizer.UNK) == 6
+
+
+def test_own_text_gpt2_puts_end_of_text_between_files(tmp_path, monkeypatch):
+    """--tokenizer=gpt2: an end-of-text id between the files' parts in each split, none before the first."""
+    monkeypatch.setenv("DIFFLM_DATA", shared_data())
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("alpha beta gamma delta " * 10)
+    b.write_text("one two three four " * 10)
+    text_prepare([f"--input={a}", f"--input={b}", "--name=g", f"--out_dir={tmp_path / 'g'}", "--tokenizer=gpt2",
+                  "--val_fraction=0.5"], monkeypatch)
+    meta = json.load(open(tmp_path / "g" / "meta.json"))
+    tok = corpus.GPT2Tokenizer()
+    assert meta["eot"] == tok.enc.eot_token == 50256
+    ta, tb = a.read_text(), b.read_text()
+    ca, cb = ta.index(" ", len(ta) // 2), tb.index(" ", len(tb) // 2)
+    for split, (pa, pb) in (("train", (ta[:ca], tb[:cb])), ("val", (ta[ca:], tb[cb:]))):
+        ids = np.fromfile(tmp_path / "g" / f"{split}.bin", dtype=meta["dtype"]).tolist()
+        assert ids == tok.encode(pa) + [50256] + tok.encode(pb), split
+
+
+@pytest.mark.parametrize("script", ["data/text/prepare.py", "data/e2e/prepare.py", "data/shakespeare_word/prepare.py"])
+def test_min_count_below_one_is_refused(tmp_path, script):
+    extra = ["--input=x.txt", "--name=x"] if script == "data/text/prepare.py" else []
+    r = run_cli([script, f"--out_dir={tmp_path / 'o'}", "--min_count=0"] + extra, check=False)
+    assert r.returncode == 1 and "--min_count must be at least 1" in r.stderr, r.stderr
+    assert not os.path.exists(tmp_path / "o" / "meta.json")
+
+
+def test_own_text_of_white_space_only_is_refused(tmp_path, monkeypatch):
+    blank = tmp_path / "blank.txt"
+    blank.write_text("  \n\t\n\n")
+    fails(lambda: text_prepare([f"--input={blank}", "--name=b", f"--out_dir={tmp_path / 'b'}"], monkeypatch),
+          f"{blank} holds no text")
+
+
 def test_e2e_lines_break_at_newlines_only(tmp_path):
     """A text holding U+2028 (or a form feed) was split there, as str.splitlines splits, and the prepare stopped
     with "a line without '||'" and a line number past the file's end; Diffusion-LM reads these files by line."""
@@ -201,6 +288,31 @@ def test_e2e_lines_break_at_newlines_only(tmp_path):
     run_cli(["data/e2e/prepare.py", f"--input_dir={e2e}", f"--out_dir={tmp_path / 'e'}", "--min_count=1"])
     rows = corpus.load_jsonl(str(tmp_path / "e" / "train.jsonl"), json.load(open(tmp_path / "e" / "meta.json")))
     assert len(rows) == 3 and rows[0]["ref"] == "The Eagle serves French food ."
+
+
+def test_e2e_splits_go_to_their_own_files(tmp_path):
+    """train/valid/test examples into train.bin/val.bin/test.bin (each <s> text </s>) and the jsonl files, a line of
+    white space skipped as a blank one."""
+    e2e = tmp_path / "e2e"
+    e2e.mkdir()
+    lines = {"train": "name : A | food : French||A serves French food .\n" * 3,
+             "valid": "name : B | food : Thai||B serves Thai food .\n   \nname : B | food : Thai||B is Thai .\n",
+             "test": "name : C | food : Greek||C serves Greek food .\n"}
+    for split, text in lines.items():
+        (e2e / f"src1_{split}.txt").write_text(text)
+    out = tmp_path / "e"
+    run_cli(["data/e2e/prepare.py", f"--input_dir={e2e}", f"--out_dir={out}", "--min_count=1"])
+    meta = json.load(open(out / "meta.json"))
+    assert meta["examples"] == {"train": 3, "valid": 2, "test": 1}
+    tok = corpus.WordTokenizer(meta["words"])
+
+    def read(name):
+        return tok.decode(np.fromfile(out / name, dtype=meta["dtype"]).tolist())
+    assert read("train.bin") == "<s> A serves French food . </s> " * 2 + "<s> A serves French food . </s>"
+    assert read("val.bin") == "<s> <unk> serves <unk> food . </s> <s> <unk> <unk> <unk> . </s>"
+    assert read("test.bin") == "<s> <unk> serves <unk> food . </s>"
+    rows = corpus.load_jsonl(str(out / "valid.jsonl"), meta)
+    assert [r["ref"] for r in rows] == ["B serves Thai food .", "B is Thai ."] and rows[0]["mr"] == {"name": "B", "food": "Thai"}
 
 
 def test_every_reader_of_a_text_file_refuses_bytes_that_are_not_utf8(tmp_path):
@@ -330,10 +442,24 @@ def test_each_corruption_is_one_line_naming_the_fix(tmp_path, corrupt, message):
     assert f"--out_dir={tmp_path}" in msg
 
 
-def test_ids_outside_the_vocabulary(tmp_path):
-    ids = np.arange(300) % 12
+@pytest.mark.parametrize("top", [11, 10])  # 10: an id equal to the vocabulary's size is outside it too
+def test_ids_outside_the_vocabulary(tmp_path, top):
+    ids = np.arange(300) % (top + 1)
     corpus.write_split(str(tmp_path), ids, ids, {"tokenizer": "char", "chars": list("abcdefghij"), "vocab_size": 10})
-    fails(lambda: corpus.prepare_data(cfg_for(tmp_path)), "holds token id 11, not below the vocabulary of 10")
+    fails(lambda: corpus.prepare_data(cfg_for(tmp_path)), f"holds token id {top}, not below the vocabulary of 10")
+
+
+def test_a_vocabulary_over_65536_is_stored_as_uint32(tmp_path):
+    """Ids past 65535 do not fit uint16 (they would wrap around in silence)."""
+    vocab = 70_000
+    ids = np.arange(0, 2 * vocab, 7) % vocab
+    words = list(corpus.WordTokenizer.SPECIALS) + [f"w{i}" for i in range(vocab - 4)]
+    meta = corpus.write_split(str(tmp_path), ids, ids[::-1], {"tokenizer": "word", "words": words, "vocab_size": vocab})
+    assert meta["dtype"] == "uint32" and meta["files"]["train.bin"]["bytes"] == 4 * len(ids)
+    assert corpus.prepare_data(cfg_for(tmp_path)) == meta
+    assert np.array_equal(np.fromfile(tmp_path / "train.bin", dtype=np.uint32), ids)
+    x = next(corpus.Batches(cfg_for(tmp_path, block_size=32), meta, 0).sequential("val", 4))
+    assert x.max().item() == ids.max() and x[0].tolist() == ids[::-1][:32].tolist()
 
 
 def test_corruption_through_the_command_line(tmp_path):
