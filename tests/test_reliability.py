@@ -286,6 +286,26 @@ def test_a_rank_the_checkpoint_has_no_streams_for_draws_its_own(run6):
     assert not torch.equal(fresh, ckpt["data_rng"][0])
 
 
+def test_resume_on_another_device_kind_takes_that_devices_adamw(run6, tmp_path):
+    """load_state_dict takes the saved groups' fused/foreach flags: a GPU run's checkpoint (fused AdamW) resumed on
+    a CPU kept fused, a CPU run's on a GPU foreach. The resumed optimizer is this device's, with the same state."""
+    src, _ = run6
+    ckpt = common.load_checkpoint(os.path.join(src, "ckpt.pt"), "mdlm")
+    for g in ckpt["optimizer"]["param_groups"]:
+        assert g["foreach"] and not g.get("fused")
+        g["fused"], g["foreach"] = True, None  # as a GPU run saves them
+    path = str(tmp_path / "ckpt.pt")
+    common.save_checkpoint(path, ckpt)
+    cfg = M.Config(**{**ckpt["config"], "resume": True, "max_iters": 9})
+    model = M.build_model(cfg, ckpt["meta"])
+    ema, opt = M.build_model(cfg, ckpt["meta"]), trainer.make_optimizer(model, cfg, torch.device("cpu"))
+    trainer.resume_from(path, "mdlm", cfg, ckpt["meta"], model, ema, opt, corpus.Batches(cfg, ckpt["meta"], 0), 0,
+                        torch.device("cpu"))
+    assert all(g["foreach"] and not g["fused"] for g in opt.param_groups), opt.param_groups[0]
+    saved = ckpt["optimizer"]["state"][0]
+    assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], saved["exp_avg"])
+
+
 def test_a_diverged_model_evaluates_to_an_infinite_perplexity(run6):
     """A run whose loss stays finite but huge (--lr=10) reported an OverflowError traceback at its first eval."""
     src, data = run6
