@@ -251,14 +251,15 @@ def get_device(cfg):
         die(f"unknown --device={cfg.device}; use auto, cpu, cuda or cuda:N")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         die(f"--device={cfg.device} but this torch sees no GPU; use --device=cpu")
-    if cfg.device in ("auto", "cuda") and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # under torchrun: this rank's GPU
-    if cfg.device != "auto":
-        device = torch.device(cfg.device)
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            die(f"--device={cfg.device} but this machine has {torch.cuda.device_count()} GPU(s); use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
-        return device
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    n, local = torch.cuda.device_count(), int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # torchrun's processes here
+    torchrun = cfg.device in ("auto", "cuda") and "LOCAL_RANK" in os.environ and torch.cuda.is_available()
+    device = (torch.device("cuda", int(os.environ["LOCAL_RANK"])) if torchrun else torch.device(cfg.device)  # a rank's GPU
+              if cfg.device != "auto" else torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.index is not None and (device.index >= n or (local > 1 and not torchrun)):
+        die(f"torchrun's process {device.index} has no GPU of its own: this machine has {n}; use --nproc_per_node={n}" if torchrun
+            else f"--device={cfg.device} puts every torchrun process on one GPU; use --device=cuda (each takes its own)"
+            if local > 1 else f"--device={cfg.device} but this machine has {n} GPU(s); use cuda:0 .. cuda:{n - 1}")
+    return device
 
 
 def autocast(device):

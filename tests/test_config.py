@@ -156,9 +156,22 @@ def test_under_torchrun_only_training_runs_and_each_rank_takes_its_gpu(tmp_path,
     assert "torchrun" in refused("diffusion_lm", ["--train_classifier", f"--out_dir={tmp_path}"])
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(common.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(common.torch.cuda, "device_count", lambda: 2)
     for device in ("cuda", "auto"):
         assert common.get_device(mdlm.Config(device=device)) == common.torch.device("cuda", 1), device
     assert common.get_device(mdlm.Config(device="cpu")).type == "cpu"
+    # more processes than GPUs, or every process on the GPU one --device names: one line, not a NCCL traceback
+    monkeypatch.setattr(common.torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(SystemExit, match=r"torchrun's process 1 has no GPU of its own: this machine has 1; use --nproc_per_node=1"):
+        common.get_device(mdlm.Config(device="auto"))
+    monkeypatch.setattr(common.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match=r"--device=cuda:1 puts every torchrun process on one GPU; use --device=cuda"):
+        common.get_device(mdlm.Config(device="cuda:1"))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # one process here (a node of a multi-node run): cuda:N is its choice
+    assert common.get_device(mdlm.Config(device="cuda:1")) == common.torch.device("cuda", 1)
+    with pytest.raises(SystemExit, match=r"--device=cuda:2 but this machine has 2 GPU\(s\); use cuda:0 .. cuda:1"):
+        common.get_device(mdlm.Config(device="cuda:2"))
 
 
 @pytest.mark.parametrize("method", ["mdlm", "ar", "diffusion_lm", "diffuser"])
