@@ -585,7 +585,7 @@ def as_stream(samples, tok):
     for s in samples.tolist():
         end = s.index(tok.END) + 1 if tok.END in s else len(s)
         out += [i for i in s[:end] if i != tok.PAD]
-    return torch.tensor([out])
+    return torch.tensor([out], device=samples.device)  # (1, total), judged where it was drawn
 
 
 def contains(text_words, value):
@@ -676,7 +676,7 @@ def main(argv=None):
         corpus.prepare_data(cfg, meta)  # a folder moved or never prepared here: prepared, or named
         measure = cfg.control_targets.strip(", ")  # targets asked: control is measured, with the classifier
         trained = measure and os.path.isfile(os.path.join(common.out_dir(cfg, METHOD), "classifier.pt"))
-        with torch.random.fork_rng():  # one that does not fit stops the run before the pass, which draws as before
+        with torch.random.fork_rng(devices=[]):  # built on the CPU; one that does not fit stops the run before the pass, which draws as before
             clf = load_classifier(cfg, model, ckpt) if trained else None
         stats = {**evaluate(model, make_batches(cfg, meta), cfg, full=True), "data": cfg.eval_split}
         print(f"{cfg.eval_split} NELBO {stats['val_nelbo']:.4f} nats/position (PAD positions included) | "
