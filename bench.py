@@ -105,7 +105,7 @@ def bench_mdlm_sampler(argv):
         cfg, model, _, _, _ = trainer.load_for_inference(mdlm.Config, {"out_dir": a.ckpt_dir}, "mdlm", mdlm.build_model)
     else:
         cfg = mdlm.Config(block_size=a.seq_len)
-        model = mdlm.build_model(cfg, {"vocab_size": 65}).eval()
+        model = mdlm.build_model(cfg, {"vocab_size": 65}).eval().to(common.get_device(cfg))  # as a checkpoint loads
         torch.nn.init.normal_(model.head.weight, std=0.02)  # not the zero init: a realistic, peaked output
     if a.seq_len > cfg.block_size:
         common.die(f"--seq_len={a.seq_len} exceeds the model's block_size={cfg.block_size}")
@@ -150,8 +150,9 @@ def bench_sample_speed(argv):
     samplers, batches = _choices(a.samplers, "samplers", ("ddpm", "ddpm_cache", "ar")), _ints(a.batches, "batches")
     common.check_at_least(a, ("vocab", "seq_len", "steps", "repeat"), 1)
     torch.manual_seed(0)  # untrained models (same shapes as the defaults); a head that is not the zero init
-    models = {"mdlm": mdlm.build_model(mdlm.Config(block_size=a.seq_len), {"vocab_size": a.vocab}).eval(),
-              "ar": ar.build_model(ar.Config(block_size=a.seq_len), {"vocab_size": a.vocab}).eval()}
+    device = common.get_device(mdlm.Config())  # where --sample would run them
+    models = {"mdlm": mdlm.build_model(mdlm.Config(block_size=a.seq_len), {"vocab_size": a.vocab}).eval().to(device),
+              "ar": ar.build_model(ar.Config(block_size=a.seq_len), {"vocab_size": a.vocab}).eval().to(device)}
     for m in models.values():
         torch.nn.init.normal_(m.head.weight, std=0.02)
     rows, per = [], {}
@@ -172,11 +173,14 @@ def bench_sample_speed(argv):
                     x, calls = ar.generate(model, ar.Config(), torch.zeros(0, dtype=torch.long), batch, a.seq_len)
                 else:
                     x, calls = mdlm.generate(model, c, torch.full((a.seq_len,), -1), batch)
+                if device.type == "cuda":  # ar.py's sampler never reads back: its last steps are still queued
+                    torch.cuda.synchronize(device)
                 times.append((time.perf_counter() - t0) / batch)
             per[sampler, batch] = statistics.median(times), x
             rows.append((sampler, batch, f"{1e3 * per[sampler, batch][0]:.1f}", f"{1e3 * min(times):.1f}-{1e3 * max(times):.1f}",
                          calls, counter[0] // batch))
-    table(rows, ("sampler", "batch", "ms/sample (median)", f"range of {a.repeat}", "network calls", "rows/sample"))
+    table(rows, ("sampler", "batch", f"ms/sample on {device.type} (median)", f"range of {a.repeat}", "network calls",
+                 "rows/sample"))
     for batch in batches:
         if ("ddpm", batch) in per and ("ddpm_cache", batch) in per:
             same = torch.equal(per["ddpm", batch][1], per["ddpm_cache", batch][1])
