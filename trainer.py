@@ -38,13 +38,12 @@ def print_config(cfg):
 
 
 def init_distributed(device):
+    """Under torchrun: the process group of one training run (train() ends it) -> (rank, world size)."""
     if "RANK" not in os.environ:
         return 0, 1
-    if not torch.distributed.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        torch.distributed.init_process_group(backend=backend)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
+    torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
@@ -382,6 +381,8 @@ def _train_loop(cfg, method, model, loss_fn, evaluate, meta, batches, device, ra
         print(f"done: {cfg.max_iters - start} iterations in {fmt_time(time.time() - t0)}; checkpoint {ckpt_path}")
     if world > 1:
         torch.distributed.barrier()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():  # NCCL warns at exit of one left open
+        torch.distributed.destroy_process_group()
     return ema_model if cfg.ema > 0 else model  # the weights evaluations saw
 
 

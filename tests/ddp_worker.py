@@ -25,7 +25,6 @@ def loss_fn(m, x0):
 
 
 trainer.train(cfg, "mdlm", model, loss_fn, lambda m, b: mdlm.evaluate(m, b, cfg), meta)
-rank = torch.distributed.get_rank()
+assert not torch.distributed.is_initialized(), "train() left its process group open"
 torch.save({"model": model.state_dict(), "first_batch": seen[0][0], "first_loss": seen[0][1]},
-           os.path.join(out, f"rank{rank}.pt"))
-torch.distributed.destroy_process_group()
+           os.path.join(out, f"rank{os.environ['RANK']}.pt"))
