@@ -307,6 +307,15 @@ def test_toys_and_standardisation():
         ddpm.PointBatches("nine_gaussians")
 
 
+def test_energy_distance_by_hand():
+    """2 E|x - y| - E|x - x'| - E|y - y'| over all pairs (a point with itself included): x = {0, 2}, y = {0}
+    gives 2 * 1 - 1 - 0; the same points give 0, and it is symmetric."""
+    x, y = torch.tensor([[0.0, 0.0], [2.0, 0.0]]), torch.tensor([[0.0, 0.0]])
+    assert ddpm.energy_distance(x, y) == pytest.approx(1.0) and ddpm.energy_distance(y, x) == pytest.approx(1.0)
+    assert ddpm.energy_distance(x, x) == pytest.approx(0.0, abs=1e-12)
+    assert ddpm.energy_distance(x, x + torch.tensor([3.0, 4.0])) == pytest.approx((10 + 41 ** 0.5 + 17 ** 0.5) / 2 - 2)
+
+
 def test_eight_gaussian_log_density_integrates_to_one():
     g = torch.linspace(-3, 3, 1201, dtype=torch.float64)
     xy = torch.stack(torch.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)

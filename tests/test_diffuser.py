@@ -320,6 +320,45 @@ def test_larger_beams_never_score_lower(seed):
             prev = best
 
 
+@pytest.mark.parametrize("strategy, b, r", [("greedy", 1, 1), ("beam", 2, 1), ("beam", 2, 2)])
+def test_a_hypothesis_scores_its_fills_too(strategy, b, r, monkeypatch):
+    """A hypothesis's score is the log-probability of its edits and of the words filled into them, at every
+    revision: the beams rank whole revisions. Every fill made 5 nats less likely: every score 5 nats less per revision."""
+    cfg, model = tiny_model(1)
+    srcs, starts = random_problems(7, 4)
+    times = [3, 2, 1]
+    base = D.decode(model, starts, srcs, cfg, times, strategy, b=b, r=r)
+    real = D.fill_slots
+    monkeypatch.setattr(D, "fill_slots", lambda *a: [(s - 5.0, x, f) for s, x, f in real(*a)])
+    worse = D.decode(model, starts, srcs, cfg, times, strategy, b=b, r=r)
+    for h, w in zip(base, worse):
+        assert w.x == h.x and math.isclose(w.score, h.score - 5.0 * len(times), rel_tol=1e-9, abs_tol=1e-9)
+
+
+@pytest.mark.parametrize("strategy, b", [("greedy", 1), ("beam", 3)])
+def test_an_empty_sequence_must_insert(strategy, b):
+    """A revision of an empty x_t inserts at least one word, however likely the insertion head finds none."""
+    cfg, model = tiny_model(2)
+    with torch.no_grad():
+        model.ins_head.bias[0] = 50.0  # zero insertions at every gap: by far the most probable choice
+    srcs, _ = random_problems(3, 3)
+    for h in D.decode(model, [[], [], []], srcs, cfg, [2], strategy, b=b):
+        assert len(h.x) >= 1 and h.history[0][1] == [] and sum(h.history[0][3]) == len(h.x)
+
+
+@pytest.mark.parametrize("b, r", [(3, 1), (3, 2), (1, 3)])
+def test_a_beam_carries_r_hypotheses_to_the_next_revision(b, r, monkeypatch):
+    """--decode=beam (r = 1) searches b edit sets within a revision and carries only the best hypothesis to the next;
+    beam2d carries the r best (at most b per hypothesis). The tagger reads one row per hypothesis carried."""
+    cfg, model = tiny_model(0)
+    srcs, starts = random_problems(5, 4)
+    rows, real = [], D.network_logprobs
+    monkeypatch.setattr(D, "network_logprobs", lambda model, xs, t, which, *a, **k:
+                        (rows.append(len(xs)) if which == "tag" else None) or real(model, xs, t, which, *a, **k))
+    D.decode(model, starts, srcs, cfg, [3, 2, 1], "beam", b=b, r=r)
+    assert rows == [4, 4 * min(b, r), 4 * min(b * min(b, r), r)]
+
+
 def test_sampling_and_null_bootstrap():
     cfg, model = tiny_model(0)
     torch.manual_seed(0)
@@ -412,6 +451,15 @@ def test_bleu_counts_words_as_the_tokenizer_split_them():
     assert D.bleu(["the pub is near the river ."], refs) == pytest.approx(100.0)
     assert D.bleu(["a b-c d e"], [["a b-c d e"]]) == pytest.approx(100.0)
     assert D.bleu(["a b - c d e"], [["a b-c d e"]]) < 50  # a hyphenated word is one word, not split again
+
+
+def test_bleu_reads_every_reference_of_each_hypothesis():
+    """MRs have different numbers of references: each hypothesis is scored against all of its own, not only as
+    many as the MR with the fewest has."""
+    hyps = ["there is a pub .", "the pub is near the river ."]
+    refs = [["there is a pub ."], ["a pub by the lake .", "the pub is near the river ."]]
+    assert D.bleu(hyps, refs) == pytest.approx(100.0)
+    assert D.bleu(hyps[1:], refs[1:]) == pytest.approx(100.0) and D.bleu(hyps[1:], [refs[1][:1]]) < 50
 
 
 def test_e2e_prepare(e2e_data):

@@ -343,6 +343,67 @@ def test_each_guidance_step_is_a_fresh_adagrad_step():
     assert torch.allclose(out, torch.full_like(x, 0.3), atol=1e-6) and torch.equal(x, torch.zeros_like(x))
 
 
+def test_the_fluency_term_is_lambda_over_two_sigma_squared():
+    """lambda |x - mu|^2 / (2 sigma^2) against the objective: with x - mu = 2, sigma^2 = 2, lambda = 1 its gradient
+    is 1, so a steady objective gradient of -1.5 wins and the sign step raises x; with / sigma^2 (2) it would lower it."""
+    cfg = D.Config(guide_lr=0.1, guide_steps=1, guide_lambda=1.0)
+    x = torch.full((2, 3, 4), 2.0)
+    out = D.guided(x, torch.zeros_like(x), 2.0, 5, lambda z, t: -1.5 * z.sum((1, 2)), cfg)
+    assert torch.allclose(out, torch.full_like(x, 2.1), atol=1e-6)
+
+
+def test_guidance_scores_the_time_of_the_step_it_lands_on():
+    """The guided x is x_{t-1}: the classifier is asked about it at t - 1, the time the next denoising step reads."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg(guide_steps=1)
+    m = D.DiffusionLM(cfg, 30).eval()
+    denoised, asked = [], []
+    m.denoise = lambda x, t: denoised.append(t.tolist()) or D.DiffusionLM.denoise(m, x, t)
+    D.sample(m, cfg, 2, objective=lambda x, t: asked.append(t.tolist()) or 0 * x.sum((1, 2)))
+    assert len(asked) == cfg.steps - 1 and asked == denoised[1:] and denoised[0] != denoised[1]
+
+
+def test_the_loss_terms_are_averaged_over_the_time_samples(monkeypatch):
+    """--eval's mse, prior and rounding figures: each of the eval_t_samples draws counts 1 / eval_t_samples."""
+    cfg = tiny_cfg(block_size=4, eval_t_samples=3)
+    m = D.DiffusionLM(cfg, 30)
+    zero, one = torch.zeros(2), torch.ones(2)
+    monkeypatch.setattr(m, "forward", lambda w, t=None: {"mse": one, "prior": 2 * one, "rounding": 3 * one, "sq_err": zero,
+                                                         "l_T": zero, "rounding_sum": zero, "t": zero})
+    batches = types.SimpleNamespace(sequential=lambda split, batch_size: iter([torch.zeros(2, 4, dtype=torch.long)]))
+    out = D.evaluate(m, batches, cfg, full=True)
+    assert (out["val_mse"], out["val_prior"], out["val_rounding"], out["val_loss"]) == pytest.approx((1, 2, 3, 6))
+
+
+def test_control_success_counts_exact_matches_guided_and_unguided(monkeypatch):
+    """The guided share counts the guided samples, the unguided share the unguided ones; a value matches where its
+    words stand together, the text's last words included, and nowhere else."""
+    tok = corpus.WordTokenizer(list(corpus.WordTokenizer.SPECIALS) + ["The", "Golden", "Curry", "is", "Italian", "."])
+    S, E, P = tok.START, tok.END, tok.PAD
+    gold, cur, italian, the, dot = 5, 6, 8, 4, 9
+    guided = torch.tensor([[S, the, gold, cur, E, P], [S, 7, the, gold, cur, E], [S, the, gold, dot, cur, E],
+                           [S, italian, the, gold, cur, E]])  # "The Golden Curry" in 3 of 4, twice at the end
+    plain = torch.tensor([[S, the, gold, dot, E, P], [S, gold, cur, the, E, P], [S, italian, italian, E, P, P],
+                          [S, 7, the, gold, cur, dot]])  # in 1 of 4
+    monkeypatch.setattr(D, "sample", lambda model, cfg, n, fixed=None, objective=None, show=None:
+                        (plain if objective is None else guided)[:n])
+    clf = types.SimpleNamespace(parse_targets=lambda spec, what: [(0, 1)])
+    cfg = D.Config(control_targets="name=The Golden Curry", control_samples=4)
+    assert D.control_eval(None, clf, tok, cfg) == {"name=The Golden Curry": (0.75, 0.25)}
+
+
+def test_the_length_objective_is_zero_at_end_then_pad():
+    """--length=N: f_theta's x_0 at position N is </s>'s embedding and PAD's after it; the objective is their squared error."""
+    torch.manual_seed(0)
+    m = D.DiffusionLM(tiny_cfg(), 30)
+    E = m.embed.weight.detach()
+    ids = torch.tensor([0, 4, 5, 6, 7, 1] + [3] * 6)  # </s> at 5
+    for n, want_zero in ((5, True), (4, False), (6, False)):
+        m.denoise = lambda x, t: E[ids].expand(x.shape[0], -1, -1)
+        obj = D.length_objective(m, n)(torch.zeros(2, 12, E.shape[1]), torch.zeros(2, dtype=torch.long))
+        assert obj.shape == (2,) and bool((obj == 0).all()) == want_zero, (n, obj)
+
+
 def test_bleu_by_hand():
     a = "the cat sat on".split()
     assert D.bleu(a, a) == pytest.approx(1.0)

@@ -191,6 +191,20 @@ def test_semi_autoregressive_rounds_hold_the_context():
         done += new
 
 
+@pytest.mark.parametrize("T, stride", [(40, 6), (23, 5), (17, 15)])
+def test_semi_autoregressive_windows_fill_the_block(T, stride):
+    """Every round after the first sees a whole block: the last block_size - new generated tokens as its context,
+    then the new positions; a context one token short conditions each round on less than the model can read."""
+    windows = []
+
+    def chain(w):
+        windows.append(w.clone())
+        return w.clamp(min=0) + 1, 1
+
+    common.semi_autoregressive(chain, torch.full((1, T), -1), 16, stride)
+    assert [w.shape[1] for w in windows] == [16] * len(windows) and len(windows) == 1 + math.ceil((T - 16) / stride)
+
+
 @pytest.mark.parametrize("graph", sedd.GRAPHS)
 def test_sedd_beyond_one_block(graph):
     cfg, model = toy_sedd(steps=8, graph=graph, stride=6)
@@ -369,3 +383,28 @@ def test_a_one_token_context_cannot_extend_past_itself():
         common.semi_autoregressive(lambda w: (w.clamp(min=0), 1), torch.full((2, 4), -1), 1, 0)
     x, calls = common.semi_autoregressive(lambda w: (w.clamp(min=0), 1), torch.full((2, 4), -1), 2, 1)
     assert x.shape == (2, 4) and calls == 3
+
+
+def test_show_prints_eight_evenly_spaced_steps_and_the_last(capsys):
+    """--show: the first sequence after steps 1, 1 + steps // 8, ... and after the last step, each headed by its number."""
+    tok = corpus.CharTokenizer("ab")
+    assert common.show_steps(tok, mdlm.Config(steps=20)) is None  # no --show: no callback
+    for steps, want in ((20, [1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 20]), (16, [1, 3, 5, 7, 9, 11, 13, 15, 16]),
+                        (5, [1, 2, 3, 4, 5])):
+        show = common.show_steps(tok, mdlm.Config(steps=steps, show=True))
+        capsys.readouterr()
+        for i in range(steps):
+            show(i, torch.tensor([[0, 1, 1], [1, 1, 1]]))
+        out = capsys.readouterr().out
+        assert out == "".join(f"--- step {k}/{steps}\nabb\n" for k in want), out
+
+
+def test_a_prefix_and_suffix_may_fill_the_whole_sequence():
+    """--prefix and --suffix that take every position leave nothing to sample but are a valid request (no chain
+    runs on the fixed positions); one token more is refused."""
+    tok = corpus.CharTokenizer("\nABC :ab_")
+    a, b = tok.stoi["a"], tok.stoi["b"]
+    assert corpus.conditioning(tok, char_cfg(prefix="ab", suffix="ba"), 4).tolist() == [a, b, b, a]
+    assert corpus.conditioning(tok, char_cfg(prefix="ab", suffix="a"), 4).tolist() == [a, b, -1, a]
+    with pytest.raises(SystemExit, match="--prefix and --suffix take 5 tokens, more than the 4-token sequence"):
+        corpus.conditioning(tok, char_cfg(prefix="abb", suffix="ba"), 4)

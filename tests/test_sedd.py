@@ -4,6 +4,7 @@ import itertools
 import math
 import os
 import re
+import types
 
 import numpy as np
 import pytest
@@ -602,3 +603,16 @@ def test_absorbing_euler_equals_tweedie_under_loglinear_noise():
             we, se = sedd.euler_weights(log_score, xt, (rate[i] * (grid[i] - grid[i + 1])).expand(B), "absorb")
             wt, st_ = sedd.tweedie_weights(log_score, xt, (sb[i] - sb[i + 1]).expand(B), "absorb")
             assert (torch.allclose(we, wt, rtol=1e-9) and torch.allclose(se, st_, rtol=1e-9)) == same, (noise, i)
+
+
+def test_the_bound_adds_the_prior_term(monkeypatch):
+    """Uniform graph, a log-linear schedule with a large eps: KL(p_1|0 || limit) is far from 0 (under the defaults it
+    is 6e-17, below fp64's resolution at 1 nat), and the bound adds it to the integral's terms."""
+    cfg = sedd.Config(n_layer=1, n_embd=32, n_head=2, block_size=8, graph="uniform", schedule="loglinear", eps=0.3,
+                      eval_t_samples=2)
+    model = sedd.build_model(cfg, {"vocab_size": 5})
+    monkeypatch.setattr(sedd, "nelbo_terms", lambda model, xs, t, cfg, N: torch.ones(xs.shape))
+    windows = types.SimpleNamespace(sequential=lambda split, batch_size: iter([torch.zeros(3, 8, dtype=torch.long)]))
+    prior = sedd.prior_kl(cfg, model.num_states)
+    assert prior > 0.01
+    assert sedd.evaluate(model, windows, cfg, full=True)["val_nelbo"] == pytest.approx(1.0 + prior, rel=1e-12)

@@ -6,6 +6,7 @@ it, and the command line on tiny published-layout checkpoints (tests/test_publis
 """
 import json
 import math
+import types
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -135,6 +136,27 @@ def test_the_blocks_are_the_wrapped_file(checkpoints):
     n = sum(len(enc.encode_ordinary(corpus.wikitext_detok(r))) + 1 for r in corpus.read_eval_file(Cfg.eval_file, "wikitext2"))
     assert x.shape == (n // 30, 32) and (x[:, 0] == enc.eot_token).all() and (x[:, -1] == enc.eot_token).all()
     assert enc.decode(x[0, 1:-1].tolist()).startswith(" = Section 0 =\n")
+
+
+@pytest.mark.parametrize("method", ["sedd", "mdlm"])
+def test_each_method_scores_the_blocks_of_its_own_protocol(method, checkpoints, monkeypatch, tmp_path):
+    """--eval --eval_data: MDLM's blocks carry a BOS and an EOS around their text, SEDD's are plain (the bound is
+    over other windows, and other counts, under the other protocol)."""
+    import importlib
+    M = importlib.import_module(method)
+    for k, v in env().items():
+        monkeypatch.setenv(k, v)
+    seen = {}
+
+    def scored(model, batches, cfg, full=False):
+        seen["x"] = batches.x
+        raise SystemExit("scored")
+    monkeypatch.setattr(M, "evaluate", scored)
+    with pytest.raises(SystemExit, match="scored"):
+        M.main(["--eval", f"--init_from={checkpoints[method]}", "--eval_data=wikitext2", f"--eval_file={checkpoints['file']}",
+                "--eval_t_samples=1", f"--out_dir={tmp_path}", "--device=cpu"])
+    cfg = types.SimpleNamespace(eval_data="wikitext2", eval_file=checkpoints["file"], block_size=32)
+    assert torch.equal(seen["x"], corpus.zero_shot(cfg, {"tokenizer": "gpt2"}, bos=method == "mdlm").x)
 
 
 def test_bad_eval_data_is_one_line(checkpoints):
