@@ -65,13 +65,14 @@ def test_long_text_is_scored_in_context_sized_chunks(judge_dir):
 
 def test_samples_file_roundtrip_and_bad_files(tmp_path):
     p = str(tmp_path / "s.jsonl")
-    hub.write_samples(p, ["a b", "c\nd"], {"method": "mdlm", "steps": 4})
+    hub.write_samples(p, ["a b", "", "c\nd"], {"method": "mdlm", "steps": 4})  # an empty text among others is kept
+    assert [json.loads(x)["index"] for x in open(p)] == [0, 1, 2]  # each record's index is its sample's
     texts, settings = hub.read_samples(p)
-    assert texts == ["a b", "c\nd"] and settings == {"method": "mdlm", "steps": 4}
+    assert texts == ["a b", "", "c\nd"] and settings == {"method": "mdlm", "steps": 4}
     assert not os.path.exists(p + ".tmp")
     with open(p, "a") as f:
         f.write("\n\n")  # blank lines (an editor's last newline) hold no sample and spoil nothing
-    assert hub.read_samples(p)[0] == ["a b", "c\nd"]
+    assert hub.read_samples(p)[0] == ["a b", "", "c\nd"]
     bad, odd, empty = tmp_path / "bad.jsonl", tmp_path / "odd.jsonl", tmp_path / "empty.jsonl"
     bad.write_text('{"text": "ok"}\n{"no_text": 1}\n')
     odd.write_text('{"text": "ok"}\n{"text": "ok"}\n{"text": 3}\n')
@@ -86,15 +87,10 @@ def test_samples_file_roundtrip_and_bad_files(tmp_path):
         assert line.startswith("error: ") and "\n" not in line and expect in line
 
 
-def test_samples_file_records_and_what_made_them(tmp_path):
-    """Each record's index is its sample's (0-based); the settings read back are the first record's; one empty
-    text among others is kept (only a file of nothing but empty texts is refused); the settings name the sampling
-    flags of the run, the checkpoint and the method."""
+def test_samples_file_settings_are_what_made_them(tmp_path):
+    """The settings read back are the first record's; they name the sampling flags of the run, the checkpoint and
+    the method."""
     import mdlm
-    p = str(tmp_path / "s.jsonl")
-    hub.write_samples(p, ["a b", "", "c"], {"method": "mdlm"})
-    assert [json.loads(x)["index"] for x in open(p)] == [0, 1, 2]
-    assert hub.read_samples(p) == (["a b", "", "c"], {"method": "mdlm"})
     mixed = tmp_path / "mixed.jsonl"
     mixed.write_text('{"text": "a", "method": "mdlm", "steps": 4}\n{"text": "b", "method": "sedd", "steps": 8}\n')
     assert hub.read_samples(str(mixed))[1] == {"method": "mdlm", "steps": 4}
