@@ -138,6 +138,8 @@ def architecture(config, path):
     small = [k for k in ("vocab_size", "n_embd", "cond_dim", "n_layer", "n_head", "block_size") if found[1][k] < 1]
     if small:
         die(f"{path}/{CONFIG}: {', '.join(f'{k}={found[1][k]}' for k in small)} must be at least 1")
+    if found[0] == "sedd" and found[1]["graph"] not in ("absorb", "uniform"):  # else its head's size is misread
+        die(f"{path}/{CONFIG}: graph {found[1]['graph']!r} is not one difflm knows; use an absorb or uniform checkpoint")
     return found
 
 
@@ -353,7 +355,7 @@ def read_samples(path):
     if not os.path.isfile(path):
         die(f"no samples file at {path}; write one with --sample --samples_out={path}")
     try:
-        with open(path, encoding="utf-8") as f:  # as write_samples wrote it
+        with open(path, encoding="utf-8-sig") as f:  # as write_samples wrote it, or with a BOM (Windows editors)
             lines = f.read().split("\n")
     except UnicodeDecodeError as e:
         die(f"{path} is not a samples file: byte {e.start:,} is not UTF-8; write it with --sample --samples_out={path}")
@@ -366,7 +368,7 @@ def read_samples(path):
         except ValueError:
             r = None
         if not (isinstance(r, dict) and isinstance(r.get("text"), str)):  # (an assert would vanish under -O)
-            die(f"{path} line {n} is not a JSON object with a \"text\" string; write it with --sample --samples_out=")
+            die(f"{path} line {n} is not a JSON object with a \"text\" string; write it with --sample --samples_out={path}")
         records.append(r)
     if not any(r["text"].strip() for r in records):  # empty texts would score a perfect NLL of 0
         die(f"{path} holds no samples (or only empty texts); write it with --sample --samples_out={path}")

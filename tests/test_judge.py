@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -100,6 +101,33 @@ def test_samples_file_settings_are_what_made_them(tmp_path):
     assert (s["sampler"], s["steps"], s["seed"], s["temperature"], s["top_p"]) == ("confidence", 16, 3, 0.8, 0.9)
 
 
+def test_samples_files_from_other_writers_read_back(tmp_path):
+    """Raw UTF-8 (json.dumps(ensure_ascii=False), as other tools write it) with a line or paragraph separator inside a
+    text, and Windows line ends with a blank line of spaces, read back as written, with or without a byte-order mark;
+    a cut last line (a copy stopped short) is one line naming it, not a JSONDecodeError traceback."""
+    raw, cut = tmp_path / "raw.jsonl", tmp_path / "cut.jsonl"
+    texts = ["caf\u00e9\u2028na\u00efve", "a\u0085b\u2029c", "x"]
+    raw.write_bytes(("\r\n".join(json.dumps({"text": t, "steps": 4}, ensure_ascii=False) for t in texts) + "\r\n \r\n").encode())
+    assert hub.read_samples(str(raw)) == (texts, {"steps": 4})
+    raw.write_bytes(b"\xef\xbb\xbf" + raw.read_bytes())  # a byte-order mark, as Windows editors save UTF-8
+    assert hub.read_samples(str(raw)) == (texts, {"steps": 4})
+    cut.write_text('{"text": "ok"}\n{"text": "hal')
+    with pytest.raises(SystemExit, match=f"line 2 is not a JSON object .* --samples_out={re.escape(str(cut))}$"):
+        hub.read_samples(str(cut))
+
+
+def test_sample_settings_name_the_published_checkpoint_and_the_default_folder():
+    """A sample set drawn from --init_from names that checkpoint (not out/<method>/ckpt.pt, which it never read); without
+    --out_dir, the folder the method wrote; and the flags that shaped the text (length, prompt, graph)."""
+    import mdlm
+    import sedd
+    hub_id = "kuleshov-group/mdlm-owt"
+    assert hub.sample_settings(mdlm.Config(init_from=hub_id), "mdlm")["checkpoint"] == hub_id
+    assert hub.sample_settings(sedd.Config(), "sedd")["checkpoint"] == os.path.join("out", "sedd", "ckpt.pt")
+    s = hub.sample_settings(sedd.Config(seq_len=64, stride=16, prefix="ROMEO:", suffix=" end.", graph="uniform"), "sedd")
+    assert (s["seq_len"], s["stride"], s["prefix"], s["suffix"], s["graph"]) == (64, 16, "ROMEO:", " end.", "uniform")
+
+
 def test_a_transformers_judge_averages_over_every_scored_token_and_needs_a_context(judge_dir):
     """The figure is nats per scored token over all texts (a one-token text scores none), not per text; a context
     of one position leaves nothing to predict from and is refused."""
@@ -110,6 +138,38 @@ def test_a_transformers_judge_averages_over_every_scored_token_and_needs_a_conte
     with pytest.raises(SystemExit, match="config gives no context length"):
         hub.judge_context(transformers.GPT2Config(n_positions=1))
     assert hub.judge_context(transformers.GPT2Config(n_positions=2)) == 2
+
+
+def test_a_judge_with_max_position_embeddings_has_that_context():
+    """OPT, Llama and GPT-NeoX (Pythia) configs state their context as max_position_embeddings, not n_positions."""
+    for config in (transformers.OPTConfig(max_position_embeddings=64), transformers.LlamaConfig(max_position_embeddings=48)):
+        assert hub.judge_context(config) == config.max_position_embeddings
+
+
+def test_a_hub_judge_checks_the_network_first_and_a_folder_needs_none(judge_dir, monkeypatch):
+    """--judge=owner/name: the reachability check comes before the client (offline, it retries each request for half a
+    minute); a local folder is read without it."""
+    def checked():
+        raise SystemExit("error: checked the network")
+    monkeypatch.setattr(corpus, "hub_offline_unless_reachable", checked)
+    for k in ("HTTPS_PROXY", "https_proxy"):  # should the check be skipped, the client fails at once
+        monkeypatch.setenv(k, "http://127.0.0.1:9")
+    with pytest.raises(SystemExit, match="checked the network"):
+        hub.hf_judge_tokenizer("no-such-owner/no-such-judge")
+    assert len(hub.hf_judge_tokenizer(judge_dir)) > 50000
+
+
+def test_judge_without_model_weights_is_one_line(judge_dir, tmp_path):
+    """A folder with the tokenizer and config.json but no weights (a copy stopped short) was an OSError traceback."""
+    d = tmp_path / "no_weights"
+    d.mkdir()
+    for f in os.listdir(judge_dir):
+        if f not in ("model.safetensors", "pytorch_model.bin"):
+            os.symlink(os.path.join(judge_dir, f), d / f)
+    with pytest.raises(SystemExit) as e:
+        hub.load_hf_judge(str(d))
+    line = str(e.value.code)
+    assert line.startswith("error: ") and "\n" not in line and "cannot load the judge's model" in line
 
 
 def test_judge_without_tokenizer_is_one_line(judge_dir, tmp_path):

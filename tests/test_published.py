@@ -276,9 +276,39 @@ def test_hub_id_without_network_or_copy_says_how_to_provide_one():
     assert "louaaron/sedd-small" in lines[0] and "--init_from=DIR" in lines[0]
 
 
-@pytest.mark.parametrize("path", ["./my_ckpt", "../runs/sedd", "./a.b"])
+def test_a_hub_id_is_fetched_with_its_config_after_the_network_check(tmp_path, monkeypatch):
+    """A hub id (the client faked here): the reachability check comes first (offline, the client retries each request
+    for half a minute), config.json comes with the weights, and a repository without model.safetensors falls back to
+    pytorch_model.bin (a first download of the config alone left no weights)."""
+    import fnmatch
+    import shutil
+    import tempfile
+
+    import huggingface_hub
+    kw = dict(tokens=20, hidden=16, cond=8, n_blocks=1, n_heads=2, length=8)
+    remote = {"owner/st": write_sedd(tmp_path / "st", **kw), "owner/bin": write_sedd(tmp_path / "bin", fmt="bin", **kw)}
+    calls = []
+
+    def snapshot_download(repo_id, allow_patterns=None, **_):
+        calls.append(tuple(allow_patterns))
+        d = tempfile.mkdtemp(dir=tmp_path)  # a fresh snapshot folder
+        for f in os.listdir(remote[repo_id]):
+            if any(fnmatch.fnmatch(f, p) for p in allow_patterns):
+                shutil.copy(os.path.join(remote[repo_id], f), d)
+        return d
+    monkeypatch.setattr(corpus, "hub_offline_unless_reachable", lambda: calls.append("network check"))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    for repo, weights in (("owner/st", ["model.safetensors"]), ("owner/bin", ["model.safetensors", "pytorch_model.bin"])):
+        calls.clear()
+        cfg, _ = load(repo, "sedd", 20)
+        assert calls == ["network check"] + [("config.json", w) for w in weights] and cfg.n_embd == 16
+        assert sorted(os.listdir(hub.locate(repo))) == ["config.json", weights[-1]]
+
+
+@pytest.mark.parametrize("path", ["./my_ckpt", "../runs/sedd", "./a.b", "runs/sedd/small"])  # a hub id is owner/name, whole
 def test_a_relative_path_that_does_not_exist_is_not_looked_up_on_the_hub(path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(corpus, "hub_offline_unless_reachable", lambda: pytest.fail(f"{path} was looked up on the hub"))
     with pytest.raises(SystemExit, match=f"--init_from={re.escape(path)} is neither a directory nor a hub id"):
         hub.locate(path)
 
@@ -315,6 +345,92 @@ def test_missing_or_extra_keys_are_named(tmp_path):
     assert "missing blocks.1.mlp.0.bias" in line and "unexpected blocks.7.norm1.weight" in line
 
 
+def test_a_missing_or_cut_config_json_is_one_line(tmp_path):
+    """A folder with the weights but no config.json, or a cut one, was a FileNotFoundError or JSONDecodeError traceback."""
+    s = write_sedd(tmp_path / "s", tokens=20, hidden=16, cond=8, n_blocks=1, n_heads=2, length=8)
+    path = os.path.join(s, "config.json")
+    text = open(path).read()
+    for spoil in (lambda: os.remove(path), lambda: open(path, "w").write(text[:40])):
+        spoil()
+        assert f"cannot read {path} (" in one_line_error(["sedd.py", "--sample", f"--init_from={s}", "--device=cpu"])
+
+
+def test_weights_read_are_the_safetensors_and_every_value_is_checked(tmp_path):
+    """With both files in the folder, model.safetensors (never unpickled) is read, as locate prefers it; a non-tensor
+    entry beside the tensors (an AttributeError traceback) and a single inf among finite values are refused."""
+    path = write_sedd(tmp_path / "a", tokens=20, hidden=16, cond=8, n_blocks=1, n_heads=2, length=8)
+    good = {k: v.clone() for k, v in hub.read_weights(path).items()}
+    pt = os.path.join(path, "pytorch_model.bin")
+    torch.save({k: v + 1 for k, v in good.items()}, pt)
+    assert torch.equal(hub.read_weights(path)["blocks.0.mlp.0.bias"], good["blocks.0.mlp.0.bias"])
+    os.remove(os.path.join(path, "model.safetensors"))
+    one_inf = good["blocks.0.mlp.0.bias"].clone()
+    one_inf[3] = math.inf
+    for state, message in (({**good, "step": 3}, "not a state dict of tensors"),
+                           ({**good, "blocks.0.mlp.0.bias": one_inf}, "blocks.0.mlp.0.bias holds NaN or inf values")):
+        torch.save(state, pt)
+        with pytest.raises(SystemExit, match=message):
+            hub.read_weights(path)
+
+
+def test_a_lone_missing_key_a_wrong_shape_or_another_rotary_table_is_one_line(tmp_path):
+    """Alone (the test above has a missing and an extra key together), a missing or extra key or a shape other than
+    config.json's was a load_state_dict traceback; a rotary table of another base loaded and misplaced every token."""
+    path = write_sedd(tmp_path / "a", tokens=20, hidden=16, cond=8, n_blocks=1, n_heads=2, length=8)
+    good = {k: v.clone() for k, v in hub.read_weights(path).items()}
+    hd = 8
+    for state, message in (({k: v for k, v in good.items() if k != "blocks.0.mlp.2.bias"}, "missing blocks.0.mlp.2.bias (1)"),
+                           ({**good, "blocks.0.extra": torch.zeros(2)}, "unexpected blocks.0.extra (1)"),
+                           ({**good, "blocks.0.mlp.2.bias": torch.zeros(17)}, "blocks.0.mlp.2.bias (17,) (config: (16,))"),
+                           ({**good, "rotary_emb.inv_freq": 1.0 / 500000 ** (torch.arange(0, hd, 2).float() / hd)},
+                            "rotary_emb.inv_freq is not the rotary table of head size 8")):
+        save_file(state, os.path.join(path, "model.safetensors"))
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            load(path, "sedd", 20)
+
+
+def test_sedd_settings_difflm_cannot_follow_are_refused(tmp_path):
+    """A log-linear SEDD checkpoint keeps the authors' eps; scale_by_sigma against its graph (the network would be
+    read as the other parameterisation), an unknown noise type (read as log-linear) and graph are refused."""
+    path = write_sedd(tmp_path / "a", tokens=20, hidden=16, cond=8, n_blocks=1, n_heads=2, length=8)
+    cfg, _ = load(path, "sedd", 20)
+    assert (cfg.graph, cfg.schedule, cfg.eps) == ("absorb", "loglinear", 1e-3)
+    config = json.load(open(os.path.join(path, "config.json")))
+    for change, message in (({"model": {**config["model"], "scale_by_sigma": False}}, "scale_by_sigma=False with graph absorb"),
+                            ({"graph": {**config["graph"], "type": "uniform"}}, "scale_by_sigma=True with graph uniform"),
+                            ({"noise": {"type": "cosine"}}, "unknown noise type 'cosine'"),
+                            ({"graph": {"type": "roulette"}, "model": {**config["model"], "scale_by_sigma": False}},
+                             "graph 'roulette' is not one difflm knows")):  # was a shape error: read as uniform
+        json.dump({**config, **change}, open(os.path.join(path, "config.json"), "w"))
+        with pytest.raises(SystemExit, match=message):
+            load(path, "sedd", 20)
+
+
+def test_a_time_conditioned_mdlm_checkpoint_is_fed_sigma(tmp_path):
+    """time_conditioning: true in MDLM's config.json: the adaLN layers see sigma, as the checkpoint was trained (read
+    as the default false, they saw 0 whatever the noise level)."""
+    path = write_mdlm(tmp_path / "t", vocab_size=21, hidden=16, cond=8, n_blocks=1, n_heads=2, length=8)
+    config = json.load(open(os.path.join(path, "config.json")))
+    json.dump({**config, "time_conditioning": True}, open(os.path.join(path, "config.json"), "w"))
+    cfg, model = load(path, "mdlm", 20)
+    x, sigma = torch.randint(21, (2, 8), generator=torch.Generator().manual_seed(0)), torch.tensor([0.3, 4.0])
+    with torch.no_grad():
+        want = reference_logits(hub.read_weights(path), "backbone.", x, sigma, 2, False)
+        assert cfg.time_cond and (model(x, sigma).double() - want).abs().max() < 1e-5
+
+
+def test_command_line_settings_go_on_top_of_the_published_ones(tmp_path):
+    """--block_size up to the published length and other settings (--eps) are the command line's; without --dataset,
+    fine-tuning prepares GPT-2-token data (difflm's default corpus is character-level)."""
+    path = write_sedd(tmp_path / "a", tokens=20, hidden=16, cond=8, n_blocks=1, n_heads=2, length=8)
+    seen = []
+    for overrides in ({"block_size": 4, "eps": 1e-4}, {"block_size": 8, "eps": 1e-4}):
+        cfg, _, _ = hub.load_model(path, "sedd", sedd.Config, overrides, sedd.build_model,
+                                   lambda cfg: seen.append(cfg.dataset) or {"tokenizer": "char", "vocab_size": 20})
+        assert (cfg.block_size, cfg.eps) == (overrides["block_size"], 1e-4)
+    assert seen == ["shakespeare", "shakespeare"]
+
+
 def test_a_config_with_missing_noise_or_zero_sizes_is_one_line(tmp_path):
     """A geometric SEDD config without sigma_min (KeyError) and n_heads 0 (ZeroDivisionError) were tracebacks."""
     s = write_sedd(tmp_path / "s", tokens=20, hidden=16, cond=8, n_blocks=1, n_heads=2, length=8)
@@ -326,7 +442,8 @@ def test_a_config_with_missing_noise_or_zero_sizes_is_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["mdlm_into_sedd", "sedd_into_mdlm", "other_graph", "not_a_dir", "no_weights", "shape_flag",
-                                  "head_flag", "own_checkpoint", "longer_blocks"])
+                                  "head_flag", "own_checkpoint", "longer_blocks", "cond_flag", "ddit_flag", "time_cond_flag",
+                                  "other_vocabulary"])
 def test_wrong_checkpoint_is_one_line(case, tmp_path):
     m = write_mdlm(tmp_path / "m", vocab_size=21, hidden=16, cond=8, n_blocks=1, n_heads=2, length=8)
     s = write_sedd(tmp_path / "s", tokens=20, hidden=16, cond=8, n_blocks=1, n_heads=2, length=8)
@@ -340,5 +457,11 @@ def test_wrong_checkpoint_is_one_line(case, tmp_path):
                     # judged against the published config, not the defaults (n_embd=128 is no multiple of 3)
                     "head_flag": (["sedd.py", f"--init_from={s}", "--n_head=3"], "--n_head is fixed by"),
                     "own_checkpoint": (["mdlm.py", f"--init_from={tmp_path}/out/ckpt.pt"], "with --resume"),
-                    "longer_blocks": (["mdlm.py", f"--init_from={m}", "--block_size=16"], "than the 8 positions")}[case]
+                    "longer_blocks": (["mdlm.py", f"--init_from={m}", "--block_size=16"], "than the 8 positions"),
+                    # weights' shapes (a load_state_dict traceback), and what the adaLN layers are fed (silently)
+                    "cond_flag": (["mdlm.py", f"--init_from={m}", "--cond_dim=4"], "--cond_dim is fixed by"),
+                    "ddit_flag": (["mdlm.py", f"--init_from={m}", "--ddit=false"], "--ddit is fixed by"),
+                    "time_cond_flag": (["mdlm.py", f"--init_from={m}", "--time_cond=true"], "--time_cond is fixed by"),
+                    # sampled with no data: the message said to pass GPT-2-token data, which changed nothing
+                    "other_vocabulary": (["sedd.py", f"--init_from={s}"], "models 20 tokens, not GPT-2's 50257")}[case]
     assert expect in one_line_error(args + ["--sample", "--device=cpu"])
