@@ -227,3 +227,49 @@ def test_cache_refuses_misuse():
             causal(x, cache=cache)
     with pytest.raises(SystemExit):  # a bidirectional model has no incremental decode
         tiny().new_cache()
+
+
+# ----------------------------------------------------------------------------------------------
+# A fresh model, and eval mode
+
+
+@pytest.mark.parametrize("layout", ["plain", "causal", "adaLN"])
+def test_a_fresh_transformer_is_the_identity_before_its_norm(layout):
+    """Zero-initialised gates (learned per channel, or adaLN's from the time embedding): every block of a new
+    model adds nothing, so its output is the final norm of the token embeddings, whatever the time."""
+    kw = LAYOUTS[layout]
+    torch.manual_seed(0)
+    model = common.Transformer(11, 3, 2, 32, 16, **kw).eval()
+    x = torch.randint(11, (2, 9), generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([0.5, 900.0]) if kw.get("cond_dim") else None
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t), F.layer_norm(model.wte(x), (32,)), atol=1e-6, rtol=1e-6)
+
+
+def test_residual_projections_start_smaller_by_sqrt_two_n_layer():
+    """GPT-2's init: weights N(0, 0.02), those that write into the residual stream (attention's proj, the MLP's
+    second Linear) N(0, 0.02 / sqrt(2 n_layer)); adaLN's layers start at 0 and norms at 1."""
+    torch.manual_seed(0)
+    n_layer = 8
+    model = common.Transformer(11, n_layer, 2, 64, 16, mlp_bias=True, norm_weight=True, cond_dim=16)
+    scaled = 0.02 / math.sqrt(2 * n_layer)
+    for name, p in model.named_parameters():
+        if ".ada." in name or name.startswith("ada_f."):
+            assert not p.any(), name
+        elif name.endswith(("attn.proj.weight", "mlp.2.weight")):
+            assert p.std().item() == pytest.approx(scaled, rel=0.1), name
+        elif p.dim() == 2:
+            assert p.std().item() == pytest.approx(0.02, rel=0.1), name
+        elif name.endswith(("ln1.weight", "ln2.weight")) or name == "ln_f.weight":
+            assert torch.equal(p, torch.ones_like(p)), name
+
+
+@pytest.mark.parametrize("layout", ["plain", "causal", "adaLN"])
+def test_dropout_is_off_in_eval_mode(layout):
+    """A model trained with --dropout samples and evaluates deterministically: in eval mode its forward is the
+    dropout-free model's (attention's dropout too, which SDPA takes as an argument)."""
+    kw = LAYOUTS[layout]
+    x = torch.randint(11, (2, 16), generator=torch.Generator().manual_seed(3))
+    t = torch.tensor([3.0, 700.0]) if kw.get("cond_dim") else None
+    with torch.no_grad():
+        torch.testing.assert_close(tiny(dropout=0.5, **kw)(x, t), tiny(**kw)(x, t), atol=0, rtol=0)

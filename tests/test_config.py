@@ -62,7 +62,9 @@ COMMON_BAD = [("--batch_size=0", "--batch_size=0 must be at least 1"), ("--grad_
               ("--device=cuda:x", "unknown --device"), ("--device=gpu", "unknown --device"),
               ("--eval_split=train", "unknown --eval_split='train'; use val or test")]
 TEXT_BAD = [("--block_size=0", "--block_size=0"), ("--n_embd=0", "--n_embd=0"), ("--n_layer=0", "--n_layer"),
-            ("--n_head=0", "--n_head"), ("--n_head=3", "--n_head=3"), ("--dropout=1.5", "--dropout=1.5"), ("--dropout=nan", "--dropout")]
+            ("--n_head=0", "--n_head"), ("--n_head=3", "--n_head=3"),
+            ("--n_embd=36", "--n_embd=36 must be --n_head="),  # 4 heads of 9 (ar, sedd, diffuser): rotary turns pairs
+            ("--dropout=1.5", "--dropout=1.5"), ("--dropout=nan", "--dropout")]
 OWN_BAD = {
     "ar": [("--temperature=0", "--temperature"), ("--temperature=nan", "--temperature"), ("--seq_len=-1", "--seq_len")],
     "ddpm": [("--T=1", "--T=1"), ("--n_embd=0", "--n_embd=0"), ("--n_layer=0", "--n_layer=0"), ("--n_embd=33", "--n_embd=33 must be even"),
@@ -297,3 +299,18 @@ def test_a_checkpoint_never_chooses_the_split_a_plain_eval_scores():
     assert common.config_from_checkpoint(mdlm.Config, saved, {"eval_split": "test"}).eval_split == "test"
     with pytest.raises(SystemExit, match="--eval_split is read by --eval only; add --eval or drop it"):
         common.parse_args(mdlm.Config, ["--train", "--eval_split=test"])
+
+
+def test_a_misspelt_key_names_the_closest_keys(tmp_path):
+    """An unknown --key is refused with the valid keys nearest its spelling (a verb too), or a pointer to the Config."""
+    assert "unknown config key --max_iter; did you mean --max_iters" in refused("mdlm", ["--train", "--max_iter=5",
+                                                                                      f"--out_dir={tmp_path}"])
+    assert "did you mean --sample, --sampler" in refused("mdlm", ["--train", "--sampel", f"--out_dir={tmp_path}"])
+    assert "unknown config key --zzz; see the Config class for the keys" in refused("mdlm", ["--train", "--zzz=1"])
+
+
+def test_each_method_has_its_own_default_out_dir():
+    """Without --out_dir a run writes under out/<method>: two methods trained with their defaults never share (and
+    refuse or overwrite) one folder."""
+    assert common.out_dir(mdlm.Config(), "mdlm") == "out/mdlm" and common.out_dir(ar.Config(), "ar") == "out/ar"
+    assert common.out_dir(mdlm.Config(out_dir="/x/run"), "mdlm") == "/x/run"

@@ -658,3 +658,243 @@ def test_the_eval_batches_during_training_are_the_same_at_every_call(char_data):
     assert len(first) == 4 and all(torch.equal(a, b) for a, b in zip(first, second))
     assert not all(torch.equal(first[0], b) for b in first[1:])
     assert torch.equal(batches.gen.get_state(), state)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop's own bookkeeping, on a toy model (one Linear: a decayed matrix and an undecayed bias)
+
+
+class RandomRows:
+    """Batches of random (batch_size, 4) rows drawn from the trainer-seeded .gen; every row drawn is kept."""
+
+    def __init__(self):
+        self.gen, self.seen = torch.Generator().manual_seed(99), []
+
+    def get(self, split, batch_size, gen=None):
+        x = torch.randn(batch_size, 4, generator=self.gen)
+        self.seen.append(x)
+        return x
+
+
+def toy_train(tmp_path, name="run", loss_fn=None, evaluate=None, batches=None, **kw):
+    """trainer.train on a Linear(4, 1) for a few iterations -> (cfg, model, what train returned, batches)."""
+    cfg = M.Config(**{"out_dir": str(tmp_path / name), "device": "cpu", "block_size": 4, "batch_size": 2, "max_iters": 3,
+                      "eval_interval": 1, "eval_iters": 1, "log_interval": 1, "warmup_iters": 0, "lr": 0.1, "min_lr": 0.1,
+                      **kw})
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    batches = batches or RandomRows()
+    out = trainer.train(cfg, "mdlm", model, loss_fn or (lambda m, x: m(x).pow(2).mean()),
+                        evaluate or (lambda m, b: {"val": 0.0}), {"vocab_size": 7}, batches)
+    return cfg, model, out, batches
+
+
+def toy_log(cfg):
+    with open(os.path.join(cfg.out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_training_evals_score_the_ema_weights(tmp_path):
+    """The periodic evals (and the checkpoint's "val") score the EMA weights that --sample and --eval load, not the
+    raw ones; with --ema=0 the trained weights themselves."""
+    for ema in (0.5, 0.0):
+        seen = []
+        record = lambda m, b: seen.append({k: v.clone() for k, v in m.state_dict().items()}) or {"val": 0.0}  # noqa: E731
+        cfg, model, out, _ = toy_train(tmp_path, f"ema{ema}", ema=ema, evaluate=record)
+        want = model if ema == 0 else out
+        assert (out is model) == (ema == 0)
+        for k, v in want.state_dict().items():  # the last eval saw the weights train() returns
+            assert torch.equal(seen[-1][k], v), (ema, k)
+        if ema:
+            assert not torch.equal(seen[-1]["weight"], model.weight.detach())
+
+
+def test_each_training_eval_draws_the_same_noise_and_leaves_trainings_alone(tmp_path):
+    """Every eval starts from one fixed seed (the same noise at every call, so evals compare), inside a forked RNG:
+    the training draws are those of a run that never evaluates."""
+    def noisy_loss(draws):
+        def loss_fn(m, x):
+            draws.append(torch.rand(()).item())
+            return m(x).pow(2).mean()
+        return loss_fn
+
+    evals, with_evals, without = [], [], []
+    toy_train(tmp_path, "evals", loss_fn=noisy_loss(with_evals), max_iters=4, eval_interval=1,
+              evaluate=lambda m, b: evals.append(torch.rand(3)) or {"val": 0.0})
+    toy_train(tmp_path, "none", loss_fn=noisy_loss(without), max_iters=4, eval_interval=100)
+    assert len(evals) == 4 and all(torch.equal(e, evals[0]) for e in evals)
+    assert with_evals == without and len(set(without)) == 4
+
+
+def test_the_last_iteration_is_always_logged(tmp_path):
+    """--log_interval past the run's end: the last iteration's loss line and record still come (the run's final loss)."""
+    cfg, *_ = toy_train(tmp_path, max_iters=5, log_interval=3, eval_interval=100)
+    assert [r["iter"] for r in toy_log(cfg) if "loss" in r] == [0, 3, 4]
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_a_nonfinite_loss_stops_and_names_the_last_checkpoint(tmp_path, bad):
+    """An infinite loss stops the run as a NaN does; the message names the last checkpoint this run wrote, which is
+    kept."""
+    calls = []
+
+    def loss_fn(m, x):
+        calls.append(1)
+        loss = m(x).pow(2).mean()
+        return loss * bad if len(calls) == 3 else loss
+
+    with pytest.raises(SystemExit) as e:
+        toy_train(tmp_path, loss_fn=loss_fn, max_iters=5, eval_interval=1)
+    assert str(e.value).startswith(f"error: loss became {bad} at iteration 2; the last good checkpoint"), str(e.value)
+    assert "(iteration 1) is kept" in str(e.value)
+    assert common.load_checkpoint(os.path.join(tmp_path, "run", "ckpt.pt"), "mdlm")["iter"] == 1
+
+
+def test_a_runs_draws_are_decided_by_its_seed_alone(tmp_path):
+    """The training noise (torch's generator) and the data stream (a method's own batches' .gen) are seeded from
+    --seed by train(), whatever state the caller left them in; another --seed draws others."""
+    def run(name, caller_seed, seed):
+        draws = []
+        batches = RandomRows()
+        batches.gen.manual_seed(caller_seed)
+        cfg = M.Config(out_dir=str(tmp_path / name), device="cpu", block_size=4, batch_size=2, max_iters=2,
+                       eval_interval=100, eval_iters=1, seed=seed)
+        torch.manual_seed(caller_seed)
+        trainer.train(cfg, "mdlm", torch.nn.Linear(4, 1), lambda m, x: draws.append(torch.rand(())) or m(x).pow(2).mean(),
+                      lambda m, b: {"val": 0.0}, {"vocab_size": 7}, batches)
+        return torch.stack(draws), torch.cat(batches.seen)
+
+    a, b, c = run("a", 1, 5), run("b", 2, 5), run("c", 1, 6)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])  # the caller's state does not matter
+    assert not torch.equal(a[0], c[0]) and not torch.equal(a[1], c[1])  # --seed does
+
+
+def test_stale_tmp_checkpoints_of_a_killed_run_are_removed(tmp_path):
+    """A run killed inside a checkpoint write leaves ckpt.pt.<host>.<pid>.tmp (as large as the model); the next run
+    into the folder removes it, and nothing else."""
+    (tmp_path / "ckpt.pt.somehost.4242.tmp").write_bytes(b"partial")
+    (tmp_path / "ckpt.pt").write_bytes(b"kept")
+    (tmp_path / "notes.tmp").write_bytes(b"kept")
+    with trainer.own_out_dir(str(tmp_path)):
+        assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "notes.tmp", "run.lock"]
+
+
+class FakeClock:
+    """time.time() that moves only when a loss is computed: each micro-batch takes one second."""
+
+    def __init__(self, monkeypatch):
+        self.now = 1000.0
+        monkeypatch.setattr(trainer.time, "time", lambda: self.now)
+
+    def loss_fn(self, m, x):
+        self.now += 1.0
+        return m(x).pow(2).mean()
+
+
+def test_the_logged_rate_counts_every_micro_batchs_tokens(tmp_path, monkeypatch):
+    """tok/s is batch_size x block_size x grad_accum tokens per step over the step's time."""
+    clock = FakeClock(monkeypatch)
+    cfg, *_ = toy_train(tmp_path, loss_fn=clock.loss_fn, grad_accum=3, max_iters=2, eval_interval=100)
+    rates = [r["tok_per_s"] for r in toy_log(cfg) if "loss" in r]
+    assert rates == [pytest.approx(2 * 4)] * 2  # 2 x 4 tokens a second, however many micro-batches a step takes
+
+
+def test_a_resumed_runs_checkpoint_counts_the_time_trained_before(tmp_path, monkeypatch):
+    """The checkpoint's "time" goes on from the resumed one's (a second --resume logs on from there, not from 0)."""
+    clock = FakeClock(monkeypatch)
+    cfg, *_ = toy_train(tmp_path, loss_fn=clock.loss_fn, max_iters=2, eval_interval=2)
+    first = common.load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), "mdlm")["time"]
+    assert first == pytest.approx(2.0)
+    cfg, *_ = toy_train(tmp_path, loss_fn=clock.loss_fn, max_iters=4, eval_interval=2, resume=True)
+    assert common.load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), "mdlm")["time"] == pytest.approx(4.0)
+    times = [r["time"] for r in toy_log(cfg)]
+    assert times == sorted(times) and times[-1] == pytest.approx(4.0)
+
+
+def test_training_goes_on_in_train_mode_after_an_eval(tmp_path):
+    """An evaluate() that puts its model in eval mode (every method's does; under --ema=0 it is the trained model)
+    must not leave dropout off for the rest of training."""
+    modes = []
+
+    def loss_fn(m, x):
+        modes.append(m.training)
+        return m(x).pow(2).mean()
+
+    toy_train(tmp_path, loss_fn=loss_fn, ema=0.0, max_iters=3, eval_interval=1, evaluate=lambda m, b: m.eval() and {"val": 0.0})
+    assert modes == [True, True, True]
+
+
+def test_weight_decay_falls_on_the_matrices_only():
+    """AdamW's decayed group holds the weight matrices (embeddings, attention, MLP, adaLN's Linear layers); the vectors
+    (norm weights, gates, biases) are in the undecayed one."""
+    for kw, matrices, vectors in (({}, {"wte.weight", "blocks.0.attn.qkv.weight", "blocks.0.attn.proj.weight",
+                                        "blocks.0.mlp.0.weight"}, {"blocks.0.ln1.weight", "blocks.0.gate1", "ln_f.weight"}),
+                                  (dict(cond_dim=8, mlp_bias=True), {"blocks.0.ada.weight", "time_mlp.0.weight", "ada_f.weight"},
+                                   {"blocks.0.mlp.0.bias", "blocks.0.ada.bias", "ada_f.bias"})):
+        model = common.Transformer(11, 1, 2, 32, 16, **kw)
+        opt = trainer.make_optimizer(model, M.Config(weight_decay=0.1), torch.device("cpu"))
+        names = {id(p): n for n, p in model.named_parameters()}
+        decayed, plain = ({names[id(p)] for p in g["params"]} for g in opt.param_groups)
+        assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+        assert matrices <= decayed and vectors <= plain, kw
+        assert decayed | plain == set(names.values()) and not decayed & plain
+
+
+def test_sample_and_eval_load_the_ema_weights(run6):
+    """A run trained with an EMA is sampled and evaluated with its EMA weights (--ema=0 asks for the trained ones)."""
+    src, _ = run6
+    ckpt = common.load_checkpoint(os.path.join(src, "ckpt.pt"), "mdlm")
+    from mdlm import Config, build_model
+    assert ckpt["config"]["ema"] > 0 and any(not torch.equal(ckpt["ema"][k], ckpt["model"][k]) for k in ckpt["model"])
+    for ema, want in ((None, "ema"), (0.0, "model")):
+        overrides = {"out_dir": src, **({} if ema is None else {"ema": ema})}
+        _, model, *_ = trainer.load_for_inference(Config, overrides, "mdlm", build_model)
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, ckpt[want][k]), (want, k)
+
+
+def test_a_config_whose_activations_exceed_the_memory_is_refused():
+    """check_memory's lower bound counts 4 bytes for each of a dozen fp32 (batch, block, n_embd) tensors per layer."""
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    per_row = 4 * 12 * 1024 * 64  # one sequence of 1024 tokens through one layer of width 64, in bytes
+    too_big = M.Config(device="cpu", block_size=1024, n_embd=64, n_layer=1, batch_size=2 * have // per_row)
+    with pytest.raises(SystemExit, match="needs at least"):
+        trainer.check_memory(too_big)
+    trainer.check_memory(M.Config(device="cpu", block_size=1024, n_embd=64, n_layer=1, batch_size=have // per_row // 2))
+
+
+def test_the_checksum_covers_names_dtypes_and_shapes():
+    """A checkpoint's checksum changes with any key's name and with a tensor's dtype or shape, not only with the
+    bytes: a damaged name or header with the same bytes behind it is caught too."""
+    base = {"model": {"w": torch.zeros(4)}, "iter": 3}
+    for other in ({"model": {"v": torch.zeros(4)}, "iter": 3}, {"model": {"w": torch.zeros(4)}, "itex": 3},
+                  {"model": {"w": torch.zeros(2, 2)}, "iter": 3}, {"model": {"w": torch.zeros(4, dtype=torch.int32)}, "iter": 3}):
+        assert common.checksum(other) != common.checksum(base), other
+    assert common.checksum({**base, "checksum": "x"}) == common.checksum(base)  # its own entry aside
+
+
+def test_a_checkpoint_is_on_disk_before_it_replaces_the_last_one(tmp_path, monkeypatch):
+    """write_file fsyncs the whole temporary file before renaming it over ckpt.pt: a power cut after the rename
+    never leaves a checkpoint whose data had not reached the disk in place of the last good one."""
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.fstat(fd).st_size)), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", os.path.getsize(a))), real_replace(a, b))[1])
+    path = str(tmp_path / "ckpt.pt")
+    for it in range(2):  # a first checkpoint, then one over it
+        events.clear()
+        common.save_checkpoint(path, {"model": {"w": torch.ones(1000)}, "iter": it})
+        size = os.path.getsize(path)
+        assert events == [("fsync", size), ("replace", size)], it
+        assert os.listdir(tmp_path) == ["ckpt.pt"] and common.load_checkpoint(path, "mdlm")["iter"] == it
+
+
+def test_a_kept_record_that_lacked_its_newline_stays_a_line_of_its_own(tmp_path):
+    """truncate_log keeps a last whole record written without its newline (cut just after its closing brace) as a
+    full line, so the record the resumed run logs next does not join it on one unreadable line."""
+    path = str(tmp_path / "log.jsonl")
+    with open(path, "w") as f:
+        f.write('{"iter": 0, "loss": 4.0}\n{"iter": 1, "loss": 3.0}')
+    trainer.truncate_log(path, 1)
+    trainer.log_json(path, {"iter": 2, "loss": 2.0})
+    with open(path) as f:
+        assert [json.loads(line)["iter"] for line in f] == [0, 1, 2]
