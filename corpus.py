@@ -200,13 +200,13 @@ def write_split(out_dir, train_ids, val_ids, meta, test_ids=None, texts=None):
     """
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         die(f"--out_dir={out_dir} is a file; name a folder")
-    os.makedirs(out_dir, exist_ok=True)
     dtype = np.uint16 if meta["vocab_size"] < 2**16 else np.uint32
     splits = (train_ids, val_ids) + (() if test_ids is None else (test_ids,))
     arrays = dict(zip(SPLIT_FILES + ("test.bin",), (np.ascontiguousarray(ids, dtype=dtype) for ids in splits)))
     for name, a in arrays.items():
-        if a.size == 0:
+        if a.size == 0:  # before the folder is made: a refused prepare leaves nothing behind
             die(f"the {name[:-4]} split of {out_dir} would be empty; give more text")
+    os.makedirs(out_dir, exist_ok=True)
     if "command" not in meta and sys.argv and sys.argv[0].endswith("prepare.py"):
         meta = {**meta, "command": rerun_command()}
     meta = {**meta, "dtype": np.dtype(dtype).name, "train_tokens": arrays["train.bin"].size,
@@ -328,6 +328,8 @@ def load_meta(cfg):
         die(f"{path} is not valid JSON ({e}); re-prepare: {reprepare_command(cfg)}")
     need = ("vocab_size", "dtype", "train_tokens", "val_tokens", "files")
     missing = [k for k in need if k not in meta] if isinstance(meta, dict) else list(need)
+    if not missing and "test.bin" in meta["files"] and "test_tokens" not in meta:
+        missing = ["test_tokens"]
     if missing or meta["dtype"] not in ("uint16", "uint32") or set(meta["files"]) - {"test.bin"} != set(SPLIT_FILES):
         die(f"{path} lacks {', '.join(missing) or 'a valid dtype or files entry'} (written by an older "
             f"difflm or by hand); re-prepare: {reprepare_command(cfg, meta if isinstance(meta, dict) else None)}")

@@ -127,6 +127,26 @@ def test_no_copy_anywhere_is_one_line(tmp_path, monkeypatch):
     assert data is None and "is damaged" in why
 
 
+def test_a_local_copy_is_taken_only_from_DIFFLM_DATA_and_with_its_sha256(tmp_path, monkeypatch):
+    """A corpus file is the shipped copy or $DIFFLM_DATA/name, each only with the expected sha256 (another text of
+    that name is named, not prepared); with $DIFFLM_DATA unset a file of that name in the working folder is no copy."""
+    data = b"to be or not to be\n"
+    sha, url = hashlib.sha256(data).hexdigest(), "http://127.0.0.1:9/x.txt"
+    (tmp_path / "x.txt").write_bytes(data)
+    monkeypatch.setenv("DIFFLM_DATA", str(tmp_path))
+    assert corpus.find_local_copy("x.txt", url, sha) == (data, str(tmp_path / "x.txt"))
+    assert corpus.find_local_copy("x.txt", url, "0" * 64) == (
+        None, f"{tmp_path / 'x.txt'} does not have the expected sha256 {'0' * 64}")
+    with gzip.open(tmp_path / "x.txt.gz", "wb") as f:
+        f.write(data + b"edited")
+    got, why = corpus.find_local_copy("x.txt", url, sha, shipped=str(tmp_path / "x.txt.gz"))
+    assert got is None and why == f"{tmp_path / 'x.txt.gz'} does not have the expected sha256 {sha}"
+    monkeypatch.setenv("DIFFLM_DATA", "")
+    monkeypatch.chdir(tmp_path)
+    got, why = corpus.find_local_copy("x.txt", url, sha)
+    assert got is None and "could not download" in why
+
+
 # ----------------------------------------------------------------------------------------------
 # Your own text
 
@@ -151,6 +171,15 @@ def test_word_specials_read_back_as_themselves():
     gpt2 = corpus.GPT2Tokenizer()  # and GPT-2's end-of-text, which fell apart into 5 pieces ("<", "|", "endoft", ...)
     ids = [15496, 995, 13, 50256, 50256, 383, 886, 13]
     assert gpt2.encode(gpt2.decode(ids)) == ids
+
+
+def test_masked_positions_decode_as_the_mask_character():
+    """--show and the samples print a position still masked (the absorbing id, vocab_size, or above) as mask_char,
+    where chars[vocab_size] raised an IndexError; a word <pad> is left out of the text."""
+    char = corpus.CharTokenizer("ab")
+    assert char.decode([0, 2, 1, 3]) == "a_b_" and char.decode([2, 0], mask_char="?") == "?a"
+    word = corpus.WordTokenizer(list(corpus.WordTokenizer.SPECIALS) + ["the", "cat"])
+    assert word.decode([0, 4, 6, 5, 1, 3, 3]) == "<s> the _ cat </s>"
 
 
 def test_own_text_char_and_word(tmp_path, monkeypatch, capsys):
@@ -198,6 +227,18 @@ def test_a_changed_text_file_is_noted(tmp_path, monkeypatch, capsys):
         os.utime(src, (time.time() + 10, time.time() + 10))
         corpus.prepare_data(cfg)
         assert f"note: {src} has changed since {out} was prepared" in capsys.readouterr().err
+
+
+def test_a_text_file_of_another_size_is_noted_even_when_it_is_older(tmp_path, monkeypatch, capsys):
+    """The size alone says a text changed: an older copy put back (cp -p, an unpacked archive keeps its mtime) is
+    not newer than the preparation, and is noted all the same."""
+    src, out = tmp_path / "a.txt", tmp_path / "a"
+    src.write_text("the quick brown fox\n" * 40)
+    text_prepare([f"--input={src}", "--name=a", f"--out_dir={out}"], monkeypatch)
+    src.write_text("the quick brown fox\n" * 30)
+    os.utime(src, (time.time() - 3600, time.time() - 3600))
+    corpus.prepare_data(types.SimpleNamespace(dataset="a", data_dir=str(out)))
+    assert f"note: {src} has changed since {out} was prepared" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, message", [
@@ -425,6 +466,24 @@ def corrupt_reprepare_killed(p):
     (p / "meta.json").write_bytes(old)
 
 
+def corrupt_bad_dtype(p):
+    """meta.json naming a dtype no prepare writes: the same bytes read as int16 would pass every other check."""
+    meta = json.load(open(p / "meta.json"))
+    (p / "meta.json").write_text(json.dumps({**meta, "dtype": "int16"}))
+
+
+def corrupt_no_test_tokens(p):
+    """meta.json listing test.bin without its token count (a KeyError traceback when the files were checked)."""
+    meta = json.load(open(p / "meta.json"))
+    (p / "meta.json").write_text(json.dumps({**meta, "files": {**meta["files"], "test.bin": meta["files"]["val.bin"]}}))
+
+
+def corrupt_token_count(p):
+    """A token count in meta.json that disagrees with the size and sha256 it records for the file."""
+    meta = json.load(open(p / "meta.json"))
+    (p / "meta.json").write_text(json.dumps({**meta, "val_tokens": meta["val_tokens"] + 1}))
+
+
 @pytest.mark.parametrize("corrupt, message", [
     (corrupt_bad_json, "is not valid JSON"),
     (corrupt_old_meta, "lacks files"),
@@ -433,6 +492,9 @@ def corrupt_reprepare_killed(p):
     (corrupt_truncated, "train.bin has 3,400 bytes but meta.json says 1,800 uint16 tokens"),
     (corrupt_flipped, "does not match the sha256"),
     (corrupt_reprepare_killed, "does not match the sha256"),
+    (corrupt_bad_dtype, "lacks a valid dtype or files entry"),
+    (corrupt_token_count, "val.bin has 400 bytes but meta.json says 201 uint16 tokens"),
+    (corrupt_no_test_tokens, "lacks test_tokens"),
 ])
 def test_each_corruption_is_one_line_naming_the_fix(tmp_path, corrupt, message):
     toy(tmp_path)
@@ -447,6 +509,54 @@ def test_ids_outside_the_vocabulary(tmp_path, top):
     ids = np.arange(300) % (top + 1)
     corpus.write_split(str(tmp_path), ids, ids, {"tokenizer": "char", "chars": list("abcdefghij"), "vocab_size": 10})
     fails(lambda: corpus.prepare_data(cfg_for(tmp_path)), f"holds token id {top}, not below the vocabulary of 10")
+
+
+def test_an_id_outside_the_vocabulary_is_found_in_any_chunk(tmp_path, monkeypatch):
+    """The scan reads a token file in chunks (memory stays bounded): an id past the vocabulary in an early chunk
+    counts as much as one in the last."""
+    monkeypatch.setattr(corpus, "CHECK_CHUNK", 64)
+    ids = np.arange(1000) % 10
+    ids[5] = 12
+    chars = {"tokenizer": "char", "chars": list("abcdefghij"), "vocab_size": 10}
+    corpus.write_split(str(tmp_path), ids, ids[::-1], chars)
+    fails(lambda: corpus.prepare_data(cfg_for(tmp_path)), "train.bin holds token id 12, not below the vocabulary of 10")
+
+
+def test_a_split_left_empty_is_refused(tmp_path):
+    """Too little text for a split (a tiny file, a --val_fraction that rounds to nothing) stops with one line
+    naming the split, before any file is written: an empty val.bin failed later, at every evaluation."""
+    chars = {"tokenizer": "char", "chars": list("abcdefghij"), "vocab_size": 10}
+    ids = np.arange(300) % 10
+    fails(lambda: corpus.write_split(str(tmp_path), ids, ids[:0], chars), f"the val split of {tmp_path} would be empty")
+    fails(lambda: corpus.write_split(str(tmp_path), [], ids, chars), "the train split")
+    fails(lambda: corpus.write_split(str(tmp_path), ids, ids, chars, test_ids=[]), "the test split")
+    fails(lambda: corpus.write_split(str(tmp_path / "new"), ids, [], chars), "the val split")
+    assert os.listdir(tmp_path) == []  # no file, and no folder made for a prepare that was refused
+
+
+def test_an_error_names_the_command_that_prepared_the_folder(tmp_path):
+    """A damaged folder prepared from your own text is re-prepared by the command meta.json recorded (its --input
+    files); one without a recorded command gets data/text/prepare.py with --force, as the folder exists."""
+    command = f"python {ROOT}/data/text/prepare.py --input=/home/me/novel.txt --name=mine --out_dir={tmp_path} --force"
+    ids = np.arange(300) % 10
+    chars = {"tokenizer": "char", "chars": list("abcdefghij"), "vocab_size": 10}
+    cfg = types.SimpleNamespace(dataset="mine", data_dir=str(tmp_path))
+    for meta, fix in (({**chars, "command": command}, command),
+                      (chars, f"python data/text/prepare.py --input=FILE --name=mine --out_dir={tmp_path} --force")):
+        corpus.write_split(str(tmp_path), ids, ids, meta)
+        corrupt_odd_size(tmp_path)
+        assert fails(lambda: corpus.prepare_data(cfg), "val.bin has 601 bytes").endswith(f"re-prepare: {fix}")
+
+
+def test_a_prepare_that_fails_is_the_last_line_it_printed(tmp_path, monkeypatch):
+    """prepare_data runs data/<dataset>/prepare.py: its failure is that script's last line (the one-line error, or
+    a traceback's exception), not a warning printed before it."""
+    failed = subprocess.CompletedProcess([], 1, stdout="", stderr="note: a warning first\nerror: the reason\n")
+    monkeypatch.setattr(corpus.subprocess, "run", lambda *a, **k: failed)
+    cfg = types.SimpleNamespace(dataset="shakespeare_char", data_dir=str(tmp_path / "new"))
+    with pytest.raises(SystemExit) as e:
+        corpus.prepare_data(cfg)
+    assert e.value.code == "error: the reason" and not os.path.exists(tmp_path / "new" / "meta.json")
 
 
 def test_a_vocabulary_over_65536_is_stored_as_uint32(tmp_path):

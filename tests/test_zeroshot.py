@@ -6,6 +6,7 @@ it, and the command line on tiny published-layout checkpoints (tests/test_publis
 """
 import json
 import math
+import sys
 import types
 
 import pyarrow as pa
@@ -26,10 +27,13 @@ from test_published import env, one_line_error, write_mdlm, write_sedd
     (corpus.wikitext_detok, " = = Early life = = \n", " == Early life ==\n"),
     (corpus.wikitext_detok, 'he said " yes " ( twice ) , then left . Then', 'he said "yes" (twice), then left. Then'),
     (corpus.wikitext_detok, "the team 's players ' kit : blue ; red", "the team's players' kit: blue; red"),
+    (corpus.wikitext_detok, " = = = Climate = = = \n The mean is 20 \u00b0 C ! Was it N [ sic ] ? Yes \n",
+     " === Climate ===\nThe mean is 20\u00b0C! Was it 1 [sic]? Yes\n"),
     (corpus.ptb_detok, "he does n't know the <unk> 's N N N", "he doesn't know the ?'s 1 1 N"),
     (corpus.ptb_detok, "costs $ N a share and/or a\\/b", "costs $1 a share and/or a/b"),
     (corpus.lm1b_detok, 'He said " hi there " , ( ok ) end .', 'He said "hi there", (ok) end.'),
     (corpus.lm1b_detok, "see http : / / x.org / a ? Yes !", "see http://x.org/a? Yes!"),
+    (corpus.lm1b_detok, "it cost \u00a3 5 , or $ 6 .", "it cost \u00a35, or $6."),
     (corpus.lambada_detok, "  \u201cNo,\u201d she said.  ", '\n"No," she said.'),
     (corpus.papers_detok, "the value @-@ based model ( VBM ) is new .", "the value-based model (VBM) is new."),
 ])
@@ -138,6 +142,20 @@ def test_the_blocks_are_the_wrapped_file(checkpoints):
     assert enc.decode(x[0, 1:-1].tolist()).startswith(" = Section 0 =\n")
 
 
+def test_sedd_blocks_are_the_plain_stream_and_each_is_read_once(tmp_path):
+    """Without a BOS (SEDD's protocol) the blocks are the stream itself, block_size tokens each, nothing added
+    around them; evaluate() reads every block once, in order, whatever the batch size."""
+    (tmp_path / "wiki.txt").write_text(WIKI)
+    cfg = types.SimpleNamespace(eval_data="wikitext2", eval_file=str(tmp_path / "wiki.txt"), block_size=32)
+    enc = corpus.gpt2_encoding()
+    stream = [t for r in corpus.read_eval_file(cfg.eval_file, "wikitext2")
+              for t in enc.encode_ordinary(corpus.wikitext_detok(r)) + [enc.eot_token]]
+    blocks = corpus.zero_shot(cfg, {"tokenizer": "gpt2"}, bos=False)
+    assert blocks.x.flatten().tolist() == stream[:len(stream) // 32 * 32] and len(blocks.x) == len(stream) // 32 > 4
+    for batch_size in (1, 2, 4, len(blocks.x), len(blocks.x) + 1):
+        assert torch.equal(torch.cat(list(blocks.sequential("val", batch_size))), blocks.x)
+
+
 @pytest.mark.parametrize("method", ["sedd", "mdlm"])
 def test_each_method_scores_the_blocks_of_its_own_protocol(method, checkpoints, monkeypatch, tmp_path):
     """--eval --eval_data: MDLM's blocks carry a BOS and an EOS around their text, SEDD's are plain (the bound is
@@ -175,3 +193,20 @@ def test_no_network_and_no_file_says_how_to_provide_one(checkpoints):
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     assert "ptb_text_only" in lines[0] and "--eval_file=PATH" in lines[0]
+
+
+def test_each_set_is_asked_of_datasets_by_its_hub_names(monkeypatch):
+    """The download goes through `datasets` with the MDLM code base's names: LAMBADA is OpenAI's jsonl file, given
+    as data_files (as a config name it is no dataset), the others a path, config and split; the rows are the set's
+    text field."""
+    calls = []
+
+    def load_dataset(path, name=None, split=None, data_files=None):
+        calls.append((path, name, split, data_files))
+        return {"text": ["a text"], "sentence": ["a sentence"]}
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    monkeypatch.setattr(corpus, "hub_offline_unless_reachable", lambda: None)
+    rows = [corpus.download_rows(n) for n in ("lambada", "ptb", "wikitext103")]
+    assert rows == [["a text"], ["a sentence"], ["a text"]]
+    assert calls == [("json", None, "train", corpus.LAMBADA_URL), ("ptb_text_only", None, "validation", None),
+                     ("wikitext", "wikitext-103-raw-v1", "validation", None)]
