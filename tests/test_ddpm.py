@@ -61,6 +61,28 @@ def test_alpha_bar_decreasing_for_any_T(schedule, T):
     assert (ab[1:] < ab[:-1]).all() and float(ab[-1]) < ALPHA_BAR_T_MAX
 
 
+def test_cosine_first_beta_is_set_by_the_offset_s():
+    """Nichol & Dhariwal eq. 17 with s = 0.008: beta_1 = 4.1e-5 at T = 1000 (s = 0 gives 2.5e-6, a first step too
+    small to see). alpha_bar_T alone cannot tell: beta_T is clipped at 0.999 either way."""
+    betas = ddpm.betas_for("cosine", 1000)
+    assert float(betas[0]) == pytest.approx(4.1e-5, rel=0.02)
+    assert float(betas[-1]) == 0.999
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_reverse_variances_are_beta_or_the_clipped_posterior_variance(schedule):
+    """sigma_t^2 = beta_t, or beta_tilde_t = beta_t (1 - ab_{t-1}) / (1 - ab_t) (eq. 7), with beta_tilde_2 at t = 1
+    where beta_tilde_1 = 0 (the references' clipped log-variance)."""
+    betas = ddpm.betas_for(schedule, 1000)
+    ab = ddpm.alpha_bars(betas)
+    assert torch.equal(ddpm.reverse_variances(betas, "beta"), betas)
+    post = ddpm.reverse_variances(betas, "posterior")
+    assert post.shape == betas.shape
+    for t in (2, 3, 500, 1000):
+        assert float(post[t - 1]) == pytest.approx(float(betas[t - 1] * (1 - ab[t - 2]) / (1 - ab[t - 1])), rel=1e-12)
+    assert float(post[0]) == float(post[1])
+
+
 @settings(max_examples=60, deadline=None)
 @given(SCHEDULES, st.integers(30, 1000), st.floats(0, 1), st.floats(-3, 3), st.floats(-3, 3))
 def test_posterior_agrees_with_bayes_rule_in_1d(schedule, T, frac, x0, z):
@@ -131,6 +153,39 @@ def test_v_is_the_papers_sign():
     assert float(ddpm.target(torch.tensor(0.0), torch.tensor(1.0), ab, "v")) == pytest.approx(0.6)
     x0, eps = ddpm.to_x0_eps(torch.tensor(-0.8), torch.tensor(0.6), ab, "v")  # x_t = 0.6 x0 + 0.8 eps at x0 = 1, eps = 0
     assert (float(x0), float(eps)) == pytest.approx((1.0, 0.0))
+
+
+def test_denoiser_time_input_is_the_paper_step_on_a_1000_step_scale():
+    """The embedding sees t * 1000 / T for paper step t = k + 1, so code step 9 of T = 100 is code step 99 of
+    T = 1000 (paper steps 10 and 100). A fresh network predicts 0, the mean of eps and of standardised x_0."""
+    torch.manual_seed(0)
+    a, b = ddpm.Denoiser(2, 16, 1, 100), ddpm.Denoiser(2, 16, 1, 1000)
+    x = torch.randn(5, 2)
+    assert not a(x, torch.arange(5)).any()
+    for p in a.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    b.load_state_dict(a.state_dict())
+    for ka, kb in ((9, 99), (0, 9), (99, 999)):
+        assert torch.allclose(a(x, torch.full((5,), ka)), b(x, torch.full((5,), kb)), atol=1e-5)
+    assert not torch.allclose(b(x, torch.full((5,), 98)), b(x, torch.full((5,), 99)), atol=1e-5)
+
+
+@pytest.mark.parametrize("pred", ["eps", "x0", "v"])
+def test_loss_is_the_mean_square_error_at_the_step_that_noised_x_t(pred):
+    """Eq. 14: the network is called with the step k whose alpha_bar made x_t, and the loss is the mean over the
+    batch and the dimensions. A network that knows x_0 and inverts q_sample at k scores 0; the zero network scores
+    the target's mean square: E eps^2 = 1, x_0^2 = 4, or E[ab eps^2 + (1 - ab) x_0^2] for v."""
+    ab = ddpm.alpha_bars(ddpm.betas_for("linear", 1000))
+    x0 = torch.full((4096, 3), 2.0)
+
+    def exact(xt, k):
+        a = ab[k][:, None]
+        return ddpm.target(x0.double(), (xt.double() - a.sqrt() * x0) / (1 - a).sqrt(), a, pred)
+    torch.manual_seed(0)
+    assert float(ddpm.loss_fn(exact, x0, ab, pred)) < 1e-6
+    zero = float(ddpm.loss_fn(lambda xt, k: torch.zeros_like(xt), x0, ab, pred))
+    want = {"eps": 1.0, "x0": 4.0, "v": float((ab + 4 * (1 - ab)).mean())}[pred]
+    assert zero == pytest.approx(want, abs=0.1)
 
 
 def test_step_sequence():
@@ -243,6 +298,34 @@ def test_ddim_after_the_clip_follows_the_clipped_x0():
     assert torch.allclose(seen[s], expected, atol=1e-5)
 
 
+def test_show_sees_each_visited_step_then_the_samples():
+    """--show draws x_t at steps of the chain and the samples last: show gets each visited code step before its
+    network call, then -1 with the returned x_0."""
+    ab = ddpm.alpha_bars(ddpm.betas_for("linear", 100))
+    seen = []
+    x = ddpm.sample(lambda x, k: torch.zeros_like(x), torch.randn(4, 2), ab, [99, 49, 0], "eps", "ddim",
+                    show=lambda k, x: seen.append((k, x.clone())))
+    assert [k for k, _ in seen] == [99, 49, 0, -1] and torch.equal(seen[-1][1], x)
+
+
+def test_draw_samples_is_seeded_and_keeps_x0_hat_in_the_datas_range():
+    """--sample draws x_T from --seed, whatever the global RNG (so DDIM at eta = 0 gives the same samples every
+    run), and passes the data's range on to the sampler's clip."""
+    torch.manual_seed(0)
+    model = ddpm.Denoiser(2, 16, 1, 100)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    cfg = ddpm.Config(T=100, sampler="ddim", steps=5)
+    betas = ddpm.betas_for("linear", 100)
+    clip = (torch.tensor([-0.5, -0.5]), torch.tensor([0.5, 0.5]))
+    torch.manual_seed(1)
+    a, n = ddpm.draw_samples(model, cfg, betas, 64, clip)
+    torch.manual_seed(2)
+    b, _ = ddpm.draw_samples(model, cfg, betas, 64, clip)
+    assert n == 5 and torch.equal(a, b) and (a.abs() <= 0.5).all()
+    assert not torch.equal(a, ddpm.draw_samples(model, dataclasses.replace(cfg, seed=cfg.seed + 1), betas, 64, clip)[0])
+
+
 def test_training_draws_every_step_including_the_first():
     """k is uniform over 0 .. T-1 (paper steps 1 .. T): the last step of every sampler predicts x_0 from k = 0."""
     ab = ddpm.alpha_bars(ddpm.betas_for("linear", 10))
@@ -292,6 +375,29 @@ def test_bound_with_optimal_denoiser_is_not_below_true_nll(schedule, var, max_ga
     assert float(gap.mean()) < max_gap
 
 
+@pytest.mark.parametrize("var,rows_per_call", [("beta", 65536), ("posterior", 64)])
+def test_bound_term_by_term_for_a_network_that_predicts_x0_zero(var, rows_per_call):
+    """With x0_hat = 0 every term of eq. 5 is deterministic: mu_theta = mu_tilde - c_t x_0 with
+    c_t = beta_t sqrt(ab_{t-1}) / (1 - ab_t) (eq. 7), so per example, with s_t = sigma_t^2 and bt_t = beta_tilde_t,
+    L_{t-1} = sum_d 1/2 (-1 + log s_t - log bt_t + bt_t / s_t + c_t^2 x_0^2 / s_t), L_0 = -log N(x_0; 0, s_1 I) and
+    L_T = KL(N(sqrt(ab_T) x_0, 1 - ab_T) || N(0, 1)). Rows far apart, and steps split over many calls."""
+    T = 200
+    betas = ddpm.betas_for("linear", T)
+    ab = ddpm.alpha_bars(betas)
+    x0 = torch.tensor([[0.0, 0.0], [3.0, -1.0], [-20.0, 5.0]], dtype=torch.float64)
+    D, sq = x0.shape[1], (x0**2).sum(1)
+    bt = betas[1:] * (1 - ab[:-1]) / (1 - ab[1:])  # beta_tilde_2 .. beta_tilde_T
+    s2 = betas if var == "beta" else torch.cat([bt[:1], bt])
+    c = betas[1:] * ab[:-1].sqrt() / (1 - ab[1:])
+    kl = D * float((0.5 * (-1 + s2[1:].log() - bt.log() + bt / s2[1:])).sum()) + 0.5 * float((c**2 / s2[1:]).sum()) * sq
+    decoder = 0.5 * (D * torch.log(2 * math.pi * s2[0]) + sq / s2[0])
+    prior = 0.5 * (D * (-1 - torch.log(1 - ab[-1]) + 1 - ab[-1]) + ab[-1] * sq)
+    torch.manual_seed(0)
+    got = ddpm.vlb(lambda x, k: torch.zeros_like(x), x0, betas, "x0", var, rows_per_call=rows_per_call)
+    for g, w in zip(got, (prior, kl, decoder)):
+        assert torch.allclose(g, w, rtol=1e-9, atol=1e-9), (g, w)
+
+
 # ----------------------------------------------------------------------------------------------
 # Data
 
@@ -314,6 +420,27 @@ def test_energy_distance_by_hand():
     assert ddpm.energy_distance(x, y) == pytest.approx(1.0) and ddpm.energy_distance(y, x) == pytest.approx(1.0)
     assert ddpm.energy_distance(x, x) == pytest.approx(0.0, abs=1e-12)
     assert ddpm.energy_distance(x, x + torch.tensor([3.0, 4.0])) == pytest.approx((10 + 41 ** 0.5 + 17 ** 0.5) / 2 - 2)
+
+
+def test_quality_of_fresh_draws_of_the_data_law():
+    """Fresh draws of the data score like the held-out split: energy distance near the noise floor, which compares
+    two disjoint halves of the held-out split (one half with itself is 0), the held-out log-density, and 99% within
+    3 std of a mode (a 2-D Gaussian puts 1 - exp(-4.5) = 98.9% there; 2 std would hold 86.5%)."""
+    data = ddpm.PointBatches("eight_gaussians")
+    x = data.standardise(ddpm.eight_gaussians(2000, torch.Generator().manual_seed(5)))
+    stats = ddpm.quality(x, data, "eight_gaussians")
+    assert 0 < stats["energy_distance_floor"] < 0.01 and stats["energy_distance"] < 0.01
+    assert stats["sample_logp_per_dim"] == pytest.approx(stats["data_logp_per_dim"], abs=0.1)
+    assert stats["within_3std"] == pytest.approx(1 - math.exp(-4.5), abs=0.01) and stats["min_per_mode"] > 150
+
+
+def test_the_sampling_clip_is_the_datas_range_in_standardised_units():
+    """x0_hat is clipped to the training data's range, in the standardised units the chain runs in: for the
+    checkerboard (uniform, so sharp edges) the held-out split's own min and max."""
+    data = ddpm.PointBatches("checkerboard")
+    lo, hi = data.clip
+    assert torch.allclose(lo.float(), data.held_out.min(0).values, atol=0.01)
+    assert torch.allclose(hi.float(), data.held_out.max(0).values, atol=0.01)
 
 
 def test_eight_gaussian_log_density_integrates_to_one():
@@ -408,6 +535,26 @@ def test_npy_train_sample_eval_and_stats_in_checkpoint(tmp_path):
     assert "bits/dim" in r.stdout
 
 
+def test_eval_reports_the_bound_of_the_held_out_points_in_data_units(tmp_path, capsys):
+    """--eval prints vlb's bound over the first --eval_points held-out points (seeded) in standardised nats per
+    dimension, that plus the mean log std of the standardisation in data units, and that over ln 2 in bits."""
+    out = str(tmp_path / "run")
+    ddpm.main(["--train", "--dataset=two_moons", "--T=50", "--n_layer=1", "--n_embd=16", "--batch_size=32",
+               "--max_iters=2", "--eval_interval=2", "--eval_iters=1", "--warmup_iters=1", f"--out_dir={out}"])
+    capsys.readouterr()
+    ddpm.main(["--eval", f"--out_dir={out}", "--eval_points=50", "--sampler=ddim", "--steps=5"])
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("bound on"))
+    data_nats, bits, std_nats = (float(v) for v in re.search(r": (\S+) nats/dim = (\S+) bits/dim in data units \((\S+) "
+                                                              r"nats/dim standardised", line).groups())
+    cfg, model, data, betas, _ = ddpm.load({"out_dir": out})
+    torch.manual_seed(cfg.seed)
+    x0 = data.held_out[:50]
+    bound = sum(ddpm.vlb(model, x0, betas, cfg.pred, cfg.var))
+    assert std_nats == pytest.approx(float(bound.mean()) / 2, abs=1e-4)
+    assert data_nats == pytest.approx(std_nats + float(torch.log(data.std).mean()), abs=2e-4)
+    assert bits == pytest.approx(data_nats / math.log(2), abs=2e-4)
+
+
 def test_one_dimensional_data_is_drawn_as_histograms(tmp_path):
     """save_png plotted dimensions 0 and 1: 1-D samples ended --sample in an IndexError."""
     x = torch.randn(200, 1)
@@ -436,6 +583,25 @@ def test_bad_npy(tmp_path, case):
     with pytest.raises(SystemExit, match=re.escape(expected)):
         ddpm.main(["--train", f"--dataset={path}", f"--out_dir={tmp_path}"])
     assert not (tmp_path / "ckpt.pt").exists()
+
+
+def test_a_constant_npy_column_is_left_unscaled(tmp_path):
+    """A column with no spread is standardised with std 1 (its mean subtracted), not divided by 0 into NaN."""
+    arr = np.random.default_rng(0).normal(size=(100, 2))
+    arr[:, 1] = 3.0
+    np.save(tmp_path / "c.npy", arr)
+    data = ddpm.PointBatches(str(tmp_path / "c.npy"))
+    assert float(data.std[1]) == 1.0 and torch.isfinite(data.get("train", 50)).all()
+    assert (data.held_out[:, 1] == 0).all()
+
+
+def test_linear_schedule_refuses_a_T_where_beta_T_reaches_1():
+    """The scaled linear schedule ends at beta_T = 0.02 * 1000 / T: T = 20 gives beta_T = 1, alpha_bar_T = 0 and a
+    chain of NaNs; T = 21 is the smallest it takes, and the cosine schedule clips beta at 0.999 for any T."""
+    with pytest.raises(SystemExit, match="--T=20 is too small for the linear schedule"):
+        ddpm.check_config(ddpm.Config(T=20))
+    ddpm.check_config(ddpm.Config(T=21))
+    ddpm.check_config(ddpm.Config(T=20, schedule="cosine"))
 
 
 def test_unknown_toy_and_missing_checkpoint(tmp_path):
