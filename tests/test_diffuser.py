@@ -736,3 +736,222 @@ def test_the_bootstrap_revision_runs_only_on_the_bootstrap_it_learnt(monkeypatch
     assert seen == [[4, 3, 2, 1], [3, 2, 1], [3, 2, 1], [4, 3, 2, 1], [3, 2, 1]]  # True: an older checkpoint, as before
     with pytest.raises(SystemExit, match="--bootstrap=source needs a source and a model trained with it"):
         D.run_decode(model, D.Config(T=3), {"boot_trained": "random", "unigram": [1] * 12}, [[4, 5]])
+
+
+# ----------------------------------------------------------------------------------------------
+# Guards found by a mutation probe: each pins one rule of the edit machinery or of decoding
+
+
+def test_the_canvas_tells_kept_replaced_and_open_slots_apart():
+    """The generator's canvas: a kept word as itself, a word to replace as V + w (the generator sees what it
+    replaces, and that it must go), an insertion slot as 2V, an id no word or replacement has; deletions gone."""
+    V = 10
+    xt, tags, counts = [4, 5, 6, 9], [D.KEEP, D.REPLACE, D.DELETE, D.REPLACE], [1, 0, 2, 0, 1]
+    canvas, slots = D.build_canvas(xt, tags, counts, V)
+    assert canvas == [2 * V, 4, V + 5, 2 * V, 2 * V, V + 9, 2 * V]
+    assert slots == [0, 2, 3, 4, 5, 6]
+
+
+def test_noise_draws_no_special_token_at_the_ends_of_its_cdf():
+    """rng.random() is in [0, 1), so u = 0 happens: the inverse CDF must then give the first word with mass,
+    never <s> (a zero-mass head of the CDF), and u just below 1 the last word with mass."""
+    class Fixed:  # an rng whose uniforms are all u
+        def __init__(self, u):
+            self.u = u
+
+        def random(self, k):
+            return np.full(k, self.u)
+
+    noise = D.NoiseTokens([7, 7, 5, 7, 10, 0, 30])  # <s> </s> <unk> <pad> a b (unseen) c
+    assert noise.draw(Fixed(0.0), 3) == (2, 2, 2)
+    assert noise.draw(Fixed(np.nextafter(1.0, 0.0)), 1) == (6,)
+
+
+def test_each_revision_is_conditioned_on_its_own_time_step(monkeypatch):
+    """A training pair of step t is labelled t (T + 1: the bootstrap revision), and decoding revision t feeds
+    that t to the tagger and the generator: a shift would run each revision with another step's conditioning."""
+    cfg = D.Config(T=4, boot_prob=0.3, bootstrap="null", max_len=20)
+    rng, noise = np.random.default_rng(0), D.NoiseTokens([0] * 4 + [1] * 8)
+    exs = [D.make_example(None, [4, 5, 6, 7], rng, noise, cfg) for _ in range(30)]
+    assert D.collate(exs, 12).t.tolist() == [float(e[5]) for e in exs]
+    cfg, model = tiny_model(0)
+    seen = []
+    for name in ("tag", "fill"):
+        real = getattr(model, name)
+        monkeypatch.setattr(model, name, lambda ids, mask, t, real=real, name=name:
+                            seen.append((name, tuple(set(t.tolist())))) or real(ids, mask, t))
+    srcs, starts = random_problems(1, 3)
+    D.decode(model, starts, srcs, cfg, [4, 3, 1], "greedy")
+    assert [t for name, t in seen if name == "tag"] == [(4.0,), (3.0,), (1.0,)]
+    fill_times = [t for name, t in seen if name == "fill"]
+    assert fill_times and set(fill_times) <= {(4.0,), (3.0,), (1.0,)}
+
+
+def test_a_bootstrap_longer_than_max_len_is_cut_alike_in_training_and_decoding():
+    """x_t never has more than max_len words (the insertion head's range, the context): a longer source
+    bootstrap is cut to its first max_len words when training draws it and when decoding starts from it."""
+    cfg = D.Config(T=3, boot_prob=1.0, bootstrap="source", max_len=5)
+    src = [4, 5, 6, 7, 8, 9, 10, 11]
+    _, xt, _, _, _, t = D.make_example(src, [4, 5, 6], np.random.default_rng(0), D.NoiseTokens([0] * 4 + [1] * 8), cfg)
+    assert t == cfg.T + 1 and xt == src[:5]
+    cfg, model = tiny_model(0)  # max_len = 12
+    long = list(range(4, 12)) * 2
+    h = D.decode(model, [long], [[4, 5]], cfg, [1], "greedy")[0]
+    assert h.history[0][1] == long[:cfg.max_len]
+
+
+def replay_fill(model, pre, canvas, slots, fills, t):
+    """log p of each fill, one generator forward per slot over the prefix and the canvas filled so far."""
+    cur, lps = list(canvas), []
+    for pos, w in zip(slots, fills):
+        ids = torch.tensor([pre + cur])
+        with torch.no_grad():
+            lp = model.fill(ids, torch.ones_like(ids, dtype=torch.bool), torch.tensor([float(t)]))[0, len(pre) + pos]
+        lp = lp.double().log_softmax(-1)
+        lp[list(D.SPECIALS)] = -math.inf
+        lps.append(lp)
+        cur[pos] = w
+    return cur, lps
+
+
+def test_fills_are_the_generators_choices_at_their_slots():
+    """Slot k is filled by the generator's distribution at its own position (after the conditioning prefix),
+    given the words already chosen for slots < k; the job's score is the sum of the chosen words' log p."""
+    cfg, model = tiny_model(3)
+    V = model.vocab_size
+    jobs = [([4, 5, 1, 0], [2 * V, 6, V + 7, 2 * V], [0, 2, 3]), ([0], [8, 2 * V], [1]), ([9, 1, 0], [5], [])]
+    for (pre, canvas, slots), (score, x, fills) in zip(jobs, D.fill_slots(model, jobs, 2, "greedy", cfg)):
+        cur, lps = replay_fill(model, pre, canvas, slots, fills, 2)
+        assert x == cur and len(fills) == len(slots)
+        assert fills == [int(lp.argmax()) for lp in lps]
+        assert math.isclose(score, sum(float(lp[w]) for lp, w in zip(lps, fills)), rel_tol=1e-5, abs_tol=1e-5)
+        assert score < 0 or not slots
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1e-4, 1.0), (1.0, 1e-9)])
+def test_sampling_at_a_vanishing_temperature_or_nucleus_is_greedy(temperature, top_p):
+    """--decode=sample tempers and truncates both the edit choices and the fills; at a vanishing temperature or
+    nucleus it is greedy decoding: the same revisions, and the same log-probability scores."""
+    cfg, model = tiny_model(1)
+    cfg.temperature, cfg.top_p = temperature, top_p
+    srcs, starts = random_problems(11, 8)
+    torch.manual_seed(0)
+    sampled = D.decode(model, starts, srcs, cfg, [3, 2, 1], "sample")
+    greedy = D.decode(model, starts, srcs, cfg, [3, 2, 1], "greedy")
+    for s, g in zip(sampled, greedy):
+        assert s.x == g.x and [e[2:] for e in s.history] == [e[2:] for e in g.history]
+        assert math.isclose(s.score, g.score, rel_tol=1e-9, abs_tol=1e-9)
+
+
+def test_sampled_decoding_draws_the_fills_too():
+    """--decode=sample draws the generator's words as well as the edits: with the edits certain (replace every
+    word, insert nothing), copies of one start still come out different."""
+    cfg, model = tiny_model(4)
+    with torch.no_grad():
+        for head, bias in ((model.tag_head, [0.0, 0.0, 50.0]), (model.ins_head, [50.0] + [0.0] * cfg.max_len)):
+            head.weight.zero_()
+            head.bias.copy_(torch.tensor(bias))
+    torch.manual_seed(0)
+    out = D.decode(model, [[4, 5, 6]] * 16, [None] * 16, cfg, [1], "sample")
+    assert all(h.history[0][2] == [D.REPLACE] * 3 and sum(h.history[0][3]) == 0 for h in out)
+    assert len({tuple(h.x) for h in out}) > 1
+
+
+def test_greedy_edits_read_each_tokens_own_position():
+    """The tag of word j of x_t is read at its own position (after the prefix and <s>), the insertion count of
+    the gap after it there too, and the front gap's at <s>: greedy takes each one's argmax."""
+    cfg, model = tiny_model(5)
+    srcs, starts = random_problems(13, 8)
+    checked = 0
+    for s, x, h in zip(srcs, starts, D.decode(model, starts, srcs, cfg, [2], "greedy")):
+        if not x:
+            continue
+        ids = torch.tensor([D.prefix(s) + [corpus.WordTokenizer.START] + x])
+        with torch.no_grad():
+            tag, ins = model.tag(ids, torch.ones_like(ids, dtype=torch.bool), torch.tensor([2.0]))
+        o = len(D.prefix(s))
+        assert h.history[0][2] == tag[0, o + 1:].argmax(-1).tolist()
+        assert h.history[0][3] == ins[0, o:].argmax(-1).tolist()
+        checked += 1
+    assert checked >= 4
+
+
+def test_only_an_empty_sequence_is_forced_to_insert():
+    """A non-empty x_t may keep every word and insert nothing, however short (the forced insertion is for the
+    empty sequence alone)."""
+    cfg, model = tiny_model(2)
+    with torch.no_grad():
+        for head, bias in ((model.tag_head, [50.0, 0.0, 0.0]), (model.ins_head, [50.0] + [0.0] * cfg.max_len)):
+            head.weight.zero_()
+            head.bias.copy_(torch.tensor(bias))
+    for h in D.decode(model, [[7], [5, 6]], [[4], [4]], cfg, [2], "greedy"):
+        assert h.x == h.history[0][1] and sum(h.history[0][3]) == 0
+
+
+def test_decode_flags_pick_the_search():
+    """--decode: greedy and sample are single hypotheses; beam searches beam_b edit sets and carries 1; beam2d
+    carries beam_r hypotheses across revisions (the paper's 2D beam, b = 5, r = 3)."""
+    cfg = D.Config(beam_b=4, beam_r=2)
+    assert [D.strategy_of(dataclasses.replace(cfg, decode=d)) for d in ("greedy", "sample", "beam", "beam2d")] == [
+        ("greedy", 1, 1), ("sample", 1, 1), ("beam", 4, 1), ("beam", 4, 2)]
+
+
+def test_evaluate_reports_the_mean_of_each_term(monkeypatch):
+    """--eval and training's evals: each cross-entropy averaged over the eval_iters batches, val_loss their sum
+    (the training loss)."""
+    cfg = D.Config(T=3, n_layer=1, n_head=2, n_embd=32, block_size=40, max_len=12, bootstrap="null", eval_iters=2)
+    torch.manual_seed(0)
+    model = D.DiffusER(cfg, 12)
+    rng, noise = np.random.default_rng(0), D.NoiseTokens([0] * 4 + [1] * 8)
+    batches = [D.collate([D.make_example(None, [4, 5, 6, 7, 8], rng, noise, cfg) for _ in range(3)], 12, rng)
+               for _ in range(2)]
+    monkeypatch.setattr(corpus, "val_batches", lambda b, c: iter(b))
+    stats = D.evaluate(model, batches, cfg)
+    with torch.no_grad():
+        want = np.mean([[float(v) for v in D.loss_terms(model, b)] for b in batches], 0)
+    got = [stats["val_tag_ce"], stats["val_ins_ce"], stats["val_gen_ce"]]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert math.isclose(stats["val_loss"], sum(want), rel_tol=1e-5)
+
+
+def test_a_nucleus_stops_at_the_first_prefix_reaching_top_p():
+    """Nucleus: the smallest most-probable set whose mass reaches top_p; a word that only completes a mass
+    already at top_p is cut."""
+    lp = np.log(np.tile([[0.5, 0.25, 0.25]], (300, 1)))
+    torch.manual_seed(0)
+    assert (D.sample_choice(lp, 1.0, 0.5) == 0).all()
+    assert set(D.sample_choice(lp, 1.0, 0.75).tolist()) == {0, 1}
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "sample"])
+def test_fills_are_never_special_tokens(strategy):
+    """A slot holds a word: never <s>, </s> or <pad>, however likely the generator finds them (<unk> may)."""
+    cfg, model = tiny_model(6)
+    V = model.vocab_size
+    with torch.no_grad():
+        model.gen_head.weight.zero_()
+        model.gen_head.bias.fill_(0.0)
+        model.gen_head.bias[list(D.SPECIALS)] = 50.0
+    torch.manual_seed(0)
+    out = D.fill_slots(model, [([0], [2 * V, 2 * V, V + 5], [0, 1, 2])] * 4, 1, strategy, cfg)
+    assert all(len(f) == 3 and not set(f) & set(D.SPECIALS) for _, _, f in out)
+
+
+def test_show_marks_each_kind_of_edit():
+    """--show writes a revision as kept words plain, [-deleted-], [old->new] for a replacement (the word of x_t,
+    then the generator's), and [+inserted+], in slot order."""
+    tok = corpus.WordTokenizer.__new__(corpus.WordTokenizer)
+    tok.words = list(SPECIALS) + LETTERS  # a = 4, b = 5, ...
+    xt, tags, counts = [4, 5, 6], [D.KEEP, D.REPLACE, D.DELETE], [1, 0, 0, 1]
+    assert D.mark_revision(tok, xt, tags, counts, [7, 8, 9], limit=10) == "[+d+] a [b->e] [-c-] [+f+]"
+
+
+def test_decoding_in_chunks_changes_nothing():
+    """--decode_batch only splits the network calls: each row keeps its own slot position, so chunks of two rows
+    decode what one call for all does."""
+    cfg, model = tiny_model(7)
+    srcs, starts = random_problems(17, 7)
+    whole = D.decode(model, starts, srcs, cfg, [2, 1], "beam", b=2, r=2)
+    cfg.decode_batch = 2
+    for a, c in zip(whole, D.decode(model, starts, srcs, cfg, [2, 1], "beam", b=2, r=2)):
+        assert a.x == c.x and math.isclose(a.score, c.score, rel_tol=1e-6, abs_tol=1e-6)
