@@ -183,11 +183,10 @@ def resume_from(path, method, cfg, meta, model, ema_model, opt, batches, rank, d
     fit_state(model, ckpt["model"], path, saved, cfg)
     # a run that kept no EMA (--ema=0) saved its initial weights there: an EMA turned on now starts from the model
     fit_state(ema_model, ckpt["ema"] if saved.get("ema", 0) > 0 else ckpt["model"], path, saved, cfg, "model's EMA")
-    mode = {k: opt.param_groups[0][k] for k in ("fused", "foreach")}  # this device's AdamW, not the one that saved
-    fit_state(opt, {**ckpt["optimizer"], "param_groups": [{**g, **mode} for g in ckpt["optimizer"]["param_groups"]]},
-              path, saved, cfg, "optimizer")
-    for group, decay in zip(opt.param_groups, (cfg.weight_decay, 0.0)):  # the saved groups hold the old run's
-        group["weight_decay"], group["betas"] = decay, (cfg.beta1, cfg.beta2)
+    # the saved groups take this run's decay and betas and this device's AdamW (fused or foreach), not the saver's
+    saved_groups, mine = ckpt["optimizer"]["param_groups"], ("weight_decay", "betas", "fused", "foreach")
+    groups = [{**g, **{k: new[k] for k in mine}} for g, new in zip(saved_groups, opt.param_groups)]
+    fit_state(opt, {**ckpt["optimizer"], "param_groups": groups + saved_groups[len(groups):]}, path, saved, cfg, "optimizer")
     n = len(ckpt["data_rng"])  # the processes that wrote it, each with its own streams
     if rank < n:  # a rank beyond them keeps the fresh streams seeded for it, not a copy of another's
         torch.set_rng_state(ckpt["rng"][rank])

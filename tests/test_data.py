@@ -413,6 +413,9 @@ def test_an_unprepared_folder_of_your_own_names_the_command_that_replaces_it(tmp
 # meta.json against the token files
 
 
+TEN_CHARS = {"tokenizer": "char", "chars": list("abcdefghij"), "vocab_size": 10}  # meta.json of a ten-character set
+
+
 def toy(path, vocab=10, n=2000, seed=0):
     ids = np.random.default_rng(seed).integers(0, vocab, n)
     return corpus.write_split(str(path), ids[:n * 9 // 10], ids[n * 9 // 10:],
@@ -507,7 +510,7 @@ def test_each_corruption_is_one_line_naming_the_fix(tmp_path, corrupt, message):
 @pytest.mark.parametrize("top", [11, 10])  # 10: an id equal to the vocabulary's size is outside it too
 def test_ids_outside_the_vocabulary(tmp_path, top):
     ids = np.arange(300) % (top + 1)
-    corpus.write_split(str(tmp_path), ids, ids, {"tokenizer": "char", "chars": list("abcdefghij"), "vocab_size": 10})
+    corpus.write_split(str(tmp_path), ids, ids, TEN_CHARS)
     fails(lambda: corpus.prepare_data(cfg_for(tmp_path)), f"holds token id {top}, not below the vocabulary of 10")
 
 
@@ -517,20 +520,18 @@ def test_an_id_outside_the_vocabulary_is_found_in_any_chunk(tmp_path, monkeypatc
     monkeypatch.setattr(corpus, "CHECK_CHUNK", 64)
     ids = np.arange(1000) % 10
     ids[5] = 12
-    chars = {"tokenizer": "char", "chars": list("abcdefghij"), "vocab_size": 10}
-    corpus.write_split(str(tmp_path), ids, ids[::-1], chars)
+    corpus.write_split(str(tmp_path), ids, ids[::-1], TEN_CHARS)
     fails(lambda: corpus.prepare_data(cfg_for(tmp_path)), "train.bin holds token id 12, not below the vocabulary of 10")
 
 
 def test_a_split_left_empty_is_refused(tmp_path):
     """Too little text for a split (a tiny file, a --val_fraction that rounds to nothing) stops with one line
     naming the split, before any file is written: an empty val.bin failed later, at every evaluation."""
-    chars = {"tokenizer": "char", "chars": list("abcdefghij"), "vocab_size": 10}
     ids = np.arange(300) % 10
-    fails(lambda: corpus.write_split(str(tmp_path), ids, ids[:0], chars), f"the val split of {tmp_path} would be empty")
-    fails(lambda: corpus.write_split(str(tmp_path), [], ids, chars), "the train split")
-    fails(lambda: corpus.write_split(str(tmp_path), ids, ids, chars, test_ids=[]), "the test split")
-    fails(lambda: corpus.write_split(str(tmp_path / "new"), ids, [], chars), "the val split")
+    fails(lambda: corpus.write_split(str(tmp_path), ids, ids[:0], TEN_CHARS), f"the val split of {tmp_path} would be empty")
+    fails(lambda: corpus.write_split(str(tmp_path), [], ids, TEN_CHARS), "the train split")
+    fails(lambda: corpus.write_split(str(tmp_path), ids, ids, TEN_CHARS, test_ids=[]), "the test split")
+    fails(lambda: corpus.write_split(str(tmp_path / "new"), ids, [], TEN_CHARS), "the val split")
     assert os.listdir(tmp_path) == []  # no file, and no folder made for a prepare that was refused
 
 
@@ -539,10 +540,9 @@ def test_an_error_names_the_command_that_prepared_the_folder(tmp_path):
     files); one without a recorded command gets data/text/prepare.py with --force, as the folder exists."""
     command = f"python {ROOT}/data/text/prepare.py --input=/home/me/novel.txt --name=mine --out_dir={tmp_path} --force"
     ids = np.arange(300) % 10
-    chars = {"tokenizer": "char", "chars": list("abcdefghij"), "vocab_size": 10}
     cfg = types.SimpleNamespace(dataset="mine", data_dir=str(tmp_path))
-    for meta, fix in (({**chars, "command": command}, command),
-                      (chars, f"python data/text/prepare.py --input=FILE --name=mine --out_dir={tmp_path} --force")):
+    for meta, fix in (({**TEN_CHARS, "command": command}, command),
+                      (TEN_CHARS, f"python data/text/prepare.py --input=FILE --name=mine --out_dir={tmp_path} --force")):
         corpus.write_split(str(tmp_path), ids, ids, meta)
         corrupt_odd_size(tmp_path)
         assert fails(lambda: corpus.prepare_data(cfg), "val.bin has 601 bytes").endswith(f"re-prepare: {fix}")
@@ -617,8 +617,7 @@ def test_random_windows_reach_the_last_token_and_a_split_of_one_block_is_enough(
     """A window is block_size tokens (no shifted target), so its start runs to len - block_size inclusive:
     the last token of a split was never drawn, and a split of exactly block_size tokens was refused."""
     ids = np.arange(20) % 10  # train 18 tokens, val 2
-    meta = corpus.write_split(str(tmp_path), ids[:18], ids[18:], {"tokenizer": "char", "chars": list("abcdefghij"),
-                                                                   "vocab_size": 10})
+    meta = corpus.write_split(str(tmp_path), ids[:18], ids[18:], TEN_CHARS)
     batches = corpus.Batches(cfg_for(tmp_path, block_size=2), meta, 0)
     starts = {int(x[0]) for x in batches.get("train", 400)}
     assert starts == set(range(10)) and {int(x[0]) for x in batches.get("val", 50)} == {8}  # val: its one window
@@ -629,10 +628,9 @@ def test_a_test_split_of_an_earlier_prepare_is_not_read(tmp_path):
     """A folder prepared again without a test split kept the old test.bin, and --eval_split=test scored it
     (another text, maybe another tokenizer's ids)."""
     ids = np.random.default_rng(0).integers(0, 10, 300)
-    chars = {"tokenizer": "char", "chars": list("abcdefghij"), "vocab_size": 10}
-    corpus.write_split(str(tmp_path), ids[:200], ids[200:250], chars, test_ids=ids[250:])
+    corpus.write_split(str(tmp_path), ids[:200], ids[200:250], TEN_CHARS, test_ids=ids[250:])
     assert os.path.isfile(tmp_path / "test.bin")
-    meta = corpus.write_split(str(tmp_path), ids[:200], ids[200:], chars)
+    meta = corpus.write_split(str(tmp_path), ids[:200], ids[200:], TEN_CHARS)
     assert not os.path.exists(tmp_path / "test.bin") and corpus.prepare_data(cfg_for(tmp_path)) == meta
     np.arange(60, dtype=meta["dtype"]).tofile(tmp_path / "test.bin")  # a stray file of that name: still not a split
     batches = corpus.Batches(cfg_for(tmp_path, block_size=8), meta, 0)
@@ -662,15 +660,14 @@ def test_a_prepare_that_cannot_write_stops_with_one_line_and_leaves_the_folder_a
     """--out_dir naming a file, and a full disk while the token files are written, were tracebacks; the second
     left a partial .tmp file beside the earlier prepare's files."""
     ids = np.arange(300) % 10
-    chars = {"tokenizer": "char", "chars": list("abcdefghij"), "vocab_size": 10}
     (tmp_path / "a_file").write_text("")
-    fails(lambda: corpus.write_split(str(tmp_path / "a_file"), ids[:200], ids[200:], chars),
+    fails(lambda: corpus.write_split(str(tmp_path / "a_file"), ids[:200], ids[200:], TEN_CHARS),
           f"--out_dir={tmp_path / 'a_file'} is a file; name a folder")
-    meta = corpus.write_split(str(tmp_path / "d"), ids[:200], ids[200:], chars)
+    meta = corpus.write_split(str(tmp_path / "d"), ids[:200], ids[200:], TEN_CHARS)
     before = {f: (tmp_path / "d" / f).read_bytes() for f in os.listdir(tmp_path / "d")}
 
     code = ("import resource, sys, numpy as np; import corpus; resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000)); "
-            f"corpus.write_split({str(tmp_path / 'd')!r}, np.arange(3000) % 10, np.arange(300) % 10, {chars!r})")
+            f"corpus.write_split({str(tmp_path / 'd')!r}, np.arange(3000) % 10, np.arange(300) % 10, {TEN_CHARS!r})")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)  # files past 1000 bytes fail
     assert r.returncode == 1 and r.stderr.strip() == (f"error: cannot write {tmp_path / 'd'}: File too large; free disk space "
                                                        "or choose another --out_dir"), r.stderr

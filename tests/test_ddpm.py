@@ -125,13 +125,18 @@ def test_eps_x0_v_conversions_round_trip(kind, ab, seed):
     assert torch.allclose(ddpm.target(x0_hat, eps_hat, ab, "v"), ddpm.target(x0, eps, ab, "v"), atol=tol)
 
 
+def randomised(model):
+    """model with every weight drawn afresh: a random but non-trivial network (the output layer starts at 0)."""
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return model
+
+
 @settings(max_examples=8, deadline=None)
 @given(st.integers(1, 40), st.integers(0, 1000), st.sampled_from(["eps", "x0", "v"]))
 def test_ddim_eta0_is_deterministic_given_xT(steps, seed, pred):
     torch.manual_seed(seed)
-    model = ddpm.Denoiser(2, 32, 2, 100, pred)
-    for p in model.parameters():  # a random but non-trivial network (the output layer starts at 0)
-        torch.nn.init.normal_(p, std=0.3)
+    model = randomised(ddpm.Denoiser(2, 32, 2, 100, pred))
     betas = ddpm.betas_for("linear", 100)
     ab = ddpm.alpha_bars(betas)
     seq = ddpm.step_sequence(100, steps)
@@ -162,9 +167,7 @@ def test_denoiser_time_input_is_the_paper_step_on_a_1000_step_scale():
     a, b = ddpm.Denoiser(2, 16, 1, 100), ddpm.Denoiser(2, 16, 1, 1000)
     x = torch.randn(5, 2)
     assert not a(x, torch.arange(5)).any()
-    for p in a.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    b.load_state_dict(a.state_dict())
+    b.load_state_dict(randomised(a).state_dict())
     for ka, kb in ((9, 99), (0, 9), (99, 999)):
         assert torch.allclose(a(x, torch.full((5,), ka)), b(x, torch.full((5,), kb)), atol=1e-5)
     assert not torch.allclose(b(x, torch.full((5,), 98)), b(x, torch.full((5,), 99)), atol=1e-5)
@@ -312,9 +315,7 @@ def test_draw_samples_is_seeded_and_keeps_x0_hat_in_the_datas_range():
     """--sample draws x_T from --seed, whatever the global RNG (so DDIM at eta = 0 gives the same samples every
     run), and passes the data's range on to the sampler's clip."""
     torch.manual_seed(0)
-    model = ddpm.Denoiser(2, 16, 1, 100)
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.3)
+    model = randomised(ddpm.Denoiser(2, 16, 1, 100))
     cfg = ddpm.Config(T=100, sampler="ddim", steps=5)
     betas = ddpm.betas_for("linear", 100)
     clip = (torch.tensor([-0.5, -0.5]), torch.tensor([0.5, 0.5]))

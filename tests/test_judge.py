@@ -159,29 +159,28 @@ def test_a_hub_judge_checks_the_network_first_and_a_folder_needs_none(judge_dir,
     assert len(hub.hf_judge_tokenizer(judge_dir)) > 50000
 
 
-def test_judge_without_model_weights_is_one_line(judge_dir, tmp_path):
-    """A folder with the tokenizer and config.json but no weights (a copy stopped short) was an OSError traceback."""
-    d = tmp_path / "no_weights"
+def judge_copy_error(judge_dir, d, keep):
+    """The error of loading a copy of the judge folder that holds only the files keep(name) accepts: one line."""
     d.mkdir()
     for f in os.listdir(judge_dir):
-        if f not in ("model.safetensors", "pytorch_model.bin"):
+        if keep(f):
             os.symlink(os.path.join(judge_dir, f), d / f)
     with pytest.raises(SystemExit) as e:
         hub.load_hf_judge(str(d))
     line = str(e.value.code)
-    assert line.startswith("error: ") and "\n" not in line and "cannot load the judge's model" in line
+    assert line.startswith("error: ") and "\n" not in line
+    return line
+
+
+def test_judge_without_model_weights_is_one_line(judge_dir, tmp_path):
+    """A folder with the tokenizer and config.json but no weights (a copy stopped short) was an OSError traceback."""
+    line = judge_copy_error(judge_dir, tmp_path / "no_weights", lambda f: f not in ("model.safetensors", "pytorch_model.bin"))
+    assert "cannot load the judge's model" in line
 
 
 def test_judge_without_tokenizer_is_one_line(judge_dir, tmp_path):
-    d = tmp_path / "no_tok"
-    d.mkdir()
-    for f in os.listdir(judge_dir):
-        if f in ("config.json", "model.safetensors", "pytorch_model.bin", "generation_config.json"):
-            os.symlink(os.path.join(judge_dir, f), d / f)
-    with pytest.raises(SystemExit) as e:
-        hub.load_hf_judge(str(d))
-    line = str(e.value.code)
-    assert line.startswith("error: ") and "\n" not in line and "tokenizer" in line
+    model = ("config.json", "model.safetensors", "pytorch_model.bin", "generation_config.json")
+    assert "tokenizer" in judge_copy_error(judge_dir, tmp_path / "no_tok", lambda f: f in model)
 
 
 def test_cli_sample_to_file_then_judge_it(judge_dir, char_data, tmp_path):

@@ -80,6 +80,8 @@ def write_mdlm(path, vocab_size, hidden, cond, n_blocks, n_heads, length, fmt="s
     return write(path, config, ddit_state(vocab_size, hidden, cond, n_blocks, n_heads, "backbone.", seed), fmt)
 
 
+SMALL = dict(hidden=16, cond=8, n_blocks=1, n_heads=2, length=8)  # the error tests' layout: 20 tokens, 21 ids in MDLM
+
 LAYOUTS = {  # name -> (writer, its arguments): tiny dims, each set differently so config.json must be read
     "sedd-small": (write_sedd, dict(tokens=50, hidden=24, cond=16, n_blocks=2, n_heads=3, length=12)),
     "sedd-medium": (write_sedd, dict(tokens=50, hidden=32, cond=8, n_blocks=3, n_heads=4, length=16, fmt="bin")),
@@ -169,7 +171,7 @@ def test_published_layout_loads_and_matches_the_ddit_equations(name, tmp_path):
 
 
 def test_uniform_graph_checkpoint_loads_unscaled(tmp_path):
-    path = write_sedd(tmp_path / "u", tokens=20, hidden=16, cond=8, n_blocks=1, n_heads=2, length=8, graph="uniform")
+    path = write_sedd(tmp_path / "u", tokens=20, **SMALL, graph="uniform")
     cfg, model = load(path, "sedd", 20)
     assert cfg.graph == "uniform" and cfg.schedule == "geometric" and (cfg.sigma_min, cfg.sigma_max) == (1e-4, 20)
     x, sigma = torch.randint(20, (2, 8)), torch.tensor([0.5, 2.0])
@@ -285,8 +287,8 @@ def test_a_hub_id_is_fetched_with_its_config_after_the_network_check(tmp_path, m
     import tempfile
 
     import huggingface_hub
-    kw = dict(tokens=20, hidden=16, cond=8, n_blocks=1, n_heads=2, length=8)
-    remote = {"owner/st": write_sedd(tmp_path / "st", **kw), "owner/bin": write_sedd(tmp_path / "bin", fmt="bin", **kw)}
+    remote = {"owner/st": write_sedd(tmp_path / "st", tokens=20, **SMALL),
+              "owner/bin": write_sedd(tmp_path / "bin", tokens=20, fmt="bin", **SMALL)}
     calls = []
 
     def snapshot_download(repo_id, allow_patterns=None, **_):
@@ -316,7 +318,7 @@ def test_a_relative_path_that_does_not_exist_is_not_looked_up_on_the_hub(path, t
 def test_weights_that_cannot_be_used_are_one_line(tmp_path):
     """A cut or foreign weights file was a SafetensorError, UnpicklingError or AttributeError traceback, and NaN
     weights sampled '!!!!' with exit status 0; a half-precision copy was refused for its rounded rotary table."""
-    path = write_sedd(tmp_path / "a", tokens=20, hidden=16, cond=8, n_blocks=1, n_heads=2, length=8)
+    path = write_sedd(tmp_path / "a", tokens=20, **SMALL)
     good = {k: v.clone() for k, v in hub.read_weights(path).items()}  # not the file's mapped pages, rewritten below
     st, pt = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
     raw = open(st, "rb").read()
@@ -347,7 +349,7 @@ def test_missing_or_extra_keys_are_named(tmp_path):
 
 def test_a_missing_or_cut_config_json_is_one_line(tmp_path):
     """A folder with the weights but no config.json, or a cut one, was a FileNotFoundError or JSONDecodeError traceback."""
-    s = write_sedd(tmp_path / "s", tokens=20, hidden=16, cond=8, n_blocks=1, n_heads=2, length=8)
+    s = write_sedd(tmp_path / "s", tokens=20, **SMALL)
     path = os.path.join(s, "config.json")
     text = open(path).read()
     for spoil in (lambda: os.remove(path), lambda: open(path, "w").write(text[:40])):
@@ -358,7 +360,7 @@ def test_a_missing_or_cut_config_json_is_one_line(tmp_path):
 def test_weights_read_are_the_safetensors_and_every_value_is_checked(tmp_path):
     """With both files in the folder, model.safetensors (never unpickled) is read, as locate prefers it; a non-tensor
     entry beside the tensors (an AttributeError traceback) and a single inf among finite values are refused."""
-    path = write_sedd(tmp_path / "a", tokens=20, hidden=16, cond=8, n_blocks=1, n_heads=2, length=8)
+    path = write_sedd(tmp_path / "a", tokens=20, **SMALL)
     good = {k: v.clone() for k, v in hub.read_weights(path).items()}
     pt = os.path.join(path, "pytorch_model.bin")
     torch.save({k: v + 1 for k, v in good.items()}, pt)
@@ -376,7 +378,7 @@ def test_weights_read_are_the_safetensors_and_every_value_is_checked(tmp_path):
 def test_a_lone_missing_key_a_wrong_shape_or_another_rotary_table_is_one_line(tmp_path):
     """Alone (the test above has a missing and an extra key together), a missing or extra key or a shape other than
     config.json's was a load_state_dict traceback; a rotary table of another base loaded and misplaced every token."""
-    path = write_sedd(tmp_path / "a", tokens=20, hidden=16, cond=8, n_blocks=1, n_heads=2, length=8)
+    path = write_sedd(tmp_path / "a", tokens=20, **SMALL)
     good = {k: v.clone() for k, v in hub.read_weights(path).items()}
     hd = 8
     for state, message in (({k: v for k, v in good.items() if k != "blocks.0.mlp.2.bias"}, "missing blocks.0.mlp.2.bias (1)"),
@@ -392,7 +394,7 @@ def test_a_lone_missing_key_a_wrong_shape_or_another_rotary_table_is_one_line(tm
 def test_sedd_settings_difflm_cannot_follow_are_refused(tmp_path):
     """A log-linear SEDD checkpoint keeps the authors' eps; scale_by_sigma against its graph (the network would be
     read as the other parameterisation), an unknown noise type (read as log-linear) and graph are refused."""
-    path = write_sedd(tmp_path / "a", tokens=20, hidden=16, cond=8, n_blocks=1, n_heads=2, length=8)
+    path = write_sedd(tmp_path / "a", tokens=20, **SMALL)
     cfg, _ = load(path, "sedd", 20)
     assert (cfg.graph, cfg.schedule, cfg.eps) == ("absorb", "loglinear", 1e-3)
     config = json.load(open(os.path.join(path, "config.json")))
@@ -409,7 +411,7 @@ def test_sedd_settings_difflm_cannot_follow_are_refused(tmp_path):
 def test_a_time_conditioned_mdlm_checkpoint_is_fed_sigma(tmp_path):
     """time_conditioning: true in MDLM's config.json: the adaLN layers see sigma, as the checkpoint was trained (read
     as the default false, they saw 0 whatever the noise level)."""
-    path = write_mdlm(tmp_path / "t", vocab_size=21, hidden=16, cond=8, n_blocks=1, n_heads=2, length=8)
+    path = write_mdlm(tmp_path / "t", vocab_size=21, **SMALL)
     config = json.load(open(os.path.join(path, "config.json")))
     json.dump({**config, "time_conditioning": True}, open(os.path.join(path, "config.json"), "w"))
     cfg, model = load(path, "mdlm", 20)
@@ -422,7 +424,7 @@ def test_a_time_conditioned_mdlm_checkpoint_is_fed_sigma(tmp_path):
 def test_command_line_settings_go_on_top_of_the_published_ones(tmp_path):
     """--block_size up to the published length and other settings (--eps) are the command line's; without --dataset,
     fine-tuning prepares GPT-2-token data (difflm's default corpus is character-level)."""
-    path = write_sedd(tmp_path / "a", tokens=20, hidden=16, cond=8, n_blocks=1, n_heads=2, length=8)
+    path = write_sedd(tmp_path / "a", tokens=20, **SMALL)
     seen = []
     for overrides in ({"block_size": 4, "eps": 1e-4}, {"block_size": 8, "eps": 1e-4}):
         cfg, _, _ = hub.load_model(path, "sedd", sedd.Config, overrides, sedd.build_model,
@@ -433,7 +435,7 @@ def test_command_line_settings_go_on_top_of_the_published_ones(tmp_path):
 
 def test_a_config_with_missing_noise_or_zero_sizes_is_one_line(tmp_path):
     """A geometric SEDD config without sigma_min (KeyError) and n_heads 0 (ZeroDivisionError) were tracebacks."""
-    s = write_sedd(tmp_path / "s", tokens=20, hidden=16, cond=8, n_blocks=1, n_heads=2, length=8)
+    s = write_sedd(tmp_path / "s", tokens=20, **SMALL)
     config = json.load(open(os.path.join(s, "config.json")))
     for key, value, expect in (("noise", {"type": "geometric", "sigma_max": 20}, "lacks or misstates 'sigma_min'"),
                                ("model", {**config["model"], "n_heads": 0}, "n_head=0 must be at least 1")):
@@ -445,8 +447,8 @@ def test_a_config_with_missing_noise_or_zero_sizes_is_one_line(tmp_path):
                                   "head_flag", "own_checkpoint", "longer_blocks", "cond_flag", "ddit_flag", "time_cond_flag",
                                   "other_vocabulary"])
 def test_wrong_checkpoint_is_one_line(case, tmp_path):
-    m = write_mdlm(tmp_path / "m", vocab_size=21, hidden=16, cond=8, n_blocks=1, n_heads=2, length=8)
-    s = write_sedd(tmp_path / "s", tokens=20, hidden=16, cond=8, n_blocks=1, n_heads=2, length=8)
+    m = write_mdlm(tmp_path / "m", vocab_size=21, **SMALL)
+    s = write_sedd(tmp_path / "s", tokens=20, **SMALL)
     os.remove(os.path.join(s, "model.safetensors")) if case == "no_weights" else None
     args, expect = {"mdlm_into_sedd": (["sedd.py", f"--init_from={m}"], "MDLM checkpoint; load it with mdlm.py"),
                     "sedd_into_mdlm": (["mdlm.py", f"--init_from={s}"], "SEDD checkpoint; load it with sedd.py"),

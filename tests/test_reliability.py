@@ -676,22 +676,16 @@ class RandomRows:
         return x
 
 
-def toy_train(tmp_path, name="run", loss_fn=None, evaluate=None, batches=None, **kw):
-    """trainer.train on a Linear(4, 1) for a few iterations -> (cfg, model, what train returned, batches)."""
+def toy_train(tmp_path, name="run", loss_fn=None, evaluate=None, **kw):
+    """trainer.train on a Linear(4, 1) for a few iterations -> (cfg, model, what train returned)."""
     cfg = M.Config(**{"out_dir": str(tmp_path / name), "device": "cpu", "block_size": 4, "batch_size": 2, "max_iters": 3,
                       "eval_interval": 1, "eval_iters": 1, "log_interval": 1, "warmup_iters": 0, "lr": 0.1, "min_lr": 0.1,
                       **kw})
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
-    batches = batches or RandomRows()
     out = trainer.train(cfg, "mdlm", model, loss_fn or (lambda m, x: m(x).pow(2).mean()),
-                        evaluate or (lambda m, b: {"val": 0.0}), {"vocab_size": 7}, batches)
-    return cfg, model, out, batches
-
-
-def toy_log(cfg):
-    with open(os.path.join(cfg.out_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
+                        evaluate or (lambda m, b: {"val": 0.0}), {"vocab_size": 7}, RandomRows())
+    return cfg, model, out
 
 
 def test_training_evals_score_the_ema_weights(tmp_path):
@@ -700,7 +694,7 @@ def test_training_evals_score_the_ema_weights(tmp_path):
     for ema in (0.5, 0.0):
         seen = []
         record = lambda m, b: seen.append({k: v.clone() for k, v in m.state_dict().items()}) or {"val": 0.0}  # noqa: E731
-        cfg, model, out, _ = toy_train(tmp_path, f"ema{ema}", ema=ema, evaluate=record)
+        cfg, model, out = toy_train(tmp_path, f"ema{ema}", ema=ema, evaluate=record)
         want = model if ema == 0 else out
         assert (out is model) == (ema == 0)
         for k, v in want.state_dict().items():  # the last eval saw the weights train() returns
@@ -729,7 +723,7 @@ def test_each_training_eval_draws_the_same_noise_and_leaves_trainings_alone(tmp_
 def test_the_last_iteration_is_always_logged(tmp_path):
     """--log_interval past the run's end: the last iteration's loss line and record still come (the run's final loss)."""
     cfg, *_ = toy_train(tmp_path, max_iters=5, log_interval=3, eval_interval=100)
-    assert [r["iter"] for r in toy_log(cfg) if "loss" in r] == [0, 3, 4]
+    assert [r["iter"] for r in log_records(cfg.out_dir) if "loss" in r] == [0, 3, 4]
 
 
 @pytest.mark.parametrize("bad", [math.inf, math.nan])
@@ -795,7 +789,7 @@ def test_the_logged_rate_counts_every_micro_batchs_tokens(tmp_path, monkeypatch)
     """tok/s is batch_size x block_size x grad_accum tokens per step over the step's time."""
     clock = FakeClock(monkeypatch)
     cfg, *_ = toy_train(tmp_path, loss_fn=clock.loss_fn, grad_accum=3, max_iters=2, eval_interval=100)
-    rates = [r["tok_per_s"] for r in toy_log(cfg) if "loss" in r]
+    rates = [r["tok_per_s"] for r in log_records(cfg.out_dir) if "loss" in r]
     assert rates == [pytest.approx(2 * 4)] * 2  # 2 x 4 tokens a second, however many micro-batches a step takes
 
 
@@ -807,7 +801,7 @@ def test_a_resumed_runs_checkpoint_counts_the_time_trained_before(tmp_path, monk
     assert first == pytest.approx(2.0)
     cfg, *_ = toy_train(tmp_path, loss_fn=clock.loss_fn, max_iters=4, eval_interval=2, resume=True)
     assert common.load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), "mdlm")["time"] == pytest.approx(4.0)
-    times = [r["time"] for r in toy_log(cfg)]
+    times = [r["time"] for r in log_records(cfg.out_dir)]
     assert times == sorted(times) and times[-1] == pytest.approx(4.0)
 
 
