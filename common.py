@@ -299,10 +299,9 @@ def apply_rotary(qkv, cos, sin):
 
 
 class KVCache:
-    """Keys and values of every layer for positions 0..pos-1 of an incremental causal decode: a
-    prefill into the empty cache, then one token at a time. Keys are stored already rotated at their
-    own positions, so a new query attends to them as they are. Each layer's (2, B, H, block_size, hd)
-    is allocated at its first write, in the dtype the keys come in (bf16 under CUDA autocast)."""
+    """Keys and values of every layer for positions 0..pos-1 of an incremental causal decode: a prefill into the empty
+    cache, then one token at a time. Keys are stored already rotated at their own positions, so a new query attends to
+    them as they are. Each layer's (2, B, H, block_size, hd) is allocated at its first write, in the keys' dtype."""
 
     def __init__(self, n_layer, block_size):
         self.block_size, self.pos, self.kv = block_size, 0, [None] * n_layer
@@ -492,6 +491,12 @@ def write_file(path, content, fix):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        if os.name == "posix":  # the rename lasts a power cut only once the folder holding it is synced too
+            folder = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
     except BaseException as e:  # a failed or interrupted write leaves no partial tmp file behind
         with contextlib.suppress(OSError):
             os.remove(tmp)
@@ -559,20 +564,18 @@ def sample_times(batch_size, t_min, device):
 
 
 def sample_categorical(probs, u):
-    """Inverse-CDF draw from unnormalised probs (..., V) with uniforms u (...,) in float64: float64
-    accumulation keeps the tail intact over many small steps (Zheng et al. 2024), and the fused kernels
-    consume the same uniforms, so they return the same tokens."""
+    """Inverse-CDF draw from unnormalised probs (..., V) with uniforms u (...,) in float64: float64 accumulation keeps the
+    tail intact over many small steps (Zheng et al. 2024); the fused kernels take the same uniforms, to the same tokens."""
     cdf = probs.double().cumsum(-1)  # (..., V)
     idx = torch.searchsorted(cdf, (u.double() * cdf[..., -1]).unsqueeze(-1), right=True).squeeze(-1)
     return idx.clamp_(max=probs.shape[-1] - 1)
 
 
 def semi_autoregressive(chain, fixed, block_size, stride):
-    """fixed (B, T) token ids or -1 at free positions -> (samples (B, T), network calls). chain(window)
-    runs one reverse chain on a window (B, W), W <= block_size, of ids or -1 and returns (x_0 (B, W),
-    calls). T <= block_size: one chain. Longer: semi-autoregressive rounds; each keeps the last
-    block_size - stride generated tokens as a clean prefix (held fixed) and generates stride new ones,
-    so any sampler that holds fixed positions extends past its context."""
+    """fixed (B, T) token ids or -1 at free positions -> (samples (B, T), network calls). chain(window) runs one reverse
+    chain on a window (B, W), W <= block_size, of ids or -1 and returns (x_0 (B, W), calls). T <= block_size: one chain.
+    Longer: semi-autoregressive rounds; each keeps the last block_size - stride generated tokens as a clean prefix (held
+    fixed) and generates stride new ones, so any sampler that holds fixed positions extends past its context."""
     T = fixed.shape[1]
     if T > block_size and not 0 < stride < block_size:  # block_size 1: no context to carry into a next round
         die(f"a model of block_size={block_size} cannot extend past its context with stride {stride}; use --seq_len <= {block_size}")
@@ -588,8 +591,8 @@ def semi_autoregressive(chain, fixed, block_size, stride):
 
 
 def show_steps(tokenizer, cfg):
-    """--show: the sampler's callback show(i, x) after step i (0-based) of cfg.steps, printing the
-    first sequence of x (B, L) at eight evenly spaced steps and the last; None without --show."""
+    """--show: the sampler's callback show(i, x) after step i (0-based) of cfg.steps, printing the first sequence of x (B, L)
+    at eight evenly spaced steps and the last; None without --show."""
     if not cfg.show:
         return None
     every = max(1, cfg.steps // 8)
@@ -631,8 +634,7 @@ def load_judge(path, meta=None, device=None):
 
 @torch.no_grad()
 def judge_nll(judge, samples, batch_size=32):
-    """Mean -log p_judge per token (nats) of samples (N, T). Each block_size chunk of a sample is
-    scored from [BOS], as the judge scores its validation windows."""
+    """Mean -log p_judge per token (nats) of samples (N, T); each block_size chunk is scored from [BOS], like its val windows."""
     V, L, device = judge["head"].out_features, judge["backbone"].block_size, judge["head"].weight.device
     total, count = 0.0, 0
     for s in range(0, samples.shape[1], L):
@@ -657,8 +659,7 @@ def unigram_entropy(samples):
 
 
 def judge_texts(judge_path, texts, tok, meta, device):
-    """Score texts: an ar.py checkpoint re-encodes them with the samples' tokenizer; any other --judge
-    is a transformers causal LM that re-tokenises them. Returns (nats/token, the ids scored)."""
+    """Score texts -> (nats/token, ids scored): an ar.py judge encodes them with the samples' tokenizer, a transformers LM its own."""
     if judge_path.endswith(".pt"):
         judge, _ = load_judge(judge_path, meta, device)
         ids = [torch.tensor(tok.encode(t), dtype=torch.long) for t in texts]
@@ -677,9 +678,8 @@ def judge_samples(judge_path, samples, meta, tok, device):
 
 
 def generative_eval(judge_path, sample_fn, num_samples, meta, tok, what="", samples_in="", device=None):
-    """Draw num_samples sequences with sample_fn(n) -> (n, T) (or read --samples_in, judged on device), time them and
-    score them with the judge -> {"gen_nll" (nats/token under the judge), "gen_ppl", "gen_entropy" (nats),
-    "sec_per_sample" (when drawn here, not read)}; prints one line."""
+    """Draw num_samples sequences with sample_fn(n) -> (n, T) (or read --samples_in, judged on device), time and score them
+    with the judge -> {"gen_nll" (nats/token), "gen_ppl", "gen_entropy" (nats), "sec_per_sample" (when drawn)}; one line."""
     if samples_in:
         import hub
         texts, settings = hub.read_samples(samples_in)

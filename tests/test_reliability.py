@@ -10,6 +10,7 @@ import math
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -868,17 +869,22 @@ def test_the_checksum_covers_names_dtypes_and_shapes():
 
 
 def test_a_checkpoint_is_on_disk_before_it_replaces_the_last_one(tmp_path, monkeypatch):
-    """write_file fsyncs the whole temporary file before renaming it over ckpt.pt: a power cut after the rename
-    never leaves a checkpoint whose data had not reached the disk in place of the last good one."""
+    """write_file fsyncs the whole temporary file before renaming it over ckpt.pt, and the folder after: a power cut
+    after the rename never leaves a checkpoint whose data had not reached the disk in place of the last good one,
+    nor brings the older checkpoint back once the call has returned."""
     events, real_fsync, real_replace = [], os.fsync, os.replace
-    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.fstat(fd).st_size)), real_fsync(fd))[1])
+
+    def fsync(fd):
+        events.append(("fsync", "folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else os.fstat(fd).st_size))
+        real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", os.path.getsize(a))), real_replace(a, b))[1])
     path = str(tmp_path / "ckpt.pt")
     for it in range(2):  # a first checkpoint, then one over it
         events.clear()
         common.save_checkpoint(path, {"model": {"w": torch.ones(1000)}, "iter": it})
         size = os.path.getsize(path)
-        assert events == [("fsync", size), ("replace", size)], it
+        assert events == [("fsync", size), ("replace", size), ("fsync", "folder")], it
         assert os.listdir(tmp_path) == ["ckpt.pt"] and common.load_checkpoint(path, "mdlm")["iter"] == it
 
 
