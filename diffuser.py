@@ -112,8 +112,7 @@ def check_config(cfg):
 
 
 class NoiseTokens:
-    """Where replaced and inserted tokens come from: the unigram distribution of the corpus, or
-    uniform; never <s>, </s> or <pad>. Draws by inverse CDF in float64."""
+    """Where replaced and inserted tokens come from: the corpus's unigram distribution or uniform, never <s>, </s> or <pad>."""
 
     def __init__(self, counts, kind="unigram"):
         w = np.asarray(counts, dtype=np.float64).copy() if kind == "unigram" else np.ones(len(counts))
@@ -127,16 +126,21 @@ class NoiseTokens:
 
 
 def corrupt_step(x, rng, noise, probs=(0.6, 0.2, 0.1, 0.1), lam=3.0, max_len=10**9):
-    """One forward step q(x_t | x_{t-1}) (paper sec. 3.1): returns (x_t, edits). At each position an
-    edit type from probs (keep, replace, insert, delete) and a span k ~ Poisson(lam); k = 0 keeps one
-    token. Insertions are shortened so that x_t never grows past max_len."""
+    """One forward step q(x_t | x_{t-1}) (paper sec. 3.1): returns (x_t, edits). At each position an edit type from probs
+    (keep, replace, insert, delete) and a span k ~ Poisson(lam); k = 0 keeps one token. Insertions are shortened so that
+    x_t never grows past max_len; one with no room left at all is drawn again."""
     x, n, i = tuple(x), len(x), 0
     out, edits = [], []
+    # with no room the draws end at another kind or an insertion of span 0 (a keep): draw from that law at once (the
+    # insertion's weight times e^-lam) instead of drawing insertions again, e^lam times on average
+    full = np.multiply(probs, (1, 1, math.exp(-lam), 1))
+    full = full / full.sum() if full.sum() > 0 else (0, 0, 1, 0)
     while True:
-        kind = ("keep", "replace", "insert", "delete")[int(rng.choice(4, p=probs))]
-        k = int(rng.poisson(lam))
+        room = max_len - len(out) - (n - i)  # tokens an insertion here may add
+        kind = ("keep", "replace", "insert", "delete")[int(rng.choice(4, p=probs if room > 0 else full))]
+        k = int(rng.poisson(lam)) if room > 0 or kind != "insert" else 0
         if i == n or (kind == "insert" and k > 0):  # past the last token only an insertion can happen
-            k = min(k, max_len - len(out) - (n - i)) if kind == "insert" else 0
+            k = min(k, room) if kind == "insert" else 0
             if k > 0:
                 new = noise.draw(rng, k)
                 out += new
@@ -251,10 +255,9 @@ def pad(rows, value):
 
 
 def collate(examples, vocab_size, rng=None):
-    """examples: (src or None, x_t, tags, counts, fills, t) -> EditBatch. With rng, each canvas shows the
-    words of a random subset of its slots (each with probability u ~ U(0, 1), one slot kept open) and only
-    the open slots are targets: the generator learns to fill a slot given words already chosen around
-    it, as decode() runs it (left to right)."""
+    """examples: (src or None, x_t, tags, counts, fills, t) -> EditBatch. With rng, each canvas shows the words of a random
+    subset of its slots (each with probability u ~ U(0, 1), one slot kept open) and only the open slots are targets: the
+    generator learns to fill a slot given words already chosen around it, as decode() runs it (left to right)."""
     START = corpus.WordTokenizer.START
     tag_rows, gen_rows, tag_t, ins_t, gen_t = [], [], [], [], []
     for src, xt, tags, counts, fills, t in examples:
@@ -339,8 +342,7 @@ def bootstrap_sequence(kind, src, length, noise, rng):
 
 
 def make_example(src, x0, rng, noise, cfg):
-    """One training pair: t ~ U{1..T} and the last corruption step's reverse edits, or with
-    probability boot_prob the bootstrap revision t = T + 1 (bootstrap -> x_0, by alignment)."""
+    """One training pair: t ~ U{1..T} and the last corruption step's reverse edits, or (boot_prob) t = T + 1: bootstrap -> x_0."""
     probs = (cfg.p_keep, cfg.p_replace, cfg.p_insert, cfg.p_delete)
     if cfg.boot_prob > 0 and rng.random() < cfg.boot_prob:
         xb = bootstrap_sequence(cfg.bootstrap, src, cfg.seq_len, noise, rng)[:cfg.max_len]  # a longer source: cut, as decoding cuts it
@@ -412,8 +414,7 @@ Hyp = collections.namedtuple("Hyp", "x score history")  # score: total log p; hi
 
 
 def network_logprobs(model, rows, t, which, chunk, at=None):
-    """Float64 log-probabilities of a list of variable-length inputs, in chunks of `chunk` rows;
-    with `at` (one position per row) only the rows' distributions at those positions."""
+    """Float64 log-probabilities of variable-length inputs, `chunk` rows at a time; with `at` (a position per row) only those."""
     device, out = next(model.parameters()).device, []
     for c in range(0, len(rows), chunk):
         ids, mask = (v.to(device) for v in pad(rows[c:c + chunk], corpus.WordTokenizer.PAD))
@@ -452,8 +453,7 @@ def sample_choice(lp, temperature, top_p):
 
 
 def choose(logps, strategy, b, cfg):
-    """Candidate choices for independent categoricals (n arrays) -> list of (score, choice array).
-    greedy is the 1-best, which kbest finds exactly; sample draws each choice."""
+    """Candidates for independent categoricals (n arrays) -> [(score, choice array)]: greedy the 1-best (kbest), sample draws."""
     if strategy == "sample" and logps:
         mat = np.full((len(logps), max(len(lp) for lp in logps)), -np.inf)
         for i, lp in enumerate(logps):

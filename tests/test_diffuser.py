@@ -145,6 +145,44 @@ def test_corruption_statistics_match_the_edit_distribution():
         assert abs(np.mean(lengths) - lam / (1 - z)) < 0.15, kind
 
 
+def corrupt_by_definition(n, rng, probs, lam, max_len):
+    """The forward step over n tokens as the paper states it, an insertion with no room left drawn again until another
+    edit comes up -> tokens (kept, replaced, inserted, deleted)."""
+    counts, i, out = [0, 0, 0, 0], 0, 0
+    while True:
+        kind, k = int(rng.choice(4, p=probs)), int(rng.poisson(lam))
+        if kind == 2 and k > 0 or i == n:
+            k = max(0, min(k, max_len - out - (n - i))) if kind == 2 else 0
+            counts[2], out = counts[2] + k, out + k
+            if i == n:
+                return counts
+            continue
+        kind, k = (kind, min(k, n - i)) if k else (0, 1)
+        counts[kind], i, out = counts[kind] + k, i + k, out + (kind != 3) * k
+
+
+def test_an_insertion_without_room_keeps_the_law_of_drawing_it_again():
+    """corrupt_step draws at once from the law that re-drawing an insertion with no room left converges to: the same
+    mean numbers of kept, replaced, inserted and deleted tokens as the step by its definition, near max_len."""
+    probs, lam, n, max_len, N = (0.1, 0.2, 0.6, 0.1), 1.0, 6, 8, 2000
+    noise = D.NoiseTokens([0] * 4 + [1] * 10)
+    rng = np.random.default_rng(0)
+    ours = np.array([[sum(len(new if kind == "insert" else old) for kind, old, new in D.corrupt_step(
+        [4] * n, rng, noise, probs, lam, max_len)[1] if kind == k) for k in ("keep", "replace", "insert", "delete")]
+        for _ in range(N)])
+    ref = np.array([corrupt_by_definition(n, rng, probs, lam, max_len) for _ in range(N)])
+    se = np.sqrt(ours.var(0) / N + ref.var(0) / N)
+    assert (np.abs(ours.mean(0) - ref.mean(0)) < 5 * se).all(), (ours.mean(0), ref.mean(0))
+
+
+def test_only_insertions_with_long_spans_finish_at_max_len():
+    """With --p_insert=1 a full x_t keeps every token: no draw may wait e^lam tries for a span of 0."""
+    x = list(range(4, 24))
+    for lam in (20.0, 800.0):  # e^-800 is 0 in float64: the keep is still drawn
+        xt, edits = D.corrupt_step(x, np.random.default_rng(0), D.NoiseTokens([0] * 4 + [1] * 20), (0, 0, 1, 0), lam, 20)
+        assert xt == x and {kind for kind, _, _ in edits} == {"keep"}
+
+
 def test_a_training_pair_corrupts_with_each_edits_own_probability():
     """make_example hands corrupt_step its --p_keep, --p_replace, --p_insert, --p_delete in corrupt_step's order:
     with only insertions x_0 survives in x_t, so the reverse edits delete and never replace or insert."""
