@@ -45,7 +45,7 @@ class Config(hub.PublishedConfig, common.PromptConfig, common.TextConfig, common
     eps: float = 1e-3  # kappa: alpha_1 = eps, so a token survives to t=1 with probability eps
     t_min: float = 1e-3  # lowest training / evaluation time
     time_cond: bool = False  # the paper's default: p(x_0 | x_t) does not depend on t
-    FIXED = ("time_cond",)  # with the model's shape, what a checkpoint fixes (a class attribute, not a --key)
+    FIXED = ("time_cond", "eps")  # with the model's shape, what a checkpoint fixes (a class attribute, not a --key)
     # sampling
     sampler: str = "ddpm_cache"  # ddpm | ddpm_cache | confidence (reveal the most probable predictions first)
     temperature: float = 1.0  # divides the logits before sampling; 1: the exact sampler

@@ -51,6 +51,7 @@ class Config(hub.PublishedConfig, common.PromptConfig, common.TextConfig, common
     graph: str = "absorb"  # absorb | uniform
     schedule: str = ""  # loglinear | geometric; "": loglinear with absorb, geometric with uniform
     RENAMED = {"noise": "schedule"}  # older checkpoints' names of keys (a class attribute, not a --key)
+    FIXED = ("graph", "schedule", "eps", "sigma_min", "sigma_max")  # the forward process the checkpoint's scores are of
     eps: float = 1e-3  # log-linear: sigma_bar(1) = -log(eps), a token survives to t=1 with prob eps
     sigma_min: float = 1e-4  # geometric: sigma_bar(t) = sigma_min^(1-t) sigma_max^t
     sigma_max: float = 20.0
@@ -584,18 +585,12 @@ def build_model(cfg, meta):
 
 
 def load(overrides):
-    """load_for_inference (or the published weights of --init_from), after checking that --graph
-    matches the checkpoint's; then the checks again on the checkpoint's config under the overrides."""
+    """load_for_inference (or the published weights of --init_from), then the checks again on the checkpoint's config
+    under the overrides."""
     if overrides.get("init_from"):
         cfg, model, tok, meta, ckpt = trainer.load_published(Config, overrides, "sedd", build_model)
     else:
-        path = os.path.join(common.out_dir(Config(**overrides), "sedd"), "ckpt.pt")
-        ckpt = common.load_checkpoint(path, "sedd")  # read once: its graph is checked first
-        saved = ckpt.get("config", {})
-        if "graph" in overrides and saved.get("graph", overrides["graph"]) != overrides["graph"]:
-            common.die(f"{path} was trained with --graph={saved['graph']}, not {overrides['graph']}; "
-                       f"drop --graph or train a new model")
-        cfg, model, tok, meta, ckpt = trainer.load_for_inference(Config, overrides, "sedd", build_model, ckpt)
+        cfg, model, tok, meta, ckpt = trainer.load_for_inference(Config, overrides, "sedd", build_model)
     check_config(cfg)
     if cfg.stride >= cfg.block_size:  # (a published model's block_size is known only now)
         common.die(f"--stride={cfg.stride} must be below the model's block_size={cfg.block_size} (0: block_size // 2)")
@@ -608,6 +603,7 @@ def main(argv=None):
     if "train" in verbs:
         # --init_from fine-tunes the published model on this run's data
         cfg, model, meta, overrides = trainer.model_to_train(cfg, "sedd", Config, overrides, build_model, check_config)
+        cfg = dataclasses.replace(cfg, schedule=schedule_kind(cfg))  # saved by name: a later --schedule naming it matches
         trainer.train(cfg, "sedd", model, lambda m, x0: loss_fn(m, x0, cfg, model.num_states),
                      lambda m, b: evaluate(m, b, cfg), meta)
         if "RANK" in os.environ and int(os.environ["RANK"]) != 0:

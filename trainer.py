@@ -426,12 +426,11 @@ def load_published(config_cls, overrides, method, build_model):
     return cfg, model.to(get_device(cfg)).eval(), get_tokenizer(meta), meta, {"iter": None}
 
 
-def load_for_inference(config_cls, overrides, method, build_model, ckpt=None):
-    """Checkpoint (read here, or the one a caller already read) -> (cfg, EMA model in eval mode on the
-    device, tokenizer, meta, the checkpoint); the command line may not change the model's shape or the
-    Config's FIXED keys."""
+def load_for_inference(config_cls, overrides, method, build_model):
+    """Checkpoint -> (cfg, EMA model in eval mode on the device, tokenizer, meta, the checkpoint); the command line
+    may not change the model's shape or the Config's FIXED keys."""
     where = out_dir(config_cls(**overrides), method)
-    ckpt = ckpt or load_checkpoint(os.path.join(where, "ckpt.pt"), method)
+    ckpt = load_checkpoint(os.path.join(where, "ckpt.pt"), method)
     if ckpt.get("method", method) != method:
         die(f"{where}/ckpt.pt was trained by {ckpt['method']}.py, not {method}.py")
     missing = [k for k in ("model", "config", "meta") + (("ema",) if ckpt.get("config", {}).get("ema", 0) > 0 else ())

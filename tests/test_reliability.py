@@ -266,6 +266,8 @@ def test_resume_keeps_the_runs_settings(run6, tmp_path):
     # the network was fed times it never saw, silently
     with pytest.raises(SystemExit, match=r"--time_cond is fixed by the checkpoint \(False\)"):
         common.parse_args(M.Config, ["--eval", f"--out_dir={tmp_path / 'ft'}", "--time_cond=true"])
+    with pytest.raises(SystemExit, match=r"--eps is fixed by the checkpoint \(0.001\)"):  # alpha_1 = eps: the bound's end
+        common.parse_args(M.Config, ["--eval", f"--out_dir={tmp_path / 'ft'}", "--eps=0.01"])
     common.RESUMED.clear()  # read for runs this test does not train
 
 

@@ -542,7 +542,7 @@ def test_cli_train_sample_eval(char_data, tmp_path):
     uout = str(tmp_path / "uniform")
     r = run_cli(["sedd.py", "--train", "--sample", "--graph=uniform", "--max_iters=10", "--eval_interval=10",
                  "--eval_iters=1", "--steps=4", "--num_samples=2", "--prefix=ROMEO:"] + tiny[:-1] + [f"--out_dir={uout}"])
-    assert "graph='uniform'" in r.stdout and "schedule=''" in r.stdout  # '' resolves to geometric with uniform
+    assert "graph='uniform'" in r.stdout and "schedule='geometric'" in r.stdout  # the default '' resolves to it, by name
     assert all(s.startswith("ROMEO:") for s in parse_samples(r.stdout))
 
 
@@ -564,7 +564,10 @@ def test_cli_bad_inputs(char_data, tmp_path, capsys, monkeypatch):
     fails(["--train", "--grpah=uniform"], "--graph")
     sedd.main(["--train", "--max_iters=2", "--eval_interval=2", "--eval_iters=1"] + tiny)
     capsys.readouterr()
-    fails(["--sample", f"--out_dir={out}", "--graph=uniform"], "--graph=absorb", "uniform")
+    for key in ("--graph=uniform", "--schedule=geometric", "--eps=0.5", "--sigma_max=5"):  # the process its scores are of
+        fails(["--sample", f"--out_dir={out}", key], key.split("=")[0] + " is fixed by the checkpoint")
+    fails(["--eval", f"--out_dir={out}", "--eps=0.5"], "--eps is fixed by the checkpoint (0.001)")  # it sets the bound's ends
+    fails(["--sample", f"--out_dir={out}", "--schedule=loglinear", "--steps=0"], "--steps=0")  # the trained schedule, by name
     fails(["--sample", f"--out_dir={out}", "--prefix=ROMEO\u00e9"], "--prefix", "vocabulary")
     fails(["--sample", f"--out_dir={out}", "--prefix=" + "a" * 10, "--suffix=" + "b" * 10], "more than the 16-token")
     fails(["--sample", f"--out_dir={out}", "--stride=16"], "--stride=16", "block_size")
