@@ -74,7 +74,9 @@ OWN_BAD = {
              ("--eval_split=test", "unknown --eval_split='test'; use val"), ("--png=s.jpg", "must name a .png file")],
     "diffusion_lm": [("--steps=0", "--steps=0"), ("--steps=300", "must divide"), ("--mbr=0", "--mbr=0"), ("--clamp=dot", "unknown --clamp"),
                      ("--eval_t_samples=0", "--eval_t_samples"), ("--embed_dim=0", "--embed_dim"), ("--T=0", "--T=0"),
-                     ("--length=-1", "--length"), ("--guide_lr=nan", "--guide_lr"), ("--guide_lambda=inf", "--guide_lambda=inf")],
+                     ("--length=-1", "--length"), ("--guide_lr=nan", "--guide_lr"), ("--guide_lambda=inf", "--guide_lambda=inf"),
+                     ("--guide_steps=-1", "--guide_steps"), ("--control_samples=0", "--control_samples"),
+                     ("--classifier_layers=0", "--classifier_layers")],
     "diffuser": [("--T=0", "--T"), ("--p_keep=2", "--p_keep"), ("--p_keep=nan", "--p_keep"), ("--beam_b=0", "--beam_b=0 must be at least 1"),
                  ("--top_p=0", "--top_p"), ("--temperature=0", "--temperature"), ("--decode=foo", "unknown --decode"),
                  ("--seq_len=0", "--seq_len"), ("--decode_batch=0", "--decode_batch"), ("--temperature=inf", "--temperature > 0"),
@@ -87,7 +89,10 @@ OWN_BAD = {
              ("--graph=foo", "unknown --graph"), ("--schedule=cosine", "unknown --schedule"), ("--sampler=foo", "unknown --sampler"),
              ("--sigma_min=0", "--sigma_min"), ("--sigma_max=inf", "--sigma_max"), ("--seq_len=-1", "--seq_len"),
              ("--eps=1e-20", "--eps=1e-20 must be in (1e-12, 1)"),  # sigma_bar(1) = inf: a traceback from the sampler
-             ("--t_end=1e-50", "--t_end=1e-50 must be in (1e-12, 1)")],  # sigma_bar = 0 in fp32: masks left in the samples
+             ("--t_end=1e-50", "--t_end=1e-50 must be in (1e-12, 1)"),  # sigma_bar = 0 in fp32: masks left in the samples
+             ("--t_min=1", "--t_min=1.0 must be in (0, 1)"), ("--sigma_min=20", "need 0 < --sigma_min (20.0) < --sigma_max (20.0)"),
+             ("--cond_dim=0", "--cond_dim=0 must be at least 1"), ("--stride=-1", "--stride"),
+             ("--temperature=0", "--temperature=0.0 must be a finite number above 0"), ("--top_p=1.5", "--top_p=1.5 must be in (0, 1]")],
 }
 BAD = [(m, arg, msg) for m in METHODS for arg, msg in COMMON_BAD + (TEXT_BAD if m != "ddpm" else []) + OWN_BAD[m]]
 

@@ -49,6 +49,8 @@ def test_sqrt_schedule_values_and_respacing():
     assert abs(sub.alpha_bar[0] - 0.93797) < 1e-5
     with pytest.raises(SystemExit, match="must divide"):
         D.check_config(D.Config(steps=300))
+    with pytest.raises(SystemExit, match="--eval_batches=-1 must be at least 0"):  # (islice's ValueError in --eval)
+        D.check_config(D.Config(eval_batches=-1))
 
 
 @settings(max_examples=15, deadline=None)
@@ -126,6 +128,23 @@ def test_perfect_x0_returns_the_words(metric):
     assert (out == words).all()
 
 
+def test_the_last_prediction_is_rounded_by_the_head_unclamped():
+    """The sample's words are argmax_w(x0_hat . E_w + b_w) of the last prediction before clamping (a dot product plus
+    the bias, docs/diffusion_lm.md): rows of unequal norms and a bias make that differ from rounding the clamped one."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg(clamp="cos")
+    m = D.DiffusionLM(cfg, 30).eval()
+    with torch.no_grad():
+        m.embed.weight.mul_(3 * torch.rand(30, 1))
+        m.round_bias.normal_()
+    raw = torch.randn(cfg.block_size, cfg.embed_dim)
+    m.denoise = lambda x, t: raw.expand_as(x)
+    E, b = m.embed.weight.detach(), m.round_bias.detach()
+    want = (raw @ E.T + b).argmax(-1)
+    assert not torch.equal(want, (D.clamp(raw, E, "cos") @ E.T + b).argmax(-1))  # the two readings differ here
+    assert (D.sample(m, cfg, 2) == want).all()
+
+
 @pytest.mark.parametrize("metric", ["cos", "l2", "none"])
 def test_the_sampler_clamps_with_the_chosen_metric(metric, monkeypatch):
     """--clamp picks the nearest-embedding metric of every step (none: no clamp); the test above cannot
@@ -149,28 +168,45 @@ def test_infilled_positions_come_back_as_given():
         return D.DiffusionLM.denoise(m, xt, t)
     m.denoise = denoise
     shown = []
-    out = D.sample(m, cfg, 4, fixed, show=lambda step, ids: shown.append(ids.clone()))
+    out = D.sample(m, cfg, 4, fixed, show=lambda step, ids: shown.append((step, ids.clone())))
     assert (out[:, [0, 3, 4, 10]] == fixed[[0, 3, 4, 10]]).all()
     assert all(seen) and len(seen) == cfg.steps
-    assert len(shown) == cfg.steps and all((s[:, [0, 3, 4, 10]] == fixed[[0, 3, 4, 10]]).all() for s in shown)  # --show too
+    assert all((s[:, [0, 3, 4, 10]] == fixed[[0, 3, 4, 10]]).all() for _, s in shown)  # --show too
+    assert [step for step, _ in shown] == list(range(cfg.steps))  # numbered in the order drawn, from x_T
 
 
-def test_each_step_moves_to_the_posterior_mean_of_its_own_jump(monkeypatch):
-    """Without noise a reverse step lands on mu_tilde(x_t, x0_hat) of q(x_s | x_t, x_0) for the jump t -> s the
-    respaced chain takes, recomputed here by Bayes from alpha_bar at the two steps it visits."""
-    cfg = tiny_cfg(clamp="none")
+@pytest.mark.parametrize("metric, z, guide", [("none", 0.0, False), ("l2", 1.0, False), ("none", 1.0, True)])
+def test_each_step_moves_to_the_posterior_mean_of_its_own_jump(monkeypatch, metric, z, guide):
+    """A reverse step lands on mu_tilde(x_t, x0_hat) + sqrt(beta_tilde) z of q(x_s | x_t, x_0) for the jump t -> s the
+    respaced chain takes, recomputed here by Bayes from alpha_bar at the two steps it visits (z fixed here). x0_hat is
+    the clamped prediction (under l2 the row nearest f's output), and guidance's fluency term alone pulls x_s back
+    toward mu_tilde by one sign step of guide_lr. The chain starts from x_T ~ N(0, I)."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg(clamp=metric, guide_steps=1, guide_lr=0.01, guide_lambda=1.0)
     m = D.DiffusionLM(cfg, 30).eval()
     c = torch.randn(cfg.block_size, cfg.embed_dim)
+    E = m.embed.weight.detach().double()
+    x0_hat = c.double() if metric == "none" else E[torch.cdist(c.double(), E).argmin(-1)]
     seen = []
     m.denoise = lambda x, t: seen.append((x.double(), int(t[0]))) or c.expand_as(x)
-    monkeypatch.setattr(torch, "randn_like", torch.zeros_like)  # no noise: x_s is the mean
-    D.sample(m, cfg, 3)
+    monkeypatch.setattr(torch, "randn_like", lambda x: torch.full_like(x, z))  # every draw of z is z
+    D.sample(m, cfg, 8, objective=(lambda x, t: 0 * x.sum((1, 2))) if guide else None)
     ab = D.sqrt_schedule(cfg.T).alpha_bar.double()
     assert len(seen) == cfg.steps
+    x_T = seen[0][0]
+    assert abs(float(x_T.mean())) < 0.1 and abs(float(x_T.std()) - 1) < 0.1
     for (x, t), (x_next, s) in zip(seen, seen[1:]):
         beta = 1 - ab[t] / ab[s]
-        mean = ab[s].sqrt() * beta / (1 - ab[t]) * c + (1 - beta).sqrt() * (1 - ab[s]) / (1 - ab[t]) * x
-        torch.testing.assert_close(x_next, mean, atol=1e-4, rtol=1e-4)
+        mean = ab[s].sqrt() * beta / (1 - ab[t]) * x0_hat + (1 - beta).sqrt() * (1 - ab[s]) / (1 - ab[t]) * x
+        std = (beta * (1 - ab[s]) / (1 - ab[t])).sqrt()
+        torch.testing.assert_close(x_next, mean + z * std - (cfg.guide_lr if guide else 0.0), atol=1e-4, rtol=1e-4)
+
+
+def test_rows_are_start_text_end_then_pad():
+    """One text per row: <s> w ... </s> PAD ...; a text too long for the row is cut so that its </s> still fits."""
+    tok = corpus.WordTokenizer
+    S, E, P = tok.START, tok.END, tok.PAD
+    assert D.pad_rows([[7, 8], [4, 5, 6, 7, 8, 9]], 5).tolist() == [[S, 7, 8, E, P], [S, 4, 5, 6, E]]
 
 
 def test_infill_template_parsing():
@@ -182,6 +218,8 @@ def test_infill_template_parsing():
         D.infill_template(tok, tiny_cfg(infill=" ".join(["The"] * 12)))
     with pytest.raises(SystemExit, match="outside the vocabulary"):
         D.infill_template(tok, tiny_cfg(infill="The Phoenix _"))
+    assert D.infill_template(tok, tiny_cfg(infill="The Phoenix _", allow_unk=True))[:4].tolist() == [0, 4, tok.UNK, -1]
+    assert D.infill_template(tok, tiny_cfg(infill=" ".join(["The"] * 11))).tolist() == [0] + [4] * 11  # fills the row
     # packed windows (--rows=false) hold no <s>, as under --prefix; --length puts </s> after the template's words
     assert D.infill_template(tok, tiny_cfg(infill="The _ is", rows=False))[:4].tolist() == [4, -1, 6, -1]
     assert D.infill_template(tok, tiny_cfg(infill="The _ is _ _", length=4))[:4].tolist() == [0, 4, -1, 6]
@@ -203,6 +241,24 @@ def test_prefix_and_suffix_keep_the_row_layout():
         D.infill_template(tok, tiny_cfg(prefix="The Eagle is", suffix=".", length=4))
     t = D.infill_template(tok, tiny_cfg(prefix="The", suffix=".", rows=False))
     assert t[0] == 4 and t[-1] == 7 and (t[1:-1] == -1).all()
+
+
+def test_the_loss_is_the_unweighted_sum_of_the_terms(monkeypatch):
+    """loss_fn: mse + prior + rounding (paper App. E, unweighted), averaged over the batch."""
+    m = D.DiffusionLM(tiny_cfg(), 30)
+    monkeypatch.setattr(m, "forward", lambda w, t=None: {"mse": torch.tensor([1.0, 2.0]), "prior": torch.tensor([10.0, 20.0]),
+                                                         "rounding": torch.tensor([100.0, 300.0])})
+    assert float(D.loss_fn(m, None)) == pytest.approx((111 + 322) / 2)
+
+
+def test_training_draws_every_step_alike():
+    """t ~ U{1..T} per example: code steps 0..T-1 equally often, the first (the embedding term's) included."""
+    cfg = tiny_cfg(T=4, steps=2)
+    m = D.DiffusionLM(cfg, 30)
+    m.denoise = lambda x, t: torch.zeros_like(x)
+    torch.manual_seed(0)
+    counts = m(torch.zeros(400, cfg.block_size, dtype=torch.long))["t"].bincount(minlength=4)
+    assert len(counts) == 4 and (counts > 60).all(), counts  # 100 each expected
 
 
 def test_loss_terms_are_finite_and_train_the_embeddings():
@@ -247,19 +303,26 @@ def test_learns_a_toy_language(toy_model):
 
 def test_the_terms_are_their_closed_forms():
     """L_T is the KL of q(x_T | x_0) from N(0, I) and the rounding term -log p(w | x_0), on the x_0 drawn
-    from q_phi(x_0 | w): checked against torch.distributions (the bound test below trusts both). The x_0 MSE's
-    target is E[w] at the first step (the embedding term of the end-to-end objective, paper App. E) and the drawn
-    x_0 after it: a denoiser that predicts 0 scores |E[w]|^2 there and |x_0|^2 later."""
+    from q_phi(x_0 | w) = N(E[w], (1 - alpha_bar_1) I): checked against torch.distributions (the bound test below
+    trusts both). The x_0 MSE's target is E[w] at the first step (the embedding term of the end-to-end objective,
+    paper App. E) and the drawn x_0 after it: a denoiser that predicts 0 scores |E[w]|^2 there and |x_0|^2 later.
+    The denoiser reads x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps of that x_0; the prior is the mean of
+    (sqrt(alpha_bar_T) x_0)^2, the rounding term the mean over positions, and sq_err the MSE's sum."""
     m = D.DiffusionLM(tiny_cfg(), 30).eval()
     m.ab[-1] = 0.3  # far from its ~0 under the schedule, where every term of the KL would vanish
-    m.denoise = lambda x, t: torch.zeros_like(x)
+    read = []
+    m.denoise = lambda x, t: read.append(x) or torch.zeros_like(x)
     w = torch.randint(30, (3, tiny_cfg().block_size))
+    t = torch.tensor([0, 3, 7])
     torch.manual_seed(5)
     with torch.no_grad():
-        terms = m(w, torch.tensor([0, 3, 7]))
+        terms = m(w, t)
         torch.manual_seed(5)
         emb = m.embed(w)
-        x0 = emb + m.beta0.sqrt() * torch.randn_like(emb)  # the draw forward() made first
+        var_1 = 1 - D.sqrt_alpha_bar(1 / 200) / D.sqrt_alpha_bar(0)  # 1 - alpha_bar_1 of tiny_cfg's T = 200
+        x0 = emb + math.sqrt(var_1) * torch.randn_like(emb)  # the draw forward() made first
+        ab_t = D.sqrt_schedule(200).alpha_bar[t].float()[:, None, None]
+        torch.testing.assert_close(read[0], ab_t.sqrt() * x0 + (1 - ab_t).sqrt() * torch.randn_like(x0))  # its second
         ab_T = m.ab[-1]
         q_T = torch.distributions.Normal(ab_T.sqrt() * x0, (1 - ab_T).sqrt())
         kl = torch.distributions.kl_divergence(q_T, torch.distributions.Normal(0.0, 1.0)).sum((1, 2))
@@ -268,6 +331,9 @@ def test_the_terms_are_their_closed_forms():
     assert torch.allclose(terms["rounding_sum"], nll, rtol=1e-4, atol=1e-4)
     mse = torch.stack([emb[0].pow(2).mean(), x0[1].pow(2).mean(), x0[2].pow(2).mean()])
     assert torch.allclose(terms["mse"], mse, rtol=1e-6), (terms["mse"], mse)
+    assert torch.allclose(terms["sq_err"], mse * w.shape[1] * emb.shape[2], rtol=1e-6)
+    assert torch.allclose(terms["prior"], (ab_T.sqrt() * x0).pow(2).mean((1, 2)), rtol=1e-5)
+    assert torch.allclose(terms["rounding"], nll / w.shape[1], rtol=1e-4, atol=1e-4)
 
 
 def test_the_bound_adds_the_rounding_term(monkeypatch):
@@ -280,6 +346,25 @@ def test_the_bound_adds_the_rounding_term(monkeypatch):
                                                          "l_T": zero, "rounding_sum": torch.full((2,), 3.0), "t": zero})
     batches = types.SimpleNamespace(sequential=lambda split, batch_size: iter([torch.zeros(2, 4, dtype=torch.long)]))
     assert D.evaluate(m, batches, cfg, full=True)["val_nelbo"] == 3.0 / 4
+
+
+@pytest.mark.parametrize("later", [0.0, 1.0])
+def test_the_bound_adds_each_term(monkeypatch, later):
+    """--eval's bound per position: L_T + |E[w] - f(x_1)|^2 / (2 beta_1), beta_1 = 1 - alpha_bar_1 (q_phi's variance),
+    + -log p(w | x_0), + the sum over t >= 2 of weight_t |x_0 - f(x_t)|^2, where weight_t = (SNR_{t-1} - SNR_t) / 2:
+    with every later squared error 1 the sum telescopes to (SNR_1 - SNR_T) / 2, which eval_t_samples draws estimate."""
+    cfg = tiny_cfg(block_size=4, eval_t_samples=400)
+    m = D.DiffusionLM(cfg, 30)
+    one = torch.ones(2)
+    monkeypatch.setattr(m, "forward", lambda w, t=None: {
+        "mse": one, "prior": one, "rounding": one, "l_T": 1.5 * one, "rounding_sum": 2.0 * one, "t": one,
+        "sq_err": 0.3 * one if t is not None and (t == 0).all() else later * one})
+    batches = types.SimpleNamespace(sequential=lambda split, batch_size: iter([torch.zeros(2, 4, dtype=torch.long)]))
+    torch.manual_seed(0)
+    got = D.evaluate(m, batches, cfg, full=True)["val_nelbo"]
+    ab_1 = D.sqrt_alpha_bar(1 / 200) / D.sqrt_alpha_bar(0)  # tiny_cfg's T = 200; SNR_T ~ 0
+    want = 1.5 + 0.3 / (2 * (1 - ab_1)) + 2.0 + later * ab_1 / (1 - ab_1) / 2
+    assert got == pytest.approx(want / 4, rel=0.02 if later else 1e-6)
 
 
 def test_the_bound_estimates_the_sum_over_every_step(toy_model):
@@ -390,6 +475,57 @@ def test_control_success_counts_exact_matches_guided_and_unguided(monkeypatch):
     clf = types.SimpleNamespace(parse_targets=lambda spec, what: [(0, 1)])
     cfg = D.Config(control_targets="name=The Golden Curry", control_samples=4)
     assert D.control_eval(None, clf, tok, cfg) == {"name=The Golden Curry": (0.75, 0.25)}
+
+
+def test_controls_compose_by_summing_their_terms():
+    """--control with --length: the objective is -log p(c | x) plus the length term (composing controls sums the
+    log-probabilities), each read at the same x and t."""
+    m = D.DiffusionLM(tiny_cfg(), 30)
+    m.denoise = lambda x, t: torch.zeros_like(x)
+    clf = types.SimpleNamespace(log_probs=lambda x, t, targets: x.sum((1, 2)) + t + len(targets))
+    x, t = torch.ones(2, 12, 8), torch.tensor([3, 5])
+    got = D.build_objective(m, tiny_cfg(length=5), clf, [(0, 1)])(x, t)
+    assert torch.allclose(got, -(96 + t + 1.0) + D.length_objective(m, 5)(x, t))
+
+
+def test_classifier_fields_labels_and_targets():
+    """E2E's meaning representations -> one categorical per field, value 0 "absent"; labels index the values, and
+    --control's field=value names the same indices."""
+    mrs = [{"food": "Italian", "area": "riverside"}, {"food": "Chinese"}]
+    fields = D.classifier_fields(mrs)
+    assert fields == [("area", ["", "riverside"]), ("food", ["", "Chinese", "Italian"])]
+    assert D.classifier_labels(mrs, fields).tolist() == [[1, 2], [0, 1]]
+    clf = D.Classifier(tiny_cfg(), fields)
+    assert clf.parse_targets("food=Italian, area=riverside") == [(1, 2), (0, 1)]
+
+
+def test_the_classifier_max_pools_over_positions():
+    """A field is often one word: the classifier reads the max over positions of its features, so one position's
+    evidence is not diluted by the sequence's length, as a mean over it would be."""
+    clf = D.Classifier(tiny_cfg(), [("food", ["", "Chinese", "Italian"])])
+    h = torch.zeros(2, 12, 32)
+    h[:, 5] = torch.rand(32) + 1
+    clf.net.forward = lambda xt, t: h  # the features of each position
+    torch.testing.assert_close(clf(torch.zeros(2, 12, 8), torch.zeros(2)), clf.head(h[:, 5]))
+
+
+def test_the_classifier_learns_each_field_on_noisy_latents():
+    """classifier_loss: the cross-entropy of every field, averaged over the fields, of the classifier's reading of
+    x_t = sqrt(alpha_bar_t) E[w] + sqrt(1 - alpha_bar_t) eps at the step t it is told, t ~ U{1..T}."""
+    cfg = tiny_cfg()
+    m = D.DiffusionLM(cfg, 30)
+    clf = D.Classifier(cfg, [("area", ["", "riverside"]), ("food", ["", "Chinese", "Italian"])])
+    read = []
+    clf.forward = lambda xt, t: read.append((xt, t)) or torch.zeros(xt.shape[0], 5)  # uniform over each field's values
+    w = torch.randint(30, (64, cfg.block_size))
+    torch.manual_seed(0)
+    loss = D.classifier_loss(clf, m.embed, w, torch.zeros(64, 2, dtype=torch.long), cfg.T, m.ab)
+    assert float(loss) == pytest.approx((math.log(2) + math.log(3)) / 2)
+    torch.manual_seed(0)
+    t = torch.randint(cfg.T, (64,))
+    ab = D.sqrt_schedule(cfg.T).alpha_bar[t].float()[:, None, None]
+    assert torch.equal(read[0][1], t)  # the step each x_t was drawn at, over all T
+    torch.testing.assert_close(read[0][0], ab.sqrt() * m.embed(w) + (1 - ab).sqrt() * torch.randn(64, cfg.block_size, 8))
 
 
 def test_the_length_objective_is_zero_at_end_then_pad():
@@ -583,6 +719,7 @@ def test_e2e_prepared_with_another_vocabulary_is_refused(cli_out, tmp_path):
     (["--clamp=dot"], "unknown --clamp='dot'"),
     (["--mbr=0"], "--mbr=0 must be at least 1"),
     (["--length=80"], "must lie in 1..63"),
+    (["--length=64"], "must lie in 1..63"),  # the END position must be in the row: 64 is past it
     (["--T=1000"], "--T is fixed by the checkpoint (2000)"),  # another schedule than the one it learnt
     (["--T=15"], "--T is fixed by the checkpoint (2000)"),  # not "--steps=10 must divide T=15", which misled
     (["--n_head=3"], "--n_head is fixed by the checkpoint (2)"),  # not "--n_embd=... must be --n_head=3 times ..."

@@ -339,6 +339,10 @@ def test_sedd_decoding_weights_keep_the_move_mass_and_truncate():
     q = sedd.decoding_weights(small, temperature=0.001)
     want = torch.tensor([[[0.0, 3e-3, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]], dtype=torch.float64)
     assert torch.allclose(q, want, rtol=1e-12, atol=1e-200)  # the runner-up keeps 2^-1000 of it
+    # a negative weight (a uniform Tweedie step's staggered score can be one) counts as 0, as in the race
+    neg = torch.tensor([[[0.5, -0.2, 0.3, 0.0]]], dtype=torch.float64)
+    want = torch.tensor([[[0.25, 0.0, 0.09, 0.0]]], dtype=torch.float64) / 0.34 * 0.8  # w^2 on the clamped weights
+    assert torch.allclose(sedd.decoding_weights(neg, temperature=0.5), want, rtol=1e-12)
 
 
 def test_sedd_top_p_final_step_matches_the_truncated_law():

@@ -1,5 +1,6 @@
 """SEDD: the graphs in closed form, the score entropy, the samplers with exact scores on an
 enumerable toy, the agreement with MDLM's ancestral step, learning on a toy language, the CLI."""
+import contextlib
 import itertools
 import math
 import os
@@ -14,10 +15,11 @@ from scipy import stats
 
 import common
 import corpus
+import hub
 import trainer
 import mdlm
 import sedd
-from conftest import run_cli, terms_and_grads, write_toy_dataset
+from conftest import ROOT, run_cli, terms_and_grads, write_toy_dataset
 
 GRAPHS = ["absorb", "uniform"]
 
@@ -85,6 +87,14 @@ def test_sample_transition_matches_the_closed_form_marginal(graph):
     assert lim.shape == (4, 7) and lim.max() < N
     if graph == "absorb":
         assert torch.all(lim == N - 1)
+    # the t = 1 start follows the limit distribution: all MASK, or uniform over all N states
+    observed = np.bincount(sedd.limit((n,), N, graph).numpy(), minlength=N)
+    expected = sedd.limit_distribution(N, graph).numpy() * n
+    keep = expected > 0
+    assert observed[~keep].sum() == 0
+    if keep.sum() > 1:
+        chi2 = ((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum()
+        assert chi2 < stats.chi2.ppf(0.999, keep.sum() - 1), (graph, chi2)
 
 
 def test_schedules():
@@ -103,6 +113,24 @@ def test_schedules():
     assert math.isclose(float(sb[0]), 1e-4, rel_tol=1e-12) and math.isclose(float(sb[1]), 20.0, rel_tol=1e-12)
     x = torch.tensor([1e-6, 1e-3, 1.0, 30.0, 200.0], dtype=torch.float64)
     assert torch.allclose(sedd.log_expm1(x), torch.log(torch.expm1(x)).nan_to_num(posinf=200.0), rtol=1e-12)
+
+
+def test_defaults_are_the_documented_ones():
+    """docs/sedd.md's flag table states every default (eps, t_min, t_end as in METHODS.md, the sampler, the steps,
+    ...): Config holds the same, and an empty --schedule is log-linear with absorb, geometric with uniform."""
+    text = open(os.path.join(ROOT, "docs", "sedd.md")).read()
+    cfg, checked = sedd.Config(), 0
+    for keys, values in re.findall(r"^\| ((?:`--\w+`(?:, )?)+) \| ([^|]+?) \|", text, re.M):
+        keys, values = re.findall(r"--(\w+)", keys), [v.strip("` ") for v in values.split(", ")]
+        for key, value in zip(keys, values * len(keys) if len(values) == 1 else values):
+            value = {"empty": "", '""': "", "false": False, "true": True}.get(value, value)
+            with contextlib.suppress(TypeError, ValueError):
+                value = float(value)
+            assert getattr(cfg, key) == value, (key, getattr(cfg, key), value)
+            checked += 1
+    assert checked > 25 and f"{cfg.max_iters} iterations" in text
+    assert sedd.schedule_kind(cfg) == "loglinear" and sedd.schedule_kind(cfg_for("uniform")) == "geometric"
+    assert sedd.schedule_kind(cfg_for("uniform", schedule="loglinear")) == "loglinear"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,16 +235,33 @@ def test_absorbing_entropy_is_the_mdlm_term_for_normalised_scores():
     assert torch.allclose(sigma[:, None] * D, mdlm_term, rtol=1e-4, atol=1e-4)
 
 
+def test_loss_sums_the_terms_over_positions_at_times_from_t_min(monkeypatch):
+    """loss_fn: one time per sequence in [t_min, 1]; the per-position terms summed over the sequence and
+    averaged over the batch (paper; docs/sedd.md), not MDLM's per-token mean."""
+    cfg = sedd.Config(n_layer=1, n_embd=32, n_head=2, block_size=8, t_min=0.5)
+    torch.manual_seed(0)
+    model = sedd.build_model(cfg, {"vocab_size": 5})
+    torch.nn.init.normal_(model.head.weight, std=0.5)
+    seen, real = [], sedd.nelbo_terms
+    monkeypatch.setattr(sedd, "nelbo_terms", lambda *a: seen.append((a[2], real(*a))) or seen[-1][1])
+    loss = sedd.loss_fn(model, torch.randint(5, (32, 8)), cfg, model.num_states)
+    ((t, terms),) = seen
+    assert t.shape == (32,) and bool((t >= 0.5).all() and (t <= 1).all())
+    assert terms.shape == (32, 8) and (terms > 0).sum() > 32
+    assert torch.allclose(loss, terms.sum(1).mean())
+
+
 def test_untrained_model_has_the_right_total_mass():
     """Absorbing offset: with h = 0 the scores of a masked position sum to 1 / expm1(sigma_bar)."""
-    cfg = sedd.Config(n_layer=1, n_embd=32, n_head=2, block_size=8)
-    model = sedd.build_model(cfg, {"vocab_size": 5})
-    xt = torch.tensor([[5, 1, 5, 2, 5, 5, 0, 5]])
-    for sb in (1e-5, 1e-2, 3.0):
-        ls = model(xt, torch.tensor([sb]))
-        assert torch.all(ls.gather(-1, xt.unsqueeze(-1)) == 0)  # s_x = 1
-        total = ls[0, xt[0] == 5, :5].exp().sum(-1).double()
-        assert torch.allclose(total, torch.full_like(total, 1 / math.expm1(sb)), rtol=1e-5)
+    for ddit in (False, True):  # --ddit: the head has a bias, zero as well
+        cfg = sedd.Config(n_layer=1, n_embd=32, n_head=2, block_size=8, ddit=ddit)
+        model = sedd.build_model(cfg, {"vocab_size": 5})
+        xt = torch.tensor([[5, 1, 5, 2, 5, 5, 0, 5]])
+        for sb in (1e-5, 1e-2, 3.0):
+            ls = model(xt, torch.tensor([sb]))
+            assert torch.all(ls.gather(-1, xt.unsqueeze(-1)) == 0)  # s_x = 1
+            total = ls[0, xt[0] == 5, :5].exp().sum(-1).double()
+            assert torch.allclose(total, torch.full_like(total, 1 / math.expm1(sb)), rtol=1e-5)
 
 
 def test_gathered_head_matches_full_head():
@@ -243,23 +288,26 @@ def test_gathered_head_matches_full_head():
 
 
 def test_the_network_sees_every_time_from_1_to_t_end():
-    """The predictor steps start at t_0 = 1 and the denoiser runs from t_S = t_end, the last step's time."""
+    """The predictor steps start at t_0 = 1 and the denoiser runs from t_S = t_end, the last step's time; every
+    state the network sees holds the fixed positions, the limit sample it starts from included."""
     cfg = sedd.Config(graph="uniform", steps=5, t_end=0.2, sampler="analytic")
-    seen = []
+    seen, held = [], []
 
     class Spy(torch.nn.Module):
         num_states = 4
 
         def forward(self, x, sigma_bar, rows=None):
             seen.append(float(sigma_bar[0]))
+            held.append(bool((x[:, 0] == 1).all()))
             return torch.zeros(*x.shape, 4)
 
-    sedd.sample_chain(Spy(), torch.zeros(2, 3, dtype=torch.long), cfg)
+    sedd.sample_chain(Spy(), torch.zeros(2, 3, dtype=torch.long), cfg, torch.tensor([1, -1, -1]))
+    assert held == [True] * 6
     want = sedd.schedule(torch.tensor([1.0, 0.84, 0.68, 0.52, 0.36, 0.2], dtype=torch.float64), cfg)[0]
     assert torch.allclose(torch.tensor(seen, dtype=torch.float64), want, rtol=1e-6)
 
 
-@pytest.mark.parametrize("sampler,controls", [("analytic", False), ("euler", False), ("analytic", True)])
+@pytest.mark.parametrize("sampler,controls", [("analytic", False), ("euler", False), ("analytic", True), ("euler", True)])
 def test_masked_row_sampler_gives_the_full_batch_tokens(sampler, controls):
     """Absorbing: the chain that runs the head and the step only on masked rows gives the tokens of
     steps over the whole (B, L, N) batch, for the same uniforms (a prompt held, controls on or off)."""
@@ -297,6 +345,16 @@ def test_masked_row_sampler_gives_the_full_batch_tokens(sampler, controls):
     assert (out != N - 1).all() and calls == cfg.steps + 1
 
 
+def test_a_fully_fixed_chain_calls_no_network():
+    """Absorbing: a step with no [MASK] left returns x without running the network, so a template that fixes
+    every position costs no call (and reports none)."""
+    cfg = sedd.Config(n_layer=1, n_head=2, n_embd=32, block_size=6, steps=4)
+    model = sedd.build_model(cfg, {"vocab_size": 5})
+    fixed = torch.tensor([0, 1, 2, 3, 4, 0])
+    out, calls = sedd.sample_chain(model, sedd.limit((2, 6), 6, "absorb"), cfg, fixed)
+    assert torch.equal(out, fixed.expand(2, 6)) and calls == 0
+
+
 # ----------------------------------------------------------------------------------------------
 # Sampler steps: weights from the definition, two-stage sampling
 
@@ -318,10 +376,13 @@ def test_step_weights_match_the_definitions(graph, N, seed, rate):
     full = (s @ torch.linalg.matrix_exp(-dsigma * Q).T) * torch.linalg.matrix_exp(dsigma * Q)[xt]
     assert torch.allclose(stay, full.gather(-1, xt.unsqueeze(-1)).squeeze(-1), atol=1e-9)
     assert torch.allclose(w, full.scatter(-1, xt.unsqueeze(-1), 0.0), atol=1e-9)
+    w_f, stay_f = sedd.tweedie_weights(log_score, xt, torch.full((2,), dsigma, dtype=torch.float64), graph, final=True)
+    assert torch.equal(w_f, w)
     if graph == "absorb":
         assert torch.all(w[xt != N - 1] == 0)  # unmasked rows never move
-        _, stay_f = sedd.tweedie_weights(log_score, xt, torch.full((2,), dsigma, dtype=torch.float64), graph, final=True)
-        assert torch.all(stay_f[xt == N - 1] == 0)
+        assert torch.all(stay_f[xt == N - 1] == 0) and torch.equal(stay_f[xt != N - 1], stay[xt != N - 1])
+    else:  # no MASK to drop: the denoiser is a plain Tweedie step, token N - 1 included
+        assert torch.equal(stay_f, stay)
 
 
 def test_two_stage_step_distribution_and_negative_weights():
@@ -383,6 +444,28 @@ def test_absorbing_tweedie_step_is_the_mdlm_ancestral_step(noise):
     ours = sedd.tweedie_step(log_score, xt, sb_t - sb_s, u, "absorb")
     theirs = mdlm.ancestral_step(logits, xt, p_unmask, u, V)
     assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_generate_starts_from_the_limit_and_holds_half_a_block_by_default(graph, monkeypatch):
+    """Each chain of generate() starts from a limit sample (all MASK, or uniform over the N states); --seq_len
+    beyond block_size with --stride=0: after the first block, each round holds the last block_size // 2
+    tokens as a prefix and generates block_size // 2 new ones."""
+    cfg = cfg_for(graph, n_layer=1, n_head=2, n_embd=32, block_size=8)
+    model = sedd.build_model(cfg, {"vocab_size": 5})
+    starts, windows = [], []
+
+    def chain(model, x, cfg, fixed, show):  # a stand-in chain: records its start and what it holds, fills the rest with 1
+        starts.append(x)
+        windows.append(fixed)
+        return torch.where(fixed >= 0, fixed, 1), 1
+    monkeypatch.setattr(sedd, "sample_chain", chain)
+    torch.manual_seed(0)
+    out, calls = sedd.generate(model, cfg, torch.full((20,), -1), 8)
+    assert out.shape == (8, 20) and bool((out == 1).all()) and calls == 4  # 8 tokens, then 4 more a round
+    assert [(w.shape[1], int((w[0] >= 0).sum())) for w in windows] == [(8, 0), (8, 4), (8, 4), (8, 4)]
+    counts = torch.bincount(starts[0].flatten(), minlength=model.num_states)
+    assert counts[-1] == 64 if graph == "absorb" else bool((counts > 0).all()), counts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -577,13 +660,26 @@ def test_cli_bad_inputs(char_data, tmp_path, capsys, monkeypatch):
     fails(["--sample", f"--out_dir={out}", "--infill=a_", "--prefix=a"], "--infill replaces --prefix")
     fails(["--sample", f"--out_dir={out}", "--top_p=0"], "--top_p")
     capsys.readouterr()
-    sedd.main(["--sample", f"--out_dir={out}", "--infill=_A_\\n_", "--steps=4", "--num_samples=2", "--show"])
+    samples_file = str(tmp_path / "samples.jsonl")
+    sedd.main(["--sample", f"--out_dir={out}", "--infill=_A_\\n_", "--steps=4", "--num_samples=2", "--show",
+               f"--samples_out={samples_file}"])
     text = capsys.readouterr().out
+    assert "(2 samples of 5 tokens, analytic sampler" in text  # the template's length
+    texts, settings = hub.read_samples(samples_file)  # every printed sample, with its settings
+    assert [f"=== sample {i}\n{s}\n" in text for i, s in enumerate(texts)] == [True, True]
+    assert settings["method"] == "sedd" and settings["infill"] == "_A_\\n_" and settings["steps"] == 4
     for sample in text.split("=== sample ")[1:]:  # the template's fixed characters, placeholders filled
         body = sample.split("\n", 1)[1][:4]
         assert body[1] == "A" and body[3] == "\n" and "_" not in body, repr(body)
     sedd.main(["--sample", f"--out_dir={out}", "--seq_len=40", "--steps=4", "--num_samples=1"])  # beyond one block
     assert len(capsys.readouterr().out.split("=== sample 0\n")[1].split("\n(")[0]) == 40
+    # --eval --gen samples --seq_len tokens as well (the bound and the judge stubbed: only the samples are checked)
+    monkeypatch.setattr(sedd, "evaluate", lambda *a, **k: {"val_nelbo": 1.0, "val_bits": 1.0, "val_ppl": 1.0})
+    monkeypatch.setattr(trainer, "read_judge", lambda *a: None)
+    shapes = []
+    monkeypatch.setattr(common, "generative_eval", lambda judge, gen, n, *a: shapes.append(gen(n).shape) or {})
+    sedd.main(["--eval", "--gen", f"--out_dir={out}", "--seq_len=40", "--steps=2", "--num_samples=2"])
+    assert shapes == [(2, 40)]
     fails(["--sample", f"--out_dir={out}", "--n_embd=64"], "n_embd")
     reads, real = [], common.load_checkpoint  # sedd.load inspects the checkpoint's config, then loads it: one read
     monkeypatch.setattr(trainer, "load_checkpoint", lambda *a: reads.append(a) or real(*a))
@@ -609,13 +705,27 @@ def test_absorbing_euler_equals_tweedie_under_loglinear_noise():
 
 
 def test_the_bound_adds_the_prior_term(monkeypatch):
-    """Uniform graph, a log-linear schedule with a large eps: KL(p_1|0 || limit) is far from 0 (under the defaults it
-    is 6e-17, below fp64's resolution at 1 nat), and the bound adds it to the integral's terms."""
+    """Uniform graph, a log-linear schedule with a large eps: KL(p_1|0 || limit) is its closed form, far from 0 (under
+    the defaults it is 6e-17, below fp64's resolution at 1 nat), and the bound adds it to the integral's terms, drawn
+    at eval_t_samples times per window in [t_min, 1] (one during training) with the network in eval mode."""
     cfg = sedd.Config(n_layer=1, n_embd=32, n_head=2, block_size=8, graph="uniform", schedule="loglinear", eps=0.3,
                       eval_t_samples=2)
     model = sedd.build_model(cfg, {"vocab_size": 5})
-    monkeypatch.setattr(sedd, "nelbo_terms", lambda model, xs, t, cfg, N: torch.ones(xs.shape))
-    windows = types.SimpleNamespace(sequential=lambda split, batch_size: iter([torch.zeros(3, 8, dtype=torch.long)]))
+    calls = []
+
+    def nelbo_terms(model, xs, t, cfg, N):
+        calls.append((xs.shape, t.shape, bool((t >= cfg.t_min).all() and (t <= 1).all()), model.training))
+        return torch.ones(xs.shape)
+    monkeypatch.setattr(sedd, "nelbo_terms", nelbo_terms)
+    x0 = torch.zeros(3, 8, dtype=torch.long)
+    windows = types.SimpleNamespace(sequential=lambda split, batch_size: iter([x0]), get=lambda split, batch_size, gen: x0)
     prior = sedd.prior_kl(cfg, model.num_states)
-    assert prior > 0.01
-    assert sedd.evaluate(model, windows, cfg, full=True)["val_nelbo"] == pytest.approx(1.0 + prior, rel=1e-12)
+    # p(x_1 = x_0) = e^{-sigma_bar(1)} + (1 - e^{-sigma_bar(1)}) / N, (1 - e^{-sigma_bar(1)}) / N for each other state
+    move = (1 - cfg.eps) / 5  # log-linear: e^{-sigma_bar(1)} = eps
+    assert prior > 0.01 and prior == pytest.approx((cfg.eps + move) * math.log(5 * (cfg.eps + move))
+                                                   + 4 * move * math.log(5 * move), rel=1e-12)
+    assert sedd.evaluate(model.train(), windows, cfg, full=True)["val_nelbo"] == pytest.approx(1.0 + prior, rel=1e-12)
+    # --eval: eval_t_samples times per window, one per row; during training one; the network in eval mode
+    assert calls == [((6, 8), (6,), True, False)]
+    assert sedd.evaluate(model.train(), windows, cfg)["val_nelbo"] == pytest.approx(1.0 + prior, rel=1e-12)
+    assert calls[1:] == [((3, 8), (3,), True, False)] * cfg.eval_iters
