@@ -530,7 +530,7 @@ def build_objective(model, cfg, clf=None, targets=None):
 def decode(tok, ids, fixed=None):
     """ids (L,) -> the text between <s> and the first </s>; under a template (fixed (L,), -1 where free) an
     </s> a blank drew before the last fixed word is dropped, not an end, so the fixed words always show."""
-    last = -1 if fixed is None else int((fixed >= 0).nonzero().max())
+    last = -1 if fixed is None or not (fixed >= 0).any() else int((fixed >= 0).nonzero().max())
     words = []
     for pos, i in enumerate(ids):
         if i == tok.END and pos > last:

@@ -588,6 +588,7 @@ def test_an_infill_prints_its_fixed_words_past_an_early_end():
     ids = [S, 4, 6, E, P, 5, 7, E, 6]
     assert D.decode(tok, ids) == "the is"
     assert D.decode(tok, ids, fixed) == "the is pub ."
+    assert D.decode(tok, ids, torch.full((9,), -1)) == "the is"  # --rows=false --infill="_ _ ...": nothing fixed
 
 
 # ----------------------------------------------------------------------------------------------
