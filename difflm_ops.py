@@ -426,13 +426,15 @@ def _nearest_embedding(x, E, metric, screened=False):
 
 def _states(graph, B, L, N, gen, masked=0.5):
     """xt, x0 (B, L): absorbing rows at MASK = N - 1 with probability `masked` (the last sequence has
-    none masked); uniform rows with x = x0 about half the time."""
+    none masked); uniform rows with x = x0 about half the time, and each sequence's first at N - 1 (a
+    real token on this graph, which an op must not take for MASK)."""
     if graph == "absorb":
         x0 = torch.randint(N - 1, (B, L), generator=gen)
         mask = torch.rand(B, L, generator=gen) < masked
         mask[-1] = False
         return torch.where(mask, N - 1, x0), x0
     xt = torch.randint(N, (B, L), generator=gen)
+    xt[:, 0] = N - 1
     return xt, torch.where(torch.rand(B, L, generator=gen) < 0.5, xt, torch.randint(N, (B, L), generator=gen))
 
 
@@ -514,6 +516,7 @@ def _check_steps(f, device):
     for graph, dtype, ls, xt, _ in _cases(gen, device):
         B, L, N = ls.shape
         t = (torch.rand(B, generator=gen, dtype=torch.float64) * 0.5 + 0.05).to(device)  # some rows move
+        t[0] = 1e-4  # and one barely does (the denoiser's own step): a token that should stay is seen to
         u = torch.rand(B, L, 2, generator=gen, dtype=torch.float64).to(device)
         calls = {"sedd_euler_step": [(ls, xt, t, u, graph)],
                  "sedd_tweedie_step": [(ls, xt, t, u, graph, False), (ls, xt, t, u, graph, True)],

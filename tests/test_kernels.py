@@ -741,7 +741,8 @@ def test_the_check_runs_the_cpu_backward_that_recomputes(k, monkeypatch):
 
 def corner_wrong_ops():
     """(op name, a stand-in wrong in one corner only, the marked function, what the warning names): each corner
-    is one the first-use check must reach (one token, bf16 scores, the denoiser, a worse row, the gradient, a sequence with no masked row)."""
+    is one the first-use check must reach (one token, bf16 scores, the denoiser, the uniform graph's last token in a row that
+    barely moves, a worse row, the gradient, a sequence with no masked row)."""
     import diffusion_lm
     k = torch.ops.difflm
 
@@ -757,6 +758,11 @@ def corner_wrong_ops():
     def wrong_denoiser(*a):  # the final step's moved tokens one higher
         out = k.sedd_tweedie_step(*a)
         return torch.where(out != a[1], (out + 1) % a[0].shape[-1], out) if a[5] else out
+
+    def last_token_as_mask(*a):  # the uniform graph's denoiser moves a last token N - 1 it kept, as if it were MASK
+        out = k.sedd_tweedie_step(*a)
+        N = a[0].shape[-1]
+        return torch.where((a[1] == N - 1) & (out == N - 1), 0, out) if a[4] == "uniform" and a[5] else out
 
     def next_row(x, E, metric):  # the row after the nearest: a worse pick
         return (difflm_ops._nearest_embedding(x, E, metric) + 1) % E.shape[0]
@@ -780,13 +786,14 @@ def corner_wrong_ops():
     return [("sedd_euler_step", one_token, sedd.euler_step, "1 of"),
             ("sedd_euler_step", wrong_on_bf16, sedd.euler_step, "bfloat16"),
             ("sedd_tweedie_step", wrong_denoiser, sedd.tweedie_step, "final"),
+            ("sedd_tweedie_step", last_token_as_mask, sedd.tweedie_step, "uniform, float32, final"),
             ("nearest_embedding", next_row, diffusion_lm.nearest_embedding, "score of the picked row"),
             ("rotary", ScaledRotaryGrad.apply, common.apply_rotary, "gradient"),
             ("score_entropy", nan_where_nothing_is_masked, sedd.score_entropy, "largest difference inf")]
 
 
-@pytest.mark.parametrize("case", range(6), ids=["one token", "bf16 only", "denoiser only", "worse row", "gradient only",
-                                                "no masked row"])
+@pytest.mark.parametrize("case", range(7), ids=["one token", "bf16 only", "denoiser only", "uniform last token", "worse row",
+                                                "gradient only", "no masked row"])
 def test_an_op_wrong_in_one_corner_is_switched_off(k, case):
     name, wrong, f, phrase = corner_wrong_ops()[case]
     with difflm_ops.replace(name, wrong), warnings.catch_warnings(record=True) as caught:
