@@ -84,7 +84,9 @@ OWN_BAD = {
                  (f"--p_keep={diffuser.Config().p_keep + 5e-7}", "sum to 1")],  # numpy's draw refused it mid-training
     "mdlm": [("--steps=0", "--steps=0"), ("--eval_t_samples=0", "--eval_t_samples"), ("--t_min=2", "--t_min"), ("--t_min=0", "--t_min"),
              ("--eps=0", "--eps"), ("--t_end=1", "--t_end"), ("--schedule=foo", "unknown --schedule"), ("--sampler=foo", "unknown --sampler"),
-             ("--seq_len=-1", "--seq_len"), ("--stride=-1", "--stride")],
+             ("--seq_len=-1", "--seq_len"), ("--stride=-1", "--stride"), ("--cond_dim=0", "--cond_dim=0"),
+             ("--temperature=0", "--temperature=0.0"), ("--temperature=inf", "--temperature=inf"), ("--top_p=0", "--top_p=0.0"),
+             ("--top_p=1.5", "--top_p=1.5")],  # the sampler's logits / 0, and a nucleus of no or more than all mass
     "sedd": [("--steps=0", "--steps=0"), ("--eval_t_samples=0", "--eval_t_samples"), ("--t_min=2", "--t_min"), ("--eps=0", "--eps"),
              ("--graph=foo", "unknown --graph"), ("--schedule=cosine", "unknown --schedule"), ("--sampler=foo", "unknown --sampler"),
              ("--sigma_min=0", "--sigma_min"), ("--sigma_max=inf", "--sigma_max"), ("--seq_len=-1", "--seq_len"),

@@ -56,6 +56,14 @@ def test_schedule_monotone_with_endpoints(schedule):
     assert a[-1].item() == pytest.approx(eps, abs=1e-12)
 
 
+def test_defaults_are_the_papers():
+    """METHODS.md §3: kappa = t_min = 1e-3, t_end = 1e-5, the log-linear schedule, no time conditioning,
+    the cached ancestral sampler and the exact sampler's decoding controls."""
+    cfg = mdlm.Config()
+    assert (cfg.eps, cfg.t_min, cfg.t_end, cfg.schedule) == (1e-3, 1e-3, 1e-5, "loglinear")
+    assert (cfg.time_cond, cfg.sampler, cfg.temperature, cfg.top_p) == (False, "ddpm_cache", 1.0, 1.0)
+
+
 @settings(max_examples=40, deadline=None)
 @given(t=st.floats(1e-3, 1.0), schedule=st.sampled_from(SCHEDULES))
 def test_nelbo_weight_is_minus_alpha_prime_over_one_minus_alpha(t, schedule):
@@ -102,6 +110,29 @@ def test_subs_zero_mask_mass_and_carry_over(seed, V):
     masked = ~unmasked  # the samplers' final noise removal takes the same argmax without building the law
     best = p.gather(-1, mdlm.most_likely(logits.clone(), V).unsqueeze(-1)).squeeze(-1)  # (a tie may pick either)
     assert torch.equal(best[masked], p.max(-1).values[masked])
+
+
+@pytest.mark.parametrize("ddit", [False, True])
+def test_an_untrained_model_predicts_the_uniform_law(ddit):
+    """The zero-initialised head (and --ddit's head bias): before training p_theta(x_0 | x_t) is uniform over the V
+    real tokens."""
+    V = 5
+    torch.manual_seed(0)
+    cfg = mdlm.Config(n_layer=1, n_embd=32, n_head=2, block_size=8, ddit=ddit, cond_dim=16)
+    model = mdlm.build_model(cfg, {"vocab_size": V})
+    xt = torch.tensor([[V, 0, V, 1, 2, V, V, 4]])
+    p = mdlm.subs_log_probs(model(xt), xt, V).exp()[xt == V]
+    assert torch.allclose(p, torch.tensor([1 / V] * V + [0.0]).expand(4, -1))
+
+
+def test_a_time_conditioned_model_reads_its_time_input():
+    """--time_cond feeds sigma_bar to adaLN: the same x_t at two times gives other logits; without it the time is
+    ignored."""
+    xt = torch.randint(0, 12, (2, 8), generator=torch.Generator().manual_seed(0))
+    for time_cond in (False, True):
+        model = random_model(mdlm.Config(n_layer=1, n_embd=32, n_head=2, block_size=8, time_cond=time_cond))
+        a, b = (model(xt, torch.full((2,), s)) for s in (0.1, 3.0))
+        assert torch.equal(a, b) != time_cond
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,6 +234,21 @@ def test_gathered_head_matches_full_head(time_cond):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("t_min", [1e-3, 0.5])
+def test_loss_is_the_mean_term_per_token_at_stratified_times(t_min):
+    """loss_fn: nats per token, the mean of nelbo_terms over batch and positions, at sample_times(B, t_min)."""
+    cfg = mdlm.Config(n_layer=1, n_embd=32, n_head=2, block_size=16, t_min=t_min)
+    model = random_model(cfg)
+    x0 = torch.randint(0, 11, (8, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.manual_seed(2)
+        loss = mdlm.loss_fn(model, x0, cfg, 11)
+        torch.manual_seed(2)
+        t = common.sample_times(8, t_min, "cpu")
+        terms = mdlm.nelbo_terms(model, x0, t, cfg, 11)
+    assert float(loss) == pytest.approx(float(terms.sum()) / x0.numel(), rel=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------
 # Samplers
 
@@ -266,6 +312,38 @@ def test_evaluate_averages_over_tokens_and_time_samples(method, k, monkeypatch):
     prior = M.prior_kl(cfg, model.num_states) if method == "sedd" else 0.0
     assert M.evaluate(model, Windows(), cfg, full=True)["val_nelbo"] == pytest.approx(1.0 + prior)
     assert seen == [(3 * k, 3 * k), (2 * k, 2 * k)]
+
+
+def test_evaluate_during_training_takes_one_stratified_time_per_window_in_eval_mode(monkeypatch):
+    """Without full (the evaluations during training): eval_iters random batches of batch_size windows, one time
+    each from sample_times(B, t_min) (--eval_t_samples is --eval's), and the model in eval mode (no dropout)."""
+    cfg = mdlm.Config(n_layer=1, n_embd=32, n_head=2, block_size=8, batch_size=3, eval_iters=2, eval_t_samples=4,
+                      t_min=0.5, dropout=0.1)
+    model, seen = mdlm.build_model(cfg, {"vocab_size": 5}), []
+
+    def terms(model, xs, t, cfg, mask_id):
+        seen.append((xs.shape[0], t, model.training))
+        return t[:, None].expand(xs.shape)  # each window's time in nats per token
+
+    class Windows:
+        def get(self, split, batch_size, gen):
+            return torch.zeros(batch_size, 8, dtype=torch.long)
+
+    monkeypatch.setattr(mdlm, "nelbo_terms", terms)
+    torch.manual_seed(0)
+    want = [common.sample_times(3, 0.5, "cpu") for _ in range(2)]
+    torch.manual_seed(0)
+    nats = mdlm.evaluate(model.train(), Windows(), cfg)["val_nelbo"]
+    assert [(n, training) for n, _, training in seen] == [(3, False), (3, False)]
+    assert all(torch.equal(t, w) for (_, t, _), w in zip(seen, want))
+    assert nats == pytest.approx(float(torch.cat(want).mean()))
+
+
+def test_word_overlap_is_the_share_of_known_words_and_zero_without_words():
+    """--eval's spelling statistic: the share of the samples' words found in the training text; samples without a
+    word (punctuation only) score 0 of 0 words rather than dividing by zero."""
+    assert mdlm.word_overlap(["the cat sat", "on zzq!"], "the cat, on a mat") == (3 / 5, 5)
+    assert mdlm.word_overlap(["?! ..", ""], "the cat") == (0.0, 0)
 
 
 def test_cached_sampler_matches_uncached_with_fewer_calls():
@@ -339,6 +417,54 @@ def test_per_sequence_cache_ends_unmasked_with_the_argmax():
     assert torch.equal(out["ddpm"], out["ddpm_cache"]) and (out["ddpm"] < 11).all()
 
 
+@pytest.mark.parametrize("sampler", mdlm.SAMPLERS)
+def test_masks_left_at_t_end_take_the_argmax_at_the_last_state(sampler):
+    """From t_end = 0.5 many positions are still masked after the last step: the final noise removal fills each with
+    the argmax of p_theta(x_0 | x_S) at the last state x_S, and changes nothing else."""
+    cfg = mdlm.Config(n_layer=1, n_embd=32, n_head=2, block_size=16, steps=4, t_end=0.5, sampler=sampler)
+    model, states = random_model(cfg), []
+    torch.manual_seed(0)
+    out, _ = mdlm.sample_chain(model, torch.full((3, 16), 11), cfg, lambda i, x: states.append(x.clone()))
+    last = states[-1]
+    left = last == 11
+    with torch.no_grad():
+        want = model(last)[..., :11].argmax(-1)
+    assert left.any() and torch.equal(out[~left], last[~left]) and torch.equal(out[left], want[left])
+
+
+def test_ddpm_calls_the_network_at_t_end_for_the_final_noise_removal():
+    """ddpm's final noise removal is one more call, at t_end, also after a last step that changed nothing: a
+    time-conditioned model's output at the last step's time is not its output at t_end."""
+    cfg = mdlm.Config(steps=3, sampler="ddpm", t_end=0.9)
+    V, seen, states = 4, [], []
+
+    class Stub(torch.nn.Module):
+        mask_id = V
+
+        def forward(self, xt, sigma):
+            seen.append(float(sigma[0]))
+            return torch.zeros(*xt.shape, V + 1)
+
+    torch.manual_seed(0)
+    out, calls = mdlm.sample_chain(Stub(), torch.full((1, 2), V), cfg, lambda i, x: states.append(x.clone()))
+    assert torch.equal(states[-1], torch.full((1, 2), V))  # masks left, the last step revealed none
+    want = [float(mdlm.sigma_bar(torch.tensor(t, dtype=torch.float64), cfg)) for t in (1.0, 29 / 30, 28 / 30, 0.9)]
+    assert calls == 4 and seen == pytest.approx(want) and (out < V).all()
+
+
+def test_per_sequence_cache_reruns_only_the_sequences_that_changed():
+    """ddpm_cache refreshes the backbone on the sub-batch of sequences changed since: one with nothing masked runs
+    once, in the first call, and the other in every call."""
+    cfg = mdlm.Config(n_layer=1, n_embd=32, n_head=2, block_size=16, steps=20)
+    model = random_model(cfg)
+    rows = backbone_rows(model)
+    x = torch.full((2, 16), 11)
+    x[0] = torch.arange(16) % 11
+    torch.manual_seed(0)
+    out, calls = mdlm.sample_chain(model, x, cfg)
+    assert torch.equal(out[0], x[0]) and (out[1] < 11).all() and calls > 2 and rows[0] == 16 * (calls + 1)
+
+
 def test_conditioning_and_semi_autoregressive():
     cfg = mdlm.Config(n_layer=1, n_embd=32, n_head=2, block_size=16, steps=20, stride=6)
     model = random_model(cfg)
@@ -350,6 +476,25 @@ def test_conditioning_and_semi_autoregressive():
     assert samples.shape == (3, 40) and (samples < 11).all()  # no [MASK] left
     keep = fixed >= 0
     assert torch.equal(samples[:, keep], fixed[keep].expand(3, -1))
+
+
+def test_generate_frees_only_the_minus_one_positions_and_strides_half_a_block(monkeypatch):
+    """generate() hands each chain [MASK] exactly at the -1 positions (a fixed id 0 is held like any other),
+    and with --stride=0 every round after the first generates block_size // 2 new tokens."""
+    cfg = mdlm.Config(n_layer=1, n_embd=32, n_head=2, block_size=16)
+    model, canvases = random_model(cfg), []
+
+    def chain(model, x, cfg, show=None):
+        canvases.append(x.clone())
+        return torch.where(x == model.mask_id, 1, x), 1
+
+    monkeypatch.setattr(mdlm, "sample_chain", chain)
+    fixed = torch.full((40,), -1)
+    fixed[[0, 3, 20]] = torch.tensor([0, 2, 0])
+    out, _ = mdlm.generate(model, cfg, fixed, 2)
+    assert torch.equal(canvases[0][0], torch.where(fixed[:16] >= 0, fixed[:16], 11))
+    assert [int((c[0] == 11).sum()) for c in canvases] == [14, 7, 8, 8]  # rounds of 8 new tokens; 20 is held
+    assert torch.equal(out[:, [0, 3, 20]], torch.tensor([[0, 2, 0]] * 2)) and (out != 11).all()
 
 
 def test_ancestral_step_unmask_probability():
@@ -365,6 +510,17 @@ def test_ancestral_step_unmask_probability():
     x = mdlm.ancestral_step(torch.zeros(1, n, 6), xt, torch.tensor([p], dtype=torch.float64), u, 5)
     frac = (x != 5).double().mean().item()
     assert abs(frac - p) < 5 * math.sqrt(p * (1 - p) / n)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_unmask_probability_follows_the_schedule(schedule):
+    """P(revealed between t and s) = (alpha_s - alpha_t) / (1 - alpha_t), alpha_t written out from the paper."""
+    eps = 1e-3
+    alpha = {"loglinear": lambda t: 1 - (1 - eps) * t,
+             "cosine": lambda t: eps + (1 - eps) * math.cos(math.pi / 2 * t)}[schedule]
+    cfg = mdlm.Config(schedule=schedule, eps=eps)
+    for t, s in ((1.0, 0.9), (0.5, 0.45), (0.02, 1e-5)):
+        assert mdlm.unmask_probability(t, s, cfg) == pytest.approx((alpha(s) - alpha(t)) / (1 - alpha(t)), rel=1e-9)
 
 
 # ----------------------------------------------------------------------------------------------

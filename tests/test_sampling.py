@@ -293,6 +293,17 @@ def test_confidence_step_reveals_the_most_probable_and_k_in_expectation():
     assert abs(float(k.sum() - 0.3 * m.sum())) < 3 * math.sqrt(B * 0.25)  # unbiased rounding
 
 
+def test_confidence_step_rounds_k_at_random_with_the_first_uniform():
+    """k = floor(p m) + 1{u[b, 0, 0] < frac(p m)}: 10 masked positions at p_unmask = 0.23 reveal 2 or 3 (never a
+    fixed rounding of 2.3), so that E[k] is the ancestral step's 2.3."""
+    g = torch.Generator().manual_seed(4)
+    B, L, V = 32, 10, 5
+    logits, u = torch.randn(B, L, V + 1, generator=g), torch.rand(B, L, 2, dtype=torch.float64, generator=g)
+    out = mdlm.confidence_step(logits, torch.full((B, L), V), torch.full((B,), 0.23, dtype=torch.float64), u, V)
+    k = (out != V).sum(-1)
+    assert torch.equal(k, 2 + (u[:, 0, 0] < 0.3).long()) and set(k.tolist()) == {2, 3}
+
+
 def test_confidence_sampler_runs_and_holds_fixed_positions():
     cfg = mdlm.Config(n_layer=1, n_embd=32, n_head=2, block_size=16, steps=10, sampler="confidence", top_p=0.9)
     model = random_model(cfg)
