@@ -72,7 +72,8 @@ def check_config(cfg):
     common.check_common(cfg)
     common.check_choice(cfg, "schedule", SCHEDULES)
     common.check_choice(cfg, "sampler", SAMPLERS)
-    common.check_between(cfg, ("eps", "t_min", "t_end"), 0, 1)
+    common.check_between(cfg, ("t_min", "t_end"), 0, 1)
+    common.check_between(cfg, ("eps",), 1e-12, 1)  # 1 - eps is not 1 in float64: --time_cond's sigma_bar(1) is finite
     common.check_at_least(cfg, ("steps", "eval_t_samples", "cond_dim"), 1)
     common.check_at_least(cfg, ("seq_len", "stride"), 0)  # 0: block_size, block_size // 2
     if not 0 < cfg.temperature < math.inf:

@@ -86,7 +86,8 @@ OWN_BAD = {
              ("--eps=0", "--eps"), ("--t_end=1", "--t_end"), ("--schedule=foo", "unknown --schedule"), ("--sampler=foo", "unknown --sampler"),
              ("--seq_len=-1", "--seq_len"), ("--stride=-1", "--stride"), ("--cond_dim=0", "--cond_dim=0"),
              ("--temperature=0", "--temperature=0.0"), ("--temperature=inf", "--temperature=inf"), ("--top_p=0", "--top_p=0.0"),
-             ("--top_p=1.5", "--top_p=1.5")],  # the sampler's logits / 0, and a nucleus of no or more than all mass
+             ("--top_p=1.5", "--top_p=1.5"),  # the sampler's logits / 0, and a nucleus of no or more than all mass
+             ("--eps=1e-20", "--eps=1e-20 must be in (1e-12, 1)")],  # sigma_bar(1) = inf: NaN logits, tokens drawn from them
     "sedd": [("--steps=0", "--steps=0"), ("--eval_t_samples=0", "--eval_t_samples"), ("--t_min=2", "--t_min"), ("--eps=0", "--eps"),
              ("--graph=foo", "unknown --graph"), ("--schedule=cosine", "unknown --schedule"), ("--sampler=foo", "unknown --sampler"),
              ("--sigma_min=0", "--sigma_min"), ("--sigma_max=inf", "--sigma_max"), ("--seq_len=-1", "--seq_len"),
