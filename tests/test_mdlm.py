@@ -57,8 +57,8 @@ def test_schedule_monotone_with_endpoints(schedule):
 
 
 def test_defaults_are_the_papers():
-    """METHODS.md §3: kappa = t_min = 1e-3, t_end = 1e-5, the log-linear schedule, no time conditioning,
-    the cached ancestral sampler and the exact sampler's decoding controls."""
+    """The paper's settings, as docs/mdlm.md's flag table gives them: kappa = t_min = 1e-3, t_end = 1e-5, the log-linear
+    schedule, no time conditioning, the cached ancestral sampler and the exact sampler's decoding controls."""
     cfg = mdlm.Config()
     assert (cfg.eps, cfg.t_min, cfg.t_end, cfg.schedule) == (1e-3, 1e-3, 1e-5, "loglinear")
     assert (cfg.time_cond, cfg.sampler, cfg.temperature, cfg.top_p) == (False, "ddpm_cache", 1.0, 1.0)

@@ -116,7 +116,7 @@ def test_schedules():
 
 
 def test_defaults_are_the_documented_ones():
-    """docs/sedd.md's flag table states every default (eps, t_min, t_end as in METHODS.md, the sampler, the steps,
+    """docs/sedd.md's flag table states every default (eps, t_min, t_end as in the paper's code, the sampler, the steps,
     ...): Config holds the same, and an empty --schedule is log-linear with absorb, geometric with uniform."""
     text = open(os.path.join(ROOT, "docs", "sedd.md")).read()
     cfg, checked = sedd.Config(), 0
