@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import types
 
 import pytest
 
@@ -112,6 +113,12 @@ def write_toy_dataset(path, sequences, chars):
     corpus.write_split(str(path), np.array(flat[:n]), np.array(flat[n:]),
                        {"tokenizer": "char", "chars": list(chars), "vocab_size": len(chars)})
     return str(path)
+
+
+def fixed_batches(*xs):
+    """A stand-in for corpus batches that hands out the batches xs: .sequential(split, batch_size) yields each in turn
+    (--eval's pass over a split), .get(split, batch_size, gen) returns the first (the evaluations during training)."""
+    return types.SimpleNamespace(sequential=lambda split, batch_size: iter(xs), get=lambda split, batch_size, gen=None: xs[0])
 
 
 def terms_and_grads(model, fns, *args):

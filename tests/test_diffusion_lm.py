@@ -17,7 +17,7 @@ import common
 import corpus
 import trainer
 import diffusion_lm as D
-from conftest import relabelled, run_cli, write_toy_dataset
+from conftest import fixed_batches, relabelled, run_cli, write_toy_dataset
 from test_sedd import CHARS, legal_fraction, toy_language
 
 
@@ -344,7 +344,7 @@ def test_the_bound_adds_the_rounding_term(monkeypatch):
     zero = torch.zeros(2)
     monkeypatch.setattr(m, "forward", lambda w, t=None: {"mse": zero, "prior": zero, "rounding": zero, "sq_err": zero,
                                                          "l_T": zero, "rounding_sum": torch.full((2,), 3.0), "t": zero})
-    batches = types.SimpleNamespace(sequential=lambda split, batch_size: iter([torch.zeros(2, 4, dtype=torch.long)]))
+    batches = fixed_batches(torch.zeros(2, 4, dtype=torch.long))
     assert D.evaluate(m, batches, cfg, full=True)["val_nelbo"] == 3.0 / 4
 
 
@@ -359,7 +359,7 @@ def test_the_bound_adds_each_term(monkeypatch, later):
     monkeypatch.setattr(m, "forward", lambda w, t=None: {
         "mse": one, "prior": one, "rounding": one, "l_T": 1.5 * one, "rounding_sum": 2.0 * one, "t": one,
         "sq_err": 0.3 * one if t is not None and (t == 0).all() else later * one})
-    batches = types.SimpleNamespace(sequential=lambda split, batch_size: iter([torch.zeros(2, 4, dtype=torch.long)]))
+    batches = fixed_batches(torch.zeros(2, 4, dtype=torch.long))
     torch.manual_seed(0)
     got = D.evaluate(m, batches, cfg, full=True)["val_nelbo"]
     ab_1 = D.sqrt_alpha_bar(1 / 200) / D.sqrt_alpha_bar(0)  # tiny_cfg's T = 200; SNR_T ~ 0
@@ -455,7 +455,7 @@ def test_the_loss_terms_are_averaged_over_the_time_samples(monkeypatch):
     zero, one = torch.zeros(2), torch.ones(2)
     monkeypatch.setattr(m, "forward", lambda w, t=None: {"mse": one, "prior": 2 * one, "rounding": 3 * one, "sq_err": zero,
                                                          "l_T": zero, "rounding_sum": zero, "t": zero})
-    batches = types.SimpleNamespace(sequential=lambda split, batch_size: iter([torch.zeros(2, 4, dtype=torch.long)]))
+    batches = fixed_batches(torch.zeros(2, 4, dtype=torch.long))
     out = D.evaluate(m, batches, cfg, full=True)
     assert (out["val_mse"], out["val_prior"], out["val_rounding"], out["val_loss"]) == pytest.approx((1, 2, 3, 6))
 

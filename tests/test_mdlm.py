@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 
 import common
 import mdlm
-from conftest import ROOT, run_cli, terms_and_grads, write_toy_dataset
+from conftest import ROOT, fixed_batches, run_cli, terms_and_grads, write_toy_dataset
 
 SCHEDULES = ["loglinear", "cosine"]
 
@@ -304,13 +304,10 @@ def test_evaluate_averages_over_tokens_and_time_samples(method, k, monkeypatch):
         seen.append((xs.shape[0], t.shape[0]))
         return torch.ones(xs.shape)
 
-    class Windows:
-        def sequential(self, split, batch_size):
-            yield from (torch.zeros(3, 8, dtype=torch.long), torch.zeros(2, 8, dtype=torch.long))
-
     monkeypatch.setattr(M, "nelbo_terms", terms)
     prior = M.prior_kl(cfg, model.num_states) if method == "sedd" else 0.0
-    assert M.evaluate(model, Windows(), cfg, full=True)["val_nelbo"] == pytest.approx(1.0 + prior)
+    windows = fixed_batches(torch.zeros(3, 8, dtype=torch.long), torch.zeros(2, 8, dtype=torch.long))  # a short last one
+    assert M.evaluate(model, windows, cfg, full=True)["val_nelbo"] == pytest.approx(1.0 + prior)
     assert seen == [(3 * k, 3 * k), (2 * k, 2 * k)]
 
 
@@ -325,15 +322,11 @@ def test_evaluate_during_training_takes_one_stratified_time_per_window_in_eval_m
         seen.append((xs.shape[0], t, model.training))
         return t[:, None].expand(xs.shape)  # each window's time in nats per token
 
-    class Windows:
-        def get(self, split, batch_size, gen):
-            return torch.zeros(batch_size, 8, dtype=torch.long)
-
     monkeypatch.setattr(mdlm, "nelbo_terms", terms)
     torch.manual_seed(0)
     want = [common.sample_times(3, 0.5, "cpu") for _ in range(2)]
     torch.manual_seed(0)
-    nats = mdlm.evaluate(model.train(), Windows(), cfg)["val_nelbo"]
+    nats = mdlm.evaluate(model.train(), fixed_batches(torch.zeros(3, 8, dtype=torch.long)), cfg)["val_nelbo"]
     assert [(n, training) for n, _, training in seen] == [(3, False), (3, False)]
     assert all(torch.equal(t, w) for (_, t, _), w in zip(seen, want))
     assert nats == pytest.approx(float(torch.cat(want).mean()))

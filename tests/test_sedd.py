@@ -5,7 +5,6 @@ import itertools
 import math
 import os
 import re
-import types
 
 import numpy as np
 import pytest
@@ -19,7 +18,7 @@ import hub
 import trainer
 import mdlm
 import sedd
-from conftest import ROOT, run_cli, terms_and_grads, write_toy_dataset
+from conftest import ROOT, fixed_batches, run_cli, terms_and_grads, write_toy_dataset
 
 GRAPHS = ["absorb", "uniform"]
 
@@ -718,7 +717,7 @@ def test_the_bound_adds_the_prior_term(monkeypatch):
         return torch.ones(xs.shape)
     monkeypatch.setattr(sedd, "nelbo_terms", nelbo_terms)
     x0 = torch.zeros(3, 8, dtype=torch.long)
-    windows = types.SimpleNamespace(sequential=lambda split, batch_size: iter([x0]), get=lambda split, batch_size, gen: x0)
+    windows = fixed_batches(x0)
     prior = sedd.prior_kl(cfg, model.num_states)
     # p(x_1 = x_0) = e^{-sigma_bar(1)} + (1 - e^{-sigma_bar(1)}) / N, (1 - e^{-sigma_bar(1)}) / N for each other state
     move = (1 - cfg.eps) / 5  # log-linear: e^{-sigma_bar(1)} = eps
