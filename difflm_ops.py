@@ -282,7 +282,12 @@ class Fused:
             with torch.inference_mode(False), torch.autocast(device.type, enabled=False):
                 worst, what = self.spec.check(self, device)
         except Exception as e:
-            worst, what = math.inf, f"it raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            first = str(e).splitlines()[0] if str(e) else ""
+            if first.startswith("CUDA error"):  # a GPU fault is sticky: the oracle cannot run either
+                raise RuntimeError(f"difflm kernel {self.name} on {device}: its first-use check hit a GPU error ({first}), "
+                                   "after which nothing runs on this device in this process; rerun with DIFFLM_KERNELS=0 "
+                                   "to use the PyTorch path") from e
+            worst, what = math.inf, f"it raised {type(e).__name__}: {first}"
         _CHECK_SECONDS[self.name, str(device)] = time.perf_counter() - t0
         if worst <= 1:
             return True

@@ -672,8 +672,8 @@ def wrong_ops():
             ls, xt, x0, sb = ctx.saved_tensors
             return 1.01 * k.score_entropy_backward(g.contiguous(), ls, xt, x0, sb, ctx.graph), None, None, None, None
 
-    def raises(*a):
-        raise RuntimeError("illegal memory access")
+    def raises(*a):  # a launch that fails (binding.cpp's cuda_ok) leaves the device usable: the oracle takes over
+        raise RuntimeError("difflm: CUDA kernel mdlm_step failed: too many resources requested for launch")
 
     qkv, (cos, sin) = torch.randn(2, 5, 3, 3, 4, generator=gen), common.rotary_tables(5, 4)
     return [("rotary", lambda *a: k.rotary(*a) * 1.001, (common.apply_rotary, qkv, cos, sin), "output, float32"),
@@ -681,7 +681,7 @@ def wrong_ops():
             ("score_entropy", nan_loss, (sedd.score_entropy, ls, xt, x0, sb, "absorb"), "largest difference inf"),
             ("score_entropy", lambda ls, *a: ScaledGrad.apply(ls.contiguous(), *a),
              (sedd.score_entropy, ls.clone().requires_grad_(), xt, x0, sb, "absorb"), "gradient"),
-            ("mdlm_ancestral_step", raises, (mdlm.ancestral_step, ls, xt, t, u, 5), "illegal memory access")]
+            ("mdlm_ancestral_step", raises, (mdlm.ancestral_step, ls, xt, t, u, 5), "too many resources")]
 
 
 @pytest.mark.parametrize("case", range(5), ids=["rotary off", "wrong tokens", "NaN loss", "wrong gradient", "raises"])
@@ -698,6 +698,25 @@ def test_a_wrong_op_is_switched_off_with_one_warning(k, case):
     with warnings.catch_warnings():  # the real op is checked afresh once the stand-in is gone, and passes
         warnings.simplefilter("error")
         fn(*args)
+
+
+@pytest.mark.parametrize("error", ["AcceleratorError", "RuntimeError"])
+def test_a_gpu_fault_in_the_check_stops_with_one_line(k, error):
+    """A GPU fault (an illegal address, a device-side assert) is sticky: after it nothing runs on the device, the
+    oracle included, so the check stops the process with one line instead of switching the op off. torch raises it
+    as AcceleratorError from 2.8, as a RuntimeError whose message starts "CUDA error" before."""
+    kind = getattr(torch, error, None) or RuntimeError  # (torch < 2.8 has no AcceleratorError: the same check twice)
+
+    def faulting(*a):
+        raise kind("CUDA error: an illegal memory access was encountered\nCompile with TORCH_USE_CUDA_DSA")
+
+    qkv, (cos, sin) = torch.randn(2, 5, 3, 3, 4), common.rotary_tables(5, 4)
+    with difflm_ops.replace("rotary", faulting), warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "switched off" warning
+        with pytest.raises(RuntimeError, match="DIFFLM_KERNELS=0") as err:
+            common.apply_rotary(qkv, cos, sin)
+        assert ("rotary", "cpu") not in difflm_ops._PASSED
+    assert "difflm kernel rotary on cpu" in str(err.value) and "(CUDA error: an illegal memory access" in str(err.value)
 
 
 def test_the_gpu_check_sizes_reach_every_thread_layout(k, monkeypatch):
