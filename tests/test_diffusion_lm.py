@@ -540,6 +540,16 @@ def test_the_length_objective_is_zero_at_end_then_pad():
         assert obj.shape == (2,) and bool((obj == 0).all()) == want_zero, (n, obj)
 
 
+def test_length_guidance_leaves_the_model_without_gradients():
+    """The length objective runs the model's own weights; guidance differentiates with respect to x_{t-1} alone,
+    so sampling leaves no .grad on the model (memory the size of the model, and a backward through it per step)."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg(guide_steps=2, length=4)
+    m = D.DiffusionLM(cfg, 30).eval()
+    out = D.sample(m, cfg, 2, objective=D.build_objective(m, cfg))
+    assert out.shape == (2, cfg.block_size) and all(p.grad is None for p in m.parameters())
+
+
 def test_bleu_by_hand():
     a = "the cat sat on".split()
     assert D.bleu(a, a) == pytest.approx(1.0)
