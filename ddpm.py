@@ -376,20 +376,23 @@ def sample(model, xT, alpha_bar, seq, pred="eps", sampler="ancestral", var="beta
     """
     x, B, device = xT, xT.shape[0], xT.device
     one = torch.ones((), dtype=torch.float64)
+    # the (D,) range on x's device once; the per-step alpha_bars stay 0-dim CPU tensors, which CUDA ops take as
+    # scalars: a copy to the GPU would wait for the work queued there, several times per step
+    lo, hi = (c.to(device) for c in clip) if clip is not None else (None, None)
     for i, k in enumerate(seq):
         if show:
             show(k, x)
         ab_t = alpha_bar[k]
         ab_s = alpha_bar[seq[i + 1]] if i + 1 < len(seq) else one
         out = model(x, torch.full((B,), k, device=device, dtype=torch.long)).float()
-        x0_hat, eps_hat = to_x0_eps(out, x, ab_t.float().to(device), pred)
+        x0_hat, eps_hat = to_x0_eps(out, x, ab_t.float(), pred)
         if clip is not None:
-            x0_hat = torch.clamp(x0_hat, clip[0].to(x0_hat), clip[1].to(x0_hat))
+            x0_hat = torch.clamp(x0_hat, lo.to(x0_hat), hi.to(x0_hat))
             eps_hat = (x - float(ab_t.sqrt()) * x0_hat) / float((1 - ab_t).sqrt())
         if i + 1 == len(seq):
             x = x0_hat
         elif sampler == "ancestral":
-            mean, post_var = posterior(x0_hat, x, ab_t.to(device).float(), ab_s.to(device).float())
+            mean, post_var = posterior(x0_hat, x, ab_t.float(), ab_s.float())
             beta = 1 - ab_t / ab_s
             v = float(beta) if var == "beta" else float(beta * (1 - ab_s) / (1 - ab_t))
             x = mean + math.sqrt(v) * torch.randn_like(x)
@@ -622,7 +625,7 @@ def main(argv=None):
         betas = betas_for(cfg.schedule, cfg.T)
         data = PointBatches(cfg.dataset)
         model = build_model(cfg, data.meta)
-        ab = alpha_bars(betas)
+        ab = alpha_bars(betas).to(common.get_device(cfg))  # on the training device once: a copy per step syncs a GPU
         trainer.train(cfg, "ddpm", model, lambda m, x0: loss_fn(m, x0, ab, cfg.pred),
                      lambda m, b: evaluate_loss(m, b, cfg, ab), data.meta, batches=data)
         if "RANK" in os.environ and int(os.environ["RANK"]) != 0:
