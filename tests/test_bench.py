@@ -271,10 +271,25 @@ def test_methods_with_samplers_measures_each_decoding_control(tmp_path):
     data = write_toy_dataset(tmp_path / "toy", [[rng.randrange(8) for _ in range(4000)]], "abcdefgh")
     train = (f"--data_dir={data} --block_size=16 --max_iters=2 --eval_interval=2 --eval_iters=1 --n_layer=1 "
              "--n_embd=32 --n_head=2 --batch_size=4")
-    run_cli(["bench.py", "methods", "--methods=ar,mdlm", f"--out_root={tmp_path / 'runs'}", f"--train_args={train}",
-             "--steps=2,4", "--num_samples=2", "--samplers"], timeout=600)
+    r = run_cli(["bench.py", "methods", "--methods=ar,mdlm", f"--out_root={tmp_path / 'runs'}", f"--train_args={train}",
+                 "--steps=2,4", "--num_samples=2", "--samplers"], timeout=600)
     doc = json.load(open(tmp_path / "runs" / "methods.json"))
     assert set(doc["curves"]) == {"ar", "mdlm", "mdlm (confidence)", "mdlm (t0.8 p0.9)"}
+    assert set(doc) == {"rows", "curves", "judge", "num_samples"} and doc["num_samples"] == 2
+    assert [(row["method"], row.get("tok_s") is not None) for row in doc["rows"]] == [
+        ("ar", True), ("data (val)", False), ("mdlm", True), ("mdlm", False), ("mdlm (confidence)", False),
+        ("mdlm (confidence)", False), ("mdlm (t0.8 p0.9)", False), ("mdlm (t0.8 p0.9)", False)]
+    # the break-even table: each sampler's step count against the cached AR sampler, and its gen NLL at the
+    # measured step count nearest to it, in their own columns
+    lines = r.stdout.splitlines()
+    be = lines[lines.index("break-even: below this many steps the diffusion sampler is faster per sample than the "
+                           "cached AR sampler") + 2:][:3]
+    t_ar = doc["curves"]["ar"][0][2]
+    for line, key in zip(be, ("mdlm", "mdlm (confidence)", "mdlm (t0.8 p0.9)")):
+        kind, s = bench.break_even([(p[0], p[2]) for p in doc["curves"][key]], t_ar)
+        near = min(doc["curves"][key], key=lambda p: abs(p[0] - s))
+        cell = {"<": f"< {s}", ">": f"> {s}", "=": f"{s:.0f}"}[kind]
+        assert line.split() == [*key.split(), f"{t_ar:.3f}", *cell.split(), f"{near[1]:.3f}", "@", str(near[0])], line
     # again over the same runs: refused by the trainer for the checkpoint there, after their logs were deleted
     run_cli(["bench.py", "methods", "--methods=ar", f"--out_root={tmp_path / 'runs'}", f"--train_args={train}",
              "--num_samples=2"], timeout=600)
@@ -378,3 +393,367 @@ def test_sample_speed_reports_every_sampler_and_the_same_samples(capsys):
     assert out.count("identical samples: True") == 2
     ddpm_rows = [int(line.split()[-1]) for line in out.splitlines() if line.startswith("      ddpm ")]
     assert ddpm_rows == [6 * 8, 6 * 8]  # the whole sequence every step
+
+
+# ----------------------------------------------------------------------------------------------
+# The plumbing: the report writer, the runners, the timing loop, the rows and their cells, each subcommand's options
+
+
+def test_the_report_writes_every_part_key_and_figure_column(tmp_path):
+    """report.json: the header, total_seconds and each part's five keys; report.md: the title, the header line,
+    one table row per part and one table per part with figures, each cell under its own column; a die() or an
+    exception fails its part with its type and message; past the budget a budgeted part is skipped uncalled."""
+    report = bench.Report(str(tmp_path), {"device": "dev0", "torch": "t1", "gpus": 0})
+    assert report.part("a", lambda: ("ok", "fine", [{"x": 1 / 3, "y": "p|q"}, {"x": 2, "y": None}])) == \
+        [{"x": 1 / 3, "y": "p|q"}, {"x": 2, "y": None}]
+    report.part("b", lambda: common.die("bad input"))
+    report.part("c", lambda: (_ for _ in ()).throw(ValueError("v" * 400 + "\nsecond")))
+    report.budget, called = 0, []
+    report.part("late", lambda: called.append(1))
+    report.part("free", lambda: ("ok", "free", None), budgeted=False)
+    assert not called
+    doc = json.load(open(tmp_path / "report.json"))
+    assert set(doc) == {"device", "torch", "gpus", "total_seconds", "parts"} and doc["device"] == "dev0"
+    assert doc["total_seconds"] >= 0 and all(set(p) == {"name", "status", "seconds", "summary", "figures"}
+                                             for p in doc["parts"])
+    got = [(p["name"], p["status"], p["summary"][:22]) for p in doc["parts"]]
+    assert got == [("a", "ok", "fine"), ("b", "failed", "SystemExit: error: bad"), ("c", "failed", "ValueError: vvvvvvvvvv"),
+                   ("late", "skipped", "the --budget of 0 s wa"), ("free", "ok", "free")]
+    assert len(doc["parts"][2]["summary"]) == len("ValueError: ") + 300
+    md = open(tmp_path / "report.md").read().splitlines()
+    assert md[:5] == ["# difflm GPU validation: dev0", "", "torch t1 | gpus 0", "", "| part | status | seconds | summary |"]
+    rows = [line for line in md if line.startswith("| ") and line.count("|") == 5][1:]
+    assert [r.split(" | ")[:2] for r in rows] == [["| a", "ok"], ["| b", "failed"], ["| c", "failed"], ["| late", "skipped"],
+                                                  ["| free", "ok"]]
+    i = md.index("## a")
+    assert md[i + 2:i + 6] == ["| x | y |", "|---|---|", "| 0.3333 | p/q |", "| 2 | None |"]
+    end = md.index(rows[-1])  # the parts' table, then the total the JSON holds, then the figures
+    assert md[end + 1:end + 3] == ["", f"total {doc['total_seconds']} s"] and "## b" not in md and i > end
+
+
+def test_cell_ms_and_the_timing_columns():
+    assert bench._cell(1 / 3) == "0.3333" and bench._cell(2) == "2" and bench._cell("a|b\nc") == "a/b c"
+    assert bench._cell(None) == "None" and bench._ms(0.00123) == "1.23" and bench._ms(None) == "-"
+    row = {"op": "euler step", "graph": "absorb", "B,L,V": "1,2,3", "eager_s": 0.004, "compile_s": None, "kernel_s": 0.002,
+           "eager_peak_units": 3.0, "kernel_peak_units": 0.5, "kernel_GBps": 12.3, "of_floor": 0.456}
+    cells = bench._kernel_cells(row, 1e9)
+    assert cells == ["euler step", "absorb", "1,2,3", "4.00", "-", "2.00", "2.0x", "-", "3.00", "0.50", "12", "46%"]
+    assert len(cells) == len(bench.KERNEL_HEADER) + 2 and len(bench._kernel_cells(row, None)) == len(bench.KERNEL_HEADER)
+    row.update({"metric": "l2", "N,d,V": "4,3,5", "eager_peak": 2**21, "kernel_peak": None, "floor_bytes": 2**20,
+                "same_ids": 0.5, "compile_s": 0.001})
+    assert bench._nearest_cells(row) == ["l2", "4,3,5", "4.00", "1.00", "2.00", "2.0x", "0.5x", "2.0", "-", "1.0", "50.00%"]
+    assert len(bench.NEAREST_HEADER) == len(bench._nearest_cells(row))
+    row.update({"op": "rotary fwd+bwd", "B,L,H,D": "1,2,3,4"})
+    assert bench._rotary_cells(row, None)[:3] == ["rotary fwd+bwd", "1,2,3,4", "4.00"]
+
+
+def test_table_right_aligns_each_column_under_its_header(capsys):
+    bench.table([("a", 12345), ("bb", 1)], ("name", "n"))
+    assert capsys.readouterr().out.splitlines() == ["name      n", "   a  12345", "  bb      1"]
+
+
+def test_in_process_and_run_report_the_code_and_the_end_of_the_output(tmp_path, monkeypatch):
+    """A die() in a dry run's method is a failure with its line; a crash too; a plain exit code is kept; the
+    output kept is its last 4000 characters; _run passes its env and returns the child's exit code."""
+    (tmp_path / "probe_dies.py").write_text("import common\ndef main(args):\n    common.die('bad ' + ' '.join(args))\n")
+    (tmp_path / "probe_crash.py").write_text("def main(args):\n    print('x' * 5000)\n    raise ValueError('boom')\n")
+    (tmp_path / "probe_exit.py").write_text("import sys\ndef main(args):\n    sys.exit(3)\n")
+    (tmp_path / "probe_fine.py").write_text("def main(args):\n    print('hello', args)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert bench._in_process("probe_dies", ["a"]) == (1, "error: bad a\n")
+    rc, text = bench._in_process("probe_crash", [])
+    assert rc == 1 and text.endswith("x\nValueError: boom\n") and len(text) == 4000
+    assert bench._in_process("probe_exit", [])[0] == 3 and bench._in_process("probe_fine", ["z"]) == (0, "hello ['z']\n")
+    rc, text = bench._run(["-c", "import os, sys; print('y' * 5000); print(os.getcwd()); print(os.environ['PROBE']); "
+                                 "sys.exit(3)"], 60, env={"PROBE": "seen"})
+    assert rc == 3 and text.endswith(f"y\n{common.ROOT}\nseen\n") and len(text) == 4000  # from the root: CUDA_TESTS
+
+
+def test_last_line_and_tail():
+    text = "iter 1 a\neval 1\n  iter 2 b  \niter 3 c  \nx iter 4\neval 2 end\n"
+    assert bench._last_line(text, "iter") == "iter 3 c" and bench._last_line(text, "eval") == "eval 2 end"
+    assert bench._last_line(text, "nope") == "" and bench._tail(text + "\n\n") == "eval 2 end"
+    assert bench._tail("") == "" and bench._tail("z" * 400) == "z" * 300
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def time(self):
+        return self.now
+
+    perf_counter = time
+
+
+def test_train_and_sample_on_a_gpu_keeps_to_its_timeout(tmp_path, monkeypatch):
+    """Training (concurrent processes) gets 70% of the part's timeout, a run past it is killed and failed with
+    what it said; each sampling run gets what is left; a method whose training failed is not sampled."""
+    clock, seen, killed = FakeClock(), [], []
+    runs = {"ddpm": (10, 0, "iter 0: loss 1\niter 10: loss 0.5\neval 10: val 0.4\ndone\n"),
+            "mdlm": (20, 1, "Traceback\nValueError: x\n"), "ar": (None, -9, "iter 0: loss 2\n")}
+
+    class Proc:
+        def __init__(self, args, **kw):
+            self.m, self.returncode = args[1][:-3], None
+            seen.append(("train", args[1:]))
+
+        def communicate(self, timeout=None):
+            secs, rc, text = runs[self.m]
+            if timeout is not None:
+                seen.append(("wait", self.m, timeout))
+                if secs is None:
+                    clock.now += timeout
+                    raise bench.subprocess.TimeoutExpired("x", timeout)
+                clock.now += secs
+            self.returncode = rc
+            return text, None
+
+        def kill(self):
+            killed.append(self.m)
+
+    def run(args, timeout, env=None):
+        seen.append(("sample", args, timeout))
+        clock.now += 5
+        return 0, "a\nb\nc\nd\n"
+    monkeypatch.setattr(bench, "time", clock)
+    monkeypatch.setattr(bench.subprocess, "Popen", Proc)
+    monkeypatch.setattr(bench, "_run", run)
+    monkeypatch.setattr(bench.corpus, "prepare_data", lambda cfg: None)
+    rows = bench.train_and_sample(str(tmp_path), ["ddpm", "mdlm", "ar"], False, 7, 100)
+    assert seen[0] == ("train", ["ddpm.py", "--train", "--overwrite", f"--out_dir={tmp_path / 'ddpm'}", "--max_iters=7",
+                                 "--eval_interval=7", "--compile=true"])
+    assert [s for s in seen if s[0] == "wait"] == [("wait", "ddpm", 70), ("wait", "mdlm", 60), ("wait", "ar", 40)]
+    assert killed == ["ar"]
+    assert [s for s in seen if s[0] == "sample"] == [("sample", ["ddpm.py", "--sample", f"--out_dir={tmp_path / 'ddpm'}"],
+                                                      30)]
+    assert [(r["method"], r["train"], r["train_s"], r.get("sample")) for r in rows] == [
+        ("ddpm", "ok", 10, "ok"), ("mdlm", "failed (1)", 30, None), ("ar", "failed (-9)", 70, None)]
+    assert rows[0]["last log"] == "iter 10: loss 0.5" and rows[0]["last eval"] == "eval 10: val 0.4"
+    assert rows[0]["output"] == "b / c / d" and rows[0]["sample_s"] == 5
+    assert rows[1]["last eval"] == "ValueError: x" and rows[2]["last eval"] == "timed out after 70 s"
+
+
+def test_train_and_sample_dry_runs_in_process_with_small_runs(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(bench, "_in_process", lambda m, args: calls.append((m, args)) or (0, "iter 1\neval 1: x\nend\n"))
+    monkeypatch.setattr(bench.corpus, "prepare_data", lambda cfg: None)
+    rows = bench.train_and_sample(str(tmp_path), ["ddpm", "ar"], True, 3, 100)
+    assert calls == [("ddpm", ["--train", "--overwrite", f"--out_dir={tmp_path / 'ddpm'}", "--max_iters=3",
+                               "--eval_interval=3", "--eval_iters=1", "--log_interval=1", "--batch_size=4"]),
+                     ("ar", ["--train", "--overwrite", f"--out_dir={tmp_path / 'ar'}", "--max_iters=3", "--eval_interval=3",
+                             "--eval_iters=1", "--log_interval=1", "--batch_size=4"]),
+                     ("ddpm", ["--sample", f"--out_dir={tmp_path / 'ddpm'}"] + bench.DRY_SAMPLE["ddpm"]),
+                     ("ar", ["--sample", f"--out_dir={tmp_path / 'ar'}"] + bench.DRY_SAMPLE["ar"])]
+    assert all(r["train"] == "ok" and r["sample"] == "ok" and r["last eval"] == "eval 1: x" for r in rows)
+
+
+def test_gpu_train_part_fails_where_a_method_did_not_sample_and_keeps_to_the_budget(tmp_path, monkeypatch):
+    got = []
+    outcome = {"sample": "failed (1)"}
+
+    def fake(out, methods, dry, iters, timeout):
+        got.append((out, methods, dry, iters, timeout))
+        return [{"method": "ddpm", "train": "ok", **outcome}, {"method": "mdlm", "train": "ok", "sample": "ok"}]
+    monkeypatch.setattr(bench, "train_and_sample", fake)
+    monkeypatch.setenv("DIFFLM_KERNELS", "0")  # the build part, always run, then says so and builds nothing
+    bench.bench_gpu([f"--out={tmp_path}", "--parts=train", "--methods=ddpm,mdlm", "--budget=50", "--train_iters=3"])
+    part = json.load(open(tmp_path / "report.json"))["parts"][-1]
+    assert (part["name"], part["status"], part["summary"]) == ("train and sample", "failed", "failed: ddpm")
+    (out, methods, dry, iters, timeout), = got
+    assert (out, methods, dry, iters) == (str(tmp_path / "runs"), ["ddpm", "mdlm"], not torch.cuda.is_available(), 3)
+    assert 1 <= timeout <= 50
+    outcome["sample"] = "ok"
+    bench.bench_gpu([f"--out={tmp_path}", "--parts=train", "--methods=ddpm,mdlm", "--timeout=20"])
+    part = json.load(open(tmp_path / "report.json"))["parts"][-1]
+    assert (part["status"], part["summary"]) == ("ok", "2 methods trained (2 iterations) and sampled")
+    assert got[1][4] == 20 and got[1][3] == 2
+
+
+def test_gpu_parts_are_named_by_their_first_word(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("DIFFLM_KERNELS", "0")
+    bench.bench_gpu([f"--out={tmp_path}", "--parts=cuda,ddp", "--methods="])
+    parts = json.load(open(tmp_path / "report.json"))["parts"]
+    assert [(p["name"], p["status"], p["summary"]) for p in parts[1:]] == [
+        ("cuda tests", "skipped", "no CUDA device"), ("ddp", "skipped", "1 GPU(s); a DDP step needs two")]
+
+
+def test_gpu_self_check_fails_on_an_op_that_disagrees(tmp_path):
+    import difflm_ops
+    real = difflm_ops.FUSED["sedd_tweedie_step"].spec.call
+
+    def wrong(ls, *a):
+        out = real(ls, *a).clone()
+        out[..., -1] = (out[..., -1] + 1) % ls.shape[-1]
+        return out
+    with difflm_ops.replace("sedd_tweedie_step", wrong):
+        bench.bench_gpu([f"--out={tmp_path}", "--parts=self-check", "--methods="])
+    part = json.load(open(tmp_path / "report.json"))["parts"][-1]
+    assert (part["status"], part["summary"]) == ("failed", "switched off: sedd_tweedie_step"), part
+    assert [r["op"] for r in part["figures"] if not r["passed"]] == ["sedd_tweedie_step"]
+
+
+def test_measure_warmup_repeat_and_median(monkeypatch):
+    """repeat=N: N timed calls after the warm-up; repeat=0: at least 5, until half a second is spent, at most 100."""
+    clock, calls = FakeClock(), []
+    monkeypatch.setattr(bench, "time", clock)
+
+    def taking(*secs):
+        def fn():
+            clock.now += secs[len(calls) % len(secs)]
+            calls.append(1)
+        return fn
+    assert bench.measure(taking(0.0), repeat=0, warmup=2) == (0.0, None) and len(calls) == 102
+    calls.clear()
+    assert bench.measure(taking(1.0), repeat=0, warmup=1)[0] == 1.0 and len(calls) == 6
+    calls.clear()
+    assert bench.measure(taking(1.0), repeat=7, warmup=0)[0] == 1.0 and len(calls) == 7
+    calls.clear()
+    assert bench.measure(taking(5.0, 1.0, 2.0), repeat=3, warmup=0)[0] == 2.0
+
+
+def test_peak_memory_on_the_cpu_counts_what_is_freed_before_the_next_allocation():
+    def fn():
+        for _ in range(4):
+            y = torch.ones(1 << 18)  # 1 MiB, freed before the next
+            del y
+    peak = bench._peak_extra_bytes(fn, torch.device("cpu"))
+    assert 1 << 20 <= peak < 2 << 20, peak
+
+
+def test_steady_allocator_keeps_freed_memory_and_is_quiet_without_glibc(monkeypatch):
+    said = []
+
+    class Libc:
+        def mallopt(self, param, value):
+            said.append((param, value))
+    monkeypatch.setattr(bench.ctypes, "CDLL", lambda name: Libc())
+    bench.steady_allocator()
+    assert said == [(-1, 1 << 30), (-3, 1 << 25)]  # M_TRIM_THRESHOLD 1 GiB, M_MMAP_THRESHOLD 32 MiB
+
+    def no_glibc(name):
+        raise OSError(name)
+    monkeypatch.setattr(bench.ctypes, "CDLL", no_glibc)
+    assert bench.steady_allocator() is None and len(said) == 2
+
+
+def test_kernel_and_nearest_rows_are_labelled_with_their_size_op_graph_and_dtype(monkeypatch):
+    """Each row's op called with its own graph on scores of the dtype asked for, labelled B,L,V (not N); the
+    clamp's rows labelled N,d,V with its metric passed and the share of ids that agree with the expression."""
+    import diffusion_lm
+    calls = []
+
+    def op(name):
+        def f(*a):
+            calls.append((name, a[0].dtype, a[-1]))
+            return a[0].float().sum(-1) if name == "score_entropy" else a[1]
+        return f
+
+    def versus(oracle, kernel, args, device, *a, **k):
+        kernel(*args)
+        return {"kernel_s": 1.0, "kernel_peak": 1, "eager_s": 2.0, "eager_peak": 2, "compile_s": None}
+    monkeypatch.setattr(bench, "versus", versus)
+    ops = {k: op(k) for k in ("score_entropy", "euler_step", "tweedie_step", "ancestral_step")}
+    rows = bench.kernel_rows(torch.device("cpu"), ops, [(2, 3, 5)], torch.bfloat16,
+                             ["score_entropy", "euler", "tweedie", "mdlm"], ["absorb", "uniform"])
+    assert [(r["op"], r["graph"], r["B,L,V"]) for r in rows] == [
+        (op_, g, "2,3,5") for g in ("absorb", "uniform") for op_ in
+        ("score_entropy fwd+bwd", "euler step", "tweedie step", "mdlm ancestral step")[:4 if g == "absorb" else 3]]
+    assert [c[0] for c in calls] == ["score_entropy", "euler_step", "tweedie_step", "ancestral_step",
+                                     "score_entropy", "euler_step", "tweedie_step"]
+    assert all(dt == torch.bfloat16 for _, dt, _ in calls)
+    assert [c[2] for c in calls] == ["absorb", "absorb", "absorb", 5, "uniform", "uniform", "uniform"]  # MASK = N - 1
+
+    def clamp(x, E, metric):
+        ids = diffusion_lm.nearest_embedding.oracle(x, E, metric).clone()
+        calls.append(metric)
+        ids[: len(ids) // 2] = (ids[: len(ids) // 2] + 1) % E.shape[0]
+        return ids
+    calls.clear()
+    rows = bench.nearest_rows(torch.device("cpu"), {"nearest_embedding": clamp}, [(4, 3, 5)], ["cos", "l2"])
+    assert [(r["metric"], r["N,d,V"], r["same_ids"], r["floor_bytes"]) for r in rows] == [
+        ("cos", "4,3,5", 0.5, 4 * 8 + (5 * 3 + 5) * 4), ("l2", "4,3,5", 0.5, 4 * 8 + (5 * 3 + 5) * 4)]
+    assert calls[0] == "cos" and calls[-1] == "l2"
+
+
+def test_kernel_timing_commands_pass_their_options_on(monkeypatch, capsys):
+    got = {}
+    monkeypatch.setattr(bench, "_ops_or_die", lambda device: {})
+    monkeypatch.setattr(bench, "kernel_rows", lambda *a: got.update(kernels=a) or [])
+    monkeypatch.setattr(bench, "nearest_rows", lambda *a: got.update(nearest=a) or [])
+    monkeypatch.setattr(bench, "rotary_rows", lambda *a: got.update(rotary=a) or [])
+    cpu = torch.device("cpu")
+    bench.bench_kernels(["--dtype=bfloat16", "--sizes=1,2,3;4,5,6", "--ops=euler", "--graphs=uniform", "--no_eager",
+                         "--repeat=4", "--device=cpu"])
+    assert got["kernels"] == (cpu, {}, [(1, 2, 3), (4, 5, 6)], torch.bfloat16, ["euler"], ["uniform"], 4, False, True, None)
+    bench.bench_kernels(["--dtype=float32", "--no_compile", "--device=cpu"])
+    assert got["kernels"][2:] == ([(32, 256, 66), (4, 256, 50258)], torch.float32, ["score_entropy", "euler", "tweedie",
+                                  "mdlm"], ["absorb", "uniform"], 0, True, False, None)
+    bench.bench_kernels(["--device=cpu"])
+    assert got["kernels"][3] == torch.float32 and got["kernels"][8] is True
+    bench.bench_nearest(["--sizes=7,8,9", "--metrics=l2", "--repeat=2", "--no_compile", "--device=cpu"])
+    assert got["nearest"] == (cpu, {}, [(7, 8, 9)], ["l2"], 2, False)
+    bench.bench_nearest(["--device=cpu"])
+    assert got["nearest"][2:] == ([(8192, 16, 821), (8192, 128, 50257)], ["cos", "l2"], 0, True)
+    bench.bench_rotary(["--sizes=1,2,3,4", "--repeat=3", "--device=cpu"])
+    assert got["rotary"] == (cpu, {}, [(1, 2, 3, 4)], torch.float32, 3, True, None)
+    bench.bench_rotary(["--no_compile", "--device=cpu"])
+    assert got["rotary"][2:] == ([(16, 256, 6, 64)], torch.float32, 0, False, None)
+
+
+def test_choices_refuse_an_empty_list():
+    with pytest.raises(SystemExit, match="--graphs=',': choose from absorb,uniform"):
+        bench._choices(",", "graphs", ("absorb", "uniform"))
+    assert bench._choices("b,,a", "x", ("a", "b")) == ["b", "a"]
+
+
+def test_mdlm_sampler_and_throughput_take_their_sizes(capsys):
+    bench.bench_mdlm_sampler(["--steps=2", "--seq_len=8", "--repeat=1"])
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[:4] for line in out[1:3]] == [["ddpm", "2", "8", "2"], ["ddpm_cache", "2", "8", "2"]]
+    bench.bench_throughput(["--iters=1", "--repeat=1", "--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=16",
+                            "--batch_size=3"])
+    assert "n_layer=1 n_embd=32 block_size=16 batch_size=3 on cpu" in capsys.readouterr().out
+
+
+def test_break_even_sorts_its_points_and_meets_the_ends():
+    pts = [(64, 0.4), (16, 0.1), (32, 0.2)]
+    assert bench.break_even(pts, 0.1) == ("<", 16) and bench.break_even(pts, 0.2) == ("=", 32.0)
+    assert bench.break_even(pts, 0.4) == ("=", 64.0) and bench.break_even(pts, 0.40001) == (">", 64)
+
+
+def test_the_far_check_fails_a_loss_off_by_more_than_its_tolerance_not_only_a_wrong_token(tmp_path):
+    """A float result past the tolerance (worst > 1, finite) fails its row, as a differing token (worst = inf) does."""
+    import difflm_ops
+    import sedd
+    assert difflm_ops.load() is not None, "the difflm kernels did not build"
+
+    def off_at_the_end(ls, *a):
+        out = sedd.score_entropy.oracle(ls, *a)
+        return torch.cat([out[:, :-1], out[:, -1:] + 0.01], 1)  # past LOSS_TOL (1e-4 + 1e-4 relative), finite
+    with difflm_ops.replace("score_entropy", off_at_the_end):
+        rows = bench.far_rows(torch.device("cpu"), 2**12, 66)
+        bench.bench_gpu([f"--out={tmp_path}", "--parts=past", "--methods="])
+    loss = [r for r in rows if r["op"] == "score_entropy (loss)"]
+    assert len(loss) == 2 and all(not r["passed"] and 1 < r["worst (1 = tolerance)"] < math.inf for r in loss), loss
+    part = json.load(open(tmp_path / "report.json"))["parts"][-1]  # bench.py gpu's part fails, naming them
+    assert part["name"] == "past 2^31" and part["status"] == "failed", part
+    assert part["summary"].startswith("wrong past 4096 scores: score_entropy (loss), absorb; score_entropy (loss), uniform")
+
+
+def test_mdlm_sampler_on_a_checkpoint_samples_seq_len_positions(monkeypatch, capsys):
+    """--seq_len shorter than the checkpoint's block_size: that many positions sampled (the row says so); as long
+    as it: accepted; longer: refused in one line."""
+    import mdlm
+    cfg = mdlm.Config(block_size=16, n_layer=1, n_embd=32, n_head=2)
+    monkeypatch.setattr(bench.trainer, "load_for_inference", lambda *a: (cfg, "model", None, None, None))
+    lengths = []
+    monkeypatch.setattr(mdlm, "generate", lambda model, c, fixed, n: lengths.append(len(fixed)) or (None, c.steps))
+    bench.bench_mdlm_sampler(["--ckpt_dir=x", "--steps=3", "--seq_len=8", "--repeat=1"])
+    rows = [line.split()[:4] for line in capsys.readouterr().out.splitlines()[1:3]]
+    assert set(lengths) == {8} and rows == [["ddpm", "3", "8", "3"], ["ddpm_cache", "3", "8", "3"]], rows
+    bench.bench_mdlm_sampler(["--ckpt_dir=x", "--steps=3", "--seq_len=16", "--repeat=1"])
+    with pytest.raises(SystemExit, match="--seq_len=17 exceeds the model's block_size=16"):
+        bench.bench_mdlm_sampler(["--ckpt_dir=x", "--seq_len=17"])
