@@ -1178,7 +1178,7 @@ def _in_process(module, args):
             importlib.import_module(module).main(args)
             rc = 0
         except SystemExit as e:  # common.die: its line is the finding
-            rc = e.code if isinstance(e.code, int) else 1
+            rc = e.code if isinstance(e.code, int) else int(e.code is not None)  # sys.exit(): success, as Python has it
             print(e.code if isinstance(e.code, str) else "")
         except Exception as e:  # a crash is a finding too
             rc = 1

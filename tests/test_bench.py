@@ -459,12 +459,14 @@ def test_in_process_and_run_report_the_code_and_the_end_of_the_output(tmp_path, 
     (tmp_path / "probe_crash.py").write_text("def main(args):\n    print('x' * 5000)\n    raise ValueError('boom')\n")
     (tmp_path / "probe_exit.py").write_text("import sys\ndef main(args):\n    sys.exit(3)\n")
     (tmp_path / "probe_fine.py").write_text("def main(args):\n    print('hello', args)\n")
+    (tmp_path / "probe_done.py").write_text("import sys\ndef main(args):\n    sys.exit()\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.chdir(tmp_path)
     assert bench._in_process("probe_dies", ["a"]) == (1, "error: bad a\n")
     rc, text = bench._in_process("probe_crash", [])
     assert rc == 1 and text.endswith("x\nValueError: boom\n") and len(text) == 4000
     assert bench._in_process("probe_exit", [])[0] == 3 and bench._in_process("probe_fine", ["z"]) == (0, "hello ['z']\n")
+    assert bench._in_process("probe_done", [])[0] == 0  # sys.exit() with no code is a success, as for Python
     rc, text = bench._run(["-c", "import os, sys; print('y' * 5000); print(os.getcwd()); print(os.environ['PROBE']); "
                                  "sys.exit(3)"], 60, env={"PROBE": "seen"})
     assert rc == 3 and text.endswith(f"y\n{common.ROOT}\nseen\n") and len(text) == 4000  # from the root: CUDA_TESTS
