@@ -12,6 +12,10 @@ import torch.nn.functional as F
 
 import bench
 import common
+import difflm_ops
+import diffusion_lm
+import mdlm
+import sedd
 from conftest import run_cli, write_toy_dataset
 
 PARTS = ["build", "self-check", "cuda tests", "past 2^31", "train and sample", "kernels", "nearest", "rotary", "acceptance",
@@ -88,7 +92,6 @@ def test_gpu_command_with_the_kernels_off(tmp_path):
 def test_the_far_check_compares_the_last_positions_and_catches_an_op_wrong_there():
     """bench.py gpu's "past 2^31" part, at 2^12 scores: each op's last 64 positions agree with the oracle run on
     them alone, the steps move some of them, and a stand-in wrong only at the last position fails there."""
-    import difflm_ops
     assert difflm_ops.load() is not None, "the difflm kernels did not build"
     rows = bench.far_rows(torch.device("cpu"), 2**12, 66)
     assert len(rows) == 11 and all(r["passed"] for r in rows), rows  # 6 absorbing (mdlm's step too), 5 uniform
@@ -583,7 +586,6 @@ def test_gpu_parts_are_named_by_their_first_word(tmp_path, monkeypatch):
 
 
 def test_gpu_self_check_fails_on_an_op_that_disagrees(tmp_path):
-    import difflm_ops
     real = difflm_ops.FUSED["sedd_tweedie_step"].spec.call
 
     def wrong(ls, *a):
@@ -644,7 +646,6 @@ def test_steady_allocator_keeps_freed_memory_and_is_quiet_without_glibc(monkeypa
 def test_kernel_and_nearest_rows_are_labelled_with_their_size_op_graph_and_dtype(monkeypatch):
     """Each row's op called with its own graph on scores of the dtype asked for, labelled B,L,V (not N); the
     clamp's rows labelled N,d,V with its metric passed and the share of ids that agree with the expression."""
-    import diffusion_lm
     calls = []
 
     def op(name):
@@ -728,8 +729,6 @@ def test_break_even_sorts_its_points_and_meets_the_ends():
 
 def test_the_far_check_fails_a_loss_off_by_more_than_its_tolerance_not_only_a_wrong_token(tmp_path):
     """A float result past the tolerance (worst > 1, finite) fails its row, as a differing token (worst = inf) does."""
-    import difflm_ops
-    import sedd
     assert difflm_ops.load() is not None, "the difflm kernels did not build"
 
     def off_at_the_end(ls, *a):
@@ -748,7 +747,6 @@ def test_the_far_check_fails_a_loss_off_by_more_than_its_tolerance_not_only_a_wr
 def test_mdlm_sampler_on_a_checkpoint_samples_seq_len_positions(monkeypatch, capsys):
     """--seq_len shorter than the checkpoint's block_size: that many positions sampled (the row says so); as long
     as it: accepted; longer: refused in one line."""
-    import mdlm
     cfg = mdlm.Config(block_size=16, n_layer=1, n_embd=32, n_head=2)
     monkeypatch.setattr(bench.trainer, "load_for_inference", lambda *a: (cfg, "model", None, None, None))
     lengths = []
