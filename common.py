@@ -259,15 +259,14 @@ def get_device(cfg):
         die(f"torchrun's process {device.index} has no GPU of its own: this machine has {n}; use --nproc_per_node={n}" if torchrun
             else f"--device={cfg.device} puts every torchrun process on one GPU; use --device=cuda (each takes its own)"
             if local > 1 else f"--device={cfg.device} but this machine has {n} GPU(s); use cuda:0 .. cuda:{n - 1}")
+    if device.type == "cuda":  # TF32 for what stays fp32, from the start: a sampler gives the same after --train as alone
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return device
 
 
 def autocast(device):
-    """bf16 autocast on GPU (TF32 for what stays fp32); plain fp32 on CPU."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """bf16 autocast on GPU (get_device turned TF32 on for what stays fp32); plain fp32 on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def progress(iterable, desc, total=None):

@@ -16,8 +16,8 @@ SHAPES = [(1, 1, 1), (65, 17, 63), (200, 16, 821), (1000, 130, 4099), (8192, 128
 
 
 def oracle_fp32(x, E, metric):
-    """The PyTorch oracle on the GPU with true fp32 matmuls: common.autocast turns TF32 on for the
-    process once any test has trained on the GPU, and TF32's 10-bit products would decide near rows."""
+    """The PyTorch oracle on the GPU with true fp32 matmuls: common.get_device turns TF32 on for the
+    process once any test has picked the GPU, and TF32's 10-bit products would decide near rows."""
     flag = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
