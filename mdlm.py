@@ -136,8 +136,8 @@ class MDLM(nn.Module):
         return self.backbone(xt, sigma)
 
     def forward(self, xt, sigma=None, rows=None):
-        # xt (B, L), sigma (B,) or None -> logits (B, L, V + 1); with rows, a bool (B, L) mask,
-        # the head runs only on those positions -> (M, V + 1) in row-major order
+        # xt (B, L), sigma (B,) or None -> logits (B, L, V + 1); with rows, the (b, l) indices (M,) each
+        # of M positions (mask.nonzero(as_tuple=True)), the head runs only on those positions -> (M, V + 1)
         h = self.hidden(xt, sigma)  # (B, L, C)
         return self.head(h if rows is None else h[rows])
 
@@ -165,12 +165,12 @@ def nelbo_terms(model, x0, t, cfg, mask_id):
     """
     xt = q_sample(x0, t, mask_id, cfg)
     sigma = sigma_bar(t, cfg)  # the time input when conditioned
-    masked = xt == mask_id  # (B, L): carry-over makes the term 0 elsewhere, so the head runs only here
-    logits = model(xt, sigma, rows=masked).float()  # (M, N)
+    rows = (xt == mask_id).nonzero(as_tuple=True)  # (M,) each: carry-over makes the term 0 elsewhere; the head runs here
+    logits = model(xt, sigma, rows=rows).float()  # (M, N)
     logits[:, mask_id] = -float("inf")  # zero masking
     logp = logits.log_softmax(-1)  # contiguous rows
     nll = torch.zeros(x0.shape, dtype=logp.dtype, device=x0.device)
-    nll[masked] = -logp.gather(-1, x0[masked].unsqueeze(-1)).squeeze(-1)  # (B, L)
+    nll[rows] = -logp.gather(-1, x0[rows].unsqueeze(-1)).squeeze(-1)  # (B, L)
     return nll * nelbo_weight(t, cfg)[:, None]
 
 
@@ -304,10 +304,10 @@ def cached_chain(model, x, cfg, show=None):
     u = torch.empty(B, L, 2, dtype=torch.float64, device=device)  # reused: drawn in place each step
     always = torch.ones(1, dtype=torch.float64, device=device)  # the rows passed to the step all reveal
 
-    def logits_at(rows):  # rows (B, L) bool -> logits (R, N) at those positions, backbone refreshed first
+    def logits_at(rows):  # rows (b, l) indices (R,) each -> logits (R, N) there, backbone refreshed first
         nonlocal hidden, calls
-        if stale.any():
-            idx = stale.nonzero().squeeze(1)
+        idx = stale.nonzero().squeeze(1)
+        if len(idx):
             with common.autocast(device):
                 h = model.hidden(x[idx])  # (B', L, C)
             hidden = h if hidden is None else hidden.index_copy_(0, idx, h)
@@ -318,15 +318,16 @@ def cached_chain(model, x, cfg, show=None):
 
     for i in common.progress(range(cfg.steps), "sampling"):
         torch.rand(B, L, 2, dtype=torch.float64, device=device, out=u)
-        reveal = (x == mask_id) & (u[..., 0] < unmask_probability(grid[i], grid[i + 1], cfg))  # (B, L)
-        if reveal.any():
+        p = unmask_probability(grid[i], grid[i + 1], cfg)
+        reveal = ((x == mask_id) & (u[..., 0] < p)).nonzero(as_tuple=True)  # (R,) each: the rows revealed now
+        if len(reveal[0]):
             logits = decoding_logits(logits_at(reveal), mask_id, cfg.temperature, cfg.top_p)
             x[reveal] = ancestral_step(logits[None], x[reveal][None], always, u[reveal][None], mask_id)[0]
-            stale |= reveal.any(-1)
+            stale[reveal[0]] = True
         if show:
             show(i, x)
-    rest = x == mask_id  # final noise removal, as in sample_chain
-    if rest.any():
+    rest = (x == mask_id).nonzero(as_tuple=True)  # final noise removal, as in sample_chain
+    if len(rest[0]):
         x[rest] = most_likely(logits_at(rest), mask_id)
     return x, calls
 

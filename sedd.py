@@ -206,10 +206,11 @@ def staggered_score(score, dsigma, graph):
 
 
 def per_row(rows, *xs):
-    """rows (B, L) bool; each x per sequence (B,) or per position (B, L, ...) -> its values at the
-    marked positions, as R sequences of length 1: (R,) or (R, 1, ...). Absorbing: only masked rows
-    carry a loss term or can move, so the loss and the samplers compute only those."""
-    return [x[:, None].expand(rows.shape)[rows] if x.dim() == 1 else x[rows][:, None] for x in xs]
+    """rows (b, l), the sequence and position (R,) each of R positions, as mask.nonzero(as_tuple=True)
+    gives them (the one host sync; gathers from then on); each x per sequence (B,) or per position
+    (B, L, ...) -> its values there, as R sequences of length 1: (R,) or (R, 1, ...). Absorbing: only
+    masked rows carry a loss term or can move, so the loss and the samplers compute only those."""
+    return [x[rows[0]] if x.dim() == 1 else x[rows][:, None] for x in xs]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,8 +232,8 @@ class SEDD(nn.Module):
             nn.init.zeros_(self.head.bias)
 
     def forward(self, xt, sigma_bar, rows=None):
-        """xt (B, L), sigma_bar (B,) -> log-scores log s_theta (B, L, N), fp32; with rows, a bool
-        (B, L) mask, the head runs only on those positions -> (R, N) in row-major order.
+        """xt (B, L), sigma_bar (B,) -> log-scores log s_theta (B, L, N), fp32; with rows, the (b, l)
+        indices of R positions (per_row), the head runs only on those positions -> (R, N).
 
         Absorbing "scale by sigma": log s_y = h_y - log expm1(sigma_bar) - log(N - 1), so with
         h = 0 the scores of a masked position sum to 1 / expm1(sigma_bar), the true total, and
@@ -312,14 +313,13 @@ def score_entropy(log_score, xt, x0, sigma_bar, graph):
     if graph == "absorb":
         # only x = MASK is entered (Q[M, y] = 1, y != M); rho_y = r delta_{y, x0}, r = 1/expm1(sigma_bar):
         # D = sum_{y != M} s_y - r log s_{x0} + K(r) = (S' - r) - r (log s_{x0} - log r)
-        masked = xt == N - 1
-        b = masked.nonzero(as_tuple=True)[0]  # row copies of the masked positions only
-        ls_m = ls[masked][:, :N - 1]  # (n, V): the MASK column is x itself, ignored
-        log_r = -log_expm1(sigma_bar.float())[b]
+        rows = (xt == N - 1).nonzero(as_tuple=True)  # row copies of the masked positions only
+        ls_m = ls[rows][:, :N - 1]  # (n, V): the MASK column is x itself, ignored
+        log_r = -log_expm1(sigma_bar.float())[rows[0]]
         r = torch.exp(log_r)
         s_sum = ls_m.exp().sum(-1)
-        ls_x0 = ls_m.gather(-1, x0[masked].unsqueeze(-1)).squeeze(-1)
-        return out.index_put((masked,), (s_sum - r) - r * (ls_x0 - log_r))
+        ls_x0 = ls_m.gather(-1, x0[rows].unsqueeze(-1)).squeeze(-1)
+        return out.index_put(rows, (s_sum - r) - r * (ls_x0 - log_r))
     if graph == "uniform":
         # every position: Q[x, y] = 1/N for y != x; e = expm1(sigma_bar), r = e / (e + N) = 1 / (1 + N/e),
         # written through 1/e, which is 0 where e overflows fp32 (sigma_bar > 88), so r -> 1, not inf/inf
@@ -340,7 +340,7 @@ def nelbo_terms(model, x0, t, cfg, N):
     """Per-position NELBO integrand sigma(t) D^l (B, L) at times t (B,), with x_t drawn from x_0.
 
     model is any callable (xt, sigma_bar, rows=None) -> log-scores (B, L, N), or (R, N) at the
-    positions rows (B, L) marks, possibly wrapped (DDP, torch.compile), so the number of states N
+    positions rows (b, l) index, possibly wrapped (DDP, torch.compile), so the number of states N
     comes separately.
     """
     sigma_bar, sigma = schedule(t, cfg)
@@ -349,10 +349,10 @@ def nelbo_terms(model, x0, t, cfg, N):
         return sigma[:, None] * score_entropy(model(xt, sigma_bar), xt, x0, sigma_bar, cfg.graph)  # (B, L, N) scores
     # absorbing: only masked positions carry a term (Q[x, .] = 0 elsewhere), so the head runs only
     # there, and the rows go to score_entropy as R sequences of length 1
-    masked = xt == N - 1  # (B, L)
-    log_score = model(xt, sigma_bar, rows=masked)  # (R, N)
-    d = score_entropy(log_score[:, None], *per_row(masked, xt, x0, sigma_bar), cfg.graph)  # (R, 1)
-    terms = torch.zeros(x0.shape, dtype=d.dtype, device=d.device).index_put((masked,), d[:, 0])  # (B, L)
+    rows = (xt == N - 1).nonzero(as_tuple=True)  # (R,) each: the masked positions
+    log_score = model(xt, sigma_bar, rows=rows)  # (R, N)
+    d = score_entropy(log_score[:, None], *per_row(rows, xt, x0, sigma_bar), cfg.graph)  # (R, 1)
+    terms = torch.zeros(x0.shape, dtype=d.dtype, device=d.device).index_put(rows, d[:, 0])  # (B, L)
     return sigma[:, None] * terms
 
 
@@ -488,8 +488,8 @@ def sample_chain(model, x, cfg, fixed=None, show=None):
     def step(x, i, arg, final=False):  # arg (B,): rate_dt (Euler) or dsigma (Tweedie) -> the next x (B, L)
         nonlocal calls
         u = torch.rand(B, x.shape[1], 2, dtype=torch.float64, device=device)
-        rows = x == model.num_states - 1 if cfg.graph == "absorb" else None  # (B, L): the rows that can move
-        if rows is not None and not rows.any():
+        rows = (x == model.num_states - 1).nonzero(as_tuple=True) if cfg.graph == "absorb" else None  # those that move
+        if rows is not None and not len(rows[0]):
             return x
         calls += 1
         with common.autocast(device):

@@ -135,3 +135,26 @@ def terms_and_grads(model, fns, *args):
         losses.append(terms.detach())
         grads.append([p.grad.clone() for p in model.parameters()])
     return losses, grads
+
+
+def host_syncs(fn):
+    """How many times fn() would wait for a GPU, counted on the CPU by the ops that do: a value read on the host
+    (.item(), bool(), float()), nonzero, masked_select, an index or index_put by a boolean mask. Each drains
+    the GPU's queue before the host goes on. Ops that a C++ extension calls inside its own op are not seen."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func.overloadpacket)
+            if name in ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.equal", "aten.is_nonzero") \
+                    or name in ("aten.index", "aten.index_put", "aten.index_put_", "aten._index_put_impl_") \
+                    and any(i is not None and i.dtype == torch.bool for i in args[1]):
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
