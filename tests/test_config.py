@@ -159,10 +159,7 @@ def test_sampling_keys_without_a_verb_that_samples_are_refused(tmp_path):
 
 def test_under_torchrun_only_training_runs_and_each_rank_takes_its_gpu(tmp_path, monkeypatch):
     """--sample and --eval under torchrun: every rank repeated the whole work and logged it again. A rank's
-    device is its LOCAL_RANK's GPU under --device=cuda as under auto (cuda put every rank on GPU 0).
-    A GPU turns TF32 on at once: the first autocast did, so fp32 work ran in TF32 only after one."""
-    monkeypatch.setattr(common.torch.backends.cuda.matmul, "allow_tf32", False)  # restored after the test
-    monkeypatch.setattr(common.torch.backends.cudnn, "allow_tf32", False)
+    device is its LOCAL_RANK's GPU under --device=cuda as under auto (cuda put every rank on GPU 0)."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     for verbs in (["--sample"], ["--eval", "--gen"]):
         assert f"only --train runs under torchrun; run {verbs[0]} with python" in refused("mdlm", verbs)
@@ -170,11 +167,9 @@ def test_under_torchrun_only_training_runs_and_each_rank_takes_its_gpu(tmp_path,
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(common.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(common.torch.cuda, "device_count", lambda: 2)
-    assert common.get_device(mdlm.Config(device="cpu")).type == "cpu"
-    assert not common.torch.backends.cuda.matmul.allow_tf32 and not common.torch.backends.cudnn.allow_tf32
     for device in ("cuda", "auto"):
         assert common.get_device(mdlm.Config(device=device)) == common.torch.device("cuda", 1), device
-        assert common.torch.backends.cuda.matmul.allow_tf32 and common.torch.backends.cudnn.allow_tf32
+    assert common.get_device(mdlm.Config(device="cpu")).type == "cpu"
     # more processes than GPUs, or every process on the GPU one --device names: one line, not a NCCL traceback
     monkeypatch.setattr(common.torch.cuda, "device_count", lambda: 1)
     with pytest.raises(SystemExit, match=r"torchrun's process 1 has no GPU of its own: this machine has 1; use --nproc_per_node=1"):
@@ -187,6 +182,26 @@ def test_under_torchrun_only_training_runs_and_each_rank_takes_its_gpu(tmp_path,
     assert common.get_device(mdlm.Config(device="cuda:1")) == common.torch.device("cuda", 1)
     with pytest.raises(SystemExit, match=r"--device=cuda:2 but this machine has 2 GPU\(s\); use cuda:0 .. cuda:1"):
         common.get_device(mdlm.Config(device="cuda:2"))
+
+
+def test_a_gpu_turns_tf32_on_when_it_is_picked(monkeypatch):
+    """The first autocast turned TF32 on, for the rest of the process: fp32 work ran in TF32 only after one, so
+    ddpm's sampler gave other numbers after --train than alone. get_device turns it on, for a GPU only."""
+    flags = common.torch.backends.cuda.matmul, common.torch.backends.cudnn
+    saved = [f.allow_tf32 for f in flags]  # set and restored by hand: torch 2.6's flags refuse monkeypatch's undo
+    try:
+        for f in flags:
+            f.allow_tf32 = False
+        assert common.get_device(mdlm.Config(device="cpu")).type == "cpu"
+        assert not any(f.allow_tf32 for f in flags)
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+        monkeypatch.setattr(common.torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(common.torch.cuda, "device_count", lambda: 1)
+        assert common.get_device(mdlm.Config(device="cuda")) == common.torch.device("cuda")
+        assert all(f.allow_tf32 for f in flags)
+    finally:
+        for f, v in zip(flags, saved):
+            f.allow_tf32 = v
 
 
 @pytest.mark.parametrize("method", ["mdlm", "ar", "diffusion_lm", "diffuser"])
