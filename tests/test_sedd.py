@@ -614,7 +614,7 @@ def test_learns_a_toy_language(graph, tmp_path):
     frac = legal_fraction(samples)
     print(f"{graph}: {frac:.3f} of adjacent pairs legal")
     # ~25 s on 2 cores. Chance is 2/6, give or take 0.012 over these 1472 pairs. The fraction moves from run
-    # to run with the rounding (torch version, CPU, kernels on or off): the bars sit below every run measured
+    # to run with the rounding (torch version, CPU, threads): the bars sit below every run measured
     # (docs/sedd.md, Known limits) and far above chance
     assert frac > {"absorb": 0.55, "uniform": 0.4}[graph], f"{graph}: {frac:.3f} of adjacent pairs legal (chance 0.333)"
 
