@@ -378,7 +378,7 @@ def sample(model, xT, alpha_bar, seq, pred="eps", sampler="ancestral", var="beta
     one = torch.ones((), dtype=torch.float64)
     # the (D,) range on x's device once; the per-step alpha_bars stay 0-dim CPU tensors, which CUDA ops take as
     # scalars: a copy to the GPU would wait for the work queued there, several times per step
-    lo, hi = (c.to(device) for c in clip) if clip is not None else (None, None)
+    lo, hi = (c.to(device, torch.float32) for c in clip) if clip is not None else (None, None)  # as x0_hat
     for i, k in enumerate(seq):
         if show:
             show(k, x)
@@ -387,7 +387,7 @@ def sample(model, xT, alpha_bar, seq, pred="eps", sampler="ancestral", var="beta
         out = model(x, torch.full((B,), k, device=device, dtype=torch.long)).float()
         x0_hat, eps_hat = to_x0_eps(out, x, ab_t.float(), pred)
         if clip is not None:
-            x0_hat = torch.clamp(x0_hat, lo.to(x0_hat), hi.to(x0_hat))
+            x0_hat = torch.clamp(x0_hat, lo, hi)
             eps_hat = (x - float(ab_t.sqrt()) * x0_hat) / float((1 - ab_t).sqrt())
         if i + 1 == len(seq):
             x = x0_hat
