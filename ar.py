@@ -15,7 +15,7 @@ sequence's), which is the fair comparison of sampling cost.
     python ar.py --eval                    # exact validation NLL (nats, bits per token, perplexity)
     python ar.py --eval --gen              # + NLL of its own samples under the judge (out/ar/ckpt.pt)
 
-This checkpoint is also the judge of every method's `--eval --gen` (common.load_judge rebuilds its
+This checkpoint is also the judge of every method's `--eval --gen` (trainer.load_judge rebuilds its
 layout, backbone + head, without importing this file).
 """
 
@@ -62,7 +62,7 @@ def check_config(cfg):
 
 # ----------------------------------------------------------------------------------------------
 # Model: common's Transformer, causal, over V + 1 input ids ([BOS] is the last) and a V-way head.
-# common.load_judge rebuilds exactly this layout (backbone, head); keep the two in step.
+# trainer.load_judge rebuilds exactly this layout (backbone, head); keep the two in step.
 
 
 class AR(nn.Module):
@@ -213,7 +213,7 @@ def main(argv=None):
         if cfg.gen:
             length = cfg.seq_len or cfg.block_size
             empty = torch.zeros(0, dtype=torch.long)
-            stats.update(common.generative_eval(
+            stats.update(trainer.generative_eval(
                 cfg.judge, lambda n: generate(model, cfg, empty, n, length)[0], cfg.num_samples, meta, tok,
                 f"cached sampler, temperature {cfg.temperature}"))
         trainer.log_json(os.path.join(common.out_dir(cfg, "ar"), "log.jsonl"), {"eval_full": stats, "iter": ckpt["iter"],

@@ -412,7 +412,7 @@ def bench_sedd(argv):
                 ts = common.sample_times(xs.shape[0], cfg.t_min, device)
                 nll = float(sedd.nelbo_terms(model, xs, ts, cfg, model.num_states).sum()) / xs.numel() \
                     + sedd.prior_kl(cfg, model.num_states)
-            rows.append((sampler, steps, f"{t:.2f}", f"{nll:.3f}", f"{common.unigram_entropy(x):.3f}"))
+            rows.append((sampler, steps, f"{t:.2f}", f"{nll:.3f}", f"{trainer.unigram_entropy(x):.3f}"))
     table(rows, ("sampler", "steps", "time s", "NELBO nats/tok", "unigram entropy"))
     print(f"{a.num_samples} samples of {cfg.block_size} tokens, {cfg.graph} graph, {sedd.schedule_kind(cfg)} schedule, "
           f"on {device}; NELBO with {a.t_samples} time samples per sequence (lower is better)")
@@ -860,15 +860,15 @@ def bench_methods(argv):
                 mod.generate(model, dataclasses.replace(cfg, steps=2), torch.full((L,), -1, dtype=torch.long), 1)
         if module == "ar":
             torch.manual_seed(0)
-            g = common.generative_eval(judge, lambda n: mod.generate(model, cfg, torch.zeros(0, dtype=torch.long), n, L)[0],
+            g = trainer.generative_eval(judge, lambda n: mod.generate(model, cfg, torch.zeros(0, dtype=torch.long), n, L)[0],
                                        a.num_samples, meta, tok, "ar, cached sampler")
             rows.append({"method": name, "tok_s": tok_s, "bits": bits, "steps": L, "gen_nll": g["gen_nll"],
                          "entropy": g["gen_entropy"], "sec": g["sec_per_sample"]})
             curves[name] = [(L, g["gen_nll"], g["sec_per_sample"], g["gen_entropy"])]
             # the reference: the judge on real validation windows
             data = next(corpus.Batches(cfg, meta, cfg.seed).sequential("val", a.num_samples))
-            nll = common.judge_samples(judge, data, meta, tok, next(model.parameters()).device)[0]
-            rows.append({"method": "data (val)", "steps": None, "gen_nll": nll, "entropy": common.unigram_entropy(data)})
+            nll = trainer.judge_samples(judge, data, meta, tok, next(model.parameters()).device)[0]
+            rows.append({"method": "data (val)", "steps": None, "gen_nll": nll, "entropy": trainer.unigram_entropy(data)})
             print(methods_table(rows), flush=True)
             continue
         free = torch.full((L,), -1, dtype=torch.long)
@@ -879,7 +879,7 @@ def bench_methods(argv):
             for i, s in enumerate(steps_list):
                 c = dataclasses.replace(cfg, steps=s, **overrides)
                 torch.manual_seed(0)
-                g = common.generative_eval(judge, lambda n: mod.generate(model, c, free, n)[0], a.num_samples, meta,
+                g = trainer.generative_eval(judge, lambda n: mod.generate(model, c, free, n)[0], a.num_samples, meta,
                                            tok, f"{key}, {s} steps")
                 first = i == 0 and not label
                 rows.append({"method": key, "tok_s": tok_s if first else None, "bits": bits if first else None,

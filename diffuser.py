@@ -573,7 +573,7 @@ def ar_drafts(path, meta, n, length, device):
     """n drafts of `length` words (lists of ids) from the ar.py checkpoint at path: ancestral sampling at
     temperature 1 from [BOS] (id V) through its key/value cache, float64 inverse-CDF draws, never <s>, </s>
     or <pad>. The draft fits the context, so each word is drawn as by one forward over [BOS] + all before it."""
-    judge, _ = common.load_judge(path, meta, device)  # dies on a missing file or another vocabulary
+    judge, _ = trainer.load_judge(path, meta, device)  # dies on a missing file or another vocabulary
     backbone, head = judge["backbone"], judge["head"]
     if length > backbone.block_size:
         common.die(f"a draft of --seq_len={length} words does not fit the drafter's context "
@@ -689,7 +689,7 @@ def main(argv=None):
             what = f"{cfg.decode} decoding from the {cfg.bootstrap} bootstrap, texts packed as the judge's stream"
             if cfg.bootstrap == "autoregressive" and os.path.abspath(cfg.ar_ckpt) == os.path.abspath(cfg.judge):
                 what += "; the drafts come from the judge itself, which flatters them"
-            stats.update(common.generative_eval(cfg.judge, lambda n: sample_stream(model, cfg, meta, n),
+            stats.update(trainer.generative_eval(cfg.judge, lambda n: sample_stream(model, cfg, meta, n),
                                                 cfg.num_samples, meta, tok, what))
         trainer.log_json(os.path.join(common.out_dir(cfg, "diffuser"), "log.jsonl"),
                          {"eval_full": stats, "iter": ckpt["iter"], **{k: getattr(cfg, k) for k in (  # what was decoded, how

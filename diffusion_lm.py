@@ -687,7 +687,7 @@ def main(argv=None):
         elif measure:
             print(f"control: no classifier yet; run `python diffusion_lm.py --train_classifier --out_dir={common.out_dir(cfg, METHOD)}` to measure it")
         if cfg.gen:
-            stats.update(common.generative_eval(cfg.judge, lambda n: as_stream(sample_mbr(model, cfg, tok, n), tok),
+            stats.update(trainer.generative_eval(cfg.judge, lambda n: as_stream(sample_mbr(model, cfg, tok, n), tok),
                                                 cfg.num_samples, meta, tok, f"{cfg.steps} steps, clamp={cfg.clamp}, "
                                                 f"MBR of {cfg.mbr}, texts packed as the judge's stream"))
         trainer.log_json(os.path.join(common.out_dir(cfg, METHOD), "log.jsonl"), {"eval_full": stats, "iter": ckpt["iter"],

@@ -441,7 +441,7 @@ def main(argv=None):
                   f"({cfg.num_samples} samples, {cfg.steps} steps)")
         if cfg.gen:
             free = torch.full((cfg.seq_len or cfg.block_size,), -1)
-            stats.update(common.generative_eval(cfg.judge, lambda n: generate(model, cfg, free, n)[0], cfg.num_samples,
+            stats.update(trainer.generative_eval(cfg.judge, lambda n: generate(model, cfg, free, n)[0], cfg.num_samples,
                                                 meta, tok, f"{cfg.sampler}, {cfg.steps} steps", cfg.samples_in,
                                                 next(model.parameters()).device))
         trainer.log_json(os.path.join(common.out_dir(cfg, "mdlm"), "log.jsonl"),

@@ -1,5 +1,5 @@
 """
-trainer.py: the training loop every method shares, and loading a trained model back.
+trainer.py: the training loop every method shares, loading a trained model back, and the judge of its samples.
 
   torchrun     one process per device (gloo on CPU, nccl on GPU); unchanged single-process
   the loop     AdamW, warmup + cosine, clipping, accumulation, EMA weights for eval and sampling,
@@ -8,8 +8,9 @@ trainer.py: the training loop every method shares, and loading a trained model b
                atomic checkpoints, resumes exactly (--resume) after checking the checkpoint fits
   inference    load_for_inference: checkpoint -> config, EMA model, tokenizer, meta, checkpoint;
                load_published: the same for the papers' weights (hub.py)
+  the judge    --eval --gen: samples scored by an ar.py checkpoint (or a transformers LM)
 
-Method files import this module; it imports common.py and corpus.py.
+Method files import this module; it imports common.py, corpus.py and hub.py.
 """
 
 import contextlib
@@ -25,9 +26,10 @@ import time
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from common import (PER_COMMAND, RESUMED, TextConfig, autocast, config_from_checkpoint, die, get_device, load_checkpoint,
-                    load_judge, out_dir, save_checkpoint, write_file)
+from common import (PER_COMMAND, RESUMED, TextConfig, Transformer, autocast, config_from_checkpoint, die, get_device, load_checkpoint,
+                    out_dir, save_checkpoint, write_file)
 import difflm_ops
 import hub
 from corpus import TOKENIZER_KEYS, Batches, data_path, get_tokenizer, prepare_data, tokenizer_name
@@ -472,3 +474,92 @@ def check_files(cfg, meta, method):
         if getattr(cfg, "samples_in", ""):
             hub.read_samples(cfg.samples_in)
 
+
+# ----------------------------------------------------------------------------------------------
+# Generative evaluation: samples scored by the autoregressive baseline (ar.py) as a fixed judge
+
+
+def load_judge(path, meta=None, device=None):
+    """An ar.py checkpoint -> (judge model in eval mode, its meta): ar.py's layout (causal backbone over V + 1 ids,
+    [BOS] = V, V-way head) rebuilt without importing ar.py. With meta: dies unless trained on the same tokenizer."""
+    if not os.path.isfile(path):
+        die(f"no judge checkpoint at {path}; train the autoregressive baseline on the same data first "
+            f"(`python ar.py --train --dataset=...`) or pass --judge=PATH")
+    ckpt = load_checkpoint(path, "ar")
+    if ckpt.get("method") != "ar":
+        die(f"the judge {path} was trained by {ckpt.get('method')}.py; it must be an ar.py checkpoint")
+    jm, c = ckpt["meta"], ckpt["config"]
+    if meta is not None and any(meta.get(k) != jm.get(k) for k in ("tokenizer", "vocab_size", "chars", "words")):
+        die(f"the judge {path} was trained on another tokenizer/vocabulary ({jm.get('tokenizer')}, {jm.get('vocab_size')} ids) "
+            f"than these samples ({meta.get('tokenizer')}, {meta.get('vocab_size')}); train ar.py on the same dataset")
+    V = jm["vocab_size"]
+    judge = nn.ModuleDict({"backbone": Transformer(V + 1, c["n_layer"], c["n_head"], c["n_embd"], c["block_size"], causal=True),
+                           "head": nn.Linear(c["n_embd"], V, bias=False)})
+    judge.load_state_dict(ckpt["ema"] if c.get("ema", 0) > 0 else ckpt["model"])
+    return judge.to(device or "cpu").eval(), jm
+
+
+@torch.no_grad()
+def judge_nll(judge, samples, batch_size=32):
+    """Mean -log p_judge per token (nats) of samples (N, T); each block_size chunk is scored from [BOS], like its val windows."""
+    V, L, device = judge["head"].out_features, judge["backbone"].block_size, judge["head"].weight.device
+    total, count = 0.0, 0
+    for s in range(0, samples.shape[1], L):
+        chunk = samples[:, s:s + L].long()
+        if int(chunk.max()) >= V or int(chunk.min()) < 0:
+            die(f"samples hold ids outside the judge's vocabulary of {V} (e.g. a [MASK] left unrevealed)")
+        for b in range(0, chunk.shape[0], batch_size):
+            x = chunk[b:b + batch_size].to(device)
+            inp = torch.cat([torch.full_like(x[:, :1], V), x[:, :-1]], 1)  # [BOS] shifted in
+            with autocast(device):
+                logits = judge["head"](judge["backbone"](inp)).float()  # (b, T, V)
+            total += float(F.cross_entropy(logits.flatten(0, 1), x.flatten(), reduction="sum"))  # contiguous rows
+            count += x.numel()
+    return total / count
+
+
+def unigram_entropy(samples):
+    """Entropy (nats) of the token frequencies over all samples (N, T): low values expose collapse."""
+    counts = torch.bincount(samples.flatten().long().cpu()).double()
+    p = counts[counts > 0] / counts.sum()
+    return float((p * -p.log()).sum())  # one token alone: 0, not -0
+
+
+def judge_texts(judge_path, texts, tok, meta, device):
+    """Score texts -> (nats/token, ids scored): an ar.py judge encodes them with the samples' tokenizer, a transformers LM its own."""
+    if judge_path.endswith(".pt"):
+        judge, _ = load_judge(judge_path, meta, device)
+        ids = [torch.tensor(tok.encode(t), dtype=torch.long) for t in texts]
+        if not any(len(x) for x in ids):  # it reported NLL 0, perplexity 1
+            die("no sample holds a token for the judge to score; draw longer samples")
+        return sum(judge_nll(judge, x[None]) * len(x) for x in ids if len(x)) / sum(len(x) for x in ids), ids
+    return hub.hf_judge_texts(judge_path, texts, device)
+
+
+def judge_samples(judge_path, samples, meta, tok, device):
+    """Score samples (N, T) -> (nats/token, the ids scored): an ar.py judge reads their own ids, any other their text."""
+    if judge_path.endswith(".pt"):
+        return judge_nll(load_judge(judge_path, meta, device)[0], samples), [samples.flatten()]
+    return judge_texts(judge_path, [tok.decode(s) for s in samples.tolist()], tok, meta, device)
+
+
+def generative_eval(judge_path, sample_fn, num_samples, meta, tok, what="", samples_in="", device=None):
+    """Draw num_samples sequences with sample_fn(n) -> (n, T) (or read --samples_in, judged on device), time and score them
+    with the judge -> {"gen_nll" (nats/token), "gen_ppl", "gen_entropy" (nats), "sec_per_sample" (when drawn)}; one line."""
+    if samples_in:
+        texts, settings = hub.read_samples(samples_in)
+        samples, sec, n, device = None, None, len(texts), device or ("cuda" if torch.cuda.is_available() else "cpu")
+        what = f"from {samples_in}" + (f", {settings.get('method')} {settings.get('sampler')}, {settings.get('steps')} steps" if settings else "")
+    else:
+        t0, samples = time.time(), sample_fn(num_samples)
+        if samples.is_cuda:  # a sampler that never reads back leaves its last steps queued: they count too
+            torch.cuda.synchronize(samples.device)
+        sec, n, device = (time.time() - t0) / num_samples, num_samples, samples.device
+    nll, ids = judge_texts(judge_path, texts, tok, meta, device) if samples is None else judge_samples(judge_path, samples, meta, tok, device)
+    stats = {"gen_nll": nll, "gen_ppl": math.exp(nll) if nll < 709 else math.inf, "gen_entropy": unigram_entropy(torch.cat(ids)), "gen_judge": judge_path,
+             **({"sec_per_sample": sec} if sec is not None else {"gen_samples_in": samples_in})}
+    print(f"gen: NLL {nll:.4f} nats/token under the judge {judge_path} (perplexity {stats['gen_ppl']:.3f}) | "
+          f"unigram entropy {stats['gen_entropy']:.4f} nats{'' if sec is None else f' | {sec:.3f} s/sample'} "
+          f"({n} samples{'' if samples is None else f' of {samples.shape[1]} tokens' if len(samples) == n else f', {samples.numel()} tokens packed'}"
+          f"{', ' + what if what else ''})")
+    return stats

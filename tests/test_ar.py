@@ -1,4 +1,4 @@
-"""ar.py (the autoregressive baseline), common's generative evaluation (the AR judge) and
+"""ar.py (the autoregressive baseline), trainer's generative evaluation (the AR judge) and
 bench.py's methods table: cache parity, exact NLL, toy-language learning, --eval --gen end to end
 for every method, bad inputs."""
 import json
@@ -171,20 +171,20 @@ def test_learns_a_toy_language_and_judges_like_its_own_eval(tmp_path):
     # the entropy rate of the language is log 2 per token (two equally likely successors)
     stats = ar.evaluate(ema, corpus.Batches(cfg, meta, 0), cfg, full=True)
     assert stats["val_nll"] < math.log(2) + 0.15, stats
-    # common's judge rebuilds the same model from the checkpoint and gives the same NLL on the same windows
-    judge, _ = common.load_judge(os.path.join(cfg.out_dir, "ckpt.pt"), meta)
+    # trainer's judge rebuilds the same model from the checkpoint and gives the same NLL on the same windows
+    judge, _ = trainer.load_judge(os.path.join(cfg.out_dir, "ckpt.pt"), meta)
     windows = torch.cat(list(corpus.Batches(cfg, meta, 0).sequential("val", 64)))
     with torch.no_grad():
         own = float(ar.nll_terms(ema, windows, ema.bos_id).mean())
-    assert abs(common.judge_nll(judge, windows) - own) < 1e-5
+    assert abs(trainer.judge_nll(judge, windows) - own) < 1e-5
     # its own samples are scored near the entropy rate, far below a uniform draw's log 6
-    assert common.judge_nll(judge, samples) < math.log(2) + 0.3
-    assert common.judge_nll(judge, torch.randint(6, (64, 24))) > math.log(2) + 0.5
+    assert trainer.judge_nll(judge, samples) < math.log(2) + 0.3
+    assert trainer.judge_nll(judge, torch.randint(6, (64, 24))) > math.log(2) + 0.5
 
 
 def test_unigram_entropy():
-    assert common.unigram_entropy(torch.zeros(4, 8, dtype=torch.long)) == 0.0
-    assert abs(common.unigram_entropy(torch.arange(8).repeat(3, 1)) - math.log(8)) < 1e-12
+    assert trainer.unigram_entropy(torch.zeros(4, 8, dtype=torch.long)) == 0.0
+    assert abs(trainer.unigram_entropy(torch.arange(8).repeat(3, 1)) - math.log(8)) < 1e-12
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,14 +252,14 @@ def test_a_prefix_that_fills_the_sequence_is_the_sample(tiny_ar):
 def test_judge_refuses_another_vocabulary_or_method(tiny_ar, tmp_path):
     meta = common.load_checkpoint(os.path.join(tiny_ar, "ckpt.pt"), "ar")["meta"]
     with pytest.raises(SystemExit, match="another tokenizer"):
-        common.load_judge(os.path.join(tiny_ar, "ckpt.pt"), {**meta, "vocab_size": 10, "chars": list("abcdefghij")})
-    judge, _ = common.load_judge(os.path.join(tiny_ar, "ckpt.pt"), meta)
+        trainer.load_judge(os.path.join(tiny_ar, "ckpt.pt"), {**meta, "vocab_size": 10, "chars": list("abcdefghij")})
+    judge, _ = trainer.load_judge(os.path.join(tiny_ar, "ckpt.pt"), meta)
     with pytest.raises(SystemExit, match="outside the judge"):
-        common.judge_nll(judge, torch.full((2, 8), meta["vocab_size"]))  # a [MASK] id left in a sample
+        trainer.judge_nll(judge, torch.full((2, 8), meta["vocab_size"]))  # a [MASK] id left in a sample
     fake = common.load_checkpoint(os.path.join(tiny_ar, "ckpt.pt"), "ar")
     common.save_checkpoint(str(tmp_path / "ckpt.pt"), {**fake, "method": "mdlm"})
     with pytest.raises(SystemExit, match="must be an ar.py checkpoint"):
-        common.load_judge(str(tmp_path / "ckpt.pt"))
+        trainer.load_judge(str(tmp_path / "ckpt.pt"))
 
 
 # ----------------------------------------------------------------------------------------------

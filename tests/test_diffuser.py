@@ -20,6 +20,7 @@ from conftest import relabelled, run_cli
 import common
 import corpus
 import diffuser as D
+import trainer
 
 SPECIALS = corpus.WordTokenizer.SPECIALS
 
@@ -647,7 +648,7 @@ def test_ar_drafts_match_an_uncached_sampler(word_models):
     torch.manual_seed(1)
     cached = D.ar_drafts(word_models["ar"], meta, n, L, torch.device("cpu"))
     torch.manual_seed(1)  # then load as ar_drafts does (building the modules draws their initial weights)
-    judge, _ = common.load_judge(word_models["ar"], meta)
+    judge, _ = trainer.load_judge(word_models["ar"], meta)
     assert judge["backbone"].block_size == L
     x, V = torch.zeros((n, 0), dtype=torch.long), judge["head"].out_features
     with torch.no_grad(), common.autocast(torch.device("cpu")):

@@ -10,9 +10,9 @@ import torch
 
 import transformers  # the test extra installs it
 
-import common
 import corpus
 import hub
+import trainer
 from conftest import OFFLINE, run_cli, shared_data
 
 CTX = 32
@@ -287,7 +287,7 @@ def test_an_ar_judge_of_texts_averages_over_tokens_not_texts(monkeypatch):
     """--samples_in with an ar.py judge: texts of every length re-encoded and scored; the figure is nats per token
     over all of them, so a long text weighs as its tokens do (a text of n tokens scores n nats a token here)."""
     tok = corpus.CharTokenizer("ab")
-    monkeypatch.setattr(common, "load_judge", lambda path, meta=None, device=None: (None, meta))
-    monkeypatch.setattr(common, "judge_nll", lambda judge, x: float(x.shape[1]))
-    nll, ids = common.judge_texts("judge.pt", ["a", "abab", ""], tok, {}, "cpu")
+    monkeypatch.setattr(trainer, "load_judge", lambda path, meta=None, device=None: (None, meta))
+    monkeypatch.setattr(trainer, "judge_nll", lambda judge, x: float(x.shape[1]))
+    nll, ids = trainer.judge_texts("judge.pt", ["a", "abab", ""], tok, {}, "cpu")
     assert nll == pytest.approx((1 * 1 + 4 * 4) / 5) and [len(x) for x in ids] == [1, 4, 0]

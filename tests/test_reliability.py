@@ -352,8 +352,8 @@ def test_resume_on_other_text_of_the_same_tokenizer_is_refused(run6, tmp_path):
 
 def test_a_diverged_judge_scores_an_infinite_perplexity(monkeypatch, capsys):
     """--eval --gen ended in an OverflowError traceback, all its samples lost, when the judge's NLL passed 709."""
-    monkeypatch.setattr(common, "judge_samples", lambda *a: (800.0, [torch.tensor([1, 2, 3])]))
-    stats = common.generative_eval("judge.pt", lambda n: torch.zeros(n, 3, dtype=torch.long), 2, {}, None)
+    monkeypatch.setattr(trainer, "judge_samples", lambda *a: (800.0, [torch.tensor([1, 2, 3])]))
+    stats = trainer.generative_eval("judge.pt", lambda n: torch.zeros(n, 3, dtype=torch.long), 2, {}, None)
     assert stats["gen_nll"] == 800.0 and stats["gen_ppl"] == math.inf and "(perplexity inf)" in capsys.readouterr().out
 
 
@@ -364,9 +364,9 @@ def test_perplexity_and_time_per_sample_figures(monkeypatch):
     assert stats["val_ppl"] == pytest.approx(math.exp(100.0)) and stats["val_bits"] == pytest.approx(100 / math.log(2))
     assert common.nats_figures("val_nll", 800.0)["val_ppl"] == math.inf
     clock = iter([10.0, 16.0])
-    monkeypatch.setattr(common.time, "time", lambda: next(clock))
-    monkeypatch.setattr(common, "judge_samples", lambda *a: (1.0, [torch.tensor([1, 2, 3])]))
-    stats = common.generative_eval("judge.pt", lambda n: torch.zeros(n, 3, dtype=torch.long), 3, {}, None)
+    monkeypatch.setattr(trainer.time, "time", lambda: next(clock))
+    monkeypatch.setattr(trainer, "judge_samples", lambda *a: (1.0, [torch.tensor([1, 2, 3])]))
+    stats = trainer.generative_eval("judge.pt", lambda n: torch.zeros(n, 3, dtype=torch.long), 3, {}, None)
     assert stats["sec_per_sample"] == pytest.approx(2.0)
 
 
@@ -377,8 +377,8 @@ def test_the_time_per_sample_waits_for_the_gpus_queued_steps(monkeypatch):
         is_cuda = property(lambda self: True)
     waited = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: (time.sleep(0.3), waited.append(device)))
-    monkeypatch.setattr(common, "judge_samples", lambda *a: (1.0, [torch.tensor([1, 2, 3])]))
-    stats = common.generative_eval("judge.pt", lambda n: torch.zeros(n, 3, dtype=torch.long).as_subclass(OnGPU), 2, {}, None)
+    monkeypatch.setattr(trainer, "judge_samples", lambda *a: (1.0, [torch.tensor([1, 2, 3])]))
+    stats = trainer.generative_eval("judge.pt", lambda n: torch.zeros(n, 3, dtype=torch.long).as_subclass(OnGPU), 2, {}, None)
     assert waited == [torch.device("cpu")] and stats["sec_per_sample"] >= 0.15
 
 

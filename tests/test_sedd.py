@@ -700,7 +700,7 @@ def test_cli_bad_inputs(char_data, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sedd, "evaluate", lambda *a, **k: {"val_nelbo": 1.0, "val_bits": 1.0, "val_ppl": 1.0})
     monkeypatch.setattr(trainer, "read_judge", lambda *a: None)
     shapes = []
-    monkeypatch.setattr(common, "generative_eval", lambda judge, gen, n, *a: shapes.append(gen(n).shape) or {})
+    monkeypatch.setattr(trainer, "generative_eval", lambda judge, gen, n, *a: shapes.append(gen(n).shape) or {})
     sedd.main(["--eval", "--gen", f"--out_dir={out}", "--seq_len=40", "--steps=2", "--num_samples=2"])
     assert shapes == [(2, 40)]
     fails(["--sample", f"--out_dir={out}", "--n_embd=64"], "n_embd")
