@@ -26,7 +26,6 @@ import time
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import common
 import corpus
@@ -90,9 +89,8 @@ def shift_in_bos(x0, bos_id):
 
 def nll_terms(model, x0, bos_id):
     """Per-position -log p(x_i | x_<i) (B, L), fp32; model may be wrapped, so bos_id comes separately."""
-    logits = model(shift_in_bos(x0, bos_id)).float()  # (B, L, V)
-    # over contiguous (B*L, V) rows: a transposed (B, V, L) view makes log-softmax stride across memory
-    return F.cross_entropy(logits.flatten(0, 1), x0.flatten(), reduction="none").view_as(x0)
+    logits = model(shift_in_bos(x0, bos_id))  # (B, L, V)
+    return common.token_nll(logits.flatten(0, 1), x0.flatten()).view_as(x0)  # over contiguous (B*L, V) rows
 
 
 def loss_fn(model, x0, bos_id):

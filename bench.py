@@ -5,12 +5,13 @@ absolute claims from another machine.
     python bench.py mdlm_sampler      # cached vs uncached MDLM sampler: time and network calls
     python bench.py sample_speed      # time per sample and backbone rows: MDLM ddpm, ddpm_cache, AR
     python bench.py throughput        # MDLM vs the same backbone trained autoregressively
-    python bench.py train_speed       # ar.py and mdlm.py training tok/s vs a plain nanoGPT-style step
+    python bench.py train_speed       # ar.py and mdlm.py training tok/s and peak memory vs a plain nanoGPT-style step
                                       # (--nanogpt=DIR: and nanoGPT's own GPT from a checkout)
     python bench.py sedd --ckpt_dir=out/sedd   # SEDD's samplers by step count: time, NLL, entropy
     python bench.py kernels           # fused kernels vs eager and torch.compile'd PyTorch oracles
     python bench.py nearest           # Diffusion-LM's clamp kernel vs the PyTorch expression (time, memory)
     python bench.py rotary            # the backbone's rotary kernel vs its PyTorch expression, forward and back
+    python bench.py token_nll         # the heads' cross-entropy vs F.cross_entropy on fp32 logits: time, memory
     python bench.py methods --plot=docs/methods.png   # every text method vs the AR baseline (~40 min on 2 cores)
     python bench.py gpu --out=gpu_report   # validate a GPU in one call (on a CPU: a dry run of what can run)
     python bench.py <name> --help     # the options of one benchmark
@@ -36,6 +37,7 @@ import time
 import warnings
 
 import torch
+import torch.nn.functional as F
 
 import common
 import corpus
@@ -225,7 +227,7 @@ def bench_throughput(argv):
 
     def ar_loss(x):  # next-token cross-entropy on the causal backbone at all L positions, BOS (id V) shifted in as in ar.py
         logits = causal["head"](causal["backbone"](torch.cat([torch.full_like(x[:, :1], V), x[:, :-1]], 1))).float()
-        return torch.nn.functional.cross_entropy(logits.reshape(-1, V), x.reshape(-1))
+        return F.cross_entropy(logits.reshape(-1, V), x.reshape(-1))
 
     def steps(model, loss):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -294,7 +296,6 @@ def _plain_step(model, cfg, transposed=False):
     contiguous (B*L, V) rows (transposed: over the (B, V, L) view, the form the methods used to take),
     clipping and AdamW, no EMA."""
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    F = torch.nn.functional
 
     def step(x0):
         logits = model.head(model.backbone(x0[:, :-1]))  # (B, L - 1, V)
@@ -367,11 +368,13 @@ def bench_train_speed(argv):
                 t = measure(lambda: [step(x0) for _ in range(a.iters)], repeat=1, warmup=0)[0]
                 trained = acfg.block_size - 1 if k.startswith(("reference", "nanoGPT")) else acfg.block_size  # x[1:] from x[:-1]
                 rates[k].append(a.iters * a.batch_size * trained / t)
+        peaks = {k: _peak_extra_bytes(lambda: step(x0), device) for k, step in kinds.items()}  # one step each, untimed
         ref = rates["reference (plain, contiguous CE)"]
-        rows = [(k, _spread(r), f"{statistics.median(r) / statistics.median(ref):.2f}x") for k, r in rates.items()]
+        rows = [(k, _spread(r), f"{statistics.median(r) / statistics.median(ref):.2f}x", f"{peaks[k] / 2**20:.0f}")
+                for k, r in rates.items()]
         print(f"\nV = {V}, batch {a.batch_size}, L = {acfg.block_size}, {acfg.n_layer}x{acfg.n_embd} "
               f"({a.repeat} runs of {a.iters} steps, {device}, float32 without autocast, {torch.get_num_threads()} threads)")
-        table(rows, ("step", "train tok/s median [min-max]", "vs reference"))
+        table(rows, ("step", "train tok/s median [min-max]", "vs reference", "peak MiB"))
         for name, other in (("mdlm.py", "ar.py"), ("ar.py", "nanoGPT (its model.py)"), ("ar.py", "ar.py, no kernels")):
             if other in rates:
                 m, r = rates[name], rates[other]
@@ -1057,11 +1060,62 @@ def bench_rotary(argv):
 
 
 # ----------------------------------------------------------------------------------------------
+# The heads' cross-entropy: common.token_nll against F.cross_entropy on fp32 logits, forward and backward
+
+
+def token_nll_rows(device, sizes, dtype, repeat=0, compile=True):
+    """common.token_nll against F.cross_entropy(z.float(), y), the plain expression every loss over token ids
+    would write, for each size (M, V) -> rows (the versus() figures, peaks in units of the logits z (M, V))."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    rows = []
+    for M, V in common.progress(sizes, "sizes"):
+        z = torch.randn(M, V, generator=gen, device=device).to(dtype).requires_grad_()
+        y = torch.randint(V, (M,), generator=gen, device=device)
+        w = torch.rand(M, generator=gen, device=device)  # a weight a row, as the losses' means and NELBO weights bring
+
+        def fwd_bwd(fn):
+            return lambda z, y: torch.autograd.grad(fn(z, y), z, w)[0]
+        plain = lambda z, y: F.cross_entropy(z.float(), y, reduction="none")  # noqa: E731
+        res = versus(fwd_bwd(plain), fwd_bwd(common.token_nll), (z, y), device, repeat, True, compile)
+        unit = z.numel() * z.element_size()
+        row = {"op": "token_nll fwd+bwd", "M,V": f"{M},{V}", **res, "kernel_peak_units": res["kernel_peak"] / unit,
+               "eager_peak_units": res["eager_peak"] / unit if res["eager_peak"] is not None else None}
+        rows.append(row)
+        print("  " + "  ".join(_token_nll_cells(row)), flush=True)
+    return rows
+
+
+TOKEN_NLL_HEADER = ["op", "M,V"] + [h.replace("kernel", "token_nll") for h in TIMING_HEADER]
+
+
+def _token_nll_cells(row):
+    return [row["op"], row["M,V"]] + _timing_cells(row, None)
+
+
+def bench_token_nll(argv):
+    ap = argparse.ArgumentParser(prog="bench.py token_nll")
+    ap.add_argument("--sizes", default="", help="M,V;M,V... rows and vocabulary (default CPU: 16384,65;4096,50258; "
+                                                 "GPU: 65536,50258 in bf16, B=64 x L=1024 rows)")
+    ap.add_argument("--dtype", default="", help="float32 or bfloat16 (default: bfloat16 on a GPU, float32 on a CPU)")
+    a, device = _timing_args(ap, argv)
+    cuda = device.type == "cuda"
+    sizes = _sizes(a.sizes or ("65536,50258" if cuda else "16384,65;4096,50258"), "M,V")
+    dtype = {"": torch.bfloat16 if cuda else torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16}.get(a.dtype)
+    if dtype is None:
+        common.die(f"--dtype={a.dtype}: use float32 or bfloat16")
+    rows = token_nll_rows(device, sizes, dtype, a.repeat, not a.no_compile)
+    print()
+    table([_token_nll_cells(r) for r in rows], TOKEN_NLL_HEADER)
+    print(f"{dtype}; medians of {a.repeat or '5-100'} runs; forward and backward, to the gradient of the logits z (M, V); "
+          "eager = F.cross_entropy(z.float()); peak = extra memory in units of z, the gradient included")
+
+
+# ----------------------------------------------------------------------------------------------
 # One command that validates a GPU: build, CUDA tests, kernel timings, every method trained and sampled, DDP
 
 GPU_METHODS = ("ddpm", "diffusion_lm", "mdlm", "sedd", "diffuser", "ar")
 # after the build; training, whose time --timeout bounds, before the timings, whose compiles the --budget cuts short
-GPU_PARTS = ("self-check", "cuda", "past", "train", "kernels", "nearest", "rotary", "acceptance", "ddp")
+GPU_PARTS = ("self-check", "cuda", "past", "train", "kernels", "nearest", "rotary", "token_nll", "acceptance", "ddp")
 # --sample overrides: the dry run's few steps (each method's own kind of step count); a GPU samples at defaults
 DRY_SAMPLE = {"ddpm": ["--steps=4", "--num_samples=64"], "diffusion_lm": ["--steps=4", "--num_samples=2"],
               "mdlm": ["--steps=4", "--num_samples=2"], "sedd": ["--steps=4", "--num_samples=2"],
@@ -1343,6 +1397,12 @@ def bench_gpu(argv):
                            bw=ops.get("bw"))
         return "ok", f"rotary fwd+bwd at (B, L, H, D) = {sizes[0]} {dtype}{compiled(rows)}", rows
 
+    def token_nll():  # no kernel: the losses' cross-entropy, at the papers' B x L rows of GPT-2 logits
+        sizes, dtype = ([(64 * 1024, 50258)], torch.bfloat16) if cuda else ([(64, 66)], torch.float32)
+        rows = token_nll_rows(device, sizes, dtype, repeat=0 if cuda else 1, compile=may_compile)
+        peaks = f"peak {rows[0]['kernel_peak_units']:.2f} units of the logits, F.cross_entropy's {rows[0]['eager_peak_units']:.2f}"
+        return "ok", f"token_nll fwd+bwd at (M, V) = {sizes[0]} {dtype}; {peaks}{compiled(rows)}", rows
+
     def acceptance():
         found = {p["name"]: p["figures"] for p in report.parts}
         if not found.get("kernels") and not found.get("nearest"):
@@ -1373,7 +1433,7 @@ def bench_gpu(argv):
 
     parts = (("build", build), ("self-check", self_check), ("cuda tests", cuda_tests), ("past 2^31", far),
              ("train and sample", train), ("kernels", kernels), ("nearest", nearest), ("rotary", rotary),
-             ("acceptance", acceptance), ("ddp", ddp))
+             ("token_nll", token_nll), ("acceptance", acceptance), ("ddp", ddp))
     for name, fn in parts:
         if name == "build" or not chosen or name.split()[0] in chosen:
             report.part(name, fn, budgeted=name != "acceptance")  # the verdict on timings taken costs nothing
@@ -1393,6 +1453,7 @@ BENCHES = {
     "sedd": bench_sedd,
     "nearest": bench_nearest,
     "rotary": bench_rotary,
+    "token_nll": bench_token_nll,
     "gpu": bench_gpu,
 }
 

@@ -448,6 +448,39 @@ class Transformer(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
+# The cross-entropy over a vocabulary, for every loss of a head over token ids
+
+
+NLL_CHUNK = 2**24  # elements of fp32 work (64 MB) a chunk of rows at most, or one row
+
+
+class TokenNLL(torch.autograd.Function):
+    """-log softmax(z)[y] in fp32 (M,) from logits z (M, V) in their own dtype, y (M,) ids (y < 0: a row that counts 0).
+    F.cross_entropy(z.float()) keeps an fp32 log-softmax of z for its backward and builds more fp32 copies around it;
+    this keeps z alone, works through fp32 a chunk of rows at a time, and computes the softmax again in the backward."""
+
+    @staticmethod
+    def forward(ctx, z, y):
+        ctx.rows = max(1, NLL_CHUNK // z.shape[-1])
+        ctx.save_for_backward(z, y)
+        chunks = zip(z.split(ctx.rows), y.clamp(min=0)[:, None].split(ctx.rows))
+        logp = torch.cat([c.float().log_softmax(-1).gather(-1, yc)[:, 0] for c, yc in chunks])  # (M,)
+        return logp.neg().masked_fill(y < 0, 0)
+
+    @staticmethod
+    def backward(ctx, g):
+        # g (M,) -> the gradient (softmax(z) - onehot(y)) g of z (M, V), in z's dtype
+        z, y = ctx.saved_tensors
+        dz, args = torch.empty_like(z), (z, y.clamp(min=0)[:, None], g.masked_fill(y < 0, 0)[:, None])
+        for d, (c, yc, gc) in zip(dz.split(ctx.rows), zip(*(a.split(ctx.rows) for a in args))):
+            torch.mul(c.float().softmax(-1).scatter_add_(-1, yc, torch.full_like(gc, -1.0)), gc, out=d)
+        return dz, None
+
+
+token_nll = TokenNLL.apply
+
+
+# ----------------------------------------------------------------------------------------------
 # Checkpoints: one file holds everything a run needs to resume, sample and evaluate. Written to a temporary
 # name of this process and renamed, so a crash or a full disk never leaves a broken ckpt.pt; it carries a SHA-256
 # of its contents, checked on load: torch's zip reader does not check its CRCs (a flipped bit would load silently).

@@ -31,7 +31,6 @@ import time
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import common
 import corpus
@@ -393,7 +392,7 @@ class DiffusER(nn.Module):
 
 def mean_ce(logits, y):
     # (B, L, C), (B, L) -> the mean over the targets (y >= 0); 0 for a batch without any (tiny ones: no slot, every x_t empty)
-    total = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
+    total = common.token_nll(logits.flatten(0, 1), y.flatten()).sum()
     return total / (y >= 0).sum().clamp(min=1)
 
 

@@ -222,7 +222,7 @@ class DiffusionLM(nn.Module):
         err = (target - pred.float()).pow(2)
         ab_T = self.ab[-1]
         l_T = 0.5 * (-1 - torch.log1p(-ab_T) + (1 - ab_T) + ab_T * x0.pow(2)).sum((1, 2))  # KL(q(x_T|x_0) || N(0, I))
-        rounding = F.cross_entropy(self.round_logits(x0).float().transpose(1, 2), w, reduction="none")  # (B, L)
+        rounding = common.token_nll(self.round_logits(x0).flatten(0, 1), w.flatten()).view_as(w)  # (B, L)
         return {"mse": err.mean((1, 2)), "prior": (ab_T * x0.pow(2)).mean((1, 2)), "rounding": rounding.mean(1),
                 "sq_err": err.sum((1, 2)), "l_T": l_T, "rounding_sum": rounding.sum(1), "t": t}
 

@@ -166,11 +166,10 @@ def nelbo_terms(model, x0, t, cfg, mask_id):
     xt = q_sample(x0, t, mask_id, cfg)
     sigma = sigma_bar(t, cfg)  # the time input when conditioned
     rows = (xt == mask_id).nonzero(as_tuple=True)  # (M,) each: carry-over makes the term 0 elsewhere; the head runs here
-    logits = model(xt, sigma, rows=rows).float()  # (M, N)
+    logits = model(xt, sigma, rows=rows)  # (M, N)
     logits[:, mask_id] = -float("inf")  # zero masking
-    logp = logits.log_softmax(-1)  # contiguous rows
-    nll = torch.zeros(x0.shape, dtype=logp.dtype, device=x0.device)
-    nll[rows] = -logp.gather(-1, x0[rows].unsqueeze(-1)).squeeze(-1)  # (B, L)
+    nll = torch.zeros(x0.shape, device=x0.device)
+    nll[rows] = common.token_nll(logits, x0[rows])  # (B, L)
     return nll * nelbo_weight(t, cfg)[:, None]
 
 

@@ -273,3 +273,56 @@ def test_dropout_is_off_in_eval_mode(layout):
     t = torch.tensor([3.0, 700.0]) if kw.get("cond_dim") else None
     with torch.no_grad():
         torch.testing.assert_close(tiny(dropout=0.5, **kw)(x, t), tiny(**kw)(x, t), atol=0, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# common.token_nll: the cross-entropy of every head over token ids (AR, MDLM, DiffusER, Diffusion-LM's rounding)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M,V,chunk", [(0, 5, 10), (1, 1, 1), (7, 3, 6), (10, 9, 27), (37, 50, 10**9), (64, 1000, 3000)])
+def test_token_nll_is_cross_entropy_forward_and_back(monkeypatch, dtype, M, V, chunk):
+    """token_nll(z, y) (M,) and its gradient are F.cross_entropy's in float64 on the same logits, chunk by chunk (chunks
+    of chunk // V rows: a partial last one, one row each, one chunk for all), with an excluded -inf column, targets
+    < 0 that count 0 with no gradient, and a strided z; the gradient comes in z's dtype, rounded once."""
+    monkeypatch.setattr(common, "NLL_CHUNK", chunk)
+    g = torch.Generator().manual_seed(M * V)
+    z0 = (4 * torch.randn(M, 2 * V, generator=g)).to(dtype)[:, ::2]  # (M, V), every other column of a wider tensor
+    y = torch.randint(V, (M,), generator=g)
+    if V > 3:
+        z0[:, 2] = -math.inf  # MDLM's [MASK] column: no target takes it
+        y[y == 2] = 0
+    y[1::3] = -100  # DiffusER's positions without a target
+    w = torch.rand(M, generator=g)  # a weight per row, as MDLM's and the means' backward bring
+    z = z0.clone().requires_grad_()
+    nll = common.token_nll(z, y)
+    (nll * w).sum().backward()
+    ref_z = z0.double().requires_grad_()
+    ref = F.cross_entropy(ref_z, y, ignore_index=-100, reduction="none")
+    (ref * w.double()).sum().backward()
+    assert nll.dtype == torch.float32 and nll.shape == (M,) and z.grad.dtype == dtype
+    torch.testing.assert_close(nll.double(), ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(z.grad.double(), ref_z.grad, rtol=2**-8 if dtype == torch.bfloat16 else 1e-5, atol=1e-6)
+    assert not z.grad[1::3].any() and (V <= 3 or not z.grad[:, 2].any())
+
+
+def test_token_nll_keeps_the_logits_alone_for_its_backward(monkeypatch):
+    """The backward holds z itself (no copy) and a number a row, and fp32 work a chunk of rows at a time: forward and
+    backward together allocate z's gradient and little more, where F.cross_entropy(z.float()) holds fp32 copies."""
+    import bench
+    monkeypatch.setattr(common, "NLL_CHUNK", 2**16)  # 16 rows of 4096 a chunk
+    z = torch.randn(512, 4096, dtype=torch.bfloat16, requires_grad=True)
+    y = torch.randint(4096, (512,))
+    saved = common.token_nll(z, y).grad_fn.saved_tensors
+    assert saved[0] is z or saved[0].data_ptr() == z.data_ptr()
+    assert all(t.numel() <= 512 for t in saved[1:])
+
+    def step(loss):
+        z.grad = None
+        loss(z, y).sum().backward()
+        return z.grad
+
+    size = z.numel() * z.element_size()
+    ours = bench._peak_extra_bytes(lambda: step(common.token_nll), torch.device("cpu"))
+    theirs = bench._peak_extra_bytes(lambda: step(lambda z, y: F.cross_entropy(z.float(), y, reduction="none")), torch.device("cpu"))
+    assert ours < 1.5 * size < 4 * size < theirs  # its gradient (1) and a few chunks; fp32 copies (2 each) and the gradient

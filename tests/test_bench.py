@@ -18,8 +18,8 @@ import mdlm
 import sedd
 from conftest import run_cli, write_toy_dataset
 
-PARTS = ["build", "self-check", "cuda tests", "past 2^31", "train and sample", "kernels", "nearest", "rotary", "acceptance",
-         "ddp"]
+PARTS = ["build", "self-check", "cuda tests", "past 2^31", "train and sample", "kernels", "nearest", "rotary", "token_nll",
+         "acceptance", "ddp"]
 
 
 def test_help_lists_every_benchmark_and_a_wrong_name_is_one_line():
@@ -61,7 +61,7 @@ def test_gpu_command_dry_run_on_cpu(tmp_path):
     for p in doc["parts"]:
         assert f"| {p['name']} | {p['status']} |" in md and f"== {p['name']}: {p['status']} in" in r.stdout
     assert status["cuda tests"] == "skipped" and status["ddp"] == "skipped"  # no CUDA device, no second GPU
-    for part in ("build", "self-check", "past 2^31", "kernels", "nearest", "rotary", "acceptance"):
+    for part in ("build", "self-check", "past 2^31", "kernels", "nearest", "rotary", "token_nll", "acceptance"):
         assert status[part] == "ok", doc["parts"]
     checks = doc["parts"][PARTS.index("self-check")]["figures"]  # every marked op checked against its oracle
     assert {r["op"] for r in checks} == {"score_entropy", "sedd_euler_step", "sedd_tweedie_step",
@@ -236,6 +236,18 @@ def test_rotary_timing_and_its_bad_sizes():
     assert r.returncode == 1 and "use B,L,H,D" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+def test_token_nll_timing_and_its_bad_options():
+    """bench.py token_nll: a row per size, both versions timed; token_nll's peak is its gradient (one unit) and a chunk,
+    F.cross_entropy's at least three units (an fp32 log-softmax, its gradient, z's); bad options are one line."""
+    r = run_cli(["bench.py", "token_nll", "--sizes=64,66;3,1000", "--repeat=1", "--no_compile"])
+    rows = [line.split() for line in r.stdout.splitlines() if line.startswith("token_nll fwd+bwd")]
+    assert [row[2] for row in rows] == ["64,66", "3,1000"]
+    assert all(float(row[3]) > 0 and float(row[5]) > 0 and float(row[-2]) >= 3 > float(row[-1]) for row in rows), rows
+    for bad, said in (("--sizes=64", "use M,V"), ("--dtype=half", "use float32 or bfloat16")):
+        r = run_cli(["bench.py", "token_nll", bad], check=False)
+        assert r.returncode == 1 and said in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
 def test_methods_plot_without_matplotlib_is_refused_before_the_work(tmp_path, monkeypatch):
     """--plot failed only after every method had trained and sampled (about 45 minutes)."""
     real = bench.importlib.util.find_spec
@@ -310,8 +322,9 @@ def test_train_speed_prints_every_step_kind_with_its_spread(capsys):
         assert f"V = {V}, batch 4, L = 16, 1x32 (3 runs of 1 steps" in out
     for kind in ("reference (plain, contiguous CE)", "ar.py", "mdlm.py", "reference over (B, V, L)",
                  "ar.py, no kernels"):
-        assert sum(line.strip().startswith(kind + "  ") for line in out.splitlines()) == 2
-    assert out.count("mdlm.py / ar.py: ") == 2 and out.count("ar.py / ar.py, no kernels: ") == 2 and "1.00x" in out
+        lines = [line.split() for line in out.splitlines() if line.strip().startswith(kind + "  ")]
+        assert len(lines) == 2 and all(int(line[-1]) >= 0 for line in lines)  # the step's peak MiB
+    assert out.count("peak MiB") == 2 and out.count("mdlm.py / ar.py: ") == 2 and out.count("ar.py / ar.py, no kernels: ") == 2 and "1.00x" in out
 
 
 NANOGPT_STAND_IN = """
