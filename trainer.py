@@ -26,10 +26,9 @@ import time
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from common import (PER_COMMAND, RESUMED, TextConfig, Transformer, autocast, config_from_checkpoint, die, get_device, load_checkpoint,
-                    out_dir, save_checkpoint, write_file)
+                    out_dir, save_checkpoint, token_nll, write_file)
 import difflm_ops
 import hub
 from corpus import TOKENIZER_KEYS, Batches, data_path, get_tokenizer, prepare_data, tokenizer_name
@@ -512,8 +511,8 @@ def judge_nll(judge, samples, batch_size=32):
             x = chunk[b:b + batch_size].to(device)
             inp = torch.cat([torch.full_like(x[:, :1], V), x[:, :-1]], 1)  # [BOS] shifted in
             with autocast(device):
-                logits = judge["head"](judge["backbone"](inp)).float()  # (b, T, V)
-            total += float(F.cross_entropy(logits.flatten(0, 1), x.flatten(), reduction="sum"))  # contiguous rows
+                logits = judge["head"](judge["backbone"](inp))  # (b, T, V)
+            total += float(token_nll(logits.flatten(0, 1), x.flatten()).sum())  # as ar.py's own loss
             count += x.numel()
     return total / count
 
