@@ -471,9 +471,11 @@ class TokenNLL(torch.autograd.Function):
     def backward(ctx, g):
         # g (M,) -> the gradient (softmax(z) - onehot(y)) g of z (M, V), in z's dtype
         z, y = ctx.saved_tensors
-        dz, args = torch.empty_like(z), (z, y.clamp(min=0)[:, None], g.masked_fill(y < 0, 0)[:, None])
-        for d, (c, yc, gc) in zip(dz.split(ctx.rows), zip(*(a.split(ctx.rows) for a in args))):
-            torch.mul(c.float().softmax(-1).scatter_add_(-1, yc, torch.full_like(gc, -1.0)), gc, out=d)
+        g = g.masked_fill(y < 0, 0)[:, None]  # (M, 1): rows without a target get no gradient
+        dz = torch.empty_like(z)
+        for c, yc, gc, d in zip(*(t.split(ctx.rows) for t in (z, y.clamp(min=0)[:, None], g, dz))):
+            p = c.float().softmax(-1).scatter_add_(-1, yc, torch.full_like(gc, -1.0))  # softmax(z) - onehot(y), fp32
+            torch.mul(p, gc, out=d)
         return dz, None
 
 
