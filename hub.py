@@ -33,7 +33,7 @@ import re
 import torch
 
 import corpus
-from common import die, write_file
+from common import die, token_nll, write_file
 
 CONFIG = "config.json"
 WEIGHTS = ("model.safetensors", "pytorch_model.bin")
@@ -334,7 +334,7 @@ def hf_judge_nll(model, tok, text):
             continue
         eos = x == (tok.eos_token_id if tok.eos_token_id is not None else -1)
         keep = (~eos | (eos.cumsum(0) == 1))[1:]  # (T - 1,) the targets scored
-        nll = torch.nn.functional.cross_entropy(model(x[None]).logits.float()[0, :-1], x[1:], reduction="none")
+        nll = token_nll(model(x[None]).logits[0, :-1], x[1:])  # (T - 1,)
         total, count = total + float(nll[keep].sum()), count + int(keep.sum())
     return total, count, chunks, ids
 
