@@ -613,8 +613,8 @@ def kernel_rows(device, ops, sizes, dtype, names, graphs, repeat=0, eager=True, 
                         torch.rand(B, L, 2, generator=gen, dtype=torch.float64, device=device))
 
             def fwd_bwd(fn):
-                def run(ls, xt, x0, sb, w):
-                    return torch.autograd.grad((fn(ls, xt, x0, sb, graph) * w).sum(), ls)[0]
+                def run(ls, xt, x0, sb, shift, w):
+                    return torch.autograd.grad((fn(ls, xt, x0, sb, graph, shift) * w).sum(), ls)[0]
                 return run
 
             def run(name, make, oracle, kernel, floor_bytes, grad=False):
@@ -630,12 +630,13 @@ def kernel_rows(device, ops, sizes, dtype, names, graphs, repeat=0, eager=True, 
                 print("  " + "  ".join(_kernel_cells(row, bw)), flush=True)
 
             if "score_entropy" in names:
-                def make_se():
+                def make_se():  # as sedd.py's loss calls it: the head's output and, absorbing, its offset
                     xt, x0 = score_states(graph, B, L, N, gen)
                     ls = scores(False).requires_grad_()
                     sb = torch.rand(B, generator=gen, device=device) * 3 + 0.05
+                    shift = sedd.log_expm1(sb) + math.log(N - 1) if graph == "absorb" else None
                     w = torch.rand(B, generator=gen, device=device)[:, None]  # sigma(t) / B per sequence
-                    return ls, xt, x0, sb, w
+                    return ls, xt, x0, sb, shift, w
                 run("score_entropy fwd+bwd", make_se, fwd_bwd(sedd.score_entropy.oracle), fwd_bwd(ops["score_entropy"]),
                     2 * B * L * N * elt, grad=True)
             if "euler" in names:
@@ -677,12 +678,13 @@ def far_rows(device, entries, V, tail=64):
         xt, x0 = score_states(graph, 1, L, N, gen)  # (1, L)
         u = torch.rand(1, L, 2, generator=gen, device=device, dtype=torch.float64)
         t, sb = torch.full((1,), 0.3, dtype=torch.float64, device=device), torch.full((1,), 1.3, device=device)
+        shift = torch.full((1,), 9.5, device=device) if graph == "absorb" else None  # as SEDD's absorbing loss has
         end = lambda *ts: [x[:, -tail:].contiguous() for x in ts]  # noqa: E731
         checks = []
         f, got = sedd.score_entropy, []
         for fn, args in ((f.kernel, (ls, xt, x0)), (f.oracle, end(ls, xt, x0))):
             leaf = args[0].detach().requires_grad_()
-            loss = fn(leaf, *args[1:], sb, graph)[:, -tail:]  # (1, tail)
+            loss = fn(leaf, *args[1:], sb, graph, shift)[:, -tail:]  # (1, tail)
             got.append((loss.detach(), torch.autograd.grad(loss.sum(), leaf)[0][:, -tail:]))
             del leaf, loss
         checks += [("score_entropy", "loss", *kmod._gap(got[0][0], got[1][0], *kmod.LOSS_TOL)),

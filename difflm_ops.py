@@ -364,12 +364,13 @@ def _same_device(a):
     return len(devices) == 1
 
 
-def _score_entropy(log_score, xt, x0, sigma_bar, graph):
+def _score_entropy(log_score, xt, x0, sigma_bar, graph, shift):
     """On the CPU, when a gradient will be asked for, the loss's pass writes the gradient too: there
     the exps cost more than the bytes. On a GPU (and under torch.compile) the forward only reads and
     the backward recomputes."""
     k = torch.ops.difflm
-    args = (log_score.contiguous(), xt.contiguous(), x0.contiguous(), sigma_bar, graph)
+    args = (log_score.contiguous(), xt.contiguous(), x0.contiguous(), sigma_bar, graph,
+            None if shift is None else shift.float().contiguous())
     if (log_score.device.type == "cpu" and log_score.requires_grad and torch.is_grad_enabled()
             and not torch.compiler.is_compiling()):
         return k.score_entropy_with_grad(*args)[0]
@@ -490,21 +491,23 @@ LOSS_TOL, GRAD_TOL = (1e-4, 1e-4), {torch.float32: (1e-5, 1e-4), torch.bfloat16:
 
 
 def _check_score_entropy(f, device):
+    """Loss and gradient, without a shift and with one (SEDD's absorbing offset, as its loss passes it)."""
     gen, out = torch.Generator().manual_seed(0), []
-    for graph, dtype, ls, xt, x0 in _cases(gen, device):
+    for (graph, dtype, ls, xt, x0), shifted in itertools.product(_cases(gen, device), (False, True)):
         sb = torch.rand(ls.shape[0], generator=gen) * 4 + 1e-3
         sb[-1] = 200.0  # past fp32's expm1: the constants' limits (r -> 0 absorbing, r -> 1 uniform)
         sb = sb.to(device)
+        shift = (torch.rand(ls.shape[0], generator=gen) * 16 - 2).to(device) if shifted else None
         w = (torch.rand(xt.shape, generator=gen) + 0.5).to(device)  # an upstream gradient that is not all ones
-        where = f"{graph}, {str(dtype)[6:]}"
+        where = f"{graph}, {str(dtype)[6:]}{', shifted' if shifted else ''}"
         with torch.no_grad():
-            r, msg = _gap(f.kernel(ls, xt, x0, sb, graph), f.oracle(ls, xt, x0, sb, graph), *LOSS_TOL)
+            r, msg = _gap(f.kernel(ls, xt, x0, sb, graph, shift), f.oracle(ls, xt, x0, sb, graph, shift), *LOSS_TOL)
             out.append((r, f"loss {where}: {msg}"))
         got = []  # (loss, gradient, gradient again) of the op, then of the oracle; on the CPU the op's first
         for fn in (f.kernel, f.oracle):  # gradient is its loss-and-gradient pass's, the second its backward's
             leaf = ls.detach().clone().requires_grad_()
             with torch.enable_grad():
-                loss = fn(leaf, xt, x0, sb, graph)
+                loss = fn(leaf, xt, x0, sb, graph, shift)
                 grads = [torch.autograd.grad((loss * w).sum(), leaf, retain_graph=keep)[0] for keep in (True, False)]
                 got.append((loss.detach(), *grads))
         r, msg = _gap(got[0][0], got[1][0], *LOSS_TOL)
@@ -578,11 +581,15 @@ def _check_rotary(f, device):
     return _worst(out)
 
 
-def _refuse_sigma_bar(a):
-    """Absorbing score entropy: r = 1 / expm1(sigma_bar) is a rate only for 0 < sigma_bar < inf."""
-    sigma_bar = a[3]
+def _refuse_score_entropy(a):
+    """Absorbing score entropy: r = 1 / expm1(sigma_bar) is a rate only for 0 < sigma_bar < inf. A shift
+    is one value per sequence (the oracle would broadcast a single one)."""
+    sigma_bar, shift = a[3], a[5]
     if a[4] == "absorb" and sigma_bar.numel() and not bool(((sigma_bar > 0) & (sigma_bar < math.inf)).all()):
         raise ValueError("difflm: sigma_bar must be positive and finite for the absorbing graph")
+    if shift is not None and tuple(shift.shape) != tuple(a[0].shape[:1]):
+        raise ValueError(f"difflm: shift must have shape (B,) = ({a[0].shape[0]},), one value per sequence, "
+                         f"got {tuple(shift.shape)}")
 
 
 def _refuse_step(tname):
@@ -623,8 +630,9 @@ _GRAPHS = ("absorb", "uniform")
 SPECS = {
     "score_entropy": _Spec(_score_entropy, lambda a: _float_scores(a[0]) and _ids(a[1], a[2]) and a[4] in _GRAPHS
                            and a[3].dtype in (torch.float32, torch.float64) and not a[3].requires_grad  # the op's
-                           and _same_device(a),  # backward is the scores' alone
-                           _check_score_entropy, _refuse_sigma_bar),
+                           and (a[5] is None or a[5].is_floating_point() and not a[5].requires_grad)  # backward is
+                           and _same_device(a),  # the scores' alone
+                           _check_score_entropy, _refuse_score_entropy),
     "sedd_euler_step": _Spec(_sedd_euler_step, lambda a: _float_scores(a[0]) and _ids(a[1]) and a[4] in _GRAPHS
                              and a[3].dtype == torch.float64 and _same_device(a), _check_steps, _refuse_step("rate_dt")),
     "sedd_tweedie_step": _Spec(_sedd_tweedie_step, lambda a: _float_scores(a[0]) and _ids(a[1]) and a[4] in _GRAPHS

@@ -231,7 +231,7 @@ class SEDD(nn.Module):
         if cfg.ddit:
             nn.init.zeros_(self.head.bias)
 
-    def forward(self, xt, sigma_bar, rows=None):
+    def forward(self, xt, sigma_bar, rows=None, split=False):
         """xt (B, L), sigma_bar (B,) -> log-scores log s_theta (B, L, N), fp32; with rows, the (b, l)
         indices of R positions (per_row), the head runs only on those positions -> (R, N).
 
@@ -239,13 +239,24 @@ class SEDD(nn.Module):
         h = 0 the scores of a masked position sum to 1 / expm1(sigma_bar), the true total, and
         h plays the part of an unnormalised log p(x_0 | x_t). The current token's score is its
         ratio to itself, 1.
+
+        split=True -> (h, shift): the head's output in its own dtype (bf16 under autocast) and the
+        offset (B,) or (R,) fp32, None on the uniform graph, for score_entropy(..., shift). The
+        offset (up to ~18) needs fp32, so the log-scores need an fp32 (B, L, N); the loss then keeps
+        the bf16 h alone.
         """
         h = self.backbone(xt, sigma_bar)  # (B, L, C)
         if rows is not None:
             h, xt, sigma_bar = h[rows], xt[rows], per_row(rows, sigma_bar)[0]  # (R, C), (R,), (R,)
-        h = self.head(h).float()  # fp32 before the offset (up to ~12 at t_end); in place from here: one (B, L, N)
+        h = self.head(h)  # (B, L, N) or (R, N)
+        shift = None
         if self.graph == "absorb":
-            h.sub_((log_expm1(sigma_bar.float()) + math.log(self.num_states - 1)).view(-1, *[1] * (h.dim() - 1)))
+            shift = log_expm1(sigma_bar.float()) + math.log(self.num_states - 1)  # (B,) or (R,)
+        if split:
+            return h, shift
+        h = h.float()  # in place from here: one fp32 (B, L, N)
+        if shift is not None:
+            h.sub_(shift.view(-1, *[1] * (h.dim() - 1)))
         return h.scatter_(-1, xt.unsqueeze(-1), 0.0)
 
 
@@ -267,18 +278,19 @@ def register_score_entropy_autograd(ops):
     Either way the gradient is the only B x L x N tensor made.
     """
     def recompute(ctx, grad_loss):
-        log_score, xt, x0, sigma_bar = ctx.saved_tensors
+        log_score, xt, x0, sigma_bar, shift = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: a gradient to differentiate again, through the oracle
-            loss = score_entropy.oracle(log_score, xt, x0, sigma_bar, ctx.graph)
+            loss = score_entropy.oracle(log_score, xt, x0, sigma_bar, ctx.graph, shift)
             return torch.autograd.grad(loss, log_score, grad_loss, create_graph=True)[0]
-        return ops.score_entropy_backward(grad_loss.float().contiguous(), log_score, xt, x0, sigma_bar, ctx.graph)
+        return ops.score_entropy_backward(grad_loss.float().contiguous(), log_score, xt, x0, sigma_bar, ctx.graph,
+                                          shift)
 
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs[:4])
-        ctx.graph = inputs[4]
+        log_score, xt, x0, sigma_bar, ctx.graph, *shift = inputs
+        ctx.save_for_backward(log_score, xt, x0, sigma_bar, shift[0] if shift else None)
 
     def backward(ctx, grad_loss):
-        return recompute(ctx, grad_loss), None, None, None, None
+        return recompute(ctx, grad_loss), None, None, None, None, None
 
     torch.library.register_autograd("difflm::score_entropy", backward, setup_context=setup_context)
 
@@ -290,24 +302,31 @@ def register_score_entropy_autograd(ops):
 
     def backward_with_grad(ctx, grad_loss, _):
         if ctx.grad is None or torch.is_grad_enabled():  # a retained graph's second backward: the first one
-            return recompute(ctx, grad_loss), None, None, None, None  # consumed it; or create_graph=True
+            return recompute(ctx, grad_loss), None, None, None, None, None  # consumed it; or create_graph=True
         grad, ctx.grad = ctx.grad, None
-        return grad.mul_(grad_loss.unsqueeze(-1)), None, None, None, None
+        g, w = grad.view(-1, grad.shape[-1]), grad_loss.reshape(-1, 1)  # (B * L, N), (B * L, 1) fp32
+        n = max(1, 2**20 // g.shape[-1])  # rows of 2^20 entries at a time: a bf16 g's mul_ by an fp32 w
+        for i in range(0, g.shape[0], n):  # makes two fp32 copies of all it scales
+            g[i:i + n].mul_(w[i:i + n])
+        return grad, None, None, None, None, None
 
     torch.library.register_autograd("difflm::score_entropy_with_grad", backward_with_grad,
                                     setup_context=setup_context_with_grad)
 
 
 @difflm_ops.fused("score_entropy", on_load=register_score_entropy_autograd)
-def score_entropy(log_score, xt, x0, sigma_bar, graph):
+def score_entropy(log_score, xt, x0, sigma_bar, graph, shift=None):
     """Per-position DWDSE D^l (B, L) fp32, NOT weighted by sigma(t).
 
-    log_score (B, L, N) bf16 or fp32: log s_theta after the absorbing offset; the entry at xt is
-    read as log 1 = 0 whatever it holds. xt, x0 (B, L) int64; sigma_bar (B,) fp32.
+    log_score (B, L, N) bf16 or fp32: log s_theta, or with shift (B,) fp32 log s_theta + shift[b] (a
+    bf16 head's output, whose per-sequence offset (SEDD.forward) bf16 could not hold); the entry at xt
+    is read as log 1 = 0 whatever it holds. xt, x0 (B, L) int64; sigma_bar (B,) fp32.
         D = sum_{y != x} Q[x, y] [s_y - rho_y log s_y + K(rho_y)],  rho_y = p(y | x_0) / p(x | x_0)
     with x = x_t. Its gradient w.r.t. log s_y is Q[x, y] (s_y - rho_y), 0 at y = x.
     """
     ls = log_score.float()  # fp32 before exp: the terms cancel at O(r log r)
+    if shift is not None:
+        ls = ls - shift.float()[:, None, None]
     N = ls.shape[-1]
     out = torch.zeros(xt.shape, dtype=torch.float32, device=ls.device)
     if graph == "absorb":
@@ -339,19 +358,20 @@ def score_entropy(log_score, xt, x0, sigma_bar, graph):
 def nelbo_terms(model, x0, t, cfg, N):
     """Per-position NELBO integrand sigma(t) D^l (B, L) at times t (B,), with x_t drawn from x_0.
 
-    model is any callable (xt, sigma_bar, rows=None) -> log-scores (B, L, N), or (R, N) at the
-    positions rows (b, l) index, possibly wrapped (DDP, torch.compile), so the number of states N
-    comes separately.
+    model is any callable (xt, sigma_bar, rows=None, split=False) as SEDD.forward, called here with
+    split=True -> (log-scores + shift, shift or None), (B, L, N) or (R, N) at the positions rows (b, l)
+    index; possibly wrapped (DDP, torch.compile), so the number of states N comes separately.
     """
     sigma_bar, sigma = schedule(t, cfg)
     xt = sample_transition(x0, sigma_bar[:, None], N, cfg.graph)
     if cfg.graph == "uniform":
-        return sigma[:, None] * score_entropy(model(xt, sigma_bar), xt, x0, sigma_bar, cfg.graph)  # (B, L, N) scores
+        h, shift = model(xt, sigma_bar, split=True)  # (B, L, N), None
+        return sigma[:, None] * score_entropy(h, xt, x0, sigma_bar, cfg.graph, shift)
     # absorbing: only masked positions carry a term (Q[x, .] = 0 elsewhere), so the head runs only
     # there, and the rows go to score_entropy as R sequences of length 1
     rows = (xt == N - 1).nonzero(as_tuple=True)  # (R,) each: the masked positions
-    log_score = model(xt, sigma_bar, rows=rows)  # (R, N)
-    d = score_entropy(log_score[:, None], *per_row(rows, xt, x0, sigma_bar), cfg.graph)  # (R, 1)
+    h, shift = model(xt, sigma_bar, rows=rows, split=True)  # (R, N), (R,)
+    d = score_entropy(h[:, None], *per_row(rows, xt, x0, sigma_bar), cfg.graph, shift)  # (R, 1)
     terms = torch.zeros(x0.shape, dtype=d.dtype, device=d.device).index_put(rows, d[:, 0])  # (B, L)
     return sigma[:, None] * terms
 

@@ -3,9 +3,9 @@
 // launchers. Fake (meta) implementations are registered from Python (kernels.py), the autograd of
 // score_entropy by sedd.py and of rotary by common.py through it.
 //
-//   score_entropy(log_score, xt, x0, sigma_bar, graph) -> loss (B, L) fp32
-//   score_entropy_backward(grad_loss, log_score, xt, x0, sigma_bar, graph) -> grad (B, L, N), input dtype
-//   score_entropy_with_grad(log_score, xt, x0, sigma_bar, graph) -> (loss, grad of loss.sum()), CPU only:
+//   score_entropy(log_score, xt, x0, sigma_bar, graph, shift=None) -> loss (B, L) fp32; log s = log_score - shift
+//   score_entropy_backward(grad_loss, log_score, xt, x0, sigma_bar, graph, shift=None) -> grad (B, L, N), input dtype
+//   score_entropy_with_grad(log_score, xt, x0, sigma_bar, graph, shift=None) -> (loss, grad of loss.sum()), CPU only:
 //     one pass that reads the scores once for both (the CPU training path; on a GPU the bytes cost
 //     more than the exps, so the forward only reads and the backward recomputes)
 //   sedd_euler_step(log_score, xt, rate_dt, u, graph) -> x_s (B, L)
@@ -111,7 +111,8 @@ void cuda_ok(int err, const char* op) {
 #endif
 
 // checks shared by the forward and the backward; returns the dtype code
-int check_score_entropy(const Tensor& log_score, const Tensor& xt, const Tensor& x0, const Tensor& sigma_bar, int g) {
+int check_score_entropy(const Tensor& log_score, const Tensor& xt, const Tensor& x0, const Tensor& sigma_bar,
+                        const std::optional<Tensor>& shift, int g) {
   const int dtype = check_scores(log_score, "log_score", g == difflm::ABSORB ? 2 : 1);
   const int64_t B = log_score.size(0), L = log_score.size(1), N = log_score.size(2);
   check_like(xt, "xt", log_score, {B, L}, at::kLong, "(B, L)");
@@ -122,6 +123,7 @@ int check_score_entropy(const Tensor& log_score, const Tensor& xt, const Tensor&
               "), got ", sigma_bar.sizes());
   TORCH_CHECK(sigma_bar.scalar_type() == at::kFloat || sigma_bar.scalar_type() == at::kDouble,
               "difflm: sigma_bar must be float32 or float64, got ", sigma_bar.scalar_type());
+  if (shift.has_value()) check_like(*shift, "shift", log_score, {B}, at::kFloat, "(B,)");
   if (g == difflm::ABSORB && B > 0) {  // r = 1 / expm1(sigma_bar) is a rate only for 0 < sigma_bar < inf
     const auto [lo, hi] = range_of<double>(sigma_bar);
     TORCH_CHECK(lo > 0 && hi < INFINITY, "difflm: sigma_bar must be positive and finite for the absorbing graph, got "
@@ -136,9 +138,10 @@ int check_score_entropy(const Tensor& log_score, const Tensor& xt, const Tensor&
 // want_loss: the loss (B, L) fp32; want_grad: the gradient (B, L, N) scaled by grad_loss (by 1 when undefined)
 std::tuple<Tensor, Tensor> score_entropy_impl(const Tensor& log_score, const Tensor& xt, const Tensor& x0,
                                               const Tensor& sigma_bar, c10::string_view graph,
-                                              const Tensor& grad_loss, bool want_loss, bool want_grad) {
+                                              const std::optional<Tensor>& shift, const Tensor& grad_loss,
+                                              bool want_loss, bool want_grad) {
   const int g = graph_id(graph);
-  const int dtype = check_score_entropy(log_score, xt, x0, sigma_bar, g);
+  const int dtype = check_score_entropy(log_score, xt, x0, sigma_bar, shift, g);
   const int64_t B = log_score.size(0), L = log_score.size(1), N = log_score.size(2);
   if (grad_loss.defined()) check_like(grad_loss, "grad_loss", log_score, {B, L}, at::kFloat, "(B, L)");
   const Tensor sb = sigma_bar.to(at::kDouble).contiguous();
@@ -148,15 +151,16 @@ std::tuple<Tensor, Tensor> score_entropy_impl(const Tensor& log_score, const Ten
   float* lp = want_loss ? loss.data_ptr<float>() : nullptr;
   const float* gl = grad_loss.defined() ? grad_loss.data_ptr<float>() : nullptr;
   void* gp = want_grad ? grad.data_ptr() : nullptr;
+  const float* sh = shift.has_value() ? shift->data_ptr<float>() : nullptr;
   if (log_score.is_cpu()) {
     difflm::cpu_score_entropy(log_score.data_ptr(), dtype, xt.data_ptr<int64_t>(), x0.data_ptr<int64_t>(),
-                              sb.data_ptr<double>(), g, B, L, N, lp, gl, gp, at::get_num_threads());
+                              sb.data_ptr<double>(), sh, g, B, L, N, lp, gl, gp, at::get_num_threads());
   } else {
 #ifdef DIFFLM_CUDA
     DIFFLM_STREAM(log_score);
     const Tensor consts = at::empty({B * (int64_t)sizeof(difflm::SEConsts)}, log_score.options().dtype(at::kByte));
     cuda_ok(difflm_launch_score_entropy(log_score.data_ptr(), dtype, xt.data_ptr<int64_t>(), x0.data_ptr<int64_t>(),
-                                        sb.data_ptr<double>(), g, B, L, N, lp, gl, gp, consts.data_ptr(), stream),
+                                        sb.data_ptr<double>(), sh, g, B, L, N, lp, gl, gp, consts.data_ptr(), stream),
             "score_entropy");
 #endif
   }
@@ -164,19 +168,20 @@ std::tuple<Tensor, Tensor> score_entropy_impl(const Tensor& log_score, const Ten
 }
 
 Tensor score_entropy(const Tensor& log_score, const Tensor& xt, const Tensor& x0, const Tensor& sigma_bar,
-                     c10::string_view graph) {
-  return std::get<0>(score_entropy_impl(log_score, xt, x0, sigma_bar, graph, Tensor(), true, false));
+                     c10::string_view graph, const std::optional<Tensor>& shift) {
+  return std::get<0>(score_entropy_impl(log_score, xt, x0, sigma_bar, graph, shift, Tensor(), true, false));
 }
 
 Tensor score_entropy_backward(const Tensor& grad_loss, const Tensor& log_score, const Tensor& xt, const Tensor& x0,
-                              const Tensor& sigma_bar, c10::string_view graph) {
+                              const Tensor& sigma_bar, c10::string_view graph, const std::optional<Tensor>& shift) {
   TORCH_CHECK(grad_loss.defined(), "difflm: grad_loss must be a (B, L) float32 tensor");
-  return std::get<1>(score_entropy_impl(log_score, xt, x0, sigma_bar, graph, grad_loss, false, true));
+  return std::get<1>(score_entropy_impl(log_score, xt, x0, sigma_bar, graph, shift, grad_loss, false, true));
 }
 
 std::tuple<Tensor, Tensor> score_entropy_with_grad(const Tensor& log_score, const Tensor& xt, const Tensor& x0,
-                                                   const Tensor& sigma_bar, c10::string_view graph) {
-  return score_entropy_impl(log_score, xt, x0, sigma_bar, graph, Tensor(), true, true);
+                                                   const Tensor& sigma_bar, c10::string_view graph,
+                                                   const std::optional<Tensor>& shift) {
+  return score_entropy_impl(log_score, xt, x0, sigma_bar, graph, shift, Tensor(), true, true);
 }
 
 // shared checks of the sampling steps; returns the dtype code
@@ -422,11 +427,12 @@ bool cuda_built() {
 }  // namespace
 
 TORCH_LIBRARY(difflm, m) {
-  m.def("score_entropy(Tensor log_score, Tensor xt, Tensor x0, Tensor sigma_bar, str graph) -> Tensor");
+  m.def("score_entropy(Tensor log_score, Tensor xt, Tensor x0, Tensor sigma_bar, str graph, Tensor? shift=None) "
+        "-> Tensor");
   m.def("score_entropy_backward(Tensor grad_loss, Tensor log_score, Tensor xt, Tensor x0, Tensor sigma_bar, "
-        "str graph) -> Tensor");
-  m.def("score_entropy_with_grad(Tensor log_score, Tensor xt, Tensor x0, Tensor sigma_bar, str graph) "
-        "-> (Tensor, Tensor)");
+        "str graph, Tensor? shift=None) -> Tensor");
+  m.def("score_entropy_with_grad(Tensor log_score, Tensor xt, Tensor x0, Tensor sigma_bar, str graph, "
+        "Tensor? shift=None) -> (Tensor, Tensor)");
   m.def("sedd_euler_step(Tensor log_score, Tensor xt, Tensor rate_dt, Tensor u, str graph) -> Tensor");
   m.def("sedd_tweedie_step(Tensor log_score, Tensor xt, Tensor dsigma, Tensor u, str graph, bool final=False) -> Tensor");
   m.def("mdlm_ancestral_step(Tensor logits, Tensor xt, Tensor p_unmask, Tensor u, int mask_id) -> Tensor");

@@ -119,18 +119,18 @@ DIFFLM_INLINE double exp_f64(double x) {
 // whichever clone runs and whether the gradient is written too (the vector width would set the
 // order of an omp simd reduction). The skipped entry y = skip (x_t, or MASK) is read as log s = 0
 // by a select and its exp(0) = 1 taken off after, so the loop has no split and vectorises over the
-// whole row. The gradient is (s - rho) * coef, 0 at y = skip.
+// whole row. A stored value is the log-score plus shift. The gradient is (s - rho) * coef, 0 at y = skip.
 constexpr int64_t SE_BLOCK = 1024;
 constexpr int SE_LANES = 16;
 
 template <bool LOSS, bool GRAD, bool TAIL, class T>
-DIFFLM_INLINE void se_lanes(const T* h, T* g, int64_t y0, int64_t hi, int64_t skip, float rho, float coef,
-                            float* s_acc, float* h_acc) {
+DIFFLM_INLINE void se_lanes(const T* h, T* g, int64_t y0, int64_t hi, int64_t skip, float shift, float rho,
+                            float coef, float* s_acc, float* h_acc) {
 #pragma omp simd
   for (int j = 0; j < SE_LANES; ++j) {
     const int64_t y = y0 + j;
     const bool in = !TAIL || y < hi;
-    const float hy = (!in || y == skip) ? 0.0f : load(h, y);
+    const float hy = (!in || y == skip) ? 0.0f : load(h, y) - shift;
     const float s = in ? exp_f32(hy) : 0.0f;
     if (GRAD && in) store(g, y, y == skip ? 0.0f : (s - rho) * coef);
     if (LOSS) s_acc[j] += s, h_acc[j] += hy;
@@ -138,15 +138,16 @@ DIFFLM_INLINE void se_lanes(const T* h, T* g, int64_t y0, int64_t hi, int64_t sk
 }
 
 template <bool LOSS, bool GRAD, class T>
-DIFFLM_INLINE void se_sums(const T* h, T* g, int64_t N, int64_t skip, float rho, float coef, double& S, double& H) {
+DIFFLM_INLINE void se_sums(const T* h, T* g, int64_t N, int64_t skip, float shift, float rho, float coef, double& S,
+                           double& H) {
   S = 0.0;
   H = 0.0;
   for (int64_t lo = 0; lo < N; lo += SE_BLOCK) {
     const int64_t hi = std::min(N, lo + SE_BLOCK);
     float s_acc[SE_LANES] = {}, h_acc[SE_LANES] = {};
     int64_t y0 = lo;
-    for (; y0 + SE_LANES <= hi; y0 += SE_LANES) se_lanes<LOSS, GRAD, false>(h, g, y0, hi, skip, rho, coef, s_acc, h_acc);
-    if (y0 < hi) se_lanes<LOSS, GRAD, true>(h, g, y0, hi, skip, rho, coef, s_acc, h_acc);
+    for (; y0 + SE_LANES <= hi; y0 += SE_LANES) se_lanes<LOSS, GRAD, false>(h, g, y0, hi, skip, shift, rho, coef, s_acc, h_acc);
+    if (y0 < hi) se_lanes<LOSS, GRAD, true>(h, g, y0, hi, skip, shift, rho, coef, s_acc, h_acc);
     float s_blk = 0.0f, h_blk = 0.0f;
     for (int j = 0; j < SE_LANES; ++j) s_blk += s_acc[j], h_blk += h_acc[j];
     S += (double)s_blk;
@@ -164,16 +165,16 @@ DIFFLM_INLINE float se_row(const T* h, T* g, int64_t N, int64_t x, int64_t x0, i
       if (GRAD) memset(g, 0, N * sizeof(T));
       return 0.0f;
     }
-    se_sums<LOSS, GRAD>(h, g, N, M, 0.0f, w, S, H);  // d/dlog s_y = s_y for y != x0
-    const float h0 = load(h, x0);
+    se_sums<LOSS, GRAD>(h, g, N, M, c.shift, 0.0f, w, S, H);  // d/dlog s_y = s_y for y != x0
+    const float h0 = load(h, x0) - c.shift;
     if (GRAD) store(g, x0, (float)(((double)exp_f32(h0) - c.r) * (double)w));
     return LOSS ? (float)(S - c.r * (double)h0 + c.k_same) : 0.0f;  // sum_{y != M} s_y - r log s_{x0} + K(r)
   }
   const bool same = x == x0;
   const float rho = same ? (float)c.r : 1.0f;
-  se_sums<LOSS, GRAD>(h, g, N, x, rho, w / (float)N, S, H);
+  se_sums<LOSS, GRAD>(h, g, N, x, c.shift, rho, w / (float)N, S, H);
   const double n = (double)N;
-  const float h0 = load(h, x0);
+  const float h0 = load(h, x0) - c.shift;
   if (GRAD && !same) store(g, x0, (float)(((double)exp_f32(h0) - 1.0 / c.r) / n * (double)w));
   if (!LOSS) return 0.0f;
   if (same) return (float)(S / n - c.r * H / n + c.k_same);
@@ -401,12 +402,12 @@ int64_t chunk_for(int64_t N) { return std::max<int64_t>(1, std::min<int64_t>(256
 }  // namespace
 
 void cpu_score_entropy(const void* log_score, int dtype, const int64_t* xt, const int64_t* x0,
-                       const double* sigma_bar, int graph, int64_t B, int64_t L, int64_t N, float* loss,
-                       const float* grad_loss, void* grad, int nthreads) {
+                       const double* sigma_bar, const float* shift, int graph, int64_t B, int64_t L, int64_t N,
+                       float* loss, const float* grad_loss, void* grad, int nthreads) {
   const int64_t rows = B * L, chunk = chunk_for(N);
   const int mode = (loss ? 1 : 0) + (grad ? 2 : 0);
   std::vector<SEConsts> consts(B);
-  for (int64_t b = 0; b < B; ++b) consts[b] = se_consts(sigma_bar[b], graph, N);
+  for (int64_t b = 0; b < B; ++b) consts[b] = se_consts(sigma_bar[b], graph, N, shift ? shift[b] : 0.0f);
 #pragma omp parallel for schedule(dynamic, chunk) num_threads(threads_for(rows, N, nthreads))
   for (int64_t i = 0; i < rows; ++i) {
     const SEConsts& c = consts[i / L];

@@ -131,10 +131,10 @@ __device__ __forceinline__ float group_max(float v, double* sm) {
 // ---- per-sequence constants (kernels.h): their fp64 exponentials and logs once per sequence, in a
 // launch of their own, not in every thread of every row, where they held up the row's loads
 
-__global__ void se_consts_kernel(const double* __restrict__ sigma_bar, int graph, int64_t B, int64_t N,
-                                 SEConsts* __restrict__ out) {
+__global__ void se_consts_kernel(const double* __restrict__ sigma_bar, const float* __restrict__ shift, int graph,
+                                 int64_t B, int64_t N, SEConsts* __restrict__ out) {
   const int64_t b = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (b < B) out[b] = se_consts(sigma_bar[b], graph, N);
+  if (b < B) out[b] = se_consts(sigma_bar[b], graph, N, shift ? shift[b] : 0.0f);
 }
 
 __global__ void step_consts_kernel(const double* __restrict__ t, int step, int graph, int64_t B, int64_t N,
@@ -146,7 +146,8 @@ __global__ void step_consts_kernel(const double* __restrict__ t, int step, int g
 unsigned blocks_for(int64_t n, int per_block) { return (unsigned)((n + per_block - 1) / per_block); }
 
 // ---- score entropy: the loss (forward, BWD = false, reads only) or the gradient scaled by the
-// upstream gradient w (backward: one read of the row, one write of its gradient)
+// upstream gradient w (backward: one read of the row, one write of its gradient). A stored value v is
+// the log-score v - shift.
 
 template <class T, int G, int R, bool BWD>
 __global__ void __launch_bounds__(G * R)
@@ -162,6 +163,7 @@ se_kernel(const T* __restrict__ h_all, const int64_t* __restrict__ xt, const int
   const float w = BWD ? grad_loss[row] : 1.0f;
   const int64_t x = xt[row], y0 = x0[row];
   const SEConsts& c = consts[row / L];
+  const float shift = c.shift;  // in a register: the loops below read it per value
   if (graph == ABSORB) {
     const int64_t M = N - 1;
     if (x != M) {
@@ -171,7 +173,7 @@ se_kernel(const T* __restrict__ h_all, const int64_t* __restrict__ xt, const int
     }
     float S = 0.0f;
     visit<T, G, BWD>(h, g, M, tid, [&](int64_t, float v) {
-      const float s = expf(v);
+      const float s = expf(v - shift);
       if (!BWD) S += s;
       return s * w;
     });
@@ -179,18 +181,19 @@ se_kernel(const T* __restrict__ h_all, const int64_t* __restrict__ xt, const int
       if (G > 32) __syncthreads(); else __syncwarp();  // the row is written before the two fix-ups
       if (tid == 0) {
         st(g, M, 0.0f);
-        st(g, y0, (float)(((double)expf(ld(h, y0)) - c.r) * (double)w));
+        st(g, y0, (float)(((double)expf(ld(h, y0) - shift) - c.r) * (double)w));
       }
       return;
     }
     const double St = group_sum<G>((double)S, sm[sub]);
-    if (tid == 0) loss[row] = (float)(St - c.r * (double)ld(h, y0) + c.k_same);
+    if (tid == 0) loss[row] = (float)(St - c.r * (double)(ld(h, y0) - shift) + c.k_same);
     return;
   }
   const bool same = x == y0;
   const float rho = same ? (float)c.r : 1.0f, coef = w / (float)N;
   float S = 0.0f, H = 0.0f;
   auto f = [&](int64_t, float v) {
+    v -= shift;
     const float s = expf(v);
     if (!BWD) S += s, H += v;
     return (s - rho) * coef;
@@ -202,13 +205,13 @@ se_kernel(const T* __restrict__ h_all, const int64_t* __restrict__ xt, const int
     if (G > 32) __syncthreads(); else __syncwarp();
     if (tid == 0) {
       st(g, x, 0.0f);
-      if (!same) st(g, y0, (float)(((double)expf(ld(h, y0)) - 1.0 / c.r) / n * (double)w));
+      if (!same) st(g, y0, (float)(((double)expf(ld(h, y0) - shift) - 1.0 / c.r) / n * (double)w));
     }
     return;
   }
   const double St = group_sum<G>((double)S, sm[sub]), Ht = group_sum<G>((double)H, sm[sub]);
   if (tid == 0) {
-    const float h0 = ld(h, y0);
+    const float h0 = ld(h, y0) - shift;
     loss[row] = (float)(same ? St / n - c.r * Ht / n + c.k_same : St / n - Ht / n - (double)h0 * c.inv_e + c.k_diff);
   }
 }
@@ -420,12 +423,13 @@ mdlm_kernel(const T* __restrict__ h_all, const int64_t* __restrict__ xt, const d
 extern "C" {
 
 int difflm_launch_score_entropy(const void* log_score, int dtype, const int64_t* xt, const int64_t* x0,
-                                const double* sigma_bar, int graph, int64_t B, int64_t L, int64_t N, float* loss,
-                                const float* grad_loss, void* grad, void* consts, void* stream) {
+                                const double* sigma_bar, const float* shift, int graph, int64_t B, int64_t L,
+                                int64_t N, float* loss, const float* grad_loss, void* grad, void* consts,
+                                void* stream) {
   const int64_t rows = B * L;
   cudaStream_t st = (cudaStream_t)stream;
   SEConsts* c = (SEConsts*)consts;  // once per sequence, before the rows
-  se_consts_kernel<<<blocks_for(B, 128), 128, 0, st>>>(sigma_bar, graph, B, N, c);
+  se_consts_kernel<<<blocks_for(B, 128), 128, 0, st>>>(sigma_bar, shift, graph, B, N, c);
   DIFFLM_BY_WIDTH(N, {
     const unsigned blocks = blocks_for(rows, R);
     if (dtype == BF16) {

@@ -29,10 +29,12 @@ struct SEConsts {
   double inv_e;   // 1/expm1(sigma_bar): 0 where expm1 overflows, so r -> 1, its limit, not inf/inf
   double k_same;  // constant term of D when x = x0 (uniform) or x = MASK (absorbing)
   double k_diff;  // uniform, x != x0
+  float shift;    // log s_y = log_score_y - shift, in fp32 (0 without one): a bf16 head's large offset kept exact
 };
 
-DIFFLM_HD SEConsts se_consts(double sigma_bar, int graph, int64_t N) {
+DIFFLM_HD SEConsts se_consts(double sigma_bar, int graph, int64_t N, float shift) {
   SEConsts c;
+  c.shift = shift;
   c.inv_e = 1.0 / expm1(sigma_bar);
   if (graph == ABSORB) {
     c.r = c.inv_e;
@@ -106,9 +108,10 @@ DIFFLM_HD bool tweedie_stays(double M, double S, double u0, int64_t N, const Ste
 
 // ---- CPU (cpu_kernels.cpp); nthreads: OpenMP threads (torch's intra-op count)
 // score entropy: the loss (B, L) into loss when given; the gradient into grad when given, scaled by
-// grad_loss (B, L) when given (else by 1: both in one pass, as score_entropy_with_grad)
+// grad_loss (B, L) when given (else by 1: both in one pass, as score_entropy_with_grad); shift (B,) fp32
+// or null: log s = log_score - shift[b]
 void cpu_score_entropy(const void* log_score, int dtype, const int64_t* xt, const int64_t* x0,
-                       const double* sigma_bar, int graph, int64_t B, int64_t L, int64_t N,
+                       const double* sigma_bar, const float* shift, int graph, int64_t B, int64_t L, int64_t N,
                        float* loss, const float* grad_loss, void* grad, int nthreads);
 void cpu_sedd_step(const void* log_score, int dtype, const int64_t* xt, const double* t, const double* u,
                    int step, int graph, bool final_step, int64_t B, int64_t L, int64_t N, int64_t* out,
@@ -159,7 +162,7 @@ void cpu_rotary(const void* x, int dtype, Strides4 xs, const float* cos, const f
 // device scratch for B SEConsts (score entropy) or StepConsts (the SEDD steps), filled by the launcher
 extern "C" {
 int difflm_launch_score_entropy(const void* log_score, int dtype, const int64_t* xt, const int64_t* x0,
-                                const double* sigma_bar, int graph, int64_t B, int64_t L, int64_t N,
+                                const double* sigma_bar, const float* shift, int graph, int64_t B, int64_t L, int64_t N,
                                 float* loss, const float* grad_loss, void* grad, void* consts, void* stream);
 int difflm_launch_sedd_step(const void* log_score, int dtype, const int64_t* xt, const double* t,
                             const double* u, int step, int graph, int final_step, int64_t B, int64_t L,

@@ -152,10 +152,14 @@ def dtype_code(t):
     return 1 if t.dtype == torch.bfloat16 else 0
 
 
+SE_CONSTS = 5  # sizeof(SEConsts) in float64s: four doubles and the float shift, padded (kernels.h)
+
+
 # the launchers, called as binding.cpp calls them (outputs from empty(), ids int64, times and uniforms float64)
-def se_call(cu, ls, xt, x0, sb, graph, loss, w, grad, consts):
+def se_call(cu, ls, xt, x0, sb, shift, graph, loss, w, grad, consts):
     B, L, N = ls.shape
-    return cu.difflm_launch_score_entropy(p(ls), dtype_code(ls), p(xt), p(x0), p(sb), 0 if graph == "absorb" else 1,
+    return cu.difflm_launch_score_entropy(p(ls), dtype_code(ls), p(xt), p(x0), p(sb), p(shift),
+                                          0 if graph == "absorb" else 1,
                                           ctypes.c_int64(B), ctypes.c_int64(L), ctypes.c_int64(N), p(loss), p(w),
                                           p(grad), p(consts), None)
 
@@ -226,14 +230,15 @@ def test_score_entropy(cu, k, empty, B, L, V, graph, dtype):
     ls = torch.randn(B, L, N, generator=gen).to(dtype)
     sb = torch.rand(B, generator=gen, dtype=torch.float64) * 3 + 0.05
     w = torch.rand(B, L, generator=gen)
-    loss, grad, consts = empty(B, L), empty(B, L, N, dtype=dtype), empty(B, 4, dtype=torch.float64)
-    for out_loss, grad_loss, out_grad in ((loss, None, None), (None, w, grad)):
-        assert se_call(cu, ls, xt, x0, sb, graph, out_loss, grad_loss, out_grad, consts) == 0
-    torch.testing.assert_close(loss, k.score_entropy(ls, xt, x0, sb, graph), rtol=1e-5, atol=1e-5,
-                               msg=lambda m: f"seed {seed}: loss: {m}")
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-6)  # one bf16 ulp
-    torch.testing.assert_close(grad.float(), k.score_entropy_backward(w, ls, xt, x0, sb, graph).float(), **tol,
-                               msg=lambda m: f"seed {seed}: gradient: {m}")
+    for shift in (None, torch.rand(B, generator=gen) * 16 - 2):  # without and with SEDD's per-sequence offset
+        loss, grad, consts = empty(B, L), empty(B, L, N, dtype=dtype), empty(B, SE_CONSTS, dtype=torch.float64)
+        for out_loss, grad_loss, out_grad in ((loss, None, None), (None, w, grad)):
+            assert se_call(cu, ls, xt, x0, sb, shift, graph, out_loss, grad_loss, out_grad, consts) == 0
+        torch.testing.assert_close(loss, k.score_entropy(ls, xt, x0, sb, graph, shift), rtol=1e-5, atol=1e-5,
+                                   msg=lambda m: f"seed {seed}, shift {shift}: loss: {m}")
+        torch.testing.assert_close(grad.float(), k.score_entropy_backward(w, ls, xt, x0, sb, graph, shift).float(),
+                                   **tol, msg=lambda m: f"seed {seed}, shift {shift}: gradient: {m}")
 
 
 @every_layout
@@ -313,8 +318,8 @@ def test_score_entropy_backward_with_scores_off_the_gradients_alignment(cu, k, e
                      torch.randint(N, (B, L), generator=gen), x0)
     ls = torch.randn(B * L * N + 8, generator=gen).to(dtype)[1:1 + B * L * N].view(B, L, N)
     sb, w = torch.rand(B, generator=gen, dtype=torch.float64) + 0.1, torch.rand(B, L, generator=gen)
-    grad, consts = empty(B, L, N, dtype=dtype), empty(B, 4, dtype=torch.float64)
-    assert se_call(cu, ls, xt, x0, sb, graph, None, w, grad, consts) == 0
+    grad, consts = empty(B, L, N, dtype=dtype), empty(B, SE_CONSTS, dtype=torch.float64)
+    assert se_call(cu, ls, xt, x0, sb, None, graph, None, w, grad, consts) == 0
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-6)
     torch.testing.assert_close(grad.float(), k.score_entropy_backward(w, ls, xt, x0, sb, graph).float(), **tol,
                                msg=lambda m: f"seed {seed}: {m}")

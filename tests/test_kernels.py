@@ -94,6 +94,57 @@ def test_score_entropy_matches_oracle_and_autograd(k, graph, masked, dtype, shap
         assert (got_ls.grad[xt != ls.shape[-1] - 1] == 0).all() and (got_ls.grad[..., -1] == 0).all()
 
 
+@pytest.mark.parametrize("graph", GRAPHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_shift_is_the_log_scores_it_stands_for(k, graph, dtype):
+    """score_entropy(h, ..., shift) is score_entropy(h - shift in fp32, ...): the same loss and the same fp32
+    gradient, bit for bit, and for a bf16 h that gradient rounded to bf16 once. So SEDD's loss may pass its bf16
+    head output and the fp32 offset, and keep no fp32 copy of the (B, L, N) scores."""
+    gen, seed = fresh_gen()
+    h, xt, x0, sb = inputs(graph, 3, 5, 41, dtype, gen)
+    shift = torch.rand(3, generator=gen) * 16 - 2
+    ls = h.float() - shift[:, None, None]  # (B, L, N) fp32: the log-scores
+    w = torch.rand(3, 5, generator=gen) + 0.5
+    assert torch.equal(k.score_entropy(h, xt, x0, sb, graph, shift), k.score_entropy(ls, xt, x0, sb, graph)), seed
+    grad = k.score_entropy_backward(w, h, xt, x0, sb, graph, shift)
+    assert grad.dtype == dtype and torch.equal(grad, k.score_entropy_backward(w, ls, xt, x0, sb, graph).to(dtype)), seed
+    loss, grad_sum = k.score_entropy_with_grad(h, xt, x0, sb, graph, shift)
+    assert torch.equal(loss, k.score_entropy(ls, xt, x0, sb, graph))
+    assert torch.equal(grad_sum, k.score_entropy_with_grad(ls, xt, x0, sb, graph)[1].to(dtype)), seed
+    # the marked function: kernel and oracle agree with a shift, and a shift that is not one per sequence is refused
+    # on both paths (the oracle alone would broadcast it)
+    torch.testing.assert_close(sedd.score_entropy(h, xt, x0, sb, graph, shift),
+                               sedd.score_entropy.oracle(h, xt, x0, sb, graph, shift), rtol=2e-5, atol=2e-5)
+    for path in (contextlib.nullcontext, difflm_ops.oracles_only):
+        with path(), pytest.raises(ValueError, match=r"shift must have shape \(B,\) = \(3,\), one value per sequence"):
+            sedd.score_entropy(h, xt, x0, sb, graph, shift[:1])
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_a_bf16_loss_allocates_its_gradient_and_little_more(k, graph):
+    """Forward and backward from a bf16 head output and its shift allocate the bf16 gradient and fp32 work for a
+    block of rows at a time (the CPU's backward scales the gradient that the loss's pass wrote: one mul_ by the
+    fp32 upstream gradient made two fp32 copies of all of it). The fp32 log-scores that SEDD.forward makes cost
+    2 units of the bf16 output, and their gradient 2 more."""
+    import bench
+    gen, _ = fresh_gen()
+    h, xt, x0, sb = inputs(graph, 16, 256, 4098, torch.bfloat16, gen, masked=1.0)
+    h.requires_grad_()
+    shift = torch.rand(16, generator=gen) * 16 - 2
+
+    def peak(loss):
+        h.grad = None
+
+        def step():
+            (loss() * (sb[:, None] + 1)).sum().backward()  # an upstream gradient that is not all ones
+            return h.grad
+        return bench._peak_extra_bytes(step, torch.device("cpu")) / (h.numel() * h.element_size())
+
+    ours = peak(lambda: sedd.score_entropy(h, xt, x0, sb, graph, shift))
+    fp32 = peak(lambda: sedd.score_entropy(h.float() - shift[:, None, None], xt, x0, sb, graph))
+    assert ours < 1.5 and fp32 >= 4, (ours, fp32)
+
+
 def test_score_entropy_with_grad_is_the_loss_and_the_gradient_of_its_sum(k):
     gen, _ = fresh_gen()
     for graph in GRAPHS:
@@ -662,15 +713,16 @@ def wrong_ops():
 
     class ScaledGrad(torch.autograd.Function):  # the right loss, a gradient 1% too large
         @staticmethod
-        def forward(ctx, ls, *a):
-            ctx.save_for_backward(ls, *a[:3])
-            ctx.graph = a[3]
-            return k.score_entropy(ls, *a)
+        def forward(ctx, ls, xt, x0, sb, graph, shift):
+            ctx.save_for_backward(ls, xt, x0, sb, shift)
+            ctx.graph = graph
+            return k.score_entropy(ls, xt, x0, sb, graph, shift)
 
         @staticmethod
         def backward(ctx, g):
-            ls, xt, x0, sb = ctx.saved_tensors
-            return 1.01 * k.score_entropy_backward(g.contiguous(), ls, xt, x0, sb, ctx.graph), None, None, None, None
+            ls, xt, x0, sb, shift = ctx.saved_tensors
+            grad = k.score_entropy_backward(g.contiguous(), ls, xt, x0, sb, ctx.graph, shift)
+            return 1.01 * grad, None, None, None, None, None
 
     def raises(*a):  # a launch that fails (binding.cpp's cuda_ok) leaves the device usable: the oracle takes over
         raise RuntimeError("difflm: CUDA kernel mdlm_step failed: too many resources requested for launch")
@@ -797,8 +849,8 @@ def corner_wrong_ops():
             cos, sin = ctx.saved_tensors
             return 1.01 * k.rotary(g.contiguous(), cos, sin, True), None, None
 
-    def nan_where_nothing_is_masked(ls, xt, x0, sb, graph):  # NaN for a sequence without a masked row
-        loss = k.score_entropy(ls.contiguous(), xt, x0, sb, graph)
+    def nan_where_nothing_is_masked(ls, xt, x0, sb, graph, shift):  # NaN for a sequence without a masked row
+        loss = k.score_entropy(ls.contiguous(), xt, x0, sb, graph, shift)
         clean = (xt != ls.shape[-1] - 1).all(1, keepdim=True) & (graph == "absorb")
         return torch.where(clean, float("nan"), loss)
 

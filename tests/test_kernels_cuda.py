@@ -41,21 +41,23 @@ def inputs(graph, B, L, V, dtype, gen, masked=0.5, scale=2.0):
 @pytest.mark.parametrize("graph", GRAPHS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_cuda_score_entropy_matches_oracle(k, graph, dtype, shape):
+@pytest.mark.parametrize("shifted", [False, True])
+def test_cuda_score_entropy_matches_oracle(k, graph, dtype, shape, shifted):
     gen, seed = fresh_gen()
     ls, xt, x0, sb = inputs(graph, *shape, dtype, gen)
     w = torch.rand(shape[:2], generator=gen).cuda() + 0.5
+    shift = (torch.rand(shape[0], generator=gen) * 16 - 2).cuda() if shifted else None  # SEDD's absorbing offset
     ref_ls = ls.clone().requires_grad_()
-    ref = sedd.score_entropy.oracle(ref_ls, xt, x0, sb, graph)
+    ref = sedd.score_entropy.oracle(ref_ls, xt, x0, sb, graph, shift)
     (ref * w).sum().backward()
     got_ls = ls.clone().requires_grad_()
-    loss = k.score_entropy(got_ls, xt, x0, sb, graph)
+    loss = k.score_entropy(got_ls, xt, x0, sb, graph, shift)
     (loss * w).sum().backward()
     torch.testing.assert_close(loss, ref, rtol=2e-5, atol=2e-5, msg=lambda m: f"seed {seed}: {m}")
     tol = dict(rtol=2e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-3)
     torch.testing.assert_close(got_ls.grad.float(), ref_ls.grad.float(), **tol, msg=lambda m: f"seed {seed}: {m}")
     # the CPU kernel computes the same function
-    cpu_loss = k.score_entropy(ls.cpu(), xt.cpu(), x0.cpu(), sb.cpu(), graph)
+    cpu_loss = k.score_entropy(ls.cpu(), xt.cpu(), x0.cpu(), sb.cpu(), graph, None if shift is None else shift.cpu())
     torch.testing.assert_close(loss.cpu(), cpu_loss, rtol=2e-5, atol=2e-5)
 
 

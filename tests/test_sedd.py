@@ -15,6 +15,7 @@ from scipy import stats
 
 import common
 import corpus
+import difflm_ops
 import hub
 import trainer
 import mdlm
@@ -287,6 +288,46 @@ def test_gathered_head_matches_full_head():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_under_bf16_autocast_the_loss_keeps_no_fp32_copy_of_the_scores(graph):
+    """The head's output is bf16 under autocast, and the absorbing offset (up to ~18) needs fp32: SEDD.forward
+    makes fp32 log-scores, one fp32 (B, L, N) that the backward would keep, with an fp32 gradient beside it. The
+    loss passes the bf16 output and the offset to score_entropy instead: nothing of the scores' size is saved in
+    fp32, and the loss is that of the fp32 log-scores, the gradients to bf16 rounding."""
+    V, B, L = 37, 4, 16
+    cfg = sedd.Config(n_layer=1, n_head=2, n_embd=48, block_size=L, dropout=0.0, graph=graph)
+    torch.manual_seed(0)
+    model = sedd.build_model(cfg, {"vocab_size": V})
+    torch.nn.init.normal_(model.head.weight, std=0.5)
+    N, x0, t = model.num_states, torch.randint(0, V, (B, L)), torch.tensor([0.05, 0.3, 0.7, 1.0])
+
+    def log_scores(model, x0, t, cfg, N):  # the reference: score_entropy on SEDD.forward's fp32 log-scores
+        sigma_bar, sigma = sedd.schedule(t, cfg)
+        xt = sedd.sample_transition(x0, sigma_bar[:, None], N, cfg.graph)
+        if graph == "uniform":
+            return sigma[:, None] * sedd.score_entropy(model(xt, sigma_bar), xt, x0, sigma_bar, cfg.graph)
+        rows = (xt == N - 1).nonzero(as_tuple=True)
+        d = sedd.score_entropy(model(xt, sigma_bar, rows=rows)[:, None], *sedd.per_row(rows, xt, x0, sigma_bar),
+                               cfg.graph)
+        return sigma[:, None] * torch.zeros(x0.shape).index_put(rows, d[:, 0])
+
+    saved = []
+    def keep(t):
+        saved.append(t)
+        return t
+    difflm_ops.prepare("cpu")  # the kernels' first-use check, whose inputs are not the loss's, before the hooks
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            torch.manual_seed(1)
+            sedd.nelbo_terms(model, x0, t, cfg, N)
+        losses, grads = terms_and_grads(model, (sedd.nelbo_terms, log_scores), x0, t, cfg, N)
+    assert any(s.dtype == torch.bfloat16 and s.shape[-1] == N for s in saved)  # the head's output, kept for the backward
+    assert not any(s.dtype == torch.float32 and s.shape[-1] == N for s in saved), [s.shape for s in saved]
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-6)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * float(b.abs().max()))
+
+
 def test_a_training_step_and_a_sampling_step_wait_for_the_gpu_as_little_as_they_can():
     """Each host sync drains a GPU's queue. The absorbing loss picked its masked rows by a boolean mask, an implicit
     nonzero each time: 10 waits a training step, 9 a sampling step. Now one nonzero each, and the fused ops'
@@ -501,7 +542,9 @@ class ExactScores:
         self.num_states = sedd.num_states(V, graph)
         self.x0s = torch.tensor(list(itertools.product(range(V), repeat=L)))  # (V^L, L)
 
-    def __call__(self, xt, sigma_bar, rows=None):
+    def __call__(self, xt, sigma_bar, rows=None, split=False):
+        if split:  # the loss's protocol: log-scores and no shift
+            return self(xt, sigma_bar, rows), None
         if rows is not None:  # the model's protocol: the scores at those positions only (R, N)
             return self(xt, sigma_bar)[rows]
         if bool((sigma_bar == sigma_bar[0]).all()):  # a sampler step: a table over the N^L states, then look up
