@@ -1276,7 +1276,8 @@ def train_and_sample(out, methods, dry, iters, timeout):
     for m in common.progress(methods, "sampling"):
         rc, text, secs = done[m]
         row = {"method": m, "train": "ok" if rc == 0 else f"failed ({rc})", "train_s": secs,
-               "last log": _last_line(text, "iter"), "last eval": _last_line(text, "eval") or _tail(text)}
+               "last log": _last_line(text, "iter"), "last eval": _last_line(text, "eval") or _tail(text),
+               "done": _last_line(text, "done:")}  # with the run's peak GPU memory
         if rc == 0:
             t1 = time.time()
             args = ["--sample", f"--out_dir={os.path.join(out, m)}"] + (DRY_SAMPLE[m] if dry else [])

@@ -377,8 +377,9 @@ def _train_loop(cfg, method, model, loss_fn, evaluate, meta, batches, device, ra
             checkpoint(it, val)
             last_good = it
             t_last, tok_since = time.time(), 0
-    if master:
-        print(f"done: {cfg.max_iters - start} iterations in {fmt_time(time.time() - t0)}; checkpoint {ckpt_path}")
+    if master:  # on a GPU with its peak memory: what a --batch_size needs there
+        peak = f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda" else ""
+        print(f"done: {cfg.max_iters - start} iterations in {fmt_time(time.time() - t0)}; checkpoint {ckpt_path}{peak}")
     if world > 1:
         torch.distributed.barrier()
     if torch.distributed.is_available() and torch.distributed.is_initialized():  # NCCL warns at exit of one left open

@@ -509,7 +509,8 @@ def test_train_and_sample_on_a_gpu_keeps_to_its_timeout(tmp_path, monkeypatch):
     """Training (concurrent processes) gets 70% of the part's timeout, a run past it is killed and failed with
     what it said; each sampling run gets what is left; a method whose training failed is not sampled."""
     clock, seen, killed = FakeClock(), [], []
-    runs = {"ddpm": (10, 0, "iter 0: loss 1\niter 10: loss 0.5\neval 10: val 0.4\ndone\n"),
+    done = "done: 10 iterations in 0:10; checkpoint ckpt.pt; peak GPU memory 1.25 GiB"  # trainer.py's last line
+    runs = {"ddpm": (10, 0, f"iter 0: loss 1\niter 10: loss 0.5\neval 10: val 0.4\n{done}\n"),
             "mdlm": (20, 1, "Traceback\nValueError: x\n"), "ar": (None, -9, "iter 0: loss 2\n")}
 
     class Proc:
@@ -549,6 +550,7 @@ def test_train_and_sample_on_a_gpu_keeps_to_its_timeout(tmp_path, monkeypatch):
     assert [(r["method"], r["train"], r["train_s"], r.get("sample")) for r in rows] == [
         ("ddpm", "ok", 10, "ok"), ("mdlm", "failed (1)", 30, None), ("ar", "failed (-9)", 70, None)]
     assert rows[0]["last log"] == "iter 10: loss 0.5" and rows[0]["last eval"] == "eval 10: val 0.4"
+    assert rows[0]["done"] == done and rows[1]["done"] == ""  # the report's row carries the run's peak memory
     assert rows[0]["output"] == "b / c / d" and rows[0]["sample_s"] == 5
     assert rows[1]["last eval"] == "ValueError: x" and rows[2]["last eval"] == "timed out after 70 s"
 
