@@ -175,13 +175,17 @@ def test_opcheck_fake_and_autograd_registration(k):
     u = torch.rand(2, 3, 2, dtype=torch.float64)
     t = torch.rand(2, dtype=torch.float64)
     utils = ("test_schema", "test_faketensor", "test_autograd_registration")
-    torch.library.opcheck(k.score_entropy.default, (ls.requires_grad_(), xt, x0, sb, "uniform"), test_utils=utils)
-    ls = ls.detach()
-    torch.library.opcheck(k.score_entropy_backward.default, (torch.rand(2, 3), ls, xt, x0, sb, "uniform"),
-                          test_utils=utils[:2])
-    torch.library.opcheck(k.score_entropy_with_grad.default, (ls.requires_grad_(), xt, x0, sb, "uniform"),
-                          test_utils=utils)
-    ls = ls.detach()
+    shift = torch.rand(2) * 4
+    for args in ((), (shift,)):  # without a shift and with one
+        torch.library.opcheck(k.score_entropy.default, (ls.requires_grad_(), xt, x0, sb, "uniform", *args),
+                              test_utils=utils)
+        ls = ls.detach()
+        torch.library.opcheck(k.score_entropy_backward.default, (torch.rand(2, 3), ls, xt, x0, sb, "uniform", *args),
+                              test_utils=utils[:2])
+    for args in ((), (shift,)):
+        torch.library.opcheck(k.score_entropy_with_grad.default, (ls.requires_grad_(), xt, x0, sb, "uniform", *args),
+                              test_utils=utils)
+        ls = ls.detach()
     torch.library.opcheck(k.sedd_euler_step.default, (ls, xt, t, u, "uniform"), test_utils=utils)
     torch.library.opcheck(k.sedd_tweedie_step.default, (ls, xt, t, u, "uniform", True), test_utils=utils)
     torch.library.opcheck(k.mdlm_ancestral_step.default, (ls, xt, t, u, 6), test_utils=utils)
