@@ -146,7 +146,8 @@ DIFFLM_INLINE void se_sums(const T* h, T* g, int64_t N, int64_t skip, float shif
     const int64_t hi = std::min(N, lo + SE_BLOCK);
     float s_acc[SE_LANES] = {}, h_acc[SE_LANES] = {};
     int64_t y0 = lo;
-    for (; y0 + SE_LANES <= hi; y0 += SE_LANES) se_lanes<LOSS, GRAD, false>(h, g, y0, hi, skip, shift, rho, coef, s_acc, h_acc);
+    for (; y0 + SE_LANES <= hi; y0 += SE_LANES)
+      se_lanes<LOSS, GRAD, false>(h, g, y0, hi, skip, shift, rho, coef, s_acc, h_acc);
     if (y0 < hi) se_lanes<LOSS, GRAD, true>(h, g, y0, hi, skip, shift, rho, coef, s_acc, h_acc);
     float s_blk = 0.0f, h_blk = 0.0f;
     for (int j = 0; j < SE_LANES; ++j) s_blk += s_acc[j], h_blk += h_acc[j];
