@@ -634,7 +634,7 @@ def kernel_rows(device, ops, sizes, dtype, names, graphs, repeat=0, eager=True, 
                     xt, x0 = score_states(graph, B, L, N, gen)
                     ls = scores(False).requires_grad_()
                     sb = torch.rand(B, generator=gen, device=device) * 3 + 0.05
-                    shift = sedd.log_expm1(sb) + math.log(N - 1) if graph == "absorb" else None
+                    shift = sedd.absorb_offset(sb, N) if graph == "absorb" else None
                     w = torch.rand(B, generator=gen, device=device)[:, None]  # sigma(t) / B per sequence
                     return ls, xt, x0, sb, shift, w
                 run("score_entropy fwd+bwd", make_se, fwd_bwd(sedd.score_entropy.oracle), fwd_bwd(ops["score_entropy"]),
@@ -678,7 +678,7 @@ def far_rows(device, entries, V, tail=64):
         xt, x0 = score_states(graph, 1, L, N, gen)  # (1, L)
         u = torch.rand(1, L, 2, generator=gen, device=device, dtype=torch.float64)
         t, sb = torch.full((1,), 0.3, dtype=torch.float64, device=device), torch.full((1,), 1.3, device=device)
-        shift = torch.full((1,), 9.5, device=device) if graph == "absorb" else None  # as SEDD's absorbing loss has
+        shift = sedd.absorb_offset(sb, N) if graph == "absorb" else None  # as SEDD's absorbing loss passes it
         end = lambda *ts: [x[:, -tail:].contiguous() for x in ts]  # noqa: E731
         checks = []
         f, got = sedd.score_entropy, []

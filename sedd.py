@@ -119,6 +119,11 @@ def log_expm1(x):
     return x + torch.log(-torch.expm1(-x))
 
 
+def absorb_offset(sigma_bar, N):
+    """(B,) -> the absorbing head's offset log expm1(sigma_bar) + log(N - 1), fp32: log s = h - offset (SEDD.forward)."""
+    return log_expm1(sigma_bar.float()) + math.log(N - 1)
+
+
 # ----------------------------------------------------------------------------------------------
 # Forward process: the two graphs in closed form (identity plus rank one; never a dense N x N)
 #
@@ -249,9 +254,7 @@ class SEDD(nn.Module):
         if rows is not None:
             h, xt, sigma_bar = h[rows], xt[rows], per_row(rows, sigma_bar)[0]  # (R, C), (R,), (R,)
         h = self.head(h)  # (B, L, N) or (R, N)
-        shift = None
-        if self.graph == "absorb":
-            shift = log_expm1(sigma_bar.float()) + math.log(self.num_states - 1)  # (B,) or (R,)
+        shift = absorb_offset(sigma_bar, self.num_states) if self.graph == "absorb" else None  # (B,) or (R,)
         if split:
             return h, shift
         h = h.float()  # in place from here: one fp32 (B, L, N)
