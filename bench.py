@@ -438,7 +438,8 @@ def kernel_ops(device):
         return None
     return {"score_entropy": sedd.score_entropy.kernel,
             "euler_step": sedd.euler_step.kernel,
-            "tweedie_step": lambda ls, xt, t, u, graph: sedd.tweedie_step.kernel(ls, xt, t, u, graph, False),
+            "tweedie_step": lambda ls, xt, t, u, graph, shift=None: sedd.tweedie_step.kernel(ls, xt, t, u, graph, False,
+                                                                                            shift),
             "ancestral_step": mdlm.ancestral_step.kernel,
             "nearest_embedding": diffusion_lm.nearest_embedding.kernel,
             "rotary": common.apply_rotary.kernel}
@@ -601,16 +602,20 @@ def kernel_rows(device, ops, sizes, dtype, names, graphs, repeat=0, eager=True, 
             N = V + 1 if graph == "absorb" else V
             elt = torch.finfo(dtype).bits // 8
 
-            def scores(calibrated):
+            def scores(calibrated, shift=None):
                 h = torch.randn(B, L, N, generator=gen, device=device)
                 if calibrated:  # sum_y s_y ~ 1 (t ~ 0.5): realistic move probabilities
                     h -= math.log(N) + 0.5
+                if shift is not None:
+                    h += shift[:, None, None]
                 return h.to(dtype)
 
-            def step_args(p):
+            def step_args(p, sedd_step=True):  # as SEDD's sampler calls them: absorbing, the head's output and offset
                 xt, _ = score_states(graph, B, L, N, gen)
-                return (scores(True), xt, torch.full((B,), p, dtype=torch.float64, device=device),
-                        torch.rand(B, L, 2, generator=gen, dtype=torch.float64, device=device))
+                sb = torch.full((B,), 1.0, device=device)
+                shift = sedd.absorb_offset(sb, N) if sedd_step and graph == "absorb" else None
+                return (scores(True, shift), xt, torch.full((B,), p, dtype=torch.float64, device=device),
+                        torch.rand(B, L, 2, generator=gen, dtype=torch.float64, device=device), shift)
 
             def fwd_bwd(fn):
                 def run(ls, xt, x0, sb, shift, w):
@@ -640,16 +645,17 @@ def kernel_rows(device, ops, sizes, dtype, names, graphs, repeat=0, eager=True, 
                 run("score_entropy fwd+bwd", make_se, fwd_bwd(sedd.score_entropy.oracle), fwd_bwd(ops["score_entropy"]),
                     2 * B * L * N * elt, grad=True)
             if "euler" in names:
-                run("euler step", lambda: step_args(0.015), lambda ls, xt, t, u: sedd.euler_step.oracle(ls, xt, t, u, graph),
-                    lambda ls, xt, t, u: ops["euler_step"](ls, xt, t, u, graph), B * L * N * elt)
+                run("euler step", lambda: step_args(0.015),
+                    lambda ls, xt, t, u, sh: sedd.euler_step.oracle(ls, xt, t, u, graph, sh),
+                    lambda ls, xt, t, u, sh: ops["euler_step"](ls, xt, t, u, graph, sh), B * L * N * elt)
             if "tweedie" in names:
                 run("tweedie step", lambda: step_args(0.015),
-                    lambda ls, xt, t, u: sedd.tweedie_step.oracle(ls, xt, t, u, graph),
-                    lambda ls, xt, t, u: ops["tweedie_step"](ls, xt, t, u, graph), B * L * N * elt)
+                    lambda ls, xt, t, u, sh: sedd.tweedie_step.oracle(ls, xt, t, u, graph, False, sh),
+                    lambda ls, xt, t, u, sh: ops["tweedie_step"](ls, xt, t, u, graph, sh), B * L * N * elt)
             if "mdlm" in names and graph == "absorb":
-                run("mdlm ancestral step", lambda: step_args(0.0156),
-                    lambda lg, xt, p, u: mdlm.ancestral_step.oracle(lg, xt, p, u, N - 1),
-                    lambda lg, xt, p, u: ops["ancestral_step"](lg, xt, p, u, N - 1), B * L * N * elt)
+                run("mdlm ancestral step", lambda: step_args(0.0156, sedd_step=False),
+                    lambda lg, xt, p, u, _: mdlm.ancestral_step.oracle(lg, xt, p, u, N - 1),
+                    lambda lg, xt, p, u, _: ops["ancestral_step"](lg, xt, p, u, N - 1), B * L * N * elt)
     return rows
 
 
@@ -690,10 +696,13 @@ def far_rows(device, entries, V, tail=64):
         checks += [("score_entropy", "loss", *kmod._gap(got[0][0], got[1][0], *kmod.LOSS_TOL)),
                    ("score_entropy", "gradient", *kmod._gap(got[0][1], got[1][1], *kmod.GRAD_TOL[torch.bfloat16]))]
         del got
-        # sum_y s_y ~ e^0.5 (absorbing), ~ N e^0.5 (uniform, rate 1/N): some positions move in a step of 0.3
+        # sum_y s_y ~ e^0.5 (absorbing), ~ N e^0.5 (uniform, rate 1/N): some positions move in a step of 0.3;
+        # absorbing, the steps get the offset too, as the sampler passes them
         ls.sub_(math.log(N) + 1.5 if graph == "absorb" else 1.5)
-        calls = [(sedd.euler_step, "", (graph,)), (sedd.tweedie_step, "", (graph, False)),
-                 (sedd.tweedie_step, "final", (graph, True))]
+        if shift is not None:
+            ls.add_(shift)
+        calls = [(sedd.euler_step, "", (graph, shift)), (sedd.tweedie_step, "", (graph, False, shift)),
+                 (sedd.tweedie_step, "final", (graph, True, shift))]
         calls += [(mdlm.ancestral_step, "", (N - 1,))] if graph == "absorb" else []
         with torch.no_grad():
             for f, what, rest in calls:

@@ -5,7 +5,7 @@ readable PyTorch function (its oracle) in a method file.
 A method file marks a function that a fused op computes too, and writes only the math in it:
 
     @difflm_ops.fused("sedd_euler_step")
-    def euler_step(log_score, xt, rate_dt, u, graph):
+    def euler_step(log_score, xt, rate_dt, u, graph, shift=None):
         ...
 
 euler_step(...) runs the op when the extension is built for the inputs' device and the op takes
@@ -364,27 +364,34 @@ def _same_device(a):
     return len(devices) == 1
 
 
+def _shift_ok(shift):
+    return shift is None or shift.is_floating_point() and not shift.requires_grad
+
+
+def _shift(shift):
+    return None if shift is None else shift.float().contiguous()
+
+
 def _score_entropy(log_score, xt, x0, sigma_bar, graph, shift):
     """On the CPU, when a gradient will be asked for, the loss's pass writes the gradient too: there
     the exps cost more than the bytes. On a GPU (and under torch.compile) the forward only reads and
     the backward recomputes."""
     k = torch.ops.difflm
-    args = (log_score.contiguous(), xt.contiguous(), x0.contiguous(), sigma_bar, graph,
-            None if shift is None else shift.float().contiguous())
+    args = (log_score.contiguous(), xt.contiguous(), x0.contiguous(), sigma_bar, graph, _shift(shift))
     if (log_score.device.type == "cpu" and log_score.requires_grad and torch.is_grad_enabled()
             and not torch.compiler.is_compiling()):
         return k.score_entropy_with_grad(*args)[0]
     return k.score_entropy(*args)
 
 
-def _sedd_euler_step(log_score, xt, rate_dt, u, graph):
+def _sedd_euler_step(log_score, xt, rate_dt, u, graph, shift):
     return torch.ops.difflm.sedd_euler_step(log_score.contiguous(), xt.contiguous(), rate_dt.double().contiguous(),
-                                            u.contiguous(), graph)
+                                            u.contiguous(), graph, _shift(shift))
 
 
-def _sedd_tweedie_step(log_score, xt, dsigma, u, graph, final):
+def _sedd_tweedie_step(log_score, xt, dsigma, u, graph, final, shift):
     return torch.ops.difflm.sedd_tweedie_step(log_score.contiguous(), xt.contiguous(), dsigma.double().contiguous(),
-                                              u.contiguous(), graph, final)
+                                              u.contiguous(), graph, final, _shift(shift))
 
 
 def _mdlm_ancestral_step(logits, xt, p_unmask, u, mask_id):
@@ -520,19 +527,25 @@ def _check_score_entropy(f, device):
 
 
 def _check_steps(f, device):
+    """The SEDD steps also with a shift, on the scores plus that shift (so that as many rows move)."""
     gen, out = torch.Generator().manual_seed(0), []
     for graph, dtype, ls, xt, _ in _cases(gen, device):
         B, L, N = ls.shape
         t = (torch.rand(B, generator=gen, dtype=torch.float64) * 0.5 + 0.05).to(device)  # some rows move
         t[0] = 1e-4  # and one barely does (the denoiser's own step): a token that should stay is seen to
         u = torch.rand(B, L, 2, generator=gen, dtype=torch.float64).to(device)
-        calls = {"sedd_euler_step": [(ls, xt, t, u, graph)],
-                 "sedd_tweedie_step": [(ls, xt, t, u, graph, False), (ls, xt, t, u, graph, True)],
+        shift = (torch.rand(B, generator=gen) * 16 - 2).to(device)
+        lsh = (ls.float() + shift[:, None, None]).to(dtype)
+        calls = {"sedd_euler_step": [(ls, xt, t, u, graph, None), (lsh, xt, t, u, graph, shift)],
+                 "sedd_tweedie_step": [(s, xt, t, u, graph, final, sh) for final in (False, True)
+                                       for s, sh in ((ls, None), (lsh, shift))],
                  "mdlm_ancestral_step": [(ls, xt, t, u, N - 1)] if graph == "absorb" else []}[f.name]
         with torch.no_grad():
             for a in calls:
                 r, msg = _tokens_gap(f.kernel(*a), f.oracle(*a))
-                out.append((r, f"{graph}, {str(dtype)[6:]}{', final' if a[-1] is True else ''}: {msg}"))
+                final = ", final" if f.name == "sedd_tweedie_step" and a[5] else ""
+                shifted = ", shifted" if f.name != "mdlm_ancestral_step" and a[-1] is not None else ""
+                out.append((r, f"{graph}, {str(dtype)[6:]}{final}{shifted}: {msg}"))
     return _worst(out)
 
 
@@ -581,22 +594,29 @@ def _check_rotary(f, device):
     return _worst(out)
 
 
-def _refuse_score_entropy(a):
-    """Absorbing score entropy: r = 1 / expm1(sigma_bar) is a rate only for 0 < sigma_bar < inf. A shift
-    is one value per sequence (the oracle would broadcast a single one)."""
-    sigma_bar, shift = a[3], a[5]
-    if a[4] == "absorb" and sigma_bar.numel() and not bool(((sigma_bar > 0) & (sigma_bar < math.inf)).all()):
-        raise ValueError("difflm: sigma_bar must be positive and finite for the absorbing graph")
-    if shift is not None and tuple(shift.shape) != tuple(a[0].shape[:1]):
-        raise ValueError(f"difflm: shift must have shape (B,) = ({a[0].shape[0]},), one value per sequence, "
+def _refuse_shift(scores, shift):
+    """A shift is one value per sequence (the oracles would broadcast a single one)."""
+    if shift is not None and tuple(shift.shape) != tuple(scores.shape[:1]):
+        raise ValueError(f"difflm: shift must have shape (B,) = ({scores.shape[0]},), one value per sequence, "
                          f"got {tuple(shift.shape)}")
 
 
-def _refuse_step(tname):
+def _refuse_score_entropy(a):
+    """Absorbing score entropy: r = 1 / expm1(sigma_bar) is a rate only for 0 < sigma_bar < inf."""
+    sigma_bar = a[3]
+    if a[4] == "absorb" and sigma_bar.numel() and not bool(((sigma_bar > 0) & (sigma_bar < math.inf)).all()):
+        raise ValueError("difflm: sigma_bar must be positive and finite for the absorbing graph")
+    _refuse_shift(a[0], a[5])
+
+
+def _refuse_step(tname, shifts):
     """A step's rate (or probability) `tname` is finite and >= 0 and its uniforms lie in [0, 1);
     outside (or NaN) the op and the oracle pick differently. One answer for both (on a GPU, one sync);
-    so is a graph the op does not know (the oracle read it as uniform) or a mask_id outside the scores."""
+    so is a graph the op does not know (the oracle read it as uniform) or a mask_id outside the scores.
+    shifts: the step takes a shift, its last argument."""
     def refuse(a):
+        if shifts:
+            _refuse_shift(a[0], a[-1])
         if isinstance(a[4], str) and a[4] not in _GRAPHS:
             raise ValueError(f"difflm: unknown graph {a[4]!r}; use absorb or uniform")
         if not isinstance(a[4], str) and not 0 <= a[4] < a[0].shape[-1]:
@@ -630,16 +650,17 @@ _GRAPHS = ("absorb", "uniform")
 SPECS = {
     "score_entropy": _Spec(_score_entropy, lambda a: _float_scores(a[0]) and _ids(a[1], a[2]) and a[4] in _GRAPHS
                            and a[3].dtype in (torch.float32, torch.float64) and not a[3].requires_grad  # the op's
-                           and (a[5] is None or a[5].is_floating_point() and not a[5].requires_grad)  # backward is
-                           and _same_device(a),  # the scores' alone
+                           and _shift_ok(a[5]) and _same_device(a),  # backward is the scores' alone
                            _check_score_entropy, _refuse_score_entropy),
     "sedd_euler_step": _Spec(_sedd_euler_step, lambda a: _float_scores(a[0]) and _ids(a[1]) and a[4] in _GRAPHS
-                             and a[3].dtype == torch.float64 and _same_device(a), _check_steps, _refuse_step("rate_dt")),
+                             and a[3].dtype == torch.float64 and _shift_ok(a[-1]) and _same_device(a),
+                             _check_steps, _refuse_step("rate_dt", True)),
     "sedd_tweedie_step": _Spec(_sedd_tweedie_step, lambda a: _float_scores(a[0]) and _ids(a[1]) and a[4] in _GRAPHS
-                               and a[3].dtype == torch.float64 and _same_device(a), _check_steps, _refuse_step("dsigma")),
+                               and a[3].dtype == torch.float64 and _shift_ok(a[-1]) and _same_device(a),
+                               _check_steps, _refuse_step("dsigma", True)),
     "mdlm_ancestral_step": _Spec(_mdlm_ancestral_step, lambda a: _float_scores(a[0]) and _ids(a[1])
                                  and 0 <= a[4] < a[0].shape[-1] and a[3].dtype == torch.float64 and _same_device(a),
-                                 _check_steps, _refuse_step("p_unmask")),
+                                 _check_steps, _refuse_step("p_unmask", False)),
     "rotary": _Spec(_rotary, _rotary_takes, _check_rotary, lambda a: None),
     "nearest_embedding": _Spec(_nearest_embedding, lambda a: _float_scores(a[0]) and a[2] in ("cos", "l2")
                                and _same_device(a), _check_nearest, _refuse_non_finite),

@@ -124,6 +124,11 @@ def absorb_offset(sigma_bar, N):
     return log_expm1(sigma_bar.float()) + math.log(N - 1)
 
 
+def unshift(log_score, shift):
+    """(B, L, N) log-scores + shift (B,), as the loss and the steps take them -> log-scores, fp32 (no shift: as is)."""
+    return log_score if shift is None else log_score.float() - shift.float()[:, None, None]
+
+
 # ----------------------------------------------------------------------------------------------
 # Forward process: the two graphs in closed form (identity plus rank one; never a dense N x N)
 #
@@ -246,9 +251,9 @@ class SEDD(nn.Module):
         ratio to itself, 1.
 
         split=True -> (h, shift): the head's output in its own dtype (bf16 under autocast) and the
-        offset (B,) or (R,) fp32, None on the uniform graph, for score_entropy(..., shift). The
-        offset (up to ~18) needs fp32, so the log-scores need an fp32 (B, L, N); the loss then keeps
-        the bf16 h alone.
+        offset (B,) or (R,) fp32, None on the uniform graph, for score_entropy and the sampling
+        steps (shift=...). The offset (up to ~18) needs fp32, so the log-scores need an fp32
+        (B, L, N); the loss and the sampler then hold the bf16 h alone.
         """
         h = self.backbone(xt, sigma_bar)  # (B, L, C)
         if rows is not None:
@@ -327,9 +332,7 @@ def score_entropy(log_score, xt, x0, sigma_bar, graph, shift=None):
         D = sum_{y != x} Q[x, y] [s_y - rho_y log s_y + K(rho_y)],  rho_y = p(y | x_0) / p(x | x_0)
     with x = x_t. Its gradient w.r.t. log s_y is Q[x, y] (s_y - rho_y), 0 at y = x.
     """
-    ls = log_score.float()  # fp32 before exp: the terms cancel at O(r log r)
-    if shift is not None:
-        ls = ls - shift.float()[:, None, None]
+    ls = unshift(log_score, shift).float()  # fp32 before exp: the terms cancel at O(r log r)
     N = ls.shape[-1]
     out = torch.zeros(xt.shape, dtype=torch.float32, device=ls.device)
     if graph == "absorb":
@@ -407,37 +410,39 @@ def _split_stay(w, xt):
     return w.scatter(-1, xt.unsqueeze(-1), 0.0), w_stay
 
 
-def euler_weights(log_score, xt, rate_dt, graph):
+def euler_weights(log_score, xt, rate_dt, graph, shift=None):
     """Euler (tau-leaping) weights: w_y = sigma(t) dt Q[x, y] s_y (y != x), w_x = 1 - sum_{y != x} w_y.
 
-    log_score (B, L, N); xt (B, L); rate_dt (B,) float64 = sigma(t) dt. Returns (w (B, L, N) with
-    w_x = 0, w_stay (B, L)), float64 and unclamped. Absorbing rows with x != MASK are never
-    entered by anything (Q[x, y] = 0), so they stay.
+    log_score (B, L, N), or with shift (B,) log-scores + shift[b], as score_entropy takes them; xt
+    (B, L); rate_dt (B,) float64 = sigma(t) dt. Returns (w (B, L, N) with w_x = 0, w_stay (B, L)),
+    float64 and unclamped. Absorbing rows with x != MASK are never entered by anything
+    (Q[x, y] = 0), so they stay.
     """
     N = log_score.shape[-1]
-    s = log_score.double().exp().scatter(-1, xt.unsqueeze(-1), 1.0)
+    s = unshift(log_score, shift).double().exp().scatter(-1, xt.unsqueeze(-1), 1.0)
     w = rate_dt.double()[:, None, None] * rates_into(xt, N, graph, torch.float64) * s
     w, _ = _split_stay(w, xt)
     return w, 1 - w.sum(-1)
 
 
 @difflm_ops.fused("sedd_euler_step")
-def euler_step(log_score, xt, rate_dt, u, graph):
+def euler_step(log_score, xt, rate_dt, u, graph, shift=None):
     """One Euler tau-leaping step t -> t - dt (B, L) int64; u (B, L, 2) float64 uniforms."""
-    w, w_stay = euler_weights(log_score, xt, rate_dt, graph)
+    w, w_stay = euler_weights(log_score, xt, rate_dt, graph, shift)
     return _two_stage(w, w_stay, xt, u)
 
 
-def tweedie_weights(log_score, xt, dsigma, graph, final=False):
+def tweedie_weights(log_score, xt, dsigma, graph, final=False, shift=None):
     """Analytic (Tweedie) weights: w_y = [exp(-dsigma Q) s]_y exp(dsigma Q)[x, y], the staggered
     score times the transition into x (paper eq. 19); dsigma (B,) float64 = sigma_bar(t) - sigma_bar(s).
 
     Absorbing, x = M: w_y = (e^{dsigma} - 1) s_y and w_M = 1 - (e^{dsigma} - 1) sum_{y != M} s_y;
     rows with x != M keep all their weight on x. final: the denoiser, MASK dropped (w_M = 0) so
-    every masked row resolves. Returns (w with w_x = 0, w_stay), float64, unclamped.
+    every masked row resolves. shift as in euler_weights. Returns (w with w_x = 0, w_stay), float64,
+    unclamped.
     """
     N = log_score.shape[-1]
-    s = log_score.double().exp().scatter(-1, xt.unsqueeze(-1), 1.0)
+    s = unshift(log_score, shift).double().exp().scatter(-1, xt.unsqueeze(-1), 1.0)
     dsigma = dsigma.double()[:, None]  # (B, 1)
     w = staggered_score(s, dsigma, graph) * transition_into(xt, dsigma, N, graph)
     w, w_stay = _split_stay(w, xt)
@@ -447,9 +452,9 @@ def tweedie_weights(log_score, xt, dsigma, graph, final=False):
 
 
 @difflm_ops.fused("sedd_tweedie_step")
-def tweedie_step(log_score, xt, dsigma, u, graph, final=False):
+def tweedie_step(log_score, xt, dsigma, u, graph, final=False, shift=None):
     """One analytic tau-leaping step t -> s (B, L) int64; final=True is the denoising step."""
-    w, w_stay = tweedie_weights(log_score, xt, dsigma, graph, final)
+    w, w_stay = tweedie_weights(log_score, xt, dsigma, graph, final, shift)
     return _two_stage(w, w_stay, xt, u)
 
 
@@ -472,13 +477,13 @@ def decoding_weights(w, temperature=1.0, top_p=1.0):
     return q * total
 
 
-def controlled_step(log_score, xt, arg, u, cfg, final=False):
+def controlled_step(log_score, xt, arg, u, cfg, final=False, shift=None):
     """The pure weight functions, decoding_weights, then the two-stage draw: the path that the
     fused steps would bypass when --temperature or --top_p is set. arg: rate_dt (euler) or dsigma."""
     if cfg.sampler == "euler" and not final:
-        w, w_stay = euler_weights(log_score, xt, arg, cfg.graph)
+        w, w_stay = euler_weights(log_score, xt, arg, cfg.graph, shift)
     else:
-        w, w_stay = tweedie_weights(log_score, xt, arg, cfg.graph, final)
+        w, w_stay = tweedie_weights(log_score, xt, arg, cfg.graph, final, shift)
     return _two_stage(decoding_weights(w, cfg.temperature, cfg.top_p), w_stay, xt, u)
 
 
@@ -490,11 +495,12 @@ def time_grid(steps, t_end):
 def sample_chain(model, x, cfg, fixed=None, show=None):
     """Run the reverse chain from x (B, L) (a limit sample) and return (x_0 (B, L), network calls).
 
-    model: a SEDD, or any module with num_states called (xt, sigma_bar (B,), rows=None) -> log-scores
-    (B, L, N), or (R, N) at rows. fixed (L,) or (B, L): token ids, -1 at free positions; they are
-    projected back after every step, so every state the chain (and show) sees holds them: the
-    conditional ratios are the unconditional ones with the fixed positions held (no conditional
-    training needed). Every step draws u (B, L, 2) float64 once. Absorbing: a token other than MASK
+    model: a SEDD, or any module with num_states called as in nelbo_terms, (xt, sigma_bar (B,),
+    rows=None, split=True) -> (log-scores + shift, shift or None), (B, L, N) and (B,), or (R, N)
+    and (R,) at rows; the steps take the two as they come. fixed (L,) or (B, L): token ids, -1 at
+    free positions; they are projected back after every step, so every state the chain (and show)
+    sees holds them: the conditional ratios are the unconditional ones with the fixed positions held
+    (no conditional training needed). Every step draws u (B, L, 2) float64 once. Absorbing: a token other than MASK
     never moves, so the head and the step run only on the masked rows, each as a sequence of length 1
     (the same tokens as the whole batch would get).
     """
@@ -516,16 +522,16 @@ def sample_chain(model, x, cfg, fixed=None, show=None):
             return x
         calls += 1
         with common.autocast(device):
-            log_score = model(x, sigma_bars[i].float().expand(B), rows=rows).float()  # (B, L, N) or (R, N)
+            h, shift = model(x, sigma_bars[i].float().expand(B), rows=rows, split=True)  # (B, L, N) or (R, N), (R,)
         xs, us, args = x, u, arg
         if rows is not None:  # the masked rows as R sequences of length 1
-            log_score, (xs, us, args) = log_score[:, None], per_row(rows, x, u, arg)
+            h, (xs, us, args) = h[:, None], per_row(rows, x, u, arg)
         if controls:
-            new = controlled_step(log_score, xs, args, us, cfg, final)
+            new = controlled_step(h, xs, args, us, cfg, final, shift)
         elif cfg.sampler == "euler" and not final:
-            new = euler_step(log_score, xs, args, us, cfg.graph)
+            new = euler_step(h, xs, args, us, cfg.graph, shift)
         else:
-            new = tweedie_step(log_score, xs, args, us, cfg.graph, final)
+            new = tweedie_step(h, xs, args, us, cfg.graph, final, shift)
         if rows is None:
             return new
         x = x.clone()

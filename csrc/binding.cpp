@@ -1,6 +1,6 @@
 // The torch binding of the difflm kernels: op schemas (TORCH_LIBRARY namespace difflm), input
 // checks with messages that name the argument, and dispatch to the CPU functions or the CUDA
-// launchers. Fake (meta) implementations are registered from Python (kernels.py), the autograd of
+// launchers. Fake (meta) implementations are registered from Python (difflm_ops.py), the autograd of
 // score_entropy by sedd.py and of rotary by common.py through it.
 //
 //   score_entropy(log_score, xt, x0, sigma_bar, graph, shift=None) -> loss (B, L) fp32; log s = log_score - shift
@@ -8,8 +8,8 @@
 //   score_entropy_with_grad(log_score, xt, x0, sigma_bar, graph, shift=None) -> (loss, grad of loss.sum()), CPU only:
 //     one pass that reads the scores once for both (the CPU training path; on a GPU the bytes cost
 //     more than the exps, so the forward only reads and the backward recomputes)
-//   sedd_euler_step(log_score, xt, rate_dt, u, graph) -> x_s (B, L)
-//   sedd_tweedie_step(log_score, xt, dsigma, u, graph, final) -> x_s (B, L)
+//   sedd_euler_step(log_score, xt, rate_dt, u, graph, shift=None) -> x_s (B, L); log s = log_score - shift
+//   sedd_tweedie_step(log_score, xt, dsigma, u, graph, final, shift=None) -> x_s (B, L)
 //   mdlm_ancestral_step(logits, xt, p_unmask, u, mask_id) -> x_s (B, L)
 //   nearest_embedding(x, E, metric) -> ids (N,): nearest row of E by 'cos' or 'l2' (Diffusion-LM's clamp)
 //   nearest_embedding_screened(x, E, metric, chunk_entries) -> ids (N,): the same by a bf16 screen and an fp32
@@ -206,21 +206,23 @@ int check_step(const Tensor& scores, const char* sname, const Tensor& xt, const 
 }
 
 Tensor sedd_step(const Tensor& log_score, const Tensor& xt, const Tensor& t, const char* tname, const Tensor& u,
-                 c10::string_view graph, int step, bool final_step) {
+                 c10::string_view graph, int step, bool final_step, const std::optional<Tensor>& shift) {
   const int g = graph_id(graph);
   const int dtype = check_step(log_score, "log_score", xt, t, tname, u, g == difflm::ABSORB ? 2 : 1);
   const int64_t B = log_score.size(0), L = log_score.size(1), N = log_score.size(2);
+  if (shift.has_value()) check_like(*shift, "shift", log_score, {B}, at::kFloat, "(B,)");
+  const float* sh = shift.has_value() ? shift->data_ptr<float>() : nullptr;
   Tensor out = at::empty({B, L}, xt.options());
   if (B * L == 0) return out;
   if (log_score.is_cpu()) {
-    difflm::cpu_sedd_step(log_score.data_ptr(), dtype, xt.data_ptr<int64_t>(), t.data_ptr<double>(),
+    difflm::cpu_sedd_step(log_score.data_ptr(), dtype, xt.data_ptr<int64_t>(), t.data_ptr<double>(), sh,
                           u.data_ptr<double>(), step, g, final_step, B, L, N, out.data_ptr<int64_t>(),
                           at::get_num_threads());
   } else {
 #ifdef DIFFLM_CUDA
     DIFFLM_STREAM(log_score);
     const Tensor consts = at::empty({B * (int64_t)sizeof(difflm::StepConsts)}, log_score.options().dtype(at::kByte));
-    cuda_ok(difflm_launch_sedd_step(log_score.data_ptr(), dtype, xt.data_ptr<int64_t>(), t.data_ptr<double>(),
+    cuda_ok(difflm_launch_sedd_step(log_score.data_ptr(), dtype, xt.data_ptr<int64_t>(), t.data_ptr<double>(), sh,
                                     u.data_ptr<double>(), step, g, final_step ? 1 : 0, B, L, N,
                                     out.data_ptr<int64_t>(), consts.data_ptr(), stream),
             "sedd_step");
@@ -230,13 +232,13 @@ Tensor sedd_step(const Tensor& log_score, const Tensor& xt, const Tensor& t, con
 }
 
 Tensor sedd_euler_step(const Tensor& log_score, const Tensor& xt, const Tensor& rate_dt, const Tensor& u,
-                       c10::string_view graph) {
-  return sedd_step(log_score, xt, rate_dt, "rate_dt", u, graph, difflm::EULER, false);
+                       c10::string_view graph, const std::optional<Tensor>& shift) {
+  return sedd_step(log_score, xt, rate_dt, "rate_dt", u, graph, difflm::EULER, false, shift);
 }
 
 Tensor sedd_tweedie_step(const Tensor& log_score, const Tensor& xt, const Tensor& dsigma, const Tensor& u,
-                         c10::string_view graph, bool final_step) {
-  return sedd_step(log_score, xt, dsigma, "dsigma", u, graph, difflm::TWEEDIE, final_step);
+                         c10::string_view graph, bool final_step, const std::optional<Tensor>& shift) {
+  return sedd_step(log_score, xt, dsigma, "dsigma", u, graph, difflm::TWEEDIE, final_step, shift);
 }
 
 Tensor mdlm_ancestral_step(const Tensor& logits, const Tensor& xt, const Tensor& p_unmask, const Tensor& u,
@@ -433,8 +435,10 @@ TORCH_LIBRARY(difflm, m) {
         "str graph, Tensor? shift=None) -> Tensor");
   m.def("score_entropy_with_grad(Tensor log_score, Tensor xt, Tensor x0, Tensor sigma_bar, str graph, "
         "Tensor? shift=None) -> (Tensor, Tensor)");
-  m.def("sedd_euler_step(Tensor log_score, Tensor xt, Tensor rate_dt, Tensor u, str graph) -> Tensor");
-  m.def("sedd_tweedie_step(Tensor log_score, Tensor xt, Tensor dsigma, Tensor u, str graph, bool final=False) -> Tensor");
+  m.def("sedd_euler_step(Tensor log_score, Tensor xt, Tensor rate_dt, Tensor u, str graph, Tensor? shift=None) "
+        "-> Tensor");
+  m.def("sedd_tweedie_step(Tensor log_score, Tensor xt, Tensor dsigma, Tensor u, str graph, bool final=False, "
+        "Tensor? shift=None) -> Tensor");
   m.def("mdlm_ancestral_step(Tensor logits, Tensor xt, Tensor p_unmask, Tensor u, int mask_id) -> Tensor");
   m.def("nearest_embedding(Tensor x, Tensor E, str metric) -> Tensor");
   m.def("nearest_embedding_screened(Tensor x, Tensor E, str metric, int chunk_entries=134217728) -> Tensor");

@@ -234,14 +234,14 @@ DIFFLM_INLINE int64_t inverse_cdf(const W& w, int64_t n, double target, int64_t 
   return last_pos >= 0 ? last_pos : n_total - 1;
 }
 
-// fp64 exp of [0, n) into scratch, 0 at y = skip, returns the fp64 sum (one loop: a split at skip
-// would leave two short ranges with scalar ends)
+// fp64 exp of [0, n) of the row less its shift (in fp32) into scratch, 0 at y = skip, returns the fp64
+// sum (one loop: a split at skip would leave two short ranges with scalar ends)
 template <class T>
-DIFFLM_INLINE double exp_row(const T* h, double* s, int64_t n, int64_t skip) {
+DIFFLM_INLINE double exp_row(const T* h, float shift, double* s, int64_t n, int64_t skip) {
   double acc = 0.0;
 #pragma omp simd reduction(+ : acc)
   for (int64_t y = 0; y < n; ++y) {
-    const double e = y == skip ? 0.0 : exp_f64((double)load(h, y));
+    const double e = y == skip ? 0.0 : exp_f64((double)(load(h, y) - shift));
     s[y] = e;
     acc += e;
   }
@@ -258,11 +258,12 @@ DIFFLM_REASSOC DIFFLM_CLONES float sum_f32(const float* s, int64_t n) {
   return acc;
 }
 
-// fp32 exp of the row into scratch, 0 at y = skip; returns the sum (fp32 lanes per block, blocks in fp64)
+// fp32 exp of the row less its shift into scratch, 0 at y = skip; returns the sum (fp32 lanes per block,
+// blocks in fp64)
 template <class T>
-DIFFLM_INLINE double exp_row_f32(const T* h, float* s, int64_t N, int64_t skip) {
+DIFFLM_INLINE double exp_row_f32(const T* h, float shift, float* s, int64_t N, int64_t skip) {
 #pragma omp simd
-  for (int64_t y = 0; y < N; ++y) s[y] = y == skip ? 0.0f : exp_f32<true>(load(h, y));
+  for (int64_t y = 0; y < N; ++y) s[y] = y == skip ? 0.0f : exp_f32<true>(load(h, y) - shift);
   double acc = 0.0;
   for (int64_t b = 0; b < N; b += SE_BLOCK) acc += (double)sum_f32(s + b, std::min(N, b + SE_BLOCK) - b);
   return acc;
@@ -282,15 +283,17 @@ DIFFLM_FINITE DIFFLM_CLONES float max_f32(const uint16_t* h, int64_t n) {
   return m;
 }
 
-// The screen (kernels.h): first Sb = (N - 1) e^{max_{y != x} h_y}, from a max pass with no exp,
-// which settles most rows of a small step when no score dominates; then
-// the fp32 sum; then, for Tweedie, the clamped M over the fp32 exps in scratch.
+// The screen (kernels.h): first Sb = (N - 1) e^{max_{y != x} h_y - shift}, from a max pass with no exp
+// (rounding is monotone: the max less the shift is the max of the shifted row), which settles most rows
+// of a small step when no score dominates; then the fp32 sum; then, for Tweedie, the clamped M over
+// the fp32 exps in scratch.
 template <class T>
 DIFFLM_INLINE bool screen_stays(const T* h, int64_t N, int64_t x, double u0, int step, const StepConsts& c, float* s) {
   // (an fp32 exp overflows to inf above 88.7, and then neither bound settles anything)
-  const double Smax = (double)(N - 1) * (double)exp_f32(std::max(max_f32(h, x), max_f32(h + x + 1, N - x - 1)));
+  const float top = std::max(max_f32(h, x), max_f32(h + x + 1, N - x - 1)) - c.shift;
+  const double Smax = (double)(N - 1) * (double)exp_f32(top);
   if (stays_below(Smax * (1.0 + SCREEN), u0, step, c)) return true;
-  const double S = exp_row_f32(h, s, N, x);  // over y != x, relative error far below SCREEN
+  const double S = exp_row_f32(h, c.shift, s, N, x);  // over y != x, relative error far below SCREEN
   if (stays_below(S * (1.0 + SCREEN), u0, step, c)) return true;
   if (step == EULER) return false;  // that bound was M itself
   const double a = c.a, q = c.q, b = c.bS * (S + 1.0);
@@ -312,7 +315,7 @@ DIFFLM_INLINE int64_t sedd_row(const T* h, int64_t N, int64_t x, double u0, doub
     const int64_t M = N - 1;
     if (x != M) return x;  // its transition row is a multiple of onehot(x)
     if (!final_step && screen_stays(h, N, x, u0, EULER, c, s32)) return x;  // q = 1 for both steps
-    const double S = exp_row(h, s, M, M);
+    const double S = exp_row(h, c.shift, s, M, M);
     // w_y = a s_y for y != M (Euler: sigma dt s_y; Tweedie: (e^ds - 1) s_y)
     const double Mv = c.a * S;
     double wx = final_step ? 0.0 : 1.0 - Mv;  // the denoiser drops the MASK column
@@ -321,7 +324,7 @@ DIFFLM_INLINE int64_t sedd_row(const T* h, int64_t N, int64_t x, double u0, doub
     return inverse_cdf([&](int64_t y) { return s[y]; }, M, u1 * S, N);
   }
   if (screen_stays(h, N, x, u0, step, c, s32)) return x;
-  double S = exp_row(h, s, N, x);  // over y != x
+  double S = exp_row(h, c.shift, s, N, x);  // over y != x
   double Mv, wx;
   if (step == EULER) {  // w_y = sigma dt s_y / N
     Mv = c.a * c.q * S;
@@ -424,12 +427,12 @@ void cpu_score_entropy(const void* log_score, int dtype, const int64_t* xt, cons
   }
 }
 
-void cpu_sedd_step(const void* log_score, int dtype, const int64_t* xt, const double* t, const double* u,
-                   int step, int graph, bool final_step, int64_t B, int64_t L, int64_t N, int64_t* out,
-                   int nthreads) {
+void cpu_sedd_step(const void* log_score, int dtype, const int64_t* xt, const double* t, const float* shift,
+                   const double* u, int step, int graph, bool final_step, int64_t B, int64_t L, int64_t N,
+                   int64_t* out, int nthreads) {
   const int64_t rows = B * L, chunk = chunk_for(N);
   std::vector<StepConsts> consts(B);  // per sequence: up to four exp/expm1, once rather than per row
-  for (int64_t b = 0; b < B; ++b) consts[b] = step_consts(t[b], step, graph, N);
+  for (int64_t b = 0; b < B; ++b) consts[b] = step_consts(t[b], step, graph, N, shift ? shift[b] : 0.0f);
 #pragma omp parallel num_threads(threads_for(rows, N, nthreads))
   {
     std::vector<double> scratch(N);

@@ -137,10 +137,10 @@ __global__ void se_consts_kernel(const double* __restrict__ sigma_bar, const flo
   if (b < B) out[b] = se_consts(sigma_bar[b], graph, N, shift ? shift[b] : 0.0f);
 }
 
-__global__ void step_consts_kernel(const double* __restrict__ t, int step, int graph, int64_t B, int64_t N,
-                                   StepConsts* __restrict__ out) {
+__global__ void step_consts_kernel(const double* __restrict__ t, const float* __restrict__ shift, int step,
+                                   int graph, int64_t B, int64_t N, StepConsts* __restrict__ out) {
   const int64_t b = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (b < B) out[b] = step_consts(t[b], step, graph, N);
+  if (b < B) out[b] = step_consts(t[b], step, graph, N, shift ? shift[b] : 0.0f);
 }
 
 unsigned blocks_for(int64_t n, int per_block) { return (unsigned)((n + per_block - 1) / per_block); }
@@ -293,14 +293,15 @@ __device__ __forceinline__ int64_t walk(const W& w, int64_t n, double target, in
 // ---- SEDD step screen (kernels.h): true when the row provably stays. One 16-byte-load pass of the
 // hardware exp (__expf: within (2 + 1.2 |v|) ulp, so 2e-5 relative for |v| < 88, far below SCREEN,
 // with the fp32 per-thread sums, (N / G) 2^-24), and a second for uniform Tweedie's clamped M when
-// the first bound settles nothing.
+// the first bound settles nothing. As in score entropy, a stored value v is the log-score v - shift.
 
 template <class T, int G>
 __device__ __forceinline__ bool screen_stays(const T* h, int64_t N, int64_t x, double u0, int step,
                                              const StepConsts& c, int tid, double* sm) {
+  const float shift = c.shift;
   float part = 0.0f;
   visit<T, G, false>(h, (T*)nullptr, N, tid, [&](int64_t y, float v) {
-    part += y == x ? 0.0f : __expf(v);  // absorbing: x = MASK, the column the row skips
+    part += y == x ? 0.0f : __expf(v - shift);  // absorbing: x = MASK, the column the row skips
     return 0.0f;
   });
   // __expf flushes results below 2^-126 to 0: N of them add the last term
@@ -310,7 +311,7 @@ __device__ __forceinline__ bool screen_stays(const T* h, int64_t N, int64_t x, d
   const double a = c.a, q = c.q, b = c.bS * (S + 1.0);
   double M = 0.0;
   visit<T, G, false>(h, (T*)nullptr, N, tid, [&](int64_t y, float v) {
-    const double w = (a * (double)expf(v) + b) * q;
+    const double w = (a * (double)expf(v - shift) + b) * q;
     M += (w > 0.0 && y != x) ? w : 0.0;
     return 0.0f;
   });
@@ -336,6 +337,7 @@ sedd_kernel(const T* __restrict__ h_all, const int64_t* __restrict__ xt, const S
   const int64_t x = xt[row];
   const double u0 = u[2 * row], u1 = u[2 * row + 1];
   const StepConsts& c = consts[row / L];
+  const float shift = c.shift;
   if constexpr (SCREEN) {
     // absorbing: a token other than MASK stays; a masked row's step has the Euler form (kernels.h)
     const bool settled = graph == ABSORB
@@ -346,25 +348,25 @@ sedd_kernel(const T* __restrict__ h_all, const int64_t* __restrict__ xt, const S
   }
   int64_t y = x;
   if (graph == ABSORB) {
-    auto w = [&](int64_t k) { return exp((double)ld(h, k)); };
+    auto w = [&](int64_t k) { return exp((double)(ld(h, k) - shift)); };
     const double S = segment_sums<G>(w, N - 1, tid, sm[sub]);
     const double Mv = c.a * S;
     double wx = final_step ? 0.0 : 1.0 - Mv;
     wx = wx > 0.0 ? wx : 0.0;
     if (u0 < Mv / (Mv + wx)) y = walk<G>(w, N - 1, u1 * S, N, tid, sm[sub], &res[sub]);
   } else if (step == EULER) {
-    auto w = [&](int64_t k) { return k == x ? 0.0 : exp((double)ld(h, k)); };
+    auto w = [&](int64_t k) { return k == x ? 0.0 : exp((double)(ld(h, k) - shift)); };
     const double S = segment_sums<G>(w, N, tid, sm[sub]);
     const double Mv = c.a * c.q * S;
     double wx = 1.0 - Mv;
     wx = wx > 0.0 ? wx : 0.0;
     if (u0 < Mv / (Mv + wx)) y = walk<G>(w, N, u1 * S, N, tid, sm[sub], &res[sub]);
   } else {
-    auto s = [&](int64_t k) { return k == x ? 0.0 : exp((double)ld(h, k)); };
+    auto s = [&](int64_t k) { return k == x ? 0.0 : exp((double)(ld(h, k) - shift)); };
     const double S = segment_sums<G>(s, N, tid, sm[sub]);
     const double b = c.bS * (S + 1.0), a = c.a, q = c.q;
     auto w = [&](int64_t k) {
-      const double v = (a * exp((double)ld(h, k)) + b) * q;
+      const double v = (a * exp((double)(ld(h, k) - shift)) + b) * q;
       return (v > 0.0 && k != x) ? v : 0.0;
     };
     const double Mv = segment_sums<G>(w, N, tid, sm[sub]);
@@ -453,13 +455,13 @@ int difflm_launch_score_entropy(const void* log_score, int dtype, const int64_t*
   return (int)cudaGetLastError();
 }
 
-int difflm_launch_sedd_step(const void* log_score, int dtype, const int64_t* xt, const double* t, const double* u,
-                            int step, int graph, int final_step, int64_t B, int64_t L, int64_t N, int64_t* out,
-                            void* consts, void* stream) {
+int difflm_launch_sedd_step(const void* log_score, int dtype, const int64_t* xt, const double* t, const float* shift,
+                            const double* u, int step, int graph, int final_step, int64_t B, int64_t L, int64_t N,
+                            int64_t* out, void* consts, void* stream) {
   const int64_t rows = B * L;
   cudaStream_t st = (cudaStream_t)stream;
   StepConsts* c = (StepConsts*)consts;  // once per sequence, before the rows
-  step_consts_kernel<<<blocks_for(B, 128), 128, 0, st>>>(t, step, graph, B, N, c);
+  step_consts_kernel<<<blocks_for(B, 128), 128, 0, st>>>(t, shift, step, graph, B, N, c);
   DIFFLM_BY_WIDTH(N, {
     const unsigned blocks = blocks_for(rows, R);
     if (dtype == BF16) {

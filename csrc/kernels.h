@@ -55,11 +55,13 @@ struct StepConsts {
   double a, q;   // w_y = max(0, (a s_y + bS) q)
   double bS;     // coefficient of S in b = bS * S
   double qx;     // uniform Tweedie: transition into x, (1 - e^-ds)/N + e^-ds
+  float shift;   // log s_y = log_score_y - shift, in fp32 (0 without one), as in SEConsts
 };
 
-DIFFLM_HD StepConsts step_consts(double t, int step, int graph, int64_t N) {
+DIFFLM_HD StepConsts step_consts(double t, int step, int graph, int64_t N, float shift) {
   // t: rate_dt = sigma(t) dt for Euler, dsigma for Tweedie
   StepConsts c;
+  c.shift = shift;
   c.bS = 0.0;
   c.qx = 0.0;
   if (step == EULER) {
@@ -113,9 +115,10 @@ DIFFLM_HD bool tweedie_stays(double M, double S, double u0, int64_t N, const Ste
 void cpu_score_entropy(const void* log_score, int dtype, const int64_t* xt, const int64_t* x0,
                        const double* sigma_bar, const float* shift, int graph, int64_t B, int64_t L, int64_t N,
                        float* loss, const float* grad_loss, void* grad, int nthreads);
-void cpu_sedd_step(const void* log_score, int dtype, const int64_t* xt, const double* t, const double* u,
-                   int step, int graph, bool final_step, int64_t B, int64_t L, int64_t N, int64_t* out,
-                   int nthreads);
+// SEDD steps: shift (B,) fp32 or null, as above
+void cpu_sedd_step(const void* log_score, int dtype, const int64_t* xt, const double* t, const float* shift,
+                   const double* u, int step, int graph, bool final_step, int64_t B, int64_t L, int64_t N,
+                   int64_t* out, int nthreads);
 void cpu_mdlm_step(const void* logits, int dtype, const int64_t* xt, const double* p_unmask, const double* u,
                    int64_t mask_id, int64_t B, int64_t L, int64_t N, int64_t* out, int nthreads);
 
@@ -165,8 +168,8 @@ int difflm_launch_score_entropy(const void* log_score, int dtype, const int64_t*
                                 const double* sigma_bar, const float* shift, int graph, int64_t B, int64_t L, int64_t N,
                                 float* loss, const float* grad_loss, void* grad, void* consts, void* stream);
 int difflm_launch_sedd_step(const void* log_score, int dtype, const int64_t* xt, const double* t,
-                            const double* u, int step, int graph, int final_step, int64_t B, int64_t L,
-                            int64_t N, int64_t* out, void* consts, void* stream);
+                            const float* shift, const double* u, int step, int graph, int final_step, int64_t B,
+                            int64_t L, int64_t N, int64_t* out, void* consts, void* stream);
 int difflm_launch_mdlm_step(const void* logits, int dtype, const int64_t* xt, const double* p_unmask,
                             const double* u, int64_t mask_id, int64_t B, int64_t L, int64_t N, int64_t* out,
                             void* stream);

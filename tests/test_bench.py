@@ -660,14 +660,14 @@ def test_steady_allocator_keeps_freed_memory_and_is_quiet_without_glibc(monkeypa
 
 def test_kernel_and_nearest_rows_are_labelled_with_their_size_op_graph_and_dtype(monkeypatch):
     """Each row's op called with its own graph on scores of the dtype asked for, labelled B,L,V (not N), score
-    entropy with the absorbing offset as SEDD's loss passes it; the clamp's rows labelled N,d,V with its metric
-    passed and the share of ids that agree with the expression."""
+    entropy and the SEDD steps with the absorbing offset as SEDD passes it; the clamp's rows labelled N,d,V with
+    its metric passed and the share of ids that agree with the expression."""
     calls, shifts = [], []
 
     def op(name):
         def f(*a):
-            if name == "score_entropy":
-                shifts.append(a[5])
+            if name in ("score_entropy", "euler_step", "tweedie_step"):
+                shifts.append((name, a[5]))
                 a = a[:5]
             calls.append((name, a[0].dtype, a[-1]))
             return a[0].float().sum(-1) if name == "score_entropy" else a[1]
@@ -687,7 +687,10 @@ def test_kernel_and_nearest_rows_are_labelled_with_their_size_op_graph_and_dtype
                                      "score_entropy", "euler_step", "tweedie_step"]
     assert all(dt == torch.bfloat16 for _, dt, _ in calls)
     assert [c[2] for c in calls] == ["absorb", "absorb", "absorb", 5, "uniform", "uniform", "uniform"]  # MASK = N - 1
-    assert shifts[0].shape == (2,) and shifts[1] is None  # (B,) absorbing; none on the uniform graph
+    # (B,) absorbing, as SEDD's loss and sampler pass them; none on the uniform graph
+    assert [(name, None if sh is None else tuple(sh.shape)) for name, sh in shifts] == [
+        (name, (2,) if g == "absorb" else None) for g in ("absorb", "uniform")
+        for name in ("score_entropy", "euler_step", "tweedie_step")]
 
     def clamp(x, E, metric):
         ids = diffusion_lm.nearest_embedding.oracle(x, E, metric).clone()

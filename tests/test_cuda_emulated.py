@@ -152,7 +152,8 @@ def dtype_code(t):
     return 1 if t.dtype == torch.bfloat16 else 0
 
 
-SE_CONSTS = 5  # sizeof(SEConsts) in float64s: four doubles and the float shift, padded (kernels.h)
+SE_CONSTS = STEP_CONSTS = 5  # sizeof(SEConsts), sizeof(StepConsts) in float64s: four doubles and the float shift,
+# padded (kernels.h)
 
 
 # the launchers, called as binding.cpp calls them (outputs from empty(), ids int64, times and uniforms float64)
@@ -164,11 +165,11 @@ def se_call(cu, ls, xt, x0, sb, shift, graph, loss, w, grad, consts):
                                           p(grad), p(consts), None)
 
 
-def sedd_call(cu, h, xt, t, u, step, graph, final, out, consts):
+def sedd_call(cu, h, xt, t, shift, u, step, graph, final, out, consts):
     B, L, N = h.shape
-    return cu.difflm_launch_sedd_step(p(h), dtype_code(h), p(xt), p(t), p(u), step, 0 if graph == "absorb" else 1,
-                                      int(final), ctypes.c_int64(B), ctypes.c_int64(L), ctypes.c_int64(N), p(out),
-                                      p(consts), None)
+    return cu.difflm_launch_sedd_step(p(h), dtype_code(h), p(xt), p(t), p(shift), p(u), step,
+                                      0 if graph == "absorb" else 1, int(final), ctypes.c_int64(B), ctypes.c_int64(L),
+                                      ctypes.c_int64(N), p(out), p(consts), None)
 
 
 def mdlm_call(cu, h, xt, pu, u, out):
@@ -243,24 +244,27 @@ def test_score_entropy(cu, k, empty, B, L, V, graph, dtype):
 
 @every_layout
 def test_sampling_steps(cu, k, empty, B, L, V, graph, dtype):
-    """Rows that stay (the screen) and rows that move (the fp64 path and its inverse-CDF walk)."""
+    """Rows that stay (the screen) and rows that move (the fp64 path and its inverse-CDF walk). The last two
+    cases pass the scores with a per-sequence shift added, and the shift (SEDD's sampler, absorbing)."""
     gen, seed = fresh_gen()
     N = V + 1 if graph == "absorb" else V
-    cases = ((-math.log(N) + 1.5, 0.3), (1.0, 0.5), (1.0, 0.05))
-    for shift, t in cases if N < 16384 else cases[1:2]:  # the widest rows: one case where every row moves
-        h = (torch.randn(B, L, N, generator=gen) + shift).to(dtype)
+    cases = ((-math.log(N) + 1.5, 0.3, False), (1.0, 0.5, True), (1.0, 0.05, True))
+    for level, t, shifted in cases if N < 16384 else cases[1:2]:  # the widest rows: one case where every row moves
+        sh = torch.rand(B, generator=gen) * 16 - 2 if shifted else None
+        h = torch.randn(B, L, N, generator=gen) + level + (sh[:, None, None] if shifted else 0.0)
+        h = h.to(dtype)
         masked = torch.rand(B, L, generator=gen) < 0.5
         xt = torch.where(masked, N - 1, torch.randint(N - 1, (B, L), generator=gen)) if graph == "absorb" else \
             torch.randint(N, (B, L), generator=gen)
         u = torch.rand(B, L, 2, generator=gen, dtype=torch.float64)
         tt = t * (0.5 + torch.rand(B, generator=gen, dtype=torch.float64))  # each sequence its own time
-        consts = empty(B, 4, dtype=torch.float64)
+        consts = empty(B, STEP_CONSTS, dtype=torch.float64)
         for step, final in ((0, False), (1, False), (1, True)):
             out = empty(B, L, dtype=torch.long)
-            assert sedd_call(cu, h, xt, tt, u, step, graph, final, out, consts) == 0
-            ref = k.sedd_euler_step(h, xt, tt, u, graph) if step == 0 else k.sedd_tweedie_step(h, xt, tt, u, graph,
-                                                                                                final)
-            assert torch.equal(out, ref), f"seed {seed}: step {step}, final {final}, shift {shift:.2f}"
+            assert sedd_call(cu, h, xt, tt, sh, u, step, graph, final, out, consts) == 0
+            ref = k.sedd_euler_step(h, xt, tt, u, graph, sh) if step == 0 else \
+                k.sedd_tweedie_step(h, xt, tt, u, graph, final, sh)
+            assert torch.equal(out, ref), f"seed {seed}: step {step}, final {final}, level {level:.2f}, shifted {shifted}"
         if graph == "absorb":
             pu = torch.full((B,), 0.7, dtype=torch.float64)
             out = empty(B, L, dtype=torch.long)
@@ -360,8 +364,8 @@ def test_steps_just_below_the_move_threshold(cu, k, empty, B, L, V, graph, dtype
         for d in (-1e-9, 1e-6):  # all move, all stay
             u = torch.rand(B, L, 2, generator=gen, dtype=torch.float64)
             u[..., 0] = pm * (1 + d)
-            out, consts = empty(B, L, dtype=torch.long), empty(B, 4, dtype=torch.float64)
-            assert sedd_call(cu, h, xt, t, u, step, graph, False, out, consts) == 0
+            out, consts = empty(B, L, dtype=torch.long), empty(B, STEP_CONSTS, dtype=torch.float64)
+            assert sedd_call(cu, h, xt, t, None, u, step, graph, False, out, consts) == 0
             ref = k.sedd_euler_step(h, xt, t, u, graph) if step == 0 else k.sedd_tweedie_step(h, xt, t, u, graph, False)
             assert ((ref != xt) == (d < 0)).all() and torch.equal(out, ref), f"seed {seed}: step {step}, d {d}"
 
@@ -379,8 +383,8 @@ def test_steps_on_zero_uniforms(cu, k, empty, B, L, V, graph):
     u = torch.zeros(B, L, 2, dtype=torch.float64)
     t = torch.full((B,), 0.25, dtype=torch.float64)
     for step, final in ((0, False), (1, False), (1, True)):
-        out, consts = empty(B, L, dtype=torch.long), empty(B, 4, dtype=torch.float64)
-        assert sedd_call(cu, h, xt, t, u, step, graph, final, out, consts) == 0
+        out, consts = empty(B, L, dtype=torch.long), empty(B, STEP_CONSTS, dtype=torch.float64)
+        assert sedd_call(cu, h, xt, t, None, u, step, graph, final, out, consts) == 0
         ref = k.sedd_euler_step(h, xt, t, u, graph) if step == 0 else k.sedd_tweedie_step(h, xt, t, u, graph, final)
         assert (ref != xt).all() and torch.equal(out, ref), f"step {step}, final {final}: {out} vs {ref}"
     if graph == "absorb":

@@ -186,8 +186,9 @@ def test_opcheck_fake_and_autograd_registration(k):
         torch.library.opcheck(k.score_entropy_with_grad.default, (ls.requires_grad_(), xt, x0, sb, "uniform", *args),
                               test_utils=utils)
         ls = ls.detach()
-    torch.library.opcheck(k.sedd_euler_step.default, (ls, xt, t, u, "uniform"), test_utils=utils)
-    torch.library.opcheck(k.sedd_tweedie_step.default, (ls, xt, t, u, "uniform", True), test_utils=utils)
+    for args in ((), (shift,)):
+        torch.library.opcheck(k.sedd_euler_step.default, (ls, xt, t, u, "uniform", *args), test_utils=utils)
+        torch.library.opcheck(k.sedd_tweedie_step.default, (ls, xt, t, u, "uniform", True, *args), test_utils=utils)
     torch.library.opcheck(k.mdlm_ancestral_step.default, (ls, xt, t, u, 6), test_utils=utils)
     cos, sin = common.rotary_tables(3, 4)
     qkv = torch.randn(2, 3, 4, 2, 4)[:, :, 1:]
@@ -229,6 +230,35 @@ def test_steps_return_the_oracles_tokens(k, graph, dtype, shape):
             moved += int((ref != xt).sum())
     if shape[2] > 1:
         assert moved > 0, "no row moved: the comparison tested nothing but the stay path"
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_step_with_a_shift_is_the_step_on_the_log_scores_it_stands_for(k, graph, dtype):
+    """A SEDD step on (h, shift) is the step on h - shift in fp32: the oracle's tokens on those log-scores, from
+    the op and from the oracle, for the same uniforms. So SEDD's sampler passes its bf16 head output and the fp32
+    offset, as its loss does, and holds no fp32 copy of the scores. A shift that is not one per sequence is refused
+    on both paths."""
+    gen, seed = fresh_gen()
+    B, L = 4, 33
+    ls, xt, _, _ = inputs(graph, B, L, 41, dtype, gen)
+    shift = torch.rand(B, generator=gen) * 16 - 2
+    h = (ls.float() + shift[:, None, None]).to(dtype)  # (B, L, N): as the head gives them, offset included
+    ls = h.float() - shift[:, None, None]  # the log-scores h stands for
+    t = torch.rand(B, dtype=torch.float64, generator=gen) * 0.5 + 0.05
+    u = torch.rand(B, L, 2, dtype=torch.float64, generator=gen)
+    moved = 0
+    for name, step, final in (("euler", sedd.euler_step, ()), ("tweedie", sedd.tweedie_step, (False,)),
+                              ("denoiser", sedd.tweedie_step, (True,))):
+        ref = step.oracle(ls, xt, t, u, graph, *final)
+        for path, fn in (("op", step.kernel), ("oracle", step.oracle)):
+            got = fn(h, xt, t, u, graph, *final, shift)
+            assert torch.equal(got, ref), f"seed {seed}: {name} ({path}) differs at {(got != ref).nonzero()[:5].tolist()}"
+        moved += int((ref != xt).sum())
+    assert 0 < moved < 3 * xt.numel(), f"seed {seed}: only one outcome was tested"
+    for path in (contextlib.nullcontext, difflm_ops.oracles_only):
+        with path(), pytest.raises(ValueError, match=r"shift must have shape \(B,\) = \(4,\), one value per sequence"):
+            sedd.tweedie_step(h, xt, t, u, graph, False, shift[:1])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

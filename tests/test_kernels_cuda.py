@@ -82,7 +82,8 @@ def test_cuda_score_entropy_scores_and_gradient_aligned_differently(k, dtype):
 @pytest.mark.parametrize("graph", GRAPHS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_cuda_steps_return_the_oracles_tokens(k, graph, dtype, shape):
+@pytest.mark.parametrize("shifted", [False, True])
+def test_cuda_steps_return_the_oracles_tokens(k, graph, dtype, shape, shifted):
     gen, seed = fresh_gen()
     B, L, V = shape
     for masked, t_scale in ((0.5, 0.3), (1.0, 3.0)):
@@ -90,12 +91,14 @@ def test_cuda_steps_return_the_oracles_tokens(k, graph, dtype, shape):
         t = (torch.rand(B, dtype=torch.float64, generator=gen) * t_scale).cuda()
         u = torch.rand(B, L, 2, dtype=torch.float64, generator=gen).cuda()
         N = ls.shape[-1]
-        pairs = [("euler", k.sedd_euler_step(ls, xt, t, u, graph), sedd.euler_step.oracle(ls, xt, t, u, graph)),
-                 ("tweedie", k.sedd_tweedie_step(ls, xt, t, u, graph, False),
-                  sedd.tweedie_step.oracle(ls, xt, t, u, graph)),
-                 ("denoiser", k.sedd_tweedie_step(ls, xt, t, u, graph, True),
-                  sedd.tweedie_step.oracle(ls, xt, t, u, graph, final=True))]
-        if graph == "absorb":
+        sh = (torch.rand(B, generator=gen) * 16 - 2).cuda() if shifted else None  # SEDD's sampler, absorbing
+        h = (ls.float() + sh[:, None, None]).to(dtype) if shifted else ls
+        pairs = [("euler", k.sedd_euler_step(h, xt, t, u, graph, sh), sedd.euler_step.oracle(h, xt, t, u, graph, sh)),
+                 ("tweedie", k.sedd_tweedie_step(h, xt, t, u, graph, False, sh),
+                  sedd.tweedie_step.oracle(h, xt, t, u, graph, False, sh)),
+                 ("denoiser", k.sedd_tweedie_step(h, xt, t, u, graph, True, sh),
+                  sedd.tweedie_step.oracle(h, xt, t, u, graph, True, sh))]
+        if graph == "absorb" and not shifted:
             p = t.clamp(max=1.0)
             pairs.append(("mdlm", k.mdlm_ancestral_step(ls, xt, p, u, N - 1),
                           mdlm.ancestral_step.oracle(ls, xt, p, u, N - 1)))

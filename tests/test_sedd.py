@@ -12,6 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 from scipy import stats
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import common
 import corpus
@@ -328,6 +329,49 @@ def test_under_bf16_autocast_the_loss_keeps_no_fp32_copy_of_the_scores(graph):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * float(b.abs().max()))
 
 
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_under_bf16_autocast_the_sampler_makes_no_fp32_copy_of_the_scores(graph):
+    """As in the loss: the sampler passes the head's bf16 output and the absorbing offset to the fused steps,
+    where SEDD.forward made fp32 log-scores, 2 units of the bf16 output beside it (6.6 GB at B = 64, L = 1024,
+    V = 50258). No tensor of the scores' width is made in fp32 or fp64, and the tokens are those that the fp32
+    log-scores give, for the same uniforms, with both samplers."""
+    V, B, L = 37, 4, 16
+    cfg = sedd.Config(n_layer=1, n_head=2, n_embd=48, block_size=L, graph=graph, steps=6)
+    torch.manual_seed(0)
+    model = sedd.build_model(cfg, {"vocab_size": V}).eval()
+    torch.nn.init.normal_(model.head.weight, std=0.5)
+    N = model.num_states
+
+    class Unsplit:  # the reference: SEDD.forward's fp32 log-scores, no shift
+        num_states = N
+
+        def __call__(self, xt, sigma_bar, rows=None, split=False):
+            return model(xt, sigma_bar, rows=rows), None
+
+    made = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            made.extend(t.dtype for t in torch.utils._pytree.tree_leaves(out)
+                        if isinstance(t, torch.Tensor) and t.dim() and t.shape[-1] == N)
+            return out
+
+    difflm_ops.prepare("cpu")  # the kernels' first-use check, whose inputs are not the sampler's
+    for sampler in ("analytic", "euler"):
+        c = dataclasses.replace(cfg, sampler=sampler)
+        samples = []
+        for m in (model, Unsplit()):
+            torch.manual_seed(1)
+            made.clear()
+            with torch.autocast("cpu", dtype=torch.bfloat16), Record():
+                samples.append(sedd.sample_chain(m, sedd.limit((B, L), N, graph), c)[0])
+            if m is model:
+                assert torch.bfloat16 in made and torch.float32 not in made and torch.float64 not in made, made
+        assert torch.equal(*samples), sampler
+        assert len(samples[0].unique()) > 3, sampler  # a chain that moved, not one left at its limit
+
+
 def test_a_training_step_and_a_sampling_step_wait_for_the_gpu_as_little_as_they_can():
     """Each host sync drains a GPU's queue. The absorbing loss picked its masked rows by a boolean mask, an implicit
     nonzero each time: 10 waits a training step, 9 a sampling step. Now one nonzero each, and the fused ops'
@@ -358,10 +402,10 @@ def test_the_network_sees_every_time_from_1_to_t_end():
     class Spy(torch.nn.Module):
         num_states = 4
 
-        def forward(self, x, sigma_bar, rows=None):
+        def forward(self, x, sigma_bar, rows=None, split=False):
             seen.append(float(sigma_bar[0]))
             held.append(bool((x[:, 0] == 1).all()))
-            return torch.zeros(*x.shape, 4)
+            return torch.zeros(*x.shape, 4), None
 
     sedd.sample_chain(Spy(), torch.zeros(2, 3, dtype=torch.long), cfg, torch.tensor([1, -1, -1]))
     assert held == [True] * 6
