@@ -21,6 +21,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <optional>
+#include <utility>
+#include <vector>
+
 #include "kernels.h"
 
 #if defined(__linux__)
@@ -70,19 +75,37 @@ void check_like(const Tensor& t, const char* name, const Tensor& ref, at::IntArr
   TORCH_CHECK(t.is_contiguous(), "difflm: ", name, " must be contiguous (call .contiguous() first)");
 }
 
-// (min, max) of a non-empty tensor, copied to the host at once (one synchronisation on a GPU)
-template <class T>
-std::pair<T, T> range_of(const Tensor& t) {
-  auto mm = at::aminmax(t);
-  const Tensor r = at::stack({std::get<0>(mm), std::get<1>(mm)}).cpu();
-  return {r[0].item<T>(), r[1].item<T>()};
+// The (min, max) of each tensor, as doubles, all copied to the host together: an op's range checks
+// cost one synchronisation on a GPU, not one each. Empty tensors have none (nullopt). Token ids are
+// exact as doubles below 2^53, and any id past that is out of range either way.
+using Range = std::optional<std::pair<double, double>>;
+std::vector<Range> ranges_of(std::initializer_list<Tensor> ts) {
+  std::vector<Tensor> parts;
+  for (const Tensor& t : ts) {
+    if (t.numel() == 0) continue;
+    auto mm = at::aminmax(t);
+    parts.push_back(std::get<0>(mm).to(at::kDouble).reshape({1}));
+    parts.push_back(std::get<1>(mm).to(at::kDouble).reshape({1}));
+  }
+  const Tensor host = parts.empty() ? Tensor() : at::cat(parts).cpu();
+  std::vector<Range> out;
+  int64_t k = 0;
+  for (const Tensor& t : ts) {
+    if (t.numel() == 0) {
+      out.push_back(std::nullopt);
+    } else {
+      out.push_back(std::make_pair(host.data_ptr<double>()[k], host.data_ptr<double>()[k + 1]));
+      k += 2;
+    }
+  }
+  return out;
 }
 
-void check_ids(const Tensor& ids, const char* name, int64_t hi, const char* what) {
-  if (ids.numel() == 0) return;
-  const auto [lo_v, hi_v] = range_of<int64_t>(ids);
-  TORCH_CHECK(lo_v >= 0 && hi_v < hi, "difflm: ", name, " holds token ids in [", lo_v, ", ", hi_v,
-              "] but must lie in [0, ", hi - 1, "] (", what, ")");
+void check_ids(const Range& r, const char* name, int64_t hi, const char* what) {
+  if (!r) return;
+  auto id = [](double v) { return (int64_t)std::clamp(v, -9.2e18, 9.2e18); };  // back to an int64 to print
+  TORCH_CHECK(r->first >= 0 && r->second < (double)hi, "difflm: ", name, " holds token ids in [", id(r->first), ", ",
+              id(r->second), "] but must lie in [0, ", hi - 1, "] (", what, ")");
 }
 
 // A fresh CPU buffer for the gradient, backed by transparent huge pages where the kernel offers
@@ -124,14 +147,16 @@ int check_score_entropy(const Tensor& log_score, const Tensor& xt, const Tensor&
   TORCH_CHECK(sigma_bar.scalar_type() == at::kFloat || sigma_bar.scalar_type() == at::kDouble,
               "difflm: sigma_bar must be float32 or float64, got ", sigma_bar.scalar_type());
   if (shift.has_value()) check_like(*shift, "shift", log_score, {B}, at::kFloat, "(B,)");
-  if (g == difflm::ABSORB && B > 0) {  // r = 1 / expm1(sigma_bar) is a rate only for 0 < sigma_bar < inf
-    const auto [lo, hi] = range_of<double>(sigma_bar);
+  const bool absorb = g == difflm::ABSORB;
+  const auto r = ranges_of({absorb ? sigma_bar : sigma_bar.new_empty({0}), xt, x0});
+  if (r[0]) {  // r = 1 / expm1(sigma_bar) is a rate only for 0 < sigma_bar < inf; a NaN fails both comparisons
+    const auto [lo, hi] = *r[0];
     TORCH_CHECK(lo > 0 && hi < INFINITY, "difflm: sigma_bar must be positive and finite for the absorbing graph, got "
                 "values in [", lo, ", ", hi, "]");
   }
-  check_ids(xt, "xt", N, "the states of log_score's last dimension");
-  check_ids(x0, "x0", g == difflm::ABSORB ? N - 1 : N,
-            g == difflm::ABSORB ? "clean tokens: MASK = N - 1 is not one" : "the states of log_score's last dimension");
+  check_ids(r[1], "xt", N, "the states of log_score's last dimension");
+  check_ids(r[2], "x0", absorb ? N - 1 : N,
+            absorb ? "clean tokens: MASK = N - 1 is not one" : "the states of log_score's last dimension");
   return dtype;
 }
 
@@ -192,14 +217,15 @@ int check_step(const Tensor& scores, const char* sname, const Tensor& xt, const 
   check_like(xt, "xt", scores, {B, L}, at::kLong, "(B, L)");
   check_like(t, tname, scores, {B}, at::kDouble, "(B,)");
   check_like(u, "u", scores, {B, L, 2}, at::kDouble, "(B, L, 2)");
-  check_ids(xt, "xt", N, "the states of the scores' last dimension");
-  if (B > 0) {  // a rate or a probability: a NaN fails both comparisons
-    const auto [lo, hi] = range_of<double>(t);
+  const auto r = ranges_of({xt, t, u});
+  check_ids(r[0], "xt", N, "the states of the scores' last dimension");
+  if (r[1]) {  // a rate or a probability: a NaN fails both comparisons
+    const auto [lo, hi] = *r[1];
     TORCH_CHECK(lo >= 0 && hi < INFINITY, "difflm: ", tname, " must be finite and >= 0, got values in [", lo, ", ",
                 hi, "]");
   }
-  if (u.numel() > 0) {
-    const auto [lo, hi] = range_of<double>(u);
+  if (r[2]) {
+    const auto [lo, hi] = *r[2];
     TORCH_CHECK(lo >= 0 && hi < 1, "difflm: u must lie in [0, 1) (uniforms), got values in [", lo, ", ", hi, "]");
   }
   return dtype;

@@ -1,6 +1,8 @@
 """Fused kernels on CUDA: the same parity checks as tests/test_kernels.py, on the GPU, against the
 oracles run on the GPU, plus the three thread layouts of the CUDA code (a warp per row up to
 N = 2048, 256 threads up to 16384, 512 beyond) and unaligned rows for its 16-byte vector path."""
+import warnings
+
 import pytest
 import torch
 
@@ -112,6 +114,33 @@ def test_cuda_bad_device_mix_is_an_error(k):
     with pytest.raises(RuntimeError, match="xt must be on cuda"):
         k.sedd_euler_step(ls, xt, torch.ones(2, dtype=torch.float64, device="cuda"),
                           torch.rand(2, 3, 2, dtype=torch.float64, device="cuda"), "absorb")
+
+
+def test_cuda_ops_wait_for_the_gpu_once_a_call(k):
+    """The binding's range checks (token ids, sigma_bar, rates, uniforms) copy their minima and maxima to the host
+    together: one synchronisation for each call of score entropy, of its backward and of each sampling step (three
+    before), counted by torch's sync debug mode."""
+    ls, xt, x0, sb = inputs("absorb", 2, 5, 67, torch.float32, torch.Generator().manual_seed(0), masked=1.0)
+    t = torch.full((2,), 0.3, dtype=torch.float64, device="cuda")
+    u = torch.rand(2, 5, 2, dtype=torch.float64, device="cuda")
+    w, N = torch.ones(2, 5, device="cuda"), ls.shape[-1]
+    calls = {"score_entropy": lambda: k.score_entropy(ls, xt, x0, sb, "absorb"),
+             "score_entropy_backward": lambda: k.score_entropy_backward(w, ls, xt, x0, sb, "absorb"),
+             "sedd_euler_step": lambda: k.sedd_euler_step(ls, xt, t, u, "absorb"),
+             "sedd_tweedie_step": lambda: k.sedd_tweedie_step(ls, xt, t, u, "uniform", False),
+             "mdlm_ancestral_step": lambda: k.mdlm_ancestral_step(ls, xt, t, u, N - 1)}
+    for name, call in calls.items():
+        call()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                call()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        syncs = [str(c.message) for c in caught if "synchroniz" in str(c.message)]
+        assert len(syncs) == 1, (name, syncs)
 
 
 def test_cuda_self_check_passes_for_every_op(k):
