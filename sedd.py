@@ -500,9 +500,9 @@ def sample_chain(model, x, cfg, fixed=None, show=None):
     and (R,) at rows; the steps take the two as they come. fixed (L,) or (B, L): token ids, -1 at
     free positions; they are projected back after every step, so every state the chain (and show)
     sees holds them: the conditional ratios are the unconditional ones with the fixed positions held
-    (no conditional training needed). Every step draws u (B, L, 2) float64 once. Absorbing: a token other than MASK
-    never moves, so the head and the step run only on the masked rows, each as a sequence of length 1
-    (the same tokens as the whole batch would get).
+    (no conditional training needed). Every step draws u (B, L, 2) float64 once. Absorbing: a token
+    other than MASK never moves, so the head and the step run only on the masked rows, each as a
+    sequence of length 1 (the same tokens as the whole batch would get).
     """
     B, device = x.shape[0], x.device
     grid = time_grid(cfg.steps, cfg.t_end).to(device)
