@@ -603,6 +603,22 @@ def sample_categorical(probs, u):
     return idx.clamp_(max=probs.shape[-1] - 1)
 
 
+CONTROL_BLOCK = 2**24  # score entries (128 MB in float64) a block of the decoding controls' work holds at most
+
+
+def by_blocks(fn, *args):
+    """fn(*args) on a block of the sequences at a time, concatenated: fn's float64 work (the decoding controls
+    make several (B, L, N) float64 tensors, 26 GB each at B = 64, L = 1024, N = 50258) stays a block's size
+    whatever the batch. args[0]: the scores (B, L, N); every tensor argument is cut along dim 0 alike, anything
+    else (None) passed whole. fn must treat each sequence on its own, so the result is that of one call."""
+    B, size = args[0].shape[0], max(1, args[0][0].numel())
+    n = max(1, CONTROL_BLOCK // size)  # sequences per block, at least one
+    if B <= n:
+        return fn(*args)
+    cut = lambda a, i: a[i:i + n] if isinstance(a, torch.Tensor) else a  # noqa: E731
+    return torch.cat([fn(*(cut(a, i) for a in args)) for i in range(0, B, n)])
+
+
 def semi_autoregressive(chain, fixed, block_size, stride):
     """fixed (B, T) token ids or -1 at free positions -> (samples (B, T), network calls). chain(window) runs one reverse
     chain on a window (B, W), W <= block_size, of ids or -1 and returns (x_0 (B, W), calls). T <= block_size: one chain.

@@ -245,6 +245,11 @@ def confidence_step(logits, xt, p_unmask, u, mask_id):
     return torch.where(reveal, token, xt)
 
 
+def float64_work(cfg):
+    """Whether a step works in float64 on (B, L, N) tensors: the decoding controls and the confidence step do."""
+    return cfg.temperature != 1 or cfg.top_p != 1 or cfg.sampler == "confidence"
+
+
 @torch.no_grad()
 def sample_chain(model, x, cfg, show=None):
     """Run one reverse chain from x (B, L) (masks at the free positions) -> (x_0 (B, L), network calls).
@@ -259,6 +264,10 @@ def sample_chain(model, x, cfg, show=None):
     mask_id, calls, logits = model.mask_id, 0, None
     grid = time_grid(cfg.steps, cfg.t_end).tolist()
     B, device = x.shape[0], x.device
+    step = confidence_step if cfg.sampler == "confidence" else ancestral_step
+
+    def decode(logits, x, p_unmask, u):  # (B, L, N), (B, L), (B,), (B, L, 2) -> the next x (B, L)
+        return step(decoding_logits(logits, mask_id, cfg.temperature, cfg.top_p), x, p_unmask, u, mask_id)
 
     def network(t):
         with common.autocast(device):
@@ -271,8 +280,8 @@ def sample_chain(model, x, cfg, show=None):
             logits, calls = network(t), calls + 1
         u = torch.rand(B, x.shape[1], 2, dtype=torch.float64, device=device)
         p_unmask = torch.full((B,), unmask_probability(t, s, cfg), dtype=torch.float64, device=device)
-        step = confidence_step if cfg.sampler == "confidence" else ancestral_step
-        x_new = step(decoding_logits(logits, mask_id, cfg.temperature, cfg.top_p), x, p_unmask, u, mask_id)
+        # float64 work (the controls, the confidence step): a block of sequences at a time
+        x_new = common.by_blocks(decode, logits, x, p_unmask, u) if float64_work(cfg) else decode(logits, x, p_unmask, u)
         if not torch.equal(x_new, x):
             logits = None  # the sequence changed: the cached output is stale
         x = x_new
@@ -301,7 +310,10 @@ def cached_chain(model, x, cfg, show=None):
     x, (B, L), device = x.clone(), x.shape, x.device
     stale = torch.ones(B, dtype=torch.bool, device=device)  # sequences whose hidden state is out of date
     u = torch.empty(B, L, 2, dtype=torch.float64, device=device)  # reused: drawn in place each step
-    always = torch.ones(1, dtype=torch.float64, device=device)  # the rows passed to the step all reveal
+
+    def decode(logits, x, u):  # the rows passed to the step all reveal: p_unmask = 1
+        always = torch.ones(x.shape[0], dtype=torch.float64, device=device)
+        return ancestral_step(decoding_logits(logits, mask_id, cfg.temperature, cfg.top_p), x, always, u, mask_id)
 
     def logits_at(rows):  # rows (b, l) indices (R,) each -> logits (R, N) there, backbone refreshed first
         nonlocal hidden, calls
@@ -319,9 +331,9 @@ def cached_chain(model, x, cfg, show=None):
         torch.rand(B, L, 2, dtype=torch.float64, device=device, out=u)
         p = unmask_probability(grid[i], grid[i + 1], cfg)
         reveal = ((x == mask_id) & (u[..., 0] < p)).nonzero(as_tuple=True)  # (R,) each: the rows revealed now
-        if len(reveal[0]):
-            logits = decoding_logits(logits_at(reveal), mask_id, cfg.temperature, cfg.top_p)
-            x[reveal] = ancestral_step(logits[None], x[reveal][None], always, u[reveal][None], mask_id)[0]
+        if len(reveal[0]):  # the R rows as R sequences of length 1
+            args = logits_at(reveal)[:, None], x[reveal][:, None], u[reveal][:, None]  # (R, 1, N), (R, 1), (R, 1, 2)
+            x[reveal] = (common.by_blocks(decode, *args) if float64_work(cfg) else decode(*args))[:, 0]
             stale[reveal[0]] = True
         if show:
             show(i, x)

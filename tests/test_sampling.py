@@ -423,3 +423,58 @@ def test_a_prefix_and_suffix_may_fill_the_whole_sequence():
     assert corpus.conditioning(tok, char_cfg(prefix="ab", suffix="a"), 4).tolist() == [a, b, -1, a]
     with pytest.raises(SystemExit, match="--prefix and --suffix take 5 tokens, more than the 4-token sequence"):
         corpus.conditioning(tok, char_cfg(prefix="abb", suffix="ba"), 4)
+
+
+# ----------------------------------------------------------------------------------------------
+# The float64 decoding work, a block of sequences at a time
+
+
+def test_by_blocks_is_one_call_made_a_block_of_sequences_at_a_time(monkeypatch):
+    sizes = []
+
+    def fn(a, b, c):  # a per-sequence result; c passed whole
+        sizes.append(a.shape[0])
+        return a.sum((1, 2)) * b[:, 0] + c
+
+    a, b = torch.randn(7, 3, 5, dtype=torch.float64), torch.randn(7, 3, dtype=torch.float64)
+    whole = fn(a, b, 1.0)
+    for block, want in ((10**6, [7]), (2 * 15, [2, 2, 2, 1]), (1, [1] * 7)):  # 15 entries a sequence
+        monkeypatch.setattr(common, "CONTROL_BLOCK", block)
+        sizes.clear()
+        assert torch.equal(common.by_blocks(fn, a, b, 1.0), whole) and sizes == want, block
+
+
+def control_runs(method):
+    """(sample(B) -> tokens, B) for a sampler whose steps work in float64 (--top_p, the confidence step), on 300
+    states so that the float64 (B, L, N) tensors outweigh everything else."""
+    if method.startswith("sedd"):
+        cfg = sedd.Config(n_layer=1, n_embd=32, n_head=2, block_size=16, graph=method.split("-")[1], steps=3, top_p=0.9)
+        torch.manual_seed(0)
+        model = sedd.build_model(cfg, {"vocab_size": 300}).eval()
+        torch.nn.init.normal_(model.head.weight, std=0.5)
+        return lambda B: sedd.generate(model, cfg, torch.full((16,), -1), B)[0]
+    cfg = mdlm.Config(n_layer=1, n_embd=32, n_head=2, block_size=16, sampler=method.split("-")[1], steps=1, top_p=0.9)
+    model = random_model(cfg, V=300)
+    return lambda B: mdlm.generate(model, cfg, torch.full((16,), -1), B)[0]
+
+
+@pytest.mark.parametrize("method", ["sedd-absorb", "sedd-uniform", "mdlm-ddpm", "mdlm-ddpm_cache", "mdlm-confidence"])
+def test_float64_decoding_runs_a_block_of_sequences_at_a_time(monkeypatch, method):
+    """The decoding controls and the confidence step make several float64 (B, L, N) tensors: 26 GB each at B = 64,
+    L = 1024, N = 50258. They run on a block of sequences at a time (common.by_blocks): the same tokens as one call
+    over the batch, and a peak that the batch size no longer multiplies."""
+    import bench
+    sample = control_runs(method)
+
+    def run(B):
+        torch.manual_seed(3)
+        return sample(B)
+
+    def peak(B):
+        return bench._peak_extra_bytes(lambda: run(B), torch.device("cpu"))
+
+    whole, whole_peak = run(16), peak(16)
+    monkeypatch.setattr(common, "CONTROL_BLOCK", 16 * 301)  # one sequence of (16, N) a block (the absorbing and
+    assert torch.equal(run(16), whole)                      # cached samplers' rows: 16 sequences of length 1)
+    blocked_peak = peak(16)
+    assert 3 * blocked_peak < whole_peak, (blocked_peak, whole_peak)
