@@ -598,9 +598,9 @@ def evaluate(model, batches, cfg, full=False):
     k = cfg.eval_t_samples if full else 1
     for x0 in corpus.val_batches(batches, cfg, full):
         x0 = x0.to(device)
-        xs = x0.repeat(k, 1)
-        t = common.sample_times(xs.shape[0], cfg.t_min, device)
-        total += float(nelbo_terms(model, xs, t, cfg, model.num_states).sum()) / k
+        t = common.sample_times(k * x0.shape[0], cfg.t_min, device)  # (k B,): strata over k copies of the batch
+        for tj in t.split(x0.shape[0]):  # a copy at a time: one batch of scores in memory, not k
+            total += float(nelbo_terms(model, x0, tj, cfg, model.num_states).sum()) / k
         count += x0.numel()
     nats = total / count + prior_kl(cfg, model.num_states)
     return common.nats_figures("val_nelbo", nats)

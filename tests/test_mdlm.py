@@ -314,21 +314,25 @@ def test_a_time_conditioned_model_is_told_each_steps_time(sampler):
 @pytest.mark.parametrize("k", [1, 4])
 def test_evaluate_averages_over_tokens_and_time_samples(method, k, monkeypatch):
     """evaluate() divides the summed terms by the eval_t_samples repeats and the tokens: a model whose every
-    term is 1 nat scores 1 nat per token (plus SEDD's prior term), whatever k and the last batch's size."""
+    term is 1 nat scores 1 nat per token (plus SEDD's prior term), whatever k and the last batch's size. The k
+    repeats of a batch go one at a time (one batch of scores in memory), their times one in each of k B strata."""
     import importlib
     M = importlib.import_module(method)
     cfg = M.Config(n_layer=1, n_embd=32, n_head=2, block_size=8, batch_size=3, eval_t_samples=k)
-    model, seen = M.build_model(cfg, {"vocab_size": 5}), []
+    model, seen, times = M.build_model(cfg, {"vocab_size": 5}), [], []
 
     def terms(model, xs, t, cfg, mask_id):
         seen.append((xs.shape[0], t.shape[0]))
+        times.append(t)
         return torch.ones(xs.shape)
 
     monkeypatch.setattr(M, "nelbo_terms", terms)
     prior = M.prior_kl(cfg, model.num_states) if method == "sedd" else 0.0
     windows = fixed_batches(torch.zeros(3, 8, dtype=torch.long), torch.zeros(2, 8, dtype=torch.long))  # a short last one
     assert M.evaluate(model, windows, cfg, full=True)["val_nelbo"] == pytest.approx(1.0 + prior)
-    assert seen == [(3 * k, 3 * k), (2 * k, 2 * k)]
+    assert seen == [(3, 3)] * k + [(2, 2)] * k
+    u = (torch.cat(times[:k]) - cfg.t_min) / (1 - cfg.t_min)  # the first batch's k B times, back on [0, 1)
+    assert sorted((u * 3 * k).floor().long().tolist()) == list(range(3 * k))
 
 
 def test_evaluate_during_training_takes_one_stratified_time_per_window_in_eval_mode(monkeypatch):

@@ -835,7 +835,8 @@ def test_the_bound_adds_the_prior_term(monkeypatch):
     assert prior > 0.01 and prior == pytest.approx((cfg.eps + move) * math.log(5 * (cfg.eps + move))
                                                    + 4 * move * math.log(5 * move), rel=1e-12)
     assert sedd.evaluate(model.train(), windows, cfg, full=True)["val_nelbo"] == pytest.approx(1.0 + prior, rel=1e-12)
-    # --eval: eval_t_samples times per window, one per row; during training one; the network in eval mode
-    assert calls == [((6, 8), (6,), True, False)]
+    # --eval: eval_t_samples times per window, one per row, a repeat of the batch at a time; during training one;
+    # the network in eval mode
+    assert calls == [((3, 8), (3,), True, False)] * 2
     assert sedd.evaluate(model.train(), windows, cfg)["val_nelbo"] == pytest.approx(1.0 + prior, rel=1e-12)
-    assert calls[1:] == [((3, 8), (3,), True, False)] * cfg.eval_iters
+    assert calls[2:] == [((3, 8), (3,), True, False)] * cfg.eval_iters
