@@ -527,8 +527,8 @@ def sample_chain(model, x, cfg, fixed=None, show=None):
         if rows is not None:  # the masked rows as R sequences of length 1
             h, (xs, us, args) = h[:, None], per_row(rows, x, u, arg)
         if controls:  # float64 work: a block of sequences at a time
-            new = common.by_blocks(lambda h, x, a, u, s: controlled_step(h, x, a, u, cfg, final, s), h, xs, args, us,
-                                   shift)
+            decode = lambda h, x, a, u, s: controlled_step(h, x, a, u, cfg, final, s)  # noqa: E731
+            new = common.by_blocks(decode, h, xs, args, us, shift)
         elif cfg.sampler == "euler" and not final:
             new = euler_step(h, xs, args, us, cfg.graph, shift)
         else:
