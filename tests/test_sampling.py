@@ -474,7 +474,9 @@ def test_float64_decoding_runs_a_block_of_sequences_at_a_time(monkeypatch, metho
         return bench._peak_extra_bytes(lambda: run(B), torch.device("cpu"))
 
     whole, whole_peak = run(16), peak(16)
-    monkeypatch.setattr(common, "CONTROL_BLOCK", 16 * 301)  # one sequence of (16, N) a block (the absorbing and
-    assert torch.equal(run(16), whole)                      # cached samplers' rows: 16 sequences of length 1)
+    # a block: one sequence of (16, N), or 16 of the rows that the absorbing and cached samplers pass as sequences
+    # of length 1
+    monkeypatch.setattr(common, "CONTROL_BLOCK", 16 * 301)
+    assert torch.equal(run(16), whole)
     blocked_peak = peak(16)
     assert 3 * blocked_peak < whole_peak, (blocked_peak, whole_peak)
