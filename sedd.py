@@ -125,8 +125,8 @@ def absorb_offset(sigma_bar, N):
 
 
 def unshift(log_score, shift):
-    """(B, L, N) log-scores + shift (B,), as the loss and the steps take them -> log-scores, fp32 (no shift: as is)."""
-    return log_score if shift is None else log_score.float() - shift.float()[:, None, None]
+    """(B, ..., N) log-scores + shift (B,), as the loss and the steps take them -> log-scores, fp32 (no shift: as is)."""
+    return log_score if shift is None else log_score.float() - shift.float().view(-1, *[1] * (log_score.dim() - 1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,10 +262,7 @@ class SEDD(nn.Module):
         shift = absorb_offset(sigma_bar, self.num_states) if self.graph == "absorb" else None  # (B,) or (R,)
         if split:
             return h, shift
-        h = h.float()  # in place from here: one fp32 (B, L, N)
-        if shift is not None:
-            h.sub_(shift.view(-1, *[1] * (h.dim() - 1)))
-        return h.scatter_(-1, xt.unsqueeze(-1), 0.0)
+        return unshift(h, shift).float().scatter_(-1, xt.unsqueeze(-1), 0.0)
 
 
 # ----------------------------------------------------------------------------------------------
