@@ -535,17 +535,15 @@ def _check_steps(f, device):
         t[0] = 1e-4  # and one barely does (the denoiser's own step): a token that should stay is seen to
         u = torch.rand(B, L, 2, generator=gen, dtype=torch.float64).to(device)
         shift = (torch.rand(B, generator=gen) * 16 - 2).to(device)
-        lsh = (ls.float() + shift[:, None, None]).to(dtype)
-        calls = {"sedd_euler_step": [(ls, xt, t, u, graph, None), (lsh, xt, t, u, graph, shift)],
-                 "sedd_tweedie_step": [(s, xt, t, u, graph, final, sh) for final in (False, True)
-                                       for s, sh in ((ls, None), (lsh, shift))],
-                 "mdlm_ancestral_step": [(ls, xt, t, u, N - 1)] if graph == "absorb" else []}[f.name]
+        scores = ((ls, None, ""), ((ls.float() + shift[:, None, None]).to(dtype), shift, ", shifted"))
+        calls = {"sedd_euler_step": [((s, xt, t, u, graph, sh), what) for s, sh, what in scores],
+                 "sedd_tweedie_step": [((s, xt, t, u, graph, final, sh), (", final" if final else "") + what)
+                                       for final in (False, True) for s, sh, what in scores],
+                 "mdlm_ancestral_step": [((ls, xt, t, u, N - 1), "")] if graph == "absorb" else []}[f.name]
         with torch.no_grad():
-            for a in calls:
+            for a, what in calls:
                 r, msg = _tokens_gap(f.kernel(*a), f.oracle(*a))
-                final = ", final" if f.name == "sedd_tweedie_step" and a[5] else ""
-                shifted = ", shifted" if f.name != "mdlm_ancestral_step" and a[-1] is not None else ""
-                out.append((r, f"{graph}, {str(dtype)[6:]}{final}{shifted}: {msg}"))
+                out.append((r, f"{graph}, {str(dtype)[6:]}{what}: {msg}"))
     return _worst(out)
 
 
