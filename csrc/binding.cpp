@@ -133,9 +133,16 @@ void cuda_ok(int err, const char* op) {
   void* stream = (void*)c10::cuda::getCurrentCUDAStream().stream()
 #endif
 
+// a shift (B,) fp32, one value per sequence of the scores, or none -> its data (null without one)
+const float* shift_data(const std::optional<Tensor>& shift, const Tensor& scores) {
+  if (!shift.has_value()) return nullptr;
+  check_like(*shift, "shift", scores, {scores.size(0)}, at::kFloat, "(B,)");
+  return shift->data_ptr<float>();
+}
+
 // checks shared by the forward and the backward; returns the dtype code
 int check_score_entropy(const Tensor& log_score, const Tensor& xt, const Tensor& x0, const Tensor& sigma_bar,
-                        const std::optional<Tensor>& shift, int g) {
+                        int g) {
   const int dtype = check_scores(log_score, "log_score", g == difflm::ABSORB ? 2 : 1);
   const int64_t B = log_score.size(0), L = log_score.size(1), N = log_score.size(2);
   check_like(xt, "xt", log_score, {B, L}, at::kLong, "(B, L)");
@@ -146,7 +153,6 @@ int check_score_entropy(const Tensor& log_score, const Tensor& xt, const Tensor&
               "), got ", sigma_bar.sizes());
   TORCH_CHECK(sigma_bar.scalar_type() == at::kFloat || sigma_bar.scalar_type() == at::kDouble,
               "difflm: sigma_bar must be float32 or float64, got ", sigma_bar.scalar_type());
-  if (shift.has_value()) check_like(*shift, "shift", log_score, {B}, at::kFloat, "(B,)");
   const bool absorb = g == difflm::ABSORB;
   const auto r = ranges_of({absorb ? sigma_bar : sigma_bar.new_empty({0}), xt, x0});
   if (r[0]) {  // r = 1 / expm1(sigma_bar) is a rate only for 0 < sigma_bar < inf; a NaN fails both comparisons
@@ -166,9 +172,10 @@ std::tuple<Tensor, Tensor> score_entropy_impl(const Tensor& log_score, const Ten
                                               const std::optional<Tensor>& shift, const Tensor& grad_loss,
                                               bool want_loss, bool want_grad) {
   const int g = graph_id(graph);
-  const int dtype = check_score_entropy(log_score, xt, x0, sigma_bar, shift, g);
+  const int dtype = check_score_entropy(log_score, xt, x0, sigma_bar, g);
   const int64_t B = log_score.size(0), L = log_score.size(1), N = log_score.size(2);
   if (grad_loss.defined()) check_like(grad_loss, "grad_loss", log_score, {B, L}, at::kFloat, "(B, L)");
+  const float* sh = shift_data(shift, log_score);
   const Tensor sb = sigma_bar.to(at::kDouble).contiguous();
   Tensor loss = want_loss ? at::empty({B, L}, log_score.options().dtype(at::kFloat)) : Tensor();
   Tensor grad = want_grad ? empty_grad_like(log_score) : Tensor();
@@ -176,7 +183,6 @@ std::tuple<Tensor, Tensor> score_entropy_impl(const Tensor& log_score, const Ten
   float* lp = want_loss ? loss.data_ptr<float>() : nullptr;
   const float* gl = grad_loss.defined() ? grad_loss.data_ptr<float>() : nullptr;
   void* gp = want_grad ? grad.data_ptr() : nullptr;
-  const float* sh = shift.has_value() ? shift->data_ptr<float>() : nullptr;
   if (log_score.is_cpu()) {
     difflm::cpu_score_entropy(log_score.data_ptr(), dtype, xt.data_ptr<int64_t>(), x0.data_ptr<int64_t>(),
                               sb.data_ptr<double>(), sh, g, B, L, N, lp, gl, gp, at::get_num_threads());
@@ -236,8 +242,7 @@ Tensor sedd_step(const Tensor& log_score, const Tensor& xt, const Tensor& t, con
   const int g = graph_id(graph);
   const int dtype = check_step(log_score, "log_score", xt, t, tname, u, g == difflm::ABSORB ? 2 : 1);
   const int64_t B = log_score.size(0), L = log_score.size(1), N = log_score.size(2);
-  if (shift.has_value()) check_like(*shift, "shift", log_score, {B}, at::kFloat, "(B,)");
-  const float* sh = shift.has_value() ? shift->data_ptr<float>() : nullptr;
+  const float* sh = shift_data(shift, log_score);
   Tensor out = at::empty({B, L}, xt.options());
   if (B * L == 0) return out;
   if (log_score.is_cpu()) {
