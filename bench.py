@@ -1330,8 +1330,9 @@ def bench_gpu(argv):
                             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "dry_run": dry}, a.budget)
     ops = {}
 
-    def may_compile():  # the timings' torch.compile'd oracles, while the budget lasts
-        return cuda and not a.no_compile and time.time() - report.t0 < a.budget
+    def within_budget():  # the timings' torch.compile'd oracles, while the budget lasts
+        return time.time() - report.t0 < a.budget
+    may_compile = within_budget if cuda and not a.no_compile else False  # the CPU's dry run compiles nothing
 
     def compiled(rows):
         return f"; torch.compile timed for {sum(r['compile_s'] is not None for r in rows)} of {len(rows)}" if cuda else ""
