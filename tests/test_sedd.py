@@ -689,7 +689,7 @@ def test_learns_a_toy_language(graph, tmp_path):
     on the PyTorch path under DIFFLM_KERNELS=0; the samples follow the toy grammar far above chance."""
     data = write_toy_dataset(tmp_path / "data", [toy_language(60_000)], CHARS)
     cfg = sedd.Config(graph=graph, data_dir=data, out_dir=str(tmp_path / "out"), n_layer=2, n_head=2, n_embd=64,
-                      block_size=24, batch_size=32, max_iters=1200, lr=1e-3, warmup_iters=20, eval_interval=1200,
+                      block_size=24, batch_size=32, max_iters=1200, lr=2e-3, warmup_iters=20, eval_interval=1200,
                       eval_iters=2, log_interval=1000, grad_clip=24.0, ema=0.9, steps=48)
     meta = corpus.prepare_data(cfg)
     torch.manual_seed(0)  # the initial weights do not depend on which tests ran before
@@ -700,10 +700,9 @@ def test_learns_a_toy_language(graph, tmp_path):
     samples, _ = sedd.generate(ema, cfg, torch.full((24,), -1), 64)
     frac = legal_fraction(samples)
     print(f"{graph}: {frac:.3f} of adjacent pairs legal")
-    # ~25 s on 2 cores. Chance is 2/6, give or take 0.012 over these 1472 pairs. The fraction moves from run
-    # to run with the rounding (torch version, CPU, threads): the bars sit below every run measured
-    # (docs/sedd.md, Known limits) and far above chance
-    assert frac > {"absorb": 0.55, "uniform": 0.4}[graph], f"{graph}: {frac:.3f} of adjacent pairs legal (chance 0.333)"
+    # ~25 s on 2 cores. Chance is 2/6, give or take 0.012 over these 1472 pairs. Where a run ends depends on its
+    # rounding (torch version, CPU, threads): the bar sits below every run measured (docs/sedd.md, Known limits)
+    assert frac > 0.55, f"{graph}: {frac:.3f} of adjacent pairs legal (chance 0.333)"
 
 
 # ----------------------------------------------------------------------------------------------
