@@ -346,27 +346,26 @@ sedd_kernel(const T* __restrict__ h_all, const int64_t* __restrict__ xt, const S
     if (tid == 0) out[row] = settled ? x : -1;
     return;
   }
+  auto s = [&](int64_t k) { return exp((double)(ld(h, k) - shift)); };  // the score s_k, in fp64
+  auto s_off_x = [&](int64_t k) { return k == x ? 0.0 : s(k); };       // over y != x
   int64_t y = x;
-  if (graph == ABSORB) {
-    auto w = [&](int64_t k) { return exp((double)(ld(h, k) - shift)); };
-    const double S = segment_sums<G>(w, N - 1, tid, sm[sub]);
+  if (graph == ABSORB) {  // x = MASK, the last column: the first N - 1 are the y != x
+    const double S = segment_sums<G>(s, N - 1, tid, sm[sub]);
     const double Mv = c.a * S;
     double wx = final_step ? 0.0 : 1.0 - Mv;
     wx = wx > 0.0 ? wx : 0.0;
-    if (u0 < Mv / (Mv + wx)) y = walk<G>(w, N - 1, u1 * S, N, tid, sm[sub], &res[sub]);
+    if (u0 < Mv / (Mv + wx)) y = walk<G>(s, N - 1, u1 * S, N, tid, sm[sub], &res[sub]);
   } else if (step == EULER) {
-    auto w = [&](int64_t k) { return k == x ? 0.0 : exp((double)(ld(h, k) - shift)); };
-    const double S = segment_sums<G>(w, N, tid, sm[sub]);
+    const double S = segment_sums<G>(s_off_x, N, tid, sm[sub]);
     const double Mv = c.a * c.q * S;
     double wx = 1.0 - Mv;
     wx = wx > 0.0 ? wx : 0.0;
-    if (u0 < Mv / (Mv + wx)) y = walk<G>(w, N, u1 * S, N, tid, sm[sub], &res[sub]);
+    if (u0 < Mv / (Mv + wx)) y = walk<G>(s_off_x, N, u1 * S, N, tid, sm[sub], &res[sub]);
   } else {
-    auto s = [&](int64_t k) { return k == x ? 0.0 : exp((double)(ld(h, k) - shift)); };
-    const double S = segment_sums<G>(s, N, tid, sm[sub]);
+    const double S = segment_sums<G>(s_off_x, N, tid, sm[sub]);
     const double b = c.bS * (S + 1.0), a = c.a, q = c.q;
     auto w = [&](int64_t k) {
-      const double v = (a * exp((double)(ld(h, k) - shift)) + b) * q;
+      const double v = (a * s(k) + b) * q;
       return (v > 0.0 && k != x) ? v : 0.0;
     };
     const double Mv = segment_sums<G>(w, N, tid, sm[sub]);
