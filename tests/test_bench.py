@@ -693,16 +693,25 @@ def test_kernel_and_nearest_rows_are_labelled_with_their_size_op_graph_and_dtype
         (name, (2,) if g == "absorb" else None) for g in ("absorb", "uniform")
         for name in ("score_entropy", "euler_step", "tweedie_step")]
 
+    matmul, tf32 = torch.backends.cuda.matmul, []
+
     def clamp(x, E, metric):
         ids = diffusion_lm.nearest_embedding.oracle(x, E, metric).clone()
         calls.append(metric)
+        tf32.append(matmul.allow_tf32)
         ids[: len(ids) // 2] = (ids[: len(ids) // 2] + 1) % E.shape[0]
         return ids
     calls.clear()
-    rows = bench.nearest_rows(torch.device("cpu"), {"nearest_embedding": clamp}, [(4, 3, 5)], ["cos", "l2"])
+    matmul.allow_tf32 = True  # as get_device leaves it on a GPU
+    try:
+        rows = bench.nearest_rows(torch.device("cpu"), {"nearest_embedding": clamp}, [(4, 3, 5)], ["cos", "l2"])
+        assert matmul.allow_tf32 is True  # given back as found
+    finally:
+        matmul.allow_tf32 = False
     assert [(r["metric"], r["N,d,V"], r["same_ids"], r["floor_bytes"]) for r in rows] == [
         ("cos", "4,3,5", 0.5, 4 * 8 + (5 * 3 + 5) * 4), ("l2", "4,3,5", 0.5, 4 * 8 + (5 * 3 + 5) * 4)]
     assert calls[0] == "cos" and calls[-1] == "l2"
+    assert tf32 and not any(tf32)  # the clamp is timed against cuBLAS in plain fp32, where the bar was set
 
 
 def test_kernel_timing_commands_pass_their_options_on(monkeypatch, capsys):
