@@ -1267,10 +1267,10 @@ def _in_process(module, args):
 
 
 def train_and_sample(out, methods, dry, iters, timeout):
-    """Every method trained, then sampled; one row each. GPU: bf16 autocast (common's default there) and
-    --compile, the runs concurrent (small models leave a GPU mostly idle), training within 70% of timeout
-    and sampling within what is left of it. Dry run: a few iterations of small batches, in this process,
-    one after another."""
+    """Every method trained, then sampled; one row each, and the whole output of both in out/<method>.log.
+    GPU: bf16 autocast (common's default there) and --compile, the runs concurrent (small models leave a GPU
+    mostly idle), training within 70% of timeout and sampling within what is left of it. Dry run: a few
+    iterations of small batches, in this process, one after another."""
     train = {m: ["--train", "--overwrite", f"--out_dir={os.path.join(out, m)}", f"--max_iters={iters}",
                  f"--eval_interval={iters}"]
              + (["--eval_iters=1", "--log_interval=1", "--batch_size=4"] if dry else ["--compile=true"])
@@ -1278,21 +1278,34 @@ def train_and_sample(out, methods, dry, iters, timeout):
     for m in methods:  # prepare each corpus once, here, not in several runs at the same time
         if m != "ddpm":  # ddpm's toy data is made in code
             corpus.prepare_data(importlib.import_module(m).Config())
-    t0, done = time.time(), {}
+    os.makedirs(out, exist_ok=True)
+    log = {m: os.path.join(out, f"{m}.log") for m in methods}
+    for m in methods:
+        with open(log[m], "w") as f:
+            f.write(f"$ python {m}.py {' '.join(train[m])}\n")
+    t0, done, procs = time.time(), {}, {}
     if dry:
         for m in common.progress(methods, "training"):
-            done[m] = (*_in_process(m, train[m]), round(time.time() - t0, 1))
+            rc, text = _in_process(m, train[m])
+            done[m] = rc, _append(log[m], text), round(time.time() - t0, 1)
     else:
-        procs = {m: subprocess.Popen([sys.executable, f"{m}.py"] + a, cwd=common.ROOT, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True) for m, a in train.items()}
-        train_limit = 0.7 * timeout  # the rest of the part's limit is the sampling's
-        for m in common.progress(methods, "training"):
-            try:
-                text = procs[m].communicate(timeout=max(1, train_limit - (time.time() - t0)))[0]
-            except subprocess.TimeoutExpired:
-                procs[m].kill()
-                text = procs[m].communicate()[0] + f"\ntimed out after {train_limit:.0f} s"
-            done[m] = (procs[m].returncode, text, round(time.time() - t0, 1))
+        for m, a in train.items():
+            with open(log[m], "a") as f:  # the run appends all its output to the file itself
+                procs[m] = subprocess.Popen([sys.executable, f"{m}.py"] + a, cwd=common.ROOT, stdout=f,
+                                            stderr=subprocess.STDOUT)
+    train_limit = 0.7 * timeout  # the rest of the part's limit is the sampling's
+    while len(done) < len(methods):  # the runs end in any order; each one's time is its own
+        late = time.time() - t0 >= train_limit
+        for m, p in procs.items():
+            if m not in done and (p.poll() is not None or late):
+                said = ""
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+                    said = f"\ntimed out after {train_limit:.0f} s"
+                done[m] = p.returncode, _append(log[m], said), round(time.time() - t0, 1)
+        if len(done) < len(methods):
+            time.sleep(0.5)
     rows = []
     for m in common.progress(methods, "sampling"):
         rc, text, secs = done[m]
@@ -1303,10 +1316,19 @@ def train_and_sample(out, methods, dry, iters, timeout):
             t1 = time.time()
             args = ["--sample", f"--out_dir={os.path.join(out, m)}"] + (DRY_SAMPLE[m] if dry else [])
             rc, text = _in_process(m, args) if dry else _run([f"{m}.py"] + args, max(1, timeout - (t1 - t0)))
+            _append(log[m], f"\n$ python {m}.py {' '.join(args)}\n{text}")
             row.update(sample="ok" if rc == 0 else f"failed ({rc})", sample_s=round(time.time() - t1, 1),
                        output=" / ".join(text.strip().splitlines()[-3:])[:300])
         rows.append(row)
     return rows
+
+
+def _append(path, text):
+    """text appended to the file at path -> the whole file, the output of every run written to it."""
+    with open(path, "a+", errors="replace") as f:
+        f.write(text)
+        f.seek(0)
+        return f.read()
 
 
 def _tail(text):

@@ -505,33 +505,40 @@ class FakeClock:
 
     perf_counter = time
 
+    def sleep(self, secs):
+        self.now += secs
+
 
 def test_train_and_sample_on_a_gpu_keeps_to_its_timeout(tmp_path, monkeypatch):
     """Training (concurrent processes) gets 70% of the part's timeout, a run past it is killed and failed with
-    what it said; each sampling run gets what is left; a method whose training failed is not sampled."""
+    what it said; each run's time is when it ended, whatever the order; each sampling run gets what is left; a
+    method whose training failed is not sampled; each method's whole output is kept in its log."""
     clock, seen, killed = FakeClock(), [], []
     done = "done: 10 iterations in 0:10; checkpoint ckpt.pt; peak GPU memory 1.25 GiB"  # trainer.py's last line
-    runs = {"ddpm": (10, 0, f"iter 0: loss 1\niter 10: loss 0.5\neval 10: val 0.4\n{done}\n"),
-            "mdlm": (20, 1, "Traceback\nValueError: x\n"), "ar": (None, -9, "iter 0: loss 2\n")}
+    runs = {"ddpm": (30, 0, f"iter 0: loss 1\niter 10: loss 0.5\neval 10: val 0.4\n{done}\n"),
+            "mdlm": (20, 1, "Traceback\nValueError: x\n"), "ar": (None, None, "iter 0: loss 2\n")}
 
-    class Proc:
-        def __init__(self, args, **kw):
-            self.m, self.returncode = args[1][:-3], None
+    class Proc:  # ends (writes its output, sets its code) at its time on the clock
+        def __init__(self, args, stdout, **kw):
+            self.m, self.log, self.start, self.returncode = args[1][:-3], stdout.name, clock.now, None
             seen.append(("train", args[1:]))
 
-        def communicate(self, timeout=None):
+        def poll(self):
             secs, rc, text = runs[self.m]
-            if timeout is not None:
-                seen.append(("wait", self.m, timeout))
-                if secs is None:
-                    clock.now += timeout
-                    raise bench.subprocess.TimeoutExpired("x", timeout)
-                clock.now += secs
-            self.returncode = rc
-            return text, None
+            if self.returncode is None and secs is not None and clock.now - self.start >= secs:
+                with open(self.log, "a") as f:
+                    f.write(text)
+                self.returncode = rc
+            return self.returncode
 
         def kill(self):
             killed.append(self.m)
+            with open(self.log, "a") as f:
+                f.write(runs[self.m][2])
+            self.returncode = -9
+
+        def wait(self):
+            return self.returncode
 
     def run(args, timeout, env=None):
         seen.append(("sample", args, timeout))
@@ -542,18 +549,22 @@ def test_train_and_sample_on_a_gpu_keeps_to_its_timeout(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "_run", run)
     monkeypatch.setattr(bench.corpus, "prepare_data", lambda cfg: None)
     rows = bench.train_and_sample(str(tmp_path), ["ddpm", "mdlm", "ar"], False, 7, 100)
-    assert seen[0] == ("train", ["ddpm.py", "--train", "--overwrite", f"--out_dir={tmp_path / 'ddpm'}", "--max_iters=7",
-                                 "--eval_interval=7", "--compile=true"])
-    assert [s for s in seen if s[0] == "wait"] == [("wait", "ddpm", 70), ("wait", "mdlm", 60), ("wait", "ar", 40)]
+    train = ["--train", "--overwrite", f"--out_dir={tmp_path / 'ddpm'}", "--max_iters=7", "--eval_interval=7",
+             "--compile=true"]
+    assert seen[0] == ("train", ["ddpm.py"] + train)
     assert killed == ["ar"]
     assert [s for s in seen if s[0] == "sample"] == [("sample", ["ddpm.py", "--sample", f"--out_dir={tmp_path / 'ddpm'}"],
                                                       30)]
     assert [(r["method"], r["train"], r["train_s"], r.get("sample")) for r in rows] == [
-        ("ddpm", "ok", 10, "ok"), ("mdlm", "failed (1)", 30, None), ("ar", "failed (-9)", 70, None)]
+        ("ddpm", "ok", 30, "ok"), ("mdlm", "failed (1)", 20, None), ("ar", "failed (-9)", 70, None)]
     assert rows[0]["last log"] == "iter 10: loss 0.5" and rows[0]["last eval"] == "eval 10: val 0.4"
     assert rows[0]["done"] == done and rows[1]["done"] == ""  # the report's row carries the run's peak memory
     assert rows[0]["output"] == "b / c / d" and rows[0]["sample_s"] == 5
     assert rows[1]["last eval"] == "ValueError: x" and rows[2]["last eval"] == "timed out after 70 s"
+    assert (tmp_path / "ddpm.log").read_text() == (f"$ python ddpm.py {' '.join(train)}\n{runs['ddpm'][2]}\n"
+                                                   f"$ python ddpm.py --sample --out_dir={tmp_path / 'ddpm'}\na\nb\nc\nd\n")
+    assert (tmp_path / "mdlm.log").read_text().endswith("\nTraceback\nValueError: x\n")
+    assert (tmp_path / "ar.log").read_text().endswith("\niter 0: loss 2\n\ntimed out after 70 s")
 
 
 def test_train_and_sample_dry_runs_in_process_with_small_runs(tmp_path, monkeypatch):
@@ -568,6 +579,8 @@ def test_train_and_sample_dry_runs_in_process_with_small_runs(tmp_path, monkeypa
                      ("ddpm", ["--sample", f"--out_dir={tmp_path / 'ddpm'}"] + bench.DRY_SAMPLE["ddpm"]),
                      ("ar", ["--sample", f"--out_dir={tmp_path / 'ar'}"] + bench.DRY_SAMPLE["ar"])]
     assert all(r["train"] == "ok" and r["sample"] == "ok" and r["last eval"] == "eval 1: x" for r in rows)
+    log = (tmp_path / "ar.log").read_text()
+    assert log.startswith("$ python ar.py --train --overwrite") and log.count("eval 1: x") == 2  # training, sampling
 
 
 def test_gpu_train_part_fails_where_a_method_did_not_sample_and_keeps_to_the_budget(tmp_path, monkeypatch):
