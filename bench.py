@@ -969,24 +969,16 @@ def plot_methods(curves, rows, path):
 # Diffusion-LM's clamp: the fused nearest-embedding kernel against the PyTorch expression
 
 
-@contextlib.contextmanager
-def plain_fp32_matmul():
-    """cuBLAS without TF32 inside (get_device turns it on): TF32 scores pick other rows near ties."""
-    matmul = torch.backends.cuda.matmul
-    tf32, matmul.allow_tf32 = matmul.allow_tf32, False
-    try:
-        yield
-    finally:
-        matmul.allow_tf32 = tf32
-
-
 def nearest_rows(device, ops, sizes, metrics, repeat=0, compile=True):
     """The clamp kernel against diffusion_lm's PyTorch expression for each size (N, d, V) and metric ->
     rows (dicts: the versus() figures and the share of ids that agree); printed as measured."""
     import diffusion_lm
+    import difflm_ops
     gen = torch.Generator(device=device).manual_seed(0)
     rows = []
-    with plain_fp32_matmul():  # the bar is set against cuBLAS in fp32, the search the kernel does
+    # TF32 off (get_device turns it on; its scores pick other rows near ties): the bar is set against
+    # cuBLAS in fp32, the search whose ids the kernel gives
+    with difflm_ops.cublas_off("allow_tf32"):
         for N, d, V in common.progress(sizes, "sizes"):
             x = torch.randn(N, d, generator=gen, device=device)
             E = torch.randn(V, d, generator=gen, device=device)

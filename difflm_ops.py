@@ -412,26 +412,27 @@ def _rotary_takes(a):
 
 
 @contextlib.contextmanager
-def no_bf16_reduced_sums():
-    """Inside: cuBLAS adds a bf16 GEMM's split-K partial sums in fp32. The clamp's screen bound allows one
-    rounding to bf16, of the result; torch lets cuBLAS round each partial sum too, unless its process-wide
-    flag says no. A flag already off is left as it is (with newer torch's split-K setting)."""
+def cublas_off(flag):
+    """Inside: torch.backends.cuda.matmul.<flag> off, process-wide, and on again after where it was on. A flag
+    already off is left as it is (newer torch's bf16 flag holds a split-K setting beside it)."""
     matmul = torch.backends.cuda.matmul
-    allowed = matmul.allow_bf16_reduced_precision_reduction
+    allowed = getattr(matmul, flag)
     if allowed:
-        matmul.allow_bf16_reduced_precision_reduction = False
+        setattr(matmul, flag, False)
     try:
         yield
     finally:
         if allowed:
-            matmul.allow_bf16_reduced_precision_reduction = True
+            setattr(matmul, flag, True)
 
 
 def _nearest_embedding(x, E, metric, screened=False):
     """screened: the GPU's search for large tables, called on any input (the first-use check runs it)."""
     op = torch.ops.difflm.nearest_embedding_screened if screened else torch.ops.difflm.nearest_embedding
     shape, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])  # (..., d) -> (N, d)
-    with no_bf16_reduced_sums():
+    # cuBLAS adds a bf16 GEMM's split-K partial sums in fp32: the screen's bound allows one rounding to bf16,
+    # of the result, and torch lets cuBLAS round each partial sum too unless this flag says no
+    with cublas_off("allow_bf16_reduced_precision_reduction"):
         return op(x2.float().contiguous(), E.float().contiguous(), metric).view(shape)
 
 

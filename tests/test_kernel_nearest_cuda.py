@@ -20,19 +20,15 @@ SHAPES = [(1, 1, 1), (65, 17, 63), (200, 16, 821), (1000, 130, 4099)] + ([(8192,
 def oracle_fp32(x, E, metric):
     """The PyTorch oracle on the GPU with true fp32 matmuls: common.get_device turns TF32 on for the
     process once any test has picked the GPU, and TF32's 10-bit products would decide near rows."""
-    flag = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
+    with difflm_ops.cublas_off("allow_tf32"):
         return diffusion_lm.nearest_embedding.oracle(x.to(DEVICE), E.to(DEVICE), metric).cpu()
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = flag
 
 
 @pytest.fixture(scope="module")
 def k():
     ops = difflm_ops.load()
     assert ops is not None and (DEVICE == "cpu" or ops.cuda_built()), "the kernels were not built with CUDA"
-    with difflm_ops.no_bf16_reduced_sums():  # the raw ops, called as the dispatch calls them
+    with difflm_ops.cublas_off("allow_bf16_reduced_precision_reduction"):  # the raw ops, as the dispatch calls them
         yield ops
 
 
@@ -80,6 +76,6 @@ def test_cuda_screened_with_few_queries_per_gemm(k, metric):
     gen, seed = fresh_gen()
     x = torch.randn(64, 1024, generator=gen)
     E = torch.randn(50258, 1024, generator=gen) * torch.rand(50258, 1, generator=gen) * 3
-    with difflm_ops.no_bf16_reduced_sums():
+    with difflm_ops.cublas_off("allow_bf16_reduced_precision_reduction"):
         got = k.nearest_embedding_screened(x.to(DEVICE), E.to(DEVICE), metric, 8 * 50258).cpu()
     check_optimal(got, x, E, metric, k.nearest_embedding(x, E, metric), seed)
