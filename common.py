@@ -595,6 +595,16 @@ def sample_times(batch_size, t_min, device):
     return (1 - t_min) * u + t_min
 
 
+def masked_rows(xt, mask_id):
+    """The positions of xt (B, L) that hold mask_id, as (b, l) index tensors (R,) each (nonzero(as_tuple=True)),
+    where the absorbing methods run their head in training. R changes every batch; marked dynamic, it makes
+    --compile trace the model once for any R, not once for the first batch's R and again for the rest."""
+    rows = (xt == mask_id).nonzero(as_tuple=True)
+    for r in rows:
+        torch._dynamo.maybe_mark_dynamic(r, 0)
+    return rows
+
+
 def sample_categorical(probs, u):
     """Inverse-CDF draw from unnormalised probs (..., V) with uniforms u (...,) in float64: float64 accumulation keeps the
     tail intact over many small steps (Zheng et al. 2024); the fused kernels take the same uniforms, to the same tokens."""

@@ -165,7 +165,7 @@ def nelbo_terms(model, x0, t, cfg, mask_id):
     """
     xt = q_sample(x0, t, mask_id, cfg)
     sigma = sigma_bar(t, cfg)  # the time input when conditioned
-    rows = (xt == mask_id).nonzero(as_tuple=True)  # (M,) each: carry-over makes the term 0 elsewhere; the head runs here
+    rows = common.masked_rows(xt, mask_id)  # (M,) each: carry-over makes the term 0 elsewhere; the head runs here
     logits = model(xt, sigma, rows=rows)  # (M, N)
     logits[:, mask_id] = -float("inf")  # zero masking
     nll = torch.zeros(x0.shape, device=x0.device)

@@ -372,7 +372,7 @@ def nelbo_terms(model, x0, t, cfg, N):
         return sigma[:, None] * score_entropy(h, xt, x0, sigma_bar, cfg.graph, shift)
     # absorbing: only masked positions carry a term (Q[x, .] = 0 elsewhere), so the head runs only
     # there, and the rows go to score_entropy as R sequences of length 1
-    rows = (xt == N - 1).nonzero(as_tuple=True)  # (R,) each: the masked positions
+    rows = common.masked_rows(xt, N - 1)  # (R,) each: the masked positions
     h, shift = model(xt, sigma_bar, rows=rows, split=True)  # (R, N), (R,)
     d = score_entropy(h[:, None], *per_row(rows, xt, x0, sigma_bar), cfg.graph, shift)  # (R, 1)
     terms = torch.zeros(x0.shape, dtype=d.dtype, device=d.device).index_put(rows, d[:, 0])  # (B, L)

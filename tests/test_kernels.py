@@ -688,6 +688,44 @@ def test_compile_traces_the_ops_decided_before_it(k, undecided, decided):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("method", [mdlm, sedd], ids=["mdlm", "sedd"])
+def test_compile_traces_the_masked_rows_once_for_any_count(k, undecided, monkeypatch, method):
+    """The absorbing methods' head runs on the masked rows, as many as the batch happens to have: traced once
+    with that count dynamic (common.masked_rows), not again at the second batch, with eager's losses."""
+    cfg = method.Config(n_layer=1, n_head=2, n_embd=32, block_size=16)
+    torch.manual_seed(0)
+    model = method.build_model(cfg, {"vocab_size": 9})
+    graphs, counts, results = [], set(), []
+    masked_rows = common.masked_rows
+
+    def counted(xt, mask_id):
+        rows = masked_rows(xt, mask_id)
+        counts.add(len(rows[0]))
+        return rows
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(common, "masked_rows", counted)
+    difflm_ops.prepare("cpu")  # as the trainer does before torch.compile
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend)
+    for seed in range(3):
+        for m in (compiled, model):
+            torch.manual_seed(seed)
+            model.zero_grad()
+            loss = method.loss_fn(m, torch.randint(9, (4, 16)), cfg, 9 if method is mdlm else 10)
+            loss.backward()
+            results.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
+    torch._dynamo.reset()
+    assert len(counts) == 3, counts  # three batches, three counts of masked rows
+    assert len(graphs) == 1, f"{len(graphs)} graphs for the 3 batches"
+    for a, b in zip(results[0::2], results[1::2]):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+
+
 def test_compiled_training_decides_the_ops_first(k, undecided, tmp_path):
     """`--compile` end to end (inductor, with the rotary op's fake and autograd): the trainer decides the
     ops before the trace, which then neither builds nor checks, and does not break."""
