@@ -20,7 +20,6 @@ Timings are medians of repeated runs after a warm-up (for a sampler: a two-step 
 glibc told to keep freed memory (see steady_allocator).
 """
 
-import argparse
 import contextlib
 import ctypes
 import dataclasses
@@ -95,7 +94,7 @@ def table(rows, header):
 
 def bench_mdlm_sampler(argv):
     import mdlm
-    ap = argparse.ArgumentParser(prog="bench.py mdlm_sampler")
+    ap = common.ArgumentParser(prog="bench.py mdlm_sampler")
     ap.add_argument("--ckpt_dir", default="", help="out dir of a trained model (default: an untrained one)")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--seq_len", type=int, default=256)
@@ -141,7 +140,7 @@ def count_rows(model):
 def bench_sample_speed(argv):
     import ar
     import mdlm
-    ap = argparse.ArgumentParser(prog="bench.py sample_speed")
+    ap = common.ArgumentParser(prog="bench.py sample_speed")
     ap.add_argument("--vocab", type=int, default=65, help="vocabulary size (65: Shakespeare characters, 50257: GPT-2)")
     ap.add_argument("--seq_len", type=int, default=128, help="sample length = the models' block_size")
     ap.add_argument("--steps", type=int, default=256)
@@ -211,7 +210,7 @@ def step_config(prog, method, rest, uses):
 
 def bench_throughput(argv):
     import mdlm
-    ap = argparse.ArgumentParser(prog="bench.py throughput")
+    ap = common.ArgumentParser(prog="bench.py throughput")
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--repeat", type=int, default=3)
     a, rest = ap.parse_known_args(argv)
@@ -329,7 +328,7 @@ def _nanogpt_step(path, V, cfg, device):
 def bench_train_speed(argv):
     import ar
     import mdlm
-    ap = argparse.ArgumentParser(prog="bench.py train_speed")
+    ap = common.ArgumentParser(prog="bench.py train_speed")
     ap.add_argument("--vocab", default="65,50257", help="vocabulary sizes, comma-separated")
     ap.add_argument("--iters", type=int, default=5, help="training steps per timed run")
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per step kind (at least 3)")
@@ -388,7 +387,7 @@ def bench_train_speed(argv):
 
 def bench_sedd(argv):
     import sedd
-    ap = argparse.ArgumentParser(prog="bench.py sedd")
+    ap = common.ArgumentParser(prog="bench.py sedd")
     ap.add_argument("--ckpt_dir", default="out/sedd", help="out dir of a trained sedd.py model")
     ap.add_argument("--steps", default="16,64,256", help="comma-separated step counts")
     ap.add_argument("--num_samples", type=int, default=16)
@@ -734,7 +733,7 @@ def _kernel_cells(row, bw):
 
 
 def bench_kernels(argv):
-    ap = argparse.ArgumentParser(prog="bench.py kernels")
+    ap = common.ArgumentParser(prog="bench.py kernels")
     ap.add_argument("--sizes", default="", help="B,L,V;B,L,V... (default CPU: 32,256,66;4,256,50258; "
                                                  "GPU: 32,256,66;4,256,50258;64,1024,50258)")
     ap.add_argument("--dtype", default="", help="float32 | bfloat16 (default: float32 on CPU, bfloat16 on GPU)")
@@ -815,7 +814,7 @@ def break_even(points, t_ar):
 
 
 def bench_methods(argv):
-    ap = argparse.ArgumentParser(prog="bench.py methods", description="train (or reuse) every text method at its "
+    ap = common.ArgumentParser(prog="bench.py methods", description="train (or reuse) every text method at its "
                                  "default CPU budget, then one table: train tok/s, validation bound, generative NLL "
                                  "under the AR judge and unigram entropy at several step counts, time per sample")
     ap.add_argument("--methods", default="ar,mdlm,sedd,sedd_uniform", help=f"comma-separated, from {','.join(METHODS)}")
@@ -837,7 +836,11 @@ def bench_methods(argv):
     if "ar" in names:
         names.remove("ar")
         names.insert(0, "ar")  # the judge first
-    if a.plot and importlib.util.find_spec("matplotlib") is None:  # before the hour of work, not after it
+    if a.num_samples < 1:  # each check before the hour of work, not after it
+        common.die(f"--num_samples={a.num_samples} must be at least 1")
+    if a.plot and not a.plot.endswith(".png"):
+        common.die(f"--plot={a.plot} must name a .png file")
+    if a.plot and importlib.util.find_spec("matplotlib") is None:
         common.die("--plot needs matplotlib: pip install matplotlib (or pip install -e '.[plot]')")
     judge = a.judge or os.path.join(a.out_root, "ar", "ckpt.pt")
     scored = any(METHODS[n][0] != "diffuser" for n in names)  # diffuser's row has no judge
@@ -961,7 +964,7 @@ def plot_methods(curves, rows, path):
     ax2.set_ylabel("wall time per sample (s)")
     ax2.set_yscale("log")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    common.write_file(path, lambda f: fig.savefig(f, format="png", dpi=120), "choose another --plot")
     print(f"plot: {path}")
 
 
@@ -1010,7 +1013,7 @@ def _nearest_cells(row):
 
 
 def bench_nearest(argv):
-    ap = argparse.ArgumentParser(prog="bench.py nearest")
+    ap = common.ArgumentParser(prog="bench.py nearest")
     ap.add_argument("--sizes", default="", help="N,d,V;N,d,V... (default: 8192,16,821;8192,128,50257, "
                                                  "plus 8192,256,50257 on GPU)")
     ap.add_argument("--metrics", default="cos,l2")
@@ -1061,7 +1064,7 @@ def _rotary_cells(row, bw):
 
 
 def bench_rotary(argv):
-    ap = argparse.ArgumentParser(prog="bench.py rotary")
+    ap = common.ArgumentParser(prog="bench.py rotary")
     ap.add_argument("--sizes", default="", help="B,L,H,D;B,L,H,D... (default CPU: 16,256,6,64; GPU: 64,1024,12,64 "
                                                  "in bf16)")
     a, device = _timing_args(ap, argv)
@@ -1114,7 +1117,7 @@ def _token_nll_cells(row):
 
 
 def bench_token_nll(argv):
-    ap = argparse.ArgumentParser(prog="bench.py token_nll")
+    ap = common.ArgumentParser(prog="bench.py token_nll")
     ap.add_argument("--sizes", default="", help="M,V;M,V... rows and vocabulary (default CPU: 16384,65;4096,50258; "
                                                  "GPU: 65536,50258 in bf16, B=64 x L=1024 rows)")
     ap.add_argument("--dtype", default="", help="float32 or bfloat16 (default: bfloat16 on a GPU, float32 on a CPU)")
@@ -1328,7 +1331,7 @@ def _tail(text):
 
 
 def bench_gpu(argv):
-    ap = argparse.ArgumentParser(prog="bench.py gpu", description="validate a GPU in one call: build the kernels, run "
+    ap = common.ArgumentParser(prog="bench.py gpu", description="validate a GPU in one call: build the kernels, run "
                                  "the CUDA tests, time every kernel, train and sample every method, a DDP step; "
                                  "writes DIR/report.md and DIR/report.json. Without CUDA: a dry run of what can run.")
     ap.add_argument("--out", required=True, help="folder for the report and the runs' checkpoints")

@@ -12,6 +12,7 @@ Token data lives in corpus.py and the training loop in trainer.py; both build on
 Method files import this module; it never imports them.
 """
 
+import argparse
 import contextlib
 import dataclasses
 import difflib
@@ -40,6 +41,15 @@ def die(msg):
 
 # ----------------------------------------------------------------------------------------------
 # Config and CLI
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for bench.py and the data/*/prepare.py scripts, whose bad flags stop with one line as the
+    methods' do, not argparse's usage block."""
+
+    def error(self, message):
+        die(f"{self.prog}: {message} (--help lists the options)")
+
 
 
 @dataclasses.dataclass
@@ -183,6 +193,8 @@ def parse_args(config_cls, argv=None, known=VERBS):
             die(f"{path} was trained by {ckpt['method']}.py, not {method}.py")
     if isinstance(ckpt, dict) and ckpt.get("method", method) == method and isinstance(ckpt.get("config"), dict):
         cfg = config_from_checkpoint(config_cls, ckpt, overrides)  # the shape and FIXED keys stay
+    if not 0 <= cfg.seed < 2**62:  # the generators take 64 bits, and the runs add offsets (per rank, per draw)
+        die(f"--seed={cfg.seed} must be a whole number from 0 to 2**62 - 1")
     torch.manual_seed(cfg.seed)  # before main() builds its model, so initial weights are reproducible
     return verbs, cfg, overrides
 
@@ -547,9 +559,12 @@ def save_checkpoint(path, obj):
 
 def load_checkpoint(path, method, verb="--train"):
     """path -> the checkpoint dict, its checksum verified and its floating tensors finite (verb: what wrote it)."""
+    folder = os.path.dirname(path) or "."
+    if os.path.isfile(folder):  # --out_dir named the checkpoint itself
+        die(f"{folder} is a file, not a run's folder; pass the folder that holds it, --out_dir={os.path.dirname(folder) or '.'}")
     if not os.path.isfile(path):
-        die(f"no checkpoint at {path}; train one there with `python {method}.py {verb} --out_dir={os.path.dirname(path) or '.'}`, or name the folder holding one")
-    retrain = f"retrain with `python {method}.py {verb} --overwrite --out_dir={os.path.dirname(path) or '.'}` or restore a copy"
+        die(f"no checkpoint at {path}; train one there with `python {method}.py {verb} --out_dir={folder}`, or name the folder holding one")
+    retrain = f"retrain with `python {method}.py {verb} --overwrite --out_dir={folder}` or restore a copy"
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

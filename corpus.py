@@ -21,6 +21,7 @@ import io
 import json
 import os
 import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -173,7 +174,6 @@ def file_record(path):
 def rerun_command(argv=None):
     """This prepare.py's command line with the script and the paths it names absolute, so that the command an
     error message quotes runs again from any folder (the methods run from the repository's root)."""
-    import shlex
     argv, out, path = sys.argv if argv is None else argv, [], False
     for a in argv[1:]:
         flag, eq, value = a.partition("=")
@@ -311,8 +311,12 @@ def data_lock(path, name="prepare.lock"):
 def reprepare_command(cfg, meta=None):
     """The command that rebuilds cfg's data folder, for error messages."""
     path = data_path(cfg)
-    if meta and meta.get("command"):
-        return meta["command"]
+    if meta and meta.get("command"):  # the command that prepared it, pointed at where the folder is now
+        argv, here = shlex.split(meta["command"]), os.path.abspath(path)
+        named = [i for i, a in enumerate(argv) if a.startswith("--out_dir=") or (i and argv[i - 1] == "--out_dir")]
+        for i in named:
+            argv[i] = f"--out_dir={here}" if argv[i].startswith("--out_dir=") else here
+        return shlex.join(argv + ([] if named else [f"--out_dir={here}"]))
     if os.path.isfile(os.path.join(ROOT, "data", cfg.dataset, "prepare.py")):
         return f"python data/{cfg.dataset}/prepare.py" + (f" --out_dir={path}" if cfg.data_dir else "")
     return f"python data/text/prepare.py --input=FILE --name={cfg.dataset}" + (f" --out_dir={path}" if cfg.data_dir else "") + " --force"
@@ -402,6 +406,9 @@ def prepare_data(cfg, model_meta=None):
         if cfg.dataset == "text" or not os.path.isfile(script):
             known = sorted(os.path.basename(os.path.dirname(p)) for p in glob.glob(os.path.join(ROOT, "data", "*", "prepare.py"))
                            if os.path.basename(os.path.dirname(p)) != "text")
+            if cfg.dataset == "text":
+                die("--dataset=text names no dataset: data/text/prepare.py prepares your own text; run "
+                    "python data/text/prepare.py --input=FILE --name=NAME, then pass --dataset=NAME")
             die(f"unknown dataset {cfg.dataset!r}: {path} is not prepared and there is no data/{cfg.dataset}/prepare.py "
                 f"(known: {', '.join(known)}; for your own text: python data/text/prepare.py --input=FILE --name={cfg.dataset}"
                 f"{f' --out_dir={path}' if cfg.data_dir else ''}{' --force' if os.path.isdir(path) else ''})")  # a folder a killed prepare left is replaced only with --force
@@ -528,8 +535,10 @@ def val_batches(batches, cfg, full=False):
 
 
 def encode_prompt(tokenizer, text, flag, allow_unk=False):
-    """Text given on the command line -> ids. A word outside a word vocabulary would silently become
-    <unk>, so it stops the run unless --allow_unk (a character outside a char vocabulary always does)."""
+    """Text given on the command line -> ids; a literal \\n in it stands for a newline.
+    A word outside a word vocabulary would silently become <unk>, so it stops the run unless --allow_unk
+    (a character outside a char vocabulary always does)."""
+    text = text.replace("\\n", "\n")
     unknown = [w for w in tokenizer.split(text) if w not in tokenizer.stoi] if isinstance(tokenizer, WordTokenizer) else []
     if unknown and not allow_unk:
         die(f"{flag} has words outside the model's vocabulary: {' '.join(unknown[:5])}; use known words or --allow_unk")

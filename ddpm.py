@@ -147,6 +147,8 @@ def describe_data(dataset):
         arr = np.load(dataset, allow_pickle=False)
     except Exception as e:
         common.die(f"{dataset} is not a readable .npy array ({type(e).__name__}); save it with numpy.save")
+    if not isinstance(arr, np.ndarray):  # np.load reads an .npz archive whatever its name
+        common.die(f"{dataset} is an .npz archive, not one array; save the (N, D) array with numpy.save")
     if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
         common.die(f"{dataset} has shape {arr.shape} and dtype {arr.dtype}; expected a real array of shape (N, D), "
                    "e.g. flattened images: x.reshape(len(x), -1)")

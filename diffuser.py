@@ -572,7 +572,7 @@ def ar_drafts(path, meta, n, length, device):
     """n drafts of `length` words (lists of ids) from the ar.py checkpoint at path: ancestral sampling at
     temperature 1 from [BOS] (id V) through its key/value cache, float64 inverse-CDF draws, never <s>, </s>
     or <pad>. The draft fits the context, so each word is drawn as by one forward over [BOS] + all before it."""
-    judge, _ = trainer.load_judge(path, meta, device)  # dies on a missing file or another vocabulary
+    judge, _ = trainer.load_judge(path, meta, device, "--ar_ckpt")  # dies on a missing file or another vocabulary
     backbone, head = judge["backbone"], judge["head"]
     if length > backbone.block_size:
         common.die(f"a draft of --seq_len={length} words does not fit the drafter's context "

@@ -313,6 +313,8 @@ class Classifier(nn.Module):
             values = self.fields[names.index(field)][1]
             if value not in values[1:]:
                 common.die(f"{what}: {field} has no value {value!r}; known: {', '.join(values[1:])}")
+            if names.index(field) in [f for f, _ in out]:  # one field, two values: a target no sample can meet
+                common.die(f"{what}: {field} is given twice; give each field one value")
             out.append((names.index(field), values.index(value)))
         return out
 
@@ -593,13 +595,12 @@ def contains(text_words, value):
     return any(text_words[i:i + len(v)] == v for i in range(len(text_words) - len(v) + 1))
 
 
-def control_eval(model, clf, tok, cfg):
-    """Control success by exact field matching for each target: guided vs unguided samples."""
+def control_eval(model, clf, tok, cfg, asked):
+    """Guided vs unguided control success, by exact field matching, for each (spec, its parsed targets) asked."""
     torch.manual_seed(cfg.seed + 7)
     plain = [decode(tok, s).split() for s in sample(model, cfg, cfg.control_samples).tolist()]
     out = {}
-    for spec in [s.strip() for s in cfg.control_targets.split(",") if s.strip()]:
-        targets = clf.parse_targets(spec, "--control_targets")
+    for spec, targets in asked:
         value = spec.partition("=")[2].strip()
         torch.manual_seed(cfg.seed + 7)
         got = [decode(tok, s).split() for s in
@@ -677,12 +678,13 @@ def main(argv=None):
         trained = measure and os.path.isfile(os.path.join(common.out_dir(cfg, METHOD), "classifier.pt"))
         with torch.random.fork_rng(devices=[]):  # built on the CPU; one that does not fit stops the run before the pass, which draws as before
             clf = load_classifier(cfg, model, ckpt) if trained else None
+        asked = [(s.strip(), clf.parse_targets(s, "--control_targets")) for s in measure.split(",") if s.strip()] if clf else []
         stats = {**evaluate(model, make_batches(cfg, meta), cfg, full=True), "data": cfg.eval_split}
         print(f"{cfg.eval_split} NELBO {stats['val_nelbo']:.4f} nats/position (PAD positions included) | "
               f"mse {stats['val_mse']:.4f} | prior {stats['val_prior']:.2e} | rounding {stats['val_rounding']:.4f} "
               f"({cfg.eval_t_samples} time samples per sequence, {f'{cfg.eval_batches} batches' if cfg.eval_batches else 'every batch'})")
         if clf is not None:
-            for spec, (g, u) in control_eval(model, clf, tok, cfg).items():
+            for spec, (g, u) in control_eval(model, clf, tok, cfg, asked).items():
                 stats[f"control {spec}"], stats[f"unguided {spec}"] = g, u
         elif measure:
             print(f"control: no classifier yet; run `python diffusion_lm.py --train_classifier --out_dir={common.out_dir(cfg, METHOD)}` to measure it")

@@ -275,6 +275,8 @@ def load_hf_judge(name, device="cpu"):
 
 def hf_judge_tokenizer(name):
     """A transformers judge's tokenizer: what --eval --gen reads first, so a wrong --judge stops before the bound."""
+    if os.path.isfile(os.path.join(name, "ckpt.pt")):  # an ar.py run's folder, not a transformers one
+        die(f"--judge={name} is a run folder; pass its checkpoint, --judge={os.path.join(name, 'ckpt.pt')}")
     if not os.path.isdir(name):  # a hub id
         corpus.hub_offline_unless_reachable()
     try:
@@ -348,6 +350,20 @@ def write_samples(path, texts, settings):
     write_file(path, [json.dumps({"text": t, "index": i, **settings}) + "\n" for i, t in enumerate(texts)],
                 "free disk space or choose another --samples_out")
     print(f"wrote {len(texts)} samples to {path}")
+
+
+def replaceable_samples(path):
+    """Whether --samples_out may write over the file at path: it is empty or starts as write_samples's files do,
+    so a mistyped name never replaces a checkpoint, a log or any other file."""
+    with open(path, "rb") as f:
+        first = f.readline(1 << 20)
+    if not first.strip():
+        return True
+    try:
+        r = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(r, dict) and "text" in r and "index" in r
 
 
 def read_samples(path):

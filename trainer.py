@@ -467,31 +467,38 @@ def check_files(cfg, meta, method):
     reads them again), --sample's --samples_out."""
     if os.path.isdir(getattr(cfg, "samples_out", "")):
         die(f"--samples_out={cfg.samples_out} is a folder; name a file, e.g. --samples_out={os.path.join(cfg.samples_out, 'samples.jsonl')}")
+    if os.path.isfile(getattr(cfg, "samples_out", "")) and not hub.replaceable_samples(cfg.samples_out):
+        die(f"--samples_out={cfg.samples_out} is a file that holds no samples; name a new file (it is never written over)")
     if getattr(cfg, "gen", False):
         if method == "diffuser" and meta.get("seq2seq"):  # its E2E models realise given MRs (an E2E mdlm's do not)
             die("--gen is for unconditional models; an E2E model is scored by BLEU (drop --gen)")
         read_judge(cfg.judge, meta)
         if getattr(cfg, "samples_in", ""):
-            hub.read_samples(cfg.samples_in)
+            texts, _ = hub.read_samples(cfg.samples_in)
+            if cfg.judge.endswith(".pt"):  # an ar.py judge scores them in the model's tokens: samples of another model's
+                tok = get_tokenizer(meta)
+                for t in texts:
+                    tok.encode(t, f"--samples_in={cfg.samples_in}")
 
 
 # ----------------------------------------------------------------------------------------------
 # Generative evaluation: samples scored by the autoregressive baseline (ar.py) as a fixed judge
 
 
-def load_judge(path, meta=None, device=None):
+def load_judge(path, meta=None, device=None, flag="--judge"):
     """An ar.py checkpoint -> (judge model in eval mode, its meta): ar.py's layout (causal backbone over V + 1 ids,
-    [BOS] = V, V-way head) rebuilt without importing ar.py. With meta: dies unless trained on the same tokenizer."""
+    [BOS] = V, V-way head) rebuilt without importing ar.py. With meta: dies unless trained on the same tokenizer.
+    flag: the option that named the file (diffuser.py's drafts come from --ar_ckpt), for the errors."""
     if not os.path.isfile(path):
-        die(f"no judge checkpoint at {path}; train the autoregressive baseline on the same data first "
-            f"(`python ar.py --train --dataset=...`) or pass --judge=PATH")
+        die(f"no ar.py checkpoint at {flag}={path}; train the autoregressive baseline on the same data first "
+            f"(`python ar.py --train --dataset=...`) or pass {flag}=PATH")
     ckpt = load_checkpoint(path, "ar")
     if ckpt.get("method") != "ar":
-        die(f"the judge {path} was trained by {ckpt.get('method')}.py; it must be an ar.py checkpoint")
+        die(f"{flag}={path} was trained by {ckpt.get('method')}.py; it must be an ar.py checkpoint")
     jm, c = ckpt["meta"], ckpt["config"]
     if meta is not None and any(meta.get(k) != jm.get(k) for k in ("tokenizer", "vocab_size", "chars", "words")):
-        die(f"the judge {path} was trained on another tokenizer/vocabulary ({jm.get('tokenizer')}, {jm.get('vocab_size')} ids) "
-            f"than these samples ({meta.get('tokenizer')}, {meta.get('vocab_size')}); train ar.py on the same dataset")
+        die(f"{flag}={path} was trained on another tokenizer/vocabulary ({jm.get('tokenizer')}, {jm.get('vocab_size')} ids) "
+            f"than this model ({meta.get('tokenizer')}, {meta.get('vocab_size')}); train ar.py on the same dataset")
     V = jm["vocab_size"]
     judge = nn.ModuleDict({"backbone": Transformer(V + 1, c["n_layer"], c["n_head"], c["n_embd"], c["block_size"], causal=True),
                            "head": nn.Linear(c["n_embd"], V, bias=False)})

@@ -239,7 +239,9 @@ def test_cli_bad_inputs(tiny_ar, tmp_path):
     fails(["ar.py", "--sample", f"--out_dir={tiny_ar}", "--suffix=abc"], "--suffix is not used by ar.py")
     fails(["ar.py", "--sample", f"--out_dir={tiny_ar}", "--temperature=0"], "--temperature")
     fails(["ar.py", "--sample", f"--out_dir={tiny_ar}", "--prefix=" + "a" * 40], "--prefix", "--seq_len")
-    fails(["ar.py", "--eval", "--gen", f"--out_dir={tiny_ar}", f"--judge={tmp_path}/none.pt"], "no judge checkpoint")
+    fails(["ar.py", "--eval", "--gen", f"--out_dir={tiny_ar}", f"--judge={tmp_path}/none.pt"], "no ar.py checkpoint at --judge=")
+    fails(["ar.py", "--eval", "--gen", f"--out_dir={tiny_ar}", f"--judge={tiny_ar}"], "is a run folder",
+          f"--judge={os.path.join(tiny_ar, 'ckpt.pt')}")  # not taken for a transformers model's folder
     fails(["ar.py", "--sample", f"--out_dir={tmp_path}"], "no checkpoint", "ar.py --train")
 
 

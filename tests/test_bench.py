@@ -386,6 +386,9 @@ def test_train_speed_times_a_nanogpt_checkout_beside_ar(tmp_path, capsys):
     (["train_speed", "--eval", "--max_iters=9"], "does not use --eval, --max_iters"),
     (["train_speed", "--dataset=e2e"], "does not use --dataset"), (["train_speed", "--temperature=0.5"], "--temperature"),
     (["train_speed", "--dropout=2"], "--dropout=2.0"), (["kernels", "--dtype=fp8"], "--dtype='fp8': use float32 or bfloat16"),
+    (["mdlm_sampler", "--steps=abc"], "bench.py mdlm_sampler: argument --steps: invalid int value: 'abc'"),
+    (["gpu"], "bench.py gpu: the following arguments are required: --out"),  # argparse's own, in one line too
+    (["methods", "--num_samples=0"], "--num_samples=0 must be at least 1"), (["methods", "--plot=x.txt"], ".png file"),
 ])
 def test_bad_arguments_are_one_line(args, message, monkeypatch):
     """Each was a traceback (StatisticsError, ZeroDivisionError, RuntimeError, ValueError), an empty table, or

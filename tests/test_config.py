@@ -60,7 +60,8 @@ COMMON_BAD = [("--batch_size=0", "--batch_size=0 must be at least 1"), ("--grad_
               ("--beta2=nan", "--beta2"), ("--ema=1.5", "--ema"), ("--weight_decay=-1", "--weight_decay"),
               ("--grad_clip=nan", "--grad_clip"), ("--grad_clip=inf", "--grad_clip=inf must be at least 0 (and finite)"), ("--warmup_iters=-1", "--warmup_iters"), ("--device=mps", "unknown --device=mps"),
               ("--device=cuda:x", "unknown --device"), ("--device=gpu", "unknown --device"),
-              ("--eval_split=train", "unknown --eval_split='train'; use val or test")]
+              ("--eval_split=train", "unknown --eval_split='train'; use val or test"), ("--seed=-1", "--seed=-1 must be a whole number"),
+              ("--seed=99999999999999999999", "--seed=99999999999999999999 must be")]  # an overflow's traceback in torch
 TEXT_BAD = [("--block_size=0", "--block_size=0"), ("--n_embd=0", "--n_embd=0"), ("--n_layer=0", "--n_layer"),
             ("--n_head=0", "--n_head"), ("--n_head=3", "--n_head=3"),
             ("--n_embd=36", "--n_embd=36 must be --n_head="),  # 4 heads of 9 (ar, sedd, diffuser): rotary turns pairs

@@ -5,6 +5,7 @@ import gzip
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -407,6 +408,10 @@ def test_an_unprepared_folder_of_your_own_names_the_command_that_replaces_it(tmp
     cfg = types.SimpleNamespace(dataset="mine", data_dir=str(tmp_path / "mine"))
     fails(lambda: corpus.prepare_data(cfg), "unknown dataset", f"--name=mine --out_dir={cfg.data_dir} --force")
     fails(lambda: text_prepare([f"--input={tmp_path}", "--name=y", f"--out_dir={tmp_path / 'y'}"], monkeypatch), "is a folder")
+    fails(lambda: text_prepare(["--inptu=x"], monkeypatch), "prepare.py: unrecognized arguments: --inptu=x")  # not usage + error
+    # data/text is the preparer, not a dataset: the command it suggests runs (--name=text would be refused)
+    fails(lambda: corpus.prepare_data(types.SimpleNamespace(dataset="text", data_dir="")), "--dataset=text names no dataset",
+          "--name=NAME, then pass --dataset=NAME")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -546,6 +551,12 @@ def test_an_error_names_the_command_that_prepared_the_folder(tmp_path):
         corpus.write_split(str(tmp_path), ids, ids, meta)
         corrupt_odd_size(tmp_path)
         assert fails(lambda: corpus.prepare_data(cfg), "val.bin has 601 bytes").endswith(f"re-prepare: {fix}")
+    moved = tmp_path.parent / "moved"  # a copied folder: its command prepares the copy, not the original
+    shutil.copytree(tmp_path, moved)
+    cfg.data_dir = str(moved)
+    corpus.write_split(str(moved), ids, ids, {**TEN_CHARS, "command": command})
+    corrupt_odd_size(moved)
+    assert fails(lambda: corpus.prepare_data(cfg), "val.bin").endswith(f"re-prepare: {command.replace(str(tmp_path), str(moved))}")
 
 
 def test_a_prepare_that_fails_is_the_last_line_it_printed(tmp_path, monkeypatch):

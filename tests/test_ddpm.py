@@ -566,7 +566,7 @@ def test_one_dimensional_data_is_drawn_as_histograms(tmp_path):
 # bad inputs go through main(argv), the CLI's own entry point, in-process (no interpreter start-up)
 
 
-@pytest.mark.parametrize("case", ["3d", "complex", "nan", "missing", "text"])
+@pytest.mark.parametrize("case", ["3d", "complex", "nan", "missing", "text", "npz"])
 def test_bad_npy(tmp_path, case):
     path = tmp_path / "bad.npy"
     if case == "3d":
@@ -579,8 +579,11 @@ def test_bad_npy(tmp_path, case):
         np.save(path, arr)
     elif case == "text":
         path.write_text("1,2\n3,4\n")
+    elif case == "npz":  # numpy.savez under an .npy name: np.load gives an archive, not an array
+        with open(path, "wb") as f:
+            np.savez(f, x=np.zeros((40, 2)))
     expected = {"3d": "expected a real array of shape (N, D)", "complex": "dtype complex128; expected a real array", "nan": "NaN or infinite values in 1 rows",
-                "missing": "no file", "text": "not a readable .npy array"}[case]
+                "missing": "no file", "text": "not a readable .npy array", "npz": "is an .npz archive"}[case]
     with pytest.raises(SystemExit, match=re.escape(expected)):
         ddpm.main(["--train", f"--dataset={path}", f"--out_dir={tmp_path}"])
     assert not (tmp_path / "ckpt.pt").exists()

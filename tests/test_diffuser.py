@@ -693,7 +693,7 @@ def test_autoregressive_bootstrap_bad_inputs(word_models):
     wrong = str(root / "ar_other" / "ckpt.pt")
     r = run_cli(["diffuser.py", "--sample", "--bootstrap=autoregressive", f"--ar_ckpt={wrong}"] + small, check=False)
     assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    assert "trained on another tokenizer/vocabulary" in r.stderr
+    assert f"--ar_ckpt={wrong} was trained on another tokenizer/vocabulary" in r.stderr
 
     def fails(args, message):
         with pytest.raises(SystemExit) as e:
@@ -701,8 +701,8 @@ def test_autoregressive_bootstrap_bad_inputs(word_models):
         assert message in str(e.value) and "\n" not in str(e.value), (args, str(e.value))
 
     missing = str(root / "nowhere.pt")
-    fails(["--sample", "--bootstrap=autoregressive", f"--ar_ckpt={missing}"], "no judge checkpoint at")
-    fails(["--eval", "--gen", f"--judge={missing}", "--num_samples=1", "--steps=1"], "no judge checkpoint at")
+    fails(["--sample", "--bootstrap=autoregressive", f"--ar_ckpt={missing}"], f"no ar.py checkpoint at --ar_ckpt={missing}")
+    fails(["--eval", "--gen", f"--judge={missing}", "--num_samples=1", "--steps=1"], f"no ar.py checkpoint at --judge={missing}")
     fails(["--eval", "--gen", f"--judge={wrong}", "--num_samples=1", "--steps=1"], "another tokenizer/vocabulary")
     fails(["--sample", "--bootstrap=autoregressive", f"--ar_ckpt={word_models['ar']}", "--seq_len=40"],
           "more than --max_len=16")

@@ -472,9 +472,8 @@ def test_control_success_counts_exact_matches_guided_and_unguided(monkeypatch):
                           [S, 7, the, gold, cur, dot]])  # in 1 of 4
     monkeypatch.setattr(D, "sample", lambda model, cfg, n, fixed=None, objective=None, show=None:
                         (plain if objective is None else guided)[:n])
-    clf = types.SimpleNamespace(parse_targets=lambda spec, what: [(0, 1)])
     cfg = D.Config(control_targets="name=The Golden Curry", control_samples=4)
-    assert D.control_eval(None, clf, tok, cfg) == {"name=The Golden Curry": (0.75, 0.25)}
+    assert D.control_eval(None, None, tok, cfg, [("name=The Golden Curry", [(0, 1)])]) == {"name=The Golden Curry": (0.75, 0.25)}
 
 
 def test_controls_compose_by_summing_their_terms():
@@ -497,6 +496,8 @@ def test_classifier_fields_labels_and_targets():
     assert D.classifier_labels(mrs, fields).tolist() == [[1, 2], [0, 1]]
     clf = D.Classifier(tiny_cfg(), fields)
     assert clf.parse_targets("food=Italian, area=riverside") == [(1, 2), (0, 1)]
+    with pytest.raises(SystemExit, match="food is given twice"):  # no sample can be of both
+        clf.parse_targets("food=Italian,food=Chinese")
 
 
 def test_the_classifier_max_pools_over_positions():
@@ -712,6 +713,8 @@ def test_cli_train_sample_eval(cli_out):
     records = [json.loads(line) for line in open(os.path.join(cli_out, "log.jsonl"))]
     assert [r["eval_full"]["data"] for r in records if "eval_full" in r][-2:] == ["val", "test"]  # what each scored
     assert records[-1]["t_samples"] == 1 and records[-1]["eval_batches"] == 1  # and how much of it
+    r = run_cli(["diffusion_lm.py", "--eval", f"--out_dir={cli_out}", "--control_targets=food=Pizza"], check=False)
+    assert r.returncode == 1 and "food has no value 'Pizza'" in r.stderr and "NELBO" not in r.stdout  # before the pass
 
 
 def test_e2e_prepared_with_another_vocabulary_is_refused(cli_out, tmp_path):

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import re
+import types
 
 import pytest
 import torch
@@ -291,3 +292,19 @@ def test_an_ar_judge_of_texts_averages_over_tokens_not_texts(monkeypatch):
     monkeypatch.setattr(trainer, "judge_nll", lambda judge, x: float(x.shape[1]))
     nll, ids = trainer.judge_texts("judge.pt", ["a", "abab", ""], tok, {}, "cpu")
     assert nll == pytest.approx((1 * 1 + 4 * 4) / 5) and [len(x) for x in ids] == [1, 4, 0]
+
+
+def test_samples_in_of_another_vocabulary_stop_before_the_work(tmp_path, monkeypatch):
+    """--samples_in with an ar.py judge is encoded in the model's tokens before the bound is computed: a file of
+    another model's samples stops at once with one line naming the file (it stopped after the bound, naming neither)."""
+    f = str(tmp_path / "s.jsonl")
+    hub.write_samples(f, ["ab", "a\u00e9b"], {})
+    monkeypatch.setattr(trainer, "read_judge", lambda *a: None)
+    cfg = types.SimpleNamespace(gen=True, judge="out/ar/ckpt.pt", samples_in=f, samples_out="")
+    meta = {"tokenizer": "char", "chars": ["a", "b"]}
+    with pytest.raises(SystemExit) as e:
+        trainer.check_files(cfg, meta, "mdlm")
+    assert str(e.value) == f"error: --samples_in={f} has characters outside the model's 2-character vocabulary: " \
+        "'\u00e9'; use only characters seen in training"
+    hub.write_samples(f, ["ab", "ba"], {})
+    trainer.check_files(cfg, meta, "mdlm")

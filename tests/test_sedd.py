@@ -758,6 +758,7 @@ def test_cli_bad_inputs(char_data, tmp_path, capsys, monkeypatch):
     capsys.readouterr()
     for key in ("--graph=uniform", "--schedule=geometric", "--eps=0.5", "--sigma_max=5"):  # the process its scores are of
         fails(["--sample", f"--out_dir={out}", key], key.split("=")[0] + " is fixed by the checkpoint")
+    fails(["--sample", f"--out_dir={out}/ckpt.pt"], "is a file, not a run's folder", f"--out_dir={out}")
     fails(["--eval", f"--out_dir={out}", "--eps=0.5"], "--eps is fixed by the checkpoint (0.001)")  # it sets the bound's ends
     fails(["--sample", f"--out_dir={out}", "--schedule=loglinear", "--steps=0"], "--steps=0")  # the trained schedule, by name
     fails(["--sample", f"--out_dir={out}", "--prefix=ROMEO\u00e9"], "--prefix", "vocabulary")
@@ -777,9 +778,17 @@ def test_cli_bad_inputs(char_data, tmp_path, capsys, monkeypatch):
     texts, settings = hub.read_samples(samples_file)  # every printed sample, with its settings
     assert [f"=== sample {i}\n{s}\n" in text for i, s in enumerate(texts)] == [True, True]
     assert settings["method"] == "sedd" and settings["infill"] == "_A_\\n_" and settings["steps"] == 4
+    fails(["--sample", f"--out_dir={out}", f"--samples_out={tmp_path}"], "is a folder")
+    for other in ("ckpt.pt", "log.jsonl"):  # a mistyped name: the run's own files are never written over
+        fails(["--sample", f"--out_dir={out}", f"--samples_out={out}/{other}"], "holds no samples")
+    sedd.main(["--sample", f"--out_dir={out}", "--steps=2", "--num_samples=1", f"--samples_out={samples_file}"])
+    assert len(hub.read_samples(samples_file)[0]) == 1  # a samples file is replaced
+    capsys.readouterr()
     for sample in text.split("=== sample ")[1:]:  # the template's fixed characters, placeholders filled
         body = sample.split("\n", 1)[1][:4]
         assert body[1] == "A" and body[3] == "\n" and "_" not in body, repr(body)
+    sedd.main(["--sample", f"--out_dir={out}", "--prefix=A\\nB", "--steps=4", "--num_samples=1"])  # \n as in --infill
+    assert capsys.readouterr().out.split("=== sample 0\n")[1].startswith("A\nB")
     sedd.main(["--sample", f"--out_dir={out}", "--seq_len=40", "--steps=4", "--num_samples=1"])  # beyond one block
     assert len(capsys.readouterr().out.split("=== sample 0\n")[1].split("\n(")[0]) == 40
     # --eval --gen samples --seq_len tokens as well (the bound and the judge stubbed: only the samples are checked)

@@ -72,7 +72,7 @@ def parse_line(line, where):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input_dir", default="")
     ap.add_argument("--out_dir", default=HERE)
     ap.add_argument("--min_count", type=int, default=10)

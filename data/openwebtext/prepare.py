@@ -237,7 +237,7 @@ def write(out_dir, sources, n_val, num_proc, what):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", default="", help="local parquet/jsonl files or folders, comma-separated (default: the hub)")
     ap.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(__file__)))
     ap.add_argument("--val_docs", type=int, default=VAL_DOCS, help="the last this many documents are validation")

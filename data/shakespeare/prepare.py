@@ -12,12 +12,13 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shakespeare_char"))
+import common  # noqa: E402
 import corpus  # noqa: E402
 from prepare import load_text  # noqa: E402  (reads the shipped corpus)
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", default="")
     ap.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(__file__)))
     args = ap.parse_args()

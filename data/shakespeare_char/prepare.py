@@ -34,7 +34,7 @@ def load_text(input_path):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", default="")
     ap.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(__file__)))
     args = ap.parse_args()

@@ -17,7 +17,7 @@ from prepare import load_text  # noqa: E402  (reads the shipped corpus)
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", default="")
     ap.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(__file__)))
     ap.add_argument("--min_count", type=int, default=5)

@@ -44,7 +44,7 @@ def out_dir_for(args):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", action="append", required=True, help="a UTF-8 text file (repeat for several)")
     ap.add_argument("--name", required=True)
     ap.add_argument("--tokenizer", choices=("char", "word", "gpt2"), default="char")

@@ -88,7 +88,7 @@ def parse_split(split, n, source):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", default="", help="text8.zip or the extracted text8 (default: download)")
     ap.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(__file__)))
     ap.add_argument("--sha256", default=SHA256, help="expected sha256 of the extracted text")
