@@ -114,7 +114,8 @@ READ_BY = {"gen": "eval", "eval_split": "eval", "samples_in": "eval gen", "eval_
            "stride": "sample|eval", "classifier_iters": "train_classifier|train", "classifier_layers": "train_classifier|train",
            **dict.fromkeys("judge eval_t_samples eval_points eval_mrs eval_batches control_targets control_samples".split(), "eval|train"),
            **dict.fromkeys("samples_out prefix suffix infill placeholder control length source show png".split(), "sample"),
-           **dict.fromkeys("max_iters weight_decay beta1 beta2 grad_clip grad_accum eval_interval resume overwrite".split(), "train"),
+           **dict.fromkeys("max_iters weight_decay beta1 beta2 grad_clip grad_accum eval_interval eval_iters compile resume "
+                           "overwrite".split(), "train"),
            **dict.fromkeys("lr min_lr warmup_iters lr_decay_iters log_interval".split(), "train|train_classifier")}
 # what one command asks (its folder and output files, its device, a spent init_from, its conditioning): a checkpoint's config keeps none
 PER_COMMAND = {"out_dir", "init_from", "resume", "overwrite", "device", *(k for k, v in READ_BY.items() if "train" not in v)}
@@ -173,7 +174,8 @@ def parse_args(config_cls, argv=None, known=VERBS):
         alts = [alt.split() for alt in needs.split("|") if alt.split()[0] in known]  # this method's verbs
         if overrides.get(key) and not any(all(n in verbs or overrides.get(n) for n in alt) for alt in alts):
             want = " or ".join(" ".join("--" + n for n in alt) for alt in alts)
-            die(f"--{key} is read by {want} only; add {want if len(alts) == 1 else 'one'} or drop it")
+            add = " ".join("--" + n for n in alts[0] if not (n in verbs or overrides.get(n))) if len(alts) == 1 else "one"
+            die(f"--{key} is read by {want} only; add {add} or drop it")
     published = ("n_layer", "n_head", "n_embd") if overrides.get("init_from") else ()  # hub.py checks these against its config
     cfg = config_cls(**{k: v for k, v in overrides.items() if k not in published})
     method = os.path.splitext(os.path.basename(module.__file__))[0]

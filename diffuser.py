@@ -12,7 +12,7 @@ The authors released no code; this file's own choices (docs/diffuser.md, Departu
 backbone filling the slots left to right, one per call; a bootstrap gets one extra trained revision t = T + 1
 towards x_0; a revision learns every edit back to x_0 (--target=x0), not only the last step's (paper: --target=prev).
 
-    python diffuser.py --train                          # E2E MR -> text, source bootstrap, ~12 min on 2 CPU cores
+    python diffuser.py --train                          # E2E MR -> text, source bootstrap, ~15 min on 2 CPU cores
     python diffuser.py --sample --show                  # realise validation MRs, each revision with its edits marked
     python diffuser.py --sample --source="name : The Eagle | Type : pub | area : riverside"
     python diffuser.py --eval --decode=beam2d           # BLEU on E2E validation (pip install sacrebleu)
@@ -53,6 +53,7 @@ class Config(common.TextConfig, common.BaseConfig):
     warmup_iters: int = 50
     eval_interval: int = 600
     eval_iters: int = 5
+    READ_BY = {"eval_iters": "train|eval"}  # --eval's cross-entropies take eval_iters batches too (a class attribute)
     # forward process (paper sec. 3: T = 12, edit types 60/20/10/10, Poisson(3) spans)
     T: int = 12
     FIXED = ("T", "max_len")  # with the model's shape, what a checkpoint fixes (a class attribute, not a --key)
@@ -562,7 +563,7 @@ def bleu(hyps, refs):
     try:
         import sacrebleu
     except ImportError:
-        common.die("BLEU needs sacrebleu, an optional extra: pip install 'difflm[bleu]' (or pip install sacrebleu)")
+        common.die("BLEU needs sacrebleu, an optional extra: pip install -e \".[bleu]\" (or pip install sacrebleu)")
     streams = [[r[i] if i < len(r) else None for r in refs] for i in range(max(len(r) for r in refs))]
     return sacrebleu.corpus_bleu(hyps, streams, tokenize="none", force=True).score  # not split again: <unk> is one word
 

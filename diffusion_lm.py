@@ -393,7 +393,7 @@ def load_classifier(cfg, model, lm):
     runs = [lm[k]["embed.weight"].float() for k in ("model", "ema") if "embed.weight" in lm.get(k, {})]
     if "lm_embed" in ckpt and not any(torch.equal(ckpt["lm_embed"].float(), e) for e in runs):
         common.die(f"{path} was trained on another model's embeddings (the model was retrained since); "
-                   f"rerun `python diffusion_lm.py --train_classifier --out_dir={os.path.dirname(path)}`")
+                   f"rerun `python diffusion_lm.py --train_classifier --out_dir={os.path.dirname(path)}` (--eval skips it with --control_targets=)")
     return clf.to(model.embed.weight.device).eval().requires_grad_(False)
 
 

@@ -63,7 +63,8 @@ def locate(init_from):
         die(f"--init_from takes the papers' published weights; to go on training {init_from}, pass its folder as --out_dir "
             "with --resume")
     if not re.fullmatch(r"\w[\w.-]*/[\w.-]+", init_from):  # owner/name; ./dir and ../dir are paths
-        die(f"--init_from={init_from} is neither a directory nor a hub id (owner/name); {how}")
+        die(f"--init_from={init_from}: no such directory, and not a hub id (owner/name); give the folder that holds "
+            f"{CONFIG} and the weights, or a hub id")
     corpus.hub_offline_unless_reachable()
     try:
         from huggingface_hub import snapshot_download
@@ -74,7 +75,8 @@ def locate(init_from):
         if not os.path.isfile(os.path.join(d, WEIGHTS[0])):
             d = snapshot_download(init_from, allow_patterns=[CONFIG, WEIGHTS[1]])
     except Exception as e:  # offline, unknown repository, no permission: the hub's errors are many
-        die(f"cannot fetch {init_from} from the Hugging Face hub ({type(e).__name__}); without network, {how}")
+        die(f"cannot fetch {init_from} from the Hugging Face hub ({type(e).__name__}); without network, {how}"
+            + (f" (no directory {init_from} here either)" if os.path.isdir(init_from.split("/")[0]) else ""))
     return d
 
 

@@ -247,8 +247,9 @@ def _train_loop(cfg, method, model, loss_fn, evaluate, meta, batches, device, ra
     odir = out_dir(cfg, method)
     ckpt_path = os.path.join(odir, "ckpt.pt")
     log_path = os.path.join(odir, "log.jsonl")
-    if master:
-        print_config(cfg)
+    if master:  # resolved: the folders and the device the run uses, not '' and 'auto'
+        print_config(dataclasses.replace(cfg, out_dir=odir, device=str(device),
+                                         **({"data_dir": data_path(cfg)} if hasattr(cfg, "data_dir") else {})))
 
     torch.manual_seed(cfg.seed + rank)
     model.to(device)

@@ -139,7 +139,10 @@ def test_bad_value_stops_at_the_boundary(method, arg, message, verb, tmp_path):
     (["--sample", "--lr=5"], "--lr is read by --train only; add --train or drop it"),  # (mdlm: no --train_classifier)
     (["--eval", "--max_iters=3"], "--max_iters is read by --train only"),
     (["--sample", "--resume"], "--resume is read by --train only"),
-    (["--eval", "--warmup_iters=5"], "--warmup_iters is read by --train or --train_classifier only")])
+    (["--eval", "--warmup_iters=5"], "--warmup_iters is read by --train or --train_classifier only"),
+    (["--eval", "--eval_iters=2"], "--eval_iters is read by --train only"),  # --eval reads every window whatever it says
+    (["--sample", "--compile"], "--compile is read by --train only"),
+    (["--eval", "--samples_in=s.jsonl"], "--samples_in is read by --eval --gen only; add --gen or drop it")])  # what is missing
 def test_a_key_without_the_verb_that_reads_it_is_refused(argv, message, tmp_path):
     key = argv[-1][2:].split("=")[0]
     method = ("diffusion_lm" if key in ("control", "length", "control_targets", "classifier_iters", "warmup_iters") else "diffuser" if key in ("source", "eval_mrs")

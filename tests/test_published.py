@@ -311,7 +311,7 @@ def test_a_hub_id_is_fetched_with_its_config_after_the_network_check(tmp_path, m
 def test_a_relative_path_that_does_not_exist_is_not_looked_up_on_the_hub(path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(corpus, "hub_offline_unless_reachable", lambda: pytest.fail(f"{path} was looked up on the hub"))
-    with pytest.raises(SystemExit, match=f"--init_from={re.escape(path)} is neither a directory nor a hub id"):
+    with pytest.raises(SystemExit, match=f"--init_from={re.escape(path)}: no such directory, and not a hub id"):
         hub.locate(path)
 
 
@@ -453,7 +453,7 @@ def test_wrong_checkpoint_is_one_line(case, tmp_path):
     args, expect = {"mdlm_into_sedd": (["sedd.py", f"--init_from={m}"], "MDLM checkpoint; load it with mdlm.py"),
                     "sedd_into_mdlm": (["mdlm.py", f"--init_from={s}"], "SEDD checkpoint; load it with sedd.py"),
                     "other_graph": (["sedd.py", f"--init_from={s}", "--graph=uniform"], "absorb graph, not uniform"),
-                    "not_a_dir": (["sedd.py", f"--init_from={tmp_path}/nothing/here"], "neither a directory nor a hub id"),
+                    "not_a_dir": (["sedd.py", f"--init_from={tmp_path}/nothing/here"], "no such directory, and not a hub id"),
                     "no_weights": (["sedd.py", f"--init_from={s}"], "holds neither model.safetensors nor pytorch_model.bin"),
                     "shape_flag": (["mdlm.py", f"--init_from={m}", "--n_layer=4"], "--n_layer is fixed by"),
                     # judged against the published config, not the defaults (n_embd=128 is no multiple of 3)
