@@ -408,7 +408,8 @@ def test_an_unprepared_folder_of_your_own_names_the_command_that_replaces_it(tmp
     cfg = types.SimpleNamespace(dataset="mine", data_dir=str(tmp_path / "mine"))
     fails(lambda: corpus.prepare_data(cfg), "unknown dataset", f"--name=mine --out_dir={cfg.data_dir} --force")
     fails(lambda: text_prepare([f"--input={tmp_path}", "--name=y", f"--out_dir={tmp_path / 'y'}"], monkeypatch), "is a folder")
-    fails(lambda: text_prepare(["--inptu=x"], monkeypatch), "prepare.py: unrecognized arguments: --inptu=x")  # not usage + error
+    fails(lambda: text_prepare(["--input=x", "--name=y", "--inptu=x"], monkeypatch),  # not usage + error
+          "prepare.py: unrecognized arguments: --inptu=x")
     # data/text is the preparer, not a dataset: the command it suggests runs (--name=text would be refused)
     fails(lambda: corpus.prepare_data(types.SimpleNamespace(dataset="text", data_dir="")), "--dataset=text names no dataset",
           "--name=NAME, then pass --dataset=NAME")
