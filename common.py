@@ -51,7 +51,6 @@ class ArgumentParser(argparse.ArgumentParser):
         die(f"{self.prog}: {message} (--help lists the options)")
 
 
-
 @dataclasses.dataclass
 class BaseConfig:
     """Knobs every method takes. A method's Config adds the blocks below that it uses, then its own."""
