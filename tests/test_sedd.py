@@ -735,6 +735,7 @@ def test_cli_train_sample_eval(char_data, tmp_path):
     r = run_cli(["sedd.py", "--train", "--sample", "--graph=uniform", "--max_iters=10", "--eval_interval=10",
                  "--eval_iters=1", "--steps=4", "--num_samples=2", "--prefix=ROMEO:"] + tiny[:-1] + [f"--out_dir={uout}"])
     assert "graph='uniform'" in r.stdout and "schedule='geometric'" in r.stdout  # the default '' resolves to it, by name
+    assert f"out_dir='{uout}'" in r.stdout and "device='cpu'" in r.stdout  # the config printed is the one resolved
     assert all(s.startswith("ROMEO:") for s in parse_samples(r.stdout))
 
 
