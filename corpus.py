@@ -174,15 +174,22 @@ def file_record(path):
 def rerun_command(argv=None):
     """This prepare.py's command line with the script and the paths it names absolute, so that the command an
     error message quotes runs again from any folder (the methods run from the repository's root)."""
-    argv, out, path = sys.argv if argv is None else argv, [], False
-    for a in argv[1:]:
-        flag, eq, value = a.partition("=")
-        if path:  # the value of `--out_dir DIR`
-            a = ",".join(os.path.abspath(p) for p in a.split(","))
-        elif eq and flag in PATH_FLAGS:
-            a = flag + "=" + ",".join(os.path.abspath(p) for p in value.split(","))
-        out, path = out + [a], a in PATH_FLAGS
-    return "python " + shlex.join([os.path.abspath(argv[0])] + out)
+    argv = sys.argv if argv is None else argv
+    args = map_path_flags(argv[1:], lambda flag, value: ",".join(os.path.abspath(p) for p in value.split(",")))
+    return "python " + shlex.join([os.path.abspath(argv[0])] + args)
+
+
+def map_path_flags(args, fn):
+    """args with the value of each PATH_FLAGS flag, given as --flag=V or as --flag V, replaced by fn(flag, V)."""
+    out, flag = [], None
+    for a in args:
+        name, eq, value = a.partition("=")
+        if flag:  # the value of `--out_dir DIR`
+            a = fn(flag, a)
+        elif eq and name in PATH_FLAGS:
+            a = name + "=" + fn(name, value)
+        out, flag = out + [a], a if a in PATH_FLAGS else None
+    return out
 
 
 PATH_FLAGS = ("--input", "--input_dir", "--out_dir")  # what a prepare.py reads or writes
@@ -312,10 +319,9 @@ def reprepare_command(cfg, meta=None):
     """The command that rebuilds cfg's data folder, for error messages."""
     path = data_path(cfg)
     if meta and meta.get("command"):  # the command that prepared it, pointed at where the folder is now
-        argv, here = shlex.split(meta["command"]), os.path.abspath(path)
-        named = [i for i, a in enumerate(argv) if a.startswith("--out_dir=") or (i and argv[i - 1] == "--out_dir")]
-        for i in named:
-            argv[i] = f"--out_dir={here}" if argv[i].startswith("--out_dir=") else here
+        here = os.path.abspath(path)
+        argv = map_path_flags(shlex.split(meta["command"]), lambda flag, value: here if flag == "--out_dir" else value)
+        named = any(a.partition("=")[0] == "--out_dir" for a in argv)
         return shlex.join(argv + ([] if named else [f"--out_dir={here}"]))
     if os.path.isfile(os.path.join(ROOT, "data", cfg.dataset, "prepare.py")):
         return f"python data/{cfg.dataset}/prepare.py" + (f" --out_dir={path}" if cfg.data_dir else "")
@@ -403,12 +409,12 @@ def prepare_data(cfg, model_meta=None):
         if command and f"data/{cfg.dataset}/prepare.py" not in command:
             die(f"{path} is not prepared; the model's data came from `{command}`: run it again, or point --data_dir "
                 f"at that data")
-        if cfg.dataset == "text" or not os.path.isfile(script):
+        if cfg.dataset == "text":
+            die("--dataset=text names no dataset: data/text/prepare.py prepares your own text; run "
+                "python data/text/prepare.py --input=FILE --name=NAME, then pass --dataset=NAME")
+        if not os.path.isfile(script):
             known = sorted(os.path.basename(os.path.dirname(p)) for p in glob.glob(os.path.join(ROOT, "data", "*", "prepare.py"))
                            if os.path.basename(os.path.dirname(p)) != "text")
-            if cfg.dataset == "text":
-                die("--dataset=text names no dataset: data/text/prepare.py prepares your own text; run "
-                    "python data/text/prepare.py --input=FILE --name=NAME, then pass --dataset=NAME")
             die(f"unknown dataset {cfg.dataset!r}: {path} is not prepared and there is no data/{cfg.dataset}/prepare.py "
                 f"(known: {', '.join(known)}; for your own text: python data/text/prepare.py --input=FILE --name={cfg.dataset}"
                 f"{f' --out_dir={path}' if cfg.data_dir else ''}{' --force' if os.path.isdir(path) else ''})")  # a folder a killed prepare left is replaced only with --force
