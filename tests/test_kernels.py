@@ -657,6 +657,14 @@ def undecided(monkeypatch):
     monkeypatch.setattr(difflm_ops, "_PASSED", {})
 
 
+def recording(graphs):
+    """A torch.compile backend that runs each traced graph as it is and appends it to graphs."""
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    return backend
+
+
 @pytest.mark.parametrize("decided", [False, True], ids=["undecided", "prepared"])
 def test_compile_traces_the_ops_decided_before_it(k, undecided, decided):
     """torch.compile traces what difflm_ops.prepare decided: a trace never builds or checks an op (a build in
@@ -668,14 +676,10 @@ def test_compile_traces_the_ops_decided_before_it(k, undecided, decided):
     x0 = torch.randint(9, (4, 16))
     graphs, results = [], []
 
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
     if decided:
         difflm_ops.prepare("cpu")
     torch._dynamo.reset()
-    for m in (torch.compile(model, backend=backend), model):  # compiled first: its trace is the first use
+    for m in (torch.compile(model, backend=recording(graphs)), model):  # compiled first: its trace is the first use
         model.zero_grad()
         loss = ar.loss_fn(m, x0, model.bos_id)
         loss.backward()
@@ -703,14 +707,10 @@ def test_compile_traces_the_masked_rows_once_for_any_count(k, undecided, monkeyp
         counts.add(len(rows[0]))
         return rows
 
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
     monkeypatch.setattr(common, "masked_rows", counted)
     difflm_ops.prepare("cpu")  # as the trainer does before torch.compile
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend=backend)
+    compiled = torch.compile(model, backend=recording(graphs))
     for seed in range(3):
         for m in (compiled, model):
             torch.manual_seed(seed)
