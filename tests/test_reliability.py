@@ -81,6 +81,20 @@ def test_train_over_a_checkpoint_needs_resume_or_overwrite(run6, tmp_path):
     assert [r["iter"] for r in log_records(out) if "loss" in r] == [0, 1, 2]  # the old run's log went with it
 
 
+def test_train_over_another_methods_checkpoint_names_that_method(run6, tmp_path):
+    """--resume would fail on it (another method's model): the refusal says which file continues it instead."""
+    src, data = run6
+    out = copy_run(src, tmp_path / "run")
+    before = open(os.path.join(out, "ckpt.pt"), "rb").read()
+    r = run_cli(["sedd.py", "--train", f"--data_dir={data}", f"--out_dir={out}", "--max_iters=3"] + TINY, check=False)
+    one_line_error(r, "was trained by mdlm.py, not sedd.py", f"python mdlm.py --train --resume --out_dir={out}`",
+                   "--overwrite")
+    assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before
+    run_cli(["sedd.py", "--train", f"--data_dir={data}", f"--out_dir={out}", "--max_iters=3", "--eval_interval=3",
+             "--overwrite"] + TINY)
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["method"] == "sedd"
+
+
 def test_second_run_into_the_same_folder_stops_at_once(tmp_path, char_data):
     out = tmp_path / "busy"
     with trainer.own_out_dir(str(out)):  # this test process is "the first run"
