@@ -73,6 +73,9 @@ class WordTokenizer:
             for w in cls.split(text):
                 counts[w] = counts.get(w, 0) + 1
         kept = sorted((w for w, n in counts.items() if n >= min_count and w not in cls.SPECIALS), key=lambda w: (-counts[w], w))
+        if not kept:  # every token would be <unk>: nothing a model could learn
+            die(f"--min_count={min_count} keeps no word (the commonest is seen {max(counts.values(), default=0)} times "
+                "in train); lower it")
         return cls(list(cls.SPECIALS) + kept)
 
     def encode(self, text, what="text"):

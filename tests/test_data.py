@@ -312,6 +312,28 @@ def test_min_count_below_one_is_refused(tmp_path, script):
     assert not os.path.exists(tmp_path / "o" / "meta.json")
 
 
+@pytest.mark.parametrize("script", ["data/text/prepare.py", "data/e2e/prepare.py", "data/shakespeare_word/prepare.py"])
+def test_a_min_count_that_keeps_no_word_is_refused(tmp_path, script):
+    """Every token would be <unk>; the refusal names how often the commonest word is seen, so the user can lower it."""
+    src = tmp_path / "in.txt"
+    src.write_text("a b a c a d a e\n" * 20)
+    (tmp_path / "e2e").mkdir()
+    for split in ("train", "valid", "test"):
+        (tmp_path / "e2e" / f"src1_{split}.txt").write_text("name : A | food : French||A serves French food .\n" * 3)
+    extra = {"data/text/prepare.py": [f"--input={src}", "--name=x", "--tokenizer=word"],
+             "data/e2e/prepare.py": [f"--input_dir={tmp_path / 'e2e'}"],
+             "data/shakespeare_word/prepare.py": [f"--input={src}"]}[script]
+    r = run_cli([script, f"--out_dir={tmp_path / 'o'}", "--min_count=100000"] + extra, check=False)
+    assert r.returncode == 1 and "--min_count=100000 keeps no word (the commonest is seen" in r.stderr, r.stderr
+    assert not os.path.exists(tmp_path / "o")
+    if script == "data/text/prepare.py":  # a kept vocabulary says what its --min_count turned into <unk>
+        r = run_cli([script, f"--out_dir={tmp_path / 'o'}", "--min_count=50"] + extra)
+        share = [np.mean(np.fromfile(tmp_path / "o" / f"{s}.bin", dtype=np.uint16) == corpus.WordTokenizer.UNK)
+                 for s in ("train", "val")]
+        assert 0.4 < share[0] < 0.6 and f"word vocabulary of 5 (<unk> is {share[0]:.1%} of train, {share[1]:.1%} of val)" \
+            in r.stdout, r.stdout
+
+
 def test_own_text_of_white_space_only_is_refused(tmp_path, monkeypatch):
     blank = tmp_path / "blank.txt"
     blank.write_text("  \n\t\n\n")

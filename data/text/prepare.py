@@ -9,7 +9,8 @@ Each file is split on its own: its first 1 - val_fraction characters go to train
 so every file is represented in both; the cut moves on to the next white space, so no word is split.
 Tokenizers:
   char  every character that occurs in the files (as shakespeare_char)
-  word  words and punctuation seen at least --min_count times in train; the rest become <unk>
+  word  words and punctuation seen at least --min_count times in train; the rest become <unk> (the
+        summary line gives their share of each split)
   gpt2  GPT-2 BPE (tiktoken); an end-of-text token separates the files (and "<|endoftext|>" written
         in a text is that token)
 An existing dataset folder is replaced only with --force. The whole text is held in memory (as
@@ -80,9 +81,12 @@ def main():
         f"--min_count={args.min_count}", f"--out_dir={os.path.abspath(out)}", "--force"]
     sources = [corpus.file_record(p) for p in inputs]  # what check_sources compares the inputs with later
     meta.update(vocab_size=tok.vocab_size, inputs=inputs, sources=sources, command="python " + shlex.join(again))
-    meta = corpus.write_split(out, encode(train), encode(val), meta)
+    ids = encode(train), encode(val)
+    meta = corpus.write_split(out, *ids, meta)
+    unk = "" if args.tokenizer != "word" else " (<unk> is {:.1%} of train, {:.1%} of val)".format(
+        *(i.count(tok.UNK) / len(i) for i in ids))  # what --min_count costs
     print(f"{out}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens, {args.tokenizer} vocabulary "
-          f"of {tok.vocab_size:,}; train with --dataset={args.name}" + (f" --data_dir={out}" if args.out_dir else ""))
+          f"of {tok.vocab_size:,}{unk}; train with --dataset={args.name}" + (f" --data_dir={out}" if args.out_dir else ""))
 
 
 if __name__ == "__main__":
