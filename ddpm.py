@@ -539,7 +539,7 @@ def save_png(path, data_pts, sample_pts, title, strip=None):
     pts = [data_pts[:, :2].numpy(), sample_pts[:, :2].numpy()]
     lo = np.minimum(pts[0].min(0), pts[1].min(0))
     hi = np.maximum(pts[0].max(0), pts[1].max(0))
-    pad = 0.05 * (hi - lo)
+    pad = np.where(hi > lo, 0.05 * (hi - lo), 1.0)  # a constant dimension still spans a range
 
     def draw(ax, p, color, name):  # two dimensions: a scatter of the points; one: their histogram
         if p.shape[1] == 1:

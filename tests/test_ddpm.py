@@ -6,6 +6,7 @@ import math
 import os
 import re
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -560,6 +561,16 @@ def test_one_dimensional_data_is_drawn_as_histograms(tmp_path):
     """save_png plotted dimensions 0 and 1: 1-D samples ended --sample in an IndexError."""
     x = torch.randn(200, 1)
     assert ddpm.save_png(str(tmp_path / "s.png"), x, x + 1, "samples", strip=[(10, x), (1, x)])
+    assert (tmp_path / "s.png").stat().st_size > 0
+
+
+def test_a_constant_dimension_is_drawn_without_a_warning(tmp_path):
+    """A dimension that never varies gave matplotlib equal axis limits, and its 'singular transformation' warning."""
+    x = torch.randn(200, 2)
+    x[:, 1] = 3.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ddpm.save_png(str(tmp_path / "s.png"), x, x.clone(), "samples")
     assert (tmp_path / "s.png").stat().st_size > 0
 
 
