@@ -106,8 +106,8 @@ BAD = [(m, arg, msg) for m in METHODS for arg, msg in COMMON_BAD + (TEXT_BAD if 
 def test_bad_value_stops_at_the_boundary(method, arg, message, verb, tmp_path):
     # no checkpoint and no data here: a refusal that came later would name those instead
     verb = "--eval" if common.READ_BY.get(arg[2:].split("=")[0]) == "eval" else verb  # a key only --eval reads
-    msg = refused(method, [verb, arg, f"--out_dir={tmp_path / 'run'}", f"--data_dir={tmp_path / 'data'}"]
-                  if method != "ddpm" else [verb, arg, f"--out_dir={tmp_path / 'run'}"])
+    msg = refused(method, [verb, arg, f"--out_dir={tmp_path / 'run'}"] + (  # --sample reads no data
+        [f"--data_dir={tmp_path / 'data'}"] if method != "ddpm" and verb != "--sample" else []))
     key, other = arg[2:].split("=")[0], "--sample" if verb == "--train" else "--train"
     assert message in msg or f"--{key} is read by {other}" in msg, msg  # --png with --train, --lr with --sample: refused sooner
     assert not list(tmp_path.iterdir())
@@ -142,11 +142,18 @@ def test_bad_value_stops_at_the_boundary(method, arg, message, verb, tmp_path):
     (["--eval", "--warmup_iters=5"], "--warmup_iters is read by --train or --train_classifier only"),
     (["--eval", "--eval_iters=2"], "--eval_iters is read by --train only"),  # --eval reads every window whatever it says
     (["--sample", "--compile"], "--compile is read by --train only"),
+    (["--sample", "--batch_size=8"], "--batch_size is read by --train or --eval only"),  # --num_samples is one batch
+    (["--sample", "--dataset=text8"], "--dataset is read by --train or --eval only"),  # the checkpoint's tokenizer decodes
+    (["--sample", "--data_dir=d"], "--data_dir is read by --train or --eval only"),
+    (["--eval", "--dropout=0.1"], "--dropout is read by --train only"),  # evaluation runs without dropout
+    (["--sample", "--t_min=0.01"], "--t_min is read by --train or --eval only"),  # the loss's times, not the sampler's
+    (["--sample", "--p_keep=0.5"], "--p_keep is read by --train or --eval only"),  # (diffuser) the training corruption
+    (["--eval", "--batch_size=8"], "--batch_size is read by --train only"),  # (ddpm) --eval takes --eval_points
     (["--eval", "--samples_in=s.jsonl"], "--samples_in is read by --eval --gen only; add --gen or drop it")])  # what is missing
 def test_a_key_without_the_verb_that_reads_it_is_refused(argv, message, tmp_path):
     key = argv[-1][2:].split("=")[0]
-    method = ("diffusion_lm" if key in ("control", "length", "control_targets", "classifier_iters", "warmup_iters") else "diffuser" if key in ("source", "eval_mrs")
-              else "ddpm" if key in ("png", "timesteps", "eval_points") else "mdlm")
+    method = ("diffusion_lm" if key in ("control", "length", "control_targets", "classifier_iters", "warmup_iters") else "diffuser" if key in ("source", "eval_mrs", "p_keep")
+              else "ddpm" if key in ("png", "timesteps", "eval_points") or argv[0] == "--eval" and key == "batch_size" else "mdlm")
     assert message in refused(method, argv + [f"--out_dir={tmp_path}"])
 
 
