@@ -53,7 +53,8 @@ class Config(common.TextConfig, common.BaseConfig):
     warmup_iters: int = 50
     eval_interval: int = 600
     eval_iters: int = 5
-    READ_BY = {"eval_iters": "train|eval"}  # --eval's cross-entropies take eval_iters batches too (a class attribute)
+    # --eval's cross-entropies take eval_iters batches too; --sample realises the data's MRs (a class attribute)
+    READ_BY = {"eval_iters": "train|eval", **dict.fromkeys(("dataset", "data_dir"), "train|sample|eval")}
     # forward process (paper sec. 3: T = 12, edit types 60/20/10/10, Poisson(3) spans)
     T: int = 12
     FIXED = ("T", "max_len")  # with the model's shape, what a checkpoint fixes (a class attribute, not a --key)
@@ -129,8 +130,7 @@ def corrupt_step(x, rng, noise, probs=(0.6, 0.2, 0.1, 0.1), lam=3.0, max_len=10*
     """One forward step q(x_t | x_{t-1}) (paper sec. 3.1): returns (x_t, edits). At each position an edit type from probs
     (keep, replace, insert, delete) and a span k ~ Poisson(lam); k = 0 keeps one token. Insertions are shortened so that
     x_t never grows past max_len; one with no room left at all is drawn again."""
-    x, n, i = tuple(x), len(x), 0
-    out, edits = [], []
+    x, n, i, out, edits = tuple(x), len(x), 0, [], []
     # with no room the draws end at another kind or an insertion of span 0 (a keep): draw from that law at once (the
     # insertion's weight times e^-lam) instead of drawing insertions again, e^lam times on average
     full = np.multiply(probs, (1, 1, math.exp(-lam), 1))
