@@ -37,7 +37,7 @@ import trainer
 
 @dataclasses.dataclass
 class Config(common.TextConfig, common.BaseConfig):
-    # the mdlm.py backbone and batch; a causal step is a little cheaper, so fewer iterations fit the same time
+    # the common blocks' backbone, batch and lr (mdlm.py changes its heads and lr); fewer iterations than its 2400
     max_iters: int = 2000
     # sampling: a prefix only (no suffix: the model reads left to right)
     prefix: str = ""

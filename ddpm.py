@@ -138,7 +138,7 @@ def mixture_log_density(x, name):
 
 
 def describe_data(dataset):
-    """--dataset -> (raw train array (N, D) float64, raw held-out array or None, meta without stats)."""
+    """--dataset -> (raw train (N, D) and held-out arrays, float64, both None for a toy; meta without stats)."""
     if dataset in TOYS:
         return None, None, {"kind": "toy", "data": dataset, "dim": 2}
     if not dataset.endswith(".npy"):
@@ -259,6 +259,7 @@ def posterior(x0, xt, ab_t, ab_s):
     With beta = 1 - ab_t / ab_s (the one jump from s to t), the mean is
     [beta sqrt(ab_s) / (1 - ab_t)] x_0 + [(1 - ab_s) sqrt(1 - beta) / (1 - ab_t)] x_t and the
     variance beta (1 - ab_s) / (1 - ab_t). ab_s = 1 (s = 0) gives mean x_0 and variance 0.
+    x0, xt (B, D); ab_t, ab_s (B, 1) or 0-dim -> mean (B, D), variance shaped as ab_t.
     """
     beta = 1 - ab_t / ab_s
     mean = (beta * ab_s.sqrt() / (1 - ab_t)) * x0 + ((1 - ab_s) * (1 - beta).sqrt() / (1 - ab_t)) * xt
@@ -266,7 +267,7 @@ def posterior(x0, xt, ab_t, ab_s):
 
 
 def to_x0_eps(out, xt, ab, kind):
-    """Network output -> (x0_hat, eps_hat), with a = sqrt(ab), b = sqrt(1 - ab)."""
+    """Network output -> (x0_hat, eps_hat), with a = sqrt(ab), b = sqrt(1 - ab); out, xt (B, D), ab (B, 1) or 0-dim."""
     a, b = ab.sqrt(), (1 - ab).sqrt()
     if kind == "eps":
         return (xt - b * out) / a, out
@@ -276,7 +277,7 @@ def to_x0_eps(out, xt, ab, kind):
 
 
 def target(x0, eps, ab, kind):
-    """What the network regresses onto for each parameterisation."""
+    """What the network regresses onto for each parameterisation: x0, eps (B, D), ab (B, 1) -> (B, D)."""
     if kind == "eps":
         return eps
     if kind == "x0":
@@ -326,7 +327,7 @@ class Denoiser(nn.Module):
 
 
 def loss_fn(model, x0, alpha_bar, pred):
-    """E_{t, eps} || target - net(x_t, t) ||^2, mean over dimensions.
+    """E_{t, eps} || target - net(x_t, t) ||^2, mean over dimensions; x0 (B, D) standardised, alpha_bar (T,).
 
     For eps it is eq. 14. The x0 and v losses are the same regression on their own targets; per
     example they equal the eps loss times 1/SNR_t and (1 + SNR_t)/SNR_t (x_0 = (x_t - b eps) / a), so

@@ -235,7 +235,7 @@ class EditBatch:
     ins_y: torch.Tensor  # (B, Lt) insertion count at <s> and every token of x_t (the gap after it)
     gen_in: torch.Tensor  # (B, Lg) [source, </s>,] <s>, canvas
     gen_mask: torch.Tensor  # (B, Lg)
-    gen_y: torch.Tensor  # (B, Lg) the fill token at every slot
+    gen_y: torch.Tensor  # (B, Lg) the fill token at every hidden slot, else -100
     t: torch.Tensor  # (B,) float time step, 1..T (T + 1: the bootstrap revision)
 
     def to(self, device, non_blocking=False):
@@ -342,7 +342,7 @@ def bootstrap_sequence(kind, src, length, noise, rng):
 
 
 def make_example(src, x0, rng, noise, cfg):
-    """One training pair: t ~ U{1..T} and the last corruption step's reverse edits, or (boot_prob) t = T + 1: bootstrap -> x_0."""
+    """A training pair: t ~ U{1..T} and the edits x_t -> x_0 (--target=prev: -> x_{t-1}), or (boot_prob) t = T + 1: bootstrap."""
     probs = (cfg.p_keep, cfg.p_replace, cfg.p_insert, cfg.p_delete)
     if cfg.boot_prob > 0 and rng.random() < cfg.boot_prob:
         xb = bootstrap_sequence(cfg.bootstrap, src, cfg.seq_len, noise, rng)[:cfg.max_len]  # a longer source: cut, as decoding cuts it
@@ -453,7 +453,7 @@ def sample_choice(lp, temperature, top_p):
 
 
 def choose(logps, strategy, b, cfg):
-    """Candidates for independent categoricals (n arrays) -> [(score, choice array)]: greedy the 1-best (kbest), sample draws."""
+    """Candidates for independent categoricals (n arrays) -> [(score, choice array)]: greedy the 1-best, beam the b best (kbest), sample one draw."""
     if strategy == "sample" and logps:
         mat = np.full((len(logps), max(len(lp) for lp in logps)), -np.inf)
         for i, lp in enumerate(logps):

@@ -19,7 +19,7 @@ per denoising step (semantic content, length); infilling holds known words.
     python diffusion_lm.py --sample --control="food=Italian"
     python diffusion_lm.py --sample --length=12        # END at position 12
     python diffusion_lm.py --sample --infill="The Eagle is a _ _ _ near the river ."
-    python diffusion_lm.py --eval                      # NLL bound (nats/token), control success
+    python diffusion_lm.py --eval                      # NLL bound (nats/position), control success
 """
 
 import collections
@@ -209,7 +209,7 @@ class DiffusionLM(nn.Module):
         mse       x_0 MSE, against E[w] at the first step (the embedding term) and x_0 after it
         prior     mean (sqrt(alpha_bar_T) x_0)^2: keeps the embedding norms in check
         rounding  -log p(w | x_0) on the sampled x_0, per position
-        sq_err, l_T, t   sums over positions and dimensions, for the NLL bound
+        sq_err, l_T, rounding_sum   sums over positions (and dimensions), for the NLL bound; t  the steps drawn
         """
         B = w.shape[0]
         emb = self.embed(w)  # (B, L, d)

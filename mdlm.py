@@ -381,7 +381,7 @@ def evaluate(model, batches, cfg, full=False):
 
 
 def word_overlap(texts, train_text):
-    """Share of the words in texts that also occur in the training text: a cheap check that
+    """-> (share of the words in texts that also occur in the training text, number of words): a cheap check that
     samples are made of real words (a character-level model must learn to spell them)."""
     known = set(re.findall(r"[A-Za-z']+", train_text))
     words = [w for t in texts for w in re.findall(r"[A-Za-z']+", t)]

@@ -47,7 +47,7 @@ SAMPLERS = ("analytic", "euler")
 
 @dataclasses.dataclass
 class Config(hub.PublishedConfig, common.PromptConfig, common.TextConfig, common.BaseConfig):
-    max_iters: int = 2400  # the same CPU budget as mdlm.py (backbone, batch, lr from the common blocks)
+    max_iters: int = 2400  # mdlm.py's number of iterations; backbone, batch and lr from the common blocks
     graph: str = "absorb"  # absorb | uniform
     schedule: str = ""  # loglinear | geometric; "": loglinear with absorb, geometric with uniform
     RENAMED = {"noise": "schedule"}  # older checkpoints' names of keys (a class attribute, not a --key)
@@ -145,7 +145,8 @@ def _onehot(x, N, dtype):
 
 
 def rates_from(x, N, graph, dtype=torch.float32):
-    """Q[:, x]: the rate of x -> y for every y (..., N); the diagonal is -1 (absorb: 0 at MASK), rows sum to 0."""
+    """Q[:, x]: the rate of x -> y for every y (..., N); the diagonal is -1 on absorb (0 at MASK), 1/N - 1 on uniform;
+    rows sum to 0."""
     target = _onehot(torch.full_like(x, N - 1), N, dtype) if graph == "absorb" else torch.full((*x.shape, N), 1.0 / N, dtype=dtype, device=x.device)
     return target - _onehot(x, N, dtype)
 

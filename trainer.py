@@ -10,7 +10,7 @@ trainer.py: the training loop every method shares, loading a trained model back,
                load_published: the same for the papers' weights (hub.py)
   the judge    --eval --gen: samples scored by an ar.py checkpoint (or a transformers LM)
 
-Method files import this module; it imports common.py, corpus.py and hub.py.
+Method files import this module; it imports common.py, corpus.py, hub.py and difflm_ops.py.
 """
 
 import contextlib
@@ -206,7 +206,7 @@ def train(cfg, method, model, loss_fn, evaluate, meta, batches=None, dynamic=Non
     """The shared loop.
 
     model    the method's nn.Module (backbone + head); raw, unwrapped
-    loss_fn  loss_fn(model, x0) -> scalar loss for a batch x0 (B, L); may draw its own noise
+    loss_fn  loss_fn(model, x0) -> scalar loss for a batch x0 of batches.get (B, L) ids by default; may draw its own noise
     evaluate evaluate(model, batches) -> dict of floats on the validation split (EMA weights)
     batches  default: random token windows (Batches); a method with other data passes an object
              with .get(split, batch_size, gen=None) and a torch.Generator .gen
@@ -520,7 +520,7 @@ def judge_nll(judge, samples, batch_size=32):
             x = chunk[b:b + batch_size].to(device)
             inp = torch.cat([torch.full_like(x[:, :1], V), x[:, :-1]], 1)  # [BOS] shifted in
             with autocast(device):
-                logits = judge["head"](judge["backbone"](inp))  # (b, T, V)
+                logits = judge["head"](judge["backbone"](inp))  # (b, <= L, V)
             total += float(token_nll(logits.flatten(0, 1), x.flatten()).sum())  # as ar.py's own loss
             count += x.numel()
     return total / count
@@ -553,7 +553,8 @@ def judge_samples(judge_path, samples, meta, tok, device):
 
 def generative_eval(judge_path, sample_fn, num_samples, meta, tok, what="", samples_in="", device=None):
     """Draw num_samples sequences with sample_fn(n) -> (n, T) (or read --samples_in, judged on device), time and score them
-    with the judge -> {"gen_nll" (nats/token), "gen_ppl", "gen_entropy" (nats), "sec_per_sample" (when drawn)}; one line."""
+    with the judge -> {"gen_nll" (nats/token), "gen_ppl", "gen_entropy" (nats), "gen_judge", "sec_per_sample" (drawn) or
+    "gen_samples_in" (read)}; one line."""
     if samples_in:
         texts, settings = hub.read_samples(samples_in)
         samples, sec, n, device = None, None, len(texts), device or ("cuda" if torch.cuda.is_available() else "cpu")
