@@ -23,6 +23,7 @@ import os
 import re
 import socket
 import sys
+import time
 
 import torch
 import torch.nn as nn
@@ -286,12 +287,22 @@ def autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def progress(iterable, desc, total=None):
-    """iterable, with a tqdm bar on stderr only when it is a terminal (evaluation, sampling, benchmarks)."""
-    if not sys.stderr.isatty():
-        return iterable
-    from tqdm import tqdm
-    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
+def progress(iterable, desc, total=None, every=60.0):
+    """iterable, with a tqdm bar on stderr when it is a terminal (evaluation, sampling, benchmarks); elsewhere (a batch
+    job's log, where a bar's redraws would pile up) a line every `every` seconds, so a long pass shows it moves."""
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+        return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
+    return _logged(iterable, desc, total if total is not None else len(iterable) if hasattr(iterable, "__len__") else None, every)
+
+
+def _logged(iterable, desc, total, every):
+    start = last = time.monotonic()
+    for i, item in enumerate(iterable, 1):
+        yield item  # the caller's work on it happens here, so the clock below counts it
+        if time.monotonic() - last >= every:
+            last = time.monotonic()
+            print(f"{desc}: {i}{f' of {total}' if total else ''} after {last - start:.0f} s", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
