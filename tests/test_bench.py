@@ -272,10 +272,19 @@ def test_gpu_command_bad_input(tmp_path):
     assert r.returncode == 1 and "choose from" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
-def test_progress_bar_only_on_a_terminal(monkeypatch):
+def test_progress_bar_on_a_terminal_and_a_line_a_minute_in_a_log(monkeypatch, capsys):
+    """Without a terminal (a batch job's log) a long --eval or sampling pass printed nothing until it ended."""
     items = [1, 2, 3]
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
-    assert common.progress(items, "quiet") is items  # logs, pipes and tests get the plain iterable
+    assert list(common.progress(items, "quiet")) == items and not capsys.readouterr().err  # a fast pass: no line
+    with monkeypatch.context() as m:
+        clock = iter(range(0, 1000, 25))  # each read of the clock 25 s later: a line at every third item or so
+        m.setattr(common.time, "monotonic", lambda: next(clock))
+        assert list(common.progress(range(6), "sampling")) == list(range(6))
+    lines = capsys.readouterr().err.splitlines()
+    assert lines and all(line.startswith("sampling: ") and " of 6 after " in line for line in lines), lines
+    assert list(common.progress((i for i in range(3)), "eval", every=0)) == [0, 1, 2]  # no length: no total
+    assert capsys.readouterr().err.splitlines()[-1].startswith("eval: 3 after ")
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     bar = common.progress(iter(items), "shown", total=3)
     assert list(bar) == items and type(bar).__name__ == "tqdm"

@@ -141,18 +141,6 @@ def test_the_eta_leaves_out_the_first_iterations_one_off_costs(tmp_path, char_da
     assert eta == ["-", "0m00s", "0m00s", "0m00s"], eta
 
 
-def test_progress_in_a_log_is_a_line_a_minute(monkeypatch, capsys):
-    """Without a terminal (a batch job's log) a long --eval or sampling pass printed nothing until it ended."""
-    clock = iter(range(0, 1000, 25))  # each read of the clock 25 s later: a line at every third item or so
-    monkeypatch.setattr(common.time, "monotonic", lambda: next(clock))
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
-    assert list(common.progress(range(6), "sampling")) == list(range(6))
-    lines = capsys.readouterr().err.splitlines()
-    assert lines and all(line.startswith("sampling: ") and " of 6 after " in line for line in lines), lines
-    assert list(common.progress((i for i in range(3)), "eval", every=0)) == [0, 1, 2]  # no length: no total
-    assert capsys.readouterr().err.splitlines()[-1].startswith("eval: 3 after ")
-
-
 def test_a_published_models_eval_record_survives_a_new_run(tmp_path):
     """`--eval --init_from` logs {"iter": null}; a later run into the folder truncates around it."""
     path = str(tmp_path / "log.jsonl")
