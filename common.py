@@ -119,7 +119,7 @@ READ_BY = {"gen": "eval", "eval_split": "eval", "samples_in": "eval gen", "eval_
            **dict.fromkeys("lr min_lr warmup_iters lr_decay_iters log_interval".split(), "train|train_classifier"),
            **dict.fromkeys("batch_size dataset data_dir".split(), "train|eval|train_classifier"),
            **dict.fromkeys("t_min p_keep p_replace p_insert p_delete span_lambda boot_prob target".split(), "train|eval"),
-           "dropout": "train|train_classifier"}
+           "dropout": "train|train_classifier", **dict.fromkeys(("num_samples", "mbr"), "sample|train|eval gen")}
 # what one command asks (its folder and output files, its device, a spent init_from, its conditioning): a checkpoint's config keeps none
 PER_COMMAND = {"out_dir", "init_from", "resume", "overwrite", "device", *(k for k, v in READ_BY.items() if "train" not in v)}
 TIED = {"dataset": (None, ("data_dir",))}  # key -> (the value its saved companions serve, None: any; the companions)

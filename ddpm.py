@@ -50,8 +50,8 @@ class Config(common.BaseConfig):
     pred: str = "eps"  # what the network predicts: eps | x0 | v
     FIXED = ("T", "schedule", "pred")  # what a checkpoint fixes beside the shape (a class attribute, not a --key)
     TIED = {"sampler": ("ddim", ("eta",))}  # a saved DDIM run's eta (older runs saved one beside any sampler)
-    # --eval takes --eval_points, --sample --num_samples; each verb reads --dataset (a moved .npy's new path)
-    READ_BY = {"batch_size": "train", "dataset": "train|sample|eval"}
+    # --eval draws --eval_points samples, --sample --num_samples; each verb reads --dataset (a moved .npy's new path)
+    READ_BY = {"batch_size": "train", "dataset": "train|sample|eval", "num_samples": "sample|train"}
     var: str = "beta"  # reverse variance: beta (sigma_t^2 = beta_t) | posterior (beta_tilde_t)
     # optimisation (small MLP, 2-D points: big batches, short run)
     batch_size: int = 256

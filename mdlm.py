@@ -58,6 +58,7 @@ class Config(hub.PublishedConfig, common.PromptConfig, common.TextConfig, common
     placeholder: str = "_"
     # evaluation
     eval_t_samples: int = 4  # time samples per validation sequence in --eval
+    READ_BY = {"num_samples": "sample|train|eval"}  # --eval also samples, to count real words (a class attribute)
     gen: bool = False  # --eval --gen: score num_samples samples with the judge
     judge: str = "out/ar/ckpt.pt"  # an ar.py checkpoint (same data), or a transformers causal LM: hub id (gpt2-large) or directory
     # eval_data, eval_file, samples_out, samples_in, init_from, ddit, cond_dim: hub.PublishedConfig

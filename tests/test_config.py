@@ -149,11 +149,14 @@ def test_bad_value_stops_at_the_boundary(method, arg, message, verb, tmp_path):
     (["--sample", "--t_min=0.01"], "--t_min is read by --train or --eval only"),  # the loss's times, not the sampler's
     (["--sample", "--p_keep=0.5"], "--p_keep is read by --train or --eval only"),  # (diffuser) the training corruption
     (["--eval", "--batch_size=8"], "--batch_size is read by --train only"),  # (ddpm) --eval takes --eval_points
+    (["--eval", "--num_samples=3"], "--num_samples is read by --sample or --train only"),  # (ddpm) --eval_points again
+    (["--eval", "--mbr=3"], "--mbr is read by --sample or --train or --eval --gen only"),  # (diffusion_lm) the bound only
     (["--eval", "--samples_in=s.jsonl"], "--samples_in is read by --eval --gen only; add --gen or drop it")])  # what is missing
 def test_a_key_without_the_verb_that_reads_it_is_refused(argv, message, tmp_path):
     key = argv[-1][2:].split("=")[0]
     method = ("diffusion_lm" if key in ("control", "length", "control_targets", "classifier_iters", "warmup_iters") else "diffuser" if key in ("source", "eval_mrs", "p_keep")
-              else "ddpm" if key in ("png", "timesteps", "eval_points") or argv[0] == "--eval" and key == "batch_size" else "mdlm")
+              else "ddpm" if key in ("png", "timesteps", "eval_points", "num_samples") or argv[0] == "--eval" and key == "batch_size"
+              else "diffusion_lm" if key == "mbr" else "mdlm")
     assert message in refused(method, argv + [f"--out_dir={tmp_path}"])
 
 
