@@ -198,8 +198,8 @@ def step_config(prog, method, rest, uses):
     checked config. A verb, or a key the timing does not read (data, schedule, output, sampling, evaluation;
     only the device, the seed and `uses` of the run's keys count), is refused in one line."""
     unread = ({f.name for f in dataclasses.fields(common.BaseConfig)} | {"data_dir", "dataset", *common.READ_BY}
-              | {*getattr(method.Config, "READ_BY", {}), "train_classifier", *common.VERBS}) - {"device", "seed"} - uses
-    unread -= {"dropout", "t_min"}  # the model's and the loss's, which a step reads
+              | {*getattr(method.Config, "READ_BY", {}), "train_classifier", *common.VERBS}) - uses
+    unread -= {"device", "seed", "dropout", "t_min"}  # where it runs, its draws, the model's and the loss's settings
     given = [arg[2:].partition("=")[0].replace("-", "_") for arg in rest if arg.startswith("--")]
     if any(k in unread for k in given):
         common.die(f"bench.py {prog} times training steps on random tokens and does not use "

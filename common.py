@@ -191,14 +191,14 @@ def parse_args(config_cls, argv=None, known=VERBS):
                 die(f"--{k}={overrides[k]}: the run being resumed has --{k}={saved}; drop it, or train a new model")
     elif not getattr(cfg, "init_from", "") and os.path.isfile(path) and not ("train" in verbs and cfg.overwrite):
         try:  # its config alone (the loader reads it whole); a file that fails here is read whole, to say why
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            peek = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception:
-            ckpt = None if "train" in verbs else load_checkpoint(path, method)  # training refuses it for being there
-        if isinstance(ckpt, dict) and ckpt.get("method", method) != method:
-            die(f"{path} was trained by {ckpt['method']}.py, not {method}.py" + (
-                f"; continue it with `python {ckpt['method']}.py --train --resume --out_dir={out_dir(cfg, method)}`, "
+            peek = None if "train" in verbs else load_checkpoint(path, method)  # training refuses it for being there
+        if isinstance(peek, dict) and peek.get("method", method) != method:
+            die(f"{path} was trained by {peek['method']}.py, not {method}.py" + (
+                f"; continue it with `python {peek['method']}.py --train --resume --out_dir={out_dir(cfg, method)}`, "
                 "start over with --overwrite, or choose another --out_dir" if "train" in verbs else ""))
-        ckpt = None if "train" in verbs else ckpt  # a new run's settings are its flags'
+        ckpt = None if "train" in verbs else peek  # a new run's settings are its flags', not the checkpoint's
     if isinstance(ckpt, dict) and ckpt.get("method", method) == method and isinstance(ckpt.get("config"), dict):
         cfg = config_from_checkpoint(config_cls, ckpt, overrides)  # the shape and FIXED keys stay
     if not 0 <= cfg.seed < 2**62:  # the generators take 64 bits, and the runs add offsets (per rank, per draw)

@@ -120,26 +120,26 @@ def test_bad_value_stops_at_the_boundary(method, arg, message, verb, tmp_path):
     (["--sample", "--samples_in=s.jsonl"], "--samples_in is read by --eval --gen only"),
     (["--eval", "--gen", "--prefix=ROMEO:"], "--prefix is read by --sample only"),  # --gen's samples ignored it
     (["--eval", "--infill=a_b"], "--infill is read by --sample only"),
-    (["--train", "--control=food=Italian"], "--control is read by --sample only"),  # dropped, silently, once per command
-    (["--train", "--source=name : X"], "--source is read by --sample only"),
-    (["--eval", "--length=5"], "--length is read by --sample only"),  # the control bound is --control_targets
+    (["diffusion_lm.py", "--train", "--control=food=Italian"], "--control is read by --sample only"),  # dropped, silently, once per command
+    (["diffuser.py", "--train", "--source=name : X"], "--source is read by --sample only"),
+    (["diffusion_lm.py", "--eval", "--length=5"], "--length is read by --sample only"),  # the control bound is --control_targets
     (["--train", "--show"], "--show is read by --sample only"),
     (["--train", "--placeholder=#"], "--placeholder is read by --sample only"),  # saved, a bad one refused each --infill
     (["--train", "--stride=1000"], "--stride is read by --sample or --eval only"),  # saved, then refused by each --sample
     (["--eval", "--gen", "--show"], "--show is read by --sample only"),  # --gen's sampler shows nothing
-    (["--eval", "--png=a.png"], "--png is read by --sample only"),  # (ddpm)
-    (["--train", "--timesteps=1,2"], "--timesteps is read by --sample or --eval only; add one or drop it"),  # (ddpm)
-    (["--sample", "--eval_points=30"], "--eval_points is read by --eval or --train only"),  # (ddpm; --train keeps it)
+    (["ddpm.py", "--eval", "--png=a.png"], "--png is read by --sample only"),
+    (["ddpm.py", "--train", "--timesteps=1,2"], "--timesteps is read by --sample or --eval only; add one or drop it"),
+    (["ddpm.py", "--sample", "--eval_points=30"], "--eval_points is read by --eval or --train only"),  # --train keeps it
     (["--sample", "--eval_t_samples=8"], "--eval_t_samples is read by --eval or --train only"),
-    (["--sample", "--control_targets=food=Italian"], "--control_targets is read by --eval or --train only"),
+    (["diffusion_lm.py", "--sample", "--control_targets=food=Italian"], "--control_targets is read by --eval or --train only"),
     (["--sample", "--judge=a.pt"], "--judge is read by --eval or --train only"),
-    (["--sample", "--eval_mrs=5"], "--eval_mrs is read by --eval or --train only"),  # (diffuser)
-    (["--eval", "--classifier_iters=5"], "--classifier_iters is read by --train_classifier or --train only"),
+    (["diffuser.py", "--sample", "--eval_mrs=5"], "--eval_mrs is read by --eval or --train only"),
+    (["diffusion_lm.py", "--eval", "--classifier_iters=5"], "--classifier_iters is read by --train_classifier or --train only"),
     # training keys with --sample or --eval were accepted and did nothing
     (["--sample", "--lr=5"], "--lr is read by --train only; add --train or drop it"),  # (mdlm: no --train_classifier)
     (["--eval", "--max_iters=3"], "--max_iters is read by --train only"),
     (["--sample", "--resume"], "--resume is read by --train only"),
-    (["--eval", "--warmup_iters=5"], "--warmup_iters is read by --train or --train_classifier only"),
+    (["diffusion_lm.py", "--eval", "--warmup_iters=5"], "--warmup_iters is read by --train or --train_classifier only"),
     (["--eval", "--eval_iters=2"], "--eval_iters is read by --train only"),  # --eval reads every window whatever it says
     (["--sample", "--compile"], "--compile is read by --train only"),
     (["--sample", "--batch_size=8"], "--batch_size is read by --train or --eval only"),  # --num_samples is one batch
@@ -147,16 +147,13 @@ def test_bad_value_stops_at_the_boundary(method, arg, message, verb, tmp_path):
     (["--sample", "--data_dir=d"], "--data_dir is read by --train or --eval only"),
     (["--eval", "--dropout=0.1"], "--dropout is read by --train only"),  # evaluation runs without dropout
     (["--sample", "--t_min=0.01"], "--t_min is read by --train or --eval only"),  # the loss's times, not the sampler's
-    (["--sample", "--p_keep=0.5"], "--p_keep is read by --train or --eval only"),  # (diffuser) the training corruption
-    (["--eval", "--batch_size=8"], "--batch_size is read by --train only"),  # (ddpm) --eval takes --eval_points
-    (["--eval", "--num_samples=3"], "--num_samples is read by --sample or --train only"),  # (ddpm) --eval_points again
-    (["--eval", "--mbr=3"], "--mbr is read by --sample or --train or --eval --gen only"),  # (diffusion_lm) the bound only
+    (["diffuser.py", "--sample", "--p_keep=0.5"], "--p_keep is read by --train or --eval only"),  # the training corruption
+    (["ddpm.py", "--eval", "--batch_size=8"], "--batch_size is read by --train only"),  # --eval takes --eval_points
+    (["ddpm.py", "--eval", "--num_samples=3"], "--num_samples is read by --sample or --train only"),  # --eval_points again
+    (["diffusion_lm.py", "--eval", "--mbr=3"], "--mbr is read by --sample or --train or --eval --gen only"),  # the bound only
     (["--eval", "--samples_in=s.jsonl"], "--samples_in is read by --eval --gen only; add --gen or drop it")])  # what is missing
 def test_a_key_without_the_verb_that_reads_it_is_refused(argv, message, tmp_path):
-    key = argv[-1][2:].split("=")[0]
-    method = ("diffusion_lm" if key in ("control", "length", "control_targets", "classifier_iters", "warmup_iters") else "diffuser" if key in ("source", "eval_mrs", "p_keep")
-              else "ddpm" if key in ("png", "timesteps", "eval_points", "num_samples") or argv[0] == "--eval" and key == "batch_size"
-              else "diffusion_lm" if key == "mbr" else "mdlm")
+    method, argv = (argv[0][:-3], argv[1:]) if argv[0].endswith(".py") else ("mdlm", argv)  # a case names its file, or mdlm's
     assert message in refused(method, argv + [f"--out_dir={tmp_path}"])
 
 
