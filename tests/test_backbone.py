@@ -1,7 +1,9 @@
 """common.Transformer, the one backbone forward: the key/value cache computes the full causal
 forward position by position (a refill included), embeddings in equal token ids in, and every
 layout (plain, adaLN, the published DDiT options, Diffusion-LM's latent model) matches the block
-equations restated here from scratch."""
+equations restated here from scratch; and every method trains and samples under bf16 autocast, as on a GPU."""
+import importlib
+import json
 import math
 
 import pytest
@@ -10,6 +12,7 @@ import torch.nn.functional as F
 
 import common
 import diffusion_lm
+import trainer
 
 
 def randomized(model, seed=0):
@@ -327,3 +330,44 @@ def test_token_nll_keeps_the_logits_alone_for_its_backward(monkeypatch):
     ours = bench._peak_extra_bytes(lambda: step(common.token_nll), torch.device("cpu"))
     theirs = bench._peak_extra_bytes(lambda: step(lambda z, y: F.cross_entropy(z.float(), y, reduction="none")), torch.device("cpu"))
     assert ours < 1.5 * size < 4 * size < theirs  # its gradient (1) and a few chunks; fp32 copies (2 each) and the gradient
+
+
+TINY = ["--n_layer=1", "--n_embd=32", "--batch_size=4", "--max_iters=4", "--eval_interval=4", "--eval_iters=1",
+        "--log_interval=1", "--device=cpu"]
+BF16_RUNS = {  # method -> (its --train settings on top of TINY, its --sample settings)
+    "ddpm": (["--T=50"], ["--num_samples=64"]),
+    "diffusion_lm": (["--n_head=2", "--T=50", "--steps=10"], ["--num_samples=2", "--mbr=1", "--steps=5"]),
+    "mdlm": (["--n_head=2", "--block_size=32"], ["--num_samples=2", "--steps=8"]),
+    "sedd": (["--n_head=2", "--block_size=32"], ["--num_samples=2", "--steps=8"]),
+    "sedd_uniform": (["--n_head=2", "--block_size=32", "--graph=uniform"], ["--num_samples=2", "--steps=8"]),
+    "diffuser": (["--n_head=2"], ["--num_samples=2", "--steps=1"]),
+    "ar": (["--n_head=2", "--block_size=32"], ["--num_samples=2"]),
+}
+
+
+@pytest.mark.parametrize("run", sorted(BF16_RUNS))
+def test_every_method_trains_and_samples_under_bf16_autocast(run, char_data, tmp_path, monkeypatch, capsys):
+    """On a GPU common.autocast runs training, its evaluations and SEDD's and DiffusER's samplers in bf16, which
+    the CPU never does. torch's CPU autocast casts nearly the same ops to bf16 and keeps the same ones in fp32,
+    so it stands in for the GPU's: each method trains four iterations and samples with no dtype clash, every
+    loss finite and within bf16 rounding of the same run in fp32 (same weights, batches and noise)."""
+    method = run.split("_uniform")[0]
+    mod = importlib.import_module(method)
+    train_args, sample_args = BF16_RUNS[run]
+    data = [f"--data_dir={char_data}"] if method in ("mdlm", "sedd", "ar") else []
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        if precision == "bf16":
+            bf16 = lambda device: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+            monkeypatch.setattr(common, "autocast", bf16)
+            monkeypatch.setattr(trainer, "autocast", bf16)
+        out = f"--out_dir={tmp_path / precision}"
+        mod.main(["--train", out] + TINY + train_args + data)
+        with open(tmp_path / precision / "log.jsonl") as f:
+            records = [json.loads(line) for line in f]
+        losses[precision] = [r["loss"] for r in records if "loss" in r]
+        mod.main(["--sample", out] + sample_args)
+    capsys.readouterr()
+    assert len(losses["bf16"]) == 4 and all(math.isfinite(x) for x in losses["bf16"]), losses
+    assert losses["bf16"] != losses["fp32"]  # the forward did run in bf16
+    torch.testing.assert_close(torch.tensor(losses["bf16"]), torch.tensor(losses["fp32"]), rtol=3e-2, atol=0)
