@@ -253,8 +253,7 @@ class Rows:
         return self.rows[split][ix]  # (B, L)
 
     def sequential(self, split, batch_size):
-        for i in range(0, len(self.rows[split]), batch_size):
-            yield self.rows[split][i:i + batch_size]
+        return self.rows[split].split(batch_size)
 
 
 def pad_rows(texts, L):
@@ -292,8 +291,7 @@ class Classifier(nn.Module):
         self.head = nn.Linear(cfg.n_embd, self.offsets[-1])
 
     def forward(self, xt, t):
-        # max-pooled over positions: a field is often one word, and a mean over 64 positions
-        # dilutes it (mean pooling left food at chance even on clean latents; max: 0.92)
+        # max-pooled over positions: a field is often one word, which a mean over 64 positions dilutes
         return self.head(self.net(xt, t).amax(1)).float()  # (B, sum of value counts)
 
     def log_probs(self, xt, t, targets):
@@ -384,8 +382,9 @@ def load_classifier(cfg, model, lm):
     """classifier.pt beside the language model's checkpoint lm, trained on that run's embeddings (its EMA's or
     its own; an older file does not say) -> on model's device, frozen."""
     path = os.path.join(common.out_dir(cfg, METHOD), "classifier.pt")
-    if not os.path.isfile(path):
-        common.die(f"no classifier at {path}; train one with `python diffusion_lm.py --train_classifier --out_dir={os.path.dirname(path)}`")
+    if not os.path.isfile(path):  # (train_classifier refuses a model of other data)
+        common.die(f"no classifier at {path}; train one with `python diffusion_lm.py --train_classifier --out_dir={os.path.dirname(path)}`"
+                   if lm["meta"].get("seq2seq") else "--control needs a model trained on E2E's meaning representations (--dataset=e2e)")
     ckpt = common.load_checkpoint(path, METHOD, "--train_classifier")  # checksum and finite weights, as a model's
     ccfg = dataclasses.replace(cfg, **{k: ckpt["config"][k] for k in ("n_embd", "n_head", "classifier_layers", "embed_dim")})
     clf = Classifier(ccfg, [(f, list(v)) for f, v in ckpt["fields"]])
@@ -631,8 +630,8 @@ def check_config(cfg):
     common.check_at_least(cfg, ("T",), 2)  # L_T and at least one step of the sum
     common.check_at_least(cfg, ("embed_dim", "steps", "mbr", "classifier_iters", "classifier_layers",
                                 "eval_t_samples", "control_samples"), 1)
-    if cfg.T % cfg.steps:
-        common.die(f"--steps={cfg.steps} must divide T={cfg.T} (e.g. 200 or 2000)")
+    if cfg.T % cfg.steps:  # e.g. the nearest fewer steps that divide T, and T
+        common.die(f"--steps={cfg.steps} must divide T={cfg.T} (e.g. {max(d for d in range(cfg.steps) if d and cfg.T % d == 0)} or {cfg.T})")
     common.check_at_least(cfg, ("length", "guide_steps", "eval_batches", "guide_lr", "guide_lambda"), 0)
 
 
@@ -674,7 +673,7 @@ def main(argv=None):
     if "eval" in verbs:
         cfg, model, tok, meta, ckpt = load(overrides)
         corpus.prepare_data(cfg, meta)  # a folder moved or never prepared here: prepared, or named
-        measure = cfg.control_targets.strip(", ")  # targets asked: control is measured, with the classifier
+        measure = cfg.control_targets.strip(", ") if meta.get("seq2seq") else ""  # E2E's targets: control is measured
         trained = measure and os.path.isfile(os.path.join(common.out_dir(cfg, METHOD), "classifier.pt"))
         with torch.random.fork_rng(devices=[]):  # built on the CPU; one that does not fit stops the run before the pass, which draws as before
             clf = load_classifier(cfg, model, ckpt) if trained else None

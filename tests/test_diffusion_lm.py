@@ -372,7 +372,7 @@ def test_the_bound_estimates_the_sum_over_every_step(toy_model):
     rarely drawn, so the printed bound swung with the seed (10.5 to 31 nats on E2E) and sat mostly far
     below its expectation. Against the sum over every step, on the same windows and the same t = 1 terms."""
     cfg, model, meta = toy_model
-    w = next(corpus.Batches(cfg, meta, 0).sequential("val", cfg.batch_size))  # (B, L): --eval's first batch
+    w = next(iter(corpus.Batches(cfg, meta, 0).sequential("val", cfg.batch_size)))  # (B, L): --eval's first batch
     B, L = w.shape
     weight = model.coef_x0[1:] ** 2 / (2 * model.post_var[1:])  # (T-1,)
     torch.manual_seed(0)
@@ -758,12 +758,16 @@ def test_cli_without_classifier_or_checkpoint(tmp_path):
     run_cli(["diffusion_lm.py", "--train", "--rows=false"] + tiny)
     for args, msg in ((["--train"] + tiny + ["--T=1"], "--T=1 must be at least 2"),  # no step for the bound's sum: it crashed
                       (["--train_classifier"], "a model trained on --dataset=e2e, not"),
+                      # it said "no classifier; train one with --train_classifier", which then refused this model
+                      (["--sample", "--control=food=Italian", "--steps=3"], "--control needs a model trained on E2E's"),
                       (["--train-classifier=yes"], "--train_classifier takes no value")):
         r = run_cli(["diffusion_lm.py", f"--out_dir={tmp_path / 'o'}"] + args, check=False)
         assert r.returncode == 1 and msg in r.stderr, r.stderr
     # --steps is checked against the checkpoint's T (24), not the default's (2000, which 3 does not divide)
     r = run_cli(["diffusion_lm.py", "--sample", f"--out_dir={tmp_path / 'o'}", "--steps=3", "--num_samples=1", "--mbr=1"])
     assert "=== sample 0" in r.stdout and "3 steps" in r.stdout
+    r = run_cli(["diffusion_lm.py", "--eval", f"--out_dir={tmp_path / 'o'}", "--eval_batches=1"])
+    assert "NELBO" in r.stdout and "control" not in r.stdout  # E2E's control targets are no measure of these words
     # its data moved away: --eval names the command that prepared it, where it said "use --eval_split=val" (or,
     # going through prepare_data, would fill the folder with the default dataset, E2E)
     os.rename(tmp_path / "w", tmp_path / "w_moved")
