@@ -60,7 +60,6 @@ class BaseConfig:
     out_dir: str = ""  # default out/<method>
     dataset: str = "shakespeare_char"
     seed: int = 1337
-    eval_split: str = "val"  # val | test
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     compile: bool = False  # torch.compile the model for training
     # optimisation
@@ -91,6 +90,7 @@ class TextConfig:
     """Token data (data/<dataset>/) and the Transformer backbone over it: every method but ddpm.py."""
 
     data_dir: str = ""  # default data/<dataset>
+    eval_split: str = "val"  # val | test
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
@@ -230,7 +230,8 @@ def check_between(cfg, keys, low, high):
 def check_common(cfg):
     """The shared keys' values -> one line naming the flag, before any data or model is touched (check_config's first)."""
     text = isinstance(cfg, TextConfig)
-    check_choice(cfg, "eval_split", ("val", "test"))
+    if text:  # ddpm's 2-D data has no test split
+        check_choice(cfg, "eval_split", ("val", "test"))
     check_at_least(cfg, ["batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval",
                          "num_samples"] + (["n_layer", "n_head", "n_embd", "block_size"] if text else []), 1)
     check_at_least(cfg, ("lr_decay_iters", "warmup_iters", "min_lr", "weight_decay", "grad_clip"), 0)

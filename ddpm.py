@@ -580,7 +580,7 @@ def check_config(cfg):
     if cfg.png and not cfg.png.endswith(".png"):
         common.die(f"--png={cfg.png} must name a .png file")
     for key, known in (("schedule", ("linear", "cosine")), ("pred", ("eps", "x0", "v")), ("var", ("beta", "posterior")),
-                       ("sampler", ("ancestral", "ddim")), ("eval_split", ("val",))):  # 2-D data: no test split
+                       ("sampler", ("ancestral", "ddim"))):
         common.check_choice(cfg, key, known)
     common.check_at_least(cfg, ("n_layer",), 1)
     if cfg.n_embd < 2 or cfg.n_embd % 2:

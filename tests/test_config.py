@@ -23,8 +23,8 @@ METHODS = {"ar": ar, "ddpm": ddpm, "diffusion_lm": diffusion_lm, "diffuser": dif
 
 # a shared key each method has no use for
 UNUSED = [("ar", "--suffix=abc"), ("ddpm", "--prefix=abc"), ("ddpm", "--suffix=abc"), ("ddpm", "--n_head=2"),
-          ("ddpm", "--dropout=0.1"), ("ddpm", "--block_size=4"), ("ddpm", "--data_dir=x"), ("diffuser", "--prefix=abc"),
-          ("diffuser", "--suffix=abc")]
+          ("ddpm", "--dropout=0.1"), ("ddpm", "--block_size=4"), ("ddpm", "--data_dir=x"), ("ddpm", "--eval_split=test"),
+          ("diffuser", "--prefix=abc"), ("diffuser", "--suffix=abc")]  # ddpm: 2-D data has no test split
 
 
 def refused(method, argv):
@@ -46,7 +46,7 @@ def test_unused_key_is_refused_by_name(method, arg, tmp_path):
 
 def test_each_config_holds_only_its_blocks():
     keys = {m: {f.name for f in dataclasses.fields(mod.Config)} for m, mod in METHODS.items()}
-    assert not keys["ddpm"] & {"prefix", "suffix", "n_head", "dropout", "block_size", "data_dir"}
+    assert not keys["ddpm"] & {"prefix", "suffix", "n_head", "dropout", "block_size", "data_dir", "eval_split"}
     assert "suffix" not in keys["ar"] and "prefix" in keys["ar"]
     assert not keys["diffuser"] & {"prefix", "suffix"}
     for m in ("mdlm", "sedd", "diffusion_lm"):
@@ -60,21 +60,22 @@ COMMON_BAD = [("--batch_size=0", "--batch_size=0 must be at least 1"), ("--grad_
               ("--beta2=nan", "--beta2"), ("--ema=1.5", "--ema"), ("--weight_decay=-1", "--weight_decay"),
               ("--grad_clip=nan", "--grad_clip"), ("--grad_clip=inf", "--grad_clip=inf must be at least 0 (and finite)"), ("--warmup_iters=-1", "--warmup_iters"), ("--device=mps", "unknown --device=mps"),
               ("--device=cuda:x", "unknown --device"), ("--device=gpu", "unknown --device"),
-              ("--eval_split=train", "unknown --eval_split='train'; use val or test"), ("--seed=-1", "--seed=-1 must be a whole number"),
+              ("--seed=-1", "--seed=-1 must be a whole number"),
               ("--seed=99999999999999999999", "--seed=99999999999999999999 must be")]  # an overflow's traceback in torch
 TEXT_BAD = [("--block_size=0", "--block_size=0"), ("--n_embd=0", "--n_embd=0"), ("--n_layer=0", "--n_layer"),
             ("--n_head=0", "--n_head"), ("--n_head=3", "--n_head=3"),
             ("--n_embd=36", "--n_embd=36 must be --n_head="),  # 4 heads of 9 (ar, sedd, diffuser): rotary turns pairs
-            ("--dropout=1.5", "--dropout=1.5"), ("--dropout=nan", "--dropout")]
+            ("--dropout=1.5", "--dropout=1.5"), ("--dropout=nan", "--dropout"),
+            ("--eval_split=train", "unknown --eval_split='train'; use val or test")]
 OWN_BAD = {
     "ar": [("--temperature=0", "--temperature"), ("--temperature=nan", "--temperature"), ("--seq_len=-1", "--seq_len")],
     "ddpm": [("--T=1", "--T=1"), ("--n_embd=0", "--n_embd=0"), ("--n_layer=0", "--n_layer=0"), ("--n_embd=33", "--n_embd=33 must be even"),
              ("--T=10", "too small for the linear schedule"), ("--schedule=foo", "unknown --schedule"),
              ("--pred=score", "unknown --pred='score'"), ("--var=foo", "unknown --var"), ("--sampler=foo", "unknown --sampler"),
              ("--eta=2", "--eta=2.0"), ("--steps=-1", "--steps"), ("--eval_points=0", "--eval_points"),
-             ("--eval_split=test", "unknown --eval_split='test'; use val"), ("--png=s.jpg", "must name a .png file")],
-    "diffusion_lm": [("--steps=0", "--steps=0"), ("--steps=300", "must divide"), ("--mbr=0", "--mbr=0"), ("--clamp=dot", "unknown --clamp"),
-                     ("--eval_t_samples=0", "--eval_t_samples"), ("--embed_dim=0", "--embed_dim"), ("--T=0", "--T=0"),
+             ("--png=s.jpg", "must name a .png file")],
+    "diffusion_lm": [("--steps=0", "--steps=0"), ("--steps=300", "--steps=300 must divide T=2000 (e.g. 250 or 2000)"),
+                     ("--mbr=0", "--mbr=0"), ("--clamp=dot", "unknown --clamp"), ("--eval_t_samples=0", "--eval_t_samples"), ("--embed_dim=0", "--embed_dim"), ("--T=0", "--T=0"),
                      ("--length=-1", "--length"), ("--guide_lr=nan", "--guide_lr"), ("--guide_lambda=inf", "--guide_lambda=inf"),
                      ("--guide_steps=-1", "--guide_steps"), ("--control_samples=0", "--control_samples"),
                      ("--classifier_layers=0", "--classifier_layers")],
