@@ -890,7 +890,7 @@ def bench_methods(argv):
                          "entropy": g["gen_entropy"], "sec": g["sec_per_sample"]})
             curves[name] = [(L, g["gen_nll"], g["sec_per_sample"], g["gen_entropy"])]
             # the reference: the judge on real validation windows
-            data = next(corpus.Batches(cfg, meta, cfg.seed).sequential("val", a.num_samples))
+            data = next(iter(corpus.Batches(cfg, meta, cfg.seed).sequential("val", a.num_samples)))
             nll = trainer.judge_samples(judge, data, meta, tok, next(model.parameters()).device)[0]
             rows.append({"method": "data (val)", "steps": None, "gen_nll": nll, "entropy": trainer.unigram_entropy(data)})
             print(methods_table(rows), flush=True)

@@ -475,6 +475,20 @@ def check_tokenizer(path, meta):
     return here
 
 
+class Lazy:
+    """make(item) for each of items, made as the loop reaches it: a pass that reads one batch at a time and can
+    say how many it holds (progress's "i of n")."""
+
+    def __init__(self, items, make):
+        self.items, self.make = items, make
+
+    def __len__(self):
+        return len(self.items)
+
+    def __iter__(self):
+        return map(self.make, self.items)
+
+
 class Batches:
     """Random windows of block_size tokens from a memmapped split, as in nanoGPT.
 
@@ -513,9 +527,8 @@ class Batches:
         n = len(data) // self.block  # a window is scored whole, from BOS: the last full one counts too
         if n == 0:
             die(f"the {split} split has {len(data)} tokens, fewer than block_size={self.block}; lower --block_size")
-        for b in range(0, n, batch_size):
-            starts = range(b * self.block, min(n, b + batch_size) * self.block, self.block)
-            yield torch.from_numpy(np.stack([data[s:s + self.block].astype(np.int64) for s in starts]))
+        windows = data[:n * self.block].reshape(n, self.block)  # (n, L), still on disk
+        return Lazy(range(0, n, batch_size), lambda b: torch.from_numpy(windows[b:b + batch_size].astype(np.int64)))
 
     def slices(self, split, max_tokens, pieces=64):
         """At most max_tokens of a split as lists of ids: all of it when it fits, else `pieces` evenly
@@ -757,7 +770,7 @@ class Blocks:
         self.x = x  # (N, L)
 
     def sequential(self, split, batch_size):
-        return (self.x[i:i + batch_size] for i in range(0, len(self.x), batch_size))
+        return self.x.split(batch_size)
 
 
 def eval_batches(cfg, meta, bos):

@@ -602,7 +602,7 @@ def test_a_vocabulary_over_65536_is_stored_as_uint32(tmp_path):
     assert meta["dtype"] == "uint32" and meta["files"]["train.bin"]["bytes"] == 4 * len(ids)
     assert corpus.prepare_data(cfg_for(tmp_path)) == meta
     assert np.array_equal(np.fromfile(tmp_path / "train.bin", dtype=np.uint32), ids)
-    x = next(corpus.Batches(cfg_for(tmp_path, block_size=32), meta, 0).sequential("val", 4))
+    x = next(iter(corpus.Batches(cfg_for(tmp_path, block_size=32), meta, 0).sequential("val", 4)))
     assert x.max().item() == ids.max() and x[0].tolist() == ids[::-1][:32].tolist()
 
 
@@ -647,6 +647,23 @@ def test_sequential_windows_cover_the_split(tmp_path):
     assert windows.flatten().tolist() == val.tolist()
 
 
+def test_an_eval_pass_says_how_long_it_is(tmp_path, monkeypatch, capsys):
+    """A batch job's log read "eval: 335 after 60 s": a full pass over a split had no length, so its line a
+    minute said neither the total nor how far it had come. Each kind of --eval data (a split's windows, a
+    zero-shot set's blocks, Diffusion-LM's rows) holds its number of batches, which the line gives."""
+    meta = toy(tmp_path, n=2000)  # val: 200 tokens = 25 windows of 8
+    cfg = cfg_for(tmp_path, block_size=8, batch_size=7)
+    rows = types.SimpleNamespace(rows={"val": torch.zeros(25, 8, dtype=torch.long)})
+    for data in (corpus.Batches(cfg, meta, 0), corpus.Blocks(torch.zeros(25, 8, dtype=torch.long)), rows):
+        passes = data.sequential("val", 7) if data is not rows else diffusion_lm.Rows.sequential(rows, "val", 7)
+        assert len(passes) == 4 and [len(x) for x in passes] == [7, 7, 7, 4]
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    clock = iter(range(0, 1000, 61))  # each read of the clock a minute later: a line at every batch
+    monkeypatch.setattr(common.time, "monotonic", lambda: next(clock))
+    assert len(list(corpus.val_batches(corpus.Batches(cfg, meta, 0), cfg, full=True))) == 4
+    assert capsys.readouterr().err.splitlines()[-1].startswith("eval: 4 of 4 after ")
+
+
 def test_random_windows_reach_the_last_token_and_a_split_of_one_block_is_enough(tmp_path):
     """A window is block_size tokens (no shifted target), so its start runs to len - block_size inclusive:
     the last token of a split was never drawn, and a split of exactly block_size tokens was refused."""
@@ -668,7 +685,7 @@ def test_a_test_split_of_an_earlier_prepare_is_not_read(tmp_path):
     assert not os.path.exists(tmp_path / "test.bin") and corpus.prepare_data(cfg_for(tmp_path)) == meta
     np.arange(60, dtype=meta["dtype"]).tofile(tmp_path / "test.bin")  # a stray file of that name: still not a split
     batches = corpus.Batches(cfg_for(tmp_path, block_size=8), meta, 0)
-    fails(lambda: next(batches.sequential("test", 4)), "has no test split (test.bin); use --eval_split=val")
+    fails(lambda: batches.sequential("test", 4), "has no test split (test.bin); use --eval_split=val")
 
 
 def test_examples_of_an_earlier_prepare_are_not_read(tmp_path):
