@@ -77,6 +77,7 @@ def fmt_time(s):
 
 def log_json(path, record):
     try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)  # an --eval of published weights logs into a new out_dir
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
     except OSError as e:
@@ -421,9 +422,8 @@ def model_to_train(cfg, method, config_cls, overrides, build_model, check_config
 
 def load_published(config_cls, overrides, method, build_model):
     """--sample/--eval with --init_from: the published weights (hub.py) -> the same tuple as
-    load_for_inference, with no iteration to report; --eval logs into out_dir."""
+    load_for_inference, with no iteration to report."""
     cfg, model, meta = hub.load_model(overrides["init_from"], method, config_cls, overrides, build_model)
-    os.makedirs(out_dir(cfg, method), exist_ok=True)
     check_files(cfg, meta, method)
     torch.manual_seed(cfg.seed)
     return cfg, model.to(get_device(cfg)).eval(), get_tokenizer(meta), meta, {"iter": None}

@@ -215,7 +215,8 @@ def env():
 def test_cli_sample_eval_and_finetune_from_a_directory(method, gpt2_checkpoints, gpt2_data, tmp_path):
     ckpt, data = gpt2_checkpoints[method], f"--data_dir={gpt2_data}"
     r = run_cli([f"{method}.py", "--sample", f"--init_from={ckpt}", "--prefix=ROMEO:", "--suffix= the end.", "--steps=4",
-                 "--num_samples=2", "--device=cpu", "--n_embd=16", "--n_head=2"], env=env())  # its own shape, given again
+                 "--num_samples=2", "--device=cpu", "--n_embd=16", "--n_head=2", f"--out_dir={tmp_path / 's'}"], env=env())
+    assert not (tmp_path / "s").exists()  # --sample writes nothing (it made an empty out_dir); its shape given again is taken
     texts = r.stdout.split("=== sample ")[1:]
     assert len(texts) == 2 and all(t.split("\n", 1)[1].startswith("ROMEO:") for t in texts), r.stdout
     assert all(t.split("\n(")[0].rstrip("\n").endswith(" the end.") for t in texts), r.stdout
