@@ -630,8 +630,8 @@ def check_config(cfg):
     common.check_at_least(cfg, ("T",), 2)  # L_T and at least one step of the sum
     common.check_at_least(cfg, ("embed_dim", "steps", "mbr", "classifier_iters", "classifier_layers",
                                 "eval_t_samples", "control_samples"), 1)
-    if cfg.T % cfg.steps:  # e.g. the nearest fewer steps that divide T, and T
-        common.die(f"--steps={cfg.steps} must divide T={cfg.T} (e.g. {max(d for d in range(cfg.steps) if d and cfg.T % d == 0)} or {cfg.T})")
+    if cfg.T % cfg.steps:  # e.g. the most steps below both that divide T, and T
+        common.die(f"--steps={cfg.steps} must divide T={cfg.T} (e.g. {max(d for d in range(1, min(cfg.steps, cfg.T)) if cfg.T % d == 0)} or {cfg.T})")
     common.check_at_least(cfg, ("length", "guide_steps", "eval_batches", "guide_lr", "guide_lambda"), 0)
 
 

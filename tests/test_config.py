@@ -75,6 +75,7 @@ OWN_BAD = {
              ("--eta=2", "--eta=2.0"), ("--steps=-1", "--steps"), ("--eval_points=0", "--eval_points"),
              ("--png=s.jpg", "must name a .png file")],
     "diffusion_lm": [("--steps=0", "--steps=0"), ("--steps=300", "--steps=300 must divide T=2000 (e.g. 250 or 2000)"),
+                     ("--steps=3000", "--steps=3000 must divide T=2000 (e.g. 1000 or 2000)"),
                      ("--mbr=0", "--mbr=0"), ("--clamp=dot", "unknown --clamp"), ("--eval_t_samples=0", "--eval_t_samples"), ("--embed_dim=0", "--embed_dim"), ("--T=0", "--T=0"),
                      ("--length=-1", "--length"), ("--guide_lr=nan", "--guide_lr"), ("--guide_lambda=inf", "--guide_lambda=inf"),
                      ("--guide_steps=-1", "--guide_steps"), ("--control_samples=0", "--control_samples"),
