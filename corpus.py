@@ -18,6 +18,7 @@ import dataclasses
 import glob
 import hashlib
 import io
+import itertools
 import json
 import os
 import re
@@ -540,14 +541,15 @@ class Batches:
         return [data[s:s + run].tolist() for s in np.linspace(0, len(data) - run, pieces).astype(np.int64)]
 
 
-def val_batches(batches, cfg, full=False):
+def val_batches(batches, cfg, full=False, limit=0):
     """The validation batches of an evaluate(): every window of the --eval_split split once, in order
-    (full, for --eval), else the same eval_iters random val batches at every call, so evaluations
-    during training compare (and never see the test split)."""
+    (full, for --eval; the first `limit` batches if limit), else the same eval_iters random val batches
+    at every call, so evaluations during training compare (and never see the test split)."""
     if full:
         if cfg.eval_split != "val":
             print(f"evaluating on the {cfg.eval_split} split")
-        return progress(batches.sequential(cfg.eval_split, cfg.batch_size), "eval")
+        seq = batches.sequential(cfg.eval_split, cfg.batch_size)
+        return progress(itertools.islice(seq, limit or None), "eval", total=min(limit or len(seq), len(seq)))
     gen = torch.Generator().manual_seed(cfg.seed)
     return (batches.get("val", cfg.batch_size, gen) for _ in range(cfg.eval_iters))
 

@@ -24,7 +24,6 @@ per denoising step (semantic content, length); infilling holds known words.
 
 import collections
 import dataclasses
-import itertools
 import math
 import os
 import time
@@ -553,8 +552,7 @@ def evaluate(model, batches, cfg, full=False):
     (unbiased; uniform draws rarely hit the few early steps that hold most of the weight, and swung widely)."""
     model.eval()
     device = model.embed.weight.device
-    data, k = corpus.val_batches(batches, cfg, full), cfg.eval_t_samples if full else 1
-    data = itertools.islice(data, cfg.eval_batches) if full and cfg.eval_batches else data
+    data, k = corpus.val_batches(batches, cfg, full, limit=cfg.eval_batches), cfg.eval_t_samples if full else 1
     weight = model.coef_x0[1:] ** 2 / (2 * model.post_var[1:])  # (T-1,) for t = 1..T-1
     prop = 0.9 * weight / weight.sum() + 0.1 / len(weight)  # the tenth bounds a late step's share when x_0 is easy
     sums, count, positions = {}, 0, 0

@@ -117,8 +117,8 @@ def write_toy_dataset(path, sequences, chars):
 
 def fixed_batches(*xs):
     """A stand-in for corpus batches that hands out the batches xs: .sequential(split, batch_size) yields each in turn
-    (--eval's pass over a split), .get(split, batch_size, gen) returns the first (the evaluations during training)."""
-    return types.SimpleNamespace(sequential=lambda split, batch_size: iter(xs), get=lambda split, batch_size, gen=None: xs[0])
+    (--eval's pass over a split, sized), .get(split, batch_size, gen) returns the first (the evaluations during training)."""
+    return types.SimpleNamespace(sequential=lambda split, batch_size: tuple(xs), get=lambda split, batch_size, gen=None: xs[0])
 
 
 def terms_and_grads(model, fns, *args):

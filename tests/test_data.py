@@ -3,6 +3,7 @@ files, preparing from many processes at once, and bounded reads of a split."""
 import dataclasses
 import gzip
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -650,7 +651,8 @@ def test_sequential_windows_cover_the_split(tmp_path):
 def test_an_eval_pass_says_how_long_it_is(tmp_path, monkeypatch, capsys):
     """A batch job's log read "eval: 335 after 60 s": a full pass over a split had no length, so its line a
     minute said neither the total nor how far it had come. Each kind of --eval data (a split's windows, a
-    zero-shot set's blocks, Diffusion-LM's rows) holds its number of batches, which the line gives."""
+    zero-shot set's blocks, Diffusion-LM's rows) holds its number of batches, which the line gives; with
+    Diffusion-LM's --eval_batches it gave the split's total, not the batches scored."""
     meta = toy(tmp_path, n=2000)  # val: 200 tokens = 25 windows of 8
     cfg = cfg_for(tmp_path, block_size=8, batch_size=7)
     rows = types.SimpleNamespace(rows={"val": torch.zeros(25, 8, dtype=torch.long)})
@@ -658,10 +660,13 @@ def test_an_eval_pass_says_how_long_it_is(tmp_path, monkeypatch, capsys):
         passes = data.sequential("val", 7) if data is not rows else diffusion_lm.Rows.sequential(rows, "val", 7)
         assert len(passes) == 4 and [len(x) for x in passes] == [7, 7, 7, 4]
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
-    clock = iter(range(0, 1000, 61))  # each read of the clock a minute later: a line at every batch
+    clock = itertools.count(0, 61)  # each read of the clock a minute later: a line at every batch
     monkeypatch.setattr(common.time, "monotonic", lambda: next(clock))
     assert len(list(corpus.val_batches(corpus.Batches(cfg, meta, 0), cfg, full=True))) == 4
     assert capsys.readouterr().err.splitlines()[-1].startswith("eval: 4 of 4 after ")
+    for limit, n in ((2, 2), (9, 4)):  # Diffusion-LM's --eval_batches: the line counts the batches scored
+        assert len(list(corpus.val_batches(corpus.Batches(cfg, meta, 0), cfg, full=True, limit=limit))) == n
+        assert capsys.readouterr().err.splitlines()[-1].startswith(f"eval: {n} of {n} after ")
 
 
 def test_random_windows_reach_the_last_token_and_a_split_of_one_block_is_enough(tmp_path):
