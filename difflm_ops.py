@@ -283,7 +283,7 @@ class Fused:
                 worst, what = self.spec.check(self, device)
         except Exception as e:
             first = str(e).splitlines()[0] if str(e) else ""
-            if first.startswith("CUDA error"):  # a GPU fault is sticky: the oracle cannot run either
+            if not device_runs(device):  # a GPU fault is sticky: the oracle cannot run either
                 raise RuntimeError(f"difflm kernel {self.name} on {device}: its first-use check hit a GPU error ({first}), "
                                    "after which nothing runs on this device in this process; rerun with DIFFLM_KERNELS=0 "
                                    "to use the PyTorch path") from e
@@ -295,6 +295,15 @@ class Fused:
                       "it is switched off for this process and the oracle runs instead")
         return False
 
+
+
+def device_runs(device):
+    """Whether device still computes: after a GPU fault (an illegal address, a device-side assert), which may
+    surface as torch's "CUDA error: ..." or as an op's own "CUDA kernel ... failed", every later call fails."""
+    try:
+        return torch.ones(1, device=device).add(1).item() == 2
+    except Exception:
+        return False
 
 
 def fused(name, on_load=None):

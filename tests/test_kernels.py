@@ -824,23 +824,35 @@ def test_a_wrong_op_is_switched_off_with_one_warning(k, case):
         fn(*args)
 
 
-@pytest.mark.parametrize("error", ["AcceleratorError", "RuntimeError"])
-def test_a_gpu_fault_in_the_check_stops_with_one_line(k, error):
+@pytest.mark.parametrize("error, message", [
+    ("AcceleratorError", "CUDA error: an illegal memory access was encountered\nCompile with TORCH_USE_CUDA_DSA"),
+    ("RuntimeError", "CUDA error: device-side assert triggered"),
+    ("RuntimeError", "difflm: CUDA kernel rotary failed: an illegal memory access was encountered")])
+def test_a_gpu_fault_in_the_check_stops_with_one_line(k, monkeypatch, error, message):
     """A GPU fault (an illegal address, a device-side assert) is sticky: after it nothing runs on the device, the
     oracle included, so the check stops the process with one line instead of switching the op off. torch raises it
-    as AcceleratorError from 2.8, as a RuntimeError whose message starts "CUDA error" before."""
+    as AcceleratorError from 2.8, as a RuntimeError whose message starts "CUDA error" before; an op's own launch
+    check words it "CUDA kernel ... failed", and was switched off. What tells a fault is the device: it no longer
+    computes (here a stand-in for one that faulted). An op that raises on a device that still computes (a launch
+    the GPU refused, a bad configuration) is switched off as before."""
     kind = getattr(torch, error, None) or RuntimeError  # (torch < 2.8 has no AcceleratorError: the same check twice)
 
     def faulting(*a):
-        raise kind("CUDA error: an illegal memory access was encountered\nCompile with TORCH_USE_CUDA_DSA")
+        raise kind(message)
 
     qkv, (cos, sin) = torch.randn(2, 5, 3, 3, 4), common.rotary_tables(5, 4)
+    assert difflm_ops.device_runs("cpu")
+    monkeypatch.setattr(difflm_ops, "device_runs", lambda device: False)
     with difflm_ops.replace("rotary", faulting), warnings.catch_warnings():
         warnings.simplefilter("error")  # no "switched off" warning
         with pytest.raises(RuntimeError, match="DIFFLM_KERNELS=0") as err:
             common.apply_rotary(qkv, cos, sin)
         assert ("rotary", "cpu") not in difflm_ops._PASSED
-    assert "difflm kernel rotary on cpu" in str(err.value) and "(CUDA error: an illegal memory access" in str(err.value)
+    assert "difflm kernel rotary on cpu" in str(err.value) and f"({message.splitlines()[0]})" in str(err.value)
+    monkeypatch.setattr(difflm_ops, "device_runs", lambda device: True)
+    with difflm_ops.replace("rotary", faulting), pytest.warns(UserWarning, match="rotary on cpu disagrees .*it raised"):
+        assert torch.equal(common.apply_rotary(qkv, cos, sin), common.apply_rotary.oracle(qkv, cos, sin))
+        assert difflm_ops._PASSED["rotary", "cpu"] is False
 
 
 def test_the_gpu_check_sizes_reach_every_thread_layout(k, monkeypatch):
