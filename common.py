@@ -563,9 +563,9 @@ def write_file(path, content, fix):
     except BaseException as e:  # a failed or interrupted write leaves no partial tmp file behind
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        e = (e.__context__ or e) if isinstance(e, RuntimeError) else e  # torch's zip writer reports a full disk, or Ctrl-C, so
         if not isinstance(e, (OSError, RuntimeError)):
-            raise
-        e = e if isinstance(e, OSError) else e.__context__ or e  # torch's zip writer reports a full disk as a RuntimeError
+            raise e
         die(f"cannot write {path}: {getattr(e, 'strerror', None) or e}; {fix}")
 
 

@@ -491,6 +491,26 @@ def test_an_interrupted_checkpoint_write_leaves_no_tmp(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+def test_an_interrupt_inside_torchs_zip_writer_is_an_interrupt(tmp_path, monkeypatch):
+    """Ctrl-C or SIGTERM while torch's zip writer wrote ckpt.pt came out as a RuntimeError ("unexpected pos")
+    holding the KeyboardInterrupt, which was taken for a failed write: "cannot write ckpt.pt: ; the previous
+    checkpoint is kept; free disk space". It is the interrupt, which the training loop answers with --resume."""
+    path = str(tmp_path / "ckpt.pt")
+    common.save_checkpoint(path, {"model": {"w": torch.ones(3)}, "iter": 1})
+    before = open(path, "rb").read()
+
+    class Interrupted(io.FileIO):  # the signal arrives as the writer's second record goes out
+        def write(self, b):
+            if self.tell() > 0:
+                raise KeyboardInterrupt
+            return super().write(b)
+
+    monkeypatch.setattr(common, "open", Interrupted, raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        common.save_checkpoint(path, {"model": {"w": torch.zeros(1000)}, "iter": 2})
+    assert os.listdir(tmp_path) == ["ckpt.pt"] and open(path, "rb").read() == before
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_is_one_line_naming_resume(tmp_path, char_data, sig):
     """Ctrl-C during training printed a 20-frame KeyboardInterrupt traceback and nothing about how to go on;
