@@ -134,7 +134,7 @@ def _convert(name, value, typ):
             return typ(value)
         if value.lower() in TRUE + FALSE:
             return value.lower() in TRUE
-    die(f"--{name} takes {'true or false' if typ is bool else 'a ' + typ.__name__}, not {value!r}")
+    die(f"--{name} takes {'true or false' if typ is bool else 'a whole number' if typ is int else 'a number'}, not {value!r}")
 
 
 def parse_args(config_cls, argv=None, known=VERBS):

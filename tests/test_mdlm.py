@@ -625,7 +625,8 @@ def test_a_time_conditioned_model_samples_with_the_defaults(char_data, tmp_path)
 
 @pytest.mark.parametrize("args, message", [
     (["--train", "--lerning_rate=1"], "unknown config key --lerning_rate"),
-    (["--train", "--lr=abc"], "takes a float"),
+    (["--train", "--lr=abc"], "--lr takes a number, not 'abc'"),
+    (["--train", "--max_iters=1e3"], "--max_iters takes a whole number, not '1e3'"),  # it said "takes a int"
     (["--train", "--dataset=nosuch"], "no data/nosuch/prepare.py"),
     (["--sample", "--out_dir=/nonexistent/x"], "python mdlm.py --train"),
     (["--eval", "--out_dir=/nonexistent/x"], "no checkpoint"),
