@@ -655,7 +655,9 @@ def main(argv=None):
     if "train_classifier" in verbs:
         cfg, model, tok, meta, _ = load(overrides)
         own = dataclasses.replace(cfg, lr_decay_iters=overrides.get("lr_decay_iters", 0))  # not the language model's decay
-        train_classifier(own, model.requires_grad_(False), meta)
+        said = "interrupted; the classifier is saved at its last iteration: run --train_classifier again"
+        with trainer.own_out_dir(common.out_dir(cfg, METHOD)), trainer.interruptible(lambda: said):
+            train_classifier(own, model.requires_grad_(False), meta)
     if "sample" in verbs:
         cfg, model, tok, meta, lm = load(overrides)
         fixed = infill_template(tok, cfg)

@@ -143,6 +143,22 @@ def own_out_dir(odir):
         yield
 
 
+@contextlib.contextmanager
+def interruptible(said):
+    """Ctrl-C inside, or SIGTERM (a scheduler's preemption, `kill`), ends the process with one line, said(), not a
+    traceback; said() None: with no line (a DDP rank other than 0, which lets rank 0 say why)."""
+    term = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    except KeyboardInterrupt:
+        line = said()
+        if not line:
+            raise SystemExit(1)
+        die(line)
+    finally:
+        signal.signal(signal.SIGTERM, term)
+
+
 RESUME_KEYS = ("model", "ema", "optimizer", "rng", "data_rng", "iter", "config", "meta")
 RUN_KEYS = {"out_dir", "data_dir", "device", "compile", "max_iters", "lr_decay_iters", "eval_interval", "eval_iters",
             "log_interval", "resume", "overwrite", "num_samples", "show", "prefix", "suffix"}  # not part of a model
@@ -227,20 +243,17 @@ def train(cfg, method, model, loss_fn, evaluate, meta, batches=None, dynamic=Non
         if not cfg.resume and os.path.isfile(ckpt_path) and not cfg.overwrite:  # the first new checkpoint replaces it
             die(f"{odir} holds a checkpoint of an earlier run; continue it with --resume, start over with "
                 f"--overwrite, or choose another --out_dir")
-        # SIGTERM (a scheduler's preemption, `kill`) ends the run as Ctrl-C does, with the same one line
-        term = signal.signal(signal.SIGTERM, signal.default_int_handler)
         started = time.time()
-        try:
-            return _train_loop(cfg, method, model, loss_fn, evaluate, meta, batches, device, rank, world, dynamic)
-        except KeyboardInterrupt:  # one line, not a traceback; checkpoints are written whole or not at all
-            if rank:  # rank 0 says why, once (torchrun also ends the others this way when one fails)
-                raise SystemExit(1)
+
+        def said():  # checkpoints are written whole or not at all; rank 0 says so, once (torchrun ends the others too)
+            if rank:
+                return None
             if os.path.isfile(ckpt_path) and (cfg.resume or os.path.getmtime(ckpt_path) >= started):
-                die(f"interrupted; {ckpt_path} holds the last eval's state: continue with --resume")
-            die("interrupted before the first eval wrote a checkpoint" + (f"; {ckpt_path} and its log are still the earlier "
-                "run's" if os.path.isfile(ckpt_path) else ""))
-        finally:
-            signal.signal(signal.SIGTERM, term)
+                return f"interrupted; {ckpt_path} holds the last eval's state: continue with --resume"
+            return "interrupted before the first eval wrote a checkpoint" + (
+                f"; {ckpt_path} and its log are still the earlier run's" if os.path.isfile(ckpt_path) else "")
+        with interruptible(said):
+            return _train_loop(cfg, method, model, loss_fn, evaluate, meta, batches, device, rank, world, dynamic)
 
 
 def _train_loop(cfg, method, model, loss_fn, evaluate, meta, batches, device, rank, world, dynamic):

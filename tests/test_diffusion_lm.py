@@ -7,6 +7,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import types
 
 import pytest
@@ -690,6 +691,33 @@ def test_the_classifiers_schedule_is_its_own(cli_out, tmp_path, monkeypatch):
     D.main(["--train_classifier", f"--out_dir={tmp_path}", "--classifier_iters=2"])
     D.main(["--train_classifier", f"--out_dir={tmp_path}", "--classifier_iters=2", "--lr_decay_iters=1"])
     assert seen == [(2, 0), (2, 0), (2, 1), (2, 1)]
+
+
+def test_an_interrupted_classifier_is_one_line_and_owns_the_folder(cli_out, tmp_path, monkeypatch):
+    """Ctrl-C during --train_classifier printed a traceback, and SIGTERM ended it with no word (--train's loop
+    says one line for both); it also trained while a --train wrote the same folder's checkpoint."""
+    shutil.copy(os.path.join(cli_out, "ckpt.pt"), tmp_path / "ckpt.pt")
+    step = torch.optim.AdamW.step
+
+    def stopped(self, *a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's preemption, between two steps
+        return step(self, *a, **k)
+
+    def unanswered(*a):  # what SIGTERM meets where the command does not answer it (not the test run's end)
+        raise AssertionError("SIGTERM reached no handler of --train_classifier")
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", stopped)
+    before = signal.signal(signal.SIGTERM, unanswered)
+    try:
+        with pytest.raises(SystemExit, match="interrupted; the classifier is saved at its last iteration: run --train_"):
+            D.main(["--train_classifier", f"--out_dir={tmp_path}", "--classifier_iters=5"])
+        assert signal.getsignal(signal.SIGTERM) is unanswered and not os.path.exists(tmp_path / "classifier.pt")
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    monkeypatch.undo()
+    with trainer.own_out_dir(str(tmp_path)):  # a run holds the folder
+        with pytest.raises(SystemExit, match="is in use by another run"):
+            D.main(["--train_classifier", f"--out_dir={tmp_path}", "--classifier_iters=1"])
 
 
 def test_cli_train_sample_eval(cli_out):
