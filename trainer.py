@@ -176,7 +176,7 @@ def fit_state(module, state, path, saved_cfg, cfg, what="model"):
         die(f"{path} does not fit this {what} ({str(e).strip().splitlines()[0][:160]}); {hint}")
 
 
-def resume_from(path, method, cfg, meta, model, ema_model, opt, batches, rank, device):
+def resume_from(path, method, cfg, meta, model, ema_model, opt, batches, rank, world, device):
     """Load a run's state for --resume, checked as --sample checks it; -> (the next iteration, seconds trained so far)."""
     ckpt = RESUMED.pop(path, None) or load_checkpoint(path, method)
     if ckpt.get("method", method) != method:
@@ -211,8 +211,10 @@ def resume_from(path, method, cfg, meta, model, ema_model, opt, batches, rank, d
         if device.type == "cuda" and ckpt.get("cuda_rng"):  # the GPU draws the training noise there
             torch.cuda.set_rng_state(ckpt["cuda_rng"][rank], device)
         batches.gen.set_state(ckpt["data_rng"][rank])
-    elif rank == n:
-        print(f"{path} holds the random streams of {n} process(es); ranks {n} and up draw fresh ones")
+    if rank == 0 and world != n:  # a step's batch is every process's: the run goes on with another one
+        was, now = (f"{k} x {c.get('batch_size')} x {c.get('grad_accum', 1)}" for k, c in ((n, saved), (world, vars(cfg))))
+        print(f"{path} was trained by {n} process(es), this run has {world}: a step's batch is {now} (processes x "
+              f"--batch_size x --grad_accum), was {was}" + (f"; ranks {n} and up draw fresh random streams" if world > n else ""))
     start = ckpt["iter"] + 1
     if start >= cfg.max_iters:  # iterations 0 .. max_iters - 1 are done: nothing is left to train
         die(f"{path} is at iteration {ckpt['iter']}: the --max_iters={cfg.max_iters} iterations are done; raise --max_iters to train on")
@@ -276,7 +278,7 @@ def _train_loop(cfg, method, model, loss_fn, evaluate, meta, batches, device, ra
         batches.gen.manual_seed(cfg.seed + 1000 * rank)
     start, spent = 0, 0.0  # spent: seconds the run trained before this process (its log's "time" goes on from there)
     if cfg.resume:
-        start, spent = resume_from(ckpt_path, method, cfg, meta, model, ema_model, opt, batches, rank, device)
+        start, spent = resume_from(ckpt_path, method, cfg, meta, model, ema_model, opt, batches, rank, world, device)
         if master:
             print(f"resuming from {ckpt_path} at iteration {start}")
     # an --overwrite run holds its records until its first checkpoint replaces the earlier run's, log and all

@@ -751,3 +751,7 @@ def test_ddp_overwrite_starts_over_and_a_second_run_without_it_is_refused(tmp_pa
     assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == 4
     logged = records()
     assert [x["iter"] for x in logged if "loss" in x] == [0, 1, 2, 3, 4] and [x["iter"] for x in logged if "eval" in x] == [4]
+    # resumed by one process: each step now trains on half the batch, which the run says (it went on silently)
+    r = run_cli(["mdlm.py", "--train", "--resume", f"--out_dir={out}", "--max_iters=6", "--eval_interval=6"])
+    assert "was trained by 2 process(es), this run has 1: a step's batch is 1 x 2 x 1 " in r.stdout, r.stdout
+    assert "was 2 x 2 x 1" in r.stdout and "fresh random streams" not in r.stdout
