@@ -125,7 +125,8 @@ def own_out_dir(odir):
         os.makedirs(odir, exist_ok=True)
         f = open(path, "a+")
     except OSError as e:
-        die(f"cannot write to {odir}: {e.strerror or e}; choose another --out_dir")
+        die(f"cannot write to {odir}: {'it is a file, not a folder' if os.path.isfile(odir) else e.strerror or e}; "
+            "choose another --out_dir")
     with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -554,6 +554,8 @@ def test_unwritable_out_dir_is_one_line(tmp_path, char_data, monkeypatch):
     (tmp_path / "file").write_text("not a folder")
     r = run_cli(mdlm(tmp_path / "file" / "run", char_data, "--max_iters=3"), check=False)
     one_line_error(r, "cannot write to")
+    r = run_cli(mdlm(tmp_path / "file", char_data, "--max_iters=3"), check=False)  # it said "File exists"
+    one_line_error(r, f"cannot write to {tmp_path / 'file'}: it is a file, not a folder; choose another --out_dir")
     # a read-only folder (root ignores permission bits, so the refusal is injected where it would come)
     real_open = open
 
