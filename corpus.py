@@ -399,7 +399,7 @@ def load_jsonl(path, meta):
         return [json.loads(line) for line in f if line.strip()]
 
 
-PREPARE_LEAVES = (".bin", ".jsonl", ".tmp", ".lock", "verified.json")  # what a prepare killed midway leaves
+PREPARE_LEAVES = (".tmp", ".lock", "verified.json")  # what a prepare killed midway leaves; its .bin and .jsonl too, beside a lock
 
 
 def prepare_data(cfg, model_meta=None):
@@ -423,7 +423,9 @@ def prepare_data(cfg, model_meta=None):
                 f"(known: {', '.join(known)}; for your own text: python data/text/prepare.py --input=FILE --name={cfg.dataset}"
                 f"{f' --out_dir={path}' if cfg.data_dir else ''}{' --force' if os.path.isdir(path) else ''})")  # a folder a killed prepare left is replaced only with --force
         own = os.path.isdir(path) and os.path.abspath(path) != os.path.join(ROOT, "data", cfg.dataset)
-        theirs = sorted(f for f in os.listdir(path) if not f.endswith(PREPARE_LEAVES)) if own else []
+        listing = os.listdir(path) if own else []
+        began = any(f.endswith(".lock") for f in listing)  # a prepare's locks stay: no lock, the token files are yours
+        theirs = sorted(f for f in listing if not f.endswith(PREPARE_LEAVES + ((".bin", ".jsonl") if began else ())))
         if theirs:  # a folder of the user's own files is never filled with a built-in corpus
             die(f"--data_dir={path} holds {theirs[0]} but no prepared data (meta.json); for your own text: python "
                 f"data/text/prepare.py --input=FILE --name=NAME --out_dir={path}; for --dataset={cfg.dataset}, a new folder")

@@ -205,6 +205,14 @@ def test_own_text_char_and_word(tmp_path, monkeypatch, capsys):
           "already holds a dataset", "--force")
     text_prepare([f"--input={a}", "--name=mine", f"--out_dir={out}", "--tokenizer=word", "--force"], monkeypatch)
     meta = json.load(open(out / "meta.json"))
+    # files it would replace or remove (test.jsonl went silently), and a dataset's own folder (data/shakespeare_char
+    # took your text, and the default runs then trained on it), are refused too
+    for name, message in (("test.jsonl", "already holds a dataset (test.jsonl)"), ("prepare.py", "folder of a dataset's prepare.py")):
+        folder = tmp_path / f"holds_{name}"
+        folder.mkdir()
+        (folder / name).write_text("mine\n")
+        fails(lambda: text_prepare([f"--input={a}", "--name=x", f"--out_dir={folder}"], monkeypatch), message)
+        assert os.listdir(folder) == [name]
     assert meta["tokenizer"] == "word" and "fox" in meta["words"] and meta["command"].endswith("--force")
     # the text methods take it by name
     small = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4", "--eval_iters=1"]
@@ -408,7 +416,8 @@ def test_every_reader_of_a_text_file_refuses_bytes_that_are_not_utf8(tmp_path):
 
 def test_a_folder_of_your_own_files_is_never_filled_with_a_built_in_corpus(tmp_path):
     """--data_dir at a folder of one's own text (no meta.json): tiny Shakespeare was prepared among its files
-    and trained on; what a killed prepare leaves (token files, .tmp, locks) is still prepared over."""
+    and trained on, and E2E's files replaced your own train.jsonl and test.jsonl; what a killed prepare leaves
+    (token files beside its lock, .tmp) is still prepared over."""
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "novel.txt").write_text("my own words\n")
@@ -416,6 +425,11 @@ def test_a_folder_of_your_own_files_is_never_filled_with_a_built_in_corpus(tmp_p
     fails(lambda: corpus.prepare_data(cfg), "holds novel.txt but no prepared data",
           f"data/text/prepare.py --input=FILE --name=NAME --out_dir={mine}")
     assert sorted(os.listdir(mine)) == ["novel.txt"]
+    (mine / "novel.txt").unlink()  # your own token files and examples (E2E's names: they were replaced by E2E's)
+    for name in ("train.jsonl", "test.jsonl", "train.bin"):
+        (mine / name).write_text("mine\n")
+    fails(lambda: corpus.prepare_data(types.SimpleNamespace(dataset="e2e", data_dir=str(mine))), "holds test.jsonl but no")
+    assert sorted(os.listdir(mine)) == ["test.jsonl", "train.bin", "train.jsonl"]
     killed = tmp_path / "killed"
     killed.mkdir()
     for name in ("train.bin", "val.bin.123.tmp", "prepare.lock"):

@@ -38,7 +38,10 @@ def out_dir_for(args):
     if os.path.isfile(os.path.join(DATA, args.name, "prepare.py")):
         common.die(f"--name={args.name} is a built-in dataset (data/{args.name}/prepare.py); choose another name")
     out = args.out_dir or os.path.join(DATA, args.name)
-    taken = [f for f in ("meta.json", "train.bin", "val.bin") if os.path.exists(os.path.join(out, f))]
+    if os.path.isfile(os.path.join(out, "prepare.py")):  # data/shakespeare_char: the default runs would train on this text
+        common.die(f"--out_dir={out} is the folder of a dataset's prepare.py; choose another --out_dir")
+    written = ("meta.json",) + corpus.SPLIT_FILES + corpus.FOLDER_FILES  # what the prepare writes, or removes
+    taken = [f for f in written if os.path.exists(os.path.join(out, f))]
     if taken and not args.force:
         common.die(f"{out} already holds a dataset ({', '.join(taken)}); pass --force to replace it or pick another --name")
     return out
