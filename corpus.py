@@ -340,6 +340,9 @@ def load_meta(cfg):
             meta = json.load(f)
     except ValueError as e:
         die(f"{path} is not valid JSON ({e}); re-prepare: {reprepare_command(cfg)}")
+    except FileNotFoundError:  # a prepare.py of your own that exited cleanly
+        die(f"{data_path(cfg)} has no meta.json after its prepare.py ran; write the folder with corpus.write_split, "
+            "as data/text/prepare.py does")
     need = ("vocab_size", "dtype", "train_tokens", "val_tokens", "files")
     missing = [k for k in need if k not in meta] if isinstance(meta, dict) else list(need)
     if not missing and "test.bin" in meta["files"] and "test_tokens" not in meta:
@@ -347,6 +350,12 @@ def load_meta(cfg):
     if missing or meta["dtype"] not in ("uint16", "uint32") or set(meta["files"]) - {"test.bin"} != set(SPLIT_FILES):
         die(f"{path} lacks {', '.join(missing) or 'a valid dtype or files entry'} (written by an older "
             f"difflm or by hand); re-prepare: {reprepare_command(cfg, meta if isinstance(meta, dict) else None)}")
+    kind = meta.get("tokenizer")  # what the samplers decode with: checked before a model trains on it
+    size = {"char": len(meta.get("chars") or ()), "word": len(meta.get("words") or ()), "gpt2": 50257}.get(kind)
+    if meta["vocab_size"] != size:
+        die(f"{path} gives " + (f"tokenizer {kind!r}" if size is None else f"vocab_size {meta['vocab_size']} for {size} "
+            f"{kind} tokens") + "; meta.json needs tokenizer char (with its chars), word (with its words) or gpt2, and "
+            "vocab_size their number; write it with corpus.write_split, as data/text/prepare.py does")
     return meta
 
 

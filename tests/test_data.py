@@ -550,6 +550,23 @@ def test_each_corruption_is_one_line_naming_the_fix(tmp_path, corrupt, message):
     assert f"--out_dir={tmp_path}" in msg
 
 
+def test_a_folder_a_model_cannot_decode_is_refused_before_it_trains(tmp_path, monkeypatch):
+    """A meta.json of your own with no tokenizer, an unknown one, or fewer symbols than vocab_size trained, and
+    --sample then failed ('NoneType' has no attribute 'decode'; unknown tokenizer); a prepare.py of your own that
+    wrote no meta.json (nanoGPT's write meta.pkl) gave a FileNotFoundError traceback."""
+    meta = toy(tmp_path / "d")
+    for bad, message in (({k: v for k, v in meta.items() if k != "tokenizer"}, "gives tokenizer None"),
+                         ({**meta, "tokenizer": "spm"}, "gives tokenizer 'spm'"),
+                         ({**meta, "chars": meta["chars"][:3]}, "gives vocab_size 10 for 3 char tokens")):
+        (tmp_path / "d" / "meta.json").write_text(json.dumps(bad))
+        fails(lambda: corpus.prepare_data(cfg_for(tmp_path / "d")), message, "corpus.write_split")
+    (tmp_path / "data" / "ngpt").mkdir(parents=True)
+    (tmp_path / "data" / "ngpt" / "prepare.py").write_text("print('wrote train.bin, val.bin and meta.pkl')\n")
+    monkeypatch.setattr(corpus, "ROOT", str(tmp_path))
+    fails(lambda: corpus.prepare_data(types.SimpleNamespace(dataset="ngpt", data_dir="")),
+          f"{tmp_path / 'data' / 'ngpt'} has no meta.json after its prepare.py ran", "corpus.write_split")
+
+
 @pytest.mark.parametrize("top", [11, 10])  # 10: an id equal to the vocabulary's size is outside it too
 def test_ids_outside_the_vocabulary(tmp_path, top):
     ids = np.arange(300) % (top + 1)
