@@ -603,6 +603,8 @@ def load(overrides):
     check_config(cfg)
     if cfg.bootstrap == "autoregressive" and meta["seq2seq"]:
         common.die("--bootstrap=autoregressive drafts from the unconditional ar.py; on E2E use --bootstrap=source")
+    if not meta["seq2seq"] and (e2e := [k for k in ("source", "eval_split", "eval_mrs") if k in overrides]):  # E2E's MRs
+        common.die(f"--{e2e[0]} is for sequence-to-sequence models (E2E); this model is unconditional: drop it")
     if cfg.steps > cfg.T:
         common.die(f"--steps={cfg.steps} exceeds the trained --T={cfg.T}")
     return cfg, model, tok, meta, ckpt
@@ -654,8 +656,6 @@ def main(argv=None):
             return
     if "sample" in verbs:
         cfg, model, tok, meta, _ = load(overrides)
-        if cfg.source and not meta["seq2seq"]:
-            common.die("--source is for sequence-to-sequence models (E2E); this model is unconditional")
         srcs = [None] * cfg.num_samples  # unconditional
         if cfg.source:
             # num_samples realisations of it where decoding draws (--decode=sample); one where it is deterministic

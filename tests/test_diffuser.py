@@ -630,6 +630,14 @@ def word_models(tmp_path_factory):
     return {"root": root, "data": data, "out": out, "ar": os.path.join(ar_ckpt, "ckpt.pt"), "small": small}
 
 
+def test_e2e_keys_are_refused_for_an_unconditional_model(word_models):
+    """--eval --eval_split=test on words of your own scored the validation split and logged it as the test's;
+    --eval_mrs was ignored (both pick E2E's meaning representations, as --source does)."""
+    for verb, key in (("--eval", "--eval_split=test"), ("--eval", "--eval_mrs=3"), ("--sample", "--source=name[x]")):
+        with pytest.raises(SystemExit, match=f"{key.split('=')[0]} is for sequence-to-sequence models .* unconditional: drop it"):
+            D.main([verb, key, f"--out_dir={word_models['out']}", f"--data_dir={word_models['data']}"])
+
+
 def test_ar_drafts_follow_the_drafter(word_models):
     _, model, _, meta, _ = D.load({"data_dir": word_models["data"], "out_dir": word_models["out"]})
     torch.manual_seed(0)
