@@ -637,8 +637,9 @@ def load(overrides):
     """load_for_inference, then check_config on the checkpoint's config under the overrides, and --length."""
     cfg, model, tok, meta, ckpt = trainer.load_for_inference(Config, overrides, METHOD, build_model)
     check_config(cfg)
-    if cfg.length >= cfg.block_size:
-        common.die(f"--length={cfg.length} must lie in 1..{cfg.block_size - 1} (the END position)")
+    if cfg.length >= cfg.block_size or cfg.length and not cfg.rows:  # packed windows hold no </s> or <pad> to place
+        common.die(f"--length={cfg.length} must lie in 1..{cfg.block_size - 1} (the END position)" if cfg.rows else
+                   "--length places </s> in a row of one text; this model trained on packed windows (--rows=false)")
     return cfg, model, tok, meta, ckpt
 
 

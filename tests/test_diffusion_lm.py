@@ -720,6 +720,17 @@ def test_an_interrupted_classifier_is_one_line_and_owns_the_folder(cli_out, tmp_
             D.main(["--train_classifier", f"--out_dir={tmp_path}", "--classifier_iters=1"])
 
 
+def test_length_is_refused_for_packed_windows(cli_out, tmp_path):
+    """--length on a model of packed windows (--rows=false) sampled text with no </s> at the position, and with
+    --suffix put </s> in the middle: such a model never saw </s> or <pad>."""
+    ckpt = common.load_checkpoint(os.path.join(cli_out, "ckpt.pt"), "diffusion_lm")
+    common.save_checkpoint(str(tmp_path / "ckpt.pt"), {**ckpt, "config": {**ckpt["config"], "rows": False}})
+    with pytest.raises(SystemExit, match=re.escape("--length places </s> in a row of one text; this model trained on "
+                                                   "packed windows (--rows=false)")):
+        D.load({"out_dir": str(tmp_path), "length": 5})
+    assert D.load({"out_dir": cli_out, "length": 5})[0].length == 5
+
+
 def test_cli_train_sample_eval(cli_out):
     r = run_cli(["diffusion_lm.py", "--sample", f"--out_dir={cli_out}", "--num_samples=2", "--steps=10", "--show",
                  "--infill=The _ _ is"])
