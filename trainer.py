@@ -16,6 +16,7 @@ Method files import this module; it imports common.py, corpus.py, hub.py and dif
 import contextlib
 import copy
 import dataclasses
+import errno
 import glob
 import json
 import math
@@ -481,7 +482,15 @@ def read_judge(judge, meta=None):
 def check_files(cfg, meta, method):
     """The files a command reads or writes besides the checkpoint, before any sampling or evaluation work, so
     that a missing or mismatched one stops the run at once: --eval --gen's judge and --samples_in (generative_eval
-    reads them again), --sample's --samples_out."""
+    reads them again), --sample's --samples_out and ddpm's --png (their folders made here, as writing them would)."""
+    for flag in (f for f in ("samples_out", "png") if getattr(cfg, f, "")):
+        folder = os.path.dirname(os.path.abspath(getattr(cfg, flag)))
+        try:
+            os.makedirs(folder, exist_ok=True)
+            if not os.access(folder, os.W_OK):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        except OSError as e:  # a file on the way (Not a directory, File exists), a read-only place
+            die(f"--{flag}={getattr(cfg, flag)} cannot be written: {folder} ({e.strerror or e}); choose another --{flag}")
     if os.path.isdir(getattr(cfg, "samples_out", "")):
         die(f"--samples_out={cfg.samples_out} is a folder; name a file, e.g. --samples_out={os.path.join(cfg.samples_out, 'samples.jsonl')}")
     if os.path.isfile(getattr(cfg, "samples_out", "")) and not hub.replaceable_samples(cfg.samples_out):

@@ -780,6 +780,9 @@ def test_cli_bad_inputs(char_data, tmp_path, capsys, monkeypatch):
     assert [f"=== sample {i}\n{s}\n" in text for i, s in enumerate(texts)] == [True, True]
     assert settings["method"] == "sedd" and settings["infill"] == "_A_\\n_" and settings["steps"] == 4
     fails(["--sample", f"--out_dir={out}", f"--samples_out={tmp_path}"], "is a folder")
+    # a file on the way to it: it said "File exists; free disk space" once every sample was drawn
+    fails(["--sample", f"--out_dir={out}", f"--samples_out={samples_file}/x.jsonl"], f"--samples_out={samples_file}/x.jsonl "
+          f"cannot be written: {samples_file} (", "choose another --samples_out")
     for other in ("ckpt.pt", "log.jsonl"):  # a mistyped name: the run's own files are never written over
         fails(["--sample", f"--out_dir={out}", f"--samples_out={out}/{other}"], "holds no samples")
     sedd.main(["--sample", f"--out_dir={out}", "--steps=2", "--num_samples=1", f"--samples_out={samples_file}"])
