@@ -454,11 +454,12 @@ def main(argv=None):
         if cfg.gen:
             free = torch.full((cfg.seq_len or cfg.block_size,), -1)
             stats.update(trainer.generative_eval(cfg.judge, lambda n: generate(model, cfg, free, n)[0], cfg.num_samples,
-                                                meta, tok, f"{cfg.sampler}, {cfg.steps} steps", cfg.samples_in,
-                                                next(model.parameters()).device))
+                                                meta, tok, f"{cfg.sampler}, {cfg.steps} steps, temperature {cfg.temperature}, "
+                                                f"top_p {cfg.top_p}", cfg.samples_in, next(model.parameters()).device))
         trainer.log_json(os.path.join(common.out_dir(cfg, "mdlm"), "log.jsonl"),
                         {"eval_full": stats, "iter": ckpt["iter"], "t_samples": cfg.eval_t_samples,
-                         "init_from": cfg.init_from or None})  # the weights scored, where not this folder's
+                         "init_from": cfg.init_from or None,  # the weights scored, where not this folder's
+                         **({"gen_settings": hub.sample_settings(cfg, "mdlm")} if cfg.gen and not cfg.samples_in else {})})
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ enumerable toy, the agreement with MDLM's ancestral step, learning on a toy lang
 import contextlib
 import dataclasses
 import itertools
+import json
 import math
 import os
 import re
@@ -800,8 +801,11 @@ def test_cli_bad_inputs(char_data, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(trainer, "read_judge", lambda *a: None)
     shapes = []
     monkeypatch.setattr(trainer, "generative_eval", lambda judge, gen, n, *a: shapes.append(gen(n).shape) or {})
-    sedd.main(["--eval", "--gen", f"--out_dir={out}", "--seq_len=40", "--steps=2", "--num_samples=2"])
+    sedd.main(["--eval", "--gen", f"--out_dir={out}", "--seq_len=40", "--steps=2", "--num_samples=2", "--top_p=0.9"])
     assert shapes == [(2, 40)]
+    record = json.loads(open(os.path.join(out, "log.jsonl")).readlines()[-1])  # how the judged samples were drawn
+    assert {k: record["gen_settings"][k] for k in ("sampler", "steps", "seq_len", "top_p")} == {
+        "sampler": "analytic", "steps": 2, "seq_len": 40, "top_p": 0.9}
     fails(["--sample", f"--out_dir={out}", "--n_embd=64"], "n_embd")
     reads, real = [], common.load_checkpoint  # sedd.load inspects the checkpoint's config, then loads it: one read
     monkeypatch.setattr(trainer, "load_checkpoint", lambda *a: reads.append(a) or real(*a))
