@@ -238,7 +238,7 @@ def test_prefix_and_suffix_keep_the_row_layout():
     assert t[:2].tolist() == [0, 4] and (t[2:] == -1).all()
     with pytest.raises(SystemExit, match="--suffix needs --length"):
         D.infill_template(tok, tiny_cfg(suffix="."))
-    with pytest.raises(SystemExit, match="more than the 3-token"):
+    with pytest.raises(SystemExit, match="more than the 3-token sequence; shorten them or raise --length"):  # its limit
         D.infill_template(tok, tiny_cfg(prefix="The Eagle is", suffix=".", length=4))
     t = D.infill_template(tok, tiny_cfg(prefix="The", suffix=".", rows=False))
     assert t[0] == 4 and t[-1] == 7 and (t[1:-1] == -1).all()
