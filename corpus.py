@@ -482,8 +482,8 @@ def check_tokenizer(path, meta):
             here = json.load(f)
     if any(here.get(k) != meta.get(k) for k in TOKENIZER_KEYS):
         same = " (the same size, other symbols)" if tokenizer_name(here) == tokenizer_name(meta) else ""
-        die(f"{path} has a {tokenizer_name(here)} but the model was trained on a {tokenizer_name(meta)}{same}; "
-            f"use the dataset it was trained on")
+        die(f"{path} has a {tokenizer_name(here)} but the model was trained on a {tokenizer_name(meta)}{same}; use the "
+            "dataset it was trained on" + (f", which `{meta['command']}` prepared" if meta.get("command") else ""))
     return here
 
 

@@ -188,7 +188,8 @@ def resume_from(path, method, cfg, meta, model, ema_model, opt, batches, rank, w
         die(f"{path} lacks {', '.join(missing)}, so it cannot be resumed; sample from it, or start over with --overwrite")
     saved = ckpt["config"]  # its data, as the message below names it to resume with:
     own = f"--dataset={saved.get('dataset')}" + ("" if "data_dir" not in saved else f" --data_dir={saved['data_dir']}"
-                                                 if saved["data_dir"] else " without --data_dir")
+                                                 if saved["data_dir"] else " without --data_dir") + (
+        f", which `{ckpt['meta']['command']}` prepared" if ckpt["meta"].get("command") else "")  # a folder since re-prepared
     # data: ddpm's points, a toy's name or an .npy file (by its contents where both know them: it may have moved)
     for k in TOKENIZER_KEYS + (("sha256",) if "sha256" in ckpt["meta"] and "sha256" in meta else ("data",)):
         if ckpt["meta"].get(k) != meta.get(k):

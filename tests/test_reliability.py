@@ -253,7 +253,8 @@ def test_resume_keeps_the_runs_settings(run6, tmp_path):
     json.dump(meta, open(other / "meta.json", "w"))
     one_line_error(run_cli(["mdlm.py", "--train", "--resume", f"--out_dir={out}", "--max_iters=12",
                             f"--data_dir={other}"], check=False), "with other symbols",
-                   f"resume with the run's own data (--dataset=shakespeare_char --data_dir={data})")
+                   f"resume with the run's own data (--dataset=shakespeare_char --data_dir={data}, which `python ",
+                   "data/shakespeare_char/prepare.py", "` prepared)")  # the command that prepares it again
     cfg = common.parse_args(M.Config, ["--eval", f"--out_dir={out}", "--dataset=text8"])[1]
     assert cfg.dataset == "text8" and cfg.data_dir == ""
     with pytest.raises(SystemExit, match="the run being resumed has --dataset=shakespeare_char"):  # its data is the run's
@@ -285,7 +286,7 @@ def test_resume_keeps_the_runs_settings(run6, tmp_path):
     common.RESUMED.clear()  # read for runs this test does not train
 
 
-def test_a_rank_the_checkpoint_has_no_streams_for_draws_its_own(run6):
+def test_a_rank_the_checkpoint_has_no_streams_for_draws_its_own(run6, capsys):
     """A one-process run resumed by two: rank 1 keeps the streams seeded for it, where it used to copy rank 0's
     (both ranks then drew the same batches and noise, and DDP averaged two equal gradients)."""
     src, data = run6
@@ -298,8 +299,10 @@ def test_a_rank_the_checkpoint_has_no_streams_for_draws_its_own(run6):
         ema, opt = M.build_model(cfg, ckpt["meta"]), trainer.make_optimizer(model, cfg, torch.device("cpu"))
         batches = corpus.Batches(cfg, ckpt["meta"], seed=cfg.seed + 1000 * rank)
         fresh = batches.gen.get_state()
-        assert trainer.resume_from(path, "mdlm", cfg, ckpt["meta"], model, ema, opt, batches, rank, torch.device("cpu"))[0] == 6
+        assert trainer.resume_from(path, "mdlm", cfg, ckpt["meta"], model, ema, opt, batches, rank, 2, torch.device("cpu"))[0] == 6
         assert torch.equal(batches.gen.get_state(), ckpt["data_rng"][0] if rank == 0 else fresh)
+        said = capsys.readouterr().out  # rank 0 says that a step's batch doubles, and that rank 1 draws fresh streams
+        assert ("a step's batch is 2 x 4 x 1" in said and "was 1 x 4 x 1; ranks 1 and up draw fresh" in said) == (rank == 0), said
     assert not torch.equal(fresh, ckpt["data_rng"][0])
 
 
@@ -316,7 +319,7 @@ def test_resume_on_another_device_kind_takes_that_devices_adamw(run6, tmp_path):
     cfg = M.Config(**{**ckpt["config"], "resume": True, "max_iters": 9})
     model = M.build_model(cfg, ckpt["meta"])
     ema, opt = M.build_model(cfg, ckpt["meta"]), trainer.make_optimizer(model, cfg, torch.device("cpu"))
-    trainer.resume_from(path, "mdlm", cfg, ckpt["meta"], model, ema, opt, corpus.Batches(cfg, ckpt["meta"], 0), 0,
+    trainer.resume_from(path, "mdlm", cfg, ckpt["meta"], model, ema, opt, corpus.Batches(cfg, ckpt["meta"], 0), 0, 1,
                         torch.device("cpu"))
     assert all(g["foreach"] and not g["fused"] for g in opt.param_groups), opt.param_groups[0]
     saved = ckpt["optimizer"]["state"][0]
@@ -361,7 +364,7 @@ def test_resume_on_other_text_of_the_same_tokenizer_is_refused(run6, tmp_path):
     corpus.write_split(str(other), ids[::-1][:50_000], ids[:5_000], {k: meta[k] for k in corpus.TOKENIZER_KEYS if k in meta})
     r = run_cli(mdlm(out, other, "--max_iters=9", "--resume"), check=False)
     one_line_error(r, "was trained on other text than", "(its train.bin differs); resume with the run's own data "
-                   f"(--dataset=shakespeare_char --data_dir={data})")
+                   f"(--dataset=shakespeare_char --data_dir={data}, which `python ")
 
 
 def test_a_diverged_judge_scores_an_infinite_perplexity(monkeypatch, capsys):
