@@ -444,13 +444,14 @@ def main(argv=None):
         print(f"{what} NELBO {stats['val_nelbo']:.4f} nats/token | {stats['val_bits']:.4f} bits/token | "
               f"perplexity <= {stats['val_ppl']:.3f} ({cfg.eval_t_samples} time samples per sequence)")
         if meta["tokenizer"] != "gpt2":  # BPE samples are made of vocabulary pieces by construction
-            samples, _ = generate(model, cfg, torch.full((cfg.block_size,), -1), cfg.num_samples)
+            texts = hub.read_samples(cfg.samples_in)[0] if cfg.samples_in else [tok.decode(x) for x in generate(
+                model, cfg, torch.full((cfg.block_size,), -1), cfg.num_samples)[0].tolist()]  # --gen judges the same ones
             # a bounded slice of the training text: the statistic must not cost a pass over a large corpus
             train_text = "\n".join(map(tok.decode, corpus.Batches(cfg, meta, cfg.seed).slices("train", 1 << 20)))
-            share, n = word_overlap([tok.decode(x) for x in samples.tolist()], train_text)
+            share, n = word_overlap(texts, train_text)
             stats["sample_words_in_train"] = share
             print(f"samples: {100 * share:.1f}% of {n} generated words occur in the training text "
-                  f"({cfg.num_samples} samples, {cfg.steps} steps)")
+                  f"({f'from {cfg.samples_in}' if cfg.samples_in else f'{cfg.num_samples} samples, {cfg.steps} steps'})")
         if cfg.gen:
             free = torch.full((cfg.seq_len or cfg.block_size,), -1)
             stats.update(trainer.generative_eval(cfg.judge, lambda n: generate(model, cfg, free, n)[0], cfg.num_samples,

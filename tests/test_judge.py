@@ -199,6 +199,7 @@ def test_cli_sample_to_file_then_judge_it(judge_dir, char_data, tmp_path):
                  "--eval_t_samples=1", "--device=cpu"], env={**OFFLINE, "HF_HUB_OFFLINE": "1", "DIFFLM_DATA": shared_data()})
     line = [x for x in r.stdout.splitlines() if x.startswith("gen: NLL")]
     assert line and f"from {f}" in line[0] and "3 samples" in line[0], r.stdout[-2000:]
+    assert f"generated words occur in the training text (from {f})" in r.stdout  # the judged samples, none drawn anew
     nll = float(line[0].split("gen: NLL ")[1].split()[0])
     ent = float(line[0].split("unigram entropy ")[1].split()[0])
     assert math.isfinite(nll) and nll > 0 and ent > 0
