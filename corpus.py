@@ -267,8 +267,9 @@ def read_utf8(path, flag="--input"):
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
+        utf16 = raw[:2] in (b"\xff\xfe", b"\xfe\xff")  # its byte-order mark
         die(f"{path} is not UTF-8: byte {e.start:,} (0x{raw[e.start]:02x}) {e.reason}; "
-            "convert it first, e.g. iconv -f latin1 -t utf-8")
+            f"convert it first, e.g. iconv -f {'utf-16' if utf16 else 'latin1'} -t utf-8")
     text = text.removeprefix("\ufeff")  # a byte-order mark is not part of the text
     if not text.strip():
         die(f"{path} holds no text")

@@ -617,7 +617,7 @@ def control_eval(model, clf, tok, cfg, asked):
 def build_model(cfg, meta):
     if meta.get("tokenizer") != "word":
         common.die(f"Diffusion-LM works on words; --dataset={cfg.dataset} has a {meta.get('tokenizer')} tokenizer "
-                   "(use --dataset=e2e or --dataset=shakespeare_word)")
+                   "(use --dataset=e2e or shakespeare_word, or prepare your text with data/text/prepare.py --tokenizer=word)")
     return DiffusionLM(cfg, meta["vocab_size"])
 
 

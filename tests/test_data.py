@@ -268,6 +268,14 @@ def test_own_text_bad_input_is_one_line(tmp_path, monkeypatch, args, message):
     assert str(bad) in msg or "UTF-8" not in message
 
 
+def test_a_utf16_file_is_named_as_one(tmp_path):
+    """A UTF-16 file (Windows' "Unicode") got the hint iconv -f latin1, which turns it into text of NUL bytes."""
+    (tmp_path / "u16.txt").write_bytes("h\u00e9llo world\n".encode("utf-16"))
+    fails(lambda: corpus.read_utf8(str(tmp_path / "u16.txt"), "--input"), "is not UTF-8", "iconv -f utf-16 -t utf-8")
+    (tmp_path / "latin1.txt").write_bytes("h\u00e9llo world\n".encode("latin-1"))
+    fails(lambda: corpus.read_utf8(str(tmp_path / "latin1.txt"), "--input"), "iconv -f latin1 -t utf-8")
+
+
 def test_word_vocabulary_keeps_words_seen_min_count_times():
     """--min_count=N keeps a word seen N times (not only more often); punctuation is one token per character."""
     assert corpus.WordTokenizer.split("Hi!! ok...") == ["Hi", "!", "!", "ok", ".", ".", "."]
