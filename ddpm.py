@@ -637,6 +637,8 @@ def main(argv=None):
             return
     if "sample" in verbs:
         cfg, model, data, betas, _ = load(overrides)
+        if "var" in overrides and cfg.sampler == "ddim" and "eval" not in verbs:  # --eval's bound reads it
+            common.die("--var is the ancestral sampler's variance; DDIM's noise is --eta: drop --var or use --sampler=ancestral")
         strip, shown = [], set()
         if cfg.show:  # x_t at a few paper steps on the way down
             seq = step_sequence(cfg.T, cfg.steps, cfg.timesteps)

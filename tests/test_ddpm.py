@@ -531,6 +531,8 @@ def test_npy_train_sample_eval_and_stats_in_checkpoint(tmp_path):
     with pytest.raises(SystemExit, match="--eta is the noise of DDIM, not of the ancestral sampler"):
         ddpm.main(["--sample", "--eta=1", f"--out_dir={out}"])
     np.save(moved, arr)
+    with pytest.raises(SystemExit, match="--var is the ancestral sampler's variance; DDIM's noise is --eta"):  # it was ignored
+        ddpm.main(["--sample", "--sampler=ddim", "--var=posterior", f"--out_dir={out}", f"--dataset={moved}"])
     ckpt = ddpm.common.load_checkpoint(os.path.join(out, "ckpt.pt"), "ddpm")  # an older run saved an eta its
     ckpt["config"].update(eta=0.5, sampler="ancestral")  # ancestral sampler never read: it still evaluates
     ddpm.common.save_checkpoint(os.path.join(out, "ckpt.pt"), ckpt)
