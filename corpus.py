@@ -519,7 +519,7 @@ class Batches:
         for split in ("train", "val"):
             n = here[f"{split}_tokens"]
             if n < self.block:
-                die(f"the {split} split has {n} tokens, fewer than block_size={self.block}; lower --block_size")
+                die(f"the {split} split has {n} tokens, fewer than block_size={self.block}; lower --block_size or give the split more text")
 
     def data(self, split):
         # a fresh memmap per call avoids holding the file open (nanoGPT's leak workaround)
@@ -539,7 +539,7 @@ class Batches:
         data = self.data(split)
         n = len(data) // self.block  # a window is scored whole, from BOS: the last full one counts too
         if n == 0:
-            die(f"the {split} split has {len(data)} tokens, fewer than block_size={self.block}; lower --block_size")
+            die(f"the {split} split has {len(data)} tokens, fewer than block_size={self.block}; lower --block_size or give the split more text")
         windows = data[:n * self.block].reshape(n, self.block)  # (n, L), still on disk
         return Lazy(range(0, n, batch_size), lambda b: torch.from_numpy(windows[b:b + batch_size].astype(np.int64)))
 

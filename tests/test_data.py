@@ -716,7 +716,8 @@ def test_random_windows_reach_the_last_token_and_a_split_of_one_block_is_enough(
     batches = corpus.Batches(cfg_for(tmp_path, block_size=2), meta, 0)
     starts = {int(x[0]) for x in batches.get("train", 400)}
     assert starts == set(range(10)) and {int(x[0]) for x in batches.get("val", 50)} == {8}  # val: its one window
-    fails(lambda: corpus.Batches(cfg_for(tmp_path, block_size=3), meta, 0), "the val split has 2 tokens, fewer than block_size=3")
+    fails(lambda: corpus.Batches(cfg_for(tmp_path, block_size=3), meta, 0), "the val split has 2 tokens, fewer than block_size=3",
+          "lower --block_size or give the split more text")  # a split of a token or two is the text's fault, not the block's
 
 
 def test_a_test_split_of_an_earlier_prepare_is_not_read(tmp_path):
