@@ -615,7 +615,7 @@ def conditioning(tokenizer, cfg, length, rows=False):
         die("--suffix needs --length=N, the position of the </s> it ends before (one text per row)")
     if len(pre) + len(suf) > end - start:
         die(f"--prefix and --suffix take {len(pre) + len(suf)} tokens, more than the {end - start}-token sequence; shorten them"
-            + (" or raise --seq_len" if not rows else f" or raise --length" if end < length else ""))  # rows: diffusion_lm.py
+            + (" or raise --seq_len" if not rows else " or raise --length" if end < length else ""))  # rows: diffusion_lm.py
     fixed = torch.full((length,), -1, dtype=torch.long)
     fixed[start:start + len(pre)] = torch.tensor(pre, dtype=torch.long)
     if suf:
