@@ -87,6 +87,9 @@ class WordTokenizer:
         return " ".join(w for w in out if w not in ("<pad>",))
 
 
+GPT2_VOCAB = 50257  # its BPE tokens, the last one <|endoftext|>
+
+
 def gpt2_encoding():
     """tiktoken's GPT-2 BPE, from local files under $DIFFLM_DATA/gpt2 when present (offline)."""
     import tiktoken
@@ -100,7 +103,7 @@ def gpt2_encoding():
                 vocab_bpe_hash="1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
                 encoder_json_hash="196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783")
             return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                                     special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
+                                     special_tokens={"<|endoftext|>": GPT2_VOCAB - 1}, explicit_n_vocab=GPT2_VOCAB)
         except Exception as e:  # a copy cut short or edited: its parse or tiktoken's own checks fail
             die(f"the GPT-2 BPE files in {local} are damaged ({type(e).__name__}); copy gpt2/vocab.bpe and "
                 f"gpt2/encoder.json there again")
@@ -352,7 +355,7 @@ def load_meta(cfg):
         die(f"{path} lacks {', '.join(missing) or 'a valid dtype or files entry'} (written by an older "
             f"difflm or by hand); re-prepare: {reprepare_command(cfg, meta if isinstance(meta, dict) else None)}")
     kind = meta.get("tokenizer")  # what the samplers decode with: checked before a model trains on it
-    size = {"char": len(meta.get("chars") or ()), "word": len(meta.get("words") or ()), "gpt2": 50257}.get(kind)
+    size = {"char": len(meta.get("chars") or ()), "word": len(meta.get("words") or ()), "gpt2": GPT2_VOCAB}.get(kind)
     if meta["vocab_size"] != size:
         die(f"{path} gives " + (f"tokenizer {kind!r}" if size is None else f"vocab_size {meta['vocab_size']} for {size} "
             f"{kind} tokens") + "; meta.json needs tokenizer char (with its chars), word (with its words) or gpt2, and "
@@ -470,6 +473,12 @@ def check_sources(path, meta):
 TOKENIZER_KEYS = ("tokenizer", "vocab_size", "chars", "words")  # what a model's token ids mean
 
 
+def prepared_by(meta):
+    """", which `COMMAND` prepared": the command a model's meta.json kept (a refusal names it: the folder may since
+    hold another prepare's data), or nothing."""
+    return f", which `{meta['command']}` prepared" if meta.get("command") else ""
+
+
 def tokenizer_name(meta):
     return f"{meta.get('tokenizer', 'no')} tokenizer with {meta.get('vocab_size', '?')} tokens"
 
@@ -484,7 +493,7 @@ def check_tokenizer(path, meta):
     if any(here.get(k) != meta.get(k) for k in TOKENIZER_KEYS):
         same = " (the same size, other symbols)" if tokenizer_name(here) == tokenizer_name(meta) else ""
         die(f"{path} has a {tokenizer_name(here)} but the model was trained on a {tokenizer_name(meta)}{same}; use the "
-            "dataset it was trained on" + (f", which `{meta['command']}` prepared" if meta.get("command") else ""))
+            "dataset it was trained on" + prepared_by(meta))
     return here
 
 

@@ -37,7 +37,7 @@ from common import die, token_nll, write_file
 
 CONFIG = "config.json"
 WEIGHTS = ("model.safetensors", "pytorch_model.bin")
-GPT2_META = {"tokenizer": "gpt2", "vocab_size": 50257, "eot": 50256}
+GPT2_META = {"tokenizer": "gpt2", "vocab_size": corpus.GPT2_VOCAB, "eot": corpus.GPT2_VOCAB - 1}
 
 
 @dataclasses.dataclass

@@ -32,7 +32,7 @@ from common import (PER_COMMAND, RESUMED, TextConfig, Transformer, autocast, con
                     out_dir, save_checkpoint, token_nll, write_file)
 import difflm_ops
 import hub
-from corpus import TOKENIZER_KEYS, Batches, data_path, get_tokenizer, prepare_data, tokenizer_name
+from corpus import TOKENIZER_KEYS, Batches, data_path, get_tokenizer, prepare_data, prepared_by, tokenizer_name
 
 
 def print_config(cfg):
@@ -188,8 +188,7 @@ def resume_from(path, method, cfg, meta, model, ema_model, opt, batches, rank, w
         die(f"{path} lacks {', '.join(missing)}, so it cannot be resumed; sample from it, or start over with --overwrite")
     saved = ckpt["config"]  # its data, as the message below names it to resume with:
     own = f"--dataset={saved.get('dataset')}" + ("" if "data_dir" not in saved else f" --data_dir={saved['data_dir']}"
-                                                 if saved["data_dir"] else " without --data_dir") + (
-        f", which `{ckpt['meta']['command']}` prepared" if ckpt["meta"].get("command") else "")  # a folder since re-prepared
+                                                 if saved["data_dir"] else " without --data_dir") + prepared_by(ckpt["meta"])
     # data: ddpm's points, a toy's name or an .npy file (by its contents where both know them: it may have moved)
     for k in TOKENIZER_KEYS + (("sha256",) if "sha256" in ckpt["meta"] and "sha256" in meta else ("data",)):
         if ckpt["meta"].get(k) != meta.get(k):
