@@ -563,7 +563,7 @@ def write_file(path, content, fix):
     except BaseException as e:  # a failed or interrupted write leaves no partial tmp file behind
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        e = (e.__context__ or e) if isinstance(e, RuntimeError) else e  # torch's zip writer reports a full disk, or Ctrl-C, so
+        e = (e.__context__ or e) if isinstance(e, RuntimeError) else e  # torch's zip writer wraps a full disk, and Ctrl-C
         if not isinstance(e, (OSError, RuntimeError)):
             raise e
         die(f"cannot write {path}: {getattr(e, 'strerror', None) or e}; {fix}")

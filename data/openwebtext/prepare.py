@@ -37,7 +37,7 @@ import corpus  # noqa: E402
 
 HF_DATASET = "Skylion007/openwebtext"
 VAL_DOCS = 100_000  # MDLM: load_dataset('openwebtext', split='train[-100000:]') is validation
-EOT = 50256
+EOT = corpus.GPT2_VOCAB - 1  # <|endoftext|>, after each document
 DOCS_PER_TASK = 256  # documents tokenised per worker call
 SPLITS = ("train", "val")
 
