@@ -8,6 +8,7 @@ check_doc() reads one markdown file (README.md, docs/*.md) and returns its probl
   - a --flag in a command (`python X.py ...`, `torchrun ... X.py ...`, in a code block or an inline
     code span) that X.py does not take, and a --flag in the flags table of docs/<method>.md that
     <method>.py does not take;
+  - a method command the method's own checks refuse (`--stride` with `--train` only, `--steps=0`);
   - a Config key (`mdlm.Config.steps`, `Config.steps` in docs/mdlm.md) that the Config lacks;
   - a `module.name` (`common.Transformer`) that the module does not define at its top level.
 What a script takes is read from its own --help, run in this process: the config keys a method file
@@ -17,14 +18,19 @@ import ast
 import contextlib
 import functools
 import glob
+import importlib
 import io
 import os
 import re
 import runpy
 import shlex
 import sys
+import tempfile
 
 import pytest
+import torch
+
+import common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ("ddpm", "diffusion_lm", "mdlm", "sedd", "diffuser", "ar")
@@ -75,6 +81,27 @@ def accepted_flags(script, sub=""):
         return keys | verbs | {"help"}
     opts = re.findall(r"^\s+(?:-\w[ ,]+)?--([A-Za-z][\w-]*)", text, re.M)  # argparse's option lines
     return set(opts) | {"help"}
+
+
+@functools.lru_cache(maxsize=None)
+def refusal(script, args):
+    """The one line a method file's own checks (parse_args, then check_config: before any data or checkpoint is read)
+    answer `python script *args` with, or None when they pass it. A --resume, which needs a run to resume, and a
+    placeholder value (--steps=N) are not tried."""
+    name = os.path.splitext(script)[0]
+    if name not in METHODS or "--resume" in args or any(re.fullmatch(r"--\w+=[A-Z]+", a) for a in args):
+        return None
+    known = tuple(re.findall(r"--(\w+)", re.search(r"^verbs: (.*)$", help_text(script), re.M).group(1)))
+    module, here = importlib.import_module(name), os.getcwd()
+    with tempfile.TemporaryDirectory() as empty, torch.random.fork_rng(devices=[]):
+        os.chdir(empty)  # no out/<method>/ckpt.pt of an earlier run here decides the config
+        try:
+            module.check_config(common.parse_args(module.Config, list(args), known)[1])
+        except SystemExit as e:
+            return str(e) if e.code else None  # --help exits with 0
+        finally:
+            os.chdir(here)
+    return None
 
 
 @functools.lru_cache(maxsize=None)
@@ -205,11 +232,12 @@ def check_code(code, doc, problems, flags_of):
             if ok is None:
                 problems.append(f"{doc}: `{where}` names a file that does not exist")
                 continue
-            for a in args:
-                if a.startswith("--"):
-                    name = a[2:].split("=", 1)[0]
-                    if not {name, name.replace("-", "_"), name.replace("_", "-")} & ok:
-                        problems.append(f"{doc}: `{where}` does not take --{name}")
+            unknown = [name for name in (a[2:].split("=", 1)[0] for a in args if a.startswith("--"))
+                       if not {name, name.replace("-", "_"), name.replace("_", "-")} & ok]
+            problems.extend(f"{doc}: `{where}` does not take --{name}" for name in unknown)
+            why = None if unknown or flags_of is not accepted_flags else refusal(script, tuple(args))
+            if why:
+                problems.append(f"{doc}: `{where} {' '.join(args)}` is refused: {why}")
         for path in PATH_RE.findall(line):
             if path.startswith("out/") or set(re.split(r"[/.]", path)) & PLACEHOLDERS:
                 continue  # a run's output, or a placeholder such as NAME/ or FILE.py
@@ -338,16 +366,19 @@ def test_checker_catches_flags_files_keys_and_names():
         "# Title", "## Using it", "",
         "```", "python mdlm.py --train --steps=64 --no_such_flag=1   # --not_checked in a comment",
         "torchrun --standalone --nproc_per_node=2 sedd.py --train \\", "    --graph=uniform --no_such_graph=1",
-        "python nosuch.py --train", "python bench.py kernels --sizes=1,2,3 --no_such_option", "```",
+        "python nosuch.py --train", "python bench.py kernels --sizes=1,2,3 --no_such_option",
+        "python mdlm.py --train --stride=4", "python sedd.py --sample --steps=0 && python sedd.py --help", "```",
         "Run `python ar.py --sample --also_missing=2`; read `tests/test_nosuch.py` and `tests/test_docs.py`.",
         "`mdlm.Config.steps` exists, `mdlm.Config.no_such_key` does not; `common.Transformer`, `common.no_such_fn`.",
         "## Flags", "| flag | meaning |", "|---|---|", "| `--steps` | steps |", "| `--no_flag_here` | none |",
     ])
     problems = "\n".join(check_doc(doc, "docs/mdlm.md"))
     for bad in ("--no_such_flag", "--no_such_graph", "nosuch.py", "--no_such_option", "--also_missing",
-                "tests/test_nosuch.py", "no_such_key", "common.no_such_fn", "--no_flag_here"):
+                "tests/test_nosuch.py", "no_such_key", "common.no_such_fn", "--no_flag_here",
+                "--train --stride=4` is refused: error: --stride is read by", "--sample --steps=0` is refused: error: --steps=0"):
         assert bad in problems, f"the checker missed {bad}:\n{problems}"
-    for good in ("--steps`", "--graph", "--sizes", "tests/test_docs.py", "'steps'", "common.Transformer", "not_checked"):
+    for good in ("--steps`", "--graph", "--sizes", "tests/test_docs.py", "'steps'", "common.Transformer", "not_checked",
+                 "--help", "--train --steps=64"):
         assert good not in problems, f"the checker flagged {good}, which exists:\n{problems}"
 
 
