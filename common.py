@@ -154,7 +154,7 @@ def parse_args(config_cls, argv=None, known=VERBS):
         sys.exit(0)
     for arg in argv:
         if not arg.startswith("--"):
-            die(f"unexpected argument {arg!r}; use --train, --sample, --eval or --key=value")
+            die(f"unexpected argument {arg!r}; use {', '.join('--' + v for v in known)} or --key=value")
         key, eq, value = arg[2:].partition("=")
         key = key.replace("-", "_")
         if key in known and not eq:

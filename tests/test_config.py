@@ -170,6 +170,18 @@ def test_sampling_keys_without_a_verb_that_samples_are_refused(tmp_path):
         assert common.parse_args(sedd.Config, verbs + ["--steps=64", f"--out_dir={tmp_path}"])[1].steps == 64
 
 
+def test_a_bare_word_a_missing_verb_and_a_missing_gpu_are_refused(monkeypatch):
+    """The line for a word without -- listed --train, --sample and --eval for diffusion_lm.py too, which also
+    takes --train_classifier; each method's lines name its own verbs."""
+    assert "unexpected argument 'sample'; use --train, --sample, --eval or --key=value" in refused("mdlm", ["sample"])
+    assert "use --train, --sample, --eval, --train_classifier or --key=value" in refused("diffusion_lm", ["train"])
+    assert "say what to do: --train, --sample or --eval (plus --key=value overrides)" in refused("sedd", ["--lr=0.01"])
+    assert "say what to do: --train, --sample, --eval or --train_classifier" in refused("diffusion_lm", ["--lr=0.01"])
+    monkeypatch.setattr(common.torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "cuda:0"):
+        assert f"--device={device} but this torch sees no GPU; use --device=cpu" in refused("ar", ["--train", f"--device={device}"])
+
+
 def test_under_torchrun_only_training_runs_and_each_rank_takes_its_gpu(tmp_path, monkeypatch):
     """--sample and --eval under torchrun: every rank repeated the whole work and logged it again. A rank's
     device is its LOCAL_RANK's GPU under --device=cuda as under auto (cuda put every rank on GPU 0)."""
