@@ -402,12 +402,13 @@ def check_data(cfg, meta):
         os.replace(tmp, stamp)
 
 
-def load_jsonl(path, meta):
-    """One JSON record per line (the E2E examples data/e2e/prepare.py writes beside the token files), whose
-    ids must mean what they meant to the model of meta."""
+def load_jsonl(cfg, name, meta):
+    """<name>.jsonl of cfg's data folder: one JSON record per line (the E2E examples data/e2e/prepare.py writes beside
+    the token files), whose ids must mean what they meant to the model of meta."""
+    path = os.path.join(data_path(cfg), f"{name}.jsonl")
     check_tokenizer(os.path.dirname(path), meta)
     if not os.path.isfile(path):
-        die(f"missing {path}; re-prepare the dataset (python data/e2e/prepare.py, or delete meta.json beside it)")
+        die(f"missing {path}; re-prepare the folder: {reprepare_command(cfg, meta)}")
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 

@@ -298,7 +298,7 @@ class EditBatches:
         self.examples, self.streams = {}, {}
         for split, name in (("train", "train"), ("val", "valid")):
             if self.seq2seq:
-                exs = [(e["src"], e["text"]) for e in corpus.load_jsonl(os.path.join(path, f"{name}.jsonl"), meta)
+                exs = [(e["src"], e["text"]) for e in corpus.load_jsonl(cfg, name, meta)
                        if len(e["text"]) <= cfg.max_len]
                 if not exs:
                     common.die(f"no {split} example fits --max_len={cfg.max_len}; raise it")
@@ -553,7 +553,7 @@ def evaluate(model, batches, cfg):
 def validation_mrs(cfg, meta, limit=0, split="val"):
     """Distinct MRs of the validation (or test) split in file order: [(src ids, [reference strings])]."""
     groups = {}
-    for e in corpus.load_jsonl(os.path.join(corpus.data_path(cfg), f"{'valid' if split == 'val' else split}.jsonl"), meta):
+    for e in corpus.load_jsonl(cfg, 'valid' if split == 'val' else split, meta):
         groups.setdefault(tuple(e["src"]), []).append(e["ref"])
     return list(groups.items())[:limit or None]
 

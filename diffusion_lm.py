@@ -239,11 +239,10 @@ class Rows:
     """E2E texts as <s> w ... </s> PAD ..., one per row (cut at block_size); .get like corpus.Batches."""
 
     def __init__(self, cfg, meta):
-        path = corpus.data_path(cfg)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.rows, self.mrs = {}, {}
         for split, name in (("train", "train"), ("val", "valid"), ("test", "test")):
-            exs = corpus.load_jsonl(os.path.join(path, f"{name}.jsonl"), meta)
+            exs = corpus.load_jsonl(cfg, name, meta)
             self.rows[split] = pad_rows([e["text"] for e in exs], cfg.block_size)
             self.mrs[split] = [e["mr"] for e in exs]
 
@@ -344,14 +343,11 @@ def classifier_loss(clf, embed, w, y, T, ab):
 
 def train_classifier(cfg, model, meta):
     """Train p_phi(c | x_t, t) on E2E's MR fields with the language model's (frozen) embeddings."""
-    path = os.path.join(corpus.data_path(cfg), "train.jsonl")
     if not meta.get("seq2seq"):  # meta: the model's
         common.die(f"--train_classifier needs E2E's meaning representations: a model trained on --dataset=e2e, not on "
                    f"the data in {corpus.data_path(cfg)}")
     corpus.prepare_data(cfg, meta)  # a folder moved or never prepared here: prepared, or named
-    if not os.path.isfile(path):
-        common.die(f"no {path} (E2E's meaning representations); prepare the folder with python data/e2e/prepare.py")
-    device, exs = next(model.parameters()).device, corpus.load_jsonl(path, meta)
+    device, exs = next(model.parameters()).device, corpus.load_jsonl(cfg, "train", meta)
     fields = classifier_fields([e["mr"] for e in exs])
     rows = pad_rows([e["text"] for e in exs], cfg.block_size)
     y = classifier_labels([e["mr"] for e in exs], fields)

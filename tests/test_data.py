@@ -367,7 +367,7 @@ def test_e2e_lines_break_at_newlines_only(tmp_path):
     for split in ("train", "valid", "test"):
         (e2e / f"src1_{split}.txt").write_text(line * 3, encoding="utf-8", newline="")
     run_cli(["data/e2e/prepare.py", f"--input_dir={e2e}", f"--out_dir={tmp_path / 'e'}", "--min_count=1"])
-    rows = corpus.load_jsonl(str(tmp_path / "e" / "train.jsonl"), json.load(open(tmp_path / "e" / "meta.json")))
+    rows = corpus.load_jsonl(cfg_for(tmp_path / "e"), "train", json.load(open(tmp_path / "e" / "meta.json")))
     assert len(rows) == 3 and rows[0]["ref"] == "The Eagle serves French food ."
 
 
@@ -392,7 +392,7 @@ def test_e2e_splits_go_to_their_own_files(tmp_path):
     assert read("train.bin") == "<s> A serves French food . </s> " * 2 + "<s> A serves French food . </s>"
     assert read("val.bin") == "<s> <unk> serves <unk> food . </s> <s> <unk> <unk> <unk> . </s>"
     assert read("test.bin") == "<s> <unk> serves <unk> food . </s>"
-    rows = corpus.load_jsonl(str(out / "valid.jsonl"), meta)
+    rows = corpus.load_jsonl(cfg_for(out), "valid", meta)
     assert [r["ref"] for r in rows] == ["B serves Thai food .", "B is Thai ."] and rows[0]["mr"] == {"name": "B", "food": "Thai"}
 
 
@@ -687,6 +687,20 @@ def test_sequential_windows_cover_the_split(tmp_path):
     assert windows.flatten().tolist() == val.tolist()
 
 
+def test_a_short_test_split_an_unknown_tokenizer_and_missing_files_are_one_line(tmp_path):
+    """What the checks at a folder's load cannot see: a test split (read by --eval_split=test alone) shorter
+    than a window, a meta.json naming a tokenizer difflm lacks, E2E rows or an --eval_file that are not there."""
+    ids = np.random.default_rng(0).integers(0, 10, 2000)
+    meta = corpus.write_split(str(tmp_path), ids[:1800], ids[1800:1900], TEN_CHARS, test_ids=ids[1900:1905])
+    batches = corpus.Batches(cfg_for(tmp_path, block_size=8), meta, 0)
+    assert len(batches.sequential("val", 4)) == 3  # 12 windows of 8, 4 a batch
+    fails(lambda: batches.sequential("test", 4), "the test split has 5 tokens, fewer than block_size=8")
+    fails(lambda: corpus.get_tokenizer({**meta, "tokenizer": "bytes"}), "unknown tokenizer 'bytes' in meta.json")
+    fails(lambda: corpus.load_jsonl(cfg_for(tmp_path), "train", meta), f"missing {tmp_path / 'train.jsonl'}; re-prepare the folder: python")
+    fails(lambda: corpus.read_eval_file(str(tmp_path), "wikitext2"), f"--eval_file={tmp_path} is a folder; name a file")
+    fails(lambda: corpus.read_eval_file(str(tmp_path / "no.jsonl"), "wikitext2"), "no.jsonl does not exist")
+
+
 def test_an_eval_pass_says_how_long_it_is(tmp_path, monkeypatch, capsys):
     """A batch job's log read "eval: 335 after 60 s": a full pass over a split had no length, so its line a
     minute said neither the total nor how far it had come. Each kind of --eval data (a split's windows, a
@@ -742,7 +756,7 @@ def test_examples_of_an_earlier_prepare_are_not_read(tmp_path):
     words = {"tokenizer": "word", "words": ["<s>", "</s>", "<pad>", "<unk>"] + list("abcdef"), "vocab_size": 10}
     texts = {f"{s}.jsonl": ['{"src": [4], "text": [5, 6]}\n'] for s in ("train", "valid", "test")}
     corpus.write_split(str(tmp_path), ids[:200], ids[200:250], {**words, "seq2seq": True}, test_ids=ids[250:], texts=texts)
-    assert corpus.load_jsonl(str(tmp_path / "valid.jsonl"), words) == [{"src": [4], "text": [5, 6]}]
+    assert corpus.load_jsonl(cfg_for(tmp_path), "valid", words) == [{"src": [4], "text": [5, 6]}]
     meta = corpus.write_split(str(tmp_path), ids[:200], ids[200:], words)
     assert sorted(os.listdir(tmp_path)) == ["meta.json", "train.bin", "val.bin", "write.lock"]
     cfg = diffusion_lm.Config(data_dir=str(tmp_path), block_size=8)

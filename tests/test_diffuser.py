@@ -6,6 +6,8 @@ import math
 import os
 import types
 import re
+import shlex
+import shutil
 import sys
 
 import numpy as np
@@ -564,6 +566,33 @@ def test_cli_train_sample_eval_and_bad_inputs(e2e_data, tmp_path, monkeypatch):
             D.main(verbs + [f"--data_dir={other}", f"--out_dir={out}", "--steps=1"])
     monkeypatch.setitem(sys.modules, "sacrebleu", None)  # import sacrebleu now raises ImportError
     fails(["--eval", "--eval_mrs=2", "--steps=1"], "BLEU needs sacrebleu")
+
+
+def test_what_cannot_train_or_be_scored_is_one_line(e2e_data, tmp_path, monkeypatch):
+    """Edit batches from characters, from examples longer than --max_len, or from a source that leaves no room
+    in the context for --max_len words; and an unconditional sample stream with no word to score."""
+    meta = corpus.prepare_data(D.Config(data_dir=e2e_data))
+
+    def fails(cfg, meta, message):
+        with pytest.raises(SystemExit) as e:
+            D.EditBatches(cfg, meta, 0)
+        assert str(e.value).startswith("error: ") and message in str(e.value), str(e.value)
+
+    fails(D.Config(data_dir=e2e_data), {**meta, "tokenizer": "char"}, "DiffusER edits words: --dataset=e2e has a char tokenizer")
+    fails(D.Config(data_dir=e2e_data, max_len=1), meta, "example fits --max_len=1; raise it")  # (train holds a one-word text)
+    fails(D.Config(data_dir=e2e_data, block_size=60), meta, "a source plus --max_len=48 needs")
+    fails(D.Config(data_dir=e2e_data, block_size=60), meta, "more than --block_size=60; raise --block_size or lower --max_len")
+    # a folder missing its examples names the command that writes them again, at that folder
+    shutil.copytree(e2e_data, tmp_path / "e2e")
+    os.remove(tmp_path / "e2e" / "valid.jsonl")
+    with pytest.raises(SystemExit) as e:
+        D.validation_mrs(D.Config(data_dir=str(tmp_path / "e2e")), meta)
+    assert str(e.value).startswith(f"error: missing {tmp_path / 'e2e' / 'valid.jsonl'}; re-prepare the folder: python ")
+    run_cli(shlex.split(str(e.value).split("re-prepare the folder: python ", 1)[1]))  # as the line gives it
+    assert len(D.validation_mrs(D.Config(data_dir=str(tmp_path / "e2e")), meta)) > 500
+    monkeypatch.setattr(D, "run_decode", lambda model, cfg, meta, srcs: [types.SimpleNamespace(x=[]) for _ in srcs])
+    with pytest.raises(SystemExit, match="every sample is empty; nothing to score"):
+        D.sample_stream(None, D.Config(), meta, 2)
 
 
 def test_unconditional_word_shakespeare(tmp_path):
