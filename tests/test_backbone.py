@@ -230,6 +230,10 @@ def test_cache_refuses_misuse():
             causal(x, cache=cache)
     with pytest.raises(SystemExit):  # a bidirectional model has no incremental decode
         tiny().new_cache()
+    with pytest.raises(SystemExit, match="pad_mask is for bidirectional Transformers"):  # a causal model pads on the right
+        causal(x, pad_mask=torch.ones(1, 4, dtype=torch.bool))
+    with pytest.raises(SystemExit, match="n_embd=32 must split into n_head=3 heads of even size"):  # rotary turns pairs
+        common.Transformer(11, 1, 3, 32, 16)
 
 
 # ----------------------------------------------------------------------------------------------

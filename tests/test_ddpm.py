@@ -200,6 +200,8 @@ def test_step_sequence():
     assert ddpm.step_sequence(1000, 1) == [999]  # one step denoises pure noise (it was step 0: the noise itself)
     with pytest.raises(SystemExit, match="1..1000"):
         ddpm.step_sequence(1000, 0, "0,5")
+    with pytest.raises(SystemExit, match=re.escape("--timesteps='1,2.5,1000' must be comma-separated integers in 1..1000")):
+        ddpm.step_sequence(1000, 0, "1,2.5,1000")
     with pytest.raises(SystemExit, match="the last 1000"):  # x_T ~ N(0, I) started a chain meant for step 100
         ddpm.step_sequence(1000, 0, "1,10,100")
     with pytest.raises(SystemExit, match="the last 1000"):  # at --train, not at every later --sample of the run
@@ -528,6 +530,9 @@ def test_npy_train_sample_eval_and_stats_in_checkpoint(tmp_path):
     np.save(moved, arr * 5 + 10)
     with pytest.raises(SystemExit, match="moved.npy has changed since the model was trained on it"):
         ddpm.main(["--eval", f"--out_dir={out}", f"--dataset={moved}"])
+    np.save(moved, arr[:, :2])
+    with pytest.raises(SystemExit, match="moved.npy has 2 dimensions but the checkpoint was trained on 3"):
+        ddpm.main(["--eval", f"--out_dir={out}", f"--dataset={moved}"])
     with pytest.raises(SystemExit, match="--eta is the noise of DDIM, not of the ancestral sampler"):
         ddpm.main(["--sample", "--eta=1", f"--out_dir={out}"])
     np.save(moved, arr)
@@ -580,7 +585,7 @@ def test_a_constant_dimension_is_drawn_without_a_warning(tmp_path):
 # bad inputs go through main(argv), the CLI's own entry point, in-process (no interpreter start-up)
 
 
-@pytest.mark.parametrize("case", ["3d", "complex", "nan", "missing", "text", "npz"])
+@pytest.mark.parametrize("case", ["3d", "complex", "nan", "missing", "text", "npz", "few"])
 def test_bad_npy(tmp_path, case):
     path = tmp_path / "bad.npy"
     if case == "3d":
@@ -596,8 +601,11 @@ def test_bad_npy(tmp_path, case):
     elif case == "npz":  # numpy.savez under an .npy name: np.load gives an archive, not an array
         with open(path, "wb") as f:
             np.savez(f, x=np.zeros((40, 2)))
+    elif case == "few":  # too few rows to hold out a tenth
+        np.save(path, np.zeros((19, 2)))
     expected = {"3d": "expected a real array of shape (N, D)", "complex": "dtype complex128; expected a real array", "nan": "NaN or infinite values in 1 rows",
-                "missing": "no file", "text": "not a readable .npy array", "npz": "is an .npz archive"}[case]
+                "missing": "no file", "text": "not a readable .npy array", "npz": "is an .npz archive",
+                "few": "has shape (19, 2); need at least 20 rows (N) and one column (D)"}[case]
     with pytest.raises(SystemExit, match=re.escape(expected)):
         ddpm.main(["--train", f"--dataset={path}", f"--out_dir={tmp_path}"])
     assert not (tmp_path / "ckpt.pt").exists()

@@ -293,6 +293,8 @@ def test_an_ar_judge_of_texts_averages_over_tokens_not_texts(monkeypatch):
     monkeypatch.setattr(trainer, "judge_nll", lambda judge, x: float(x.shape[1]))
     nll, ids = trainer.judge_texts("judge.pt", ["a", "abab", ""], tok, {}, "cpu")
     assert nll == pytest.approx((1 * 1 + 4 * 4) / 5) and [len(x) for x in ids] == [1, 4, 0]
+    with pytest.raises(SystemExit, match="no sample holds a token for the judge to score"):  # not NLL 0, perplexity 1
+        trainer.judge_texts("judge.pt", ["", ""], tok, {}, "cpu")
 
 
 def test_samples_in_of_another_vocabulary_stop_before_the_work(tmp_path, monkeypatch):

@@ -356,6 +356,11 @@ def test_a_missing_or_cut_config_json_is_one_line(tmp_path):
     for spoil in (lambda: os.remove(path), lambda: open(path, "w").write(text[:40])):
         spoil()
         assert f"cannot read {path} (" in one_line_error(["sedd.py", "--sample", f"--init_from={s}", "--device=cpu"])
+    json.dump([1, 2], open(path, "w"))  # JSON, but not a config
+    with pytest.raises(SystemExit, match=f"{re.escape(path)} holds no JSON object"):
+        hub.read_config(s)
+    with pytest.raises(SystemExit, match="config.json is neither a SEDD config .* nor an MDLM one"):  # e.g. GPT-2's
+        hub.architecture({"n_embd": 768, "n_layer": 12, "vocab_size": 50257}, s)
 
 
 def test_weights_read_are_the_safetensors_and_every_value_is_checked(tmp_path):

@@ -141,12 +141,25 @@ def test_the_eta_leaves_out_the_first_iterations_one_off_costs(tmp_path, char_da
     assert eta == ["-", "0m00s", "0m00s", "0m00s"], eta
 
 
+def test_an_interrupt_is_one_line_on_rank_0_and_silent_on_the_others():
+    """trainer.interruptible: Ctrl-C or SIGTERM ends the process with rank 0's line; another rank (said() None)
+    exits with status 1 and no line, and the SIGTERM handler in place before is back afterwards."""
+    before = signal.getsignal(signal.SIGTERM)
+    for said, code in ((lambda: "interrupted at iteration 3", "error: interrupted at iteration 3"), (lambda: None, 1)):
+        with pytest.raises(SystemExit) as e:
+            with trainer.interruptible(said):
+                assert signal.getsignal(signal.SIGTERM) is signal.default_int_handler
+                raise KeyboardInterrupt
+        assert e.value.code == code
+        assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_a_published_models_eval_record_survives_a_new_run(tmp_path):
     """`--eval --init_from` logs {"iter": null}; a later run into the folder truncates around it."""
     path = str(tmp_path / "log.jsonl")
     recs = [{"eval_full": {"val_nelbo": 3.0}, "iter": None}, {"iter": 0, "loss": 4.0}, {"iter": 3, "loss": 2.0}]
     with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in recs)
+        f.writelines(json.dumps(r) + "\n" for r in recs + [[1, 2], "x"])  # lines that are JSON but no record go
     trainer.truncate_log(path, 0)
     assert [r["iter"] for r in log_records(str(tmp_path))] == [None, 0]
     trainer.truncate_log(path, -1)  # a fresh run
@@ -448,6 +461,18 @@ def test_a_checkpoint_without_a_checksum_loads_with_a_warning(run6, tmp_path, ca
     got = common.load_checkpoint(str(tmp_path / "ckpt.pt"), "mdlm")
     assert common.checksum(got) == common.checksum(ckpt)
     assert "carries no checksum" in capsys.readouterr().err
+
+
+def test_a_file_that_is_not_a_whole_checkpoint_is_one_line(run6, tmp_path):
+    """A torch file of another kind, and a verified checkpoint that lacks a part --sample needs."""
+    torch.save([torch.ones(2)], tmp_path / "list.pt")
+    with pytest.raises(SystemExit, match=r"list.pt is not a difflm checkpoint \(a list, not a dict\); retrain with"):
+        common.load_checkpoint(str(tmp_path / "list.pt"), "mdlm")
+    ckpt = common.load_checkpoint(os.path.join(run6[0], "ckpt.pt"), "mdlm")
+    del ckpt["meta"]
+    common.save_checkpoint(str(tmp_path / "part" / "ckpt.pt"), ckpt)
+    with pytest.raises(SystemExit, match=r"ckpt.pt lacks meta; it is not a complete mdlm.py checkpoint: retrain with"):
+        trainer.load_for_inference(M.Config, {"out_dir": str(tmp_path / "part")}, "mdlm", M.build_model)
 
 
 def test_nan_weights_are_refused(run6, tmp_path):

@@ -788,6 +788,9 @@ def test_cli_bad_inputs(char_data, tmp_path, capsys, monkeypatch):
         fails(["--sample", f"--out_dir={out}", f"--samples_out={out}/{other}"], "holds no samples")
     sedd.main(["--sample", f"--out_dir={out}", "--steps=2", "--num_samples=1", f"--samples_out={samples_file}"])
     assert len(hub.read_samples(samples_file)[0]) == 1  # a samples file is replaced
+    open(samples_file, "w").close()  # and an empty file (touched beforehand) is written
+    sedd.main(["--sample", f"--out_dir={out}", "--steps=2", "--num_samples=1", f"--samples_out={samples_file}"])
+    assert len(hub.read_samples(samples_file)[0]) == 1
     capsys.readouterr()
     for sample in text.split("=== sample ")[1:]:  # the template's fixed characters, placeholders filled
         body = sample.split("\n", 1)[1][:4]
