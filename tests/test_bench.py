@@ -815,3 +815,29 @@ def test_mdlm_sampler_on_a_checkpoint_samples_seq_len_positions(monkeypatch, cap
     bench.bench_mdlm_sampler(["--ckpt_dir=x", "--steps=3", "--seq_len=16", "--repeat=1"])
     with pytest.raises(SystemExit, match="--seq_len=17 exceeds the model's block_size=16"):
         bench.bench_mdlm_sampler(["--ckpt_dir=x", "--seq_len=17"])
+
+
+def test_sedd_samplers_on_a_checkpoint_give_a_row_each_with_its_bound(char_data, tmp_path, capsys):
+    """`python bench.py sedd` (docs/sedd.md): every sampler at every step count, each row with its time, the
+    samples' NELBO under the model and their unigram entropy, which no test ran."""
+    out = str(tmp_path / "sedd")
+    sedd.main(["--train", f"--data_dir={char_data}", f"--out_dir={out}", "--max_iters=2", "--eval_interval=2",
+               "--eval_iters=1", "--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=16", "--batch_size=4",
+               "--device=cpu"])
+    capsys.readouterr()
+    bench.bench_sedd([f"--ckpt_dir={out}", "--steps=2,3", "--num_samples=2", "--t_samples=2"])
+    text = capsys.readouterr().out
+    rows = [line.split() for line in text.splitlines()[1:] if line.split() and line.split()[0] in sedd.SAMPLERS]
+    assert [(r[0], r[1]) for r in rows] == [(s, n) for n in ("2", "3") for s in sedd.SAMPLERS], text
+    log_v = math.log(65)  # a random model's samples: a bound near log V per character, their entropy at most log V
+    assert all(0 < float(r[3]) < 2 * log_v and 0 <= float(r[4]) <= log_v + 1e-6 for r in rows), text
+    assert "2 samples of 16 tokens, absorb graph" in text and "NELBO with 2 time samples per sequence" in text
+
+
+def test_the_methods_plot_draws_every_curve_beside_ar_and_the_data(tmp_path, capsys):
+    """--plot (bench.py methods): the three panels from the curves that --plot is given, written as a PNG."""
+    curves = {"ar": [(128, 2.1, 0.01, 3.2)], "mdlm": [(16, 2.9, 0.02, 3.0), (64, 2.6, 0.06, 3.1)]}
+    rows = [{"method": "data (val)", "steps": None, "gen_nll": 1.9, "entropy": 3.3}]
+    path = tmp_path / "plots" / "methods.png"
+    bench.plot_methods(curves, rows, str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"plot: {path}" in capsys.readouterr().out
