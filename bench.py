@@ -862,8 +862,9 @@ def bench_methods(argv):
                 r = subprocess.run([sys.executable, os.path.join(common.ROOT, module + ".py"), "--train", "--overwrite",
                                     f"--out_dir={out}"] + extra + a.train_args.split(),  # earlier run, log and all
                                    stdout=f, stderr=subprocess.STDOUT)
-            if r.returncode != 0:
-                common.die(f"training {name} failed; see {out}/train.out")
+            if r.returncode != 0:  # its own one-line error, where it gave one
+                said = _last_line(open(os.path.join(out, "train.out"), errors="replace").read(), "error:")
+                common.die(f"training {name} failed ({said or f'exit status {r.returncode}'}); see {out}/train.out")
         tok_s, train_s = train_log(out)
         print(f"[{name}] trained: {tok_s or 0:.0f} tok/s, {train_s or 0:.0f} s of training", flush=True)
         if module == "diffuser":  # no bound; its data (E2E) has no autoregressive judge here

@@ -5,6 +5,7 @@ import math
 import os
 import random
 import sys
+import types
 
 import pytest
 import torch
@@ -249,8 +250,9 @@ def test_token_nll_timing_and_its_bad_options():
         assert r.returncode == 1 and said in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
-def test_methods_plot_without_matplotlib_is_refused_before_the_work(tmp_path, monkeypatch):
-    """--plot failed only after every method had trained and sampled (about 45 minutes)."""
+def test_methods_refuses_before_the_work_and_a_failed_training_says_why(tmp_path, monkeypatch):
+    """--plot failed only after every method had trained and sampled (about 45 minutes); a training run that
+    failed said only where its output was."""
     real = bench.importlib.util.find_spec
     monkeypatch.setattr(bench.importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
     with pytest.raises(SystemExit, match="--plot needs matplotlib"):
@@ -262,6 +264,17 @@ def test_methods_plot_without_matplotlib_is_refused_before_the_work(tmp_path, mo
     with pytest.raises(SystemExit, match="no judge at nowhere.pt: pass --judge"):  # ar trained first, then refused
         bench.bench_methods(["--methods=ar,mdlm", f"--out_root={tmp_path / 'out'}", "--judge=nowhere.pt"])
     assert not os.path.exists(tmp_path / "out")
+    with pytest.raises(SystemExit, match="unknown method\\(s\\) gpt, sdd; choose from "):
+        bench.bench_methods(["--methods=ar,gpt,sdd", f"--out_root={tmp_path / 'out'}"])
+
+    def fails(args, stdout, stderr):  # a training run that stops: its own error line, and where the rest is
+        stdout.write("iter 0\nerror: --lr=5 diverged\n" if "ar.py" in args[1] else "Killed\n")
+        return types.SimpleNamespace(returncode=1 if "ar.py" in args[1] else -9)
+    monkeypatch.setattr(bench.subprocess, "run", fails)
+    for methods, why in (("ar", "error: --lr=5 diverged"), ("diffuser", "exit status -9")):
+        with pytest.raises(SystemExit) as e:
+            bench.bench_methods([f"--methods={methods}", f"--out_root={tmp_path / 'out'}"])
+        assert str(e.value) == f"error: training {methods} failed ({why}); see {tmp_path / 'out' / methods}/train.out"
     monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: pytest.fail("trained"))  # diffuser's row has no judge:
     with pytest.raises(pytest.fail.Exception, match="trained"):  # not refused for the want of one
         bench.bench_methods(["--methods=diffuser", f"--out_root={tmp_path / 'out'}"])
@@ -638,6 +651,18 @@ def test_gpu_self_check_fails_on_an_op_that_disagrees(tmp_path):
     part = json.load(open(tmp_path / "report.json"))["parts"][-1]
     assert (part["status"], part["summary"]) == ("failed", "switched off: sedd_tweedie_step"), part
     assert [r["op"] for r in part["figures"] if not r["passed"]] == ["sedd_tweedie_step"]
+
+
+def test_gpu_self_check_reports_a_check_that_raises_and_checks_the_other_ops(tmp_path, monkeypatch):
+    def raises(f, device):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore")
+    monkeypatch.setattr(difflm_ops.FUSED["rotary"].spec, "check", raises)
+    bench.bench_gpu([f"--out={tmp_path}", "--parts=self-check", "--methods="])
+    part = json.load(open(tmp_path / "report.json"))["parts"][-1]
+    assert (part["status"], part["summary"]) == ("failed", "switched off: rotary"), part
+    row = next(r for r in part["figures"] if r["op"] == "rotary")
+    assert row["detail"] == "raised RuntimeError: CUDA error: an illegal memory access was encountered", row
+    assert len(part["figures"]) == len(difflm_ops.FUSED) and all(r["passed"] for r in part["figures"] if r is not row)
 
 
 def test_measure_warmup_repeat_and_median(monkeypatch):
