@@ -247,6 +247,8 @@ def test_text8_bad_inputs_one_line(text8_file, tmp_path, monkeypatch):
                           "adds up to 30", f"{len(text):,}")
     assert_one_line_error(run_main(text8, monkeypatch, [f"--input={path}", out, f"--sha256={sha}", "--split=1,2"]),
                           "three positive")
+    assert_one_line_error(run_main(text8, monkeypatch, [f"--input={path}", out, f"--sha256={sha}", "--split=1e3,2,3"]),
+                          "--split=1e3,2,3 must be three positive character counts")
     with zipfile.ZipFile(tmp_path / "other.zip", "w") as z:
         z.writestr("enwik8", text)
     assert_one_line_error(run_main(text8, monkeypatch, [f"--input={tmp_path / 'other.zip'}", out]), "without a member named text8")
@@ -374,6 +376,10 @@ def test_owt_parquet_and_jsonl_mixed(documents, tmp_path, monkeypatch):
     pq.write_table(pa.table({"content": documents[:3]}), tmp_path / "wrong.parquet")
     assert_one_line_error(run_main(owt, monkeypatch, [f"--input={tmp_path / 'wrong.parquet'}", f"--out_dir={tmp_path / 'o2'}"]),
                           "no `text` column", "content")
+    pq.write_table(pa.table({"text": ["a document", None]}), tmp_path / "null.parquet")  # a row without its text
+    assert_one_line_error(run_main(owt, monkeypatch, [f"--input={tmp_path / 'null.parquet'}", f"--out_dir={tmp_path / 'o2'}",
+                                                               "--val_docs=1", "--num_proc=1"]),
+                          "null.parquet row 1: `text` is NoneType, not a string")
 
 
 def test_owt_datasets_source_matches_the_files(documents, owt_data, tmp_path):
@@ -381,6 +387,8 @@ def test_owt_datasets_source_matches_the_files(documents, owt_data, tmp_path):
     datasets = pytest.importorskip("datasets", reason="the hub path needs `datasets` (pip install datasets)")
     n, batches = owt.dataset_source(datasets.Dataset.from_dict({"text": documents}))
     assert n == len(documents) and [t for b in batches() for t in b] == documents
+    with pytest.raises(SystemExit, match=r"the dataset has no `text` column \(it has body, id\)"):
+        owt.dataset_source(datasets.Dataset.from_dict({"body": documents, "id": list(range(len(documents)))}))
 
 
 def test_owt_train_sample_eval_with_mdlm(owt_data, tmp_path):
@@ -464,6 +472,7 @@ def test_owt_bad_inputs_one_line(documents, tmp_path, monkeypatch):
     good = write_jsonl(tmp_path / "good.jsonl", documents[:10])
     assert_one_line_error(run_main(owt, monkeypatch, [f"--input={good}", out, "--val_docs=10"]), "--val_docs=10", "10 documents")
     assert_one_line_error(run_main(owt, monkeypatch, [f"--input={good}", out, "--num_proc=0"]), "--num_proc=0")
+    assert_one_line_error(run_main(owt, monkeypatch, [f"--input={good}", f"--out_dir={good}"]), f"--out_dir={good} is a file")
     (tmp_path / "junk.parquet").write_bytes(b"not parquet")
     if importlib.util.find_spec("pyarrow"):
         assert_one_line_error(run_main(owt, monkeypatch, [f"--input={tmp_path / 'junk.parquet'}", out]), "not a readable parquet")

@@ -358,6 +358,21 @@ def test_own_text_of_white_space_only_is_refused(tmp_path, monkeypatch):
           f"{blank} holds no text")
 
 
+@pytest.mark.parametrize("line, says", [("name : The Eagle serves French food .", "a line without '||'"),
+                                         ("name : The Eagle | food=French||It serves French food .",
+                                          "MR field 'food=French' is not `key : value`")])
+def test_an_e2e_file_in_another_format_is_one_line_naming_its_line(line, says, tmp_path):
+    e2e = tmp_path / "e2e"
+    e2e.mkdir()
+    good = "name : The Eagle | food : French||The Eagle serves French food .\n"
+    for split in ("train", "valid", "test"):
+        (e2e / f"src1_{split}.txt").write_text(good * 3 + (line + "\n" if split == "valid" else ""), encoding="utf-8")
+    r = run_cli(["data/e2e/prepare.py", f"--input_dir={e2e}", f"--out_dir={tmp_path / 'e'}"], check=False)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [f"error: src1_valid.txt line 4: {says}" + (
+        f" ({line[:60]!r}); expected Diffusion-LM's `MR||text` format" if "||" not in line else "")], r.stderr
+    assert not (tmp_path / "e" / "meta.json").exists()
+
+
 def test_e2e_lines_break_at_newlines_only(tmp_path):
     """A text holding U+2028 (or a form feed) was split there, as str.splitlines splits, and the prepare stopped
     with "a line without '||'" and a line number past the file's end; Diffusion-LM reads these files by line."""
