@@ -553,7 +553,7 @@ def evaluate(model, batches, cfg):
 def validation_mrs(cfg, meta, limit=0, split="val"):
     """Distinct MRs of the validation (or test) split in file order: [(src ids, [reference strings])]."""
     groups = {}
-    for e in corpus.load_jsonl(cfg, 'valid' if split == 'val' else split, meta):
+    for e in corpus.load_jsonl(cfg, "valid" if split == "val" else split, meta):
         groups.setdefault(tuple(e["src"]), []).append(e["ref"])
     return list(groups.items())[:limit or None]
 
