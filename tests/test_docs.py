@@ -87,7 +87,7 @@ def accepted_flags(script, sub=""):
 def refusal(script, args):
     """The one line a method file's own checks (parse_args, then check_config: before any data or checkpoint is read)
     answer `python script *args` with, or None when they pass it. A --resume, which needs a run to resume, and a
-    placeholder value (--steps=N) are not tried."""
+    placeholder value (--steps=N) are not tried; a --device is the reader's machine's, dropped."""
     name = os.path.splitext(script)[0]
     if name not in METHODS or "--resume" in args or any(re.fullmatch(r"--\w+=[A-Z]+", a) for a in args):
         return None
@@ -96,7 +96,7 @@ def refusal(script, args):
     with tempfile.TemporaryDirectory() as empty, torch.random.fork_rng(devices=[]):
         os.chdir(empty)  # no out/<method>/ckpt.pt of an earlier run here decides the config
         try:
-            module.check_config(common.parse_args(module.Config, list(args), known)[1])
+            module.check_config(common.parse_args(module.Config, [a for a in args if not a.startswith("--device=")], known)[1])
         except SystemExit as e:
             return str(e) if e.code else None  # --help exits with 0
         finally:
