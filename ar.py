@@ -161,7 +161,7 @@ def evaluate(model, batches, cfg, full=False):
         total += float(nll_terms(model, x0, model.bos_id).sum())
         count += x0.numel()
     nats = total / count
-    return common.nats_figures("val_nll", nats)
+    return trainer.nats_figures("val_nll", nats)
 
 
 # ----------------------------------------------------------------------------------------------

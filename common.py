@@ -120,8 +120,6 @@ READ_BY = {"gen": "eval", "eval_split": "eval", "samples_in": "eval gen", "eval_
            **dict.fromkeys("batch_size dataset data_dir".split(), "train|eval|train_classifier"),
            **dict.fromkeys("t_min p_keep p_replace p_insert p_delete span_lambda boot_prob target".split(), "train|eval"),
            "dropout": "train|train_classifier", **dict.fromkeys(("num_samples", "mbr"), "sample|train|eval gen")}
-# what one command asks (its folder and output files, its device, a spent init_from, its conditioning): a checkpoint's config keeps none
-PER_COMMAND = {"out_dir", "init_from", "resume", "overwrite", "device", *(k for k, v in READ_BY.items() if "train" not in v)}
 TIED = {"dataset": (None, ("data_dir",))}  # key -> (the value its saved companions serve, None: any; the companions)
 SHARED_KEYS = {f.name for c in (BaseConfig, TextConfig, PromptConfig) for f in dataclasses.fields(c)}
 RESUMED = {}  # checkpoint path -> the checkpoint parse_args read for --resume, which trainer.resume_from takes
@@ -143,7 +141,7 @@ def parse_args(config_cls, argv=None, known=VERBS):
     argv = sys.argv[1:] if argv is None else argv
     module = sys.modules[config_cls.__module__]  # the method file: its docstring for --help, its name
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
-    types = {name: type(f.default) for name, f in fields.items()}
+    types = {name: f.type if f.type in (bool, int, float, str) else type(f.default) for name, f in fields.items()}
     verbs, overrides = [], {}
     if "-h" in argv or "--help" in argv:  # every key, its default and the comment beside it in the source
         said = {k: c for cls in reversed(config_cls.__mro__[:-1])  # a method's own line over a shared one
@@ -160,7 +158,7 @@ def parse_args(config_cls, argv=None, known=VERBS):
         if key in known and not eq:
             verbs.append(key)
             continue
-        if key not in fields and key in SHARED_KEYS:
+        if key not in fields and (key in SHARED_KEYS or key in READ_BY):  # another method's key
             die(f"--{key} is not used by {os.path.basename(module.__file__)}; drop it")
         if key not in fields:
             close = difflib.get_close_matches(key, list(fields) + list(known), n=3, cutoff=0.6)
@@ -246,15 +244,22 @@ def check_common(cfg):
     get_device(cfg)
 
 
+def per_command(config_cls):
+    """What one command asks, which a checkpoint's config keeps none of: its folder, its device, a spent init_from,
+    and every key that --train does not read (output files, conditioning), the Config's own READ_BY's too."""
+    read_by = {**READ_BY, **getattr(config_cls, "READ_BY", {})}
+    return {"out_dir", "init_from", "resume", "overwrite", "device", *(k for k, v in read_by.items() if "train" not in v)}
+
+
 def config_from_checkpoint(config_cls, ckpt, overrides):
     """The checkpoint's config (keys older ones saved under other names RENAMED) with the command line's on top.
     The model's shape and the Config's FIXED keys (what else it learnt, e.g. a T) stay; what one command asked
-    (PER_COMMAND) is not the next one's; the saved keys TIED to a key go when it takes another value (another
+    (per_command) is not the next one's; the saved keys TIED to a key go when it takes another value (another
     --dataset: the saved data_dir, which would win over it) or never served them (an eta saved beside no DDIM)."""
     config = {getattr(config_cls, "RENAMED", {}).get(k, k): v for k, v in ckpt["config"].items()}
     drop = {t for k, (serves, companions) in {**TIED, **getattr(config_cls, "TIED", {})}.items() for t in companions
             if overrides.get(k, config.get(k)) != config.get(k) or serves not in (None, config.get(k))}
-    saved = {k: v for k, v in config.items() if k in {f.name for f in dataclasses.fields(config_cls)} - PER_COMMAND - drop}
+    saved = {k: v for k, v in config.items() if k in {f.name for f in dataclasses.fields(config_cls)} - per_command(config_cls) - drop}
     for k in ("n_layer", "n_head", "n_embd", "block_size") + getattr(config_cls, "FIXED", ()):
         if k in overrides and overrides[k] != saved.get(k):
             die(f"--{k} is fixed by the checkpoint ({saved.get(k)}); drop it or train a new model")
@@ -693,8 +698,3 @@ def show_steps(tokenizer, cfg):
         if i % every == 0 or i == cfg.steps - 1:
             print(f"--- step {i + 1}/{cfg.steps}\n{tokenizer.decode(x[0].tolist())}")
     return show
-
-
-def nats_figures(key, nats):
-    """A per-token NLL or bound -> {key: nats, "val_bits", "val_ppl"}; a diverged run's perplexity is inf."""
-    return {key: nats, "val_bits": nats / math.log(2), "val_ppl": math.exp(nats) if nats < 709 else math.inf}

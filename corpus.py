@@ -800,7 +800,7 @@ class Blocks:
 def eval_batches(cfg, meta, bos):
     """--eval's data -> (cfg, batches, name): a paper's zero-shot set (--eval_data, wrapped with a BOS
     or without, as each code base does) or the run's own validation split."""
-    if cfg.eval_data or cfg.eval_file:
+    if getattr(cfg, "eval_data", "") or getattr(cfg, "eval_file", ""):  # hub.PublishedConfig's keys
         return cfg, zero_shot(cfg, meta, bos=bos), cfg.eval_data
     cfg = dataclasses.replace(cfg, data_dir=cfg.data_dir or data_path(cfg))
     prepare_data(cfg, meta)

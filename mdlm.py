@@ -378,7 +378,7 @@ def evaluate(model, batches, cfg, full=False):
             total += float(nelbo_terms(model, x0, tj, cfg, model.mask_id).sum()) / k
         count += x0.numel()
     nats = total / count
-    return common.nats_figures("val_nelbo", nats)
+    return trainer.nats_figures("val_nelbo", nats)
 
 
 def word_overlap(texts, train_text):

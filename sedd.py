@@ -601,7 +601,7 @@ def evaluate(model, batches, cfg, full=False):
             total += float(nelbo_terms(model, x0, tj, cfg, model.num_states).sum()) / k
         count += x0.numel()
     nats = total / count + prior_kl(cfg, model.num_states)
-    return common.nats_figures("val_nelbo", nats)
+    return trainer.nats_figures("val_nelbo", nats)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,8 +28,8 @@ import time
 import torch
 import torch.nn as nn
 
-from common import (PER_COMMAND, RESUMED, TextConfig, Transformer, autocast, config_from_checkpoint, die, get_device, load_checkpoint,
-                    out_dir, save_checkpoint, token_nll, write_file)
+from common import (RESUMED, TextConfig, Transformer, autocast, config_from_checkpoint, die, get_device, load_checkpoint,
+                    out_dir, per_command, save_checkpoint, token_nll, write_file)
 import difflm_ops
 import hub
 from corpus import TOKENIZER_KEYS, Batches, data_path, get_tokenizer, prepare_data, prepared_by, tokenizer_name
@@ -173,7 +173,7 @@ def fit_state(module, state, path, saved_cfg, cfg, what="model"):
     except (RuntimeError, ValueError, KeyError) as e:
         now = dataclasses.asdict(cfg)
         differ = [f"{k}={saved_cfg[k]!r} (here {now[k]!r})" for k in now
-                  if k in saved_cfg and k not in RUN_KEYS | PER_COMMAND and saved_cfg[k] != now[k]]  # not init_from
+                  if k in saved_cfg and k not in RUN_KEYS | per_command(type(cfg)) and saved_cfg[k] != now[k]]  # not init_from
         hint = f"it was trained with {', '.join(differ[:4])}" if differ else "it was trained with other settings"
         die(f"{path} does not fit this {what} ({str(e).strip().splitlines()[0][:160]}); {hint}")
 
@@ -227,8 +227,10 @@ def train(cfg, method, model, loss_fn, evaluate, meta, batches=None, dynamic=Non
     """The shared loop.
 
     model    the method's nn.Module (backbone + head); raw, unwrapped
-    loss_fn  loss_fn(model, x0) -> scalar loss for a batch x0 of batches.get (B, L) ids by default; may draw its own noise
-    evaluate evaluate(model, batches) -> dict of floats on the validation split (EMA weights)
+    loss_fn  loss_fn(model, x0) -> scalar loss for a batch x0 of batches.get (B, L) ids by default, under autocast.
+             model may be wrapped (DDP, torch.compile): read attributes off the raw one. Its noise comes from
+             torch's generators, whose states a checkpoint keeps, so that --resume continues exactly
+    evaluate evaluate(model, batches) -> {name: number} on the validation split (the raw EMA model, a fixed seed)
     batches  default: random token windows (Batches); a method with other data passes an object
              with .get(split, batch_size, gen=None) and a torch.Generator .gen
     dynamic  --compile with dynamic shapes (True: batches vary in length; None: torch's default)
@@ -336,7 +338,7 @@ def _train_loop(cfg, method, model, loss_fn, evaluate, meta, batches, device, ra
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), ctx:
             torch.manual_seed(cfg.seed + 12345)
             stats = evaluate(ema_model if cfg.ema > 0 else model, batches)
-        return stats
+        return {k: float(v) for k, v in stats.items()}  # numbers to log as JSON: a 0-d tensor counts as one
 
     last_good = start - 1 if start > 0 else None
 
@@ -427,7 +429,7 @@ def model_to_train(cfg, method, config_cls, overrides, build_model, check_config
     after it reads the fine-tuned checkpoint; otherwise (or resumed, the run's checkpoint holding the weights
     and settings) a fresh model on the prepared data."""
     spent = {k: v for k, v in overrides.items() if k != "init_from"}
-    if cfg.init_from and not cfg.resume:
+    if getattr(cfg, "init_from", "") and not cfg.resume:  # a Config without hub.PublishedConfig has none
         cfg, model, meta = hub.load_model(cfg.init_from, method, config_cls, overrides, build_model, prepare_data)
         check_config(cfg)
         check_memory(cfg)
@@ -549,6 +551,11 @@ def judge_nll(judge, samples, batch_size=32):
             total += float(token_nll(logits.flatten(0, 1), x.flatten()).sum())  # as ar.py's own loss
             count += x.numel()
     return total / count
+
+
+def nats_figures(key, nats):
+    """A per-token NLL or bound -> {key: nats, "val_bits", "val_ppl"}; a diverged run's perplexity is inf."""
+    return {key: nats, "val_bits": nats / math.log(2), "val_ppl": math.exp(nats) if nats < 709 else math.inf}
 
 
 def unigram_entropy(samples):

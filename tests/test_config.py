@@ -182,6 +182,30 @@ def test_a_bare_word_a_missing_verb_and_a_missing_gpu_are_refused(monkeypatch):
         assert f"--device={device} but this torch sees no GPU; use --device=cpu" in refused("ar", ["--train", f"--device={device}"])
 
 
+@dataclasses.dataclass
+class ForkedConfig(mdlm.Config):
+    """A forker's Config (docs/new_method.md): a float knob written with an integer default, and a key of its own
+    that only --sample reads."""
+    READ_BY = {**mdlm.Config.READ_BY, "knob": "sample"}
+    scale: float = 1
+    knob: float = 0.0
+
+
+def test_a_forked_config_takes_its_annotations_and_its_own_read_by(tmp_path):
+    """A field's type came from its default: `scale: float = 1` refused --scale=0.8 as "a whole number". A key that
+    a Config's own READ_BY gives to --sample alone was kept by the checkpoint of `--train --sample --knob=...`, so
+    every later --sample used it; only common.READ_BY's keys were left out."""
+    cfg = common.parse_args(ForkedConfig, ["--train", "--scale=0.8", f"--out_dir={tmp_path}"])[1]
+    assert cfg.scale == 0.8 and isinstance(cfg.scale, float)
+    assert "--knob is read by --sample only" in str(pytest.raises(SystemExit, common.parse_args, ForkedConfig,
+                                                                  ["--train", "--knob=0.5"]).value)
+    saved = {"config": dataclasses.asdict(ForkedConfig(knob=0.5, scale=0.8, prefix="AB"))}
+    cfg = common.config_from_checkpoint(ForkedConfig, saved, {})
+    assert (cfg.knob, cfg.scale, cfg.prefix) == (0.0, 0.8, "")
+    assert {"knob", "prefix", "out_dir"} <= common.per_command(ForkedConfig) and "knob" not in common.per_command(mdlm.Config)
+    assert "--gen is not used by ddpm.py; drop it" in refused("ddpm", ["--eval", "--gen"])  # it was "unknown config key"
+
+
 def test_under_torchrun_only_training_runs_and_each_rank_takes_its_gpu(tmp_path, monkeypatch):
     """--sample and --eval under torchrun: every rank repeated the whole work and logged it again. A rank's
     device is its LOCAL_RANK's GPU under --device=cuda as under auto (cuda put every rank on GPU 0)."""
@@ -346,7 +370,7 @@ def test_help_gives_each_key_the_comment_beside_it(capsys):
 def test_a_checkpoint_never_chooses_the_split_a_plain_eval_scores():
     """--train --eval_split=test was taken (training's evals never read it) and saved, and every later plain
     --eval scored the test split. Only --eval reads it now, and a saved one is not carried over."""
-    assert "eval_split" in common.PER_COMMAND
+    assert "eval_split" in common.per_command(mdlm.Config)
     saved = {"config": {**dataclasses.asdict(mdlm.Config()), "eval_split": "test"}}  # as an older checkpoint holds it
     assert common.config_from_checkpoint(mdlm.Config, saved, {}).eval_split == "val"
     assert common.config_from_checkpoint(mdlm.Config, saved, {"eval_split": "test"}).eval_split == "test"

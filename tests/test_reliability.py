@@ -22,6 +22,7 @@ import torch
 
 from conftest import ROOT, run_cli, shared_data
 
+import ar
 import common
 import corpus
 import mdlm as M
@@ -390,9 +391,9 @@ def test_a_diverged_judge_scores_an_infinite_perplexity(monkeypatch, capsys):
 def test_perplexity_and_time_per_sample_figures(monkeypatch):
     """exp(nats) up to float64's range (inf only past it), bits = nats / ln 2; s/sample is the draw's time over
     the number of samples."""
-    stats = common.nats_figures("val_nll", 100.0)
+    stats = trainer.nats_figures("val_nll", 100.0)
     assert stats["val_ppl"] == pytest.approx(math.exp(100.0)) and stats["val_bits"] == pytest.approx(100 / math.log(2))
-    assert common.nats_figures("val_nll", 800.0)["val_ppl"] == math.inf
+    assert trainer.nats_figures("val_nll", 800.0)["val_ppl"] == math.inf
     clock = iter([10.0, 16.0])
     monkeypatch.setattr(trainer.time, "time", lambda: next(clock))
     monkeypatch.setattr(trainer, "judge_samples", lambda *a: (1.0, [torch.tensor([1, 2, 3])]))
@@ -679,6 +680,24 @@ class FixedRows:
         out = self.rows[self.at:self.at + batch_size]
         self.at = (self.at + batch_size) % len(self.rows)
         return out
+
+
+def test_a_method_without_published_weights_trains_and_logs_what_its_evaluate_returns(tmp_path):
+    """A forker's Config of the shared blocks alone (no hub.PublishedConfig) stopped at trainer.model_to_train's
+    read of --init_from, and an evaluate that returned 0-d tensors at the log's JSON, after its line was printed."""
+
+    @dataclasses.dataclass
+    class Bare(common.PromptConfig, common.TextConfig, common.BaseConfig):
+        pass
+
+    cfg = Bare(n_layer=1, n_embd=32, n_head=2, block_size=4, batch_size=4, max_iters=2, eval_interval=2,
+               eval_iters=1, device="cpu", data_dir=str(tmp_path / "data"), out_dir=str(tmp_path / "out"))
+    corpus.write_split(cfg.data_dir, np.arange(300) % 7, np.arange(60) % 7, {"tokenizer": "char", "chars": list("abcdefg"),
+                                                                           "vocab_size": 7})
+    cfg, model, meta, _ = trainer.model_to_train(cfg, "bare", Bare, {}, lambda c, m: ar.build_model(c, m), lambda c: None)
+    trainer.train(cfg, "bare", model, lambda m, x: ar.loss_fn(m, x, 7), lambda m, b: {"val_loss": torch.tensor(1.5)}, meta,
+                  FixedRows(torch.arange(16).view(4, 4) % 7))
+    assert [r["eval"] for r in log_records(cfg.out_dir) if "eval" in r] == [{"val_loss": 1.5}]
 
 
 def test_grad_accum_and_clip_train_as_one_batch(tmp_path, monkeypatch):
