@@ -34,7 +34,7 @@ import common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ("ddpm", "diffusion_lm", "mdlm", "sedd", "diffuser", "ar")
-MODULES = METHODS + ("common", "difflm_ops", "bench")
+MODULES = METHODS + ("common", "corpus", "trainer", "hub", "difflm_ops", "bench")
 VERBS = {"train", "sample", "eval", "help"}
 # every docs/<method>.md has exactly these second-level sections, in this order
 TEMPLATE = ["The method", "Departures from the paper", "Flags", "Beside its sibling", "Results", "Known limits"]
