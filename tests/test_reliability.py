@@ -684,7 +684,8 @@ class FixedRows:
 
 def test_a_method_without_published_weights_trains_and_logs_what_its_evaluate_returns(tmp_path):
     """A forker's Config of the shared blocks alone (no hub.PublishedConfig) stopped at trainer.model_to_train's
-    read of --init_from, and an evaluate that returned 0-d tensors at the log's JSON, after its line was printed."""
+    read of --init_from and at corpus.eval_batches' of --eval_data, and an evaluate that returned 0-d tensors at
+    the log's JSON, after its line was printed."""
 
     @dataclasses.dataclass
     class Bare(common.PromptConfig, common.TextConfig, common.BaseConfig):
@@ -698,6 +699,8 @@ def test_a_method_without_published_weights_trains_and_logs_what_its_evaluate_re
     trainer.train(cfg, "bare", model, lambda m, x: ar.loss_fn(m, x, 7), lambda m, b: {"val_loss": torch.tensor(1.5)}, meta,
                   FixedRows(torch.arange(16).view(4, 4) % 7))
     assert [r["eval"] for r in log_records(cfg.out_dir) if "eval" in r] == [{"val_loss": 1.5}]
+    _, batches, what = corpus.eval_batches(cfg, meta, bos=False)  # --eval's data: the validation split
+    assert what == "val" and len(list(corpus.val_batches(batches, cfg, full=True))) == 4  # 15 windows of 4, 4 a batch
 
 
 def test_grad_accum_and_clip_train_as_one_batch(tmp_path, monkeypatch):
