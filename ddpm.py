@@ -74,6 +74,31 @@ class Config(common.BaseConfig):
     eval_points: int = 2000  # held-out points for the bound and the sample distance
 
 
+def check_config(cfg):
+    """Every value at the command-line boundary -> one line naming the flag; the math below trusts cfg."""
+    common.check_common(cfg)
+    if cfg.png and not cfg.png.endswith(".png"):
+        common.die(f"--png={cfg.png} must name a .png file")
+    for key, known in (("schedule", ("linear", "cosine")), ("pred", ("eps", "x0", "v")), ("var", ("beta", "posterior")),
+                       ("sampler", ("ancestral", "ddim"))):
+        common.check_choice(cfg, key, known)
+    common.check_at_least(cfg, ("n_layer",), 1)
+    if cfg.n_embd < 2 or cfg.n_embd % 2:
+        common.die(f"--n_embd={cfg.n_embd} must be even and at least 2 (the time embedding is sines and cosines)")
+    common.check_at_least(cfg, ("T",), 2)
+    if cfg.schedule == "linear" and cfg.T <= 20:
+        common.die(f"--T={cfg.T} is too small for the linear schedule (beta_T = {20 / cfg.T:.2f} >= 1); use T > 20")
+    if not 0.0 <= cfg.eta <= 1.0:
+        common.die(f"--eta={cfg.eta} must be in [0, 1]")
+    if cfg.eta and cfg.sampler != "ddim":  # the ancestral sampler's noise is --var's
+        common.die(f"--eta is the noise of DDIM, not of the {cfg.sampler} sampler; add --sampler=ddim")
+    if cfg.steps < 0:
+        common.die(f"--steps={cfg.steps} must be 0 (all T) or more")
+    step_sequence(cfg.T, cfg.steps, cfg.timesteps)  # --steps and --timesteps against T, before any training
+    if cfg.eval_points < 2:
+        common.die(f"--eval_points={cfg.eval_points} must be at least 2")
+
+
 # ----------------------------------------------------------------------------------------------
 # Data: 2-D toys generated in code, or an (N, D) .npy array; both standardised
 
@@ -572,31 +597,6 @@ def save_png(path, data_pts, sample_pts, title, strip=None):
 
 def build_model(cfg, meta):
     return Denoiser(meta["dim"], cfg.n_embd, cfg.n_layer, cfg.T, cfg.pred)
-
-
-def check_config(cfg):
-    """Every value at the command-line boundary -> one line naming the flag; the math above trusts cfg."""
-    common.check_common(cfg)
-    if cfg.png and not cfg.png.endswith(".png"):
-        common.die(f"--png={cfg.png} must name a .png file")
-    for key, known in (("schedule", ("linear", "cosine")), ("pred", ("eps", "x0", "v")), ("var", ("beta", "posterior")),
-                       ("sampler", ("ancestral", "ddim"))):
-        common.check_choice(cfg, key, known)
-    common.check_at_least(cfg, ("n_layer",), 1)
-    if cfg.n_embd < 2 or cfg.n_embd % 2:
-        common.die(f"--n_embd={cfg.n_embd} must be even and at least 2 (the time embedding is sines and cosines)")
-    common.check_at_least(cfg, ("T",), 2)
-    if cfg.schedule == "linear" and cfg.T <= 20:
-        common.die(f"--T={cfg.T} is too small for the linear schedule (beta_T = {20 / cfg.T:.2f} >= 1); use T > 20")
-    if not 0.0 <= cfg.eta <= 1.0:
-        common.die(f"--eta={cfg.eta} must be in [0, 1]")
-    if cfg.eta and cfg.sampler != "ddim":  # the ancestral sampler's noise is --var's
-        common.die(f"--eta is the noise of DDIM, not of the {cfg.sampler} sampler; add --sampler=ddim")
-    if cfg.steps < 0:
-        common.die(f"--steps={cfg.steps} must be 0 (all T) or more")
-    step_sequence(cfg.T, cfg.steps, cfg.timesteps)  # --steps and --timesteps against T, before any training
-    if cfg.eval_points < 2:
-        common.die(f"--eval_points={cfg.eval_points} must be at least 2")
 
 
 def load(overrides):

@@ -84,6 +84,18 @@ class Config(common.PromptConfig, common.TextConfig, common.BaseConfig):
     judge: str = "out/ar/ckpt.pt"  # an ar.py checkpoint trained on the same data (e.g. --dataset=e2e)
 
 
+def check_config(cfg):
+    """Every value at the command-line boundary -> one line naming the flag; the math below trusts cfg."""
+    common.check_common(cfg)
+    common.check_choice(cfg, "clamp", ("cos", "l2", "none"))
+    common.check_at_least(cfg, ("T",), 2)  # L_T and at least one step of the sum
+    common.check_at_least(cfg, ("embed_dim", "steps", "mbr", "classifier_iters", "classifier_layers",
+                                "eval_t_samples", "control_samples"), 1)
+    if cfg.T % cfg.steps:  # e.g. the most steps below both that divide T, and T
+        common.die(f"--steps={cfg.steps} must divide T={cfg.T} (e.g. {max(d for d in range(1, min(cfg.steps, cfg.T)) if cfg.T % d == 0)} or {cfg.T})")
+    common.check_at_least(cfg, ("length", "guide_steps", "eval_batches", "guide_lr", "guide_lambda"), 0)
+
+
 # ----------------------------------------------------------------------------------------------
 # Forward process: the sqrt schedule, q(x_t | x_0) and the posterior q(x_{t-1} | x_t, x_0)
 
@@ -615,18 +627,6 @@ def build_model(cfg, meta):
         common.die(f"Diffusion-LM works on words; --dataset={cfg.dataset} has a {meta.get('tokenizer')} tokenizer "
                    "(use --dataset=e2e or shakespeare_word, or prepare your text with data/text/prepare.py --tokenizer=word)")
     return DiffusionLM(cfg, meta["vocab_size"])
-
-
-def check_config(cfg):
-    """Every value at the command-line boundary -> one line naming the flag; the math above trusts cfg."""
-    common.check_common(cfg)
-    common.check_choice(cfg, "clamp", ("cos", "l2", "none"))
-    common.check_at_least(cfg, ("T",), 2)  # L_T and at least one step of the sum
-    common.check_at_least(cfg, ("embed_dim", "steps", "mbr", "classifier_iters", "classifier_layers",
-                                "eval_t_samples", "control_samples"), 1)
-    if cfg.T % cfg.steps:  # e.g. the most steps below both that divide T, and T
-        common.die(f"--steps={cfg.steps} must divide T={cfg.T} (e.g. {max(d for d in range(1, min(cfg.steps, cfg.T)) if cfg.T % d == 0)} or {cfg.T})")
-    common.check_at_least(cfg, ("length", "guide_steps", "eval_batches", "guide_lr", "guide_lambda"), 0)
 
 
 def load(overrides):
