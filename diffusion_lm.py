@@ -238,6 +238,10 @@ class DiffusionLM(nn.Module):
                 "sq_err": err.sum((1, 2)), "l_T": l_T, "rounding_sum": rounding.sum(1), "t": t}
 
 
+# ----------------------------------------------------------------------------------------------
+# Loss: the end-to-end objective, the sum of the terms the model's forward computes (paper eq. 2, App. E)
+
+
 def loss_fn(model, w):
     terms = model(w)
     return (terms["mse"] + terms["prior"] + terms["rounding"]).mean()  # unweighted sum (paper App. E)
