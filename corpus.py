@@ -262,8 +262,9 @@ def temporary_files(out_dir, names):
 
 
 def read_utf8(path, flag="--input"):
-    """The text of the file a flag names; a folder, a byte sequence that is not UTF-8 (with its offset) or a file
-    without text stops with one line."""
+    r"""The text of the file a flag names, every line end \n as a file read in text mode gives it (\r\n and \r are no
+    characters of the text); a folder, a byte sequence that is not UTF-8 (with its offset) or a file without text
+    stops with one line."""
     if not os.path.isfile(path):
         die(f"{flag}={path} {'is a folder; name its files' if os.path.isdir(path) else 'does not exist'}")
     raw = open(path, "rb").read()
@@ -273,7 +274,7 @@ def read_utf8(path, flag="--input"):
         utf16 = raw[:2] in (b"\xff\xfe", b"\xfe\xff")  # its byte-order mark
         die(f"{path} is not UTF-8: byte {e.start:,} (0x{raw[e.start]:02x}) {e.reason}; "
             f"convert it first, e.g. iconv -f {'utf-16' if utf16 else 'latin1'} -t utf-8")
-    text = text.removeprefix("\ufeff")  # a byte-order mark is not part of the text
+    text = io.StringIO(text.removeprefix("\ufeff"), newline=None).read()  # nor is a byte-order mark
     if not text.strip():
         die(f"{path} holds no text")
     return text

@@ -351,6 +351,23 @@ def test_a_min_count_that_keeps_no_word_is_refused(tmp_path, script):
             in r.stdout, r.stdout
 
 
+@pytest.mark.parametrize("tokenizer", ["char", "word"])
+def test_own_text_with_windows_or_old_mac_line_ends_prepares_as_with_newlines(tokenizer, tmp_path, monkeypatch):
+    """A file saved with \\r\\n line ends gave characters a "\\r" token before every newline, which a sample printed
+    without its \\n sends the terminal's cursor back over the line; its line ends are now \\n, as Python's text
+    mode reads them, and the prepared tokens are those of the same text with \\n line ends."""
+    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 40
+    prepared = {}
+    for name, ends in (("lf", "\n"), ("crlf", "\r\n"), ("cr", "\r")):
+        (tmp_path / f"{name}.txt").write_bytes(text.replace("\n", ends).encode())
+        text_prepare([f"--input={tmp_path / f'{name}.txt'}", f"--name={name}", f"--out_dir={tmp_path / name}",
+                      f"--tokenizer={tokenizer}", "--min_count=1"], monkeypatch)
+        meta = json.load(open(tmp_path / name / "meta.json"))
+        prepared[name] = [meta.get("chars"), meta.get("words")] + [(tmp_path / name / f).read_bytes() for f in ("train.bin", "val.bin")]
+    assert prepared["crlf"] == prepared["lf"] == prepared["cr"]
+    assert tokenizer == "word" or "\r" not in prepared["crlf"][0]
+
+
 def test_own_text_of_white_space_only_is_refused(tmp_path, monkeypatch):
     blank = tmp_path / "blank.txt"
     blank.write_text("  \n\t\n\n")

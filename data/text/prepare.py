@@ -1,4 +1,4 @@
-"""
+r"""
 Your own text as a dataset: one or more UTF-8 files -> data/NAME/ (train.bin, val.bin, meta.json),
 after which mdlm.py, sedd.py and ar.py take --dataset=NAME (diffusion_lm.py words, with --rows=false).
 
@@ -7,6 +7,7 @@ after which mdlm.py, sedd.py and ar.py take --dataset=NAME (diffusion_lm.py word
 
 Each file is split on its own: its first 1 - val_fraction characters go to train, the rest to val,
 so every file is represented in both; the cut moves on to the next white space, so no word is split.
+Line ends are newlines whatever the file uses (\r\n or \r read as \n, as Python's text mode reads them).
 Tokenizers:
   char  every character that occurs in the files (as shakespeare_char)
   word  words and punctuation seen at least --min_count times in train; the rest become <unk> (the
