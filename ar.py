@@ -172,6 +172,13 @@ def build_model(cfg, meta):
     return AR(cfg, meta["vocab_size"])
 
 
+def load(overrides):
+    """load_for_inference, then the checks again on the checkpoint's config under the overrides."""
+    cfg, model, tok, meta, ckpt = trainer.load_for_inference(Config, overrides, "ar", build_model)
+    check_config(cfg)
+    return cfg, model, tok, meta, ckpt
+
+
 def main(argv=None):
     verbs, cfg, overrides = common.parse_args(Config, argv)
     check_config(cfg)
@@ -184,7 +191,7 @@ def main(argv=None):
         if "RANK" in os.environ and int(os.environ["RANK"]) != 0:
             return
     if "sample" in verbs:
-        cfg, model, tok, meta, _ = trainer.load_for_inference(Config, overrides, "ar", build_model)
+        cfg, model, tok, meta, _ = load(overrides)
         length = cfg.seq_len or cfg.block_size
         prefix = torch.tensor(corpus.encode_prompt(tok, cfg.prefix, "--prefix", cfg.allow_unk) if cfg.prefix else [], dtype=torch.long)
         if len(prefix) > length:
@@ -201,7 +208,7 @@ def main(argv=None):
         print(f"({cfg.num_samples} samples of {length} tokens, key/value cache, {calls} network calls, "
               f"{time.time() - t0:.1f}s)")
     if "eval" in verbs:
-        cfg, model, tok, meta, ckpt = trainer.load_for_inference(Config, overrides, "ar", build_model)
+        cfg, model, tok, meta, ckpt = load(overrides)
         cfg = dataclasses.replace(cfg, data_dir=cfg.data_dir or corpus.data_path(cfg))
         corpus.prepare_data(cfg, meta)
         with common.autocast(next(model.parameters()).device):
