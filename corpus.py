@@ -710,13 +710,13 @@ def read_eval_file(path, name):
         die(f"--eval_file={path} {'is a folder; name a file' if os.path.isdir(path) else 'does not exist'}")
     text = read_utf8(path, "--eval_file") if ext in (".txt", ".raw", ".jsonl") else None
     if ext in (".txt", ".raw"):
-        lines = io.StringIO(text, newline=None).readlines()  # as a file read in text mode splits them
+        lines = io.StringIO(text).readlines()  # at \n alone, each kept: read_utf8 made every line end one
         if name.startswith("wikitext"):  # the hub's rows are the raw file's lines, blank ones empty
             return [line if line.strip() else "" for line in lines]
         return [line.strip() for line in lines]
     if ext == ".jsonl":
         rows = []
-        for n, line in enumerate(io.StringIO(text, newline=None), 1):
+        for n, line in enumerate(io.StringIO(text), 1):
             if not line.strip():  # a blank line (an editor's last newline) is no row, as in load_jsonl
                 continue
             try:
