@@ -120,8 +120,27 @@ def test_cuda_bad_device_mix_is_an_error(k):
                           torch.rand(2, 3, 2, dtype=torch.float64, device=DEVICE), "absorb")
 
 
+def cpp_warnings(call, capfd):
+    """The messages of the warnings C++ code raised during call(). An op called through torch.ops prints its C++
+    warnings (TORCH_WARN, the sync debug mode's among them) to stderr instead of raising Python warnings, so both are read."""
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call()
+    return [str(c.message) for c in caught] + [line for line in capfd.readouterr().err.splitlines() if "Warning:" in line]
+
+
+def test_cpp_warnings_of_a_torch_ops_call_are_counted(capfd):
+    """What the sync count below relies on, checked where it runs on the CPU: a C++ warning from an op called
+    through torch.ops (an out tensor resized) is seen once a call, on every torch version it is read on."""
+    a, out = torch.ones(3), torch.ones(2)
+    seen = cpp_warnings(lambda: torch.ops.aten.add.out(a, a, out=out), capfd)
+    assert len([m for m in seen if "resized" in m]) == 1, seen
+    assert cpp_warnings(lambda: torch.ops.aten.add.out(a, a, out=out), capfd) == []  # the right shape now: no warning
+
+
 @needs_gpu
-def test_cuda_ops_wait_for_the_gpu_once_a_call(k):
+def test_cuda_ops_wait_for_the_gpu_once_a_call(k, capfd):
     """The binding's range checks (token ids, sigma_bar, rates, uniforms) copy their minima and maxima to the host
     together: one synchronisation for each call of score entropy, of its backward and of each sampling step (three
     before), counted by torch's sync debug mode."""
@@ -139,12 +158,10 @@ def test_cuda_ops_wait_for_the_gpu_once_a_call(k):
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                call()
+            seen = cpp_warnings(call, capfd)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-        syncs = [str(c.message) for c in caught if "synchroniz" in str(c.message)]
+        syncs = [m for m in seen if "synchroniz" in m]
         assert len(syncs) == 1, (name, syncs)
 
 
