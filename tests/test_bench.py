@@ -229,6 +229,19 @@ def test_the_report_keeps_what_a_failed_part_said(tmp_path):
     assert build["status"] == "failed" and "/proc/no_such_dir" in build["summary"], (build, r.stderr[-1000:])
 
 
+def test_a_failed_build_leaves_the_later_runs_the_pytorch_path(tmp_path, monkeypatch):
+    """Each training, sampling and test run of bench.py gpu is a process of its own: after a failed build each
+    would build again (a CUDA compile, tens of seconds, one run at a time under the build lock) within its limit."""
+    monkeypatch.setenv("DIFFLM_BUILD", "/proc/no_such_dir")
+    monkeypatch.setenv("DIFFLM_KERNELS", "1")  # restored after the test, as the run sets it
+    monkeypatch.setattr(difflm_ops, "_LOADED", {})  # this process's kernels, loaded by other tests: built again
+    with pytest.warns(UserWarning, match="failed to build"):
+        bench.bench_gpu([f"--out={tmp_path}", "--methods=", "--parts=self-check"])
+    build = json.load(open(tmp_path / "report.json"))["parts"][0]
+    assert build["status"] == "failed" and build["summary"].endswith("the runs below take the PyTorch path"), build
+    assert difflm_ops.disabled()
+
+
 def test_rotary_timing_and_its_bad_sizes():
     r = run_cli(["bench.py", "rotary", "--sizes=2,5,3,6;1,7,2,64", "--repeat=1", "--no_compile"])
     rows = [line.split() for line in r.stdout.splitlines() if line.startswith("rotary fwd+bwd")]
