@@ -14,6 +14,7 @@ download.
 """
 import glob
 import os
+import sys
 
 from setuptools import setup
 
@@ -31,10 +32,11 @@ if os.environ.get("DIFFLM_BUILD_EXT") == "1" and glob.glob(os.path.join(here, "c
     if torch.cuda.is_available() or os.environ.get("DIFFLM_BUILD_CUDA") == "1":
         sources += sorted(glob.glob("csrc/*.cu"))
         ext_cls = cpp_extension.CUDAExtension
-    cxx_flags = ["-O3", "-fopenmp", "-DDIFFLM_PYMODULE"] + (["-DDIFFLM_CUDA"] if ext_cls is cpp_extension.CUDAExtension else [])
+    openmp = [] if sys.platform == "darwin" else ["-fopenmp"]  # Apple's clang has none (difflm_ops.OPENMP)
+    cxx_flags = ["-O3", "-DDIFFLM_PYMODULE"] + openmp + (["-DDIFFLM_CUDA"] if ext_cls is cpp_extension.CUDAExtension else [])
     kwargs = dict(
         ext_modules=[ext_cls("difflm_kernels", sources, extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
-                             extra_link_args=["-fopenmp"])],
+                             extra_link_args=openmp)],
         cmdclass={"build_ext": cpp_extension.BuildExtension},
     )
 
