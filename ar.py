@@ -104,7 +104,7 @@ def loss_fn(model, x0, bos_id):
 @torch.no_grad()
 def generate(model, cfg, prefix, num_samples, length, show=None):
     """prefix (P,) token ids -> samples (num_samples, length) whose first P tokens are the prefix,
-    and the number of network calls (each a single new token's pass after the prefill).
+    and the number of network calls (a new token's pass each, besides the prefill and the refills below).
 
     Longer than block_size: when the cache is full it is refilled from [BOS] + the last
     block_size // 2 tokens (the model was trained on windows that start anywhere after [BOS]).

@@ -137,7 +137,7 @@ def _convert(name, value, typ):
 
 def parse_args(config_cls, argv=None, known=VERBS):
     """Parse `--train|--sample|--eval` (the known verbs) and `--key=value` overrides -> (verbs, cfg, overrides): overrides
-    holds the keys given; where a checkpoint decides the run (all but --train), cfg is its config with them on top."""
+    holds the keys given; where a checkpoint decides the run (not a fresh --train), cfg is its config with them on top."""
     argv = sys.argv[1:] if argv is None else argv
     module = sys.modules[config_cls.__module__]  # the method file: its docstring for --help, its name
     fields = {f.name: f for f in dataclasses.fields(config_cls)}

@@ -197,7 +197,8 @@ class PointBatches:
     """Standardised batches of points for trainer.train: .get(split, batch_size, gen) -> (B, D) float32.
 
     A toy's train split is an endless stream from .gen; its held-out split is a fixed sample drawn
-    with another seed. A .npy file is split 90/10 once. mean/std come from the training data.
+    with another seed. A .npy file is split 90/10 once. mean/std come from its training rows, or from a
+    fixed draw of 100k points of a toy.
     """
 
     HELD_OUT_SEED = 2**31 - 7

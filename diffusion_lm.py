@@ -557,7 +557,7 @@ def decode(tok, ids, fixed=None):
 
 @torch.no_grad()
 def evaluate(model, batches, cfg, full=False):
-    """Validation loss terms and the NLL bound in nats per position (docs/diffusion_lm.md, [ref]):
+    """Validation loss terms and the NLL bound in nats per position (docs/diffusion_lm.md):
     L_T + sum_{t>=2} L_{t-1} + KL(q_phi(x_0|w) || p(x_0|x_1)) + -log p(w|x_0). Reverse variances: beta_tilde_t
     for t >= 2 (so L_{t-1} = weight_t * sq_err_t, the mean term alone) and beta_1 at t = 1 (q_phi's variance).
     The sum over t: eval_t_samples draws per sequence, P(t) mostly proportional to weight_t, a tenth uniform
@@ -676,7 +676,7 @@ def main(argv=None):
         corpus.prepare_data(cfg, meta)  # a folder moved or never prepared here: prepared, or named
         measure = cfg.control_targets.strip(", ") if meta.get("seq2seq") else ""  # E2E's targets: control is measured
         trained = measure and os.path.isfile(os.path.join(common.out_dir(cfg, METHOD), "classifier.pt"))
-        with torch.random.fork_rng(devices=[]):  # built on the CPU; one that does not fit stops the run before the pass, which draws as before
+        with torch.random.fork_rng(devices=[]):  # built on the CPU; one that does not fit stops the run before the pass, whose draws it leaves as without one
             clf = load_classifier(cfg, model, ckpt) if trained else None
         asked = [(s.strip(), clf.parse_targets(s, "--control_targets")) for s in measure.split(",") if s.strip()] if clf else []
         stats = {**evaluate(model, make_batches(cfg, meta), cfg, full=True), "data": cfg.eval_split}

@@ -46,7 +46,7 @@ class PublishedConfig:
     zero-shot sets and samples written to and judged from files."""
 
     eval_data: str = ""  # --eval on a paper's zero-shot set: wikitext2, wikitext103, ptb, lambada, lm1b, ag_news, pubmed, arxiv
-    eval_file: str = ""  # a local copy of --eval_data's split (.jsonl, .parquet or .txt; docs/published.md)
+    eval_file: str = ""  # a local copy of --eval_data's split (.jsonl, .parquet, .txt or .raw; docs/published.md)
     samples_out: str = ""  # --sample: also write the samples, with their settings, to this .jsonl file
     samples_in: str = ""  # --eval --gen: judge this .jsonl file of samples instead of sampling
     init_from: str = ""  # a published checkpoint: hub id (docs/published.md) or a directory with its files

@@ -445,7 +445,7 @@ def main(argv=None):
               f"perplexity <= {stats['val_ppl']:.3f} ({cfg.eval_t_samples} time samples per sequence)")
         if meta["tokenizer"] != "gpt2":  # BPE samples are made of vocabulary pieces by construction
             texts = hub.read_samples(cfg.samples_in)[0] if cfg.samples_in else [tok.decode(x) for x in generate(
-                model, cfg, torch.full((cfg.block_size,), -1), cfg.num_samples)[0].tolist()]  # --gen judges the same ones
+                model, cfg, torch.full((cfg.block_size,), -1), cfg.num_samples)[0].tolist()]  # --gen draws its own, but for --samples_in
             # a bounded slice of the training text: the statistic must not cost a pass over a large corpus
             train_text = "\n".join(map(tok.decode, corpus.Batches(cfg, meta, cfg.seed).slices("train", 1 << 20)))
             share, n = word_overlap(texts, train_text)

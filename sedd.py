@@ -520,7 +520,7 @@ def sample_chain(model, x, cfg, fixed=None, show=None):
             return x
         calls += 1
         with common.autocast(device):
-            h, shift = model(x, sigma_bars[i].float().expand(B), rows=rows, split=True)  # (B, L, N) or (R, N), (R,)
+            h, shift = model(x, sigma_bars[i].float().expand(B), rows=rows, split=True)  # (B, L, N) or (R, N); (R,), None on uniform
         xs, us, args = x, u, arg
         if rows is not None:  # the masked rows as R sequences of length 1
             h, (xs, us, args) = h[:, None], per_row(rows, x, u, arg)
