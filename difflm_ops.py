@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # Apple's clang has no OpenMP: on macOS the C++ ops build without it, their loops on one thread
-OPENMP = [] if sys.platform == "darwin" else ["-fopenmp"]
+OPENMP = () if sys.platform == "darwin" else ("-fopenmp",)
 PREBUILD = "DIFFLM_BUILD_EXT=1 pip install -e . --no-build-isolation"  # the ahead-of-time build (setup.py)
 _LOADED = {}  # src_dir -> torch.ops.difflm, or None
 FUSED = {}  # op name -> the Fused wrapper of its oracle (every marked function)
@@ -111,8 +111,8 @@ def _build(sources):
                 cpp_extension.load(
                     name="difflm_kernels", is_python_module=False, build_directory=build, verbose=False,
                     sources=[f for f in sources if kind == "cuda" or f.endswith(".cpp")],
-                    extra_cflags=["-O3"] + OPENMP + (["-DDIFFLM_CUDA"] if kind == "cuda" else []),
-                    extra_ldflags=OPENMP, extra_cuda_cflags=["-O3"])
+                    extra_cflags=["-O3", *OPENMP] + (["-DDIFFLM_CUDA"] if kind == "cuda" else []),
+                    extra_ldflags=list(OPENMP), extra_cuda_cflags=["-O3"])  # a new list: load() appends to it
         except Exception as e:
             failure = failure or f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             continue
