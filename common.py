@@ -510,8 +510,8 @@ class TokenNLL(torch.autograd.Function):
         g = g.masked_fill(y < 0, 0)[:, None]  # (M, 1): rows without a target get no gradient
         dz = torch.empty_like(z)
         for c, yc, gc, d in zip(*(t.split(ctx.rows) for t in (z, y.clamp(min=0)[:, None], g, dz))):
-            p = c.float().softmax(-1).scatter_add_(-1, yc, torch.full_like(gc, -1.0))  # softmax(z) - onehot(y), fp32
-            torch.mul(p, gc, out=d)
+            # softmax(z) - onehot(y) in fp32, times g into d; unnamed, so freed before the next chunk's is made
+            torch.mul(c.float().softmax(-1).scatter_add_(-1, yc, torch.full_like(gc, -1.0)), gc, out=d)
         return dz, None
 
 
